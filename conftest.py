@@ -1,0 +1,7 @@
+"""Test-session set-up shared by tests/ and the doctests in optax_gradhealth/."""
+
+import os
+
+# Emulate 8 CPU devices for the data-parallel tests; must happen before jax starts.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")

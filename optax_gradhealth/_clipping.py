@@ -1,0 +1,417 @@
+"""Global-norm clipping: threshold policies (fixed, z-score, percentile) and the
+recording ``clip_by_global_norm`` transformation.
+
+A policy is a small frozen object with three pure methods:
+
+* ``init() -> state``: its state, a NamedTuple of fixed structure;
+* ``threshold(state) -> float32 scalar``: the clip threshold for this step;
+* ``update(state, norm, accepted) -> state``: folds this step's pre-clip norm into the
+  running statistics, only where ``accepted`` is True (finite steps the caller applied),
+  so one NaN or spike never poisons them.
+
+The same policy objects are used standalone (:func:`clip_by_global_norm`) and as the
+``clip=`` argument of :func:`optax_gradhealth.guard`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple, Protocol, runtime_checkable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_gradhealth import _stats
+from optax_gradhealth import _validation as check
+
+__all__ = [
+    "ClipByGlobalNormState",
+    "ClipPolicy",
+    "FixedClip",
+    "FixedClipState",
+    "PercentileClip",
+    "PercentileClipState",
+    "ZScoreClip",
+    "ZScoreClipState",
+    "as_clip_policy",
+    "clip_by_global_norm",
+]
+
+
+@runtime_checkable
+class ClipPolicy(Protocol):
+    """What a clip-threshold policy provides (see the module docstring)."""
+
+    def init(self) -> Any: ...
+
+    def threshold(self, state: Any) -> jax.Array: ...
+
+    def update(self, state: Any, norm: jax.Array, accepted: jax.Array) -> Any: ...
+
+
+class FixedClipState(NamedTuple):
+    """State of :class:`FixedClip` (nothing to remember)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedClip:
+    """A fixed global-norm threshold, as ``optax.clip_by_global_norm(max_norm)``.
+
+    Attributes:
+      max_norm: the threshold, > 0; ``math.inf`` never clips.
+
+    Example:
+      >>> import optax_gradhealth as gh
+      >>> policy = gh.FixedClip(1.0)
+      >>> float(policy.threshold(policy.init()))
+      1.0
+    """
+
+    max_norm: float
+
+    def __post_init__(self):
+        object.__setattr__(self, "max_norm", check.positive("max_norm", self.max_norm, allow_inf=True))
+
+    def init(self) -> FixedClipState:
+        return FixedClipState()
+
+    def threshold(self, state: FixedClipState) -> jax.Array:
+        del state
+        return jnp.asarray(self.max_norm, jnp.float32)
+
+    def update(self, state: FixedClipState, norm: jax.Array, accepted: jax.Array) -> FixedClipState:
+        del norm, accepted
+        return state
+
+
+class ZScoreClipState(NamedTuple):
+    """State of :class:`ZScoreClip`.
+
+    Attributes:
+      zscore_norm_ema: EMA of the accepted norms (not bias-corrected).
+      zscore_norm_sq_ema: EMA of their squares (not bias-corrected).
+      zscore_count: number of accepted steps folded into the EMAs (int32).
+    """
+
+    zscore_norm_ema: jax.Array
+    zscore_norm_sq_ema: jax.Array
+    zscore_count: jax.Array
+
+
+def _ema_mean_std(ema: jax.Array, sq_ema: jax.Array, count: jax.Array, decay: float):
+    """Bias-corrected mean and standard deviation from EMAs of x and x**2."""
+    correction = 1.0 - jnp.power(jnp.float32(decay), count.astype(jnp.float32))
+    correction = jnp.where(count > 0, correction, 1.0)
+    mean = ema / correction
+    variance = jnp.maximum(sq_ema / correction - jnp.square(mean), 0.0)
+    return mean, jnp.sqrt(variance)
+
+
+def _ema_step(ema: jax.Array, value: jax.Array, decay: float, accepted: jax.Array) -> jax.Array:
+    return jnp.where(accepted, decay * ema + (1.0 - decay) * value, ema)
+
+
+@dataclasses.dataclass(frozen=True)
+class ZScoreClip:
+    """Adaptive threshold ``mean + z * std`` of the running norm statistics (ZClip's idea).
+
+    The running mean and standard deviation come from bias-corrected EMAs (decay
+    ``decay``) of the norm and of its square. During the first ``warmup_steps``
+    accepted steps the threshold is ``warmup_max_norm`` and the raw norms feed the
+    statistics; afterwards the clipped norm ``min(norm, threshold)`` feeds them, so a
+    spike moves the statistics by at most the threshold. Only accepted (finite,
+    applied) steps update the statistics. ``max_norm`` is an optional hard cap.
+
+    Attributes:
+      z: z-score above which the norm is clipped (> 0). ZClip's default: 2.5.
+      decay: EMA decay in (0, 1). ZClip's default: 0.97.
+      warmup_steps: accepted steps before the adaptive threshold applies (>= 0).
+      warmup_max_norm: threshold during warm-up (> 0, may be inf). Default 1.0.
+      max_norm: optional hard cap on the threshold (> 0) or None.
+
+    References:
+      Kumar et al., "ZClip: Adaptive Spike Mitigation for LLM Pre-Training", 2025.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optax_gradhealth as gh
+      >>> policy = gh.ZScoreClip(z=2.0, warmup_steps=0)
+      >>> state = policy.init()
+      >>> for norm in [1.0, 1.2, 0.8, 1.0]:
+      ...     state = policy.update(state, jnp.float32(norm), jnp.bool_(True))
+      >>> round(float(policy.threshold(state)), 3)
+      1.123
+    """
+
+    z: float = 2.5
+    decay: float = 0.97
+    warmup_steps: int = 25
+    warmup_max_norm: float = 1.0
+    max_norm: float | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "z", check.positive("z", self.z))
+        object.__setattr__(self, "decay", check.in_open_unit_interval("decay", self.decay))
+        object.__setattr__(self, "warmup_steps", check.integer("warmup_steps", self.warmup_steps, minimum=0))
+        object.__setattr__(
+            self, "warmup_max_norm", check.positive("warmup_max_norm", self.warmup_max_norm, allow_inf=True)
+        )
+        object.__setattr__(self, "max_norm", check.optional(check.positive, "max_norm", self.max_norm))
+
+    def init(self) -> ZScoreClipState:
+        zero = jnp.zeros((), jnp.float32)
+        return ZScoreClipState(zero, zero, jnp.zeros((), jnp.int32))
+
+    def mean_std(self, state: ZScoreClipState) -> tuple[jax.Array, jax.Array]:
+        """Bias-corrected running mean and standard deviation of the norm."""
+        return _ema_mean_std(state.zscore_norm_ema, state.zscore_norm_sq_ema, state.zscore_count, self.decay)
+
+    def threshold(self, state: ZScoreClipState) -> jax.Array:
+        mean, std = self.mean_std(state)
+        adaptive = mean + self.z * std
+        threshold = jnp.where(self._warm(state), adaptive, self.warmup_max_norm)
+        if self.max_norm is not None:
+            threshold = jnp.minimum(threshold, self.max_norm)
+        return threshold.astype(jnp.float32)
+
+    def _warm(self, state: ZScoreClipState) -> jax.Array:
+        # At least one accepted norm is needed before mean + z * std means anything.
+        return state.zscore_count >= max(self.warmup_steps, 1)
+
+    def update(self, state: ZScoreClipState, norm: jax.Array, accepted: jax.Array) -> ZScoreClipState:
+        value = jnp.where(self._warm(state), jnp.minimum(norm, self.threshold(state)), norm)
+        accepted = accepted & jnp.isfinite(value)
+        return ZScoreClipState(
+            zscore_norm_ema=_ema_step(state.zscore_norm_ema, value, self.decay, accepted),
+            zscore_norm_sq_ema=_ema_step(state.zscore_norm_sq_ema, jnp.square(value), self.decay, accepted),
+            zscore_count=state.zscore_count + accepted.astype(jnp.int32),
+        )
+
+
+class PercentileClipState(NamedTuple):
+    """State of :class:`PercentileClip`.
+
+    Attributes:
+      percentile_history: ring buffer of the last accepted norms, float32
+        ``[history_size]``, NaN where not yet filled.
+      percentile_count: number of accepted norms written so far (int32).
+    """
+
+    percentile_history: jax.Array
+    percentile_count: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class PercentileClip:
+    """Threshold at a percentile of the recent accepted norms (AutoClip's idea).
+
+    Keeps a ring buffer of the last ``history_size`` accepted pre-clip norms and clips
+    at their ``percentile``-th percentile. AutoClip used the 10th percentile of the
+    whole history, which clips most steps; the default here (90) clips the top tenth.
+
+    Attributes:
+      percentile: in (0, 100].
+      history_size: ring-buffer length (>= 1). Memory is ``4 * history_size`` bytes.
+      warmup_steps: accepted steps before the percentile applies (>= 0).
+      warmup_max_norm: threshold during warm-up (> 0, may be inf).
+      max_norm: optional hard cap on the threshold (> 0) or None.
+
+    References:
+      Seetharaman et al., "AutoClip: Adaptive Gradient Clipping for Source Separation
+      Networks", 2020.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optax_gradhealth as gh
+      >>> policy = gh.PercentileClip(percentile=50, history_size=4, warmup_steps=0)
+      >>> state = policy.init()
+      >>> for norm in [1.0, 2.0, 3.0, 4.0, 5.0]:  # 1.0 falls out of the ring
+      ...     state = policy.update(state, jnp.float32(norm), jnp.bool_(True))
+      >>> float(policy.threshold(state))
+      3.5
+    """
+
+    percentile: float = 90.0
+    history_size: int = 1000
+    warmup_steps: int = 25
+    warmup_max_norm: float = 1.0
+    max_norm: float | None = None
+
+    def __post_init__(self):
+        p = check.real_number("percentile", self.percentile)
+        if not 0.0 < p <= 100.0:
+            raise ValueError(f"`percentile` must lie in (0, 100], got {p!r}.")
+        object.__setattr__(self, "percentile", p)
+        object.__setattr__(self, "history_size", check.integer("history_size", self.history_size, minimum=1))
+        object.__setattr__(self, "warmup_steps", check.integer("warmup_steps", self.warmup_steps, minimum=0))
+        object.__setattr__(
+            self, "warmup_max_norm", check.positive("warmup_max_norm", self.warmup_max_norm, allow_inf=True)
+        )
+        object.__setattr__(self, "max_norm", check.optional(check.positive, "max_norm", self.max_norm))
+
+    def init(self) -> PercentileClipState:
+        return PercentileClipState(
+            percentile_history=jnp.full((self.history_size,), jnp.nan, jnp.float32),
+            percentile_count=jnp.zeros((), jnp.int32),
+        )
+
+    def threshold(self, state: PercentileClipState) -> jax.Array:
+        # Slots not yet written hold NaN and are ignored.
+        value = jnp.nanpercentile(state.percentile_history, self.percentile)
+        warm = state.percentile_count >= max(self.warmup_steps, 1)
+        threshold = jnp.where(warm, value, self.warmup_max_norm)
+        if self.max_norm is not None:
+            threshold = jnp.minimum(threshold, self.max_norm)
+        return threshold.astype(jnp.float32)
+
+    def update(self, state: PercentileClipState, norm: jax.Array, accepted: jax.Array) -> PercentileClipState:
+        accepted = accepted & jnp.isfinite(norm)
+        slot = state.percentile_count % self.history_size
+        written = state.percentile_history.at[slot].set(norm.astype(jnp.float32))
+        return PercentileClipState(
+            percentile_history=jnp.where(accepted, written, state.percentile_history),
+            percentile_count=state.percentile_count + accepted.astype(jnp.int32),
+        )
+
+
+def as_clip_policy(name: str, clip: Any) -> ClipPolicy:
+    """Turns ``None`` (no clipping), a number (fixed threshold) or a policy into a policy."""
+    if clip is None:
+        return FixedClip(math.inf)
+    if isinstance(clip, ClipPolicy) and not isinstance(clip, type):
+        return clip
+    if isinstance(clip, (int, float)) and not isinstance(clip, bool):
+        return FixedClip(check.positive(name, clip, allow_inf=True))
+    raise TypeError(
+        f"`{name}` must be None, a positive number or a clip policy "
+        f"(gh.FixedClip, gh.ZScoreClip, gh.PercentileClip), got {clip!r} (type {type(clip).__name__})."
+    )
+
+
+def clip_scale(norm: jax.Array, threshold: jax.Array) -> jax.Array:
+    """The factor that brings ``norm`` down to ``threshold`` (1 where no clip applies).
+
+    A non-finite norm gets 1: clipping never turns NaN into zeros silently; skipping
+    non-finite steps is the guard's job.
+    """
+    clip = jnp.isfinite(norm) & (norm > threshold)
+    return jnp.where(clip, threshold / jnp.where(clip, norm, 1.0), 1.0).astype(jnp.float32)
+
+
+def scale_tree(tree: Any, scale: jax.Array) -> Any:
+    """Multiplies every float leaf by ``scale`` in float32, keeping each leaf's dtype."""
+
+    def one(x):
+        if not _stats._is_float(x):
+            return x
+        if x.dtype == jnp.float32:
+            return x * scale
+        return (x.astype(jnp.promote_types(x.dtype, jnp.float32)) * scale).astype(x.dtype)
+
+    return jax.tree.map(one, tree)
+
+
+class ClipByGlobalNormState(NamedTuple):
+    """State of :func:`clip_by_global_norm`: what the last step saw and did.
+
+    Attributes:
+      clip_policy_state: the threshold policy's state.
+      clip_norm: pre-clip global norm of the last step (float32).
+      clip_norm_clipped: global norm after clipping (float32).
+      clip_threshold: the threshold used (float32; inf when clipping is off).
+      clip_clipped: whether the last step was clipped (bool).
+      clip_num_clipped: number of clipped steps (int32).
+      clip_num_steps: number of steps seen (int32).
+      clip_layer_norms: pre-clip per-leaf norms, same structure as the gradients.
+    """
+
+    clip_policy_state: Any
+    clip_norm: jax.Array
+    clip_norm_clipped: jax.Array
+    clip_threshold: jax.Array
+    clip_clipped: jax.Array
+    clip_num_clipped: jax.Array
+    clip_num_steps: jax.Array
+    clip_layer_norms: Any
+
+
+def _zeros_like_norms(params: Any) -> Any:
+    return jax.tree.map(lambda _: jnp.zeros((), jnp.float32), params)
+
+
+def check_same_structure(grads: Any, reference: Any, what: str) -> None:
+    """Raises a readable error at trace time when ``grads`` does not match the state."""
+    got = jax.tree.structure(grads)
+    expected = jax.tree.structure(reference)
+    if got != expected:
+        raise ValueError(
+            f"{what}: the gradient tree's structure does not match the one the state was "
+            f"initialised with.\n  expected: {expected}\n  got:      {got}\n"
+            "Call `init` with parameters of the same structure as the gradients."
+        )
+
+
+def clip_by_global_norm(max_norm: float | ClipPolicy) -> optax.GradientTransformation:
+    """Clips updates by their global norm and records the pre- and post-clip norms.
+
+    Like ``optax.clip_by_global_norm`` but (1) the norm is computed in float32 for every
+    dtype and without overflow, so a huge but finite gradient is clipped rather than
+    zeroed, (2) the threshold may be adaptive (:class:`ZScoreClip`,
+    :class:`PercentileClip`), and (3) the state records ``grad/norm``,
+    ``grad/norm_clipped``, ``grad/clip_threshold``, ``grad/clipped`` and
+    ``grad/num_clipped`` for :func:`optax_gradhealth.metrics`. Non-finite updates pass
+    through unchanged (wrap the optimizer in :func:`optax_gradhealth.guard` to skip them).
+
+    Args:
+      max_norm: a positive number (fixed threshold) or a clip policy.
+
+    Returns:
+      An ``optax.GradientTransformation``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> import optax_gradhealth as gh
+      >>> tx = optax.chain(gh.clip_by_global_norm(1.0), optax.sgd(0.1))
+      >>> params = {'w': jnp.zeros(2)}
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update({'w': jnp.array([3.0, 4.0])}, state, params)
+      >>> m = gh.metrics(state)
+      >>> float(m['grad/norm']), float(m['grad/norm_clipped']), bool(m['grad/clipped'])
+      (5.0, 1.0, True)
+    """
+    policy = as_clip_policy("max_norm", max_norm)
+
+    def init_fn(params):
+        zero = jnp.zeros((), jnp.float32)
+        return ClipByGlobalNormState(
+            clip_policy_state=policy.init(),
+            clip_norm=zero,
+            clip_norm_clipped=zero,
+            clip_threshold=policy.threshold(policy.init()),
+            clip_clipped=jnp.zeros((), jnp.bool_),
+            clip_num_clipped=jnp.zeros((), jnp.int32),
+            clip_num_steps=jnp.zeros((), jnp.int32),
+            clip_layer_norms=_zeros_like_norms(params),
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        check_same_structure(updates, state.clip_layer_norms, "gh.clip_by_global_norm")
+        stats = _stats.grad_stats(updates)
+        threshold = policy.threshold(state.clip_policy_state)
+        scale = clip_scale(stats.norm, threshold)
+        clipped = scale < 1.0
+        return scale_tree(updates, scale), ClipByGlobalNormState(
+            clip_policy_state=policy.update(state.clip_policy_state, stats.norm, stats.finite),
+            clip_norm=stats.norm,
+            clip_norm_clipped=stats.norm * scale,
+            clip_threshold=threshold,
+            clip_clipped=clipped,
+            clip_num_clipped=state.clip_num_clipped + clipped.astype(jnp.int32),
+            clip_num_steps=state.clip_num_steps + 1,
+            clip_layer_norms=stats.leaf_norms,
+        )
+
+    return optax.GradientTransformation(init_fn, update_fn)

@@ -1,0 +1,406 @@
+"""The guard: one statistics pass -> decide (apply / clip / skip / reset) -> inner update."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_gradhealth import _clipping, _stats
+from optax_gradhealth import _validation as check
+
+__all__ = ["SPIKE_ACTIONS", "GuardState", "guard"]
+
+SPIKE_ACTIONS = ("skip", "clip", "record")
+_NO_STEP = -(2**30)  # sentinel in the spike ring: "no spike recorded here"
+
+
+class GuardState(NamedTuple):
+    """State of :func:`guard`. Every field is prefixed ``guard_`` so that
+    ``optax.tree.get(state, name)`` finds it without clashing with optax's names.
+
+    The fields named like a metric hold the value of the last step; see
+    :func:`optax_gradhealth.metrics` for the public names and their meaning.
+
+    Attributes:
+      guard_inner_state: the wrapped optimizer's state.
+      guard_clip_state: the clip policy's state.
+      guard_norm_ema: EMA of accepted norms (spike statistics, not bias-corrected).
+      guard_norm_sq_ema: EMA of their squares.
+      guard_num_accepted: accepted (finite, applied) steps folded into the EMAs.
+      guard_loss_ema: EMA of the accepted losses (when ``loss=`` is passed).
+      guard_loss_sq_ema: EMA of their squares.
+      guard_num_losses: accepted losses folded into the loss EMAs.
+      guard_spike_steps: int32 ring of the step indices of the latest spikes
+        (length ``reset_after``), for the momentum-reset window.
+      guard_norm: pre-clip global norm (``grad/norm``).
+      guard_norm_clipped: norm of what the inner optimizer saw, 0 when skipped.
+      guard_clip_threshold: threshold used this step.
+      guard_clipped, guard_finite, guard_skipped, guard_spike: flags of the step.
+      guard_spike_score: norm / running mean norm.
+      guard_zscore: (norm - running mean) / running std.
+      guard_norm_mean, guard_norm_std: running statistics the step was judged by.
+      guard_loss_zscore: (loss - running mean loss) / running std (0 without loss).
+      guard_momentum_reset: True when this step re-initialised the inner moments.
+      guard_rollback: sticky rollback recommendation.
+      guard_vanishing: vanishing-gradient flag of the step.
+      guard_first_nonfinite_leaf: leaf index of the first non-finite leaf at the latest
+        non-finite step (-1 if none yet); name it with ``gh.leaf_names(params)``.
+      guard_num_steps, guard_num_clipped, guard_num_nonfinite, guard_num_skipped,
+      guard_num_spikes, guard_num_momentum_resets: counters (int32).
+      guard_consecutive_nonfinite, guard_consecutive_spikes: current streaks.
+      guard_layer_norms: pre-clip per-leaf norms, same structure as the gradients.
+    """
+
+    guard_inner_state: Any
+    guard_clip_state: Any
+    guard_norm_ema: jax.Array
+    guard_norm_sq_ema: jax.Array
+    guard_num_accepted: jax.Array
+    guard_loss_ema: jax.Array
+    guard_loss_sq_ema: jax.Array
+    guard_num_losses: jax.Array
+    guard_spike_steps: jax.Array
+    guard_norm: jax.Array
+    guard_norm_clipped: jax.Array
+    guard_clip_threshold: jax.Array
+    guard_clipped: jax.Array
+    guard_finite: jax.Array
+    guard_skipped: jax.Array
+    guard_spike: jax.Array
+    guard_spike_score: jax.Array
+    guard_zscore: jax.Array
+    guard_norm_mean: jax.Array
+    guard_norm_std: jax.Array
+    guard_loss_zscore: jax.Array
+    guard_momentum_reset: jax.Array
+    guard_rollback: jax.Array
+    guard_vanishing: jax.Array
+    guard_first_nonfinite_leaf: jax.Array
+    guard_num_steps: jax.Array
+    guard_num_clipped: jax.Array
+    guard_num_nonfinite: jax.Array
+    guard_num_skipped: jax.Array
+    guard_num_spikes: jax.Array
+    guard_num_momentum_resets: jax.Array
+    guard_consecutive_nonfinite: jax.Array
+    guard_consecutive_spikes: jax.Array
+    guard_layer_norms: Any
+
+
+# Sub-states whose counters drive learning-rate schedules: a momentum reset leaves them.
+_SCHEDULE_STATES = (optax.ScaleByScheduleState,)
+_HYPERPARAM_STATES = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
+
+
+def _reset_moments(old: Any, fresh: Any) -> Any:
+    """``fresh`` (a new ``inner.init``) everywhere except schedule and hyperparameter
+    counters, which keep their ``old`` values. Dtypes follow ``old``."""
+
+    def is_boundary(x):
+        return isinstance(x, (*_SCHEDULE_STATES, *_HYPERPARAM_STATES, GuardState))
+
+    def one(o, f):
+        if isinstance(o, (*_SCHEDULE_STATES, GuardState)):
+            return o
+        if isinstance(o, _HYPERPARAM_STATES):
+            return o._replace(inner_state=_reset_moments(o.inner_state, f.inner_state))
+        return jnp.asarray(f, dtype=jnp.asarray(o).dtype)
+
+    return jax.tree.map(one, old, fresh, is_leaf=is_boundary)
+
+
+def _select(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
+    return jax.tree.map(lambda t, f: jnp.where(pred, t, f), on_true, on_false)
+
+
+def _zero_floats(tree: Any) -> Any:
+    return jax.tree.map(lambda x: jnp.zeros_like(x) if _stats._is_float(x) else x, tree)
+
+
+def guard(
+    inner: optax.GradientTransformation,
+    *,
+    clip: float | _clipping.ClipPolicy | None = None,
+    spike_action: str = "skip",
+    spike_threshold: float | None = 2.0,
+    spike_zscore: float | None = 3.0,
+    loss_spike_zscore: float | None = None,
+    warmup_steps: int = 20,
+    stats_decay: float = 0.98,
+    reset_after: int | None = 3,
+    reset_window: int = 100,
+    rollback_after_nonfinite: int | None = 10,
+    rollback_after_spikes: int | None = 10,
+    vanishing_norm: float | None = 1e-5,
+) -> optax.GradientTransformationExtraArgs:
+    """Wraps an optimizer so that NaN/Inf, spikes and runaway runs cannot hurt it.
+
+    Every step computes the gradient statistics once (:func:`grad_stats`: float32,
+    overflow-safe, finite flag, per-leaf norms) and then decides:
+
+    * **non-finite** (a NaN/Inf element, or a non-finite ``loss``): skip. The returned
+      update is zero and the inner state is left exactly as it was, however many
+      non-finite steps come in a row. Counted; the first bad leaf is recorded.
+    * **spike** (after ``warmup_steps`` accepted steps): the spike score
+      ``norm / running_mean`` exceeds ``spike_threshold`` *and* the z-score
+      ``(norm - running_mean) / running_std`` exceeds ``spike_zscore`` (a ``None``
+      drops that condition; both ``None`` disables norm spikes), or, when a ``loss`` is
+      passed and ``loss_spike_zscore`` is set, the loss z-score exceeds it. The
+      ``spike_action`` is ``'skip'`` (as non-finite), ``'clip'`` (clip to
+      ``spike_threshold * running_mean``) or ``'record'`` (count only).
+    * **clip** by ``clip`` (None: no clipping; a number: fixed threshold; or a policy:
+      :class:`FixedClip`, :class:`ZScoreClip`, :class:`PercentileClip`).
+    * **momentum reset** when ``reset_after`` spikes fall within ``reset_window``
+      steps: every per-parameter statistic of the inner state (Adam's ``mu``, ``nu``
+      and their bias-correction ``count``) is re-initialised, while learning-rate
+      schedule counters (``ScaleByScheduleState``, ``inject_hyperparams``) keep going.
+    * **rollback** recommendation (sticky) after ``rollback_after_nonfinite``
+      non-finite steps in a row or ``rollback_after_spikes`` spikes in a row.
+    * **vanishing**: the norm is finite and below ``vanishing_norm``, and, when a
+      ``loss`` is passed, the loss is not below its running mean (not falling).
+
+    The running norm and loss statistics (bias-corrected EMAs with decay
+    ``stats_decay``) are updated only on accepted (finite, applied) steps, with a
+    spike's norm capped at ``spike_threshold * running_mean``, so one NaN or spike
+    does not poison them.
+
+    Args:
+      inner: the optimizer to protect, any ``optax.GradientTransformation``.
+      clip: clipping of the global norm before the inner update.
+      spike_action: ``'skip'``, ``'clip'`` or ``'record'``.
+      spike_threshold: spike-score threshold (> 1), or None.
+      spike_zscore: z-score threshold (> 0), or None.
+      loss_spike_zscore: loss z-score threshold (> 0), or None (default: off).
+      warmup_steps: accepted steps before spike detection starts (>= 1).
+      stats_decay: EMA decay of the running statistics, in (0, 1).
+      reset_after: spikes within ``reset_window`` that trigger a momentum reset
+        (>= 1), or None to never reset.
+      reset_window: window length in steps (>= 1).
+      rollback_after_nonfinite: consecutive non-finite steps that raise the rollback
+        recommendation (>= 1), or None.
+      rollback_after_spikes: consecutive spikes that raise it (>= 1), or None.
+      vanishing_norm: norm under which a step counts as vanishing (> 0), or None.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; ``update`` accepts ``loss=`` and
+      forwards every extra argument to ``inner``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> import optax_gradhealth as gh
+      >>> tx = gh.guard(optax.adam(0.1), clip=1.0)
+      >>> params = {'w': jnp.ones(3)}
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update({'w': jnp.array([jnp.nan, 1.0, 1.0])}, state, params)
+      >>> updates['w'].tolist(), bool(gh.metrics(state)['grad/skipped'])
+      ([0.0, 0.0, 0.0], True)
+      >>> updates, state = tx.update({'w': jnp.array([3.0, 0.0, 4.0])}, state, params)
+      >>> m = gh.metrics(state)
+      >>> float(m['grad/norm']), float(m['grad/norm_clipped']), int(m['grad/num_skipped'])
+      (5.0, 1.0, 1)
+    """
+    inner = check.transformation("inner", inner)
+    policy = _clipping.as_clip_policy("clip", clip)
+    spike_action = check.one_of("spike_action", spike_action, SPIKE_ACTIONS)
+    spike_threshold = check.optional(check.positive, "spike_threshold", spike_threshold)
+    if spike_threshold is not None and spike_threshold <= 1.0:
+        raise ValueError(f"`spike_threshold` is a ratio norm / running mean and must be > 1, got {spike_threshold!r}.")
+    spike_zscore = check.optional(check.positive, "spike_zscore", spike_zscore)
+    loss_spike_zscore = check.optional(check.positive, "loss_spike_zscore", loss_spike_zscore)
+    warmup_steps = check.integer("warmup_steps", warmup_steps, minimum=1)
+    stats_decay = check.in_open_unit_interval("stats_decay", stats_decay)
+    reset_after = check.optional(check.integer, "reset_after", reset_after, minimum=1)
+    reset_window = check.integer("reset_window", reset_window, minimum=1)
+    rollback_after_nonfinite = check.optional(
+        check.integer, "rollback_after_nonfinite", rollback_after_nonfinite, minimum=1
+    )
+    rollback_after_spikes = check.optional(check.integer, "rollback_after_spikes", rollback_after_spikes, minimum=1)
+    vanishing_norm = check.optional(check.positive, "vanishing_norm", vanishing_norm)
+    norm_spikes_on = spike_threshold is not None or spike_zscore is not None
+    ring_size = reset_after if reset_after is not None else 1
+
+    def init_fn(params):
+        f32 = jnp.zeros((), jnp.float32)
+        i32 = jnp.zeros((), jnp.int32)
+        false = jnp.zeros((), jnp.bool_)
+        clip_state = policy.init()
+        return GuardState(
+            guard_inner_state=inner.init(params),
+            guard_clip_state=clip_state,
+            guard_norm_ema=f32,
+            guard_norm_sq_ema=f32,
+            guard_num_accepted=i32,
+            guard_loss_ema=f32,
+            guard_loss_sq_ema=f32,
+            guard_num_losses=i32,
+            guard_spike_steps=jnp.full((ring_size,), _NO_STEP, jnp.int32),
+            guard_norm=f32,
+            guard_norm_clipped=f32,
+            guard_clip_threshold=policy.threshold(clip_state),
+            guard_clipped=false,
+            guard_finite=jnp.ones((), jnp.bool_),
+            guard_skipped=false,
+            guard_spike=false,
+            guard_spike_score=f32,
+            guard_zscore=f32,
+            guard_norm_mean=f32,
+            guard_norm_std=f32,
+            guard_loss_zscore=f32,
+            guard_momentum_reset=false,
+            guard_rollback=false,
+            guard_vanishing=false,
+            guard_first_nonfinite_leaf=jnp.full((), -1, jnp.int32),
+            guard_num_steps=i32,
+            guard_num_clipped=i32,
+            guard_num_nonfinite=i32,
+            guard_num_skipped=i32,
+            guard_num_spikes=i32,
+            guard_num_momentum_resets=i32,
+            guard_consecutive_nonfinite=i32,
+            guard_consecutive_spikes=i32,
+            guard_layer_norms=jax.tree.map(lambda _: f32, params),
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        _clipping.check_same_structure(updates, state.guard_layer_norms, "gh.guard")
+        stats = _stats.grad_stats(updates)
+        norm = stats.norm
+        step = state.guard_num_steps
+
+        loss = extra_args.get("loss")
+        finite = stats.finite
+        if loss is not None:
+            loss = jnp.asarray(loss, jnp.float32)
+            if loss.shape != ():
+                raise ValueError(f"gh.guard: `loss` must be a scalar, got shape {loss.shape}.")
+            finite = finite & jnp.isfinite(loss)
+
+        # Spike statistics, judged against the state before this step.
+        mean, std = _clipping._ema_mean_std(
+            state.guard_norm_ema, state.guard_norm_sq_ema, state.guard_num_accepted, stats_decay
+        )
+        warm = state.guard_num_accepted >= warmup_steps
+        safe_mean = jnp.where(mean > 0, mean, 1.0)
+        spike_score = jnp.where(warm & finite, norm / safe_mean, 0.0)
+        zscore = jnp.where(warm & finite, (norm - mean) / jnp.maximum(std, 1e-12 * safe_mean), 0.0)
+        spike = warm & finite & jnp.asarray(norm_spikes_on)
+        if spike_threshold is not None:
+            spike = spike & (spike_score > spike_threshold)
+        if spike_zscore is not None:
+            spike = spike & (zscore > spike_zscore)
+
+        loss_zscore = jnp.zeros((), jnp.float32)
+        if loss is not None:
+            loss_mean, loss_std = _clipping._ema_mean_std(
+                state.guard_loss_ema, state.guard_loss_sq_ema, state.guard_num_losses, stats_decay
+            )
+            loss_warm = state.guard_num_losses >= warmup_steps
+            loss_zscore = jnp.where(
+                loss_warm & finite, (loss - loss_mean) / jnp.maximum(loss_std, 1e-12 * jnp.abs(loss_mean) + 1e-30), 0.0
+            )
+            if loss_spike_zscore is not None:
+                spike = spike | (loss_warm & finite & (loss_zscore > loss_spike_zscore))
+
+        # Clip and skip decisions.
+        threshold = policy.threshold(state.guard_clip_state)
+        if spike_action == "clip" and spike_threshold is not None:
+            threshold = jnp.where(spike, jnp.minimum(threshold, spike_threshold * mean), threshold)
+        scale = _clipping.clip_scale(norm, threshold)
+        skipped = ~finite
+        if spike_action == "skip":
+            skipped = skipped | spike
+        accepted = ~skipped
+        clipped = accepted & (scale < 1.0)
+
+        # The inner update sees the clipped gradients; a skipped step keeps its old state.
+        inner_updates, inner_state = inner.update(
+            _clipping.scale_tree(updates, scale), state.guard_inner_state, params, **extra_args
+        )
+        new_updates = _select(skipped, _zero_floats(inner_updates), inner_updates)
+        new_inner_state = _select(skipped, state.guard_inner_state, inner_state)
+
+        # Momentum reset: `reset_after` spikes within `reset_window` steps.
+        spike_steps = state.guard_spike_steps
+        momentum_reset = jnp.zeros((), jnp.bool_)
+        if reset_after is not None:
+            slot = state.guard_num_spikes % ring_size
+            spike_steps = jnp.where(spike, spike_steps.at[slot].set(step), spike_steps)
+            in_window = jnp.sum((step - spike_steps < reset_window).astype(jnp.int32))
+            momentum_reset = spike & (in_window >= reset_after)
+            spike_steps = jnp.where(momentum_reset, jnp.full_like(spike_steps, _NO_STEP), spike_steps)
+            fresh = _reset_moments(new_inner_state, inner.init(params if params is not None else updates))
+            new_inner_state = _select(momentum_reset, fresh, new_inner_state)
+
+        # Running statistics: accepted steps only; a spike's norm is capped.
+        capped_norm = norm
+        if spike_threshold is not None:
+            capped_norm = jnp.where(spike, jnp.minimum(norm, spike_threshold * mean), norm)
+        norm_ema = _clipping._ema_step(state.guard_norm_ema, capped_norm, stats_decay, accepted)
+        norm_sq_ema = _clipping._ema_step(state.guard_norm_sq_ema, jnp.square(capped_norm), stats_decay, accepted)
+        loss_ema, loss_sq_ema, num_losses = state.guard_loss_ema, state.guard_loss_sq_ema, state.guard_num_losses
+        vanishing = jnp.zeros((), jnp.bool_)
+        if vanishing_norm is not None:
+            vanishing = finite & (norm < vanishing_norm)
+        if loss is not None:
+            loss_accepted = accepted & ~spike
+            loss_ema = _clipping._ema_step(loss_ema, loss, stats_decay, loss_accepted)
+            loss_sq_ema = _clipping._ema_step(loss_sq_ema, jnp.square(loss), stats_decay, loss_accepted)
+            num_losses = num_losses + loss_accepted.astype(jnp.int32)
+            if vanishing_norm is not None:
+                not_falling = (state.guard_num_losses == 0) | (loss >= loss_mean)
+                vanishing = vanishing & not_falling
+
+        nonfinite = ~finite
+        consecutive_nonfinite = jnp.where(nonfinite, state.guard_consecutive_nonfinite + 1, 0)
+        consecutive_spikes = jnp.where(spike, state.guard_consecutive_spikes + 1, 0)
+        rollback = state.guard_rollback
+        if rollback_after_nonfinite is not None:
+            rollback = rollback | (consecutive_nonfinite >= rollback_after_nonfinite)
+        if rollback_after_spikes is not None:
+            rollback = rollback | (consecutive_spikes >= rollback_after_spikes)
+
+        as_int = lambda flag: flag.astype(jnp.int32)
+        new_state = GuardState(
+            guard_inner_state=new_inner_state,
+            guard_clip_state=policy.update(state.guard_clip_state, norm, accepted),
+            guard_norm_ema=norm_ema,
+            guard_norm_sq_ema=norm_sq_ema,
+            guard_num_accepted=state.guard_num_accepted + as_int(accepted),
+            guard_loss_ema=loss_ema,
+            guard_loss_sq_ema=loss_sq_ema,
+            guard_num_losses=num_losses,
+            guard_spike_steps=spike_steps,
+            guard_norm=norm,
+            guard_norm_clipped=jnp.where(skipped, 0.0, norm * scale),
+            guard_clip_threshold=threshold,
+            guard_clipped=clipped,
+            guard_finite=finite,
+            guard_skipped=skipped,
+            guard_spike=spike,
+            guard_spike_score=spike_score,
+            guard_zscore=zscore,
+            guard_norm_mean=mean,
+            guard_norm_std=std,
+            guard_loss_zscore=loss_zscore,
+            guard_momentum_reset=momentum_reset,
+            guard_rollback=rollback,
+            guard_vanishing=vanishing,
+            guard_first_nonfinite_leaf=jnp.where(
+                nonfinite, stats.first_nonfinite_leaf, state.guard_first_nonfinite_leaf
+            ),
+            guard_num_steps=step + 1,
+            guard_num_clipped=state.guard_num_clipped + as_int(clipped),
+            guard_num_nonfinite=state.guard_num_nonfinite + as_int(nonfinite),
+            guard_num_skipped=state.guard_num_skipped + as_int(skipped),
+            guard_num_spikes=state.guard_num_spikes + as_int(spike),
+            guard_num_momentum_resets=state.guard_num_momentum_resets + as_int(momentum_reset),
+            guard_consecutive_nonfinite=consecutive_nonfinite,
+            guard_consecutive_spikes=consecutive_spikes,
+            guard_layer_norms=stats.leaf_norms,
+        )
+        return new_updates, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

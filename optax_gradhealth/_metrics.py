@@ -1,0 +1,187 @@
+"""Optimizer state -> flat ``{name: array}`` metrics dict, and the catalogue of names.
+
+``metrics`` only reads fields: no computation, no host sync. Call it inside or outside
+``jit``; fetch the arrays to the host only when you log (see ``jax.device_get``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from optax_gradhealth import _clipping, _guard, _stats
+
+__all__ = ["CATALOGUE", "metrics", "register_metrics"]
+
+# name -> one-line meaning (the docs' metrics catalogue is generated from the same words).
+CATALOGUE: dict[str, str] = {
+    "grad/norm": "global L2 norm of the gradient before clipping (float32; NaN/Inf on a non-finite step)",
+    "grad/norm_clipped": "global norm of what the inner optimizer saw after clipping (0 on a skipped step)",
+    "grad/clip_threshold": "clip threshold in force this step (inf when clipping is off)",
+    "grad/clipped": "this step was clipped",
+    "grad/finite": "every gradient element (and the loss, if passed) was finite",
+    "grad/skipped": "the update was skipped: zero update, inner state unchanged",
+    "grad/spike": "this step was a spike (see guard's spike rule)",
+    "grad/spike_score": "norm / running mean norm (0 during warm-up)",
+    "grad/zscore": "(norm - running mean) / running std (0 during warm-up)",
+    "grad/norm_mean": "bias-corrected running mean of accepted norms, before this step",
+    "grad/norm_std": "running standard deviation of accepted norms, before this step",
+    "grad/loss_zscore": "(loss - running mean loss) / running std, when loss= is passed",
+    "grad/momentum_reset": "this step re-initialised the inner optimizer's moments",
+    "grad/rollback": "sticky recommendation to restore the last healthy checkpoint",
+    "grad/vanishing": "finite norm below the vanishing threshold (and loss not falling, if given)",
+    "grad/first_nonfinite_leaf": (
+        "leaf index (gh.leaf_names order) of the first NaN/Inf leaf at the latest non-finite step, -1 if none"
+    ),
+    "grad/num_steps": "steps seen",
+    "grad/num_clipped": "steps clipped",
+    "grad/num_nonfinite": "steps with a non-finite gradient or loss",
+    "grad/num_skipped": "steps skipped (non-finite, or spike with spike_action='skip')",
+    "grad/num_spikes": "spikes detected",
+    "grad/num_momentum_resets": "momentum resets performed",
+    "grad/consecutive_nonfinite": "current run of consecutive non-finite steps",
+    "grad/consecutive_spikes": "current run of consecutive spikes",
+    "grad/layer_norm/<path>": "pre-clip L2 norm of one gradient leaf, named by its path",
+}
+
+_GUARD_FIELDS = {
+    "guard_norm": "grad/norm",
+    "guard_norm_clipped": "grad/norm_clipped",
+    "guard_clip_threshold": "grad/clip_threshold",
+    "guard_clipped": "grad/clipped",
+    "guard_finite": "grad/finite",
+    "guard_skipped": "grad/skipped",
+    "guard_spike": "grad/spike",
+    "guard_spike_score": "grad/spike_score",
+    "guard_zscore": "grad/zscore",
+    "guard_norm_mean": "grad/norm_mean",
+    "guard_norm_std": "grad/norm_std",
+    "guard_loss_zscore": "grad/loss_zscore",
+    "guard_momentum_reset": "grad/momentum_reset",
+    "guard_rollback": "grad/rollback",
+    "guard_vanishing": "grad/vanishing",
+    "guard_first_nonfinite_leaf": "grad/first_nonfinite_leaf",
+    "guard_num_steps": "grad/num_steps",
+    "guard_num_clipped": "grad/num_clipped",
+    "guard_num_nonfinite": "grad/num_nonfinite",
+    "guard_num_skipped": "grad/num_skipped",
+    "guard_num_spikes": "grad/num_spikes",
+    "guard_num_momentum_resets": "grad/num_momentum_resets",
+    "guard_consecutive_nonfinite": "grad/consecutive_nonfinite",
+    "guard_consecutive_spikes": "grad/consecutive_spikes",
+    "guard_layer_norms": "grad/layer_norm",
+}
+
+_CLIP_FIELDS = {
+    "clip_norm": "grad/norm",
+    "clip_norm_clipped": "grad/norm_clipped",
+    "clip_threshold": "grad/clip_threshold",
+    "clip_clipped": "grad/clipped",
+    "clip_num_clipped": "grad/num_clipped",
+    "clip_num_steps": "grad/num_steps",
+    "clip_layer_norms": "grad/layer_norm",
+}
+
+# state type -> {field: metric name}. Other modules (cross-device audit, loss scaling,
+# clipping modes) add their own state types with `register_metrics`.
+_REGISTRY: dict[type, dict[str, str]] = {
+    _guard.GuardState: _GUARD_FIELDS,
+    _clipping.ClipByGlobalNormState: _CLIP_FIELDS,
+}
+
+
+def register_metrics(state_type: type, fields: dict[str, str], catalogue: dict[str, str] | None = None) -> None:
+    """Declares which fields of a NamedTuple state type are metrics, and their names.
+
+    A field whose value is a pytree (not an array) is flattened into
+    ``<name>/<leaf path>`` entries, e.g. per-layer norms.
+    """
+    _REGISTRY[state_type] = dict(fields)
+    if catalogue:
+        CATALOGUE.update(catalogue)
+
+
+def _unwrap_variables(tree: Any) -> Any:
+    """Reads through ``flax.nnx`` variables (``nnx.Optimizer.opt_state``) and optimizers."""
+    try:
+        from flax import nnx
+    except ImportError:  # pragma: no cover - flax is a dependency, but stay lenient
+        return tree
+    if isinstance(tree, nnx.Optimizer):
+        tree = tree.opt_state
+    if isinstance(tree, nnx.Module) or isinstance(tree, nnx.State):
+        tree = nnx.state(tree) if isinstance(tree, nnx.Module) else tree
+        tree = tree.to_pure_dict() if hasattr(tree, "to_pure_dict") else tree
+    return jax.tree.map(
+        lambda v: v.get_value() if isinstance(v, nnx.Variable) else v,
+        tree,
+        is_leaf=lambda v: isinstance(v, nnx.Variable),
+    )
+
+
+def _find_states(tree: Any) -> list[Any]:
+    found = []
+
+    def visit(x):
+        if type(x) in _REGISTRY:
+            found.append(x)
+            for value in x:  # states nest (e.g. a guard inside a guard)
+                visit(value)
+            return
+        if isinstance(x, (list, tuple)):
+            for value in x:
+                visit(value)
+        elif isinstance(x, dict):
+            for value in x.values():
+                visit(value)
+        elif hasattr(x, "_fields"):
+            for value in x:
+                visit(value)
+
+    visit(tree)
+    return found
+
+
+def metrics(opt_state: Any) -> dict[str, jax.Array]:
+    """A flat ``{name: array}`` dict of every gradhealth metric found in ``opt_state``.
+
+    Looks anywhere inside a chained, nested or wrapped optimizer state, including
+    ``flax.nnx.Optimizer`` (pass the optimizer or its ``opt_state``) and
+    ``flax.training.train_state.TrainState.opt_state``. Values are device arrays (no
+    host sync); per-leaf norms appear as ``grad/layer_norm/<path>``. The names are the
+    keys of :data:`CATALOGUE`. When several states report the same name (two clip
+    transformations in one chain, say), the first found (chain order, outer state
+    before inner) keeps the plain name and the others get a ``#2``, ``#3``... suffix.
+
+    Args:
+      opt_state: an optimizer state (or an ``nnx.Optimizer``).
+
+    Returns:
+      ``dict[str, jax.Array]``; empty if no gradhealth state is inside.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> import optax_gradhealth as gh
+      >>> tx = gh.guard(optax.sgd(0.1))
+      >>> state = tx.init({'w': jnp.zeros(2)})
+      >>> sorted(gh.metrics(state))[:3]
+      ['grad/clip_threshold', 'grad/clipped', 'grad/consecutive_nonfinite']
+    """
+    out: dict[str, jax.Array] = {}
+    for state in _find_states(_unwrap_variables(opt_state)):
+        entries: dict[str, jax.Array] = {}
+        for field, name in _REGISTRY[type(state)].items():
+            value = getattr(state, field)
+            if isinstance(value, jax.Array) or hasattr(value, "shape"):
+                entries[name] = value
+            else:
+                for path, leaf in jax.tree_util.tree_flatten_with_path(value)[0]:
+                    entries[f"{name}/{_stats.path_name(path)}"] = leaf
+        for name, value in entries.items():
+            key, copy = name, 1
+            while key in out:
+                copy += 1
+                key = f"{name}#{copy}"
+            out[key] = value
+    return out
