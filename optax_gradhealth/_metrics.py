@@ -120,6 +120,23 @@ def _unwrap_variables(tree: Any) -> Any:
     )
 
 
+def _state_type_of_mapping(mapping: dict) -> type | None:
+    """The registered NamedTuple type whose field names are exactly ``mapping``'s keys.
+
+    ``nnx.state(optimizer)`` (and orbax's or msgpack's pure-dict restores) turn every
+    NamedTuple into a dict keyed by field name, losing the type; our field names are
+    namespaced (``guard_...``, ``clip_...``), so the key set identifies the state type.
+    """
+    keys = set(mapping)
+    for state_type, metric_fields in _REGISTRY.items():
+        fields = getattr(state_type, "_fields", None)
+        # Empty sub-states (e.g. ``FixedClipState()``) vanish from such dicts, so only the
+        # metric fields must all be there; the missing others are filled with ``None``.
+        if fields and keys <= set(fields) and set(metric_fields) <= keys:
+            return state_type
+    return None
+
+
 def _find_states(tree: Any) -> list[Any]:
     found = []
 
@@ -133,6 +150,10 @@ def _find_states(tree: Any) -> list[Any]:
             for value in x:
                 visit(value)
         elif isinstance(x, dict):
+            state_type = _state_type_of_mapping(x)
+            if state_type is not None:
+                visit(state_type(**{field: x.get(field) for field in state_type._fields}))
+                return
             for value in x.values():
                 visit(value)
         elif hasattr(x, "_fields"):
