@@ -1,0 +1,848 @@
+"""Host-side diagnosis of a run's logged metrics: pattern -> evidence -> causes -> mitigations.
+
+``diagnose(history)`` reads what the optimizer state recorded (``gh.metrics``, logged by
+:class:`optax_gradhealth.writers.MetricLogger` or by hand) and returns :class:`Finding`\\ s.
+It is plain numpy: it never touches the jitted path and needs no device.
+
+Every threshold is a field of :class:`Thresholds` (documented there and in
+``docs/diagnosis.md``); pass your own to tune it::
+
+    findings = gh.diagnose("run.jsonl", thresholds=gh.Thresholds(spike_score=3.0))
+    print(gh.format_findings(findings))
+
+A history that lacks a metric simply skips the patterns that need it (no cross-device
+finding without ``xdev/...`` metrics, no clipping finding without ``grad/clipped``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+__all__ = ["PLAYBOOK", "Finding", "Thresholds", "diagnose", "format_findings", "load_history"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Thresholds:
+    """The numbers each pattern is judged by (see ``docs/diagnosis.md``).
+
+    Attributes:
+      warmup_steps: leading rows ignored by the statistics computed here (spike score
+        from norms when ``grad/spike_score`` is absent, oscillation, clip calibration).
+      min_steps: fewest usable rows for a rate-based pattern (oscillation, clipping,
+        dispersion, agreement rates) to be judged at all.
+      spike_score: explosion when ``norm / running mean norm`` exceeds this.
+      spike_decay: EMA decay of the running mean used when the log has no
+        ``grad/spike_score`` (the guard's own ``stats_decay`` default).
+      vanishing_norm: a finite norm below this is vanishing...
+      vanishing_loss_fraction: ...while the loss is still at least this fraction of
+        its initial value (median of the first 10 finite losses); without a loss
+        column every tiny norm counts.
+      vanishing_min_steps: vanishing steps needed for a finding.
+      oscillation_ratio: a swing is a step-to-step change of the norm by more than
+        this factor (up or down)...
+      oscillation_fraction: ...and oscillation is a fraction of swings above this.
+      clip_always_fraction: clipped on at least this fraction of accepted steps: the
+        threshold is too low.
+      clip_never_margin: never clipped while the median threshold is at least this
+        multiple of the 99th percentile norm: the threshold is too high.
+      clip_suggest_percentile: the suggested ``max_norm`` is this percentile of the
+        finite norms after warm-up (95: about 5% of such steps would be clipped).
+      dispersion_cv: high dispersion when the coefficient of variation of the
+        per-device norms (``xdev/norm_cv``) exceeds this...
+      dispersion_fraction: ...on at least this fraction of steps.
+      agreement_drop_before: a sudden drop starts from a median agreement above this
+        over the previous ``agreement_window`` steps...
+      agreement_drop_after: ...and falls below this.
+      agreement_window: steps of the rolling median for drops and gradual drift.
+      agreement_low: persistently low agreement: below this...
+      agreement_low_fraction: ...on at least this fraction of steps.
+      agreement_high: abnormally high agreement: above this...
+      agreement_high_fraction: ...on at least this fraction of steps (or any
+        ``xdev/duplicate_pairs`` > 0).
+      drift_drop: gradual divergence: quarter medians of the agreement never rise and
+        the first quarter's exceeds the last quarter's by at least this.
+      outlier_fraction: one device is the outlier on at least this fraction of the
+        audits...
+      outlier_min_audits: ...with at least this many audits.
+      param_desync: parameter desync when ``xdev/param_desync`` exceeds this.
+    """
+
+    warmup_steps: int = 20
+    min_steps: int = 10
+    spike_score: float = 2.0
+    spike_decay: float = 0.98
+    vanishing_norm: float = 1e-5
+    vanishing_loss_fraction: float = 0.5
+    vanishing_min_steps: int = 5
+    oscillation_ratio: float = 2.0
+    oscillation_fraction: float = 0.2
+    clip_always_fraction: float = 0.9
+    clip_never_margin: float = 3.0
+    clip_suggest_percentile: float = 95.0
+    dispersion_cv: float = 0.5
+    dispersion_fraction: float = 0.2
+    agreement_drop_before: float = 0.5
+    agreement_drop_after: float = 0.1
+    agreement_window: int = 10
+    agreement_low: float = 0.1
+    agreement_low_fraction: float = 0.5
+    agreement_high: float = 0.99
+    agreement_high_fraction: float = 0.9
+    drift_drop: float = 0.3
+    outlier_fraction: float = 0.5
+    outlier_min_audits: int = 5
+    param_desync: float = 0.0
+
+
+# pattern -> (title, likely causes, mitigations). docs/diagnosis.md is the long form.
+PLAYBOOK: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
+    "nonfinite": (
+        "non-finite gradients (NaN/Inf)",
+        (
+            "a bad batch (NaN/Inf in the inputs or targets, empty sequences, division by zero in the loss)",
+            "fp16 overflow or underflow (activations, loss scale too high)",
+            "the parameters already diverged (learning rate too high) and the loss overflowed",
+        ),
+        (
+            "keep gh.guard in the chain: it skips these updates and never writes a NaN into the parameters",
+            "find the leaf with grad/first_nonfinite_leaf (name it with gh.leaf_names(params)) and the batch",
+            "use bf16 or float32 where fp16 overflows; lower the loss scale",
+            "if they come in a row, restore the last healthy checkpoint (grad/rollback)",
+        ),
+    ),
+    "explosion": (
+        "gradient explosion (spikes)",
+        (
+            "dirty data: a corrupted or out-of-distribution batch",
+            "learning rate too high, or a warm-up that is too short",
+            "momentum contaminated by earlier large gradients",
+        ),
+        (
+            "skip the spiking batches (gh.guard(spike_action='skip'), the default)",
+            "reset the optimizer's momentum when spikes persist (gh.guard(reset_after=...))",
+            "lower the learning rate or lengthen the warm-up; clip adaptively (gh.ZScoreClip)",
+            "look at the layer with the largest jump (evidence) to locate the source (embeddings vs head)",
+        ),
+    ),
+    "vanishing": (
+        "vanishing gradients",
+        (
+            "poor weight initialisation (too small, saturated activations)",
+            "fp16 underflow of small gradients",
+            "an architectural bottleneck (deep post-LN stacks, sigmoid/tanh saturation)",
+        ),
+        (
+            "re-scale the initialisation (e.g. muP-style), add normalisation or residual paths",
+            "use bf16 or float32, or raise the loss scale",
+            "check that the loss actually depends on the parameters (stop_gradient, detached branches)",
+        ),
+    ),
+    "oscillation": (
+        "persistent oscillation of the gradient norm",
+        (
+            "batch too small: the gradient is dominated by sample noise",
+            "learning rate at the edge of stability",
+        ),
+        (
+            "increase the batch size (or accumulate gradients) or lower the learning rate",
+            "extend the warm-up",
+        ),
+    ),
+    "clip_always": (
+        "clipping on (almost) every step: threshold too low",
+        ("max_norm was set far below the typical gradient norm, so clipping acts as a smaller learning rate",),
+        (
+            "raise max_norm to the suggested value (a high percentile of this run's norms)",
+            "or clip adaptively: gh.PercentileClip(95) / gh.ZScoreClip()",
+        ),
+    ),
+    "clip_never": (
+        "clipping never triggers: threshold too high",
+        ("max_norm is far above every gradient norm seen, so it cannot stop a spike",),
+        (
+            "lower max_norm to the suggested value (a high percentile of this run's norms)",
+            "or clip adaptively: gh.PercentileClip(95) / gh.ZScoreClip()",
+        ),
+    ),
+    "rollback": (
+        "rollback recommended",
+        (
+            "a run of consecutive non-finite steps or spikes: the guard cannot recover by skipping alone",
+            "the parameters (or the optimizer moments) are already damaged",
+        ),
+        (
+            "restore the last healthy checkpoint (see docs/logging.md, orbax) and move past the bad data",
+            "lower the learning rate after the restore",
+        ),
+    ),
+    "high_dispersion": (
+        "high dispersion of the gradient norm across devices",
+        (
+            "desynchronised random seeds (dropout, augmentation) across devices",
+            "data shuffling / sampler misalignment between devices",
+            "a silent hardware or collective-communication fault",
+        ),
+        (
+            "enforce the same global seed and fold in the device index only where intended",
+            "check the distributed sampler (epoch seeding, rank and world size)",
+            "look at xdev/outlier_device: one bad device points to hardware",
+        ),
+    ),
+    "agreement_drop": (
+        "sudden drop of cross-device gradient agreement",
+        (
+            "seed desynchronisation: devices use different random streams for dropout or augmentation",
+            "data loader misalignment: shuffling is no longer synchronised across devices",
+        ),
+        (
+            "re-align the global seeds at initialisation and after restores",
+            "check the sampler's epoch seeding (set_epoch-style) on every device",
+        ),
+    ),
+    "agreement_low": (
+        "persistently low cross-device gradient agreement",
+        (
+            "batch too small: local gradients are dominated by sample noise (see xdev/noise_scale)",
+            "learning rate too high: the model bounces around the loss landscape",
+        ),
+        (
+            "increase the batch (or accumulate gradients) towards the noise scale B_simple",
+            "lower the learning rate or increase momentum to smooth directions",
+        ),
+    ),
+    "agreement_high": (
+        "abnormally high cross-device gradient agreement (duplicated data)",
+        ("devices are loading identical data shards (rank / world size not passed to the data pipeline)",),
+        ("audit the data sharding now: each device must see its own shard",),
+    ),
+    "agreement_drift": (
+        "gradual divergence of cross-device agreement",
+        (
+            "precision drift: floating-point non-associativity (bf16/fp16) makes replicas drift apart",
+            "(also normal late in training as the signal shrinks: compare with xdev/noise_scale)",
+        ),
+        (
+            "periodically broadcast one replica's parameters to all devices",
+            "check xdev/param_desync; keep the all-reduce in float32",
+        ),
+    ),
+    "outlier_device": (
+        "one device persistently unlike the others",
+        (
+            "silent data corruption or a failing accelerator on that device",
+            "thermal throttling or a different software state on that host",
+            "a data shard that differs systematically (corrupt files on one host)",
+        ),
+        (
+            "drain the device/host and rerun the step there to confirm; swap the hardware",
+            "check that device's data shard",
+        ),
+    ),
+    "param_desync": (
+        "parameters differ across replicas (desync)",
+        (
+            "a replica missed an update or applied a different one (non-deterministic op, skipped collective)",
+            "silent data corruption in memory",
+        ),
+        (
+            "broadcast the parameters from a healthy replica, or restore the last checkpoint",
+            "make every skip/apply decision from collective values (identical on every device)",
+        ),
+    ),
+}
+
+_SEVERITY = {
+    "nonfinite": "error",
+    "explosion": "error",
+    "rollback": "error",
+    "param_desync": "error",
+    "outlier_device": "error",
+    "agreement_drop": "error",
+    "agreement_high": "error",
+}
+_SEVERITY_ORDER = {"error": 0, "warning": 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+    """One diagnosed pattern.
+
+    Attributes:
+      pattern: a key of :data:`PLAYBOOK` (e.g. ``'explosion'``).
+      title: what it is, in words.
+      severity: ``'error'`` (act now) or ``'warning'``.
+      summary: one line with the key numbers.
+      steps: the steps where it shows (all of them, sorted).
+      evidence: the numbers behind it.
+      causes: likely causes.
+      mitigations: what to do.
+    """
+
+    pattern: str
+    title: str
+    severity: str
+    summary: str
+    steps: tuple[int, ...]
+    evidence: dict[str, Any]
+    causes: tuple[str, ...]
+    mitigations: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict."""
+        return dataclasses.asdict(self) | {"steps": list(self.steps)}
+
+    def __str__(self) -> str:
+        shown = ", ".join(str(s) for s in self.steps[:12]) + (" ..." if len(self.steps) > 12 else "")
+        lines = [f"[{self.severity}] {self.title}: {self.summary}"]
+        if self.steps:
+            lines.append(f"  steps ({len(self.steps)}): {shown}")
+        lines.append("  evidence: " + ", ".join(f"{k}={_fmt(v)}" for k, v in self.evidence.items()))
+        lines.append("  likely causes:")
+        lines += [f"    - {c}" for c in self.causes]
+        lines.append("  mitigations:")
+        lines += [f"    - {m}" for m in self.mitigations]
+        return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_fmt(v) for v in value) + "]"
+    return str(value)
+
+
+def format_findings(findings: Iterable[Finding]) -> str:
+    """The findings as text, one block each (or a line saying there are none)."""
+    findings = list(findings)
+    if not findings:
+        return "gradhealth diagnosis: no findings (no pattern crossed its threshold)."
+    head = f"gradhealth diagnosis: {len(findings)} finding(s)"
+    return head + "\n\n" + "\n\n".join(str(f) for f in findings)
+
+
+# --------------------------------------------------------------------------- history
+
+
+class _History:
+    """Columns of a run's logged rows (NaN where a row lacks a name)."""
+
+    def __init__(self, rows: list[dict[str, float]]):
+        self.rows = rows
+        self.steps = np.array([int(r["step"]) for r in rows], dtype=np.int64)
+        self.names = set().union(*(r.keys() for r in rows)) if rows else set()
+        self._cache: dict[str, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def has(self, name: str) -> bool:
+        return name in self.names
+
+    def col(self, name: str) -> np.ndarray:
+        if name not in self._cache:
+            self._cache[name] = np.array([_to_float(r.get(name, math.nan)) for r in self.rows], dtype=np.float64)
+        return self._cache[name]
+
+    def indexed(self, name: str) -> list[tuple[int, ...]]:
+        """The index suffixes logged under ``name/i`` or ``name/i/j`` (sorted)."""
+        pattern = re.compile(re.escape(name) + r"((?:/\d+)+)$")
+        found = {tuple(int(i) for i in m.group(1).strip("/").split("/")) for n in self.names if (m := pattern.match(n))}
+        return sorted(found)
+
+    def vector(self, name: str) -> np.ndarray | None:
+        """``[T, K]`` from ``name/0`` ... ``name/K-1`` columns, or None."""
+        index = [i for i in self.indexed(name) if len(i) == 1]
+        if not index:
+            return None
+        return np.stack([self.col(f"{name}/{i[0]}") for i in index], axis=1)
+
+    def layer_names(self) -> list[str]:
+        prefix = "grad/layer_norm/"
+        return sorted(n[len(prefix) :] for n in self.names if n.startswith(prefix) and "#" not in n)
+
+
+def _to_float(value: Any) -> float:
+    if value is None:
+        return math.nan
+    if isinstance(value, str):
+        return {"NaN": math.nan, "nan": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}.get(value, math.nan)
+    return float(value)
+
+
+def load_history(history: Any) -> list[dict[str, float]]:
+    """Rows ``{'step': int, name: float}`` from a ``.jsonl`` path, a list of metric dicts
+    (arrays allowed: they are flattened like the writers do), or a dict of columns.
+    Rows without ``'step'`` are numbered in order; rows are sorted by step."""
+    from optax_gradhealth.writers import flatten, read_jsonl
+
+    if isinstance(history, (str, os.PathLike)):
+        rows = read_jsonl(history)
+    elif isinstance(history, Mapping):
+        lengths = {len(v) for v in history.values()}
+        if len(lengths) > 1:
+            raise ValueError(f"gh.diagnose: columns of a dict history must have one length, got {sorted(lengths)}.")
+        count = lengths.pop() if lengths else 0
+        rows = [{k: v[i] for k, v in history.items()} for i in range(count)]
+    else:
+        rows = list(history)
+    out = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise TypeError(
+                f"gh.diagnose: each history row must be a dict of metrics, row {i} is {type(row).__name__}."
+            )
+        step = row.get("step", i)
+        flat = flatten({k: v for k, v in row.items() if k != "step" and not isinstance(v, str)})
+        flat.update({k: _to_float(v) for k, v in row.items() if isinstance(v, str)})
+        flat["step"] = int(np.asarray(step))
+        out.append(flat)
+    out.sort(key=lambda r: r["step"])
+    return out
+
+
+# --------------------------------------------------------------------------- patterns
+
+
+def _finding(pattern: str, summary: str, steps: Iterable[int], evidence: dict[str, Any]) -> Finding:
+    title, causes, mitigations = PLAYBOOK[pattern]
+    clean = {k: (round(float(v), 6) if isinstance(v, (float, np.floating)) else v) for k, v in evidence.items()}
+    clean = {k: (int(v) if isinstance(v, (np.integer, np.bool_)) else v) for k, v in clean.items()}
+    return Finding(
+        pattern=pattern,
+        title=title,
+        severity=_SEVERITY.get(pattern, "warning"),
+        summary=summary,
+        steps=tuple(sorted(int(s) for s in steps)),
+        evidence=clean,
+        causes=causes,
+        mitigations=mitigations,
+    )
+
+
+def _host_spike_score(norm: np.ndarray, accepted: np.ndarray, th: Thresholds) -> np.ndarray:
+    """norm / bias-corrected EMA of the previous accepted norms (0 during warm-up)."""
+    score = np.zeros_like(norm)
+    ema, count = 0.0, 0
+    for t, value in enumerate(norm):
+        if count >= th.warmup_steps and np.isfinite(value):
+            mean = ema / (1.0 - th.spike_decay**count)
+            score[t] = value / mean if mean > 0 else 0.0
+        if accepted[t] and np.isfinite(value) and (count < th.warmup_steps or score[t] <= th.spike_score):
+            ema = th.spike_decay * ema + (1.0 - th.spike_decay) * value
+            count += 1
+    return score
+
+
+def _single_node(h: _History, th: Thresholds) -> list[Finding]:
+    found: list[Finding] = []
+    if not h.has("grad/norm"):
+        return found
+    steps = h.steps
+    norm = h.col("grad/norm")
+    finite = np.isfinite(norm)
+    if h.has("grad/finite"):
+        finite &= h.col("grad/finite") != 0
+    skipped = h.col("grad/skipped") == 1 if h.has("grad/skipped") else ~finite
+    accepted = finite & ~skipped
+
+    # Non-finite steps.
+    counter = np.nanmax(h.col("grad/num_nonfinite")) if h.has("grad/num_nonfinite") else 0.0
+    bad = ~finite
+    if bad.any() or counter > 0:
+        evidence = {"nonfinite_logged_steps": int(bad.sum()), "fraction": float(bad.mean())}
+        if h.has("grad/num_nonfinite"):
+            evidence["num_nonfinite_counter"] = int(counter)
+        if h.has("grad/skipped"):
+            evidence["skipped_of_them"] = int((bad & skipped).sum())
+        if h.has("grad/first_nonfinite_leaf") and bad.any():
+            leaf = h.col("grad/first_nonfinite_leaf")[bad]
+            evidence["first_nonfinite_leaf"] = int(leaf[np.isfinite(leaf)][0]) if np.isfinite(leaf).any() else -1
+        run = _longest_run(bad)
+        evidence["longest_run"] = run
+        first = int(steps[bad][0]) if bad.any() else None
+        where = f"first at step {first}" if first is not None else "between logged steps (counter only)"
+        found.append(
+            _finding(
+                "nonfinite", f"{max(int(bad.sum()), int(counter))} non-finite step(s), {where}", steps[bad], evidence
+            )
+        )
+
+    # Explosion: spike score above the threshold.
+    if h.has("grad/spike_score"):
+        score = np.nan_to_num(h.col("grad/spike_score"), nan=0.0)
+        source = "grad/spike_score"
+    else:
+        score = _host_spike_score(norm, accepted, th)
+        source = "norm / running mean (computed here)"
+    spikes = finite & (score > th.spike_score)
+    if spikes.any():
+        worst = int(np.argmax(np.where(spikes, score, -np.inf)))
+        evidence = {
+            "spike_steps": int(spikes.sum()),
+            "max_spike_score": float(score[worst]),
+            "threshold": th.spike_score,
+            "norm_at_max": float(norm[worst]),
+            "median_norm": float(np.median(norm[finite])),
+            "score_source": source,
+        }
+        if h.has("grad/num_spikes"):
+            evidence["num_spikes_counter"] = int(np.nanmax(h.col("grad/num_spikes")))
+        if h.has("grad/momentum_reset"):
+            evidence["momentum_resets"] = int((h.col("grad/momentum_reset") == 1).sum())
+        layer = _largest_layer_jump(h, worst)
+        if layer is not None:
+            evidence["largest_layer_jump"] = layer[0]
+            evidence["layer_jump_ratio"] = layer[1]
+        found.append(
+            _finding(
+                "explosion",
+                f"{int(spikes.sum())} spike(s) with spike score > {th.spike_score:g} (max {score[worst]:.3g} "
+                f"at step {int(steps[worst])})",
+                steps[spikes],
+                evidence,
+            )
+        )
+
+    # Vanishing: tiny finite norms while the loss is still high.
+    tiny = finite & (norm < th.vanishing_norm)
+    loss_note = "no loss logged"
+    if h.has("loss"):
+        loss = h.col("loss")
+        first_losses = loss[np.isfinite(loss)][:10]
+        if first_losses.size:
+            initial = float(np.median(first_losses))
+            tiny &= np.isfinite(loss) & (loss >= th.vanishing_loss_fraction * initial)
+            loss_note = f"loss >= {th.vanishing_loss_fraction:g} x initial {initial:.4g}"
+    if tiny.sum() >= th.vanishing_min_steps:
+        found.append(
+            _finding(
+                "vanishing",
+                f"{int(tiny.sum())} step(s) with norm < {th.vanishing_norm:g} ({loss_note})",
+                steps[tiny],
+                {
+                    "vanishing_steps": int(tiny.sum()),
+                    "median_norm_there": float(np.median(norm[tiny])),
+                    "threshold": th.vanishing_norm,
+                    "condition": loss_note,
+                },
+            )
+        )
+
+    # Oscillation: frequent large swings between consecutive finite norms after warm-up.
+    after = np.arange(len(norm)) >= th.warmup_steps
+    usable = finite & after & (norm > 0)
+    pair = usable[1:] & usable[:-1]
+    if pair.sum() >= th.min_steps:
+        ratio = np.abs(np.log(norm[1:][pair] / norm[:-1][pair]))
+        swings = ratio > math.log(th.oscillation_ratio)
+        fraction = float(swings.mean())
+        if fraction >= th.oscillation_fraction:
+            swing_steps = steps[1:][pair][swings]
+            values = norm[usable]
+            found.append(
+                _finding(
+                    "oscillation",
+                    f"{fraction:.0%} of steps change the norm by more than {th.oscillation_ratio:g}x",
+                    swing_steps,
+                    {
+                        "swing_fraction": fraction,
+                        "threshold_fraction": th.oscillation_fraction,
+                        "norm_cv": float(np.std(values) / np.mean(values)),
+                        "steps_judged": int(pair.sum()),
+                    },
+                )
+            )
+
+    # Clipping on (almost) every step, or never.
+    if h.has("grad/clipped") and h.has("grad/clip_threshold"):
+        threshold = h.col("grad/clip_threshold")
+        judged = accepted & after & np.isfinite(threshold)
+        if judged.sum() >= th.min_steps:
+            clipped = h.col("grad/clipped")[judged] == 1
+            fraction = float(clipped.mean())
+            calib = norm[finite & after]
+            suggest = float(np.percentile(calib, th.clip_suggest_percentile))
+            median_threshold = float(np.median(threshold[judged]))
+            p99 = float(np.percentile(calib, 99))
+            evidence = {
+                "clipped_fraction": fraction,
+                "median_threshold": median_threshold,
+                "median_norm": float(np.median(calib)),
+                "p99_norm": p99,
+                "suggested_max_norm": suggest,
+                "suggested_from": f"p{th.clip_suggest_percentile:g} of {calib.size} finite norms after warm-up",
+            }
+            if fraction >= th.clip_always_fraction:
+                found.append(
+                    _finding(
+                        "clip_always",
+                        f"clipped on {fraction:.0%} of steps at threshold {median_threshold:.4g}; "
+                        f"suggested max_norm {suggest:.4g}",
+                        steps[judged][clipped],
+                        evidence,
+                    )
+                )
+            elif fraction == 0.0 and median_threshold >= th.clip_never_margin * p99:
+                found.append(
+                    _finding(
+                        "clip_never",
+                        f"never clipped; threshold {median_threshold:.4g} is {median_threshold / p99:.3g}x the p99 "
+                        f"norm; suggested max_norm {suggest:.4g}",
+                        (),
+                        evidence,
+                    )
+                )
+
+    # Rollback recommendation raised.
+    if h.has("grad/rollback"):
+        flag = h.col("grad/rollback") == 1
+        if flag.any():
+            starts = steps[flag & ~np.concatenate([[False], flag[:-1]])]
+            found.append(
+                _finding(
+                    "rollback",
+                    f"the guard recommended a rollback at step {int(starts[0])}"
+                    + (f" ({len(starts)} episodes)" if len(starts) > 1 else ""),
+                    starts,
+                    {"episodes": len(starts), "flagged_steps": int(flag.sum())},
+                )
+            )
+    return found
+
+
+def _longest_run(flags: np.ndarray) -> int:
+    best = current = 0
+    for flag in flags:
+        current = current + 1 if flag else 0
+        best = max(best, current)
+    return best
+
+
+def _largest_layer_jump(h: _History, row: int) -> tuple[str, float] | None:
+    """The layer whose norm at ``row`` is the largest multiple of its median."""
+    best = None
+    for name in h.layer_names():
+        values = h.col(f"grad/layer_norm/{name}")
+        typical = values[np.isfinite(values)]
+        if typical.size < 2 or not np.isfinite(values[row]):
+            continue
+        median = float(np.median(typical))
+        if median <= 0:
+            continue
+        ratio = float(values[row] / median)
+        if best is None or ratio > best[1]:
+            best = (name, ratio)
+    return best
+
+
+def _rolling_median_before(values: np.ndarray, t: int, window: int) -> float:
+    return float(np.median(values[t - window : t]))
+
+
+def _cross_device(h: _History, th: Thresholds) -> list[Finding]:
+    found: list[Finding] = []
+    steps = h.steps
+
+    # High dispersion of the per-device norms.
+    if h.has("xdev/norm_cv"):
+        cv = h.col("xdev/norm_cv")
+        ok = np.isfinite(cv)
+        if ok.sum() >= th.min_steps:
+            high = ok & (cv > th.dispersion_cv)
+            fraction = float(high.sum() / ok.sum())
+            if fraction >= th.dispersion_fraction:
+                evidence = {
+                    "fraction": fraction,
+                    "median_norm_cv": float(np.median(cv[ok])),
+                    "threshold": th.dispersion_cv,
+                }
+                if h.has("xdev/norm_max_over_min"):
+                    ratio = h.col("xdev/norm_max_over_min")
+                    evidence["max_norm_max_over_min"] = float(np.nanmax(np.where(np.isfinite(ratio), ratio, np.nan)))
+                found.append(
+                    _finding(
+                        "high_dispersion",
+                        f"per-device norm CV > {th.dispersion_cv:g} on {fraction:.0%} of steps",
+                        steps[high],
+                        evidence,
+                    )
+                )
+
+    # Agreement: every step (xdev/agreement), else the audits' mean pairwise cosine.
+    name = "xdev/agreement" if h.has("xdev/agreement") else "xdev/mean_pairwise_cosine"
+    agreement = h.col(name) if h.has(name) else np.full(len(h), np.nan)
+    if name == "xdev/mean_pairwise_cosine" and h.has("xdev/audited"):
+        agreement = np.where(h.col("xdev/audited") == 1, agreement, np.nan)
+    ok = np.isfinite(agreement)
+    a, a_steps = agreement[ok], steps[ok]
+    dropped = False
+    if a.size > th.agreement_window:
+        drops = [
+            t
+            for t in range(th.agreement_window, a.size)
+            if a[t] < th.agreement_drop_after
+            and _rolling_median_before(a, t, th.agreement_window) > th.agreement_drop_before
+        ]
+        if drops:
+            dropped = True
+            t0 = drops[0]
+            after = a[t0:]
+            found.append(
+                _finding(
+                    "agreement_drop",
+                    f"{name} fell from {_rolling_median_before(a, t0, th.agreement_window):.3g} to {a[t0]:.3g} "
+                    f"at step {int(a_steps[t0])}",
+                    a_steps[drops],
+                    {
+                        "median_before": _rolling_median_before(a, t0, th.agreement_window),
+                        "value_at_drop": float(a[t0]),
+                        "median_after": float(np.median(after)),
+                        "metric": name,
+                    },
+                )
+            )
+    if a.size >= th.min_steps:
+        low = a < th.agreement_low
+        if not dropped and low.mean() >= th.agreement_low_fraction:
+            evidence = {"fraction_low": float(low.mean()), "median_agreement": float(np.median(a)), "metric": name}
+            if h.has("xdev/noise_scale"):
+                noise = h.col("xdev/noise_scale")
+                noise = noise[np.isfinite(noise)]
+                if noise.size:
+                    evidence["median_noise_scale"] = float(np.median(noise))
+            found.append(
+                _finding(
+                    "agreement_low",
+                    f"{name} < {th.agreement_low:g} on {low.mean():.0%} of steps (median {np.median(a):.3g})",
+                    a_steps[low],
+                    evidence,
+                )
+            )
+        high = a > th.agreement_high
+        duplicate = h.col("xdev/duplicate_pairs") if h.has("xdev/duplicate_pairs") else np.zeros(len(h))
+        dup_rows = np.nan_to_num(duplicate) > 0
+        if high.mean() >= th.agreement_high_fraction or dup_rows.any():
+            found.append(
+                _finding(
+                    "agreement_high",
+                    f"{name} > {th.agreement_high:g} on {high.mean():.0%} of steps"
+                    + (f"; duplicate device pairs at {int(dup_rows.sum())} audit(s)" if dup_rows.any() else ""),
+                    sorted(set(a_steps[high].tolist()) | set(steps[dup_rows].tolist())),
+                    {
+                        "fraction_high": float(high.mean()),
+                        "median_agreement": float(np.median(a)),
+                        "max_duplicate_pairs": int(np.nanmax(duplicate)) if duplicate.size else 0,
+                        "metric": name,
+                    },
+                )
+            )
+    if not dropped and a.size >= 4 * th.agreement_window:
+        quarters = [float(np.median(q)) for q in np.array_split(a, 4)]
+        non_increasing = all(later <= earlier + 0.02 for earlier, later in itertools.pairwise(quarters))
+        if non_increasing and quarters[0] - quarters[-1] >= th.drift_drop:
+            found.append(
+                _finding(
+                    "agreement_drift",
+                    f"{name} declined gradually from {quarters[0]:.3g} to {quarters[-1]:.3g} (quarter medians)",
+                    (),
+                    {"quarter_medians": quarters, "threshold_drop": th.drift_drop, "metric": name},
+                )
+            )
+
+    # One device persistently the outlier.
+    if h.has("xdev/outlier_device"):
+        outlier = h.col("xdev/outlier_device")
+        audited = np.isfinite(outlier)
+        if h.has("xdev/audited"):
+            audited &= h.col("xdev/audited") == 1
+        if audited.sum() >= th.outlier_min_audits:
+            ids = outlier[audited]
+            flagged = ids[ids >= 0].astype(int)
+            if flagged.size:
+                device = int(np.bincount(flagged).argmax())
+                fraction = float((ids == device).mean())
+                if fraction >= th.outlier_fraction:
+                    rows = audited & (outlier == device)
+                    evidence = {"device": device, "fraction_of_audits": fraction, "audits": int(audited.sum())}
+                    if h.has("xdev/outlier_score"):
+                        evidence["median_outlier_score"] = float(np.nanmedian(h.col("xdev/outlier_score")[rows]))
+                    cosines = h.vector("xdev/cosine_to_mean")
+                    if cosines is not None and device < cosines.shape[1]:
+                        others = np.delete(cosines[rows], device, axis=1)
+                        evidence["median_cosine_to_mean_device"] = float(np.nanmedian(cosines[rows, device]))
+                        evidence["median_cosine_to_mean_others"] = float(np.nanmedian(others))
+                    norms = h.vector("xdev/device_norms")
+                    if norms is not None and device < norms.shape[1]:
+                        others = np.delete(norms[rows], device, axis=1)
+                        evidence["norm_ratio_to_others"] = float(
+                            np.nanmedian(norms[rows, device]) / np.nanmedian(others)
+                        )
+                    found.append(
+                        _finding(
+                            "outlier_device",
+                            f"device {device} is the outlier on {fraction:.0%} of {int(audited.sum())} audits",
+                            steps[rows],
+                            evidence,
+                        )
+                    )
+
+    # Parameter desync.
+    if h.has("xdev/param_desync"):
+        desync = np.nan_to_num(h.col("xdev/param_desync"), nan=0.0)
+        bad = desync > th.param_desync
+        if bad.any():
+            found.append(
+                _finding(
+                    "param_desync",
+                    f"replica parameters differ at {int(bad.sum())} step(s), first at step {int(steps[bad][0])}",
+                    steps[bad],
+                    {"max_param_desync": float(desync.max()), "threshold": th.param_desync},
+                )
+            )
+    return found
+
+
+def diagnose(history: Any, thresholds: Thresholds | None = None) -> list[Finding]:
+    """Finds the known unhealthy patterns in a run's logged metrics.
+
+    Args:
+      history: the run's metrics: a path to a JSON Lines log
+        (:class:`optax_gradhealth.writers.JsonlWriter`), a list of metric dicts (one per
+        logged step, each optionally with ``'step'``; values may be arrays, e.g. straight
+        from ``gh.metrics``) or a dict of equal-length columns. Optional extra column:
+        ``'loss'`` (used by the vanishing pattern).
+      thresholds: a :class:`Thresholds` (default: the documented defaults).
+
+    Returns:
+      A list of :class:`Finding`, errors first, then warnings; empty for a healthy run.
+      Patterns: ``nonfinite``, ``explosion``, ``vanishing``, ``oscillation``,
+      ``clip_always``, ``clip_never``, ``rollback`` and, with ``xdev/...`` metrics,
+      ``high_dispersion``, ``agreement_drop``, ``agreement_low``, ``agreement_high``,
+      ``agreement_drift``, ``outlier_device``, ``param_desync``.
+
+    Example:
+      >>> import optax_gradhealth as gh
+      >>> rows = [{'step': t, 'grad/norm': 1.0 + 0.01 * (t % 3)} for t in range(100)]
+      >>> rows[60]['grad/norm'] = 9.0
+      >>> [f.pattern for f in gh.diagnose(rows)]
+      ['explosion']
+      >>> gh.diagnose(rows)[0].steps
+      (60,)
+    """
+    th = thresholds if thresholds is not None else Thresholds()
+    if not isinstance(th, Thresholds):
+        raise TypeError(f"gh.diagnose: `thresholds` must be a gh.Thresholds, got {type(th).__name__}.")
+    h = _History(load_history(history))
+    if not len(h):
+        return []
+    found = _single_node(h, th) + _cross_device(h, th)
+    return sorted(found, key=lambda f: (_SEVERITY_ORDER[f.severity], f.steps[0] if f.steps else 1 << 62))

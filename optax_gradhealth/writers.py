@@ -1,0 +1,330 @@
+"""Metric writers (JSON Lines, TensorBoard, Weights & Biases) and a logging helper.
+
+Host side only: nothing here is imported by the jitted path.
+
+* :func:`flatten` turns a metrics dict (device or host arrays, vectors, matrices,
+  nested per-layer dicts) into ``{name: float}`` scalars with stable names:
+  ``xdev/device_norms/3``, ``xdev/pairwise_cosine/0/5``, ``grad/layer_norm/dense/kernel``.
+* :class:`JsonlWriter` (default, no extra dependency), :class:`TensorBoardWriter`
+  (``tensorboardX``) and :class:`WandbWriter` (``wandb``, when installed) write
+  ``{name: float}`` rows.
+* :class:`MetricLogger` calls them every ``log_every`` steps and only then fetches
+  the device arrays to the host (one ``jax.device_get`` for everything), so the
+  training loop never waits on the device in between.
+
+JSON Lines format: one object per line, ``{"step": int, name: value, ...}``. Floats
+that are not finite are written as the strings ``"NaN"``, ``"Infinity"`` and
+``"-Infinity"`` (strict JSON has no literal for them) and read back as floats by
+:func:`read_jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol
+
+import numpy as np
+
+__all__ = [
+    "JsonlWriter",
+    "MetricLogger",
+    "TensorBoardWriter",
+    "WandbWriter",
+    "Writer",
+    "flatten",
+    "read_jsonl",
+]
+
+_NONFINITE_TO_STR = {math.inf: "Infinity", -math.inf: "-Infinity"}
+_STR_TO_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+class Writer(Protocol):
+    """Anything with ``write(step, scalars)`` and ``close()``."""
+
+    def write(self, step: int, scalars: Mapping[str, float]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _key_name(key: Any) -> str:
+    """A readable name for a dict key or pytree path entry."""
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def flatten(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """Flattens a metrics dict to ``{name: float}`` scalars with stable names.
+
+    Scalars keep their name; an array of shape ``[K]`` becomes ``name/0`` ...
+    ``name/K-1``, a matrix ``name/i/j`` (row, column), and so on for higher ranks;
+    nested dicts (per-layer norms) join their keys with ``/``. Booleans and integers
+    become floats (``1.0`` / ``0.0``). Device arrays are read with ``np.asarray``:
+    fetch them first (``jax.device_get``) to fetch everything in one transfer.
+
+    Args:
+      metrics: ``{name: value}``, values scalars, arrays or nested dicts.
+      prefix: prepended to every name (e.g. ``'train/'``).
+
+    Returns:
+      ``dict[str, float]``, sorted by name.
+
+    Example:
+      >>> import numpy as np
+      >>> from optax_gradhealth.writers import flatten
+      >>> flatten({'grad/norm': np.float32(2.0), 'xdev/device_norms': np.array([1.0, 3.0]),
+      ...          'xdev/pairwise_cosine': np.eye(2), 'grad/skipped': np.bool_(True)})
+      ... # doctest: +NORMALIZE_WHITESPACE
+      {'grad/norm': 2.0, 'grad/skipped': 1.0, 'xdev/device_norms/0': 1.0, 'xdev/device_norms/1': 3.0,
+       'xdev/pairwise_cosine/0/0': 1.0, 'xdev/pairwise_cosine/0/1': 0.0,
+       'xdev/pairwise_cosine/1/0': 0.0, 'xdev/pairwise_cosine/1/1': 1.0}
+    """
+    out: dict[str, float] = {}
+
+    def visit(name: str, value: Any) -> None:
+        if isinstance(value, Mapping):
+            for key, sub in value.items():
+                visit(f"{name}/{_key_name(key)}" if name else _key_name(key), sub)
+            return
+        if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+            value = np.asarray(value)
+        array = np.asarray(value)
+        if array.ndim == 0:
+            out[name] = float(array)
+            return
+        for index in np.ndindex(array.shape):
+            out[name + "".join(f"/{i}" for i in index)] = float(array[index])
+
+    for key, value in metrics.items():
+        visit(prefix + _key_name(key), value)
+    return dict(sorted(out.items()))
+
+
+def _json_value(value: float) -> Any:
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return _NONFINITE_TO_STR[value]
+    return value
+
+
+class JsonlWriter:
+    """Appends one JSON object per logged step to a ``.jsonl`` file.
+
+    Args:
+      path: the file; its folder is created. An existing file is appended to unless
+        ``overwrite=True``.
+      overwrite: start a fresh file.
+
+    Example:
+      >>> import os, tempfile
+      >>> from optax_gradhealth.writers import JsonlWriter, read_jsonl
+      >>> path = os.path.join(tempfile.mkdtemp(), 'run.jsonl')
+      >>> with JsonlWriter(path) as writer:
+      ...     writer.write(0, {'grad/norm': 1.5, 'grad/finite': 1.0})
+      ...     writer.write(1, {'grad/norm': float('nan'), 'grad/finite': 0.0})
+      >>> rows = read_jsonl(path)
+      >>> rows[1]['step'], rows[1]['grad/norm']
+      (1, nan)
+    """
+
+    def __init__(self, path: str | os.PathLike, *, overwrite: bool = False):
+        self.path = os.fspath(path)
+        folder = os.path.dirname(self.path)
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+        self._file = open(self.path, "w" if overwrite else "a", encoding="utf-8")
+
+    def write(self, step: int, scalars: Mapping[str, float]) -> None:
+        row = {"step": int(step)}
+        row.update({name: _json_value(float(value)) for name, value in scalars.items()})
+        self._file.write(json.dumps(row, allow_nan=False) + "\n")
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+    def __enter__(self) -> JsonlWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, float]]:
+    """Reads a :class:`JsonlWriter` file back: one dict per line, non-finite strings
+    turned back into floats. Blank lines are ignored."""
+    rows = []
+    with open(path, encoding="utf-8") as file:
+        for line_number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{os.fspath(path)}:{line_number}: not a JSON object ({error.msg}).") from None
+            rows.append({k: _STR_TO_NONFINITE.get(v, v) if isinstance(v, str) else v for k, v in row.items()})
+    return rows
+
+
+class TensorBoardWriter:
+    """Writes scalars to TensorBoard event files with ``tensorboardX``.
+
+    Args:
+      logdir: the run's folder.
+      **kwargs: passed to ``tensorboardX.SummaryWriter``.
+    """
+
+    def __init__(self, logdir: str | os.PathLike, **kwargs: Any):
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError as error:  # pragma: no cover - depends on the environment
+            raise ImportError(
+                "TensorBoardWriter needs tensorboardX: pip install tensorboardX "
+                "(or pip install 'optax-gradhealth[examples]')."
+            ) from error
+        self._writer = SummaryWriter(logdir=os.fspath(logdir), **kwargs)
+
+    def write(self, step: int, scalars: Mapping[str, float]) -> None:
+        for name, value in scalars.items():
+            self._writer.add_scalar(name, float(value), global_step=int(step))
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class WandbWriter:
+    """Logs scalars to Weights & Biases (``wandb``, when installed).
+
+    Args:
+      run: an existing ``wandb`` run; when None, ``wandb.init(**init_kwargs)`` starts
+        one (and :meth:`close` finishes it).
+      **init_kwargs: passed to ``wandb.init`` when ``run`` is None.
+    """
+
+    def __init__(self, run: Any = None, **init_kwargs: Any):
+        if run is None:
+            try:
+                import wandb
+            except ImportError as error:
+                raise ImportError("WandbWriter needs wandb: pip install wandb.") from error
+            run = wandb.init(**init_kwargs)
+            self._owns_run = True
+        else:
+            self._owns_run = False
+        self._run = run
+
+    def write(self, step: int, scalars: Mapping[str, float]) -> None:
+        self._run.log(dict(scalars), step=int(step))
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self._owns_run:
+            self._run.finish()
+
+
+class MetricLogger:
+    """Logs metrics every ``log_every`` steps, fetching device arrays only then.
+
+    Call :meth:`log` every step with the step number and a metrics dict (e.g.
+    ``gh.metrics(opt_state)`` plus your loss). On steps that are not logged it does
+    nothing with the values (no host sync). On a logged step it fetches everything in
+    one ``jax.device_get``, :func:`flatten`\\ s it and hands it to every writer.
+
+    With ``all_steps=True`` it instead keeps every step's dict (references to device
+    arrays, no sync) and fetches and writes the whole batch every ``log_every``
+    steps: the log has every step at the cost of one transfer per ``log_every``
+    steps. The kept arrays must stay alive: return the metrics from your jitted step
+    (fresh output buffers) rather than passing ``gh.metrics(opt_state)`` of a state
+    you later donate to ``jit`` (donation deletes those buffers).
+
+    Args:
+      writers: one writer or several (default: none; use :class:`JsonlWriter`).
+      log_every: log every this many steps (>= 1); step 0 is logged.
+      all_steps: keep and write every step, flushed every ``log_every`` steps.
+      prefix: prepended to every name.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from optax_gradhealth.writers import MetricLogger
+      >>> class Print:
+      ...     def write(self, step, scalars): print(step, scalars)
+      ...     def close(self): pass
+      >>> logger = MetricLogger(Print(), log_every=2)
+      >>> for step in range(3):
+      ...     logger.log(step, {'loss': jnp.float32(step)})
+      0 {'loss': 0.0}
+      2 {'loss': 2.0}
+    """
+
+    def __init__(
+        self,
+        writers: Writer | Iterable[Writer] | None = None,
+        *,
+        log_every: int = 10,
+        all_steps: bool = False,
+        prefix: str = "",
+    ):
+        if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
+            raise ValueError(f"`log_every` must be an integer >= 1, got {log_every!r}.")
+        if writers is None:
+            writers = []
+        elif hasattr(writers, "write"):
+            writers = [writers]
+        self.writers = list(writers)
+        self.log_every = log_every
+        self.all_steps = bool(all_steps)
+        self.prefix = prefix
+        self._pending: list[tuple[int, Mapping[str, Any]]] = []
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Records ``metrics`` for ``step``; fetches and writes on logged steps."""
+        step = int(step)
+        if self.all_steps:
+            self._pending.append((step, metrics))
+            if step % self.log_every == 0:
+                self.flush()
+        elif step % self.log_every == 0:
+            self._pending = [(step, metrics)]
+            self.flush()
+
+    def flush(self) -> None:
+        """Fetches and writes whatever is pending."""
+        if not self._pending:
+            return
+        import jax  # host side, but jax is needed to fetch device arrays in one go
+
+        pending, self._pending = self._pending, []
+        fetched = jax.device_get([metrics for _, metrics in pending])
+        for (step, _), metrics in zip(pending, fetched):
+            scalars = flatten(metrics, prefix=self.prefix)
+            for writer in self.writers:
+                writer.write(step, scalars)
+        for writer in self.writers:
+            if hasattr(writer, "flush"):
+                writer.flush()
+
+    def close(self) -> None:
+        """Writes what is pending and closes the writers."""
+        self.flush()
+        for writer in self.writers:
+            writer.close()
+
+    def __enter__(self) -> MetricLogger:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
