@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -159,6 +160,10 @@ def _find_states(tree: Any) -> list[Any]:
         elif hasattr(x, "_fields"):
             for value in x:
                 visit(value)
+        elif dataclasses.is_dataclass(x) and not isinstance(x, type):
+            # flax.struct dataclasses, e.g. flax.training.train_state.TrainState(opt_state=...).
+            for field in dataclasses.fields(x):
+                visit(getattr(x, field.name, None))
 
     visit(tree)
     return found
