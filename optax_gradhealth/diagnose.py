@@ -70,8 +70,8 @@ class Thresholds:
       drift_drop: gradual divergence: quarter medians of the agreement never rise and
         the first quarter's exceeds the last quarter's by at least this.
       outlier_fraction: one device is the outlier on at least this fraction of the
-        audits...
-      outlier_min_audits: ...with at least this many audits.
+        audits from its first flag on...
+      outlier_min_audits: ...counting at least this many audits.
       param_desync: parameter desync when ``xdev/param_desync`` exceeds this.
     """
 
@@ -769,10 +769,12 @@ def _cross_device(h: _History, th: Thresholds) -> list[Finding]:
             flagged = ids[ids >= 0].astype(int)
             if flagged.size:
                 device = int(np.bincount(flagged).argmax())
-                fraction = float((ids == device).mean())
+                # Judged from the device's first flag on: a device that went bad mid-run counts.
+                since = ids[int(np.argmax(ids == device)) :]
+                fraction = float((since == device).mean()) if since.size >= th.outlier_min_audits else 0.0
                 if fraction >= th.outlier_fraction:
                     rows = audited & (outlier == device)
-                    evidence = {"device": device, "fraction_of_audits": fraction, "audits": int(audited.sum())}
+                    evidence = {"device": device, "fraction_of_audits": fraction, "audits_since_first_flag": int(since.size)}
                     if h.has("xdev/outlier_score"):
                         evidence["median_outlier_score"] = float(np.nanmedian(h.col("xdev/outlier_score")[rows]))
                     cosines = h.vector("xdev/cosine_to_mean")
@@ -789,7 +791,8 @@ def _cross_device(h: _History, th: Thresholds) -> list[Finding]:
                     found.append(
                         _finding(
                             "outlier_device",
-                            f"device {device} is the outlier on {fraction:.0%} of {int(audited.sum())} audits",
+                            f"device {device} is the outlier on {fraction:.0%} of {since.size} audits since step "
+                            f"{int(steps[rows][0])}",
                             steps[rows],
                             evidence,
                         )

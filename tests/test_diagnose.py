@@ -1,0 +1,320 @@
+"""gh.diagnose on synthetic histories: each pattern is found where it was planted, and
+clean histories give no finding."""
+
+import json
+
+import numpy as np
+import pytest
+
+import optax_gradhealth as gh
+
+N = 300
+K = 8
+
+
+def clean_rows(seed=0, n=N, xdev=False):
+    """A healthy run: slowly decaying norm with 10% log-normal noise, falling loss,
+    clipping on a few percent of the steps, and (optionally) healthy cross-device metrics."""
+    rng = np.random.default_rng(seed)
+    norm = 2.0 * np.exp(-np.arange(n) / 600) * np.exp(0.1 * rng.standard_normal(n))
+    threshold = float(np.percentile(norm, 97))
+    loss = 3.0 * np.exp(-np.arange(n) / 200) + 0.5
+    rows = []
+    for t in range(n):
+        row = {
+            "step": t,
+            "grad/norm": float(norm[t]),
+            "grad/finite": 1.0,
+            "grad/skipped": 0.0,
+            "grad/clipped": float(norm[t] > threshold),
+            "grad/clip_threshold": threshold,
+            "grad/rollback": 0.0,
+            "loss": float(loss[t]),
+        }
+        if xdev:
+            device = norm[t] * (1 + 0.05 * rng.standard_normal(K))
+            row.update(
+                {
+                    "xdev/device_norms": device,
+                    "xdev/norm_cv": float(device.std() / device.mean()),
+                    "xdev/norm_max_over_min": float(device.max() / device.min()),
+                    "xdev/agreement": float(0.6 + 0.05 * rng.standard_normal()),
+                    "xdev/audited": 1.0,
+                    "xdev/cosine_to_mean": 0.8 + 0.03 * rng.standard_normal(K),
+                    "xdev/outlier_device": -1.0,
+                    "xdev/outlier_score": float(abs(rng.standard_normal())),
+                    "xdev/duplicate_pairs": 0.0,
+                    "xdev/param_desync": 0.0,
+                    "xdev/noise_scale": float(100 * np.exp(0.1 * rng.standard_normal())),
+                }
+            )
+        rows.append(row)
+    return rows
+
+
+def patterns(rows, **thresholds):
+    th = gh.Thresholds(**thresholds) if thresholds else None
+    return [f.pattern for f in gh.diagnose(rows, th)]
+
+
+def by_pattern(rows, pattern):
+    found = [f for f in gh.diagnose(rows) if f.pattern == pattern]
+    assert len(found) == 1, [f.pattern for f in gh.diagnose(rows)]
+    return found[0]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("xdev", [False, True])
+def test_clean_history_has_no_finding(seed, xdev):
+    assert patterns(clean_rows(seed, xdev=xdev)) == []
+
+
+def test_empty_history_has_no_finding():
+    assert gh.diagnose([]) == []
+
+
+def test_explosion_found_at_the_planted_step():
+    rows = clean_rows()
+    rows[150]["grad/norm"] *= 10
+    finding = by_pattern(rows, "explosion")
+    assert finding.steps == (150,)
+    # Independent reference: the score is at least 10x the norm over the mean of its neighbours / 1.5.
+    neighbours = np.mean([rows[t]["grad/norm"] for t in range(130, 150)])
+    assert finding.evidence["max_spike_score"] == pytest.approx(rows[150]["grad/norm"] / neighbours, rel=0.1)
+    assert finding.severity == "error" and finding.causes and finding.mitigations
+    assert patterns(rows) == ["explosion"]
+
+
+def test_explosion_uses_the_logged_spike_score_and_the_threshold_is_configurable():
+    rows = clean_rows()
+    for row in rows:
+        row["grad/spike_score"] = 1.0
+    rows[200]["grad/spike_score"] = 2.5
+    assert by_pattern(rows, "explosion").steps == (200,)
+    assert "explosion" not in patterns(rows, spike_score=3.0)
+
+
+def test_explosion_names_the_layer_that_jumped():
+    rows = clean_rows()
+    for t, row in enumerate(rows):
+        row["grad/layer_norm/embed"] = 1.0 + 0.01 * (t % 5)
+        row["grad/layer_norm/head"] = 2.0 + 0.01 * (t % 7)
+    rows[100]["grad/norm"] *= 20
+    rows[100]["grad/layer_norm/head"] = 80.0
+    evidence = by_pattern(rows, "explosion").evidence
+    assert evidence["largest_layer_jump"] == "head"
+    assert evidence["layer_jump_ratio"] == pytest.approx(80.0 / np.median([2.0 + 0.01 * (t % 7) for t in range(N)]))
+
+
+def test_nonfinite_steps_and_run_length():
+    rows = clean_rows()
+    for t in (50, 51, 52, 200):
+        rows[t]["grad/norm"] = float("nan")
+        rows[t]["grad/finite"] = 0.0
+        rows[t]["grad/skipped"] = 1.0
+    finding = by_pattern(rows, "nonfinite")
+    assert finding.steps == (50, 51, 52, 200)
+    assert finding.evidence["longest_run"] == 3
+    assert finding.evidence["skipped_of_them"] == 4
+    assert patterns(rows) == ["nonfinite"]
+
+
+def test_nonfinite_seen_only_by_the_counter():
+    """Logged every 10 steps: the NaN fell between two logged rows, the counter shows it."""
+    rows = clean_rows()[::10]
+    for row in rows:
+        row["grad/num_nonfinite"] = 0.0 if row["step"] < 100 else 1.0
+    finding = by_pattern(rows, "nonfinite")
+    assert finding.steps == () and finding.evidence["num_nonfinite_counter"] == 1
+
+
+def test_vanishing_needs_a_high_loss():
+    rows = clean_rows()
+    for row in rows[200:]:
+        row["grad/norm"] = 1e-7
+        row["grad/clipped"] = 0.0
+        row["loss"] = 3.2  # stuck near the initial loss
+    finding = by_pattern(rows, "vanishing")
+    assert finding.steps == tuple(range(200, N))
+    falling = clean_rows()
+    for row in falling[200:]:
+        row["grad/norm"] = 1e-7
+        row["grad/clipped"] = 0.0
+        row["loss"] = 0.01  # converged: small gradients are expected
+    assert "vanishing" not in patterns(falling)
+
+
+def test_oscillation():
+    rows = clean_rows()
+    for t, row in enumerate(rows):
+        row["grad/norm"] *= 3.0 if t % 2 else 1.0
+        row["grad/clip_threshold"] = 100.0
+        row["grad/clipped"] = 0.0
+    finding = by_pattern(rows, "oscillation")
+    assert finding.evidence["swing_fraction"] > 0.9
+    assert "explosion" not in patterns(rows)
+
+
+def test_clipping_always_suggests_a_percentile():
+    rows = clean_rows()
+    for row in rows:
+        row["grad/clip_threshold"] = 0.01
+        row["grad/clipped"] = 1.0
+    finding = by_pattern(rows, "clip_always")
+    norms = np.array([r["grad/norm"] for r in rows[20:]])
+    assert finding.evidence["suggested_max_norm"] == pytest.approx(np.percentile(norms, 95), rel=1e-6)
+    assert finding.evidence["clipped_fraction"] == 1.0
+
+
+def test_clipping_never_with_a_threshold_far_above_the_norms():
+    rows = clean_rows()
+    for row in rows:
+        row["grad/clip_threshold"] = 1000.0
+        row["grad/clipped"] = 0.0
+    finding = by_pattern(rows, "clip_never")
+    assert finding.evidence["median_threshold"] == 1000.0
+    # Infinite threshold means clipping is off: nothing to say.
+    for row in rows:
+        row["grad/clip_threshold"] = float("inf")
+    assert "clip_never" not in patterns(rows)
+
+
+def test_rollback_episode():
+    rows = clean_rows()
+    for row in rows[220:230]:
+        row["grad/rollback"] = 1.0
+    finding = by_pattern(rows, "rollback")
+    assert finding.steps == (220,) and finding.evidence["flagged_steps"] == 10
+
+
+# ---------------------------------------------------------------- cross-device
+
+
+def test_high_dispersion():
+    rows = clean_rows(xdev=True)
+    for row in rows[100:200]:
+        row["xdev/norm_cv"] = 0.9
+    finding = by_pattern(rows, "high_dispersion")
+    assert finding.steps == tuple(range(100, 200))
+
+
+def test_sudden_agreement_drop():
+    rows = clean_rows(xdev=True)
+    rng = np.random.default_rng(5)
+    for row in rows[150:]:
+        row["xdev/agreement"] = float(0.01 * rng.standard_normal())
+    finding = by_pattern(rows, "agreement_drop")
+    assert finding.steps[0] == 150
+    assert finding.evidence["median_before"] > 0.5
+    found = patterns(rows)
+    assert "agreement_low" not in found and "agreement_drift" not in found
+
+
+def test_persistently_low_agreement_reports_the_noise_scale():
+    rows = clean_rows(xdev=True)
+    rng = np.random.default_rng(6)
+    for row in rows:
+        row["xdev/agreement"] = float(0.03 + 0.02 * rng.standard_normal())
+    finding = by_pattern(rows, "agreement_low")
+    assert finding.evidence["median_noise_scale"] == pytest.approx(
+        np.median([r["xdev/noise_scale"] for r in rows]), rel=1e-6
+    )
+    assert "agreement_drop" not in patterns(rows)
+
+
+def test_abnormally_high_agreement_and_duplicate_pairs():
+    rows = clean_rows(xdev=True)
+    for row in rows:
+        row["xdev/agreement"] = 0.999
+    assert "agreement_high" in patterns(rows)
+    rows = clean_rows(xdev=True)
+    rows[40]["xdev/duplicate_pairs"] = 1.0
+    finding = by_pattern(rows, "agreement_high")
+    assert finding.steps == (40,) and finding.evidence["max_duplicate_pairs"] == 1
+
+
+def test_gradual_divergence():
+    rows = clean_rows(xdev=True)
+    rng = np.random.default_rng(7)
+    for t, row in enumerate(rows):
+        row["xdev/agreement"] = float(0.8 - 0.6 * t / N + 0.02 * rng.standard_normal())
+    assert "agreement_drift" in patterns(rows)
+    assert "agreement_drop" not in patterns(rows)
+
+
+def test_one_device_persistently_unlike_the_others():
+    rows = clean_rows(xdev=True)
+    for t, row in enumerate(rows):
+        if t % 5:
+            row["xdev/outlier_device"] = 3.0
+            row["xdev/cosine_to_mean"] = np.array(row["xdev/cosine_to_mean"])
+            row["xdev/cosine_to_mean"][3] = 0.05
+    finding = by_pattern(rows, "outlier_device")
+    assert finding.evidence["device"] == 3
+    assert finding.evidence["fraction_of_audits"] == pytest.approx(240 / 299)  # from step 1 on
+    assert finding.evidence["median_cosine_to_mean_device"] == pytest.approx(0.05)
+
+
+def test_outlier_ignores_rows_that_were_not_audited():
+    rows = clean_rows(xdev=True)
+    for t, row in enumerate(rows):
+        row["xdev/audited"] = float(t % 10 == 0)
+        if t % 10:
+            row["xdev/outlier_device"] = 2.0  # stale values between audits must not count
+    assert "outlier_device" not in patterns(rows)
+
+
+def test_parameter_desync():
+    rows = clean_rows(xdev=True)
+    for row in rows[250:]:
+        row["xdev/param_desync"] = 1e-3
+    assert by_pattern(rows, "param_desync").steps[0] == 250
+
+
+# ---------------------------------------------------------------- inputs and output
+
+
+def test_same_findings_from_a_jsonl_file_a_column_dict_and_flat_rows(tmp_path):
+    rows = clean_rows(xdev=True)
+    rows[150]["grad/norm"] = float("nan")
+    rows[150]["grad/finite"] = 0.0
+    for row in rows[200:]:
+        row["xdev/outlier_device"] = 4.0
+    expected = [(f.pattern, f.steps) for f in gh.diagnose(rows)]
+    assert {p for p, _ in expected} == {"nonfinite", "outlier_device"}
+    path = tmp_path / "run.jsonl"
+    with gh.JsonlWriter(path) as writer:
+        for row in rows:
+            writer.write(row["step"], gh.flatten({k: v for k, v in row.items() if k != "step"}))
+    assert [(f.pattern, f.steps) for f in gh.diagnose(path)] == expected
+    assert [(f.pattern, f.steps) for f in gh.diagnose(str(path))] == expected
+    columns = {k: [r[k] for r in rows] for k in rows[0]}
+    assert [(f.pattern, f.steps) for f in gh.diagnose(columns)] == expected
+
+
+def test_findings_render_and_serialise():
+    rows = clean_rows()
+    rows[150]["grad/norm"] *= 10
+    findings = gh.diagnose(rows)
+    text = gh.format_findings(findings)
+    assert "gradient explosion" in text and "mitigations" in text and "150" in text
+    assert json.loads(json.dumps([f.to_dict() for f in findings]))[0]["steps"] == [150]
+    assert "no findings" in gh.format_findings([])
+
+
+def test_every_pattern_has_a_playbook_entry_and_the_docs_name_it():
+    import pathlib
+
+    doc = (pathlib.Path(__file__).parents[1] / "docs" / "diagnosis.md").read_text()
+    for pattern, (title, causes, mitigations) in gh.diagnose.__globals__["PLAYBOOK"].items():
+        assert title and causes and mitigations
+        assert f"`{pattern}`" in doc, pattern
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="thresholds"):
+        gh.diagnose(clean_rows(), thresholds={"spike_score": 3})
+    with pytest.raises(TypeError, match="row 1"):
+        gh.diagnose([{"grad/norm": 1.0}, 3.0])
+    with pytest.raises(ValueError, match="one length"):
+        gh.diagnose({"grad/norm": [1.0, 2.0], "loss": [1.0]})

@@ -1,0 +1,178 @@
+"""Writers and the logging helper: names, non-finite values, fetch cadence."""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+import optax_gradhealth as gh
+
+
+def test_flatten_names_vectors_matrices_and_nested_dicts():
+    flat = gh.flatten(
+        {
+            "grad/norm": jnp.float32(1.5),
+            "grad/skipped": jnp.bool_(True),
+            "grad/num_steps": jnp.int32(7),
+            "xdev/device_norms": jnp.arange(3.0),
+            "xdev/pairwise_cosine": jnp.array([[1.0, 0.5], [0.5, 1.0]]),
+            "grad/layer_norm": {"dense": {"kernel": jnp.float32(2.0), "bias": jnp.float32(3.0)}},
+        },
+        prefix="train/",
+    )
+    assert flat == {
+        "train/grad/layer_norm/dense/bias": 3.0,
+        "train/grad/layer_norm/dense/kernel": 2.0,
+        "train/grad/norm": 1.5,
+        "train/grad/num_steps": 7.0,
+        "train/grad/skipped": 1.0,
+        "train/xdev/device_norms/0": 0.0,
+        "train/xdev/device_norms/1": 1.0,
+        "train/xdev/device_norms/2": 2.0,
+        "train/xdev/pairwise_cosine/0/0": 1.0,
+        "train/xdev/pairwise_cosine/0/1": 0.5,
+        "train/xdev/pairwise_cosine/1/0": 0.5,
+        "train/xdev/pairwise_cosine/1/1": 1.0,
+    }
+    assert all(isinstance(v, float) for v in flat.values())
+
+
+def test_flatten_of_guard_metrics_keeps_the_catalogue_names():
+    params = {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}}
+    tx = gh.guard(optax.sgd(0.1), clip=1.0)
+    state = tx.init(params)
+    _, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+    metrics = gh.metrics(state)
+    flat = gh.flatten(jax.device_get(metrics))
+    assert set(flat) == set(metrics)  # already scalar: names unchanged
+    assert flat["grad/norm"] == pytest.approx(math.sqrt(6.0))
+    assert flat["grad/layer_norm/dense/kernel"] == pytest.approx(2.0)
+
+
+def test_jsonl_round_trip_with_nonfinite_values_is_strict_json(tmp_path):
+    path = tmp_path / "sub" / "run.jsonl"
+    values = [1.25, float("nan"), float("inf"), float("-inf")]
+    with gh.JsonlWriter(path) as writer:
+        for step, value in enumerate(values):
+            writer.write(step, {"grad/norm": value, "grad/finite": float(math.isfinite(value))})
+    lines = path.read_text().splitlines()
+    for line in lines:  # strict JSON: no NaN / Infinity literals
+        json.loads(line, parse_constant=lambda name: pytest.fail(f"non-standard constant {name}"))
+    rows = gh.read_jsonl(path)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    assert rows[0]["grad/norm"] == 1.25 and math.isnan(rows[1]["grad/norm"])
+    assert rows[2]["grad/norm"] == math.inf and rows[3]["grad/norm"] == -math.inf
+    # Appends by default, overwrite on request.
+    with gh.JsonlWriter(path) as writer:
+        writer.write(4, {"grad/norm": 2.0})
+    assert len(gh.read_jsonl(path)) == 5
+    with gh.JsonlWriter(path, overwrite=True) as writer:
+        writer.write(0, {"grad/norm": 2.0})
+    assert len(gh.read_jsonl(path)) == 1
+
+
+def test_read_jsonl_names_the_bad_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"step": 0}\n\nnot json\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:3"):
+        gh.read_jsonl(path)
+
+
+class Recorder:
+    def __init__(self):
+        self.rows = []
+        self.closed = False
+
+    def write(self, step, scalars):
+        self.rows.append((step, dict(scalars)))
+
+    def close(self):
+        self.closed = True
+
+
+def test_logger_fetches_only_on_logged_steps(monkeypatch):
+    fetched = []
+    real_device_get = jax.device_get
+    monkeypatch.setattr(jax, "device_get", lambda x: fetched.append(1) or real_device_get(x))
+    recorder = Recorder()
+    with gh.MetricLogger(recorder, log_every=10) as logger:
+        for step in range(35):
+            logger.log(step, {"loss": jnp.float32(step), "v": jnp.arange(2.0) + step})
+    assert [s for s, _ in recorder.rows] == [0, 10, 20, 30]
+    assert len(fetched) == 4
+    assert recorder.rows[1][1] == {"loss": 10.0, "v/0": 10.0, "v/1": 11.0}
+    assert recorder.closed
+
+
+def test_logger_all_steps_writes_every_step_in_batches(monkeypatch):
+    fetched = []
+    real_device_get = jax.device_get
+    monkeypatch.setattr(jax, "device_get", lambda x: fetched.append(len(x)) or real_device_get(x))
+    recorder = Recorder()
+    logger = gh.MetricLogger([recorder], log_every=10, all_steps=True)
+    for step in range(25):
+        logger.log(step, {"loss": jnp.float32(step)})
+    assert [s for s, _ in recorder.rows] == list(range(21))  # 0, then 1..10, 11..20
+    assert fetched == [1, 10, 10]
+    logger.close()  # flushes the rest
+    assert [s for s, _ in recorder.rows] == list(range(25)) and fetched[-1] == 4
+
+
+def test_logger_validates_log_every():
+    with pytest.raises(ValueError, match="log_every"):
+        gh.MetricLogger(log_every=0)
+
+
+def test_tensorboard_writer_event_file_holds_the_scalars(tmp_path):
+    """Parse the TFRecord event file with tensorboardX's own protobufs (tensorboard not needed)."""
+    import glob
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    writer = gh.TensorBoardWriter(tmp_path)
+    writer.write(7, {"grad/norm": 0.75})
+    writer.close()
+    (path,) = glob.glob(str(tmp_path / "events.out.tfevents.*"))
+    data = open(path, "rb").read()
+    found, offset = [], 0
+    while offset < len(data):
+        (length,) = struct.unpack("<Q", data[offset : offset + 8])
+        event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+        offset += 12 + length + 4
+        for value in event.summary.value:
+            found.append((event.step, value.tag, value.simple_value))
+    assert found == [(7, "grad/norm", 0.75)]
+
+
+def test_wandb_writer_with_a_given_run():
+    class Run:
+        def __init__(self):
+            self.logged = []
+
+        def log(self, data, step):
+            self.logged.append((step, data))
+
+    run = Run()
+    writer = gh.WandbWriter(run)
+    writer.write(2, {"grad/norm": 1.0})
+    writer.close()
+    assert run.logged == [(2, {"grad/norm": 1.0})]
+
+
+def test_wandb_writer_without_wandb_says_how_to_install(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_wandb(name, *args, **kwargs):
+        if name == "wandb":
+            raise ImportError("no wandb")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_wandb)
+    with pytest.raises(ImportError, match="pip install wandb"):
+        gh.WandbWriter(project="x")
