@@ -29,7 +29,9 @@ def main(argv: list[str] | None = None) -> dict:
         metavar="FAULTS",
         help=f"comma-separated kind@step[:length] faults, or 'demo' for {demo.DEMO_FAULTS!r} (default: none)",
     )
-    parser.add_argument("--log-every", type=int, default=defaults.log_every, help="fetch and write the log every N steps")
+    parser.add_argument(
+        "--log-every", type=int, default=defaults.log_every, help="fetch and write the log every N steps"
+    )
     parser.add_argument("--no-report", action="store_true", help="write the log only (no picture)")
     args = parser.parse_args(argv)
     faults = demo.DEMO_FAULTS if args.inject == "demo" else args.inject

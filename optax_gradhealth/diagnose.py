@@ -774,7 +774,11 @@ def _cross_device(h: _History, th: Thresholds) -> list[Finding]:
                 fraction = float((since == device).mean()) if since.size >= th.outlier_min_audits else 0.0
                 if fraction >= th.outlier_fraction:
                     rows = audited & (outlier == device)
-                    evidence = {"device": device, "fraction_of_audits": fraction, "audits_since_first_flag": int(since.size)}
+                    evidence = {
+                        "device": device,
+                        "fraction_of_audits": fraction,
+                        "audits_since_first_flag": int(since.size),
+                    }
                     if h.has("xdev/outlier_score"):
                         evidence["median_outlier_score"] = float(np.nanmedian(h.col("xdev/outlier_score")[rows]))
                     cosines = h.vector("xdev/cosine_to_mean")

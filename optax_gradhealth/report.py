@@ -313,7 +313,6 @@ def _xdev_panel(name, ax, h, device_norms, cosines, pairwise, fig, xlim) -> None
         if cosines is not None:
             for k in range(cosines.shape[1]):
                 ax.plot(steps[audited], cosines[audited, k], ".-", lw=0.6, ms=2, label=str(k))
-            ax.legend(title="device", fontsize=7, ncol=4, loc="lower left")
         if h.has("xdev/outlier_device"):
             outlier = h.col("xdev/outlier_device")
             flagged = audited & (outlier >= 0)
@@ -326,6 +325,8 @@ def _xdev_panel(name, ax, h, device_norms, cosines, pairwise, fig, xlim) -> None
                     s=30,
                     label="outlier flagged",
                 )
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(title="device", fontsize=7, ncol=5, loc="lower left")
         ax.set_ylim(-0.3, 1.05)
         ax.set_title("each device's cosine to the mean gradient (audits)", loc="left", fontsize=10)
     elif name == "pairwise":

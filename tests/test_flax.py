@@ -1,0 +1,160 @@
+"""Flax integration (nnx.Optimizer, TrainState) and orbax checkpoints (rollback, resume)."""
+
+import importlib.util
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from flax.training import train_state
+
+import optax_gradhealth as gh
+
+ROOT = pathlib.Path(__file__).parents[1]
+
+
+def load_example(name):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def reference_norm(tree):
+    return float(np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(tree))))
+
+
+class MLP(nnx.Module):
+    def __init__(self, rngs):
+        self.a = nnx.Linear(3, 4, rngs=rngs)
+        self.b = nnx.Linear(4, 1, rngs=rngs)
+
+    def __call__(self, x):
+        return self.b(jnp.tanh(self.a(x)))
+
+
+def mse(model, x, y):
+    return jnp.mean((model(x) - y) ** 2)
+
+
+# ---------------------------------------------------------------- nnx.Optimizer
+
+
+def test_nnx_optimizer_forwards_loss_and_metrics_read_it():
+    model = MLP(nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, gh.guard(optax.adam(1e-2), clip=1.0), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer, x, y, loss_scale):
+        loss, grads = nnx.value_and_grad(mse)(model, x, y)
+        optimizer.update(model, grads, loss=loss * loss_scale)
+        return grads, gh.metrics(optimizer)
+
+    x, y = jnp.ones((5, 3)), jnp.zeros((5, 1))
+    grads, metrics = step(model, optimizer, x, y, 1.0)
+    assert float(metrics["grad/norm"]) == pytest.approx(reference_norm(grads), rel=1e-6)
+    assert not bool(metrics["grad/skipped"])
+    params_before = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
+    # A NaN loss with finite gradients is only visible to the guard if loss= was forwarded.
+    _, metrics = step(model, optimizer, x, y, jnp.nan)
+    assert bool(metrics["grad/skipped"]) and not bool(metrics["grad/finite"])
+    assert int(metrics["grad/num_nonfinite"]) == 1
+    params_after = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
+    jax.tree.map(np.testing.assert_array_equal, params_before, params_after)
+
+
+def test_metrics_of_the_optimizer_its_opt_state_and_its_nnx_state_agree():
+    model = MLP(nnx.Rngs(1))
+    optimizer = nnx.Optimizer(model, gh.guard(optax.sgd(0.1), clip=0.5), wrt=nnx.Param)
+    grads = nnx.grad(mse)(model, jnp.ones((2, 3)), jnp.ones((2, 1)))
+    optimizer.update(model, grads, loss=jnp.float32(1.0))
+    direct = jax.device_get(gh.metrics(optimizer))
+    for other in (gh.metrics(optimizer.opt_state), gh.metrics(nnx.state(optimizer))):
+        other = jax.device_get(other)
+        assert sorted(other) == sorted(direct)
+        for name in direct:
+            np.testing.assert_array_equal(other[name], direct[name])
+    assert any(name.startswith("grad/layer_norm/a/") for name in direct)
+    assert float(direct["grad/layer_norm/a/kernel"]) == pytest.approx(reference_norm(grads["a"]["kernel"]), rel=1e-6)
+
+
+# ---------------------------------------------------------------- TrainState
+
+
+def test_train_state_apply_gradients_does_not_forward_loss():
+    state = train_state.TrainState.create(apply_fn=None, params={"w": jnp.ones(2)}, tx=gh.guard(optax.sgd(0.1)))
+    with pytest.raises(TypeError, match="loss"):
+        state.apply_gradients(grads={"w": jnp.ones(2)}, loss=jnp.float32(1.0))
+
+
+def apply_gradients_with_loss(state, grads, loss):
+    """The workaround documented in docs/logging.md: call tx.update yourself."""
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params, loss=loss)
+    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
+
+
+def test_train_state_workaround_passes_loss_and_metrics_read_the_state():
+    state = train_state.TrainState.create(apply_fn=None, params={"w": jnp.ones(2)}, tx=gh.guard(optax.sgd(0.1)))
+    step = jax.jit(apply_gradients_with_loss)
+    state = step(state, {"w": jnp.array([3.0, 4.0])}, jnp.float32(1.0))
+    np.testing.assert_allclose(np.asarray(state.params["w"]), [1 - 0.3, 1 - 0.4], rtol=1e-6)
+    assert float(gh.metrics(state)["grad/norm"]) == pytest.approx(5.0)
+    state = step(state, {"w": jnp.array([3.0, 4.0])}, jnp.float32(jnp.nan))
+    metrics = gh.metrics(state)  # the TrainState itself, or state.opt_state
+    assert bool(metrics["grad/skipped"]) and int(metrics["grad/num_steps"]) == 2
+    np.testing.assert_allclose(np.asarray(state.params["w"]), [0.7, 0.6], rtol=1e-6)
+    assert int(state.step) == 2
+
+
+# ---------------------------------------------------------------- orbax
+
+
+def assert_trees_bitwise_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.dtype == y.dtype and x.shape == y.shape
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.fixture(scope="module")
+def rollback_example():
+    return load_example("rollback_orbax")
+
+
+def test_rollback_restores_the_last_healthy_checkpoint(tmp_path, rollback_example):
+    ex = rollback_example
+    # NaN batches at 45..52: the 5th in a row (step 49) raises the rollback recommendation.
+    run = ex.train(70, str(tmp_path / "ckpt"), save_every=10, bad_from=45, bad_steps=8)
+    assert run["saved"][:5] == [0, 10, 20, 30, 40]
+    assert run["rollbacks"] == [(49, 40)]
+    assert run["flags"][49] and not any(run["flags"][50:])  # restored state: flag cleared
+    # The restored checkpoint holds the state of a clean run after step 40 (data depend on the step only).
+    clean = ex.train(41, str(tmp_path / "clean"), save_every=1000)
+    manager = ex.checkpoint_manager(str(tmp_path / "ckpt"))
+    params, opt_state, _ = ex.restore(manager, 40, clean["params"], clean["opt_state"])
+    manager.close()
+    assert_trees_bitwise_equal(params, clean["params"])
+    assert_trees_bitwise_equal(opt_state, clean["opt_state"])
+    assert not bool(gh.metrics(opt_state)["grad/rollback"])
+
+
+def test_guard_state_round_trips_and_a_resumed_run_is_bit_identical(tmp_path, rollback_example):
+    ex = rollback_example
+    # Include a skipped NaN step and clipping so that counters and statistics are non-trivial.
+    full = ex.train(60, str(tmp_path / "a"), save_every=10, bad_from=15, bad_steps=1)
+    manager = ex.checkpoint_manager(str(tmp_path / "a"))
+    like_params = ex.init_params(123)  # any values: only the structure is used
+    like_state = ex.make_optimizer().init(like_params)
+    params, opt_state, step = ex.restore(manager, 30, like_params, like_state)
+    manager.close()
+    assert step == 30
+    metrics = jax.device_get(gh.metrics(opt_state))
+    assert int(metrics["grad/num_steps"]) == 31 and int(metrics["grad/num_nonfinite"]) == 1
+    assert metrics["grad/skipped"].dtype == np.bool_ and metrics["grad/num_steps"].dtype == np.int32
+    resumed = ex.train(60, str(tmp_path / "b"), start=31, state=(params, opt_state), save_every=1000)
+    assert_trees_bitwise_equal(resumed["params"], full["params"])
+    assert_trees_bitwise_equal(resumed["opt_state"], full["opt_state"])

@@ -1,0 +1,132 @@
+"""The plotted report and the command line."""
+
+import json
+import subprocess
+import sys
+
+import matplotlib.image
+import numpy as np
+import pytest
+
+import optax_gradhealth as gh
+from optax_gradhealth import __main__ as cli
+from optax_gradhealth.report import findings_paths, write_report
+
+K = 4
+
+
+def history(n=120, xdev=True):
+    rng = np.random.default_rng(0)
+    rows = []
+    for t in range(n):
+        norm = float(np.exp(0.1 * rng.standard_normal()))
+        row = {
+            "step": t,
+            "loss": 2.0 - t / n,
+            "grad/norm": norm,
+            "grad/norm_mean": 1.0 if t >= 20 else 0.0,
+            "grad/norm_std": 0.1 if t >= 20 else 0.0,
+            "grad/clip_threshold": 1.2,
+            "grad/clipped": float(norm > 1.2),
+            "grad/finite": 1.0,
+            "grad/skipped": 0.0,
+            "grad/spike": 0.0,
+            "grad/spike_score": norm if t >= 20 else 0.0,
+            "grad/momentum_reset": float(t == 90),
+            "grad/rollback": float(100 <= t < 104),
+            "grad/layer_norm": {"embed": norm * 0.3, "head": norm * 0.9},
+        }
+        if t == 60:
+            row.update({"grad/norm": float("nan"), "grad/finite": 0.0, "grad/skipped": 1.0})
+        if t == 80:
+            row.update({"grad/norm": 9.0, "grad/spike": 1.0, "grad/spike_score": 9.0, "grad/skipped": 1.0})
+        if xdev:
+            cos = rng.uniform(0.4, 0.6, size=(K, K))
+            cos = (cos + cos.T) / 2
+            np.fill_diagonal(cos, 1.0)
+            row.update(
+                {
+                    "xdev/device_norms": norm * (1 + 0.05 * rng.standard_normal(K)),
+                    "xdev/norm_cv": 0.05,
+                    "xdev/agreement": 0.5,
+                    "xdev/audited": float(t % 10 == 0),
+                    "xdev/mean_pairwise_cosine": 0.5,
+                    "xdev/cosine_to_mean": rng.uniform(0.7, 0.8, size=K),
+                    "xdev/pairwise_cosine": cos,
+                    "xdev/outlier_device": -1.0,
+                    "xdev/noise_scale": 50.0,
+                }
+            )
+        rows.append(row)
+    return rows
+
+
+def write_log(rows, path):
+    with gh.JsonlWriter(path, overwrite=True) as writer:
+        for row in rows:
+            writer.write(row["step"], gh.flatten({k: v for k, v in row.items() if k != "step"}))
+    return path
+
+
+def test_report_writes_the_picture_and_the_findings(tmp_path):
+    log = write_log(history(), tmp_path / "run.jsonl")
+    out = tmp_path / "out" / "report.png"
+    findings = write_report(log, out)
+    image = matplotlib.image.imread(out)
+    assert image.ndim == 3 and image.shape[0] > 1000 and image.shape[1] > 1000
+    assert image[..., :3].std() > 0.05  # not blank
+    text_path, json_path = findings_paths(out)
+    assert text_path.endswith("report.findings.txt") and json_path.endswith("report.findings.json")
+    expected = gh.diagnose(log)
+    assert [f.pattern for f in findings] == [f.pattern for f in expected]
+    assert {"nonfinite", "explosion", "rollback"} <= {f.pattern for f in findings}
+    saved = json.loads(open(json_path).read())
+    assert [f["pattern"] for f in saved] == [f.pattern for f in expected]
+    assert open(text_path).read().strip() == gh.format_findings(expected)
+
+
+def test_cross_device_panels_only_when_present(tmp_path):
+    with_xdev = matplotlib.image.imread(gh.plot_report(history(), tmp_path / "a.png"))
+    without = matplotlib.image.imread(gh.plot_report(history(xdev=False), tmp_path / "b.png"))
+    # Three extra rows of panels (norms/agreement, cosines/matrix, noise scale).
+    assert with_xdev.shape[0] > without.shape[0] + 500
+    assert with_xdev.shape[1] == without.shape[1]
+
+
+def test_report_of_a_bare_log_with_only_norms(tmp_path):
+    rows = [{"step": t, "grad/norm": 1.0 + 0.1 * np.sin(t)} for t in range(50)]
+    path = gh.plot_report(rows, tmp_path / "bare.png")
+    assert matplotlib.image.imread(path).shape[0] > 300
+
+
+def test_report_rejects_an_empty_history(tmp_path):
+    with pytest.raises(ValueError, match="no rows"):
+        gh.plot_report([], tmp_path / "x.png")
+
+
+def test_cli_report_and_diagnose(tmp_path, capsys):
+    log = write_log(history(xdev=False), tmp_path / "run.jsonl")
+    out = tmp_path / "r.png"
+    assert cli.main(["report", str(log), "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "gradient explosion" in printed and "r.findings.txt" in printed
+    assert out.exists()
+    assert cli.main(["diagnose", str(log), "--threshold", "spike_score=1000"]) == 0
+    printed = capsys.readouterr().out
+    assert "gradient explosion" not in printed and "non-finite" in printed
+    with pytest.raises(SystemExit, match="NAME=VALUE"):
+        cli.main(["diagnose", str(log), "--threshold", "no_such=1"])
+
+
+def test_python_dash_m_entry_point(tmp_path):
+    log = write_log(history(n=40, xdev=False), tmp_path / "run.jsonl")
+    result = subprocess.run(
+        [sys.executable, "-m", "optax_gradhealth", "report", str(log), "-o", str(tmp_path / "m.png")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**__import__("os").environ, "PYTHONPATH": str(__import__("pathlib").Path(__file__).parents[1])},
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "m.png").exists() and (tmp_path / "m.findings.txt").exists()
