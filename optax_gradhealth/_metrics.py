@@ -113,7 +113,10 @@ def _unwrap_variables(tree: Any) -> Any:
         tree = tree.opt_state
     if isinstance(tree, nnx.Module) or isinstance(tree, nnx.State):
         tree = nnx.state(tree) if isinstance(tree, nnx.Module) else tree
-        tree = tree.to_pure_dict() if hasattr(tree, "to_pure_dict") else tree
+        if hasattr(nnx, "to_pure_dict"):
+            tree = nnx.to_pure_dict(tree)
+        elif hasattr(tree, "to_pure_dict"):  # pragma: no cover - older flax
+            tree = tree.to_pure_dict()
     return jax.tree.map(
         lambda v: v.get_value() if isinstance(v, nnx.Variable) else v,
         tree,
