@@ -260,8 +260,6 @@ def train(config: TrainConfig) -> dict[str, Any]:
     """Trains the character transformer with the scripted faults and writes the log
     (and the report). Returns a summary: final loss, counters, rollbacks, findings and
     the paths written."""
-    from optax_gradhealth.report import write_report
-
     faults = parse_faults(config.faults)
     os.makedirs(config.out, exist_ok=True)
     log_path = os.path.join(config.out, config.log_name)
@@ -315,8 +313,16 @@ def train(config: TrainConfig) -> dict[str, Any]:
     }
     events["nonfinite"] = sum(1 for row in rows if row.get("grad/finite") == 0)
     findings = gh.diagnose(log_path)
-    if config.report:
-        findings = write_report(log_path, report_path, title=f"char transformer demo ({config.faults or 'no faults'})")
+    report = config.report
+    if report:
+        try:
+            from optax_gradhealth.report import write_report
+
+            title = f"char transformer demo ({config.faults or 'no faults'})"
+            findings = write_report(log_path, report_path, title=title)
+        except ImportError as error:  # matplotlib is in the examples extra
+            _say(progress, f"no report.png ({error}); pip install 'optax-gradhealth[examples]'")
+            report = False
     return {
         "seconds": seconds,
         "final_loss": float(jax.device_get(loss)),
@@ -324,7 +330,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         "rollbacks": rollbacks,
         "findings": findings,
         "log": log_path,
-        "report": report_path if config.report else None,
+        "report": report_path if report else None,
     }
 
 

@@ -17,22 +17,31 @@ def load_example(name):
     return module
 
 
-def test_char_transformer_with_injected_faults(tmp_path, capsys):
+def test_char_transformer_with_injected_faults_and_a_rollback(tmp_path, capsys):
     result = load_example("char_transformer").main(
-        ["--steps", "40", "--inject", "nan@24,corrupt@32", "--out", str(tmp_path), "--no-progress"]
+        ["--steps", "60", "--inject", "nan@24,corrupt@32,lr@40:3", "--out", str(tmp_path), "--no-progress"]
     )
     rows = gh.read_jsonl(tmp_path / "run.jsonl")
-    assert [r["step"] for r in rows] == list(range(40))  # every step logged (all_steps=True)
+    assert [r["step"] for r in rows] == list(range(60))  # every step logged (all_steps=True)
     assert rows[24]["grad/finite"] == 0 and rows[24]["grad/skipped"] == 1
     assert rows[32]["grad/spike"] == 1 and rows[32]["grad/skipped"] == 1
-    assert np.isfinite(result["final_loss"]) and result["final_loss"] < rows[0]["loss"]
+    # The LR spike damages the model: spikes in a row, then the sticky rollback flag; the loop
+    # checks every 5 steps and restores the last healthy snapshot (step 0: later intervals had skips).
+    flagged = [r["step"] for r in rows if r["grad/rollback"] == 1]
+    assert flagged, "the LR spike should end in a rollback recommendation"
+    restore_step = -(-flagged[0] // 5) * 5
+    assert result["rollbacks"] == [(restore_step, 0)]
+    after = rows[restore_step + 1]
+    assert after["grad/rollback"] == 0 and after["grad/num_steps"] == 2  # counters of the step-0 snapshot, +1
+    assert np.isfinite(result["final_loss"])
     patterns = {f.pattern: f for f in result["findings"]}
     assert patterns["nonfinite"].steps == (24,)
     assert 32 in patterns["explosion"].steps
+    assert patterns["rollback"].steps[0] == flagged[0]
     assert (tmp_path / "report.png").stat().st_size > 10_000
     assert (tmp_path / "report.findings.txt").exists()
     out = capsys.readouterr().out
-    assert "gradhealth diagnosis" in out and "non-finite" in out
+    assert "gradhealth diagnosis" in out and f"rollback at step {restore_step}" in out
 
 
 def test_demo_entry_point_writes_into_out(tmp_path, capsys, monkeypatch):
