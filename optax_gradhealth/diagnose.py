@@ -644,6 +644,18 @@ def _largest_layer_jump(h: _History, row: int) -> tuple[str, float] | None:
     return best
 
 
+def _reduced(h: _History, name: str, reduce) -> np.ndarray | None:
+    """The ``name`` column, or, when it was logged as a vector / matrix (``name/i``,
+    ``name/i/j``), its per-row reduction (e.g. a per-device or per-pair flag); None if absent."""
+    if h.has(name):
+        return h.col(name)
+    index = h.indexed(name)
+    if not index:
+        return None
+    columns = np.stack([h.col(name + "".join(f"/{i}" for i in idx)) for idx in index], axis=1)
+    return reduce(np.nan_to_num(columns, nan=0.0), axis=1)
+
+
 def _rolling_median_before(values: np.ndarray, t: int, window: int) -> float:
     return float(np.median(values[t - window : t]))
 
@@ -727,24 +739,25 @@ def _cross_device(h: _History, th: Thresholds) -> list[Finding]:
                     evidence,
                 )
             )
-        high = a > th.agreement_high
-        duplicate = h.col("xdev/duplicate_pairs") if h.has("xdev/duplicate_pairs") else np.zeros(len(h))
-        dup_rows = np.nan_to_num(duplicate) > 0
-        if high.mean() >= th.agreement_high_fraction or dup_rows.any():
-            found.append(
-                _finding(
-                    "agreement_high",
-                    f"{name} > {th.agreement_high:g} on {high.mean():.0%} of steps"
-                    + (f"; duplicate device pairs at {int(dup_rows.sum())} audit(s)" if dup_rows.any() else ""),
-                    sorted(set(a_steps[high].tolist()) | set(steps[dup_rows].tolist())),
-                    {
-                        "fraction_high": float(high.mean()),
-                        "median_agreement": float(np.median(a)),
-                        "max_duplicate_pairs": int(np.nanmax(duplicate)) if duplicate.size else 0,
-                        "metric": name,
-                    },
-                )
+    high = a > th.agreement_high
+    high_fraction = float(high.mean()) if a.size >= th.min_steps else 0.0
+    duplicate = _reduced(h, "xdev/duplicate_pairs", np.sum)
+    dup_rows = np.nan_to_num(duplicate) > 0 if duplicate is not None else np.zeros(len(h), bool)
+    if high_fraction >= th.agreement_high_fraction or dup_rows.any():
+        evidence = {"fraction_high": high_fraction, "metric": name}
+        if a.size:
+            evidence["median_agreement"] = float(np.median(a))
+        if duplicate is not None:
+            evidence["max_duplicate_pairs"] = int(np.nanmax(np.nan_to_num(duplicate)))
+        found.append(
+            _finding(
+                "agreement_high",
+                f"{name} > {th.agreement_high:g} on {high_fraction:.0%} of steps"
+                + (f"; duplicate device pairs at {int(dup_rows.sum())} audit(s)" if dup_rows.any() else ""),
+                sorted(set(a_steps[high].tolist()) | set(steps[dup_rows].tolist())),
+                evidence,
             )
+        )
     if not dropped and a.size >= 4 * th.agreement_window:
         quarters = [float(np.median(q)) for q in np.array_split(a, 4)]
         non_increasing = all(later <= earlier + 0.02 for earlier, later in itertools.pairwise(quarters))
@@ -803,8 +816,9 @@ def _cross_device(h: _History, th: Thresholds) -> list[Finding]:
                     )
 
     # Parameter desync.
-    if h.has("xdev/param_desync"):
-        desync = np.nan_to_num(h.col("xdev/param_desync"), nan=0.0)
+    desync = _reduced(h, "xdev/param_desync", np.max)
+    if desync is not None:
+        desync = np.nan_to_num(desync, nan=0.0)
         bad = desync > th.param_desync
         if bad.any():
             found.append(

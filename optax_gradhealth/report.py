@@ -75,6 +75,14 @@ def plot_report(
 
     Returns:
       The path written.
+
+    Example:
+      >>> import os, tempfile
+      >>> import optax_gradhealth as gh
+      >>> rows = [{'step': t, 'grad/norm': 1.0 + 0.1 * (t % 4)} for t in range(50)]
+      >>> path = gh.plot_report(rows, os.path.join(tempfile.mkdtemp(), 'report.png'))
+      >>> os.path.getsize(path) > 10_000
+      True
     """
     from matplotlib import colors
     from matplotlib.figure import Figure

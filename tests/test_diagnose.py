@@ -318,3 +318,17 @@ def test_bad_arguments():
         gh.diagnose([{"grad/norm": 1.0}, 3.0])
     with pytest.raises(ValueError, match="one length"):
         gh.diagnose({"grad/norm": [1.0, 2.0], "loss": [1.0]})
+
+
+def test_duplicates_and_desync_logged_as_per_pair_or_per_device_arrays():
+    rows = clean_rows(xdev=True)
+    for row in rows:
+        del row["xdev/duplicate_pairs"], row["xdev/param_desync"], row["xdev/agreement"]
+        row["xdev/duplicate_pairs"] = np.zeros((K, K))
+        row["xdev/param_desync"] = np.zeros(K)
+    rows[70]["xdev/duplicate_pairs"] = np.eye(K, k=1)  # pairs (0,1), (1,2), ...
+    rows[90]["xdev/param_desync"] = np.eye(K)[5]
+    found = {f.pattern: f for f in gh.diagnose(rows)}
+    assert set(found) == {"agreement_high", "param_desync"}
+    assert found["agreement_high"].steps == (70,) and found["agreement_high"].evidence["max_duplicate_pairs"] == K - 1
+    assert found["param_desync"].steps == (90,)
