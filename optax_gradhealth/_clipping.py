@@ -90,35 +90,47 @@ class ZScoreClipState(NamedTuple):
     """State of :class:`ZScoreClip`.
 
     Attributes:
-      zscore_norm_ema: EMA of the accepted norms (not bias-corrected).
-      zscore_norm_sq_ema: EMA of their squares (not bias-corrected).
-      zscore_count: number of accepted steps folded into the EMAs (int32).
+      zscore_norm_mean: bias-corrected EMA of the accepted norms.
+      zscore_norm_var: bias-corrected EMA variance of the accepted norms.
+      zscore_count: number of accepted steps folded in (int32).
     """
 
-    zscore_norm_ema: jax.Array
-    zscore_norm_sq_ema: jax.Array
+    zscore_norm_mean: jax.Array
+    zscore_norm_var: jax.Array
     zscore_count: jax.Array
 
 
-def _ema_mean_std(ema: jax.Array, sq_ema: jax.Array, count: jax.Array, decay: float):
-    """Bias-corrected mean and standard deviation from EMAs of x and x**2."""
-    correction = 1.0 - jnp.power(jnp.float32(decay), count.astype(jnp.float32))
-    correction = jnp.where(count > 0, correction, 1.0)
-    mean = ema / correction
-    variance = jnp.maximum(sq_ema / correction - jnp.square(mean), 0.0)
-    return mean, jnp.sqrt(variance)
+def running_moments_update(
+    mean: jax.Array, var: jax.Array, count: jax.Array, value: jax.Array, decay: float, accepted: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Folds ``value`` into a bias-corrected EMA mean and variance where ``accepted``.
 
-
-def _ema_step(ema: jax.Array, value: jax.Array, decay: float, accepted: jax.Array) -> jax.Array:
-    return jnp.where(accepted, decay * ema + (1.0 - decay) * value, ema)
+    Equal, in exact arithmetic, to bias-correcting EMAs of x and x**2 (``m / (1 -
+    decay**t)``) and taking ``E[x**2] - E[x]**2``; this incremental (Welford) form uses
+    the bias-corrected weight ``alpha_t = (1 - decay) / (1 - decay**t)`` and avoids the
+    cancellation of the squared form in float32 and the overflow of ``x**2``.
+    """
+    new_count = count + 1
+    decay = jnp.float32(decay)  # the same rounding in both terms: alpha_1 is exactly 1
+    alpha = (1.0 - decay) / (1.0 - jnp.power(decay, new_count.astype(jnp.float32)))
+    diff = value - mean
+    increment = alpha * diff
+    new_mean = mean + increment
+    new_var = (1.0 - alpha) * (var + diff * increment)
+    return (
+        jnp.where(accepted, new_mean, mean),
+        jnp.where(accepted, new_var, var),
+        jnp.where(accepted, new_count, count),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class ZScoreClip:
     """Adaptive threshold ``mean + z * std`` of the running norm statistics (ZClip's idea).
 
-    The running mean and standard deviation come from bias-corrected EMAs (decay
-    ``decay``) of the norm and of its square. During the first ``warmup_steps``
+    The running mean and standard deviation are those of bias-corrected EMAs (decay
+    ``decay``) of the norm and of its square, kept in incremental form
+    (:func:`running_moments_update`). During the first ``warmup_steps``
     accepted steps the threshold is ``warmup_max_norm`` and the raw norms feed the
     statistics; afterwards the clipped norm ``min(norm, threshold)`` feeds them, so a
     spike moves the statistics by at most the threshold. Only accepted (finite,
@@ -164,13 +176,8 @@ class ZScoreClip:
         zero = jnp.zeros((), jnp.float32)
         return ZScoreClipState(zero, zero, jnp.zeros((), jnp.int32))
 
-    def mean_std(self, state: ZScoreClipState) -> tuple[jax.Array, jax.Array]:
-        """Bias-corrected running mean and standard deviation of the norm."""
-        return _ema_mean_std(state.zscore_norm_ema, state.zscore_norm_sq_ema, state.zscore_count, self.decay)
-
     def threshold(self, state: ZScoreClipState) -> jax.Array:
-        mean, std = self.mean_std(state)
-        adaptive = mean + self.z * std
+        adaptive = state.zscore_norm_mean + self.z * jnp.sqrt(state.zscore_norm_var)
         threshold = jnp.where(self._warm(state), adaptive, self.warmup_max_norm)
         if self.max_norm is not None:
             threshold = jnp.minimum(threshold, self.max_norm)
@@ -182,11 +189,11 @@ class ZScoreClip:
 
     def update(self, state: ZScoreClipState, norm: jax.Array, accepted: jax.Array) -> ZScoreClipState:
         value = jnp.where(self._warm(state), jnp.minimum(norm, self.threshold(state)), norm)
-        accepted = accepted & jnp.isfinite(value)
+        accepted = accepted & jnp.isfinite(norm)
         return ZScoreClipState(
-            zscore_norm_ema=_ema_step(state.zscore_norm_ema, value, self.decay, accepted),
-            zscore_norm_sq_ema=_ema_step(state.zscore_norm_sq_ema, jnp.square(value), self.decay, accepted),
-            zscore_count=state.zscore_count + accepted.astype(jnp.int32),
+            *running_moments_update(
+                state.zscore_norm_mean, state.zscore_norm_var, state.zscore_count, value, self.decay, accepted
+            )
         )
 
 

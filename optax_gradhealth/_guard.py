@@ -27,12 +27,14 @@ class GuardState(NamedTuple):
     Attributes:
       guard_inner_state: the wrapped optimizer's state.
       guard_clip_state: the clip policy's state.
-      guard_norm_ema: EMA of accepted norms (spike statistics, not bias-corrected).
-      guard_norm_sq_ema: EMA of their squares.
-      guard_num_accepted: accepted (finite, applied) steps folded into the EMAs.
-      guard_loss_ema: EMA of the accepted losses (when ``loss=`` is passed).
-      guard_loss_sq_ema: EMA of their squares.
-      guard_num_losses: accepted losses folded into the loss EMAs.
+      guard_running_norm_mean: bias-corrected EMA of the accepted norms (spike
+        statistics; see ``running_moments_update``).
+      guard_running_norm_var: their bias-corrected EMA variance.
+      guard_num_accepted: accepted (finite, applied) steps folded into them.
+      guard_running_loss_mean: bias-corrected EMA of the accepted losses (when
+        ``loss=`` is passed).
+      guard_running_loss_var: their bias-corrected EMA variance.
+      guard_num_losses: accepted losses folded into them.
       guard_spike_steps: int32 ring of the step indices of the latest spikes
         (length ``reset_after``), for the momentum-reset window.
       guard_norm: pre-clip global norm (``grad/norm``).
@@ -56,11 +58,11 @@ class GuardState(NamedTuple):
 
     guard_inner_state: Any
     guard_clip_state: Any
-    guard_norm_ema: jax.Array
-    guard_norm_sq_ema: jax.Array
+    guard_running_norm_mean: jax.Array
+    guard_running_norm_var: jax.Array
     guard_num_accepted: jax.Array
-    guard_loss_ema: jax.Array
-    guard_loss_sq_ema: jax.Array
+    guard_running_loss_mean: jax.Array
+    guard_running_loss_var: jax.Array
     guard_num_losses: jax.Array
     guard_spike_steps: jax.Array
     guard_norm: jax.Array
@@ -230,11 +232,11 @@ def guard(
         return GuardState(
             guard_inner_state=inner.init(params),
             guard_clip_state=clip_state,
-            guard_norm_ema=f32,
-            guard_norm_sq_ema=f32,
+            guard_running_norm_mean=f32,
+            guard_running_norm_var=f32,
             guard_num_accepted=i32,
-            guard_loss_ema=f32,
-            guard_loss_sq_ema=f32,
+            guard_running_loss_mean=f32,
+            guard_running_loss_var=f32,
             guard_num_losses=i32,
             guard_spike_steps=jnp.full((ring_size,), _NO_STEP, jnp.int32),
             guard_norm=f32,
@@ -279,9 +281,8 @@ def guard(
             finite = finite & jnp.isfinite(loss)
 
         # Spike statistics, judged against the state before this step.
-        mean, std = _clipping._ema_mean_std(
-            state.guard_norm_ema, state.guard_norm_sq_ema, state.guard_num_accepted, stats_decay
-        )
+        mean = state.guard_running_norm_mean
+        std = jnp.sqrt(state.guard_running_norm_var)
         warm = state.guard_num_accepted >= warmup_steps
         safe_mean = jnp.where(mean > 0, mean, 1.0)
         spike_score = jnp.where(warm & finite, norm / safe_mean, 0.0)
@@ -294,9 +295,8 @@ def guard(
 
         loss_zscore = jnp.zeros((), jnp.float32)
         if loss is not None:
-            loss_mean, loss_std = _clipping._ema_mean_std(
-                state.guard_loss_ema, state.guard_loss_sq_ema, state.guard_num_losses, stats_decay
-            )
+            loss_mean = state.guard_running_loss_mean
+            loss_std = jnp.sqrt(state.guard_running_loss_var)
             loss_warm = state.guard_num_losses >= warmup_steps
             loss_zscore = jnp.where(
                 loss_warm & finite, (loss - loss_mean) / jnp.maximum(loss_std, 1e-12 * jnp.abs(loss_mean) + 1e-30), 0.0
@@ -338,17 +338,25 @@ def guard(
         capped_norm = norm
         if spike_threshold is not None:
             capped_norm = jnp.where(spike, jnp.minimum(norm, spike_threshold * mean), norm)
-        norm_ema = _clipping._ema_step(state.guard_norm_ema, capped_norm, stats_decay, accepted)
-        norm_sq_ema = _clipping._ema_step(state.guard_norm_sq_ema, jnp.square(capped_norm), stats_decay, accepted)
-        loss_ema, loss_sq_ema, num_losses = state.guard_loss_ema, state.guard_loss_sq_ema, state.guard_num_losses
+        norm_mean, norm_var, num_accepted = _clipping.running_moments_update(
+            state.guard_running_norm_mean,
+            state.guard_running_norm_var,
+            state.guard_num_accepted,
+            capped_norm,
+            stats_decay,
+            accepted,
+        )
+        loss_mean_new = state.guard_running_loss_mean
+        loss_var_new = state.guard_running_loss_var
+        num_losses = state.guard_num_losses
         vanishing = jnp.zeros((), jnp.bool_)
         if vanishing_norm is not None:
             vanishing = finite & (norm < vanishing_norm)
         if loss is not None:
             loss_accepted = accepted & ~spike
-            loss_ema = _clipping._ema_step(loss_ema, loss, stats_decay, loss_accepted)
-            loss_sq_ema = _clipping._ema_step(loss_sq_ema, jnp.square(loss), stats_decay, loss_accepted)
-            num_losses = num_losses + loss_accepted.astype(jnp.int32)
+            loss_mean_new, loss_var_new, num_losses = _clipping.running_moments_update(
+                loss_mean_new, loss_var_new, num_losses, loss, stats_decay, loss_accepted
+            )
             if vanishing_norm is not None:
                 not_falling = (state.guard_num_losses == 0) | (loss >= loss_mean)
                 vanishing = vanishing & not_falling
@@ -366,11 +374,11 @@ def guard(
         new_state = GuardState(
             guard_inner_state=new_inner_state,
             guard_clip_state=policy.update(state.guard_clip_state, norm, accepted),
-            guard_norm_ema=norm_ema,
-            guard_norm_sq_ema=norm_sq_ema,
-            guard_num_accepted=state.guard_num_accepted + as_int(accepted),
-            guard_loss_ema=loss_ema,
-            guard_loss_sq_ema=loss_sq_ema,
+            guard_running_norm_mean=norm_mean,
+            guard_running_norm_var=norm_var,
+            guard_num_accepted=num_accepted,
+            guard_running_loss_mean=loss_mean_new,
+            guard_running_loss_var=loss_var_new,
             guard_num_losses=num_losses,
             guard_spike_steps=spike_steps,
             guard_norm=norm,
