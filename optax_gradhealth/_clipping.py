@@ -173,8 +173,7 @@ class ZScoreClip:
         object.__setattr__(self, "max_norm", check.optional(check.positive, "max_norm", self.max_norm))
 
     def init(self) -> ZScoreClipState:
-        zero = jnp.zeros((), jnp.float32)
-        return ZScoreClipState(zero, zero, jnp.zeros((), jnp.int32))
+        return ZScoreClipState(jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
 
     def threshold(self, state: ZScoreClipState) -> jax.Array:
         adaptive = state.zscore_norm_mean + self.z * jnp.sqrt(state.zscore_norm_var)
@@ -298,24 +297,32 @@ def as_clip_policy(name: str, clip: Any) -> ClipPolicy:
 
 
 def clip_scale(norm: jax.Array, threshold: jax.Array) -> jax.Array:
-    """The factor that brings ``norm`` down to ``threshold`` (1 where no clip applies).
+    """The square root of the factor that brings ``norm`` down to ``threshold``.
+
+    Returns ``sqrt(threshold) / sqrt(norm)`` where clipping applies and 1 elsewhere; the
+    factor is applied twice (:func:`scale_tree`), so it never underflows to zero even
+    when ``norm / threshold`` exceeds 1e38 (a single ``threshold / norm`` would be a
+    float32 subnormal, flushed to zero on CPU and GPU: a silent all-zero clip).
 
     A non-finite norm gets 1: clipping never turns NaN into zeros silently; skipping
     non-finite steps is the guard's job.
     """
     clip = jnp.isfinite(norm) & (norm > threshold)
-    return jnp.where(clip, threshold / jnp.where(clip, norm, 1.0), 1.0).astype(jnp.float32)
+    root = jnp.sqrt(threshold) / jnp.sqrt(jnp.where(clip, norm, 1.0))
+    return jnp.where(clip, root, 1.0).astype(jnp.float32)
 
 
-def scale_tree(tree: Any, scale: jax.Array) -> Any:
-    """Multiplies every float leaf by ``scale`` in float32, keeping each leaf's dtype."""
+def scale_tree(tree: Any, root: jax.Array) -> Any:
+    """Multiplies every float leaf by ``root`` twice (see :func:`clip_scale`) in float32,
+    keeping each leaf's dtype; non-float leaves pass through."""
 
     def one(x):
         if not _stats._is_float(x):
             return x
         if x.dtype == jnp.float32:
-            return x * scale
-        return (x.astype(jnp.promote_types(x.dtype, jnp.float32)) * scale).astype(x.dtype)
+            return x * root * root
+        wide = jnp.promote_types(x.dtype, jnp.float32)
+        return (x.astype(wide) * root * root).astype(x.dtype)
 
     return jax.tree.map(one, tree)
 
@@ -391,11 +398,10 @@ def clip_by_global_norm(max_norm: float | ClipPolicy) -> optax.GradientTransform
     policy = as_clip_policy("max_norm", max_norm)
 
     def init_fn(params):
-        zero = jnp.zeros((), jnp.float32)
         return ClipByGlobalNormState(
             clip_policy_state=policy.init(),
-            clip_norm=zero,
-            clip_norm_clipped=zero,
+            clip_norm=jnp.zeros((), jnp.float32),
+            clip_norm_clipped=jnp.zeros((), jnp.float32),
             clip_threshold=policy.threshold(policy.init()),
             clip_clipped=jnp.zeros((), jnp.bool_),
             clip_num_clipped=jnp.zeros((), jnp.int32),
@@ -408,12 +414,12 @@ def clip_by_global_norm(max_norm: float | ClipPolicy) -> optax.GradientTransform
         check_same_structure(updates, state.clip_layer_norms, "gh.clip_by_global_norm")
         stats = _stats.grad_stats(updates)
         threshold = policy.threshold(state.clip_policy_state)
-        scale = clip_scale(stats.norm, threshold)
-        clipped = scale < 1.0
-        return scale_tree(updates, scale), ClipByGlobalNormState(
+        root = clip_scale(stats.norm, threshold)
+        clipped = root < 1.0
+        return scale_tree(updates, root), ClipByGlobalNormState(
             clip_policy_state=policy.update(state.clip_policy_state, stats.norm, stats.finite),
             clip_norm=stats.norm,
-            clip_norm_clipped=stats.norm * scale,
+            clip_norm_clipped=stats.norm * root * root,
             clip_threshold=threshold,
             clip_clipped=clipped,
             clip_num_clipped=state.clip_num_clipped + clipped.astype(jnp.int32),

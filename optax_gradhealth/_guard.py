@@ -225,45 +225,46 @@ def guard(
     ring_size = reset_after if reset_after is not None else 1
 
     def init_fn(params):
-        f32 = jnp.zeros((), jnp.float32)
-        i32 = jnp.zeros((), jnp.int32)
-        false = jnp.zeros((), jnp.bool_)
+        # Every field gets a buffer of its own, so the state can be donated.
+        f32 = lambda: jnp.zeros((), jnp.float32)
+        i32 = lambda: jnp.zeros((), jnp.int32)
+        false = lambda: jnp.zeros((), jnp.bool_)
         clip_state = policy.init()
         return GuardState(
             guard_inner_state=inner.init(params),
             guard_clip_state=clip_state,
-            guard_running_norm_mean=f32,
-            guard_running_norm_var=f32,
-            guard_num_accepted=i32,
-            guard_running_loss_mean=f32,
-            guard_running_loss_var=f32,
-            guard_num_losses=i32,
+            guard_running_norm_mean=f32(),
+            guard_running_norm_var=f32(),
+            guard_num_accepted=i32(),
+            guard_running_loss_mean=f32(),
+            guard_running_loss_var=f32(),
+            guard_num_losses=i32(),
             guard_spike_steps=jnp.full((ring_size,), _NO_STEP, jnp.int32),
-            guard_norm=f32,
-            guard_norm_clipped=f32,
+            guard_norm=f32(),
+            guard_norm_clipped=f32(),
             guard_clip_threshold=policy.threshold(clip_state),
-            guard_clipped=false,
+            guard_clipped=false(),
             guard_finite=jnp.ones((), jnp.bool_),
-            guard_skipped=false,
-            guard_spike=false,
-            guard_spike_score=f32,
-            guard_zscore=f32,
-            guard_norm_mean=f32,
-            guard_norm_std=f32,
-            guard_loss_zscore=f32,
-            guard_momentum_reset=false,
-            guard_rollback=false,
-            guard_vanishing=false,
+            guard_skipped=false(),
+            guard_spike=false(),
+            guard_spike_score=f32(),
+            guard_zscore=f32(),
+            guard_norm_mean=f32(),
+            guard_norm_std=f32(),
+            guard_loss_zscore=f32(),
+            guard_momentum_reset=false(),
+            guard_rollback=false(),
+            guard_vanishing=false(),
             guard_first_nonfinite_leaf=jnp.full((), -1, jnp.int32),
-            guard_num_steps=i32,
-            guard_num_clipped=i32,
-            guard_num_nonfinite=i32,
-            guard_num_skipped=i32,
-            guard_num_spikes=i32,
-            guard_num_momentum_resets=i32,
-            guard_consecutive_nonfinite=i32,
-            guard_consecutive_spikes=i32,
-            guard_layer_norms=jax.tree.map(lambda _: f32, params),
+            guard_num_steps=i32(),
+            guard_num_clipped=i32(),
+            guard_num_nonfinite=i32(),
+            guard_num_skipped=i32(),
+            guard_num_spikes=i32(),
+            guard_num_momentum_resets=i32(),
+            guard_consecutive_nonfinite=i32(),
+            guard_consecutive_spikes=i32(),
+            guard_layer_norms=jax.tree.map(lambda _: f32(), params),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -308,16 +309,16 @@ def guard(
         threshold = policy.threshold(state.guard_clip_state)
         if spike_action == "clip" and spike_threshold is not None:
             threshold = jnp.where(spike, jnp.minimum(threshold, spike_threshold * mean), threshold)
-        scale = _clipping.clip_scale(norm, threshold)
+        root = _clipping.clip_scale(norm, threshold)
         skipped = ~finite
         if spike_action == "skip":
             skipped = skipped | spike
         accepted = ~skipped
-        clipped = accepted & (scale < 1.0)
+        clipped = accepted & (root < 1.0)
 
         # The inner update sees the clipped gradients; a skipped step keeps its old state.
         inner_updates, inner_state = inner.update(
-            _clipping.scale_tree(updates, scale), state.guard_inner_state, params, **extra_args
+            _clipping.scale_tree(updates, root), state.guard_inner_state, params, **extra_args
         )
         new_updates = _select(skipped, _zero_floats(inner_updates), inner_updates)
         new_inner_state = _select(skipped, state.guard_inner_state, inner_state)
@@ -382,7 +383,7 @@ def guard(
             guard_num_losses=num_losses,
             guard_spike_steps=spike_steps,
             guard_norm=norm,
-            guard_norm_clipped=jnp.where(skipped, 0.0, norm * scale),
+            guard_norm_clipped=jnp.where(skipped, 0.0, norm * root * root),
             guard_clip_threshold=threshold,
             guard_clipped=clipped,
             guard_finite=finite,
