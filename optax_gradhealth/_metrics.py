@@ -121,25 +121,15 @@ def _unwrap_variables(tree: Any) -> Any:
 
 
 def _find_states(tree: Any) -> list[Any]:
+    """Registered states anywhere in a pytree (any container: chains, dicts, flax
+    structs such as ``TrainState``), outer before inner, in flattening order."""
     found = []
-
-    def visit(x):
-        if type(x) in _REGISTRY:
-            found.append(x)
-            for value in x:  # states nest (e.g. a guard inside a guard)
-                visit(value)
-            return
-        if isinstance(x, (list, tuple)):
-            for value in x:
-                visit(value)
-        elif isinstance(x, dict):
-            for value in x.values():
-                visit(value)
-        elif hasattr(x, "_fields"):
-            for value in x:
-                visit(value)
-
-    visit(tree)
+    is_state = lambda x: type(x) in _REGISTRY
+    for leaf in jax.tree.leaves(tree, is_leaf=is_state):
+        if is_state(leaf):
+            found.append(leaf)
+            for value in leaf:  # states nest (e.g. a guard inside a guard)
+                found.extend(_find_states(value))
     return found
 
 

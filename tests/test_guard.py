@@ -401,3 +401,16 @@ def test_mismatched_gradient_tree_and_bad_loss_get_clear_errors():
         jax.jit(tx.update)({"v": jnp.zeros(2)}, state, params)
     with pytest.raises(ValueError, match=r"`loss` must be a scalar, got shape \(3,\)"):
         tx.update({"w": jnp.zeros(2)}, state, params, loss=jnp.ones(3))
+
+
+def test_metrics_found_in_train_state_and_nested_guards():
+    from flax.training import train_state
+
+    tx = gh.guard(gh.guard(optax.sgd(1.0), clip=0.5), clip=2.0)
+    ts = train_state.TrainState.create(apply_fn=None, params={"w": jnp.zeros(2)}, tx=tx)
+    ts = ts.apply_gradients(grads={"w": jnp.array([3.0, 4.0])})
+    m = gh.metrics(ts)
+    # Outer guard clips 5 -> 2, the inner one then sees 2 and clips to 0.5.
+    np.testing.assert_allclose([m["grad/norm"], m["grad/norm#2"]], [5.0, 2.0], rtol=1e-6)
+    np.testing.assert_allclose([m["grad/norm_clipped"], m["grad/norm_clipped#2"]], [2.0, 0.5], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(ts.params["w"]), -0.5 * np.array([0.6, 0.8]), rtol=1e-6)
