@@ -124,6 +124,15 @@ def running_moments_update(
     )
 
 
+def _check_warmup_and_cap(policy: Any) -> None:
+    """Validates the fields the adaptive policies share (frozen dataclasses)."""
+    object.__setattr__(policy, "warmup_steps", check.integer("warmup_steps", policy.warmup_steps, minimum=0))
+    object.__setattr__(
+        policy, "warmup_max_norm", check.positive("warmup_max_norm", policy.warmup_max_norm, allow_inf=True)
+    )
+    object.__setattr__(policy, "max_norm", check.optional(check.positive, "max_norm", policy.max_norm))
+
+
 @dataclasses.dataclass(frozen=True)
 class ZScoreClip:
     """Adaptive threshold ``mean + z * std`` of the running norm statistics (ZClip's idea).
@@ -166,11 +175,7 @@ class ZScoreClip:
     def __post_init__(self):
         object.__setattr__(self, "z", check.positive("z", self.z))
         object.__setattr__(self, "decay", check.in_open_unit_interval("decay", self.decay))
-        object.__setattr__(self, "warmup_steps", check.integer("warmup_steps", self.warmup_steps, minimum=0))
-        object.__setattr__(
-            self, "warmup_max_norm", check.positive("warmup_max_norm", self.warmup_max_norm, allow_inf=True)
-        )
-        object.__setattr__(self, "max_norm", check.optional(check.positive, "max_norm", self.max_norm))
+        _check_warmup_and_cap(self)
 
     def init(self) -> ZScoreClipState:
         return ZScoreClipState(jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
@@ -251,11 +256,7 @@ class PercentileClip:
             raise ValueError(f"`percentile` must lie in (0, 100], got {p!r}.")
         object.__setattr__(self, "percentile", p)
         object.__setattr__(self, "history_size", check.integer("history_size", self.history_size, minimum=1))
-        object.__setattr__(self, "warmup_steps", check.integer("warmup_steps", self.warmup_steps, minimum=0))
-        object.__setattr__(
-            self, "warmup_max_norm", check.positive("warmup_max_norm", self.warmup_max_norm, allow_inf=True)
-        )
-        object.__setattr__(self, "max_norm", check.optional(check.positive, "max_norm", self.max_norm))
+        _check_warmup_and_cap(self)
 
     def init(self) -> PercentileClipState:
         return PercentileClipState(
