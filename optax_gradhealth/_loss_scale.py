@@ -187,8 +187,8 @@ def dynamic_loss_scale(
 
     def update_fn(updates, state, params=None, **extra_args):
         scale = state.loss_scale
+        finite = _all_finite(updates)  # of the scaled gradients: that is where overflow shows
         unscaled = _unscale(updates, scale)
-        finite = _all_finite(unscaled)
         loss_ok = jnp.ones((), jnp.bool_)
         loss = extra_args.get("loss")
         if loss is not None:

@@ -265,3 +265,36 @@ def test_scale_loss_is_float32_and_reads_nested_states():
     assert scaled.dtype == jnp.float32 and float(scaled) == 3.0 * 65536.0
     nested = optax.MultiSteps(gh.dynamic_loss_scale(optax.sgd(0.1), init_scale=8.0), 3).init({"w": jnp.zeros(1)})
     assert float(gh.loss_scale(nested)) == 8.0
+
+
+# ------------------------------------------------------------------ the example
+
+
+def test_fp16_example_forces_overflows_and_follows_the_scale_rule():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "fp16_loss_scaling.py"
+    spec = importlib.util.spec_from_file_location("fp16_loss_scaling", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    steps, interval = 40, 8
+    out = example.main(steps=steps, growth_interval=interval, verbose=False)
+    hist, m = out["history"], out["metrics"]
+
+    overflows = sum(hist["overflow"])
+    assert overflows >= 3  # 2**24 is far too large for fp16 activations' gradients
+    assert int(m["grad/num_overflows"]) == overflows
+    assert int(m["grad/num_steps"]) == steps - overflows and int(m["grad/num_nonfinite"]) == 0
+    # GradScaler's rule written out: x0.5 on overflow, x2 after `interval` finite steps.
+    scale, good = 2.0**24, 0
+    for overflow, recorded in zip(hist["overflow"], hist["loss_scale"]):
+        if overflow:
+            scale, good = scale * 0.5, 0
+        else:
+            good += 1
+            if good == interval:
+                scale, good = scale * 2.0, 0
+        assert recorded == scale
+    assert out["params_finite"]
+    assert np.mean(hist["loss"][-8:]) < np.mean(hist["loss"][:8])
