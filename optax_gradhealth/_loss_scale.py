@@ -105,7 +105,7 @@ def dynamic_loss_scale(
     1. divides the gradients by the scale (float32 arithmetic, each leaf keeps its
        dtype), so the wrapped optimizer, and every norm, clip and spike decision in it,
        sees true gradient values;
-    2. on an **overflow** (a non-finite unscaled gradient while the scale is above
+    2. on an **overflow** (a non-finite scaled gradient while the scale is above
        ``min_scale`` and the ``loss``, if passed, is finite) skips the step: zero
        update, the wrapped optimizer is not called and its state (moments, guard
        statistics and counters) stays exactly as it was; the step counts in
@@ -187,21 +187,38 @@ def dynamic_loss_scale(
 
     def update_fn(updates, state, params=None, **extra_args):
         scale = state.loss_scale
-        finite = _all_finite(updates)  # of the scaled gradients: that is where overflow shows
+        old_inner = state.loss_scale_inner_state
         unscaled = _unscale(updates, scale)
         loss_ok = jnp.ones((), jnp.bool_)
         loss = extra_args.get("loss")
         if loss is not None:
             loss_ok = jnp.all(jnp.isfinite(jnp.asarray(loss)))
-        overflow = ~finite & loss_ok & (scale > min_scale)
+        inner_updates, inner_state = inner.update(unscaled, old_inner, params, **extra_args)
 
-        inner_updates, inner_state = inner.update(unscaled, state.loss_scale_inner_state, params, **extra_args)
-        # An overflow never reaches the wrapped optimizer's state; no non-finite update
-        # ever leaves this function.
-        new_inner_state = _guard._select(overflow, state.loss_scale_inner_state, inner_state)
-        new_updates = _guard._select(finite, inner_updates, _guard._zero_floats(inner_updates))
+        if isinstance(old_inner, _guard.GuardState):
+            # The guard already measured the gradient (its finite flag) and, on a
+            # non-finite step, returned zeros and kept its inner optimizer's state. An
+            # overflow only has to undo the guard's own bookkeeping (scalars, per-leaf
+            # norms): no second pass over the gradients or the moments.
+            good = inner_state.guard_finite  # gradients and loss finite
+            overflow = ~good & loss_ok & (scale > min_scale)
+            kept = {
+                field: _guard._select(overflow, getattr(old_inner, field), getattr(inner_state, field))
+                for field in _guard.GuardState._fields
+                if field != "guard_inner_state"
+            }
+            new_inner_state = inner_state._replace(**kept)
+            new_updates = inner_updates
+        else:
+            finite = _all_finite(updates)  # of the scaled gradients: that is where overflow shows
+            good = finite & loss_ok
+            overflow = ~finite & loss_ok & (scale > min_scale)
+            # An overflow never reaches the wrapped optimizer's state; no non-finite
+            # update ever leaves this function.
+            new_inner_state = _guard._select(overflow, old_inner, inner_state)
+            new_updates = _guard._select(finite, inner_updates, _guard._zero_floats(inner_updates))
 
-        tracker = jnp.where(finite, state.loss_scale_growth_tracker + 1, 0)
+        tracker = jnp.where(good, state.loss_scale_growth_tracker + 1, 0)
         grow = tracker >= growth_interval
         new_scale = jnp.where(grow, jnp.minimum(scale * growth_factor, max_scale), scale)
         new_scale = jnp.where(overflow, jnp.maximum(scale * backoff_factor, min_scale), new_scale)

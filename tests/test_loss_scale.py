@@ -298,3 +298,32 @@ def test_fp16_example_forces_overflows_and_follows_the_scale_rule():
         assert recorded == scale
     assert out["params_finite"]
     assert np.mean(hist["loss"][-8:]) < np.mean(hist["loss"][:8])
+
+
+def test_guard_fast_path_equals_the_general_path():
+    """Directly around a guard the wrapper reuses the guard's finite flag; around any
+    other state (here a one-link chain holding the same guard) it checks itself."""
+    kinds = ["ok", "ok", "inf", "ok", "nan_loss", "ok", "ok", "inf", "inf", "ok"]
+    runs = []
+    for wrap in (lambda t: t, lambda t: optax.chain(t)):
+        tx = gh.dynamic_loss_scale(wrap(gh.guard(optax.adam(1e-2), clip=0.5)), init_scale=8.0, growth_interval=2)
+        params = {"w": jnp.ones(4)}
+        state = tx.init(params)
+        update = jax.jit(tx.update)
+        trace = []
+        for i, kind in enumerate(kinds):
+            g = jnp.asarray(np.random.default_rng(i).normal(size=4), jnp.float32) * gh.loss_scale(state)
+            loss = jnp.float32(jnp.nan if kind == "nan_loss" else 1.0)
+            if kind == "inf":
+                g = g.at[0].set(jnp.inf)
+            updates, state = update({"w": g}, state, params, loss=loss)
+            params = optax.apply_updates(params, updates)
+            trace.append(jax.device_get(gh.metrics(state)))
+        runs.append((params, trace))
+    chex.assert_trees_all_equal(runs[0][0], runs[1][0])
+    for a, b in zip(runs[0][1], runs[1][1]):
+        assert a.keys() == b.keys()
+        for name in a:
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    last = runs[0][1][-1]
+    assert int(last["grad/num_overflows"]) == 3 and int(last["grad/num_nonfinite"]) == 1
