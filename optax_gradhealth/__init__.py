@@ -20,6 +20,19 @@ from optax_gradhealth._guard import GuardState, guard
 from optax_gradhealth._metrics import CATALOGUE, metrics, register_metrics
 from optax_gradhealth._stats import GradStats, global_norm, grad_stats, layer_norms, leaf_names, path_name
 
+# isort: split
+# --- mixed precision, accumulation and the remaining clipping modes (issue 5) ---
+from optax_gradhealth._accumulation import MicroBatchNormsState, record_micro_batch_norms
+from optax_gradhealth._clip_modes import (
+    AdaptiveClipState,
+    ClipByLayerNormState,
+    ClipByValueState,
+    adaptive_grad_clip,
+    clip_by_layer_norm,
+    clip_by_value,
+)
+from optax_gradhealth._loss_scale import LossScaleState, dynamic_loss_scale, loss_scale, scale_loss
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -43,4 +56,20 @@ __all__ = [
     "metrics",
     "path_name",
     "register_metrics",
+]
+
+# mixed precision, accumulation and the remaining clipping modes (issue 5)
+__all__ += [
+    "AdaptiveClipState",
+    "ClipByLayerNormState",
+    "ClipByValueState",
+    "LossScaleState",
+    "MicroBatchNormsState",
+    "adaptive_grad_clip",
+    "clip_by_layer_norm",
+    "clip_by_value",
+    "dynamic_loss_scale",
+    "loss_scale",
+    "record_micro_batch_norms",
+    "scale_loss",
 ]
