@@ -345,8 +345,15 @@ def test_state_structure_is_fixed_and_fields_are_found_by_name():
         optax.tree.get(state, name)  # raises if missing or ambiguous
     assert int(optax.tree.get(state, "guard_num_skipped")) == 1
     m = gh.metrics(state)
-    expected = {name for name in gh.CATALOGUE if not name.endswith("<path>")}
+    # The guard's names in DESIGN.md's catalogue, every one present and documented.
+    expected = set(
+        "norm norm_clipped clip_threshold clipped finite skipped spike spike_score zscore norm_mean norm_std "
+        "momentum_reset rollback vanishing first_nonfinite_leaf num_steps num_clipped num_nonfinite "
+        "num_skipped num_spikes num_momentum_resets consecutive_nonfinite consecutive_spikes".split()
+    )
+    expected = {f"grad/{name}" for name in expected}
     assert expected <= set(m)
+    assert expected <= set(gh.CATALOGUE)
     assert {"grad/layer_norm/w", "grad/layer_norm/b", "grad/norm#2"} <= set(m)
 
 
