@@ -20,7 +20,7 @@ import optax_gradhealth  # noqa: E402
 
 project = "optax-gradhealth"
 author = "optax-gradhealth authors"
-copyright = "2026, optax-gradhealth authors"  # noqa: A001
+copyright = "2026, optax-gradhealth authors"
 release = optax_gradhealth.__version__
 version = release
 

@@ -66,8 +66,7 @@ HEALTHY_RANGES: dict[str, str] = {
     "grad/num_momentum_resets": "0, or a handful over a whole run.",
     "grad/consecutive_nonfinite": "0 (1 on an isolated bad step). Reaching rollback_after_nonfinite (10) "
     "raises grad/rollback.",
-    "grad/consecutive_spikes": "0 (1 on an isolated spike). Reaching rollback_after_spikes (10) raises "
-    "grad/rollback.",
+    "grad/consecutive_spikes": "0 (1 on an isolated spike). Reaching rollback_after_spikes (10) raises grad/rollback.",
     "grad/layer_norm/<path>": "finite; the ratios between layers steady over time. One layer far above the "
     "others (or climbing) is where a blow-up starts; a layer at ~0 is dead or frozen.",
     # mixed precision / loss scaling
@@ -172,10 +171,14 @@ def _data_entry(name: str, obj: Any, target: str) -> list[str]:
     doc = DATA_DOCS.get(name)
     if doc is None:
         logger.warning(
-            "gh_docs: %s has no documentation: add a `#:` comment above its definition", target, type="gh", subtype="api"
+            "gh_docs: %s has no documentation: add a `#:` comment above its definition",
+            target,
+            type="gh",
+            subtype="api",
         )
         doc = "(undocumented)"
-    return [f".. py:data:: {target}", f"   :type: {type(obj).__name__}", "", f"   {doc}"]
+    module, _, short = target.rpartition(".")
+    return [f".. py:data:: {short}", f"   :module: {module}", f"   :type: {type(obj).__name__}", "", f"   {doc}"]
 
 
 def _first_line(module_name: str) -> str:
@@ -206,6 +209,7 @@ class ApiDirective(SphinxDirective):
             groups.setdefault(_defining_module(name, obj, modules), []).append(name)
 
         lines = [f".. currentmodule:: {PACKAGE}", ""]
+
         def order(module_name: str) -> tuple[bool, int, str]:
             short = module_name.rsplit(".", 1)[-1]
             first = _MODULE_ORDER.index(short) if short in _MODULE_ORDER else len(_MODULE_ORDER)
@@ -250,8 +254,7 @@ class MetricsCatalogueDirective(SphinxDirective):
         missing = [name for name in catalogue if name not in HEALTHY_RANGES]
         for name in missing:
             logger.warning(
-                "gh_docs: metric %r is in CATALOGUE but has no healthy range in docs/_ext/gh_docs.py "
-                "(HEALTHY_RANGES)",
+                "gh_docs: metric %r is in CATALOGUE but has no healthy range in docs/_ext/gh_docs.py (HEALTHY_RANGES)",
                 name,
                 location=(self.env.docname, self.lineno),
                 type="gh",
