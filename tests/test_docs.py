@@ -63,6 +63,67 @@ def test_metrics_page_lists_every_catalogue_name(html):
         assert catalogue_name in gh.CATALOGUE, name
 
 
+_PROBE_CONF = """
+import sys
+sys.path.insert(0, {root!r})
+sys.path.insert(0, {ext!r})
+exec(compile(open({conf!r}).read(), {conf!r}, "exec"))
+
+import typing
+import optax_gradhealth as gh
+import gh_docs
+
+
+def probe_function(x):
+    \"\"\"A public function added after the docs were written.\"\"\"
+    return x
+
+
+class ProbeState(typing.NamedTuple):
+    probe_value: typing.Any
+
+
+gh.probe_function = probe_function
+gh.__all__ = [*gh.__all__, "probe_function"]
+gh.register_metrics(ProbeState, {{"probe_value": "probe/value"}}, catalogue={{"probe/value": "a new metric"}})
+if {with_range!r}:
+    gh_docs.HEALTHY_RANGES["probe/value"] = "a documented healthy range"
+"""
+
+_PROBE_PAGES = {
+    "index.md": "# Probe\n\n```{toctree}\nmetrics\napi\n```\n",
+    "metrics.md": "# Metrics\n\n```{gh-metrics-catalogue}\n```\n",
+    "api.md": "# API\n\n```{eval-rst}\n.. gh-api::\n```\n",
+}
+
+
+def _build_probe(tmp_path: pathlib.Path, with_range: bool) -> tuple[subprocess.CompletedProcess, pathlib.Path]:
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "conf.py").write_text(
+        _PROBE_CONF.format(root=str(ROOT), ext=str(DOCS / "_ext"), conf=str(DOCS / "conf.py"), with_range=with_range)
+    )
+    for name, text in _PROBE_PAGES.items():
+        (source / name).write_text(text)
+    out = tmp_path / "html"
+    command = [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-E", "-q", "-b", "html", str(source), str(out)]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300), out
+
+
+def test_names_added_later_are_documented_without_editing_the_docs(tmp_path):
+    result, out = _build_probe(tmp_path, with_range=True)
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+    assert 'id="optax_gradhealth.probe_function"' in (out / "api.html").read_text()
+    assert "A public function added after the docs were written." in (out / "api.html").read_text()
+    assert '<span class="pre">probe/value</span>' in (out / "metrics.html").read_text()
+
+
+def test_a_metric_without_a_healthy_range_fails_the_build(tmp_path):
+    result, _ = _build_probe(tmp_path, with_range=False)
+    assert result.returncode != 0
+    assert "'probe/value' is in CATALOGUE but has no healthy range" in result.stderr
+
+
 def _html_escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
