@@ -151,8 +151,8 @@ def test_optax_clip_by_global_norm_records_nothing_and_zeroes_overflowing_gradie
     assert np.all(np.asarray(tx.update(g32, tx.init(g32))[0]["w"]) == 0.0)
     nan = {"w": jnp.array([jnp.nan, 1.0, 1.0, 1.0])}
     assert np.all(np.isnan(np.asarray(tx.update(nan, tx.init(nan))[0]["w"])))
-    # bf16 leaves summed in bf16: 300 leaves of 1.0 give 16, not sqrt(300).
-    leaves = {f"l{i:03d}": jnp.ones((1,), jnp.bfloat16) for i in range(300)}
+    # bf16 leaves summed in bf16: 16.0 then 32 leaves of 1.0 give 16 (256 + 1 == 256), not sqrt(288).
+    leaves = {"a": jnp.full((1,), 16.0, jnp.bfloat16)} | {f"b{i:02d}": jnp.ones((1,), jnp.bfloat16) for i in range(32)}
     assert float(jax.jit(optax.tree.norm)(leaves)) == 16.0
 
     # What the docs say gradhealth does instead (references: the norms written out).
@@ -164,7 +164,7 @@ def test_optax_clip_by_global_norm_records_nothing_and_zeroes_overflowing_gradie
     updates, state = update(g32, ours.init(g32))
     np.testing.assert_allclose(float(state.clip_norm), np.sqrt(2) * 1e20, rtol=1e-6)
     np.testing.assert_allclose(np.asarray(updates["w"])[:2], 1 / np.sqrt(2), rtol=1e-6)
-    np.testing.assert_allclose(float(jax.jit(gh.global_norm)(leaves)), np.sqrt(300.0), rtol=1e-6)
+    np.testing.assert_allclose(float(jax.jit(gh.global_norm)(leaves)), np.sqrt(16.0**2 + 32), rtol=1e-6)
 
 
 def test_optax_adam_turns_zero_fp16_gradients_into_nan():
