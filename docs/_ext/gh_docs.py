@@ -108,19 +108,34 @@ _GROUP_TITLES = {
 
 
 def import_submodules() -> list[str]:
-    """Imports every submodule of the package (so every register_metrics call has run)."""
-    package = importlib.import_module(PACKAGE)
+    """Imports every submodule of the package (so every register_metrics call has run).
+
+    Entry points (``__main__``, ``demo``) are not imported. A host-side module whose
+    optional third-party dependency is not installed (a writer needing ``wandb``, say)
+    is skipped with an info message; any other import error is a build warning.
+    """
     names = []
-    for info in pkgutil.walk_packages(package.__path__, prefix=PACKAGE + "."):
-        if info.name.rsplit(".", 1)[-1] in _NOT_IMPORTED:
-            continue
-        try:
-            importlib.import_module(info.name)
-        except Exception as error:  # surfaced as a build warning (an error under -W)
-            logger.warning("gh_docs: importing %s failed: %r", info.name, error, type="gh", subtype="import")
-            continue
-        names.append(info.name)
-    return names
+    pending = [importlib.import_module(PACKAGE)]
+    while pending:
+        package = pending.pop()
+        for info in pkgutil.iter_modules(package.__path__, prefix=package.__name__ + "."):
+            if info.name.rsplit(".", 1)[-1] in _NOT_IMPORTED:
+                continue
+            try:
+                module = importlib.import_module(info.name)
+            except ModuleNotFoundError as error:
+                if error.name and not error.name.startswith(PACKAGE):
+                    logger.info("gh_docs: skipped %s (optional dependency %s missing)", info.name, error.name)
+                    continue
+                logger.warning("gh_docs: importing %s failed: %r", info.name, error, type="gh", subtype="import")
+                continue
+            except Exception as error:  # surfaced as a build warning (an error under -W)
+                logger.warning("gh_docs: importing %s failed: %r", info.name, error, type="gh", subtype="import")
+                continue
+            names.append(info.name)
+            if info.ispkg:
+                pending.append(module)
+    return sorted(names)
 
 
 def _defining_module(name: str, obj: Any, modules: list[str]) -> str:
