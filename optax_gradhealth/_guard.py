@@ -40,19 +40,28 @@ class GuardState(NamedTuple):
       guard_norm: pre-clip global norm (``grad/norm``).
       guard_norm_clipped: norm of what the inner optimizer saw, 0 when skipped.
       guard_clip_threshold: threshold used this step.
-      guard_clipped, guard_finite, guard_skipped, guard_spike: flags of the step.
+      guard_clipped: the step was clipped.
+      guard_finite: every gradient element (and the loss, if passed) was finite.
+      guard_skipped: the step was skipped (zero update, inner state kept).
+      guard_spike: the step was a spike.
       guard_spike_score: norm / running mean norm.
       guard_zscore: (norm - running mean) / running std.
-      guard_norm_mean, guard_norm_std: running statistics the step was judged by.
+      guard_norm_mean: bias-corrected running mean norm the step was judged by.
+      guard_norm_std: running standard deviation the step was judged by.
       guard_loss_zscore: (loss - running mean loss) / running std (0 without loss).
       guard_momentum_reset: True when this step re-initialised the inner moments.
       guard_rollback: sticky rollback recommendation.
       guard_vanishing: vanishing-gradient flag of the step.
       guard_first_nonfinite_leaf: leaf index of the first non-finite leaf at the latest
         non-finite step (-1 if none yet); name it with ``gh.leaf_names(params)``.
-      guard_num_steps, guard_num_clipped, guard_num_nonfinite, guard_num_skipped,
-      guard_num_spikes, guard_num_momentum_resets: counters (int32).
-      guard_consecutive_nonfinite, guard_consecutive_spikes: current streaks.
+      guard_num_steps: steps seen (int32), skipped ones included.
+      guard_num_clipped: clipped steps (int32).
+      guard_num_nonfinite: steps with a non-finite gradient or loss (int32).
+      guard_num_skipped: skipped steps (int32).
+      guard_num_spikes: spikes detected (int32).
+      guard_num_momentum_resets: momentum resets performed (int32).
+      guard_consecutive_nonfinite: current run of consecutive non-finite steps.
+      guard_consecutive_spikes: current run of consecutive spikes.
       guard_layer_norms: pre-clip per-leaf norms, same structure as the gradients.
     """
 
