@@ -32,6 +32,18 @@ _NOT_IMPORTED = {"__main__", "demo"}
 # What a healthy run shows for each metric, and what a departure suggests. Keep one entry
 # per name of CATALOGUE (the build warns about a missing one).
 HEALTHY_RANGES: dict[str, str] = {
+    # clip modes, accumulation and loss scaling (optax_gradhealth._clip_modes, _accumulation, _loss_scale)
+    "grad/micro_batch_norms": "similar values across the micro-batches of one update; one far above the others "
+    "points at a bad micro-batch.",
+    "grad/value_clip_count": "0 or a small number of elements; a large count means the value bound is too tight.",
+    "grad/value_clip_fraction": "below ~0.01; near 1 the bound is too tight and clipping changes the direction.",
+    "grad/layer_clip_fraction": "0 on most steps; near 1 on every step means the per-layer bound is too low.",
+    "grad/layer_clipped/<path>": "False on most steps; one layer clipped on every step deserves a look (its norm "
+    "in grad/layer_norm/<path>).",
+    "grad/agc_clip_count": "a small share of the units; many units clipped every step means lambda is too small.",
+    "grad/agc_clip_fraction": "below ~0.1 once training settles; near 1 means lambda (default 0.01) is too small.",
+    "grad/num_overflows": "rises by a few per 2000 steps as the scale probes upward (expected); growing every "
+    "step means the scale cannot find a level: check the loss for Inf.",
     # guard and clip, every step
     "grad/norm": "finite and > 0; varies smoothly, usually within 2x of grad/norm_mean. NaN/Inf only on a "
     "skipped step; a slow climb over thousands of steps often precedes divergence.",
