@@ -20,7 +20,21 @@ from optax_gradhealth._guard import GuardState, guard
 from optax_gradhealth._metrics import CATALOGUE, metrics, register_metrics
 from optax_gradhealth._stats import GradStats, global_norm, grad_stats, layer_norms, leaf_names, path_name
 
-# Host side (diagnosis, logging, report): plain numpy, never used by the jitted path.
+# isort: split
+# --- mixed precision, accumulation and the remaining clipping modes (issue 5) ---
+from optax_gradhealth._accumulation import MicroBatchNormsState, record_micro_batch_norms
+from optax_gradhealth._clip_modes import (
+    AdaptiveClipState,
+    ClipByLayerNormState,
+    ClipByValueState,
+    adaptive_grad_clip,
+    clip_by_layer_norm,
+    clip_by_value,
+)
+from optax_gradhealth._loss_scale import LossScaleState, dynamic_loss_scale, loss_scale, scale_loss
+
+# isort: split
+# --- host side: diagnosis, logging, report (issue 4); plain numpy, never used by the jitted path ---
 from optax_gradhealth.diagnose import Finding, Thresholds, diagnose, format_findings
 from optax_gradhealth.report import plot_report
 from optax_gradhealth.writers import JsonlWriter, MetricLogger, TensorBoardWriter, WandbWriter, flatten, read_jsonl
@@ -31,24 +45,15 @@ __all__ = [
     "CATALOGUE",
     "ClipByGlobalNormState",
     "ClipPolicy",
-    "Finding",
     "FixedClip",
     "FixedClipState",
     "GradStats",
     "GuardState",
-    "JsonlWriter",
-    "MetricLogger",
     "PercentileClip",
     "PercentileClipState",
-    "TensorBoardWriter",
-    "Thresholds",
-    "WandbWriter",
     "ZScoreClip",
     "ZScoreClipState",
     "clip_by_global_norm",
-    "diagnose",
-    "flatten",
-    "format_findings",
     "global_norm",
     "grad_stats",
     "guard",
@@ -56,7 +61,36 @@ __all__ = [
     "leaf_names",
     "metrics",
     "path_name",
+    "register_metrics",
+]
+
+# mixed precision, accumulation and the remaining clipping modes (issue 5)
+__all__ += [
+    "AdaptiveClipState",
+    "ClipByLayerNormState",
+    "ClipByValueState",
+    "LossScaleState",
+    "MicroBatchNormsState",
+    "adaptive_grad_clip",
+    "clip_by_layer_norm",
+    "clip_by_value",
+    "dynamic_loss_scale",
+    "loss_scale",
+    "record_micro_batch_norms",
+    "scale_loss",
+]
+
+# host side: diagnosis, logging, report (issue 4)
+__all__ += [
+    "Finding",
+    "JsonlWriter",
+    "MetricLogger",
+    "TensorBoardWriter",
+    "Thresholds",
+    "WandbWriter",
+    "diagnose",
+    "flatten",
+    "format_findings",
     "plot_report",
     "read_jsonl",
-    "register_metrics",
 ]

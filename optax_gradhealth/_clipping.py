@@ -90,35 +90,56 @@ class ZScoreClipState(NamedTuple):
     """State of :class:`ZScoreClip`.
 
     Attributes:
-      zscore_norm_ema: EMA of the accepted norms (not bias-corrected).
-      zscore_norm_sq_ema: EMA of their squares (not bias-corrected).
-      zscore_count: number of accepted steps folded into the EMAs (int32).
+      zscore_norm_mean: bias-corrected EMA of the accepted norms.
+      zscore_norm_var: bias-corrected EMA variance of the accepted norms.
+      zscore_count: number of accepted steps folded in (int32).
     """
 
-    zscore_norm_ema: jax.Array
-    zscore_norm_sq_ema: jax.Array
+    zscore_norm_mean: jax.Array
+    zscore_norm_var: jax.Array
     zscore_count: jax.Array
 
 
-def _ema_mean_std(ema: jax.Array, sq_ema: jax.Array, count: jax.Array, decay: float):
-    """Bias-corrected mean and standard deviation from EMAs of x and x**2."""
-    correction = 1.0 - jnp.power(jnp.float32(decay), count.astype(jnp.float32))
-    correction = jnp.where(count > 0, correction, 1.0)
-    mean = ema / correction
-    variance = jnp.maximum(sq_ema / correction - jnp.square(mean), 0.0)
-    return mean, jnp.sqrt(variance)
+def running_moments_update(
+    mean: jax.Array, var: jax.Array, count: jax.Array, value: jax.Array, decay: float, accepted: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Folds ``value`` into a bias-corrected EMA mean and variance where ``accepted``.
+
+    Equal, in exact arithmetic, to bias-correcting EMAs of x and x**2 (``m / (1 -
+    decay**t)``) and taking ``E[x**2] - E[x]**2``; this incremental (Welford) form uses
+    the bias-corrected weight ``alpha_t = (1 - decay) / (1 - decay**t)`` and avoids the
+    cancellation of the squared form in float32 and the overflow of ``x**2``.
+    """
+    new_count = count + 1
+    decay = jnp.float32(decay)  # the same rounding in both terms: alpha_1 is exactly 1
+    alpha = (1.0 - decay) / (1.0 - jnp.power(decay, new_count.astype(jnp.float32)))
+    diff = value - mean
+    increment = alpha * diff
+    new_mean = mean + increment
+    new_var = (1.0 - alpha) * (var + diff * increment)
+    return (
+        jnp.where(accepted, new_mean, mean),
+        jnp.where(accepted, new_var, var),
+        jnp.where(accepted, new_count, count),
+    )
 
 
-def _ema_step(ema: jax.Array, value: jax.Array, decay: float, accepted: jax.Array) -> jax.Array:
-    return jnp.where(accepted, decay * ema + (1.0 - decay) * value, ema)
+def _check_warmup_and_cap(policy: Any) -> None:
+    """Validates the fields the adaptive policies share (frozen dataclasses)."""
+    object.__setattr__(policy, "warmup_steps", check.integer("warmup_steps", policy.warmup_steps, minimum=0))
+    object.__setattr__(
+        policy, "warmup_max_norm", check.positive("warmup_max_norm", policy.warmup_max_norm, allow_inf=True)
+    )
+    object.__setattr__(policy, "max_norm", check.optional(check.positive, "max_norm", policy.max_norm))
 
 
 @dataclasses.dataclass(frozen=True)
 class ZScoreClip:
     """Adaptive threshold ``mean + z * std`` of the running norm statistics (ZClip's idea).
 
-    The running mean and standard deviation come from bias-corrected EMAs (decay
-    ``decay``) of the norm and of its square. During the first ``warmup_steps``
+    The running mean and standard deviation are those of bias-corrected EMAs (decay
+    ``decay``) of the norm and of its square, kept in incremental form
+    (:func:`running_moments_update`). During the first ``warmup_steps``
     accepted steps the threshold is ``warmup_max_norm`` and the raw norms feed the
     statistics; afterwards the clipped norm ``min(norm, threshold)`` feeds them, so a
     spike moves the statistics by at most the threshold. Only accepted (finite,
@@ -154,23 +175,13 @@ class ZScoreClip:
     def __post_init__(self):
         object.__setattr__(self, "z", check.positive("z", self.z))
         object.__setattr__(self, "decay", check.in_open_unit_interval("decay", self.decay))
-        object.__setattr__(self, "warmup_steps", check.integer("warmup_steps", self.warmup_steps, minimum=0))
-        object.__setattr__(
-            self, "warmup_max_norm", check.positive("warmup_max_norm", self.warmup_max_norm, allow_inf=True)
-        )
-        object.__setattr__(self, "max_norm", check.optional(check.positive, "max_norm", self.max_norm))
+        _check_warmup_and_cap(self)
 
     def init(self) -> ZScoreClipState:
-        zero = jnp.zeros((), jnp.float32)
-        return ZScoreClipState(zero, zero, jnp.zeros((), jnp.int32))
-
-    def mean_std(self, state: ZScoreClipState) -> tuple[jax.Array, jax.Array]:
-        """Bias-corrected running mean and standard deviation of the norm."""
-        return _ema_mean_std(state.zscore_norm_ema, state.zscore_norm_sq_ema, state.zscore_count, self.decay)
+        return ZScoreClipState(jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
 
     def threshold(self, state: ZScoreClipState) -> jax.Array:
-        mean, std = self.mean_std(state)
-        adaptive = mean + self.z * std
+        adaptive = state.zscore_norm_mean + self.z * jnp.sqrt(state.zscore_norm_var)
         threshold = jnp.where(self._warm(state), adaptive, self.warmup_max_norm)
         if self.max_norm is not None:
             threshold = jnp.minimum(threshold, self.max_norm)
@@ -182,11 +193,11 @@ class ZScoreClip:
 
     def update(self, state: ZScoreClipState, norm: jax.Array, accepted: jax.Array) -> ZScoreClipState:
         value = jnp.where(self._warm(state), jnp.minimum(norm, self.threshold(state)), norm)
-        accepted = accepted & jnp.isfinite(value)
+        accepted = accepted & jnp.isfinite(norm)
         return ZScoreClipState(
-            zscore_norm_ema=_ema_step(state.zscore_norm_ema, value, self.decay, accepted),
-            zscore_norm_sq_ema=_ema_step(state.zscore_norm_sq_ema, jnp.square(value), self.decay, accepted),
-            zscore_count=state.zscore_count + accepted.astype(jnp.int32),
+            *running_moments_update(
+                state.zscore_norm_mean, state.zscore_norm_var, state.zscore_count, value, self.decay, accepted
+            )
         )
 
 
@@ -245,11 +256,7 @@ class PercentileClip:
             raise ValueError(f"`percentile` must lie in (0, 100], got {p!r}.")
         object.__setattr__(self, "percentile", p)
         object.__setattr__(self, "history_size", check.integer("history_size", self.history_size, minimum=1))
-        object.__setattr__(self, "warmup_steps", check.integer("warmup_steps", self.warmup_steps, minimum=0))
-        object.__setattr__(
-            self, "warmup_max_norm", check.positive("warmup_max_norm", self.warmup_max_norm, allow_inf=True)
-        )
-        object.__setattr__(self, "max_norm", check.optional(check.positive, "max_norm", self.max_norm))
+        _check_warmup_and_cap(self)
 
     def init(self) -> PercentileClipState:
         return PercentileClipState(
@@ -291,24 +298,32 @@ def as_clip_policy(name: str, clip: Any) -> ClipPolicy:
 
 
 def clip_scale(norm: jax.Array, threshold: jax.Array) -> jax.Array:
-    """The factor that brings ``norm`` down to ``threshold`` (1 where no clip applies).
+    """The square root of the factor that brings ``norm`` down to ``threshold``.
+
+    Returns ``sqrt(threshold) / sqrt(norm)`` where clipping applies and 1 elsewhere; the
+    factor is applied twice (:func:`scale_tree`), so it never underflows to zero even
+    when ``norm / threshold`` exceeds 1e38 (a single ``threshold / norm`` would be a
+    float32 subnormal, flushed to zero on CPU and GPU: a silent all-zero clip).
 
     A non-finite norm gets 1: clipping never turns NaN into zeros silently; skipping
     non-finite steps is the guard's job.
     """
     clip = jnp.isfinite(norm) & (norm > threshold)
-    return jnp.where(clip, threshold / jnp.where(clip, norm, 1.0), 1.0).astype(jnp.float32)
+    root = jnp.sqrt(threshold) / jnp.sqrt(jnp.where(clip, norm, 1.0))
+    return jnp.where(clip, root, 1.0).astype(jnp.float32)
 
 
-def scale_tree(tree: Any, scale: jax.Array) -> Any:
-    """Multiplies every float leaf by ``scale`` in float32, keeping each leaf's dtype."""
+def scale_tree(tree: Any, root: jax.Array) -> Any:
+    """Multiplies every float leaf by ``root`` twice (see :func:`clip_scale`) in float32,
+    keeping each leaf's dtype; non-float leaves pass through."""
 
     def one(x):
         if not _stats._is_float(x):
             return x
         if x.dtype == jnp.float32:
-            return x * scale
-        return (x.astype(jnp.promote_types(x.dtype, jnp.float32)) * scale).astype(x.dtype)
+            return x * root * root
+        wide = jnp.promote_types(x.dtype, jnp.float32)
+        return (x.astype(wide) * root * root).astype(x.dtype)
 
     return jax.tree.map(one, tree)
 
@@ -384,11 +399,10 @@ def clip_by_global_norm(max_norm: float | ClipPolicy) -> optax.GradientTransform
     policy = as_clip_policy("max_norm", max_norm)
 
     def init_fn(params):
-        zero = jnp.zeros((), jnp.float32)
         return ClipByGlobalNormState(
             clip_policy_state=policy.init(),
-            clip_norm=zero,
-            clip_norm_clipped=zero,
+            clip_norm=jnp.zeros((), jnp.float32),
+            clip_norm_clipped=jnp.zeros((), jnp.float32),
             clip_threshold=policy.threshold(policy.init()),
             clip_clipped=jnp.zeros((), jnp.bool_),
             clip_num_clipped=jnp.zeros((), jnp.int32),
@@ -401,12 +415,12 @@ def clip_by_global_norm(max_norm: float | ClipPolicy) -> optax.GradientTransform
         check_same_structure(updates, state.clip_layer_norms, "gh.clip_by_global_norm")
         stats = _stats.grad_stats(updates)
         threshold = policy.threshold(state.clip_policy_state)
-        scale = clip_scale(stats.norm, threshold)
-        clipped = scale < 1.0
-        return scale_tree(updates, scale), ClipByGlobalNormState(
+        root = clip_scale(stats.norm, threshold)
+        clipped = root < 1.0
+        return scale_tree(updates, root), ClipByGlobalNormState(
             clip_policy_state=policy.update(state.clip_policy_state, stats.norm, stats.finite),
             clip_norm=stats.norm,
-            clip_norm_clipped=stats.norm * scale,
+            clip_norm_clipped=stats.norm * root * root,
             clip_threshold=threshold,
             clip_clipped=clipped,
             clip_num_clipped=state.clip_num_clipped + clipped.astype(jnp.int32),

@@ -27,40 +27,51 @@ class GuardState(NamedTuple):
     Attributes:
       guard_inner_state: the wrapped optimizer's state.
       guard_clip_state: the clip policy's state.
-      guard_norm_ema: EMA of accepted norms (spike statistics, not bias-corrected).
-      guard_norm_sq_ema: EMA of their squares.
-      guard_num_accepted: accepted (finite, applied) steps folded into the EMAs.
-      guard_loss_ema: EMA of the accepted losses (when ``loss=`` is passed).
-      guard_loss_sq_ema: EMA of their squares.
-      guard_num_losses: accepted losses folded into the loss EMAs.
+      guard_running_norm_mean: bias-corrected EMA of the accepted norms (spike
+        statistics; see ``running_moments_update``).
+      guard_running_norm_var: their bias-corrected EMA variance.
+      guard_num_accepted: accepted (finite, applied) steps folded into them.
+      guard_running_loss_mean: bias-corrected EMA of the accepted losses (when
+        ``loss=`` is passed).
+      guard_running_loss_var: their bias-corrected EMA variance.
+      guard_num_losses: accepted losses folded into them.
       guard_spike_steps: int32 ring of the step indices of the latest spikes
         (length ``reset_after``), for the momentum-reset window.
       guard_norm: pre-clip global norm (``grad/norm``).
       guard_norm_clipped: norm of what the inner optimizer saw, 0 when skipped.
       guard_clip_threshold: threshold used this step.
-      guard_clipped, guard_finite, guard_skipped, guard_spike: flags of the step.
+      guard_clipped: the step was clipped.
+      guard_finite: every gradient element (and the loss, if passed) was finite.
+      guard_skipped: the step was skipped (zero update, inner state kept).
+      guard_spike: the step was a spike.
       guard_spike_score: norm / running mean norm.
       guard_zscore: (norm - running mean) / running std.
-      guard_norm_mean, guard_norm_std: running statistics the step was judged by.
+      guard_norm_mean: bias-corrected running mean norm the step was judged by.
+      guard_norm_std: running standard deviation the step was judged by.
       guard_loss_zscore: (loss - running mean loss) / running std (0 without loss).
       guard_momentum_reset: True when this step re-initialised the inner moments.
       guard_rollback: sticky rollback recommendation.
       guard_vanishing: vanishing-gradient flag of the step.
       guard_first_nonfinite_leaf: leaf index of the first non-finite leaf at the latest
         non-finite step (-1 if none yet); name it with ``gh.leaf_names(params)``.
-      guard_num_steps, guard_num_clipped, guard_num_nonfinite, guard_num_skipped,
-      guard_num_spikes, guard_num_momentum_resets: counters (int32).
-      guard_consecutive_nonfinite, guard_consecutive_spikes: current streaks.
+      guard_num_steps: steps seen (int32), skipped ones included.
+      guard_num_clipped: clipped steps (int32).
+      guard_num_nonfinite: steps with a non-finite gradient or loss (int32).
+      guard_num_skipped: skipped steps (int32).
+      guard_num_spikes: spikes detected (int32).
+      guard_num_momentum_resets: momentum resets performed (int32).
+      guard_consecutive_nonfinite: current run of consecutive non-finite steps.
+      guard_consecutive_spikes: current run of consecutive spikes.
       guard_layer_norms: pre-clip per-leaf norms, same structure as the gradients.
     """
 
     guard_inner_state: Any
     guard_clip_state: Any
-    guard_norm_ema: jax.Array
-    guard_norm_sq_ema: jax.Array
+    guard_running_norm_mean: jax.Array
+    guard_running_norm_var: jax.Array
     guard_num_accepted: jax.Array
-    guard_loss_ema: jax.Array
-    guard_loss_sq_ema: jax.Array
+    guard_running_loss_mean: jax.Array
+    guard_running_loss_var: jax.Array
     guard_num_losses: jax.Array
     guard_spike_steps: jax.Array
     guard_norm: jax.Array
@@ -223,45 +234,46 @@ def guard(
     ring_size = reset_after if reset_after is not None else 1
 
     def init_fn(params):
-        f32 = jnp.zeros((), jnp.float32)
-        i32 = jnp.zeros((), jnp.int32)
-        false = jnp.zeros((), jnp.bool_)
+        # Every field gets a buffer of its own, so the state can be donated.
+        f32 = lambda: jnp.zeros((), jnp.float32)
+        i32 = lambda: jnp.zeros((), jnp.int32)
+        false = lambda: jnp.zeros((), jnp.bool_)
         clip_state = policy.init()
         return GuardState(
             guard_inner_state=inner.init(params),
             guard_clip_state=clip_state,
-            guard_norm_ema=f32,
-            guard_norm_sq_ema=f32,
-            guard_num_accepted=i32,
-            guard_loss_ema=f32,
-            guard_loss_sq_ema=f32,
-            guard_num_losses=i32,
+            guard_running_norm_mean=f32(),
+            guard_running_norm_var=f32(),
+            guard_num_accepted=i32(),
+            guard_running_loss_mean=f32(),
+            guard_running_loss_var=f32(),
+            guard_num_losses=i32(),
             guard_spike_steps=jnp.full((ring_size,), _NO_STEP, jnp.int32),
-            guard_norm=f32,
-            guard_norm_clipped=f32,
+            guard_norm=f32(),
+            guard_norm_clipped=f32(),
             guard_clip_threshold=policy.threshold(clip_state),
-            guard_clipped=false,
+            guard_clipped=false(),
             guard_finite=jnp.ones((), jnp.bool_),
-            guard_skipped=false,
-            guard_spike=false,
-            guard_spike_score=f32,
-            guard_zscore=f32,
-            guard_norm_mean=f32,
-            guard_norm_std=f32,
-            guard_loss_zscore=f32,
-            guard_momentum_reset=false,
-            guard_rollback=false,
-            guard_vanishing=false,
+            guard_skipped=false(),
+            guard_spike=false(),
+            guard_spike_score=f32(),
+            guard_zscore=f32(),
+            guard_norm_mean=f32(),
+            guard_norm_std=f32(),
+            guard_loss_zscore=f32(),
+            guard_momentum_reset=false(),
+            guard_rollback=false(),
+            guard_vanishing=false(),
             guard_first_nonfinite_leaf=jnp.full((), -1, jnp.int32),
-            guard_num_steps=i32,
-            guard_num_clipped=i32,
-            guard_num_nonfinite=i32,
-            guard_num_skipped=i32,
-            guard_num_spikes=i32,
-            guard_num_momentum_resets=i32,
-            guard_consecutive_nonfinite=i32,
-            guard_consecutive_spikes=i32,
-            guard_layer_norms=jax.tree.map(lambda _: f32, params),
+            guard_num_steps=i32(),
+            guard_num_clipped=i32(),
+            guard_num_nonfinite=i32(),
+            guard_num_skipped=i32(),
+            guard_num_spikes=i32(),
+            guard_num_momentum_resets=i32(),
+            guard_consecutive_nonfinite=i32(),
+            guard_consecutive_spikes=i32(),
+            guard_layer_norms=jax.tree.map(lambda _: f32(), params),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -279,9 +291,8 @@ def guard(
             finite = finite & jnp.isfinite(loss)
 
         # Spike statistics, judged against the state before this step.
-        mean, std = _clipping._ema_mean_std(
-            state.guard_norm_ema, state.guard_norm_sq_ema, state.guard_num_accepted, stats_decay
-        )
+        mean = state.guard_running_norm_mean
+        std = jnp.sqrt(state.guard_running_norm_var)
         warm = state.guard_num_accepted >= warmup_steps
         safe_mean = jnp.where(mean > 0, mean, 1.0)
         spike_score = jnp.where(warm & finite, norm / safe_mean, 0.0)
@@ -294,9 +305,8 @@ def guard(
 
         loss_zscore = jnp.zeros((), jnp.float32)
         if loss is not None:
-            loss_mean, loss_std = _clipping._ema_mean_std(
-                state.guard_loss_ema, state.guard_loss_sq_ema, state.guard_num_losses, stats_decay
-            )
+            loss_mean = state.guard_running_loss_mean
+            loss_std = jnp.sqrt(state.guard_running_loss_var)
             loss_warm = state.guard_num_losses >= warmup_steps
             loss_zscore = jnp.where(
                 loss_warm & finite, (loss - loss_mean) / jnp.maximum(loss_std, 1e-12 * jnp.abs(loss_mean) + 1e-30), 0.0
@@ -308,16 +318,16 @@ def guard(
         threshold = policy.threshold(state.guard_clip_state)
         if spike_action == "clip" and spike_threshold is not None:
             threshold = jnp.where(spike, jnp.minimum(threshold, spike_threshold * mean), threshold)
-        scale = _clipping.clip_scale(norm, threshold)
+        root = _clipping.clip_scale(norm, threshold)
         skipped = ~finite
         if spike_action == "skip":
             skipped = skipped | spike
         accepted = ~skipped
-        clipped = accepted & (scale < 1.0)
+        clipped = accepted & (root < 1.0)
 
         # The inner update sees the clipped gradients; a skipped step keeps its old state.
         inner_updates, inner_state = inner.update(
-            _clipping.scale_tree(updates, scale), state.guard_inner_state, params, **extra_args
+            _clipping.scale_tree(updates, root), state.guard_inner_state, params, **extra_args
         )
         new_updates = _select(skipped, _zero_floats(inner_updates), inner_updates)
         new_inner_state = _select(skipped, state.guard_inner_state, inner_state)
@@ -338,17 +348,25 @@ def guard(
         capped_norm = norm
         if spike_threshold is not None:
             capped_norm = jnp.where(spike, jnp.minimum(norm, spike_threshold * mean), norm)
-        norm_ema = _clipping._ema_step(state.guard_norm_ema, capped_norm, stats_decay, accepted)
-        norm_sq_ema = _clipping._ema_step(state.guard_norm_sq_ema, jnp.square(capped_norm), stats_decay, accepted)
-        loss_ema, loss_sq_ema, num_losses = state.guard_loss_ema, state.guard_loss_sq_ema, state.guard_num_losses
+        norm_mean, norm_var, num_accepted = _clipping.running_moments_update(
+            state.guard_running_norm_mean,
+            state.guard_running_norm_var,
+            state.guard_num_accepted,
+            capped_norm,
+            stats_decay,
+            accepted,
+        )
+        loss_mean_new = state.guard_running_loss_mean
+        loss_var_new = state.guard_running_loss_var
+        num_losses = state.guard_num_losses
         vanishing = jnp.zeros((), jnp.bool_)
         if vanishing_norm is not None:
             vanishing = finite & (norm < vanishing_norm)
         if loss is not None:
             loss_accepted = accepted & ~spike
-            loss_ema = _clipping._ema_step(loss_ema, loss, stats_decay, loss_accepted)
-            loss_sq_ema = _clipping._ema_step(loss_sq_ema, jnp.square(loss), stats_decay, loss_accepted)
-            num_losses = num_losses + loss_accepted.astype(jnp.int32)
+            loss_mean_new, loss_var_new, num_losses = _clipping.running_moments_update(
+                loss_mean_new, loss_var_new, num_losses, loss, stats_decay, loss_accepted
+            )
             if vanishing_norm is not None:
                 not_falling = (state.guard_num_losses == 0) | (loss >= loss_mean)
                 vanishing = vanishing & not_falling
@@ -366,15 +384,15 @@ def guard(
         new_state = GuardState(
             guard_inner_state=new_inner_state,
             guard_clip_state=policy.update(state.guard_clip_state, norm, accepted),
-            guard_norm_ema=norm_ema,
-            guard_norm_sq_ema=norm_sq_ema,
-            guard_num_accepted=state.guard_num_accepted + as_int(accepted),
-            guard_loss_ema=loss_ema,
-            guard_loss_sq_ema=loss_sq_ema,
+            guard_running_norm_mean=norm_mean,
+            guard_running_norm_var=norm_var,
+            guard_num_accepted=num_accepted,
+            guard_running_loss_mean=loss_mean_new,
+            guard_running_loss_var=loss_var_new,
             guard_num_losses=num_losses,
             guard_spike_steps=spike_steps,
             guard_norm=norm,
-            guard_norm_clipped=jnp.where(skipped, 0.0, norm * scale),
+            guard_norm_clipped=jnp.where(skipped, 0.0, norm * root * root),
             guard_clip_threshold=threshold,
             guard_clipped=clipped,
             guard_finite=finite,

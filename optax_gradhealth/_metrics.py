@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
@@ -113,7 +112,7 @@ def _unwrap_variables(tree: Any) -> Any:
         tree = tree.opt_state
     if isinstance(tree, nnx.Module) or isinstance(tree, nnx.State):
         tree = nnx.state(tree) if isinstance(tree, nnx.Module) else tree
-        if hasattr(nnx, "to_pure_dict"):
+        if hasattr(nnx, "to_pure_dict"):  # State.to_pure_dict is deprecated in flax 0.12
             tree = nnx.to_pure_dict(tree)
         elif hasattr(tree, "to_pure_dict"):  # pragma: no cover - older flax
             tree = tree.to_pure_dict()
@@ -125,50 +124,43 @@ def _unwrap_variables(tree: Any) -> Any:
 
 
 def _state_type_of_mapping(mapping: dict) -> type | None:
-    """The registered NamedTuple type whose field names are exactly ``mapping``'s keys.
+    """The registered NamedTuple type whose fields ``mapping``'s keys are.
 
-    ``nnx.state(optimizer)`` (and orbax's or msgpack's pure-dict restores) turn every
-    NamedTuple into a dict keyed by field name, losing the type; our field names are
-    namespaced (``guard_...``, ``clip_...``), so the key set identifies the state type.
+    ``nnx.state(optimizer)`` (and pure-dict checkpoint restores) turn every NamedTuple
+    into a dict keyed by field name, losing the type, and drop empty sub-states (e.g.
+    ``FixedClipState()``). Our field names are namespaced (``guard_...``, ``clip_...``),
+    so a dict whose keys are among a registered type's fields and include all of its
+    metric fields is that state; the missing fields are filled with ``None``.
     """
     keys = set(mapping)
     for state_type, metric_fields in _REGISTRY.items():
         fields = getattr(state_type, "_fields", None)
-        # Empty sub-states (e.g. ``FixedClipState()``) vanish from such dicts, so only the
-        # metric fields must all be there; the missing others are filled with ``None``.
         if fields and keys <= set(fields) and set(metric_fields) <= keys:
             return state_type
     return None
 
 
+def _as_state(x: Any) -> Any:
+    if type(x) in _REGISTRY:
+        return x
+    if isinstance(x, dict) and x and all(isinstance(k, str) for k in x):
+        state_type = _state_type_of_mapping(x)
+        if state_type is not None:
+            return state_type(**{field: x.get(field) for field in state_type._fields})
+    return None
+
+
 def _find_states(tree: Any) -> list[Any]:
+    """Registered states anywhere in a pytree (any container: chains, dicts, flax
+    structs such as ``TrainState``, or the dicts ``nnx.state`` makes of them), outer
+    before inner, in flattening order."""
     found = []
-
-    def visit(x):
-        if type(x) in _REGISTRY:
-            found.append(x)
-            for value in x:  # states nest (e.g. a guard inside a guard)
-                visit(value)
-            return
-        if isinstance(x, (list, tuple)):
-            for value in x:
-                visit(value)
-        elif isinstance(x, dict):
-            state_type = _state_type_of_mapping(x)
-            if state_type is not None:
-                visit(state_type(**{field: x.get(field) for field in state_type._fields}))
-                return
-            for value in x.values():
-                visit(value)
-        elif hasattr(x, "_fields"):
-            for value in x:
-                visit(value)
-        elif dataclasses.is_dataclass(x) and not isinstance(x, type):
-            # flax.struct dataclasses, e.g. flax.training.train_state.TrainState(opt_state=...).
-            for field in dataclasses.fields(x):
-                visit(getattr(x, field.name, None))
-
-    visit(tree)
+    for leaf in jax.tree.leaves(tree, is_leaf=lambda x: _as_state(x) is not None):
+        state = _as_state(leaf)
+        if state is not None:
+            found.append(state)
+            for value in state:  # states nest (e.g. a guard inside a guard)
+                found.extend(_find_states(value))
     return found
 
 

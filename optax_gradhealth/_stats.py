@@ -89,9 +89,11 @@ def _leaf_norm_scaled(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     finite = jnp.isfinite(largest)
     scale = jnp.where(finite & (largest > 0), largest, jnp.ones((), dtype))
     scaled_sum = jnp.sum(jnp.square(magnitude / scale), dtype=dtype)
-    norm = scale * jnp.sqrt(scaled_sum)
-    norm = jnp.where(finite, norm, largest)  # NaN or Inf for a non-finite leaf
-    return norm.astype(jnp.float32), finite
+    norm = (scale * jnp.sqrt(scaled_sum)).astype(jnp.float32)
+    # A finite leaf whose norm exceeds float32 saturates at its max; a non-finite leaf
+    # reports its NaN or Inf.
+    norm = jnp.where(finite, jnp.minimum(norm, _F32_MAX), largest.astype(jnp.float32))
+    return norm, finite
 
 
 def _norm_of_norms(norms: jax.Array) -> jax.Array:

@@ -1,0 +1,301 @@
+"""The remaining clipping modes, each recording what it did: element-wise value clipping,
+per-layer (per-leaf) norm clipping, and unit-wise adaptive clipping (AGC).
+
+Each is an ``optax.GradientTransformation`` usable anywhere in ``optax.chain``. To use
+one as the clipping step of :func:`optax_gradhealth.guard`, make it the first link of
+the guarded chain::
+
+    gh.guard(optax.chain(gh.clip_by_value(1.0), optax.adam(1e-3)))
+
+The guard then measures the raw gradient, takes its skip / spike decisions on it, and
+only accepted steps reach the clip and the optimizer, exactly the order the guard uses
+for its own global-norm clip. On a skipped step the clip's state (and so its recorded
+figures) stays as it was. The guard's ``grad/norm_clipped`` is the norm *before* these
+modes (they are not a single global scale); their own metrics say what they did.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_gradhealth import _clipping, _metrics, _stats
+from optax_gradhealth import _validation as check
+
+__all__ = [
+    "AdaptiveClipState",
+    "ClipByLayerNormState",
+    "ClipByValueState",
+    "adaptive_grad_clip",
+    "clip_by_layer_norm",
+    "clip_by_value",
+]
+
+
+def _float_leaves(tree: Any) -> list[jax.Array]:
+    return [x for x in jax.tree.leaves(tree) if _stats._is_float(x)]
+
+
+def _fraction(count: jax.Array, total: int) -> jax.Array:
+    return (count.astype(jnp.float32) / max(total, 1)).astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------- value
+
+
+class ClipByValueState(NamedTuple):
+    """State of :func:`clip_by_value`: what the last step did.
+
+    Attributes:
+      value_clip_count: int32, elements whose magnitude exceeded ``max_abs`` and were
+        clipped (``grad/value_clip_count``).
+      value_clip_fraction: float32, that count over the number of float elements
+        (``grad/value_clip_fraction``).
+    """
+
+    value_clip_count: jax.Array
+    value_clip_fraction: jax.Array
+
+
+def clip_by_value(max_abs: float) -> optax.GradientTransformation:
+    """Clips every element to ``[-max_abs, max_abs]`` and counts the clipped elements.
+
+    The updates are those of ``optax.clip(max_abs)``. NaN elements pass through (and
+    are not counted); skipping them is :func:`guard`'s job.
+
+    Args:
+      max_abs: the largest magnitude an element may keep (> 0).
+
+    Returns:
+      An ``optax.GradientTransformation`` with state :class:`ClipByValueState`.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> import optax_gradhealth as gh
+      >>> tx = gh.clip_by_value(1.0)
+      >>> updates, state = tx.update({'w': jnp.array([-3.0, 0.5, 2.0, 1.0])}, tx.init(None))
+      >>> updates['w'].tolist(), int(state.value_clip_count), float(state.value_clip_fraction)
+      ([-1.0, 0.5, 1.0, 1.0], 2, 0.5)
+    """
+    max_abs = check.positive("max_abs", max_abs)
+
+    def init_fn(params):
+        del params
+        return ClipByValueState(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32))
+
+    def update_fn(updates, state, params=None):
+        del state, params
+        leaves = _float_leaves(updates)
+        total = sum(int(x.size) for x in leaves)
+        counts = [jnp.sum(jnp.abs(x) > jnp.asarray(max_abs, x.dtype), dtype=jnp.int32) for x in leaves]
+        count = sum(counts, jnp.zeros((), jnp.int32))
+
+        def one(x):
+            if not _stats._is_float(x):
+                return x
+            bound = jnp.asarray(max_abs, x.dtype)
+            return jnp.clip(x, -bound, bound)
+
+        return jax.tree.map(one, updates), ClipByValueState(count, _fraction(count, total))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+# ----------------------------------------------------------------------------- per layer
+
+
+class ClipByLayerNormState(NamedTuple):
+    """State of :func:`clip_by_layer_norm`: what the last step did.
+
+    Attributes:
+      layer_clip_fraction: float32, fraction of the float leaves (layers) that were
+        clipped (``grad/layer_clip_fraction``).
+      layer_clip_clipped: bool per leaf, same structure as the gradients: which leaves
+        were clipped (``grad/layer_clipped/<path>``).
+    """
+
+    layer_clip_fraction: jax.Array
+    layer_clip_clipped: Any
+
+
+def clip_by_layer_norm(max_norm: float) -> optax.GradientTransformation:
+    """Clips each leaf (layer parameter) to L2 norm ``max_norm`` independently.
+
+    Each leaf ``g`` becomes ``g * min(1, max_norm / |g|)``; the norms are computed in
+    float32 and overflow-safe (:func:`grad_stats`), whatever the dtype. A non-finite
+    leaf passes through unchanged. The state records the fraction of leaves clipped and
+    which ones.
+
+    Args:
+      max_norm: the largest L2 norm a leaf may keep (> 0).
+
+    Returns:
+      An ``optax.GradientTransformation`` with state :class:`ClipByLayerNormState`.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> import optax_gradhealth as gh
+      >>> tx = gh.clip_by_layer_norm(1.0)
+      >>> grads = {'a': jnp.array([3.0, 4.0]), 'b': jnp.array([0.6, 0.0])}
+      >>> updates, state = tx.update(grads, tx.init(grads))
+      >>> updates['a'].tolist(), float(state.layer_clip_fraction)
+      ([0.6000000238418579, 0.800000011920929], 0.5)
+      >>> {k: bool(v) for k, v in gh.metrics(state).items() if k.startswith('grad/layer_clipped/')}
+      {'grad/layer_clipped/a': True, 'grad/layer_clipped/b': False}
+    """
+    max_norm = check.positive("max_norm", max_norm)
+
+    def init_fn(params):
+        return ClipByLayerNormState(
+            layer_clip_fraction=jnp.zeros((), jnp.float32),
+            layer_clip_clipped=jax.tree.map(lambda _: jnp.zeros((), jnp.bool_), params),
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        _clipping.check_same_structure(updates, state.layer_clip_clipped, "gh.clip_by_layer_norm")
+        leaf_norms = _stats.grad_stats(updates).leaf_norms
+        threshold = jnp.asarray(max_norm, jnp.float32)
+        scales = jax.tree.map(lambda n: _clipping.clip_scale(n, threshold), leaf_norms)
+        new_updates = jax.tree.map(lambda x, s: _clipping.scale_tree(x, s), updates, scales)
+        clipped = jax.tree.map(lambda x, s: jnp.asarray(_stats._is_float(x)) & (s < 1.0), updates, scales)
+        num_float = len(_float_leaves(updates))
+        count = sum((c.astype(jnp.int32) for c in jax.tree.leaves(clipped)), jnp.zeros((), jnp.int32))
+        return new_updates, ClipByLayerNormState(_fraction(count, num_float), clipped)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+# ----------------------------------------------------------------------------- AGC
+
+
+class AdaptiveClipState(NamedTuple):
+    """State of :func:`adaptive_grad_clip`: what the last step did.
+
+    Attributes:
+      agc_clip_count: int32, units whose gradient norm reached
+        ``clipping * max(|W_unit|, eps)`` and were rescaled (``grad/agc_clip_count``).
+      agc_clip_fraction: float32, that count over the number of units
+        (``grad/agc_clip_fraction``).
+    """
+
+    agc_clip_count: jax.Array
+    agc_clip_fraction: jax.Array
+
+
+def _unit_axes(x: jax.Array, axis: int | tuple[int, ...] | None) -> tuple[int, ...]:
+    """The reduction axes of ``optax.unitwise_norm`` (same rule, same errors)."""
+    if axis is not None:
+        return tuple(a % x.ndim for a in ((axis,) if isinstance(axis, int) else axis))
+    if sum(d != 1 for d in x.shape) <= 1:  # scalars and vectors: one unit
+        return tuple(range(x.ndim))
+    if x.ndim in (2, 3):
+        return (0,)
+    if x.ndim in (4, 5):
+        return tuple(range(x.ndim - 1))
+    raise ValueError(
+        f"gh.adaptive_grad_clip: no default unit for a parameter of shape {x.shape}; pass `axis=` "
+        "(the axes a unit's norm is taken over)."
+    )
+
+
+def adaptive_grad_clip(
+    clipping: float = 0.01, eps: float = 1e-3, axis: int | tuple[int, ...] | None = None
+) -> optax.GradientTransformation:
+    """Unit-wise adaptive gradient clipping (AGC) that counts the units it clipped.
+
+    For every unit (an output column of a dense kernel, an output channel of a conv
+    kernel, a whole vector), the gradient ``G_i`` is rescaled to norm
+    ``clipping * max(|W_i|, eps)`` when ``|G_i|`` reaches that bound. The returned
+    updates equal ``optax.adaptive_grad_clip(clipping, eps, axis)``'s for float32;
+    fp16/bf16 norms are taken in float32 (no overflow of the squares) and the result
+    is cast back to the leaf's dtype.
+
+    Args:
+      clipping: the ratio ``lambda`` of gradient norm to parameter norm (> 0).
+        Brock et al. use 0.01 for large batches.
+      eps: floor of the parameter norm, so zero-initialised units can move (> 0).
+      axis: reduction axes of a unit (None: optax's rule by rank).
+
+    Returns:
+      An ``optax.GradientTransformation`` with state :class:`AdaptiveClipState`;
+      ``update`` requires ``params``.
+
+    References:
+      Brock et al., "High-Performance Large-Scale Image Recognition Without
+      Normalization", 2021.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> import optax_gradhealth as gh
+      >>> tx = gh.adaptive_grad_clip(0.1)
+      >>> params = {'w': jnp.ones((2, 2))}         # two units (columns) of norm sqrt(2)
+      >>> grads = {'w': jnp.array([[1.0, 0.01], [1.0, 0.01]])}
+      >>> updates, state = tx.update(grads, tx.init(params), params)
+      >>> int(state.agc_clip_count), float(state.agc_clip_fraction)
+      (1, 0.5)
+    """
+    clipping = check.positive("clipping", clipping)
+    eps = check.positive("eps", eps)
+
+    def init_fn(params):
+        del params
+        return AdaptiveClipState(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32))
+
+    def update_fn(updates, state, params=None):
+        del state
+        if params is None:
+            raise ValueError("gh.adaptive_grad_clip needs `params`: call update(updates, state, params).")
+        _clipping.check_same_structure(updates, params, "gh.adaptive_grad_clip (updates vs params)")
+        counts, total = [], 0
+
+        def one(g, p):
+            nonlocal total
+            if not _stats._is_float(g):
+                return g
+            axes = _unit_axes(g, axis)
+            wide = jnp.promote_types(g.dtype, jnp.float32)
+            g_wide, p_wide = g.astype(wide), jnp.asarray(p).astype(wide)
+            g_norm = jnp.sqrt(jnp.sum(jnp.square(jnp.abs(g_wide)), axis=axes, keepdims=True))
+            p_norm = jnp.sqrt(jnp.sum(jnp.square(jnp.abs(p_wide)), axis=axes, keepdims=True))
+            max_norm = clipping * jnp.maximum(p_norm, eps)
+            keep = g_norm < max_norm
+            counts.append(jnp.sum(g_norm >= max_norm, dtype=jnp.int32))
+            total += int(g_norm.size)
+            clipped = g_wide * (max_norm / jnp.maximum(g_norm, 1e-6))
+            return jnp.where(keep, g_wide, clipped).astype(g.dtype)
+
+        new_updates = jax.tree.map(one, updates, params)
+        count = sum(counts, jnp.zeros((), jnp.int32))
+        return new_updates, AdaptiveClipState(count, _fraction(count, total))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+_metrics.register_metrics(
+    ClipByValueState,
+    {"value_clip_count": "grad/value_clip_count", "value_clip_fraction": "grad/value_clip_fraction"},
+    catalogue={
+        "grad/value_clip_count": "gradient elements clipped by gh.clip_by_value this step",
+        "grad/value_clip_fraction": "fraction of gradient elements clipped by gh.clip_by_value this step",
+    },
+)
+_metrics.register_metrics(
+    ClipByLayerNormState,
+    {"layer_clip_fraction": "grad/layer_clip_fraction", "layer_clip_clipped": "grad/layer_clipped"},
+    catalogue={
+        "grad/layer_clip_fraction": "fraction of gradient leaves (layers) clipped by gh.clip_by_layer_norm",
+        "grad/layer_clipped/<path>": "this leaf was clipped by gh.clip_by_layer_norm this step",
+    },
+)
+_metrics.register_metrics(
+    AdaptiveClipState,
+    {"agc_clip_count": "grad/agc_clip_count", "agc_clip_fraction": "grad/agc_clip_fraction"},
+    catalogue={
+        "grad/agc_clip_count": "units rescaled by gh.adaptive_grad_clip (AGC) this step",
+        "grad/agc_clip_fraction": "fraction of units rescaled by gh.adaptive_grad_clip (AGC) this step",
+    },
+)

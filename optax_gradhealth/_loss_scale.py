@@ -1,0 +1,297 @@
+"""Dynamic loss scaling for fp16 training (the role of PyTorch's ``GradScaler``).
+
+Two pieces that work as a pair:
+
+* :func:`dynamic_loss_scale` wraps an optimizer (normally a :func:`guard`). It keeps the
+  loss scale in the optimizer state, unscales the incoming gradients *before* anything
+  else sees them (so every statistic, clip and spike decision of the wrapped optimizer
+  works on true gradient values), turns an overflow into a skipped step that never
+  reaches the wrapped optimizer, and adjusts the scale.
+* :func:`loss_scale` reads the current scale out of any optimizer state (chained,
+  nested in ``optax.MultiSteps``, inside a ``flax.nnx.Optimizer``), and
+  :func:`scale_loss` multiplies a loss by it, in float32, in the train step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_gradhealth import _guard, _metrics, _stats
+from optax_gradhealth import _validation as check
+
+__all__ = ["LossScaleState", "dynamic_loss_scale", "loss_scale", "scale_loss"]
+
+
+class LossScaleState(NamedTuple):
+    """State of :func:`dynamic_loss_scale`. Fields are prefixed ``loss_scale`` so that
+    ``optax.tree.get(state, name)`` finds them without clashing.
+
+    Attributes:
+      loss_scale_inner_state: the wrapped optimizer's state.
+      loss_scale: float32 scalar, the scale the next train step multiplies its loss by
+        (``grad/loss_scale``).
+      loss_scale_growth_tracker: int32, finite steps since the scale last changed or an
+        overflow happened; the scale grows when it reaches ``growth_interval``.
+      loss_scale_overflow: bool, the last step overflowed and was skipped
+        (``grad/overflow``).
+      loss_scale_num_overflows: int32, overflowed (skipped) steps so far
+        (``grad/num_overflows``).
+    """
+
+    loss_scale_inner_state: Any
+    loss_scale: jax.Array
+    loss_scale_growth_tracker: jax.Array
+    loss_scale_overflow: jax.Array
+    loss_scale_num_overflows: jax.Array
+
+
+_metrics.register_metrics(
+    LossScaleState,
+    {
+        "loss_scale": "grad/loss_scale",
+        "loss_scale_overflow": "grad/overflow",
+        "loss_scale_num_overflows": "grad/num_overflows",
+    },
+    catalogue={
+        "grad/loss_scale": "dynamic loss scale the next train step multiplies its loss by",
+        "grad/overflow": (
+            "the scaled gradient overflowed: step skipped before any statistic, inner state untouched, "
+            "scale backed off (not counted in grad/num_nonfinite)"
+        ),
+        "grad/num_overflows": "overflowed (skipped) steps so far",
+    },
+)
+
+
+def _unscale(tree: Any, scale: jax.Array) -> Any:
+    """Divides every float leaf by ``scale`` in float32 and casts back to its dtype."""
+
+    def one(x):
+        if not _stats._is_float(x):
+            return x
+        wide = jnp.promote_types(x.dtype, jnp.float32)
+        return (x.astype(wide) / scale.astype(wide)).astype(x.dtype)
+
+    return jax.tree.map(one, tree)
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if _stats._is_float(x)]
+    if not flags:
+        return jnp.ones((), jnp.bool_)
+    return jnp.all(jnp.stack(flags))
+
+
+def dynamic_loss_scale(
+    inner: optax.GradientTransformation,
+    *,
+    init_scale: float = 2.0**16,
+    growth_factor: float = 2.0,
+    backoff_factor: float = 0.5,
+    growth_interval: int = 2000,
+    min_scale: float = 1.0,
+    max_scale: float = 2.0**24,
+) -> optax.GradientTransformationExtraArgs:
+    """Dynamic loss scaling around an optimizer, normally :func:`guard`.
+
+    The train step multiplies its loss by the current scale (:func:`scale_loss`, or
+    ``loss * gh.loss_scale(opt_state)``) before differentiating. ``update`` then:
+
+    1. divides the gradients by the scale (float32 arithmetic, each leaf keeps its
+       dtype), so the wrapped optimizer, and every norm, clip and spike decision in it,
+       sees true gradient values;
+    2. on an **overflow** (a non-finite scaled gradient while the scale is above
+       ``min_scale`` and the ``loss``, if passed, is finite) skips the step: zero
+       update, the wrapped optimizer is not called and its state (moments, guard
+       statistics and counters) stays exactly as it was; the step counts in
+       ``grad/num_overflows``, not in the guard's ``grad/num_nonfinite``; the scale is
+       multiplied by ``backoff_factor`` (not below ``min_scale``);
+    3. otherwise passes the unscaled gradients on. A non-finite gradient that is not an
+       overflow (non-finite ``loss``, or the scale already at ``min_scale``) is a
+       genuine fault: it goes to the wrapped optimizer so that :func:`guard` skips and
+       counts it (the returned update is zeroed here too, so parameters never see it);
+    4. after ``growth_interval`` consecutive finite steps multiplies the scale by
+       ``growth_factor`` (not above ``max_scale``).
+
+    The defaults (``2**16``, x2 every 2000 finite steps, x0.5 on overflow) are
+    ``torch.amp.GradScaler``'s.
+
+    With gradient accumulation put this wrapper *outside* ``optax.MultiSteps``:
+    ``dynamic_loss_scale(optax.MultiSteps(guard(...), k))``. Each micro-batch is then
+    unscaled before it is accumulated, and an overflowed micro-batch is dropped instead
+    of turning the accumulator into NaN (``MultiSteps`` resets its accumulator by
+    multiplying by zero, so an Inf in it becomes NaN for good). The growth interval
+    then counts micro-batches.
+
+    Args:
+      inner: the optimizer to wrap (``gh.guard(...)`` recommended).
+      init_scale: initial loss scale (> 0, finite).
+      growth_factor: factor applied after ``growth_interval`` finite steps (> 1).
+      backoff_factor: factor applied on overflow, in (0, 1).
+      growth_interval: consecutive finite steps before the scale grows (int >= 1).
+      min_scale: lower bound of the scale (> 0). A non-finite gradient at this scale is
+        treated as a genuine fault, not an overflow.
+      max_scale: upper bound of the scale (>= ``min_scale``, may be inf).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is a
+      :class:`LossScaleState`; ``update`` forwards ``loss=`` and every other extra
+      argument to ``inner``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> import optax_gradhealth as gh
+      >>> tx = gh.dynamic_loss_scale(gh.guard(optax.sgd(1.0)), init_scale=1024.0)
+      >>> params = {'w': jnp.zeros(2, jnp.float16)}
+      >>> state = tx.init(params)
+      >>> float(gh.loss_scale(state))
+      1024.0
+      >>> grads = {'w': jnp.array([3.0, 4.0], jnp.float16) * gh.loss_scale(state).astype(jnp.float16)}
+      >>> updates, state = tx.update(grads, state, params)
+      >>> updates['w'].tolist(), float(gh.metrics(state)['grad/norm'])
+      ([-3.0, -4.0], 5.0)
+      >>> updates, state = tx.update({'w': jnp.array([jnp.inf, 1.0], jnp.float16)}, state, params)
+      >>> m = gh.metrics(state)
+      >>> bool(m['grad/overflow']), float(m['grad/loss_scale']), int(m['grad/num_nonfinite'])
+      (True, 512.0, 0)
+    """
+    inner = check.transformation("inner", inner)
+    init_scale = check.positive("init_scale", init_scale)
+    growth_factor = check.real_number("growth_factor", growth_factor)
+    if not 1.0 < growth_factor < math.inf:
+        raise ValueError(f"`growth_factor` must be a finite number > 1, got {growth_factor!r}.")
+    backoff_factor = check.in_open_unit_interval("backoff_factor", backoff_factor)
+    growth_interval = check.integer("growth_interval", growth_interval, minimum=1)
+    min_scale = check.positive("min_scale", min_scale)
+    max_scale = check.positive("max_scale", max_scale, allow_inf=True)
+    if max_scale < min_scale:
+        raise ValueError(f"`max_scale` ({max_scale!r}) must be >= `min_scale` ({min_scale!r}).")
+    if not min_scale <= init_scale <= max_scale:
+        raise ValueError(
+            f"`init_scale` must lie in [min_scale, max_scale] = [{min_scale!r}, {max_scale!r}], got {init_scale!r}."
+        )
+
+    def init_fn(params):
+        return LossScaleState(
+            loss_scale_inner_state=inner.init(params),
+            loss_scale=jnp.asarray(init_scale, jnp.float32),
+            loss_scale_growth_tracker=jnp.zeros((), jnp.int32),
+            loss_scale_overflow=jnp.zeros((), jnp.bool_),
+            loss_scale_num_overflows=jnp.zeros((), jnp.int32),
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        scale = state.loss_scale
+        old_inner = state.loss_scale_inner_state
+        unscaled = _unscale(updates, scale)
+        loss_ok = jnp.ones((), jnp.bool_)
+        loss = extra_args.get("loss")
+        if loss is not None:
+            loss_ok = jnp.all(jnp.isfinite(jnp.asarray(loss)))
+        inner_updates, inner_state = inner.update(unscaled, old_inner, params, **extra_args)
+
+        if isinstance(old_inner, _guard.GuardState):
+            # The guard already measured the gradient (its finite flag) and, on a
+            # non-finite step, returned zeros and kept its inner optimizer's state. An
+            # overflow only has to undo the guard's own bookkeeping (scalars, per-leaf
+            # norms): no second pass over the gradients or the moments.
+            good = inner_state.guard_finite  # gradients and loss finite
+            overflow = ~good & loss_ok & (scale > min_scale)
+            kept = {
+                field: _guard._select(overflow, getattr(old_inner, field), getattr(inner_state, field))
+                for field in _guard.GuardState._fields
+                if field != "guard_inner_state"
+            }
+            new_inner_state = inner_state._replace(**kept)
+            new_updates = inner_updates
+        else:
+            finite = _all_finite(updates)  # of the scaled gradients: that is where overflow shows
+            good = finite & loss_ok
+            overflow = ~finite & loss_ok & (scale > min_scale)
+            # An overflow never reaches the wrapped optimizer's state; no non-finite
+            # update ever leaves this function.
+            new_inner_state = _guard._select(overflow, old_inner, inner_state)
+            new_updates = _guard._select(finite, inner_updates, _guard._zero_floats(inner_updates))
+
+        tracker = jnp.where(good, state.loss_scale_growth_tracker + 1, 0)
+        grow = tracker >= growth_interval
+        new_scale = jnp.where(grow, jnp.minimum(scale * growth_factor, max_scale), scale)
+        new_scale = jnp.where(overflow, jnp.maximum(scale * backoff_factor, min_scale), new_scale)
+        tracker = jnp.where(grow, 0, tracker)
+        return new_updates, LossScaleState(
+            loss_scale_inner_state=new_inner_state,
+            loss_scale=new_scale.astype(jnp.float32),
+            loss_scale_growth_tracker=tracker.astype(jnp.int32),
+            loss_scale_overflow=overflow,
+            loss_scale_num_overflows=state.loss_scale_num_overflows + overflow.astype(jnp.int32),
+        )
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _find_loss_scale_states(opt_state: Any) -> list[LossScaleState]:
+    found = []
+
+    def visit(x):
+        if isinstance(x, LossScaleState):
+            found.append(x)
+        if isinstance(x, (list, tuple)):  # NamedTuples included
+            for value in x:
+                visit(value)
+        elif isinstance(x, dict):
+            for value in x.values():
+                visit(value)
+
+    visit(_metrics._unwrap_variables(opt_state))
+    return found
+
+
+def loss_scale(opt_state: Any) -> jax.Array:
+    """The current loss scale (float32 scalar) held in an optimizer state.
+
+    Finds the :class:`LossScaleState` anywhere inside ``opt_state`` (an
+    ``optax.chain``, ``optax.MultiSteps``, an ``nnx.Optimizer`` or its
+    ``opt_state``). Works inside and outside ``jit``; no host sync.
+
+    Raises:
+      ValueError: if there is no :func:`dynamic_loss_scale` state, or more than one.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> import optax_gradhealth as gh
+      >>> tx = optax.MultiSteps(gh.dynamic_loss_scale(optax.sgd(0.1), init_scale=8.0), 2)
+      >>> float(gh.loss_scale(tx.init({'w': jnp.zeros(2)})))
+      8.0
+    """
+    found = _find_loss_scale_states(opt_state)
+    if len(found) != 1:
+        what = "no" if not found else f"{len(found)}"
+        raise ValueError(
+            f"gh.loss_scale: found {what} gh.dynamic_loss_scale state(s) in the optimizer state; "
+            "expected exactly one. Build the optimizer with gh.dynamic_loss_scale(...)."
+        )
+    return found[0].loss_scale
+
+
+def scale_loss(loss: jax.Array, opt_state: Any) -> jax.Array:
+    """``loss * loss_scale(opt_state)``, computed in float32.
+
+    Differentiate the returned value in the train step. It is float32 even for an fp16
+    loss, because an fp16 loss times the default scale (65536) would overflow; the
+    gradient flowing back into fp16 activations is still scaled, which is the point.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> import optax_gradhealth as gh
+      >>> state = gh.dynamic_loss_scale(optax.sgd(0.1)).init({'w': jnp.zeros(2)})
+      >>> float(gh.scale_loss(jnp.float16(2.0), state))
+      131072.0
+    """
+    loss = jnp.asarray(loss)
+    wide = jnp.promote_types(loss.dtype, jnp.float32)
+    return loss.astype(wide) * loss_scale(opt_state).astype(wide)

@@ -1,0 +1,249 @@
+"""Gradient accumulation with optax.MultiSteps around gh.guard: decisions once per update on
+the accumulated mean, k micro-batches == one k-times-larger batch, micro-batch norms,
+loss scaling per micro-batch, and rematerialisation changing no recorded figure."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import optax_gradhealth as gh
+
+K = 4
+MICRO = 8
+D = 5
+
+
+def _data(seed=0, n=3 * K * MICRO):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, D)).astype(np.float32)
+    y = (x @ rng.normal(size=D) + 0.3 * rng.normal(size=n)).astype(np.float32)
+    return x, y
+
+
+def _loss(params, x, y):
+    return jnp.mean((x @ params["w"] + params["b"] - y) ** 2)
+
+
+_grad = jax.jit(jax.grad(_loss))
+
+
+def _init_params():
+    return {"w": jnp.zeros(D), "b": jnp.zeros(())}
+
+
+def _run_accumulated(tx, x, y, updates_count):
+    params = _init_params()
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    history = []
+    for u in range(updates_count):
+        for m in range(K):
+            sl = slice((u * K + m) * MICRO, (u * K + m + 1) * MICRO)
+            updates, state = update(_grad(params, x[sl], y[sl]), state, params)
+            params = optax.apply_updates(params, updates)
+        history.append(jax.device_get(gh.metrics(state)))
+    return params, state, history
+
+
+def _run_big(tx, x, y, updates_count):
+    params = _init_params()
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    history = []
+    for u in range(updates_count):
+        sl = slice(u * K * MICRO, (u + 1) * K * MICRO)
+        updates, state = update(_grad(params, x[sl], y[sl]), state, params)
+        params = optax.apply_updates(params, updates)
+        history.append(jax.device_get(gh.metrics(state)))
+    return params, state, history
+
+
+def _guarded(inner, clip):
+    return gh.guard(inner, clip=clip, warmup_steps=1, spike_threshold=1.5, spike_zscore=None, spike_action="record")
+
+
+@pytest.mark.parametrize("inner", ["sgd", "adam"])
+def test_k_micro_batches_equal_one_big_batch_with_clipping(inner):
+    x, y = _data()
+    make = (lambda: optax.sgd(0.1)) if inner == "sgd" else (lambda: optax.adam(0.05))
+    clip = 0.5
+    acc_params, _, acc_hist = _run_accumulated(optax.MultiSteps(_guarded(make(), clip), K), x, y, 3)
+    big_params, _, big_hist = _run_big(_guarded(make(), clip), x, y, 3)
+    chex.assert_trees_all_close(acc_params, big_params, rtol=1e-5, atol=1e-6)
+    for a, b in zip(acc_hist, big_hist):
+        for name in ("grad/norm", "grad/norm_clipped", "grad/clip_threshold", "grad/spike_score", "grad/norm_mean"):
+            np.testing.assert_allclose(a[name], b[name], rtol=1e-5, err_msg=name)
+        for name in ("grad/clipped", "grad/spike", "grad/num_steps", "grad/num_clipped", "grad/num_spikes"):
+            assert a[name] == b[name], name
+    assert all(h["grad/clipped"] for h in acc_hist)  # clipping was active
+    assert int(acc_hist[-1]["grad/num_steps"]) == 3  # one guard step per update, not per micro-batch
+
+    if inner == "sgd":  # independent reference: clipped SGD in numpy float64, gradient written out
+        w, b = np.zeros(D), 0.0
+        for u in range(3):
+            xs = x[u * K * MICRO : (u + 1) * K * MICRO].astype(np.float64)
+            r = xs @ w + b - y[u * K * MICRO : (u + 1) * K * MICRO]
+            gw, gb = 2 * xs.T @ r / len(r), 2 * r.mean()
+            norm = np.sqrt(gw @ gw + gb * gb)
+            np.testing.assert_allclose(acc_hist[u]["grad/norm"], norm, rtol=1e-5)
+            factor = min(1.0, clip / norm)
+            w, b = w - 0.1 * factor * gw, b - 0.1 * factor * gb
+        np.testing.assert_allclose(np.asarray(acc_params["w"]), w, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(float(acc_params["b"]), b, rtol=1e-5, atol=1e-6)
+
+
+def test_decisions_apply_to_the_mean_never_to_partial_micro_batches():
+    """Two huge micro-batches that cancel: the mean is ordinary, so no spike, no clip,
+    no skip, although each micro-batch (and every partial mean) would be a spike."""
+    tx = optax.MultiSteps(
+        gh.guard(optax.sgd(0.1), clip=10.0, warmup_steps=2, spike_threshold=2.0, spike_zscore=None), K
+    )
+    params = {"w": jnp.zeros(3)}
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    g = np.array([0.3, -0.4, 1.2], np.float32)
+    big = np.array([1000.0, 0.0, -500.0], np.float32)
+    windows = [[g] * K, [g] * K, [g] * K, [g + big, g - big, g, g]]
+    for window in windows:
+        for micro in window:
+            _, state = update({"w": jnp.asarray(micro)}, state, params)
+    m = gh.metrics(state)
+    mean = np.mean(np.stack(windows[-1]).astype(np.float64), axis=0)
+    np.testing.assert_allclose(float(m["grad/norm"]), np.linalg.norm(mean), rtol=1e-4)
+    assert not bool(m["grad/spike"]) and not bool(m["grad/clipped"]) and not bool(m["grad/skipped"])
+    assert int(m["grad/num_steps"]) == len(windows) and int(m["grad/num_spikes"]) == 0
+    np.testing.assert_allclose(float(m["grad/layer_norm/w"]), np.linalg.norm(mean), rtol=1e-4)
+
+
+def test_micro_batch_norms_are_recorded():
+    x, y = _data(1)
+    tx = optax.chain(
+        gh.record_micro_batch_norms(K),
+        optax.MultiSteps(_guarded(optax.sgd(0.1), 1.0), K).gradient_transformation(),
+    )
+    _, _, hist = _run_accumulated(tx, x, y, 1)
+    w0 = np.zeros(D)
+    expected = []
+    for m in range(K):
+        xs = x[m * MICRO : (m + 1) * MICRO].astype(np.float64)
+        r = xs @ w0 - y[m * MICRO : (m + 1) * MICRO]
+        expected.append(np.sqrt(np.sum((2 * xs.T @ r / MICRO) ** 2) + (2 * r.mean()) ** 2))
+    np.testing.assert_allclose(hist[0]["grad/micro_batch_norms"], expected, rtol=1e-5)
+    # the accumulated norm is the norm of the mean, not the mean of the norms
+    assert float(hist[0]["grad/norm"]) < np.mean(expected)
+
+
+def test_loss_scaling_outside_multisteps_drops_overflowed_micro_batches():
+    """dynamic_loss_scale(MultiSteps(guard)): each micro-batch is unscaled before it is
+    accumulated; an overflowed one is dropped, the accumulator stays finite, and the
+    update is the mean of the K finite micro-batches even though the scale changed."""
+    tx = gh.dynamic_loss_scale(optax.MultiSteps(gh.guard(optax.sgd(1.0), clip=100.0), K), init_scale=64.0)
+    params = {"w": jnp.zeros(3)}
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    rng = np.random.default_rng(2)
+    true = rng.normal(size=(K, 3)).astype(np.float32)
+    sequence = [true[0], None, true[1], true[2], true[3]]  # None: an overflow
+    final = None
+    for g in sequence:
+        scaled = jnp.full(3, jnp.inf) if g is None else jnp.asarray(g) * gh.loss_scale(state)
+        final, state = update({"w": scaled}, state, params)
+    m = gh.metrics(state)
+    assert int(m["grad/num_overflows"]) == 1 and float(m["grad/loss_scale"]) == 32.0
+    assert int(m["grad/num_steps"]) == 1 and int(m["grad/num_nonfinite"]) == 0
+    mean = true.astype(np.float64).mean(axis=0)
+    np.testing.assert_allclose(float(m["grad/norm"]), np.linalg.norm(mean), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(final["w"]), -mean, rtol=1e-5)
+    chex.assert_tree_all_finite(state.loss_scale_inner_state.acc_grads)
+
+
+# ------------------------------------------------------------ rematerialisation
+
+
+def _mlp(params, x, remat):
+    def layer(w, h):
+        return jnp.tanh(h @ w)
+
+    if remat:
+        layer = jax.checkpoint(layer)
+    h = x
+    for w in params["hidden"]:
+        h = layer(w, h)
+    return h @ params["out"]
+
+
+def test_jax_checkpoint_changes_no_recorded_figure():
+    rng = np.random.default_rng(3)
+    params0 = {
+        "hidden": [jnp.asarray(rng.normal(size=(6, 6)) * 0.5, jnp.float32) for _ in range(3)],
+        "out": jnp.asarray(rng.normal(size=(6, 1)), jnp.float32),
+    }
+    x = jnp.asarray(rng.normal(size=(16, 6)), jnp.float32)
+    y = jnp.asarray(rng.normal(size=(16, 1)), jnp.float32)
+    results = []
+    for remat in (False, True):
+        tx = gh.guard(optax.adam(1e-2), clip=gh.ZScoreClip(warmup_steps=2), warmup_steps=2)
+        params, state = params0, tx.init(params0)
+
+        @jax.jit
+        def step(params, state, remat=remat, tx=tx):
+            loss, grads = jax.value_and_grad(lambda p: jnp.mean((_mlp(p, x, remat) - y) ** 2))(params)
+            updates, state = tx.update(grads, state, params, loss=loss)
+            return optax.apply_updates(params, updates), state
+
+        for _ in range(4):
+            params, state = step(params, state)
+        results.append(jax.device_get(gh.metrics(state)))
+    plain, remat = results
+    assert plain.keys() == remat.keys() and "grad/layer_norm/hidden/2" in plain
+    for name in plain:
+        np.testing.assert_allclose(np.asarray(remat[name]), np.asarray(plain[name]), rtol=1e-6, err_msg=name)
+
+
+class _Block(nnx.Module):
+    def __init__(self, rngs):
+        self.lin = nnx.Linear(6, 6, rngs=rngs)
+
+    def __call__(self, x):
+        return jnp.tanh(self.lin(x))
+
+
+class _Net(nnx.Module):
+    def __init__(self, rngs, remat):
+        self.blocks = nnx.List([_Block(rngs) for _ in range(2)])
+        self.head = nnx.Linear(6, 1, rngs=rngs)
+        self.remat = remat
+
+    def __call__(self, x):
+        for block in self.blocks:
+            x = nnx.remat(lambda b, h: b(h))(block, x) if self.remat else block(x)
+        return self.head(x)
+
+
+def test_nnx_remat_changes_no_recorded_figure():
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(size=(16, 6)), jnp.float32)
+    y = jnp.asarray(rng.normal(size=(16, 1)), jnp.float32)
+    results = []
+    for remat in (False, True):
+        model = _Net(nnx.Rngs(0), remat)
+        opt = nnx.Optimizer(model, gh.guard(optax.adam(1e-2), clip=0.5, warmup_steps=2), wrt=nnx.Param)
+
+        @nnx.jit
+        def step(model, opt):
+            loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
+            opt.update(model, grads, loss=loss)
+
+        for _ in range(3):
+            step(model, opt)
+        results.append(jax.device_get(gh.metrics(opt)))
+    plain, remat = results
+    assert plain.keys() == remat.keys() and any(k.startswith("grad/layer_norm/blocks/1") for k in plain)
+    for name in plain:
+        np.testing.assert_allclose(np.asarray(remat[name]), np.asarray(plain[name]), rtol=1e-6, err_msg=name)

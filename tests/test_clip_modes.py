@@ -1,0 +1,234 @@
+"""Value, per-layer and unit-wise adaptive clipping: updates against independent references
+(optax, numpy float64), recorded figures against numpy counts, use inside gh.guard."""
+
+from __future__ import annotations
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_gradhealth as gh
+
+
+def _tree(rng, dtype=np.float32, scale=1.0):
+    return {
+        "dense": {
+            "kernel": (scale * rng.normal(size=(6, 4))).astype(dtype),
+            "bias": (scale * rng.normal(size=4)).astype(dtype),
+        },
+        "conv": {"kernel": (scale * rng.normal(size=(3, 3, 2, 5))).astype(dtype)},
+        "head": (scale * rng.normal(size=(4, 3, 2))).astype(dtype),
+        "scalar": np.asarray(scale * rng.normal(), dtype),
+        "row": (scale * rng.normal(size=(1, 7))).astype(dtype),
+    }
+
+
+# --------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, math.nan, math.inf])
+def test_bad_thresholds_raise_when_built(bad):
+    for make, name in [
+        (gh.clip_by_value, "max_abs"),
+        (gh.clip_by_layer_norm, "max_norm"),
+        (gh.adaptive_grad_clip, "clipping"),
+    ]:
+        with pytest.raises(ValueError, match=name):
+            make(bad)
+    with pytest.raises(ValueError, match="eps"):
+        gh.adaptive_grad_clip(0.01, eps=bad)
+
+
+def test_bad_types_raise_when_built():
+    with pytest.raises(TypeError, match="max_abs"):
+        gh.clip_by_value(True)
+    with pytest.raises(TypeError, match="max_norm"):
+        gh.clip_by_layer_norm("1.0")
+
+
+# ------------------------------------------------------------------------- value
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_clip_by_value_matches_optax_and_counts(dtype):
+    grads = jax.tree.map(jnp.asarray, _tree(np.random.default_rng(0), dtype, scale=2.0))
+    tx = gh.clip_by_value(1.5)
+    updates, state = jax.jit(tx.update)(grads, tx.init(grads))
+    expected, _ = optax.clip(1.5).update(grads, optax.clip(1.5).init(grads))
+    chex.assert_trees_all_equal(updates, expected)
+    flat = np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(grads)])
+    count = int(np.sum(np.abs(flat) > np.float64(np.asarray(1.5, dtype))))
+    assert count > 0
+    m = gh.metrics(state)
+    assert int(m["grad/value_clip_count"]) == count
+    np.testing.assert_allclose(float(m["grad/value_clip_fraction"]), count / flat.size, rtol=1e-6)
+
+
+def test_clip_by_value_passes_nan_through_uncounted():
+    tx = gh.clip_by_value(1.0)
+    updates, state = tx.update({"w": jnp.array([jnp.nan, 5.0, -0.5, 1.0])}, tx.init(None))
+    got = np.asarray(updates["w"])
+    assert np.isnan(got[0]) and got[1:].tolist() == [1.0, -0.5, 1.0]
+    assert int(state.value_clip_count) == 1
+
+
+# --------------------------------------------------------------------- per layer
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_clip_by_layer_norm_against_numpy(dtype):
+    # fp16 at scale 300: squares overflow fp16, the norms must still be right.
+    grads = _tree(np.random.default_rng(1), dtype, scale=300.0 if dtype == np.float16 else 1.0)
+    max_norm = 2000.0 if dtype == np.float16 else 2.0
+    tx = gh.clip_by_layer_norm(max_norm)
+    jgrads = jax.tree.map(jnp.asarray, grads)
+    updates, state = jax.jit(tx.update)(jgrads, tx.init(jgrads))
+
+    clipped_names = set()
+    ref_updates = {}
+    for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
+        g64 = np.asarray(g, np.float64)
+        norm = np.linalg.norm(g64.ravel())
+        if norm > max_norm:
+            clipped_names.add(gh.path_name(path))
+        ref_updates[gh.path_name(path)] = g64 * min(1.0, max_norm / norm)
+    assert 0 < len(clipped_names) < 6
+    rtol = 2e-3 if dtype == np.float16 else 1e-6
+    for path, u in jax.tree_util.tree_flatten_with_path(updates)[0]:
+        assert u.dtype == dtype
+        np.testing.assert_allclose(np.asarray(u, np.float64), ref_updates[gh.path_name(path)], rtol=rtol, atol=1e-6)
+    m = gh.metrics(state)
+    got = {k.removeprefix("grad/layer_clipped/") for k, v in m.items() if k.startswith("grad/layer_clipped/") and v}
+    assert got == clipped_names
+    np.testing.assert_allclose(float(m["grad/layer_clip_fraction"]), len(clipped_names) / 6, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- AGC
+
+
+def _agc_reference(grads, params, clipping, eps):
+    """AGC in numpy float64, with the unit axes written out per shape."""
+    axes_by_ndim = {2: (0,), 3: (0,), 4: (0, 1, 2), 5: (0, 1, 2, 3)}
+    out, count, total = {}, 0, 0
+    for (path, g), p in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(params)):
+        g64, p64 = np.asarray(g, np.float64), np.asarray(p, np.float64)
+        axes = tuple(range(g64.ndim)) if np.squeeze(g64).ndim <= 1 else axes_by_ndim[g64.ndim]
+        g_norm = np.sqrt(np.sum(g64**2, axis=axes, keepdims=True))
+        p_norm = np.sqrt(np.sum(p64**2, axis=axes, keepdims=True))
+        bound = clipping * np.maximum(p_norm, eps)
+        clip = g_norm >= bound
+        count += int(np.sum(clip))
+        total += g_norm.size
+        out[gh.path_name(path)] = np.where(clip, g64 * bound / np.maximum(g_norm, 1e-6), g64)
+    return out, count, total
+
+
+def test_agc_equals_optax_and_counts_units():
+    rng = np.random.default_rng(2)
+    params = jax.tree.map(jnp.asarray, _tree(rng))
+    grads = jax.tree.map(jnp.asarray, _tree(rng, scale=0.05))
+    params["dense"]["bias"] = jnp.zeros(4)  # zero-initialised unit: eps floor applies
+    tx = gh.adaptive_grad_clip(0.05, eps=1e-3)
+    updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
+    optax_tx = optax.adaptive_grad_clip(0.05, eps=1e-3)
+    expected, _ = optax_tx.update(grads, optax_tx.init(params), params)
+    chex.assert_trees_all_close(updates, expected, rtol=1e-6, atol=0)
+    _, count, total = _agc_reference(grads, params, 0.05, 1e-3)
+    assert 0 < count < total
+    m = gh.metrics(state)
+    assert int(m["grad/agc_clip_count"]) == count
+    np.testing.assert_allclose(float(m["grad/agc_clip_fraction"]), count / total, rtol=1e-6)
+
+
+def test_agc_fp16_against_numpy():
+    rng = np.random.default_rng(3)
+    params = _tree(rng, np.float16, scale=10.0)
+    grads = _tree(rng, np.float16, scale=300.0)  # squares overflow in fp16
+    tx = gh.adaptive_grad_clip(0.5)
+    updates, state = tx.update(jax.tree.map(jnp.asarray, grads), tx.init(params), jax.tree.map(jnp.asarray, params))
+    ref, count, total = _agc_reference(grads, params, 0.5, 1e-3)
+    for path, u in jax.tree_util.tree_flatten_with_path(updates)[0]:
+        assert u.dtype == jnp.float16
+        np.testing.assert_allclose(np.asarray(u, np.float64), ref[gh.path_name(path)], rtol=2e-3, atol=1e-3)
+    assert int(state.agc_clip_count) == count and count == total
+
+
+def test_agc_needs_params():
+    tx = gh.adaptive_grad_clip()
+    with pytest.raises(ValueError, match="params"):
+        tx.update({"w": jnp.ones(2)}, tx.init(None))
+
+
+def test_agc_explicit_axis_and_unknown_rank():
+    params = {"w": jnp.ones((2, 3, 4, 5, 6, 7))}
+    tx = gh.adaptive_grad_clip(0.01)
+    with pytest.raises(ValueError, match="axis"):
+        tx.update(params, tx.init(params), params)
+    tx = gh.adaptive_grad_clip(0.01, axis=(0, 1, 2, 3, 4))
+    got, state = tx.update(params, tx.init(params), params)
+    expected, _ = optax.adaptive_grad_clip(0.01, axis=(0, 1, 2, 3, 4)).update(params, None, params)
+    chex.assert_trees_all_close(got, expected, rtol=1e-6)
+    assert int(state.agc_clip_count) == 7
+
+
+# --------------------------------------------------- as the guard's clipping step
+
+
+def _modes():
+    return [
+        (gh.clip_by_value(0.5), "grad/value_clip_count", optax.clip(0.5)),
+        (gh.clip_by_layer_norm(0.5), "grad/layer_clip_fraction", None),
+        (gh.adaptive_grad_clip(0.02), "grad/agc_clip_count", optax.adaptive_grad_clip(0.02)),
+    ]
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_inside_guard_skipped_steps_leave_the_clip_alone(index):
+    mode, metric, optax_mode = _modes()[index]
+    rng = np.random.default_rng(4)
+    params = jax.tree.map(jnp.asarray, _tree(rng))
+    tx = gh.guard(optax.chain(mode, optax.sgd(1.0)), warmup_steps=100)
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    grads = jax.tree.map(jnp.asarray, _tree(rng, scale=2.0))
+    updates, state = update(grads, state, params)
+    m = gh.metrics(state)
+    assert float(m[metric]) > 0
+    if optax_mode is not None:  # the guard changes nothing else: same updates as optax's clip + sgd
+        ref_tx = optax.chain(optax_mode, optax.sgd(1.0))
+        expected, _ = ref_tx.update(grads, ref_tx.init(params), params)
+        chex.assert_trees_all_close(updates, expected, rtol=1e-6)
+    before = state
+    bad = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan), grads)
+    updates, state = update(bad, state, params)
+    assert bool(gh.metrics(state)["grad/skipped"])
+    chex.assert_trees_all_equal(state.guard_inner_state, before.guard_inner_state)
+    chex.assert_tree_all_finite(updates)
+    chex.assert_trees_all_equal_shapes_and_dtypes(state, before)
+
+
+def test_standalone_in_chain_with_every_mode_reports_all_metrics():
+    rng = np.random.default_rng(5)
+    params = jax.tree.map(jnp.asarray, _tree(rng))
+    tx = optax.chain(gh.clip_by_value(2.0), gh.adaptive_grad_clip(0.05), gh.clip_by_layer_norm(1.0), optax.adam(1e-3))
+    state = tx.init(params)
+
+    def body(carry, _):
+        params, state = carry
+        grads = jax.tree.map(lambda p: 3.0 * p + 0.1, params)
+        updates, new_state = tx.update(grads, state, params)
+        chex.assert_trees_all_equal_shapes_and_dtypes(new_state, state)
+        return (optax.apply_updates(params, updates), new_state), None
+
+    (params, state), _ = jax.lax.scan(body, (params, state), None, length=3)
+    names = set(gh.metrics(state))
+    expected = {"grad/value_clip_count", "grad/value_clip_fraction", "grad/agc_clip_count", "grad/agc_clip_fraction"}
+    assert expected <= names
+    assert "grad/layer_clip_fraction" in names and "grad/layer_clipped/dense/kernel" in names
+    assert set(gh.CATALOGUE) >= {"grad/value_clip_count", "grad/agc_clip_fraction", "grad/layer_clipped/<path>"}
+    chex.assert_tree_all_finite(params)

@@ -1,0 +1,423 @@
+"""gh.guard: skip, spike, momentum reset, rollback, vanishing; scan, jit, donation; metrics."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_gradhealth as gh
+
+# ---------------------------------------------------------------------------------------
+# A small linear-regression problem whose gradients depend on the parameters, so that a
+# skipped or corrupted step changes the whole trajectory unless it is handled exactly.
+
+STEPS = 250
+BATCH = 32
+
+
+def make_data(seed=0, steps=STEPS):
+    rng = np.random.default_rng(seed)
+    true_w = rng.normal(size=(8, 4))
+    x = rng.normal(size=(steps, BATCH, 8))
+    y = x @ true_w + 0.3 * rng.normal(size=(steps, BATCH, 4))
+    return jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
+
+
+def init_params():
+    return {"dense": {"kernel": jnp.zeros((8, 4)), "bias": jnp.zeros((4,))}}
+
+
+def loss_fn(params, x, y):
+    pred = x @ params["dense"]["kernel"] + params["dense"]["bias"]
+    return jnp.mean((pred - y) ** 2)
+
+
+def corrupt(grads, fault):
+    """fault: 0 clean, 1 NaN, 2 Inf, 3 spike (x100)."""
+    scale = jnp.where(fault == 3, 100.0, 1.0)
+    poison = jnp.where(fault == 1, jnp.nan, jnp.where(fault == 2, jnp.inf, 0.0))
+    return jax.tree.map(lambda g: g * scale + poison, grads)
+
+
+def guarded_run(tx, faults, data, params=None):
+    """The whole run under one jit, in lax.scan, with params and state donated."""
+    x, y = data
+    params = init_params() if params is None else params
+
+    @jax.jit
+    def run(params, opt_state):
+        def step(carry, inputs):
+            params, opt_state = carry
+            xb, yb, fault = inputs
+            loss, grads = jax.value_and_grad(loss_fn)(params, xb, yb)
+            updates, opt_state = tx.update(corrupt(grads, fault), opt_state, params, loss=loss)
+            params = optax.apply_updates(params, updates)
+            return (params, opt_state), (params, gh.metrics(opt_state))
+
+        return jax.lax.scan(step, (params, opt_state), (x, y, faults))
+
+    run = jax.jit(run, donate_argnums=(0, 1))
+    opt_state = tx.init(params)
+    (params, opt_state), (trajectory, history) = run(params, opt_state)
+    return params, opt_state, trajectory, history
+
+
+def reference_run(make_inner, data, skip_steps, reset_steps):
+    """Plain optax optimizer, step by step: skipped steps are simply left out, and at a
+    reset step the optimizer state is re-initialised (params kept)."""
+    x, y = data
+    inner = make_inner()
+    params = init_params()
+    state = inner.init(params)
+
+    @jax.jit
+    def step(params, state, xb, yb):
+        grads = jax.grad(loss_fn)(params, xb, yb)
+        updates, state = inner.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    trajectory = []
+    for t in range(x.shape[0]):
+        if t not in skip_steps:
+            params, state = step(params, state, x[t], y[t])
+        if t in reset_steps:
+            state = inner.init(params)
+        trajectory.append(params)
+    return trajectory
+
+
+def expected_resets(spike_steps, reset_after, window):
+    """The momentum-reset rule written out: a spike that makes `reset_after` spikes in
+    the last `window` steps (counted since the last reset) triggers a reset."""
+    resets, recent = [], []
+    for step in spike_steps:
+        recent = [s for s in recent if step - s < window] + [step]
+        if len(recent) >= reset_after:
+            resets.append(step)
+            recent = []
+    return resets
+
+
+def test_fault_injection_run_in_scan_with_donation():
+    data = make_data()
+    nan_steps, inf_steps, spike_steps = [30, 46, 47], [45], [60, 90, 120, 200]
+    faults = np.zeros(STEPS, np.int32)
+    faults[nan_steps], faults[inf_steps], faults[spike_steps] = 1, 2, 3
+    tx = gh.guard(optax.adamw(1e-2), clip=None, spike_action="skip", reset_after=3, reset_window=100)
+    _params, opt_state, trajectory, history = guarded_run(tx, jnp.asarray(faults), data)
+    history = jax.device_get(history)
+
+    # Parameters are finite at every step.
+    for leaf in jax.tree.leaves(trajectory):
+        assert np.isfinite(leaf).all()
+    # Exactly the injected steps were non-finite / spikes / skipped: no clean step skipped.
+    bad = sorted(nan_steps + inf_steps)
+    np.testing.assert_array_equal(np.flatnonzero(~history["grad/finite"]), bad)
+    np.testing.assert_array_equal(np.flatnonzero(history["grad/spike"]), spike_steps)
+    np.testing.assert_array_equal(np.flatnonzero(history["grad/skipped"]), sorted(bad + spike_steps))
+    m = gh.metrics(opt_state)
+    assert int(m["grad/num_nonfinite"]) == len(bad)
+    assert int(m["grad/num_spikes"]) == len(spike_steps)
+    assert int(m["grad/num_skipped"]) == len(bad) + len(spike_steps)
+    assert int(m["grad/num_steps"]) == STEPS
+    # Momentum reset exactly when the rule says (third spike within 100 steps).
+    resets = expected_resets(spike_steps, reset_after=3, window=100)
+    assert resets == [120]
+    np.testing.assert_array_equal(np.flatnonzero(history["grad/momentum_reset"]), resets)
+    assert int(m["grad/num_momentum_resets"]) == 1
+    assert int(m["grad/first_nonfinite_leaf"]) in (0, 1)
+    # On clean steps the trajectory equals plain adamw run without the faulty batches.
+    reference = reference_run(lambda: optax.adamw(1e-2), data, set(bad + spike_steps), set(resets))
+    for t in [0, 29, 30, 44, 48, 59, 61, 119, 121, 199, 249]:
+        chex.assert_trees_all_close(
+            jax.tree.map(lambda leaf, t=t: leaf[t], trajectory), reference[t], rtol=2e-5, atol=1e-6
+        )
+
+
+def test_many_nonfinite_steps_in_a_row_never_reach_the_params():
+    data = make_data(steps=60)
+    faults = np.zeros(60, np.int32)
+    faults[5:45] = 1  # 40 NaN steps in a row; optax.apply_if_finite(.., 5) gives in after 5
+    tx = gh.guard(optax.adam(1e-2), rollback_after_nonfinite=10)
+    params, opt_state, trajectory, history = guarded_run(tx, jnp.asarray(faults), data)
+    chex.assert_tree_all_finite((trajectory, opt_state.guard_inner_state))
+    chex.assert_tree_all_finite((opt_state.guard_running_norm_mean, opt_state.guard_running_norm_var))
+    history = jax.device_get(history)
+    assert int(history["grad/consecutive_nonfinite"][44]) == 40
+    # The rollback recommendation rises at the 10th non-finite step and stays up.
+    np.testing.assert_array_equal(np.flatnonzero(history["grad/rollback"]), np.arange(14, 60))
+    # The inner state is untouched during the streak: params identical across it.
+    chex.assert_trees_all_equal(
+        jax.tree.map(lambda leaf: leaf[4], trajectory), jax.tree.map(lambda leaf: leaf[44], trajectory)
+    )
+
+    # What optax.apply_if_finite does with the same stream: NaN reaches the parameters.
+    optax_tx = optax.apply_if_finite(optax.adam(1e-2), max_consecutive_errors=5)
+    params = init_params()
+    state = optax_tx.init(params)
+    for t in range(15):
+        grads = jax.grad(loss_fn)(params, data[0][t], data[1][t])
+        grads = corrupt(grads, jnp.int32(faults[t]))
+        updates, state = optax_tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    assert not np.isfinite(np.asarray(params["dense"]["kernel"])).all()
+
+
+def test_skipped_step_leaves_inner_state_bitwise_identical_and_update_zero():
+    tx = gh.guard(optax.adamw(1e-3, b1=0.9), clip=1.0)
+    params = {"a": jnp.ones((3,)), "b": jnp.ones((2, 2), jnp.bfloat16)}
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    for seed in range(3):
+        grads = jax.tree.map(lambda p, seed=seed: jnp.full_like(p, 0.1 * (seed + 1)), params)
+        _, state = update(grads, state, params)
+    for bad in [jnp.nan, jnp.inf, -jnp.inf]:
+        grads = {"a": jnp.array([1.0, bad, 1.0]), "b": jnp.ones((2, 2), jnp.bfloat16)}
+        updates, new_state = update(grads, state, params)
+        chex.assert_trees_all_equal(new_state.guard_inner_state, state.guard_inner_state)
+        for leaf in jax.tree.leaves(updates):
+            assert not np.asarray(leaf, np.float32).any()
+        chex.assert_trees_all_equal_dtypes(updates, params)
+        assert gh.leaf_names(grads)[int(new_state.guard_first_nonfinite_leaf)] == "a"
+        state = new_state
+
+
+def test_huge_finite_gradient_is_clipped_and_applied_not_skipped():
+    tx = gh.guard(optax.sgd(1.0), clip=1.0)
+    params = {"w": jnp.zeros(2)}
+    # norm 1.4e38: threshold / norm (7e-39) would be a subnormal, flushed to zero.
+    updates, state = tx.update({"w": jnp.array([1e38, 1e38])}, tx.init(params), params)
+    np.testing.assert_allclose(np.asarray(updates["w"]), -np.full(2, 1 / np.sqrt(2)), rtol=1e-6)
+    m = gh.metrics(state)
+    assert bool(m["grad/finite"]) and not bool(m["grad/skipped"]) and bool(m["grad/clipped"])
+
+
+def run_norm_sequence(tx, norms, loss=None):
+    params = {"w": jnp.zeros(4)}
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    history = []
+    for i, norm in enumerate(norms):
+        grads = {"w": jnp.full((4,), norm / 2.0, jnp.float32)}  # global norm == norm
+        extra = {} if loss is None else {"loss": loss[i]}
+        _, state = update(grads, state, params, **extra)
+        history.append(jax.device_get(gh.metrics(state)))
+    return state, history
+
+
+def noisy_norms(n, seed=0):
+    return list(1.0 + 0.1 * np.random.default_rng(seed).standard_normal(n))
+
+
+def test_spike_detection_rule_and_warmup():
+    tx = gh.guard(optax.sgd(0.1), spike_threshold=2.0, spike_zscore=3.0, warmup_steps=20, reset_after=None)
+    norms = noisy_norms(25)
+    norms[10] = 50.0  # during warm-up: not a spike
+    _, history = run_norm_sequence(tx, norms)
+    assert not any(h["grad/spike"] for h in history)
+
+    norms = noisy_norms(60)
+    norms[40] = 5.0  # score ~5, z >> 3: spike
+    norms[50] = 1.5  # score 1.5 < 2: not a spike
+    _, history = run_norm_sequence(tx, norms)
+    assert [i for i, h in enumerate(history) if h["grad/spike"]] == [40]
+    # The score and z-score are those of the running statistics written out (float64):
+    decay, mean, var, count = 0.98, 0.0, 0.0, 0
+    for i, norm in enumerate(norms[:40]):
+        count += 1
+        alpha = (1 - decay) / (1 - decay**count)
+        # the guard caps the value it folds in only on spikes; none before step 40
+        diff = norm - mean
+        mean += alpha * diff
+        var = (1 - alpha) * (var + alpha * diff * diff)
+        assert not history[i]["grad/spike"]
+    np.testing.assert_allclose(history[40]["grad/norm_mean"], mean, rtol=1e-4)
+    np.testing.assert_allclose(history[40]["grad/spike_score"], 5.0 / mean, rtol=1e-4)
+    np.testing.assert_allclose(history[40]["grad/zscore"], (5.0 - mean) / np.sqrt(var), rtol=1e-3)
+    assert int(history[-1]["grad/num_spikes"]) == 1
+
+
+@pytest.mark.parametrize("action", ["skip", "clip", "record"])
+def test_spike_actions(action):
+    norms = noisy_norms(30)
+    norms[25] = 10.0
+    tx = gh.guard(optax.sgd(1.0), spike_action=action, reset_after=None)
+    params = {"w": jnp.zeros(4)}
+    state = tx.init(params)
+    for i, norm in enumerate(norms):
+        grads = {"w": jnp.full((4,), norm / 2.0)}
+        updates, state = tx.update(grads, state, params)
+        if i == 25:
+            m = gh.metrics(state)
+            assert bool(m["grad/spike"])
+            applied = float(jnp.linalg.norm(updates["w"]))
+            mean = float(m["grad/norm_mean"])
+            expected = {"skip": 0.0, "clip": 2.0 * mean, "record": 10.0}[action]
+            np.testing.assert_allclose(applied, expected, rtol=1e-5)
+            assert bool(m["grad/skipped"]) == (action == "skip")
+            assert bool(m["grad/clipped"]) == (action == "clip")
+
+
+def test_momentum_reset_keeps_schedule_counter():
+    schedule = optax.linear_schedule(1e-2, 1e-3, 100)
+    tx = gh.guard(optax.adamw(schedule), warmup_steps=5, reset_after=2, reset_window=10, spike_zscore=None)
+    params = {"w": jnp.zeros(4)}
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    norms = noisy_norms(20)
+    norms[12] = norms[15] = 30.0
+    for i, norm in enumerate(norms):
+        _, state = update({"w": jnp.full((4,), norm / 2.0)}, state, params)
+        adam, _, sched = state.guard_inner_state
+        if i == 15:
+            assert bool(state.guard_momentum_reset)
+            assert int(adam.count) == 0
+            assert not np.asarray(adam.mu["w"]).any() and not np.asarray(adam.nu["w"]).any()
+            # The schedule counts every applied step (spikes are skipped, so 14 = 16 - 2).
+            assert int(sched.count) == 14
+    assert int(state.guard_num_momentum_resets) == 1
+    assert int(adam.count) == 4  # steps 16..19 after the reset
+
+
+def test_momentum_reset_inside_inject_hyperparams_keeps_its_count():
+    inner = optax.inject_hyperparams(optax.adam)(learning_rate=optax.linear_schedule(1e-2, 0.0, 50))
+    tx = gh.guard(inner, warmup_steps=3, reset_after=1, spike_zscore=None)
+    params = {"w": jnp.zeros(2)}
+    state = tx.init(params)
+    for norm in [1.0, 1.0, 1.0, 1.0, 9.0]:
+        _, state = tx.update({"w": jnp.full((2,), norm / np.sqrt(2))}, state, params)
+    inject = state.guard_inner_state
+    assert bool(state.guard_momentum_reset)
+    assert int(inject.count) == 4  # kept
+    assert int(inject.inner_state[0].count) == 0  # adam's moments reset
+    assert not np.asarray(inject.inner_state[0].mu["w"]).any()
+
+
+def test_rollback_after_consecutive_spikes_and_vanishing_rule():
+    norms = noisy_norms(40)
+    norms[25:30] = [10.0] * 5
+    tx = gh.guard(optax.sgd(0.1), rollback_after_spikes=4, reset_after=None)
+    _, history = run_norm_sequence(tx, norms)
+    rolled = [i for i, h in enumerate(history) if h["grad/rollback"]]
+    assert rolled == list(range(28, 40))
+
+    # Vanishing: finite norm below the threshold; with a loss, only while it is not falling.
+    norms = [1.0] * 5 + [1e-7] * 4
+    tx = gh.guard(optax.sgd(0.1), vanishing_norm=1e-5)
+    _, history = run_norm_sequence(tx, norms)
+    assert [bool(h["grad/vanishing"]) for h in history] == [False] * 5 + [True] * 4
+    loss = [1.0] * 5 + [2.0, 2.0, 1e-3, 1e-3]
+    _, history = run_norm_sequence(tx, norms, loss=jnp.asarray(loss))
+    assert [bool(h["grad/vanishing"]) for h in history] == [False] * 5 + [True, True, False, False]
+
+
+def test_nonfinite_loss_skips_and_loss_spikes_are_detected():
+    norms = noisy_norms(40)
+    loss = list(2.0 + 0.01 * np.random.default_rng(1).standard_normal(40))
+    loss[30] = float("nan")
+    loss[35] = 50.0
+    tx = gh.guard(optax.sgd(0.1), loss_spike_zscore=6.0, reset_after=None)
+    _, history = run_norm_sequence(tx, norms, loss=jnp.asarray(loss, jnp.float32))
+    assert [i for i, h in enumerate(history) if h["grad/skipped"]] == [30, 35]
+    assert not history[30]["grad/finite"] and history[35]["grad/spike"]
+    assert history[35]["grad/loss_zscore"] > 6.0
+
+
+def test_state_structure_is_fixed_and_fields_are_found_by_name():
+    inner = optax.chain(optax.clip(10.0), optax.adamw(optax.cosine_decay_schedule(1e-3, 100)))
+    tx = optax.chain(gh.clip_by_global_norm(gh.PercentileClip()), gh.guard(inner, clip=gh.ZScoreClip()))
+    params = {"w": jnp.ones((3, 2)), "b": jnp.ones(2, jnp.bfloat16)}
+    state0 = tx.init(params)
+    update = jax.jit(tx.update)
+    state = state0
+    for grads in [
+        jax.tree.map(jnp.ones_like, params),
+        {"w": jnp.full((3, 2), jnp.nan), "b": jnp.ones(2, jnp.bfloat16)},
+    ]:
+        _, state = update(grads, state, params)
+        assert jax.tree.structure(state) == jax.tree.structure(state0)
+        chex.assert_trees_all_equal_shapes_and_dtypes(state, state0)
+    for name in ["guard_num_skipped", "guard_inner_state", "clip_num_clipped", "zscore_count", "percentile_history"]:
+        optax.tree.get(state, name)  # raises if missing or ambiguous
+    assert int(optax.tree.get(state, "guard_num_skipped")) == 1
+    m = gh.metrics(state)
+    # The guard's names in DESIGN.md's catalogue, every one present and documented.
+    expected = set(
+        "norm norm_clipped clip_threshold clipped finite skipped spike spike_score zscore norm_mean norm_std "
+        "momentum_reset rollback vanishing first_nonfinite_leaf num_steps num_clipped num_nonfinite "
+        "num_skipped num_spikes num_momentum_resets consecutive_nonfinite consecutive_spikes".split()
+    )
+    expected = {f"grad/{name}" for name in expected}
+    assert expected <= set(m)
+    assert expected <= set(gh.CATALOGUE)
+    assert {"grad/layer_norm/w", "grad/layer_norm/b", "grad/norm#2"} <= set(m)
+
+
+def test_metrics_found_in_nnx_optimizer():
+    from flax import nnx
+
+    model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, gh.guard(optax.adam(1e-3), clip=1.0), wrt=nnx.Param)
+
+    @nnx.jit
+    def train_step(model, optimizer, x):
+        loss, grads = nnx.value_and_grad(lambda m: jnp.mean(m(x) ** 2))(model)
+        optimizer.update(model, grads, loss=loss)
+        return loss
+
+    train_step(model, optimizer, jnp.ones((4, 3)))
+    for source in (optimizer, optimizer.opt_state):
+        m = gh.metrics(source)
+        assert int(m["grad/num_steps"]) == 1
+        assert float(m["grad/norm"]) > 0
+        assert {"grad/layer_norm/bias", "grad/layer_norm/kernel"} <= set(m)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(inner="adam"), TypeError, r"`inner` must be an optax.GradientTransformation.*'adam'"),
+        (dict(clip=-1.0), ValueError, r"`clip` must be a positive number.*-1.0"),
+        (dict(spike_action="ignore"), ValueError, r"`spike_action` must be one of \('skip', 'clip', 'record'\)"),
+        (dict(spike_threshold=0.5), ValueError, r"`spike_threshold` .* must be > 1, got 0.5"),
+        (dict(spike_threshold=float("nan")), ValueError, r"`spike_threshold` must not be NaN"),
+        (dict(spike_zscore=-3.0), ValueError, r"`spike_zscore` must be a positive number"),
+        (dict(warmup_steps=0), ValueError, r"`warmup_steps` must be an int >= 1, got 0"),
+        (dict(stats_decay=1.5), ValueError, r"`stats_decay` must lie strictly between 0 and 1, got 1.5"),
+        (dict(reset_after=0), ValueError, r"`reset_after` must be an int >= 1, got 0"),
+        (dict(reset_window=0), ValueError, r"`reset_window` must be an int >= 1, got 0"),
+        (dict(rollback_after_nonfinite=2.0), TypeError, r"`rollback_after_nonfinite` must be an int"),
+        (dict(vanishing_norm=0.0), ValueError, r"`vanishing_norm` must be a positive number"),
+    ],
+)
+def test_bad_arguments_are_rejected_at_construction(kwargs, error, match):
+    kwargs = {"inner": optax.sgd(0.1), **kwargs}
+    with pytest.raises(error, match=match):
+        gh.guard(**kwargs)
+
+
+def test_mismatched_gradient_tree_and_bad_loss_get_clear_errors():
+    tx = gh.guard(optax.sgd(0.1))
+    params = {"w": jnp.zeros(2)}
+    state = tx.init(params)
+    with pytest.raises(ValueError, match=r"gh.guard: the gradient tree's structure does not match"):
+        jax.jit(tx.update)({"v": jnp.zeros(2)}, state, params)
+    with pytest.raises(ValueError, match=r"`loss` must be a scalar, got shape \(3,\)"):
+        tx.update({"w": jnp.zeros(2)}, state, params, loss=jnp.ones(3))
+
+
+def test_metrics_found_in_train_state_and_nested_guards():
+    from flax.training import train_state
+
+    tx = gh.guard(gh.guard(optax.sgd(1.0), clip=0.5), clip=2.0)
+    ts = train_state.TrainState.create(apply_fn=None, params={"w": jnp.zeros(2)}, tx=tx)
+    ts = ts.apply_gradients(grads={"w": jnp.array([3.0, 4.0])})
+    m = gh.metrics(ts)
+    # Outer guard clips 5 -> 2, the inner one then sees 2 and clips to 0.5.
+    np.testing.assert_allclose([m["grad/norm"], m["grad/norm#2"]], [5.0, 2.0], rtol=1e-6)
+    np.testing.assert_allclose([m["grad/norm_clipped"], m["grad/norm_clipped#2"]], [2.0, 0.5], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(ts.params["w"]), -0.5 * np.array([0.6, 0.8]), rtol=1e-6)

@@ -1,0 +1,329 @@
+"""Dynamic loss scaling: scale trajectory against torch.amp.GradScaler, overflow skips
+that never touch the inner state, unscaling before every statistic, fp16/bf16 numerics."""
+
+from __future__ import annotations
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_gradhealth as gh
+
+# ------------------------------------------------------------------ build-time errors
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"init_scale": 0.0}, "init_scale"),
+        ({"init_scale": -4.0}, "init_scale"),
+        ({"init_scale": math.inf}, "init_scale"),
+        ({"growth_factor": 1.0}, "growth_factor"),
+        ({"growth_factor": 0.5}, "growth_factor"),
+        ({"backoff_factor": 0.0}, "backoff_factor"),
+        ({"backoff_factor": 1.0}, "backoff_factor"),
+        ({"backoff_factor": 2.0}, "backoff_factor"),
+        ({"growth_interval": 0}, "growth_interval"),
+        ({"min_scale": 0.0}, "min_scale"),
+        ({"min_scale": 8.0, "max_scale": 4.0, "init_scale": 4.0}, "max_scale"),
+        ({"init_scale": 2.0**30}, "init_scale"),
+    ],
+)
+def test_bad_arguments_raise_when_built(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        gh.dynamic_loss_scale(optax.sgd(0.1), **kwargs)
+
+
+def test_bad_types_raise_when_built():
+    with pytest.raises(TypeError, match="growth_interval"):
+        gh.dynamic_loss_scale(optax.sgd(0.1), growth_interval=2.5)
+    with pytest.raises(TypeError, match="inner"):
+        gh.dynamic_loss_scale("adam")
+
+
+def test_loss_scale_reader_needs_exactly_one_state():
+    with pytest.raises(ValueError, match="found no"):
+        gh.loss_scale(optax.sgd(0.1).init({"w": jnp.zeros(2)}))
+    two = optax.chain(gh.dynamic_loss_scale(optax.sgd(0.1)), gh.dynamic_loss_scale(optax.sgd(0.1)))
+    with pytest.raises(ValueError, match="found 2"):
+        gh.loss_scale(two.init({"w": jnp.zeros(2)}))
+
+
+# ------------------------------------------------------------- trajectory vs torch
+
+
+def test_scale_params_and_skips_match_torch_grad_scaler():
+    """The same scripted run through torch.amp.GradScaler (CPU) and through
+    dynamic_loss_scale(guard(sgd)): scale after every step, parameters, skip count."""
+    torch = pytest.importorskip("torch")
+    true_grads = np.random.default_rng(0).normal(size=(14, 3)).astype(np.float32)
+    overflow_steps = {2, 3, 9}
+    kw = dict(init_scale=1024.0, growth_factor=2.0, backoff_factor=0.5, growth_interval=3)
+
+    p_t = torch.nn.Parameter(torch.ones(3))
+    opt_t = torch.optim.SGD([p_t], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", **kw)
+    tx = gh.dynamic_loss_scale(gh.guard(optax.sgd(0.1), warmup_steps=100), min_scale=1.0, **kw)
+    params = {"w": jnp.ones(3)}
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+
+    for i, g in enumerate(true_grads):
+        scaler.scale(torch.ones(()))  # GradScaler's lazy init; value unused
+        scaled_t = torch.tensor(g) * scaler.get_scale()
+        scaled_j = jnp.asarray(g) * gh.loss_scale(state)
+        if i in overflow_steps:
+            scaled_t[1] = math.inf
+            scaled_j = scaled_j.at[1].set(jnp.inf)
+        p_t.grad = scaled_t
+        scaler.step(opt_t)
+        scaler.update()
+        updates, state = update({"w": scaled_j}, state, params)
+        params = optax.apply_updates(params, updates)
+        m = gh.metrics(state)
+        assert float(m["grad/loss_scale"]) == scaler.get_scale(), i
+        assert bool(m["grad/overflow"]) == (i in overflow_steps)
+        np.testing.assert_allclose(np.asarray(params["w"]), p_t.detach().numpy(), rtol=1e-6)
+
+    m = gh.metrics(state)
+    assert int(m["grad/num_overflows"]) == len(overflow_steps)
+    assert int(m["grad/num_nonfinite"]) == 0  # overflows are counted apart
+    assert int(m["grad/num_steps"]) == len(true_grads) - len(overflow_steps)  # the guard never saw them
+    chex.assert_tree_all_finite(params)
+
+
+def test_scale_written_out_with_bounds():
+    """Growth and backoff with bounds, against the rule written out in Python."""
+    kw = dict(init_scale=4.0, growth_factor=4.0, backoff_factor=0.25, growth_interval=2, min_scale=2.0, max_scale=32.0)
+    tx = gh.dynamic_loss_scale(optax.sgd(1.0), **kw)
+    params = {"w": jnp.zeros(2)}
+    state = tx.init(params)
+    pattern = [True, True, True, True, True, True, False, False, False, True]  # finite?
+    scale, tracker = 4.0, 0
+    for finite in pattern:
+        g = jnp.ones(2) if finite else jnp.array([jnp.nan, 1.0])
+        _, state = tx.update({"w": g}, state, params)
+        overflow = (not finite) and scale > kw["min_scale"]
+        if finite:
+            tracker += 1
+            if tracker == kw["growth_interval"]:
+                scale, tracker = min(scale * kw["growth_factor"], kw["max_scale"]), 0
+        else:
+            tracker = 0
+            if overflow:
+                scale = max(scale * kw["backoff_factor"], kw["min_scale"])
+        assert float(state.loss_scale) == scale
+        assert bool(state.loss_scale_overflow) == overflow
+
+
+# ------------------------------------------------- overflow leaves the inner alone
+
+
+def _adam_guard_run():
+    tx = gh.dynamic_loss_scale(gh.guard(optax.adam(1e-2), clip=1.0, warmup_steps=1), init_scale=256.0)
+    params = {"w": jnp.arange(4.0), "b": jnp.ones(())}
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    for _ in range(3):
+        scale = gh.loss_scale(state)
+        grads = jax.tree.map(lambda p, scale=scale: (0.1 * p + 0.05) * scale, params)
+        updates, state = update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    return tx, update, params, state
+
+
+def test_overflow_skips_without_touching_inner_state_or_params():
+    _, update, params, state = _adam_guard_run()
+    before = state
+    grads = {"w": jnp.array([1.0, jnp.inf, 2.0, 3.0]), "b": jnp.ones(())}
+    updates, state = update(grads, state, params, loss=jnp.float32(0.5))
+    for leaf in jax.tree.leaves(updates):
+        assert np.all(np.asarray(leaf) == 0.0)
+    chex.assert_trees_all_equal(state.loss_scale_inner_state, before.loss_scale_inner_state)
+    assert bool(state.loss_scale_overflow)
+    assert float(state.loss_scale) == float(before.loss_scale) / 2
+    assert int(state.loss_scale_num_overflows) == 1
+    chex.assert_trees_all_equal_shapes_and_dtypes(state, before)
+
+
+def test_genuine_nonfinite_goes_to_the_guard_not_the_scale():
+    _, update, params, state = _adam_guard_run()
+    scale = float(state.loss_scale)
+    adam_before = state.loss_scale_inner_state.guard_inner_state
+    grads = {"w": jnp.array([1.0, jnp.nan, 2.0, 3.0]), "b": jnp.ones(())}
+    updates, state = update(grads, state, params, loss=jnp.float32(jnp.nan))  # the loss itself is NaN
+    m = gh.metrics(state)
+    assert not bool(m["grad/overflow"]) and float(m["grad/loss_scale"]) == scale
+    assert int(m["grad/num_nonfinite"]) == 1 and bool(m["grad/skipped"])
+    chex.assert_trees_all_equal(state.loss_scale_inner_state.guard_inner_state, adam_before)
+    chex.assert_tree_all_finite(updates)
+
+
+def test_nonfinite_at_min_scale_is_not_an_overflow_and_updates_stay_finite():
+    tx = gh.dynamic_loss_scale(optax.sgd(1.0), init_scale=2.0, min_scale=2.0)
+    params = {"w": jnp.zeros(3)}
+    state = tx.init(params)
+    updates, state = tx.update({"w": jnp.array([jnp.inf, 0.0, 1.0])}, state, params)
+    assert not bool(state.loss_scale_overflow) and float(state.loss_scale) == 2.0
+    assert np.all(np.asarray(updates["w"]) == 0.0)  # a bare inner is still protected
+
+
+# --------------------------------------------- unscaled before any statistic or clip
+
+
+def test_guard_sees_true_gradients_and_clips_at_true_threshold():
+    rng = np.random.default_rng(1)
+    g = rng.normal(size=(5, 3)).astype(np.float32)
+    true_norm = float(np.linalg.norm(g.astype(np.float64)))
+    threshold = 0.5 * true_norm
+    tx = gh.dynamic_loss_scale(gh.guard(optax.sgd(1.0), clip=threshold), init_scale=4096.0)
+    params = {"k": jnp.zeros((5, 3))}
+    state = tx.init(params)
+    updates, state = tx.update({"k": jnp.asarray(g) * 4096.0}, state, params)
+    m = gh.metrics(state)
+    np.testing.assert_allclose(float(m["grad/norm"]), true_norm, rtol=1e-6)
+    np.testing.assert_allclose(float(m["grad/layer_norm/k"]), true_norm, rtol=1e-6)
+    np.testing.assert_allclose(float(m["grad/norm_clipped"]), threshold, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(updates["k"]), -g.astype(np.float64) * threshold / true_norm, rtol=1e-5)
+
+
+@pytest.mark.parametrize("value", [1e-4, 1000.0])
+def test_fp16_gradients_small_and_large_give_true_norms(value):
+    """fp16 grads of 1e-4 (squares underflow in fp16) and 1000 (squares overflow in fp16)."""
+    n = 4096
+    rng = np.random.default_rng(2)
+    g = (value * (1.0 + 0.1 * rng.random(n))).astype(np.float16)
+    scale = 2.0**14 if value < 1 else 32.0  # keep the scaled values inside fp16's range
+    tx = gh.dynamic_loss_scale(gh.guard(optax.sgd(1.0)), init_scale=scale)
+    params = {"w": jnp.zeros(n, jnp.float16)}
+    state = tx.init(params)
+    scaled = (jnp.asarray(g, jnp.float32) * scale).astype(jnp.float16)
+    assert bool(jnp.all(jnp.isfinite(scaled)))
+    updates, state = jax.jit(tx.update)({"w": scaled}, state, params)
+    m = gh.metrics(state)
+    expected = float(np.linalg.norm(g.astype(np.float64)))
+    np.testing.assert_allclose(float(m["grad/norm"]), expected, rtol=2e-3)  # fp16 rounding of g * scale / scale
+    assert not bool(m["grad/overflow"]) and updates["w"].dtype == jnp.float16
+    assert int(m["grad/num_skipped"]) == 0
+
+
+def test_fp16_overflow_from_scaling_is_caught():
+    g = jnp.full((8,), 1000.0, jnp.float16)
+    tx = gh.dynamic_loss_scale(gh.guard(optax.sgd(1.0)), init_scale=128.0)  # 128000 > fp16 max
+    params = {"w": jnp.zeros(8, jnp.float16)}
+    state = tx.init(params)
+    scaled = (g.astype(jnp.float32) * 128.0).astype(jnp.float16)
+    updates, state = tx.update({"w": scaled}, state, params)
+    assert bool(state.loss_scale_overflow) and float(state.loss_scale) == 64.0
+    assert np.all(np.asarray(updates["w"]) == 0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_low_precision_params_keep_structure_dtype_in_scan(dtype):
+    # Not Adam: with fp16 moments its second moment underflows to 0 and eps=1e-8 is 0 in
+    # fp16, so Adam divides by zero whatever the loss scale (keep fp32 master weights).
+    tx = gh.dynamic_loss_scale(gh.guard(optax.sgd(1e-2, momentum=0.9), clip=1.0), init_scale=64.0, growth_interval=2)
+    params = {"w": jnp.ones((3, 2), dtype), "b": jnp.zeros((2,), dtype)}
+    state0 = tx.init(params)
+    seq = jnp.asarray(np.random.default_rng(3).normal(size=(6, 3, 2)), jnp.float32)
+    bad = jnp.zeros(6, jnp.bool_).at[2].set(True)
+
+    def body(carry, xs):
+        params, state = carry
+        g, overflow = xs
+        grads = {"w": (g * gh.loss_scale(state)).astype(dtype), "b": jnp.ones((2,), dtype)}
+        grads["w"] = jnp.where(overflow, jnp.asarray(jnp.inf, dtype), grads["w"])
+        updates, new_state = tx.update(grads, state, params)
+        chex.assert_trees_all_equal_shapes_and_dtypes(new_state, state)
+        chex.assert_trees_all_equal_shapes_and_dtypes(updates, params)
+        return (optax.apply_updates(params, updates), new_state), new_state.loss_scale
+
+    (params, state), scales = jax.jit(lambda c: jax.lax.scan(body, c, (seq, bad)))((params, state0))
+    chex.assert_tree_all_finite(params)
+    assert int(state.loss_scale_num_overflows) == 1
+    # 64 -> 64 -> 128 (2 finite) -> 64 (overflow) -> 64 -> 128 -> 128
+    assert np.asarray(scales).tolist() == [64.0, 128.0, 64.0, 64.0, 128.0, 128.0]
+
+
+def test_scale_loss_is_float32_and_reads_nested_states():
+    from flax import nnx
+
+    class Tiny(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(2, 1, rngs=rngs)
+
+    model = Tiny(nnx.Rngs(0))
+    opt = nnx.Optimizer(model, gh.dynamic_loss_scale(gh.guard(optax.sgd(0.1)), init_scale=2.0**16), wrt=nnx.Param)
+    assert float(gh.loss_scale(opt)) == 65536.0
+    assert float(gh.loss_scale(opt.opt_state)) == 65536.0
+    scaled = gh.scale_loss(jnp.float16(3.0), opt)
+    assert scaled.dtype == jnp.float32 and float(scaled) == 3.0 * 65536.0
+    nested = optax.MultiSteps(gh.dynamic_loss_scale(optax.sgd(0.1), init_scale=8.0), 3).init({"w": jnp.zeros(1)})
+    assert float(gh.loss_scale(nested)) == 8.0
+
+
+# ------------------------------------------------------------------ the example
+
+
+def test_fp16_example_forces_overflows_and_follows_the_scale_rule():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "fp16_loss_scaling.py"
+    spec = importlib.util.spec_from_file_location("fp16_loss_scaling", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    steps, interval = 40, 8
+    out = example.main(steps=steps, growth_interval=interval, verbose=False)
+    hist, m = out["history"], out["metrics"]
+
+    overflows = sum(hist["overflow"])
+    assert overflows >= 3  # 2**24 is far too large for fp16 activations' gradients
+    assert int(m["grad/num_overflows"]) == overflows
+    assert int(m["grad/num_steps"]) == steps - overflows and int(m["grad/num_nonfinite"]) == 0
+    # GradScaler's rule written out: x0.5 on overflow, x2 after `interval` finite steps.
+    scale, good = 2.0**24, 0
+    for overflow, recorded in zip(hist["overflow"], hist["loss_scale"]):
+        if overflow:
+            scale, good = scale * 0.5, 0
+        else:
+            good += 1
+            if good == interval:
+                scale, good = scale * 2.0, 0
+        assert recorded == scale
+    assert out["params_finite"]
+    assert np.mean(hist["loss"][-8:]) < np.mean(hist["loss"][:8])
+
+
+def test_guard_fast_path_equals_the_general_path():
+    """Directly around a guard the wrapper reuses the guard's finite flag; around any
+    other state (here a one-link chain holding the same guard) it checks itself."""
+    kinds = ["ok", "ok", "inf", "ok", "nan_loss", "ok", "ok", "inf", "inf", "ok"]
+    runs = []
+    for wrap in (lambda t: t, lambda t: optax.chain(t)):
+        tx = gh.dynamic_loss_scale(wrap(gh.guard(optax.adam(1e-2), clip=0.5)), init_scale=8.0, growth_interval=2)
+        params = {"w": jnp.ones(4)}
+        state = tx.init(params)
+        update = jax.jit(tx.update)
+        trace = []
+        for i, kind in enumerate(kinds):
+            g = jnp.asarray(np.random.default_rng(i).normal(size=4), jnp.float32) * gh.loss_scale(state)
+            loss = jnp.float32(jnp.nan if kind == "nan_loss" else 1.0)
+            if kind == "inf":
+                g = g.at[0].set(jnp.inf)
+            updates, state = update({"w": g}, state, params, loss=loss)
+            params = optax.apply_updates(params, updates)
+            trace.append(jax.device_get(gh.metrics(state)))
+        runs.append((params, trace))
+    chex.assert_trees_all_equal(runs[0][0], runs[1][0])
+    for a, b in zip(runs[0][1], runs[1][1]):
+        assert a.keys() == b.keys()
+        for name in a:
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    last = runs[0][1][-1]
+    assert int(last["grad/num_overflows"]) == 3 and int(last["grad/num_nonfinite"]) == 1

@@ -1,0 +1,213 @@
+"""gh.global_norm / gh.grad_stats against numpy float64 and torch.nn.utils.clip_grad_norm_."""
+
+from __future__ import annotations
+
+import chex
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import optax_gradhealth as gh
+
+
+def reference_norm(leaves) -> float:
+    """The definition written out in float64: sqrt(sum over all elements of x**2)."""
+    total = 0.0
+    for x in leaves:
+        x = np.asarray(x, dtype=np.float64)
+        if x.size:
+            largest = np.max(np.abs(x))
+            if largest > 0:
+                total += largest**2 * np.sum((x / largest) ** 2)
+    return float(np.sqrt(total))
+
+
+def torch_norm(leaves) -> float:
+    tensors = []
+    for x in leaves:
+        t = torch.tensor(np.asarray(x, np.float64)).requires_grad_()
+        t.grad = t.detach().clone()
+        tensors.append(t)
+    return float(torch.nn.utils.clip_grad_norm_(tensors, max_norm=float("inf")))
+
+
+DTYPES = [jnp.float16, jnp.bfloat16, jnp.float32]
+# Magnitudes each dtype can hold (fp16: 6e-8 .. 65504).
+MAGNITUDES = {
+    jnp.float16: [1e-4, 1e-2, 1.0, 300.0, 1e4],
+    jnp.bfloat16: [1e-30, 1e-10, 1.0, 1e10, 1e30],
+    jnp.float32: [1e-30, 1e-19, 1e-10, 1.0, 1e10, 1e19, 1e30],
+}
+
+
+def make_leaves(dtype, magnitude, seed=0, n_leaves=5):
+    rng = np.random.default_rng(seed)
+    shapes = [(3, 4), (7,), (2, 2, 2), (1,), (5, 1)][:n_leaves]
+    return [jnp.asarray(rng.normal(size=s) * magnitude, dtype) for s in shapes]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_norm_matches_float64_reference_across_magnitudes(dtype):
+    for magnitude in MAGNITUDES[dtype]:
+        leaves = make_leaves(dtype, magnitude)
+        expected = reference_norm(leaves)  # of the values as stored in `dtype`
+        got = float(gh.global_norm(leaves))
+        np.testing.assert_allclose(got, expected, rtol=2e-6, err_msg=f"magnitude {magnitude}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_norm_matches_torch_clip_grad_norm(dtype):
+    for magnitude in MAGNITUDES[dtype]:
+        leaves = make_leaves(dtype, magnitude, seed=1)
+        np.testing.assert_allclose(float(gh.global_norm(leaves)), torch_norm(leaves), rtol=2e-6)
+
+
+def test_fp32_elements_of_1e20_give_the_finite_norm():
+    stats = gh.grad_stats({"w": jnp.full((3,), 1e20, jnp.float32)})
+    assert bool(stats.finite)
+    np.testing.assert_allclose(float(stats.norm), 1e20 * np.sqrt(3), rtol=1e-6)
+
+
+def test_fp16_sum_of_squares_above_fp16_max():
+    # Each square (90000) exceeds float16's max (65504): optax would report inf.
+    leaves = [jnp.full((8,), 300.0, jnp.float16)]
+    np.testing.assert_allclose(float(gh.global_norm(leaves)), 300.0 * np.sqrt(8), rtol=1e-6)
+    assert np.isinf(float(jnp.sqrt(sum(jnp.sum(x * x) for x in leaves))))  # the trap, in fp16
+
+
+def test_fp16_small_gradients_do_not_underflow():
+    leaves = [jnp.full((100,), 1e-4, jnp.float16)]
+    expected = reference_norm(leaves)
+    np.testing.assert_allclose(float(gh.global_norm(leaves)), expected, rtol=1e-6)
+
+
+def test_bf16_many_leaves_are_summed_in_float32():
+    rng = np.random.default_rng(3)
+    leaves = [jnp.asarray(rng.normal(size=(64,)), jnp.bfloat16) for _ in range(300)]
+    expected = reference_norm(leaves)
+    np.testing.assert_allclose(float(gh.global_norm(leaves)), expected, rtol=1e-5)
+
+
+def test_float64_leaves_under_x64():
+    with jax.enable_x64(True):
+        leaves = [jnp.asarray(np.array([1e-200, 3e-200]), jnp.float64)]
+        stats = gh.grad_stats(leaves)
+        assert stats.norm.dtype == jnp.float32
+        assert float(stats.norm) == 0.0  # below float32's range
+        leaves = [jnp.asarray(np.array([3.0, 4.0]), jnp.float64), jnp.ones((2,), jnp.float32)]
+        np.testing.assert_allclose(float(gh.global_norm(leaves)), np.sqrt(27.0), rtol=1e-7)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nonfinite_detected_and_first_leaf_named(bad):
+    tree = {"a": jnp.ones(3), "b": jnp.array([1.0, bad]), "c": jnp.array([bad])}
+    stats = gh.grad_stats(tree)
+    assert not bool(stats.finite)
+    assert not np.isfinite(float(stats.norm))
+    assert gh.leaf_names(tree)[int(stats.first_nonfinite_leaf)] == "b"
+
+
+def test_huge_but_finite_is_not_mistaken_for_nan():
+    tree = {"a": jnp.array([3e38, 3e38], jnp.float32), "b": jnp.array([1.0])}
+    stats = gh.grad_stats(tree)
+    assert bool(stats.finite)
+    assert int(stats.first_nonfinite_leaf) == -1
+    # The true norm (4.2e38) exceeds float32: it saturates at float32's max, still finite.
+    assert float(stats.norm) == float(np.finfo(np.float32).max)
+
+
+def test_per_leaf_norms_keyed_by_path():
+    rng = np.random.default_rng(4)
+    tree = {
+        "dense": {"kernel": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32), "bias": jnp.ones(3)},
+        "emb": [jnp.asarray(rng.normal(size=(5,)) * 1e25, jnp.float32)],
+    }
+    norms = gh.layer_norms(tree)
+    assert sorted(norms) == ["dense/bias", "dense/kernel", "emb/0"]
+    for path, leaf in zip(gh.leaf_names(tree), jax.tree.leaves(tree)):
+        np.testing.assert_allclose(float(norms[path]), reference_norm([leaf]), rtol=2e-6)
+
+
+def test_non_float_leaves_are_ignored_and_empty_trees_are_zero():
+    tree = {"w": jnp.array([3.0, 4.0]), "step": jnp.array(7, jnp.int32), "mask": jnp.array([True]), "none": None}
+    stats = gh.grad_stats(tree)
+    assert float(stats.norm) == 5.0
+    assert float(stats.leaf_norms["step"]) == 0.0
+    for empty in [{}, [], None, {"a": None, "b": ()}]:
+        stats = gh.grad_stats(empty)
+        assert float(stats.norm) == 0.0 and bool(stats.finite)
+    assert float(gh.global_norm({"z": jnp.zeros((0, 3))})) == 0.0
+    assert float(gh.global_norm({"z": jnp.zeros((4,))})) == 0.0
+
+
+def test_same_values_under_jit_vmap_and_grad_float0():
+    tree = make_leaves(jnp.float32, 1e-25)
+    np.testing.assert_allclose(float(jax.jit(gh.global_norm)(tree)), reference_norm(tree), rtol=2e-6)
+    batch = [jnp.stack([x, 2 * x]) for x in tree]
+    norms = jax.vmap(gh.global_norm)(batch)
+    np.testing.assert_allclose(np.asarray(norms), [reference_norm(tree), 2 * reference_norm(tree)], rtol=2e-6)
+    # grad w.r.t. an integer input yields float0 leaves: ignored.
+    grads = jax.grad(lambda p: jnp.sum(p["w"] ** 2) * 1.0, allow_int=True)({"w": jnp.ones(2), "i": jnp.array(1)})
+    assert float(gh.global_norm(grads)) == pytest.approx(np.sqrt(8.0))
+
+
+@st.composite
+def random_trees(draw):
+    n_leaves = draw(st.integers(1, 6))
+    dtype = draw(st.sampled_from(["float16", "bfloat16", "float32"]))
+    exponent = {"float16": (-3, 3), "bfloat16": (-30, 30), "float32": (-30, 30)}[dtype]
+    leaves = []
+    for _ in range(n_leaves):
+        shape = draw(hnp.array_shapes(min_dims=0, max_dims=3, max_side=5))
+        mantissa = draw(
+            hnp.arrays(np.float64, shape, elements=st.floats(-10, 10, allow_nan=False, allow_infinity=False))
+        )
+        scale = 10.0 ** draw(st.integers(*exponent))
+        leaves.append(jnp.asarray(mantissa * scale, dtype))
+    structure = draw(st.sampled_from(["list", "dict", "nested"]))
+    if structure == "list":
+        return leaves
+    if structure == "dict":
+        return {f"p{i}": x for i, x in enumerate(leaves)}
+    return {"outer": {"inner": leaves[:1], "rest": tuple(leaves[1:])}}
+
+
+@settings(max_examples=60, deadline=None)
+@given(random_trees())
+def test_property_norm_equals_float64_reference(tree):
+    leaves = jax.tree.leaves(tree)
+    expected = reference_norm(leaves)
+    stats = gh.grad_stats(tree)
+    assert bool(stats.finite)
+    np.testing.assert_allclose(float(stats.norm), expected, rtol=5e-6, atol=0)
+    got_leaves = jax.tree.leaves(stats.leaf_norms)
+    # Per-leaf norms are exact unless the leaf is so tiny that its squares underflow
+    # while the global total does not (then they flush towards zero; documented).
+    for leaf, norm in zip(leaves, got_leaves):
+        ref = reference_norm([leaf])
+        if ref > 1e-18 or expected < 1e-15:
+            np.testing.assert_allclose(float(norm), ref, rtol=5e-6)
+    chex.assert_trees_all_equal_structs(stats.leaf_norms, jax.tree.map(lambda _: 0.0, tree))
+
+
+@settings(max_examples=30, deadline=None)
+@given(random_trees(), st.data())
+def test_property_any_nan_or_inf_is_detected(tree, data):
+    leaves, treedef = jax.tree.flatten(tree)
+    sizes = [x.size for x in leaves]
+    candidates = [i for i, s in enumerate(sizes) if s > 0]
+    if not candidates:
+        return
+    index = data.draw(st.sampled_from(candidates))
+    bad = data.draw(st.sampled_from([np.nan, np.inf, -np.inf]))
+    flat = np.asarray(leaves[index], np.float32).reshape(-1).copy()
+    flat[data.draw(st.integers(0, flat.size - 1))] = bad
+    leaves[index] = jnp.asarray(flat.reshape(leaves[index].shape), leaves[index].dtype)
+    stats = gh.grad_stats(treedef.unflatten(leaves))
+    assert not bool(stats.finite)
+    assert int(stats.first_nonfinite_leaf) == index
