@@ -652,8 +652,24 @@ def _reduced(h: _History, name: str, reduce) -> np.ndarray | None:
     index = h.indexed(name)
     if not index:
         return None
-    columns = np.stack([h.col(name + "".join(f"/{i}" for i in idx)) for idx in index], axis=1)
-    return reduce(np.nan_to_num(columns, nan=0.0), axis=1)
+
+    def column(idx):
+        return np.nan_to_num(h.col(name + "".join(f"/{i}" for i in idx)), nan=0.0)
+
+    if all(len(idx) == 2 for idx in index):
+        # A [K, K] pair matrix: one column per unordered pair {j, k}, j != k, set when
+        # either [j, k] or [k, j] is (so a symmetric matrix counts each pair once).
+        present = set(index)
+        pairs = sorted({(min(j, k), max(j, k)) for j, k in index if j != k})
+        columns = [
+            np.maximum(column((j, k)) if (j, k) in present else 0.0, column((k, j)) if (k, j) in present else 0.0)
+            for j, k in pairs
+        ]
+    else:
+        columns = [column(idx) for idx in index]
+    if not columns:
+        return np.zeros(len(h))
+    return reduce(np.stack(columns, axis=1), axis=1)
 
 
 def _rolling_median_before(values: np.ndarray, t: int, window: int) -> float:
@@ -742,7 +758,9 @@ def _cross_device(h: _History, th: Thresholds) -> list[Finding]:
     high = a > th.agreement_high
     high_fraction = float(high.mean()) if a.size >= th.min_steps else 0.0
     duplicate = _reduced(h, "xdev/duplicate_pairs", np.sum)
-    dup_rows = np.nan_to_num(duplicate) > 0 if duplicate is not None else np.zeros(len(h), bool)
+    audit_rows = h.col("xdev/audited") == 1 if h.has("xdev/audited") else np.ones(len(h), bool)
+    # Audit values are held between audits: count them on audit rows only.
+    dup_rows = audit_rows & (np.nan_to_num(duplicate) > 0) if duplicate is not None else np.zeros(len(h), bool)
     if high_fraction >= th.agreement_high_fraction or dup_rows.any():
         evidence = {"fraction_high": high_fraction, "metric": name}
         if a.size:
@@ -818,7 +836,7 @@ def _cross_device(h: _History, th: Thresholds) -> list[Finding]:
     # Parameter desync.
     desync = _reduced(h, "xdev/param_desync", np.max)
     if desync is not None:
-        desync = np.nan_to_num(desync, nan=0.0)
+        desync = np.where(audit_rows, np.nan_to_num(desync, nan=0.0), 0.0)
         bad = desync > th.param_desync
         if bad.any():
             found.append(

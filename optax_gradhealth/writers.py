@@ -256,6 +256,8 @@ class MetricLogger:
       log_every: log every this many steps (>= 1); step 0 is logged.
       all_steps: keep and write every step, flushed every ``log_every`` steps.
       prefix: prepended to every name.
+      replicated: the values carry a leading device axis (outputs of ``jax.pmap``, where
+        every gradhealth metric is identical on every device): log the first replica.
 
     Example:
       >>> import jax.numpy as jnp
@@ -277,6 +279,7 @@ class MetricLogger:
         log_every: int = 10,
         all_steps: bool = False,
         prefix: str = "",
+        replicated: bool = False,
     ):
         if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
             raise ValueError(f"`log_every` must be an integer >= 1, got {log_every!r}.")
@@ -288,6 +291,7 @@ class MetricLogger:
         self.log_every = log_every
         self.all_steps = bool(all_steps)
         self.prefix = prefix
+        self.replicated = bool(replicated)
         self._pending: list[tuple[int, Mapping[str, Any]]] = []
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
@@ -309,6 +313,8 @@ class MetricLogger:
 
         pending, self._pending = self._pending, []
         fetched = jax.device_get([metrics for _, metrics in pending])
+        if self.replicated:
+            fetched = jax.tree.map(lambda x: x[0], fetched)
         for (step, _), metrics in zip(pending, fetched):
             scalars = flatten(metrics, prefix=self.prefix)
             for writer in self.writers:

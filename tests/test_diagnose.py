@@ -326,9 +326,17 @@ def test_duplicates_and_desync_logged_as_per_pair_or_per_device_arrays():
         del row["xdev/duplicate_pairs"], row["xdev/param_desync"], row["xdev/agreement"]
         row["xdev/duplicate_pairs"] = np.zeros((K, K))
         row["xdev/param_desync"] = np.zeros(K)
-    rows[70]["xdev/duplicate_pairs"] = np.eye(K, k=1)  # pairs (0,1), (1,2), ...
+    rows[70]["xdev/duplicate_pairs"] = np.eye(K, k=1) + np.eye(K, k=-1)  # symmetric: pairs {0,1}, {1,2}, ...
     rows[90]["xdev/param_desync"] = np.eye(K)[5]
     found = {f.pattern: f for f in gh.diagnose(rows)}
     assert set(found) == {"agreement_high", "param_desync"}
     assert found["agreement_high"].steps == (70,) and found["agreement_high"].evidence["max_duplicate_pairs"] == K - 1
     assert found["param_desync"].steps == (90,)
+
+
+def test_audit_values_held_between_audits_count_once():
+    rows = clean_rows(xdev=True)
+    for t, row in enumerate(rows):
+        row["xdev/audited"] = float(t % 10 == 0)
+        row["xdev/duplicate_pairs"] = 1.0 if 100 <= t < 110 else 0.0  # audit at 100, held until 109
+    assert by_pattern(rows, "agreement_high").steps == (100,)

@@ -176,3 +176,12 @@ def test_wandb_writer_without_wandb_says_how_to_install(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_wandb)
     with pytest.raises(ImportError, match="pip install wandb"):
         gh.WandbWriter(project="x")
+
+
+def test_logger_replicated_takes_the_first_replica():
+    recorder = Recorder()
+    logger = gh.MetricLogger(recorder, log_every=1, replicated=True)
+    logger.log(0, {"grad/norm": jnp.full((8,), 2.0), "xdev/device_norms": jnp.tile(jnp.arange(3.0), (8, 1))})
+    assert recorder.rows == [
+        (0, {"grad/norm": 2.0, "xdev/device_norms/0": 0.0, "xdev/device_norms/1": 1.0, "xdev/device_norms/2": 2.0})
+    ]
