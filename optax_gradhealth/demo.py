@@ -258,8 +258,8 @@ def train_step(model, optimizer, tokens, weights, lr_multiplier):
 
 def train(config: TrainConfig) -> dict[str, Any]:
     """Trains the character transformer with the scripted faults and writes the log
-    (and the report). Returns a summary: final loss, counters, rollbacks, findings and
-    the paths written."""
+    (and the report). Returns a summary: final loss, event counts (from the log),
+    rollbacks, findings and the paths written."""
     faults = parse_faults(config.faults)
     os.makedirs(config.out, exist_ok=True)
     log_path = os.path.join(config.out, config.log_name)

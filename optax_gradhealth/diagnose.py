@@ -214,7 +214,8 @@ PLAYBOOK: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
             "learning rate too high: the model bounces around the loss landscape",
         ),
         (
-            "increase the batch (or accumulate gradients) towards the noise scale B_simple",
+            "compare the global batch (devices x per-device batch) with xdev/noise_scale (B_simple): below it, "
+            "grow the batch or accumulate gradients; well above it, low per-device agreement is expected and harmless",
             "lower the learning rate or increase momentum to smooth directions",
         ),
     ),
