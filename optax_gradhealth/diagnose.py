@@ -673,6 +673,16 @@ def _reduced(h: _History, name: str, reduce) -> np.ndarray | None:
     return reduce(np.stack(columns, axis=1), axis=1)
 
 
+def _flagged_indices(h: _History, name: str, rows: np.ndarray) -> list[tuple[int, ...]]:
+    """The ``name/i[/j]`` entries that are non-zero on any of ``rows``."""
+    return [
+        idx
+        for idx in h.indexed(name)
+        if np.any(np.nan_to_num(h.col(name + "".join(f"/{i}" for i in idx))[rows]) != 0)
+        and (len(idx) != 2 or idx[0] != idx[1])
+    ]
+
+
 def _rolling_median_before(values: np.ndarray, t: int, window: int) -> float:
     return float(np.median(values[t - window : t]))
 
@@ -768,11 +778,24 @@ def _cross_device(h: _History, th: Thresholds) -> list[Finding]:
             evidence["median_agreement"] = float(np.median(a))
         if duplicate is not None:
             evidence["max_duplicate_pairs"] = int(np.nanmax(np.nan_to_num(duplicate)))
+            pairs = _flagged_indices(h, "xdev/duplicate_pairs", audit_rows)
+            if pairs:
+                evidence["duplicate_device_pairs"] = sorted({tuple(sorted(p)) for p in pairs if len(p) == 2})
         found.append(
             _finding(
                 "agreement_high",
-                f"{name} > {th.agreement_high:g} on {high_fraction:.0%} of steps"
-                + (f"; duplicate device pairs at {int(dup_rows.sum())} audit(s)" if dup_rows.any() else ""),
+                "; ".join(
+                    ([f"{name} > {th.agreement_high:g} on {high_fraction:.0%} of steps"] if high.any() else [])
+                    + (
+                        [
+                            "bit-identical gradients on device pairs "
+                            + ", ".join(f"{j}-{k}" for j, k in evidence.get("duplicate_device_pairs", []))
+                            + f" at {int(dup_rows.sum())} audit(s)"
+                        ]
+                        if dup_rows.any()
+                        else []
+                    )
+                ),
                 sorted(set(a_steps[high].tolist()) | set(steps[dup_rows].tolist())),
                 evidence,
             )
@@ -845,7 +868,11 @@ def _cross_device(h: _History, th: Thresholds) -> list[Finding]:
                     "param_desync",
                     f"replica parameters differ at {int(bad.sum())} step(s), first at step {int(steps[bad][0])}",
                     steps[bad],
-                    {"max_param_desync": float(desync.max()), "threshold": th.param_desync},
+                    {
+                        "max_param_desync": float(desync.max()),
+                        "threshold": th.param_desync,
+                        "devices": sorted({p[0] for p in _flagged_indices(h, "xdev/param_desync", bad) if len(p) == 1}),
+                    },
                 )
             )
     return found

@@ -331,7 +331,8 @@ def test_duplicates_and_desync_logged_as_per_pair_or_per_device_arrays():
     found = {f.pattern: f for f in gh.diagnose(rows)}
     assert set(found) == {"agreement_high", "param_desync"}
     assert found["agreement_high"].steps == (70,) and found["agreement_high"].evidence["max_duplicate_pairs"] == K - 1
-    assert found["param_desync"].steps == (90,)
+    assert found["param_desync"].steps == (90,) and found["param_desync"].evidence["devices"] == [5]
+    assert found["agreement_high"].evidence["duplicate_device_pairs"] == [(j, j + 1) for j in range(K - 1)]
 
 
 def test_audit_values_held_between_audits_count_once():
