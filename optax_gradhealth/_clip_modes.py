@@ -1,11 +1,11 @@
 """The remaining clipping modes, each recording what it did: element-wise value clipping,
 per-layer (per-leaf) norm clipping, and unit-wise adaptive clipping (AGC).
 
-Each is an ``optax.GradientTransformation`` usable anywhere in ``optax.chain``. To use
-one as the clipping step of :func:`optax_gradhealth.guard`, make it the first link of
-the guarded chain::
+Each is an ``optax.GradientTransformation`` usable anywhere in ``optax.chain``, and as
+the ``clip=`` of :func:`optax_gradhealth.guard`, which chains it in front of the inner
+optimizer::
 
-    gh.guard(optax.chain(gh.clip_by_value(1.0), optax.adam(1e-3)))
+    gh.guard(optax.adam(1e-3), clip=gh.clip_by_value(1.0))
 
 The guard then measures the raw gradient, takes its skip / spike decisions on it, and
 only accepted steps reach the clip and the optimizer, exactly the order the guard uses

@@ -108,13 +108,19 @@ _HYPERPARAM_STATES = (optax.InjectHyperparamsState, optax.InjectStatefulHyperpar
 
 def _reset_moments(old: Any, fresh: Any) -> Any:
     """``fresh`` (a new ``inner.init``) everywhere except schedule and hyperparameter
-    counters, which keep their ``old`` values. Dtypes follow ``old``."""
+    counters and gradhealth's own bookkeeping states (clip modes, nested guards, loss
+    scale), which keep their ``old`` values. Dtypes follow ``old``."""
+
+    from optax_gradhealth._metrics import _REGISTRY  # bookkeeping states: kept as they are
+
+    def kept(x):
+        return isinstance(x, _SCHEDULE_STATES) or type(x) in _REGISTRY
 
     def is_boundary(x):
-        return isinstance(x, (*_SCHEDULE_STATES, *_HYPERPARAM_STATES, GuardState))
+        return kept(x) or isinstance(x, _HYPERPARAM_STATES)
 
     def one(o, f):
-        if isinstance(o, (*_SCHEDULE_STATES, GuardState)):
+        if kept(o):
             return o
         if isinstance(o, _HYPERPARAM_STATES):
             return o._replace(inner_state=_reset_moments(o.inner_state, f.inner_state))
@@ -180,7 +186,11 @@ def guard(
 
     Args:
       inner: the optimizer to protect, any ``optax.GradientTransformation``.
-      clip: clipping of the global norm before the inner update.
+      clip: clipping before the inner update: None (off), a number (fixed global-norm
+        threshold), a global-norm policy (:class:`FixedClip`, :class:`ZScoreClip`,
+        :class:`PercentileClip`), or a clip-mode transformation
+        (:func:`clip_by_value`, :func:`clip_by_layer_norm`,
+        :func:`adaptive_grad_clip`), which is chained in front of ``inner``.
       spike_action: ``'skip'``, ``'clip'`` or ``'record'``.
       spike_threshold: spike-score threshold (> 1), or None.
       spike_zscore: z-score threshold (> 0), or None.
@@ -214,6 +224,11 @@ def guard(
       (5.0, 1.0, 1)
     """
     inner = check.transformation("inner", inner)
+    if isinstance(clip, optax.GradientTransformation):
+        # A clip mode (gh.clip_by_value, gh.clip_by_layer_norm, gh.adaptive_grad_clip):
+        # applied to accepted steps only, between the guard's decision and `inner`.
+        inner = optax.chain(clip, inner)
+        clip = None
     policy = _clipping.as_clip_policy("clip", clip)
     spike_action = check.one_of("spike_action", spike_action, SPIKE_ACTIONS)
     spike_threshold = check.optional(check.positive, "spike_threshold", spike_threshold)

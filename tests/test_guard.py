@@ -421,3 +421,21 @@ def test_metrics_found_in_train_state_and_nested_guards():
     np.testing.assert_allclose([m["grad/norm"], m["grad/norm#2"]], [5.0, 2.0], rtol=1e-6)
     np.testing.assert_allclose([m["grad/norm_clipped"], m["grad/norm_clipped#2"]], [2.0, 0.5], rtol=1e-6)
     np.testing.assert_allclose(np.asarray(ts.params["w"]), -0.5 * np.array([0.6, 0.8]), rtol=1e-6)
+
+
+def test_clip_mode_as_guard_clip_applies_only_to_accepted_steps_and_survives_reset():
+    tx = gh.guard(optax.sgd(1.0), clip=gh.clip_by_value(0.5), warmup_steps=3, reset_after=1, spike_zscore=None)
+    params = {"w": jnp.zeros(2)}
+    state = tx.init(params)
+    updates, state = tx.update({"w": jnp.array([2.0, 0.1])}, state, params)
+    np.testing.assert_allclose(np.asarray(updates["w"]), [-0.5, -0.1])  # element-wise, as optax.clip
+    _, state = tx.update({"w": jnp.array([jnp.nan, 0.1])}, state, params)
+    m = gh.metrics(state)
+    assert bool(m["grad/skipped"]) and int(m["grad/value_clip_count"]) == 1  # the skipped step left it
+    for grads in ([0.1, 0.1], [0.1, 0.1], [0.6, 0.1]):
+        _, state = tx.update({"w": jnp.array(grads)}, state, params)
+    _, state = tx.update({"w": jnp.array([50.0, 50.0])}, state, params)  # spike -> reset
+    m = gh.metrics(state)
+    # The reset re-initialised the optimizer but kept the clip mode's record of the
+    # last accepted step (one element clipped), rather than zeroing it.
+    assert bool(m["grad/momentum_reset"]) and int(m["grad/value_clip_count"]) == 1
