@@ -18,6 +18,7 @@ from a checkpoint continues bit-identically (see ``tests/test_flax.py``).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from typing import Any
@@ -41,6 +42,7 @@ def init_params(seed: int = 0) -> dict[str, Any]:
     }
 
 
+@functools.lru_cache(maxsize=1)  # one object, so that make_step's jit compiles once per process
 def make_optimizer() -> optax.GradientTransformationExtraArgs:
     return gh.guard(optax.adam(1e-2), clip=gh.ZScoreClip(), warmup_steps=10, rollback_after_nonfinite=5)
 
@@ -58,6 +60,7 @@ def loss_fn(params, x, y):
     return jnp.mean((h @ params["out"]["kernel"] + params["out"]["bias"] - y) ** 2)
 
 
+@functools.lru_cache(maxsize=4)
 def make_step(tx):
     @jax.jit
     def step(params, opt_state, x, y):

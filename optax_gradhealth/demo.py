@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import glob
 import os
 import sys
@@ -232,8 +233,15 @@ class TrainConfig:
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformationExtraArgs:
     """The guarded optimizer: AdamW with warm-up/cosine decay, inside ``gh.guard`` with
     z-score clipping, spike skipping, momentum reset and the rollback recommendation."""
+    return _optimizer(config.steps, config.learning_rate)
+
+
+@functools.lru_cache(maxsize=8)
+def _optimizer(steps: int, learning_rate: float) -> optax.GradientTransformationExtraArgs:
+    # One transformation object per setting: the optimizer is part of the jitted step's
+    # static graph, so runs with the same settings in one process share one compilation.
     schedule = optax.warmup_cosine_decay_schedule(
-        0.0, config.learning_rate, warmup_steps=max(1, config.steps // 20), decay_steps=config.steps
+        0.0, learning_rate, warmup_steps=max(1, steps // 20), decay_steps=steps
     )
     inner = optax.chain(optax.adamw(schedule, weight_decay=0.01), scale_by_fault_multiplier())
     return gh.guard(
