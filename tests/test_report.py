@@ -80,9 +80,11 @@ def test_report_writes_the_picture_and_the_findings(tmp_path):
     expected = gh.diagnose(log)
     assert [f.pattern for f in findings] == [f.pattern for f in expected]
     assert {"nonfinite", "explosion", "rollback"} <= {f.pattern for f in findings}
-    saved = json.loads(open(json_path).read())
+    with open(json_path) as file:
+        saved = json.load(file)
     assert [f["pattern"] for f in saved] == [f.pattern for f in expected]
-    assert open(text_path).read().strip() == gh.format_findings(expected)
+    with open(text_path) as file:
+        assert file.read().strip() == gh.format_findings(expected)
 
 
 def test_cross_device_panels_only_when_present(tmp_path):

@@ -137,7 +137,8 @@ def test_tensorboard_writer_event_file_holds_the_scalars(tmp_path):
     writer.write(7, {"grad/norm": 0.75})
     writer.close()
     (path,) = glob.glob(str(tmp_path / "events.out.tfevents.*"))
-    data = open(path, "rb").read()
+    with open(path, "rb") as file:
+        data = file.read()
     found, offset = [], 0
     while offset < len(data):
         (length,) = struct.unpack("<Q", data[offset : offset + 8])
