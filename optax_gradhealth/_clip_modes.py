@@ -161,7 +161,7 @@ def clip_by_layer_norm(max_norm: float) -> optax.GradientTransformation:
         threshold = jnp.asarray(max_norm, jnp.float32)
         scales = jax.tree.map(lambda n: _clipping.clip_scale(n, threshold), leaf_norms)
         new_updates = jax.tree.map(lambda x, s: _clipping.scale_tree(x, s), updates, scales)
-        clipped = jax.tree.map(lambda x, s: jnp.asarray(_stats._is_float(x)) & (s < 1.0), updates, scales)
+        clipped = jax.tree.map(lambda x, s: jnp.asarray(_stats._is_float(x)) & (s[0] < 1.0), updates, scales)
         num_float = len(_float_leaves(updates))
         count = sum((c.astype(jnp.int32) for c in jax.tree.leaves(clipped)), jnp.zeros((), jnp.int32))
         return new_updates, ClipByLayerNormState(_fraction(count, num_float), clipped)

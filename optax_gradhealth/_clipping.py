@@ -297,33 +297,44 @@ def as_clip_policy(name: str, clip: Any) -> ClipPolicy:
     )
 
 
-def clip_scale(norm: jax.Array, threshold: jax.Array) -> jax.Array:
-    """The square root of the factor that brings ``norm`` down to ``threshold``.
+_F32_TINY = float(jnp.finfo(jnp.float32).tiny)
 
-    Returns ``sqrt(threshold) / sqrt(norm)`` where clipping applies and 1 elsewhere; the
-    factor is applied twice (:func:`scale_tree`), so it never underflows to zero even
-    when ``norm / threshold`` exceeds 1e38 (a single ``threshold / norm`` would be a
-    float32 subnormal, flushed to zero on CPU and GPU: a silent all-zero clip).
 
-    A non-finite norm gets 1: clipping never turns NaN into zeros silently; skipping
-    non-finite steps is the guard's job.
+def clip_scale(norm: jax.Array, threshold: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The factor that brings ``norm`` down to ``threshold``, as two float32 factors.
+
+    Returns ``(threshold / norm, 1)`` where clipping applies, ``(1, 1)`` elsewhere. When
+    ``threshold / norm`` would be a float32 subnormal (``norm / threshold`` above ~1e38;
+    CPUs and GPUs flush those to zero: a silent all-zero clip), it returns
+    ``(sqrt(threshold / norm), sqrt(threshold / norm))`` instead, which never underflows.
+    :func:`scale_tree` multiplies by both factors; on ordinary steps the second is 1 and
+    the result is exactly ``x * (threshold / norm)``, as ``optax.clip_by_global_norm``.
+
+    A non-finite norm gets ``(1, 1)``: clipping never turns NaN into zeros silently;
+    skipping non-finite steps is the guard's job.
     """
     clip = jnp.isfinite(norm) & (norm > threshold)
-    root = jnp.sqrt(threshold) / jnp.sqrt(jnp.where(clip, norm, 1.0))
-    return jnp.where(clip, root, 1.0).astype(jnp.float32)
+    safe_norm = jnp.where(clip, norm, 1.0)
+    direct = threshold / safe_norm
+    root = jnp.sqrt(threshold) / jnp.sqrt(safe_norm)
+    normal = direct >= _F32_TINY
+    factor = jnp.where(clip, jnp.where(normal, direct, root), 1.0).astype(jnp.float32)
+    correction = jnp.where(clip & ~normal, root, 1.0).astype(jnp.float32)
+    return factor, correction
 
 
-def scale_tree(tree: Any, root: jax.Array) -> Any:
-    """Multiplies every float leaf by ``root`` twice (see :func:`clip_scale`) in float32,
-    keeping each leaf's dtype; non-float leaves pass through."""
+def scale_tree(tree: Any, factors: tuple[jax.Array, jax.Array]) -> Any:
+    """Multiplies every float leaf by both ``factors`` (see :func:`clip_scale`) in
+    float32, keeping each leaf's dtype; non-float leaves pass through."""
+    factor, correction = factors
 
     def one(x):
         if not _stats._is_float(x):
             return x
         if x.dtype == jnp.float32:
-            return x * root * root
+            return x * factor * correction
         wide = jnp.promote_types(x.dtype, jnp.float32)
-        return (x.astype(wide) * root * root).astype(x.dtype)
+        return (x.astype(wide) * factor * correction).astype(x.dtype)
 
     return jax.tree.map(one, tree)
 
@@ -415,12 +426,12 @@ def clip_by_global_norm(max_norm: float | ClipPolicy) -> optax.GradientTransform
         check_same_structure(updates, state.clip_layer_norms, "gh.clip_by_global_norm")
         stats = _stats.grad_stats(updates)
         threshold = policy.threshold(state.clip_policy_state)
-        root = clip_scale(stats.norm, threshold)
-        clipped = root < 1.0
-        return scale_tree(updates, root), ClipByGlobalNormState(
+        factors = clip_scale(stats.norm, threshold)
+        clipped = factors[0] < 1.0
+        return scale_tree(updates, factors), ClipByGlobalNormState(
             clip_policy_state=policy.update(state.clip_policy_state, stats.norm, stats.finite),
             clip_norm=stats.norm,
-            clip_norm_clipped=stats.norm * root * root,
+            clip_norm_clipped=stats.norm * factors[0] * factors[1],
             clip_threshold=threshold,
             clip_clipped=clipped,
             clip_num_clipped=state.clip_num_clipped + clipped.astype(jnp.int32),

@@ -333,16 +333,16 @@ def guard(
         threshold = policy.threshold(state.guard_clip_state)
         if spike_action == "clip" and spike_threshold is not None:
             threshold = jnp.where(spike, jnp.minimum(threshold, spike_threshold * mean), threshold)
-        root = _clipping.clip_scale(norm, threshold)
+        factors = _clipping.clip_scale(norm, threshold)
         skipped = ~finite
         if spike_action == "skip":
             skipped = skipped | spike
         accepted = ~skipped
-        clipped = accepted & (root < 1.0)
+        clipped = accepted & (factors[0] < 1.0)
 
         # The inner update sees the clipped gradients; a skipped step keeps its old state.
         inner_updates, inner_state = inner.update(
-            _clipping.scale_tree(updates, root), state.guard_inner_state, params, **extra_args
+            _clipping.scale_tree(updates, factors), state.guard_inner_state, params, **extra_args
         )
         new_updates = _select(skipped, _zero_floats(inner_updates), inner_updates)
         new_inner_state = _select(skipped, state.guard_inner_state, inner_state)
@@ -407,7 +407,7 @@ def guard(
             guard_num_losses=num_losses,
             guard_spike_steps=spike_steps,
             guard_norm=norm,
-            guard_norm_clipped=jnp.where(skipped, 0.0, norm * root * root),
+            guard_norm_clipped=jnp.where(skipped, 0.0, norm * factors[0] * factors[1]),
             guard_clip_threshold=threshold,
             guard_clipped=clipped,
             guard_finite=finite,
