@@ -20,6 +20,16 @@ from optax_gradhealth._guard import GuardState, guard
 from optax_gradhealth._metrics import CATALOGUE, metrics, register_metrics
 from optax_gradhealth._stats import GradStats, global_norm, grad_stats, layer_norms, leaf_names, path_name
 
+# isort: split
+# Cross-device audit (pmap / shard_map): issue 3.
+from optax_gradhealth._cross_device import (
+    CrossDeviceState,
+    cross_device,
+    cross_device_alarms,
+    local_grad,
+    local_value_and_grad,
+)
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -43,4 +53,13 @@ __all__ = [
     "metrics",
     "path_name",
     "register_metrics",
+]
+
+# Cross-device audit (pmap / shard_map): issue 3.
+__all__ += [
+    "CrossDeviceState",
+    "cross_device",
+    "cross_device_alarms",
+    "local_grad",
+    "local_value_and_grad",
 ]
