@@ -271,6 +271,18 @@ def _vma_checked(axes: tuple[str, ...]) -> bool:
     return bool(varying) and set(axes) <= varying
 
 
+def _match_vma(tree: Any, like: Any) -> Any:
+    """Casts each leaf of ``tree`` to vary over the axes its counterpart in ``like`` varies
+    over (a state kept per device, e.g. ``P('data')`` copies, must keep its type through
+    ``lax.cond``)."""
+
+    def cast(x, ref):
+        missing = tuple(sorted((_vma(ref) or frozenset()) - (_vma(x) or frozenset())))
+        return lax.pcast(x, missing, to="varying") if missing else x
+
+    return jax.tree.map(cast, tree, like)
+
+
 def _to_varying(tree: Any, axes: tuple[str, ...]) -> Any:
     if not _vma_checked(axes):
         return tree
@@ -735,16 +747,19 @@ def cross_device(
             worst = jnp.argmax(scores)
             score = scores[worst]
             outlier = jnp.where(score > threshold, worst, -1).astype(jnp.int32)
-            return (
-                cosine_to_mean.astype(jnp.float32),
-                pairwise.astype(jnp.float32),
-                mean_pairwise.astype(jnp.float32),
-                outlier,
-                score.astype(jnp.float32),
-                duplicates,
-                desync,
-                norm_spread.astype(jnp.float32),
-                cosine_spread.astype(jnp.float32),
+            return _match_vma(
+                (
+                    cosine_to_mean.astype(jnp.float32),
+                    pairwise.astype(jnp.float32),
+                    mean_pairwise.astype(jnp.float32),
+                    outlier,
+                    score.astype(jnp.float32),
+                    duplicates,
+                    desync,
+                    norm_spread.astype(jnp.float32),
+                    cosine_spread.astype(jnp.float32),
+                ),
+                keep(None),
             )
 
         def keep(operands):

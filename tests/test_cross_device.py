@@ -554,3 +554,16 @@ def test_two_processes_of_four_devices_equal_one_process_of_eight(tmp_path):
     for name, value in single.items():
         np.testing.assert_allclose(np.asarray(two[0][name], float), np.asarray(value, float), rtol=1e-5, err_msg=name)
     assert single["step1/xdev/duplicate_pairs"][1][5] and single["step1/xdev/outlier_device"] == 3
+
+
+def test_data_parallel_example_with_per_device_state_under_shard_map():
+    """The example keeps parameters and optimizer state per device (P('data')) under
+    shard_map: the audit's lax.cond must keep the state's per-device type."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import data_parallel
+    finally:
+        sys.path.pop(0)
+    assert data_parallel.main("clean", steps=3, every=100) == [[], [], []]
+    duplicate = data_parallel.main("duplicate", steps=3, every=100)
+    assert duplicate == [["devices 2 and 6 have identical gradients (same data shard?)"]] * 3
