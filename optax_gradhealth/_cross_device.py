@@ -194,7 +194,8 @@ def _leaf_fingerprint(x: jax.Array, salt: jax.Array) -> jax.Array:
     """uint32 hash of the bits of one leaf and their positions (sums of hashes wrap mod 2^32)."""
     bits = _bits_u32(x)
     position = lax.iota(jnp.uint32, bits.shape[0])
-    return jnp.sum(_mix32(bits ^ _mix32(position ^ salt)), dtype=jnp.uint32)
+    # One mix per element: the position enters through an odd-multiplier (bijective) spread.
+    return jnp.sum(_mix32(bits ^ (position * _u32(0x9E3779B1) + salt)), dtype=jnp.uint32)
 
 
 def _leaf_sketch(x: jax.Array, dim: int, salt: jax.Array, offset: int) -> jax.Array:
@@ -707,7 +708,8 @@ def cross_device(
             mean_norm = jnp.sqrt(mean_sq)
             cosine_to_mean = _safe_div(dots, device_norms * mean_norm)
             sketch_norms = jnp.sqrt(jnp.sum(jnp.square(sketches), axis=1))
-            pairwise = _safe_div(sketches @ sketches.T, sketch_norms[:, None] * sketch_norms[None, :])
+            gram = jnp.matmul(sketches, sketches.T, precision=lax.Precision.HIGHEST)
+            pairwise = _safe_div(gram, sketch_norms[:, None] * sketch_norms[None, :])
             off_diagonal = ~jnp.eye(k, dtype=jnp.bool_)
             pairwise = jnp.where(off_diagonal, pairwise, 1.0)
             mean_pairwise = jnp.sum(jnp.where(off_diagonal, pairwise, 0.0)) / max(k * (k - 1), 1)
