@@ -630,10 +630,17 @@ def cross_device(
             total = sharded_sum(tree, lambda i, x, salt: _stats._leaf_sum_of_squares(x), tracked)
             return f32_zero if total is None else total
 
-        mean = jax.tree.map(lambda g: lax.pmean(g, data_name) if _stats._is_float(g) else g, updates)
+        # ONE all-reduce per update: the gradients and the masked [K] vector of local squared
+        # norms travel in the same psum (XLA emits a single all-reduce for the tuple).
         local_sq = sum_of_squares(updates)
+        leaves, treedef = jax.tree.flatten(updates)
+        is_float = [_stats._is_float(x) for x in leaves]
+        floats = [x for x, f in zip(leaves, is_float) if f]
+        mine = jnp.arange(k) == index
+        summed, device_sq = lax.psum((floats, jnp.where(mine, local_sq, jnp.zeros_like(local_sq))), data_name)
+        summed = iter([(x / k).astype(x.dtype) for x in summed])
+        mean = treedef.unflatten([next(summed) if f else x for x, f in zip(leaves, is_float)])
         mean_sq = sum_of_squares(mean)
-        device_sq = gather(local_sq, k, index)
         device_norms = jnp.sqrt(device_sq)
 
         kf = jnp.float32(k)
