@@ -10,7 +10,8 @@ batch 32) under ``jax.pmap``:
 * ``naive all-gather``: ``lax.all_gather`` of the full gradients, exact K x K cosine
   matrix, then ``pmean`` + adamw: the obvious alternative to the sketch.
 
-Timings are medians over interleaved rounds (so load drift hits every variant alike);
+Timings are medians over interleaved rounds in a shuffled order (so load drift and
+position effects hit every variant alike);
 memory is XLA's compiled temporary-buffer size per device (parameters and optimizer
 state are donated and updated in place, identical for every variant, and not counted).
 Bytes communicated per device per step are computed from the collectives' operand sizes.
@@ -106,8 +107,9 @@ def main(rounds: int = 15) -> list[dict]:
         p, s = step(p, s, x)  # first call: the audit variants run their step-0 audit here
         jax.block_until_ready(p)
         runs[kind] = {"step": step, "state": (p, s), "times": [], "memory": memory}
+    order_rng = np.random.default_rng(1)
     for _ in range(rounds):
-        for kind in kinds:
+        for kind in order_rng.permutation(kinds):  # no variant always runs after the same one
             run = runs[kind]
             p, s = run["state"]
             start = time.perf_counter()

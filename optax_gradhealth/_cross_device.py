@@ -3,7 +3,7 @@
 ``cross_device`` receives each device's local (pre-all-reduce) gradient, performs the
 mean all-reduce itself and records what the all-reduce would otherwise hide:
 
-* every step, from one scalar per device (one tiny extra all-reduce): the per-device
+* every step, from one scalar per device (carried by the gradient all-reduce): the per-device
   gradient norms, their dispersion, the exact agreement score and the gradient noise
   scale (McCandlish et al. 2018, appendix A.1);
 * on audit steps (every step for the first ``audit_first_steps`` updates, then every
@@ -417,7 +417,8 @@ def cross_device(
       tx = optax.chain(gh.cross_device('data', per_device_batch=32),
                        gh.guard(optax.adamw(3e-4), clip=1.0))
 
-    Every step (one extra all-reduce of K floats): ``xdev/device_norms``,
+    Every step (K floats ride in the gradient all-reduce; one all-reduce in all):
+    ``xdev/device_norms``,
     ``xdev/norm_cv``, ``xdev/norm_max_over_min``, ``xdev/agreement``, and, from the same
     numbers with ``B_small = per_device_batch`` and ``B_big = K * B_small``
     (McCandlish et al. 2018, A.1)::
