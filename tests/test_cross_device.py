@@ -589,3 +589,14 @@ def test_data_parallel_example_with_per_device_state_under_shard_map():
         sys.path.pop(0)
     duplicate = data_parallel.main("duplicate", steps=2, every=100)
     assert duplicate == [["devices 2 and 6 have identical gradients (same data shard?)"]] * 2
+
+
+def test_metric_names_are_the_design_catalogue():
+    names = set(gh.metrics(gh.cross_device("data", num_devices=4).init(None)))
+    design = (
+        "device_norms norm_cv norm_max_over_min agreement audited cosine_to_mean pairwise_cosine "
+        "mean_pairwise_cosine outlier_device outlier_score duplicate_pairs param_desync noise_scale "
+        "grad_sq_est trace_cov_est"
+    )
+    assert names == {f"xdev/{n}" for n in design.split()}
+    assert names <= set(gh.CATALOGUE)
