@@ -50,7 +50,10 @@ def main(steps: int = 300, seed: int = 0) -> dict[str, float]:
                 f"spike {bool(m['grad/spike'])!s:5}"
             )
     final = {k: float(v) for k, v in jax.device_get(gh.metrics(opt_state)).items() if np.ndim(v) == 0}
-    print("counters: " + ", ".join(f"{k.split('/')[-1]}={int(final[k])}" for k in sorted(final) if "/num_" in k))
+    print(
+        "counters: "
+        + ", ".join(f"{k.split('/')[-1]}={int(final[k])}" for k in sorted(final) if "/num_" in k)
+    )
     return final
 
 
