@@ -39,6 +39,16 @@ from optax_gradhealth.diagnose import Finding, Thresholds, diagnose, format_find
 from optax_gradhealth.report import plot_report
 from optax_gradhealth.writers import JsonlWriter, MetricLogger, TensorBoardWriter, WandbWriter, flatten, read_jsonl
 
+# isort: split
+# --- cross-device audit (pmap / shard_map): issue 3 --- (pmap / shard_map): issue 3.
+from optax_gradhealth._cross_device import (
+    CrossDeviceState,
+    cross_device,
+    cross_device_alarms,
+    local_grad,
+    local_value_and_grad,
+)
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -93,4 +103,13 @@ __all__ += [
     "format_findings",
     "plot_report",
     "read_jsonl",
+]
+
+# cross-device audit (pmap / shard_map): issue 3.
+__all__ += [
+    "CrossDeviceState",
+    "cross_device",
+    "cross_device_alarms",
+    "local_grad",
+    "local_value_and_grad",
 ]

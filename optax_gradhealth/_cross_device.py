@@ -1,0 +1,855 @@
+"""Cross-device audit for data-parallel training inside ``jax.pmap`` / ``jax.shard_map``.
+
+``cross_device`` receives each device's local (pre-all-reduce) gradient, performs the
+mean all-reduce itself and records what the all-reduce would otherwise hide:
+
+* every step, from one scalar per device (carried by the gradient all-reduce): the per-device
+  gradient norms, their dispersion, the exact agreement score and the gradient noise
+  scale (McCandlish et al. 2018, appendix A.1);
+* on audit steps (every step for the first ``audit_first_steps`` updates, then every
+  ``audit_every``): each device's cosine to the mean gradient, a K x K pairwise cosine
+  matrix from a count-sketch random projection, exact duplicate gradients (gradient
+  fingerprints), the outlier device and a parameter fingerprint compared across replicas.
+
+Every recorded value is computed from collectives, so it is bitwise identical on every
+device: the state can leave ``shard_map`` with ``out_specs=P()`` and a downstream
+``gh.guard`` takes the same skip decision everywhere.
+
+Per-device quantities are gathered with a masked ``psum`` (each device writes its own
+row of a ``[K, m]`` array, zeros elsewhere): the sum is exact, the result is identical
+everywhere and, under ``shard_map``'s ``check_vma``, it is typed as replicated.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from optax_gradhealth import _metrics, _stats
+from optax_gradhealth import _validation as check
+
+__all__ = [
+    "CrossDeviceState",
+    "cross_device",
+    "cross_device_alarms",
+    "local_grad",
+    "local_value_and_grad",
+]
+
+
+class CrossDeviceState(NamedTuple):
+    """State of :func:`cross_device`; every field is prefixed ``xdev_``.
+
+    ``K`` is the number of devices on the data axes. The audit fields
+    (``xdev_cosine_to_mean`` to ``xdev_param_desync``) hold the values of the latest audit
+    step; ``xdev_audited`` says whether the latest update was one.
+
+    Attributes:
+      xdev_count: int32, updates seen.
+      xdev_num_audits: int32, audit steps performed.
+      xdev_device_norms: float32 [K], each device's local gradient norm (``xdev/device_norms``).
+      xdev_norm_cv: coefficient of variation of the device norms (population std / mean).
+      xdev_norm_max_over_min: largest over smallest device norm.
+      xdev_agreement: ``(K^2 |g|^2 - sum_k |g_k|^2) / ((K - 1) sum_k |g_k|^2)``, the mean
+        pairwise inner product over the mean squared norm: 1 when all devices agree,
+        ~0 for orthogonal (pure noise) gradients, -1/(K-1) when they cancel.
+      xdev_grad_sq_est: this step's unbiased estimate of the true gradient's squared
+        norm ``|G|^2``.
+      xdev_trace_cov_est: this step's estimate of ``tr(Sigma)``, the per-example
+        gradient covariance trace (NaN without ``per_device_batch``).
+      xdev_grad_sq_ema, xdev_trace_cov_ema: EMAs of the two estimates (not bias-corrected),
+        updated on finite steps only.
+      xdev_noise_count: int32, finite steps folded into the two EMAs.
+      xdev_noise_scale: ``B_simple``: ratio of the bias-corrected EMAs (NaN without
+        ``per_device_batch``).
+      xdev_audited: bool, the latest update was an audit step.
+      xdev_cosine_to_mean: float32 [K], exact cosine of each device's gradient to the mean.
+      xdev_pairwise_cosine: float32 [K, K], pairwise cosines estimated from the sketches.
+      xdev_mean_pairwise_cosine: mean of the off-diagonal entries of the above.
+      xdev_outlier_device: int32, device index (position on the data axes) of the outlier,
+        -1 when no device scores above ``outlier_threshold``.
+      xdev_outlier_score: the largest device score (see :func:`cross_device`).
+      xdev_duplicate_pairs: bool [K, K], ``[j, k]`` is True when devices j != k produced
+        bit-identical non-zero gradients.
+      xdev_param_desync: bool [K], True for devices whose parameter fingerprint differs from
+        the majority's (all False when ``params`` is not passed to ``update``).
+      xdev_norm_spread_ema, xdev_cosine_spread_ema: EMAs (decay 0.9 per audit, bias-corrected
+        with ``xdev_num_audits``) of the cross-device spread (1.4826 MAD) of the log-norms
+        and of the leave-one-out cosines; the outlier scores divide by them.
+    """
+
+    xdev_count: jax.Array
+    xdev_num_audits: jax.Array
+    xdev_device_norms: jax.Array
+    xdev_norm_cv: jax.Array
+    xdev_norm_max_over_min: jax.Array
+    xdev_agreement: jax.Array
+    xdev_grad_sq_est: jax.Array
+    xdev_trace_cov_est: jax.Array
+    xdev_grad_sq_ema: jax.Array
+    xdev_trace_cov_ema: jax.Array
+    xdev_noise_count: jax.Array
+    xdev_noise_scale: jax.Array
+    xdev_audited: jax.Array
+    xdev_cosine_to_mean: jax.Array
+    xdev_pairwise_cosine: jax.Array
+    xdev_mean_pairwise_cosine: jax.Array
+    xdev_outlier_device: jax.Array
+    xdev_outlier_score: jax.Array
+    xdev_duplicate_pairs: jax.Array
+    xdev_param_desync: jax.Array
+    xdev_norm_spread_ema: jax.Array
+    xdev_cosine_spread_ema: jax.Array
+
+
+_XDEV_FIELDS = {
+    "xdev_device_norms": "xdev/device_norms",
+    "xdev_norm_cv": "xdev/norm_cv",
+    "xdev_norm_max_over_min": "xdev/norm_max_over_min",
+    "xdev_agreement": "xdev/agreement",
+    "xdev_audited": "xdev/audited",
+    "xdev_cosine_to_mean": "xdev/cosine_to_mean",
+    "xdev_pairwise_cosine": "xdev/pairwise_cosine",
+    "xdev_mean_pairwise_cosine": "xdev/mean_pairwise_cosine",
+    "xdev_outlier_device": "xdev/outlier_device",
+    "xdev_outlier_score": "xdev/outlier_score",
+    "xdev_duplicate_pairs": "xdev/duplicate_pairs",
+    "xdev_param_desync": "xdev/param_desync",
+    "xdev_noise_scale": "xdev/noise_scale",
+    "xdev_grad_sq_est": "xdev/grad_sq_est",
+    "xdev_trace_cov_est": "xdev/trace_cov_est",
+}
+
+_XDEV_CATALOGUE = {
+    "xdev/device_norms": "[K] L2 norm of each device's local gradient before the all-reduce (every step)",
+    "xdev/norm_cv": "coefficient of variation (std / mean) of the device norms (every step)",
+    "xdev/norm_max_over_min": "largest / smallest device norm (every step)",
+    "xdev/agreement": (
+        "(K^2 |mean g|^2 - sum_k |g_k|^2) / ((K-1) sum_k |g_k|^2): mean pairwise inner product over the "
+        "mean squared norm; 1 = identical, ~0 = orthogonal, -1/(K-1) = cancelling (every step)"
+    ),
+    "xdev/audited": "the latest update was an audit step",
+    "xdev/cosine_to_mean": "[K] exact cosine of each device's gradient to the mean gradient (latest audit)",
+    "xdev/pairwise_cosine": "[K, K] pairwise cosines from the random-projection sketch (latest audit)",
+    "xdev/mean_pairwise_cosine": "mean off-diagonal sketched pairwise cosine (latest audit)",
+    "xdev/outlier_device": "data-axis index of the device scoring above outlier_threshold, -1 if none (latest audit)",
+    "xdev/outlier_score": "largest device score: robust z of log-norm or of leave-one-out cosine (latest audit)",
+    "xdev/duplicate_pairs": "[K, K] devices j != k with bit-identical non-zero gradients (latest audit)",
+    "xdev/param_desync": "[K] device whose parameter fingerprint differs from the majority's (latest audit)",
+    "xdev/noise_scale": "gradient noise scale B_simple = EMA(tr Sigma) / EMA(|G|^2), bias-corrected (every step)",
+    "xdev/grad_sq_est": "this step's unbiased estimate of |G|^2 from the local and mean gradient norms",
+    "xdev/trace_cov_est": "this step's estimate of tr(Sigma), per-example gradient covariance trace",
+}
+
+_metrics.register_metrics(CrossDeviceState, _XDEV_FIELDS, catalogue=_XDEV_CATALOGUE)
+
+
+# Decay (per audit step) of the running cross-device spreads the outlier scores divide by.
+_SPREAD_DECAY = 0.9
+
+# ----------------------------------------------------------------------------- hashing
+
+
+def _u32(value: int) -> jax.Array:
+    return jnp.asarray(np.uint32(value & 0xFFFFFFFF))
+
+
+def _mix32(h: jax.Array) -> jax.Array:
+    """A 32-bit integer finaliser (xorshift-multiply): every output bit depends on every input bit."""
+    h = h ^ (h >> 16)
+    h = h * _u32(0x7FEB352D)
+    h = h ^ (h >> 15)
+    h = h * _u32(0x846CA68B)
+    return h ^ (h >> 16)
+
+
+def _bits_u32(x: jax.Array) -> jax.Array:
+    """The bit pattern of a float leaf as a flat uint32 vector (complex: real and imaginary parts)."""
+    if jnp.iscomplexobj(x):
+        x = jnp.stack([jnp.real(x), jnp.imag(x)])
+    x = x.reshape(-1)
+    bits = jnp.finfo(x.dtype).bits
+    if bits == 32:
+        return lax.bitcast_convert_type(x, jnp.uint32)
+    if bits == 64:
+        return lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
+    if bits == 16:
+        return lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+    return lax.bitcast_convert_type(x, jnp.uint8).astype(jnp.uint32)  # fp8
+
+
+def _float_leaves(tree: Any) -> list[jax.Array]:
+    return [jnp.asarray(x) for x in jax.tree.leaves(tree) if _stats._is_float(x)]
+
+
+def _leaf_fingerprint(x: jax.Array, salt: jax.Array) -> jax.Array:
+    """uint32 hash of the bits of one leaf and their positions (sums of hashes wrap mod 2^32)."""
+    bits = _bits_u32(x)
+    position = lax.iota(jnp.uint32, bits.shape[0])
+    # One mix per element: the position enters through an odd-multiplier (bijective) spread.
+    return jnp.sum(_mix32(bits ^ (position * _u32(0x9E3779B1) + salt)), dtype=jnp.uint32)
+
+
+def _leaf_sketch(x: jax.Array, dim: int, salt: jax.Array, offset: int) -> jax.Array:
+    """Count-sketch of one leaf into ``dim`` float32 buckets.
+
+    Element i goes to bucket ``(i // rows + offset) mod dim`` (``rows = ceil(n / dim)``)
+    with a pseudo-random sign from a hash of (i, salt). The salt and offset are drawn
+    from the static ``sketch_seed`` (and the shard index when the leaf is split across
+    devices), so the map is the same on every data-parallel device and ``<sketch(x), sketch(y)>`` estimates ``<x, y>``
+    without bias, with a standard error of about ``|x| |y| / sqrt(dim)``.
+    """
+    x = x.reshape(-1)
+    if jnp.iscomplexobj(x):
+        x = jnp.concatenate([jnp.real(x), jnp.imag(x)])
+    x = x.astype(jnp.float32)
+    n = x.shape[0]
+    rows = -(-n // dim)
+    sign_bits = _mix32(lax.iota(jnp.uint32, n) ^ salt) >> 31
+    signed = jnp.pad(jnp.where(sign_bits == 0, x, -x), (0, rows * dim - n))
+    # Contiguous blocks of ``rows`` elements share a bucket: a reduction over the minor
+    # axis, which XLA fuses with the sign flip (no gradient-sized temporary).
+    return jnp.roll(jnp.sum(signed.reshape(dim, rows), axis=1), offset)
+
+
+# ----------------------------------------------------------------------------- axes
+
+
+def _as_axes(name: str, value: Any, *, allow_empty: bool) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = (value,)
+    if not isinstance(value, (tuple, list)) or not all(isinstance(a, str) and a for a in value):
+        raise TypeError(
+            f"`{name}` must be a mesh/pmap axis name (a non-empty str) or a tuple of them, got {value!r} "
+            f"(type {type(value).__name__})."
+        )
+    value = tuple(value)
+    if not value and not allow_empty:
+        raise ValueError(f"`{name}` must name at least one axis, e.g. {name}='data'.")
+    if len(set(value)) != len(value):
+        raise ValueError(f"`{name}` names an axis twice: {value!r}.")
+    return value
+
+
+def _bound_axes_hint() -> str:
+    try:
+        names = tuple(jax.sharding.get_abstract_mesh().axis_names)
+    except Exception:  # pragma: no cover - no mesh API
+        names = ()
+    if names:
+        return f"the axes bound here are {names!r}"
+    return "no mesh axis is bound here (not inside jax.shard_map); a jax.pmap axis must match its axis_name"
+
+
+def _axis_size(axes: tuple[str, ...], what: str) -> int:
+    try:
+        return int(lax.axis_size(axes if len(axes) > 1 else axes[0]))
+    except NameError as err:
+        raise ValueError(
+            f"`{what}={axes if len(axes) > 1 else axes[0]!r}` is not a bound axis ({_bound_axes_hint()}). "
+            "Call the update inside jax.pmap(step, axis_name=...) or jax.shard_map(step, mesh=...) whose "
+            f"axis names include it, or fix `{what}`."
+        ) from err
+
+
+def _vma(x: Any) -> frozenset[str] | None:
+    """The axes a value varies over under shard_map's check_vma, or None when untracked."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "mat", None)
+    varying = getattr(mat, "varying", None)
+    return None if varying is None else frozenset(varying)
+
+
+def _vma_checked(axes: tuple[str, ...]) -> bool:
+    """True inside ``jax.shard_map(..., check_vma=True)`` for these axes."""
+    varying = _vma(lax.axis_index(axes if len(axes) > 1 else axes[0]))
+    return bool(varying) and set(axes) <= varying
+
+
+def _match_vma(tree: Any, like: Any) -> Any:
+    """Casts each leaf of ``tree`` to vary over the axes its counterpart in ``like`` varies
+    over (a state kept per device, e.g. ``P('data')`` copies, must keep its type through
+    ``lax.cond``)."""
+
+    def cast(x, ref):
+        missing = tuple(sorted((_vma(ref) or frozenset()) - (_vma(x) or frozenset())))
+        return lax.pcast(x, missing, to="varying") if missing else x
+
+    return jax.tree.map(cast, tree, like)
+
+
+def _to_varying(tree: Any, axes: tuple[str, ...]) -> Any:
+    if not _vma_checked(axes):
+        return tree
+
+    def cast(x):
+        if not _stats._is_float(x):
+            return x
+        missing = tuple(a for a in axes if a not in (_vma(x) or frozenset()))
+        return lax.pcast(x, missing, to="varying") if missing else x
+
+    return jax.tree.map(cast, tree)
+
+
+# ----------------------------------------------------------------------------- local grads
+
+
+def local_value_and_grad(
+    fun: Callable[..., Any],
+    axis_name: str | Sequence[str] = "data",
+    *,
+    argnums: int | Sequence[int] = 0,
+    has_aux: bool = False,
+) -> Callable[..., Any]:
+    """``jax.value_and_grad`` that returns each device's LOCAL gradient inside ``shard_map``.
+
+    Inside ``jax.shard_map`` (with the default ``check_vma=True``), ``jax.grad`` with respect
+    to replicated parameters (``in_specs=P()``) returns the SUM of the gradients of all
+    devices, already reduced: a following ``pmean`` is a no-op and pmap-style code
+    silently applies K-times-too-large gradients. This wrapper first casts the
+    differentiated arguments to "varying" over ``axis_name`` (``jax.lax.pcast``), so the
+    gradient is the device's own, as under ``jax.pmap``. Under ``jax.pmap`` or
+    ``check_vma=False`` it is plain ``jax.value_and_grad``. :func:`cross_device` raises
+    an error when it is handed already-summed gradients.
+
+    Args:
+      fun: the loss function.
+      axis_name: the data axis (or axes) over which devices see different data.
+      argnums: which positional arguments to differentiate.
+      has_aux: as in ``jax.value_and_grad``.
+
+    Returns:
+      A function with the signature of ``jax.value_and_grad(fun, argnums, has_aux)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jax.sharding import PartitionSpec as P, AxisType
+      >>> import optax_gradhealth as gh
+      >>> mesh = jax.make_mesh((8,), ('data',), axis_types=(AxisType.Auto,))
+      >>> loss = lambda w, x: jnp.sum(w * x)
+      >>> def step(w, x):
+      ...     _, g = gh.local_value_and_grad(loss, 'data')(w, x)
+      ...     return g
+      >>> x = jnp.arange(8.0).reshape(8, 1)
+      >>> jax.shard_map(step, mesh=mesh, in_specs=(P(), P('data')), out_specs=P('data'))(jnp.ones(1), x).tolist()
+      [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
+    """
+    axes = _as_axes("axis_name", axis_name, allow_empty=False)
+    value_and_grad = jax.value_and_grad(fun, argnums=argnums, has_aux=has_aux)
+    positions = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+
+    @functools.wraps(fun)
+    def wrapped(*args, **kwargs):
+        _axis_size(axes, "axis_name")
+        args = list(args)
+        for i in positions:
+            args[i] = _to_varying(args[i], axes)
+        return value_and_grad(*args, **kwargs)
+
+    return wrapped
+
+
+def local_grad(
+    fun: Callable[..., Any],
+    axis_name: str | Sequence[str] = "data",
+    *,
+    argnums: int | Sequence[int] = 0,
+    has_aux: bool = False,
+) -> Callable[..., Any]:
+    """``jax.grad`` returning each device's local gradient inside ``shard_map``.
+
+    See :func:`local_value_and_grad` for the trap it avoids.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import optax_gradhealth as gh
+      >>> g = jax.pmap(gh.local_grad(lambda w, x: jnp.sum(w * x), 'data'), axis_name='data')
+      >>> g(jnp.ones((8, 1)), jnp.arange(8.0).reshape(8, 1))[:, 0].tolist()
+      [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
+    """
+    value_and_grad = local_value_and_grad(fun, axis_name, argnums=argnums, has_aux=has_aux)
+
+    @functools.wraps(fun)
+    def wrapped(*args, **kwargs):
+        out, grads = value_and_grad(*args, **kwargs)
+        return (grads, out[1]) if has_aux else grads
+
+    return wrapped
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def _safe_div(a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.where(b > 0, a / jnp.where(b > 0, b, 1.0), 0.0)
+
+
+def cross_device(
+    axis_name: str | Sequence[str] = "data",
+    *,
+    per_device_batch: int | None = None,
+    sharded_axes: str | Sequence[str] = (),
+    num_devices: int | None = None,
+    audit_first_steps: int = 200,
+    audit_every: int | None = 500,
+    sketch_dim: int = 1024,
+    sketch_seed: int = 0,
+    noise_scale_decay: float = 0.99,
+    outlier_threshold: float = 10.0,
+    norm_floor: float = 0.1,
+    cosine_floor: float = 0.05,
+) -> optax.GradientTransformationExtraArgs:
+    """Averages local gradients across devices and audits them before the all-reduce.
+
+    Use it first in the chain, inside ``jax.pmap(..., axis_name=...)`` or
+    ``jax.shard_map``, on each device's LOCAL gradient: it returns the mean gradient (one
+    ``pmean`` over ``axis_name``) and records the audit in its state (read it with
+    ``gh.metrics``; every value is identical on every device)::
+
+      tx = optax.chain(gh.cross_device('data', per_device_batch=32),
+                       gh.guard(optax.adamw(3e-4), clip=1.0))
+
+    Every step (K floats ride in the gradient all-reduce; one all-reduce in all):
+    ``xdev/device_norms``,
+    ``xdev/norm_cv``, ``xdev/norm_max_over_min``, ``xdev/agreement``, and, from the same
+    numbers with ``B_small = per_device_batch`` and ``B_big = K * B_small``
+    (McCandlish et al. 2018, A.1)::
+
+      |G|^2     ~ (K |g|^2 - mean_k |g_k|^2) / (K - 1)
+      tr(Sigma) ~ (mean_k |g_k|^2 - |g|^2) / (1 / B_small - 1 / B_big)
+      B_simple  = EMA(tr Sigma) / EMA(|G|^2)      (two bias-corrected EMAs)
+
+    Audit steps (update index ``t < audit_first_steps`` or ``t % audit_every == 0``;
+    the branch runs under ``lax.cond`` and is skipped entirely on other steps) add one
+    all-reduce of ``K x (sketch_dim + 1)`` floats and one of ``K x 2`` integers:
+    ``xdev/cosine_to_mean``, ``xdev/pairwise_cosine`` (count-sketch with a static seed
+    shared by all devices), ``xdev/duplicate_pairs`` (bit-exact gradient fingerprints),
+    ``xdev/param_desync`` (parameter fingerprints; pass ``params`` to ``update``) and the
+    outlier device. A device's outlier score is the larger of
+
+    * ``|log|g_k| - median_j log|g_j|| / max(1.4826 MAD, norm_floor)`` (norm), and
+    * ``(median_j c_j - c_k) / max(1.4826 MAD, cosine_floor)`` where ``c_k`` is the
+      exact cosine of ``g_k`` to the mean of the OTHER devices' gradients (direction);
+
+    a non-finite local gradient scores ``inf``. ``xdev/outlier_device`` is the device
+    with the largest score when it exceeds ``outlier_threshold``, else -1.
+
+    Args:
+      axis_name: the data axis name(s) over which gradients are averaged (the
+        ``axis_name`` of ``jax.pmap``, or mesh axes of ``jax.shard_map``).
+      per_device_batch: examples per device per update (after gradient accumulation);
+        enables ``xdev/trace_cov_est`` and ``xdev/noise_scale`` (NaN without it).
+      sharded_axes: mesh axes over which each parameter is split (FSDP, tensor
+        parallelism): the local sums are ``psum``-ed over them, never averaged.
+      num_devices: K, the number of devices on the data axes. Only needed when ``init``
+        is called outside the mapped function and K differs from
+        ``jax.device_count()``; inside ``pmap``/``shard_map`` it is read from the axis.
+      audit_first_steps: audit every step while the update index is below it.
+      audit_every: then audit every ``audit_every`` updates (``None``: never again).
+      sketch_dim: dimension of the random-projection sketch (pairwise cosines carry an
+        error of about ``1 / sqrt(sketch_dim)``).
+      sketch_seed: seed of the sketch and fingerprint hashes (a Python int, so the same
+        on every device and host).
+      noise_scale_decay: decay of the two noise-scale EMAs, in (0, 1).
+      outlier_threshold: score above which a device is named as the outlier.
+      norm_floor: lower bound of the log-norm spread (0.1 ~ 10 % norm differences count
+        as normal even when the other devices agree more closely).
+      cosine_floor: lower bound of the spread of the leave-one-out cosines.
+
+    Returns:
+      A ``GradientTransformationExtraArgs``; ``update(grads, state, params=None)``.
+
+    Raises:
+      ValueError/TypeError: at build time for bad arguments; at the first trace when an
+        axis is not bound, K disagrees with the state, or (inside ``shard_map``) the
+        gradients are already summed across devices (use :func:`local_value_and_grad`).
+
+    References:
+      McCandlish et al., "An Empirical Model of Large-Batch Training", 2018.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> import optax_gradhealth as gh
+      >>> tx = gh.cross_device('data', per_device_batch=4)
+      >>> params = {'w': jnp.zeros(2)}
+      >>> state = jax.pmap(tx.init, axis_name='data')(jnp.zeros((8, 2)))  # one copy per device
+      >>> def step(grads, state):
+      ...     return tx.update({'w': grads}, state)
+      >>> grads = jnp.ones((8, 2)).at[3].set(-1.0)   # device 3 points the other way
+      >>> updates, state = jax.pmap(step, axis_name='data')(grads, state)
+      >>> updates['w'][0].tolist()
+      [0.75, 0.75]
+      >>> m = jax.device_get(gh.metrics(state))
+      >>> int(m['xdev/outlier_device'][0]), m['xdev/cosine_to_mean'][0].round(2).tolist()[2:5]
+      (3, [1.0, -1.0, 1.0])
+    """
+    data_axes = _as_axes("axis_name", axis_name, allow_empty=False)
+    shard_axes = _as_axes("sharded_axes", sharded_axes, allow_empty=True)
+    if set(data_axes) & set(shard_axes):
+        raise ValueError(
+            f"An axis cannot be both a data axis and a sharded axis: axis_name={data_axes!r}, "
+            f"sharded_axes={shard_axes!r}."
+        )
+    batch = check.optional(check.integer, "per_device_batch", per_device_batch, minimum=1)
+    devices = check.optional(check.integer, "num_devices", num_devices, minimum=1)
+    first = check.integer("audit_first_steps", audit_first_steps, minimum=0)
+    every = check.optional(check.integer, "audit_every", audit_every, minimum=1)
+    if first == 0 and every is None:
+        raise ValueError(
+            "The audit schedule never audits: audit_first_steps=0 and audit_every=None. Set "
+            "audit_first_steps > 0 (audit every step at first) and/or audit_every >= 1 (then every N)."
+        )
+    dim = check.integer("sketch_dim", sketch_dim, minimum=1)
+    seed = check.integer("sketch_seed", sketch_seed, minimum=0)
+    decay = check.in_open_unit_interval("noise_scale_decay", noise_scale_decay)
+    threshold = check.positive("outlier_threshold", outlier_threshold, allow_inf=True)
+    norm_floor = check.positive("norm_floor", norm_floor)
+    cosine_floor = check.positive("cosine_floor", cosine_floor)
+    data_name = data_axes if len(data_axes) > 1 else data_axes[0]
+
+    def init_fn(params):
+        del params
+        try:
+            k = int(lax.axis_size(data_name))
+        except NameError:
+            k = devices
+            if k is None:
+                mesh = jax.sharding.get_abstract_mesh()
+                names = tuple(getattr(mesh, "axis_names", ()))
+                if names and set(data_axes) <= set(names):
+                    k = math.prod(mesh.shape[a] for a in data_axes)
+                elif shard_axes:
+                    raise ValueError(
+                        "cross_device cannot tell the number of data-parallel devices K outside the mapped "
+                        f"function when sharded_axes={shard_axes!r}: pass num_devices=K, or call init inside "
+                        "jax.shard_map / under `with jax.set_mesh(mesh)`."
+                    ) from None
+                else:
+                    k = jax.device_count()
+        f32 = jnp.float32
+        zero = jnp.zeros((), f32)
+        nan = jnp.full((), jnp.nan, f32)
+        return CrossDeviceState(
+            xdev_count=jnp.zeros((), jnp.int32),
+            xdev_num_audits=jnp.zeros((), jnp.int32),
+            xdev_device_norms=jnp.zeros((k,), f32),
+            xdev_norm_cv=zero,
+            xdev_norm_max_over_min=jnp.ones((), f32),
+            xdev_agreement=zero,
+            xdev_grad_sq_est=zero,
+            xdev_trace_cov_est=nan if batch is None else zero,
+            xdev_grad_sq_ema=zero,
+            xdev_trace_cov_ema=zero,
+            xdev_noise_count=jnp.zeros((), jnp.int32),
+            xdev_noise_scale=nan,
+            xdev_audited=jnp.zeros((), jnp.bool_),
+            xdev_cosine_to_mean=jnp.zeros((k,), f32),
+            xdev_pairwise_cosine=jnp.eye(k, dtype=f32),
+            xdev_mean_pairwise_cosine=zero,
+            xdev_outlier_device=jnp.full((), -1, jnp.int32),
+            xdev_outlier_score=zero,
+            xdev_duplicate_pairs=jnp.zeros((k, k), jnp.bool_),
+            xdev_param_desync=jnp.zeros((k,), jnp.bool_),
+            xdev_norm_spread_ema=zero,
+            xdev_cosine_spread_ema=zero,
+        )
+
+    leaf_rng = np.random.default_rng(seed)
+    leaf_seeds: list[tuple[int, int]] = []  # per leaf: (salt, sketch offset), drawn once, static
+
+    def leaf_seed(i: int) -> tuple[int, int]:
+        while len(leaf_seeds) <= i:
+            leaf_seeds.append((int(leaf_rng.integers(0, 2**32)), int(leaf_rng.integers(0, dim))))
+        return leaf_seeds[i]
+
+    def sharded_sum(tree, per_leaf, tracked):
+        """sum over the float leaves of ``per_leaf(i, leaf, salt)``, summed over the devices
+        holding the other parts of each leaf.
+
+        A leaf split over some ``sharded_axes`` (it varies over them under ``check_vma``;
+        every leaf when variation is not tracked, e.g. under ``pmap``) contributes a
+        partial value that is ``psum``-ed over exactly those axes; a leaf replicated over
+        them is counted once. ``salt`` differs between the parts of a split leaf.
+        """
+        groups: dict[tuple[str, ...], Any] = {}
+        for i, leaf in enumerate(_float_leaves(tree)):
+            if not shard_axes:
+                axes = ()
+            elif tracked:
+                axes = tuple(a for a in shard_axes if a in (_vma(leaf) or frozenset()))
+            else:
+                axes = shard_axes
+            salt = _u32(leaf_seed(i)[0])
+            if axes:
+                salt = salt ^ _mix32(lax.axis_index(axes if len(axes) > 1 else axes[0]).astype(jnp.uint32) + 1)
+            value = per_leaf(i, leaf, salt)
+            groups[axes] = value if axes not in groups else groups[axes] + value
+        total = None
+        for axes, value in groups.items():
+            reduced = lax.psum(value, axes if len(axes) > 1 else axes[0]) if axes else value
+            total = reduced if total is None else total + reduced
+        return total
+
+    def gather(row, k, index):
+        """[K, ...] array of every device's ``row`` (exact, identical on every device)."""
+        mine = (jnp.arange(k) == index).reshape((k,) + (1,) * row.ndim)
+        return lax.psum(jnp.where(mine, row[None], jnp.zeros_like(row)[None]), data_name)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
+        k = _axis_size(data_axes, "axis_name")
+        if shard_axes:
+            _axis_size(shard_axes, "sharded_axes")
+        if state.xdev_device_norms.shape[0] != k:
+            raise ValueError(
+                f"cross_device state was initialised for K={state.xdev_device_norms.shape[0]} devices but "
+                f"axis {data_name!r} has {k}: pass num_devices={k} to gh.cross_device, or call init inside "
+                "the mapped function."
+            )
+        tracked = _vma_checked(data_axes)
+        if tracked:
+            for path, leaf in jax.tree_util.tree_flatten_with_path(updates)[0]:
+                if _stats._is_float(leaf) and not set(data_axes) <= (_vma(leaf) or frozenset()):
+                    raise ValueError(
+                        f"Gradient leaf {_stats.path_name(path)!r} does not vary over {data_name!r}: inside "
+                        "jax.shard_map, jax.grad w.r.t. replicated parameters returns the SUM over devices, "
+                        "not the local gradient. Compute it with gh.local_value_and_grad(loss_fn, "
+                        f"{data_name!r}) (or pcast the params to varying before jax.grad)."
+                    )
+        index = lax.axis_index(data_name)
+        f32_zero = jnp.zeros((), jnp.float32)
+
+        def sum_of_squares(tree):
+            total = sharded_sum(tree, lambda i, x, salt: _stats._leaf_sum_of_squares(x), tracked)
+            return f32_zero if total is None else total
+
+        # ONE all-reduce per update: the gradients and the masked [K] vector of local squared
+        # norms travel in the same psum (XLA emits a single all-reduce for the tuple).
+        local_sq = sum_of_squares(updates)
+        leaves, treedef = jax.tree.flatten(updates)
+        is_float = [_stats._is_float(x) for x in leaves]
+        floats = [x for x, f in zip(leaves, is_float) if f]
+        mine = jnp.arange(k) == index
+        summed, device_sq = lax.psum((floats, jnp.where(mine, local_sq, jnp.zeros_like(local_sq))), data_name)
+        summed = iter([(x / k).astype(x.dtype) for x in summed])
+        mean = treedef.unflatten([next(summed) if f else x for x, f in zip(leaves, is_float)])
+        mean_sq = sum_of_squares(mean)
+        device_norms = jnp.sqrt(device_sq)
+
+        kf = jnp.float32(k)
+        total_sq = jnp.sum(device_sq)
+        mean_local_sq = total_sq / kf
+        norm_mean = jnp.mean(device_norms)
+        norm_cv = _safe_div(jnp.std(device_norms), norm_mean)
+        norm_max_over_min = jnp.max(device_norms) / jnp.min(device_norms)
+        if k > 1:
+            agreement = _safe_div(kf * kf * mean_sq - total_sq, (kf - 1.0) * total_sq)
+            grad_sq_est = (kf * mean_sq - mean_local_sq) / (kf - 1.0)
+            trace_cov_est = (
+                jnp.float32(batch) * kf * (mean_local_sq - mean_sq) / (kf - 1.0)
+                if batch is not None
+                else jnp.full((), jnp.nan, jnp.float32)
+            )
+        else:
+            agreement = jnp.ones((), jnp.float32)
+            grad_sq_est = mean_sq
+            trace_cov_est = jnp.full((), jnp.nan, jnp.float32)
+        finite = jnp.isfinite(total_sq) & jnp.isfinite(mean_sq)
+        if batch is not None and k > 1:
+            grad_sq_ema = jnp.where(
+                finite, decay * state.xdev_grad_sq_ema + (1 - decay) * grad_sq_est, state.xdev_grad_sq_ema
+            )
+            trace_ema = jnp.where(
+                finite, decay * state.xdev_trace_cov_ema + (1 - decay) * trace_cov_est, state.xdev_trace_cov_ema
+            )
+            noise_count = state.xdev_noise_count + finite.astype(jnp.int32)
+            correction = 1.0 - decay ** noise_count.astype(jnp.float32)
+            noise_scale = jnp.where(
+                noise_count > 0,
+                (trace_ema / jnp.maximum(correction, 1e-30)) / (grad_sq_ema / jnp.maximum(correction, 1e-30)),
+                jnp.nan,
+            )
+        else:
+            grad_sq_ema, trace_ema, noise_count = (
+                state.xdev_grad_sq_ema,
+                state.xdev_trace_cov_ema,
+                state.xdev_noise_count,
+            )
+            noise_scale = jnp.full((), jnp.nan, jnp.float32)
+
+        count = state.xdev_count
+        audited = count < first
+        if every is not None:
+            audited = audited | (count % every == 0)
+
+        def audit(operands):
+            grads, mean, params = operands
+            mean_leaves = _float_leaves(mean)
+
+            def dot_and_sketch(i, g, salt):
+                g32, m32 = g.astype(jnp.float32), mean_leaves[i].astype(jnp.float32)
+                dot = jnp.sum(jnp.real(g32 * jnp.conj(m32)))
+                return jnp.concatenate([dot[None], _leaf_sketch(g, dim, salt, leaf_seed(i)[1])])
+
+            row = sharded_sum(grads, dot_and_sketch, tracked)
+            row = jnp.zeros((dim + 1,), jnp.float32) if row is None else row
+            floats = gather(row, k, index)
+            grad_fp = sharded_sum(grads, lambda i, g, salt: _leaf_fingerprint(g, salt), tracked)
+            grad_fp = _u32(0) if grad_fp is None else grad_fp
+            param_fp = None
+            if params is not None:
+                param_fp = sharded_sum(
+                    params, lambda i, p, salt: _leaf_fingerprint(p, _mix32(salt ^ _u32(0x5BD1E995))), tracked
+                )
+            param_fp = _u32(0) if param_fp is None else param_fp
+            ints = gather(jnp.stack([grad_fp, param_fp]), k, index)
+            dots, sketches = floats[:, 0], floats[:, 1:]
+
+            mean_norm = jnp.sqrt(mean_sq)
+            cosine_to_mean = _safe_div(dots, device_norms * mean_norm)
+            sketch_norms = jnp.sqrt(jnp.sum(jnp.square(sketches), axis=1))
+            gram = jnp.matmul(sketches, sketches.T, precision=lax.Precision.HIGHEST)
+            pairwise = _safe_div(gram, sketch_norms[:, None] * sketch_norms[None, :])
+            off_diagonal = ~jnp.eye(k, dtype=jnp.bool_)
+            pairwise = jnp.where(off_diagonal, pairwise, 1.0)
+            mean_pairwise = jnp.sum(jnp.where(off_diagonal, pairwise, 0.0)) / max(k * (k - 1), 1)
+
+            fp = ints[:, 0]
+            same = (fp[:, None] == fp[None, :]) & (device_sq[:, None] == device_sq[None, :])
+            duplicates = same & off_diagonal & (device_sq[:, None] > 0)
+
+            pfp = ints[:, 1]
+            agree = pfp[:, None] == pfp[None, :]
+            majority = jnp.argmax(jnp.sum(agree, axis=1))
+            desync = pfp != pfp[majority]
+
+            # Leave-one-out cosine: c_k = cos(g_k, mean of the other devices' gradients).
+            others_sq = kf * kf * mean_sq - 2.0 * kf * dots + device_sq
+            loo = _safe_div(kf * dots - device_sq, device_norms * jnp.sqrt(jnp.maximum(others_sq, 0.0)))
+            # Robust z-scores across devices. The spread is the larger of this step's MAD and
+            # its running average over audits, so one step where the other devices happen to
+            # agree closely does not turn ordinary noise into an alarm.
+            n_audits = (state.xdev_num_audits + 1).astype(jnp.float32)
+            correction = 1.0 - _SPREAD_DECAY**n_audits
+
+            def robust_z(values, floor, spread_ema, one_sided):
+                centre = jnp.median(values)
+                spread = 1.4826 * jnp.median(jnp.abs(values - centre))
+                ok = jnp.isfinite(spread)  # not on a step with a non-finite device
+                spread = jnp.where(ok, spread, 0.0)
+                new_ema = jnp.where(ok, _SPREAD_DECAY * spread_ema + (1.0 - _SPREAD_DECAY) * spread, spread_ema)
+                scale = jnp.maximum(jnp.maximum(spread, new_ema / correction), floor)
+                deviation = (centre - values) if one_sided else jnp.abs(values - centre)
+                return deviation / scale, new_ema
+
+            log_norms = jnp.log(jnp.maximum(device_norms, 1e-30))
+            norm_score, norm_spread = robust_z(log_norms, norm_floor, state.xdev_norm_spread_ema, False)
+            direction_score, cosine_spread = robust_z(loo, cosine_floor, state.xdev_cosine_spread_ema, True)
+            scores = jnp.maximum(norm_score, direction_score) if k > 2 else jnp.zeros((k,), jnp.float32)
+            scores = jnp.where(jnp.isnan(scores), 0.0, scores)
+            scores = jnp.where(jnp.isfinite(device_sq), scores, jnp.inf)
+            worst = jnp.argmax(scores)
+            score = scores[worst]
+            outlier = jnp.where(score > threshold, worst, -1).astype(jnp.int32)
+            return _match_vma(
+                (
+                    cosine_to_mean.astype(jnp.float32),
+                    pairwise.astype(jnp.float32),
+                    mean_pairwise.astype(jnp.float32),
+                    outlier,
+                    score.astype(jnp.float32),
+                    duplicates,
+                    desync,
+                    norm_spread.astype(jnp.float32),
+                    cosine_spread.astype(jnp.float32),
+                ),
+                keep(None),
+            )
+
+        def keep(operands):
+            del operands
+            return (
+                state.xdev_cosine_to_mean,
+                state.xdev_pairwise_cosine,
+                state.xdev_mean_pairwise_cosine,
+                state.xdev_outlier_device,
+                state.xdev_outlier_score,
+                state.xdev_duplicate_pairs,
+                state.xdev_param_desync,
+                state.xdev_norm_spread_ema,
+                state.xdev_cosine_spread_ema,
+            )
+
+        (cosine_to_mean, pairwise, mean_pairwise, outlier, score, duplicates, desync, norm_spread, cosine_spread) = (
+            lax.cond(audited, audit, keep, (updates, mean, params))
+        )
+        new_state = CrossDeviceState(
+            xdev_count=count + 1,
+            xdev_num_audits=state.xdev_num_audits + audited.astype(jnp.int32),
+            xdev_device_norms=device_norms,
+            xdev_norm_cv=norm_cv,
+            xdev_norm_max_over_min=norm_max_over_min,
+            xdev_agreement=agreement,
+            xdev_grad_sq_est=grad_sq_est,
+            xdev_trace_cov_est=trace_cov_est,
+            xdev_grad_sq_ema=grad_sq_ema,
+            xdev_trace_cov_ema=trace_ema,
+            xdev_noise_count=noise_count,
+            xdev_noise_scale=noise_scale,
+            xdev_audited=audited,
+            xdev_cosine_to_mean=cosine_to_mean,
+            xdev_pairwise_cosine=pairwise,
+            xdev_mean_pairwise_cosine=mean_pairwise,
+            xdev_outlier_device=outlier,
+            xdev_outlier_score=score,
+            xdev_duplicate_pairs=duplicates,
+            xdev_param_desync=desync,
+            xdev_norm_spread_ema=norm_spread,
+            xdev_cosine_spread_ema=cosine_spread,
+        )
+        new_state = jax.tree.map(lambda new, old: new.astype(old.dtype), new_state, state)
+        return mean, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def cross_device_alarms(metrics: dict[str, Any]) -> list[str]:
+    """Host-side: the alarms raised by the latest cross-device audit, as readable strings.
+
+    An alarm is one of: an outlier device (``xdev/outlier_device != -1``), a pair of
+    devices with bit-identical gradients (``xdev/duplicate_pairs``), or a device whose
+    parameters differ from the majority (``xdev/param_desync``). Values may be per-device
+    copies (a leading device axis from ``pmap``); the first copy is read.
+
+    Example:
+      >>> import numpy as np, optax_gradhealth as gh
+      >>> gh.cross_device_alarms({'xdev/outlier_device': np.int32(3), 'xdev/outlier_score': np.float32(12.5),
+      ...                         'xdev/duplicate_pairs': np.zeros((4, 4), bool),
+      ...                         'xdev/param_desync': np.zeros(4, bool)})
+      ['outlier device 3 (score 12.5)']
+    """
+    out = []
+
+    def read(name, ndim):
+        value = np.asarray(jax.device_get(metrics[name]))
+        while value.ndim > ndim:
+            value = value[0]
+        return value
+
+    outlier = int(read("xdev/outlier_device", 0))
+    if outlier >= 0:
+        out.append(f"outlier device {outlier} (score {float(read('xdev/outlier_score', 0)):.3g})")
+    pairs = read("xdev/duplicate_pairs", 2)
+    for j, k in zip(*np.nonzero(np.triu(pairs, 1))):
+        out.append(f"devices {int(j)} and {int(k)} have identical gradients (same data shard?)")
+    for k in np.nonzero(read("xdev/param_desync", 1))[0]:
+        out.append(f"device {int(k)} parameters differ from the majority (desync or corruption)")
+    return out

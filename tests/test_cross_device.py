@@ -1,0 +1,602 @@
+"""Tests of gh.cross_device on 8 emulated CPU devices (conftest sets the XLA flag).
+
+References are numpy float64 computations of the formulas written out here, never
+the code under test.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
+
+import optax_gradhealth as gh
+
+K = 8
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(jax.device_count() < K, reason="needs 8 emulated devices (see conftest.py)")
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def flat(tree_k):
+    """[K, n] float64 matrix of per-device flattened gradients (leaves in jax order)."""
+    leaves = jax.tree.leaves(tree_k)
+    return np.concatenate([np.asarray(x, np.float64).reshape(x.shape[0], -1) for x in leaves], axis=1)
+
+
+def reference(g, batch):
+    """The cross-device formulas of DESIGN.md in float64. g: [K, n] local gradients."""
+    k = g.shape[0]
+    mean = g.mean(0)
+    sq = (g**2).sum(1)
+    norms = np.sqrt(sq)
+    mean_sq = (mean**2).sum()
+    mean_local_sq = sq.mean()
+    unit = g / norms[:, None]
+    return {
+        "device_norms": norms,
+        "norm_cv": norms.std() / norms.mean(),
+        "norm_max_over_min": norms.max() / norms.min(),
+        "agreement": (k * k * mean_sq - sq.sum()) / ((k - 1) * sq.sum()),
+        "grad_sq_est": (k * batch * mean_sq - batch * mean_local_sq) / (k * batch - batch),
+        "trace_cov_est": (mean_local_sq - mean_sq) / (1.0 / batch - 1.0 / (k * batch)),
+        "cosine_to_mean": g @ mean / (norms * np.sqrt(mean_sq)),
+        "pairwise_cosine": unit @ unit.T,
+    }
+
+
+def random_grads(seed, k=K):
+    rng = np.random.default_rng(seed)
+    shared = {"a": rng.normal(size=(60, 40)), "b": rng.normal(size=(7,))}
+    return {
+        name: jnp.asarray(
+            np.stack([rng.uniform(0.5, 2.0) * (x + rng.normal(size=x.shape)) for _ in range(k)]), jnp.float32
+        )
+        for name, x in shared.items()
+    }
+
+
+def first_copy(tree):
+    return jax.tree.map(lambda x: np.asarray(x)[0], jax.device_get(tree))
+
+
+def assert_identical_on_every_device(tree_k):
+    for name, x in jax.device_get(tree_k).items():
+        x = np.asarray(x)
+        for d in range(1, x.shape[0]):
+            np.testing.assert_array_equal(x[d], x[0], err_msg=f"{name} differs on device {d}")
+
+
+# ----------------------------------------------------------------------------- the numbers
+
+
+BATCH = 4
+DECAY = 0.9
+
+
+def pmap_run(grads_per_step, params_k=None, **kwargs):
+    tx = gh.cross_device("data", per_device_batch=BATCH, noise_scale_decay=DECAY, **kwargs)
+
+    def run(grads_seq, params):
+        state = tx.init(params)
+        outs = []
+        for g in grads_seq:
+            updates, state = tx.update(g, state, params)
+            outs.append((updates, gh.metrics(state)))
+        return outs
+
+    params_k = params_k if params_k is not None else jax.tree.map(lambda x: jnp.stack([x[0]] * K), grads_per_step[0])
+    return jax.pmap(run, axis_name="data")(grads_per_step, params_k)
+
+
+def test_every_step_and_audit_figures_match_float64_reference():
+    steps = [random_grads(0), random_grads(1)]
+    outs = pmap_run(steps)
+    ema_sq = ema_tr = 0.0
+    for t, (grads, (updates, m)) in enumerate(zip(steps, outs)):
+        assert_identical_on_every_device(m)
+        m = first_copy(m)
+        g = flat(grads)
+        ref = reference(g, BATCH)
+        np.testing.assert_allclose(flat(updates)[0], g.mean(0), rtol=1e-5, atol=1e-6)
+        for name in ("device_norms", "norm_cv", "norm_max_over_min", "agreement", "cosine_to_mean"):
+            np.testing.assert_allclose(m[f"xdev/{name}"], ref[name], rtol=2e-4, atol=2e-5, err_msg=name)
+        for name in ("grad_sq_est", "trace_cov_est"):
+            np.testing.assert_allclose(m[f"xdev/{name}"], ref[name], rtol=2e-3, err_msg=name)
+        ema_sq = DECAY * ema_sq + (1 - DECAY) * ref["grad_sq_est"]
+        ema_tr = DECAY * ema_tr + (1 - DECAY) * ref["trace_cov_est"]
+        corr = 1 - DECAY ** (t + 1)
+        np.testing.assert_allclose(m["xdev/noise_scale"], (ema_tr / corr) / (ema_sq / corr), rtol=2e-3)
+        # The sketch estimates the pairwise cosines with error ~ 1/sqrt(1024) ~ 0.03.
+        np.testing.assert_allclose(m["xdev/pairwise_cosine"], ref["pairwise_cosine"], atol=0.12)
+        off = ~np.eye(K, dtype=bool)
+        np.testing.assert_allclose(m["xdev/mean_pairwise_cosine"], ref["pairwise_cosine"][off].mean(), atol=0.05)
+        assert bool(m["xdev/audited"])
+        assert int(m["xdev/outlier_device"]) == -1
+        assert not m["xdev/duplicate_pairs"].any() and not m["xdev/param_desync"].any()
+
+
+def test_without_batch_size_noise_scale_is_nan_and_k_mismatch_is_caught():
+    grads = random_grads(2)
+    tx = gh.cross_device("data")
+    state = jax.pmap(tx.init, axis_name="data")(grads)
+    _, state = jax.pmap(tx.update, axis_name="data")(grads, state)
+    m = first_copy(gh.metrics(state))
+    assert np.isnan(m["xdev/noise_scale"]) and np.isnan(m["xdev/trace_cov_est"])
+    np.testing.assert_allclose(m["xdev/grad_sq_est"], reference(flat(grads), 1)["grad_sq_est"], rtol=2e-3)
+    wrong = gh.cross_device("data", num_devices=4)
+    with pytest.raises(ValueError, match="num_devices=8"):
+        jax.pmap(wrong.update, axis_name="data")(grads, jax.tree.map(lambda x: jnp.stack([x] * K), wrong.init(None)))
+
+
+def test_nonfinite_device_is_the_outlier_and_the_guard_skips_everywhere():
+    grads = random_grads(3)
+    grads["a"] = grads["a"].at[6, 0, 0].set(jnp.nan)
+    tx = optax.chain(gh.cross_device("data"), gh.guard(optax.sgd(0.1)))
+    params = jax.tree.map(lambda x: jnp.zeros_like(x), grads)
+
+    def step(g, p):
+        updates, state = tx.update(g, tx.init(p), p)
+        return updates, gh.metrics(state)
+
+    updates, m = jax.pmap(step, axis_name="data")(grads, params)
+    assert_identical_on_every_device(m)
+    m = first_copy(m)
+    assert int(m["xdev/outlier_device"]) == 6 and np.isinf(m["xdev/outlier_score"])
+    assert bool(m["grad/skipped"])
+    assert all(np.all(np.asarray(u) == 0) for u in jax.tree.leaves(updates))
+
+
+def shard_map_run(grads, params_k, mesh, grad_specs, param_specs, **kwargs):
+    tx = gh.cross_device("data", per_device_batch=BATCH, noise_scale_decay=DECAY, **kwargs)
+
+    def run(g, p):
+        squeeze = lambda t: jax.tree.map(lambda x: x[0], t)
+        g, p = squeeze(g), squeeze(p)
+        state = tx.init(p)
+        updates, state = tx.update(g, state, p)
+        return updates, gh.metrics(state)
+
+    out_specs = (jax.tree.map(lambda s: P(*s[1:]), grad_specs, is_leaf=lambda s: isinstance(s, P)), P())
+    f = jax.shard_map(run, mesh=mesh, in_specs=(grad_specs, param_specs), out_specs=out_specs)
+    return jax.jit(f)(grads, params_k)
+
+
+def test_shard_map_gives_the_pmap_numbers():
+    grads = random_grads(4)
+    params_k = jax.tree.map(lambda x: x[:, :1], random_grads(5))
+    (_, m_pmap), *_ = pmap_run([grads], params_k)
+    m_pmap = first_copy(m_pmap)
+    mesh = jax.make_mesh((K,), ("data",), axis_types=(AxisType.Auto,))
+    specs = {"a": P("data"), "b": P("data")}
+    updates, m = shard_map_run(grads, params_k, mesh, specs, specs)
+    m = jax.device_get(m)
+    assert set(m) == set(m_pmap)
+    for name in m:
+        np.testing.assert_allclose(m[name], m_pmap[name], rtol=1e-6, atol=1e-7, err_msg=name)
+    np.testing.assert_allclose(
+        flat(jax.tree.map(lambda x: x[None], updates))[0], flat(grads).mean(0), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_two_data_axes_act_as_one_of_their_product():
+    """axis_name=('replica', 'data') on a 2 x 4 mesh: the same figures as one axis of 8."""
+    grads = random_grads(11)
+    params_k = jax.tree.map(lambda x: jnp.stack([x[0]] * K), random_grads(12))
+    mesh = jax.make_mesh((2, 4), ("replica", "data"), axis_types=(AxisType.Auto,) * 2)
+    specs = {"a": P(("replica", "data")), "b": P(("replica", "data"))}
+    tx = gh.cross_device(("replica", "data"), per_device_batch=BATCH)
+
+    def run(g, p):
+        g, p = jax.tree.map(lambda x: x[0], (g, p))
+        updates, state = tx.update(g, tx.init(p), p)
+        return jax.tree.map(lambda u: u[None], updates), gh.metrics(state)
+
+    f = jax.shard_map(run, mesh=mesh, in_specs=(specs, specs), out_specs=(specs, P()))
+    _, m = jax.device_get(jax.jit(f)(grads, params_k))
+    ref = reference(flat(grads), BATCH)
+    for name in ("device_norms", "agreement", "cosine_to_mean"):
+        np.testing.assert_allclose(m[f"xdev/{name}"], ref[name], rtol=2e-4, atol=2e-5, err_msg=name)
+    np.testing.assert_allclose(m["xdev/trace_cov_est"], ref["trace_cov_est"], rtol=2e-3)
+
+
+def test_two_dimensional_mesh_with_sharded_parameters_equals_unsharded_reference():
+    """data (4) x model (2): 'a' is split over 'model', 'b' is replicated over it."""
+    k = 4
+    grads = random_grads(6, k=k)
+    params_k = jax.tree.map(lambda x: x * 0.5, random_grads(7, k=k))
+    params_k = jax.tree.map(lambda x: jnp.stack([x[0]] * k), params_k)
+    params_k["a"] = params_k["a"].at[2, 5, 33].add(1e-3)  # device 2 of the data axis is out of sync
+    grads["b"] = grads["b"].at[3].set(grads["b"][1])
+    grads["a"] = grads["a"].at[3].set(grads["a"][1])  # devices 1 and 3: identical gradients
+    mesh = jax.make_mesh((k, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    specs = {"a": P("data", None, "model"), "b": P("data")}
+    updates, m = shard_map_run(grads, params_k, mesh, specs, specs, sharded_axes="model")
+    m = jax.device_get(m)
+    ref = reference(flat(grads), BATCH)
+    for name in ("device_norms", "norm_cv", "norm_max_over_min", "agreement", "cosine_to_mean"):
+        np.testing.assert_allclose(m[f"xdev/{name}"], ref[name], rtol=2e-4, atol=2e-5, err_msg=name)
+    for name in ("grad_sq_est", "trace_cov_est"):
+        np.testing.assert_allclose(m[f"xdev/{name}"], ref[name], rtol=2e-3, err_msg=name)
+    np.testing.assert_allclose(m["xdev/pairwise_cosine"], ref["pairwise_cosine"], atol=0.12)
+    assert np.argwhere(np.triu(m["xdev/duplicate_pairs"])).tolist() == [[1, 3]]
+    assert np.flatnonzero(m["xdev/param_desync"]).tolist() == [2]
+    np.testing.assert_allclose(np.asarray(updates["a"]), np.asarray(grads["a"]).mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(updates["b"]), np.asarray(grads["b"]).mean(0), rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- the shard_map trap
+
+
+def test_shard_map_summed_gradients_raise_and_local_value_and_grad_fixes_them():
+    mesh = jax.make_mesh((K,), ("data",), axis_types=(AxisType.Auto,))
+    rng = np.random.default_rng(8)
+    x = jnp.asarray(rng.normal(size=(K, 5, 3)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3,)), jnp.float32)
+    loss = lambda w, x: jnp.mean((x @ w - 1.0) ** 2)
+    tx = gh.cross_device("data")
+
+    def step(grad_fn):
+        def body(w, x):
+            g = grad_fn(w, x[0])
+            updates, _ = tx.update({"w": g}, tx.init({"w": w}), {"w": w})
+            return updates["w"]
+
+        return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P("data")), out_specs=P()))
+
+    with pytest.raises(ValueError, match="local_value_and_grad"):
+        step(jax.grad(loss))(w, x)
+    got = step(lambda w, x: gh.local_value_and_grad(loss, "data")(w, x)[1])(w, x)
+    xs, wn = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    local = np.stack([2 * xs[k].T @ (xs[k] @ wn - 1.0) / 5 for k in range(K)])
+    np.testing.assert_allclose(got, local.mean(0), rtol=1e-5)
+    assert gh.local_grad(loss, "data") is not None
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"sketch_dim": 0}, ValueError, "sketch_dim"),
+        ({"sketch_dim": -3}, ValueError, "sketch_dim"),
+        ({"per_device_batch": 0}, ValueError, "per_device_batch"),
+        ({"per_device_batch": 2.5}, TypeError, "per_device_batch"),
+        ({"audit_every": 0}, ValueError, "audit_every"),
+        ({"audit_first_steps": -1}, ValueError, "audit_first_steps"),
+        ({"audit_first_steps": 0, "audit_every": None}, ValueError, "never audits"),
+        ({"axis_name": ""}, TypeError, "axis_name"),
+        ({"axis_name": 3}, TypeError, "axis_name"),
+        ({"sharded_axes": "data"}, ValueError, "both a data axis and a sharded axis"),
+        ({"noise_scale_decay": 1.0}, ValueError, "noise_scale_decay"),
+        ({"outlier_threshold": 0.0}, ValueError, "outlier_threshold"),
+    ],
+)
+def test_bad_arguments_fail_at_build_time(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        gh.cross_device(**{"axis_name": "data", **kwargs})
+
+
+def test_unbound_and_unknown_axes_fail_at_first_trace():
+    grads = {"w": jnp.ones((K, 3))}
+    tx = gh.cross_device("data")
+    state = tx.init(None)
+    with pytest.raises(ValueError, match=r"'data'.*not a bound axis"):
+        tx.update({"w": jnp.ones(3)}, state)  # outside pmap / shard_map
+    typo = gh.cross_device("dta")
+    with pytest.raises(ValueError, match=r"'dta'.*not a bound axis"):
+        jax.pmap(lambda g: typo.update(g, typo.init(g))[0], axis_name="data")(grads)
+    mesh = jax.make_mesh((K,), ("data",), axis_types=(AxisType.Auto,))
+    f = jax.shard_map(lambda g: typo.update(g, state)[0], mesh=mesh, in_specs=P("data"), out_specs=P())
+    with pytest.raises(ValueError, match=r"axes bound here are \('data',\)"):
+        f(grads)
+
+
+# ----------------------------------------------------------------------------- schedule, accumulation
+
+
+def test_audit_schedule_and_held_values():
+    tx = gh.cross_device("data", audit_first_steps=3, audit_every=4)
+    rng = np.random.default_rng(9)
+    seq = jnp.asarray(rng.normal(size=(K, 10, 30)), jnp.float32)
+
+    def run(seq):
+        def body(state, g):
+            _, state = tx.update({"w": g}, state)
+            m = gh.metrics(state)
+            return state, (m["xdev/audited"], m["xdev/cosine_to_mean"], m["xdev/device_norms"])
+
+        return jax.lax.scan(body, tx.init(None), seq)[1]
+
+    audited, cosines, norms = first_copy(jax.pmap(run, axis_name="data")(seq))
+    expected = [t < 3 or t % 4 == 0 for t in range(10)]
+    assert audited.tolist() == expected
+    g = np.asarray(seq, np.float64).transpose(1, 0, 2)  # [step, K, n]
+    last = -1
+    for t in range(10):
+        np.testing.assert_allclose(norms[t], np.linalg.norm(g[t], axis=1), rtol=1e-5)
+        last = t if expected[t] else last
+        np.testing.assert_allclose(cosines[t], reference(g[last], 1)["cosine_to_mean"], rtol=1e-4, atol=1e-5)
+
+
+def _computations(hlo: str) -> dict[str, str]:
+    """name -> body text of each computation in an HLO module dump."""
+    out, name, lines = {}, None, []
+    for line in hlo.splitlines():
+        header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
+        if header and not line.startswith(" "):
+            name, lines = header.group(1), []
+        elif line.startswith("}") and name:
+            out[name] = "\n".join(lines)
+            name = None
+        elif name:
+            lines.append(line)
+    return out
+
+
+def _all_reduces(hlo: str) -> tuple[int, int, int]:
+    """All-reduces of a compiled step: (in the entry computation, in total, inside
+    while-loop bodies)."""
+    comps = _computations(hlo)
+    bodies = set(re.findall(r"body=%?([\w.\-]+)", hlo))
+    count = lambda text: len(re.findall(r"\ball-reduce(?:-start)?\(", text))
+    entry = re.search(r"^ENTRY %?([\w.\-]+)", hlo, re.M).group(1)
+    inside = sum(count(text) for name, text in comps.items() if name in bodies)
+    return count(comps[entry]), sum(count(text) for text in comps.values()), inside
+
+
+@pytest.mark.parametrize("micro_batches", [2, 4])
+def test_gradient_accumulation_uses_one_all_reduce_per_update(micro_batches):
+    """k micro-batches are accumulated locally in a scan; cross_device all-reduces once."""
+    tx = gh.cross_device("data", audit_first_steps=0, audit_every=1000)
+    loss = lambda w, x: jnp.mean((x @ w["w"] - 1.0) ** 2)
+    w = {"w": jnp.zeros((4,))}
+    rng = np.random.default_rng(10)
+    xs = jnp.asarray(rng.normal(size=(K, micro_batches, 6, 4)), jnp.float32)
+
+    def accumulate_then_reduce(w, state, xs):
+        def body(acc, x):
+            return jax.tree.map(jnp.add, acc, jax.grad(loss)(w, x)), None
+
+        total, _ = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, w), xs)
+        local = jax.tree.map(lambda g: g / micro_batches, total)
+        return tx.update(local, state, w)
+
+    def reduce_every_micro_batch(w, state, xs):  # what the pattern avoids
+        def body(acc, x):
+            return jax.tree.map(jnp.add, acc, jax.lax.pmean(jax.grad(loss)(w, x), "data")), None
+
+        return jax.lax.scan(body, jax.tree.map(jnp.zeros_like, w), xs)[0]
+
+    w_k = jax.tree.map(lambda x: jnp.stack([x] * K), w)
+    state_k = jax.pmap(tx.init, axis_name="data")(w_k)
+    step = jax.pmap(accumulate_then_reduce, axis_name="data")
+    entry, total, inside = _all_reduces(step.lower(w_k, state_k, xs).compile().as_text())
+    assert inside == 0
+    # One all-reduce per update (gradients + the K per-device norms in one op); the audit's
+    # two live in the lax.cond branch and run on audit steps only.
+    assert entry == 1 and total == 3
+    naive = jax.pmap(reduce_every_micro_batch, axis_name="data").lower(w_k, state_k, xs).compile().as_text()
+    assert _all_reduces(naive)[2] >= 1
+    updates, _ = step(w_k, state_k, xs)
+    x64 = np.asarray(xs, np.float64).reshape(K * micro_batches, 6, 4)
+    expected = np.mean([2 * x.T @ (x @ np.zeros(4) - 1.0) / 6 for x in x64], axis=0)
+    np.testing.assert_allclose(np.asarray(updates["w"])[0], expected, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- detection
+
+
+B = 64
+D_IN, HIDDEN, CLASSES = 16, 32, 4
+
+
+def mlp_params(seed):
+    rng = np.random.default_rng(seed)
+    return {
+        "w1": jnp.asarray(rng.normal(size=(D_IN, HIDDEN)) / np.sqrt(D_IN), jnp.float32),
+        "b1": jnp.zeros((HIDDEN,), jnp.float32),
+        "w2": jnp.asarray(rng.normal(size=(HIDDEN, CLASSES)) / np.sqrt(HIDDEN), jnp.float32),
+        "b2": jnp.zeros((CLASSES,), jnp.float32),
+    }
+
+
+def mlp_loss(p, x, y):
+    logits = jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def teacher_data(steps, seed=0):
+    rng = np.random.default_rng(seed)
+    teacher = rng.normal(size=(D_IN, CLASSES))
+    x = rng.normal(size=(steps, K, B, D_IN)).astype(np.float32)
+    y = np.argmax(x @ teacher + 0.5 * rng.normal(size=(steps, K, B, CLASSES)), -1).astype(np.int32)
+    return x, y
+
+
+_WATCH = (
+    "xdev/outlier_device",
+    "xdev/outlier_score",
+    "xdev/agreement",
+    "xdev/duplicate_pairs",
+    "xdev/param_desync",
+    "grad/skipped",
+)
+
+
+@functools.cache
+def _trainer():
+    """Data-parallel training under pmap + lax.scan (compiled once per number of steps).
+    Per-device gradient corruption: ``g * scale + noise * |g| * N(0, I) / sqrt(n)``."""
+    tx = optax.chain(
+        gh.cross_device("data", per_device_batch=B, audit_first_steps=10**6),
+        gh.guard(optax.adamw(1e-2), clip=1.0),
+    )
+
+    def one_device(params, x, y, scale, noise):
+        def body(carry, batch):
+            params, state, step = carry
+            loss, grads = jax.value_and_grad(mlp_loss)(params, *batch)
+            key = jax.random.fold_in(jax.random.key(1), step)
+
+            def corrupt(g):
+                z = jax.random.normal(jax.random.fold_in(key, g.size), g.shape)
+                return g * scale + noise * jnp.linalg.norm(g) * z / np.sqrt(g.size)
+
+            updates, state = tx.update(jax.tree.map(corrupt, grads), state, params, loss=loss)
+            m = gh.metrics(state)
+            return (optax.apply_updates(params, updates), state, step + 1), {k: m[k] for k in _WATCH}
+
+        return jax.lax.scan(body, (params, tx.init(params), 0), (x, y))[1]
+
+    return jax.pmap(one_device, axis_name="data", in_axes=(0, 1, 1, 0, 0))
+
+
+def train(params_k, x, y, scale, noise):
+    """Returns the watched metrics per step (first device's copy)."""
+    return first_copy(_trainer()(params_k, x, y, scale, noise))
+
+
+def replicate(p):
+    return jax.tree.map(lambda x: jnp.stack([x] * K), p)
+
+
+def alarms(out, t):
+    return gh.cross_device_alarms({k: v[t] for k, v in out.items()})
+
+
+def test_clean_control_run_raises_no_alarm_for_240_steps():
+    x, y = teacher_data(240)
+    out = train(replicate(mlp_params(0)), x, y, jnp.ones(K), jnp.zeros(K))
+    raised = {t: alarms(out, t) for t in range(240) if alarms(out, t)}
+    assert raised == {}, raised
+    assert float(out["xdev/outlier_score"].max()) < 10.0  # the documented default threshold
+
+
+SCENARIO_STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def scenario_data():
+    return teacher_data(SCENARIO_STEPS, seed=1)
+
+
+@pytest.mark.parametrize(
+    ("corruption", "scale", "noise"),
+    [("scaled x10", 10.0, 0.0), ("sign-flipped", -1.0, 0.0), ("noised", 1.0, 5.0)],
+)
+def test_corrupted_device_is_named(scenario_data, corruption, scale, noise):
+    x, y = scenario_data
+    s, n = np.ones(K, np.float32), np.zeros(K, np.float32)
+    s[3], n[3] = scale, noise
+    out = train(replicate(mlp_params(0)), x, y, jnp.asarray(s), jnp.asarray(n))
+    named = out["xdev/outlier_device"]
+    assert named[0] == 3 or named[1] == 3, (corruption, named)
+    assert set(named.tolist()) <= {3, -1}, (corruption, named)  # never names an innocent device
+    assert not out["xdev/duplicate_pairs"].any() and not out["xdev/param_desync"].any()
+
+
+def test_desynchronised_seed_is_named(scenario_data):
+    """Device 5 initialised its parameter replica from its own seed (key not shared)."""
+    x, y = scenario_data
+    params = jax.tree.map(lambda a, b: a.at[5].set(b), replicate(mlp_params(0)), mlp_params(5))
+    out = train(params, x, y, jnp.ones(K), jnp.zeros(K))
+    for t in range(SCENARIO_STEPS):  # the replica never resynchronises: every audit names it
+        assert np.flatnonzero(out["xdev/param_desync"][t]).tolist() == [5]
+    assert set(out["xdev/outlier_device"].tolist()) <= {5, -1}
+    assert alarms(out, 0)[-1] == "device 5 parameters differ from the majority (desync or corruption)"
+
+
+def test_duplicated_data_shard_is_named(scenario_data):
+    x, y = (a.copy() for a in scenario_data)
+    x[:, 6], y[:, 6] = x[:, 2], y[:, 2]
+    out = train(replicate(mlp_params(0)), x, y, jnp.ones(K), jnp.zeros(K))
+    for t in range(SCENARIO_STEPS):
+        assert np.argwhere(np.triu(out["xdev/duplicate_pairs"][t])).tolist() == [[2, 6]]
+    assert not out["xdev/param_desync"].any()
+    assert set(out["xdev/outlier_device"].tolist()) == {-1}
+
+
+# ----------------------------------------------------------------------------- multi-host
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(num_processes: int, devices_per_process: int, out_dir: Path, timeout: float = 120.0) -> list[dict]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices_per_process}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    procs = []
+    for pid in range(num_processes):
+        cmd = [sys.executable, str(ROOT / "tests" / "_multihost_worker.py")]
+        cmd += [f"127.0.0.1:{port}", str(num_processes), str(pid), str(out_dir / f"p{pid}.json")]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    for pid, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"process {pid} exited {p.returncode}:\n{log[-3000:]}"
+    return [json.loads((out_dir / f"p{pid}.json").read_text()) for pid in range(num_processes)]
+
+
+def test_two_processes_of_four_devices_equal_one_process_of_eight(tmp_path):
+    (single,) = _launch(1, 8, tmp_path / "one")
+    two = _launch(2, 4, tmp_path / "two")
+    assert two[0] == two[1]  # every process holds the same (replicated) figures
+    assert set(single) == set(two[0]) and len(single) > 10
+    for name, value in single.items():
+        np.testing.assert_allclose(np.asarray(two[0][name], float), np.asarray(value, float), rtol=1e-5, err_msg=name)
+    assert single["step1/xdev/duplicate_pairs"][1][5] and single["step1/xdev/outlier_device"] == 3
+
+
+def test_data_parallel_example_with_per_device_state_under_shard_map():
+    """The example keeps parameters and optimizer state per device (P('data')) under
+    shard_map: the audit's lax.cond must keep the state's per-device type."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import data_parallel
+    finally:
+        sys.path.pop(0)
+    duplicate = data_parallel.main("duplicate", steps=2, every=100)
+    assert duplicate == [["devices 2 and 6 have identical gradients (same data shard?)"]] * 2
+
+
+def test_metric_names_are_the_design_catalogue():
+    names = set(gh.metrics(gh.cross_device("data", num_devices=4).init(None)))
+    design = (
+        "device_norms norm_cv norm_max_over_min agreement audited cosine_to_mean pairwise_cosine "
+        "mean_pairwise_cosine outlier_device outlier_score duplicate_pairs param_desync noise_scale "
+        "grad_sq_est trace_cov_est"
+    )
+    assert names == {f"xdev/{n}" for n in design.split()}
+    assert names <= set(gh.CATALOGUE)
