@@ -1,20 +1,13 @@
 """Each example (and the demo) runs briefly end to end."""
 
-import importlib.util
 import pathlib
 
 import numpy as np
 
 import optax_gradhealth as gh
+from tests.example_loader import load_example
 
 ROOT = pathlib.Path(__file__).parents[1]
-
-
-def load_example(name):
-    spec = importlib.util.spec_from_file_location(f"example_{name}", ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_char_transformer_with_injected_faults_and_a_rollback(tmp_path, capsys):

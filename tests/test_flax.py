@@ -1,6 +1,5 @@
 """Flax integration (nnx.Optimizer, TrainState) and orbax checkpoints (rollback, resume)."""
 
-import importlib.util
 import pathlib
 
 import jax
@@ -12,15 +11,9 @@ from flax import nnx
 from flax.training import train_state
 
 import optax_gradhealth as gh
+from tests.example_loader import load_example
 
 ROOT = pathlib.Path(__file__).parents[1]
-
-
-def load_example(name):
-    spec = importlib.util.spec_from_file_location(f"example_{name}", ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def reference_norm(tree):

@@ -271,13 +271,9 @@ def test_scale_loss_is_float32_and_reads_nested_states():
 
 
 def test_fp16_example_forces_overflows_and_follows_the_scale_rule():
-    import importlib.util
-    import pathlib
+    from tests.example_loader import load_example
 
-    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "fp16_loss_scaling.py"
-    spec = importlib.util.spec_from_file_location("fp16_loss_scaling", path)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load_example("fp16_loss_scaling")
     steps, interval = 40, 8
     out = example.main(steps=steps, growth_interval=interval, verbose=False)
     hist, m = out["history"], out["metrics"]
