@@ -9,8 +9,13 @@ not tiny on every ordinary step: then the norm is its square root and every elem
 known to be finite (a NaN or Inf element makes the sum NaN or Inf). Only when the total
 is non-finite (NaN, Inf, or an overflow of float32 by huge but finite elements) or so
 small that squares may have underflowed does a second, rare branch (``lax.cond``)
-recompute each leaf's norm scaled by its largest magnitude. That branch tells a NaN/Inf
-element from an overflow, so a huge but finite gradient gets its right, finite norm.
+recompute each leaf's sum of squares of its elements scaled by an exact power of two:
+2**-80 for a leaf that overflowed (squares of float32 values, at most 3.4e38, become at
+most 7.9e28, so no finite leaf overflows again), 2**80 for one that may have underflowed;
+the global norm then combines the per-leaf norms without overflow. A sum that is still
+non-finite then means a NaN or Inf element, so a huge but finite gradient gets its
+right, finite norm and is not mistaken for NaN. The branch is one fused reduction per
+leaf, like the ordinary one: no temporary the size of the gradients.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ __all__ = [
 # Below this total sum of squares, squares of small elements may have underflowed in
 # float32 (elements under ~1e-19 square to subnormals or zero): take the scaled branch.
 _TINY_SUM_OF_SQUARES = 1e-30
+_SCALE_AFTER_OVERFLOW = 2.0**-80
+_SCALE_AFTER_UNDERFLOW = 2.0**80
 _F32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -70,34 +77,25 @@ def _accumulation_dtype(x: jax.Array) -> Any:
     return jnp.float32
 
 
-def _abs_squared(x: jax.Array, dtype: Any) -> jax.Array:
-    if jnp.iscomplexobj(x):
-        return jnp.square(jnp.real(x).astype(dtype)) + jnp.square(jnp.imag(x).astype(dtype))
-    return jnp.square(x.astype(dtype))
+def _abs_squared(x: jax.Array, dtype: Any, scale: jax.Array | None) -> jax.Array:
+    parts = (jnp.real(x), jnp.imag(x)) if jnp.iscomplexobj(x) else (x,)
+    total = None
+    for part in parts:
+        part = part.astype(dtype)
+        if scale is not None:
+            part = part * scale.astype(dtype)
+        total = jnp.square(part) if total is None else total + jnp.square(part)
+    return total
 
 
-def _leaf_sum_of_squares(x: jax.Array) -> jax.Array:
+def _leaf_sum_of_squares(x: jax.Array, scale: jax.Array | None = None) -> jax.Array:
+    """Sum of ``|x * scale|**2`` in float32 (float64 for float64 leaves), as float32."""
     dtype = _accumulation_dtype(x)
-    return jnp.sum(_abs_squared(x, dtype), dtype=dtype).astype(jnp.float32)
-
-
-def _leaf_norm_scaled(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Norm of one leaf scaled by its largest magnitude; returns (norm_f32, finite)."""
-    dtype = _accumulation_dtype(x)
-    magnitude = jnp.abs(x).astype(dtype)
-    largest = jnp.max(magnitude) if x.size else jnp.zeros((), dtype)
-    finite = jnp.isfinite(largest)
-    scale = jnp.where(finite & (largest > 0), largest, jnp.ones((), dtype))
-    scaled_sum = jnp.sum(jnp.square(magnitude / scale), dtype=dtype)
-    norm = (scale * jnp.sqrt(scaled_sum)).astype(jnp.float32)
-    # A finite leaf whose norm exceeds float32 saturates at its max; a non-finite leaf
-    # reports its NaN or Inf.
-    norm = jnp.where(finite, jnp.minimum(norm, _F32_MAX), largest.astype(jnp.float32))
-    return norm, finite
+    return jnp.sum(_abs_squared(x, dtype, scale), dtype=dtype).astype(jnp.float32)
 
 
 def _norm_of_norms(norms: jax.Array) -> jax.Array:
-    """sqrt(sum(norms**2)) without overflow or underflow (norms are >= 0)."""
+    """sqrt(sum(norms**2)) of a small vector of norms (>= 0), without overflow."""
     largest = jnp.max(norms)
     scale = jnp.where(largest > 0, largest, 1.0)
     return scale * jnp.sqrt(jnp.sum(jnp.square(norms / scale)))
@@ -158,15 +156,23 @@ def grad_stats(tree: Any) -> GradStats:
         )
 
     def rare(operands):
-        _, float_leaves = operands
-        pairs = [_leaf_norm_scaled(x) for x in float_leaves]
-        norms = jnp.stack([p[0] for p in pairs])
-        finite_each = jnp.stack([p[1] for p in pairs])
+        sums, float_leaves = operands
+        # Exact power-of-two scaling, chosen per leaf: down for a leaf whose sum
+        # overflowed (or holds a NaN/Inf), up for one whose squares may have underflowed.
+        # A leaf whose scaled sum is still non-finite holds a NaN or Inf.
+        scale = jnp.where(
+            jnp.isfinite(sums),
+            jnp.where(sums >= _TINY_SUM_OF_SQUARES, 1.0, _SCALE_AFTER_UNDERFLOW),
+            _SCALE_AFTER_OVERFLOW,
+        ).astype(jnp.float32)
+        scaled = jnp.stack([_leaf_sum_of_squares(x, scale[i]) for i, x in enumerate(float_leaves)])
+        finite_each = jnp.isfinite(scaled)
         finite = jnp.all(finite_each)
         positions = jnp.asarray(float_index, jnp.int32)
         first_bad = jnp.where(finite, -1, positions[jnp.argmin(finite_each)])
-        norm = jnp.where(finite, _norm_of_norms(norms), jnp.sqrt(total))
-        norm = jnp.where(finite, jnp.minimum(norm, _F32_MAX), norm)
+        # A finite leaf (or tree) whose norm exceeds float32 saturates at its max.
+        norms = jnp.where(finite_each, jnp.minimum(jnp.sqrt(scaled) / scale, _F32_MAX), jnp.sqrt(scaled))
+        norm = jnp.where(finite, jnp.minimum(_norm_of_norms(norms), _F32_MAX), jnp.sqrt(total))
         return norm, norms, finite, first_bad.astype(jnp.int32)
 
     ordinary_path = jnp.isfinite(total) & (total >= _TINY_SUM_OF_SQUARES)
