@@ -13,7 +13,8 @@ The fix is to let the *updates* read the selected state, as bare optax does with
 new state: every state output of the inner update is replaced by its selected value
 as soon as the inner computation produces it, so every later use (the updates) reads
 the selected value. On an applied step the selected value *is* the new value, bit for
-bit, so the updates are unchanged; on a skipped step the updates are discarded by the
+bit, so the updates are the same computation (under jit, XLA's different fusion may
+round their last bit differently); on a skipped step the updates are discarded by the
 caller anyway. XLA then materialises the selected state once, in place, and the
 updates read it: no copy, no temporary.
 
