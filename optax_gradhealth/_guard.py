@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_gradhealth import _clipping, _stats
+from optax_gradhealth import _clipping, _skip, _stats
 from optax_gradhealth import _validation as check
 
 __all__ = ["SPIKE_ACTIONS", "GuardState", "guard"]
@@ -106,10 +106,11 @@ _SCHEDULE_STATES = (optax.ScaleByScheduleState,)
 _HYPERPARAM_STATES = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
 
 
-def _reset_moments(old: Any, fresh: Any) -> Any:
-    """``fresh`` (a new ``inner.init``) everywhere except schedule and hyperparameter
-    counters and gradhealth's own bookkeeping states (clip modes, nested guards, loss
-    scale), which keep their ``old`` values. Dtypes follow ``old``."""
+def _reset_mask(state: Any) -> Any:
+    """A tree of Python bools shaped like ``state``: True for the leaves a momentum reset
+    re-initialises (from a fresh ``inner.init``); False for those it keeps: schedule and
+    hyperparameter counters and gradhealth's own bookkeeping states (clip modes, nested
+    guards, loss scale)."""
 
     from optax_gradhealth._metrics import _REGISTRY  # bookkeeping states: kept as they are
 
@@ -119,14 +120,14 @@ def _reset_moments(old: Any, fresh: Any) -> Any:
     def is_boundary(x):
         return kept(x) or isinstance(x, _HYPERPARAM_STATES)
 
-    def one(o, f):
+    def one(o):
         if kept(o):
-            return o
+            return jax.tree.map(lambda _: False, o)
         if isinstance(o, _HYPERPARAM_STATES):
-            return o._replace(inner_state=_reset_moments(o.inner_state, f.inner_state))
-        return jnp.asarray(f, dtype=jnp.asarray(o).dtype)
+            return jax.tree.map(lambda _: False, o)._replace(inner_state=_reset_mask(o.inner_state))
+        return True
 
-    return jax.tree.map(one, old, fresh, is_leaf=is_boundary)
+    return jax.tree.map(one, state, is_leaf=is_boundary)
 
 
 def _select(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
@@ -340,13 +341,6 @@ def guard(
         accepted = ~skipped
         clipped = accepted & (factors[0] < 1.0)
 
-        # The inner update sees the clipped gradients; a skipped step keeps its old state.
-        inner_updates, inner_state = inner.update(
-            _clipping.scale_tree(updates, factors), state.guard_inner_state, params, **extra_args
-        )
-        new_updates = _select(skipped, _zero_floats(inner_updates), inner_updates)
-        new_inner_state = _select(skipped, state.guard_inner_state, inner_state)
-
         # Momentum reset: `reset_after` spikes within `reset_window` steps.
         spike_steps = state.guard_spike_steps
         momentum_reset = jnp.zeros((), jnp.bool_)
@@ -356,8 +350,39 @@ def guard(
             in_window = jnp.sum((step - spike_steps < reset_window).astype(jnp.int32))
             momentum_reset = spike & (in_window >= reset_after)
             spike_steps = jnp.where(momentum_reset, jnp.full_like(spike_steps, _NO_STEP), spike_steps)
-            fresh = _reset_moments(new_inner_state, inner.init(params if params is not None else updates))
-            new_inner_state = _select(momentum_reset, fresh, new_inner_state)
+            fresh_leaves = jax.tree.leaves(inner.init(params if params is not None else updates))
+            reset_leaves = jax.tree.leaves(_reset_mask(state.guard_inner_state))
+
+        # The inner update sees the clipped gradients. A skipped step keeps the old inner
+        # state; a momentum reset re-initialises its moments (schedule counters excepted).
+        # Both are selects on the state leaves, applied as the inner update produces
+        # them (`_skip`), so that XLA writes the new state in place without first copying
+        # the old moments (see the docstring of `_skip`).
+        old_leaves = jax.tree.leaves(state.guard_inner_state)
+        # With spike_action='skip' a reset step is a skipped step, whose discarded
+        # updates may read the reset state. Otherwise a reset step is applied with the
+        # updates of the pre-reset state, so the reset comes after the inner update.
+        reset_inside = reset_after is not None and spike_action == "skip"
+
+        def reset(k, value):
+            if not reset_leaves[k]:
+                return value
+            return jnp.where(momentum_reset, jnp.asarray(fresh_leaves[k], dtype=value.dtype), value)
+
+        def select_state(k, new):
+            if reset_inside:  # a reset step is a skipped step: one select on `new`
+                return jnp.where(skipped, reset(k, jnp.asarray(old_leaves[k], dtype=new.dtype)), new)
+            return jnp.where(skipped, old_leaves[k], new)
+
+        inner_updates, new_inner_state = _skip.update_with_selected_state(
+            lambda: inner.update(_clipping.scale_tree(updates, factors), state.guard_inner_state, params, **extra_args),
+            select_state,
+            inputs=(updates, state, params, extra_args),
+        )
+        if reset_after is not None and not reset_inside:
+            leaves, treedef = jax.tree.flatten(new_inner_state)
+            new_inner_state = treedef.unflatten([reset(k, x) for k, x in enumerate(leaves)])
+        new_updates = _select(skipped, _zero_floats(inner_updates), inner_updates)
 
         # Running statistics: accepted steps only; a spike's norm is capped.
         capped_norm = norm

@@ -1,0 +1,117 @@
+"""The guard's skip path under jit with donation: no copy of the inner state, exact skips.
+
+The structural check reads XLA's compiled program (no timing): a copy of a moment leaf
+would be a gradient-sized ``copy(`` of an optimizer-state parameter.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_gradhealth as gh
+from optax_gradhealth import _skip
+
+
+def _params():
+    return {"w": jnp.ones((64, 32), jnp.float32), "b": jnp.ones((32,), jnp.float32)}
+
+
+def _compiled_step(tx, params):
+    def step(params, state, grads, loss):
+        updates, state = tx.update(grads, state, params, loss=loss)
+        return optax.apply_updates(params, updates), state
+
+    state = tx.init(params)
+    return jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params, jnp.float32(1.0)).compile()
+
+
+@pytest.mark.parametrize("reset_after", [3, None])
+def test_guard_with_donation_copies_no_array(reset_after):
+    tx = gh.guard(optax.adamw(1e-3), clip=1.0, loss_spike_zscore=3.0, reset_after=reset_after)
+    hlo = _compiled_step(tx, _params()).as_text()
+    array_copies = re.findall(r"f32\[\d+(?:,\d+)*\]\{[\d,]*\} copy\(", hlo)
+    assert array_copies == []
+
+
+def _run(tx, grads_seq, params, jit):
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, updates
+
+    step = jax.jit(step, donate_argnums=(0, 1)) if jit else step
+    state = tx.init(params)
+    out = []
+    for grads in grads_seq:
+        before = jax.tree.map(np.asarray, state.guard_inner_state)
+        params, state, updates = step(params, state, grads)
+        out.append((before, jax.tree.map(np.asarray, state.guard_inner_state), jax.tree.map(np.asarray, updates)))
+    return out
+
+
+@pytest.mark.parametrize("jit", [True, False])
+def test_skipped_steps_keep_the_state_bit_for_bit_and_applied_steps_match_adam(jit):
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.standard_normal((8, 4)), jnp.float32)}
+    grads_seq = [{"w": jnp.asarray(rng.standard_normal((8, 4)), jnp.float32)} for _ in range(6)]
+    grads_seq[2] = {"w": grads_seq[2]["w"].at[0, 0].set(jnp.nan)}
+    grads_seq[3] = {"w": grads_seq[3]["w"].at[1, 1].set(jnp.inf)}
+    tx = gh.guard(optax.adam(0.1), spike_threshold=None, spike_zscore=None)
+    out = _run(tx, grads_seq, jax.tree.map(jnp.copy, params), jit)
+
+    # Adam written out in numpy float64, fed only the finite gradients.
+    mu = np.zeros((8, 4))
+    nu = np.zeros((8, 4))
+    count = 0
+    for t, (before, after, updates) in enumerate(out):
+        if t in (2, 3):
+            for old, new in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+                np.testing.assert_array_equal(new, old)  # bit for bit
+            np.testing.assert_array_equal(updates["w"], np.zeros((8, 4), np.float32))
+            continue
+        g = np.asarray(grads_seq[t]["w"], np.float64)
+        count += 1
+        mu = 0.9 * mu + 0.1 * g
+        nu = 0.999 * nu + 0.001 * g * g
+        expected = -0.1 * (mu / (1 - 0.9**count)) / (np.sqrt(nu / (1 - 0.999**count)) + 1e-8)
+        np.testing.assert_allclose(updates["w"], expected, rtol=2e-5, atol=1e-7)
+        np.testing.assert_allclose(after[0].mu["w"], mu, rtol=2e-6, atol=1e-9)
+        assert int(after[0].count) == count
+
+
+def test_selected_state_reaches_values_computed_inside_calls_and_duplicates():
+    """An inner whose state leaves come out of a jit call, twice, and as a passthrough."""
+
+    @jax.jit
+    def inner_math(g, m):
+        m_new = 0.5 * m + g
+        return m_new, 2.0 * m_new
+
+    def update(g, state):
+        m_new, u = inner_math(g, state[0])
+        return u, (m_new, m_new, state[2])
+
+    g = jnp.arange(4.0)
+    state = (jnp.ones(4), jnp.full(4, 7.0), jnp.full(4, 3.0))
+    old = jax.tree.leaves(state)
+
+    @jax.jit
+    def run(skip):
+        return _skip.update_with_selected_state(
+            lambda: update(g, state), lambda k, new: jnp.where(skip, old[k], new), inputs=(g, state, skip)
+        )
+
+    u, s = run(True)
+    for got, want in zip(s, state):
+        np.testing.assert_array_equal(got, want)
+    # On a skip the updates read the selected (old) state: 2 * m_old.
+    np.testing.assert_array_equal(u, 2.0 * np.ones(4))
+    u, s = run(False)
+    m_new = 0.5 * np.ones(4) + np.arange(4.0)
+    np.testing.assert_array_equal(s[0], m_new)
+    np.testing.assert_array_equal(s[1], m_new)
+    np.testing.assert_array_equal(s[2], np.full(4, 3.0))
+    np.testing.assert_array_equal(u, 2.0 * m_new)
