@@ -51,7 +51,9 @@ class GradStats(NamedTuple):
         finite tree whose norm exceeds the float32 range reports ``finfo(float32).max``.
       finite: bool scalar, True when every element of every float leaf is finite.
       leaf_norms: a pytree of the same structure as the input whose leaves are the
-        float32 L2 norms of the input leaves (0 for non-float leaves).
+        float32 L2 norms of the input leaves (0 for non-float leaves). When the global
+        norm is ordinary, elements below ~1e-19 in magnitude (whose squares underflow
+        float32) add nothing to their leaf's norm; the global norm is unaffected.
       first_nonfinite_leaf: int32 scalar, the index (in ``jax.tree.leaves`` order) of
         the first leaf holding a NaN or Inf, or -1 when every leaf is finite.
     """
