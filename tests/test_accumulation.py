@@ -247,3 +247,41 @@ def test_nnx_remat_changes_no_recorded_figure():
     assert plain.keys() == remat.keys() and any(k.startswith("grad/layer_norm/blocks/1") for k in plain)
     for name in plain:
         np.testing.assert_allclose(np.asarray(remat[name]), np.asarray(plain[name]), rtol=1e-6, err_msg=name)
+
+
+def test_multisteps_around_cross_device_and_guard_decides_once_on_the_global_mean():
+    """optax.MultiSteps(chain(gh.cross_device, gh.guard(...)), k) under pmap: micro-steps
+    accumulate the local gradients; the audit and the guard's decision happen once, on
+    the k-th micro-step, on the mean over devices and micro-batches.
+
+    The all-reduce is written inside MultiSteps' emit branch, but XLA:CPU hoists it out
+    of the conditional (found here: one all-reduce in the entry computation), so it runs
+    on every micro-step. For one all-reduce per update, accumulate in a scan and call
+    cross_device once (tests/test_cross_device.py, docs/distributed.md)."""
+    from tests.test_cross_device import _all_reduces
+
+    k, devices = 3, 8
+    inner = optax.chain(
+        gh.cross_device("data", audit_first_steps=0, audit_every=1000), gh.guard(optax.sgd(0.5), clip=None)
+    )
+    tx = optax.MultiSteps(inner, every_k_schedule=k)
+    loss = lambda w, x: jnp.mean((x @ w["w"] - 1.0) ** 2)
+    w = {"w": jnp.zeros((4,))}
+    xs = np.random.default_rng(3).normal(size=(k, devices, 6, 4)).astype(np.float32)
+
+    def micro_step(w, state, x):
+        updates, state = tx.update(jax.grad(loss)(w, x), state, w)
+        return optax.apply_updates(w, updates), state
+
+    step = jax.pmap(micro_step, axis_name="data")
+    w_k = jax.tree.map(lambda a: jnp.stack([a] * devices), w)
+    state = jax.pmap(tx.init, axis_name="data")(w_k)
+    entry, total, _ = _all_reduces(step.lower(w_k, state, jnp.asarray(xs[0])).compile().as_text())
+    assert total >= 1 and entry <= 1  # at most the gradient all-reduce is hoisted (see above)
+    for i in range(k):
+        w_k, state = step(w_k, state, jnp.asarray(xs[i]))
+        m = jax.device_get(gh.metrics(jax.tree.map(lambda a: a[0], state)))
+        assert int(m["grad/num_steps"]) == (1 if i == k - 1 else 0)
+    x64 = xs.astype(np.float64).reshape(k * devices, 6, 4)
+    mean_grad = np.mean([2 * x.T @ (x @ np.zeros(4) - 1.0) / 6 for x in x64], axis=0)
+    np.testing.assert_allclose(np.asarray(w_k["w"]), np.stack([-0.5 * mean_grad] * devices), rtol=1e-5)
