@@ -80,13 +80,6 @@ def _unscale(tree: Any, scale: jax.Array) -> Any:
     return jax.tree.map(one, tree)
 
 
-def _all_finite(tree: Any) -> jax.Array:
-    flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if _stats._is_float(x)]
-    if not flags:
-        return jnp.ones((), jnp.bool_)
-    return jnp.all(jnp.stack(flags))
-
-
 def dynamic_loss_scale(
     inner: optax.GradientTransformation,
     *,
@@ -210,7 +203,8 @@ def dynamic_loss_scale(
             new_inner_state = inner_state._replace(**kept)
             new_updates = inner_updates
         else:
-            finite = _all_finite(updates)  # of the scaled gradients: that is where overflow shows
+            # The scaled gradients: that is where an overflow shows.
+            finite = _stats.grad_stats(updates).finite
             good = finite & loss_ok
             overflow = ~finite & loss_ok & (scale > min_scale)
             # An overflow never reaches the wrapped optimizer's state; no non-finite
