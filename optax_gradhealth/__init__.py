@@ -18,7 +18,15 @@ from optax_gradhealth._clipping import (
 )
 from optax_gradhealth._guard import GuardState, guard
 from optax_gradhealth._metrics import CATALOGUE, metrics, register_metrics
-from optax_gradhealth._stats import GradStats, global_norm, grad_stats, layer_norms, leaf_names, path_name
+from optax_gradhealth._stats import (
+    GradStats,
+    LayerNorms,
+    global_norm,
+    grad_stats,
+    layer_norms,
+    leaf_names,
+    path_name,
+)
 
 # isort: split
 # --- mixed precision, accumulation and the remaining clipping modes (issue 5) ---
@@ -59,6 +67,7 @@ __all__ = [
     "FixedClipState",
     "GradStats",
     "GuardState",
+    "LayerNorms",
     "PercentileClip",
     "PercentileClipState",
     "ZScoreClip",

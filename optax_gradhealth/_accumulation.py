@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_gradhealth import _metrics, _stats
+from optax_gradhealth import _clipping, _metrics, _stats
 from optax_gradhealth import _validation as check
 
 __all__ = ["MicroBatchNormsState", "record_micro_batch_norms"]
@@ -90,7 +90,7 @@ def record_micro_batch_norms(every_k: int) -> optax.GradientTransformationExtraA
         slot = state.micro_batch_step % every_k
         norm = _stats.global_norm(updates)
         return updates, MicroBatchNormsState(
-            micro_batch_norms=state.micro_batch_norms.at[slot].set(norm),
+            micro_batch_norms=_clipping.ring_write(state.micro_batch_norms, slot, norm),
             micro_batch_step=state.micro_batch_step + 1,
         )
 

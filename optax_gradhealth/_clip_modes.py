@@ -157,7 +157,7 @@ def clip_by_layer_norm(max_norm: float) -> optax.GradientTransformation:
     def update_fn(updates, state, params=None):
         del params
         _clipping.check_same_structure(updates, state.layer_clip_clipped, "gh.clip_by_layer_norm")
-        leaf_norms = _stats.grad_stats(updates).leaf_norms
+        leaf_norms = _stats.grad_stats(updates).leaf_norms.as_tree()
         threshold = jnp.asarray(max_norm, jnp.float32)
         scales = jax.tree.map(lambda n: _clipping.clip_scale(n, threshold), leaf_norms)
         new_updates = jax.tree.map(lambda x, s: _clipping.scale_tree(x, s), updates, scales)

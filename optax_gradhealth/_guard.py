@@ -62,7 +62,7 @@ class GuardState(NamedTuple):
       guard_num_momentum_resets: momentum resets performed (int32).
       guard_consecutive_nonfinite: current run of consecutive non-finite steps.
       guard_consecutive_spikes: current run of consecutive spikes.
-      guard_layer_norms: pre-clip per-leaf norms, same structure as the gradients.
+      guard_layer_norms: pre-clip per-leaf norms (a :class:`LayerNorms`: one vector).
     """
 
     guard_inner_state: Any
@@ -98,7 +98,7 @@ class GuardState(NamedTuple):
     guard_num_momentum_resets: jax.Array
     guard_consecutive_nonfinite: jax.Array
     guard_consecutive_spikes: jax.Array
-    guard_layer_norms: Any
+    guard_layer_norms: _stats.LayerNorms
 
 
 # Sub-states whose counters drive learning-rate schedules: a momentum reset leaves them.
@@ -289,7 +289,7 @@ def guard(
             guard_num_momentum_resets=i32(),
             guard_consecutive_nonfinite=i32(),
             guard_consecutive_spikes=i32(),
-            guard_layer_norms=jax.tree.map(lambda _: f32(), params),
+            guard_layer_norms=_stats.LayerNorms.zeros(params),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -346,7 +346,7 @@ def guard(
         momentum_reset = jnp.zeros((), jnp.bool_)
         if reset_after is not None:
             slot = state.guard_num_spikes % ring_size
-            spike_steps = jnp.where(spike, spike_steps.at[slot].set(step), spike_steps)
+            spike_steps = jnp.where(spike, _clipping.ring_write(spike_steps, slot, step), spike_steps)
             in_window = jnp.sum((step - spike_steps < reset_window).astype(jnp.int32))
             momentum_reset = spike & (in_window >= reset_after)
             spike_steps = jnp.where(momentum_reset, jnp.full_like(spike_steps, _NO_STEP), spike_steps)

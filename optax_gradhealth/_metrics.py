@@ -170,7 +170,9 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
     Looks anywhere inside a chained, nested or wrapped optimizer state, including
     ``flax.nnx.Optimizer`` (pass the optimizer or its ``opt_state``) and
     ``flax.training.train_state.TrainState.opt_state``. Values are device arrays (no
-    host sync); per-leaf norms appear as ``grad/layer_norm/<path>``. The names are the
+    host sync); per-leaf norms appear as ``grad/layer_norm/<path>`` (one slice of the
+    state's :class:`LayerNorms` vector each; from an ``nnx.state(...)`` dict, which
+    drops the tree structure, as ``grad/layer_norm/<leaf index>``). The names are the
     keys of :data:`CATALOGUE`. When several states report the same name (two clip
     transformations in one chain, say), the first found (chain order, outer state
     before inner) keeps the plain name and the others get a ``#2``, ``#3``... suffix.
@@ -194,7 +196,15 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
         entries: dict[str, jax.Array] = {}
         for field, name in _REGISTRY[type(state)].items():
             value = getattr(state, field)
-            if isinstance(value, jax.Array) or hasattr(value, "shape"):
+            if isinstance(value, _stats.LayerNorms):
+                for leaf_name, leaf_norm in value.as_dict().items():
+                    entries[f"{name}/{leaf_name}"] = leaf_norm
+            elif isinstance(value, dict) and set(value) == {"values"}:
+                # A LayerNorms that nnx.state (or a pure-dict restore) turned into a
+                # dict: the leaf names are gone with the tree structure; index them.
+                for i in range(len(value["values"])):
+                    entries[f"{name}/{i}"] = value["values"][i]
+            elif isinstance(value, jax.Array) or hasattr(value, "shape"):
                 entries[name] = value
             else:
                 for path, leaf in jax.tree_util.tree_flatten_with_path(value)[0]:

@@ -9,17 +9,23 @@ not tiny on every ordinary step: then the norm is its square root and every elem
 known to be finite (a NaN or Inf element makes the sum NaN or Inf). Only when the total
 is non-finite (NaN, Inf, or an overflow of float32 by huge but finite elements) or so
 small that squares may have underflowed does a second, rare branch (``lax.cond``)
-recompute each leaf's sum of squares of its elements scaled by an exact power of two:
-2**-80 for a leaf that overflowed (squares of float32 values, at most 3.4e38, become at
-most 7.9e28, so no finite leaf overflows again), 2**80 for one that may have underflowed;
-the global norm then combines the per-leaf norms without overflow. A sum that is still
-non-finite then means a NaN or Inf element, so a huge but finite gradient gets its
-right, finite norm and is not mistaken for NaN. The branch is one fused reduction per
-leaf, like the ordinary one: no temporary the size of the gradients.
+reduce every element scaled by one exact power of two: 2**-80 after an overflow
+(squares of float32 values, at most 3.4e38, become at most 7.9e28, so no finite element
+overflows again), 2**80 after an underflow (the total was below 1e-30, so every element
+is below 1e-15 and its scaled square below 1.5e18). A leaf whose own first-pass sum was
+ordinary keeps it; a leaf whose rescaled sum is still non-finite holds a NaN or Inf. So
+a huge but finite gradient gets its right, finite norm and is not mistaken for NaN, and
+a 1e-30 gradient is not flushed to zero. Both passes are one fused reduction per leaf:
+no temporary the size of the gradients (or of a leaf).
+
+Per-leaf norms are returned as one float32 vector (:class:`LayerNorms`), not one scalar
+per leaf: on a tree of 1000 leaves, 1000 separate outputs (or 1000 slices of a vector)
+add 1000 small kernels to the compiled step.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any, NamedTuple
 
 import jax
@@ -28,6 +34,7 @@ import numpy as np
 
 __all__ = [
     "GradStats",
+    "LayerNorms",
     "global_norm",
     "grad_stats",
     "layer_norms",
@@ -36,11 +43,110 @@ __all__ = [
 ]
 
 # Below this total sum of squares, squares of small elements may have underflowed in
-# float32 (elements under ~1e-19 square to subnormals or zero): take the scaled branch.
+# float32 (elements under ~1e-19 square to subnormals or zero): take the scaled pass.
 _TINY_SUM_OF_SQUARES = 1e-30
 _SCALE_AFTER_OVERFLOW = 2.0**-80
 _SCALE_AFTER_UNDERFLOW = 2.0**80
 _F32_MAX = float(np.finfo(np.float32).max)
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class LayerNorms:
+    """Per-leaf L2 norms of a pytree, stored as one float32 vector.
+
+    ``values[i]`` is the norm of the ``i``-th leaf in ``jax.tree.leaves`` order (0 for
+    a non-float leaf); the tree structure is static (pytree auxiliary data), so the
+    leaf names come for free and a jitted step carries one array instead of one per
+    leaf. It is a pytree with the single leaf ``values``.
+
+    Attributes:
+      values: float32 array of shape ``[num_leaves]``.
+      treedef: the structure of the tree the norms belong to.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optax_gradhealth as gh
+      >>> norms = gh.grad_stats({'b': jnp.zeros(2), 'w': jnp.array([3.0, 4.0])}).leaf_norms
+      >>> norms.names, norms.values.tolist()
+      (('b', 'w'), [0.0, 5.0])
+      >>> float(norms['w']), {k: float(v) for k, v in norms.as_dict().items()}
+      (5.0, {'b': 0.0, 'w': 5.0})
+    """
+
+    __slots__ = ("treedef", "values")
+
+    def __init__(self, values: Any, treedef: Any):
+        self.values = values
+        self.treedef = treedef
+
+    @classmethod
+    def zeros(cls, tree: Any) -> LayerNorms:
+        """All-zero norms for the leaves of ``tree`` (an optimizer state's initial value).
+
+        ``flax.nnx`` variables (``nnx.Param``) count as their values: ``nnx.Optimizer``
+        initialises with a state of ``Param`` variables and updates with plain gradients.
+        """
+        treedef = jax.tree.structure(_without_nnx_variables(tree))
+        return cls(jnp.zeros((treedef.num_leaves,), jnp.float32), treedef)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The ``/``-separated path of every leaf, in ``values`` order."""
+        return _names_of_treedef(self.treedef)
+
+    def as_dict(self) -> dict[str, jax.Array]:
+        """``{leaf path: norm}`` (one slice of ``values`` per leaf)."""
+        return {name: self.values[i] for i, name in enumerate(self.names)}
+
+    def as_tree(self) -> Any:
+        """The norms as a pytree of scalars with the structure of the original tree."""
+        return self.treedef.unflatten([self.values[i] for i in range(self.treedef.num_leaves)])
+
+    def __getitem__(self, name: str) -> jax.Array:
+        try:
+            return self.values[self.names.index(name)]
+        except ValueError:
+            raise KeyError(f"no leaf named {name!r}; the leaves are {list(self.names)}") from None
+
+    def __len__(self) -> int:
+        return self.treedef.num_leaves
+
+    def __repr__(self) -> str:
+        return f"LayerNorms(values={self.values!r}, names={self.names})"
+
+    def tree_flatten_with_keys(self):
+        return ((jax.tree_util.GetAttrKey("values"), self.values),), self.treedef
+
+    def tree_flatten(self):
+        return (self.values,), self.treedef
+
+    @classmethod
+    def tree_unflatten(cls, treedef, children):
+        return cls(children[0], treedef)
+
+
+def _without_nnx_variables(tree: Any) -> Any:
+    nnx = sys.modules.get("flax.nnx")
+    if nnx is None:
+        return tree
+    return jax.tree.map(
+        lambda v: v.get_value() if isinstance(v, nnx.Variable) else v,
+        tree,
+        is_leaf=lambda v: isinstance(v, nnx.Variable),
+    )
+
+
+_NAMES_CACHE: dict[Any, tuple[str, ...]] = {}
+
+
+def _names_of_treedef(treedef: Any) -> tuple[str, ...]:
+    names = _NAMES_CACHE.get(treedef)
+    if names is None:
+        dummy = treedef.unflatten([0] * treedef.num_leaves)
+        names = tuple(leaf_names(dummy))
+        if len(_NAMES_CACHE) < 256:
+            _NAMES_CACHE[treedef] = names
+    return names
 
 
 class GradStats(NamedTuple):
@@ -50,17 +156,19 @@ class GradStats(NamedTuple):
       norm: global L2 norm, float32 scalar. NaN or Inf when ``finite`` is False. A
         finite tree whose norm exceeds the float32 range reports ``finfo(float32).max``.
       finite: bool scalar, True when every element of every float leaf is finite.
-      leaf_norms: a pytree of the same structure as the input whose leaves are the
-        float32 L2 norms of the input leaves (0 for non-float leaves). When the global
-        norm is ordinary, elements below ~1e-19 in magnitude (whose squares underflow
-        float32) add nothing to their leaf's norm; the global norm is unaffected.
+      leaf_norms: a :class:`LayerNorms`: the float32 L2 norm of every leaf (0 for
+        non-float leaves), ``leaf_norms.as_tree()`` gives them with the structure of the
+        input. When the global norm is ordinary, elements below ~1e-19 in magnitude
+        (whose squares underflow float32) add nothing to their leaf's norm; the global
+        norm is unaffected. On a step whose global sum overflowed, a leaf all of whose
+        elements are below ~1e-5 reports 0.
       first_nonfinite_leaf: int32 scalar, the index (in ``jax.tree.leaves`` order) of
         the first leaf holding a NaN or Inf, or -1 when every leaf is finite.
     """
 
     norm: jax.Array
     finite: jax.Array
-    leaf_norms: Any
+    leaf_norms: LayerNorms
     first_nonfinite_leaf: jax.Array
 
 
@@ -97,10 +205,53 @@ def _leaf_sum_of_squares(x: jax.Array, scale: jax.Array | None = None) -> jax.Ar
 
 
 def _norm_of_norms(norms: jax.Array) -> jax.Array:
-    """sqrt(sum(norms**2)) of a small vector of norms (>= 0), without overflow."""
+    """sqrt(sum(norms**2)) of a small vector of norms (>= 0), without overflow.
+
+    Scaled by an exact power of two (2**-70 for huge norms, 2**70 for tiny ones), not
+    by the largest norm: XLA may divide by multiplying with the reciprocal, and
+    1 / 3e38 is subnormal, flushed to zero on CPU.
+    """
     largest = jnp.max(norms)
-    scale = jnp.where(largest > 0, largest, 1.0)
-    return scale * jnp.sqrt(jnp.sum(jnp.square(norms / scale)))
+    scale = jnp.where(largest > 2.0**60, 2.0**-70, jnp.where(largest < 2.0**-60, 2.0**70, 1.0)).astype(jnp.float32)
+    return jnp.sqrt(jnp.sum(jnp.square(norms * scale))) / scale
+
+
+def _ordinary(total: jax.Array) -> jax.Array:
+    return jnp.isfinite(total) & (total >= _TINY_SUM_OF_SQUARES)
+
+
+def _sum_of_squares_or_zero(x: Any, scale: jax.Array | None = None) -> jax.Array:
+    if _is_float(x):
+        return _leaf_sum_of_squares(x, scale)
+    return jnp.zeros((), jnp.float32)
+
+
+def _sums_of_squares(leaves: list[Any]) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-leaf sums of squares (0 for non-float leaves), the rescaled ones, the scale.
+
+    The first pass reduces every leaf as it is. The rescaled pass (a ``lax.cond``
+    branch) runs only when the first total is non-finite or tiny; on an ordinary step
+    its value (zeros) and the scale are unused.
+    """
+    sums = jnp.stack([_sum_of_squares_or_zero(x) for x in leaves])
+    total = jnp.sum(sums)
+    scale = jnp.where(jnp.isfinite(total), _SCALE_AFTER_UNDERFLOW, _SCALE_AFTER_OVERFLOW).astype(jnp.float32)
+
+    def rescaled(operands):
+        leaves, scale = operands
+        out = []
+        for x in leaves:
+            # One barrier per leaf gives each leaf its own copy of the scalar `scale`:
+            # otherwise XLA shares one broadcast of it between leaves of the same shape
+            # and materialises it, a temporary the size of those leaves.
+            x, own_scale = jax.lax.optimization_barrier((x, scale))
+            out.append(_sum_of_squares_or_zero(x, own_scale))
+        return jnp.stack(out)
+
+    # The ordinary branch's value is never read (grad_stats keeps the first-pass sums
+    # then); zeros rather than `sums`, which XLA would copy into the branch's output.
+    scaled = jax.lax.cond(_ordinary(total), lambda operands: jnp.zeros_like(sums), rescaled, (leaves, scale))
+    return sums, scaled, scale
 
 
 def grad_stats(tree: Any) -> GradStats:
@@ -127,60 +278,38 @@ def grad_stats(tree: Any) -> GradStats:
     """
     leaves, treedef = jax.tree.flatten(tree)
     leaves = [jnp.asarray(x) if isinstance(x, float) else x for x in leaves]
-    float_index = [i for i, x in enumerate(leaves) if _is_float(x)]
-    zero = jnp.zeros((), jnp.float32)
-
-    def assemble(norms_of_float_leaves: list[jax.Array]) -> list[jax.Array]:
-        out = [zero] * len(leaves)
-        for i, norm in zip(float_index, norms_of_float_leaves):
-            out[i] = norm
-        return out
-
-    if not float_index:
+    if not any(_is_float(x) for x in leaves):
+        zero = jnp.zeros((), jnp.float32)
         return GradStats(
             norm=zero,
             finite=jnp.ones((), jnp.bool_),
-            leaf_norms=treedef.unflatten([zero] * len(leaves)),
+            leaf_norms=LayerNorms(jnp.zeros((len(leaves),), jnp.float32), treedef),
             first_nonfinite_leaf=jnp.full((), -1, jnp.int32),
         )
 
-    float_leaves = [leaves[i] for i in float_index]
-    sums = jnp.stack([_leaf_sum_of_squares(x) for x in float_leaves])
+    sums, scaled, scale = _sums_of_squares(leaves)
     total = jnp.sum(sums)
-
-    def ordinary(operands):
-        sums, _ = operands
-        return (
-            jnp.sqrt(total),
-            jnp.sqrt(sums),
-            jnp.ones((), jnp.bool_),
-            jnp.full((), -1, jnp.int32),
-        )
-
-    def rare(operands):
-        sums, float_leaves = operands
-        # Exact power-of-two scaling, chosen per leaf: down for a leaf whose sum
-        # overflowed (or holds a NaN/Inf), up for one whose squares may have underflowed.
-        # A leaf whose scaled sum is still non-finite holds a NaN or Inf.
-        scale = jnp.where(
-            jnp.isfinite(sums),
-            jnp.where(sums >= _TINY_SUM_OF_SQUARES, 1.0, _SCALE_AFTER_UNDERFLOW),
-            _SCALE_AFTER_OVERFLOW,
-        ).astype(jnp.float32)
-        scaled = jnp.stack([_leaf_sum_of_squares(x, scale[i]) for i, x in enumerate(float_leaves)])
-        finite_each = jnp.isfinite(scaled)
-        finite = jnp.all(finite_each)
-        positions = jnp.asarray(float_index, jnp.int32)
-        first_bad = jnp.where(finite, -1, positions[jnp.argmin(finite_each)])
-        # A finite leaf (or tree) whose norm exceeds float32 saturates at its max.
-        norms = jnp.where(finite_each, jnp.minimum(jnp.sqrt(scaled) / scale, _F32_MAX), jnp.sqrt(scaled))
-        norm = jnp.where(finite, jnp.minimum(_norm_of_norms(norms), _F32_MAX), jnp.sqrt(total))
-        return norm, norms, finite, first_bad.astype(jnp.int32)
-
-    ordinary_path = jnp.isfinite(total) & (total >= _TINY_SUM_OF_SQUARES)
-    norm, norms, finite, first_bad = jax.lax.cond(ordinary_path, ordinary, rare, (sums, float_leaves))
-    leaf_norms = treedef.unflatten(assemble([norms[j] for j in range(len(float_index))]))
-    return GradStats(norm=norm, finite=finite, leaf_norms=leaf_norms, first_nonfinite_leaf=first_bad)
+    ordinary = _ordinary(total)
+    # A leaf keeps its first-pass sum when the step was ordinary or its own sum was;
+    # otherwise its rescaled sum, which is non-finite only for a NaN or Inf element.
+    keep = ordinary | _ordinary(sums)
+    finite_each = keep | jnp.isfinite(scaled)
+    finite = jnp.all(finite_each)
+    # A finite leaf (or tree) whose norm exceeds float32 saturates at its max.
+    rescaled_norms = jnp.where(jnp.isfinite(scaled), jnp.minimum(jnp.sqrt(scaled) / scale, _F32_MAX), jnp.sqrt(scaled))
+    norms = jnp.where(keep, jnp.sqrt(sums), rescaled_norms)
+    norm = jnp.where(
+        ordinary,
+        jnp.sqrt(total),
+        jnp.where(finite, jnp.minimum(_norm_of_norms(jnp.where(finite_each, norms, 0.0)), _F32_MAX), jnp.sqrt(total)),
+    )
+    first_bad = jnp.where(finite, -1, jnp.argmin(finite_each))
+    return GradStats(
+        norm=norm,
+        finite=finite,
+        leaf_norms=LayerNorms(norms, treedef),
+        first_nonfinite_leaf=first_bad.astype(jnp.int32),
+    )
 
 
 def global_norm(tree: Any) -> jax.Array:
@@ -252,6 +381,4 @@ def layer_norms(tree: Any) -> dict[str, jax.Array]:
       >>> {k: float(v) for k, v in norms.items()}
       {'dense/bias': 0.0, 'dense/kernel': 2.0}
     """
-    stats = grad_stats(tree)
-    flat = jax.tree_util.tree_flatten_with_path(stats.leaf_norms)[0]
-    return {path_name(p): v for p, v in flat}
+    return grad_stats(tree).leaf_norms.as_dict()

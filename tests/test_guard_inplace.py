@@ -37,6 +37,26 @@ def test_guard_with_donation_copies_no_array(reset_after):
     assert array_copies == []
 
 
+def test_guard_step_has_no_per_leaf_slices_and_no_scatter():
+    """Compile time on XLA:CPU grows with the number of kernels: per-layer norms are kept
+    as one vector (no slice per leaf), the rescaled norm pass reduces each leaf once, and
+    ring buffers are written by select, not scatter (which XLA:CPU expands into a loop)."""
+    params = {f"layer_{i:02d}": jnp.ones((8, 4 + i), jnp.float32) for i in range(24)}
+    tx = gh.guard(
+        optax.adamw(1e-3), clip=1.0, spike_action="skip", reset_after=3, loss_spike_zscore=3.0, vanishing_norm=1e-6
+    )
+    hlo = _compiled_step(tx, params).as_text()
+    assert re.findall(r" slice\(", hlo) == []
+    assert re.findall(r" (?:scatter|dynamic-update-slice)\(", hlo) == []
+    reductions = re.findall(r"f32\[\] reduce\(", hlo)
+    # One first-pass and one rescaled reduction per leaf (plus a few over the leaf vector).
+    assert 2 * len(params) <= len(reductions) <= 2 * len(params) + 8
+    # The recorded per-layer norms are one float32[24] vector in the state.
+    state = tx.init(params)
+    assert isinstance(state.guard_layer_norms, gh.LayerNorms)
+    assert state.guard_layer_norms.values.shape == (len(params),)
+
+
 def _run(tx, grads_seq, params, jit):
     def step(params, state, grads):
         updates, state = tx.update(grads, state, params)

@@ -185,7 +185,7 @@ def test_property_norm_equals_float64_reference(tree):
     stats = gh.grad_stats(tree)
     assert bool(stats.finite)
     np.testing.assert_allclose(float(stats.norm), expected, rtol=5e-6, atol=0)
-    got_leaves = jax.tree.leaves(stats.leaf_norms)
+    got_leaves = list(np.asarray(stats.leaf_norms.values))
     # Per-leaf norms are exact unless some element of the leaf is so small that its
     # square underflows float32 (|x| < ~1.1e-19) while the global total does not (then
     # that element's contribution is lost; documented in GradStats).
@@ -195,7 +195,8 @@ def test_property_norm_equals_float64_reference(tree):
         smallest = values[values > 0].min() if (values > 0).any() else np.inf
         if smallest >= 2e-19 or expected < 1e-15:
             np.testing.assert_allclose(float(norm), ref, rtol=5e-6)
-    chex.assert_trees_all_equal_structs(stats.leaf_norms, jax.tree.map(lambda _: 0.0, tree))
+    chex.assert_trees_all_equal_structs(stats.leaf_norms.as_tree(), jax.tree.map(lambda _: 0.0, tree))
+    assert stats.leaf_norms.names == tuple(gh.leaf_names(tree))
 
 
 @settings(max_examples=30, deadline=None)
@@ -214,3 +215,26 @@ def test_property_any_nan_or_inf_is_detected(tree, data):
     stats = gh.grad_stats(treedef.unflatten(leaves))
     assert not bool(stats.finite)
     assert int(stats.first_nonfinite_leaf) == index
+
+
+def test_layer_norms_is_one_vector_with_static_names():
+    tree = {"dense": {"kernel": jnp.full((2, 2), 2.0), "bias": jnp.zeros(3)}, "step": jnp.array(3, jnp.int32)}
+    norms = gh.grad_stats(tree).leaf_norms
+    assert isinstance(norms, gh.LayerNorms)
+    assert norms.names == ("dense/bias", "dense/kernel", "step") == tuple(gh.leaf_names(tree))
+    np.testing.assert_array_equal(np.asarray(norms.values), [0.0, 4.0, 0.0])
+    assert float(norms["dense/kernel"]) == 4.0 and len(norms) == 3
+    with pytest.raises(KeyError, match="dense/kernel"):
+        norms["dense/w"]
+    # One array leaf; the names travel in the tree structure (through jit and scan).
+    assert len(jax.tree.leaves(norms)) == 1
+
+    def body(carry, x):
+        stats = gh.grad_stats({**tree, "dense": jax.tree.map(lambda v: v * x, tree["dense"])})
+        return stats.leaf_norms, stats.norm
+
+    final, _ = jax.lax.scan(body, gh.LayerNorms.zeros(tree), jnp.arange(1.0, 4.0))
+    assert final.names == norms.names
+    np.testing.assert_allclose(np.asarray(final.values), [0.0, 12.0, 0.0])
+    jitted = jax.jit(lambda t: gh.grad_stats(t).leaf_norms)(tree)
+    assert jitted.names == norms.names and jitted.as_dict().keys() == norms.as_dict().keys()
