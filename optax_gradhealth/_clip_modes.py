@@ -156,7 +156,7 @@ def clip_by_layer_norm(max_norm: float) -> optax.GradientTransformation:
 
     def update_fn(updates, state, params=None):
         del params
-        _clipping.check_same_structure(updates, state.layer_clip_clipped, "gh.clip_by_layer_norm")
+        _clipping.check_same_structure(updates, jax.tree.structure(state.layer_clip_clipped), "gh.clip_by_layer_norm")
         leaf_norms = _stats.grad_stats(updates).leaf_norms.as_tree()
         threshold = jnp.asarray(max_norm, jnp.float32)
         scales = jax.tree.map(lambda n: _clipping.clip_scale(n, threshold), leaf_norms)
@@ -249,7 +249,7 @@ def adaptive_grad_clip(
         del state
         if params is None:
             raise ValueError("gh.adaptive_grad_clip needs `params`: call update(updates, state, params).")
-        _clipping.check_same_structure(updates, params, "gh.adaptive_grad_clip (updates vs params)")
+        _clipping.check_same_structure(updates, jax.tree.structure(params), "gh.adaptive_grad_clip (updates vs params)")
         counts, total = [], 0
 
         def one(g, p):

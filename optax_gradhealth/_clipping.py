@@ -374,13 +374,10 @@ def ring_write(buffer: jax.Array, slot: jax.Array, value: jax.Array) -> jax.Arra
     return jnp.where(hit, jnp.asarray(value, buffer.dtype), buffer)
 
 
-def check_same_structure(grads: Any, reference: Any, what: str) -> None:
-    """Raises a readable error at trace time when ``grads`` does not match the state."""
+def check_same_structure(grads: Any, expected: Any, what: str) -> None:
+    """Raises a readable error at trace time when ``grads``'s tree structure is not
+    ``expected`` (a ``PyTreeDef``, e.g. ``state.guard_layer_norms.treedef``)."""
     got = jax.tree.structure(grads)
-    if isinstance(reference, _stats.LayerNorms):
-        expected = reference.treedef
-    else:
-        expected = jax.tree.structure(reference)
     if got != expected:
         raise ValueError(
             f"{what}: the gradient tree's structure does not match the one the state was "
@@ -433,7 +430,7 @@ def clip_by_global_norm(max_norm: float | ClipPolicy) -> optax.GradientTransform
 
     def update_fn(updates, state, params=None):
         del params
-        check_same_structure(updates, state.clip_layer_norms, "gh.clip_by_global_norm")
+        check_same_structure(updates, state.clip_layer_norms.treedef, "gh.clip_by_global_norm")
         stats = _stats.grad_stats(updates)
         threshold = policy.threshold(state.clip_policy_state)
         factors = clip_scale(stats.norm, threshold)

@@ -293,7 +293,7 @@ def guard(
         )
 
     def update_fn(updates, state, params=None, **extra_args):
-        _clipping.check_same_structure(updates, state.guard_layer_norms, "gh.guard")
+        _clipping.check_same_structure(updates, state.guard_layer_norms.treedef, "gh.guard")
         stats = _stats.grad_stats(updates)
         norm = stats.norm
         step = state.guard_num_steps

@@ -116,11 +116,7 @@ def _unwrap_variables(tree: Any) -> Any:
             tree = nnx.to_pure_dict(tree)
         elif hasattr(tree, "to_pure_dict"):  # pragma: no cover - older flax
             tree = tree.to_pure_dict()
-    return jax.tree.map(
-        lambda v: v.get_value() if isinstance(v, nnx.Variable) else v,
-        tree,
-        is_leaf=lambda v: isinstance(v, nnx.Variable),
-    )
+    return _stats._without_nnx_variables(tree)
 
 
 def _state_type_of_mapping(mapping: dict) -> type | None:

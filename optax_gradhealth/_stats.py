@@ -226,8 +226,9 @@ def _sum_of_squares_or_zero(x: Any, scale: jax.Array | None = None) -> jax.Array
     return jnp.zeros((), jnp.float32)
 
 
-def _sums_of_squares(leaves: list[Any]) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Per-leaf sums of squares (0 for non-float leaves), the rescaled ones, the scale.
+def _sums_of_squares(leaves: list[Any]) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Per-leaf sums of squares (0 for non-float leaves), their total, the rescaled sums
+    and the scale.
 
     The first pass reduces every leaf as it is. The rescaled pass (a ``lax.cond``
     branch) runs only when the first total is non-finite or tiny; on an ordinary step
@@ -251,7 +252,7 @@ def _sums_of_squares(leaves: list[Any]) -> tuple[jax.Array, jax.Array, jax.Array
     # The ordinary branch's value is never read (grad_stats keeps the first-pass sums
     # then); zeros rather than `sums`, which XLA would copy into the branch's output.
     scaled = jax.lax.cond(_ordinary(total), lambda operands: jnp.zeros_like(sums), rescaled, (leaves, scale))
-    return sums, scaled, scale
+    return sums, total, scaled, scale
 
 
 def grad_stats(tree: Any) -> GradStats:
@@ -287,8 +288,7 @@ def grad_stats(tree: Any) -> GradStats:
             first_nonfinite_leaf=jnp.full((), -1, jnp.int32),
         )
 
-    sums, scaled, scale = _sums_of_squares(leaves)
-    total = jnp.sum(sums)
+    sums, total, scaled, scale = _sums_of_squares(leaves)
     ordinary = _ordinary(total)
     # A leaf keeps its first-pass sum when the step was ordinary or its own sum was;
     # otherwise its rescaled sum, which is non-finite only for a NaN or Inf element.
