@@ -12,8 +12,9 @@ small that squares may have underflowed does a second, rare branch (``lax.cond``
 reduce every element scaled by one exact power of two: 2**-80 after an overflow
 (squares of float32 values, at most 3.4e38, become at most 7.9e28, so no finite element
 overflows again), 2**80 after an underflow (the total was below 1e-30, so every element
-is below 1e-15 and its scaled square below 1.5e18). A leaf whose own first-pass sum was
-ordinary keeps it; a leaf whose rescaled sum is still non-finite holds a NaN or Inf. So
+is below 1e-15 and its scaled square below 1.5e18). After an overflow a leaf whose own
+first-pass sum was finite keeps it (scaling it down would only lose its digits); a leaf
+whose rescaled sum is still non-finite holds a NaN or Inf. So
 a huge but finite gradient gets its right, finite norm and is not mistaken for NaN, and
 a 1e-30 gradient is not flushed to zero. Both passes are one fused reduction per leaf:
 no temporary the size of the gradients (or of a leaf).
@@ -290,9 +291,11 @@ def grad_stats(tree: Any) -> GradStats:
 
     sums, total, scaled, scale = _sums_of_squares(leaves)
     ordinary = _ordinary(total)
-    # A leaf keeps its first-pass sum when the step was ordinary or its own sum was;
-    # otherwise its rescaled sum, which is non-finite only for a NaN or Inf element.
-    keep = ordinary | _ordinary(sums)
+    # A leaf keeps its first-pass sum when the step was ordinary, or when the total was
+    # not finite (overflow: scaled down by 2**-80) and its own sum was: scaling down
+    # only loses a small leaf's digits (1e-15 next to 1e20 would come out 0). Otherwise
+    # (tiny total: scaled up) its rescaled sum, non-finite only for a NaN or Inf element.
+    keep = ordinary | (~jnp.isfinite(total) & jnp.isfinite(sums))
     finite_each = keep | jnp.isfinite(scaled)
     finite = jnp.all(finite_each)
     # A finite leaf (or tree) whose norm exceeds float32 saturates at its max.

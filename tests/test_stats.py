@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import optax_gradhealth as gh
@@ -179,6 +179,9 @@ def random_trees(draw):
 
 @settings(max_examples=60, deadline=None)
 @given(random_trees())
+# Found by hypothesis: a small leaf next to an overflowing one kept its digits only after
+# the rescaled pass stopped scaling every non-ordinary leaf down.
+@example([jnp.asarray(9.99201e-16, jnp.bfloat16), jnp.asarray(9.97277e19, jnp.bfloat16)])
 def test_property_norm_equals_float64_reference(tree):
     leaves = jax.tree.leaves(tree)
     expected = reference_norm(leaves)
