@@ -175,6 +175,9 @@ def guard(
       steps: every per-parameter statistic of the inner state (Adam's ``mu``, ``nu``
       and their bias-correction ``count``) is re-initialised, while learning-rate
       schedule counters (``ScaleByScheduleState``, ``inject_hyperparams``) keep going.
+      The reset comes before the step's update: with ``spike_action='skip'`` the reset
+      step is skipped, so the next accepted gradient is the fresh optimizer's first;
+      with ``'clip'`` or ``'record'`` the reset step's own (clipped) gradient is.
     * **rollback** recommendation (sticky) after ``rollback_after_nonfinite``
       non-finite steps in a row or ``rollback_after_spikes`` spikes in a row.
     * **vanishing**: the norm is finite and below ``vanishing_norm``, and, when a
@@ -354,34 +357,39 @@ def guard(
             reset_leaves = jax.tree.leaves(_reset_mask(state.guard_inner_state))
 
         # The inner update sees the clipped gradients. A skipped step keeps the old inner
-        # state; a momentum reset re-initialises its moments (schedule counters excepted).
-        # Both are selects on the state leaves, applied as the inner update produces
-        # them (`_skip`), so that XLA writes the new state in place without first copying
-        # the old moments (see the docstring of `_skip`).
-        old_leaves = jax.tree.leaves(state.guard_inner_state)
-        # With spike_action='skip' a reset step is a skipped step, whose discarded
-        # updates may read the reset state. Otherwise a reset step is applied with the
-        # updates of the pre-reset state, so the reset comes after the inner update.
-        reset_inside = reset_after is not None and spike_action == "skip"
+        # state; a momentum reset re-initialises its moments (schedule counters excepted)
+        # before the step's update. Both are selects on the state leaves, applied where the
+        # inner update reads or produces them (`_skip`), so that XLA writes the new state
+        # in place without first copying the old moments (see the docstring of `_skip`).
+        old_leaves, state_treedef = jax.tree.flatten(state.guard_inner_state)
 
         def reset(k, value):
-            if not reset_leaves[k]:
+            if reset_after is None or not reset_leaves[k]:
                 return value
             return jnp.where(momentum_reset, jnp.asarray(fresh_leaves[k], dtype=value.dtype), value)
 
-        def select_state(k, new):
-            if reset_inside:  # a reset step is a skipped step: one select on `new`
+        if spike_action == "skip":
+            # A reset step is a skipped step: the state it keeps is the reset one, and its
+            # (discarded) updates may read it. One select on each new leaf.
+            inner_state = state.guard_inner_state
+
+            def select_state(k, new):
                 return jnp.where(skipped, reset(k, jnp.asarray(old_leaves[k], dtype=new.dtype)), new)
-            return jnp.where(skipped, old_leaves[k], new)
+
+        else:
+            # A reset step is applied: the re-initialised optimizer takes this step's
+            # (clipped) gradient as its first. The reset is a select on the leaves the
+            # inner update reads; a skipped (non-finite) step is never a reset step.
+            inner_state = state_treedef.unflatten([reset(k, x) for k, x in enumerate(old_leaves)])
+
+            def select_state(k, new):
+                return jnp.where(skipped, old_leaves[k], new)
 
         inner_updates, new_inner_state = _skip.update_with_selected_state(
-            lambda: inner.update(_clipping.scale_tree(updates, factors), state.guard_inner_state, params, **extra_args),
+            lambda: inner.update(_clipping.scale_tree(updates, factors), inner_state, params, **extra_args),
             select_state,
             inputs=(updates, state, params, extra_args),
         )
-        if reset_after is not None and not reset_inside:
-            leaves, treedef = jax.tree.flatten(new_inner_state)
-            new_inner_state = treedef.unflatten([reset(k, x) for k, x in enumerate(leaves)])
         new_updates = _select(skipped, _zero_floats(inner_updates), inner_updates)
 
         # Running statistics: accepted steps only; a spike's norm is capped.

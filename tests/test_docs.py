@@ -289,7 +289,8 @@ def test_momentum_reset_keeps_schedule_counter_and_restarts_adam():
         _, state = tx.update({"w": jnp.full(3, value)}, state, params)
     assert bool(state.guard_momentum_reset)
     adam, _, schedule_state = state.guard_inner_state
-    assert int(adam.count) == 0
-    np.testing.assert_array_equal(np.asarray(adam.mu["w"]), 0.0)
-    np.testing.assert_array_equal(np.asarray(adam.nu["w"]), 0.0)
+    # 'record' applies the reset step: the fresh adam took its gradient (100) as its first.
+    assert int(adam.count) == 1
+    np.testing.assert_allclose(np.asarray(adam.mu["w"]), (1 - 0.9) * 100.0, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(adam.nu["w"]), (1 - 0.999) * 100.0**2, rtol=1e-5)
     assert int(schedule_state.count) == 6

@@ -283,6 +283,33 @@ def test_momentum_reset_keeps_schedule_counter():
     assert int(adam.count) == 4  # steps 16..19 after the reset
 
 
+@pytest.mark.parametrize("action", ["clip", "record"])
+@pytest.mark.parametrize("jit", [True, False])
+def test_applied_reset_step_is_the_fresh_optimizers_first_step(action, jit):
+    """With 'clip' or 'record' the reset step is applied: the moments are re-initialised
+    before its update, so update and state are those of a fresh adam on this step's
+    gradient (scaled to 2 x the running mean norm under 'clip')."""
+    tx = gh.guard(optax.adam(0.1), spike_action=action, warmup_steps=3, reset_after=1, spike_zscore=None)
+    params = {"w": jnp.zeros(3)}
+    state = tx.init(params)
+    update = jax.jit(tx.update) if jit else tx.update
+    for _ in range(4):  # norm 1 every step: running mean norm 1
+        _, state = update({"w": jnp.array([0.6, 0.8, 0.0])}, state, params)
+    spike = np.array([30.0, 40.0, 0.0])  # norm 50
+    updates, state = update({"w": jnp.asarray(spike, jnp.float32)}, state, params)
+    m = gh.metrics(state)
+    assert bool(m["grad/spike"]) and bool(m["grad/momentum_reset"]) and not bool(m["grad/skipped"])
+    # Adam's first step written out: mu = (1 - b1) g, nu = (1 - b2) g^2, bias-corrected.
+    g = spike * (2.0 / 50.0) if action == "clip" else spike
+    mu, nu = 0.1 * g, 0.001 * g**2
+    expected_update = -0.1 * (mu / 0.1) / (np.sqrt(nu / 0.001) + 1e-8)
+    np.testing.assert_allclose(updates["w"], expected_update, rtol=2e-5)  # float32 bias correction
+    adam = state.guard_inner_state[0]
+    assert int(adam.count) == 1
+    np.testing.assert_allclose(adam.mu["w"], mu, rtol=1e-6)
+    np.testing.assert_allclose(adam.nu["w"], nu, rtol=1e-6)
+
+
 def test_momentum_reset_inside_inject_hyperparams_keeps_its_count():
     inner = optax.inject_hyperparams(optax.adam)(learning_rate=optax.linear_schedule(1e-2, 0.0, 50))
     tx = gh.guard(inner, warmup_steps=3, reset_after=1, spike_zscore=None)

@@ -29,9 +29,12 @@ def _compiled_step(tx, params):
     return jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params, jnp.float32(1.0)).compile()
 
 
+@pytest.mark.parametrize("spike_action", ["skip", "clip", "record"])
 @pytest.mark.parametrize("reset_after", [3, None])
-def test_guard_with_donation_copies_no_array(reset_after):
-    tx = gh.guard(optax.adamw(1e-3), clip=1.0, loss_spike_zscore=3.0, reset_after=reset_after)
+def test_guard_with_donation_copies_no_array(reset_after, spike_action):
+    tx = gh.guard(
+        optax.adamw(1e-3), clip=1.0, loss_spike_zscore=3.0, reset_after=reset_after, spike_action=spike_action
+    )
     hlo = _compiled_step(tx, _params()).as_text()
     array_copies = re.findall(r"f32\[\d+(?:,\d+)*\]\{[\d,]*\} copy\(", hlo)
     assert array_copies == []
