@@ -40,6 +40,46 @@ def test_guard_with_donation_copies_no_array(reset_after, spike_action):
     assert array_copies == []
 
 
+def _param_sized_copies(hlo: str, params) -> list[str]:
+    shapes = {f"f32[{','.join(map(str, x.shape))}]" for x in jax.tree.leaves(params)}
+    return [c for c in re.findall(r"(f32\[[\d,]*\])\{[\d,]*\} copy\(", hlo) if c in shapes]
+
+
+def _compiled_plain_step(tx, params):
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), params).compile()
+
+
+@pytest.mark.parametrize(
+    "inner",
+    [
+        lambda: optax.adamw(1e-3),
+        lambda: optax.sgd(1e-2, momentum=0.9),
+        lambda: optax.lion(1e-4),
+        lambda: optax.adafactor(1e-3),
+        lambda: optax.inject_hyperparams(optax.adamw)(learning_rate=optax.linear_schedule(1e-3, 0.0, 100)),
+    ],
+    ids=["adamw", "sgd-momentum", "lion", "adafactor", "inject-schedule"],
+)
+@pytest.mark.parametrize(
+    "clip",
+    [None, 1.0, lambda: gh.ZScoreClip(), lambda: gh.PercentileClip(), lambda: gh.clip_by_layer_norm(1.0)],
+    ids=["none", "fixed", "zscore", "percentile", "layer-norm-mode"],
+)
+def test_guard_adds_no_parameter_sized_copy_to_any_inner_optimizer(inner, clip):
+    """Under donation, guard(inner) copies no more parameter-sized arrays than inner alone
+    (optax's lion copies its moment by itself; the guard must not add any)."""
+    params = _params()
+    clip = clip() if callable(clip) else clip
+    bare = _param_sized_copies(_compiled_plain_step(inner(), params).as_text(), params)
+    tx = gh.guard(inner(), clip=clip, spike_action="record", reset_after=2)
+    guarded = _param_sized_copies(_compiled_plain_step(tx, params).as_text(), params)
+    assert len(guarded) <= len(bare), (guarded, bare)
+
+
 def test_guard_step_has_no_per_leaf_slices_and_no_scatter():
     """Compile time on XLA:CPU grows with the number of kernels: per-layer norms are kept
     as one vector (no slice per leaf), the rescaled norm pass reduces each leaf once, and
