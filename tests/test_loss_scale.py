@@ -4,6 +4,7 @@ that never touch the inner state, unscaling before every statistic, fp16/bf16 nu
 from __future__ import annotations
 
 import math
+import re
 
 import chex
 import jax
@@ -323,3 +324,40 @@ def test_guard_fast_path_equals_the_general_path():
             np.testing.assert_array_equal(a[name], b[name], err_msg=name)
     last = runs[0][1][-1]
     assert int(last["grad/num_overflows"]) == 3 and int(last["grad/num_nonfinite"]) == 1
+
+
+def test_general_path_with_donation_copies_no_moment_and_skips_overflow_exactly():
+    """Around a plain optimizer (not a guard) the wrapper selects the inner state where the
+    update produces it: under donation XLA copies no moment, an overflow step keeps the
+    state bit for bit, and applied steps follow adamw on the unscaled gradients."""
+    tx = gh.dynamic_loss_scale(optax.adamw(1e-2), init_scale=4.0, growth_interval=1000)
+    params = {"w": jnp.ones((16, 8), jnp.float32), "b": jnp.zeros((8,), jnp.float32)}
+
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    jitted = jax.jit(step, donate_argnums=(0, 1))
+    hlo = jitted.lower(params, tx.init(params), params).compile().as_text()
+    assert not [c for c in re.findall(r"(f32\[[\d,]*\])\{[\d,]*\} copy\(", hlo) if c in ("f32[16,8]", "f32[8]")]
+
+    rng = np.random.default_rng(0)
+    grads = [jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params) for _ in range(5)]
+    reference = optax.adamw(1e-2)
+    ref_params, ref_state = params, reference.init(params)
+    state = tx.init(params)
+    current = jax.tree.map(jnp.copy, params)
+    for i, g in enumerate(grads):
+        scaled = jax.tree.map(lambda x: x * 4.0, g)
+        if i == 2:
+            scaled = {"w": scaled["w"].at[3, 3].set(jnp.inf), "b": scaled["b"]}
+        before = jax.tree.map(np.asarray, state.loss_scale_inner_state)
+        current, state = jitted(current, state, scaled)
+        if i == 2:  # overflow: inner state kept bit for bit, scale halved
+            chex.assert_trees_all_equal(jax.tree.map(np.asarray, state.loss_scale_inner_state), before)
+            assert float(state.loss_scale) == 2.0
+        else:
+            updates, ref_state = reference.update(g, ref_state, ref_params)
+            ref_params = optax.apply_updates(ref_params, updates)
+        state = state._replace(loss_scale=jnp.float32(4.0))  # the data stays scaled by 4
+    chex.assert_trees_all_close(current, ref_params, rtol=1e-5, atol=1e-6)
