@@ -14,6 +14,22 @@ from optax_gradhealth import _validation as check
 __all__ = ["SPIKE_ACTIONS", "GuardState", "guard"]
 
 SPIKE_ACTIONS = ("skip", "clip", "record")
+UNSCALE_ARG = "_gradhealth_unscale"  # private extra argument, see dynamic_loss_scale
+
+
+def unscale_tree(tree: Any, inverse: jax.Array) -> Any:
+    """Multiplies every float leaf by ``inverse`` (a float32 scalar) in float32 and casts
+    back to its dtype; non-float leaves pass through."""
+
+    def one(x):
+        if not _stats._is_float(x):
+            return x
+        wide = jnp.promote_types(x.dtype, jnp.float32)
+        return (x.astype(wide) * inverse.astype(wide)).astype(x.dtype)
+
+    return jax.tree.map(one, tree)
+
+
 _NO_STEP = -(2**30)  # sentinel in the spike ring: "no spike recorded here"
 
 
@@ -297,7 +313,13 @@ def guard(
 
     def update_fn(updates, state, params=None, **extra_args):
         _clipping.check_same_structure(updates, state.guard_layer_norms.treedef, "gh.guard")
-        stats = _stats.grad_stats(updates)
+        # Private, from gh.dynamic_loss_scale: `updates` are still loss-scaled; the true
+        # gradients are `updates * unscale`. Both the statistics and the inner update
+        # apply the multiply where they read the leaves, so the unscaled gradients are
+        # never materialised (they would be: two different consumers read them).
+        extra_args = dict(extra_args)
+        unscale = extra_args.pop(UNSCALE_ARG, None)
+        stats = _stats._grad_stats(updates, unscale)
         norm = stats.norm
         step = state.guard_num_steps
 
@@ -386,7 +408,12 @@ def guard(
                 return jnp.where(skipped, old_leaves[k], new)
 
         inner_updates, new_inner_state = _skip.update_with_selected_state(
-            lambda: inner.update(_clipping.scale_tree(updates, factors), inner_state, params, **extra_args),
+            lambda: inner.update(
+                _clipping.scale_tree(updates if unscale is None else unscale_tree(updates, unscale), factors),
+                inner_state,
+                params,
+                **extra_args,
+            ),
             select_state,
             inputs=(updates, state, params, extra_args),
         )

@@ -74,15 +74,7 @@ def _unscale(tree: Any, scale: jax.Array) -> Any:
     its dtype. A multiply, unlike a divide, is cheap enough for XLA to fuse into every
     consumer (here the inner optimizer's moment updates) instead of materialising the
     unscaled gradients in a gradient-sized temporary."""
-    inverse = 1.0 / scale.astype(jnp.float32)
-
-    def one(x):
-        if not _stats._is_float(x):
-            return x
-        wide = jnp.promote_types(x.dtype, jnp.float32)
-        return (x.astype(wide) * inverse.astype(wide)).astype(x.dtype)
-
-    return jax.tree.map(one, tree)
+    return _guard.unscale_tree(tree, 1.0 / scale.astype(jnp.float32))
 
 
 def dynamic_loss_scale(
@@ -186,13 +178,17 @@ def dynamic_loss_scale(
     def update_fn(updates, state, params=None, **extra_args):
         scale = state.loss_scale
         old_inner = state.loss_scale_inner_state
-        unscaled = _unscale(updates, scale)
         loss_ok = jnp.ones((), jnp.bool_)
         loss = extra_args.get("loss")
         if loss is not None:
             loss_ok = jnp.all(jnp.isfinite(jnp.asarray(loss)))
         if isinstance(old_inner, _guard.GuardState):
-            inner_updates, inner_state = inner.update(unscaled, old_inner, params, **extra_args)
+            # The guard unscales where it reads the gradients (its statistics and its inner
+            # update), so the unscaled gradients are never materialised.
+            inverse = 1.0 / scale.astype(jnp.float32)
+            inner_updates, inner_state = inner.update(
+                updates, old_inner, params, **extra_args, **{_guard.UNSCALE_ARG: inverse}
+            )
             # The guard already measured the gradient (its finite flag) and, on a
             # non-finite step, returned zeros and kept its inner optimizer's state. An
             # overflow only has to undo the guard's own bookkeeping (scalars, per-leaf
@@ -217,6 +213,7 @@ def dynamic_loss_scale(
             # instead of copying every moment; the updates of an overflow step, computed
             # from the kept state, are zeroed below (an overflow is never finite).
             old_leaves = jax.tree.leaves(old_inner)
+            unscaled = _unscale(updates, scale)
             inner_updates, new_inner_state = _skip.update_with_selected_state(
                 lambda: inner.update(unscaled, old_inner, params, **extra_args),
                 lambda k, new: jnp.where(overflow, old_leaves[k], new),

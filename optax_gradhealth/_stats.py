@@ -227,7 +227,9 @@ def _sum_of_squares_or_zero(x: Any, scale: jax.Array | None = None) -> jax.Array
     return jnp.zeros((), jnp.float32)
 
 
-def _sums_of_squares(leaves: list[Any]) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+def _sums_of_squares(
+    leaves: list[Any], input_scale: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Per-leaf sums of squares (0 for non-float leaves), their total, the rescaled sums
     and the scale.
 
@@ -235,12 +237,23 @@ def _sums_of_squares(leaves: list[Any]) -> tuple[jax.Array, jax.Array, jax.Array
     branch) runs only when the first total is non-finite or tiny; on an ordinary step
     its value (zeros) and the scale are unused.
     """
-    sums = jnp.stack([_sum_of_squares_or_zero(x) for x in leaves])
+
+    def first(x):
+        if input_scale is None:
+            return _sum_of_squares_or_zero(x)
+        # The barrier keeps this multiply inside the reduction (XLA would otherwise share
+        # it with the caller's own `x * input_scale` and materialise the product).
+        x, own = jax.lax.optimization_barrier((x, input_scale))
+        return _sum_of_squares_or_zero(x, own)
+
+    sums = jnp.stack([first(x) for x in leaves])
     total = jnp.sum(sums)
     scale = jnp.where(jnp.isfinite(total), _SCALE_AFTER_UNDERFLOW, _SCALE_AFTER_OVERFLOW).astype(jnp.float32)
 
     def rescaled(operands):
         leaves, scale = operands
+        if input_scale is not None:
+            scale = scale * input_scale
         out = []
         for x in leaves:
             # One barrier per leaf gives each leaf its own copy of the scalar `scale`:
@@ -278,6 +291,12 @@ def grad_stats(tree: Any) -> GradStats:
       >>> float(gh.grad_stats({'w': jnp.array([1e20, 1e20])}).norm)  # no overflow
       1.4142135...e+20
     """
+    return _grad_stats(tree)
+
+
+def _grad_stats(tree: Any, input_scale: jax.Array | None = None) -> GradStats:
+    """:func:`grad_stats` of ``tree * input_scale`` (a float32 scalar), with the multiply
+    inside the reductions: the scaled tree is never materialised."""
     leaves, treedef = jax.tree.flatten(tree)
     leaves = [jnp.asarray(x) if isinstance(x, float) else x for x in leaves]
     if not any(_is_float(x) for x in leaves):
@@ -289,7 +308,7 @@ def grad_stats(tree: Any) -> GradStats:
             first_nonfinite_leaf=jnp.full((), -1, jnp.int32),
         )
 
-    sums, total, scaled, scale = _sums_of_squares(leaves)
+    sums, total, scaled, scale = _sums_of_squares(leaves, input_scale)
     ordinary = _ordinary(total)
     # A leaf keeps its first-pass sum when the step was ordinary, or when the total was
     # not finite (overflow: scaled down by 2**-80) and its own sum was: scaling down

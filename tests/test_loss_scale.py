@@ -326,6 +326,25 @@ def test_guard_fast_path_equals_the_general_path():
     assert int(last["grad/num_overflows"]) == 3 and int(last["grad/num_nonfinite"]) == 1
 
 
+@pytest.mark.parametrize("around_guard", [True, False])
+def test_unscaled_gradients_are_never_materialised(around_guard):
+    """Under donation the step holds no parameter-sized temporary: the unscale multiply is
+    fused where the gradients are read (around a guard: in its statistics reduction and
+    in its inner update, which both read them)."""
+    inner = gh.guard(optax.adamw(1e-3), clip=1.0) if around_guard else optax.adamw(1e-3)
+    tx = gh.dynamic_loss_scale(inner)
+    params = {"w": jnp.ones((256, 128), jnp.float32), "b": jnp.zeros((128,), jnp.float32)}
+
+    def step(params, state, grads, loss):
+        updates, state = tx.update(grads, state, params, loss=loss)
+        return optax.apply_updates(params, updates), state
+
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), params, jnp.float32(1)).compile()
+    analysis = compiled.memory_analysis()
+    assert analysis is not None
+    assert analysis.temp_size_in_bytes < 128 * 4 * 8, analysis.temp_size_in_bytes  # not one [256, 128] f32
+
+
 def test_general_path_with_donation_copies_no_moment_and_skips_overflow_exactly():
     """Around a plain optimizer (not a guard) the wrapper selects the inner state where the
     update produces it: under donation XLA copies no moment, an overflow step keeps the
