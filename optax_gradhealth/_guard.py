@@ -15,21 +15,6 @@ __all__ = ["SPIKE_ACTIONS", "GuardState", "guard"]
 
 SPIKE_ACTIONS = ("skip", "clip", "record")
 UNSCALE_ARG = "_gradhealth_unscale"  # private extra argument, see dynamic_loss_scale
-
-
-def unscale_tree(tree: Any, inverse: jax.Array) -> Any:
-    """Multiplies every float leaf by ``inverse`` (a float32 scalar) in float32 and casts
-    back to its dtype; non-float leaves pass through."""
-
-    def one(x):
-        if not _stats._is_float(x):
-            return x
-        wide = jnp.promote_types(x.dtype, jnp.float32)
-        return (x.astype(wide) * inverse.astype(wide)).astype(x.dtype)
-
-    return jax.tree.map(one, tree)
-
-
 _NO_STEP = -(2**30)  # sentinel in the spike ring: "no spike recorded here"
 
 
@@ -407,13 +392,11 @@ def guard(
             def select_state(k, new):
                 return jnp.where(skipped, old_leaves[k], new)
 
+        # Unscaled first (rounded to each leaf's dtype, as a separately unscaled gradient
+        # would be), then clipped; all of it fused into the inner update's reads.
+        grads = updates if unscale is None else _clipping.scale_tree(updates, (unscale, 1.0))
         inner_updates, new_inner_state = _skip.update_with_selected_state(
-            lambda: inner.update(
-                _clipping.scale_tree(updates if unscale is None else unscale_tree(updates, unscale), factors),
-                inner_state,
-                params,
-                **extra_args,
-            ),
+            lambda: inner.update(_clipping.scale_tree(grads, factors), inner_state, params, **extra_args),
             select_state,
             inputs=(updates, state, params, extra_args),
         )

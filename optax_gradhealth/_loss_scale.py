@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_gradhealth import _guard, _metrics, _skip, _stats
+from optax_gradhealth import _clipping, _guard, _metrics, _skip, _stats
 from optax_gradhealth import _validation as check
 
 __all__ = ["LossScaleState", "dynamic_loss_scale", "loss_scale", "scale_loss"]
@@ -74,7 +74,7 @@ def _unscale(tree: Any, scale: jax.Array) -> Any:
     its dtype. A multiply, unlike a divide, is cheap enough for XLA to fuse into every
     consumer (here the inner optimizer's moment updates) instead of materialising the
     unscaled gradients in a gradient-sized temporary."""
-    return _guard.unscale_tree(tree, 1.0 / scale.astype(jnp.float32))
+    return _clipping.scale_tree(tree, (1.0 / scale.astype(jnp.float32), 1.0))
 
 
 def dynamic_loss_scale(
