@@ -161,8 +161,9 @@ class GradStats(NamedTuple):
         non-float leaves), ``leaf_norms.as_tree()`` gives them with the structure of the
         input. When the global norm is ordinary, elements below ~1e-19 in magnitude
         (whose squares underflow float32) add nothing to their leaf's norm; the global
-        norm is unaffected. On a step whose global sum overflowed, a leaf all of whose
-        elements are below ~1e-5 reports 0.
+        norm is unaffected (on a step whose global sum overflowed, too: such a leaf keeps
+        its own first-pass sum). Float32-subnormal elements (below ~1.18e-38) count as
+        zero everywhere: XLA on CPU and GPU reads them as zero (denormals-are-zero).
       first_nonfinite_leaf: int32 scalar, the index (in ``jax.tree.leaves`` order) of
         the first leaf holding a NaN or Inf, or -1 when every leaf is finite.
     """
