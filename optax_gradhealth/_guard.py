@@ -131,12 +131,9 @@ def _reset_mask(state: Any) -> Any:
     return jax.tree.map(one, state, is_leaf=is_boundary)
 
 
-def _select(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
-    return jax.tree.map(lambda t, f: jnp.where(pred, t, f), on_true, on_false)
-
-
-def _zero_floats(tree: Any) -> Any:
-    return jax.tree.map(lambda x: jnp.zeros_like(x) if _stats._is_float(x) else x, tree)
+def _zero_floats_where(sel: _skip.Selects, pred: jax.Array, tree: Any) -> Any:
+    """``tree`` with every float leaf replaced by zeros where ``pred`` is True."""
+    return jax.tree.map(lambda x: sel.where(pred, sel.zeros(x), x) if _stats._is_float(x) else x, tree)
 
 
 def guard(
@@ -370,18 +367,20 @@ def guard(
         # in place without first copying the old moments (see the docstring of `_skip`).
         old_leaves, state_treedef = jax.tree.flatten(state.guard_inner_state)
 
+        sel = _skip.Selects()
+
         def reset(k, value):
             if reset_after is None or not reset_leaves[k]:
                 return value
-            return jnp.where(momentum_reset, jnp.asarray(fresh_leaves[k], dtype=value.dtype), value)
+            return sel.where(momentum_reset, fresh_leaves[k], value)
 
         if spike_action == "skip":
             # A reset step is a skipped step: the state it keeps is the reset one, and its
-            # (discarded) updates may read it. One select on each new leaf.
+            # (discarded) updates may read it. Selects on each new leaf.
             inner_state = state.guard_inner_state
 
             def select_state(k, new):
-                return jnp.where(skipped, reset(k, jnp.asarray(old_leaves[k], dtype=new.dtype)), new)
+                return sel.where(skipped, reset(k, old_leaves[k]), new)
 
         else:
             # A reset step is applied: the re-initialised optimizer takes this step's
@@ -390,7 +389,7 @@ def guard(
             inner_state = state_treedef.unflatten([reset(k, x) for k, x in enumerate(old_leaves)])
 
             def select_state(k, new):
-                return jnp.where(skipped, old_leaves[k], new)
+                return sel.where(skipped, old_leaves[k], new)
 
         # Unscaled first (rounded to each leaf's dtype, as a separately unscaled gradient
         # would be), then clipped; all of it fused into the inner update's reads.
@@ -400,7 +399,7 @@ def guard(
             select_state,
             inputs=(updates, state, params, extra_args),
         )
-        new_updates = _select(skipped, _zero_floats(inner_updates), inner_updates)
+        new_updates = _zero_floats_where(sel, skipped, inner_updates)
 
         # Running statistics: accepted steps only; a spike's norm is capped.
         capped_norm = norm

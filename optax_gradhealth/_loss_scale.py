@@ -178,6 +178,7 @@ def dynamic_loss_scale(
     def update_fn(updates, state, params=None, **extra_args):
         scale = state.loss_scale
         old_inner = state.loss_scale_inner_state
+        sel = _skip.Selects()
         loss_ok = jnp.ones((), jnp.bool_)
         loss = extra_args.get("loss")
         if loss is not None:
@@ -196,7 +197,11 @@ def dynamic_loss_scale(
             good = inner_state.guard_finite  # gradients and loss finite
             overflow = ~good & loss_ok & (scale > min_scale)
             kept = {
-                field: _guard._select(overflow, getattr(old_inner, field), getattr(inner_state, field))
+                field: jax.tree.map(
+                    lambda old, new: sel.where(overflow, old, new),
+                    getattr(old_inner, field),
+                    getattr(inner_state, field),
+                )
                 for field in _guard.GuardState._fields
                 if field != "guard_inner_state"
             }
@@ -216,10 +221,10 @@ def dynamic_loss_scale(
             unscaled = _unscale(updates, scale)
             inner_updates, new_inner_state = _skip.update_with_selected_state(
                 lambda: inner.update(unscaled, old_inner, params, **extra_args),
-                lambda k, new: jnp.where(overflow, old_leaves[k], new),
+                lambda k, new: sel.where(overflow, old_leaves[k], new),
                 inputs=(updates, state, params, extra_args),
             )
-            new_updates = _guard._select(finite, inner_updates, _guard._zero_floats(inner_updates))
+            new_updates = _guard._zero_floats_where(sel, ~finite, inner_updates)
 
         tracker = jnp.where(good, state.loss_scale_growth_tracker + 1, 0)
         grow = tracker >= growth_interval

@@ -30,11 +30,57 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+from jax import lax
 from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 
-__all__ = ["update_with_selected_state"]
+__all__ = ["Selects", "update_with_selected_state"]
 
 _CALL_PRIMITIVES = ("jit", "pjit")
+
+
+class Selects:
+    """Per-leaf selects on scalar predicates, one ``select`` operation each.
+
+    ``jnp.where`` traces a nested jitted call for every use, and broadcasts its
+    predicate (and a zero) afresh each time: on a tree of 1000 leaves with a few selects
+    per leaf that is thousands of calls for XLA to inline and thousands of duplicate
+    broadcasts, all of which every compiler pass walks. Here each predicate (or index)
+    is broadcast once per leaf shape, and zeros once per shape and dtype, within one
+    update step (make one ``Selects`` per traced update: it keeps the predicates alive,
+    so the cache keys, their ids, stay unique).
+    """
+
+    def __init__(self) -> None:
+        self._broadcasts: dict[tuple[int, tuple[int, ...]], tuple[jax.Array, jax.Array]] = {}
+        self._zeros: dict[tuple[tuple[int, ...], Any], jax.Array] = {}
+
+    def _broadcast(self, scalar: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+        key = (id(scalar), shape)
+        hit = self._broadcasts.get(key)
+        if hit is None:
+            hit = self._broadcasts[key] = (scalar, lax.broadcast(scalar, shape))
+        return hit[1]
+
+    def zeros(self, like: jax.Array) -> jax.Array:
+        """Zeros with the shape and dtype of ``like``."""
+        key = (like.shape, like.dtype)
+        if key not in self._zeros:
+            self._zeros[key] = jnp.zeros(like.shape, like.dtype)
+        return self._zeros[key]
+
+    def where(self, pred: jax.Array, on_true: Any, on_false: Any) -> jax.Array:
+        """``jnp.where(pred, on_true, on_false)`` for a boolean scalar ``pred``, as one
+        ``select``; ``on_false`` gives the shape and dtype, ``on_true`` is cast to them.
+
+        (``lax.select_n`` with an integer index would not save anything: it lowers to a
+        comparison and a select per case, on broadcast operands.)
+        """
+        on_false = jnp.asarray(on_false)
+        on_true = jnp.asarray(on_true, dtype=on_false.dtype)
+        if on_true.shape != on_false.shape:
+            raise ValueError(f"where: on_true has shape {on_true.shape}, on_false {on_false.shape}")
+        return lax.select(self._broadcast(pred, on_false.shape), on_true, on_false)
 
 
 def _is_input(jaxpr: Jaxpr, var: Any) -> bool:

@@ -247,7 +247,10 @@ def _sums_of_squares(
         x, own = jax.lax.optimization_barrier((x, input_scale))
         return _sum_of_squares_or_zero(x, own)
 
-    sums = jnp.stack([first(x) for x in leaves])
+    # The barrier materialises the vector once: otherwise XLA fuses the stack (one
+    # operand per leaf) into each of its consumers, and every such fusion (several per
+    # step) compiles a kernel with one argument per leaf.
+    sums = jax.lax.optimization_barrier(jnp.stack([first(x) for x in leaves]))
     total = jnp.sum(sums)
     scale = jnp.where(jnp.isfinite(total), _SCALE_AFTER_UNDERFLOW, _SCALE_AFTER_OVERFLOW).astype(jnp.float32)
 
@@ -262,7 +265,7 @@ def _sums_of_squares(
             # and materialises it, a temporary the size of those leaves.
             x, own_scale = jax.lax.optimization_barrier((x, scale))
             out.append(_sum_of_squares_or_zero(x, own_scale))
-        return jnp.stack(out)
+        return jax.lax.optimization_barrier(jnp.stack(out))
 
     # The ordinary branch's value is never read (grad_stats keeps the first-pass sums
     # then); zeros rather than `sums`, which XLA would copy into the branch's output.

@@ -100,6 +100,33 @@ def test_guard_step_has_no_per_leaf_slices_and_no_scatter():
     assert state.guard_layer_norms.values.shape == (len(params),)
 
 
+def _calls_and_widest_kernel(num_leaves: int) -> tuple[int, int]:
+    params = {f"layer_{i:02d}": jnp.ones((8, 4 + i), jnp.float32) for i in range(num_leaves)}
+    tx = gh.guard(
+        optax.adamw(1e-3), clip=1.0, spike_action="skip", reset_after=3, loss_spike_zscore=3.0, vanishing_norm=1e-6
+    )
+
+    def step(params, state, grads, loss):
+        updates, state = tx.update(grads, state, params, loss=loss)
+        return optax.apply_updates(params, updates), state
+
+    lowered = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), params, jnp.float32(1.0))
+    calls = re.findall(r"call @\w+", lowered.as_text())
+    operands = [m.count("%") for m in re.findall(r" fusion\((.*?)\), kind=", lowered.compile().as_text())]
+    return len(calls), max(operands)
+
+
+def test_guard_step_adds_no_per_leaf_calls_or_one_operand_per_leaf_kernels():
+    """Compile-time structure: doubling the leaves adds no nested call (``jnp.where``
+    traces one per use: a call per leaf, thousands on a large tree, each inlined by XLA)
+    and no kernel reads one operand per leaf (the vector of per-leaf sums is built once,
+    not fused into each of its consumers)."""
+    calls_24, widest_24 = _calls_and_widest_kernel(24)
+    calls_48, widest_48 = _calls_and_widest_kernel(48)
+    assert calls_48 == calls_24
+    assert widest_48 == widest_24 < 24
+
+
 def _run(tx, grads_seq, params, jit):
     def step(params, state, grads):
         updates, state = tx.update(grads, state, params)
