@@ -266,7 +266,8 @@ def adaptive_grad_clip(
             counts.append(jnp.sum(g_norm >= max_norm, dtype=jnp.int32))
             total += int(g_norm.size)
             clipped = g_wide * (max_norm / jnp.maximum(g_norm, 1e-6))
-            return jnp.where(keep, g_wide, clipped).astype(g.dtype)
+            # lax.select, not jnp.where: no nested call per leaf in the compiled step.
+            return jax.lax.select(jnp.broadcast_to(keep, g_wide.shape), g_wide, clipped).astype(g.dtype)
 
         new_updates = jax.tree.map(one, updates, params)
         count = sum(counts, jnp.zeros((), jnp.int32))
