@@ -131,11 +131,6 @@ def _reset_mask(state: Any) -> Any:
     return jax.tree.map(one, state, is_leaf=is_boundary)
 
 
-def _zero_floats_where(sel: _skip.Selects, pred: jax.Array, tree: Any) -> Any:
-    """``tree`` with every float leaf replaced by zeros where ``pred`` is True."""
-    return jax.tree.map(lambda x: sel.where(pred, sel.zeros(x), x) if _stats._is_float(x) else x, tree)
-
-
 def guard(
     inner: optax.GradientTransformation,
     *,
@@ -399,7 +394,7 @@ def guard(
             select_state,
             inputs=(updates, state, params, extra_args),
         )
-        new_updates = _zero_floats_where(sel, skipped, inner_updates)
+        new_updates = sel.zero_floats_where(skipped, inner_updates)
 
         # Running statistics: accepted steps only; a spike's norm is capped.
         capped_norm = norm

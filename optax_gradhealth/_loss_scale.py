@@ -68,15 +68,6 @@ _metrics.register_metrics(
 )
 
 
-def _unscale(tree: Any, scale: jax.Array) -> Any:
-    """Multiplies every float leaf by ``1 / scale`` in float32 (as torch's GradScaler
-    does; exact for the power-of-two scales of the default schedule) and casts back to
-    its dtype. A multiply, unlike a divide, is cheap enough for XLA to fuse into every
-    consumer (here the inner optimizer's moment updates) instead of materialising the
-    unscaled gradients in a gradient-sized temporary."""
-    return _clipping.scale_tree(tree, (1.0 / scale.astype(jnp.float32), 1.0))
-
-
 def dynamic_loss_scale(
     inner: optax.GradientTransformation,
     *,
@@ -179,6 +170,10 @@ def dynamic_loss_scale(
         scale = state.loss_scale
         old_inner = state.loss_scale_inner_state
         sel = _skip.Selects()
+        # Unscaling multiplies by `1 / scale` (as torch's GradScaler; exact for the
+        # power-of-two scales of the default schedule): unlike a divide, XLA fuses the
+        # multiply into every consumer instead of materialising the unscaled gradients.
+        inverse = 1.0 / scale.astype(jnp.float32)
         loss_ok = jnp.ones((), jnp.bool_)
         loss = extra_args.get("loss")
         if loss is not None:
@@ -186,7 +181,6 @@ def dynamic_loss_scale(
         if isinstance(old_inner, _guard.GuardState):
             # The guard unscales where it reads the gradients (its statistics and its inner
             # update), so the unscaled gradients are never materialised.
-            inverse = 1.0 / scale.astype(jnp.float32)
             inner_updates, inner_state = inner.update(
                 updates, old_inner, params, **extra_args, **{_guard.UNSCALE_ARG: inverse}
             )
@@ -218,13 +212,13 @@ def dynamic_loss_scale(
             # instead of copying every moment; the updates of an overflow step, computed
             # from the kept state, are zeroed below (an overflow is never finite).
             old_leaves = jax.tree.leaves(old_inner)
-            unscaled = _unscale(updates, scale)
+            unscaled = _clipping.scale_tree(updates, (inverse, 1.0))  # in float32, cast back
             inner_updates, new_inner_state = _skip.update_with_selected_state(
                 lambda: inner.update(unscaled, old_inner, params, **extra_args),
                 lambda k, new: sel.where(overflow, old_leaves[k], new),
                 inputs=(updates, state, params, extra_args),
             )
-            new_updates = _guard._zero_floats_where(sel, ~finite, inner_updates)
+            new_updates = sel.zero_floats_where(~finite, inner_updates)
 
         tracker = jnp.where(good, state.loss_scale_growth_tracker + 1, 0)
         grow = tracker >= growth_interval

@@ -34,6 +34,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 
+from optax_gradhealth import _stats
+
 __all__ = ["Selects", "update_with_selected_state"]
 
 _CALL_PRIMITIVES = ("jit", "pjit")
@@ -45,8 +47,8 @@ class Selects:
     ``jnp.where`` traces a nested jitted call for every use, and broadcasts its
     predicate (and a zero) afresh each time: on a tree of 1000 leaves with a few selects
     per leaf that is thousands of calls for XLA to inline and thousands of duplicate
-    broadcasts, all of which every compiler pass walks. Here each predicate (or index)
-    is broadcast once per leaf shape, and zeros once per shape and dtype, within one
+    broadcasts, all of which every compiler pass walks. Here each predicate is
+    broadcast once per leaf shape, and zeros once per shape and dtype, within one
     update step (make one ``Selects`` per traced update: it keeps the predicates alive,
     so the cache keys, their ids, stay unique).
     """
@@ -81,6 +83,11 @@ class Selects:
         if on_true.shape != on_false.shape:
             raise ValueError(f"where: on_true has shape {on_true.shape}, on_false {on_false.shape}")
         return lax.select(self._broadcast(pred, on_false.shape), on_true, on_false)
+
+    def zero_floats_where(self, pred: jax.Array, tree: Any) -> Any:
+        """``tree`` with every float leaf replaced by zeros where ``pred`` is True
+        (non-float leaves pass through)."""
+        return jax.tree.map(lambda x: self.where(pred, self.zeros(x), x) if _stats._is_float(x) else x, tree)
 
 
 def _is_input(jaxpr: Jaxpr, var: Any) -> bool:
