@@ -1,7 +1,7 @@
 """Cost of gh.cross_device on 8 emulated CPU devices (ratios measured in one run).
 
 Variants of one data-parallel training step of an MLP (~3.2 M parameters, per-device
-batch 32) under ``jax.pmap``:
+batch 32 unless ``--batch`` says otherwise) under ``jax.pmap``:
 
 * ``plain``: ``lax.pmean`` of the gradients + ``optax.adamw`` (the baseline);
 * ``xdev``: ``gh.cross_device`` + ``optax.adamw``, a non-audit step;
@@ -15,7 +15,9 @@ position effects hit every variant alike);
 memory is XLA's compiled temporary-buffer size per device (parameters and optimizer
 state are donated and updated in place, identical for every variant, and not counted).
 Bytes communicated per device per step are computed from the collectives' operand sizes.
-Run: ``python benchmarks/bench_cross_device.py [--rounds 15]``.
+The per-device batch sets how much forward/backward work each step does beside the
+update: the audit's cost is per parameter, so its ratio falls as the batch grows.
+Run: ``python benchmarks/bench_cross_device.py [--rounds 15] [--batch 32]``.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import optax
 
 import optax_gradhealth as gh
 
-WIDTH, DEPTH, BATCH = 1024, 3, 32
+WIDTH, DEPTH, BATCH = 1024, 3, 32  # BATCH: the default per-device batch
 
 
 def init_params(rng):
@@ -54,20 +56,20 @@ def loss_fn(params, x):
     return jnp.mean(jnp.square(h - 0.1))
 
 
-def make_step(kind: str):
+def make_step(kind: str, batch: int = BATCH):
     adamw = optax.adamw(3e-4)
     if kind == "plain" or kind == "naive all-gather":
         tx = adamw
     elif kind == "xdev":
-        tx = optax.chain(gh.cross_device("data", per_device_batch=BATCH, audit_first_steps=0, audit_every=10**6), adamw)
+        tx = optax.chain(gh.cross_device("data", per_device_batch=batch, audit_first_steps=0, audit_every=10**6), adamw)
     elif kind == "xdev+guard":
         tx = optax.chain(
-            gh.cross_device("data", per_device_batch=BATCH, audit_first_steps=0, audit_every=10**6),
+            gh.cross_device("data", per_device_batch=batch, audit_first_steps=0, audit_every=10**6),
             gh.guard(adamw, clip=1.0),
         )
     elif kind == "xdev+guard audit":
         tx = optax.chain(
-            gh.cross_device("data", per_device_batch=BATCH, audit_first_steps=10**9), gh.guard(adamw, clip=1.0)
+            gh.cross_device("data", per_device_batch=batch, audit_first_steps=10**9), gh.guard(adamw, clip=1.0)
         )
     else:
         raise ValueError(kind)
@@ -89,16 +91,16 @@ def make_step(kind: str):
     return tx, jax.pmap(step, axis_name="data", donate_argnums=(0, 1))
 
 
-def main(rounds: int = 15) -> list[dict]:
+def main(rounds: int = 15, batch: int = BATCH) -> list[dict]:
     k = jax.device_count()
     rng = np.random.default_rng(0)
     params = init_params(rng)
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    x = jnp.asarray(rng.normal(size=(k, BATCH, WIDTH)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(k, batch, WIDTH)), jnp.float32)
     kinds = ["plain", "xdev", "xdev+guard", "xdev+guard audit", "naive all-gather"]
     runs = {}
     for kind in kinds:
-        tx, step = make_step(kind)
+        tx, step = make_step(kind, batch)
         p = jax.tree.map(lambda a: jnp.stack([a] * k), params)
         s = jax.pmap(tx.init, axis_name="data")(p)
         compiled = step.lower(p, s, x).compile()
@@ -120,7 +122,7 @@ def main(rounds: int = 15) -> list[dict]:
     base = float(np.median(runs["plain"]["times"]))
     base_mem = runs["plain"]["memory"]
     rows = []
-    print(f"{k} devices, {n_params / 1e6:.2f} M parameters, per-device batch {BATCH}, {rounds} rounds")
+    print(f"{k} devices, {n_params / 1e6:.2f} M parameters, per-device batch {batch}, {rounds} rounds")
     dim = 1024
     comm = {
         "plain": n_params,
@@ -147,4 +149,8 @@ def main(rounds: int = 15) -> list[dict]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
-    main(parser.parse_args().rounds)
+    parser.add_argument("--batch", type=int, default=BATCH, help=f"per-device batch (default {BATCH})")
+    args = parser.parse_args()
+    if args.batch <= 0 or args.rounds <= 0:
+        parser.error(f"--batch and --rounds must be positive, got {args.batch} and {args.rounds}")
+    main(args.rounds, args.batch)

@@ -1,4 +1,4 @@
-"""The guard benchmark runs end to end at a tiny size (no timing is asserted)."""
+"""The benchmarks run end to end at a tiny size (no timing is asserted)."""
 
 import subprocess
 import sys
@@ -33,3 +33,34 @@ def test_bench_guard_runs_and_prints_every_row():
     rows = [line for line in result.stdout.splitlines() if line.startswith("| 0.02M/3 |")]
     variants = [row.split("|")[2].strip() for row in rows]
     assert variants == ["adamw", "clip+adamw", "apply_if_finite", "guard (all on)"], result.stdout
+
+
+def test_bench_cross_device_runs_and_prints_every_row():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_cross_device.py"), "--rounds", "1", "--batch", "2"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "8 devices, 3.15 M parameters, per-device batch 2, 1 rounds" in result.stdout, result.stdout
+    rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith("| ") and "ms" not in line]
+    assert [row[1].strip() for row in rows] == ["plain", "xdev", "xdev+guard", "xdev+guard audit", "naive all-gather"]
+    # The naive variant gathers every device's full gradient: K times the all-reduce.
+    floats = {row[1].strip(): int(row[6].strip().replace(",", "")) for row in rows}
+    assert floats["naive all-gather"] == 9 * floats["plain"], floats
+
+
+def test_bench_cross_device_rejects_a_non_positive_batch():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_cross_device.py"), "--batch", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 2
+    assert "--batch and --rounds must be positive, got 0 and 15" in result.stderr
