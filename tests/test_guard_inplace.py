@@ -205,3 +205,84 @@ def test_selected_state_reaches_values_computed_inside_calls_and_duplicates():
     np.testing.assert_array_equal(s[1], m_new)
     np.testing.assert_array_equal(s[2], np.full(4, 3.0))
     np.testing.assert_array_equal(u, 2.0 * m_new)
+
+
+# ------------------------------------------------------------ many inner optimizers, exact skips
+
+_CURVATURE = {"w": np.linspace(0.5, 2.0, 24).reshape(6, 4), "b": np.linspace(1.0, 3.0, 4)}
+_TARGET = {"w": np.linspace(-1.0, 1.0, 24).reshape(6, 4), "b": np.linspace(2.0, -2.0, 4)}
+
+
+def _objective(params):
+    """A fixed quadratic, so that every optimizer (line searches included) gets the exact
+    gradient of the value it is given."""
+    return sum(
+        0.5 * jnp.sum(jnp.asarray(_CURVATURE[k], jnp.float32) * jnp.square(params[k] - _TARGET[k])) for k in params
+    )
+
+
+_INNERS = {
+    "adamw": lambda: optax.adamw(0.05, weight_decay=1e-2),
+    "sgd-nesterov": lambda: optax.sgd(0.05, momentum=0.9, nesterov=True),
+    "multi-transform": lambda: optax.multi_transform(
+        {"a": optax.adam(0.05), "s": optax.sgd(0.05, momentum=0.9)}, {"w": "a", "b": "s"}
+    ),
+    "masked": lambda: optax.chain(optax.masked(optax.adam(0.05), {"w": True, "b": False}), optax.sgd(0.01)),
+    "inject-schedule": lambda: optax.inject_hyperparams(optax.adamw)(
+        learning_rate=optax.cosine_decay_schedule(0.05, 50)
+    ),
+    "muon": lambda: optax.contrib.muon(0.02),  # Newton-Schulz iterations: a loop inside the update
+    "schedule-free": lambda: optax.contrib.schedule_free_adamw(0.05, warmup_steps=2),
+    "lbfgs": lambda: optax.lbfgs(),  # a line search: a while_loop calling the value function
+}
+
+
+def _trajectory(tx, faults, steps):
+    """Runs ``steps`` jitted steps of ``tx`` on the quadratic; at each step in ``faults``
+    the gradient gets that value at one element. Returns (params, inner-state leaves,
+    updates) after every step."""
+
+    def step(params, state, fault):
+        value, grads = jax.value_and_grad(_objective)(params)
+        grads = {**grads, "w": grads["w"].at[0, 0].add(fault)}  # fault 0.0 leaves it as it is
+        updates, state = tx.update(grads, state, params, value=value, grad=grads, value_fn=_objective)
+        return optax.apply_updates(params, updates), state, updates
+
+    step = jax.jit(step)
+    params = {k: jnp.zeros(np.shape(v), jnp.float32) for k, v in _TARGET.items()}
+    state = tx.init(params)
+    out = []
+    for t in range(steps):
+        params, state, updates = step(params, state, jnp.float32(faults.get(t, 0.0)))
+        inner = state.guard_inner_state if isinstance(state, gh.GuardState) else state
+        out.append(jax.tree.map(np.asarray, (params, jax.tree.leaves(inner), updates)))
+    return out
+
+
+@pytest.mark.parametrize("name", list(_INNERS))
+def test_guard_skips_exactly_and_otherwise_follows_the_bare_optimizer(name):
+    """guard(inner) on a run with a NaN and an Inf gradient: the skipped steps change
+    nothing (inner state bit for bit, zero updates, parameters unchanged), and the other
+    steps follow the bare optimizer run on the clean steps alone (the guard's state
+    substitution reaches inside loops and line searches without changing the math)."""
+    faults = {2: float("nan"), 3: float("inf"), 6: float("-inf")}
+    steps = 10
+    guarded = _trajectory(gh.guard(_INNERS[name](), spike_threshold=None, spike_zscore=None), faults, steps)
+    bare = _trajectory(_INNERS[name](), {}, steps - len(faults))
+    clean = iter(bare)
+    for t, (params, inner, updates) in enumerate(guarded):
+        if t in faults:
+            prev_params, prev_inner, _ = guarded[t - 1]
+            for new, old in zip(inner, prev_inner):
+                np.testing.assert_array_equal(new, old)
+            for leaf in jax.tree.leaves(updates):
+                np.testing.assert_array_equal(leaf, np.zeros_like(leaf))
+            jax.tree.map(np.testing.assert_array_equal, params, prev_params)
+            continue
+        want_params, want_inner, want_updates = next(clean)
+        assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6), updates, want_updates)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6), params, want_params)
+        assert len(inner) == len(want_inner)
+        for got, want in zip(inner, want_inner):
+            np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
