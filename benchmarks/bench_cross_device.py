@@ -4,6 +4,9 @@ Variants of one data-parallel training step of an MLP (~3.2 M parameters, per-de
 batch 32 unless ``--batch`` says otherwise) under ``jax.pmap``:
 
 * ``plain``: ``lax.pmean`` of the gradients + ``optax.adamw`` (the baseline);
+* ``plain+clip``: the same with ``optax.clip_by_global_norm(1.0)`` before adamw, the
+  usual recipe (the global norm is the same barrier between the all-reduce and the
+  update as the guard's);
 * ``xdev``: ``gh.cross_device`` + ``optax.adamw``, a non-audit step;
 * ``xdev+guard``: ``gh.cross_device`` + ``gh.guard(optax.adamw, clip=1.0)``, a non-audit step;
 * ``xdev+guard audit``: the same on an audit step (every step audited);
@@ -60,6 +63,8 @@ def make_step(kind: str, batch: int = BATCH):
     adamw = optax.adamw(3e-4)
     if kind == "plain" or kind == "naive all-gather":
         tx = adamw
+    elif kind == "plain+clip":
+        tx = optax.chain(optax.clip_by_global_norm(1.0), adamw)
     elif kind == "xdev":
         tx = optax.chain(gh.cross_device("data", per_device_batch=batch, audit_first_steps=0, audit_every=10**6), adamw)
     elif kind == "xdev+guard":
@@ -76,7 +81,7 @@ def make_step(kind: str, batch: int = BATCH):
 
     def step(params, state, x):
         grads = jax.grad(loss_fn)(params, x)
-        if kind == "plain":
+        if kind in ("plain", "plain+clip"):
             grads = jax.lax.pmean(grads, "data")
         elif kind == "naive all-gather":
             everything = jnp.concatenate([g.reshape(-1) for g in jax.tree.leaves(grads)])
@@ -97,7 +102,7 @@ def main(rounds: int = 15, batch: int = BATCH) -> list[dict]:
     params = init_params(rng)
     n_params = sum(x.size for x in jax.tree.leaves(params))
     x = jnp.asarray(rng.normal(size=(k, batch, WIDTH)), jnp.float32)
-    kinds = ["plain", "xdev", "xdev+guard", "xdev+guard audit", "naive all-gather"]
+    kinds = ["plain", "plain+clip", "xdev", "xdev+guard", "xdev+guard audit", "naive all-gather"]
     runs = {}
     for kind in kinds:
         tx, step = make_step(kind, batch)
@@ -126,6 +131,7 @@ def main(rounds: int = 15, batch: int = BATCH) -> list[dict]:
     dim = 1024
     comm = {
         "plain": n_params,
+        "plain+clip": n_params,
         "xdev": n_params + k,
         "xdev+guard": n_params + k,
         "xdev+guard audit": n_params + k + k * (dim + 1) + 2 * k,
@@ -143,6 +149,9 @@ def main(rounds: int = 15, batch: int = BATCH) -> list[dict]:
             f"| {kind} | {1e3 * median:.1f} | {median / base:.3f}x | {memory / 2**20:.1f} | {memory / base_mem:.2f}x "
             f"| {comm[kind]:,} |"
         )
+    clip = float(np.median(runs["plain+clip"]["times"]))
+    guarded = float(np.median(runs["xdev+guard"]["times"]))
+    print(f"xdev+guard / plain+clip: {guarded / clip:.3f}x")
     return rows
 
 

@@ -1,5 +1,6 @@
 """The benchmarks run end to end at a tiny size (no timing is asserted)."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,7 +48,15 @@ def test_bench_cross_device_runs_and_prints_every_row():
     assert result.returncode == 0, result.stderr[-3000:]
     assert "8 devices, 3.15 M parameters, per-device batch 2, 1 rounds" in result.stdout, result.stdout
     rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith("| ") and "ms" not in line]
-    assert [row[1].strip() for row in rows] == ["plain", "xdev", "xdev+guard", "xdev+guard audit", "naive all-gather"]
+    assert [row[1].strip() for row in rows] == [
+        "plain",
+        "plain+clip",
+        "xdev",
+        "xdev+guard",
+        "xdev+guard audit",
+        "naive all-gather",
+    ]
+    assert re.search(r"^xdev\+guard / plain\+clip: [0-9.]+x$", result.stdout, re.M), result.stdout
     # The naive variant gathers every device's full gradient: K times the all-reduce.
     floats = {row[1].strip(): int(row[6].strip().replace(",", "")) for row in rows}
     assert floats["naive all-gather"] == 9 * floats["plain"], floats
