@@ -8,27 +8,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_bench_guard_runs_and_prints_every_row():
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "bench_guard.py"),
-            "--params",
-            "2e4",
-            "--leaves",
-            "3",
-            "--steps",
-            "2",
-            "--warmup",
-            "1",
-            "--compile-reps",
-            "1",
-        ],
+def _run_benchmark(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
         capture_output=True,
         text=True,
         timeout=600,
         cwd=ROOT,
         env={"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"},
+    )
+
+
+def test_bench_guard_runs_and_prints_every_row():
+    result = _run_benchmark(
+        "bench_guard.py", "--params", "2e4", "--leaves", "3", "--steps", "2", "--warmup", "1", "--compile-reps", "1"
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| 0.02M/3 |")]
@@ -37,14 +30,7 @@ def test_bench_guard_runs_and_prints_every_row():
 
 
 def test_bench_cross_device_runs_and_prints_every_row():
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_cross_device.py"), "--rounds", "1", "--batch", "2"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-        env={"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"},
-    )
+    result = _run_benchmark("bench_cross_device.py", "--rounds", "1", "--batch", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "8 devices, 3.15 M parameters, per-device batch 2, 1 rounds" in result.stdout, result.stdout
     rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith("| ") and "ms" not in line]
@@ -63,13 +49,6 @@ def test_bench_cross_device_runs_and_prints_every_row():
 
 
 def test_bench_cross_device_rejects_a_non_positive_batch():
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_cross_device.py"), "--batch", "0"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-        env={"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"},
-    )
+    result = _run_benchmark("bench_cross_device.py", "--batch", "0")
     assert result.returncode == 2
     assert "--batch and --rounds must be positive, got 0 and 15" in result.stderr
