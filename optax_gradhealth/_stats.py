@@ -203,6 +203,11 @@ def _abs_squared(x: jax.Array, dtype: Any, scale: jax.Array | None) -> jax.Array
 def _leaf_sum_of_squares(x: jax.Array, scale: jax.Array | None = None) -> jax.Array:
     """Sum of ``|x * scale|**2`` in float32 (float64 for float64 leaves), as float32."""
     dtype = _accumulation_dtype(x)
+    if scale is None:
+        # The barrier keeps this square inside the reduction. Without it, XLA's CSE merges
+        # it with an identical square elsewhere in the step (Adam's `nu` squares the same
+        # gradient) and materialises the shared square: a temporary the size of the leaf.
+        x = jax.lax.optimization_barrier(x)
     return jnp.sum(_abs_squared(x, dtype, scale), dtype=dtype).astype(jnp.float32)
 
 

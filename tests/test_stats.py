@@ -7,6 +7,7 @@ import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 from hypothesis import example, given, settings
@@ -250,3 +251,23 @@ def test_layer_norms_is_one_vector_with_static_names():
     np.testing.assert_allclose(np.asarray(final.values), [0.0, 12.0, 0.0])
     jitted = jax.jit(lambda t: gh.grad_stats(t).leaf_norms)(tree)
     assert jitted.names == norms.names and jitted.as_dict().keys() == norms.as_dict().keys()
+
+
+@pytest.mark.parametrize(
+    "measure", [gh.global_norm, lambda g: gh.grad_stats(g).leaf_norms.values], ids=["norm", "leaf"]
+)
+def test_norm_beside_adam_adds_no_gradient_sized_temporary(measure):
+    """Adam squares the gradient for ``nu``; so does the norm. XLA's CSE would merge the
+    two squares into one materialised array (a temporary the size of the gradients:
+    ``optax.global_norm`` beside ``optax.adam`` has one). The statistics keep theirs."""
+    tx = optax.adam(1e-3)
+    params = {"w": jnp.ones((512, 256), jnp.float32), "b": jnp.ones((256,), jnp.float32)}
+
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, measure(grads)
+
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), params).compile()
+    analysis = compiled.memory_analysis()
+    assert analysis is not None
+    assert analysis.temp_size_in_bytes < params["w"].nbytes // 8, analysis.temp_size_in_bytes
