@@ -16,10 +16,12 @@ modes (they are not a single global scale); their own metrics say what they did.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optax_gradhealth import _clipping, _metrics, _stats
@@ -44,6 +46,91 @@ def _fraction(count: jax.Array, total: int) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------- value
+
+# Row sums of 0/1 values in float32 are exact up to 2**24 per row (every partial sum is
+# an integer that float32 holds exactly).
+_EXACT_F32_COUNT = 2**24
+_RARE_TRIPS = 128
+
+
+def _bound(max_abs: float, dtype: Any) -> np.ndarray:
+    """``max_abs`` in ``dtype`` (inf beyond its range, e.g. 7e4 in float16), no warning."""
+    with np.errstate(over="ignore"):
+        return np.asarray(max_abs, dtype)
+
+
+def _rows(x: jax.Array) -> jax.Array:
+    """``x`` as a 2-D array of rows (its last axis; a vector is one row)."""
+    return x.reshape(1, -1) if x.ndim < 2 else x.reshape(-1, x.shape[-1])
+
+
+def _exact_count(leaves: list[jax.Array], max_abs: float) -> jax.Array:
+    """``|x| > max_abs`` counted with a comparison (the rare path): one loop of
+    ``_RARE_TRIPS`` steps, each counting one block of rows of every leaf, so no
+    temporary exceeds ``1 / _RARE_TRIPS`` of a leaf."""
+    plans = []
+    for x in leaves:
+        x2 = _rows(x)
+        num_rows = x2.shape[0]
+        plans.append((x2, num_rows, -(-num_rows // _RARE_TRIPS), jnp.asarray(_bound(max_abs, x.dtype))))
+
+    def body(i, total):
+        for x2, num_rows, block, bound in plans:
+            start = jnp.minimum(i * block, num_rows - block)
+            rows = jax.lax.dynamic_slice_in_dim(x2, start, block, axis=0)
+            fresh = (start + jnp.arange(block)) >= i * block  # not counted by block i - 1
+            total = total + jnp.sum((jnp.abs(rows) > bound) & fresh[:, None], dtype=jnp.int32)
+        return total
+
+    return jax.lax.fori_loop(0, _RARE_TRIPS, body, jnp.zeros((), jnp.int32))
+
+
+def _count_above(leaves: list[jax.Array], max_abs: float) -> jax.Array:
+    """Number of elements with ``|x| > max_abs`` (in each leaf's dtype), NaN excluded.
+
+    Counting with a comparison (``jnp.sum(|x| > b)``) is slow on XLA:CPU and
+    materialises the boolean/integer array, a temporary the size of the gradients: its
+    reductions only run fast on arithmetic. So each row (last axis) counts
+    ``sign(max(|x| - b, 0))`` in float32, exactly (see ``_EXACT_F32_COUNT``), and the
+    row counts are added as integers. A row holding a NaN or an Inf sums to NaN; then, on
+    that rare step, a ``lax.cond`` recounts every leaf with the comparison, a block of
+    rows at a time (no large temporary).
+    """
+    if not leaves:
+        return jnp.zeros((), jnp.int32)
+
+    def fast_rows(x):
+        bound = float(_bound(max_abs, x.dtype))
+        # Below ~1e-30 the difference |x| - b of two floats can be subnormal (flushed to
+        # 0): compare min(|x|, 2b) * s with b * s, s a power of two that lifts b to ~1.
+        lift = 2.0 ** -math.frexp(bound)[1] if 0.0 < bound < 1e-30 else 1.0
+        # The barrier gives each leaf its own scalars: XLA would otherwise materialise one
+        # broadcast of a shared constant as an array operand of every reduction.
+        x, cap, lifted, zero = jax.lax.optimization_barrier(
+            (x, *(jnp.asarray(v, jnp.float32) for v in (2.0 * bound, bound * lift, 0.0)))
+        )
+        rows = _rows(x).astype(jnp.float32)
+        magnitude = jnp.abs(rows)
+        if lift != 1.0:
+            magnitude = jnp.minimum(magnitude, cap) * lift
+        # `rows * 0` is 0, or NaN for a NaN or Inf element: such a row's count is NaN and
+        # the rare path recounts it. (min/max alone would not say: XLA:CPU's reduction
+        # library may return the other operand of a NaN, as x86's min/max do.)
+        return jnp.sum(jnp.sign(jnp.maximum(magnitude - lifted, zero)) + rows * zero, axis=-1)
+
+    fast_leaves = [x for x in leaves if _rows(x).shape[-1] <= _EXACT_F32_COUNT]
+    wide_leaves = [x for x in leaves if _rows(x).shape[-1] > _EXACT_F32_COUNT]
+    total = _exact_count(wide_leaves, max_abs) if wide_leaves else jnp.zeros((), jnp.int32)
+    if not fast_leaves:
+        return total
+    # One vector of every row count (a few floats per row): one NaN test, one integer sum.
+    row_counts = jax.lax.optimization_barrier(jnp.concatenate([fast_rows(x) for x in fast_leaves]))
+    counted = jax.lax.cond(
+        jnp.isnan(jnp.sum(row_counts)),
+        lambda: _exact_count(fast_leaves, max_abs),
+        lambda: jnp.sum(row_counts.astype(jnp.int32)),
+    )
+    return total + counted
 
 
 class ClipByValueState(NamedTuple):
@@ -90,13 +177,12 @@ def clip_by_value(max_abs: float) -> optax.GradientTransformation:
         del state, params
         leaves = _float_leaves(updates)
         total = sum(int(x.size) for x in leaves)
-        counts = [jnp.sum(jnp.abs(x) > jnp.asarray(max_abs, x.dtype), dtype=jnp.int32) for x in leaves]
-        count = sum(counts, jnp.zeros((), jnp.int32))
+        count = _count_above(leaves, max_abs)
 
         def one(x):
             if not _stats._is_float(x):
                 return x
-            bound = jnp.asarray(max_abs, x.dtype)
+            bound = jnp.asarray(_bound(max_abs, x.dtype))
             return jnp.clip(x, -bound, bound)
 
         return jax.tree.map(one, updates), ClipByValueState(count, _fraction(count, total))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -243,6 +244,9 @@ def guard(
     rollback_after_spikes = check.optional(check.integer, "rollback_after_spikes", rollback_after_spikes, minimum=1)
     vanishing_norm = check.optional(check.positive, "vanishing_norm", vanishing_norm)
     norm_spikes_on = spike_threshold is not None or spike_zscore is not None
+    # Whether any step can be clipped by a global factor (a policy, or spike clipping).
+    never_clips = isinstance(policy, _clipping.FixedClip) and math.isinf(policy.max_norm)
+    can_clip = not never_clips or (spike_action == "clip" and spike_threshold is not None)
     ring_size = reset_after if reset_after is not None else 1
 
     def init_fn(params):
@@ -336,7 +340,13 @@ def guard(
         threshold = policy.threshold(state.guard_clip_state)
         if spike_action == "clip" and spike_threshold is not None:
             threshold = jnp.where(spike, jnp.minimum(threshold, spike_threshold * mean), threshold)
-        factors = _clipping.clip_scale(norm, threshold)
+        if can_clip:
+            factors = _clipping.clip_scale(norm, threshold)
+        else:
+            # Constant factors: XLA drops the multiply, and a clip mode's statistics read
+            # the gradient itself (x * factor, read by the mode's reduction and by the
+            # inner update, would otherwise be materialised: a gradient-sized temporary).
+            factors = (jnp.ones((), jnp.float32), jnp.ones((), jnp.float32))
         skipped = ~finite
         if spike_action == "skip":
             skipped = skipped | spike

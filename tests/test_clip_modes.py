@@ -232,3 +232,55 @@ def test_standalone_in_chain_with_every_mode_reports_all_metrics():
     assert "grad/layer_clip_fraction" in names and "grad/layer_clipped/dense/kernel" in names
     assert set(gh.CATALOGUE) >= {"grad/value_clip_count", "grad/agc_clip_fraction", "grad/layer_clipped/<path>"}
     chex.assert_tree_all_finite(params)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("max_abs", [1.0, 0.3, 1e-3, 1e-35, 7e4])
+def test_value_clip_count_is_exact_on_both_paths(dtype, max_abs):
+    """The fast count (float32 row sums of sign(max(|x| - b, 0))) and the rare one (a
+    comparison, a block of rows at a time) against numpy, on leaves whose row counts do
+    not divide the block, magnitudes around the bound, NaN and +-Inf elements."""
+    from optax_gradhealth._clip_modes import _count_above, _exact_count
+
+    rng = np.random.default_rng(7)
+    leaves = []
+    with np.errstate(over="ignore"):  # 7e4 overflows float16 to inf: elements and bound
+        for shape, scale in [((7,), 1.0), ((33, 5), 1e-34), ((4, 3, 9), 1e3), ((1,), 2.0), ((300, 17), max_abs)]:
+            leaves.append(jnp.asarray(rng.standard_normal(shape) * scale, dtype))
+        bound = np.float64(np.asarray(max_abs, dtype))
+
+    def expected(xs):
+        return sum(int(np.sum(np.abs(np.asarray(x, np.float64)) > bound)) for x in xs)
+
+    assert int(jax.jit(lambda xs: _count_above(xs, max_abs))(leaves)) == expected(leaves)
+    assert [int(_exact_count([x], max_abs)) for x in leaves] == [expected([x]) for x in leaves]
+    bad = leaves[-1].at[5, 3].set(jnp.nan).at[200, 1].set(jnp.inf).at[299, 16].set(-jnp.inf)
+    assert int(jax.jit(lambda xs: _count_above(xs, max_abs))([bad])) == expected([bad])
+    assert int(_exact_count([bad], max_abs)) == expected([bad])
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: optax.chain(gh.clip_by_value(1.0), optax.adam(1e-3)),
+        lambda: gh.guard(optax.adam(1e-3), clip=gh.clip_by_value(1.0)),
+        lambda: gh.guard(optax.adam(1e-3), clip=gh.clip_by_layer_norm(1.0)),
+        lambda: gh.guard(optax.adam(1e-3), clip=gh.adaptive_grad_clip(0.01)),
+    ],
+    ids=["value", "guard-value", "guard-layer", "guard-agc"],
+)
+def test_clip_modes_add_no_gradient_sized_temporary(build):
+    """Counting clipped elements with a comparison, or a clip mode reading the guard's
+    scaled gradient, used to hold a temporary the size of all the gradients."""
+    tx = build()
+    params = {f"w{i}": jnp.ones((256, 128), jnp.float32) for i in range(6)}
+
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), params).compile()
+    analysis = compiled.memory_analysis()
+    assert analysis is not None
+    leaf_bytes = params["w0"].nbytes
+    assert analysis.temp_size_in_bytes < leaf_bytes // 4, analysis.temp_size_in_bytes / leaf_bytes
