@@ -118,6 +118,9 @@ def _count_above(leaves: list[jax.Array], max_abs: float) -> jax.Array:
         # library may return the other operand of a NaN, as x86's min/max do.)
         return jnp.sum(jnp.sign(jnp.maximum(magnitude - lifted, zero)) + rows * zero, axis=-1)
 
+    # A row wider than 2**24 (a vector of more than 16M elements) would not count exactly
+    # in float32: such a leaf is counted by comparison on every step (correct, as slow as
+    # a plain `jnp.sum(|x| > b)`; its blocks are whole rows).
     fast_leaves = [x for x in leaves if _rows(x).shape[-1] <= _EXACT_F32_COUNT]
     wide_leaves = [x for x in leaves if _rows(x).shape[-1] > _EXACT_F32_COUNT]
     total = _exact_count(wide_leaves, max_abs) if wide_leaves else jnp.zeros((), jnp.int32)
@@ -175,6 +178,12 @@ def clip_by_value(max_abs: float) -> optax.GradientTransformation:
 
     def update_fn(updates, state, params=None):
         del state, params
+        for path, leaf in jax.tree_util.tree_flatten_with_path(updates)[0]:
+            if jnp.iscomplexobj(leaf):
+                raise ValueError(
+                    f"gh.clip_by_value: leaf {_stats.path_name(path)!r} is complex ({leaf.dtype}); complex values "
+                    "have no order to clip by. Clip their real and imaginary parts, or use gh.clip_by_layer_norm."
+                )
         leaves = _float_leaves(updates)
         total = sum(int(x.size) for x in leaves)
         count = _count_above(leaves, max_abs)

@@ -69,6 +69,12 @@ def test_clip_by_value_matches_optax_and_counts(dtype):
     np.testing.assert_allclose(float(m["grad/value_clip_fraction"]), count / flat.size, rtol=1e-6)
 
 
+def test_clip_by_value_rejects_complex_leaves_by_name():
+    tx = gh.clip_by_value(1.0)
+    with pytest.raises(ValueError, match=r"'c'.*complex"):
+        tx.update({"c": jnp.array([2 + 2j]), "r": jnp.ones(2)}, tx.init(None))
+
+
 def test_clip_by_value_passes_nan_through_uncounted():
     tx = gh.clip_by_value(1.0)
     updates, state = tx.update({"w": jnp.array([jnp.nan, 5.0, -0.5, 1.0])}, tx.init(None))
