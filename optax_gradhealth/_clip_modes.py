@@ -121,11 +121,12 @@ def _count_above(leaves: list[jax.Array], max_abs: float) -> jax.Array:
     # A row wider than 2**24 (a vector of more than 16M elements) would not count exactly
     # in float32: such a leaf is counted by comparison on every step (correct, as slow as
     # a plain `jnp.sum(|x| > b)`; its blocks are whole rows).
-    fast_leaves = [x for x in leaves if _rows(x).shape[-1] <= _EXACT_F32_COUNT]
-    wide_leaves = [x for x in leaves if _rows(x).shape[-1] > _EXACT_F32_COUNT]
-    total = _exact_count(wide_leaves, max_abs) if wide_leaves else jnp.zeros((), jnp.int32)
+    fast_leaves, wide_leaves = [], []
+    for x in leaves:
+        (fast_leaves if _rows(x).shape[-1] <= _EXACT_F32_COUNT else wide_leaves).append(x)
+    wide_count = _exact_count(wide_leaves, max_abs) if wide_leaves else jnp.zeros((), jnp.int32)
     if not fast_leaves:
-        return total
+        return wide_count
     # One vector of every row count (a few floats per row): one NaN test, one integer sum.
     row_counts = jax.lax.optimization_barrier(jnp.concatenate([fast_rows(x) for x in fast_leaves]))
     counted = jax.lax.cond(
@@ -133,7 +134,7 @@ def _count_above(leaves: list[jax.Array], max_abs: float) -> jax.Array:
         lambda: _exact_count(fast_leaves, max_abs),
         lambda: jnp.sum(row_counts.astype(jnp.int32)),
     )
-    return total + counted
+    return wide_count + counted
 
 
 class ClipByValueState(NamedTuple):
