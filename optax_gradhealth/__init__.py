@@ -50,6 +50,7 @@ from optax_gradhealth.writers import JsonlWriter, MetricLogger, TensorBoardWrite
 # isort: split
 # --- cross-device audit (pmap / shard_map): issue 3 --- (pmap / shard_map): issue 3.
 from optax_gradhealth._cross_device import (
+    Alarm,
     CrossDeviceState,
     cross_device,
     cross_device_alarms,
@@ -116,6 +117,7 @@ __all__ += [
 
 # cross-device audit (pmap / shard_map): issue 3.
 __all__ += [
+    "Alarm",
     "CrossDeviceState",
     "cross_device",
     "cross_device_alarms",

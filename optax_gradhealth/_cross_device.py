@@ -33,10 +33,12 @@ import numpy as np
 import optax
 from jax import lax
 
+from optax_gradhealth import _detectors as detect
 from optax_gradhealth import _metrics, _stats
 from optax_gradhealth import _validation as check
 
 __all__ = [
+    "Alarm",
     "CrossDeviceState",
     "cross_device",
     "cross_device_alarms",
@@ -74,16 +76,26 @@ class CrossDeviceState(NamedTuple):
       xdev_cosine_to_mean: float32 [K], exact cosine of each device's gradient to the mean.
       xdev_pairwise_cosine: float32 [K, K], pairwise cosines estimated from the sketches.
       xdev_mean_pairwise_cosine: mean of the off-diagonal entries of the above.
-      xdev_outlier_device: int32, device index (position on the data axes) of the outlier,
-        -1 when no device scores above ``outlier_threshold``.
-      xdev_outlier_score: the largest device score (see :func:`cross_device`).
+      xdev_outlier_device: int32, device index (position on the data axes) of the named
+        outlier with the most evidence, -1 when no device is named.
+      xdev_outlier_score: the largest instant device score (see :func:`cross_device`).
+      xdev_outlier_devices: bool [K], every device named as an outlier (instant score
+        above ``outlier_threshold``, or CUSUM evidence above ``outlier_evidence``).
+      xdev_norm_score: float32 [K], each device's robust log-norm score.
+      xdev_direction_score: float32 [K], each device's robust leave-one-out-cosine score.
+      xdev_outlier_evidence: float32 [K], each device's CUSUM evidence of being an outlier,
+        accumulated over audits.
       xdev_duplicate_pairs: bool [K, K], ``[j, k]`` is True when devices j != k produced
         bit-identical non-zero gradients.
       xdev_param_desync: bool [K], True for devices whose parameter fingerprint differs from
         the majority's (all False when ``params`` is not passed to ``update``).
+      xdev_near_duplicate_pairs: bool [K, K], pairs whose sketched cosine has stood far
+        above the other pairs' for several audits (same examples, different noise).
+      xdev_pair_evidence: float32 [K, K], the CUSUM evidence behind it.
+      xdev_detector_audits: int32, finite audits folded into the running spreads.
       xdev_norm_spread_ema, xdev_cosine_spread_ema: EMAs (decay 0.9 per audit, bias-corrected
-        with ``xdev_num_audits``) of the cross-device spread (1.4826 MAD) of the log-norms
-        and of the leave-one-out cosines; the outlier scores divide by them.
+        with ``xdev_detector_audits``) of the cross-device spread (1.4826 MAD) of the
+        log-norms and of the leave-one-out cosines; the outlier scores divide by them.
     """
 
     xdev_count: jax.Array
@@ -106,6 +118,13 @@ class CrossDeviceState(NamedTuple):
     xdev_outlier_score: jax.Array
     xdev_duplicate_pairs: jax.Array
     xdev_param_desync: jax.Array
+    xdev_outlier_devices: jax.Array
+    xdev_norm_score: jax.Array
+    xdev_direction_score: jax.Array
+    xdev_outlier_evidence: jax.Array
+    xdev_near_duplicate_pairs: jax.Array
+    xdev_pair_evidence: jax.Array
+    xdev_detector_audits: jax.Array
     xdev_norm_spread_ema: jax.Array
     xdev_cosine_spread_ema: jax.Array
 
@@ -123,6 +142,11 @@ _XDEV_FIELDS = {
     "xdev_outlier_score": "xdev/outlier_score",
     "xdev_duplicate_pairs": "xdev/duplicate_pairs",
     "xdev_param_desync": "xdev/param_desync",
+    "xdev_outlier_devices": "xdev/outlier_devices",
+    "xdev_norm_score": "xdev/norm_score",
+    "xdev_direction_score": "xdev/direction_score",
+    "xdev_outlier_evidence": "xdev/outlier_evidence",
+    "xdev_near_duplicate_pairs": "xdev/near_duplicate_pairs",
     "xdev_noise_scale": "xdev/noise_scale",
     "xdev_grad_sq_est": "xdev/grad_sq_est",
     "xdev_trace_cov_est": "xdev/trace_cov_est",
@@ -140,8 +164,24 @@ _XDEV_CATALOGUE = {
     "xdev/cosine_to_mean": "[K] exact cosine of each device's gradient to the mean gradient (latest audit)",
     "xdev/pairwise_cosine": "[K, K] pairwise cosines from the random-projection sketch (latest audit)",
     "xdev/mean_pairwise_cosine": "mean off-diagonal sketched pairwise cosine (latest audit)",
-    "xdev/outlier_device": "data-axis index of the device scoring above outlier_threshold, -1 if none (latest audit)",
-    "xdev/outlier_score": "largest device score: robust z of log-norm or of leave-one-out cosine (latest audit)",
+    "xdev/outlier_device": (
+        "data-axis index of the named outlier device with the most evidence, -1 if none (latest audit)"
+    ),
+    "xdev/outlier_score": (
+        "largest instant device score: robust z of log-norm or of leave-one-out cosine (latest audit)"
+    ),
+    "xdev/outlier_devices": (
+        "[K] devices named as outliers: instant score > outlier_threshold or CUSUM evidence > outlier_evidence "
+        "(latest audit)"
+    ),
+    "xdev/norm_score": "[K] robust z-score of each device's log gradient norm across devices (latest audit)",
+    "xdev/direction_score": (
+        "[K] robust one-sided z-score of each device's leave-one-out cosine across devices (latest audit)"
+    ),
+    "xdev/outlier_evidence": "[K] CUSUM evidence, accumulated over audits, that each device is an outlier",
+    "xdev/near_duplicate_pairs": (
+        "[K, K] pairs whose sketched cosine stood far above the other pairs' for several audits (latest audit)"
+    ),
     "xdev/duplicate_pairs": "[K, K] devices j != k with bit-identical non-zero gradients (latest audit)",
     "xdev/param_desync": "[K] device whose parameter fingerprint differs from the majority's (latest audit)",
     "xdev/noise_scale": "gradient noise scale B_simple = EMA(tr Sigma) / EMA(|G|^2), bias-corrected (every step)",
@@ -154,6 +194,33 @@ _metrics.register_metrics(CrossDeviceState, _XDEV_FIELDS, catalogue=_XDEV_CATALO
 
 # Decay (per audit step) of the running cross-device spreads the outlier scores divide by.
 _SPREAD_DECAY = 0.9
+# The audit detectors' defaults, chosen from the detection benchmark (docs/detection.md).
+OUTLIER_THRESHOLD = 10.0  # instant score that names a device at once
+OUTLIER_EVIDENCE = 12.0  # CUSUM evidence that names a device
+OUTLIER_DRIFT = 3.0  # CUSUM drift: a clean device's score stays below it on average
+NEAR_DUPLICATE_EVIDENCE = 12.0
+NEAR_DUPLICATE_DRIFT = 4.0
+NORM_FLOOR = 0.1
+COSINE_FLOOR = 0.05
+PAIR_FLOOR = 0.05
+
+
+def default_audit_rule(**overrides: float) -> dict[str, float]:
+    """The keyword arguments of ``_detectors.audit_update`` that ``cross_device`` uses by
+    default (what the host-side replays use too), with ``overrides`` applied."""
+    rule = dict(
+        outlier_threshold=OUTLIER_THRESHOLD,
+        evidence_threshold=OUTLIER_EVIDENCE,
+        evidence_drift=OUTLIER_DRIFT,
+        norm_floor=NORM_FLOOR,
+        cosine_floor=COSINE_FLOOR,
+        pair_threshold=NEAR_DUPLICATE_EVIDENCE,
+        pair_drift=NEAR_DUPLICATE_DRIFT,
+        pair_floor=PAIR_FLOOR,
+        spread_decay=_SPREAD_DECAY,
+    )
+    rule.update(overrides)
+    return rule
 
 # ----------------------------------------------------------------------------- hashing
 
@@ -403,9 +470,11 @@ def cross_device(
     sketch_dim: int = 1024,
     sketch_seed: int = 0,
     noise_scale_decay: float = 0.99,
-    outlier_threshold: float = 10.0,
-    norm_floor: float = 0.1,
-    cosine_floor: float = 0.05,
+    outlier_threshold: float = OUTLIER_THRESHOLD,
+    outlier_evidence: float = OUTLIER_EVIDENCE,
+    near_duplicate_evidence: float = NEAR_DUPLICATE_EVIDENCE,
+    norm_floor: float = NORM_FLOOR,
+    cosine_floor: float = COSINE_FLOOR,
 ) -> optax.GradientTransformationExtraArgs:
     """Averages local gradients across devices and audits them before the all-reduce.
 
@@ -439,8 +508,20 @@ def cross_device(
     * ``(median_j c_j - c_k) / max(1.4826 MAD, cosine_floor)`` where ``c_k`` is the
       exact cosine of ``g_k`` to the mean of the OTHER devices' gradients (direction);
 
-    a non-finite local gradient scores ``inf``. ``xdev/outlier_device`` is the device
-    with the largest score when it exceeds ``outlier_threshold``, else -1.
+    a non-finite local gradient scores ``inf`` (``xdev/norm_score``,
+    ``xdev/direction_score``). Evidence accumulates across audits in a one-sided CUSUM
+    per device, ``e_k <- clip(e_k + score_k - 3, 0, 2 * outlier_evidence)``
+    (``xdev/outlier_evidence``). A device is named (``xdev/outlier_devices``) when its
+    score exceeds ``outlier_threshold`` (a strong fault, at the audit it shows) or its
+    evidence exceeds ``outlier_evidence`` (a moderate one that persists: a score of 6 on
+    every audit is named at the fourth); ``xdev/outlier_device`` is the named device
+    with the most evidence, else -1. Near-duplicate data: each pair's sketched cosine
+    gets a robust z-score against the other pairs' and a CUSUM of drift 4; a pair whose
+    evidence exceeds ``near_duplicate_evidence`` is flagged in
+    ``xdev/near_duplicate_pairs`` (two devices that see the same examples under
+    different dropout or augmentation). The rules live in
+    ``optax_gradhealth._detectors`` and their defaults come from the detection
+    benchmark (``docs/detection.md``); :func:`cross_device_alarms` words the result.
 
     Args:
       axis_name: the data axis name(s) over which gradients are averaged (the
@@ -459,7 +540,10 @@ def cross_device(
       sketch_seed: seed of the sketch and fingerprint hashes (a Python int, so the same
         on every device and host).
       noise_scale_decay: decay of the two noise-scale EMAs, in (0, 1).
-      outlier_threshold: score above which a device is named as the outlier.
+      outlier_threshold: instant score above which a device is named at once.
+      outlier_evidence: CUSUM evidence above which a device is named.
+      near_duplicate_evidence: CUSUM evidence above which a pair is flagged as
+        near-duplicate.
       norm_floor: lower bound of the log-norm spread (0.1 ~ 10 % norm differences count
         as normal even when the other devices agree more closely).
       cosine_floor: lower bound of the spread of the leave-one-out cosines.
@@ -510,9 +594,13 @@ def cross_device(
     dim = check.integer("sketch_dim", sketch_dim, minimum=1)
     seed = check.integer("sketch_seed", sketch_seed, minimum=0)
     decay = check.in_open_unit_interval("noise_scale_decay", noise_scale_decay)
-    threshold = check.positive("outlier_threshold", outlier_threshold, allow_inf=True)
-    norm_floor = check.positive("norm_floor", norm_floor)
-    cosine_floor = check.positive("cosine_floor", cosine_floor)
+    rule = default_audit_rule(
+        outlier_threshold=check.positive("outlier_threshold", outlier_threshold, allow_inf=True),
+        evidence_threshold=check.positive("outlier_evidence", outlier_evidence, allow_inf=True),
+        pair_threshold=check.positive("near_duplicate_evidence", near_duplicate_evidence, allow_inf=True),
+        norm_floor=check.positive("norm_floor", norm_floor),
+        cosine_floor=check.positive("cosine_floor", cosine_floor),
+    )
     data_name = data_axes if len(data_axes) > 1 else data_axes[0]
 
     def init_fn(params):
@@ -558,6 +646,13 @@ def cross_device(
             xdev_outlier_score=zero,
             xdev_duplicate_pairs=jnp.zeros((k, k), jnp.bool_),
             xdev_param_desync=jnp.zeros((k,), jnp.bool_),
+            xdev_outlier_devices=jnp.zeros((k,), jnp.bool_),
+            xdev_norm_score=jnp.zeros((k,), f32),
+            xdev_direction_score=jnp.zeros((k,), f32),
+            xdev_outlier_evidence=jnp.zeros((k,), f32),
+            xdev_near_duplicate_pairs=jnp.zeros((k, k), jnp.bool_),
+            xdev_pair_evidence=jnp.zeros((k, k), f32),
+            xdev_detector_audits=jnp.zeros((), jnp.int32),
             xdev_norm_spread_ema=zero,
             xdev_cosine_spread_ema=zero,
         )
@@ -698,34 +793,8 @@ def cross_device(
             majority = jnp.argmax(jnp.sum(agree, axis=1))
             desync = pfp != pfp[majority]
 
-            # Leave-one-out cosine: c_k = cos(g_k, mean of the other devices' gradients).
-            others_sq = kf * kf * mean_sq - 2.0 * kf * dots + device_sq
-            loo = _safe_div(kf * dots - device_sq, device_norms * jnp.sqrt(jnp.maximum(others_sq, 0.0)))
-            # Robust z-scores across devices. The spread is the larger of this step's MAD and
-            # its running average over audits, so one step where the other devices happen to
-            # agree closely does not turn ordinary noise into an alarm.
-            n_audits = (state.xdev_num_audits + 1).astype(jnp.float32)
-            correction = 1.0 - _SPREAD_DECAY**n_audits
-
-            def robust_z(values, floor, spread_ema, one_sided):
-                centre = jnp.median(values)
-                spread = 1.4826 * jnp.median(jnp.abs(values - centre))
-                ok = jnp.isfinite(spread)  # not on a step with a non-finite device
-                spread = jnp.where(ok, spread, 0.0)
-                new_ema = jnp.where(ok, _SPREAD_DECAY * spread_ema + (1.0 - _SPREAD_DECAY) * spread, spread_ema)
-                scale = jnp.maximum(jnp.maximum(spread, new_ema / correction), floor)
-                deviation = (centre - values) if one_sided else jnp.abs(values - centre)
-                return deviation / scale, new_ema
-
-            log_norms = jnp.log(jnp.maximum(device_norms, 1e-30))
-            norm_score, norm_spread = robust_z(log_norms, norm_floor, state.xdev_norm_spread_ema, False)
-            direction_score, cosine_spread = robust_z(loo, cosine_floor, state.xdev_cosine_spread_ema, True)
-            scores = jnp.maximum(norm_score, direction_score) if k > 2 else jnp.zeros((k,), jnp.float32)
-            scores = jnp.where(jnp.isnan(scores), 0.0, scores)
-            scores = jnp.where(jnp.isfinite(device_sq), scores, jnp.inf)
-            worst = jnp.argmax(scores)
-            score = scores[worst]
-            outlier = jnp.where(score > threshold, worst, -1).astype(jnp.int32)
+            detector, verdict = detect.audit_update(detector_state(), device_norms, cosine_to_mean, pairwise, **rule)
+            scores = verdict.scores
             return (
                 mean,
                 device_sq,
@@ -734,15 +803,27 @@ def cross_device(
                         cosine_to_mean.astype(jnp.float32),
                         pairwise.astype(jnp.float32),
                         mean_pairwise.astype(jnp.float32),
-                        outlier,
-                        score.astype(jnp.float32),
+                        verdict.outlier_device,
+                        verdict.outlier_score,
                         duplicates,
                         desync,
-                        norm_spread.astype(jnp.float32),
-                        cosine_spread.astype(jnp.float32),
+                        verdict.outlier_devices,
+                        scores.norm_score,
+                        scores.direction_score,
+                        verdict.near_duplicate_pairs,
+                        *detector,
                     ),
                     recorded(),
                 ),
+            )
+
+        def detector_state():
+            return detect.AuditDetectorState(
+                num_audits=state.xdev_detector_audits,
+                norm_spread_ema=state.xdev_norm_spread_ema,
+                cosine_spread_ema=state.xdev_cosine_spread_ema,
+                outlier_evidence=state.xdev_outlier_evidence,
+                pair_evidence=state.xdev_pair_evidence,
             )
 
         def recorded():
@@ -754,8 +835,11 @@ def cross_device(
                 state.xdev_outlier_score,
                 state.xdev_duplicate_pairs,
                 state.xdev_param_desync,
-                state.xdev_norm_spread_ema,
-                state.xdev_cosine_spread_ema,
+                state.xdev_outlier_devices,
+                state.xdev_norm_score,
+                state.xdev_direction_score,
+                state.xdev_near_duplicate_pairs,
+                *detector_state(),
             )
 
         def no_audit(operands):
@@ -763,9 +847,20 @@ def cross_device(
             return (*all_reduce(grads), recorded())
 
         mean, device_sq, audit_values = lax.cond(audited, audit, no_audit, (updates, params))
-        (cosine_to_mean, pairwise, mean_pairwise, outlier, score, duplicates, desync, norm_spread, cosine_spread) = (
-            audit_values
-        )
+        (
+            cosine_to_mean,
+            pairwise,
+            mean_pairwise,
+            outlier,
+            score,
+            duplicates,
+            desync,
+            outlier_devices,
+            norm_score,
+            direction_score,
+            near_duplicates,
+        ) = audit_values[:11]
+        detector = detect.AuditDetectorState(*audit_values[11:])
         mean_sq = sum_of_squares(mean)
         device_norms = jnp.sqrt(device_sq)
         total_sq = jnp.sum(device_sq)
@@ -829,8 +924,15 @@ def cross_device(
             xdev_outlier_score=score,
             xdev_duplicate_pairs=duplicates,
             xdev_param_desync=desync,
-            xdev_norm_spread_ema=norm_spread,
-            xdev_cosine_spread_ema=cosine_spread,
+            xdev_outlier_devices=outlier_devices,
+            xdev_norm_score=norm_score,
+            xdev_direction_score=direction_score,
+            xdev_outlier_evidence=detector.outlier_evidence,
+            xdev_near_duplicate_pairs=near_duplicates,
+            xdev_pair_evidence=detector.pair_evidence,
+            xdev_detector_audits=detector.num_audits,
+            xdev_norm_spread_ema=detector.norm_spread_ema,
+            xdev_cosine_spread_ema=detector.cosine_spread_ema,
         )
         new_state = jax.tree.map(lambda new, old: new.astype(old.dtype), new_state, state)
         return mean, new_state
@@ -838,35 +940,162 @@ def cross_device(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def cross_device_alarms(metrics: dict[str, Any]) -> list[str]:
-    """Host-side: the alarms raised by the latest cross-device audit, as readable strings.
+class Alarm(str):
+    """One cross-device alarm: a readable string that also carries its parts.
 
-    An alarm is one of: an outlier device (``xdev/outlier_device != -1``), a pair of
-    devices with bit-identical gradients (``xdev/duplicate_pairs``), or a device whose
-    parameters differ from the majority (``xdev/param_desync``). Values may be per-device
-    copies (a leading device axis from ``pmap``); the first copy is read.
+    Attributes:
+      kind: ``'nonfinite_device'``, ``'dead_device'``, ``'outlier_norm'``,
+        ``'outlier_direction'``, ``'duplicate_pair'``, ``'near_duplicate_pair'`` or
+        ``'param_desync'``.
+      devices: the device indices (positions on the data axes) it names.
+      evidence: the numbers behind it.
+    """
+
+    kind: str
+    devices: tuple[int, ...]
+    evidence: dict[str, float]
+
+    def __new__(cls, text: str, kind: str, devices: tuple[int, ...], evidence: dict[str, float]) -> Alarm:
+        alarm = super().__new__(cls, text)
+        alarm.kind, alarm.devices, alarm.evidence = kind, tuple(int(d) for d in devices), dict(evidence)
+        return alarm
+
+
+def describe_outlier(
+    device: int,
+    device_norms: np.ndarray,
+    cosine_to_mean: np.ndarray | None,
+    norm_score: np.ndarray | None,
+    direction_score: np.ndarray | None,
+    outlier_evidence: np.ndarray | None,
+) -> Alarm:
+    """The :class:`Alarm` for a device the outlier detector named, with its kind and
+    evidence (host side; shared by :func:`cross_device_alarms` and ``gh.diagnose``)."""
+    norms = np.asarray(device_norms, np.float64)
+    norm = float(norms[device])
+    others = np.delete(norms, device)
+    typical = float(np.median(others[np.isfinite(others)])) if np.isfinite(others).any() else float("nan")
+    evidence: dict[str, float] = {"device_norm": norm, "median_norm_others": typical}
+    by_norm = True
+    if norm_score is not None and direction_score is not None:
+        evidence["norm_score"] = float(norm_score[device])
+        evidence["direction_score"] = float(direction_score[device])
+        by_norm = not evidence["direction_score"] > evidence["norm_score"]
+    if cosine_to_mean is not None:
+        cos = np.asarray(cosine_to_mean, np.float64)
+        evidence["cosine_to_mean"] = float(cos[device])
+        evidence["median_cosine_others"] = float(np.median(np.delete(cos, device)))
+    if outlier_evidence is not None:
+        evidence["cusum_evidence"] = float(outlier_evidence[device])
+    detail = ", ".join(
+        f"{name} {evidence[key]:.3g}"
+        for name, key in (("score", "norm_score" if by_norm else "direction_score"), ("evidence", "cusum_evidence"))
+        if key in evidence
+    )
+    if not np.isfinite(norm):
+        return Alarm(f"device {device}: non-finite gradient (NaN/Inf)", "nonfinite_device", (device,), evidence)
+    if norm == 0.0:
+        return Alarm(f"device {device}: zero gradient (dead device or empty batch)", "dead_device", (device,), evidence)
+    if by_norm:
+        ratio = norm / typical if typical > 0 else float("inf")
+        evidence["norm_ratio"] = ratio
+        text = f"device {device}: gradient norm {ratio:.3g}x the other devices' median"
+        text += f" ({detail})" if detail else ""
+        return Alarm(text, "outlier_norm", (device,), evidence)
+    cos_text = (
+        f"cosine to the mean {evidence['cosine_to_mean']:.2f} vs {evidence['median_cosine_others']:.2f}"
+        if "cosine_to_mean" in evidence
+        else "direction unlike the others"
+    )
+    text = f"device {device}: gradient direction unlike the others ({cos_text}; {detail})"
+    return Alarm(text, "outlier_direction", (device,), evidence)
+
+
+def cross_device_alarms(metrics: dict[str, Any]) -> list[Alarm]:
+    """Host-side: the alarms raised by the latest cross-device audit.
+
+    Each alarm is an :class:`Alarm`, a readable string that names the device or devices,
+    the kind of fault and the evidence (``alarm.kind``, ``alarm.devices``,
+    ``alarm.evidence``):
+
+    * an outlier device (``xdev/outlier_devices``, or ``xdev/outlier_device != -1`` in
+      logs without it): non-finite gradient, dead (zero) gradient, a gradient norm far
+      from the others' (``outlier_norm``) or a direction unlike theirs
+      (``outlier_direction``), with its score and CUSUM evidence;
+    * a pair of devices with bit-identical gradients (``xdev/duplicate_pairs``);
+    * a pair whose gradients have agreed far more than the other pairs' for several
+      audits (``xdev/near_duplicate_pairs``: same examples, different dropout or
+      augmentation), with its cosine and the other pairs' median;
+    * a device whose parameters differ from the majority (``xdev/param_desync``).
+
+    Values may be per-device copies (a leading device axis from ``pmap``); the first
+    copy is read.
 
     Example:
       >>> import numpy as np, optax_gradhealth as gh
-      >>> gh.cross_device_alarms({'xdev/outlier_device': np.int32(3), 'xdev/outlier_score': np.float32(12.5),
-      ...                         'xdev/duplicate_pairs': np.zeros((4, 4), bool),
-      ...                         'xdev/param_desync': np.zeros(4, bool)})
-      ['outlier device 3 (score 12.5)']
+      >>> alarms = gh.cross_device_alarms({
+      ...     'xdev/outlier_device': np.int32(3), 'xdev/outlier_score': np.float32(12.5),
+      ...     'xdev/device_norms': np.array([1.0, 1.1, 0.9, 2.6], np.float32),
+      ...     'xdev/duplicate_pairs': np.zeros((4, 4), bool), 'xdev/param_desync': np.zeros(4, bool)})
+      >>> alarms
+      ["device 3: gradient norm 2.6x the other devices' median"]
+      >>> alarms[0].kind, alarms[0].devices
+      ('outlier_norm', (3,))
     """
-    out = []
+    out: list[Alarm] = []
 
     def read(name, ndim):
+        if name not in metrics:
+            return None
         value = np.asarray(jax.device_get(metrics[name]))
         while value.ndim > ndim:
             value = value[0]
         return value
 
-    outlier = int(read("xdev/outlier_device", 0))
-    if outlier >= 0:
-        out.append(f"outlier device {outlier} (score {float(read('xdev/outlier_score', 0)):.3g})")
+    norms = read("xdev/device_norms", 1)
+    named = read("xdev/outlier_devices", 1)
+    devices = [int(d) for d in np.nonzero(named)[0]] if named is not None else []
+    if named is None and int(read("xdev/outlier_device", 0)) >= 0:
+        devices = [int(read("xdev/outlier_device", 0))]
+    for device in devices:
+        if norms is None:
+            score = read("xdev/outlier_score", 0)
+            out.append(Alarm(f"device {device}: outlier (score {float(score):.3g})", "outlier_norm", (device,), {}))
+            continue
+        out.append(
+            describe_outlier(
+                device,
+                norms,
+                read("xdev/cosine_to_mean", 1),
+                read("xdev/norm_score", 1),
+                read("xdev/direction_score", 1),
+                read("xdev/outlier_evidence", 1),
+            )
+        )
     pairs = read("xdev/duplicate_pairs", 2)
-    for j, k in zip(*np.nonzero(np.triu(pairs, 1))):
-        out.append(f"devices {int(j)} and {int(k)} have identical gradients (same data shard?)")
-    for k in np.nonzero(read("xdev/param_desync", 1))[0]:
-        out.append(f"device {int(k)} parameters differ from the majority (desync or corruption)")
+    if pairs is not None:
+        for j, k in zip(*np.nonzero(np.triu(pairs, 1))):
+            text = f"devices {int(j)} and {int(k)} have identical gradients (same data shard?)"
+            out.append(Alarm(text, "duplicate_pair", (j, k), {}))
+    near = read("xdev/near_duplicate_pairs", 2)
+    if near is not None:
+        exact = pairs if pairs is not None else np.zeros_like(near)
+        cos = read("xdev/pairwise_cosine", 2)
+        for j, k in zip(*np.nonzero(np.triu(near & ~exact, 1))):
+            evidence = {}
+            text = f"devices {int(j)} and {int(k)} have nearly the same gradients (same examples?)"
+            if cos is not None:
+                off = ~np.eye(cos.shape[0], dtype=bool)
+                off[j, k] = off[k, j] = False
+                evidence = {"pair_cosine": float(cos[j, k]), "median_pair_cosine": float(np.median(cos[off]))}
+                text = (
+                    f"devices {int(j)} and {int(k)} have nearly the same gradients (pair cosine "
+                    f"{evidence['pair_cosine']:.2f} vs median {evidence['median_pair_cosine']:.2f}; same examples?)"
+                )
+            out.append(Alarm(text, "near_duplicate_pair", (j, k), evidence))
+    desync = read("xdev/param_desync", 1)
+    if desync is not None:
+        for k in np.nonzero(desync)[0]:
+            text = f"device {int(k)} parameters differ from the majority (desync or corruption)"
+            out.append(Alarm(text, "param_desync", (k,), {}))
     return out

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_gradhealth import _clipping, _skip, _stats
+from optax_gradhealth import _detectors as detect
 from optax_gradhealth import _validation as check
 
 __all__ = ["SPIKE_ACTIONS", "GuardState", "guard"]
@@ -17,6 +18,13 @@ __all__ = ["SPIKE_ACTIONS", "GuardState", "guard"]
 SPIKE_ACTIONS = ("skip", "clip", "record")
 UNSCALE_ARG = "_gradhealth_unscale"  # private extra argument, see dynamic_loss_scale
 _NO_STEP = -(2**30)  # sentinel in the spike ring: "no spike recorded here"
+
+# The spike rule's defaults, chosen from the detection benchmark (docs/detection.md).
+SPIKE_THRESHOLD = 3.0  # norm / baseline
+SPIKE_ZSCORE = 6.0  # robust z of log(norm)
+SPIKE_WINDOW = 128  # accepted steps in the window (the spread of their step-to-step changes)
+SPIKE_BASELINE = 16  # the latest accepted steps whose median norm is the baseline
+SPREAD_FLOOR = 0.05  # lower bound of the window's robust spread of log-norms
 
 
 class GuardState(NamedTuple):
@@ -29,8 +37,10 @@ class GuardState(NamedTuple):
     Attributes:
       guard_inner_state: the wrapped optimizer's state.
       guard_clip_state: the clip policy's state.
-      guard_running_norm_mean: bias-corrected EMA of the accepted norms (spike
-        statistics; see ``running_moments_update``).
+      guard_norm_window: the spike detector's window of the last ``spike_window``
+        accepted log-norms (:class:`optax_gradhealth._detectors.NormWindow`).
+      guard_running_norm_mean: bias-corrected EMA of the accepted norms (see
+        ``running_moments_update``; reported, not used by the spike rule).
       guard_running_norm_var: their bias-corrected EMA variance.
       guard_num_accepted: accepted (finite, applied) steps folded into them.
       guard_running_loss_mean: bias-corrected EMA of the accepted losses (when
@@ -46,8 +56,8 @@ class GuardState(NamedTuple):
       guard_finite: every gradient element (and the loss, if passed) was finite.
       guard_skipped: the step was skipped (zero update, inner state kept).
       guard_spike: the step was a spike.
-      guard_spike_score: norm / running mean norm.
-      guard_zscore: (norm - running mean) / running std.
+      guard_spike_score: norm / baseline norm (the window's median norm).
+      guard_zscore: robust z-score of log(norm) against the window.
       guard_norm_mean: bias-corrected running mean norm the step was judged by.
       guard_norm_std: running standard deviation the step was judged by.
       guard_loss_zscore: (loss - running mean loss) / running std (0 without loss).
@@ -69,6 +79,7 @@ class GuardState(NamedTuple):
 
     guard_inner_state: Any
     guard_clip_state: Any
+    guard_norm_window: detect.NormWindow
     guard_running_norm_mean: jax.Array
     guard_running_norm_var: jax.Array
     guard_num_accepted: jax.Array
@@ -137,8 +148,9 @@ def guard(
     *,
     clip: float | _clipping.ClipPolicy | None = None,
     spike_action: str = "skip",
-    spike_threshold: float | None = 2.0,
-    spike_zscore: float | None = 3.0,
+    spike_threshold: float | None = SPIKE_THRESHOLD,
+    spike_zscore: float | None = SPIKE_ZSCORE,
+    spike_window: int = SPIKE_WINDOW,
     loss_spike_zscore: float | None = None,
     warmup_steps: int = 20,
     stats_decay: float = 0.98,
@@ -156,13 +168,18 @@ def guard(
     * **non-finite** (a NaN/Inf element, or a non-finite ``loss``): skip. The returned
       update is zero and the inner state is left exactly as it was, however many
       non-finite steps come in a row. Counted; the first bad leaf is recorded.
-    * **spike** (after ``warmup_steps`` accepted steps): the spike score
-      ``norm / running_mean`` exceeds ``spike_threshold`` *and* the z-score
-      ``(norm - running_mean) / running_std`` exceeds ``spike_zscore`` (a ``None``
-      drops that condition; both ``None`` disables norm spikes), or, when a ``loss`` is
-      passed and ``loss_spike_zscore`` is set, the loss z-score exceeds it. The
-      ``spike_action`` is ``'skip'`` (as non-finite), ``'clip'`` (clip to
-      ``spike_threshold * running_mean``) or ``'record'`` (count only).
+    * **spike** (after ``warmup_steps`` accepted steps): judged against the last
+      ``spike_window`` accepted norms, on a log scale and with robust statistics. The
+      baseline is the median of the latest 16 of them, the spread ``s`` a robust
+      standard deviation of their step-to-step changes (``1.4826 MAD / sqrt(2)`` of the
+      differences of consecutive log-norms, at least 0.05): blind to the slow trend of
+      a run. A spike's score ``norm / baseline`` exceeds ``spike_threshold`` *and* its
+      robust z-score ``log(norm / baseline) / s`` exceeds ``spike_zscore`` (a ``None``
+      drops that condition; both ``None`` disables norm spikes), or, when a ``loss``
+      is passed and ``loss_spike_zscore`` is set, the loss z-score exceeds it. The
+      ``spike_action`` is ``'skip'`` (as non-finite), ``'clip'`` (clip to the largest
+      norm that is not a spike) or ``'record'`` (count only). The defaults were chosen
+      from measured false-skip rates and detection rates (``docs/detection.md``).
     * **clip** by ``clip`` (None: no clipping; a number: fixed threshold; or a policy:
       :class:`FixedClip`, :class:`ZScoreClip`, :class:`PercentileClip`).
     * **momentum reset** when ``reset_after`` spikes fall within ``reset_window``
@@ -177,10 +194,11 @@ def guard(
     * **vanishing**: the norm is finite and below ``vanishing_norm``, and, when a
       ``loss`` is passed, the loss is not below its running mean (not falling).
 
-    The running norm and loss statistics (bias-corrected EMAs with decay
-    ``stats_decay``) are updated only on accepted (finite, applied) steps, with a
-    spike's norm capped at ``spike_threshold * running_mean``, so one NaN or spike
-    does not poison them.
+    The spike window and the running norm and loss statistics (bias-corrected EMAs
+    with decay ``stats_decay``, reported as ``grad/norm_mean`` and ``grad/norm_std``)
+    are updated only on accepted (finite, applied) steps, with an accepted spike's norm
+    capped at the largest norm that is not a spike, so one NaN or spike does not
+    poison them.
 
     Args:
       inner: the optimizer to protect, any ``optax.GradientTransformation``.
@@ -190,8 +208,9 @@ def guard(
         (:func:`clip_by_value`, :func:`clip_by_layer_norm`,
         :func:`adaptive_grad_clip`), which is chained in front of ``inner``.
       spike_action: ``'skip'``, ``'clip'`` or ``'record'``.
-      spike_threshold: spike-score threshold (> 1), or None.
-      spike_zscore: z-score threshold (> 0), or None.
+      spike_threshold: spike-score threshold, ``norm / baseline`` (> 1), or None.
+      spike_zscore: robust z-score threshold on the log-norm (> 0), or None.
+      spike_window: accepted steps in the spike detector's baseline window (>= 1).
       loss_spike_zscore: loss z-score threshold (> 0), or None (default: off).
       warmup_steps: accepted steps before spike detection starts (>= 1).
       stats_decay: EMA decay of the running statistics, in (0, 1).
@@ -231,9 +250,10 @@ def guard(
     spike_action = check.one_of("spike_action", spike_action, SPIKE_ACTIONS)
     spike_threshold = check.optional(check.positive, "spike_threshold", spike_threshold)
     if spike_threshold is not None and spike_threshold <= 1.0:
-        raise ValueError(f"`spike_threshold` is a ratio norm / running mean and must be > 1, got {spike_threshold!r}.")
+        raise ValueError(f"`spike_threshold` is a ratio norm / baseline norm and must be > 1, got {spike_threshold!r}.")
     spike_zscore = check.optional(check.positive, "spike_zscore", spike_zscore)
     loss_spike_zscore = check.optional(check.positive, "loss_spike_zscore", loss_spike_zscore)
+    spike_window = check.integer("spike_window", spike_window, minimum=1)
     warmup_steps = check.integer("warmup_steps", warmup_steps, minimum=1)
     stats_decay = check.in_open_unit_interval("stats_decay", stats_decay)
     reset_after = check.optional(check.integer, "reset_after", reset_after, minimum=1)
@@ -244,9 +264,12 @@ def guard(
     rollback_after_spikes = check.optional(check.integer, "rollback_after_spikes", rollback_after_spikes, minimum=1)
     vanishing_norm = check.optional(check.positive, "vanishing_norm", vanishing_norm)
     norm_spikes_on = spike_threshold is not None or spike_zscore is not None
+    spike_rule = detect.SpikeRule(
+        spike_threshold, spike_zscore, spike_window, warmup_steps, SPREAD_FLOOR, min(SPIKE_BASELINE, spike_window)
+    )
     # Whether any step can be clipped by a global factor (a policy, or spike clipping).
     never_clips = isinstance(policy, _clipping.FixedClip) and math.isinf(policy.max_norm)
-    can_clip = not never_clips or (spike_action == "clip" and spike_threshold is not None)
+    can_clip = not never_clips or (spike_action == "clip" and norm_spikes_on)
     ring_size = reset_after if reset_after is not None else 1
 
     def init_fn(params):
@@ -258,6 +281,7 @@ def guard(
         return GuardState(
             guard_inner_state=inner.init(params),
             guard_clip_state=clip_state,
+            guard_norm_window=spike_rule.init(),
             guard_running_norm_mean=f32(),
             guard_running_norm_var=f32(),
             guard_num_accepted=i32(),
@@ -312,18 +336,9 @@ def guard(
                 raise ValueError(f"gh.guard: `loss` must be a scalar, got shape {loss.shape}.")
             finite = finite & jnp.isfinite(loss)
 
-        # Spike statistics, judged against the state before this step.
-        mean = state.guard_running_norm_mean
-        std = jnp.sqrt(state.guard_running_norm_var)
-        warm = state.guard_num_accepted >= warmup_steps
-        safe_mean = jnp.where(mean > 0, mean, 1.0)
-        spike_score = jnp.where(warm & finite, norm / safe_mean, 0.0)
-        zscore = jnp.where(warm & finite, (norm - mean) / jnp.maximum(std, 1e-12 * safe_mean), 0.0)
-        spike = warm & finite & jnp.asarray(norm_spikes_on)
-        if spike_threshold is not None:
-            spike = spike & (spike_score > spike_threshold)
-        if spike_zscore is not None:
-            spike = spike & (zscore > spike_zscore)
+        # Spike detection, judged against the window of accepted norms before this step.
+        verdict = spike_rule.judge(state.guard_norm_window, norm, finite)
+        spike_score, zscore, spike = verdict.ratio, verdict.zscore, verdict.spike
 
         loss_zscore = jnp.zeros((), jnp.float32)
         if loss is not None:
@@ -338,8 +353,8 @@ def guard(
 
         # Clip and skip decisions.
         threshold = policy.threshold(state.guard_clip_state)
-        if spike_action == "clip" and spike_threshold is not None:
-            threshold = jnp.where(spike, jnp.minimum(threshold, spike_threshold * mean), threshold)
+        if spike_action == "clip" and norm_spikes_on:
+            threshold = jnp.where(spike, jnp.minimum(threshold, verdict.bound), threshold)
         if can_clip:
             factors = _clipping.clip_scale(norm, threshold)
         else:
@@ -407,9 +422,10 @@ def guard(
         new_updates = sel.zero_floats_where(skipped, inner_updates)
 
         # Running statistics: accepted steps only; a spike's norm is capped.
-        capped_norm = norm
-        if spike_threshold is not None:
-            capped_norm = jnp.where(spike, jnp.minimum(norm, spike_threshold * mean), norm)
+        capped_norm = jnp.where(spike, jnp.minimum(norm, verdict.bound), norm)
+        norm_window = spike_rule.fold(state.guard_norm_window, norm, verdict, accepted)
+        mean = state.guard_running_norm_mean
+        std = jnp.sqrt(state.guard_running_norm_var)
         norm_mean, norm_var, num_accepted = _clipping.running_moments_update(
             state.guard_running_norm_mean,
             state.guard_running_norm_var,
@@ -446,6 +462,7 @@ def guard(
         new_state = GuardState(
             guard_inner_state=new_inner_state,
             guard_clip_state=policy.update(state.guard_clip_state, norm, accepted),
+            guard_norm_window=norm_window,
             guard_running_norm_mean=norm_mean,
             guard_running_norm_var=norm_var,
             guard_num_accepted=num_accepted,

@@ -23,8 +23,9 @@ CATALOGUE: dict[str, str] = {
     "grad/finite": "every gradient element (and the loss, if passed) was finite",
     "grad/skipped": "the update was skipped: zero update, inner state unchanged",
     "grad/spike": "this step was a spike (see guard's spike rule)",
-    "grad/spike_score": "norm / running mean norm (0 during warm-up)",
-    "grad/zscore": "(norm - running mean) / running std (0 during warm-up)",
+    "grad/spike_score": "norm / baseline norm, the median of the latest 16 accepted norms (0 during warm-up)",
+    "grad/zscore": "robust z-score log(norm / baseline) / s, s the robust std of the step-to-step changes of "
+    "the log-norm over the spike window, at least 0.05 (0 during warm-up)",
     "grad/norm_mean": "bias-corrected running mean of accepted norms, before this step",
     "grad/norm_std": "running standard deviation of accepted norms, before this step",
     "grad/loss_zscore": "(loss - running mean loss) / running std, when loss= is passed",

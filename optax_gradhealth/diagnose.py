@@ -26,6 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from optax_gradhealth import _detectors as detect
+from optax_gradhealth._guard import SPIKE_BASELINE, SPIKE_THRESHOLD, SPIKE_WINDOW, SPIKE_ZSCORE, SPREAD_FLOOR
+
 __all__ = ["PLAYBOOK", "Finding", "Thresholds", "diagnose", "format_findings", "load_history"]
 
 
@@ -38,9 +41,14 @@ class Thresholds:
         from norms when ``grad/spike_score`` is absent, oscillation, clip calibration).
       min_steps: fewest usable rows for a rate-based pattern (oscillation, clipping,
         dispersion, agreement rates) to be judged at all.
-      spike_score: explosion when ``norm / running mean norm`` exceeds this.
-      spike_decay: EMA decay of the running mean used when the log has no
-        ``grad/spike_score`` (the guard's own ``stats_decay`` default).
+      spike_score: explosion when ``norm / baseline norm`` exceeds this (the guard's
+        ``spike_threshold``). A log with ``grad/spike`` is read as it is (the guard
+        already judged every step); one with ``grad/spike_score`` only is judged by
+        this; one with ``grad/norm`` only is replayed through the guard's own rule
+        (``optax_gradhealth._detectors.SpikeRule``) with this, ``spike_zscore`` and
+        ``spike_window``.
+      spike_zscore: the rule's robust z-score threshold (the guard's ``spike_zscore``).
+      spike_window: the rule's window of accepted norms (the guard's ``spike_window``).
       vanishing_norm: a finite norm below this is vanishing...
       vanishing_loss_fraction: ...while the loss is still at least this fraction of
         its initial value (median of the first 10 finite losses); without a loss
@@ -69,16 +77,20 @@ class Thresholds:
         ``xdev/duplicate_pairs`` > 0).
       drift_drop: gradual divergence: quarter medians of the agreement never rise and
         the first quarter's exceeds the last quarter's by at least this.
-      outlier_fraction: one device is the outlier on at least this fraction of the
-        audits from its first flag on...
-      outlier_min_audits: ...counting at least this many audits.
+      outlier_fraction: a device named by the outlier detector is reported when it was
+        named on at least this fraction of the audits from its first naming on...
+      outlier_min_audits: ...and on at least this many audits (the detector in the step
+        already accumulates evidence over audits, so one naming counts by default).
+      near_duplicate_min_audits: a pair flagged by the near-duplicate detector is
+        reported when flagged on at least this many audits.
       param_desync: parameter desync when ``xdev/param_desync`` exceeds this.
     """
 
     warmup_steps: int = 20
     min_steps: int = 10
-    spike_score: float = 2.0
-    spike_decay: float = 0.98
+    spike_score: float = SPIKE_THRESHOLD
+    spike_zscore: float = SPIKE_ZSCORE
+    spike_window: int = SPIKE_WINDOW
     vanishing_norm: float = 1e-5
     vanishing_loss_fraction: float = 0.5
     vanishing_min_steps: int = 5
@@ -97,8 +109,9 @@ class Thresholds:
     agreement_high: float = 0.99
     agreement_high_fraction: float = 0.9
     drift_drop: float = 0.3
-    outlier_fraction: float = 0.5
-    outlier_min_audits: int = 5
+    outlier_fraction: float = 0.0
+    outlier_min_audits: int = 1
+    near_duplicate_min_audits: int = 1
     param_desync: float = 0.0
 
 
@@ -247,6 +260,17 @@ PLAYBOOK: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
             "check that device's data shard",
         ),
     ),
+    "near_duplicate": (
+        "two devices see nearly the same data",
+        (
+            "both devices read the same examples: the sampler or data loader is seeded without the device rank",
+            "a shard was copied to two hosts; different dropout or augmentation hides the exact duplicate",
+        ),
+        (
+            "audit the data sharding now: pass the rank and the world size to the sampler",
+            "check that each host reads its own shard files",
+        ),
+    ),
     "param_desync": (
         "parameters differ across replicas (desync)",
         (
@@ -268,6 +292,7 @@ _SEVERITY = {
     "outlier_device": "error",
     "agreement_drop": "error",
     "agreement_high": "error",
+    "near_duplicate": "error",
 }
 _SEVERITY_ORDER = {"error": 0, "warning": 1}
 
@@ -429,18 +454,18 @@ def _finding(pattern: str, summary: str, steps: Iterable[int], evidence: dict[st
     )
 
 
-def _host_spike_score(norm: np.ndarray, accepted: np.ndarray, th: Thresholds) -> np.ndarray:
-    """norm / bias-corrected EMA of the previous accepted norms (0 during warm-up)."""
-    score = np.zeros_like(norm)
-    ema, count = 0.0, 0
-    for t, value in enumerate(norm):
-        if count >= th.warmup_steps and np.isfinite(value):
-            mean = ema / (1.0 - th.spike_decay**count)
-            score[t] = value / mean if mean > 0 else 0.0
-        if accepted[t] and np.isfinite(value) and (count < th.warmup_steps or score[t] <= th.spike_score):
-            ema = th.spike_decay * ema + (1.0 - th.spike_decay) * value
-            count += 1
-    return score
+def _replayed_spikes(norm: np.ndarray, th: Thresholds) -> tuple[np.ndarray, np.ndarray]:
+    """``(spike, ratio)`` per row: the guard's spike rule replayed over the logged norms."""
+    rule = detect.SpikeRule(
+        th.spike_score,
+        th.spike_zscore,
+        th.spike_window,
+        th.warmup_steps,
+        SPREAD_FLOOR,
+        min(SPIKE_BASELINE, th.spike_window),
+    )
+    out = detect.replay_spikes(rule, np.asarray(norm, np.float32))
+    return np.array(out["spike"]), np.array(out["ratio"], np.float64)
 
 
 def _single_node(h: _History, th: Thresholds) -> list[Finding]:
@@ -477,14 +502,19 @@ def _single_node(h: _History, th: Thresholds) -> list[Finding]:
             )
         )
 
-    # Explosion: spike score above the threshold.
-    if h.has("grad/spike_score"):
+    # Explosion: the guard's spike rule (as logged, or replayed here on the norms).
+    if h.has("grad/spike"):
+        spikes = finite & (h.col("grad/spike") == 1)
+        score = np.nan_to_num(h.col("grad/spike_score"), nan=0.0) if h.has("grad/spike_score") else norm
+        source = "grad/spike (the guard's rule, logged)"
+    elif h.has("grad/spike_score"):
         score = np.nan_to_num(h.col("grad/spike_score"), nan=0.0)
+        spikes = finite & (score > th.spike_score)
         source = "grad/spike_score"
     else:
-        score = _host_spike_score(norm, accepted, th)
-        source = "norm / running mean (computed here)"
-    spikes = finite & (score > th.spike_score)
+        spikes, score = _replayed_spikes(np.where(finite, norm, np.nan), th)
+        spikes = spikes & finite
+        source = "the guard's spike rule replayed on grad/norm"
     if spikes.any():
         worst = int(np.argmax(np.where(spikes, score, -np.inf)))
         evidence = {
@@ -813,49 +843,10 @@ def _cross_device(h: _History, th: Thresholds) -> list[Finding]:
                 )
             )
 
-    # One device persistently the outlier.
-    if h.has("xdev/outlier_device"):
-        outlier = h.col("xdev/outlier_device")
-        audited = np.isfinite(outlier)
-        if h.has("xdev/audited"):
-            audited &= h.col("xdev/audited") == 1
-        if audited.sum() >= th.outlier_min_audits:
-            ids = outlier[audited]
-            flagged = ids[ids >= 0].astype(int)
-            if flagged.size:
-                device = int(np.bincount(flagged).argmax())
-                # Judged from the device's first flag on: a device that went bad mid-run counts.
-                since = ids[int(np.argmax(ids == device)) :]
-                fraction = float((since == device).mean()) if since.size >= th.outlier_min_audits else 0.0
-                if fraction >= th.outlier_fraction:
-                    rows = audited & (outlier == device)
-                    evidence = {
-                        "device": device,
-                        "fraction_of_audits": fraction,
-                        "audits_since_first_flag": int(since.size),
-                    }
-                    if h.has("xdev/outlier_score"):
-                        evidence["median_outlier_score"] = float(np.nanmedian(h.col("xdev/outlier_score")[rows]))
-                    cosines = h.vector("xdev/cosine_to_mean")
-                    if cosines is not None and device < cosines.shape[1]:
-                        others = np.delete(cosines[rows], device, axis=1)
-                        evidence["median_cosine_to_mean_device"] = float(np.nanmedian(cosines[rows, device]))
-                        evidence["median_cosine_to_mean_others"] = float(np.nanmedian(others))
-                    norms = h.vector("xdev/device_norms")
-                    if norms is not None and device < norms.shape[1]:
-                        others = np.delete(norms[rows], device, axis=1)
-                        evidence["norm_ratio_to_others"] = float(
-                            np.nanmedian(norms[rows, device]) / np.nanmedian(others)
-                        )
-                    found.append(
-                        _finding(
-                            "outlier_device",
-                            f"device {device} is the outlier on {fraction:.0%} of {since.size} audits since step "
-                            f"{int(steps[rows][0])}",
-                            steps[rows],
-                            evidence,
-                        )
-                    )
+    # Outlier devices and near-duplicate pairs: the audit detectors' verdicts, as logged
+    # or replayed here on the logged per-device norms and cosines (the same rules).
+    found += _outlier_findings(h, th, audit_rows)
+    found += _near_duplicate_findings(h, th, audit_rows)
 
     # Parameter desync.
     desync = _reduced(h, "xdev/param_desync", np.max)
@@ -878,6 +869,151 @@ def _cross_device(h: _History, th: Thresholds) -> list[Finding]:
     return found
 
 
+def _matrix(h: _History, name: str) -> np.ndarray | None:
+    """``[T, K, K]`` from ``name/j/k`` columns, or None."""
+    index = [i for i in h.indexed(name) if len(i) == 2]
+    if not index:
+        return None
+    k = max(max(i) for i in index) + 1
+    out = np.zeros((len(h), k, k))
+    for j, m in index:
+        out[:, j, m] = np.nan_to_num(h.col(f"{name}/{j}/{m}"))
+    return out
+
+
+def _audit_verdicts(h: _History, audit_rows: np.ndarray) -> detect.AuditVerdict | None:
+    """The audit detectors replayed over the audit rows (None without the vectors)."""
+    norms, cosines = h.vector("xdev/device_norms"), h.vector("xdev/cosine_to_mean")
+    if norms is None or cosines is None or not audit_rows.any():
+        return None
+    from optax_gradhealth import _cross_device
+
+    pairs = _matrix(h, "xdev/pairwise_cosine")
+    return detect.replay_audits(
+        norms[audit_rows],
+        cosines[audit_rows],
+        None if pairs is None else pairs[audit_rows],
+        **_cross_device.default_audit_rule(),
+    )
+
+
+def _outlier_findings(h: _History, th: Thresholds, audit_rows: np.ndarray) -> list[Finding]:
+    from optax_gradhealth._cross_device import describe_outlier
+
+    steps = h.steps
+    named = h.vector("xdev/outlier_devices")
+    source = "xdev/outlier_devices (logged)"
+    scores = {name: h.vector(f"xdev/{name}") for name in ("norm_score", "direction_score", "outlier_evidence")}
+    norms, cosines = h.vector("xdev/device_norms"), h.vector("xdev/cosine_to_mean")
+    if named is None and h.has("xdev/outlier_device"):
+        ids = np.nan_to_num(h.col("xdev/outlier_device"), nan=-1.0).astype(int)
+        k = max(int(ids.max()) + 1, norms.shape[1] if norms is not None else 0, 1)
+        named = ids[:, None] == np.arange(k)[None, :]
+        source = "xdev/outlier_device (logged)"
+    elif named is None:
+        verdicts = _audit_verdicts(h, audit_rows)
+        if verdicts is None:
+            return []
+        k = verdicts.outlier_devices.shape[-1]
+        named = np.zeros((len(h), k), bool)
+        named[audit_rows] = np.asarray(verdicts.outlier_devices)
+        for name, values in (
+            ("norm_score", verdicts.scores.norm_score),
+            ("direction_score", verdicts.scores.direction_score),
+            ("outlier_evidence", verdicts.outlier_evidence),
+        ):
+            full = np.zeros((len(h), k))
+            full[audit_rows] = np.asarray(values)
+            scores[name] = full
+        source = "the audit detectors replayed on xdev/device_norms and xdev/cosine_to_mean"
+    named = (named != 0) & audit_rows[:, None]
+    found = []
+    for device in np.nonzero(named.any(axis=0))[0]:
+        device = int(device)
+        rows = named[:, device]
+        first = int(np.argmax(rows))
+        since = int(audit_rows[first:].sum())
+        fraction = float(rows.sum() / since)
+        if rows.sum() < th.outlier_min_audits or fraction < th.outlier_fraction:
+            continue
+        evidence: dict[str, Any] = {
+            "device": device,
+            "audits_named": int(rows.sum()),
+            "fraction_of_audits": fraction,
+            "audits_since_first_flag": since,
+            "source": source,
+        }
+        summary = f"device {device} named at {int(rows.sum())} of {since} audits since step {int(steps[first])}"
+        if h.has("xdev/outlier_score"):
+            evidence["median_outlier_score"] = float(np.nanmedian(h.col("xdev/outlier_score")[rows]))
+        if norms is not None and device < norms.shape[1]:
+            # The kind of fault, worded as cross_device_alarms words it, at the audit
+            # with the most evidence (or the first one).
+            weight = scores["outlier_evidence"]
+            at = int(np.argmax(np.where(rows, weight[:, device], -np.inf))) if weight is not None else first
+            pick = {name: (v[at] if v is not None else None) for name, v in scores.items()}
+            alarm = describe_outlier(
+                device,
+                norms[at],
+                cosines[at] if cosines is not None else None,
+                pick["norm_score"],
+                pick["direction_score"],
+                pick["outlier_evidence"],
+            )
+            evidence["kind"] = alarm.kind
+            evidence.update({k: v for k, v in alarm.evidence.items() if k not in evidence})
+            summary += f"; at step {int(steps[at])}: {alarm}"
+            if cosines is not None and device < cosines.shape[1]:
+                others = np.delete(cosines[rows], device, axis=1)
+                evidence["median_cosine_to_mean_device"] = float(np.nanmedian(cosines[rows, device]))
+                evidence["median_cosine_to_mean_others"] = float(np.nanmedian(others))
+            others = np.delete(norms[rows], device, axis=1)
+            evidence["norm_ratio_to_others"] = float(np.nanmedian(norms[rows, device]) / np.nanmedian(others))
+        found.append(_finding("outlier_device", summary, steps[rows], evidence))
+    return found
+
+
+def _near_duplicate_findings(h: _History, th: Thresholds, audit_rows: np.ndarray) -> list[Finding]:
+    steps = h.steps
+    flagged = _matrix(h, "xdev/near_duplicate_pairs")
+    source = "xdev/near_duplicate_pairs (logged)"
+    if flagged is None:
+        if not h.indexed("xdev/pairwise_cosine"):
+            return []
+        verdicts = _audit_verdicts(h, audit_rows)
+        if verdicts is None:
+            return []
+        k = verdicts.near_duplicate_pairs.shape[-1]
+        flagged = np.zeros((len(h), k, k), bool)
+        flagged[audit_rows] = np.asarray(verdicts.near_duplicate_pairs)
+        source = "the near-duplicate detector replayed on xdev/pairwise_cosine"
+    flagged = (flagged != 0) & audit_rows[:, None, None]
+    exact = _matrix(h, "xdev/duplicate_pairs")
+    cos = _matrix(h, "xdev/pairwise_cosine")
+    found = []
+    k = flagged.shape[1]
+    for j in range(k):
+        for m in range(j + 1, k):
+            rows = flagged[:, j, m] | flagged[:, m, j]
+            if exact is not None:
+                rows &= (exact[:, j, m] == 0) & (exact[:, m, j] == 0)
+            if rows.sum() < max(th.near_duplicate_min_audits, 1):
+                continue
+            evidence: dict[str, Any] = {"devices": [j, m], "audits_flagged": int(rows.sum()), "source": source}
+            summary = f"devices {j} and {m} have nearly the same gradients at {int(rows.sum())} audit(s)"
+            if cos is not None and cos.shape[1] == k:
+                off = ~np.eye(k, dtype=bool)
+                off[j, m] = off[m, j] = False
+                evidence["median_pair_cosine"] = float(np.median(cos[rows][:, j, m]))
+                evidence["median_other_pairs_cosine"] = float(np.median(cos[rows][:, off]))
+                summary += (
+                    f" (pair cosine {evidence['median_pair_cosine']:.2f} vs "
+                    f"{evidence['median_other_pairs_cosine']:.2f} for the other pairs)"
+                )
+            found.append(_finding("near_duplicate", summary, steps[rows], evidence))
+    return found
+
+
 def diagnose(history: Any, thresholds: Thresholds | None = None) -> list[Finding]:
     """Finds the known unhealthy patterns in a run's logged metrics.
 
@@ -894,7 +1030,7 @@ def diagnose(history: Any, thresholds: Thresholds | None = None) -> list[Finding
       Patterns: ``nonfinite``, ``explosion``, ``vanishing``, ``oscillation``,
       ``clip_always``, ``clip_never``, ``rollback`` and, with ``xdev/...`` metrics,
       ``high_dispersion``, ``agreement_drop``, ``agreement_low``, ``agreement_high``,
-      ``agreement_drift``, ``outlier_device``, ``param_desync``.
+      ``agreement_drift``, ``outlier_device``, ``near_duplicate``, ``param_desync``.
 
     Example:
       >>> import optax_gradhealth as gh

@@ -604,5 +604,8 @@ def test_metric_names_are_the_design_catalogue():
         "mean_pairwise_cosine outlier_device outlier_score duplicate_pairs param_desync noise_scale "
         "grad_sq_est trace_cov_est"
     )
+    # The detectors' evidence (docs/detection.md): per-device scores and CUSUM evidence,
+    # the devices named, and the near-duplicate pairs.
+    design += " outlier_devices norm_score direction_score outlier_evidence near_duplicate_pairs"
     assert names == {f"xdev/{n}" for n in design.split()}
     assert names <= set(gh.CATALOGUE)

@@ -89,9 +89,9 @@ def test_explosion_uses_the_logged_spike_score_and_the_threshold_is_configurable
     rows = clean_rows()
     for row in rows:
         row["grad/spike_score"] = 1.0
-    rows[200]["grad/spike_score"] = 2.5
+    rows[200]["grad/spike_score"] = 4.0  # above the default threshold, the guard's (3)
     assert by_pattern(rows, "explosion").steps == (200,)
-    assert "explosion" not in patterns(rows, spike_score=3.0)
+    assert "explosion" not in patterns(rows, spike_score=5.0)
 
 
 def test_explosion_names_the_layer_that_jumped():
@@ -253,6 +253,51 @@ def test_one_device_persistently_unlike_the_others():
     assert finding.evidence["device"] == 3
     assert finding.evidence["fraction_of_audits"] == pytest.approx(240 / 299)  # from step 1 on
     assert finding.evidence["median_cosine_to_mean_device"] == pytest.approx(0.05)
+
+
+def _without(rows, *names):
+    return [{k: v for k, v in row.items() if k not in names} for row in rows]
+
+
+def test_outlier_replayed_from_the_logged_vectors_with_the_audit_detector():
+    """A log without the detector's verdict (no xdev/outlier_device*) is replayed through
+    the same detector the step runs: a device at 2.5x the others' norm, which no single
+    audit reveals (robust z about 4.5 against a spread floor of 0.1), is named within 5
+    audits by the accumulated evidence."""
+    rows = _without(clean_rows(xdev=True), "xdev/outlier_device", "xdev/outlier_score")
+    for row in rows[100:]:
+        row["xdev/device_norms"] = np.array(row["xdev/device_norms"])
+        row["xdev/device_norms"][3] *= 2.5
+    finding = by_pattern(rows, "outlier_device")
+    assert finding.evidence["device"] == 3 and finding.evidence["kind"] == "outlier_norm"
+    assert 100 <= finding.steps[0] < 105 and finding.steps[-1] == N - 1
+    assert finding.evidence["norm_ratio"] == pytest.approx(2.5, rel=0.15)
+    assert "replayed" in finding.evidence["source"]
+    assert patterns(_without(clean_rows(xdev=True), "xdev/outlier_device", "xdev/outlier_score")) == []
+
+
+def test_near_duplicate_pair_replayed_from_the_pairwise_cosines_and_read_when_logged():
+    rng = np.random.default_rng(3)
+    rows = clean_rows(xdev=True)
+    for t, row in enumerate(rows):
+        pairs = np.clip(0.15 + 0.05 * rng.standard_normal((K, K)), -1, 1)
+        pairs = (pairs + pairs.T) / 2
+        np.fill_diagonal(pairs, 1.0)
+        if t >= 150:
+            pairs[2, 6] = pairs[6, 2] = 0.85
+        row["xdev/pairwise_cosine"] = pairs
+    finding = by_pattern(rows, "near_duplicate")
+    assert finding.evidence["devices"] == [2, 6] and 150 <= finding.steps[0] < 155
+    assert finding.evidence["median_pair_cosine"] == pytest.approx(0.85)
+    assert finding.severity == "error"
+    # Logged verdicts are read as they are (here: one audit only).
+    for row in rows:
+        flags = np.zeros((K, K))
+        if row["step"] == 200:
+            flags[1, 5] = flags[5, 1] = 1.0
+        row["xdev/near_duplicate_pairs"] = flags
+    finding = by_pattern(rows, "near_duplicate")
+    assert finding.evidence["devices"] == [1, 5] and finding.steps == (200,)
 
 
 def test_outlier_ignores_rows_that_were_not_audited():

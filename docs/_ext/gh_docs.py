@@ -55,8 +55,8 @@ HEALTHY_RANGES: dict[str, str] = {
     "grad/finite": "True. A rare False is tolerated (the step is skipped); frequent False is a numerics bug.",
     "grad/skipped": "False on (almost) every step.",
     "grad/spike": "rarely True (well under 1% of steps).",
-    "grad/spike_score": "around 1 (about 0.5 to 2). Above spike_threshold (2 by default) with a high z-score: "
-    "a spike. 0 during warm-up.",
+    "grad/spike_score": "around 1 (about 0.5 to 2). Above spike_threshold (3 by default) with a robust z-score "
+    "above spike_zscore (6): a spike. 0 during warm-up.",
     "grad/zscore": "within about +-3. 0 during warm-up.",
     "grad/norm_mean": "positive, changing slowly.",
     "grad/norm_std": "below grad/norm_mean (coefficient of variation std / mean well under 1).",
@@ -100,7 +100,15 @@ HEALTHY_RANGES: dict[str, str] = {
     "xdev/mean_pairwise_cosine": "positive and below 0.99.",
     "xdev/outlier_device": "-1 (no outlier). The same device flagged again and again: a hardware fault or "
     "silent data corruption on it.",
-    "xdev/outlier_score": "below the outlier threshold.",
+    "xdev/outlier_score": "below the outlier threshold (10), usually below 3.",
+    "xdev/outlier_devices": "all False. A device True at one audit only: a transient fault (a bit flip, a bad "
+    "batch); True audit after audit: hardware or that device's data.",
+    "xdev/norm_score": "below about 3 for every device; one device high: its gradient norm differs from the others'.",
+    "xdev/direction_score": "below about 3 for every device; one device high: its gradient points elsewhere "
+    "(label noise, a broken augmentation, stale parameters).",
+    "xdev/outlier_evidence": "0 or a few units; climbing toward outlier_evidence (12): a persistent moderate "
+    "deviation on that device.",
+    "xdev/near_duplicate_pairs": "all False. A pair True: two devices see the same examples.",
     "xdev/duplicate_pairs": "0.",
     "xdev/param_desync": "0 / False: the replicas' parameters are identical.",
     "xdev/noise_scale": "positive, usually growing during training. A global batch far above it gives "

@@ -1,0 +1,476 @@
+"""Detection benchmark: false-alarm rates and detection delays of the gradhealth detectors.
+
+A detector is judged by two numbers measured on runs: how often it fires on clean runs, and how
+soon it fires on each kind of fault (see docs/detection.md, where this script's output is kept).
+
+Single device (``gh.guard``'s spike rule, ``optax_gradhealth._detectors.SpikeRule``):
+
+1. Clean runs of three model families (``detection_runs.clean_specs``: an MLP regression, a
+   classifier, a char transformer; several optimizers, learning rates, warm-up and decay
+   schedules, seeds; 10,000 steps each) record their per-step gradient norms in jitted
+   ``lax.scan`` runs.
+2. The spike rule is replayed on the recorded norms (``_detectors.replay_spikes``: the code the
+   guard runs), for the defaults and a grid of settings: false skips per 10,000 clean steps, and
+   the share of x3 / x10 / x100 gradient spikes (the norm of ``c * g`` is exactly ``c |g|``, so a
+   spike at any step can be scored against the window the guard had there) that it catches.
+3. Guarded runs (``detection_runs.record_guarded``, the real ``gh.guard`` in the loop) with
+   injected NaN/Inf elements, x3 / x10 / x100 gradients, a burst of x10 gradients, a loss spike
+   and a learning-rate spike: what the guard flagged, how soon, and whether the parameters stayed
+   finite.
+
+Cross-device (``gh.cross_device``'s audit detectors, ``_detectors.audit_update``):
+
+4. Data-parallel runs on K = 8 and K = 32 emulated devices (``detection_xdev_runs``), every step
+   audited, clean and with one fault each (label noise, a broken augmentation, a 2.5x or 10x
+   gradient, stale parameters, a drifting device, near-duplicate and exact-duplicate shards,
+   desync, a bit flip, a dead device; strong and moderate): alarms per 1,000 clean audits, and
+   the detection rate and delay (audits) of each fault. The in-run verdicts are checked against
+   a host replay of the same detector on the recorded per-device scalars.
+
+Run: ``python benchmarks/bench_detection.py [--quick] [--refresh] [--only single|xdev]``.
+Recordings are cached under ``benchmarks/.detection_cache/`` (``--refresh`` re-records them).
+``--quick`` runs the reduced scenario set that CI runs (``tests/test_bench_detection.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import detection_runs as single
+import detection_xdev_runs as xdev
+import jax
+import numpy as np
+
+import optax_gradhealth as gh
+from optax_gradhealth import _cross_device, _guard
+from optax_gradhealth import _detectors as detect
+
+HERE = Path(__file__).resolve().parent
+CACHE = HERE / ".detection_cache"
+WARMUP = 20  # the guard's default warmup_steps
+FACTORS = (3.0, 10.0, 100.0)
+
+
+def say(*args: Any) -> None:
+    print(*args, flush=True)
+
+
+# ============================================================================ single device
+
+
+def clean_streams(quick: bool, refresh: bool) -> dict[str, dict[str, np.ndarray]]:
+    """``{spec name: {'norm', 'loss'}}`` for every clean spec (cached)."""
+    path = CACHE / f"clean_{'quick' if quick else 'full'}.npz"
+    specs = single.clean_specs(quick)
+    if path.exists() and not refresh:
+        data = np.load(path)
+        if all(f"{s.name}|norm" in data for s in specs):
+            return {s.name: {"norm": data[f"{s.name}|norm"], "loss": data[f"{s.name}|loss"]} for s in specs}
+    out, flat = {}, {}
+    start = time.perf_counter()
+    for spec in specs:
+        run = single.record_clean(spec)
+        out[spec.name] = run
+        flat.update({f"{spec.name}|{k}": v for k, v in run.items()})
+    CACHE.mkdir(exist_ok=True)
+    np.savez_compressed(path, **flat)
+    say(f"recorded {len(specs)} clean runs in {time.perf_counter() - start:.0f} s")
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    threshold: float | None
+    zscore: float | None
+    window: int
+
+    @property
+    def label(self) -> str:
+        parts = [f"ratio>{self.threshold:g}" if self.threshold else "", f"z>{self.zscore:g}" if self.zscore else ""]
+        return " & ".join(p for p in parts if p) + f", W={self.window}"
+
+
+DEFAULT = Setting(_guard.SPIKE_THRESHOLD, _guard.SPIKE_ZSCORE, _guard.SPIKE_WINDOW)
+GRID = [
+    Setting(t, z, w)
+    for w in (64, 128, 256)
+    for t, z in ((2.0, 3.0), (2.0, 5.0), (3.0, None), (3.0, 4.0), (3.0, 5.0), (3.0, 6.0), (4.0, 6.0), (5.0, None))
+]
+
+
+def _window_stats(norms: np.ndarray, setting: Setting) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The guard's window (median, spread of log-norms) before each step, and its own flags,
+    replayed with the skip action."""
+    rule = detect.SpikeRule(setting.threshold, setting.zscore, setting.window, WARMUP, _guard.SPREAD_FLOOR)
+    out = jax.device_get(detect.replay_spikes(rule, norms))
+    return out["median"], out["spread"], out["spike"]
+
+
+def _flags(norms: np.ndarray, median: np.ndarray, spread: np.ndarray, setting: Setting) -> np.ndarray:
+    """Whether each norm is a spike against the given windows: ``SpikeRule.judge`` on arrays."""
+    ratio, z = jax.device_get(detect.spike_scores(norms, median, spread, _guard.SPREAD_FLOOR))
+    flag = np.ones(norms.shape, bool)
+    if setting.threshold is not None:
+        flag &= ratio > setting.threshold
+    if setting.zscore is not None:
+        flag &= z > setting.zscore
+    flag[..., :WARMUP] = False  # no accepted window yet: no spike (the guard's warm-up)
+    return flag
+
+
+def previous_rule(norms: np.ndarray) -> np.ndarray:
+    """The guard's spike rule before this benchmark (v0.1): bias-corrected EMAs (decay 0.98) of
+    the accepted norms, spike when ``norm / mean > 2`` and ``(norm - mean) / std > 3`` after 20
+    accepted steps; a spike is skipped and not folded in. Written out here as the baseline."""
+    decay, mean, var, count = 0.98, 0.0, 0.0, 0
+    flags = np.zeros(norms.shape, bool)
+    for t, norm in enumerate(norms.astype(np.float64)):
+        if count >= WARMUP and math.isfinite(norm):
+            std = math.sqrt(var)
+            flags[t] = norm / mean > 2.0 and (norm - mean) / max(std, 1e-12 * mean) > 3.0
+        if not flags[t] and math.isfinite(norm):
+            count += 1
+            alpha = (1 - decay) / (1 - decay**count)
+            diff = norm - mean
+            mean += alpha * diff
+            var = (1 - alpha) * (var + alpha * diff * diff)
+    return flags
+
+
+def spike_table(streams: dict[str, dict[str, np.ndarray]]) -> tuple[str, dict[str, Any]]:
+    """Markdown: one row per setting; false skips per 10k clean steps and the caught share of
+    x3 / x10 / x100 spikes (after warm-up), pooled over runs and on the worst run."""
+    settings = [DEFAULT] + [s for s in GRID if s != DEFAULT]
+    names = sorted(streams)
+    per_window: dict[int, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+    rows, summary = [], {}
+    for setting in settings:
+        if setting.window not in per_window:
+            per_window[setting.window] = {
+                n: _window_stats(streams[n]["norm"], dataclasses.replace(DEFAULT, window=setting.window))[:2]
+                for n in names
+            }
+        false_per_run, caught = [], {f: [] for f in FACTORS}
+        for n in names:
+            norms = streams[n]["norm"]
+            median, spread = per_window[setting.window][n]
+            if setting == DEFAULT:
+                # The exact closed-loop replay (false skips are not folded into the window).
+                flags = _window_stats(norms, setting)[2]
+            else:
+                flags = _flags(norms, median, spread, setting)
+            false_per_run.append(1e4 * flags.sum() / norms.size)
+            for f in FACTORS:
+                caught[f].append(_flags(f * norms, median, spread, setting)[WARMUP:])
+        pooled = {f: float(np.mean(np.concatenate(caught[f]))) for f in FACTORS}
+        worst = {f: float(min(c.mean() for c in caught[f])) for f in FACTORS}
+        total = sum(streams[n]["norm"].size for n in names)
+        false_total = sum(fp * streams[n]["norm"].size / 1e4 for fp, n in zip(false_per_run, names))
+        rows.append(
+            f"| {setting.label}{' (default)' if setting == DEFAULT else ''} | {1e4 * false_total / total:.2f} | "
+            f"{max(false_per_run):.1f} | {sum(fp > 1.0 for fp in false_per_run)} | "
+            + " | ".join(f"{100 * pooled[f]:.2f} ({100 * worst[f]:.1f})" for f in FACTORS)
+            + " |"
+        )
+        if setting == DEFAULT:
+            summary = {
+                "false_per_10k": 1e4 * false_total / total,
+                "worst_run_false_per_10k": max(false_per_run),
+                "caught": pooled,
+                "caught_worst_run": worst,
+            }
+    old_false = [1e4 * previous_rule(streams[n]["norm"]).sum() / streams[n]["norm"].size for n in names]
+    rows.append(
+        f"| previous default (v0.1: EMA, ratio>2 & z>3) | {np.mean(old_false):.2f} | {max(old_false):.1f} | "
+        f"{sum(fp > 1.0 for fp in old_false)} | n/a | n/a | n/a |"
+    )
+    head = (
+        f"{len(names)} clean runs, {sum(streams[n]['norm'].size for n in names):,} steps.\n\n"
+        "| setting | false skips / 10k steps | worst run | runs > 1 / 10k | x3 caught % (worst run) "
+        "| x10 caught % (worst run) | x100 caught % (worst run) |\n|---|---|---|---|---|---|---|"
+    )
+    return head + "\n" + "\n".join(rows), summary
+
+
+def per_run_table(streams: dict[str, dict[str, np.ndarray]]) -> str:
+    """Markdown: the default rule on every clean run."""
+    rows = []
+    for n in sorted(streams):
+        norms = streams[n]["norm"]
+        median, spread, flags = _window_stats(norms, DEFAULT)
+        spread_median = float(np.median(np.asarray(spread)[WARMUP:]))
+        ratio = norms[WARMUP:] / np.exp(np.asarray(median)[WARMUP:])
+        caught = {f: _flags(f * norms, median, spread, DEFAULT)[WARMUP:].mean() for f in FACTORS}
+        loss = streams[n]["loss"]
+        rows.append(
+            f"| {n} | {float(np.mean(loss[:100])):.3g} -> {float(np.mean(loss[-500:])):.3g} | "
+            f"{spread_median:.3f} | {float(np.max(ratio)):.2f} | {int(flags.sum())} | "
+            + " | ".join(f"{100 * caught[f]:.1f}" for f in FACTORS)
+            + " |"
+        )
+    head = (
+        "| clean run | loss (first 100 -> last 500) | median window spread (log) | max norm / baseline | false "
+        "skips | x3 % | x10 % | x100 % |\n|---|---|---|---|---|---|---|---|"
+    )
+    return head + "\n" + "\n".join(rows)
+
+
+def guarded_faults(quick: bool) -> tuple[str, list[dict[str, Any]]]:
+    """Markdown: the real guard (defaults, clip=1.0) in the loop with scripted faults, one run
+    per family (the first spec of each family)."""
+    steps = single.QUICK_STEPS if quick else single.FULL_STEPS
+    gap = steps // 10
+    plan = [
+        ("NaN element", single.Fault("nan", 1 * gap)),
+        ("Inf element", single.Fault("inf", 1 * gap + gap // 2)),
+        ("x3 gradient", single.Fault("scale", 2 * gap, factor=3.0)),
+        ("x10 gradient", single.Fault("scale", 3 * gap, factor=10.0)),
+        ("x100 gradient", single.Fault("scale", 4 * gap, factor=100.0)),
+        ("burst of 20 x10 gradients", single.Fault("scale", 5 * gap, length=20, factor=10.0)),
+        ("loss spike (corrupted batch, x100)", single.Fault("loss_spike", 6 * gap, factor=100.0)),
+        ("learning-rate spike (x30, one step)", single.Fault("lr_spike", 7 * gap, factor=30.0)),
+    ]
+    specs = {}
+    for spec in single.clean_specs(quick):
+        specs.setdefault(spec.family, spec)
+    rows, results = [], []
+    for family, spec in specs.items():
+        out = single.record_guarded(spec, lambda inner: gh.guard(inner, clip=1.0), [f for _, f in plan])
+        flagged = (out["grad/spike"] != 0) | (out["grad/finite"] == 0)
+        fault_steps = np.zeros(steps, bool)
+        for label, fault in plan:
+            window = slice(fault.start, fault.start + fault.length)
+            fault_steps[fault.start : fault.start + fault.length + 50] = True
+            hit = flagged[window]
+            after = np.nonzero(flagged[fault.start : fault.start + fault.length + 50])[0]
+            delay = int(after[0]) if after.size else None
+            skipped = int((out["grad/skipped"][window] != 0).sum())
+            resets = int(out["grad/num_momentum_resets"][fault.start + fault.length + 49]) - int(
+                out["grad/num_momentum_resets"][fault.start - 1]
+            )
+            results.append(
+                {"family": family, "fault": label, "caught": int(hit.sum()), "of": fault.length, "delay": delay}
+            )
+            rows.append(
+                f"| {family} | {label} | {int(hit.sum())}/{fault.length} | "
+                f"{'-' if delay is None else delay} | {skipped} | {resets} |"
+            )
+        others = ~fault_steps
+        others[:WARMUP] = False
+        false = int((flagged & others).sum())
+        finite = bool(out["params_finite"][-1])
+        rows.append(
+            f"| {family} | none (all other steps; params finite at the end: {finite}) | "
+            f"{false}/{int(others.sum())} | | {int((out['grad/skipped'] != 0)[others].sum())} | |"
+        )
+        results.append({"family": family, "fault": "clean", "false": false, "params_finite": finite})
+    head = (
+        f"`gh.guard(inner, clip=1.0)`, defaults, {steps:,} steps per run.\n\n"
+        "| family | fault | steps flagged | delay (steps) | skipped | momentum resets |\n|---|---|---|---|---|---|"
+    )
+    return head + "\n" + "\n".join(rows), results
+
+
+# ============================================================================ cross-device
+
+
+def xdev_runs(k: int, quick: bool, refresh: bool) -> dict[tuple[str, int], dict[str, np.ndarray]]:
+    """The recorded cross-device scenarios at K devices (cached)."""
+    steps, seeds = (300, [0]) if quick else (1000, [0, 1, 2])
+    path = CACHE / f"xdev_k{k}_{'quick' if quick else 'full'}.npz"
+    if refresh or not path.exists():
+        CACHE.mkdir(exist_ok=True)
+        start = time.perf_counter()
+        xdev.record_in_subprocess(k, quick, steps, seeds, str(path))
+        say(f"recorded the K={k} scenarios in {time.perf_counter() - start:.0f} s")
+    return xdev.load(str(path))
+
+
+def _alarm_masks(run: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per audit, per device: which devices each kind of alarm names (bool [T, K])."""
+    off = ~np.eye(run["xdev/device_norms"].shape[1], dtype=bool)
+    near = run["xdev/near_duplicate_pairs"].astype(bool) & ~run["xdev/duplicate_pairs"].astype(bool) & off
+    return {
+        "outlier": run["xdev/outlier_devices"].astype(bool),
+        "near_duplicate": near.any(axis=2),
+        "duplicate": (run["xdev/duplicate_pairs"].astype(bool) & off).any(axis=2),
+        "desync": run["xdev/param_desync"].astype(bool),
+    }
+
+
+def _replayed(run: dict[str, np.ndarray], **rule: float) -> detect.AuditVerdict:
+    return jax.device_get(
+        detect.replay_audits(
+            run["xdev/device_norms"],
+            run["xdev/cosine_to_mean"],
+            run["xdev/pairwise_cosine"],
+            **_cross_device.default_audit_rule(**rule),
+        )
+    )
+
+
+def xdev_table(runs_by_k: dict[int, dict[tuple[str, int], dict[str, np.ndarray]]]) -> tuple[str, dict[str, Any]]:
+    """Markdown: per K and scenario, alarms on clean audits, detection rate, delay, the first
+    alarm's words; plus the replay check (in-run verdicts vs the host replay)."""
+    rows, summary, mismatches = [], {}, 0
+    for k, runs in runs_by_k.items():
+        clean_audits = clean_alarms = 0
+        by_name: dict[str, list[dict[str, np.ndarray]]] = {}
+        for (name, _seed), run in sorted(runs.items()):
+            by_name.setdefault(name, []).append(run)
+            replay = _replayed(run)
+            mismatches += int((np.asarray(replay.outlier_devices) != run["xdev/outlier_devices"].astype(bool)).sum())
+            mismatches += int(
+                (np.asarray(replay.near_duplicate_pairs) != run["xdev/near_duplicate_pairs"].astype(bool)).sum()
+            )
+            active = run["fault_active"]
+            start = int(np.argmax(active)) if active.any() else len(active)
+            masks = _alarm_masks(run)
+            any_alarm = np.zeros(len(active), bool)
+            for mask in masks.values():
+                any_alarm |= mask.any(axis=1)
+            clean_audits += start
+            clean_alarms += int(any_alarm[:start].sum())
+        for name, group in by_name.items():
+            if name == xdev.CLEAN:
+                alarms = [int(sum(m.any(axis=1) for m in _alarm_masks(r).values()).astype(bool).sum()) for r in group]
+                audits = sum(len(r["fault_active"]) for r in group)
+                rows.append(f"| {k} | clean | {len(group)} | {sum(alarms)} alarms in {audits} audits | | | |")
+                continue
+            delays, wrong, first_words = [], 0, ""
+            for run in group:
+                faulty = run["faulty_devices"]
+                active = run["fault_active"]
+                start = int(np.argmax(active))
+                masks = _alarm_masks(run)
+                names_faulty = np.zeros(len(active), bool)
+                for mask in masks.values():
+                    names_faulty |= mask[:, faulty].any(axis=1)
+                    others = np.delete(mask, faulty, axis=1)
+                    wrong += int(others[start:].any(axis=1).sum())
+                hits = np.nonzero(names_faulty[start:])[0]
+                delays.append(int(hits[0]) if hits.size else None)
+                if hits.size and not first_words:
+                    t = start + int(hits[0])
+                    alarms = gh.cross_device_alarms({m: v[t] for m, v in run.items() if m.startswith("xdev/")})
+                    first_words = "; ".join(str(a) for a in alarms if set(a.devices) & set(faulty.tolist()))
+            found = [d for d in delays if d is not None]
+            after = sum(len(r["fault_active"]) - int(np.argmax(r["fault_active"])) for r in group)
+            rows.append(
+                f"| {k} | {name} | {len(group)} | {len(found)}/{len(group)} | "
+                f"{'-' if not found else (f'{min(found)}-{max(found)}' if min(found) != max(found) else found[0])} | "
+                f"{1000 * wrong / after:.1f} | {first_words or '-'} |"
+            )
+            summary[(k, name)] = {"found": len(found), "runs": len(group), "delays": delays}
+        summary[(k, "clean_audits")] = {"audits": clean_audits, "alarms": clean_alarms}
+        rows.append(
+            f"| {k} | **all clean audits** (clean runs, and fault runs before the fault) | | "
+            f"{clean_alarms} alarms in {clean_audits} audits ({1000 * clean_alarms / max(clean_audits, 1):.2f} / 1000)"
+            " | | | |"
+        )
+    head = (
+        "| K | scenario | seeds | detected | delay (audits) | alarms on other devices / 1000 audits after "
+        "the start | first alarm (cross_device_alarms) |\n|---|---|---|---|---|---|---|"
+    )
+    summary["replay_mismatches"] = mismatches
+    check = f"In-run verdicts vs the host replay: {mismatches} differing flags."
+    return head + "\n" + "\n".join(rows) + "\n\n" + check, summary
+
+
+XDEV_SWEEP = [
+    {"evidence_drift": d, "evidence_threshold": h, "pair_drift": pd, "pair_threshold": h}
+    for d, pd in ((2.0, 3.0), (3.0, 4.0), (4.0, 5.0))
+    for h in (8.0, 12.0, 16.0)
+]
+MODERATE = ("grad_scale/moderate/persistent", "label_noise/moderate/persistent", "bad_augment/moderate/persistent")
+
+
+def xdev_sweep(runs_by_k: dict[int, dict[tuple[str, int], dict[str, np.ndarray]]]) -> str:
+    """Markdown: the audit detectors replayed with other drifts and thresholds: alarms on clean
+    audits, and the delay of the moderate faults and the near-duplicates."""
+    rows = []
+    for rule in XDEV_SWEEP:
+        clean_alarms = clean_audits = 0
+        delays: dict[str, list[int | None]] = {}
+        for runs in runs_by_k.values():
+            for (name, _seed), run in runs.items():
+                verdict = _replayed(run, **rule)
+                outlier = np.asarray(verdict.outlier_devices)
+                near = np.asarray(verdict.near_duplicate_pairs)
+                active = run["fault_active"]
+                start = int(np.argmax(active)) if active.any() else len(active)
+                any_alarm = outlier.any(axis=1) | near.any(axis=(1, 2))
+                clean_alarms += int(any_alarm[:start].sum())
+                clean_audits += start
+                faulty = run["faulty_devices"]
+                if name in MODERATE or name.startswith("near_duplicate"):
+                    hit = outlier[:, faulty].any(axis=1) | near[:, faulty[0], faulty[-1]]
+                    hits = np.nonzero(hit[start:])[0]
+                    delays.setdefault(name, []).append(int(hits[0]) if hits.size else None)
+        cells = []
+        for name in sorted(delays):
+            found = [d for d in delays[name] if d is not None]
+            cells.append(f"{len(found)}/{len(delays[name])}, {max(found) if found else '-'}")
+        rows.append(
+            f"| {rule['evidence_drift']:g} / {rule['pair_drift']:g} | {rule['evidence_threshold']:g} | "
+            f"{clean_alarms} / {clean_audits} | " + " | ".join(cells) + " |"
+        )
+    names = sorted(delays)
+    head = (
+        "| drift (outlier / pair) | evidence threshold | alarms / clean audits | "
+        + " | ".join(f"{n}: found, worst delay" for n in names)
+        + " |\n|"
+        + "---|" * (3 + len(names))
+    )
+    return head + "\n" + "\n".join(rows)
+
+
+# ============================================================================ main
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the reduced scenario set (what CI runs)")
+    parser.add_argument("--refresh", action="store_true", help="re-record the cached runs")
+    parser.add_argument("--only", choices=("single", "xdev"), help="one half of the benchmark")
+    parser.add_argument("--json", help="also write the summary numbers to this file")
+    args = parser.parse_args(argv)
+    began = time.perf_counter()
+    summary: dict[str, Any] = {}
+    kind = "quick" if args.quick else "full"
+    say(f"# Detection benchmark ({kind}), jax {jax.__version__}, {jax.default_backend()}\n")
+    if args.only in (None, "single"):
+        streams = clean_streams(args.quick, args.refresh)
+        table, summary["spike"] = spike_table(streams)
+        say("## Spike rule on clean runs: false skips and spikes caught\n\n" + table + "\n")
+        say("## The default rule on each clean run\n\n" + per_run_table(streams) + "\n")
+        table, summary["guarded"] = guarded_faults(args.quick)
+        say("## The guard in the loop with injected faults\n\n" + table + "\n")
+    if args.only in (None, "xdev"):
+        runs = {k: xdev_runs(k, args.quick, args.refresh) for k in (8, 32)}
+        table, xsummary = xdev_table(runs)
+        summary["xdev"] = {f"{key[0]}|{key[1]}": v for key, v in xsummary.items() if isinstance(key, tuple)}
+        summary["xdev_replay_mismatches"] = xsummary["replay_mismatches"]
+        say("## Cross-device audit: alarms and detection\n\n" + table + "\n")
+        if not args.quick:
+            say("## Cross-device detectors with other settings (host replay)\n\n" + xdev_sweep(runs) + "\n")
+    say(f"({time.perf_counter() - began:.0f} s)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=1, default=str))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

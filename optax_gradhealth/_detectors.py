@@ -1,0 +1,518 @@
+"""Detectors: pure rules over per-step scalars (norms, scores, cosines) that raise alarms.
+
+Every function here takes arrays of scalars (or small ``[K]`` / ``[K, K]`` vectors) and
+returns arrays; the state of a detector is a small NamedTuple of fixed structure. Nothing
+here reads a gradient. The guard (:func:`optax_gradhealth.guard`), the cross-device audit
+(:func:`optax_gradhealth.cross_device`), the host-side diagnosis and the detection
+benchmark (``benchmarks/bench_detection.py``) all call these same functions, so a
+threshold measured in the benchmark is the threshold the jitted step applies.
+
+Three detectors, each judged by its false-alarm rate on clean runs and its delay on
+faults (``docs/detection.md``):
+
+* **spike** (single device, every step): the robust z-score of the log gradient norm
+  against the median and MAD of the last ``window`` accepted log-norms
+  (:class:`NormWindow`), together with the ratio ``norm / baseline`` (baseline =
+  ``exp(median)``). A spike needs both.
+* **outlier device** (cross-device audits): per-device robust scores (log-norm and
+  leave-one-out cosine, against the median and MAD across devices), accumulated over
+  audits by a one-sided CUSUM (:func:`cusum`). A strong score names the device at once;
+  a moderate but persistent one after a few audits.
+* **near-duplicate pair** (cross-device audits): the robust z-score of each pair's
+  sketched cosine against the other pairs', accumulated by the same CUSUM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "MAD_TO_STD",
+    "AuditDetectorState",
+    "AuditVerdict",
+    "DeviceScores",
+    "NormWindow",
+    "SpikeRule",
+    "SpikeVerdict",
+    "audit_init",
+    "audit_update",
+    "cusum",
+    "device_scores",
+    "leave_one_out_cosine",
+    "masked_median",
+    "norm_window_init",
+    "norm_window_push",
+    "norm_window_stats",
+    "pair_scores",
+    "replay_audits",
+    "replay_spikes",
+    "spike_bound",
+    "spike_scores",
+]
+
+# 1.4826 * MAD estimates the standard deviation of a normal sample.
+MAD_TO_STD = 1.4826
+
+
+# ----------------------------------------------------------------------------- medians
+
+
+def masked_median(values: jax.Array, mask: jax.Array, axis: int = -1) -> jax.Array:
+    """Median of ``values`` over the entries where ``mask`` is True, along ``axis``.
+
+    Sorts once (masked-out entries as ``+inf``) and averages the two middle entries of
+    the ``n`` valid ones; 0 where no entry is valid. ``n`` may differ along the other
+    axes and may be a traced value.
+    """
+    values = jnp.moveaxis(jnp.asarray(values, jnp.float32), axis, -1)
+    mask = jnp.moveaxis(jnp.broadcast_to(mask, values.shape), axis, -1)
+    ordered = jnp.sort(jnp.where(mask, values, jnp.inf), axis=-1)
+    n = jnp.sum(mask, axis=-1, dtype=jnp.int32)
+    low = jnp.take_along_axis(ordered, jnp.maximum((n - 1) // 2, 0)[..., None], axis=-1)[..., 0]
+    high = jnp.take_along_axis(ordered, jnp.maximum(n // 2, 0)[..., None], axis=-1)[..., 0]
+    return jnp.where(n > 0, 0.5 * (low + jnp.where(n > 1, high, low)), 0.0)
+
+
+def median_and_spread(values: jax.Array, mask: jax.Array, axis: int = -1) -> tuple[jax.Array, jax.Array]:
+    """Median and ``MAD_TO_STD * MAD`` (a robust standard deviation) over the masked entries."""
+    centre = masked_median(values, mask, axis)
+    deviation = jnp.abs(jnp.asarray(values, jnp.float32) - jnp.expand_dims(centre, axis))
+    return centre, MAD_TO_STD * masked_median(deviation, mask, axis)
+
+
+# ----------------------------------------------------------------------------- CUSUM
+
+
+def cusum(evidence: jax.Array, score: jax.Array, drift: float, cap: float) -> jax.Array:
+    """One step of a one-sided CUSUM: ``min(max(0, evidence + score - drift), cap)``.
+
+    ``score`` is a per-step score that is small (below ``drift`` on average) when all is
+    well and larger under a fault; the evidence then grows by ``score - drift`` per
+    step and an alarm is raised when it passes a threshold ``h``. A fault whose score is
+    ``s > drift`` is found after about ``h / (s - drift)`` steps, while for independent
+    standard-normal scores the mean run length between false alarms grows like
+    ``exp(2 drift (h + 1.166)) / (2 drift^2)`` (Siegmund's approximation). The cap lets
+    the evidence fall back below ``h`` within ``(cap - h) / drift`` clean steps once a
+    fault is over. A NaN score adds nothing; ``+inf`` saturates at the cap.
+    """
+    score = jnp.where(jnp.isnan(score), 0.0, score)
+    return jnp.clip(evidence + score - drift, 0.0, cap).astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------- spikes
+
+
+class NormWindow(NamedTuple):
+    """The last ``W`` accepted log-norms, the spike detector's state.
+
+    Attributes:
+      log_norms: float32 ``[W]`` ring of natural logs of accepted norms.
+      count: int32, accepted norms pushed so far (the ring holds the last
+        ``min(count, W)`` of them).
+    """
+
+    log_norms: jax.Array
+    count: jax.Array
+
+
+def norm_window_init(size: int) -> NormWindow:
+    """An empty window of ``size`` log-norms."""
+    return NormWindow(jnp.zeros((size,), jnp.float32), jnp.zeros((), jnp.int32))
+
+
+def norm_window_push(window: NormWindow, log_norm: jax.Array, accepted: jax.Array) -> NormWindow:
+    """Writes ``log_norm`` into the ring where ``accepted`` (and finite)."""
+    accepted = jnp.asarray(accepted) & jnp.isfinite(log_norm)
+    size = window.log_norms.shape[0]
+    hit = jnp.arange(size, dtype=jnp.int32) == window.count % size
+    written = jnp.where(hit & accepted, jnp.asarray(log_norm, jnp.float32), window.log_norms)
+    return NormWindow(written, window.count + accepted.astype(jnp.int32))
+
+
+def norm_window_stats(window: NormWindow, recent: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """``(baseline, spread)`` of the log-norms in the window (0, 0 when empty).
+
+    * ``baseline``: the median of the ``recent`` latest log-norms (all of them when None),
+      so that it follows the trend of a run (norms fall fast early in training).
+    * ``spread``: a robust standard deviation of the step-to-step noise, from the
+      differences of consecutive accepted log-norms over the whole window:
+      ``1.4826 MAD(differences) / sqrt(2)``. Differences are blind to a slow trend, which
+      would inflate the spread of the levels themselves (and hide spikes) while the norms
+      fall. For independent noise it estimates the same standard deviation as the MAD of
+      the levels.
+    """
+    size = window.log_norms.shape[0]
+    valid = jnp.minimum(window.count, size)
+    age = (window.count - 1 - jnp.arange(size, dtype=jnp.int32)) % size  # 0 = latest
+    filled = age < valid
+    in_baseline = filled if recent is None else filled & (age < recent)
+    baseline = masked_median(window.log_norms, in_baseline)
+    differences = window.log_norms - jnp.roll(window.log_norms, 1)  # slot j minus the one written before it
+    _, spread = median_and_spread(differences, age + 1 < valid)
+    return baseline, spread / math.sqrt(2.0)
+
+
+def spike_scores(
+    norm: jax.Array, median: jax.Array, spread: jax.Array, spread_floor: float
+) -> tuple[jax.Array, jax.Array]:
+    """``(ratio, zscore)`` of a norm against a window's ``(median, spread)`` of log-norms.
+
+    ``ratio = norm / exp(median)`` (the norm over the window's median norm) and
+    ``zscore = (log(norm) - median) / max(spread, spread_floor)``. The floor keeps a
+    window of nearly equal norms from turning a 5% wobble into a large z-score.
+    """
+    log_norm = jnp.log(jnp.maximum(norm, 1e-37))
+    deviation = log_norm - median
+    ratio = jnp.exp(jnp.minimum(deviation, 80.0))
+    return ratio, deviation / jnp.maximum(spread, spread_floor)
+
+
+def spike_bound(
+    median: jax.Array, spread: jax.Array, spread_floor: float, ratio: float | None, zscore: float | None
+) -> jax.Array:
+    """The largest norm that is not a spike: a spike needs ``ratio > ratio`` AND
+    ``zscore > zscore``, so the bound is the larger of the two conditions' bounds
+    (``inf`` when both are None)."""
+    log_bound = jnp.full((), -jnp.inf, jnp.float32)
+    if ratio is not None:
+        log_bound = jnp.maximum(log_bound, median + math.log(ratio))
+    if zscore is not None:
+        log_bound = jnp.maximum(log_bound, median + zscore * jnp.maximum(spread, spread_floor))
+    if ratio is None and zscore is None:
+        return jnp.full((), jnp.inf, jnp.float32)
+    return jnp.exp(jnp.minimum(log_bound, 88.0))
+
+
+class SpikeVerdict(NamedTuple):
+    """What the spike rule concluded about one step (see :meth:`SpikeRule.judge`).
+
+    Attributes:
+      ratio: ``norm / baseline`` (0 during warm-up or on a non-finite step).
+      zscore: robust z-score of the log-norm (0 likewise).
+      spike: the step is a spike.
+      bound: the largest norm that would not have been a spike (what a spike is
+        clipped to, and what an accepted spike folds into the window).
+    """
+
+    ratio: jax.Array
+    zscore: jax.Array
+    spike: jax.Array
+    bound: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class SpikeRule:
+    """The guard's spike rule: ``ratio > threshold`` AND ``zscore > zscore`` after
+    ``warmup`` accepted steps, against a window of the last ``window`` accepted
+    log-norms (:func:`norm_window_stats`: the baseline is the median of the latest
+    ``baseline`` of them, the spread that of their step-to-step differences). A ``None``
+    threshold drops that condition; both None: no spikes."""
+
+    threshold: float | None
+    zscore: float | None
+    window: int
+    warmup: int
+    spread_floor: float
+    baseline: int = 16
+
+    def init(self) -> NormWindow:
+        return norm_window_init(self.window)
+
+    def judge(self, window: NormWindow, norm: jax.Array, finite: jax.Array) -> SpikeVerdict:
+        median, spread = norm_window_stats(window, self.baseline)
+        active = (window.count >= self.warmup) & finite
+        ratio, z = spike_scores(norm, median, spread, self.spread_floor)
+        spike = active & (self.threshold is not None or self.zscore is not None)
+        if self.threshold is not None:
+            spike = spike & (ratio > self.threshold)
+        if self.zscore is not None:
+            spike = spike & (z > self.zscore)
+        bound = spike_bound(median, spread, self.spread_floor, self.threshold, self.zscore)
+        return SpikeVerdict(jnp.where(active, ratio, 0.0), jnp.where(active, z, 0.0), spike, bound)
+
+    def fold(self, window: NormWindow, norm: jax.Array, verdict: SpikeVerdict, accepted: jax.Array) -> NormWindow:
+        """Pushes an accepted step's norm (a spike's capped at ``verdict.bound``)."""
+        capped = jnp.where(verdict.spike, jnp.minimum(norm, verdict.bound), norm)
+        return norm_window_push(window, jnp.log(jnp.maximum(capped, 1e-37)), accepted)
+
+
+@functools.partial(jax.jit, static_argnames=("rule", "accept_spikes"))
+def replay_spikes(rule: SpikeRule, norms: jax.Array, accept_spikes: bool = False) -> dict[str, jax.Array]:
+    """Runs the spike rule over a recorded norm stream, as the guard would.
+
+    A non-finite norm is never accepted; a spike is accepted (clipped or recorded, its
+    norm capped) when ``accept_spikes``, else skipped. Returns per-step arrays
+    ``ratio``, ``zscore``, ``spike``, ``bound`` and the window's ``median`` and
+    ``spread`` before the step (float32 ``[T]``, ``spike`` bool).
+    """
+
+    def step(window, norm):
+        verdict = rule.judge(window, norm, jnp.isfinite(norm))
+        median, spread = norm_window_stats(window, rule.baseline)
+        accepted = jnp.isfinite(norm) & (~verdict.spike if not accept_spikes else True)
+        out = dict(verdict._asdict(), median=median, spread=spread)
+        return rule.fold(window, norm, verdict, accepted), out
+
+    _, out = jax.lax.scan(step, rule.init(), jnp.asarray(norms, jnp.float32))
+    return out
+
+
+# ----------------------------------------------------------------------------- devices
+
+
+def leave_one_out_cosine(device_norms: jax.Array, cosine_to_mean: jax.Array) -> jax.Array:
+    """``[K]`` cosine of each device's gradient to the mean of the OTHER devices' gradients.
+
+    Computed from the per-device norms ``|g_k|`` and cosines to the mean ``c_k`` alone
+    (both are recorded metrics, so a logged run can be replayed): ``sum_k <g_k, g> =
+    K |g|^2`` gives ``|g| = sum_k c_k |g_k| / K``, then ``<g_k, g> = c_k |g_k| |g|`` and
+    the others' sum is ``K g - g_k``.
+    """
+    k = device_norms.shape[-1]
+    kf = jnp.float32(k)
+    norms = jnp.asarray(device_norms, jnp.float32)
+    cos = jnp.asarray(cosine_to_mean, jnp.float32)
+    mean_norm = jnp.sum(cos * norms, axis=-1, keepdims=True) / kf
+    dots = cos * norms * mean_norm
+    others_sq = jnp.maximum(kf * kf * mean_norm**2 - 2.0 * kf * dots + norms**2, 0.0)
+    numerator = kf * dots - norms**2
+    denominator = norms * jnp.sqrt(others_sq)
+    return jnp.where(denominator > 0, numerator / jnp.where(denominator > 0, denominator, 1.0), 0.0)
+
+
+class DeviceScores(NamedTuple):
+    """Per-device robust scores of one audit (all ``[K]`` float32 but the spreads).
+
+    Attributes:
+      norm_score: ``|log|g_k| - median| / spread`` of the log-norms (two-sided).
+      direction_score: ``(median - c_k) / spread`` of the leave-one-out cosines (one-sided:
+        only a device that agrees LESS with the others scores).
+      score: the larger of the two; ``inf`` for a device with a non-finite gradient.
+      norm_spread: this audit's robust spread of the log-norms (before flooring).
+      cosine_spread: this audit's robust spread of the leave-one-out cosines.
+    """
+
+    norm_score: jax.Array
+    direction_score: jax.Array
+    score: jax.Array
+    norm_spread: jax.Array
+    cosine_spread: jax.Array
+
+
+def device_scores(
+    device_norms: jax.Array,
+    cosine_to_mean: jax.Array,
+    norm_spread_ref: jax.Array,
+    cosine_spread_ref: jax.Array,
+    norm_floor: float,
+    cosine_floor: float,
+) -> DeviceScores:
+    """Robust per-device scores of one audit against the other devices.
+
+    The spread each score divides by is the largest of this audit's robust spread (MAD
+    across devices), the reference spread passed in (a running average over audits,
+    so one audit where the others happen to agree closely does not turn noise into an
+    alarm) and the floor. With fewer than 3 devices nothing can be told apart: every
+    score is 0 (but a non-finite device still scores ``inf``).
+    """
+    k = device_norms.shape[-1]
+    norms = jnp.asarray(device_norms, jnp.float32)
+    # A non-finite device also makes the mean (so every cosine) non-finite: it is the
+    # device's norm that tells which one it is.
+    finite = jnp.isfinite(norms)
+    everyone = jnp.ones(norms.shape, jnp.bool_)
+    log_norms = jnp.log(jnp.maximum(jnp.where(finite, norms, 1.0), 1e-30))
+    cosines = jnp.where(jnp.isfinite(cosine_to_mean), cosine_to_mean, 0.0)
+    loo = leave_one_out_cosine(jnp.where(finite, norms, 0.0), cosines)
+    norm_centre, norm_spread = median_and_spread(log_norms, everyone)
+    cos_centre, cos_spread = median_and_spread(loo, everyone)
+    norm_scale = jnp.maximum(jnp.maximum(norm_spread, norm_spread_ref), norm_floor)
+    cos_scale = jnp.maximum(jnp.maximum(cos_spread, cosine_spread_ref), cosine_floor)
+    norm_score = jnp.abs(log_norms - norm_centre[..., None]) / norm_scale[..., None]
+    direction_score = (cos_centre[..., None] - loo) / cos_scale[..., None]
+    if k < 3:
+        norm_score = jnp.zeros_like(norm_score)
+        direction_score = jnp.zeros_like(direction_score)
+    score = jnp.where(finite, jnp.maximum(norm_score, direction_score), jnp.inf)
+    return DeviceScores(norm_score, direction_score, score, norm_spread, cos_spread)
+
+
+def pair_scores(pairwise_cosine: jax.Array, floor: float) -> jax.Array:
+    """``[K, K]`` robust z-score of each pair's cosine against all off-diagonal pairs
+    (``(c_jk - median) / max(spread, floor)``; 0 on the diagonal and with fewer than
+    3 devices). High for a pair that agrees far more than the others: two devices
+    that see the same examples."""
+    k = pairwise_cosine.shape[-1]
+    cos = jnp.asarray(pairwise_cosine, jnp.float32)
+    off = ~jnp.eye(k, dtype=jnp.bool_)
+    finite = jnp.isfinite(cos) & off
+    flat = cos.reshape((*cos.shape[:-2], k * k))
+    centre, spread = median_and_spread(flat, finite.reshape((*finite.shape[:-2], k * k)))
+    z = (cos - centre[..., None, None]) / jnp.maximum(spread, floor)[..., None, None]
+    if k < 3:
+        return jnp.zeros_like(cos)
+    return jnp.where(finite, z, 0.0)
+
+
+# ----------------------------------------------------------------------------- audits
+
+
+class AuditDetectorState(NamedTuple):
+    """What the cross-device detectors remember between audits (fixed structure).
+
+    Attributes:
+      num_audits: int32, audits folded in.
+      norm_spread_ema: EMA (decay ``AuditRule.spread_decay``, bias-corrected with
+        ``num_audits``) of the robust cross-device spread of the log-norms.
+      cosine_spread_ema: the same for the leave-one-out cosines.
+      outlier_evidence: float32 ``[K]`` CUSUM evidence that each device is an outlier.
+      pair_evidence: float32 ``[K, K]`` CUSUM evidence that each pair sees the same data.
+    """
+
+    num_audits: jax.Array
+    norm_spread_ema: jax.Array
+    cosine_spread_ema: jax.Array
+    outlier_evidence: jax.Array
+    pair_evidence: jax.Array
+
+
+class AuditVerdict(NamedTuple):
+    """What one audit concluded (see :func:`audit_update`).
+
+    Attributes:
+      scores: the per-device :class:`DeviceScores`.
+      outlier_devices: bool ``[K]``, devices named as outliers: instant score above
+        ``outlier_threshold`` or CUSUM evidence above ``evidence_threshold``.
+      outlier_device: int32, the named device with the largest evidence (its instant
+        score when that is larger), -1 when none is named.
+      outlier_score: the largest instant score.
+      outlier_evidence: float32 ``[K]``, each device's CUSUM evidence after this audit.
+      near_duplicate_pairs: bool ``[K, K]`` (symmetric, False on the diagonal), pairs whose
+        cosine has stood far above the other pairs' for several audits.
+    """
+
+    scores: DeviceScores
+    outlier_devices: jax.Array
+    outlier_device: jax.Array
+    outlier_score: jax.Array
+    outlier_evidence: jax.Array
+    near_duplicate_pairs: jax.Array
+
+
+def audit_init(k: int) -> AuditDetectorState:
+    """An empty detector state for ``k`` devices."""
+    zero = jnp.zeros((), jnp.float32)
+    return AuditDetectorState(
+        jnp.zeros((), jnp.int32), zero, zero, jnp.zeros((k,), jnp.float32), jnp.zeros((k, k), jnp.float32)
+    )
+
+
+def audit_update(
+    state: AuditDetectorState,
+    device_norms: jax.Array,
+    cosine_to_mean: jax.Array,
+    pairwise_cosine: jax.Array,
+    *,
+    outlier_threshold: float,
+    evidence_threshold: float,
+    evidence_drift: float,
+    norm_floor: float,
+    cosine_floor: float,
+    pair_threshold: float,
+    pair_drift: float,
+    pair_floor: float,
+    spread_decay: float,
+) -> tuple[AuditDetectorState, AuditVerdict]:
+    """Folds one audit into the detectors and returns their verdict.
+
+    Outlier device: :func:`device_scores` against the running spreads, then a CUSUM per
+    device with drift ``evidence_drift`` capped at ``2 * evidence_threshold``. A device
+    is named when its instant score exceeds ``outlier_threshold`` (a strong fault: at
+    once) or its evidence exceeds ``evidence_threshold`` (a moderate one that persists).
+
+    Near-duplicate pairs: :func:`pair_scores` of the sketched cosines, a CUSUM per pair
+    with drift ``pair_drift`` capped at ``2 * pair_threshold``, flagged above
+    ``pair_threshold``.
+
+    A device with a non-finite gradient scores ``inf`` and is named at that audit; such
+    an audit moves neither the running spreads nor any evidence (the other devices'
+    cosines are meaningless when the mean is not finite).
+    """
+    k = device_norms.shape[-1]
+    # The references the scores divide by: the running spreads before this audit
+    # (bias-corrected), so this audit's own spread enters through `device_scores`.
+    previous = jnp.maximum(1.0 - spread_decay ** state.num_audits.astype(jnp.float32), 1e-30)
+    scores = device_scores(
+        device_norms,
+        cosine_to_mean,
+        jnp.where(state.num_audits > 0, state.norm_spread_ema / previous, 0.0),
+        jnp.where(state.num_audits > 0, state.cosine_spread_ema / previous, 0.0),
+        norm_floor,
+        cosine_floor,
+    )
+    all_finite = jnp.all(jnp.isfinite(scores.score))
+
+    def ema(old, new):
+        return jnp.where(all_finite, spread_decay * old + (1.0 - spread_decay) * new, old).astype(jnp.float32)
+
+    cap = 2.0 * evidence_threshold
+    evidence = jnp.where(
+        all_finite, cusum(state.outlier_evidence, scores.score, evidence_drift, cap), state.outlier_evidence
+    ).astype(jnp.float32)
+    named = (scores.score > outlier_threshold) | (evidence > evidence_threshold)
+    rank = jnp.where(named, jnp.maximum(evidence, jnp.where(jnp.isfinite(scores.score), scores.score, 1e30)), -1.0)
+    outlier_device = jnp.where(jnp.any(named), jnp.argmax(rank), -1).astype(jnp.int32)
+
+    pairs = pair_scores(pairwise_cosine, pair_floor)
+    pair_evidence = jnp.where(
+        all_finite, cusum(state.pair_evidence, pairs, pair_drift, 2.0 * pair_threshold), state.pair_evidence
+    )
+    off = ~jnp.eye(k, dtype=jnp.bool_)
+    near = off & (pair_evidence > pair_threshold)
+    near = near | near.T
+
+    new_state = AuditDetectorState(
+        num_audits=jnp.where(all_finite, state.num_audits + 1, state.num_audits).astype(jnp.int32),
+        norm_spread_ema=ema(state.norm_spread_ema, scores.norm_spread),
+        cosine_spread_ema=ema(state.cosine_spread_ema, scores.cosine_spread),
+        outlier_evidence=evidence,
+        pair_evidence=pair_evidence.astype(jnp.float32),
+    )
+    verdict = AuditVerdict(scores, named, outlier_device, jnp.max(scores.score).astype(jnp.float32), evidence, near)
+    return new_state, verdict
+
+
+@functools.partial(jax.jit, static_argnames=("rule",))
+def _replay_audits(rule: tuple[tuple[str, Any], ...], device_norms, cosine_to_mean, pairwise_cosine):
+    k = device_norms.shape[-1]
+
+    def step(state, inputs):
+        state, verdict = audit_update(state, *inputs, **dict(rule))
+        return state, verdict
+
+    _, verdicts = jax.lax.scan(step, audit_init(k), (device_norms, cosine_to_mean, pairwise_cosine))
+    return verdicts
+
+
+def replay_audits(
+    device_norms: Any, cosine_to_mean: Any, pairwise_cosine: Any | None = None, **rule: float
+) -> AuditVerdict:
+    """Runs :func:`audit_update` over recorded audits (``[T, K]``, ``[T, K]``,
+    ``[T, K, K]``; the pairwise cosines may be omitted: no near-duplicate evidence),
+    with the keyword arguments of :func:`audit_update` as the rule. Returns the
+    per-audit verdicts stacked along a leading axis."""
+    device_norms = jnp.asarray(device_norms, jnp.float32)
+    if pairwise_cosine is None:
+        pairwise_cosine = jnp.zeros(device_norms.shape + device_norms.shape[-1:], jnp.float32)
+    return _replay_audits(
+        tuple(sorted((name, float(value)) for name, value in rule.items())),
+        device_norms,
+        jnp.asarray(cosine_to_mean, jnp.float32),
+        jnp.asarray(pairwise_cosine, jnp.float32),
+    )

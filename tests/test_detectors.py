@@ -1,0 +1,318 @@
+"""The detectors (optax_gradhealth._detectors) on synthetic streams, against references
+written out here in numpy float64 and against the theory of each rule."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from optax_gradhealth import _detectors as detect
+
+AUDIT_RULE = dict(
+    outlier_threshold=10.0,
+    evidence_threshold=12.0,
+    evidence_drift=3.0,
+    norm_floor=0.1,
+    cosine_floor=0.05,
+    pair_threshold=12.0,
+    pair_drift=4.0,
+    pair_floor=0.05,
+    spread_decay=0.9,
+)
+
+
+def normal_tail(z: float) -> float:
+    return 0.5 * math.erfc(z / math.sqrt(2.0))
+
+
+# ----------------------------------------------------------------------------- medians
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    hnp.arrays(np.float32, st.integers(1, 40), elements=st.floats(-1e6, 1e6, width=32)),
+    st.data(),
+)
+def test_masked_median_is_numpys_median_of_the_valid_entries(values, data):
+    mask = data.draw(hnp.arrays(np.bool_, values.shape))
+    got = float(detect.masked_median(values, mask))
+    want = float(np.median(values[mask].astype(np.float64))) if mask.any() else 0.0
+    assert got == pytest.approx(want, rel=1e-6, abs=1e-6)
+
+
+def test_median_and_spread_along_an_axis_with_ragged_masks():
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(5, 9)).astype(np.float32)
+    mask = rng.random((5, 9)) < 0.7
+    mask[0] = False  # no valid entry: 0, 0
+    centre, spread = detect.median_and_spread(values, mask, axis=1)
+    for row in range(5):
+        v = values[row][mask[row]].astype(np.float64)
+        want_c = np.median(v) if v.size else 0.0
+        want_s = 1.4826 * np.median(np.abs(v - want_c)) if v.size else 0.0
+        assert float(centre[row]) == pytest.approx(want_c, abs=1e-6)
+        assert float(spread[row]) == pytest.approx(want_s, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- window
+
+
+def test_norm_window_holds_the_last_accepted_log_norms():
+    rng = np.random.default_rng(1)
+    norms = np.exp(rng.normal(size=50)).astype(np.float32)
+    accepted = rng.random(50) < 0.6
+    window = detect.norm_window_init(8)
+    for norm, ok in zip(norms, accepted):
+        window = detect.norm_window_push(window, jnp.log(norm), jnp.bool_(ok))
+    kept = np.log(norms[accepted].astype(np.float64))[-8:]  # in the order they came
+    assert int(window.count) == accepted.sum()
+    np.testing.assert_allclose(np.sort(np.asarray(window.log_norms)), np.sort(kept), rtol=1e-6)
+    # Baseline: the median of the latest `recent`; spread: of the consecutive differences.
+    diffs = np.diff(kept)
+    want_spread = 1.4826 * np.median(np.abs(diffs - np.median(diffs))) / np.sqrt(2)
+    for recent, want_centre in [(None, np.median(kept)), (3, np.median(kept[-3:])), (4, np.median(kept[-4:]))]:
+        centre, spread = detect.norm_window_stats(window, recent)
+        assert float(centre) == pytest.approx(want_centre, abs=1e-6)
+        assert float(spread) == pytest.approx(want_spread, abs=1e-6)
+
+
+def test_norm_window_spread_is_blind_to_a_trend():
+    # Log-norms falling linearly with small noise: the spread of the levels is large, the
+    # spread of the step-to-step changes is the noise's.
+    rng = np.random.default_rng(15)
+    logs = -0.02 * np.arange(128) + rng.normal(0.0, 0.05, 128)
+    window = detect.norm_window_init(128)
+    for value in logs:
+        window = detect.norm_window_push(window, jnp.float32(value), jnp.bool_(True))
+    _, spread = detect.norm_window_stats(window, 16)
+    assert float(spread) == pytest.approx(0.05, rel=0.25)
+    assert 1.4826 * np.median(np.abs(logs - np.median(logs))) > 0.5
+
+
+def test_norm_window_ignores_non_finite_values():
+    window = detect.norm_window_init(4)
+    for value in [0.0, jnp.nan, jnp.inf, 1.0]:
+        window = detect.norm_window_push(window, jnp.float32(value), jnp.bool_(True))
+    assert int(window.count) == 2
+    assert float(detect.norm_window_stats(window)[0]) == 0.5
+    assert float(detect.norm_window_stats(window)[1]) == 0.0  # one difference: no spread yet
+
+
+# ----------------------------------------------------------------------------- spikes
+
+
+@pytest.mark.parametrize("baseline", [16, 64])
+def test_spike_rule_false_alarm_rate_on_a_stationary_stream_matches_the_normal_tail(baseline):
+    # Log-normal norms, log(norm) ~ N(0, s^2). The spread estimates s; the baseline, a
+    # median of m values, has variance (pi / 2) s^2 / m, so the z-score is about normal
+    # with variance 1 + pi / (2 m), and the rate of z > z0 is that normal's tail.
+    rng = np.random.default_rng(2)
+    norms = np.exp(rng.normal(0.0, 0.3, 100_000)).astype(np.float32)
+    rule = detect.SpikeRule(None, 2.5, window=512, warmup=512, spread_floor=0.01, baseline=baseline)
+    out = detect.replay_spikes(rule, norms, accept_spikes=True)
+    rate = float(np.asarray(out["spike"])[512:].mean())
+    assert rate == pytest.approx(normal_tail(2.5 / math.sqrt(1 + math.pi / (2 * baseline))), rel=0.2)
+
+
+def test_spike_rule_needs_both_conditions_and_its_bound_is_the_boundary():
+    rule = detect.SpikeRule(threshold=3.0, zscore=6.0, window=64, warmup=10, spread_floor=0.05, baseline=16)
+    window = rule.init()
+    rng = np.random.default_rng(3)
+    logs = rng.normal(0.0, 0.1, 64)
+    for value in logs:
+        window = detect.norm_window_push(window, jnp.float32(value), jnp.bool_(True))
+    median = np.median(logs[-16:])
+    diffs = np.diff(logs)
+    spread = max(1.4826 * np.median(np.abs(diffs - np.median(diffs))) / np.sqrt(2), 0.05)
+    # The bound: the larger of 3 x baseline and the z = 6 point.
+    bound = math.exp(max(median + math.log(3.0), median + 6.0 * spread))
+    for factor, want in [(0.999, False), (1.001, True)]:
+        verdict = rule.judge(window, jnp.float32(bound * factor), jnp.bool_(True))
+        assert bool(verdict.spike) is want
+        assert float(verdict.bound) == pytest.approx(bound, rel=1e-5)
+        assert float(verdict.ratio) == pytest.approx(bound * factor / math.exp(median), rel=1e-5)
+    assert not bool(rule.judge(window, jnp.float32(1e6), jnp.bool_(False)).spike)  # non-finite step
+
+
+def test_spike_rule_waits_for_warmup():
+    rule = detect.SpikeRule(threshold=2.0, zscore=None, window=16, warmup=5, spread_floor=0.05)
+    norms = np.array([1.0, 1.0, 1.0, 1.0, 100.0, 1.0, 100.0], np.float32)
+    spikes = np.asarray(detect.replay_spikes(rule, norms)["spike"])
+    assert spikes.tolist() == [False] * 6 + [True]
+
+
+def test_spike_delay_after_a_step_change_is_zero_and_skipped_spikes_do_not_move_the_baseline():
+    rng = np.random.default_rng(4)
+    norms = np.exp(rng.normal(0.0, 0.1, 600)).astype(np.float32)
+    norms[400:] *= 20.0  # a lasting jump
+    rule = detect.SpikeRule(threshold=3.0, zscore=6.0, window=128, warmup=20, spread_floor=0.05)
+    skipped = detect.replay_spikes(rule, norms)
+    assert not np.asarray(skipped["spike"])[:400].any()
+    assert np.asarray(skipped["spike"])[400:].all()  # found at once, and the baseline never moves
+    assert float(np.asarray(skipped["median"])[-1]) == pytest.approx(0.0, abs=0.05)
+    # Accepted (clip/record) spikes fold in capped: the baseline follows the new level.
+    accepted = np.asarray(detect.replay_spikes(rule, norms, accept_spikes=True)["spike"])
+    assert accepted[400] and not accepted[-100:].any()
+
+
+# ----------------------------------------------------------------------------- CUSUM
+
+
+def _first_passage(scores: np.ndarray, drift: float, threshold: float) -> np.ndarray:
+    """Steps until each chain's CUSUM first exceeds the threshold (jitted scan over rows)."""
+
+    def step(carry, score):
+        evidence, time, done = carry
+        evidence = detect.cusum(evidence, score, drift, 2.0 * threshold)
+        crossed = evidence > threshold
+        time = jnp.where(done, time, time + 1)
+        return (evidence, time, done | crossed), None
+
+    chains = scores.shape[1]
+    init = (jnp.zeros(chains, jnp.float32), jnp.zeros(chains, jnp.int32), jnp.zeros(chains, jnp.bool_))
+    (_, time, done), _ = jax.lax.scan(step, init, jnp.asarray(scores, jnp.float32))
+    assert bool(done.all()), "some chain never crossed: lengthen the stream"
+    return np.asarray(time)
+
+
+def _siegmund_run_length(mean: float, drift: float, threshold: float) -> float:
+    delta = mean - drift
+    b = threshold + 1.166
+    return (math.exp(-2.0 * delta * b) + 2.0 * delta * b - 1.0) / (2.0 * delta * delta)
+
+
+def test_cusum_false_alarm_run_length_matches_siegmund():
+    rng = np.random.default_rng(5)
+    times = _first_passage(rng.normal(size=(4000, 2000)), drift=0.5, threshold=4.0)
+    assert times.mean() == pytest.approx(_siegmund_run_length(0.0, 0.5, 4.0), rel=0.15)
+
+
+def test_cusum_delay_after_a_step_change_matches_siegmund():
+    rng = np.random.default_rng(6)
+    times = _first_passage(rng.normal(2.0, 1.0, size=(60, 2000)), drift=0.5, threshold=4.0)
+    assert times.mean() == pytest.approx(_siegmund_run_length(2.0, 0.5, 4.0), rel=0.15)
+
+
+def test_cusum_caps_ignores_nan_and_saturates_on_inf():
+    e = detect.cusum(jnp.array([0.0, 5.0, 5.0, 5.0]), jnp.array([1.0, jnp.nan, jnp.inf, 100.0]), 2.0, 8.0)
+    np.testing.assert_allclose(np.asarray(e), [0.0, 3.0, 8.0, 8.0])
+
+
+# ----------------------------------------------------------------------------- devices
+
+
+def test_leave_one_out_cosine_from_norms_and_cosines_matches_the_vectors():
+    rng = np.random.default_rng(7)
+    g = rng.normal(size=(6, 50)) + 0.5 * rng.normal(size=50)
+    mean = g.mean(axis=0)
+    norms = np.linalg.norm(g, axis=1)
+    cos_to_mean = g @ mean / (norms * np.linalg.norm(mean))
+    want = [g[k] @ (g.sum(0) - g[k]) / (norms[k] * np.linalg.norm(g.sum(0) - g[k])) for k in range(6)]
+    got = detect.leave_one_out_cosine(norms.astype(np.float32), cos_to_mean.astype(np.float32))
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-5)
+
+
+def test_device_scores_against_numpy():
+    rng = np.random.default_rng(8)
+    norms = np.exp(rng.normal(0.0, 0.05, 8))
+    norms[2] *= 3.0
+    cos = rng.uniform(0.3, 0.5, 8)
+    cos[5] = -0.2
+    scores = detect.device_scores(norms.astype(np.float32), cos.astype(np.float32), 0.0, 0.0, 0.1, 0.05)
+    logs = np.log(norms)
+    spread = max(1.4826 * np.median(np.abs(logs - np.median(logs))), 0.1)
+    np.testing.assert_allclose(np.asarray(scores.norm_score), np.abs(logs - np.median(logs)) / spread, rtol=1e-4)
+    g_norm = (cos * norms).sum() / 8
+    loo = np.array(
+        [
+            (8 * c * n * g_norm - n * n) / (n * math.sqrt(64 * g_norm**2 - 16 * c * n * g_norm + n * n))
+            for c, n in zip(cos, norms)
+        ]
+    )
+    cspread = max(1.4826 * np.median(np.abs(loo - np.median(loo))), 0.05)
+    np.testing.assert_allclose(np.asarray(scores.direction_score), (np.median(loo) - loo) / cspread, atol=1e-4)
+    assert int(np.argmax(np.asarray(scores.score))) in (2, 5)
+    # A non-finite device scores inf even though it makes every cosine NaN.
+    norms[6] = np.inf
+    bad = detect.device_scores(norms.astype(np.float32), np.full(8, np.nan, np.float32), 0.0, 0.0, 0.1, 0.05)
+    assert np.isinf(np.asarray(bad.score)[6]) and np.isfinite(np.delete(np.asarray(bad.score), 6)).all()
+
+
+def test_pair_scores_against_numpy():
+    rng = np.random.default_rng(9)
+    c = rng.uniform(0.0, 0.3, (6, 6))
+    c = (c + c.T) / 2
+    c[1, 4] = c[4, 1] = 0.9
+    np.fill_diagonal(c, 1.0)
+    off = ~np.eye(6, dtype=bool)
+    centre = np.median(c[off])
+    spread = max(1.4826 * np.median(np.abs(c[off] - centre)), 0.05)
+    want = np.where(off, (c - centre) / spread, 0.0)
+    np.testing.assert_allclose(np.asarray(detect.pair_scores(c.astype(np.float32), 0.05)), want, atol=1e-4)
+
+
+def _audit_stream(k, audits, rng, norm_sd=0.1):
+    norms = np.exp(rng.normal(0.0, norm_sd, (audits, k))).astype(np.float32)
+    cos = np.clip(rng.normal(0.4, 0.05, (audits, k)), -1, 1).astype(np.float32)
+    pairs = rng.normal(0.15, 0.05, (audits, k, k))
+    pairs = np.clip((pairs + pairs.transpose(0, 2, 1)) / 2, -1, 1)
+    pairs[:, np.arange(k), np.arange(k)] = 1.0
+    return norms, cos, pairs.astype(np.float32)
+
+
+@pytest.mark.parametrize("k", [8, 32])
+def test_audit_detector_clean_stream_raises_nothing(k):
+    rng = np.random.default_rng(10 + k)
+    verdicts = detect.replay_audits(*_audit_stream(k, 1000, rng), **AUDIT_RULE)
+    assert (np.asarray(verdicts.outlier_device) == -1).all()
+    assert not np.asarray(verdicts.near_duplicate_pairs).any()
+
+
+@pytest.mark.parametrize(("factor", "within"), [(2.5, 5), (20.0, 1)])
+def test_audit_detector_names_a_persistent_device_in_time(factor, within):
+    rng = np.random.default_rng(11)
+    norms, cos, pairs = _audit_stream(8, 200, rng)
+    norms[100:, 3] *= factor
+    verdicts = detect.replay_audits(norms, cos, pairs, **AUDIT_RULE)
+    named = np.asarray(verdicts.outlier_device)
+    assert (named[:100] == -1).all()
+    first = int(np.argmax(named[100:] == 3))
+    assert named[100 + first] == 3 and first < within
+    assert (named[100 + within :] == 3).all()  # and keeps naming it
+    assert np.asarray(verdicts.outlier_devices)[150].tolist() == [i == 3 for i in range(8)]
+
+
+def test_audit_detector_forgets_a_fault_once_it_is_over():
+    rng = np.random.default_rng(12)
+    norms, cos, pairs = _audit_stream(8, 300, rng)
+    norms[100:150, 3] *= 3.0
+    named = np.asarray(detect.replay_audits(norms, cos, pairs, **AUDIT_RULE).outlier_device)
+    assert (named[110:150] == 3).all() and (named[170:] == -1).all()
+
+
+def test_audit_detector_flags_a_near_duplicate_pair_and_only_it():
+    rng = np.random.default_rng(13)
+    norms, cos, pairs = _audit_stream(8, 200, rng)
+    pairs[100:, 2, 6] = pairs[100:, 6, 2] = rng.uniform(0.8, 0.9, 100)
+    near = np.asarray(detect.replay_audits(norms, cos, pairs, **AUDIT_RULE).near_duplicate_pairs)
+    assert not near[:100].any()
+    first = int(np.argmax(near[100:, 2, 6]))
+    assert first < 5
+    flagged = {(j, k) for j, k in zip(*np.nonzero(near[-1]))}
+    assert flagged == {(2, 6), (6, 2)}
+
+
+def test_audit_detector_non_finite_device_is_named_and_does_not_move_the_others():
+    rng = np.random.default_rng(14)
+    norms, cos, pairs = _audit_stream(8, 40, rng)
+    norms[20, 5] = np.inf
+    cos[20] = np.nan
+    verdicts = detect.replay_audits(norms, cos, pairs, **AUDIT_RULE)
+    assert int(verdicts.outlier_device[20]) == 5 and np.isinf(float(verdicts.outlier_score[20]))
+    assert (np.asarray(verdicts.outlier_device)[21:] == -1).all()
+    np.testing.assert_array_equal(verdicts.outlier_evidence[20], verdicts.outlier_evidence[19])
