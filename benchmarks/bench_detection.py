@@ -92,20 +92,34 @@ def clean_streams(quick: bool, refresh: bool) -> dict[str, dict[str, np.ndarray]
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
+    """A spike rule: thresholds, the window (spread) and the baseline (median) lengths."""
+
     threshold: float | None
     zscore: float | None
     window: int
+    baseline: int = _guard.SPIKE_BASELINE
 
     @property
     def label(self) -> str:
         parts = [f"ratio>{self.threshold:g}" if self.threshold else "", f"z>{self.zscore:g}" if self.zscore else ""]
-        return " & ".join(p for p in parts if p) + f", W={self.window}"
+        return " & ".join(p for p in parts if p) + f", W={self.window}, B={self.baseline}"
+
+    def rule(self) -> detect.SpikeRule:
+        return detect.SpikeRule(
+            self.threshold,
+            self.zscore,
+            self.window,
+            WARMUP,
+            _guard.SPREAD_FLOOR,
+            self.baseline,
+            _guard.REBASELINE_AFTER,
+        )
 
 
 DEFAULT = Setting(_guard.SPIKE_THRESHOLD, _guard.SPIKE_ZSCORE, _guard.SPIKE_WINDOW)
 GRID = [
-    Setting(t, z, w)
-    for w in (64, 128, 256)
+    Setting(t, z, w, b)
+    for w, b in ((128, 16), (64, 16), (256, 16), (128, 8), (128, 32), (128, 128))
     for t, z in ((2.0, 3.0), (2.0, 5.0), (3.0, None), (3.0, 4.0), (3.0, 5.0), (3.0, 6.0), (4.0, 6.0), (5.0, None))
 ]
 
@@ -113,8 +127,7 @@ GRID = [
 def _window_stats(norms: np.ndarray, setting: Setting) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The guard's window (median, spread of log-norms) before each step, and its own flags,
     replayed with the skip action."""
-    rule = detect.SpikeRule(setting.threshold, setting.zscore, setting.window, WARMUP, _guard.SPREAD_FLOOR)
-    out = jax.device_get(detect.replay_spikes(rule, norms))
+    out = jax.device_get(detect.replay_spikes(setting.rule(), norms))
     return out["median"], out["spread"], out["spike"]
 
 
@@ -149,23 +162,23 @@ def previous_rule(norms: np.ndarray) -> np.ndarray:
     return flags
 
 
-def spike_table(streams: dict[str, dict[str, np.ndarray]]) -> tuple[str, dict[str, Any]]:
-    """Markdown: one row per setting; false skips per 10k clean steps and the caught share of
-    x3 / x10 / x100 spikes (after warm-up), pooled over runs and on the worst run."""
-    settings = [DEFAULT] + [s for s in GRID if s != DEFAULT]
+def spike_table(streams: dict[str, dict[str, np.ndarray]], grid: bool) -> tuple[str, dict[str, Any]]:
+    """Markdown: one row per setting (the default, and the grid when ``grid``); false skips per
+    10k clean steps and the caught share of x3 / x10 / x100 spikes (after warm-up), pooled over
+    runs and on the worst run."""
+    settings = [DEFAULT] + ([s for s in GRID if s != DEFAULT] if grid else [])
     names = sorted(streams)
-    per_window: dict[int, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+    per_window: dict[tuple[int, int], dict[str, tuple[np.ndarray, np.ndarray]]] = {}
     rows, summary = [], {}
     for setting in settings:
-        if setting.window not in per_window:
-            per_window[setting.window] = {
-                n: _window_stats(streams[n]["norm"], dataclasses.replace(DEFAULT, window=setting.window))[:2]
-                for n in names
-            }
+        shape = (setting.window, setting.baseline)
+        if shape not in per_window:
+            same_shape = dataclasses.replace(DEFAULT, window=setting.window, baseline=setting.baseline)
+            per_window[shape] = {n: _window_stats(streams[n]["norm"], same_shape)[:2] for n in names}
         false_per_run, caught = [], {f: [] for f in FACTORS}
         for n in names:
             norms = streams[n]["norm"]
-            median, spread = per_window[setting.window][n]
+            median, spread = per_window[shape][n]
             if setting == DEFAULT:
                 # The exact closed-loop replay (false skips are not folded into the window).
                 flags = _window_stats(norms, setting)[2]
@@ -453,7 +466,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     say(f"# Detection benchmark ({kind}), jax {jax.__version__}, {jax.default_backend()}\n")
     if args.only in (None, "single"):
         streams = clean_streams(args.quick, args.refresh)
-        table, summary["spike"] = spike_table(streams)
+        table, summary["spike"] = spike_table(streams, grid=not args.quick)
         say("## Spike rule on clean runs: false skips and spikes caught\n\n" + table + "\n")
         say("## The default rule on each clean run\n\n" + per_run_table(streams) + "\n")
         table, summary["guarded"] = guarded_faults(args.quick)

@@ -9,22 +9,30 @@ program from a key folded with the step and the device index; all steps of a run
 
 A fault (:class:`XFault`) is encoded as data (per-device arrays: label-noise fraction,
 input corruption, gradient multiplier, staleness, drift rate, data / augmentation /
-dropout-key source device, desync perturbation, bit-flip kind, dead mask and the fault's
-window), so ONE compiled program per (K, steps) serves every scenario and seed.
+dropout-key source device and shared fraction, desync perturbation, bit-flip kind, dead
+mask and the fault's window), so ONE compiled program per (K, steps) serves every
+scenario and seed (the run seed is an argument too).
+
+The model: 32 features -> 64 -> 64 -> 8 classes (ReLU, dropout 0.1 after each hidden
+layer, 6.8k parameters), Adam 1e-3, 32 examples per device and step; class centres
+~ N(0, 0.35^2) per feature plus N(0, 1) example noise (overlapping classes: the loss stays
+near 1 nat, and the per-device gradients are noise-dominated, ``xdev/agreement`` ~ 0.01,
+as in most real data-parallel runs); the input pipeline adds a N(0, 0.3^2) jitter.
 
 Fault kinds (device ``d``; pairs: ``d`` and ``d + 1``), strong / moderate:
 
 * ``label_noise``: d's labels are replaced by uniform random classes with probability 1.0 / 0.3.
 * ``bad_augment``: d's inputs are corrupted: features permuted, scaled x3 and heavy noise
-  (std 2, the class noise being 1) / mild extra noise (std 0.5, features kept).
+  (std 2, the class noise being 1) / extra noise of std 1 (features kept).
 * ``grad_scale``: d's gradient is multiplied by 10 / 2.5.
 * ``stale_params``: d computes its gradient on the parameters of 50 / 10 steps ago (a ring of
   the last 64 parameter sets in the scan state).
 * ``drift``: d's gradient becomes ``g + r (t - start) |g| u`` with ``u`` a fixed random unit
   direction: ``r`` = 0.02 / 0.002 per step (the perturbation equals the gradient's norm after
   50 / 500 steps).
-* ``near_duplicate``: d + 1 sees d's examples with its own dropout mask; strong: also d's
-  input augmentation (jitter); moderate: its own augmentation.
+* ``near_duplicate``: d + 1 sees d's examples with its own dropout mask; strong: all of
+  them, with d's input augmentation (jitter); moderate: half of them (the other half its
+  own), with its own augmentation (sketched pair cosine ~0.7 / ~0.3, the other pairs' ~0).
 * ``exact_duplicate``: d + 1 sees d's examples, augmentation and dropout key: bit-identical
   gradients (strong only).
 * ``desync``: at ``start``, d's parameters are multiplied once by ``1 +- eps`` (random signs,
@@ -33,6 +41,13 @@ Fault kinds (device ``d``; pairs: ``d`` and ``d + 1``), strong / moderate:
   bit: 1e-3 becomes ~3e35) flipped / the highest zero bit among exponent bits 26..23 set
   (a x256, x16, x4 or x2 change).
 * ``dead``: d's gradient is all zeros (strong only).
+
+``strong`` is meant to be revealed by a single audit and ``moderate`` not; measured (K=8
+and 32), a single audit does NOT clearly reveal strong label_noise (outlier score ~4-5,
+named by the CUSUM evidence after a few audits), strong stale_params (no visible effect
+at all: the gradient noise hides a 50-step-old parameter set), nor drift before it has grown
+(~100 steps at the strong rate); near_duplicate shows in ``xdev/pairwise_cosine`` and
+exact_duplicate / desync in the fingerprints, not in the outlier score.
 
 Use from the benchmark (``benchmarks/`` is not a package)::
 
@@ -62,13 +77,17 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "CLEAN",
     "KINDS",
     "PAIR_KINDS",
     "XFault",
     "load",
     "record",
     "record_in_subprocess",
+    "save",
+    "scenario_name",
     "scenarios",
+    "summarize",
 ]
 
 KINDS = (
@@ -95,6 +114,7 @@ DROPOUT = 0.1
 LEARNING_RATE = 1e-3
 CENTER_SCALE = 0.35  # class centres ~ N(0, CENTER_SCALE^2), examples = centre + N(0, 1): overlapping classes
 AUGMENT_NOISE = 0.3  # the pipeline's own augmentation: input jitter of this std
+_MAX_DEVICES = 4096  # per-step keys fold in step * _MAX_DEVICES + device
 RING = 64  # past parameter sets kept for stale_params (the largest staleness must be < RING)
 
 # ----------------------------------------------------------------------------- fault strengths
@@ -105,7 +125,7 @@ STALENESS = {"strong": 50, "moderate": 10}
 NEAR_DUPLICATE_SHARE = 0.5  # moderate near_duplicate: fraction of d's examples that d + 1 also sees
 DRIFT_RATE = {"strong": 0.02, "moderate": 0.002}  # per step, relative to the gradient's norm
 DESYNC = {"strong": 1e-2, "moderate": 1e-6}
-BIT_FLIP = {"strong": 1, "moderate": 2}  # flip_kind codes, see _flip_bits
+BIT_FLIP = {"strong": 1, "moderate": 2}  # flip_kind codes, see flip_bits in _program
 _NEVER = np.iinfo(np.int32).max
 
 
@@ -272,12 +292,22 @@ def _fault_arrays(fault: XFault | None, k: int) -> dict[str, np.ndarray]:
 
 
 # ----------------------------------------------------------------------------- the compiled program
+def _random_bits(key: Any, step: Any, devices: Sequence[Any], shapes: Sequence[tuple[int, ...]]) -> list[Any]:
+    """uint32 bits for each stream i: ``key`` folded with i, then with ``step * _MAX_DEVICES + devices[i]``."""
+    import jax
+
+    return [
+        jax.random.bits(jax.random.fold_in(jax.random.fold_in(key, i), step * _MAX_DEVICES + device), shape)
+        for i, (device, shape) in enumerate(zip(devices, shapes))
+    ]
+
+
 _PROGRAMS: dict[tuple[int, int], Callable[..., Any]] = {}
 COMPILE_SECONDS: dict[tuple[int, int], float] = {}  # (K, steps) -> seconds to trace and compile
 
 
 def _program(k: int, steps: int) -> Callable[..., Any]:
-    """``run(seed int32 [], faults {name: [K]}) -> {metric: [steps, ...]}``, jitted, for K devices."""
+    """The compiled ``run(seed int32 [], faults {name: [K]}) -> ({metric: [steps, ...]}, loss [K, steps])``."""
     key = (k, steps)
     if key in _PROGRAMS:
         return _PROGRAMS[key]
@@ -296,6 +326,8 @@ def _program(k: int, steps: int) -> Callable[..., Any]:
             f"record(k={k}) needs >= {k} devices, this process has {jax.device_count()}: set "
             f"XLA_FLAGS=--xla_force_host_platform_device_count={k} before jax is imported, or use record_in_subprocess."
         )
+    if k > _MAX_DEVICES:
+        raise ValueError(f"At most {_MAX_DEVICES} devices, got k={k}.")
     if max(STALENESS.values()) >= RING:
         raise ValueError(f"staleness {max(STALENESS.values())} needs RING > it, RING={RING}")
     mesh = Mesh(np.asarray(jax.devices()[:k]), ("data",), axis_types=(AxisType.Auto,))
@@ -330,13 +362,21 @@ def _program(k: int, steps: int) -> Callable[..., Any]:
             params[f"b{i}"] = jnp.zeros((fan_out,), f32)
         return params
 
-    def dropout(h: jax.Array, rng: jax.Array) -> jax.Array:
-        keep = jax.random.bernoulli(rng, 1.0 - DROPOUT, h.shape)
+    def uniform(bits: jax.Array) -> jax.Array:
+        """Uniform samples in (0, 1) from uint32 bits."""
+        return ((bits >> 9).astype(f32) + 0.5) * f32(2.0**-23)
+
+    def normal(bits: jax.Array) -> jax.Array:
+        """Standard normal samples from uint32 bits (as jax.random.normal: erfinv of a uniform)."""
+        return f32(np.sqrt(2.0)) * lax.erf_inv(2.0 * uniform(bits) - 1.0)
+
+    def dropout(h: jax.Array, bits: jax.Array) -> jax.Array:
+        keep = bits < np.uint32(round((1.0 - DROPOUT) * 2.0**32))
         return jnp.where(keep, h / (1.0 - DROPOUT), 0.0)
 
-    def loss_fn(params: dict[str, jax.Array], x: jax.Array, y: jax.Array, rng: jax.Array) -> jax.Array:
-        h = dropout(jax.nn.relu(x @ params["w1"] + params["b1"]), jax.random.fold_in(rng, 1))
-        h = dropout(jax.nn.relu(h @ params["w2"] + params["b2"]), jax.random.fold_in(rng, 2))
+    def loss_fn(params: dict[str, jax.Array], x: jax.Array, y: jax.Array, bits: jax.Array) -> jax.Array:
+        h = dropout(jax.nn.relu(x @ params["w1"] + params["b1"]), bits[:, :HIDDEN])
+        h = dropout(jax.nn.relu(h @ params["w2"] + params["b2"]), bits[:, HIDDEN:])
         logits = h @ params["w3"] + params["b3"]
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
@@ -351,11 +391,11 @@ def _program(k: int, steps: int) -> Callable[..., Any]:
         mask = jnp.where(kind == 1, jnp.uint32(1 << 30), low)
         return lax.bitcast_convert_type(bits ^ mask, f32)
 
-    def run(seed: jax.Array, faults: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    def run(seed: jax.Array, faults: dict[str, jax.Array]) -> tuple[dict[str, jax.Array], jax.Array]:
         f = {name: value[0] for name, value in faults.items()}
         index = lax.axis_index("data")
         root = jax.random.key(seed)
-        k_init, k_centers, k_perm, k_signs, k_drift, k_flip, k_data = jax.random.split(root, 7)
+        k_init, k_centers, k_perm, k_signs, k_drift, k_flip, k_steps = jax.random.split(root, 7)
         params = init_params(k_init)  # the same on every device
         centers = CENTER_SCALE * jax.random.normal(k_centers, (CLASSES, FEATURES), f32)
         permutation = jax.random.permutation(k_perm, FEATURES)
@@ -376,7 +416,7 @@ def _program(k: int, steps: int) -> Callable[..., Any]:
         opt_state = tx.init(params)
         ring = jax.tree.map(lambda p: jnp.broadcast_to(p, (RING, *p.shape)), params)
 
-        def step(carry: Any, t: jax.Array) -> tuple[Any, dict[str, jax.Array]]:
+        def step(carry: Any, t: jax.Array) -> tuple[Any, tuple[dict[str, jax.Array], jax.Array]]:
             params, opt_state, ring = carry
             active = (t >= f["start"]) & (t < f["end"])
             perturb = (t == f["start"]) & (f["desync_eps"] > 0)
@@ -385,31 +425,32 @@ def _program(k: int, steps: int) -> Callable[..., Any]:
             lag = jnp.where(active, f["stale_lag"], 0)
             used = jax.tree.map(lambda r: lax.dynamic_index_in_dim(r, jnp.maximum(t - lag, 0) % RING, 0, False), ring)
 
-            # This device's batch: examples from the data source's key, jitter from the
-            # augmentation source's, dropout from the dropout source's, faults from its own.
-            k_step = jax.random.fold_in(k_data, t)
+            # This device's batch, from random bits keyed by the run seed, the stream, the step and a
+            # device: examples from the data source device's, jitter from the augmentation source's,
+            # dropout from the dropout source's, fault noise from its own (one draw per stream).
+            def source(name: str) -> jax.Array:
+                return jnp.where(active, f[name], index)
 
-            def source_key(stream: int, name: str) -> jax.Array:
-                return jax.random.fold_in(jax.random.fold_in(k_step, stream), jnp.where(active, f[name], index))
+            def examples(raw: jax.Array) -> tuple[jax.Array, jax.Array]:
+                y = (raw[:, FEATURES] % CLASSES).astype(jnp.int32)
+                return centers[y] + normal(raw[:, :FEATURES]), y
 
-            def examples(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
-                k_y, k_x = jax.random.split(rng)
-                y = jax.random.randint(k_y, (BATCH,), 0, CLASSES)
-                return centers[y] + jax.random.normal(k_x, (BATCH, FEATURES), f32), y
-
-            x, y = examples(source_key(0, "data_src"))
-            own_x, own_y = examples(jax.random.fold_in(jax.random.fold_in(k_step, 0), index))
+            shapes = [(BATCH, FEATURES + 1), (BATCH, FEATURES + 1), (BATCH, FEATURES), (BATCH, 2 * HIDDEN)]
+            shapes.append((BATCH, FEATURES + 2))
+            devices = [source("data_src"), index, source("aug_src"), source("dropout_src"), index]
+            src_raw, own_raw, aug_raw, drop_raw, fault_bits = _random_bits(k_steps, t, devices, shapes)
+            x, y = examples(src_raw)
+            own_x, own_y = examples(own_raw)
             own = jnp.arange(BATCH) >= jnp.round(f["data_share"] * BATCH)
             x, y = jnp.where(own[:, None], own_x, x), jnp.where(own, own_y, y)
-            x = x + AUGMENT_NOISE * jax.random.normal(source_key(1, "aug_src"), x.shape, f32)
-            k_noise, k_coin, k_label = jax.random.split(jax.random.fold_in(jax.random.fold_in(k_step, 3), index), 3)
+            x = x + AUGMENT_NOISE * normal(aug_raw)
             x = jnp.where(active & (f["aug_permute"] > 0), x[:, permutation], x)
             x = x * jnp.where(active, f["aug_scale"], 1.0)
-            x = x + jnp.where(active, f["aug_noise"], 0.0) * jax.random.normal(k_noise, x.shape, f32)
-            coin = jax.random.uniform(k_coin, (BATCH,)) < jnp.where(active, f["label_noise"], 0.0)
-            y = jnp.where(coin, jax.random.randint(k_label, (BATCH,), 0, CLASSES), y)
+            x = x + jnp.where(active, f["aug_noise"], 0.0) * normal(fault_bits[:, :FEATURES])
+            coin = uniform(fault_bits[:, FEATURES]) < jnp.where(active, f["label_noise"], 0.0)
+            y = jnp.where(coin, (fault_bits[:, FEATURES + 1] % CLASSES).astype(jnp.int32), y)
 
-            loss, grads = grad_fn(used, x, y, source_key(2, "dropout_src"))
+            loss, grads = grad_fn(used, x, y, drop_raw)
 
             mult = jnp.where(active, f["grad_mult"], 1.0)
             drift = jnp.where(active, f["drift_rate"] * (t - f["start"]).astype(f32), 0.0) * optax.global_norm(grads)
@@ -424,14 +465,13 @@ def _program(k: int, steps: int) -> Callable[..., Any]:
             updates, opt_state = tx.update(grads, opt_state, params)
             params = optax.apply_updates(params, updates)
             out = {name: first_copy(value) for name, value in gh.metrics(opt_state).items()}
-            out["train_loss"] = lax.pmean(loss, "data")
-            return (params, opt_state, ring), out
+            return (params, opt_state, ring), (out, loss)
 
-        _, out = lax.scan(step, (params, opt_state, ring), jnp.arange(steps, dtype=jnp.int32))
-        return out
+        _, (out, losses) = lax.scan(step, (params, opt_state, ring), jnp.arange(steps, dtype=jnp.int32))
+        return out, losses[None]  # the losses stay per device: no collective for them
 
     began = time.perf_counter()
-    jitted = jax.jit(jax.shard_map(run, mesh=mesh, in_specs=(P(), P("data")), out_specs=P()))
+    jitted = jax.jit(jax.shard_map(run, mesh=mesh, in_specs=(P(), P("data")), out_specs=(P(), P("data"))))
     program = jitted.lower(np.int32(0), _fault_arrays(None, k)).compile()
     COMPILE_SECONDS[key] = time.perf_counter() - began
     _PROGRAMS[key] = program
@@ -443,24 +483,37 @@ Runs = dict[tuple[str, int], dict[str, np.ndarray]]
 
 
 def summarize(metrics: dict[str, np.ndarray]) -> dict[str, float]:
-    """Summary numbers of one run: median ``xdev/outlier_score`` before and after the fault
-    starts (clean: over the whole run, as ``after``), the fraction of audits after the
-    start whose ``xdev/outlier_device`` is a faulty device, and the run's largest score."""
-    active = metrics["fault_active"]
+    """Summary numbers of one recorded run (audited steps only).
+
+    Returns:
+      ``score_before`` / ``score_after``: median ``xdev/outlier_score`` before / from the
+      fault's start (a clean run: NaN / the whole run); ``hit_active`` / ``hit_after``: the
+      fraction of audits while the fault acts / from its start on whose
+      ``xdev/outlier_device`` is a faulty device (NaN for a clean run); ``named``: the
+      fraction of audits from the start on that name any device (on a clean run, the
+      false-alarm rate); ``score_max``: the largest score of the run.
+    """
+    active = metrics["fault_active"].astype(bool)
     faulty = metrics["faulty_devices"]
     audited = metrics["xdev/audited"].astype(bool)
     score = metrics["xdev/outlier_score"]
-    if faulty.size:
-        start = int(np.argmax(active)) if active.any() else len(active)
-        after = audited & (np.arange(len(active)) >= start)
-        before = audited & (np.arange(len(active)) < start)
-    else:
-        after, before = audited, np.zeros_like(audited)
-    hits = np.isin(metrics["xdev/outlier_device"], faulty) & after
+    outlier = metrics["xdev/outlier_device"]
+    start = int(np.argmax(active)) if active.any() else (len(active) if faulty.size else 0)
+    after = audited & (np.arange(len(active)) >= start)
+    before = audited & ~after
+
+    def median(mask: np.ndarray) -> float:
+        return float(np.median(score[mask])) if mask.any() else float("nan")
+
+    def hits(mask: np.ndarray) -> float:
+        return float(np.isin(outlier[mask], faulty).mean()) if faulty.size and mask.any() else float("nan")
+
     return {
-        "score_before": float(np.median(score[before])) if before.any() else float("nan"),
-        "score_after": float(np.median(score[after])) if after.any() else float("nan"),
-        "hit_rate": float(hits.sum() / max(after.sum(), 1)),
+        "score_before": median(before),
+        "score_after": median(after),
+        "hit_active": hits(active & audited),
+        "hit_after": hits(after),
+        "named": float((outlier[after] >= 0).mean()) if after.any() else float("nan"),
         "score_max": float(np.max(score[audited])) if audited.any() else float("nan"),
     }
 
@@ -487,7 +540,8 @@ def record(
     Returns:
       ``{(scenario name, seed): {metric: array [steps, ...]}}``: every entry of
       ``gh.metrics(state)`` after each step (vectors ``[steps, K]``, matrices ``[steps, K, K]``),
-      ``train_loss`` [steps] (mean over devices), ``fault_active`` bool [steps] and
+      ``device_loss`` [steps, K] (each device's training loss), ``train_loss`` [steps] (its mean
+      over devices), ``fault_active`` bool [steps] and
       ``faulty_devices`` int [n] (empty for clean runs).
     """
     import jax
@@ -498,6 +552,11 @@ def record(
     for fault in faults:
         if fault is not None:
             _fault_arrays(fault, k)  # validates the devices before compiling
+    if out_path is not None:  # fail before the runs, not after
+        directory = os.path.dirname(os.path.abspath(out_path))
+        os.makedirs(directory, exist_ok=True)
+        if not os.access(directory, os.W_OK):
+            raise PermissionError(f"Cannot write {out_path!r}: directory {directory!r} is not writable.")
     program = _program(k, steps)
     if verbose:
         print(f"K={k} steps={steps}: compiled in {COMPILE_SECONDS[(k, steps)]:.1f}s", flush=True)
@@ -506,18 +565,22 @@ def record(
         arrays = _fault_arrays(fault, k)
         for seed in seeds:
             began = time.perf_counter()
-            out = jax.device_get(program(np.int32(seed), arrays))
+            out, losses = jax.device_get(program(np.int32(seed), arrays))
             seconds = time.perf_counter() - began
             metrics = {metric: np.asarray(value) for metric, value in out.items()}
+            metrics["device_loss"] = np.asarray(losses).T
+            metrics["train_loss"] = metrics["device_loss"].mean(axis=1)
             metrics["fault_active"] = np.zeros(steps, bool) if fault is None else fault.active(steps)
             metrics["faulty_devices"] = np.asarray([] if fault is None else fault.devices, np.int64)
             runs[(name, int(seed))] = metrics
             if verbose:
                 s = summarize(metrics)
+                names = f"faulty named {s['hit_active']:6.1%} while active, {s['hit_after']:6.1%} after start"
+                if fault is None:
+                    names = f"a device named (false alarm) on {s['named']:6.1%} of audits"
                 print(
-                    f"K={k} {name:34s} seed={seed} {seconds:7.2f}s  median score before/after "
-                    f"{s['score_before']:7.2f} {s['score_after']:9.3g}  names faulty {s['hit_rate']:5.1%}  "
-                    f"max {s['score_max']:.3g}",
+                    f"K={k} {name:36s} seed={seed} {seconds:6.2f}s  median outlier_score before/after "
+                    f"{s['score_before']:6.2f} {s['score_after']:8.3g}  max {s['score_max']:8.3g}  {names}",
                     flush=True,
                 )
     if out_path is not None:
@@ -534,8 +597,7 @@ def save(runs: Runs, out_path: str) -> None:
             slot = f"a{len(index)}"
             index.append([name, seed, metric, slot])
             arrays[slot] = value
-    directory = os.path.dirname(os.path.abspath(out_path))
-    os.makedirs(directory, exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     np.savez_compressed(out_path, __index__=np.asarray(json.dumps(index)), **arrays)
 
 

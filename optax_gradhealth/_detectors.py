@@ -115,15 +115,17 @@ class NormWindow(NamedTuple):
       log_norms: float32 ``[W]`` ring of natural logs of accepted norms.
       count: int32, accepted norms pushed so far (the ring holds the last
         ``min(count, W)`` of them).
+      streak: int32, spikes in a row (see ``SpikeRule.rebaseline_after``).
     """
 
     log_norms: jax.Array
     count: jax.Array
+    streak: jax.Array
 
 
 def norm_window_init(size: int) -> NormWindow:
     """An empty window of ``size`` log-norms."""
-    return NormWindow(jnp.zeros((size,), jnp.float32), jnp.zeros((), jnp.int32))
+    return NormWindow(jnp.zeros((size,), jnp.float32), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
 
 
 def norm_window_push(window: NormWindow, log_norm: jax.Array, accepted: jax.Array) -> NormWindow:
@@ -132,7 +134,7 @@ def norm_window_push(window: NormWindow, log_norm: jax.Array, accepted: jax.Arra
     size = window.log_norms.shape[0]
     hit = jnp.arange(size, dtype=jnp.int32) == window.count % size
     written = jnp.where(hit & accepted, jnp.asarray(log_norm, jnp.float32), window.log_norms)
-    return NormWindow(written, window.count + accepted.astype(jnp.int32))
+    return NormWindow(written, window.count + accepted.astype(jnp.int32), window.streak)
 
 
 def norm_window_stats(window: NormWindow, recent: int | None = None) -> tuple[jax.Array, jax.Array]:
@@ -212,7 +214,13 @@ class SpikeRule:
     ``warmup`` accepted steps, against a window of the last ``window`` accepted
     log-norms (:func:`norm_window_stats`: the baseline is the median of the latest
     ``baseline`` of them, the spread that of their step-to-step differences). A ``None``
-    threshold drops that condition; both None: no spikes."""
+    threshold drops that condition; both None: no spikes.
+
+    After ``rebaseline_after`` spikes in a row (None: never) the window is emptied and
+    warms up again on the norms that come next: a lasting change of the gradient's
+    scale (parameters thrown elsewhere by a learning-rate spike, a new phase of
+    training) is then accepted instead of every later step being a spike. A burst of
+    bad batches shorter than that is skipped whole."""
 
     threshold: float | None
     zscore: float | None
@@ -220,6 +228,7 @@ class SpikeRule:
     warmup: int
     spread_floor: float
     baseline: int = 16
+    rebaseline_after: int | None = None
 
     def init(self) -> NormWindow:
         return norm_window_init(self.window)
@@ -237,9 +246,17 @@ class SpikeRule:
         return SpikeVerdict(jnp.where(active, ratio, 0.0), jnp.where(active, z, 0.0), spike, bound)
 
     def fold(self, window: NormWindow, norm: jax.Array, verdict: SpikeVerdict, accepted: jax.Array) -> NormWindow:
-        """Pushes an accepted step's norm (a spike's capped at ``verdict.bound``)."""
+        """Pushes an accepted step's norm (a spike's capped at ``verdict.bound``), counts
+        spikes in a row and restarts the window after ``rebaseline_after`` of them."""
         capped = jnp.where(verdict.spike, jnp.minimum(norm, verdict.bound), norm)
-        return norm_window_push(window, jnp.log(jnp.maximum(capped, 1e-37)), accepted)
+        pushed = norm_window_push(window, jnp.log(jnp.maximum(capped, 1e-37)), accepted)
+        finite = jnp.isfinite(norm)
+        streak = jnp.where(verdict.spike, window.streak + 1, jnp.where(finite, 0, window.streak))
+        pushed = pushed._replace(streak=streak.astype(jnp.int32))
+        if self.rebaseline_after is None:
+            return pushed
+        restart = streak >= self.rebaseline_after
+        return jax.tree.map(lambda fresh, kept: jnp.where(restart, fresh, kept), self.init(), pushed)
 
 
 @functools.partial(jax.jit, static_argnames=("rule", "accept_spikes"))

@@ -20,10 +20,11 @@ UNSCALE_ARG = "_gradhealth_unscale"  # private extra argument, see dynamic_loss_
 _NO_STEP = -(2**30)  # sentinel in the spike ring: "no spike recorded here"
 
 # The spike rule's defaults, chosen from the detection benchmark (docs/detection.md).
-SPIKE_THRESHOLD = 3.0  # norm / baseline
+SPIKE_THRESHOLD = 5.0  # norm / baseline
 SPIKE_ZSCORE = 6.0  # robust z of log(norm)
 SPIKE_WINDOW = 128  # accepted steps in the window (the spread of their step-to-step changes)
 SPIKE_BASELINE = 16  # the latest accepted steps whose median norm is the baseline
+REBASELINE_AFTER = 50  # spikes in a row after which the window starts again
 SPREAD_FLOOR = 0.05  # lower bound of the window's robust spread of log-norms
 
 
@@ -151,6 +152,7 @@ def guard(
     spike_threshold: float | None = SPIKE_THRESHOLD,
     spike_zscore: float | None = SPIKE_ZSCORE,
     spike_window: int = SPIKE_WINDOW,
+    rebaseline_after: int | None = REBASELINE_AFTER,
     loss_spike_zscore: float | None = None,
     warmup_steps: int = 20,
     stats_decay: float = 0.98,
@@ -210,7 +212,13 @@ def guard(
       spike_action: ``'skip'``, ``'clip'`` or ``'record'``.
       spike_threshold: spike-score threshold, ``norm / baseline`` (> 1), or None.
       spike_zscore: robust z-score threshold on the log-norm (> 0), or None.
-      spike_window: accepted steps in the spike detector's baseline window (>= 1).
+      spike_window: accepted steps in the spike detector's window (>= 1).
+      rebaseline_after: spikes in a row after which the spike window is emptied and
+        warms up again on the new norms (>= 1), or None (never). A lasting change of
+        the gradient's scale (parameters thrown elsewhere by a learning-rate spike) is
+        then trained through instead of skipping every later step; shorter bursts of
+        bad batches are skipped whole. ``rollback_after_spikes`` (10) raises the
+        rollback recommendation long before.
       loss_spike_zscore: loss z-score threshold (> 0), or None (default: off).
       warmup_steps: accepted steps before spike detection starts (>= 1).
       stats_decay: EMA decay of the running statistics, in (0, 1).
@@ -254,6 +262,7 @@ def guard(
     spike_zscore = check.optional(check.positive, "spike_zscore", spike_zscore)
     loss_spike_zscore = check.optional(check.positive, "loss_spike_zscore", loss_spike_zscore)
     spike_window = check.integer("spike_window", spike_window, minimum=1)
+    rebaseline_after = check.optional(check.integer, "rebaseline_after", rebaseline_after, minimum=1)
     warmup_steps = check.integer("warmup_steps", warmup_steps, minimum=1)
     stats_decay = check.in_open_unit_interval("stats_decay", stats_decay)
     reset_after = check.optional(check.integer, "reset_after", reset_after, minimum=1)
@@ -265,7 +274,13 @@ def guard(
     vanishing_norm = check.optional(check.positive, "vanishing_norm", vanishing_norm)
     norm_spikes_on = spike_threshold is not None or spike_zscore is not None
     spike_rule = detect.SpikeRule(
-        spike_threshold, spike_zscore, spike_window, warmup_steps, SPREAD_FLOOR, min(SPIKE_BASELINE, spike_window)
+        spike_threshold,
+        spike_zscore,
+        spike_window,
+        warmup_steps,
+        SPREAD_FLOOR,
+        min(SPIKE_BASELINE, spike_window),
+        rebaseline_after,
     )
     # Whether any step can be clipped by a global factor (a policy, or spike clipping).
     never_clips = isinstance(policy, _clipping.FixedClip) and math.isinf(policy.max_norm)

@@ -27,7 +27,14 @@ from typing import Any
 import numpy as np
 
 from optax_gradhealth import _detectors as detect
-from optax_gradhealth._guard import SPIKE_BASELINE, SPIKE_THRESHOLD, SPIKE_WINDOW, SPIKE_ZSCORE, SPREAD_FLOOR
+from optax_gradhealth._guard import (
+    REBASELINE_AFTER,
+    SPIKE_BASELINE,
+    SPIKE_THRESHOLD,
+    SPIKE_WINDOW,
+    SPIKE_ZSCORE,
+    SPREAD_FLOOR,
+)
 
 __all__ = ["PLAYBOOK", "Finding", "Thresholds", "diagnose", "format_findings", "load_history"]
 
@@ -42,11 +49,10 @@ class Thresholds:
       min_steps: fewest usable rows for a rate-based pattern (oscillation, clipping,
         dispersion, agreement rates) to be judged at all.
       spike_score: explosion when ``norm / baseline norm`` exceeds this (the guard's
-        ``spike_threshold``). A log with ``grad/spike`` is read as it is (the guard
-        already judged every step); one with ``grad/spike_score`` only is judged by
-        this; one with ``grad/norm`` only is replayed through the guard's own rule
-        (``optax_gradhealth._detectors.SpikeRule``) with this, ``spike_zscore`` and
-        ``spike_window``.
+        ``spike_threshold``) and the z-score exceeds ``spike_zscore``: on the logged
+        ``grad/spike_score`` and ``grad/zscore`` when present (the guard's scores), else
+        replayed on ``grad/norm`` through the guard's own rule
+        (``optax_gradhealth._detectors.SpikeRule``) with these and ``spike_window``.
       spike_zscore: the rule's robust z-score threshold (the guard's ``spike_zscore``).
       spike_window: the rule's window of accepted norms (the guard's ``spike_window``).
       vanishing_norm: a finite norm below this is vanishing...
@@ -463,6 +469,7 @@ def _replayed_spikes(norm: np.ndarray, th: Thresholds) -> tuple[np.ndarray, np.n
         th.warmup_steps,
         SPREAD_FLOOR,
         min(SPIKE_BASELINE, th.spike_window),
+        REBASELINE_AFTER,
     )
     out = detect.replay_spikes(rule, np.asarray(norm, np.float32))
     return np.array(out["spike"]), np.array(out["ratio"], np.float64)
@@ -503,14 +510,15 @@ def _single_node(h: _History, th: Thresholds) -> list[Finding]:
         )
 
     # Explosion: the guard's spike rule (as logged, or replayed here on the norms).
-    if h.has("grad/spike"):
-        spikes = finite & (h.col("grad/spike") == 1)
-        score = np.nan_to_num(h.col("grad/spike_score"), nan=0.0) if h.has("grad/spike_score") else norm
-        source = "grad/spike (the guard's rule, logged)"
-    elif h.has("grad/spike_score"):
+    if h.has("grad/spike_score"):
+        # The guard's rule on its logged scores (the same thresholds by default, so the
+        # same steps as grad/spike, loss spikes aside; other thresholds re-judge them).
         score = np.nan_to_num(h.col("grad/spike_score"), nan=0.0)
         spikes = finite & (score > th.spike_score)
         source = "grad/spike_score"
+        if h.has("grad/zscore"):
+            spikes &= np.nan_to_num(h.col("grad/zscore"), nan=0.0) > th.spike_zscore
+            source = "grad/spike_score and grad/zscore"
     else:
         spikes, score = _replayed_spikes(np.where(finite, norm, np.nan), th)
         spikes = spikes & finite

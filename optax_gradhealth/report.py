@@ -143,8 +143,8 @@ def plot_report(
                 label = "grad/spike_score"
             else:
                 norm = h.col("grad/norm")
-                score = _diagnose._host_spike_score(norm, np.isfinite(norm), th)
-                label = "norm / running mean (computed)"
+                score = _diagnose._replayed_spikes(np.where(np.isfinite(norm), norm, np.nan), th)[1]
+                label = "norm / baseline (the guard's rule, replayed)"
             ax.plot(steps, score, color="tab:blue", lw=1, label=label)
             ax.axhline(th.spike_score, color="tab:red", ls="--", lw=1, label=f"threshold {th.spike_score:g}")
             ax.set_yscale("symlog", linthresh=1.0)

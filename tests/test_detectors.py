@@ -150,7 +150,7 @@ def test_spike_delay_after_a_step_change_is_zero_and_skipped_spikes_do_not_move_
     rng = np.random.default_rng(4)
     norms = np.exp(rng.normal(0.0, 0.1, 600)).astype(np.float32)
     norms[400:] *= 20.0  # a lasting jump
-    rule = detect.SpikeRule(threshold=3.0, zscore=6.0, window=128, warmup=20, spread_floor=0.05)
+    rule = detect.SpikeRule(threshold=3.0, zscore=6.0, window=128, warmup=20, spread_floor=0.05)  # no rebaseline
     skipped = detect.replay_spikes(rule, norms)
     assert not np.asarray(skipped["spike"])[:400].any()
     assert np.asarray(skipped["spike"])[400:].all()  # found at once, and the baseline never moves
@@ -158,6 +158,18 @@ def test_spike_delay_after_a_step_change_is_zero_and_skipped_spikes_do_not_move_
     # Accepted (clip/record) spikes fold in capped: the baseline follows the new level.
     accepted = np.asarray(detect.replay_spikes(rule, norms, accept_spikes=True)["spike"])
     assert accepted[400] and not accepted[-100:].any()
+
+
+def test_spike_rule_rebaselines_after_a_long_streak_but_skips_a_shorter_burst():
+    rng = np.random.default_rng(16)
+    norms = np.exp(rng.normal(0.0, 0.1, 900)).astype(np.float32)
+    norms[200:230] *= 10.0  # a burst of 30 bad batches: every one a spike
+    norms[500:] *= 10.0  # a lasting change of scale
+    rule = detect.SpikeRule(5.0, 6.0, window=128, warmup=20, spread_floor=0.05, rebaseline_after=50)
+    spikes = np.asarray(detect.replay_spikes(rule, norms)["spike"])
+    assert spikes[200:230].all() and not spikes[230:500].any()
+    # 50 spikes in a row, then a fresh window warms up (20 steps) on the new level.
+    assert spikes[500:550].all() and not spikes[550:].any()
 
 
 # ----------------------------------------------------------------------------- CUSUM

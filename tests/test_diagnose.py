@@ -89,9 +89,14 @@ def test_explosion_uses_the_logged_spike_score_and_the_threshold_is_configurable
     rows = clean_rows()
     for row in rows:
         row["grad/spike_score"] = 1.0
-    rows[200]["grad/spike_score"] = 4.0  # above the default threshold, the guard's (3)
+    rows[200]["grad/spike_score"] = 8.0  # above the default threshold, the guard's (5)
     assert by_pattern(rows, "explosion").steps == (200,)
-    assert "explosion" not in patterns(rows, spike_score=5.0)
+    assert "explosion" not in patterns(rows, spike_score=10.0)
+    for row in rows:  # with the guard's z-score logged, both conditions count
+        row["grad/zscore"] = 1.0
+    rows[200]["grad/zscore"] = 7.0
+    assert by_pattern(rows, "explosion").steps == (200,)
+    assert "explosion" not in patterns(rows, spike_zscore=8.0)
 
 
 def test_explosion_names_the_layer_that_jumped():

@@ -55,7 +55,7 @@ HEALTHY_RANGES: dict[str, str] = {
     "grad/finite": "True. A rare False is tolerated (the step is skipped); frequent False is a numerics bug.",
     "grad/skipped": "False on (almost) every step.",
     "grad/spike": "rarely True (well under 1% of steps).",
-    "grad/spike_score": "around 1 (about 0.5 to 2). Above spike_threshold (3 by default) with a robust z-score "
+    "grad/spike_score": "around 1 (about 0.5 to 2). Above spike_threshold (5 by default) with a robust z-score "
     "above spike_zscore (6): a spike. 0 during warm-up.",
     "grad/zscore": "within about +-3. 0 during warm-up.",
     "grad/norm_mean": "positive, changing slowly.",

@@ -1,0 +1,65 @@
+"""The detection benchmark's reduced scenario set (what CI can afford): the calibrated
+defaults meet their targets on it. The full set and its table live in docs/detection.md."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def summary(tmp_path_factory):
+    out = tmp_path_factory.mktemp("detection") / "summary.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_detection.py"), "--quick", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "## Cross-device audit: alarms and detection" in result.stdout
+    return json.loads(out.read_text())
+
+
+def test_guard_spike_rule_no_false_skip_and_catches_x10(summary):
+    spike = summary["spike"]
+    assert spike["worst_run_false_per_10k"] <= 1.0
+    assert spike["caught_worst_run"]["10.0"] >= 0.99
+    assert spike["caught_worst_run"]["100.0"] >= 0.99
+
+
+def test_guard_in_the_loop_handles_every_injected_fault(summary):
+    by = {(r["family"], r["fault"]): r for r in summary["guarded"]}
+    for family in ("mlp_regression", "classifier", "char_transformer"):
+        for fault in ("NaN element", "Inf element", "x10 gradient", "x100 gradient", "burst of 20 x10 gradients"):
+            row = by[(family, fault)]
+            assert row["caught"] == row["of"] and row["delay"] == 0, row
+        clean = by[(family, "clean")]
+        assert clean["false"] == 0 and clean["params_finite"], clean
+
+
+def test_cross_device_no_false_alarm_and_faults_found_in_time(summary):
+    xdev = summary["xdev"]
+    for k in (8, 32):
+        assert xdev[f"{k}|clean_audits"]["alarms"] == 0, xdev[f"{k}|clean_audits"]
+        for name, within in (
+            ("grad_scale/strong/persistent", 3),
+            ("grad_scale/moderate/persistent", 5),
+            ("label_noise/strong/persistent", 3),
+            ("dead/strong/persistent", 3),
+            ("bit_flip/strong/sudden", 1),
+            ("near_duplicate/strong/persistent", 10),
+            ("exact_duplicate/strong/persistent", 1),
+            ("desync/strong/persistent", 1),
+            ("desync/moderate/persistent", 1),
+        ):
+            row = xdev[f"{k}|{name}"]
+            assert row["found"] == row["runs"], (k, name, row)
+            assert max(row["delays"]) < within, (k, name, row)
+    assert summary["xdev_replay_mismatches"] == 0
