@@ -292,13 +292,14 @@ def _fault_arrays(fault: XFault | None, k: int) -> dict[str, np.ndarray]:
 
 
 # ----------------------------------------------------------------------------- the compiled program
-def _random_bits(key: Any, step: Any, devices: Sequence[Any], shapes: Sequence[tuple[int, ...]]) -> list[Any]:
-    """uint32 bits for each stream i: ``key`` folded with i, then with ``step * _MAX_DEVICES + devices[i]``."""
+def _random_bits(key: Any, step: Any, draws: Sequence[tuple[int, Any, tuple[int, ...]]]) -> list[Any]:
+    """uint32 bits for each draw ``(stream, device, shape)``: ``key`` folded with the stream, then
+    with ``step * _MAX_DEVICES + device`` (the same stream, step and device give the same bits)."""
     import jax
 
     return [
-        jax.random.bits(jax.random.fold_in(jax.random.fold_in(key, i), step * _MAX_DEVICES + device), shape)
-        for i, (device, shape) in enumerate(zip(devices, shapes))
+        jax.random.bits(jax.random.fold_in(jax.random.fold_in(key, stream), step * _MAX_DEVICES + device), shape)
+        for stream, device, shape in draws
     ]
 
 
@@ -435,13 +436,17 @@ def _program(k: int, steps: int) -> Callable[..., Any]:
                 y = (raw[:, FEATURES] % CLASSES).astype(jnp.int32)
                 return centers[y] + normal(raw[:, :FEATURES]), y
 
-            shapes = [(BATCH, FEATURES + 1), (BATCH, FEATURES + 1), (BATCH, FEATURES), (BATCH, 2 * HIDDEN)]
-            shapes.append((BATCH, FEATURES + 2))
-            devices = [source("data_src"), index, source("aug_src"), source("dropout_src"), index]
-            src_raw, own_raw, aug_raw, drop_raw, fault_bits = _random_bits(k_steps, t, devices, shapes)
+            draws = [
+                (0, source("data_src"), (BATCH, FEATURES + 1)),
+                (0, index, (BATCH, FEATURES + 1)),  # its own examples (the same as the above when no fault)
+                (1, source("aug_src"), (BATCH, FEATURES)),
+                (2, source("dropout_src"), (BATCH, 2 * HIDDEN)),
+                (3, index, (BATCH, FEATURES + 2)),
+            ]
+            src_raw, own_raw, aug_raw, drop_raw, fault_bits = _random_bits(k_steps, t, draws)
             x, y = examples(src_raw)
             own_x, own_y = examples(own_raw)
-            own = jnp.arange(BATCH) >= jnp.round(f["data_share"] * BATCH)
+            own = jnp.arange(BATCH) >= jnp.round(jnp.where(active, f["data_share"], 1.0) * BATCH)
             x, y = jnp.where(own[:, None], own_x, x), jnp.where(own, own_y, y)
             x = x + AUGMENT_NOISE * normal(aug_raw)
             x = jnp.where(active & (f["aug_permute"] > 0), x[:, permutation], x)
@@ -620,11 +625,18 @@ def _xla_flags(k: int, flags: str | None) -> str:
     return " ".join([*rest, f"--xla_force_host_platform_device_count={k}"])
 
 
-def record_in_subprocess(k: int, quick: bool, steps: int, seeds: Sequence[int], out_path: str) -> None:
+def record_in_subprocess(
+    k: int,
+    quick: bool,
+    steps: int,
+    seeds: Sequence[int],
+    out_path: str,
+    fault_seeds: Sequence[int] | None = None,
+) -> None:
     """Runs this file's CLI in a fresh process with K CPU devices and waits for it.
 
-    Its stdout (one line per run) passes through; raises ``RuntimeError`` with its stderr
-    when it fails.
+    Clean runs use ``seeds``, fault runs ``fault_seeds`` (default: the same). Its stdout
+    (one line per run) passes through; raises ``RuntimeError`` with its stderr when it fails.
     """
     env = dict(os.environ)
     env["XLA_FLAGS"] = _xla_flags(k, env.get("XLA_FLAGS"))
@@ -633,6 +645,8 @@ def record_in_subprocess(k: int, quick: bool, steps: int, seeds: Sequence[int], 
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     command = [sys.executable, os.path.abspath(__file__), "--devices", str(k), "--steps", str(steps), "--out", out_path]
     command += ["--seeds", *map(str, seeds)] + (["--quick"] if quick else [])
+    if fault_seeds is not None:
+        command += ["--fault-seeds", *map(str, fault_seeds)]
     done = subprocess.run(command, env=env, cwd=root, stderr=subprocess.PIPE, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed (exit {done.returncode}):\n{done.stderr}")
@@ -644,6 +658,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="the quick (CI) scenario set")
     parser.add_argument("--steps", type=int, default=None, help="steps per run (default 300 quick, 1000 full)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 quick, 0 1 2 full)")
+    parser.add_argument("--fault-seeds", type=int, nargs="+", default=None, help="seeds of the fault runs")
     parser.add_argument("--out", required=True, help="the .npz to write")
     args = parser.parse_args(argv)
     if "jax" not in sys.modules:
@@ -652,7 +667,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     steps = args.steps if args.steps is not None else 300 if args.quick else 1000
     seeds = args.seeds if args.seeds is not None else [0] if args.quick else [0, 1, 2]
     began = time.perf_counter()
-    record(args.devices, scenarios(args.quick), steps, seeds, args.out, verbose=True)
+    every = scenarios(args.quick)
+    if args.fault_seeds is None:
+        record(args.devices, every, steps, seeds, args.out, verbose=True)
+    else:
+        runs = record(args.devices, [f for f in every if f is None], steps, seeds, verbose=True)
+        runs.update(record(args.devices, [f for f in every if f is not None], steps, args.fault_seeds, verbose=True))
+        save(runs, args.out)
     print(f"K={args.devices}: {time.perf_counter() - began:.1f}s in all, saved {args.out}", flush=True)
 
 

@@ -360,6 +360,21 @@ def test_rollback_after_consecutive_spikes_and_vanishing_rule():
     assert [bool(h["grad/vanishing"]) for h in history] == [False] * 5 + [True, True, False, False]
 
 
+def test_lasting_change_of_scale_is_trained_through_after_a_streak_of_spikes():
+    """A lasting 20x jump: skipped for `rebaseline_after` steps (the rollback
+    recommendation raised on the way), then the window warms up again on the new level."""
+    norms = noisy_norms(70)
+    norms[30:] = [20.0 * n for n in norms[30:]]
+    tx = gh.guard(optax.sgd(0.1), rebaseline_after=5, reset_after=None, rollback_after_spikes=3, warmup_steps=10)
+    _, history = run_norm_sequence(tx, norms)
+    assert [i for i, h in enumerate(history) if h["grad/skipped"]] == list(range(30, 35))
+    assert bool(history[32]["grad/rollback"]) and not bool(history[31]["grad/rollback"])
+    assert int(history[-1]["grad/num_spikes"]) == 5
+    # Warm-up again (10 accepted steps, no score), then judged against the new level.
+    assert [h["grad/spike_score"] for h in history[35:45]] == [0.0] * 10
+    assert 0.5 < float(history[-1]["grad/spike_score"]) < 2.0
+
+
 def test_nonfinite_loss_skips_and_loss_spikes_are_detected():
     norms = noisy_norms(40)
     loss = list(2.0 + 0.01 * np.random.default_rng(1).standard_normal(40))
@@ -432,6 +447,8 @@ def test_metrics_found_in_nnx_optimizer():
         (dict(spike_threshold=float("nan")), ValueError, r"`spike_threshold` must not be NaN"),
         (dict(spike_zscore=-3.0), ValueError, r"`spike_zscore` must be a positive number"),
         (dict(warmup_steps=0), ValueError, r"`warmup_steps` must be an int >= 1, got 0"),
+        (dict(spike_window=0), ValueError, r"`spike_window` must be an int >= 1, got 0"),
+        (dict(rebaseline_after=0), ValueError, r"`rebaseline_after` must be an int >= 1, got 0"),
         (dict(stats_decay=1.5), ValueError, r"`stats_decay` must lie strictly between 0 and 1, got 1.5"),
         (dict(reset_after=0), ValueError, r"`reset_after` must be an int >= 1, got 0"),
         (dict(reset_window=0), ValueError, r"`reset_window` must be an int >= 1, got 0"),
