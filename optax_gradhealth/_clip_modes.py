@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_gradhealth import _clipping, _metrics, _stats
+from optax_gradhealth import _clipping, _guard, _metrics, _stats
 from optax_gradhealth import _validation as check
 
 __all__ = [
@@ -372,6 +372,7 @@ def adaptive_grad_clip(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+_guard.keep_on_momentum_reset(ClipByValueState, ClipByLayerNormState, AdaptiveClipState)
 _metrics.register_metrics(
     ClipByValueState,
     {"value_clip_count": "grad/value_clip_count", "value_clip_fraction": "grad/value_clip_fraction"},

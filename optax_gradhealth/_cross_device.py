@@ -34,7 +34,7 @@ import optax
 from jax import lax
 
 from optax_gradhealth import _detectors as detect
-from optax_gradhealth import _metrics, _stats
+from optax_gradhealth import _guard, _metrics, _stats
 from optax_gradhealth import _validation as check
 
 __all__ = [
@@ -190,6 +190,7 @@ _XDEV_CATALOGUE = {
 }
 
 _metrics.register_metrics(CrossDeviceState, _XDEV_FIELDS, catalogue=_XDEV_CATALOGUE)
+_guard.keep_on_momentum_reset(CrossDeviceState)
 
 
 # Decay (per audit step) of the running cross-device spreads the outlier scores divide by.

@@ -118,6 +118,15 @@ class GuardState(NamedTuple):
 # Sub-states whose counters drive learning-rate schedules: a momentum reset leaves them.
 _SCHEDULE_STATES = (optax.ScaleByScheduleState,)
 _HYPERPARAM_STATES = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
+# gradhealth's own bookkeeping states (records, loss scale, audits, nested guards): a
+# momentum reset keeps them as they are. Modules add theirs with keep_on_momentum_reset.
+_KEPT_ON_RESET: set[type] = set()
+
+
+def keep_on_momentum_reset(*state_types: type) -> None:
+    """Declares state types that the guard's momentum reset keeps as they are (instead of
+    re-initialising them with the inner optimizer's moments): bookkeeping, not moments."""
+    _KEPT_ON_RESET.update(state_types)
 
 
 def _reset_mask(state: Any) -> Any:
@@ -126,10 +135,8 @@ def _reset_mask(state: Any) -> Any:
     hyperparameter counters and gradhealth's own bookkeeping states (clip modes, nested
     guards, loss scale)."""
 
-    from optax_gradhealth._metrics import _REGISTRY  # bookkeeping states: kept as they are
-
     def kept(x):
-        return isinstance(x, _SCHEDULE_STATES) or type(x) in _REGISTRY
+        return isinstance(x, _SCHEDULE_STATES) or type(x) in _KEPT_ON_RESET
 
     def is_boundary(x):
         return kept(x) or isinstance(x, _HYPERPARAM_STATES)
@@ -516,3 +523,6 @@ def guard(
         return new_updates, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+keep_on_momentum_reset(GuardState, _clipping.ClipByGlobalNormState)

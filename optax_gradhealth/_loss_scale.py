@@ -50,6 +50,7 @@ class LossScaleState(NamedTuple):
     loss_scale_num_overflows: jax.Array
 
 
+_guard.keep_on_momentum_reset(LossScaleState)
 _metrics.register_metrics(
     LossScaleState,
     {

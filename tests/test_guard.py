@@ -328,6 +328,32 @@ def test_applied_reset_step_is_the_fresh_optimizers_first_step(action, jit):
     np.testing.assert_allclose(adam.nu["w"], nu, rtol=1e-6)
 
 
+def test_registering_metrics_does_not_change_what_a_reset_keeps():
+    """What a reset keeps is declared apart (_guard.keep_on_momentum_reset): logging a
+    state's fields with gh.register_metrics must not spare it from the reset."""
+    from typing import NamedTuple
+
+    class SeenState(NamedTuple):
+        seen_steps: jax.Array
+
+    def count_steps():
+        return optax.GradientTransformation(
+            lambda params: SeenState(jnp.zeros((), jnp.int32)),
+            lambda updates, state, params=None: (updates, SeenState(state.seen_steps + 1)),
+        )
+
+    gh.register_metrics(SeenState, {"seen_steps": "test/seen_steps"})
+    tx = gh.guard(optax.chain(count_steps(), optax.sgd(0.1)), warmup_steps=3, reset_after=1, spike_zscore=None)
+    params = {"w": jnp.zeros(2)}
+    state = tx.init(params)
+    for norm in [1.0, 1.0, 1.0, 1.0]:
+        _, state = tx.update({"w": jnp.full((2,), norm / np.sqrt(2))}, state, params)
+    assert int(gh.metrics(state)["test/seen_steps"]) == 4
+    _, state = tx.update({"w": jnp.full((2,), 50.0)}, state, params)  # spike: reset
+    assert bool(state.guard_momentum_reset)
+    assert int(gh.metrics(state)["test/seen_steps"]) == 0  # re-initialised like any moment
+
+
 def test_momentum_reset_inside_inject_hyperparams_keeps_its_count():
     inner = optax.inject_hyperparams(optax.adam)(learning_rate=optax.linear_schedule(1e-2, 0.0, 50))
     tx = gh.guard(inner, warmup_steps=3, reset_after=1, spike_zscore=None)
