@@ -198,9 +198,9 @@ _SPREAD_DECAY = 0.9
 # The audit detectors' defaults, chosen from the detection benchmark (docs/detection.md).
 OUTLIER_THRESHOLD = 10.0  # instant score that names a device at once
 OUTLIER_EVIDENCE = 12.0  # CUSUM evidence that names a device
-OUTLIER_DRIFT = 3.0  # CUSUM drift: a clean device's score stays below it on average
+OUTLIER_DRIFT = 2.0  # CUSUM drift: a clean device's score stays below it on average
 NEAR_DUPLICATE_EVIDENCE = 12.0
-NEAR_DUPLICATE_DRIFT = 4.0
+NEAR_DUPLICATE_DRIFT = 3.0
 NORM_FLOOR = 0.1
 COSINE_FLOOR = 0.05
 PAIR_FLOOR = 0.05
@@ -511,13 +511,13 @@ def cross_device(
 
     a non-finite local gradient scores ``inf`` (``xdev/norm_score``,
     ``xdev/direction_score``). Evidence accumulates across audits in a one-sided CUSUM
-    per device, ``e_k <- clip(e_k + score_k - 3, 0, 2 * outlier_evidence)``
+    per device, ``e_k <- clip(e_k + score_k - 2, 0, 2 * outlier_evidence)``
     (``xdev/outlier_evidence``). A device is named (``xdev/outlier_devices``) when its
     score exceeds ``outlier_threshold`` (a strong fault, at the audit it shows) or its
     evidence exceeds ``outlier_evidence`` (a moderate one that persists: a score of 6 on
-    every audit is named at the fourth); ``xdev/outlier_device`` is the named device
+    every audit is named at the third); ``xdev/outlier_device`` is the named device
     with the most evidence, else -1. Near-duplicate data: each pair's sketched cosine
-    gets a robust z-score against the other pairs' and a CUSUM of drift 4; a pair whose
+    gets a robust z-score against the other pairs' and a CUSUM of drift 3; a pair whose
     evidence exceeds ``near_duplicate_evidence`` is flagged in
     ``xdev/near_duplicate_pairs`` (two devices that see the same examples under
     different dropout or augmentation). The rules live in

@@ -155,7 +155,9 @@ def norm_window_stats(window: NormWindow, recent: int | None = None) -> tuple[ja
     filled = age < valid
     in_baseline = filled if recent is None else filled & (age < recent)
     baseline = masked_median(window.log_norms, in_baseline)
-    differences = window.log_norms - jnp.roll(window.log_norms, 1)  # slot j minus the one written before it
+    # Slot j minus the slot written before it (a gather, not roll's two slices).
+    previous = jnp.take(window.log_norms, (jnp.arange(size, dtype=jnp.int32) - 1) % size)
+    differences = window.log_norms - previous
     _, spread = median_and_spread(differences, age + 1 < valid)
     return baseline, spread / math.sqrt(2.0)
 

@@ -49,9 +49,11 @@ def test_cross_device_no_false_alarm_and_faults_found_in_time(summary):
     for k in (8, 32):
         assert xdev[f"{k}|clean_audits"]["alarms"] == 0, xdev[f"{k}|clean_audits"]
         for name, within in (
-            ("grad_scale/strong/persistent", 3),
+            ("grad_scale/strong/persistent", 1),
+            ("bad_augment/strong/persistent", 1),
             ("grad_scale/moderate/persistent", 5),
-            ("label_noise/strong/persistent", 3),
+            # every label wrong on one device: the norm 1.8x the others', a moderate score
+            ("label_noise/strong/persistent", 20),
             ("dead/strong/persistent", 3),
             ("bit_flip/strong/sudden", 1),
             ("near_duplicate/strong/persistent", 10),

@@ -11,19 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from optax_gradhealth import _cross_device
 from optax_gradhealth import _detectors as detect
 
-AUDIT_RULE = dict(
-    outlier_threshold=10.0,
-    evidence_threshold=12.0,
-    evidence_drift=3.0,
-    norm_floor=0.1,
-    cosine_floor=0.05,
-    pair_threshold=12.0,
-    pair_drift=4.0,
-    pair_floor=0.05,
-    spread_decay=0.9,
-)
+AUDIT_RULE = _cross_device.default_audit_rule()  # what gh.cross_device runs by default
 
 
 def normal_tail(z: float) -> float:
