@@ -473,7 +473,9 @@ def cross_device(
     noise_scale_decay: float = 0.99,
     outlier_threshold: float = OUTLIER_THRESHOLD,
     outlier_evidence: float = OUTLIER_EVIDENCE,
+    outlier_drift: float = OUTLIER_DRIFT,
     near_duplicate_evidence: float = NEAR_DUPLICATE_EVIDENCE,
+    near_duplicate_drift: float = NEAR_DUPLICATE_DRIFT,
     norm_floor: float = NORM_FLOOR,
     cosine_floor: float = COSINE_FLOOR,
 ) -> optax.GradientTransformationExtraArgs:
@@ -543,8 +545,11 @@ def cross_device(
       noise_scale_decay: decay of the two noise-scale EMAs, in (0, 1).
       outlier_threshold: instant score above which a device is named at once.
       outlier_evidence: CUSUM evidence above which a device is named.
+      outlier_drift: the CUSUM's drift, the score a clean device stays below on
+        average (> 0): lower finds moderate faults sooner and raises more false alarms.
       near_duplicate_evidence: CUSUM evidence above which a pair is flagged as
         near-duplicate.
+      near_duplicate_drift: the pair CUSUM's drift (> 0).
       norm_floor: lower bound of the log-norm spread (0.1 ~ 10 % norm differences count
         as normal even when the other devices agree more closely).
       cosine_floor: lower bound of the spread of the leave-one-out cosines.
@@ -599,6 +604,8 @@ def cross_device(
         outlier_threshold=check.positive("outlier_threshold", outlier_threshold, allow_inf=True),
         evidence_threshold=check.positive("outlier_evidence", outlier_evidence, allow_inf=True),
         pair_threshold=check.positive("near_duplicate_evidence", near_duplicate_evidence, allow_inf=True),
+        evidence_drift=check.positive("outlier_drift", outlier_drift),
+        pair_drift=check.positive("near_duplicate_drift", near_duplicate_drift),
         norm_floor=check.positive("norm_floor", norm_floor),
         cosine_floor=check.positive("cosine_floor", cosine_floor),
     )

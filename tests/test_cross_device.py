@@ -287,6 +287,10 @@ def test_shard_map_summed_gradients_raise_and_local_value_and_grad_fixes_them():
         ({"sharded_axes": "data"}, ValueError, "both a data axis and a sharded axis"),
         ({"noise_scale_decay": 1.0}, ValueError, "noise_scale_decay"),
         ({"outlier_threshold": 0.0}, ValueError, "outlier_threshold"),
+        ({"outlier_evidence": -1.0}, ValueError, "outlier_evidence"),
+        ({"outlier_drift": 0.0}, ValueError, "outlier_drift"),
+        ({"near_duplicate_evidence": float("nan")}, ValueError, "near_duplicate_evidence"),
+        ({"near_duplicate_drift": "3"}, TypeError, "near_duplicate_drift"),
     ],
 )
 def test_bad_arguments_fail_at_build_time(kwargs, error, match):
@@ -609,3 +613,39 @@ def test_metric_names_are_the_design_catalogue():
     design += " outlier_devices norm_score direction_score outlier_evidence near_duplicate_pairs"
     assert names == {f"xdev/{n}" for n in design.split()}
     assert names <= set(gh.CATALOGUE)
+
+
+def test_alarms_name_the_devices_the_kind_and_the_evidence():
+    k = 6
+    cos = np.full((k, k), 0.1, np.float32)
+    np.fill_diagonal(cos, 1.0)
+    cos[1, 4] = cos[4, 1] = 0.85
+    near = np.zeros((k, k), bool)
+    near[1, 4] = near[4, 1] = True
+    norms = np.array([1.0, 1.1, 0.9, 1.0, 1.05, 0.0], np.float32)
+    m = {
+        "xdev/device_norms": norms,
+        "xdev/cosine_to_mean": np.array([0.5, 0.5, 0.5, -0.2, 0.5, 0.0], np.float32),
+        "xdev/outlier_devices": np.array([False, False, False, True, False, True]),
+        "xdev/norm_score": np.array([0.1, 0.5, 1.0, 0.0, 0.3, 300.0], np.float32),
+        "xdev/direction_score": np.array([0.2, 0.1, 0.3, 9.0, 0.2, 4.0], np.float32),
+        "xdev/outlier_evidence": np.array([0.0, 0.0, 0.0, 14.0, 0.0, 24.0], np.float32),
+        "xdev/pairwise_cosine": cos,
+        "xdev/near_duplicate_pairs": near,
+        "xdev/duplicate_pairs": np.zeros((k, k), bool),
+        "xdev/param_desync": np.zeros(k, bool),
+    }
+    alarms = gh.cross_device_alarms(m)
+    assert [(a.kind, a.devices) for a in alarms] == [
+        ("outlier_direction", (3,)),
+        ("dead_device", (5,)),
+        ("near_duplicate_pair", (1, 4)),
+    ]
+    assert alarms[0] == (
+        "device 3: gradient direction unlike the others (cosine to the mean -0.20 vs 0.50; score 9, evidence 14)"
+    )
+    assert alarms[0].evidence["cusum_evidence"] == 14.0
+    assert alarms[2].evidence == {"pair_cosine": pytest.approx(0.85), "median_pair_cosine": pytest.approx(0.1)}
+    # A bit-identical pair is an exact duplicate, not also a near one.
+    m["xdev/duplicate_pairs"] = near
+    assert [a.kind for a in gh.cross_device_alarms(m)][-1] == "duplicate_pair"
