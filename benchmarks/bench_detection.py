@@ -409,7 +409,7 @@ def xdev_table(runs_by_k: dict[int, dict[tuple[str, int], dict[str, np.ndarray]]
 
 XDEV_SWEEP = [
     {"evidence_drift": d, "evidence_threshold": h, "pair_drift": pd, "pair_threshold": h}
-    for d, pd in ((2.0, 3.0), (3.0, 4.0), (4.0, 5.0))
+    for d, pd in ((1.0, 2.0), (1.5, 2.5), (2.0, 3.0), (3.0, 4.0), (4.0, 5.0))
     for h in (8.0, 12.0, 16.0)
 ]
 MODERATE = ("grad_scale/moderate/persistent", "label_noise/moderate/persistent", "bad_augment/moderate/persistent")
