@@ -52,8 +52,9 @@ def test_cross_device_no_false_alarm_and_faults_found_in_time(summary):
             ("grad_scale/strong/persistent", 1),
             ("bad_augment/strong/persistent", 1),
             ("grad_scale/moderate/persistent", 5),
-            # every label wrong on one device: the norm 1.8x the others', a moderate score
-            ("label_noise/strong/persistent", 20),
+            # every label wrong on one device: the norm 1.7x the others', a score of 4-5
+            # (docs/detection.md: named in 6-21 audits over the full set's runs)
+            ("label_noise/strong/persistent", 30),
             ("dead/strong/persistent", 3),
             ("bit_flip/strong/sudden", 1),
             ("near_duplicate/strong/persistent", 10),
