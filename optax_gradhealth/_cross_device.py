@@ -957,6 +957,12 @@ class Alarm(str):
         ``'param_desync'``.
       devices: the device indices (positions on the data axes) it names.
       evidence: the numbers behind it.
+
+    Example:
+      >>> import optax_gradhealth as gh
+      >>> alarm = gh.Alarm("device 2: zero gradient", "dead_device", (2,), {"device_norm": 0.0})
+      >>> alarm == "device 2: zero gradient", alarm.kind, alarm.devices
+      (True, 'dead_device', (2,))
     """
 
     kind: str

@@ -10,10 +10,11 @@ threshold measured in the benchmark is the threshold the jitted step applies.
 Three detectors, each judged by its false-alarm rate on clean runs and its delay on
 faults (``docs/detection.md``):
 
-* **spike** (single device, every step): the robust z-score of the log gradient norm
-  against the median and MAD of the last ``window`` accepted log-norms
-  (:class:`NormWindow`), together with the ratio ``norm / baseline`` (baseline =
-  ``exp(median)``). A spike needs both.
+* **spike** (single device, every step, :class:`SpikeRule`): the ratio ``norm /
+  baseline`` and the robust z-score of the log-norm against a window of the last
+  ``window`` accepted log-norms (:class:`NormWindow`; the baseline is the median of the
+  latest few, the spread that of the step-to-step changes, see
+  :func:`norm_window_stats`). A spike needs both.
 * **outlier device** (cross-device audits): per-device robust scores (log-norm and
   leave-one-out cosine, against the median and MAD across devices), accumulated over
   audits by a one-sided CUSUM (:func:`cusum`). A strong score names the device at once;
