@@ -132,13 +132,8 @@ def _window_stats(norms: np.ndarray, setting: Setting) -> tuple[np.ndarray, np.n
 
 
 def _flags(norms: np.ndarray, median: np.ndarray, spread: np.ndarray, setting: Setting) -> np.ndarray:
-    """Whether each norm is a spike against the given windows: ``SpikeRule.judge`` on arrays."""
-    ratio, z = jax.device_get(detect.spike_scores(norms, median, spread, _guard.SPREAD_FLOOR))
-    flag = np.ones(norms.shape, bool)
-    if setting.threshold is not None:
-        flag &= ratio > setting.threshold
-    if setting.zscore is not None:
-        flag &= z > setting.zscore
+    """Whether each norm is a spike against the given windows (the rule's own thresholds)."""
+    flag = np.array(setting.rule().exceeds(norms, median, spread)[2])
     flag[..., :WARMUP] = False  # no accepted window yet: no spike (the guard's warm-up)
     return flag
 

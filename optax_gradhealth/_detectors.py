@@ -184,13 +184,13 @@ def spike_bound(
     """The largest norm that is not a spike: a spike needs ``ratio > ratio`` AND
     ``zscore > zscore``, so the bound is the larger of the two conditions' bounds
     (``inf`` when both are None)."""
+    if ratio is None and zscore is None:
+        return jnp.full((), jnp.inf, jnp.float32)
     log_bound = jnp.full((), -jnp.inf, jnp.float32)
     if ratio is not None:
         log_bound = jnp.maximum(log_bound, median + math.log(ratio))
     if zscore is not None:
         log_bound = jnp.maximum(log_bound, median + zscore * jnp.maximum(spread, spread_floor))
-    if ratio is None and zscore is None:
-        return jnp.full((), jnp.inf, jnp.float32)
     return jnp.exp(jnp.minimum(log_bound, 88.0))
 
 
@@ -203,12 +203,16 @@ class SpikeVerdict(NamedTuple):
       spike: the step is a spike.
       bound: the largest norm that would not have been a spike (what a spike is
         clipped to, and what an accepted spike folds into the window).
+      median: the window's baseline log-norm the step was judged by.
+      spread: the window's robust spread (before the floor).
     """
 
     ratio: jax.Array
     zscore: jax.Array
     spike: jax.Array
     bound: jax.Array
+    median: jax.Array
+    spread: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,22 +240,35 @@ class SpikeRule:
     def init(self) -> NormWindow:
         return norm_window_init(self.window)
 
+    def exceeds(self, norm: jax.Array, median: jax.Array, spread: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """``(ratio, zscore, over)``: the scores of ``norm`` (any shape) against a window's
+        ``(median, spread)``, and whether they pass the thresholds (warm-up aside)."""
+        ratio, z = spike_scores(norm, median, spread, self.spread_floor)
+        over = jnp.full(jnp.shape(ratio), self.threshold is not None or self.zscore is not None)
+        if self.threshold is not None:
+            over = over & (ratio > self.threshold)
+        if self.zscore is not None:
+            over = over & (z > self.zscore)
+        return ratio, z, over
+
     def judge(self, window: NormWindow, norm: jax.Array, finite: jax.Array) -> SpikeVerdict:
         median, spread = norm_window_stats(window, self.baseline)
         active = (window.count >= self.warmup) & finite
-        ratio, z = spike_scores(norm, median, spread, self.spread_floor)
-        spike = active & (self.threshold is not None or self.zscore is not None)
-        if self.threshold is not None:
-            spike = spike & (ratio > self.threshold)
-        if self.zscore is not None:
-            spike = spike & (z > self.zscore)
+        ratio, z, over = self.exceeds(norm, median, spread)
         bound = spike_bound(median, spread, self.spread_floor, self.threshold, self.zscore)
-        return SpikeVerdict(jnp.where(active, ratio, 0.0), jnp.where(active, z, 0.0), spike, bound)
+        return SpikeVerdict(
+            jnp.where(active, ratio, 0.0), jnp.where(active, z, 0.0), active & over, bound, median, spread
+        )
+
+    @staticmethod
+    def capped(norm: jax.Array, verdict: SpikeVerdict) -> jax.Array:
+        """The norm a step counts with in running statistics: a spike's capped at the bound."""
+        return jnp.where(verdict.spike, jnp.minimum(norm, verdict.bound), norm)
 
     def fold(self, window: NormWindow, norm: jax.Array, verdict: SpikeVerdict, accepted: jax.Array) -> NormWindow:
         """Pushes an accepted step's norm (a spike's capped at ``verdict.bound``), counts
         spikes in a row and restarts the window after ``rebaseline_after`` of them."""
-        capped = jnp.where(verdict.spike, jnp.minimum(norm, verdict.bound), norm)
+        capped = self.capped(norm, verdict)
         pushed = norm_window_push(window, jnp.log(jnp.maximum(capped, 1e-37)), accepted)
         finite = jnp.isfinite(norm)
         streak = jnp.where(verdict.spike, window.streak + 1, jnp.where(finite, 0, window.streak))
@@ -274,10 +291,8 @@ def replay_spikes(rule: SpikeRule, norms: jax.Array, accept_spikes: bool = False
 
     def step(window, norm):
         verdict = rule.judge(window, norm, jnp.isfinite(norm))
-        median, spread = norm_window_stats(window, rule.baseline)
         accepted = jnp.isfinite(norm) & (~verdict.spike if not accept_spikes else True)
-        out = dict(verdict._asdict(), median=median, spread=spread)
-        return rule.fold(window, norm, verdict, accepted), out
+        return rule.fold(window, norm, verdict, accepted), verdict._asdict()
 
     _, out = jax.lax.scan(step, rule.init(), jnp.asarray(norms, jnp.float32))
     return out

@@ -444,7 +444,7 @@ def guard(
         new_updates = sel.zero_floats_where(skipped, inner_updates)
 
         # Running statistics: accepted steps only; a spike's norm is capped.
-        capped_norm = jnp.where(spike, jnp.minimum(norm, verdict.bound), norm)
+        capped_norm = jnp.where(spike, jnp.minimum(norm, verdict.bound), norm)  # loss spikes too
         norm_window = spike_rule.fold(state.guard_norm_window, norm, verdict, accepted)
         mean = state.guard_running_norm_mean
         std = jnp.sqrt(state.guard_running_norm_var)
