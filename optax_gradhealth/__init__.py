@@ -58,6 +58,9 @@ from optax_gradhealth._cross_device import (
     local_value_and_grad,
 )
 
+# The release's one version: pyproject.toml reads it from here ([tool.setuptools.dynamic],
+# statically, without importing the package), `python -m optax_gradhealth --version`
+# prints it. Keep it a plain string literal.
 __version__ = "0.1.0"
 
 __all__ = [

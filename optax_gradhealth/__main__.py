@@ -1,5 +1,5 @@
 """Command line: ``python -m optax_gradhealth report RUN.jsonl -o report.png`` and
-``python -m optax_gradhealth diagnose RUN.jsonl``."""
+``python -m optax_gradhealth diagnose RUN.jsonl``; ``python -m optax_gradhealth --version``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import argparse
 import dataclasses
 import importlib
 import sys
+
+from optax_gradhealth import __version__
 
 # The module (``optax_gradhealth.diagnose`` the attribute is the function gh.diagnose).
 _diagnose = importlib.import_module("optax_gradhealth.diagnose")
@@ -25,6 +27,7 @@ def _thresholds(pairs: list[str]) -> _diagnose.Thresholds:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m optax_gradhealth", description="Gradient-health reports.")
+    parser.add_argument("--version", action="version", version=f"optax-gradhealth {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     report = sub.add_parser("report", help="plot a run's log and write the diagnosis beside the picture")
     report.add_argument("log", help="the run's JSON Lines metrics log")
