@@ -75,9 +75,10 @@ def variants() -> dict[str, tuple[Callable[[], optax.GradientTransformation], bo
     def apply_if_finite():
         return optax.apply_if_finite(clip_adamw(), 5)
 
-    def guard():
+    def guard(check_updates=True):
         return gh.guard(
             adamw(),
+            check_updates=check_updates,
             clip=1.0,
             spike_action="skip",
             spike_threshold=2.0,
@@ -96,6 +97,7 @@ def variants() -> dict[str, tuple[Callable[[], optax.GradientTransformation], bo
         "clip+adamw": (clip_adamw, False),
         "apply_if_finite": (apply_if_finite, False),
         "guard (all on)": (guard, True),
+        "guard, check_updates=False": (lambda: guard(check_updates=False), True),
     }
 
 

@@ -54,7 +54,8 @@ class GuardState(NamedTuple):
       guard_norm_clipped: norm of what the inner optimizer saw, 0 when skipped.
       guard_clip_threshold: threshold used this step.
       guard_clipped: the step was clipped.
-      guard_finite: every gradient element (and the loss, if passed) was finite.
+      guard_finite: every gradient element (and ``loss`` and ``value``, if passed) was
+        finite.
       guard_skipped: the step was skipped (zero update, inner state kept).
       guard_spike: the step was a spike.
       guard_spike_score: norm / baseline norm (the window's median norm).
@@ -69,11 +70,14 @@ class GuardState(NamedTuple):
         non-finite step (-1 if none yet); name it with ``gh.leaf_names(params)``.
       guard_num_steps: steps seen (int32), skipped ones included.
       guard_num_clipped: clipped steps (int32).
-      guard_num_nonfinite: steps with a non-finite gradient or loss (int32).
+      guard_num_nonfinite: steps with a non-finite gradient, ``loss`` or ``value`` (int32).
+      guard_num_nonfinite_updates: steps whose gradient was accepted but whose inner
+        update or new inner state was non-finite, so they were skipped (int32).
       guard_num_skipped: skipped steps (int32).
       guard_num_spikes: spikes detected (int32).
       guard_num_momentum_resets: momentum resets performed (int32).
-      guard_consecutive_nonfinite: current run of consecutive non-finite steps.
+      guard_consecutive_nonfinite: current run of consecutive non-finite steps (a
+        non-finite gradient, loss, value or inner update).
       guard_consecutive_spikes: current run of consecutive spikes.
       guard_layer_norms: pre-clip per-leaf norms (a :class:`LayerNorms`: one vector).
     """
@@ -107,6 +111,7 @@ class GuardState(NamedTuple):
     guard_num_steps: jax.Array
     guard_num_clipped: jax.Array
     guard_num_nonfinite: jax.Array
+    guard_num_nonfinite_updates: jax.Array
     guard_num_skipped: jax.Array
     guard_num_spikes: jax.Array
     guard_num_momentum_resets: jax.Array
@@ -151,6 +156,64 @@ def _reset_mask(state: Any) -> Any:
     return jax.tree.map(one, state, is_leaf=is_boundary)
 
 
+def _gradient_like(params: Any) -> Any:
+    """The tree the gradients have: ``params``, or the fast half of ``optax.lookahead``'s
+    ``LookaheadParams`` (its gradients are taken with respect to the fast params)."""
+    return params.fast if isinstance(params, optax.LookaheadParams) else params
+
+
+def _scalar_arg(name: str, x: Any) -> jax.Array | None:
+    if x is None:
+        return None
+    x = jnp.asarray(x, jnp.float32)
+    if x.shape != ():
+        raise ValueError(f"gh.guard: `{name}` must be a scalar, got shape {x.shape}.")
+    return x
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    """True when every float element of ``tree`` is finite (a scalar bool).
+
+    The flags of leaves of one shape are and-ed elementwise before one reduction: where
+    the compiler does not fuse a reduction with the computation of its operand (XLA:CPU
+    materialises the operand), that is one byte per element of each shape, not one per
+    leaf (Adam's ``mu``, ``nu`` and update share each parameter's shape).
+    """
+    by_shape: dict[tuple[int, ...], jax.Array] = {}
+    for x in jax.tree.leaves(tree):
+        if _stats._is_float(x):
+            flag = jnp.isfinite(x)
+            by_shape[x.shape] = flag if x.shape not in by_shape else by_shape[x.shape] & flag
+    if not by_shape:
+        return jnp.ones((), jnp.bool_)
+    # One concatenation (see `_stats._sums_of_squares`), not a kernel reading every flag.
+    return jnp.all(jax.lax.optimization_barrier(jnp.stack([jnp.all(flag) for flag in by_shape.values()])))
+
+
+def _check_state_structure(old: Any, new: Any) -> None:
+    """Raises when the inner update returns a state of another structure than it was
+    given: the guard keeps the old state on a skipped step, leaf by leaf, so both must
+    match (as ``lax.scan`` and ``jit`` buffer donation need anyway)."""
+    old_leaves, old_def = jax.tree.flatten(old)
+    new_leaves, new_def = jax.tree.flatten(new)
+    if old_def == new_def and all(jnp.shape(a) == b.shape for a, b in zip(old_leaves, new_leaves)):
+        return
+    if old_def == new_def:
+        where = next(
+            f"leaf {k}: shape {jnp.shape(a)} before, {b.shape} after"
+            for k, (a, b) in enumerate(zip(old_leaves, new_leaves))
+            if jnp.shape(a) != b.shape
+        )
+    else:
+        where = f"{old_def.num_leaves} leaves before, {new_def.num_leaves} after: {old_def} -> {new_def}"
+    raise ValueError(
+        "gh.guard: the inner optimizer's update returned a state whose structure differs from the state it "
+        f"was given ({where}). The guard keeps the old state on a skipped step, so the structure must stay "
+        "fixed. optax.monitor does this (its measurements dict is empty until the first update): chain it "
+        "outside the guard, e.g. optax.chain(optax.monitor(...), gh.guard(inner))."
+    )
+
+
 def guard(
     inner: optax.GradientTransformation,
     *,
@@ -168,15 +231,19 @@ def guard(
     rollback_after_nonfinite: int | None = 10,
     rollback_after_spikes: int | None = 10,
     vanishing_norm: float | None = 1e-5,
+    check_updates: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     """Wraps an optimizer so that NaN/Inf, spikes and runaway runs cannot hurt it.
 
     Every step computes the gradient statistics once (:func:`grad_stats`: float32,
     overflow-safe, finite flag, per-leaf norms) and then decides:
 
-    * **non-finite** (a NaN/Inf element, or a non-finite ``loss``): skip. The returned
-      update is zero and the inner state is left exactly as it was, however many
-      non-finite steps come in a row. Counted; the first bad leaf is recorded.
+    * **non-finite** (a NaN/Inf element, or a non-finite ``loss`` or ``value``): skip.
+      The returned update is zero and the inner state is left exactly as it was,
+      however many non-finite steps come in a row. Counted; the first bad leaf is
+      recorded. A finite step whose inner update or new inner state comes out
+      non-finite (the optimizer's own NaN) is skipped the same way and counted in
+      ``grad/num_nonfinite_updates``.
     * **spike** (after ``warmup_steps`` accepted steps): judged against the last
       ``spike_window`` accepted norms, on a log scale and with robust statistics. The
       baseline is the median of the latest 16 of them, the spread ``s`` a robust
@@ -236,6 +303,11 @@ def guard(
         recommendation (>= 1), or None.
       rollback_after_spikes: consecutive spikes that raise it (>= 1), or None.
       vanishing_norm: norm under which a step counts as vanishing (> 0), or None.
+      check_updates: also skip an accepted step whose inner update or new inner state
+        is not finite (the optimizer made the NaN itself: an infinite learning rate,
+        fp16 moments overflowing, a bias correction of zero), counted in
+        ``grad/num_nonfinite_updates``. One more read of the inner state per step
+        (``docs/benchmarks_guard.md``); False drops the check.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` accepts ``loss=`` and
@@ -279,6 +351,7 @@ def guard(
     )
     rollback_after_spikes = check.optional(check.integer, "rollback_after_spikes", rollback_after_spikes, minimum=1)
     vanishing_norm = check.optional(check.positive, "vanishing_norm", vanishing_norm)
+    check_updates = check.boolean("check_updates", check_updates)
     norm_spikes_on = spike_threshold is not None or spike_zscore is not None
     spike_rule = detect.SpikeRule(
         spike_threshold,
@@ -330,12 +403,13 @@ def guard(
             guard_num_steps=i32(),
             guard_num_clipped=i32(),
             guard_num_nonfinite=i32(),
+            guard_num_nonfinite_updates=i32(),
             guard_num_skipped=i32(),
             guard_num_spikes=i32(),
             guard_num_momentum_resets=i32(),
             guard_consecutive_nonfinite=i32(),
             guard_consecutive_spikes=i32(),
-            guard_layer_norms=_stats.LayerNorms.zeros(params),
+            guard_layer_norms=_stats.LayerNorms.zeros(_gradient_like(params)),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -350,13 +424,14 @@ def guard(
         norm = stats.norm
         step = state.guard_num_steps
 
-        loss = extra_args.get("loss")
+        # The loss, and the objective `value` that line searches and Polyak steps read,
+        # are inputs of the step like the gradient: a non-finite one skips it.
+        loss = _scalar_arg("loss", extra_args.get("loss"))
+        value = _scalar_arg("value", extra_args.get("value"))
         finite = stats.finite
-        if loss is not None:
-            loss = jnp.asarray(loss, jnp.float32)
-            if loss.shape != ():
-                raise ValueError(f"gh.guard: `loss` must be a scalar, got shape {loss.shape}.")
-            finite = finite & jnp.isfinite(loss)
+        for x in (loss, value):
+            if x is not None:
+                finite = finite & jnp.isfinite(x)
 
         # Spike detection, judged against the window of accepted norms before this step.
         verdict = spike_rule.judge(state.guard_norm_window, norm, finite)
@@ -387,8 +462,6 @@ def guard(
         skipped = ~finite
         if spike_action == "skip":
             skipped = skipped | spike
-        accepted = ~skipped
-        clipped = accepted & (factors[0] < 1.0)
 
         # Momentum reset: `reset_after` spikes within `reset_window` steps.
         spike_steps = state.guard_spike_steps
@@ -402,45 +475,45 @@ def guard(
             fresh_leaves = jax.tree.leaves(inner.init(params if params is not None else updates))
             reset_leaves = jax.tree.leaves(_reset_mask(state.guard_inner_state))
 
-        # The inner update sees the clipped gradients. A skipped step keeps the old inner
-        # state; a momentum reset re-initialises its moments (schedule counters excepted)
-        # before the step's update. Both are selects on the state leaves, applied where the
+        # The inner update sees the clipped gradients. A skipped step keeps the inner state
+        # it would have updated: the old one, re-initialised (schedule counters excepted)
+        # on a momentum-reset step. Both are selects on the state leaves, applied where the
         # inner update reads or produces them (`_skip`), so that XLA writes the new state
         # in place without first copying the old moments (see the docstring of `_skip`).
         old_leaves, state_treedef = jax.tree.flatten(state.guard_inner_state)
-
         sel = _skip.Selects()
 
-        def reset(k, value):
+        def kept(k):
             if reset_after is None or not reset_leaves[k]:
-                return value
-            return sel.where(momentum_reset, fresh_leaves[k], value)
+                return old_leaves[k]
+            return sel.where(momentum_reset, fresh_leaves[k], old_leaves[k])
 
         if spike_action == "skip":
-            # A reset step is a skipped step: the state it keeps is the reset one, and its
-            # (discarded) updates may read it. Selects on each new leaf.
+            # A reset step is a skipped step: its (discarded) updates read the old state.
             inner_state = state.guard_inner_state
-
-            def select_state(k, new):
-                return sel.where(skipped, reset(k, old_leaves[k]), new)
-
         else:
             # A reset step is applied: the re-initialised optimizer takes this step's
-            # (clipped) gradient as its first. The reset is a select on the leaves the
-            # inner update reads; a skipped (non-finite) step is never a reset step.
-            inner_state = state_treedef.unflatten([reset(k, x) for k, x in enumerate(old_leaves)])
-
-            def select_state(k, new):
-                return sel.where(skipped, old_leaves[k], new)
+            # (clipped) gradient as its first.
+            inner_state = state_treedef.unflatten([kept(k) for k in range(len(old_leaves))])
 
         # Unscaled first (rounded to each leaf's dtype, as a separately unscaled gradient
         # would be), then clipped; all of it fused into the inner update's reads.
         grads = updates if unscale is None else _clipping.scale_tree(updates, (unscale, 1.0))
-        inner_updates, new_inner_state = _skip.update_with_selected_state(
+        traced = _skip.TracedUpdate(
             lambda: inner.update(_clipping.scale_tree(grads, factors), inner_state, params, **extra_args),
-            select_state,
             inputs=(updates, state, params, extra_args),
         )
+        _check_state_structure(state.guard_inner_state, traced.out_shapes[1])
+        # The optimizer itself can make a NaN from a finite gradient (an infinite learning
+        # rate, moments overflowing in fp16, a bias correction of 0): an accepted step
+        # whose update or new inner state is not finite is skipped too.
+        nonfinite_update = jnp.zeros((), jnp.bool_)
+        if check_updates:
+            nonfinite_update = ~skipped & ~_all_finite(traced.outputs())
+            skipped = skipped | nonfinite_update
+        accepted = ~skipped
+        clipped = accepted & (factors[0] < 1.0)
+        inner_updates, new_inner_state = traced.with_selected_state(lambda k, new: sel.where(skipped, kept(k), new))
         new_updates = sel.zero_floats_where(skipped, inner_updates)
 
         # Running statistics: accepted steps only; a spike's norm is capped.
@@ -472,7 +545,7 @@ def guard(
                 vanishing = vanishing & not_falling
 
         nonfinite = ~finite
-        consecutive_nonfinite = jnp.where(nonfinite, state.guard_consecutive_nonfinite + 1, 0)
+        consecutive_nonfinite = jnp.where(nonfinite | nonfinite_update, state.guard_consecutive_nonfinite + 1, 0)
         consecutive_spikes = jnp.where(spike, state.guard_consecutive_spikes + 1, 0)
         rollback = state.guard_rollback
         if rollback_after_nonfinite is not None:
@@ -513,6 +586,7 @@ def guard(
             guard_num_steps=step + 1,
             guard_num_clipped=state.guard_num_clipped + as_int(clipped),
             guard_num_nonfinite=state.guard_num_nonfinite + as_int(nonfinite),
+            guard_num_nonfinite_updates=state.guard_num_nonfinite_updates + as_int(nonfinite_update),
             guard_num_skipped=state.guard_num_skipped + as_int(skipped),
             guard_num_spikes=state.guard_num_spikes + as_int(spike),
             guard_num_momentum_resets=state.guard_num_momentum_resets + as_int(momentum_reset),

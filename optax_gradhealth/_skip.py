@@ -36,7 +36,7 @@ from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 
 from optax_gradhealth import _stats
 
-__all__ = ["Selects", "update_with_selected_state"]
+__all__ = ["Selects", "TracedUpdate", "update_with_selected_state"]
 
 _CALL_PRIMITIVES = ("jit", "pjit")
 
@@ -94,9 +94,21 @@ def _is_input(jaxpr: Jaxpr, var: Any) -> bool:
     return isinstance(var, Literal) or var in jaxpr.invars or var in jaxpr.constvars
 
 
-def _evaluate(jaxpr: Jaxpr, consts: Sequence[Any], args: Sequence[Any], subst: dict[Any, Callable]) -> list[Any]:
-    """Evaluates ``jaxpr``; a variable ``v`` in ``subst`` takes ``subst[v](value)``."""
+def _evaluate(
+    jaxpr: Jaxpr,
+    consts: Sequence[Any],
+    args: Sequence[Any],
+    subst: dict[Any, Callable],
+    plain: dict[Any, Any] | None = None,
+) -> tuple[list[Any], dict[Any, Any]]:
+    """Evaluates ``jaxpr``; a variable ``v`` in ``subst`` takes ``subst[v](value)``.
+
+    ``plain`` is the environment of an earlier evaluation of the same ``jaxpr`` without
+    substitutions: an equation that reads no substituted value reuses its outputs there
+    instead of being bound a second time. Returns the outputs and the environment.
+    """
     env: dict[Any, Any] = {}
+    tainted: set[Any] = set()  # variables computed from a substituted value
 
     def read(var):
         return var.val if isinstance(var, Literal) else env[var]
@@ -107,9 +119,16 @@ def _evaluate(jaxpr: Jaxpr, consts: Sequence[Any], args: Sequence[Any], subst: d
         env[var] = value
 
     for eqn in jaxpr.eqns:
+        hits = [v for v in eqn.outvars if v in subst]
+        reads_tainted = any(not isinstance(v, Literal) and v in tainted for v in eqn.invars)
+        if plain is not None and not hits and not reads_tainted:
+            for var in eqn.outvars:
+                env[var] = plain[var]
+            continue
+        if plain is not None:
+            tainted.update(eqn.outvars)
         invals = [read(v) for v in eqn.invars]
         call = eqn.params.get("jaxpr")
-        hits = [v for v in eqn.outvars if v in subst]
         if hits and eqn.primitive.name in _CALL_PRIMITIVES and isinstance(call, ClosedJaxpr):
             # Inline the call so that the values it computes from a substituted output
             # (e.g. the updates) read the substituted value too.
@@ -119,7 +138,7 @@ def _evaluate(jaxpr: Jaxpr, consts: Sequence[Any], args: Sequence[Any], subst: d
                 if var in subst and not _is_input(call.jaxpr, inner_var) and inner_var not in inner_subst:
                     inner_subst[inner_var] = subst[var]
                     owner[inner_var] = var
-            outs = _evaluate(call.jaxpr, call.consts, invals, inner_subst)
+            outs, _ = _evaluate(call.jaxpr, call.consts, invals, inner_subst)
             for var, inner_var, value in zip(eqn.outvars, call.jaxpr.outvars, outs):
                 done_inside = not isinstance(inner_var, Literal) and owner.get(inner_var) is var
                 env[var] = subst[var](value) if var in subst and not done_inside else value
@@ -131,7 +150,77 @@ def _evaluate(jaxpr: Jaxpr, consts: Sequence[Any], args: Sequence[Any], subst: d
             ans = [ans]
         for var, value in zip(eqn.outvars, ans):
             env[var] = subst[var](value) if var in subst else value
-    return [read(v) for v in jaxpr.outvars]
+    return [read(v) for v in jaxpr.outvars], env
+
+
+class TracedUpdate:
+    """An update ``() -> (updates, new_state)``, traced once, that can be read two ways:
+    as it computes its outputs (:meth:`outputs`, e.g. to check them), and with every
+    state leaf selected where it is produced (:meth:`with_selected_state`).
+
+    Under a trace the update is made a jaxpr once and evaluated by the interpreter above;
+    the second evaluation rebinds only the equations that read a selected value, so a
+    check of the plain outputs adds reductions to the program, not a second copy of the
+    optimizer. Eagerly (``inputs`` has no tracer: op-by-op execution, where XLA copies
+    nothing) ``update`` is simply called once and its state selected afterwards.
+
+    Args:
+      update: a function of no arguments (it closes over the gradients, state, params
+        and extra arguments) returning ``(updates, new_state)``.
+      inputs: the pytree ``update`` closes over (to tell eager from traced).
+    """
+
+    def __init__(self, update: Callable[[], tuple[Any, Any]], inputs: Any = None) -> None:
+        eager = inputs is not None and not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(inputs))
+        self._outputs: tuple[Any, Any] | None = None
+        self._plain_env: dict[Any, Any] | None = None
+        if eager:
+            self._outputs = update()
+            self._closed = None
+            shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), self._outputs)
+        else:
+            self._closed, shapes = jax.make_jaxpr(update, return_shape=True)()
+        self.out_shapes: tuple[Any, Any] = shapes
+        """``(updates, new_state)`` as a tree of ``jax.ShapeDtypeStruct``."""
+        self._out_tree = jax.tree.structure(shapes)
+        self._num_updates = len(jax.tree.leaves(shapes[0]))
+
+    def outputs(self) -> tuple[Any, Any]:
+        """``(updates, new_state)`` as ``update`` computes them."""
+        if self._outputs is None:
+            assert self._closed is not None
+            consts = lax.optimization_barrier(list(self._closed.consts))
+            outs, _ = _evaluate(self._closed.jaxpr, consts, [], {})
+            self._outputs = jax.tree.unflatten(self._out_tree, outs)
+        return self._outputs
+
+    def with_selected_state(self, select: Callable[[int, jax.Array], jax.Array]) -> tuple[Any, Any]:
+        """Returns ``(updates', state')`` where ``state'`` leaf ``k`` (in
+        ``jax.tree.leaves`` order) is ``select(k, new_leaf_k)``, and ``updates'`` is
+        computed from the selected state leaves instead of the new ones. ``select(k, x)``
+        must return ``x`` unchanged whenever the caller keeps ``updates'`` (an applied
+        step), so that ``updates'`` equals the plain updates there; on the other steps
+        the caller must discard them."""
+        if self._closed is None:
+            updates, state = self.outputs()
+            leaves, treedef = jax.tree.flatten(state)
+            return updates, treedef.unflatten([select(k, x) for k, x in enumerate(leaves)])
+
+        jaxpr = self._closed.jaxpr
+        state_vars = jaxpr.outvars[self._num_updates :]
+        subst: dict[Any, Callable] = {}
+        first_slot: dict[Any, int] = {}
+        for slot, var in enumerate(state_vars):
+            if _is_input(jaxpr, var) or var in subst:
+                continue  # passed through, a constant, or the same value in two slots
+            subst[var] = lambda value, slot=slot: select(slot, value)
+            first_slot[var] = slot
+
+        outs, _ = _evaluate(jaxpr, self._closed.consts, [], subst, self._plain_env)
+        for slot, var in enumerate(state_vars):
+            if isinstance(var, Literal) or first_slot.get(var) != slot:
+                outs[self._num_updates + slot] = select(slot, outs[self._num_updates + slot])
+        return jax.tree.unflatten(self._out_tree, outs)
 
 
 def update_with_selected_state(
@@ -139,47 +228,6 @@ def update_with_selected_state(
     select: Callable[[int, jax.Array], jax.Array],
     inputs: Any = None,
 ) -> tuple[Any, Any]:
-    """Calls ``update() -> (updates, state)`` with every state leaf selected in place.
-
-    Returns ``(updates', state')`` where ``state'`` leaf ``k`` (in ``jax.tree.leaves``
-    order) is ``select(k, new_leaf_k)``, and ``updates'`` is computed from the selected
-    state leaves instead of the new ones. ``select(k, x)`` must return ``x`` unchanged
-    whenever the caller keeps ``updates'`` (an applied step), so that ``updates'``
-    equals the plain updates there; on the other steps the caller must discard them.
-
-    Args:
-      update: a function of no arguments (it closes over the gradients, state, params
-        and extra arguments) returning ``(updates, new_state)``.
-      select: ``(leaf index, new value) -> selected value``, same shape and dtype.
-      inputs: the pytree ``update`` closes over. When none of its leaves is a tracer
-        (eager, op-by-op execution, where XLA copies nothing), ``update`` is simply
-        called and its state selected afterwards: the same values, with the numerics
-        of a plain eager call.
-
-    Returns:
-      ``(updates', state')`` with the pytree structures that ``update`` returns.
-    """
-    if inputs is not None and not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(inputs)):
-        updates, state = update()
-        leaves, treedef = jax.tree.flatten(state)
-        return updates, treedef.unflatten([select(k, x) for k, x in enumerate(leaves)])
-
-    closed, out_shape = jax.make_jaxpr(update, return_shape=True)()
-    out_tree = jax.tree.structure(out_shape)
-    num_updates = len(jax.tree.leaves(out_shape[0]))
-    jaxpr = closed.jaxpr
-    state_vars = jaxpr.outvars[num_updates:]
-
-    subst: dict[Any, Callable] = {}
-    first_slot: dict[Any, int] = {}
-    for slot, var in enumerate(state_vars):
-        if _is_input(jaxpr, var) or var in subst:
-            continue  # passed through, a constant, or the same value in two slots
-        subst[var] = lambda value, slot=slot: select(slot, value)
-        first_slot[var] = slot
-
-    outs = _evaluate(jaxpr, closed.consts, [], subst)
-    for slot, var in enumerate(state_vars):
-        if isinstance(var, Literal) or first_slot.get(var) != slot:
-            outs[num_updates + slot] = select(slot, outs[num_updates + slot])
-    return jax.tree.unflatten(out_tree, outs)
+    """Calls ``update() -> (updates, state)`` with every state leaf selected in place:
+    ``TracedUpdate(update, inputs).with_selected_state(select)`` (see there)."""
+    return TracedUpdate(update, inputs).with_selected_state(select)

@@ -53,6 +53,12 @@ def integer(name: str, value: Any, *, minimum: int) -> int:
     return value
 
 
+def boolean(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be True or False, got {_describe(value)}.")
+    return value
+
+
 def optional(check, name: str, value: Any, **kwargs):
     return None if value is None else check(name, value, **kwargs)
 

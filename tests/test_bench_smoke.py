@@ -26,7 +26,13 @@ def test_bench_guard_runs_and_prints_every_row():
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| 0.02M/3 |")]
     variants = [row.split("|")[2].strip() for row in rows]
-    assert variants == ["adamw", "clip+adamw", "apply_if_finite", "guard (all on)"], result.stdout
+    assert variants == [
+        "adamw",
+        "clip+adamw",
+        "apply_if_finite",
+        "guard (all on)",
+        "guard, check_updates=False",
+    ], result.stdout
 
 
 def test_bench_cross_device_runs_and_prints_every_row():

@@ -435,7 +435,8 @@ def test_state_structure_is_fixed_and_fields_are_found_by_name():
     expected = set(
         "norm norm_clipped clip_threshold clipped finite skipped spike spike_score zscore norm_mean norm_std "
         "momentum_reset rollback vanishing first_nonfinite_leaf num_steps num_clipped num_nonfinite "
-        "num_skipped num_spikes num_momentum_resets consecutive_nonfinite consecutive_spikes".split()
+        "num_nonfinite_updates num_skipped num_spikes num_momentum_resets consecutive_nonfinite "
+        "consecutive_spikes".split()
     )
     expected = {f"grad/{name}" for name in expected}
     assert expected <= set(m)

@@ -331,7 +331,8 @@ def test_unscaled_gradients_are_never_materialised(around_guard):
     """Under donation the step holds no parameter-sized temporary: the unscale multiply is
     fused where the gradients are read (around a guard: in its statistics reduction and
     in its inner update, which both read them)."""
-    inner = gh.guard(optax.adamw(1e-3), clip=1.0) if around_guard else optax.adamw(1e-3)
+    # check_updates=False: the check's flags are a temporary of their own (test_guard_inplace).
+    inner = gh.guard(optax.adamw(1e-3), clip=1.0, check_updates=False) if around_guard else optax.adamw(1e-3)
     tx = gh.dynamic_loss_scale(inner)
     params = {"w": jnp.ones((256, 128), jnp.float32), "b": jnp.zeros((128,), jnp.float32)}
 

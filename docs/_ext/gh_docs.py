@@ -72,6 +72,8 @@ HEALTHY_RANGES: dict[str, str] = {
     "grad/num_clipped": "a small fraction (a few percent) of grad/num_steps.",
     "grad/num_nonfinite": "0, or growing only rarely. Steady growth: fp16 without loss scaling, log(0), a "
     "division by zero, bad data.",
+    "grad/num_nonfinite_updates": "0. Growing: the optimizer itself makes the NaN/Inf from finite gradients "
+    "(an infinite learning rate, fp16/bf16 moments overflowing, bf16 hyperparameters rounding b2 to 1).",
     "grad/num_skipped": "about grad/num_nonfinite (plus grad/num_spikes with spike_action='skip'); a small "
     "fraction of steps.",
     "grad/num_spikes": "well under 1% of grad/num_steps.",

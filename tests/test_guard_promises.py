@@ -1,0 +1,378 @@
+"""The guard's promises on the paths where the gradient is not the culprit, and the
+behaviours a plausible wrong implementation would get wrong (issue 17):
+
+- the optimizer itself makes the NaN/Inf from a finite gradient (bf16 hyperparameters,
+  an fp16 moment overflowing, an infinite learning rate): skipped and counted;
+- a non-finite ``value=`` (Polyak step sizes, reduce_on_plateau) is treated like ``loss``;
+- ``optax.monitor`` inside the guard is rejected with a clear error; ``optax.lookahead``
+  works;
+- the momentum-reset window, the steps that feed an adaptive clip policy, and the leaf
+  index recorded for the first non-finite leaf each decide an outcome here.
+
+Every expected value is written out (numpy, or the bare optax optimizer), never read
+from the state under test.
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_gradhealth as gh
+
+
+def _donated_update(tx):
+    def step(params, state, grads, **extra):
+        updates, state = tx.update(grads, state, params, **extra)
+        return updates, state
+
+    return jax.jit(step, donate_argnums=(1,))
+
+
+def _host(tree):
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def _assert_same_state(a, b):
+    chex.assert_trees_all_equal(_host(a), _host(b))
+
+
+# --- the optimizer's own NaN ------------------------------------------------------------
+
+
+def _bf16_b2_rounds_to_one():
+    # inject_hyperparams keeps b2 in the params' dtype: bf16(0.999) == 1.0, so Adam's
+    # bias correction 1 - b2**t is 0 and the first update is 0 / 0.
+    params = {"w": jnp.ones(4, jnp.bfloat16)}
+    return optax.inject_hyperparams(optax.adam)(1e-3), params, {"w": jnp.ones(4, jnp.bfloat16)}
+
+
+def _fp16_second_moment_overflows():
+    # 300**2 = 90000 > 65504: nu = inf in float16, the update is 0 and the moment Inf.
+    params = {"w": jnp.zeros(3, jnp.float16)}
+    return optax.adam(1e-3), params, {"w": jnp.array([300.0, 1.0, -2.0], jnp.float16)}
+
+
+def _infinite_learning_rate():
+    params = {"w": jnp.zeros(3)}
+    return optax.adam(lambda count: jnp.inf), params, {"w": jnp.array([1.0, -2.0, 0.5])}
+
+
+OWN_NANS = {
+    "bf16-b2-rounds-to-1": _bf16_b2_rounds_to_one,
+    "fp16-moment-overflow": _fp16_second_moment_overflows,
+    "infinite-learning-rate": _infinite_learning_rate,
+}
+
+
+@pytest.mark.parametrize("case", list(OWN_NANS))
+def test_bare_optimizer_makes_a_nonfinite_update_or_state_from_a_finite_gradient(case):
+    """The premise of the next test: bare optax writes a NaN/Inf on these inputs."""
+    inner, params, grads = OWN_NANS[case]()
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+    updates, state = inner.update(grads, inner.init(params), params)
+    leaves = [x for x in jax.tree.leaves((updates, state)) if jnp.issubdtype(x.dtype, jnp.floating)]
+    assert not all(bool(jnp.all(jnp.isfinite(x))) for x in leaves)
+
+
+@pytest.mark.parametrize("case", list(OWN_NANS))
+@pytest.mark.parametrize("jit", [True, False])
+def test_guard_skips_an_update_the_optimizer_made_nonfinite(case, jit):
+    inner, params, grads = OWN_NANS[case]()
+    tx = gh.guard(inner)
+    state = tx.init(params)
+    before = _host(state.guard_inner_state)
+    update = _donated_update(tx) if jit else (lambda p, s, g, **kw: tx.update(g, s, p, **kw))
+    for step in range(3):
+        updates, state = update(params, state, grads, loss=jnp.float32(1.0))
+        for u in jax.tree.leaves(updates):
+            np.testing.assert_array_equal(np.asarray(u, np.float32), 0.0)
+        chex.assert_trees_all_equal(_host(state.guard_inner_state), before)
+        m = gh.metrics(state)
+        assert bool(m["grad/finite"]) and bool(m["grad/skipped"])
+        assert int(m["grad/num_nonfinite_updates"]) == step + 1
+        assert int(m["grad/num_nonfinite"]) == 0
+        assert int(m["grad/num_skipped"]) == step + 1
+        assert int(m["grad/consecutive_nonfinite"]) == step + 1
+        assert float(m["grad/norm_clipped"]) == 0.0
+        # Nothing was accepted: the spike window and the running statistics are empty.
+        assert int(state.guard_num_accepted) == 0 and int(state.guard_norm_window.count) == 0
+
+
+def test_a_later_nonfinite_update_keeps_the_state_of_the_last_applied_step():
+    """A learning rate that becomes infinite at the third step: two steps as bare adam,
+    then skips that keep exactly the state after step two; rollback after 10 in a row."""
+    schedule = lambda count: jnp.where(count >= 2, jnp.inf, 0.1)
+    tx = gh.guard(optax.adam(schedule), rollback_after_nonfinite=10)
+    bare = optax.adam(schedule)
+    params = {"w": jnp.zeros(3)}
+    grads = {"w": jnp.array([1.0, -2.0, 0.5])}
+    state, bare_state = tx.init(params), bare.init(params)
+    update = _donated_update(tx)
+    for _ in range(2):
+        updates, state = update(params, state, grads)
+        bare_updates, bare_state = bare.update(grads, bare_state, params)
+        np.testing.assert_allclose(updates["w"], bare_updates["w"], rtol=1e-6)
+    kept = _host(state.guard_inner_state)
+    chex.assert_trees_all_close(kept, _host(bare_state), rtol=1e-6)
+    for step in range(10):
+        updates, state = update(params, state, grads)
+        np.testing.assert_array_equal(updates["w"], 0.0)
+        chex.assert_trees_all_equal(_host(state.guard_inner_state), kept)
+        assert bool(gh.metrics(state)["grad/rollback"]) == (step == 9)
+    m = gh.metrics(state)
+    assert int(m["grad/num_nonfinite_updates"]) == 10 and int(m["grad/num_steps"]) == 12
+
+
+def test_nonfinite_update_on_a_reset_step_keeps_the_reset_state():
+    """With 'record' a reset step is applied to the re-initialised optimizer; when that
+    update overflows (an fp16 moment) the step is skipped and keeps the state the inner
+    update was given: the fresh one, not the pre-reset moments."""
+    inner = optax.adam(1e-3)
+    tx = gh.guard(inner, spike_action="record", warmup_steps=3, reset_after=1, spike_threshold=2.0, spike_zscore=None)
+    params = {"w": jnp.zeros(3, jnp.float16)}
+    state = tx.init(params)
+    for _ in range(5):
+        _, state = tx.update({"w": jnp.array([0.6, 0.8, 0.1], jnp.float16)}, state, params)
+    assert int(state.guard_inner_state[0].count) == 5
+    updates, state = tx.update({"w": jnp.array([300.0, 1.0, 1.0], jnp.float16)}, state, params)
+    m = gh.metrics(state)
+    assert bool(m["grad/spike"]) and bool(m["grad/momentum_reset"]) and bool(m["grad/skipped"])
+    assert int(m["grad/num_nonfinite_updates"]) == 1
+    np.testing.assert_array_equal(np.asarray(updates["w"], np.float32), 0.0)
+    _assert_same_state(state.guard_inner_state, inner.init(params))
+
+
+def test_check_updates_false_lets_the_optimizers_nan_through():
+    """The switch does what it says: without the check, bf16 b2 = 1 writes NaN."""
+    inner, params, grads = _bf16_b2_rounds_to_one()
+    tx = gh.guard(inner, check_updates=False)
+    updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
+    assert bool(jnp.any(jnp.isnan(updates["w"])))
+    assert not bool(gh.metrics(state)["grad/skipped"])
+    with pytest.raises(TypeError, match=r"check_updates.*True or False.*'yes'"):
+        gh.guard(inner, check_updates="yes")
+
+
+def test_finite_updates_are_bit_for_bit_those_of_the_bare_optimizer_with_the_check_on():
+    """The check reads the inner outputs; it must not change them (eagerly, where no
+    fusion can differ, the guard's update is the bare update exactly)."""
+    inner = optax.adamw(1e-2, weight_decay=1e-3)
+    params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "b": jnp.ones(4)}
+    rng = np.random.default_rng(0)
+    tx = gh.guard(inner)
+    state, bare_state = tx.init(params), inner.init(params)
+    for _ in range(5):
+        grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape) * 0.1, jnp.float32), params)
+        updates, state = tx.update(grads, state, params)
+        bare_updates, bare_state = inner.update(grads, bare_state, params)
+        chex.assert_trees_all_equal(updates, bare_updates)
+        chex.assert_trees_all_equal(state.guard_inner_state, bare_state)
+    assert int(gh.metrics(state)["grad/num_nonfinite_updates"]) == 0
+
+
+def test_update_check_holds_its_flags_in_one_byte_per_element_of_a_leaf_shape():
+    """Where XLA:CPU does not fuse a reduction with its operand, the check's flags are
+    materialised: one bool per element of each leaf shape (the flags of Adam's update,
+    mu and nu for every parameter of that shape are and-ed first), never a float copy."""
+    params = {f"w{i}": jnp.ones((256, 128), jnp.float32) for i in range(4)} | {"b": jnp.ones((128,))}
+
+    def temp_bytes(check):
+        tx = gh.guard(optax.adamw(1e-3), clip=1.0, check_updates=check)
+
+        def step(params, state, grads):
+            updates, state = tx.update(grads, state, params)
+            return optax.apply_updates(params, updates), state
+
+        compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), params).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    without, with_check = temp_bytes(False), temp_bytes(True)
+    assert without < 16 * 1024
+    assert with_check - without <= 256 * 128 + 128 + 1024  # one bool per element of each shape
+
+
+# --- value= -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("jit", [True, False])
+def test_nonfinite_value_is_skipped_like_a_nonfinite_loss(jit):
+    """polyak_sgd divides by the gradient's squared norm and reads `value`: a NaN value
+    with a finite gradient used to apply a NaN update with grad/skipped False."""
+    tx = gh.guard(optax.polyak_sgd(max_learning_rate=1.0))
+    params = {"w": jnp.ones(3)}
+    grads = {"w": jnp.array([1.0, 2.0, 2.0])}  # |g|^2 = 9
+    state = tx.init(params)
+    update = jax.jit(tx.update) if jit else tx.update
+    updates, state = update(grads, state, params, value=jnp.float32(4.5))
+    # Polyak step size value / |g|^2 = 0.5 (under the max 1.0), written out.
+    np.testing.assert_allclose(updates["w"], -0.5 * np.array([1.0, 2.0, 2.0]), rtol=1e-6)
+    for bad in (jnp.nan, jnp.inf):
+        updates, state = update(grads, state, params, value=jnp.float32(bad))
+        np.testing.assert_array_equal(updates["w"], 0.0)
+        m = gh.metrics(state)
+        assert bool(m["grad/skipped"]) and not bool(m["grad/finite"])
+    assert int(m["grad/num_nonfinite"]) == 2 and int(m["grad/num_nonfinite_updates"]) == 0
+    with pytest.raises(ValueError, match="`value` must be a scalar"):
+        tx.update(grads, state, params, value=jnp.ones(2))
+
+
+def test_nonfinite_value_never_reaches_reduce_on_plateau_state():
+    inner = optax.chain(optax.sgd(0.1), optax.contrib.reduce_on_plateau(patience=2))
+    tx = gh.guard(inner)
+    params = {"w": jnp.ones(3)}
+    grads = {"w": jnp.array([0.1, 0.2, 0.3])}
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    for v in (1.0, 0.9, 0.8):
+        _, state = update(grads, state, params, value=jnp.float32(v))
+    before = _host(state.guard_inner_state)
+    updates, state = update(grads, state, params, value=jnp.float32(jnp.nan))
+    chex.assert_trees_all_equal(_host(state.guard_inner_state), before)
+    chex.assert_tree_all_finite(state.guard_inner_state)
+    np.testing.assert_array_equal(updates["w"], 0.0)
+
+
+# --- optax.monitor and optax.lookahead ---------------------------------------------------
+
+
+@pytest.mark.parametrize("jit", [True, False])
+def test_monitor_inside_the_guard_is_rejected_with_a_clear_error(jit):
+    tx = gh.guard(optax.chain(optax.monitor({"norm": optax.tree.norm}), optax.adam(0.1)))
+    params = {"w": jnp.ones((4, 3))}
+    state = tx.init(params)
+    update = jax.jit(tx.update) if jit else tx.update
+    with pytest.raises(ValueError, match=r"state whose structure differs.*optax\.monitor.*outside the guard"):
+        update({"w": jnp.ones((4, 3))}, state, params)
+
+
+def test_monitor_chained_outside_the_guard_works():
+    tx = optax.chain(optax.monitor({"norm": optax.tree.norm}), gh.guard(optax.sgd(0.1)))
+    params = {"w": jnp.ones(3)}
+    state = tx.init(params)
+    _, state = jax.jit(tx.update)({"w": jnp.array([3.0, 0.0, 4.0])}, state, params)
+    assert float(optax.tree.get(state, "norm")) == pytest.approx(5.0)
+    assert float(gh.metrics(state)["grad/norm"]) == pytest.approx(5.0)
+
+
+@pytest.mark.parametrize("jit", [True, False])
+def test_lookahead_is_guarded_and_otherwise_follows_bare_lookahead(jit):
+    """Gradients are taken with respect to the fast params; the updates move both halves.
+    The guarded run equals bare lookahead with the NaN step left out."""
+    make = lambda: optax.lookahead(optax.adam(0.1), sync_period=3, slow_step_size=0.5)
+    tx, bare = gh.guard(make()), make()
+    params = bare_params = optax.LookaheadParams.init_synced({"w": jnp.array([1.0, -1.0, 2.0])})
+    state, bare_state = tx.init(params), bare.init(bare_params)
+    update = jax.jit(tx.update) if jit else tx.update
+    grad_fn = jax.grad(lambda p: jnp.sum(p["w"] ** 2))
+    for step in range(8):
+        grads = grad_fn(params.fast)
+        if step == 4:
+            grads = {"w": grads["w"].at[1].set(jnp.nan)}
+        updates, state = update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        if step != 4:
+            bare_updates, bare_state = bare.update(grad_fn(bare_params.fast), bare_state, bare_params)
+            bare_params = optax.apply_updates(bare_params, bare_updates)
+        chex.assert_trees_all_close(params, bare_params, rtol=1e-6)
+    m = gh.metrics(state)
+    assert int(m["grad/num_skipped"]) == 1 and list(gh.leaf_names(params.fast)) == ["w"]
+    assert set(k for k in m if k.startswith("grad/layer_norm/")) == {"grad/layer_norm/w"}
+
+
+# --- behaviours that decide an outcome ----------------------------------------------------
+
+
+def _norm_run(tx, norms):
+    params = {"w": jnp.zeros(4)}
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    history = []
+    for norm in norms:
+        grads = {"w": jnp.full((4,), norm / 2.0, jnp.float32)}  # global norm == norm
+        _, state = update(grads, state, params)
+        history.append(jax.device_get(gh.metrics(state)))
+    return state, history
+
+
+def _calm(n, seed=0):
+    return list(1.0 + 0.05 * np.random.default_rng(seed).standard_normal(n))
+
+
+@pytest.mark.parametrize(("gap", "reset"), [(9, True), (10, False), (11, False)])
+def test_reset_window_decides_whether_two_spikes_reset(gap, reset):
+    """reset_after=2 spikes within reset_window=10 steps: spikes 9 steps apart reset, 10
+    apart do not (the window holds steps t-9..t)."""
+    tx = gh.guard(optax.sgd(0.1), spike_action="record", reset_after=2, reset_window=10, warmup_steps=20)
+    norms = _calm(60)
+    norms[30] = norms[30 + gap] = 50.0
+    _, history = _norm_run(tx, norms)
+    assert [t for t, h in enumerate(history) if h["grad/spike"]] == [30, 30 + gap]
+    assert [t for t, h in enumerate(history) if h["grad/momentum_reset"]] == ([30 + gap] if reset else [])
+
+
+def test_reset_window_counts_spikes_since_the_last_reset():
+    """Three spikes within the window with reset_after=2: the first two reset; the third
+    starts a new count (the reset clears the recorded spikes), so it does not."""
+    tx = gh.guard(optax.sgd(0.1), spike_action="record", reset_after=2, reset_window=50, warmup_steps=20)
+    norms = _calm(60)
+    for t in (30, 33, 36):
+        norms[t] = 50.0
+    _, history = _norm_run(tx, norms)
+    assert [t for t, h in enumerate(history) if h["grad/momentum_reset"]] == [33]
+
+
+def _zscore_reference(norms, decay=0.99, z=3.0, warmup=5):
+    """ZScoreClip written out (float64): bias-corrected EMA mean and variance of the
+    norms it is given, raw during the first `warmup` of them, then each capped at the
+    threshold mean + z * std in force before it. Returns the threshold after them."""
+    mean = var = 0.0
+    for count, norm in enumerate(norms, start=1):
+        if count > warmup:
+            norm = min(norm, mean + z * np.sqrt(var))
+        alpha = (1 - decay) / (1 - decay**count)
+        diff = norm - mean
+        mean += alpha * diff
+        var = (1 - alpha) * (var + alpha * diff * diff)
+    return mean + z * np.sqrt(var)
+
+
+def test_skipped_spikes_and_nonfinite_steps_do_not_move_the_adaptive_clip_threshold():
+    policy = gh.ZScoreClip(z=3.0, decay=0.99, warmup_steps=5)
+    tx = gh.guard(optax.sgd(0.1), clip=policy, spike_action="skip", warmup_steps=20)
+    norms = _calm(40)
+    norms[25] = 80.0  # a spike: skipped
+    norms[30] = float("nan")  # non-finite: skipped
+    state, history = _norm_run(tx, norms)
+    assert bool(history[25]["grad/skipped"]) and bool(history[30]["grad/skipped"])
+    accepted = [n for t, n in enumerate(norms) if t not in (25, 30)]
+    np.testing.assert_allclose(float(policy.threshold(state.guard_clip_state)), _zscore_reference(accepted), rtol=1e-5)
+    # Folding the skipped steps in (the wrong implementation) gives another threshold.
+    assert abs(_zscore_reference([n for t, n in enumerate(norms) if t != 30]) - _zscore_reference(accepted)) > 1e-3
+
+
+def test_first_nonfinite_leaf_names_the_bad_leaf_in_leaf_names_order():
+    params = {"a": jnp.zeros(2), "b": {"c": jnp.zeros(3), "d": jnp.zeros(1)}, "e": jnp.zeros(2)}
+    names = gh.leaf_names(params)
+    assert names == ["a", "b/c", "b/d", "e"]
+    tx = gh.guard(optax.sgd(0.1))
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    ones = jax.tree.map(jnp.ones_like, params)
+    seen = []
+    for bad in ["b/d", None, "e", "b/c"]:
+        grads = ones
+        if bad is not None:
+            index = names.index(bad)
+            leaves, treedef = jax.tree.flatten(ones)
+            leaves[index] = leaves[index].at[0].set(jnp.inf if bad == "e" else jnp.nan)
+            if bad == "b/c":  # two bad leaves: the first in leaf order is recorded
+                leaves[3] = leaves[3].at[1].set(jnp.nan)
+            grads = jax.tree.unflatten(treedef, leaves)
+        _, state = update(grads, state, params)
+        seen.append(names[int(gh.metrics(state)["grad/first_nonfinite_leaf"])])
+    assert seen == ["b/d", "b/d", "e", "b/c"]
