@@ -2,8 +2,12 @@
 
 import os
 
-# Emulate 8 CPU devices for the data-parallel tests; must happen before jax starts.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Emulate 8 CPU devices for the data-parallel tests; must happen before jax starts. Added
+# to XLA_FLAGS already set (a flag of the user's own must not drop the device count, or
+# tests/test_cross_device.py would find one device); a count set there is kept.
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _flags:
+    os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count=8".strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # Property tests: fixed examples in CI (a failure reproduces), random ones locally.

@@ -28,7 +28,14 @@ import optax_gradhealth as gh
 K = 8
 ROOT = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.skipif(jax.device_count() < K, reason="needs 8 emulated devices (see conftest.py)")
+if jax.device_count() < K:  # a silently skipped file would hide every failure in it
+    pytest.fail(
+        f"tests/test_cross_device.py needs {K} devices, found {jax.device_count()} "
+        f"({jax.devices()[0].platform}; XLA_FLAGS={os.environ.get('XLA_FLAGS')!r}, "
+        f"JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS')!r}). conftest.py emulates {K} CPU devices unless "
+        "JAX_PLATFORMS names another platform; run with JAX_PLATFORMS=cpu.",
+        pytrace=False,
+    )
 
 
 # ----------------------------------------------------------------------------- references
@@ -649,3 +656,31 @@ def test_alarms_name_the_devices_the_kind_and_the_evidence():
     # A bit-identical pair is an exact duplicate, not also a near one.
     m["xdev/duplicate_pairs"] = near
     assert [a.kind for a in gh.cross_device_alarms(m)][-1] == "duplicate_pair"
+
+
+def test_sketch_signs_keep_structured_orthogonal_gradients_orthogonal():
+    """Gradients that are orthogonal only through their signs inside each bucket (even
+    versus odd positions, and a +-1 pattern against all ones) have equal or opposite
+    bucket sums: an unsigned sketch reads their cosine as +-1 (or 0/0). The random signs
+    of the count sketch make the estimate 0 +- about 1/sqrt(sketch_dim)."""
+    n, dim = 8192, 256
+    i = np.arange(n)
+    rng = np.random.default_rng(0)
+    vectors = [
+        (i % 2 == 0).astype(np.float64),  # even positions
+        (i % 2 == 1).astype(np.float64),  # odd positions: orthogonal to the first
+        np.ones(n),
+        np.where(i % 2 == 0, 1.0, -1.0),  # orthogonal to all ones
+    ] + [rng.normal(size=n) for _ in range(K - 4)]
+    grads = {"w": jnp.asarray(np.stack(vectors), jnp.float32)}
+    _, m = pmap_run([grads], sketch_dim=dim)[0]
+    m = first_copy(m)
+    g = np.stack(vectors)
+    unit = g / np.linalg.norm(g, axis=1, keepdims=True)
+    exact = unit @ unit.T
+    assert abs(exact[0, 1]) < 1e-12 and abs(exact[2, 3]) < 1e-12
+    # Four standard errors of a cosine estimated from a `dim`-bucket sketch.
+    tolerance = 4.0 / np.sqrt(dim)
+    np.testing.assert_allclose(m["xdev/pairwise_cosine"][0, 1], 0.0, atol=tolerance)
+    np.testing.assert_allclose(m["xdev/pairwise_cosine"][2, 3], 0.0, atol=tolerance)
+    np.testing.assert_allclose(m["xdev/pairwise_cosine"], exact, atol=tolerance)

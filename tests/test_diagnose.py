@@ -78,9 +78,10 @@ def test_explosion_found_at_the_planted_step():
     rows[150]["grad/norm"] *= 10
     finding = by_pattern(rows, "explosion")
     assert finding.steps == (150,)
-    # Independent reference: the score is at least 10x the norm over the mean of its neighbours / 1.5.
-    neighbours = np.mean([rows[t]["grad/norm"] for t in range(130, 150)])
-    assert finding.evidence["max_spike_score"] == pytest.approx(rows[150]["grad/norm"] / neighbours, rel=0.1)
+    # The guard's score written out: the norm over the baseline, the median of the latest
+    # 16 accepted norms on a log scale (every step before 150 is accepted in a clean run).
+    baseline = np.exp(np.median(np.log([rows[t]["grad/norm"] for t in range(134, 150)])))
+    assert finding.evidence["max_spike_score"] == pytest.approx(rows[150]["grad/norm"] / baseline, rel=1e-5)
     assert finding.severity == "error" and finding.causes and finding.mitigations
     assert patterns(rows) == ["explosion"]
 
