@@ -242,7 +242,7 @@ def clip_by_layer_norm(max_norm: float) -> optax.GradientTransformation:
       >>> {k: bool(v) for k, v in gh.metrics(state).items() if k.startswith('grad/layer_clipped/')}
       {'grad/layer_clipped/a': True, 'grad/layer_clipped/b': False}
     """
-    max_norm = check.positive("max_norm", max_norm)
+    max_norm = check.positive_or_array("max_norm", max_norm)
 
     def init_fn(params):
         return ClipByLayerNormState(
@@ -334,7 +334,7 @@ def adaptive_grad_clip(
       >>> int(state.agc_clip_count), float(state.agc_clip_fraction)
       (1, 0.5)
     """
-    clipping = check.positive("clipping", clipping)
+    clipping = check.positive_or_array("clipping", clipping)
     eps = check.positive("eps", eps)
 
     def init_fn(params):

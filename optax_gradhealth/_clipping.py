@@ -72,7 +72,7 @@ class FixedClip:
     max_norm: float
 
     def __post_init__(self):
-        object.__setattr__(self, "max_norm", check.positive("max_norm", self.max_norm, allow_inf=True))
+        object.__setattr__(self, "max_norm", check.positive_or_array("max_norm", self.max_norm, allow_inf=True))
 
     def init(self) -> FixedClipState:
         return FixedClipState()
@@ -291,9 +291,12 @@ def as_clip_policy(name: str, clip: Any) -> ClipPolicy:
         return clip
     if isinstance(clip, (int, float)) and not isinstance(clip, bool):
         return FixedClip(check.positive(name, clip, allow_inf=True))
+    if check.is_array_like(clip):  # e.g. a threshold scheduled by optax.inject_hyperparams
+        return FixedClip(check.positive_or_array(name, clip))
     raise TypeError(
         f"`{name}` must be None, a positive number or a clip policy "
-        f"(gh.FixedClip, gh.ZScoreClip, gh.PercentileClip), got {clip!r} (type {type(clip).__name__})."
+        f"(gh.FixedClip, gh.ZScoreClip, gh.PercentileClip) or a scalar array, "
+        f"got {clip!r} (type {type(clip).__name__})."
     )
 
 

@@ -188,7 +188,8 @@ def spike_bound(
         return jnp.full((), jnp.inf, jnp.float32)
     log_bound = jnp.full((), -jnp.inf, jnp.float32)
     if ratio is not None:
-        log_bound = jnp.maximum(log_bound, median + math.log(ratio))
+        log_ratio = math.log(ratio) if isinstance(ratio, (int, float)) else jnp.log(jnp.asarray(ratio, jnp.float32))
+        log_bound = jnp.maximum(log_bound, median + log_ratio)
     if zscore is not None:
         log_bound = jnp.maximum(log_bound, median + zscore * jnp.maximum(spread, spread_floor))
     return jnp.exp(jnp.minimum(log_bound, 88.0))

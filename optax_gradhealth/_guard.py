@@ -335,22 +335,24 @@ def guard(
         clip = None
     policy = _clipping.as_clip_policy("clip", clip)
     spike_action = check.one_of("spike_action", spike_action, SPIKE_ACTIONS)
-    spike_threshold = check.optional(check.positive, "spike_threshold", spike_threshold)
-    if spike_threshold is not None and spike_threshold <= 1.0:
+    # Thresholds may be scalar arrays (traced under optax.inject_hyperparams): checked
+    # here when they are Python numbers, used as they are otherwise.
+    spike_threshold = check.optional(check.positive_or_array, "spike_threshold", spike_threshold)
+    if isinstance(spike_threshold, float) and spike_threshold <= 1.0:
         raise ValueError(f"`spike_threshold` is a ratio norm / baseline norm and must be > 1, got {spike_threshold!r}.")
-    spike_zscore = check.optional(check.positive, "spike_zscore", spike_zscore)
-    loss_spike_zscore = check.optional(check.positive, "loss_spike_zscore", loss_spike_zscore)
+    spike_zscore = check.optional(check.positive_or_array, "spike_zscore", spike_zscore)
+    loss_spike_zscore = check.optional(check.positive_or_array, "loss_spike_zscore", loss_spike_zscore)
     spike_window = check.integer("spike_window", spike_window, minimum=1)
     rebaseline_after = check.optional(check.integer, "rebaseline_after", rebaseline_after, minimum=1)
     warmup_steps = check.integer("warmup_steps", warmup_steps, minimum=1)
-    stats_decay = check.in_open_unit_interval("stats_decay", stats_decay)
+    stats_decay = check.or_array(check.in_open_unit_interval, "stats_decay", stats_decay)
     reset_after = check.optional(check.integer, "reset_after", reset_after, minimum=1)
     reset_window = check.integer("reset_window", reset_window, minimum=1)
     rollback_after_nonfinite = check.optional(
         check.integer, "rollback_after_nonfinite", rollback_after_nonfinite, minimum=1
     )
     rollback_after_spikes = check.optional(check.integer, "rollback_after_spikes", rollback_after_spikes, minimum=1)
-    vanishing_norm = check.optional(check.positive, "vanishing_norm", vanishing_norm)
+    vanishing_norm = check.optional(check.positive_or_array, "vanishing_norm", vanishing_norm)
     check_updates = check.boolean("check_updates", check_updates)
     norm_spikes_on = spike_threshold is not None or spike_zscore is not None
     spike_rule = detect.SpikeRule(
@@ -363,7 +365,9 @@ def guard(
         rebaseline_after,
     )
     # Whether any step can be clipped by a global factor (a policy, or spike clipping).
-    never_clips = isinstance(policy, _clipping.FixedClip) and math.isinf(policy.max_norm)
+    never_clips = (
+        isinstance(policy, _clipping.FixedClip) and isinstance(policy.max_norm, float) and math.isinf(policy.max_norm)
+    )
     can_clip = not never_clips or (spike_action == "clip" and norm_spikes_on)
     ring_size = reset_after if reset_after is not None else 1
 

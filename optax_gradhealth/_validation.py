@@ -6,6 +6,8 @@ import math
 import numbers
 from typing import Any
 
+import jax
+import numpy as np
 import optax
 
 
@@ -28,6 +30,31 @@ def positive(name: str, value: Any, *, allow_inf: bool = False) -> float:
         allowed = "a positive number" + (" (inf allowed)" if allow_inf else ", finite")
         raise ValueError(f"`{name}` must be {allowed}, got {value!r}.")
     return value
+
+
+def is_array_like(value: Any) -> bool:
+    """A jax or numpy array (or numpy scalar): a hyperparameter that may be traced, e.g.
+    injected by ``optax.inject_hyperparams``. Python numbers are not array-like."""
+    return isinstance(value, (jax.Array, np.ndarray, np.generic))
+
+
+def or_array(check: Any, name: str, value: Any, **kwargs: Any) -> Any:
+    """``check(name, value)`` for a Python number; a scalar array is passed through as it
+    is: its value may be traced (scheduled by ``optax.inject_hyperparams``), so only its
+    shape and dtype are checked here."""
+    if not is_array_like(value):
+        return check(name, value, **kwargs)
+    shape, dtype = tuple(value.shape), np.dtype(value.dtype)
+    if shape != () or not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)):
+        raise ValueError(
+            f"`{name}` must be a number or a real scalar array, got an array of shape {shape} and dtype {dtype}."
+        )
+    return value
+
+
+def positive_or_array(name: str, value: Any, *, allow_inf: bool = False) -> Any:
+    """A positive Python number (validated now), or a scalar array (see :func:`or_array`)."""
+    return or_array(positive, name, value, allow_inf=allow_inf)
 
 
 def non_negative(name: str, value: Any) -> float:
