@@ -94,21 +94,9 @@ def _is_input(jaxpr: Jaxpr, var: Any) -> bool:
     return isinstance(var, Literal) or var in jaxpr.invars or var in jaxpr.constvars
 
 
-def _evaluate(
-    jaxpr: Jaxpr,
-    consts: Sequence[Any],
-    args: Sequence[Any],
-    subst: dict[Any, Callable],
-    plain: dict[Any, Any] | None = None,
-) -> tuple[list[Any], dict[Any, Any]]:
-    """Evaluates ``jaxpr``; a variable ``v`` in ``subst`` takes ``subst[v](value)``.
-
-    ``plain`` is the environment of an earlier evaluation of the same ``jaxpr`` without
-    substitutions: an equation that reads no substituted value reuses its outputs there
-    instead of being bound a second time. Returns the outputs and the environment.
-    """
+def _evaluate(jaxpr: Jaxpr, consts: Sequence[Any], args: Sequence[Any], subst: dict[Any, Callable]) -> list[Any]:
+    """Evaluates ``jaxpr``; a variable ``v`` in ``subst`` takes ``subst[v](value)``."""
     env: dict[Any, Any] = {}
-    tainted: set[Any] = set()  # variables computed from a substituted value
 
     def read(var):
         return var.val if isinstance(var, Literal) else env[var]
@@ -120,13 +108,6 @@ def _evaluate(
 
     for eqn in jaxpr.eqns:
         hits = [v for v in eqn.outvars if v in subst]
-        reads_tainted = any(not isinstance(v, Literal) and v in tainted for v in eqn.invars)
-        if plain is not None and not hits and not reads_tainted:
-            for var in eqn.outvars:
-                env[var] = plain[var]
-            continue
-        if plain is not None:
-            tainted.update(eqn.outvars)
         invals = [read(v) for v in eqn.invars]
         call = eqn.params.get("jaxpr")
         if hits and eqn.primitive.name in _CALL_PRIMITIVES and isinstance(call, ClosedJaxpr):
@@ -138,7 +119,7 @@ def _evaluate(
                 if var in subst and not _is_input(call.jaxpr, inner_var) and inner_var not in inner_subst:
                     inner_subst[inner_var] = subst[var]
                     owner[inner_var] = var
-            outs, _ = _evaluate(call.jaxpr, call.consts, invals, inner_subst)
+            outs = _evaluate(call.jaxpr, call.consts, invals, inner_subst)
             for var, inner_var, value in zip(eqn.outvars, call.jaxpr.outvars, outs):
                 done_inside = not isinstance(inner_var, Literal) and owner.get(inner_var) is var
                 env[var] = subst[var](value) if var in subst and not done_inside else value
@@ -150,7 +131,7 @@ def _evaluate(
             ans = [ans]
         for var, value in zip(eqn.outvars, ans):
             env[var] = subst[var](value) if var in subst else value
-    return [read(v) for v in jaxpr.outvars], env
+    return [read(v) for v in jaxpr.outvars]
 
 
 class TracedUpdate:
@@ -158,11 +139,13 @@ class TracedUpdate:
     as it computes its outputs (:meth:`outputs`, e.g. to check them), and with every
     state leaf selected where it is produced (:meth:`with_selected_state`).
 
-    Under a trace the update is made a jaxpr once and evaluated by the interpreter above;
-    the second evaluation rebinds only the equations that read a selected value, so a
-    check of the plain outputs adds reductions to the program, not a second copy of the
-    optimizer. Eagerly (``inputs`` has no tracer: op-by-op execution, where XLA copies
-    nothing) ``update`` is simply called once and its state selected afterwards.
+    Under a trace the update is made a jaxpr once and evaluated by the interpreter above,
+    each way at most once. The plain evaluation reads its inputs through optimization
+    barriers, so that XLA keeps it apart from the selected one: shared, the new state
+    would have two consumers (the check and the select) and be materialised, a
+    state-sized temporary per leaf; apart, each is fused on its own. Eagerly (``inputs``
+    has no tracer: op-by-op execution, where XLA copies nothing) ``update`` is simply
+    called once and its state selected afterwards.
 
     Args:
       update: a function of no arguments (it closes over the gradients, state, params
@@ -173,7 +156,6 @@ class TracedUpdate:
     def __init__(self, update: Callable[[], tuple[Any, Any]], inputs: Any = None) -> None:
         eager = inputs is not None and not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(inputs))
         self._outputs: tuple[Any, Any] | None = None
-        self._plain_env: dict[Any, Any] | None = None
         if eager:
             self._outputs = update()
             self._closed = None
@@ -189,8 +171,10 @@ class TracedUpdate:
         """``(updates, new_state)`` as ``update`` computes them."""
         if self._outputs is None:
             assert self._closed is not None
-            consts = lax.optimization_barrier(list(self._closed.consts))
-            outs, _ = _evaluate(self._closed.jaxpr, consts, [], {})
+            # A barrier of its own per input: one over all of them would give every output the
+            # same varying-axes type under shard_map (mixing replicated and per-device values).
+            consts = [lax.optimization_barrier(c) for c in self._closed.consts]
+            outs = _evaluate(self._closed.jaxpr, consts, [], {})
             self._outputs = jax.tree.unflatten(self._out_tree, outs)
         return self._outputs
 
@@ -216,7 +200,7 @@ class TracedUpdate:
             subst[var] = lambda value, slot=slot: select(slot, value)
             first_slot[var] = slot
 
-        outs, _ = _evaluate(jaxpr, self._closed.consts, [], subst, self._plain_env)
+        outs = _evaluate(jaxpr, self._closed.consts, [], subst)
         for slot, var in enumerate(state_vars):
             if isinstance(var, Literal) or first_slot.get(var) != slot:
                 outs[self._num_updates + slot] = select(slot, outs[self._num_updates + slot])
