@@ -4,8 +4,10 @@ Every process runs the same program; ``jax.distributed.initialize`` joins them i
 set of global devices, a 1-D mesh ``('data',)`` spans all of them, and
 ``gh.cross_device`` audits every device's gradient across hosts. Only process 0 prints.
 
-On one machine (emulated CPU devices; each process is started for you)::
+On one machine (emulated CPU devices; each process is started for you); with no
+arguments the script runs this local demo, 2 processes x 4 devices::
 
+  python examples/multihost_launch.py
   python examples/multihost_launch.py --local 2 --devices-per-process 4
 
 On a cluster, start one process per host with the same coordinator::
@@ -112,7 +114,9 @@ def launch_local(processes: int, devices_per_process: int, steps: int, timeout: 
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--local", type=int, default=0, help="start this many processes on this machine")
     parser.add_argument("--devices-per-process", type=int, default=4)
     parser.add_argument("--coordinator", help="HOST:PORT of process 0")
@@ -122,8 +126,20 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--timeout", type=float, default=300.0)
     args = parser.parse_args()
+    cluster = [args.coordinator, args.num_processes, args.process_id]
+    if args.local < 0 or args.devices_per_process < 1:
+        parser.error("--local and --devices-per-process must be positive")
+    if not args.local and not args.tpu and all(value is None for value in cluster):
+        print(
+            "no --coordinator, --tpu or --local given: running the local demo, 2 processes x "
+            f"{args.devices_per_process} CPU devices (--help for the cluster modes)",
+            flush=True,
+        )
+        args.local = 2
     if args.local:
         return launch_local(args.local, args.devices_per_process, args.steps, args.timeout)
+    if not args.tpu and any(value is None for value in cluster):
+        parser.error("a cluster run needs all of --coordinator HOST:PORT, --num-processes N and --process-id I")
     import jax
 
     if args.tpu:

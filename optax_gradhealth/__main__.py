@@ -1,17 +1,55 @@
-"""Command line: ``python -m optax_gradhealth report RUN.jsonl -o report.png`` and
-``python -m optax_gradhealth diagnose RUN.jsonl``; ``python -m optax_gradhealth --version``."""
+"""Command line: ``python -m optax_gradhealth report LOG -o report.png`` and
+``python -m optax_gradhealth diagnose LOG``; ``python -m optax_gradhealth --version``.
+
+``LOG`` is a JSON Lines metrics log, a TensorBoard log directory or a W&B history CSV
+(see :func:`optax_gradhealth.history.load_history`). An unreadable input or a bad
+argument is one line on stderr and exit status 2, never a traceback; a skipped cut line
+is one warning line on stderr.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import importlib
+import importlib.util
 import sys
+import warnings
 
 from optax_gradhealth import __version__
+from optax_gradhealth.history import History, LogReadWarning, load_history
 
 # The module (``optax_gradhealth.diagnose`` the attribute is the function gh.diagnose).
 _diagnose = importlib.import_module("optax_gradhealth.diagnose")
+
+PROG = "python -m optax_gradhealth"
+
+_EPILOG = f"""examples:
+  {PROG} diagnose run.jsonl
+  {PROG} diagnose run.jsonl --threshold spike_score=3 --threshold warmup_steps=50
+  {PROG} diagnose runs/tensorboard/run1/        (a TensorBoard log directory)
+  {PROG} report run.jsonl -o report.png         (also writes report.findings.txt/.json)
+  {PROG} report wandb_history.csv -o report.png --title "run 42"
+
+LOG is a JSON Lines metrics log (gh.JsonlWriter), a TensorBoard log directory (needs the
+tensorboard package) or a Weights & Biases history export (.csv). A cut last line (a run
+stopped mid-write) is skipped with a warning; a step logged twice (a resumed run) keeps
+its last write and is reported as a restart.
+
+exit status: 0 done; 2 bad arguments or an unreadable log (one line on stderr)."""
+
+
+class UsageError(SystemExit):
+    """A bad argument or an unreadable input: exit status 2, the message in ``args[0]``."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.code = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not argparse's usage block
+        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
 def _thresholds(pairs: list[str]) -> _diagnose.Thresholds:
@@ -20,21 +58,52 @@ def _thresholds(pairs: list[str]) -> _diagnose.Thresholds:
     for pair in pairs:
         name, _, value = pair.partition("=")
         if name not in fields or not value:
-            raise SystemExit(f"--threshold expects NAME=VALUE with NAME one of {', '.join(fields)}; got {pair!r}.")
-        values[name] = int(value) if fields[name].type in ("int", int) else float(value)
+            raise UsageError(f"--threshold expects NAME=VALUE with NAME one of {', '.join(fields)}; got {pair!r}.")
+        kind = int if fields[name].type in ("int", int) else float
+        try:
+            values[name] = kind(value)
+        except ValueError:
+            raise UsageError(f"--threshold {name} expects a number ({kind.__name__}), got {value!r}.") from None
     return _diagnose.Thresholds(**values)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m optax_gradhealth", description="Gradient-health reports.")
+def _load(path: str, skip_bad_lines: bool) -> History:
+    """The log, with its warnings as one stderr line each and its errors as UsageError."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", LogReadWarning)
+        try:
+            history = load_history(path, skip_bad_lines=skip_bad_lines)
+        except (OSError, ValueError, ImportError) as error:
+            raise UsageError(str(error) or type(error).__name__) from None
+    for warning in caught:
+        if issubclass(warning.category, LogReadWarning):
+            print(f"{PROG}: warning: {warning.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return history
+
+
+def _run(argv: list[str] | None) -> int:
+    parser = _Parser(
+        prog=PROG,
+        description="Gradient-health reports of a training run's logged metrics.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"optax-gradhealth {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    report = sub.add_parser("report", help="plot a run's log and write the diagnosis beside the picture")
-    report.add_argument("log", help="the run's JSON Lines metrics log")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    kind = argparse.RawDescriptionHelpFormatter
+    report = sub.add_parser(
+        "report",
+        help="plot a run's log and write the diagnosis beside the picture",
+        epilog=_EPILOG,
+        formatter_class=kind,
+    )
+    report.add_argument("log", help="the run's metrics: .jsonl log, TensorBoard log directory or W&B .csv")
     report.add_argument("-o", "--output", default="report.png", help="image file (default: report.png)")
     report.add_argument("--title", default=None)
-    diag = sub.add_parser("diagnose", help="print the diagnosis of a run's log")
-    diag.add_argument("log", help="the run's JSON Lines metrics log")
+    diag = sub.add_parser("diagnose", help="print the diagnosis of a run's log", epilog=_EPILOG, formatter_class=kind)
+    diag.add_argument("log", help="the run's metrics: .jsonl log, TensorBoard log directory or W&B .csv")
     for p in (report, diag):
         p.add_argument(
             "--threshold",
@@ -43,18 +112,51 @@ def main(argv: list[str] | None = None) -> int:
             metavar="NAME=VALUE",
             help="override a gh.Thresholds field, e.g. --threshold spike_score=3 (repeatable)",
         )
+        p.add_argument(
+            "--skip-bad-lines",
+            action="store_true",
+            help="skip (with a warning) lines of a .jsonl log that are not JSON objects instead of failing",
+        )
     args = parser.parse_args(argv)
     thresholds = _thresholds(args.threshold)
+    if args.command == "report" and importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("report needs matplotlib: pip install matplotlib (or 'optax-gradhealth[examples]').")
+    history = _load(args.log, args.skip_bad_lines)
+    if not len(history):
+        raise UsageError(f"{args.log}: no logged rows.")
     if args.command == "report":
         _report = importlib.import_module("optax_gradhealth.report")
-
-        findings = _report.write_report(args.log, args.output, thresholds=thresholds, title=args.title)
+        try:
+            findings = _report.write_report(history, args.output, thresholds=thresholds, title=args.title)
+        except OSError as error:  # the output cannot be written
+            raise UsageError(f"{args.output}: {error.strerror or error}") from None
         print(_diagnose.format_findings(findings))
         text_path, json_path = _report.findings_paths(args.output)
         print(f"\nwrote {args.output}, {text_path}, {json_path}")
     else:
-        print(_diagnose.format_findings(_diagnose.diagnose(args.log, thresholds)))
+        print(_diagnose.format_findings(_diagnose.diagnose(history, thresholds)))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the command line; returns the exit status.
+
+    A bad argument or an unreadable log prints one line on stderr and raises
+    :class:`UsageError` (a ``SystemExit`` with code 2).
+
+    Example:
+      >>> from optax_gradhealth.__main__ import main
+      >>> try:
+      ...     main(["diagnose", "no/such/run.jsonl"])
+      ... except SystemExit as error:
+      ...     print(error.code, "|", error)
+      2 | no/such/run.jsonl: no such file or directory.
+    """
+    try:
+        return _run(argv)
+    except UsageError as error:
+        print(f"{PROG}: error: {error.args[0]}", file=sys.stderr)
+        raise
 
 
 if __name__ == "__main__":

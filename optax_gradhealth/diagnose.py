@@ -20,7 +20,6 @@ import dataclasses
 import itertools
 import math
 import os
-import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -35,6 +34,8 @@ from optax_gradhealth._guard import (
     SPIKE_ZSCORE,
     SPREAD_FLOOR,
 )
+from optax_gradhealth.history import History
+from optax_gradhealth.history import load_history as _load_columns
 
 __all__ = ["PLAYBOOK", "Finding", "Thresholds", "diagnose", "format_findings", "load_history"]
 
@@ -277,6 +278,19 @@ PLAYBOOK: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
             "check that each host reads its own shard files",
         ),
     ),
+    "restart": (
+        "the run restarted: the step went backwards in the log",
+        (
+            "the run was resumed from a checkpoint (after a crash, a preemption or by hand), appending to the log",
+            "a rollback restored an earlier checkpoint and the loop counted the steps again from there",
+            "two runs write to the same log file",
+        ),
+        (
+            "nothing, for a planned resume: the last write of each step is the one diagnosed and plotted",
+            "otherwise, find out what stopped the run at the step it went back from (crash, preemption, OOM)",
+            "give each run its own log (gh.JsonlWriter(path, overwrite=True) or a new path) when runs must not mix",
+        ),
+    ),
     "param_desync": (
         "parameters differ across replicas (desync)",
         (
@@ -300,7 +314,8 @@ _SEVERITY = {
     "agreement_high": "error",
     "near_duplicate": "error",
 }
-_SEVERITY_ORDER = {"error": 0, "warning": 1}
+_SEVERITY["restart"] = "info"
+_SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,7 +325,8 @@ class Finding:
     Attributes:
       pattern: a key of :data:`PLAYBOOK` (e.g. ``'explosion'``).
       title: what it is, in words.
-      severity: ``'error'`` (act now) or ``'warning'``.
+      severity: ``'error'`` (act now), ``'warning'`` or ``'info'`` (worth knowing, not
+        a fault: ``restart``).
       summary: one line with the key numbers.
       steps: the steps where it shows (all of them, sorted).
       evidence: the numbers behind it.
@@ -364,42 +380,8 @@ def format_findings(findings: Iterable[Finding]) -> str:
 # --------------------------------------------------------------------------- history
 
 
-class _History:
-    """Columns of a run's logged rows (NaN where a row lacks a name)."""
-
-    def __init__(self, rows: list[dict[str, float]]):
-        self.rows = rows
-        self.steps = np.array([int(r["step"]) for r in rows], dtype=np.int64)
-        self.names = set().union(*(r.keys() for r in rows)) if rows else set()
-        self._cache: dict[str, np.ndarray] = {}
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def has(self, name: str) -> bool:
-        return name in self.names
-
-    def col(self, name: str) -> np.ndarray:
-        if name not in self._cache:
-            self._cache[name] = np.array([_to_float(r.get(name, math.nan)) for r in self.rows], dtype=np.float64)
-        return self._cache[name]
-
-    def indexed(self, name: str) -> list[tuple[int, ...]]:
-        """The index suffixes logged under ``name/i`` or ``name/i/j`` (sorted)."""
-        pattern = re.compile(re.escape(name) + r"((?:/\d+)+)$")
-        found = {tuple(int(i) for i in m.group(1).strip("/").split("/")) for n in self.names if (m := pattern.match(n))}
-        return sorted(found)
-
-    def vector(self, name: str) -> np.ndarray | None:
-        """``[T, K]`` from ``name/0`` ... ``name/K-1`` columns, or None."""
-        index = [i for i in self.indexed(name) if len(i) == 1]
-        if not index:
-            return None
-        return np.stack([self.col(f"{name}/{i[0]}") for i in index], axis=1)
-
-    def layer_names(self) -> list[str]:
-        prefix = "grad/layer_norm/"
-        return sorted(n[len(prefix) :] for n in self.names if n.startswith(prefix) and "#" not in n)
+# The columns diagnose reads (a History: sorted by step, last write of a step kept).
+_History = History
 
 
 def _to_float(value: Any) -> float:
@@ -413,7 +395,9 @@ def _to_float(value: Any) -> float:
 def load_history(history: Any) -> list[dict[str, float]]:
     """Rows ``{'step': int, name: float}`` from a ``.jsonl`` path, a list of metric dicts
     (arrays allowed: they are flattened like the writers do), or a dict of columns.
-    Rows without ``'step'`` are numbered in order; rows are sorted by step."""
+    Rows without ``'step'`` are numbered in order; rows are sorted by step. (For columns,
+    TensorBoard and CSV input, restarts and last-write-wins, see :func:`gh.load_history
+    <optax_gradhealth.history.load_history>`, which ``gh.diagnose`` reads through.)"""
     from optax_gradhealth.writers import flatten, read_jsonl
 
     if isinstance(history, (str, os.PathLike)):
@@ -659,11 +643,31 @@ def _single_node(h: _History, th: Thresholds) -> list[Finding]:
 
 
 def _longest_run(flags: np.ndarray) -> int:
-    best = current = 0
-    for flag in flags:
-        current = current + 1 if flag else 0
-        best = max(best, current)
-    return best
+    """The longest run of consecutive True values."""
+    padded = np.concatenate([[False], np.asarray(flags, bool), [False]]).astype(np.int8)
+    edges = np.flatnonzero(np.diff(padded))  # starts (0 -> 1) and ends (1 -> 0), alternating
+    return int((edges[1::2] - edges[::2]).max()) if edges.size else 0
+
+
+def _restarts(h: History) -> list[Finding]:
+    if not h.restarts:
+        return []
+    pairs = ", ".join(f"{a} -> {b}" for a, b in list(zip(h.restarted_from, h.restarts))[:5])
+    more = " ..." if len(h.restarts) > 5 else ""
+    return [
+        _finding(
+            "restart",
+            f"the step went backwards {len(h.restarts)} time(s) ({pairs}{more}); "
+            f"{h.rows_replaced} overlapping row(s) replaced by the later write",
+            h.restarts,
+            {
+                "restarts": len(h.restarts),
+                "resumed_at": list(h.restarts),
+                "went_back_from": list(h.restarted_from),
+                "rows_replaced": h.rows_replaced,
+            },
+        )
+    ]
 
 
 def _largest_layer_jump(h: _History, row: int) -> tuple[str, float] | None:
@@ -763,12 +767,11 @@ def _cross_device(h: _History, th: Thresholds) -> list[Finding]:
     a, a_steps = agreement[ok], steps[ok]
     dropped = False
     if a.size > th.agreement_window:
-        drops = [
-            t
-            for t in range(th.agreement_window, a.size)
-            if a[t] < th.agreement_drop_after
-            and _rolling_median_before(a, t, th.agreement_window) > th.agreement_drop_before
-        ]
+        # The rolling median only where the value is low (the same medians, vectorised).
+        low_at = np.flatnonzero(a[th.agreement_window :] < th.agreement_drop_after) + th.agreement_window
+        windows = np.lib.stride_tricks.sliding_window_view(a, th.agreement_window)
+        medians = np.median(windows[low_at - th.agreement_window], axis=1) if low_at.size else np.zeros(0)
+        drops = low_at[medians > th.agreement_drop_before].tolist()
         if drops:
             dropped = True
             t0 = drops[0]
@@ -1027,10 +1030,13 @@ def diagnose(history: Any, thresholds: Thresholds | None = None) -> list[Finding
 
     Args:
       history: the run's metrics: a path to a JSON Lines log
-        (:class:`optax_gradhealth.writers.JsonlWriter`), a list of metric dicts (one per
-        logged step, each optionally with ``'step'``; values may be arrays, e.g. straight
-        from ``gh.metrics``) or a dict of equal-length columns. Optional extra column:
-        ``'loss'`` (used by the vanishing pattern).
+        (:class:`optax_gradhealth.writers.JsonlWriter`), a TensorBoard log directory, a
+        ``.csv`` W&B history export, a list of metric dicts (one per logged step, each
+        optionally with ``'step'``; values may be arrays, e.g. straight from
+        ``gh.metrics``), a dict of equal-length columns or a :class:`gh.History
+        <optax_gradhealth.history.History>` (all read by :func:`gh.load_history
+        <optax_gradhealth.history.load_history>`: a step logged twice keeps its last
+        write). Optional extra column: ``'loss'`` (used by the vanishing pattern).
       thresholds: a :class:`Thresholds` (default: the documented defaults).
 
     Returns:
@@ -1038,7 +1044,8 @@ def diagnose(history: Any, thresholds: Thresholds | None = None) -> list[Finding
       Patterns: ``nonfinite``, ``explosion``, ``vanishing``, ``oscillation``,
       ``clip_always``, ``clip_never``, ``rollback`` and, with ``xdev/...`` metrics,
       ``high_dispersion``, ``agreement_drop``, ``agreement_low``, ``agreement_high``,
-      ``agreement_drift``, ``outlier_device``, ``near_duplicate``, ``param_desync``.
+      ``agreement_drift``, ``outlier_device``, ``near_duplicate``, ``param_desync``;
+      ``restart`` (info) when the step went backwards in the log (a resumed run).
 
     Example:
       >>> import optax_gradhealth as gh
@@ -1052,8 +1059,8 @@ def diagnose(history: Any, thresholds: Thresholds | None = None) -> list[Finding
     th = thresholds if thresholds is not None else Thresholds()
     if not isinstance(th, Thresholds):
         raise TypeError(f"gh.diagnose: `thresholds` must be a gh.Thresholds, got {type(th).__name__}.")
-    h = _History(load_history(history))
+    h = _load_columns(history)
     if not len(h):
         return []
-    found = _single_node(h, th) + _cross_device(h, th)
+    found = _single_node(h, th) + _cross_device(h, th) + _restarts(h)
     return sorted(found, key=lambda f: (_SEVERITY_ORDER[f.severity], f.steps[0] if f.steps else 1 << 62))

@@ -13,6 +13,15 @@ Host side only. ``python -m optax_gradhealth report RUN.jsonl -o report.png`` ca
   each device's cosine to the mean gradient, the pairwise cosine matrix of the last
   audit, and the gradient noise scale.
 
+Restarts (the step went backwards in the log: a resumed run) are dashed grey lines.
+
+Long runs: when a panel has more points than the axis has pixels, each series is drawn
+as a per-bin min/max envelope with a smoothed line (a rolling mean over ``len / 200``
+logged steps, geometric on log axes), and the event markers are replaced by an "events"
+strip under the norm panel: one row per kind, shaded by the fraction of each bin's
+steps with the event (any event at all is visible). Rare events (at most 60 of a
+kind) keep their markers.
+
 matplotlib is imported inside the functions (it is an optional dependency, in the
 ``examples`` extra), with the object-oriented API: no pyplot global state.
 """
@@ -26,17 +35,127 @@ from typing import Any
 
 import numpy as np
 
+from optax_gradhealth.history import History
+from optax_gradhealth.history import load_history as _load_columns
+
 # The module (``optax_gradhealth.diagnose`` the attribute is the function gh.diagnose).
 _diagnose = importlib.import_module("optax_gradhealth.diagnose")
+
+_WIDTH_IN = 12.0  # figure width (inches)
+_FEW_MARKERS = 60  # events of a kind drawn one by one even in a long run
+
+
+def _max_points(dpi: int) -> int:
+    """About the pixel width of a full-width panel: more points than this are binned."""
+    return int(_WIDTH_IN * dpi * 0.85)
+
+
+class _Bins:
+    """Consecutive rows grouped into equal spans of steps (each bin a few pixels wide)."""
+
+    def __init__(self, steps: np.ndarray, count: int):
+        edges = np.linspace(steps[0], steps[-1] + 1, count + 1)
+        starts = np.unique(np.searchsorted(steps, edges[:-1], side="left"))
+        self.starts = starts[starts < steps.size]
+        self.counts = np.diff(np.append(self.starts, steps.size))
+        self.x = np.add.reduceat(steps.astype(np.float64), self.starts) / self.counts
+        self.edges = np.append(steps[self.starts] - 0.5, steps[-1] + 0.5)
+        self.size = int(steps.size)
+        self.window = max(1, self.size // 200)
+
+    def min(self, values: np.ndarray) -> np.ndarray:
+        return np.fmin.reduceat(values, self.starts)  # NaN-aware: NaN only for an all-NaN bin
+
+    def max(self, values: np.ndarray) -> np.ndarray:
+        return np.fmax.reduceat(values, self.starts)
+
+    def mean(self, values: np.ndarray) -> np.ndarray:
+        ok = np.isfinite(values)
+        total = np.add.reduceat(np.where(ok, values, 0.0), self.starts)
+        count = np.add.reduceat(ok.astype(np.int64), self.starts)
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+    def count(self, flags: np.ndarray) -> np.ndarray:
+        return np.add.reduceat(np.asarray(flags, np.int64), self.starts)
+
+
+def _layer_bins(bins: _Bins, values: np.ndarray) -> np.ndarray:
+    """Per bin: the largest positive norm, NaN where the bin holds a non-finite one."""
+    finite = np.isfinite(values)
+    largest = bins.max(np.where(finite & (values > 0), values, np.nan))
+    return np.where(bins.count(~finite) > 0, np.nan, largest)
+
+
+def _bins(steps: np.ndarray, dpi: int) -> _Bins | None:
+    """None when every row gets its own pixel (plain lines), else the bins."""
+    limit = _max_points(dpi)
+    return _Bins(steps, limit // 2) if steps.size > limit else None
+
+
+def _rolling_mean(values: np.ndarray, window: int, log: bool) -> np.ndarray:
+    """Centred rolling mean over ``window`` rows of the finite (on a log axis: positive,
+    averaged as logarithms) values; NaN where the window has none."""
+    ok = np.isfinite(values) & ((values > 0) if log else True)
+    v = np.where(ok, np.log10(np.where(ok, values, 1.0)) if log else values, 0.0)
+    total = np.concatenate([[0.0], np.cumsum(v)])
+    count = np.concatenate([[0], np.cumsum(ok)])
+    n = values.size
+    lo = np.clip(np.arange(n) - window // 2, 0, n)
+    hi = np.clip(np.arange(n) + window - window // 2, 0, n)
+    k = count[hi] - count[lo]
+    mean = np.where(k > 0, (total[hi] - total[lo]) / np.maximum(k, 1), np.nan)
+    return 10.0**mean if log else mean
+
+
+def _series(
+    ax,
+    bins: _Bins | None,
+    steps: np.ndarray,
+    values: np.ndarray,
+    *,
+    color: str,
+    label: str | None,
+    log: bool = False,
+    envelope: bool = True,
+    lw: float = 1.0,
+    **style: Any,
+) -> None:
+    """A line, or for a long run a per-bin min/max envelope and a smoothed line."""
+    if bins is None:
+        ax.plot(steps, values, color=color, lw=lw, label=label, **style)
+        return
+    shown = np.where(np.isfinite(values) & ((values > 0) if log else True), values, np.nan)
+    if envelope:
+        ax.fill_between(
+            bins.x,
+            bins.min(shown),
+            bins.max(shown),
+            color=color,
+            alpha=0.25,
+            lw=0,
+            label=f"{label}: min-max per bin" if label else None,
+        )
+    rolling = _rolling_mean(shown, bins.window, log)
+    # Per bin: the mean of the rolling mean (of its logarithm on a log axis).
+    smooth = 10.0 ** bins.mean(np.log10(rolling)) if log else bins.mean(rolling)
+    ax.plot(
+        bins.x,
+        smooth,
+        color=color,
+        lw=max(lw, 1.2),
+        label=f"{label} (smoothed over {bins.window} steps)" if label else None,
+        **{k: v for k, v in style.items() if k not in ("marker", "ms")},
+    )
+
 
 __all__ = ["findings_paths", "plot_report", "write_report"]
 
 
-def _steps_where(h: _diagnose._History, name: str, value: float = 1.0) -> np.ndarray:
+def _steps_where(h: History, name: str, value: float = 1.0) -> np.ndarray:
     return h.steps[h.col(name) == value] if h.has(name) else np.zeros((0,), np.int64)
 
 
-def _matrix_at_last_audit(h: _diagnose._History, name: str) -> tuple[np.ndarray, int] | None:
+def _matrix_at_last_audit(h: History, name: str) -> tuple[np.ndarray, int] | None:
     index = [i for i in h.indexed(name) if len(i) == 2]
     if not index:
         return None
@@ -44,13 +163,19 @@ def _matrix_at_last_audit(h: _diagnose._History, name: str) -> tuple[np.ndarray,
     rows = np.arange(len(h))
     if h.has("xdev/audited"):
         rows = rows[h.col("xdev/audited") == 1]
-    for row in rows[::-1]:
-        matrix = np.full((size, size), np.nan)
-        for i, j in index:
-            matrix[i, j] = h.col(f"{name}/{i}/{j}")[row]
-        if np.isfinite(matrix).any():
-            return matrix, int(h.steps[row])
-    return None
+    columns = {(i, j): h.col(f"{name}/{i}/{j}") for i, j in index}
+    # The last audit row with a finite entry (vectorised: no loop over the rows).
+    finite = np.zeros(len(h), bool)
+    for column in columns.values():
+        finite |= np.isfinite(column)
+    rows = rows[finite[rows]]
+    if not rows.size:
+        return None
+    row = rows[-1]
+    matrix = np.full((size, size), np.nan)
+    for (i, j), column in columns.items():
+        matrix[i, j] = column[row]
+    return matrix, int(h.steps[row])
 
 
 def plot_report(
@@ -65,8 +190,9 @@ def plot_report(
     """Draws the report of a run and saves it as an image.
 
     Args:
-      history: as for :func:`optax_gradhealth.diagnose` (a ``.jsonl`` path, a list of
-        metric dicts or a dict of columns).
+      history: as for :func:`optax_gradhealth.diagnose` (a ``.jsonl`` path, a
+        TensorBoard log directory, a W&B ``.csv``, a list of metric dicts, a dict of
+        columns or a :class:`~optax_gradhealth.history.History`).
       path: the image file (``.png``, ``.pdf``, ``.svg``...).
       findings: the diagnosis to summarise in the title (default: computed).
       thresholds: used for the spike-score line and the diagnosis.
@@ -88,14 +214,15 @@ def plot_report(
     from matplotlib.figure import Figure
 
     th = thresholds if thresholds is not None else _diagnose.Thresholds()
-    h = _diagnose._History(_diagnose.load_history(history))
+    h = _load_columns(history)
     if not len(h):
         raise ValueError("gh.plot_report: the history has no rows to plot.")
     if findings is None:
-        findings = _diagnose.diagnose(h.rows, th)
+        findings = _diagnose.diagnose(h, th)
     if title is None:
-        title = os.path.basename(os.fspath(history)) if isinstance(history, (str, os.PathLike)) else "run"
+        title = _title(h)
     steps = h.steps
+    bins = _bins(steps, dpi)
     layers = h.layer_names()
     device_norms = h.vector("xdev/device_norms")
     cosines = h.vector("xdev/cosine_to_mean")
@@ -104,7 +231,8 @@ def plot_report(
     has_noise = h.has("xdev/noise_scale")
 
     # Layout: full-width time series, then the cross-device grid (two columns).
-    panels = ["norm"] + (["loss"] if h.has("loss") else [])
+    panels = ["norm"] + (["events"] if bins is not None and _event_rows(h, bins) else [])
+    panels += ["loss"] if h.has("loss") else []
     panels += ["spike"] if h.has("grad/spike_score") or h.has("grad/norm") else []
     panels += ["layers"] if layers else []
     xdev_rows = []
@@ -115,8 +243,10 @@ def plot_report(
     if has_noise:
         xdev_rows.append(("noise", None))
     sizes = {"norm": 3.4, "layers": max(3.2, 0.13 * len(layers)), "loss": 2.0, "spike": 2.0}
+    if "events" in panels:
+        sizes["events"] = 0.4 + 0.22 * len(_event_rows(h, bins))
     heights = [sizes[p] for p in panels] + [2.6] * len(xdev_rows)
-    fig = Figure(figsize=(12, sum(heights) + 1.2), layout="constrained")
+    fig = Figure(figsize=(_WIDTH_IN, sum(heights) + 1.2), layout="constrained")
     grid = fig.add_gridspec(len(heights), 2, height_ratios=heights)
     xlim = (steps[0] - 0.5, steps[-1] + 0.5)
 
@@ -129,12 +259,17 @@ def plot_report(
     for row, panel in enumerate(panels):
         ax = series_axis(row)
         if panel == "norm":
-            _norm_panel(ax, h, th)
+            _norm_panel(ax, h, th, bins)
+        elif panel == "events":
+            _events_panel(ax, h, bins)
         elif panel == "loss":
             loss = h.col("loss")
-            ax.plot(steps, loss, color="tab:green", lw=1)
-            if (loss[np.isfinite(loss)] > 0).all():
+            positive = bool((loss[np.isfinite(loss)] > 0).all())
+            _series(ax, bins, steps, loss, color="tab:green", label=None if bins is None else "loss", log=positive)
+            if positive:
                 ax.set_yscale("log")
+            if bins is not None:
+                ax.legend(loc="upper right", fontsize=8)
             ax.set_ylabel("loss")
             ax.set_title("loss", loc="left", fontsize=10)
         elif panel == "spike":
@@ -145,7 +280,7 @@ def plot_report(
                 norm = h.col("grad/norm")
                 score = _diagnose._replayed_spikes(np.where(np.isfinite(norm), norm, np.nan), th)[1]
                 label = "norm / baseline (the guard's rule, replayed)"
-            ax.plot(steps, score, color="tab:blue", lw=1, label=label)
+            _series(ax, bins, steps, score, color="tab:blue", label=label)
             ax.axhline(th.spike_score, color="tab:red", ls="--", lw=1, label=f"threshold {th.spike_score:g}")
             ax.set_yscale("symlog", linthresh=1.0)
             ax.set_ylim(bottom=0)
@@ -153,11 +288,15 @@ def plot_report(
             ax.set_title("spike score (norm / running mean; 0 during warm-up)", loc="left", fontsize=10)
             ax.legend(loc="upper right", fontsize=8)
         elif panel == "layers":
-            values = np.stack([h.col(f"grad/layer_norm/{name}") for name in layers])
-            positive = np.where(np.isfinite(values) & (values > 0), values, np.nan)
+            if bins is None:
+                values = np.stack([h.col(f"grad/layer_norm/{name}") for name in layers])
+                positive = np.where(np.isfinite(values) & (values > 0), values, np.nan)
+                edges = np.concatenate([[steps[0] - 0.5], (steps[1:] + steps[:-1]) / 2, [steps[-1] + 0.5]])
+            else:  # per bin, layer by layer: the largest norm; white when the bin holds a non-finite one
+                positive = np.stack([_layer_bins(bins, h.col(f"grad/layer_norm/{name}")) for name in layers])
+                edges = bins.edges
             finite = positive[np.isfinite(positive)]
             norm_c = colors.LogNorm(vmin=finite.min(), vmax=finite.max()) if finite.size else None
-            edges = np.concatenate([[steps[0] - 0.5], (steps[1:] + steps[:-1]) / 2, [steps[-1] + 0.5]])
             mesh = ax.pcolormesh(
                 edges,
                 np.arange(len(layers) + 1),
@@ -172,7 +311,11 @@ def plot_report(
             ax.set_yticklabels(layers[::every], fontsize=7)
             ax.set_ylim(len(layers), 0)
             ax.grid(False)
-            ax.set_title("per-layer gradient norm (white: non-finite)", loc="left", fontsize=10)
+            ax.set_title(
+                "per-layer gradient norm (white: non-finite)" + ("" if bins is None else "; the largest per bin"),
+                loc="left",
+                fontsize=10,
+            )
         ax.set_xlabel("step") if row == len(panels) - 1 and not xdev_rows else None
 
     row0 = len(panels)
@@ -183,12 +326,14 @@ def plot_report(
         else:
             axes = {left: fig.add_subplot(grid[row, 0]), right: fig.add_subplot(grid[row, 1])}
         for name, ax in axes.items():
-            _xdev_panel(name, ax, h, device_norms, cosines, pairwise, fig, xlim)
+            _xdev_panel(name, ax, h, device_norms, cosines, pairwise, fig, xlim, dpi)
 
     counts = []
     for name, label in (("grad/skipped", "skipped"), ("grad/clipped", "clipped"), ("grad/spike", "spikes")):
         if h.has(name):
             counts.append(f"{int((h.col(name) == 1).sum())} {label}")
+    if h.restarts:
+        counts.append(f"{len(h.restarts)} restart(s), {h.rows_replaced} overlapping row(s) replaced")
     headline = f"{title}: {len(h)} logged steps ({steps[0]}..{steps[-1]})" + (
         "; " + ", ".join(counts) if counts else ""
     )
@@ -206,19 +351,80 @@ def plot_report(
     return path
 
 
-def _norm_panel(ax, h: _diagnose._History, th: _diagnose.Thresholds) -> None:
+def _title(h: History) -> str:
+    if h.source is None:
+        return "run"
+    return os.path.basename(os.path.normpath(h.source)) or h.source
+
+
+def _events(h: History) -> list[tuple[str, np.ndarray, str]]:
+    """``(label, per-row flags, colour)`` of each event kind the log has."""
+    steps = h.steps
+    out = []
+    for name, label, color in (
+        ("grad/clipped", "clipped", "tab:orange"),
+        ("grad/spike", "spike", "tab:red"),
+        ("grad/skipped", "skipped", "black"),
+    ):
+        if h.has(name):
+            out.append((label, h.col(name) == 1, color))
+    if h.has("grad/norm"):
+        norm = h.col("grad/norm")
+        nonfinite = ~np.isfinite(norm) | ((h.col("grad/finite") == 0) if h.has("grad/finite") else False)
+        out.append(("non-finite", nonfinite, "red"))
+    if h.has("grad/momentum_reset"):
+        out.append(("momentum reset", h.col("grad/momentum_reset") == 1, "tab:purple"))
+    if h.has("grad/rollback"):
+        out.append(("rollback", h.col("grad/rollback") == 1, "darkred"))
+    if h.restarts:
+        out.append(("restart", np.isin(steps, h.restarts), "dimgrey"))
+    return out
+
+
+def _event_rows(h: History, bins: _Bins) -> list[tuple[str, np.ndarray, str]]:
+    """The events strip's rows: the kinds that happened at least once."""
+    return [(label, flags, color) for label, flags, color in _events(h) if flags.any()]
+
+
+def _events_panel(ax, h: History, bins: _Bins) -> None:
+    """One row per event kind; each bin shaded by the fraction of its steps with the
+    event (any event at all shows at about half the full shade)."""
+    from matplotlib import colors
+
+    rows = _event_rows(h, bins)
+    for i, (label, flags, color) in enumerate(rows):
+        count = bins.count(flags)
+        shade = np.where(count > 0, 0.45 + 0.55 * count / bins.counts, 0.0)
+        cmap = colors.LinearSegmentedColormap.from_list(label, ["white", color])
+        ax.pcolormesh(bins.edges, [i, i + 1], shade[None, :], cmap=cmap, vmin=0, vmax=1, shading="flat")
+    ax.set_yticks(np.arange(len(rows)) + 0.5)
+    ax.set_yticklabels([f"{label} ({int(flags.sum())})" for label, flags, _ in rows], fontsize=7)
+    ax.set_ylim(len(rows), 0)
+    ax.grid(False)
+    ax.set_title(
+        f"events per bin ({len(bins.starts)} bins of about {bins.size // len(bins.starts)} logged steps; "
+        "darker: a larger fraction of the bin)",
+        loc="left",
+        fontsize=9,
+    )
+
+
+def _norm_panel(ax, h: History, th: _diagnose.Thresholds, bins: _Bins | None = None) -> None:
     from matplotlib import transforms
 
     steps = h.steps
     norm = h.col("grad/norm")
     finite = np.isfinite(norm) & (norm > 0)
-    ax.plot(steps, np.where(finite, norm, np.nan), color="tab:blue", lw=1, label="grad/norm", zorder=3)
+    _series(ax, bins, steps, np.where(finite, norm, np.nan), color="tab:blue", label="grad/norm", log=True, zorder=3)
     if h.has("grad/norm_mean") and h.has("grad/norm_std"):
         mean, std = h.col("grad/norm_mean"), h.col("grad/norm_std")
+        x = steps
+        if bins is not None:  # per bin: the mean of the running statistics
+            mean, std, x = bins.mean(mean), bins.mean(std), bins.x
         on = mean > 0
         # On a log axis a band reaching zero would swamp the plot: floor it at mean / 10.
         ax.fill_between(
-            steps,
+            x,
             np.where(on, np.maximum(mean - std, mean / 10), np.nan),
             np.where(on, mean + std, np.nan),
             color="tab:blue",
@@ -226,18 +432,14 @@ def _norm_panel(ax, h: _diagnose._History, th: _diagnose.Thresholds) -> None:
             lw=0,
             label="running mean +- std",
         )
-        ax.plot(steps, np.where(on, mean, np.nan), color="tab:blue", lw=0.8, ls=":", alpha=0.8)
+        ax.plot(x, np.where(on, mean, np.nan), color="tab:blue", lw=0.8, ls=":", alpha=0.8)
     if h.has("grad/clip_threshold"):
         threshold = h.col("grad/clip_threshold")
         if np.isfinite(threshold).any():
-            ax.plot(
-                steps,
-                np.where(np.isfinite(threshold), threshold, np.nan),
-                color="tab:orange",
-                ls="--",
-                lw=1,
-                label="clip threshold",
-            )
+            x, shown = steps, np.where(np.isfinite(threshold), threshold, np.nan)
+            if bins is not None:
+                x, shown = bins.x, bins.mean(shown)
+            ax.plot(x, shown, color="tab:orange", ls="--", lw=1, label="clip threshold")
     top = transforms.blended_transform_factory(ax.transData, ax.transAxes)
     markers = [
         ("grad/clipped", dict(marker=".", color="tab:orange", s=14), "clipped"),
@@ -246,6 +448,8 @@ def _norm_panel(ax, h: _diagnose._History, th: _diagnose.Thresholds) -> None:
     ]
     for name, style, label in markers:
         at = _steps_where(h, name)
+        if bins is not None and (name == "grad/clipped" or at.size > _FEW_MARKERS):
+            continue  # in the events strip
         if at.size:
             rows = np.isin(steps, at)
             y = np.where(finite[rows], norm[rows], np.nan)
@@ -255,7 +459,7 @@ def _norm_panel(ax, h: _diagnose._History, th: _diagnose.Thresholds) -> None:
             else:
                 ax.scatter([], [], label=f"{label} ({at.size})", **style)
     nonfinite = steps[~np.isfinite(norm) | ((h.col("grad/finite") == 0) if h.has("grad/finite") else False)]
-    if nonfinite.size:
+    if nonfinite.size and (bins is None or nonfinite.size <= _FEW_MARKERS):
         ax.scatter(
             nonfinite,
             np.full(nonfinite.size, 0.95),
@@ -268,25 +472,38 @@ def _norm_panel(ax, h: _diagnose._History, th: _diagnose.Thresholds) -> None:
             clip_on=False,
         )
     resets = _steps_where(h, "grad/momentum_reset")
-    for i, step in enumerate(resets):
-        ax.axvline(
-            step, color="tab:purple", lw=1.2, ls="-.", label=f"momentum reset ({resets.size})" if i == 0 else None
-        )
+    if bins is None or resets.size <= _FEW_MARKERS:
+        for i, step in enumerate(resets):
+            ax.axvline(
+                step, color="tab:purple", lw=1.2, ls="-.", label=f"momentum reset ({resets.size})" if i == 0 else None
+            )
     if h.has("grad/rollback"):
         flag = h.col("grad/rollback") == 1
-        starts = np.flatnonzero(flag & ~np.concatenate([[False], flag[:-1]]))
-        for i, start in enumerate(starts):
-            end = start
-            while end + 1 < len(flag) and flag[end + 1]:
-                end += 1
-            ax.axvspan(
-                steps[start] - 0.5,
-                steps[end] + 0.5,
-                color="red",
-                alpha=0.15,
-                label="rollback recommended" if i == 0 else None,
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], flag.astype(np.int8), [0]])))
+        starts, ends = edges[::2], edges[1::2] - 1  # each episode's first and last row
+        if bins is None or starts.size <= _FEW_MARKERS:
+            for i, (start, end) in enumerate(zip(starts, ends)):
+                ax.axvspan(
+                    steps[start] - 0.5,
+                    steps[end] + 0.5,
+                    color="red",
+                    alpha=0.15,
+                    label="rollback recommended" if i == 0 else None,
+                )
+                ax.axvline(steps[start], color="red", lw=1.5)
+    if h.restarts and (bins is None or len(h.restarts) <= _FEW_MARKERS):
+        for i, (step, before) in enumerate(zip(h.restarts, h.restarted_from)):
+            ax.axvline(step, color="dimgrey", lw=1.4, ls="--", zorder=2, label="restart" if i == 0 else None)
+            ax.annotate(
+                f"restart: {before} -> {step}",
+                (step, 0.02),
+                xycoords=top,
+                rotation=90,
+                fontsize=7,
+                color="dimgrey",
+                ha="right",
+                va="bottom",
             )
-            ax.axvline(steps[start], color="red", lw=1.5)
     ax.set_yscale("log")
     if finite.any():
         ax.set_ylim(norm[finite].min() / 3, norm[finite].max() * 3)
@@ -294,25 +511,41 @@ def _norm_panel(ax, h: _diagnose._History, th: _diagnose.Thresholds) -> None:
     ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), fontsize=8, ncol=6, frameon=False)
 
 
-def _xdev_panel(name, ax, h, device_norms, cosines, pairwise, fig, xlim) -> None:
+def _xdev_panel(name, ax, h, device_norms, cosines, pairwise, fig, xlim, dpi: int = 110) -> None:
     steps = h.steps
     audited = h.col("xdev/audited") == 1 if h.has("xdev/audited") else np.ones(len(h), bool)
+    bins = _bins(steps, dpi)
+    audit_bins = _bins(steps[audited], dpi) if audited.any() else None
     if name in ("device_norms", "agreement", "cosine_to_mean", "noise"):
         ax.set_xlim(*xlim)
         ax.grid(alpha=0.3)
     if name == "device_norms":
         if device_norms is not None:
             for k in range(device_norms.shape[1]):
-                ax.plot(steps, device_norms[:, k], lw=0.8, label=str(k))
+                # A long run: one smoothed line per device (K envelopes would hide each other).
+                _series(
+                    ax,
+                    bins,
+                    steps,
+                    device_norms[:, k],
+                    color=f"C{k % 10}",
+                    label=str(k),
+                    log=True,
+                    envelope=False,
+                    lw=0.8,
+                )
             ax.set_yscale("log")
             ax.legend(title="device", fontsize=7, ncol=4, loc="upper right")
         ax.set_title("per-device gradient norm (before the all-reduce)", loc="left", fontsize=10)
     elif name == "agreement":
         if h.has("xdev/agreement"):
-            ax.plot(steps, h.col("xdev/agreement"), color="tab:green", lw=1, label="xdev/agreement")
+            _series(ax, bins, steps, h.col("xdev/agreement"), color="tab:green", label="xdev/agreement")
         if h.has("xdev/mean_pairwise_cosine"):
-            mpc = np.where(audited, h.col("xdev/mean_pairwise_cosine"), np.nan)
-            ax.plot(steps, mpc, ".", color="tab:purple", ms=3, label="mean pairwise cosine (audits)")
+            mpc = h.col("xdev/mean_pairwise_cosine")[audited]
+            if audit_bins is None:
+                ax.plot(steps[audited], mpc, ".", color="tab:purple", ms=3, label="mean pairwise cosine (audits)")
+            else:
+                _series(ax, audit_bins, steps[audited], mpc, color="tab:purple", label="mean pairwise cosine (audits)")
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_ylim(-0.3, 1.05)
         ax.legend(fontsize=7, loc="lower left")
@@ -320,7 +553,19 @@ def _xdev_panel(name, ax, h, device_norms, cosines, pairwise, fig, xlim) -> None
     elif name == "cosine_to_mean":
         if cosines is not None:
             for k in range(cosines.shape[1]):
-                ax.plot(steps[audited], cosines[audited, k], ".-", lw=0.6, ms=2, label=str(k))
+                if audit_bins is None:
+                    ax.plot(steps[audited], cosines[audited, k], ".-", lw=0.6, ms=2, label=str(k))
+                else:
+                    _series(
+                        ax,
+                        audit_bins,
+                        steps[audited],
+                        cosines[audited, k],
+                        color=f"C{k % 10}",
+                        label=str(k),
+                        envelope=False,
+                        lw=0.6,
+                    )
         if h.has("xdev/outlier_device"):
             outlier = h.col("xdev/outlier_device")
             flagged = audited & (outlier >= 0)
@@ -352,7 +597,9 @@ def _xdev_panel(name, ax, h, device_norms, cosines, pairwise, fig, xlim) -> None
             ax.set_axis_off()
     elif name == "noise":
         noise = h.col("xdev/noise_scale")
-        ax.plot(steps, np.where(noise > 0, noise, np.nan), color="tab:brown", lw=1, label="xdev/noise_scale")
+        _series(
+            ax, bins, steps, np.where(noise > 0, noise, np.nan), color="tab:brown", label="xdev/noise_scale", log=True
+        )
         ax.set_yscale("log")
         ax.set_ylabel("B_simple")
         ax.set_title("gradient noise scale B_simple (critical batch size estimate)", loc="left", fontsize=10)
@@ -379,11 +626,9 @@ def write_report(
     Returns:
       The findings.
     """
-    rows = _diagnose.load_history(history)
-    if title is None and isinstance(history, (str, os.PathLike)):
-        title = os.path.basename(os.fspath(history))
-    findings = _diagnose.diagnose(rows, thresholds)
-    plot_report(rows, path, findings=findings, thresholds=thresholds, title=title)
+    h = _load_columns(history)
+    findings = _diagnose.diagnose(h, thresholds)
+    plot_report(h, path, findings=findings, thresholds=thresholds, title=title)
     text_path, json_path = findings_paths(path)
     with open(text_path, "w", encoding="utf-8") as file:
         file.write(_diagnose.format_findings(findings) + "\n")

@@ -116,6 +116,12 @@ def _json_value(value: float) -> Any:
 class JsonlWriter:
     """Appends one JSON object per logged step to a ``.jsonl`` file.
 
+    Each row is written with one ``write`` and flushed to the operating system at once
+    (line buffering), so a crash of the process loses no row already written; a crash
+    during a write leaves at most that one row cut (readers skip it with a warning).
+    Appending to a file whose last line was cut starts a new line first, so a resumed
+    run's rows stay readable.
+
     Args:
       path: the file; its folder is created. An existing file is appended to unless
         ``overwrite=True``.
@@ -138,17 +144,23 @@ class JsonlWriter:
         folder = os.path.dirname(self.path)
         if folder:
             os.makedirs(folder, exist_ok=True)
-        self._file = open(self.path, "w" if overwrite else "a", encoding="utf-8")
+        cut = not overwrite and _ends_without_newline(self.path)
+        self._file = open(self.path, "w" if overwrite else "a", encoding="utf-8", buffering=1)
+        if cut:
+            self._file.write("\n")
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
+        """Appends the row ``{"step": step, **scalars}`` (non-finite values as strings)."""
         row = {"step": int(step)}
         row.update({name: _json_value(float(value)) for name, value in scalars.items()})
         self._file.write(json.dumps(row, allow_nan=False) + "\n")
 
     def flush(self) -> None:
+        """Flushes to the operating system (every row already is)."""
         self._file.flush()
 
     def close(self) -> None:
+        """Closes the file."""
         if not self._file.closed:
             self._file.close()
 
@@ -159,18 +171,58 @@ class JsonlWriter:
         self.close()
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict[str, float]]:
+def _ends_without_newline(path: str) -> bool:
+    """Whether ``path`` is a non-empty file whose last byte is not a newline (a cut line)."""
+    try:
+        with open(path, "rb") as file:
+            file.seek(0, os.SEEK_END)
+            if file.tell() == 0:
+                return False
+            file.seek(-1, os.SEEK_END)
+            return file.read(1) != b"\n"
+    except OSError:
+        return False
+
+
+def read_jsonl(path: str | os.PathLike, *, skip_bad_lines: bool = False) -> list[dict[str, float]]:
     """Reads a :class:`JsonlWriter` file back: one dict per line, non-finite strings
-    turned back into floats. Blank lines are ignored."""
+    turned back into floats. Blank lines are ignored.
+
+    A cut line (one that stops before its closing brace: the run was killed while
+    writing it) is skipped with a :class:`~optax_gradhealth.history.LogReadWarning`
+    naming ``file:line``. Any other line that is not a JSON object raises a
+    ``ValueError`` naming ``file:line``, or is skipped with a warning when
+    ``skip_bad_lines=True``; a file that is not UTF-8 text raises a ``ValueError``.
+    For large logs, :func:`optax_gradhealth.history.load_history` reads columns
+    directly (much less memory).
+
+    Example:
+      >>> import os, tempfile
+      >>> from optax_gradhealth.writers import read_jsonl
+      >>> path = os.path.join(tempfile.mkdtemp(), 'run.jsonl')
+      >>> with open(path, 'w') as f:
+      ...     _ = f.write('{"step": 0, "grad/norm": "Infinity"}\\n')
+      >>> read_jsonl(path)
+      [{'step': 0, 'grad/norm': inf}]
+    """
+    from optax_gradhealth.history import _bad_line, _has_surrogates, _not_utf8
+
+    path = os.fspath(path)
     rows = []
-    with open(path, encoding="utf-8") as file:
+    with open(path, encoding="utf-8", errors="surrogateescape") as file:
         for line_number, line in enumerate(file, start=1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{os.fspath(path)}:{line_number}: not a JSON object ({error.msg}).") from None
+                _bad_line(path, line_number, line, error, skip_bad_lines, len(rows), stacklevel=3)
+                continue
+            if not isinstance(row, dict):
+                _bad_line(path, line_number, line, None, skip_bad_lines, len(rows), stacklevel=3)
+                continue
+            if _has_surrogates(line):
+                raise _not_utf8(path, line_number)
             rows.append({k: _STR_TO_NONFINITE.get(v, v) if isinstance(v, str) else v for k, v in row.items()})
     return rows
 
@@ -250,6 +302,12 @@ class MetricLogger:
     steps. The kept arrays must stay alive: return the metrics from your jitted step
     (fresh output buffers) rather than passing ``gh.metrics(opt_state)`` of a state
     you later donate to ``jit`` (donation deletes those buffers).
+
+    What a crash loses: rows are handed to the writers on the step they are logged, and
+    :class:`JsonlWriter` flushes each row as it writes it. So a crash loses no row that
+    was written, except at most the one being written at that moment (left as a cut
+    line, which readers skip with a warning); with ``all_steps=True`` it also loses the
+    steps kept but not yet fetched, at most ``log_every - 1``.
 
     Args:
       writers: one writer or several (default: none; use :class:`JsonlWriter`).

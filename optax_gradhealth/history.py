@@ -1,0 +1,681 @@
+"""A run's logged metrics as columns: :class:`History` and :func:`load_history`.
+
+Host side only (numpy). Every reader of logs in the package goes through
+:func:`load_history`: ``gh.diagnose``, the plotted report and the command line.
+
+Sources:
+
+* a JSON Lines log (:class:`optax_gradhealth.writers.JsonlWriter`): parsed line by line
+  with the standard library's ``json`` straight into columns (no list of row dicts);
+* a TensorBoard log directory (or one event file), read with the ``tensorboard``
+  package's ``EventAccumulator`` (``pip install tensorboard``, in the ``examples``
+  extra); the tags are the metric names (``gh.TensorBoardWriter`` writes them so);
+* a CSV file: a Weights & Biases history export (``run.history().to_csv()`` or the
+  UI's CSV export), the step in ``_step`` / ``Step`` / ``step``;
+* rows in memory: a list of metric dicts (values may be arrays, flattened like
+  :func:`optax_gradhealth.writers.flatten` does), a dict of equal-length columns, or a
+  :class:`History`.
+
+What a real run's log holds, and what is done about it:
+
+* **a cut line**: a run killed mid-write leaves a line that stops before its closing
+  brace. It is skipped with a :class:`LogReadWarning` naming ``file:line``; the rest is
+  used. (``JsonlWriter`` starts a new line when it appends to such a file, so a resumed
+  run's rows stay readable.) Any other line that is not a JSON object is an error naming
+  ``file:line``, or is skipped with a warning when ``skip_bad_lines=True``.
+* **a file that is not UTF-8 text** (a binary file, a picture): a ``ValueError`` that
+  says so.
+* **a resumed run appending to the same log**: the step goes backwards. The last write
+  of each step wins, the rows are sorted by step, and :attr:`History.restarts` lists
+  the steps the run went back to (``gh.diagnose`` reports them as ``restart``, the
+  report marks them).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+__all__ = ["History", "LogReadWarning", "load_history"]
+
+_NONFINITE = {"NaN": math.nan, "nan": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+_CHUNK_ROWS = 4096  # rows parsed between two conversions to numpy (bounds the Python objects alive)
+
+
+class LogReadWarning(UserWarning):
+    """A log line that was skipped (a cut last line, or a bad line with ``skip_bad_lines``)."""
+
+
+class History:
+    """A run's logged metrics as columns, one row per logged step.
+
+    Built by :func:`load_history` (or directly from columns). The constructor sorts the
+    rows by step; when a step was logged more than once (a resumed run appending to
+    the same log), the last write wins, and every place where the step went backwards
+    in the given order is a restart.
+
+    Args:
+      steps: ``[T]`` integer steps, in the order they were logged.
+      columns: ``{name: array}``, each ``[T]`` (NaN where a row lacks the name) or
+        ``[T, ...]`` for a vector or matrix metric (stored as ``name/i`` / ``name/i/j``
+        columns, the names :func:`optax_gradhealth.writers.flatten` gives).
+      source: where it was read from (a path), for messages and titles.
+
+    Attributes:
+      steps: ``[T]`` int64, strictly increasing.
+      columns: ``{name: [T] float64}``, NaN where a row lacks the name.
+      restarts: the steps the run went back to, in log order (empty for a run that was
+        never resumed).
+      restarted_from: the step logged just before each restart.
+      rows_replaced: rows dropped because a later write logged the same step.
+      source: the path it was read from, or None.
+
+    Example:
+      >>> import numpy as np
+      >>> from optax_gradhealth.history import History
+      >>> h = History([0, 1, 2, 1, 2, 3], {'grad/norm': [1.0, 2.0, 9.0, 2.5, 3.0, 4.0],
+      ...                                  'xdev/device_norms': np.ones((6, 2))})
+      >>> h.steps.tolist(), h['grad/norm'].tolist(), h.restarts, h.rows_replaced
+      ([0, 1, 2, 3], [1.0, 2.5, 3.0, 4.0], (1,), 2)
+      >>> h['xdev/device_norms'].shape
+      (4, 2)
+    """
+
+    def __init__(
+        self,
+        steps: Any,
+        columns: Mapping[str, Any],
+        *,
+        source: str | None = None,
+    ):
+        steps = np.asarray(steps)
+        if steps.ndim != 1:
+            raise ValueError(f"History: `steps` must be 1-D, got shape {steps.shape}.")
+        steps = steps.astype(np.int64, copy=False)
+        flat: dict[str, np.ndarray] = {}
+        for name, value in columns.items():
+            array = np.asarray(value, dtype=np.float64)
+            if array.ndim == 0 or array.shape[0] != steps.size:
+                raise ValueError(
+                    f"History: column {name!r} has shape {array.shape}, expected {steps.size} rows (one per step)."
+                )
+            if array.ndim == 1:
+                flat[name] = array
+            else:
+                for index in np.ndindex(array.shape[1:]):
+                    flat[name + "".join(f"/{i}" for i in index)] = array[(slice(None), *index)]
+        self.source = source
+        back = np.flatnonzero(steps[1:] < steps[:-1]) + 1
+        self.restarts: tuple[int, ...] = tuple(int(s) for s in steps[back])
+        self.restarted_from: tuple[int, ...] = tuple(int(s) for s in steps[back - 1])
+        if steps.size and not np.all(steps[1:] > steps[:-1]):
+            order = np.argsort(steps, kind="stable")
+            ordered = steps[order]
+            keep = order[np.concatenate([ordered[1:] != ordered[:-1], [True]])]  # the last write of each step
+            self.rows_replaced = int(steps.size - keep.size)
+            steps = steps[keep]
+            for name in list(flat):
+                flat[name] = flat[name][keep]
+        else:
+            self.rows_replaced = 0
+        self.steps: np.ndarray = steps
+        self.columns: dict[str, np.ndarray] = dict(sorted(flat.items()))
+        self._nan: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return int(self.steps.size)
+
+    def __repr__(self) -> str:
+        span = f"steps {self.steps[0]}..{self.steps[-1]}" if len(self) else "empty"
+        extra = f", {len(self.restarts)} restart(s)" if self.restarts else ""
+        return f"History({len(self)} rows, {len(self.columns)} columns, {span}{extra})"
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The column names, sorted.
+
+        Example:
+          >>> from optax_gradhealth.history import History
+          >>> History([0], {'loss': [1.0], 'grad/norm': [2.0]}).names
+          ('grad/norm', 'loss')
+        """
+        return tuple(self.columns)
+
+    def has(self, name: str) -> bool:
+        """Whether a ``[T]`` column ``name`` was logged.
+
+        Example:
+          >>> from optax_gradhealth.history import History
+          >>> h = History([0], {'loss': [1.0]})
+          >>> h.has('loss'), h.has('grad/norm')
+          (True, False)
+        """
+        return name in self.columns
+
+    def col(self, name: str) -> np.ndarray:
+        """The ``[T]`` column ``name`` (all NaN when it was never logged).
+
+        Example:
+          >>> from optax_gradhealth.history import History
+          >>> h = History([0, 1], {'loss': [1.0, 0.5]})
+          >>> h.col('loss').tolist(), h.col('grad/norm').tolist()
+          ([1.0, 0.5], [nan, nan])
+        """
+        column = self.columns.get(name)
+        if column is not None:
+            return column
+        if self._nan is None:
+            self._nan = np.full(len(self), np.nan)
+            self._nan.flags.writeable = False
+        return self._nan
+
+    def indexed(self, name: str) -> list[tuple[int, ...]]:
+        """The index suffixes logged under ``name/i`` or ``name/i/j`` (sorted).
+
+        Example:
+          >>> import numpy as np
+          >>> from optax_gradhealth.history import History
+          >>> History([0], {'xdev/pairwise_cosine': np.eye(2)[None]}).indexed('xdev/pairwise_cosine')
+          [(0, 0), (0, 1), (1, 0), (1, 1)]
+        """
+        pattern = re.compile(re.escape(name) + r"((?:/\d+)+)$")
+        found = {
+            tuple(int(i) for i in m.group(1).strip("/").split("/")) for n in self.columns if (m := pattern.match(n))
+        }
+        return sorted(found)
+
+    def vector(self, name: str) -> np.ndarray | None:
+        """``[T, K]`` from ``name/0`` ... ``name/K-1`` columns, or None.
+
+        Example:
+          >>> from optax_gradhealth.history import History
+          >>> h = History([0, 1], {'xdev/device_norms/0': [1.0, 2.0], 'xdev/device_norms/1': [3.0, 4.0]})
+          >>> h.vector('xdev/device_norms').tolist(), h.vector('loss')
+          ([[1.0, 3.0], [2.0, 4.0]], None)
+        """
+        index = [i for i in self.indexed(name) if len(i) == 1]
+        if not index:
+            return None
+        return np.stack([self.col(f"{name}/{i[0]}") for i in index], axis=1)
+
+    def matrix(self, name: str) -> np.ndarray | None:
+        """``[T, K, K]`` from ``name/j/k`` columns (NaN where an entry is missing), or None.
+
+        Example:
+          >>> from optax_gradhealth.history import History
+          >>> History([0], {'m/0/1': [0.5], 'm/1/0': [0.5]}).matrix('m').tolist()
+          [[[nan, 0.5], [0.5, nan]]]
+        """
+        index = [i for i in self.indexed(name) if len(i) == 2]
+        if not index:
+            return None
+        k = max(max(i) for i in index) + 1
+        out = np.full((len(self), k, k), np.nan)
+        for j, m in index:
+            out[:, j, m] = self.col(f"{name}/{j}/{m}")
+        return out
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        """A ``[T]`` column, or a vector (``[T, K]``) or matrix (``[T, K, K]``) metric
+        stacked from its ``name/i`` / ``name/i/j`` columns."""
+        if name in self.columns:
+            return self.columns[name]
+        index = self.indexed(name)
+        if index and all(len(i) == 1 for i in index):
+            return self.vector(name)
+        if index and all(len(i) == 2 for i in index):
+            return self.matrix(name)
+        raise KeyError(name)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and (name in self.columns or bool(self.indexed(name)))
+
+    def layer_names(self) -> list[str]:
+        """The layers logged as ``grad/layer_norm/<layer>`` (sorted).
+
+        Example:
+          >>> from optax_gradhealth.history import History
+          >>> History([0], {'grad/layer_norm/head/kernel': [1.0], 'grad/norm': [1.0]}).layer_names()
+          ['head/kernel']
+        """
+        prefix = "grad/layer_norm/"
+        return sorted(n[len(prefix) :] for n in self.columns if n.startswith(prefix) and "#" not in n)
+
+    def rows(self) -> list[dict[str, float]]:
+        """The rows as dicts ``{'step': int, name: float}`` (every column, NaN where missing).
+
+        Example:
+          >>> from optax_gradhealth.history import History
+          >>> History([3, 5], {'loss': [2.0, 1.0]}).rows()
+          [{'step': 3, 'loss': 2.0}, {'step': 5, 'loss': 1.0}]
+        """
+        names = list(self.columns)
+        values = np.stack([self.columns[n] for n in names], axis=1) if names else np.zeros((len(self), 0))
+        return [{"step": int(step), **dict(zip(names, row))} for step, row in zip(self.steps.tolist(), values.tolist())]
+
+
+# --------------------------------------------------------------------------- load_history
+
+
+def load_history(source: Any, *, skip_bad_lines: bool = False) -> History:
+    """Reads a run's logged metrics into a :class:`History`.
+
+    Args:
+      source: a path to a JSON Lines log (``.jsonl``, written by ``gh.JsonlWriter``), a
+        TensorBoard log directory or event file, a ``.csv`` Weights & Biases history
+        export; or a list of metric dicts (each optionally with ``'step'``; values may
+        be arrays), a dict of equal-length columns, or a :class:`History` (returned as
+        it is).
+      skip_bad_lines: skip (with a warning) JSON Lines lines that are not JSON objects
+        instead of raising. A cut line (one that stops before its closing brace, what a
+        run killed mid-write leaves) is always skipped with a warning.
+
+    Returns:
+      The :class:`History`: sorted by step, the last write of a step kept, restarts
+      listed in ``restarts``.
+
+    Raises:
+      FileNotFoundError: no such file or directory.
+      ValueError: a line that is not a JSON object (naming ``file:line``), a file that
+        is not UTF-8 text, a directory without TensorBoard event files.
+      ImportError: a TensorBoard directory without the ``tensorboard`` package.
+
+    Example:
+      >>> import os, tempfile, warnings
+      >>> import optax_gradhealth as gh
+      >>> path = os.path.join(tempfile.mkdtemp(), 'run.jsonl')
+      >>> with open(path, 'w') as f:
+      ...     _ = f.write('{"step": 0, "grad/norm": 1.5}\\n{"step": 1, "grad/norm": "NaN"}\\n{"step": 2, "gr')
+      >>> with warnings.catch_warnings(record=True) as caught:
+      ...     warnings.simplefilter('always')
+      ...     h = gh.load_history(path)
+      >>> h.steps.tolist(), h['grad/norm'].tolist()
+      ([0, 1], [1.5, nan])
+      >>> str(caught[0].message).endswith('run.jsonl:3: skipped a cut line (the run stopped while writing it)')
+      True
+    """
+    if isinstance(source, History):
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: no such file or directory.")
+        if os.path.isdir(path):
+            return _read_tensorboard(path)
+        if "tfevents" in os.path.basename(path):
+            return _read_tensorboard(path)
+        if path.lower().endswith(".csv"):
+            return _read_csv(path)
+        return _read_jsonl(path, skip_bad_lines)
+    if isinstance(source, Mapping):
+        return _from_columns(source)
+    if isinstance(source, (bytes, bytearray)) or not isinstance(source, Iterable):
+        raise TypeError(
+            "gh.load_history: expected a path, a list of metric dicts, a dict of columns or a History, "
+            f"got {type(source).__name__}."
+        )
+    builder = _Builder(0)
+    for i, row in enumerate(source):
+        if not isinstance(row, Mapping):
+            raise TypeError(
+                f"gh.load_history: each history row must be a dict of metrics, row {i} is {type(row).__name__}."
+            )
+        builder.put_row(i, _flat_row(row, i))
+    return builder.history(None)
+
+
+def _to_float(value: Any) -> float:
+    if value is None:
+        return math.nan
+    if isinstance(value, str):
+        return _NONFINITE.get(value, math.nan)
+    return float(value)
+
+
+def _flat_row(row: Mapping[str, Any], index: int) -> dict[str, float]:
+    """One row as ``{'step': int, name: float}``: arrays flattened (``name/i``), the
+    non-finite strings turned into floats, other strings NaN; no step: ``index``."""
+    from optax_gradhealth.writers import flatten
+
+    step = row.get("step", index)
+    numbers = {k: (math.nan if v is None else v) for k, v in row.items() if k != "step" and not isinstance(v, str)}
+    flat = flatten(numbers)
+    flat.update({k: _to_float(v) for k, v in row.items() if isinstance(v, str) and k != "step"})
+    flat["step"] = int(np.asarray(step))
+    return flat
+
+
+def _from_columns(columns: Mapping[str, Any]) -> History:
+    lengths = {len(v) for v in columns.values()}
+    if len(lengths) > 1:
+        raise ValueError(f"gh.load_history: columns of a dict history must have one length, got {sorted(lengths)}.")
+    count = lengths.pop() if lengths else 0
+    arrays = {}
+    for name, value in columns.items():
+        try:
+            array = np.asarray(value)
+        except ValueError:  # ragged
+            array = None
+        if array is None or array.dtype.kind not in "biuf":
+            # Strings, None or ragged values: row by row, as a list of dicts would be read.
+            return load_history([{k: v[i] for k, v in columns.items()} for i in range(count)])
+        arrays[name] = array
+    step = arrays.pop("step", None)
+    steps = np.arange(count) if step is None else step.astype(np.float64).astype(np.int64)
+    return History(steps, arrays)
+
+
+class _Builder:
+    """Columns filled row by row (or block by block), grown as rows come."""
+
+    def __init__(self, capacity: int):
+        self.capacity = max(int(capacity), 16)
+        self.count = 0  # rows put so far (the highest row index + 1)
+        self.steps = np.zeros(self.capacity, np.int64)
+        self.has_step = np.zeros(self.capacity, bool)
+        self.columns: dict[str, np.ndarray] = {}
+
+    def reserve(self, rows: int) -> None:
+        if rows <= self.capacity:
+            return
+        capacity = max(rows, int(self.capacity * 1.25) + 16)
+        self.steps = _grown(self.steps, capacity, 0)
+        self.has_step = _grown(self.has_step, capacity, False)
+        for name in self.columns:
+            self.columns[name] = _grown(self.columns[name], capacity, np.nan)
+        self.capacity = capacity
+
+    def column(self, name: str) -> np.ndarray:
+        column = self.columns.get(name)
+        if column is None:
+            column = self.columns[name] = np.full(self.capacity, np.nan)
+        return column
+
+    def put_row(self, index: int, flat: Mapping[str, float]) -> None:
+        self.reserve(index + 1)
+        self.count = max(self.count, index + 1)
+        for name, value in flat.items():
+            if name == "step":
+                self.steps[index] = value
+                self.has_step[index] = True
+            else:
+                self.column(name)[index] = value
+
+    def put_block(self, index: np.ndarray, keys: tuple[str, ...], block: np.ndarray) -> None:
+        self.reserve(int(index[-1]) + 1)
+        self.count = max(self.count, int(index[-1]) + 1)
+        where: Any = index
+        if int(index[-1]) - int(index[0]) + 1 == index.size:
+            where = slice(int(index[0]), int(index[-1]) + 1)
+        for j, name in enumerate(keys):
+            if name == "step":
+                self.steps[where] = block[:, j]  # float -> int truncates, as int() does
+                self.has_step[where] = True
+            else:
+                self.column(name)[where] = block[:, j]
+
+    def history(self, source: str | None) -> History:
+        n = self.count
+        steps = np.where(self.has_step[:n], self.steps[:n], np.arange(n))
+        columns = {}
+        for name in list(self.columns):
+            column = self.columns.pop(name)
+            if column.size != n:
+                column = _trimmed(column, n)
+            columns[name] = column
+        return History(steps, columns, source=source)
+
+
+def _grown(array: np.ndarray, capacity: int, fill: Any) -> np.ndarray:
+    out = np.full(capacity, fill, dtype=array.dtype)
+    out[: array.size] = array
+    return out
+
+
+def _trimmed(array: np.ndarray, n: int) -> np.ndarray:
+    try:
+        array.resize((n,), refcheck=False)  # in place: no second copy of a large column
+        return array
+    except ValueError:
+        return array[:n].copy()
+
+
+def _has_surrogates(text: str) -> bool:
+    """Whether ``text`` (decoded with ``errors='surrogateescape'``) had bytes that are not UTF-8."""
+    return not text.isascii() and any("\udc80" <= ch <= "\udcff" for ch in text)
+
+
+def _not_utf8(path: str, line_number: int | None) -> ValueError:
+    where = f"{path}:{line_number}" if line_number is not None else path
+    return ValueError(
+        f"{where}: not UTF-8 text (binary data?): is this a JSON Lines metrics log? "
+        "(TensorBoard: pass the log directory or a file named *tfevents*)"
+    )
+
+
+def _read_jsonl(path: str, skip_bad_lines: bool) -> History:
+    """The JSON Lines reader: ``json.loads`` per line, rows with the same keys (in the
+    same order) gathered as tuples and turned into numpy blocks every few thousand rows."""
+    size = os.path.getsize(path)
+    builder = _Builder(0)
+    # keys -> (row indices, value tuples): the rows parsed since the last conversion.
+    pending: dict[tuple[str, ...], tuple[list[int], list[tuple]]] = {}
+    bad: list[int] = []
+    parsed = 0
+    loads = json.loads
+    nonfinite = ('"NaN"', '"Infinity"', '"-Infinity"')
+
+    def convert() -> None:
+        for keys, (index, values) in pending.items():
+            try:
+                block = np.array(values, dtype=np.float64)
+            except (ValueError, TypeError):
+                block = None
+            if block is None or block.shape != (len(values), len(keys)):
+                for i, row in zip(index, values):
+                    builder.put_row(i, _flat_row(dict(zip(keys, row)), i))
+            else:
+                builder.put_block(np.asarray(index), keys, block)
+        pending.clear()
+
+    with open(path, encoding="utf-8", errors="surrogateescape") as file:
+        for line_number, line in enumerate(file, start=1):
+            try:
+                row = loads(line)
+            except ValueError as error:
+                if not line.strip():
+                    continue
+                _bad_line(path, line_number, line, error, skip_bad_lines, parsed)
+                bad.append(line_number)
+                continue
+            if type(row) is not dict:
+                _bad_line(path, line_number, line, None, skip_bad_lines, parsed)
+                bad.append(line_number)
+                continue
+            # Fast path: every value a number, a bool, null or one of the non-finite strings
+            # (each key and each such string adds two quotes); anything else row by row.
+            quotes = line.count('"')
+            simple = quotes == 2 * len(row) or quotes == 2 * len(row) + 2 * sum(line.count(s) for s in nonfinite)
+            if simple:
+                keys = tuple(row)
+                group = pending.get(keys)
+                if group is None:
+                    group = pending[keys] = ([], [])
+                group[0].append(parsed)
+                group[1].append(tuple(row.values()))
+            else:
+                builder.put_row(parsed, _flat_row(row, parsed))
+            parsed += 1
+            if parsed % _CHUNK_ROWS == 0:
+                if parsed == _CHUNK_ROWS:  # size the columns from the bytes read so far
+                    done = max(file.buffer.tell(), 1)
+                    builder.reserve(int(parsed * size / done * 1.02) + 64)
+                convert()
+        convert()
+    bad_names = [name for name in builder.columns if _has_surrogates(name)]
+    if bad_names:
+        raise _not_utf8(path, None)
+    return builder.history(path)
+
+
+def _bad_line(
+    path: str, line_number: int, line: str, error: ValueError | None, skip: bool, parsed: int, stacklevel: int = 4
+) -> None:
+    """Warns about a cut line; raises (or warns, with ``skip``) for any other bad line."""
+    text = line.strip().strip("\x00")
+    if parsed == 0 and ("\x00" in line or _has_surrogates(line)):  # binary data from the start
+        raise _not_utf8(path, line_number)
+    if not text or (text.startswith("{") and not text.endswith("}")):
+        warnings.warn(
+            f"{path}:{line_number}: skipped a cut line (the run stopped while writing it)",
+            LogReadWarning,
+            stacklevel=stacklevel,
+        )
+        return
+    reason = error.msg if isinstance(error, json.JSONDecodeError) else "not a JSON object"
+    if _has_surrogates(line):
+        reason = "not UTF-8 text"
+    if skip:
+        warnings.warn(f"{path}:{line_number}: skipped a bad line ({reason})", LogReadWarning, stacklevel=stacklevel)
+        return
+    hint = " (skip such lines with skip_bad_lines=True, or --skip-bad-lines)" if parsed else ""
+    raise ValueError(f"{path}:{line_number}: not a JSON object ({reason}){hint}.")
+
+
+# --------------------------------------------------------------------------- TensorBoard
+
+
+def _read_tensorboard(path: str) -> History:
+    """Scalars (and scalar tensors) of one TensorBoard run, with the ``tensorboard``
+    package's own reader; tags are metric names."""
+    try:
+        from tensorboard.backend.event_processing import event_accumulator as ea
+        from tensorboard.util import tensor_util
+    except ImportError as error:
+        raise ImportError(
+            f"{path}: reading a TensorBoard log needs the tensorboard package: pip install tensorboard "
+            "(or pip install 'optax-gradhealth[examples]')."
+        ) from error
+    if os.path.isdir(path):
+        files = [name for name in os.listdir(path) if "tfevents" in name]
+        if not files:
+            runs = []
+            for root, folders, names in os.walk(path):
+                depth = os.path.relpath(root, path).count(os.sep) + (root != path)
+                if depth >= 2:
+                    folders.clear()  # look two levels down at most
+                if root != path and any("tfevents" in name for name in names):
+                    runs.append(os.path.relpath(root, path))
+            runs.sort()
+            if runs:
+                raise ValueError(
+                    f"{path}: no event file here, but {len(runs)} run folder(s) below it "
+                    f"({', '.join(runs[:5])}{', ...' if len(runs) > 5 else ''}): pass one of them."
+                )
+            raise ValueError(f"{path}: a folder without TensorBoard event files (*tfevents*).")
+    guidance = {ea.SCALARS: 0, ea.TENSORS: 0, ea.IMAGES: 1, ea.AUDIO: 1, ea.HISTOGRAMS: 1, ea.COMPRESSED_HISTOGRAMS: 1}
+    # purge_orphaned_data=False: keep what a resumed run overwrote, to find the restart.
+    accumulator = ea.EventAccumulator(path, size_guidance=guidance, purge_orphaned_data=False)
+    try:
+        accumulator.Reload()
+    except Exception as error:  # a corrupt file: the reader's own exception types vary
+        raise ValueError(f"{path}: not a readable TensorBoard event file ({type(error).__name__}: {error}).") from None
+    tags = accumulator.Tags()
+    series: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for tag in tags.get(ea.SCALARS, []):
+        events = accumulator.Scalars(tag)
+        series[tag] = (np.array([e.step for e in events], np.int64), np.array([e.value for e in events], np.float64))
+    for tag in tags.get(ea.TENSORS, []):
+        if tag in series:
+            continue
+        events = accumulator.Tensors(tag)
+        values = [tensor_util.make_ndarray(e.tensor_proto) for e in events]
+        if values and all(v.ndim == 0 and v.dtype.kind in "biuf" for v in values):
+            series[tag] = (np.array([e.step for e in events], np.int64), np.array(values, np.float64))
+    if not series:
+        return History(np.zeros(0, np.int64), {}, source=path)
+    # Restarts are read off the most complete tag in write order; then, per tag, the last
+    # write of each step wins, and the rows are the union of the steps.
+    reference = max(series, key=lambda t: series[t][0].size)
+    written = series[reference][0]
+    last: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for tag, (steps, values) in series.items():
+        order = np.argsort(steps, kind="stable")
+        ordered = steps[order]
+        keep = order[np.concatenate([ordered[1:] != ordered[:-1], [True]])]
+        last[tag] = (steps[keep], values[keep])
+    all_steps = np.unique(np.concatenate([s for s, _ in last.values()]))
+    columns = {}
+    for tag, (steps, values) in last.items():
+        column = np.full(all_steps.size, np.nan)
+        column[np.searchsorted(all_steps, steps)] = values
+        columns[tag] = column
+    # Rebuild the write order of the reference tag, so that History finds the restarts
+    # and counts the replaced rows; the other tags follow the reference's last writes.
+    history = History(all_steps, columns, source=path)
+    back = np.flatnonzero(written[1:] < written[:-1]) + 1
+    history.restarts = tuple(int(s) for s in written[back])
+    history.restarted_from = tuple(int(s) for s in written[back - 1])
+    history.rows_replaced = int(written.size - np.unique(written).size)
+    return history
+
+
+# --------------------------------------------------------------------------- CSV (W&B)
+
+_STEP_COLUMNS = ("_step", "step", "Step", "global_step", "trainer/global_step")
+
+
+def _read_csv(path: str) -> History:
+    """A Weights & Biases history export: one row per step, the step in ``_step``
+    (``run.history()``) or ``Step`` (the UI export); W&B's own ``_...`` columns and the
+    UI's ``__MIN`` / ``__MAX`` columns are left out; a ``<run> - `` prefix shared by every
+    metric column is removed."""
+    try:
+        with open(path, encoding="utf-8", newline="") as file:
+            table = list(csv.reader(file))
+    except UnicodeDecodeError:
+        raise _not_utf8(path, None) from None
+    if not table or not table[0]:
+        return History(np.zeros(0, np.int64), {}, source=path)
+    header, body = table[0], [r for r in table[1:] if any(cell.strip() for cell in r)]
+    step_at = next((header.index(name) for name in _STEP_COLUMNS if name in header), None)
+    metric_at = [
+        i
+        for i, name in enumerate(header)
+        if i != step_at and name and not name.startswith("_") and not name.endswith(("__MIN", "__MAX"))
+    ]
+    names = [header[i] for i in metric_at]
+    prefixes = {name.split(" - ", 1)[0] for name in names if " - " in name}
+    if len(prefixes) == 1 and all(" - " in name for name in names):
+        names = [name.split(" - ", 1)[1] for name in names]
+    for number, row in enumerate(body, start=2):
+        if len(row) != len(header):
+            raise ValueError(f"{path}:{number}: {len(row)} fields, the header has {len(header)}.")
+
+    def number(cell: str) -> float:
+        cell = cell.strip()
+        if not cell:
+            return math.nan
+        try:
+            return float(cell)
+        except ValueError:
+            return _NONFINITE.get(cell, math.nan)
+
+    if step_at is None:
+        steps = np.arange(len(body))
+    else:
+        raw = np.array([number(r[step_at]) for r in body])
+        if not np.isfinite(raw).all():
+            bad = int(np.flatnonzero(~np.isfinite(raw))[0]) + 2
+            raise ValueError(f"{path}:{bad}: the step column {header[step_at]!r} is empty or not a number.")
+        steps = raw.astype(np.int64)
+    columns = {name: np.array([number(r[i]) for r in body]) for name, i in zip(names, metric_at)}
+    return History(steps, columns, source=path)

@@ -1,0 +1,596 @@
+"""Host tools on real runs' logs (issue 16): cut and corrupt lines, files that are not
+logs, resumed runs, long runs, TensorBoard and W&B input, the command line's errors,
+the logger's crash guarantee, the multi-host example's default and the py.typed marker.
+
+References are independent of the code under test: the rows as generated here, a
+plain ``json.loads`` reading, brute-force loops."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import math
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import numpy as np
+import pytest
+
+import optax_gradhealth as gh
+from optax_gradhealth.history import History, LogReadWarning
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+
+
+def make_rows(n, seed=0, start=0, scale=1.0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for t in range(start, start + n):
+        norm = scale * float(np.exp(0.1 * rng.standard_normal()))
+        rows.append(
+            {
+                "step": t,
+                "grad/norm": norm,
+                "grad/clipped": float(norm > 1.1 * scale),
+                "grad/clip_threshold": 1.1 * scale,
+                "loss": 2.0 - t / 1e5,
+            }
+        )
+    return rows
+
+
+def write_jsonl(path, rows, mode="w"):
+    with open(path, mode, encoding="utf-8") as file:
+        for row in rows:
+            file.write(
+                json.dumps({k: ("NaN" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
+            )
+            file.write("\n")
+    return path
+
+
+def reference_columns(rows):
+    """step -> {name: value}, the last write of each step winning (plain dict logic)."""
+    out = {}
+    for row in rows:
+        out[row["step"]] = {k: v for k, v in row.items() if k != "step"}
+    return dict(sorted(out.items()))
+
+
+def assert_history_equals(h, rows):
+    ref = reference_columns(rows)
+    assert h.steps.tolist() == list(ref)
+    names = sorted({k for r in ref.values() for k in r})
+    assert list(h.names) == names
+    for name in names:
+        expected = np.array([r.get(name, np.nan) for r in ref.values()], dtype=float)
+        np.testing.assert_array_equal(h[name], expected, err_msg=name)
+
+
+def run_cli(*args, cwd=None, timeout=300):
+    return subprocess.run(
+        [sys.executable, "-m", "optax_gradhealth", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env=ENV,
+    )
+
+
+# ----------------------------------------------------------------------------- reading JSON Lines
+
+
+def test_cut_last_line_is_skipped_with_a_warning_naming_file_and_line(tmp_path):
+    rows = make_rows(50)
+    path = write_jsonl(tmp_path / "run.jsonl", rows)
+    with open(path, "a") as file:
+        file.write('{"step": 50, "grad/norm": 1.0, "gr')  # the crash
+    with pytest.warns(LogReadWarning, match=r"run\.jsonl:51: skipped a cut line"):
+        h = gh.load_history(path)
+    assert_history_equals(h, rows)
+    with pytest.warns(LogReadWarning, match=r"run\.jsonl:51"):
+        assert [r["step"] for r in gh.read_jsonl(path)] == list(range(50))
+
+
+def test_cut_multibyte_character_and_nul_padding_count_as_a_cut(tmp_path):
+    rows = make_rows(5)
+    path = tmp_path / "run.jsonl"
+    write_jsonl(path, rows)
+    with open(path, "ab") as file:
+        file.write('{"step": 5, "loss\u00e9'.encode()[:-1])  # half of a two-byte character
+    with pytest.warns(LogReadWarning, match=r":6: skipped a cut line"):
+        assert_history_equals(gh.load_history(path), rows)
+    path.write_bytes(path.read_bytes().rsplit(b"\n", 1)[0] + b"\n" + b"\x00" * 64)
+    with pytest.warns(LogReadWarning, match=r":6: skipped a cut line"):
+        assert_history_equals(gh.load_history(path), rows)
+
+
+def test_corrupt_line_in_the_middle_is_an_error_or_skipped_on_request(tmp_path):
+    rows = make_rows(20)
+    path = tmp_path / "run.jsonl"
+    write_jsonl(path, rows[:10])
+    with open(path, "a") as file:
+        file.write('{"step": 10, "grad/norm": 1.0}}\n')  # ends with a brace: not a cut, corrupt
+    write_jsonl(path, rows[11:], mode="a")
+    with pytest.raises(ValueError, match=r"run\.jsonl:11: not a JSON object"):
+        gh.load_history(path)
+    with pytest.raises(ValueError, match=r"run\.jsonl:11"):
+        gh.diagnose(path)
+    with pytest.raises(ValueError, match=r"run\.jsonl:11"):
+        gh.read_jsonl(path)
+    with pytest.warns(LogReadWarning, match=r"run\.jsonl:11: skipped a bad line"):
+        h = gh.load_history(path, skip_bad_lines=True)
+    assert_history_equals(h, rows[:10] + rows[11:])
+
+
+def test_files_that_are_not_logs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        gh.load_history(tmp_path / "missing.jsonl")
+    png = tmp_path / "picture.jsonl"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+    with pytest.raises(ValueError, match="not UTF-8"):
+        gh.load_history(png)
+    with pytest.raises(ValueError, match="not UTF-8"):
+        gh.read_jsonl(png)
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes('{"step": 0, "d\u00e9bit": 1.0}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match="not UTF-8"):
+        gh.load_history(latin1)
+    with pytest.raises(ValueError, match="without TensorBoard event files"):
+        gh.load_history(tmp_path)
+
+
+def test_columns_match_a_plain_json_reading_across_chunks_and_row_shapes(tmp_path):
+    # Audit rows carry extra keys, some rows hold JSON arrays or odd strings (the row by
+    # row path), and there are more rows than one conversion chunk.
+    rng = np.random.default_rng(3)
+    lines, reference = [], []
+    for t in range(10_000):
+        row = {"step": t, "grad/norm": float(rng.lognormal()), "loss": float(rng.random())}
+        if t % 7 == 0:
+            row["xdev/agreement"] = float(rng.random())
+        if t % 1000 == 5:
+            row["grad/norm"] = "NaN"
+        if t % 2500 == 7:
+            row["loss"] = "Infinity"
+        if t % 3001 == 11:
+            row["xdev/device_norms"] = [1.0, 2.0]
+        if t % 4001 == 13:
+            row["note"] = "restarted by hand"
+        lines.append(json.dumps(row))
+        plain = {}
+        for k, v in json.loads(lines[-1]).items():  # the reference: json.loads and the documented rules
+            if isinstance(v, list):
+                plain.update({f"{k}/{i}": float(x) for i, x in enumerate(v)})
+            elif isinstance(v, str):
+                plain[k] = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}.get(v, math.nan)
+            else:
+                plain[k] = v
+        reference.append(plain)
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    assert_history_equals(gh.load_history(path), reference)
+    # The same from the rows in memory and from a dict of columns.
+    assert_history_equals(gh.load_history(reference), reference)
+    columns = {"step": [r["step"] for r in reference], "grad/norm": [r["grad/norm"] for r in reference]}
+    assert_history_equals(gh.load_history(columns), [{k: r[k] for k in columns} for r in reference])
+
+
+def test_history_stacks_vectors_and_matrices():
+    rng = np.random.default_rng(0)
+    norms, cos = rng.random((6, 4)), rng.random((6, 3, 3))
+    h = History(np.arange(6), {"xdev/device_norms": norms, "xdev/pairwise_cosine": cos, "loss": np.ones(6)})
+    np.testing.assert_array_equal(h["xdev/device_norms"], norms)
+    np.testing.assert_array_equal(h["xdev/pairwise_cosine"], cos)
+    assert "xdev/device_norms/3" in h.names and "xdev/device_norms" in h and "nothing" not in h
+    with pytest.raises(KeyError):
+        h["nothing"]
+    assert h.rows()[2] == {"step": 2, "loss": 1.0, **{f"xdev/device_norms/{k}": norms[2, k] for k in range(4)}} | {
+        f"xdev/pairwise_cosine/{i}/{j}": cos[2, i, j] for i in range(3) for j in range(3)
+    }
+
+
+# ----------------------------------------------------------------------------- resumed runs
+
+
+def resumed_rows():
+    """1,200 steps, a crash, a resume from step 1000 to 1499: 1,700 rows for 1,500 steps."""
+    return make_rows(1200, seed=0) + make_rows(500, seed=1, start=1000, scale=1.5)
+
+
+def test_resumed_log_last_write_wins_and_the_restart_is_listed(tmp_path):
+    rows = resumed_rows()
+    path = write_jsonl(tmp_path / "run.jsonl", rows)
+    h = gh.load_history(path)
+    assert_history_equals(h, rows)
+    assert len(h) == 1500 and h.rows_replaced == 200
+    assert h.restarts == (1000,) and h.restarted_from == (1199,)
+    restart = [f for f in gh.diagnose(path) if f.pattern == "restart"]
+    assert len(restart) == 1 and restart[0].steps == (1000,) and restart[0].severity == "info"
+    assert restart[0].evidence["went_back_from"] == [1199] and restart[0].evidence["rows_replaced"] == 200
+    # A run that never went back has no restart.
+    assert not [f for f in gh.diagnose(rows[:1200]) if f.pattern == "restart"]
+
+
+def test_appending_to_a_cut_log_starts_a_new_line(tmp_path):
+    path = tmp_path / "run.jsonl"
+    with gh.JsonlWriter(path) as writer:
+        writer.write(0, {"loss": 1.0})
+    with open(path, "a") as file:
+        file.write('{"step": 1, "lo')  # the crash
+    with gh.JsonlWriter(path) as writer:  # the resumed run
+        writer.write(1, {"loss": 0.5})
+    with pytest.warns(LogReadWarning, match=r"run\.jsonl:2: skipped a cut line"):
+        h = gh.load_history(path)
+    assert h.steps.tolist() == [0, 1] and h["loss"].tolist() == [1.0, 0.5]
+
+
+def _captured_figure(monkeypatch):
+    from matplotlib.figure import Figure
+
+    captured = {}
+    original = Figure.savefig
+
+    def savefig(self, *args, **kwargs):
+        captured["figure"] = self
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    return captured
+
+
+def test_report_marks_the_restart_and_plots_each_step_once(tmp_path, monkeypatch):
+    captured = _captured_figure(monkeypatch)
+    path = write_jsonl(tmp_path / "run.jsonl", resumed_rows())
+    gh.plot_report(path, tmp_path / "r.png")
+    norm_ax = captured["figure"].axes[0]
+    restart_lines = [line for line in norm_ax.get_lines() if line.get_label() == "restart"]
+    assert len(restart_lines) == 1 and list(restart_lines[0].get_xdata()) == [1000, 1000]
+    assert "restart" in captured["figure"].get_suptitle()
+    # Every plotted x is a distinct step (the overlap is not drawn twice).
+    xs = np.concatenate([np.asarray(line.get_xdata(), float) for line in norm_ax.get_lines()[:1]])
+    assert np.all(np.diff(xs) > 0)
+
+
+# ----------------------------------------------------------------------------- long runs
+
+
+def test_bins_envelope_and_smoothing_match_brute_force():
+    from optax_gradhealth.report import _Bins, _rolling_mean
+
+    rng = np.random.default_rng(1)
+    steps = np.sort(rng.choice(100_000, size=5_000, replace=False))
+    values = rng.lognormal(size=steps.size)
+    values[rng.choice(steps.size, 50)] = np.nan
+    bins = _Bins(steps, 300)
+    edges = np.linspace(steps[0], steps[-1] + 1, 301)
+    lo, hi, counts = [], [], []
+    for a, b in itertools.pairwise(edges):  # brute force: every bin by its step span
+        inside = (steps >= a) & (steps < b)
+        if inside.any():
+            chunk = values[inside]
+            counts.append(inside.sum())
+            lo.append(np.nanmin(chunk) if np.isfinite(chunk).any() else np.nan)
+            hi.append(np.nanmax(chunk) if np.isfinite(chunk).any() else np.nan)
+    assert bins.counts.tolist() == counts
+    np.testing.assert_array_equal(bins.min(values), lo)
+    np.testing.assert_array_equal(bins.max(values), hi)
+    window = 7
+    expected = []
+    for i in range(values.size):
+        chunk = values[max(i - window // 2, 0) : i + window - window // 2]
+        chunk = chunk[np.isfinite(chunk)]
+        expected.append(10 ** np.mean(np.log10(chunk)) if chunk.size else np.nan)
+    np.testing.assert_allclose(_rolling_mean(values, window, log=True), expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("n", [1_500, 30_000])
+def test_long_run_report_draws_envelopes_and_an_events_strip(tmp_path, monkeypatch, n):
+    captured = _captured_figure(monkeypatch)
+    rng = np.random.default_rng(n)
+    norm = np.exp(0.3 * rng.standard_normal(n))
+    clipped = norm > 1.2
+    spikes = rng.choice(n, size=5, replace=False)
+    norm[spikes] = 50.0
+    columns = {
+        "step": np.arange(n),
+        "grad/norm": norm,
+        "grad/clipped": clipped.astype(float),
+        "grad/clip_threshold": np.full(n, 1.2),
+        "grad/spike": np.isin(np.arange(n), spikes).astype(float),
+        "loss": np.linspace(3, 1, n),
+    }
+    gh.plot_report(columns, tmp_path / "long.png")
+    figure = captured["figure"]
+    norm_ax, events_ax = figure.axes[0], figure.axes[1]
+    width_px = figure.get_figwidth() * 110
+    assert all(len(line.get_xdata()) < width_px for line in norm_ax.get_lines())  # no more points than pixels
+    labels = [t.get_text() for t in events_ax.get_yticklabels()]
+    assert f"clipped ({int(clipped.sum())})" in labels and "spike (5)" in labels
+    legend = [t.get_text() for t in norm_ax.get_legend().get_texts()]
+    assert not any(text.startswith("clipped") for text in legend)  # no clipped markers
+    assert "spike (5)" in legend  # rare events keep theirs
+    envelope = [c for c in norm_ax.collections if "min-max" in str(c.get_label())]
+    top = max(path.vertices[:, 1].max() for c in envelope for path in c.get_paths())
+    assert top == 50.0  # the spikes stay in the envelope
+
+
+def test_short_run_report_keeps_every_point_and_marker(tmp_path, monkeypatch):
+    captured = _captured_figure(monkeypatch)
+    rows = make_rows(300)
+    gh.plot_report(rows, tmp_path / "short.png")
+    norm_ax = captured["figure"].axes[0]
+    assert len(norm_ax.get_lines()[0].get_xdata()) == 300
+    legend = [t.get_text() for t in norm_ax.get_legend().get_texts()]
+    assert f"clipped ({sum(r['grad/clipped'] == 1 for r in rows)})" in legend
+
+
+# ----------------------------------------------------------------------------- diagnose, vectorised
+
+
+def test_vectorised_patterns_match_the_loops_they_replace():
+    from optax_gradhealth.diagnose import _longest_run
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        flags = rng.random(rng.integers(0, 200)) < rng.random()
+        best = current = 0
+        for flag in flags:
+            current = current + 1 if flag else 0
+            best = max(best, current)
+        assert _longest_run(flags) == best
+    # Agreement drops: the finding's steps against the rule written as a loop.
+    th = gh.Thresholds()
+    agreement = np.clip(0.6 + 0.05 * rng.standard_normal(400), -1, 1)
+    agreement[[150, 151, 152, 300]] = 0.02
+    rows = [{"step": t, "xdev/agreement": float(a)} for t, a in enumerate(agreement)]
+    expected = [
+        t
+        for t in range(th.agreement_window, agreement.size)
+        if agreement[t] < th.agreement_drop_after
+        and np.median(agreement[t - th.agreement_window : t]) > th.agreement_drop_before
+    ]
+    (drop,) = [f for f in gh.diagnose(rows) if f.pattern == "agreement_drop"]
+    assert list(drop.steps) == expected == [150, 151, 152, 300]
+
+
+# ----------------------------------------------------------------------------- TensorBoard and W&B
+
+
+def guard_like_rows(n=200):
+    rows = make_rows(n)
+    for row in rows:
+        row.update({"grad/finite": 1.0, "grad/skipped": 0.0})
+    rows[120].update({"grad/norm": math.nan, "grad/finite": 0.0, "grad/skipped": 1.0})
+    rows[150]["grad/norm"] = 40.0
+    return rows
+
+
+def test_tensorboard_log_directory_reads_like_the_jsonl(tmp_path):
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("tensorboardX")
+    rows = guard_like_rows()
+    logdir = tmp_path / "tb"
+    writer = gh.TensorBoardWriter(logdir)
+    for row in rows:
+        writer.write(row["step"], {k: v for k, v in row.items() if k != "step"})
+    writer.close()
+    h = gh.load_history(logdir)
+    # TensorBoard keeps float32 scalars.
+    as_float32 = [{k: (v if k == "step" else float(np.float32(v))) for k, v in r.items()} for r in rows]
+    assert_history_equals(h, as_float32)
+    expected = [(f.pattern, f.steps) for f in gh.diagnose(rows)]
+    assert {"nonfinite", "explosion"} <= {p for p, _ in expected}
+    assert [(f.pattern, f.steps) for f in gh.diagnose(logdir)] == expected
+    event_file = next(logdir.iterdir())
+    assert gh.load_history(event_file).steps.tolist() == list(range(200))
+
+
+def test_tensorboard_resumed_run_and_run_folders(tmp_path):
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("tensorboardX")
+    logdir = tmp_path / "runs" / "a"
+    rows = make_rows(60) + make_rows(40, seed=1, start=40, scale=2.0)
+    first = gh.TensorBoardWriter(logdir, filename_suffix=".1")
+    for row in rows[:60]:
+        first.write(row["step"], {"grad/norm": row["grad/norm"]})
+    first.close()
+    second = gh.TensorBoardWriter(logdir, filename_suffix=".2")  # the resumed run: a new event file
+    for row in rows[60:]:
+        second.write(row["step"], {"grad/norm": row["grad/norm"]})
+    second.close()
+    h = gh.load_history(logdir)
+    assert h.restarts == (40,) and h.restarted_from == (59,) and h.rows_replaced == 20
+    assert_history_equals(h, [{"step": r["step"], "grad/norm": float(np.float32(r["grad/norm"]))} for r in rows])
+    with pytest.raises(ValueError, match=r"run folder\(s\) below it \(a\)"):
+        gh.load_history(tmp_path / "runs")
+
+
+def test_wandb_history_csv_exports(tmp_path):
+    rows = guard_like_rows()
+    api = tmp_path / "history.csv"  # run.history().to_csv(): _step plus W&B's own columns
+    names = ["grad/norm", "grad/finite", "loss"]
+    with open(api, "w", newline="") as file:
+        out = csv.writer(file)
+        out.writerow(["", "_step", "_runtime", "_timestamp", *names])
+        for i, row in enumerate(rows):
+            cells = ["" if (i == 3 and n == "loss") else ("NaN" if math.isnan(row[n]) else repr(row[n])) for n in names]
+            out.writerow([i, row["step"], 0.5 * i, 1.7e9 + i, *cells])
+    h = gh.load_history(api)
+    expected = [{"step": r["step"], **{n: r[n] for n in names}} for r in rows]
+    expected[3]["loss"] = math.nan  # an empty cell
+    assert_history_equals(h, expected)
+    ui = tmp_path / "panel.csv"  # the UI's panel export: "<run> - <metric>" and __MIN / __MAX
+    with open(ui, "w", newline="") as file:
+        out = csv.writer(file)
+        out.writerow(["Step", "run-7 - grad/norm", "run-7 - grad/norm__MIN", "run-7 - grad/norm__MAX"])
+        for row in rows:
+            out.writerow([row["step"], row["grad/norm"], row["grad/norm"], row["grad/norm"]])
+    assert_history_equals(gh.load_history(ui), [{"step": r["step"], "grad/norm": r["grad/norm"]} for r in rows])
+    assert {f.pattern for f in gh.diagnose(api)} >= {"nonfinite", "explosion"}
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def test_cli_input_errors_are_one_line_with_status_2(tmp_path):
+    missing = run_cli("diagnose", tmp_path / "missing.jsonl")
+    binary = tmp_path / "model.bin"
+    binary.write_bytes(bytes(range(256)) * 16)
+    corrupt = write_jsonl(tmp_path / "corrupt.jsonl", make_rows(5))
+    with open(corrupt, "a") as file:
+        file.write("oops}\n")
+    write_jsonl(corrupt, make_rows(5, start=5), mode="a")
+    results = {
+        "missing": (missing, "missing.jsonl: no such file"),
+        "binary": (run_cli("report", binary, "-o", tmp_path / "x.png"), "model.bin:1: not UTF-8"),
+        "corrupt": (run_cli("diagnose", corrupt), "corrupt.jsonl:6: not a JSON object"),
+        "threshold": (run_cli("diagnose", corrupt, "--threshold", "spike_score=high"), "spike_score expects a number"),
+        "unknown": (run_cli("diagnose", corrupt, "--threshold", "nope=1"), "NAME=VALUE"),
+        "usage": (run_cli("diagnose"), "required: log"),
+    }
+    for name, (result, message) in results.items():
+        assert result.returncode == 2, (name, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in result.stderr, (name, result.stderr)
+        assert lines[0].startswith("python -m optax_gradhealth: error: ") and message in lines[0], (name, lines)
+    skipped = run_cli("diagnose", corrupt, "--skip-bad-lines")
+    assert skipped.returncode == 0 and "corrupt.jsonl:6: skipped a bad line" in skipped.stderr
+
+
+def test_cli_cut_last_line_warns_and_reports(tmp_path):
+    path = write_jsonl(tmp_path / "run.jsonl", guard_like_rows())
+    with open(path, "a") as file:
+        file.write('{"step": 200, "grad/no')
+    result = run_cli("report", path, "-o", tmp_path / "r.png")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == "python -m optax_gradhealth: warning: " + f"{path}:201: skipped a cut line " + (
+        "(the run stopped while writing it)"
+    )
+    assert "gradient explosion" in result.stdout and (tmp_path / "r.png").stat().st_size > 10_000
+
+
+def test_cli_reads_a_tensorboard_directory_and_help_has_examples(tmp_path):
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("tensorboardX")
+    writer = gh.TensorBoardWriter(tmp_path / "tb")
+    for row in guard_like_rows():
+        writer.write(row["step"], {k: v for k, v in row.items() if k != "step"})
+    writer.close()
+    result = run_cli("diagnose", tmp_path / "tb")
+    assert result.returncode == 0, result.stderr
+    assert "non-finite" in result.stdout and "gradient explosion" in result.stdout
+    help_text = run_cli("report", "--help")
+    assert help_text.returncode == 0 and "examples:" in help_text.stdout and "report run.jsonl -o" in help_text.stdout
+
+
+# ----------------------------------------------------------------------------- logger, example, typing
+
+_CRASH = """
+import os, sys
+import jax.numpy as jnp
+from optax_gradhealth.writers import JsonlWriter, MetricLogger
+path, all_steps, crash_after = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3])
+logger = MetricLogger(JsonlWriter(path), log_every=10, all_steps=all_steps)
+for step in range(100):
+    logger.log(step, {"loss": jnp.float32(step)})
+    if step == crash_after:
+        os._exit(1)  # killed: no close, no flush, no atexit
+"""
+
+
+@pytest.mark.parametrize("all_steps", [False, True])
+def test_metric_logger_crash_loses_at_most_the_unfetched_steps(tmp_path, all_steps):
+    path = tmp_path / "run.jsonl"
+    script = tmp_path / "crash.py"
+    script.write_text(textwrap.dedent(_CRASH))
+    result = subprocess.run(
+        [sys.executable, str(script), str(path), str(int(all_steps)), "25"], env=ENV, capture_output=True, timeout=120
+    )
+    assert result.returncode == 1, result.stderr
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no cut line either
+        steps = [row["step"] for row in gh.read_jsonl(path)]
+    if all_steps:  # written at steps 0, 10 and 20: 21..25 were not fetched yet
+        assert steps == list(range(21))
+        assert 25 - steps[-1] <= 10 - 1
+    else:  # every logged step (0, 10, 20) is on disk
+        assert steps == [0, 10, 20]
+
+
+def test_multihost_example_runs_its_local_demo_without_arguments():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "multihost_launch.py"), "--steps", "2", "--timeout", "240"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "running the local demo, 2 processes x 4 CPU devices" in result.stdout
+    assert "step   0 loss" in result.stdout
+    usage = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "multihost_launch.py"), "--coordinator", "127.0.0.1:1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=ENV,
+    )
+    assert usage.returncode == 2 and "needs all of --coordinator" in usage.stderr
+
+
+def test_py_typed_marker_ships_in_the_wheel(tmp_path):
+    import tomllib
+    import zipfile
+
+    assert (ROOT / "optax_gradhealth" / "py.typed").is_file()
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "py.typed" in config["tool"]["setuptools"]["package-data"]["optax_gradhealth"]
+    pytest.importorskip("build")
+    source = tmp_path / "src"  # a copy: building writes build/ and *.egg-info beside the sources
+    shutil.copytree(
+        ROOT / "optax_gradhealth", source / "optax_gradhealth", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    for name in ("pyproject.toml", "README.md", "LICENSE", "MANIFEST.in", "CHANGELOG.md"):
+        shutil.copy(ROOT / name, source / name)
+    result = subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path / "dist"), str(source)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot build a wheel here: {result.stderr[-500:]}")
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    assert "optax_gradhealth/py.typed" in zipfile.ZipFile(wheel).namelist()
+
+
+def test_bench_host_runs_at_a_tiny_size():
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_host.py"),
+            "--rows",
+            "600",
+            "--columns",
+            "20",
+            "--repeat",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line.split()}
+    assert {"json", "diagnose", "report"} <= set(rows)
+    assert float(rows["json"][2]) == 1.0  # the ratio column, against itself
