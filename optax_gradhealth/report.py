@@ -285,7 +285,8 @@ def plot_report(
             ax.set_yscale("symlog", linthresh=1.0)
             ax.set_ylim(bottom=0)
             ax.set_ylabel("spike score")
-            ax.set_title("spike score (norm / running mean; 0 during warm-up)", loc="left", fontsize=10)
+            title = "spike score (norm / baseline, the median of the latest accepted norms; 0 during warm-up)"
+            ax.set_title(title, loc="left", fontsize=10)
             ax.legend(loc="upper right", fontsize=8)
         elif panel == "layers":
             if bins is None:
