@@ -214,13 +214,21 @@ def _leaf_sum_of_squares(x: jax.Array, scale: jax.Array | None = None) -> jax.Ar
 def _norm_of_norms(norms: jax.Array) -> jax.Array:
     """sqrt(sum(norms**2)) of a small vector of norms (>= 0), without overflow.
 
-    Scaled by an exact power of two (2**-70 for huge norms, 2**70 for tiny ones), not
-    by the largest norm: XLA may divide by multiplying with the reciprocal, and
-    1 / 3e38 is subnormal, flushed to zero on CPU.
+    Scaled by the exact power of two that brings the largest norm into [0.5, 1): the
+    sum of squares then lies in [0.25, len(norms)], far from overflow, and a norm is
+    lost only if it is below 2**-63 of the largest (its square below float32's normal
+    range), where its share of the total is under 2**-126 anyway. Scaling by the
+    largest norm itself would not do: XLA may divide by multiplying with the
+    reciprocal, and 1 / 3e38 is subnormal, flushed to zero on CPU. The exponent is
+    clipped to +-100 so that the scale and its inverse are normal float32 numbers.
     """
     largest = jnp.max(norms)
-    scale = jnp.where(largest > 2.0**60, 2.0**-70, jnp.where(largest < 2.0**-60, 2.0**70, 1.0)).astype(jnp.float32)
-    return jnp.sqrt(jnp.sum(jnp.square(norms * scale))) / scale
+    _, exponent = jnp.frexp(largest)
+    exponent = jnp.clip(exponent, -100, 100)
+    # 2**-exponent, exactly: the biased exponent written into a float32's exponent bits.
+    scale = jax.lax.bitcast_convert_type(((127 - exponent) << 23).astype(jnp.int32), jnp.float32)
+    inverse = jax.lax.bitcast_convert_type(((127 + exponent) << 23).astype(jnp.int32), jnp.float32)
+    return jnp.sqrt(jnp.sum(jnp.square(norms * scale))) * inverse
 
 
 def _ordinary(total: jax.Array) -> jax.Array:

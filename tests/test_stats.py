@@ -14,6 +14,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import optax_gradhealth as gh
+from optax_gradhealth import _stats
 
 _F32_SMALLEST_NORMAL = float(np.finfo(np.float32).tiny)
 
@@ -271,3 +272,175 @@ def test_norm_beside_adam_adds_no_gradient_sized_temporary(measure):
     analysis = compiled.memory_analysis()
     assert analysis is not None
     assert analysis.temp_size_in_bytes < params["w"].nbytes // 8, analysis.temp_size_in_bytes
+
+
+# --- Tests added from mutation testing (tools/mutation.py _stats; docs/testing.md) -------
+
+
+def test_complex_leaves_count_real_and_imaginary_parts():
+    z = np.array([3 + 4j, 1 - 2j, -0.5j], np.complex64)
+    stats = gh.grad_stats({"z": jnp.asarray(z), "w": jnp.array([2.0])})
+    expected = np.sqrt(np.sum(np.abs(z.astype(np.complex128)) ** 2) + 4.0)
+    np.testing.assert_allclose(float(stats.norm), expected, rtol=1e-6)
+    np.testing.assert_allclose(float(stats.leaf_norms["z"]), np.linalg.norm(z.astype(np.complex128)), rtol=1e-6)
+    # The rescaled (underflow) pass takes the same two parts.
+    tiny = jnp.asarray(z * np.float32(1e-20))
+    expected = 1e-20 * np.linalg.norm(z.astype(np.complex128))
+    np.testing.assert_allclose(float(gh.global_norm({"z": tiny})), expected, rtol=1e-5)
+
+
+def test_python_scalar_leaves():
+    # A Python float is a float leaf; a Python int (a step counter) is ignored.
+    stats = gh.grad_stats({"w": jnp.array([3.0, 4.0]), "x": 2.0, "n": 3})
+    np.testing.assert_allclose(float(stats.norm), np.sqrt(9.0 + 16.0 + 4.0), rtol=1e-7)
+    assert stats.leaf_norms.names == ("n", "w", "x")
+    np.testing.assert_array_equal(np.asarray(stats.leaf_norms.values), np.array([0.0, 5.0, 2.0], np.float32))
+
+
+def test_float64_leaf_beyond_float32_range_under_x64_is_finite_and_saturates():
+    # float64 leaves are reduced in float64: an element above float32's max is finite.
+    with jax.enable_x64(True):
+        stats = gh.grad_stats({"w": jnp.asarray(np.array([1e39, 2.0]), jnp.float64)})
+        assert bool(stats.finite) and int(stats.first_nonfinite_leaf) == -1
+        assert float(stats.norm) == float(np.finfo(np.float32).max)
+
+
+def test_float32_leaves_are_reduced_in_float32_under_x64():
+    # Only float64 leaves take float64 arithmetic: a float32 (or fp16) gradient never has a
+    # float64 copy or square (slow on accelerators), in the ordinary or the rescaled pass.
+    with jax.enable_x64(True):
+        tree = {"a": jnp.ones((1000,), jnp.float32), "b": jnp.ones((999,), jnp.float16)}
+        text = str(jax.make_jaxpr(gh.grad_stats)(tree))
+        assert "f32[1000]" in text and "f64[1000]" not in text and "f64[999]" not in text
+        np.testing.assert_allclose(float(gh.global_norm(tree)), np.sqrt(1999.0), rtol=1e-6)
+
+
+def test_layer_norms_keep_float32_and_their_key_under_x64():
+    with jax.enable_x64(True):
+        tree = {"a": jnp.ones(2), "b": jnp.ones(3, jnp.float64), "c": jnp.array(1, jnp.int32)}
+        zeros = gh.LayerNorms.zeros(tree)
+        assert zeros.values.dtype == jnp.float32
+        # the same dtype as the norms an update writes over them (a scan carry must match)
+        stats = gh.grad_stats(tree)
+        assert stats.leaf_norms.values.dtype == jnp.float32 and stats.norm.dtype == jnp.float32
+    ((path, _),) = jax.tree_util.tree_flatten_with_path(zeros)[0]
+    assert path == (jax.tree_util.GetAttrKey("values"),)
+    assert gh.leaf_names({"norms": zeros}) == ["norms/values"]
+
+
+def test_nnx_variables_count_as_their_values():
+    from flax import nnx
+
+    tree = {"w": nnx.Param(jnp.ones(3)), "b": jnp.zeros(2)}
+    zeros = gh.LayerNorms.zeros(tree)
+    assert zeros.treedef == jax.tree.structure({"w": jnp.ones(3), "b": jnp.zeros(2)})
+    assert zeros.names == ("b", "w")
+    np.testing.assert_array_equal(np.asarray(zeros.values), np.zeros(2, np.float32))
+
+
+class _Pair:
+    """A pytree without keys (its key path holds FlattenedIndexKey)."""
+
+    def __init__(self, a, b):
+        self.a, self.b = a, b
+
+
+jax.tree_util.register_pytree_node(_Pair, lambda p: ((p.a, p.b), None), lambda _, c: _Pair(*c))
+
+
+class _Tagged:
+    """A pytree whose keys are objects of its own (neither DictKey nor GetAttrKey ...)."""
+
+    class Key:
+        def __init__(self, tag):
+            self.tag = tag
+
+        def __str__(self):
+            return f"<{self.tag}>"
+
+        def __hash__(self):
+            return hash(self.tag)
+
+        def __eq__(self, other):
+            return isinstance(other, _Tagged.Key) and other.tag == self.tag
+
+    def __init__(self, x):
+        self.x = x
+
+
+jax.tree_util.register_pytree_with_keys(
+    _Tagged, lambda t: (((_Tagged.Key("x"), t.x),), None), lambda _, c: _Tagged(*c), lambda t: ((t.x,), None)
+)
+
+
+def test_leaf_names_for_every_kind_of_key():
+    from typing import NamedTuple
+
+    class Moments(NamedTuple):
+        mu: object
+        nu: object
+
+    tree = {"opt": Moments(mu=[1.0], nu=_Pair(2.0, 3.0)), "t": _Tagged(4.0)}
+    assert gh.leaf_names(tree) == ["opt/mu/0", "opt/nu/0", "opt/nu/1", "t/<x>"]
+    assert gh.grad_stats(tree).leaf_norms.names == ("opt/mu/0", "opt/nu/0", "opt/nu/1", "t/<x>")
+
+
+@pytest.mark.parametrize("value", [1.5e18, 2.0**61])
+def test_many_leaves_above_2_60_whose_total_overflows_get_the_exact_norm(value):
+    # Every leaf norm is finite and the true norm (~2.6e19) is far inside float32, but the
+    # sum of the leaves' squares overflows float32: the norm of norms must scale it down.
+    tree = [jnp.full((1,), value, jnp.float32) for _ in range(300)]
+    stats = gh.grad_stats(tree)
+    assert bool(stats.finite)
+    np.testing.assert_allclose(float(stats.norm), reference_norm(tree), rtol=1e-5)
+
+
+@pytest.mark.parametrize("value", [1e18, 2.0**60])
+def test_many_leaves_at_or_below_2_60_whose_total_overflows_get_the_exact_norm(value):
+    tree = [jnp.full((1,), value, jnp.float32) for _ in range(400)]
+    np.testing.assert_allclose(float(gh.global_norm(tree)), reference_norm(tree), rtol=1e-5)
+
+
+def test_tiny_step_keeps_small_leaves_next_to_a_larger_tiny_leaf():
+    tree = [jnp.full((1,), 2e-18, jnp.float32)] + [jnp.full((1,), 6e-20, jnp.float32) for _ in range(100)]
+    np.testing.assert_allclose(float(gh.global_norm(tree)), reference_norm(tree), rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "values, dtype, scale",
+    [
+        ([300.0, -400.0, 1.0], jnp.float16, 1.0 / 64),  # ordinary: a loss-scaled fp16 gradient
+        ([1e20, -3e20, 5.0], jnp.float32, 0.5),  # the scaled sum overflows: rescaled pass
+        ([1e-25, 2e-25, 0.0], jnp.float32, 4.0),  # the scaled sum is tiny: rescaled pass
+        ([3e38, 1e-3, 0.0], jnp.float32, 1e-30),  # the unscaled squares would overflow, not the scaled
+    ],
+)
+def test_input_scale_multiplies_inside_the_reduction(values, dtype, scale):
+    # `_grad_stats(tree, s)` (what the guard uses to unscale loss-scaled gradients) is the
+    # statistics of tree * s, written out here in float64.
+    tree = {"w": jnp.asarray(values, dtype), "b": jnp.asarray([values[0] / 2, -values[1] / 10], dtype)}
+    stats = _stats._grad_stats(tree, jnp.float32(scale))
+    scaled = {k: np.asarray(v, np.float64) * np.float64(np.float32(scale)) for k, v in tree.items()}
+    assert bool(stats.finite)
+    np.testing.assert_allclose(float(stats.norm), reference_norm(list(scaled.values())), rtol=1e-5)
+    np.testing.assert_allclose(float(stats.leaf_norms["w"]), reference_norm([scaled["w"]]), rtol=1e-5)
+    np.testing.assert_allclose(float(stats.leaf_norms["b"]), reference_norm([scaled["b"]]), rtol=1e-5)
+
+
+def test_tiny_step_just_below_2_minus_60_keeps_small_leaves():
+    # Largest leaf norm 6e-19 (2**-61 < 6e-19 < 2**-60): the norm of norms scales up by
+    # 2**70, so the 5e-20 leaves (squares below float32's normal range) still count.
+    tree = [jnp.full((1,), 6e-19, jnp.float32)] + [jnp.full((1,), 5e-20, jnp.float32) for _ in range(100)]
+    np.testing.assert_allclose(float(gh.global_norm(tree)), reference_norm(tree), rtol=1e-5)
+
+
+def test_tree_without_float_leaves_has_every_statistic():
+    for x64 in (False, True):
+        with jax.enable_x64(x64):
+            stats = gh.grad_stats({"step": jnp.array(3, jnp.int32), "mask": jnp.array([True, False])})
+            assert stats.norm.dtype == jnp.float32 and float(stats.norm) == 0.0
+            assert stats.finite.dtype == jnp.bool_ and bool(stats.finite)
+            assert stats.first_nonfinite_leaf.dtype == jnp.int32 and int(stats.first_nonfinite_leaf) == -1
+            assert stats.leaf_norms.names == ("mask", "step")
+            assert stats.leaf_norms.values.dtype == jnp.float32
+            np.testing.assert_array_equal(np.asarray(stats.leaf_norms.values), [0.0, 0.0])
