@@ -37,10 +37,6 @@ __all__ = [
 ]
 
 
-def _float_leaves(tree: Any) -> list[jax.Array]:
-    return [x for x in jax.tree.leaves(tree) if _stats._is_float(x)]
-
-
 def _fraction(count: jax.Array, total: int) -> jax.Array:
     return (count.astype(jnp.float32) / max(total, 1)).astype(jnp.float32)
 
@@ -185,7 +181,7 @@ def clip_by_value(max_abs: float) -> optax.GradientTransformation:
                     f"gh.clip_by_value: leaf {_stats.path_name(path)!r} is complex ({leaf.dtype}); complex values "
                     "have no order to clip by. Clip their real and imaginary parts, or use gh.clip_by_layer_norm."
                 )
-        leaves = _float_leaves(updates)
+        leaves = _stats._float_leaves(updates)
         total = sum(int(x.size) for x in leaves)
         count = _count_above(leaves, max_abs)
 
@@ -258,7 +254,7 @@ def clip_by_layer_norm(max_norm: float) -> optax.GradientTransformation:
         scales = jax.tree.map(lambda n: _clipping.clip_scale(n, threshold), leaf_norms)
         new_updates = jax.tree.map(lambda x, s: _clipping.scale_tree(x, s), updates, scales)
         clipped = jax.tree.map(lambda x, s: jnp.asarray(_stats._is_float(x)) & (s[0] < 1.0), updates, scales)
-        num_float = len(_float_leaves(updates))
+        num_float = len(_stats._float_leaves(updates))
         count = sum((c.astype(jnp.int32) for c in jax.tree.leaves(clipped)), jnp.zeros((), jnp.int32))
         return new_updates, ClipByLayerNormState(_fraction(count, num_float), clipped)
 

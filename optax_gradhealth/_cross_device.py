@@ -254,10 +254,6 @@ def _bits_u32(x: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(x, jnp.uint8).astype(jnp.uint32)  # fp8
 
 
-def _float_leaves(tree: Any) -> list[jax.Array]:
-    return [jnp.asarray(x) for x in jax.tree.leaves(tree) if _stats._is_float(x)]
-
-
 def _leaf_fingerprint(x: jax.Array, salt: jax.Array) -> jax.Array:
     """uint32 hash of the bits of one leaf and their positions (sums of hashes wrap mod 2^32)."""
     bits = _bits_u32(x)
@@ -683,7 +679,7 @@ def cross_device(
         them is counted once. ``salt`` differs between the parts of a split leaf.
         """
         groups: dict[tuple[str, ...], Any] = {}
-        for i, leaf in enumerate(_float_leaves(tree)):
+        for i, leaf in enumerate(_stats._float_leaves(tree)):
             if not shard_axes:
                 axes = ()
             elif tracked:
@@ -762,7 +758,7 @@ def cross_device(
             mean, device_sq = all_reduce(grads)
             mean_sq = sum_of_squares(mean)
             device_norms = jnp.sqrt(device_sq)
-            mean_leaves = _float_leaves(mean)
+            mean_leaves = _stats._float_leaves(mean)
 
             def dot_and_sketch(i, g, salt):
                 g32, m32 = g.astype(jnp.float32), mean_leaves[i].astype(jnp.float32)

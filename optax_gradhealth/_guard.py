@@ -180,10 +180,9 @@ def _all_finite(tree: Any) -> jax.Array:
     leaf (Adam's ``mu``, ``nu`` and update share each parameter's shape).
     """
     by_shape: dict[tuple[int, ...], jax.Array] = {}
-    for x in jax.tree.leaves(tree):
-        if _stats._is_float(x):
-            flag = jnp.isfinite(x)
-            by_shape[x.shape] = flag if x.shape not in by_shape else by_shape[x.shape] & flag
+    for x in _stats._float_leaves(tree):
+        flag = jnp.isfinite(x)
+        by_shape[x.shape] = flag if x.shape not in by_shape else by_shape[x.shape] & flag
     if not by_shape:
         return jnp.ones((), jnp.bool_)
     # One concatenation (see `_stats._sums_of_squares`), not a kernel reading every flag.

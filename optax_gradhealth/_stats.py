@@ -181,6 +181,12 @@ def _is_float(x: Any) -> bool:
     return jnp.issubdtype(dtype, jnp.inexact)
 
 
+def _float_leaves(tree: Any) -> list[jax.Array]:
+    """The float (and complex) leaves of ``tree``, as arrays, in ``jax.tree.leaves`` order;
+    the one filter every module uses (integer, bool and ``float0`` leaves are skipped)."""
+    return [jnp.asarray(x) for x in jax.tree.leaves(tree) if _is_float(x)]
+
+
 def _accumulation_dtype(x: jax.Array) -> Any:
     # float64 (and complex128) leaves keep their precision under x64; all others
     # (fp16, bf16, fp32, fp8) are reduced in float32.
