@@ -250,6 +250,19 @@ def test_monitor_inside_the_guard_is_rejected_with_a_clear_error(jit):
         update({"w": jnp.ones((4, 3))}, state, params)
 
 
+def test_a_state_leaf_that_changes_shape_is_named_in_the_error():
+    """Same tree structure, one leaf of another shape after the update: the error names
+    the leaf and both shapes (the guard could not keep the old leaf on a skip)."""
+    growing = optax.GradientTransformation(
+        lambda params: {"history": jnp.zeros(2), "count": jnp.zeros((), jnp.int32)},
+        lambda updates, state, params=None: (updates, {"history": jnp.zeros(3), "count": state["count"] + 1}),
+    )
+    tx = gh.guard(growing)
+    params = {"w": jnp.ones(2)}
+    with pytest.raises(ValueError, match=r"leaf 1: shape \(2,\) before, \(3,\) after"):
+        tx.update({"w": jnp.ones(2)}, tx.init(params), params)
+
+
 def test_monitor_chained_outside_the_guard_works():
     tx = optax.chain(optax.monitor({"norm": optax.tree.norm}), gh.guard(optax.sgd(0.1)))
     params = {"w": jnp.ones(3)}
@@ -376,3 +389,20 @@ def test_first_nonfinite_leaf_names_the_bad_leaf_in_leaf_names_order():
         _, state = update(grads, state, params)
         seen.append(names[int(gh.metrics(state)["grad/first_nonfinite_leaf"])])
     assert seen == ["b/d", "b/d", "e", "b/c"]
+
+
+@pytest.mark.parametrize("jit", [True, False])
+def test_guard_over_a_tree_without_float_leaves_applies_every_step(jit):
+    """Nothing to check (no float leaf in the update or the inner state): the step is
+    applied, not skipped, and the state keeps its structure."""
+    tx = gh.guard(optax.sgd(0.1))
+    params = {"frozen": {}, "step": jnp.zeros((), jnp.int32)}
+    grads = {"frozen": {}, "step": jnp.zeros((), jnp.int32)}
+    state = tx.init(params)
+    update = jax.jit(tx.update) if jit else tx.update
+    for _ in range(2):
+        updates, state = update(grads, state, params)
+    m = gh.metrics(state)
+    assert not bool(m["grad/skipped"]) and int(m["grad/num_nonfinite_updates"]) == 0
+    assert int(m["grad/num_steps"]) == 2 and float(m["grad/norm"]) == 0.0
+    chex.assert_trees_all_equal(updates, grads)

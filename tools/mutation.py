@@ -1,0 +1,389 @@
+"""Mutation testing of one module of the jitted core, with mutmut 3 (not part of CI).
+
+Usage (from the repository root, in the project's virtual environment)::
+
+    python tools/mutation.py _stats                       # the whole module
+    python tools/mutation.py _clipping --functions clip_scale 'ZScoreClip.*'
+    python tools/mutation.py _stats --only survivors      # re-run last run's survivors
+    python tools/mutation.py --list                       # modules and their tests
+    python tools/mutation.py _stats --resume              # finish an interrupted run
+    python tools/mutation.py _stats --report              # print the last summary again
+
+What it does:
+
+1. copies the working tree's ``optax_gradhealth/``, ``tests/``, ``examples/``,
+   ``conftest.py`` and ``pyproject.toml`` into ``.mutation/<module>/`` (git-ignored):
+   the checkout itself is never touched, and uncommitted tests are included;
+2. appends a ``[tool.mutmut]`` table for that module to the *copy* of pyproject.toml
+   (only that module is mutated; the test subset is ``MODULES[module]``);
+3. runs ``mutmut run`` there: every mutant runs, in a process forked from a fork server
+   that has imported jax, numpy, optax, torch and pytest but run nothing (jax's
+   thread pools and compile caches are never forked), the subset's tests that call the
+   mutated function (mutmut records which), stopping at the first failure;
+4. prints killed / survived / timeout counts and every survivor's diff, marks survivors
+   listed in ``EQUIVALENT`` (with the reason), and writes
+   ``.mutation/<module>/summary.json``.
+
+The exit status is 0 when every mutant is killed or listed as equivalent, 1 otherwise.
+Needs ``pip install mutmut==3.8.1`` (see docs/testing.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import fnmatch
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PACKAGE = "optax_gradhealth"
+MUTMUT_VERSION = "3.8.1"
+INSTALL_HINT = f"mutmut is not installed: pip install mutmut=={MUTMUT_VERSION}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What to mutate in a module and which tests judge the mutants.
+
+    Attributes:
+      tests: pytest arguments selecting the fast subset (files, node ids, ``-k`` ...).
+        mutmut runs, for each mutant, only those of them that call the mutated function.
+      functions: default restriction to some functions (same syntax as ``--functions``);
+        empty: every function of the module.
+    """
+
+    tests: tuple[str, ...]
+    functions: tuple[str, ...] = ()
+
+
+MODULES: dict[str, Target] = {
+    "_stats": Target(tests=("tests/test_stats.py",)),
+    "_clipping": Target(tests=("tests/test_clipping.py", "tests/test_clip_modes.py")),
+    "_skip": Target(tests=("tests/test_skip.py",)),
+    "_loss_scale": Target(tests=("tests/test_loss_scale.py",)),
+    # Run by the lead; adjust the subsets when those modules settle.
+    "_guard": Target(
+        tests=(
+            "tests/test_guard_promises.py",
+            "tests/test_hyperparams.py",
+            "tests/test_guard.py::test_momentum_reset_keeps_schedule_counter",
+            "tests/test_guard.py::test_applied_reset_step_is_the_fresh_optimizers_first_step",
+            "tests/test_guard.py::test_registering_metrics_does_not_change_what_a_reset_keeps",
+            "tests/test_guard.py::test_momentum_reset_inside_inject_hyperparams_keeps_its_count",
+            "tests/test_guard.py::test_clip_mode_as_guard_clip_applies_only_to_accepted_steps_and_survives_reset",
+        )
+    ),
+    "_cross_device": Target(tests=("tests/test_cross_device.py",)),
+}
+
+# Surviving mutants that change no observable behaviour: mutant name -> (a fragment of the
+# mutated line, so that an entry made stale by an edit of the function is noticed; reason).
+# Filled in from the runs recorded in docs/testing.md.
+_NAMES_CACHE_ONLY = "only the names cache changes (a lookup misses, or one more entry fits): the same names"
+EQUIVALENT: dict[str, tuple[str, str]] = {
+    # _stats
+    "optax_gradhealth._stats.x__names_of_treedef__mutmut_1": ("names = None", _NAMES_CACHE_ONLY),
+    "optax_gradhealth._stats.x__names_of_treedef__mutmut_2": ("_NAMES_CACHE.get(None)", _NAMES_CACHE_ONLY),
+    "optax_gradhealth._stats.x__names_of_treedef__mutmut_7": (
+        "[1] * treedef.num_leaves",
+        "the dummy tree's leaf values are never read: names come from the key paths only",
+    ),
+    "optax_gradhealth._stats.x__names_of_treedef__mutmut_11": ("<= 256", _NAMES_CACHE_ONLY),
+    "optax_gradhealth._stats.x__names_of_treedef__mutmut_12": ("< 257", _NAMES_CACHE_ONLY),
+    "optax_gradhealth._stats.x__names_of_treedef__mutmut_13": ("_NAMES_CACHE[treedef] = None", _NAMES_CACHE_ONLY),
+    "optax_gradhealth._stats.x__leaf_sum_of_squares__mutmut_8": (
+        "dtype=None",
+        "the summand is already in the accumulation dtype, so jnp.sum keeps it",
+    ),
+    "optax_gradhealth._stats.x__leaf_sum_of_squares__mutmut_10": (
+        "scale), )",
+        "the summand is already in the accumulation dtype, so jnp.sum keeps it",
+    ),
+    "optax_gradhealth._stats.x__grad_stats__mutmut_5": (
+        "or True",
+        "jnp.asarray of every leaf: arrays are unchanged, a Python int becomes an int32 array, still ignored",
+    ),
+    "optax_gradhealth._stats.x__grad_stats__mutmut_109": (
+        "jnp.where(finite_each, norms, 1.0)",
+        "the fill replaces a non-finite leaf's norm, and then the whole result is discarded (finite is False)",
+    ),
+    "optax_gradhealth._stats.x__ordinary__mutmut_3": (
+        "total > _TINY_SUM_OF_SQUARES",
+        "only a total of exactly float32(1e-30) changes branch, and both branches give its norm to rounding",
+    ),
+    # _clipping
+    "optax_gradhealth._clipping.x_clip_scale__mutmut_4": (
+        "norm >= threshold",
+        "at norm == threshold the factor threshold / norm is exactly 1 (IEEE division): same update, not counted",
+    ),
+    "optax_gradhealth._clipping.x_clip_scale__mutmut_12": (
+        "jnp.where(clip, norm, 2.0)",
+        "the placeholder divisor of an unclipped step only feeds values that where(clip, ..., 1.0) discards",
+    ),
+    "optax_gradhealth._clipping.x_clip_scale__mutmut_20": (
+        "direct > _F32_TINY",
+        "at threshold / norm == float32 tiny both factorisations give the same product to rounding",
+    ),
+    "optax_gradhealth._clipping.x_ring_write__mutmut_3": (
+        "dtype=None",
+        "an arange of another integer dtype compares with the integer slot exactly",
+    ),
+    "optax_gradhealth._clipping.x_ring_write__mutmut_5": (
+        "buffer.shape[0], )",
+        "an arange of another integer dtype compares with the integer slot exactly",
+    ),
+}
+
+# Imported once by the fork server before it forks a worker per mutant: importing runs
+# no computation, so no jax thread pool or compilation cache is inherited.
+PRELOAD = ("numpy", "jax", "jax.numpy", "optax", "chex", "flax", "hypothesis", "torch", "pytest")
+
+STATUS_OF_EXIT_CODE = {
+    1: "killed",
+    3: "killed",
+    0: "survived",
+    5: "no tests",
+    33: "no tests",
+    34: "skipped",
+    36: "timeout",
+    -24: "timeout",
+    24: "timeout",
+    152: "timeout",
+    255: "timeout",
+    37: "caught by type check",
+    -11: "segfault",
+    -9: "segfault",
+    None: "not checked",
+}
+
+
+def function_patterns(module: str, functions: list[str]) -> list[str]:
+    """mutmut mutant-name patterns for ``name`` (a function) or ``Class.method``."""
+    patterns = []
+    for name in functions:
+        if "." in name:
+            cls, method = name.split(".", 1)
+            patterns.append(f"{PACKAGE}.{module}.xǁ{cls}ǁ{method}__mutmut_*")
+        else:
+            patterns.append(f"{PACKAGE}.{module}.x_{name}__mutmut_*")
+    return patterns
+
+
+def mutmut_table(module: str, target: Target, timeout_multiplier: float, timeout_constant: float) -> str:
+    tests = ", ".join(json.dumps(t) for t in target.tests)
+    return f"""
+
+[tool.mutmut]
+source_paths = ["{PACKAGE}/"]
+only_mutate = ["{PACKAGE}/{module}.py"]
+pytest_add_cli_args_test_selection = [{tests}]
+pytest_add_cli_args = [
+    "-p", "no:doctest", "-p", "no:cacheprovider", "-o", "addopts=", "-W", "ignore::pytest.PytestConfigWarning",
+]
+also_copy = ["conftest.py", "examples/"]
+process_isolation = "forkserver"
+forkserver_warmup = "import"
+preload_modules_file = "preload.txt"
+timeout_multiplier = {timeout_multiplier}
+timeout_constant = {timeout_constant}
+use_git_change_detection = false
+"""
+
+
+def prepare(work: pathlib.Path, module: str, target: Target, args: argparse.Namespace) -> None:
+    if (work / "summary.json").exists():  # kept beside the work dir: .mutation/<module>.previous.json
+        shutil.copy2(work / "summary.json", work.parent / f"{module}.previous.json")
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".hypothesis")
+    shutil.copytree(ROOT / PACKAGE, work / PACKAGE, ignore=ignore)
+    shutil.copytree(ROOT / "tests", work / "tests", ignore=ignore)
+    shutil.copytree(ROOT / "examples", work / "examples", ignore=ignore)  # tests run some examples
+    shutil.copy2(ROOT / "conftest.py", work / "conftest.py")
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    pyproject += mutmut_table(module, target, args.timeout_multiplier, args.timeout_constant)
+    (work / "pyproject.toml").write_text(pyproject)
+    (work / "preload.txt").write_text("\n".join(PRELOAD) + "\n")
+
+
+def read_results(work: pathlib.Path, module: str) -> dict[str, dict]:
+    meta = json.loads((work / "mutants" / PACKAGE / f"{module}.py.meta").read_text())
+    out = {}
+    for name, code in meta["exit_code_by_key"].items():
+        out[name] = {
+            "status": STATUS_OF_EXIT_CODE.get(code, "suspicious"),
+            "exit_code": code,
+            "duration_s": meta.get("durations_by_key", {}).get(name),
+        }
+    return out
+
+
+def diff_of(work: pathlib.Path, module: str, name: str) -> str:
+    """The mutant's diff (``mutmut show``), computed in this process when mutmut allows."""
+    cwd = os.getcwd()
+    try:
+        os.chdir(work)
+        from mutmut.mutation.diff_apply import get_diff_for_mutant
+
+        return get_diff_for_mutant(name, path=f"{PACKAGE}/{module}.py").strip()
+    except Exception:  # another mutmut version: ask its command line
+        result = subprocess.run(["mutmut", "show", name], cwd=work, capture_output=True, text=True)
+        lines = [line for line in result.stdout.splitlines() if not line.startswith("#")]
+        return "\n".join(lines).strip() or result.stderr.strip()
+    finally:
+        os.chdir(cwd)
+
+
+def changed_lines(diff: str) -> list[str]:
+    return [line[1:].strip() for line in diff.splitlines() if line.startswith("+") and not line.startswith("+++")]
+
+
+def run_mutmut(
+    work: pathlib.Path, module: str, target: Target, names: list[str], args: argparse.Namespace
+) -> float | None:
+    """Runs mutmut in ``work`` (a fresh copy unless ``--resume``); returns the wall time."""
+    if not (args.resume and (work / "mutants").exists()):
+        prepare(work, module, target, args)
+    else:  # resuming: mutants already judged in this work dir are not run again
+        checked = {k for k, v in read_results(work, module).items() if v["status"] != "not checked"}
+        remaining = [n for n in names if n not in checked]
+        if names and not remaining:
+            return 0.0
+        names = remaining
+    env = dict(os.environ, CI="1")  # conftest.py: derandomised hypothesis, reproducible runs
+    command = ["mutmut", "run", "--max-children", str(args.max_children), *names]
+    print(f"[mutation] {module}: {' '.join(target.tests)} (in {work.relative_to(ROOT)})", flush=True)
+    start = time.monotonic()
+    with open(work / "mutmut.log", "a" if args.resume else "w") as log:
+        returncode = subprocess.run(command, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    if returncode != 0:
+        print((work / "mutmut.log").read_text()[-4000:])
+        print(f"[mutation] mutmut run failed (exit {returncode}); log: {work / 'mutmut.log'}", file=sys.stderr)
+        return None
+    return time.monotonic() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("module", nargs="?", help=f"one of {', '.join(MODULES)}")
+    parser.add_argument("--list", action="store_true", help="list the modules and their test subsets")
+    parser.add_argument("--functions", nargs="+", default=None, help="only these functions (or Class.method)")
+    parser.add_argument("--only", choices=["survivors"], help="re-run only the previous run's survivors")
+    parser.add_argument("--tests", nargs="+", help="override the module's test subset (e.g. to confirm kills fast)")
+    parser.add_argument("--resume", action="store_true", help="keep the work dir: run only unchecked mutants")
+    parser.add_argument("--report", action="store_true", help="summarise the last run again (no run)")
+    parser.add_argument("--max-children", type=int, default=2, help="mutants run in parallel (default 2)")
+    parser.add_argument("--timeout-multiplier", type=float, default=4.0)
+    parser.add_argument("--timeout-constant", type=float, default=15.0)
+    args = parser.parse_args(argv)
+
+    if args.list or not args.module:
+        for name, target in MODULES.items():
+            only = f"  [only {', '.join(target.functions)}]" if target.functions else ""
+            print(f"{name:14s} {' '.join(target.tests)}{only}")
+        return 0 if args.list else 2
+    module = args.module if args.module.startswith("_") else f"_{args.module}"
+    if module not in MODULES:
+        parser.error(f"unknown module {args.module!r}; known: {', '.join(MODULES)}")
+    if shutil.which("mutmut") is None:
+        print(INSTALL_HINT, file=sys.stderr)
+        return 2
+
+    target = MODULES[module]
+    if args.tests:
+        target = dataclasses.replace(target, tests=tuple(args.tests))
+    work = ROOT / ".mutation" / module
+    summary_path = work / "summary.json"
+    names: list[str] = []
+    previous: dict = {}
+    if args.only == "survivors":
+        if not summary_path.exists():
+            parser.error(f"no previous run: {summary_path} is missing")
+        previous = json.loads(summary_path.read_text())
+        names = [s["name"] for s in previous["survivors"]]
+        if not names:
+            print("the previous run left no survivors")
+            return 0
+    else:
+        names = function_patterns(module, list(args.functions or target.functions))
+
+    if args.report:
+        previous = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+        runtime = previous.get("runtime_s") or 0.0
+        names = previous.get("filter", names)
+    else:
+        runtime = run_mutmut(work, module, target, names, args)
+        if runtime is None:
+            return 2
+
+    results = read_results(work, module)
+    if names:
+        results = {k: v for k, v in results.items() if any(k == n or fnmatch.fnmatch(k, n) for n in names)}
+    if args.only == "survivors":
+        # The re-run mutants' new verdicts over the previous run's: the whole module again.
+        results = {**previous["mutants"], **results}
+    counts: dict[str, int] = {}
+    for value in results.values():
+        counts[value["status"]] = counts.get(value["status"], 0) + 1
+    survivors, equivalent, stale = [], [], []
+    for name, value in sorted(results.items()):
+        if value["status"] in ("killed", "caught by type check", "not checked"):
+            continue
+        diff = diff_of(work, module, name)
+        entry = {"name": name, "status": value["status"], "diff": diff}
+        known = EQUIVALENT.get(name)
+        if known and value["status"] == "survived":
+            fragment, reason = known
+            if any(fragment in line for line in changed_lines(diff)):
+                equivalent.append({**entry, "reason": reason})
+                continue
+            stale.append(name)
+        survivors.append(entry)
+
+    total = len(results)
+    killed = counts.get("killed", 0) + counts.get("caught by type check", 0)
+    summary = {
+        "module": module,
+        "date": datetime.date.today().isoformat(),
+        "tool": f"mutmut {MUTMUT_VERSION}",
+        "command": f"python tools/mutation.py {' '.join(argv if argv is not None else sys.argv[1:])}",
+        "tests": list(target.tests),
+        "filter": names,
+        "runtime_s": round(runtime, 1),
+        "previous_runtime_s": previous.get("runtime_s"),
+        "total": total,
+        "killed": killed,
+        "counts": counts,
+        "equivalent": equivalent,
+        "survivors": survivors,
+        "stale_equivalence_entries": stale,
+        "score_killed_over_non_equivalent": round(killed / max(total - len(equivalent), 1), 4),
+        "mutants": results,
+    }
+    summary_path.write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
+
+    for item in survivors:
+        print(f"\n--- {item['status'].upper()}: {item['name']}\n{item['diff']}")
+    for item in equivalent:
+        print(f"\n(equivalent) {item['name']}: {item['reason']}")
+    for name in stale:
+        print(f"\n(stale EQUIVALENT entry, the mutant changed) {name}")
+    print(
+        f"\n[mutation] {module}: {total} mutants, {killed} killed, {counts.get('survived', 0)} survived "
+        f"({len(equivalent)} equivalent), {counts.get('timeout', 0)} timeout, "
+        f"{counts.get('no tests', 0)} no tests, {counts.get('not checked', 0)} not checked (interrupted run); "
+        f"{runtime:.0f} s; summary: {summary_path.relative_to(ROOT)}"
+    )
+    return 0 if not survivors else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
