@@ -196,3 +196,231 @@ def test_structure_mismatch_is_a_clear_error():
     state = tx.init({"w": jnp.zeros(2)})
     with pytest.raises(ValueError, match="structure does not match"):
         jax.jit(tx.update)({"w": jnp.zeros(2), "extra": jnp.zeros(1)}, state)
+
+
+def test_percentile_clip_in_clip_by_global_norm_feeds_the_pre_clip_norm():
+    """The ring buffer of a PercentileClip inside clip_by_global_norm holds the *pre-clip*
+    norms (the docstring's contract). Fed the post-clip norm instead, every clipped step
+    would pull the percentile down to the threshold itself, and the threshold could only
+    fall: here the thresholds after warm-up would be 1.0, not the pre-clip percentiles."""
+    policy = gh.PercentileClip(percentile=50.0, history_size=4, warmup_steps=2, warmup_max_norm=1.0)
+    tx = gh.clip_by_global_norm(policy)
+    direction = np.array([0.6, -0.8])  # unit norm
+    norms = [3.0, 5.0, 4.0, 0.5, 6.0, 2.0, 8.0]
+    state = tx.init({"w": jnp.zeros(2)})
+    update = jax.jit(tx.update)
+    history: list[float] = []  # the pre-clip norms, written out
+    for step, norm in enumerate(norms):
+        grads = {"w": jnp.asarray(direction * norm, jnp.float32)}
+        updates, state = update(grads, state)
+        threshold = 1.0 if len(history) < 2 else float(np.percentile(history[-4:], 50.0))
+        np.testing.assert_allclose(gh.metrics(state)["grad/clip_threshold"], threshold, rtol=1e-6, err_msg=f"{step}")
+        np.testing.assert_allclose(np_norm(updates), min(norm, threshold), rtol=1e-5, err_msg=f"step {step}")
+        history.append(norm)
+    np.testing.assert_allclose(
+        np.sort(np.asarray(state.clip_policy_state.percentile_history)), np.sort(norms[-4:]), rtol=1e-6
+    )
+
+
+# --- Tests added from mutation testing (tools/mutation.py _clipping; docs/testing.md) ----
+
+
+def test_policy_arguments_are_normalised_and_bounds_are_inclusive():
+    policy = gh.PercentileClip(percentile=50, warmup_max_norm=2, max_norm=3)
+    assert type(policy.percentile) is float and policy.percentile == 50.0
+    assert type(policy.warmup_max_norm) is float and type(policy.max_norm) is float
+    assert gh.PercentileClip(percentile=100).percentile == 100.0  # (0, 100]: 100 is in
+    assert gh.PercentileClip(percentile=0.5).percentile == 0.5
+    sized = gh.PercentileClip(history_size=np.int64(3))
+    assert type(sized.history_size) is int and sized.history_size == 3
+    zscore = gh.ZScoreClip(z=2, decay=np.float32(0.5), warmup_steps=np.int64(3), warmup_max_norm=math.inf)
+    assert type(zscore.z) is float and type(zscore.decay) is float and zscore.decay == 0.5
+    assert type(zscore.warmup_steps) is int and zscore.warmup_steps == 3
+    assert zscore.max_norm is None and zscore.warmup_max_norm == math.inf
+    assert type(gh.FixedClip(2).max_norm) is float
+
+
+@pytest.mark.parametrize(
+    "build, error, match",
+    [
+        (lambda: gh.PercentileClip(percentile="50"), TypeError, r"^`percentile` must be a real number"),
+        (lambda: gh.PercentileClip(percentile=-5), ValueError, r"^`percentile` must lie in \(0, 100\], got -5.0"),
+        (lambda: gh.PercentileClip(warmup_steps=-1), ValueError, r"^`warmup_steps` must be an int >= 0"),
+        (lambda: gh.PercentileClip(warmup_max_norm=0), ValueError, r"^`warmup_max_norm` must be a positive"),
+        (lambda: gh.PercentileClip(max_norm=-1.0), ValueError, r"^`max_norm` must be a positive number, finite"),
+        (lambda: gh.ZScoreClip(max_norm=math.inf), ValueError, r"^`max_norm` must be a positive number, finite"),
+        (lambda: gh.ZScoreClip(z=math.inf), ValueError, r"^`z` must be a positive number, finite"),
+        (lambda: gh.ZScoreClip(warmup_max_norm=-1), ValueError, r"^`warmup_max_norm` must be a positive number"),
+        (lambda: gh.FixedClip(0.0), ValueError, r"^`max_norm` must be a positive number \(inf allowed\)"),
+        (lambda: gh.clip_by_global_norm(True), TypeError, r"^`max_norm` must be None, a positive number or a clip"),
+        (lambda: gh.clip_by_global_norm(gh.FixedClip), TypeError, r"got <class .*FixedClip'> \(type type\)"),
+    ],
+)
+def test_bad_policy_arguments_name_the_argument(build, error, match):
+    with pytest.raises(error, match=match):
+        build()
+
+
+def _policies():
+    return [
+        gh.FixedClip(2.0),
+        gh.ZScoreClip(z=2.0, warmup_steps=1, warmup_max_norm=4.0, max_norm=10.0),
+        gh.PercentileClip(percentile=50.0, history_size=3, warmup_steps=1, warmup_max_norm=4.0, max_norm=10.0),
+    ]
+
+
+@pytest.mark.parametrize("x64", [False, True], ids=["x32", "x64"])
+def test_policy_states_and_thresholds_keep_their_dtypes(x64):
+    # A state must come out of update with the dtypes it went in with (a scan carry, a
+    # donated buffer); the threshold is float32 like the norm it is compared with.
+    with jax.enable_x64(x64):
+        for policy in _policies():
+            state = policy.init()
+            for norm in (1.0, 3.0):
+                new = policy.update(state, jnp.float32(norm), jnp.bool_(True))
+                assert jax.tree.map(lambda x: x.dtype, new) == jax.tree.map(lambda x: x.dtype, state), policy
+                state = new
+            for leaf in jax.tree.leaves(state):
+                assert leaf.dtype in (jnp.float32, jnp.int32), (policy, leaf.dtype)
+            assert policy.threshold(state).dtype == jnp.float32
+            tx = gh.clip_by_global_norm(policy)
+            tx_state = tx.init({"w": jnp.zeros(2)})
+            _, new_state = tx.update({"w": jnp.array([3.0, 4.0])}, tx_state)
+            assert [x.dtype for x in jax.tree.leaves(new_state)] == [x.dtype for x in jax.tree.leaves(tx_state)]
+            for st in (tx_state, new_state):  # the dtypes ClipByGlobalNormState documents
+                assert st.clip_norm.dtype == st.clip_norm_clipped.dtype == st.clip_threshold.dtype == jnp.float32
+                assert st.clip_clipped.dtype == jnp.bool_
+                assert st.clip_num_clipped.dtype == st.clip_num_steps.dtype == jnp.int32
+
+
+@pytest.mark.parametrize("warmup_steps", [0, 1, 2])
+def test_adaptive_threshold_needs_one_accepted_norm_and_the_warmup(warmup_steps):
+    # Written out: warm once max(warmup_steps, 1) norms are accepted; then the z-score
+    # threshold of one norm is the norm itself (zero spread), and so is its percentile.
+    for policy in (
+        gh.ZScoreClip(z=3.0, warmup_steps=warmup_steps, warmup_max_norm=7.0),
+        gh.PercentileClip(percentile=90.0, history_size=4, warmup_steps=warmup_steps, warmup_max_norm=7.0),
+    ):
+        state = policy.init()
+        assert float(policy.threshold(state)) == 7.0
+        state = policy.update(state, jnp.float32(2.0), jnp.bool_(True))
+        assert float(policy.threshold(state)) == (2.0 if warmup_steps <= 1 else 7.0), policy
+        state = policy.update(state, jnp.float32(2.0), jnp.bool_(False))  # not accepted: no count
+        assert float(policy.threshold(state)) == (2.0 if warmup_steps <= 1 else 7.0), policy
+
+
+def test_max_norm_caps_the_percentile_threshold_during_and_after_warmup():
+    norms = [5.0, 1.0, 6.0, 0.5, 4.0, 8.0]
+    policy = gh.PercentileClip(percentile=75.0, history_size=4, warmup_steps=2, warmup_max_norm=9.0, max_norm=4.5)
+    got = run_policy(policy, norms, [True] * len(norms))
+    for i in range(len(norms)):
+        expected = 9.0 if i < 2 else float(np.percentile(norms[max(0, i - 4) : i], 75.0))
+        np.testing.assert_allclose(got[i], min(expected, 4.5), rtol=1e-6, err_msg=f"step {i}")
+
+
+@pytest.mark.parametrize("threshold", [1e-3, 1.0])
+def test_clip_factor_of_a_norm_beyond_1e38_times_the_threshold_does_not_underflow(threshold):
+    # threshold / norm is a float32 subnormal here (flushed to zero on CPU): the clip
+    # must still bring the update to the threshold, not to zero.
+    grads = {"w": jnp.array([1e38, -1e38, 3.0], jnp.float32)}
+    tx = gh.clip_by_global_norm(threshold)
+    updates, state = jax.jit(tx.update)(grads, tx.init(grads))
+    expected = np.array([1e38, -1e38, 3.0]) * (threshold / np_norm(grads))
+    # (3.0 becomes a float32 subnormal, 2e-41 or 2e-38: read as zero or kept, both fine)
+    np.testing.assert_allclose(np.asarray(updates["w"], np.float64), expected, rtol=1e-5, atol=1e-37)
+    m = gh.metrics(state)
+    assert bool(m["grad/clipped"]) and int(m["grad/num_clipped"]) == 1
+    np.testing.assert_allclose(m["grad/norm_clipped"], threshold, rtol=1e-5)
+
+
+def test_clip_scales_every_float_dtype_in_float32_and_keeps_it():
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(5)
+        tree = {
+            "f32": jnp.asarray(rng.normal(size=5), jnp.float32),
+            "f16": jnp.asarray(rng.normal(size=4) * 100, jnp.float16),
+            "bf16": jnp.asarray(rng.normal(size=3) * 10, jnp.bfloat16),
+            "f64": jnp.asarray(rng.normal(size=3) * 1000, jnp.float64),
+            "c64": jnp.asarray(rng.normal(size=2) + 1j * rng.normal(size=2), jnp.complex64),
+            "step": jnp.array(4, jnp.int32),
+        }
+        tx = gh.clip_by_global_norm(1.0)
+        updates, state = tx.update(tree, tx.init(tree))
+        floats = {k: np.asarray(v).astype(np.complex128) for k, v in tree.items() if k != "step"}
+        norm = np.sqrt(sum(np.sum(np.abs(v) ** 2) for v in floats.values()))
+        np.testing.assert_allclose(float(gh.metrics(state)["grad/norm"]), norm, rtol=1e-5)
+        for name, value in floats.items():
+            assert updates[name].dtype == tree[name].dtype, name
+            rtol = {"f16": 1e-3, "bf16": 1e-2}.get(name, 1e-6)
+            np.testing.assert_allclose(np.asarray(updates[name]).astype(np.complex128), value / norm, rtol=rtol)
+        assert updates["step"] is tree["step"]  # non-float leaves pass through untouched
+
+
+def test_fixed_clip_inf_never_clips_and_counts_steps():
+    tx = gh.clip_by_global_norm(None)
+    grads = {"w": jnp.array([3e30, 4e30])}
+    state = tx.init(grads)
+    for step in range(1, 3):
+        updates, state = tx.update(grads, state)
+        np.testing.assert_array_equal(np.asarray(updates["w"]), np.asarray(grads["w"]))
+        m = gh.metrics(state)
+        assert float(m["grad/clip_threshold"]) == math.inf and not bool(m["grad/clipped"])
+        assert int(m["grad/num_clipped"]) == 0 and int(m["grad/num_steps"]) == step
+        np.testing.assert_allclose(float(m["grad/norm_clipped"]), 5e30, rtol=1e-6)
+
+
+@pytest.mark.parametrize("x64", [False, True], ids=["x32", "x64"])
+def test_ring_write_is_a_set_that_keeps_the_buffer_dtype(x64):
+    from optax_gradhealth import _clipping
+
+    with jax.enable_x64(x64):
+        buffer = np.array([1.0, np.nan, 3.0, 4.0], np.float32)
+        for slot, value in [(0, 9.5), (3, -2.0), (1, 1e-3)]:
+            expected = buffer.copy()
+            expected[slot] = np.float32(value)  # numpy's buffer[slot] = value
+            value = jnp.asarray(value, jnp.float64 if x64 else jnp.float32)
+            got = _clipping.ring_write(jnp.asarray(buffer), jnp.asarray(slot, jnp.int32), value)
+            assert got.dtype == jnp.float32
+            np.testing.assert_array_equal(np.asarray(got), expected)
+            buffer = expected
+
+
+def test_structure_mismatch_error_names_the_transformation():
+    tx = gh.clip_by_global_norm(1.0)
+    state = tx.init({"w": jnp.zeros(2)})
+    with pytest.raises(ValueError, match=r"^gh\.clip_by_global_norm: the gradient tree's structure does not") as e:
+        tx.update({"v": jnp.zeros(2)}, state)
+    assert str(e.value).endswith("Call `init` with parameters of the same structure as the gradients.")
+
+
+def test_threshold_inf_or_array_is_accepted_and_clips_as_written_out():
+    grads = {"w": jnp.array([3.0, -4.0, 12.0])}  # norm 13
+    for threshold, expected_factor in [(math.inf, 1.0), (jnp.float32(2.0), 2.0 / 13.0), (np.float32(26.0), 1.0)]:
+        tx = gh.clip_by_global_norm(threshold)
+        updates, state = jax.jit(tx.update)(grads, tx.init(grads))
+        np.testing.assert_allclose(np.asarray(updates["w"]), np.array([3.0, -4.0, 12.0]) * expected_factor, rtol=1e-6)
+        assert float(gh.metrics(state)["grad/clip_threshold"]) == float(threshold)
+    with pytest.raises(ValueError, match=r"^`max_norm` must be a number or a real scalar array, got an array of shape"):
+        gh.clip_by_global_norm(jnp.ones(2))
+    with pytest.raises(TypeError, match=r"got '1\.0' \(type str\)\.$"):
+        gh.clip_by_global_norm("1.0")
+
+
+def test_clip_factor_beyond_1e38_in_a_float64_leaf_under_x64():
+    # The two-factor (square-root) clip on a leaf that is scaled in float64.
+    with jax.enable_x64(True):
+        grads = {"a": jnp.array([1e38, 1e38], jnp.float32), "b": jnp.array([1e30, -2.0], jnp.float64)}
+        tx = gh.clip_by_global_norm(1e-3)
+        updates, _ = tx.update(grads, tx.init(grads))
+        norm = np_norm(grads)
+        np.testing.assert_allclose(np.asarray(updates["b"]), np.array([1e30, -2.0]) * (1e-3 / norm), rtol=1e-5)
+        assert updates["b"].dtype == jnp.float64
+
+
+def test_clip_scales_low_precision_leaves_in_float32_even_under_x64():
+    # "in float32" (scale_tree's contract): an fp16 / bf16 leaf is never widened to float64.
+    with jax.enable_x64(True):
+        tree = {"h": jnp.full((999,), 3.0, jnp.float16), "b": jnp.full((998,), 3.0, jnp.bfloat16)}
+        tx = gh.clip_by_global_norm(1.0)
+        text = str(jax.make_jaxpr(tx.update)(tree, tx.init(tree)))
+        assert "f32[999]" in text and "f64[999]" not in text and "f64[998]" not in text

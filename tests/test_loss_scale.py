@@ -381,3 +381,25 @@ def test_general_path_with_donation_copies_no_moment_and_skips_overflow_exactly(
             ref_params = optax.apply_updates(ref_params, updates)
         state = state._replace(loss_scale=jnp.float32(4.0))  # the data stays scaled by 4
     chex.assert_trees_all_close(current, ref_params, rtol=1e-5, atol=1e-6)
+
+
+# --- Tests added from mutation testing (tools/mutation.py _loss_scale; docs/testing.md) --
+
+
+@pytest.mark.parametrize("x64", [False, True], ids=["x32", "x64"])
+def test_scale_loss_dtype_is_the_loss_dtype_widened_to_float32(x64):
+    with jax.enable_x64(x64):
+        state = gh.dynamic_loss_scale(optax.sgd(0.1), init_scale=1024.0).init({"w": jnp.zeros(2)})
+        dtypes = [jnp.float16, jnp.bfloat16, jnp.float32] + ([jnp.float64] if x64 else [])
+        for dtype in dtypes:
+            scaled = gh.scale_loss(jnp.asarray(1.5, dtype), state)
+            assert scaled.dtype == (jnp.float64 if dtype == jnp.float64 else jnp.float32), dtype
+            assert float(scaled) == 1.5 * 1024.0
+
+
+def test_loss_scale_is_found_inside_dicts_lists_and_tuples():
+    state = gh.dynamic_loss_scale(optax.sgd(0.1), init_scale=32.0).init({"w": jnp.zeros(2)})
+    for nested in ({"opt": state}, [None, state], ({"a": [state]},)):
+        assert float(gh.loss_scale(nested)) == 32.0
+    with pytest.raises(ValueError, match=r"found 2 .* exactly one\. Build the optimizer with gh\.dynamic_loss_scale\("):
+        gh.loss_scale({"opt": [state, state]})

@@ -444,3 +444,23 @@ def test_tree_without_float_leaves_has_every_statistic():
             assert stats.leaf_norms.names == ("mask", "step")
             assert stats.leaf_norms.values.dtype == jnp.float32
             np.testing.assert_array_equal(np.asarray(stats.leaf_norms.values), [0.0, 0.0])
+
+
+@pytest.mark.parametrize("x64", [False, True], ids=["x32", "x64"])
+def test_statistics_keep_their_dtypes_on_every_path(x64):
+    with jax.enable_x64(x64):
+        for values in ([3.0, 4.0], [1e30, 1e30], [1e-25, 0.0], [1.0, np.nan]):  # ordinary, overflow, tiny, NaN
+            stats = gh.grad_stats({"w": jnp.asarray(values, jnp.float32), "b": jnp.ones(2, jnp.bfloat16)})
+            assert stats.norm.dtype == jnp.float32 and stats.finite.dtype == jnp.bool_, values
+            assert stats.first_nonfinite_leaf.dtype == jnp.int32, values
+            assert stats.leaf_norms.values.dtype == jnp.float32, values
+            assert int(stats.first_nonfinite_leaf) == (1 if np.isnan(values).any() else -1)  # leaves: b, w
+
+
+@pytest.mark.parametrize("value", [1e38, 1.5e38])
+def test_overflowing_step_whose_largest_leaf_norm_is_near_float32_max(value):
+    # Leaf norms in [2**126, 2**127): the norm of norms' scale must stay a normal float32.
+    tree = [jnp.full((1,), value, jnp.float32), jnp.full((1,), value / 4, jnp.float32), jnp.ones(2)]
+    stats = gh.grad_stats(tree)
+    assert bool(stats.finite)
+    np.testing.assert_allclose(float(stats.norm), reference_norm(tree), rtol=1e-5)
