@@ -195,16 +195,14 @@ def _check_state_structure(old: Any, new: Any) -> None:
     match (as ``lax.scan`` and ``jit`` buffer donation need anyway)."""
     old_leaves, old_def = jax.tree.flatten(old)
     new_leaves, new_def = jax.tree.flatten(new)
-    if old_def == new_def and all(jnp.shape(a) == b.shape for a, b in zip(old_leaves, new_leaves)):
-        return
-    if old_def == new_def:
-        where = next(
-            f"leaf {k}: shape {jnp.shape(a)} before, {b.shape} after"
-            for k, (a, b) in enumerate(zip(old_leaves, new_leaves))
-            if jnp.shape(a) != b.shape
-        )
-    else:
+    if old_def != new_def:
         where = f"{old_def.num_leaves} leaves before, {new_def.num_leaves} after: {old_def} -> {new_def}"
+    else:
+        shapes = [(k, jnp.shape(a), b.shape) for k, (a, b) in enumerate(zip(old_leaves, new_leaves))]
+        changed = [f"leaf {k}: shape {a} before, {b} after" for k, a, b in shapes if a != b]
+        if not changed:
+            return
+        where = changed[0]
     raise ValueError(
         "gh.guard: the inner optimizer's update returned a state whose structure differs from the state it "
         f"was given ({where}). The guard keeps the old state on a skipped step, so the structure must stay "
