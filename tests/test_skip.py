@@ -3,6 +3,8 @@ where it is produced, against the rule written out in numpy (float64) here."""
 
 from __future__ import annotations
 
+import collections
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -84,7 +86,9 @@ def _run(skip, traced, nested_jit):
 
     step = jax.jit(step) if traced else step
     updates, new_state = step(grads, state, jnp.asarray(skip))
-    assert sorted(set(calls)) == [0, 1, 2, 3]  # every state slot went through select
+    # Every state slot went through select exactly once (a second select of the same
+    # slot would be one more operation on every step).
+    assert collections.Counter(calls) == {0: 1, 1: 1, 2: 1, 3: 1}
     return (grads, state), updates, new_state
 
 
@@ -133,3 +137,113 @@ def test_traced_update_outputs_are_the_plain_update_and_both_readings_agree(trac
         np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-6)
     for got, old in zip(kept_state, state):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(old))
+
+
+def test_traced_update_out_shapes_describe_both_outputs():
+    """``out_shapes`` is ``(updates, new_state)`` as ShapeDtypeStructs, eagerly and traced
+    (the guard checks the inner state's structure against it)."""
+    grads = jnp.array([1.0, -2.0, 0.5], jnp.float32)
+    state = (jnp.zeros(3, jnp.bfloat16), jnp.zeros(3), jnp.ones((2, 2)), jnp.int32(0))
+    want = (
+        jax.ShapeDtypeStruct((3,), jnp.float32),
+        (
+            jax.ShapeDtypeStruct((3,), jnp.float32),  # bf16 momentum + f32 gradient: promoted
+            jax.ShapeDtypeStruct((3,), jnp.float32),
+            jax.ShapeDtypeStruct((2, 2), jnp.float32),
+            jax.ShapeDtypeStruct((), jnp.int32),
+        ),
+    )
+    got = []
+
+    def step(grads, state):
+        traced = _skip.TracedUpdate(lambda: _inner_update(grads, state, state[2]), inputs=(grads, state))
+        got.append(traced.out_shapes)
+        return traced.outputs()
+
+    step(grads, state)
+    jax.jit(step)(grads, state)
+    for shapes in got:
+        assert jax.tree.structure(shapes) == jax.tree.structure(want)
+        for a, b in zip(jax.tree.leaves(shapes), jax.tree.leaves(want)):
+            assert (a.shape, a.dtype) == (b.shape, b.dtype)
+
+
+def _loop_update(grads, state):
+    """A momentum optimizer whose state is produced inside a nested jit that outputs
+    only state, whose updates read the step count (after a duplicated and a passed-
+    through slot), go through a loop (a `scan` with a closed jaxpr of its own, to be
+    bound, not inlined) and a reduction (a primitive with parameters), and add noise
+    drawn under a trace-time setting (the equation's context)."""
+    mu, _, fixed, count, key = state
+    new_mu = jax.jit(lambda mu, g: DECAY * mu + g)(mu, grads)
+    new_count = count + 1
+    total = jax.lax.fori_loop(0, 3, lambda i, acc: acc + new_mu, jnp.zeros_like(new_mu))
+    scale = jnp.sum(jnp.abs(new_mu)) / new_count.astype(jnp.float32)
+    with jax.threefry_partitionable(not jax.config.jax_threefry_partitionable):
+        noise = jax.random.uniform(key, new_mu.shape)
+    updates = -LR * total / 3.0 * scale + noise
+    return updates, (new_mu, new_mu, fixed, new_count, key)
+
+
+@pytest.mark.parametrize("skip", [False, True], ids=["applied", "skipped"])
+def test_traced_update_inlines_state_calls_binds_loops_and_keeps_contexts(skip):
+    grads = jnp.array([1.0, -2.0, 0.5], jnp.float32)
+    key = jax.random.key(3)
+    state = (jnp.array([0.5, 0.25, -1.0]), jnp.array([9.0, 9.0, 9.0]), jnp.array([4.0, 5.0, 6.0]), jnp.int32(3), key)
+
+    @jax.jit
+    def step(grads, state, skip):
+        old = jax.tree.leaves(state)
+        select = lambda k, new: jnp.where(skip, old[k], new)
+        return _skip.update_with_selected_state(lambda: _loop_update(grads, state), select, inputs=(grads, state))
+
+    updates, new_state = step(grads, state, jnp.asarray(skip))
+    # The reference: the selected momentum and count, then the formula in float64.
+    mu, count = np.asarray(state[0], np.float64), int(state[3])
+    new_mu, new_count = DECAY * mu + np.asarray(grads, np.float64), count + 1
+    sel_mu, sel_count = (mu, count) if skip else (new_mu, new_count)
+    with jax.threefry_partitionable(not jax.config.jax_threefry_partitionable):
+        noise = np.asarray(jax.random.uniform(key, (3,)), np.float64)
+    expected = -LR * sel_mu * (np.abs(sel_mu).sum() / sel_count) + noise
+    np.testing.assert_allclose(np.asarray(updates), expected, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(new_state[0]), sel_mu, rtol=1e-6)
+    assert int(new_state[3]) == sel_count
+
+
+def test_selects_broadcast_each_predicate_once_per_shape():
+    """Selects on one predicate share its broadcast per shape (a 1000-leaf tree would
+    otherwise carry thousands of duplicate broadcasts for the compiler to walk)."""
+
+    def selects(pred, a, b, c):
+        sel = _skip.Selects()
+        return sel.where(pred, a, b), sel.where(pred, b, a), sel.where(pred, c, c), sel.where(~pred, a, b)
+
+    x, y = jnp.ones((4, 3)), jnp.zeros((4, 3))
+    jaxpr = jax.make_jaxpr(selects)(jnp.asarray(True), x, y, jnp.ones(5))
+    broadcasts = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "broadcast_in_dim"]
+    # pred to (4, 3) and to (5,), ~pred to (4, 3): three, not four.
+    assert len(broadcasts) == 3
+
+
+@pytest.mark.parametrize("selected", [False, True], ids=["outputs", "with_selected_state"])
+def test_traced_update_rebinds_every_equation_under_its_trace_time_context(selected):
+    """The interpreter binds each equation again under the context it was traced in (its
+    threefry setting, compute type, XLA metadata): the re-evaluated program keeps it."""
+    flipped = not jax.config.jax_threefry_partitionable
+
+    def update(grads, state):
+        with jax.threefry_partitionable(flipped):
+            marked = grads * 3.0  # a plain primitive traced under the flipped setting
+        return marked, (state + 1.0,)
+
+    def evaluate(grads, state):
+        traced = _skip.TracedUpdate(lambda: update(grads, state), inputs=(grads, state))
+        if selected:
+            return traced.with_selected_state(lambda k, new: new)
+        return traced.outputs()
+
+    jaxpr = jax.make_jaxpr(evaluate)(jnp.ones(3), jnp.zeros(3))
+    muls = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "mul"]
+    assert len(muls) == 1 and muls[0].ctx.threefry_partitionable == flipped
+    adds = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "add"]
+    assert len(adds) == 1 and adds[0].ctx.threefry_partitionable == jax.config.jax_threefry_partitionable

@@ -152,6 +152,21 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         "buffer.shape[0], )",
         "an arange of another integer dtype compares with the integer slot exactly",
     ),
+    # _skip
+    "optax_gradhealth._skip.x__evaluate__mutmut_15": (
+        "if v not in subst]",
+        "inlining a call is evaluating its jaxpr: a call with no substituted output gives the same values "
+        "inlined, and one whose every output is substituted gives them selected after the call, which on an "
+        "applied step is the identity and on a skipped one keeps every state output anyway",
+    ),
+    "optax_gradhealth._skip.x__evaluate__mutmut_75": (
+        'getattr(eqn, "ctx", )',
+        "every jaxpr equation of jax 0.10 has a ctx attribute: getattr without a default finds it",
+    ),
+    "optax_gradhealth._skip.x__evaluate__mutmut_79": (
+        "(ctx is not None) or True",
+        "every jaxpr equation of jax 0.10 carries a context (JaxprEqn.ctx is never None)",
+    ),
 }
 
 # Imported once by the fork server before it forks a worker per mutant: importing runs
