@@ -16,7 +16,7 @@ from optax_gradhealth._clipping import (
     ZScoreClipState,
     clip_by_global_norm,
 )
-from optax_gradhealth._guard import GuardState, guard
+from optax_gradhealth._guard import GuardCounters, GuardMoments, GuardReport, GuardState, guard
 from optax_gradhealth._metrics import CATALOGUE, metrics, register_metrics
 from optax_gradhealth._stats import (
     GradStats,
@@ -71,6 +71,9 @@ __all__ = [
     "FixedClip",
     "FixedClipState",
     "GradStats",
+    "GuardCounters",
+    "GuardMoments",
+    "GuardReport",
     "GuardState",
     "LayerNorms",
     "PercentileClip",

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_gradhealth import _clipping, _guard, _metrics, _stats
+from optax_gradhealth import _catalogue, _clipping, _interfaces, _stats
 from optax_gradhealth import _validation as check
 
 __all__ = ["MicroBatchNormsState", "record_micro_batch_norms"]
@@ -36,16 +36,10 @@ class MicroBatchNormsState(NamedTuple):
     micro_batch_step: jax.Array
 
 
-_guard.keep_on_momentum_reset(MicroBatchNormsState)
-_metrics.register_metrics(
+_interfaces.keep_on_momentum_reset(MicroBatchNormsState)
+_catalogue.register_metrics(
     MicroBatchNormsState,
     {"micro_batch_norms": "grad/micro_batch_norms"},
-    catalogue={
-        "grad/micro_batch_norms": (
-            "[k] global norm of each micro-batch gradient of the current accumulation window "
-            "(gh.record_micro_batch_norms)"
-        )
-    },
 )
 
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_gradhealth import _clipping, _guard, _metrics, _stats
+from optax_gradhealth import _catalogue, _clipping, _interfaces, _stats
 from optax_gradhealth import _validation as check
 
 __all__ = [
@@ -368,28 +368,16 @@ def adaptive_grad_clip(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-_guard.keep_on_momentum_reset(ClipByValueState, ClipByLayerNormState, AdaptiveClipState)
-_metrics.register_metrics(
+_interfaces.keep_on_momentum_reset(ClipByValueState, ClipByLayerNormState, AdaptiveClipState)
+_catalogue.register_metrics(
     ClipByValueState,
     {"value_clip_count": "grad/value_clip_count", "value_clip_fraction": "grad/value_clip_fraction"},
-    catalogue={
-        "grad/value_clip_count": "gradient elements clipped by gh.clip_by_value this step",
-        "grad/value_clip_fraction": "fraction of gradient elements clipped by gh.clip_by_value this step",
-    },
 )
-_metrics.register_metrics(
+_catalogue.register_metrics(
     ClipByLayerNormState,
     {"layer_clip_fraction": "grad/layer_clip_fraction", "layer_clip_clipped": "grad/layer_clipped"},
-    catalogue={
-        "grad/layer_clip_fraction": "fraction of gradient leaves (layers) clipped by gh.clip_by_layer_norm",
-        "grad/layer_clipped/<path>": "this leaf was clipped by gh.clip_by_layer_norm this step",
-    },
 )
-_metrics.register_metrics(
+_catalogue.register_metrics(
     AdaptiveClipState,
     {"agc_clip_count": "grad/agc_clip_count", "agc_clip_fraction": "grad/agc_clip_fraction"},
-    catalogue={
-        "grad/agc_clip_count": "units rescaled by gh.adaptive_grad_clip (AGC) this step",
-        "grad/agc_clip_fraction": "fraction of units rescaled by gh.adaptive_grad_clip (AGC) this step",
-    },
 )

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_gradhealth import _stats
+from optax_gradhealth import _catalogue, _interfaces, _stats
 from optax_gradhealth import _validation as check
 
 __all__ = [
@@ -387,6 +387,21 @@ def check_same_structure(grads: Any, expected: Any, what: str) -> None:
             f"initialised with.\n  expected: {expected}\n  got:      {got}\n"
             "Call `init` with parameters of the same structure as the gradients."
         )
+
+
+_catalogue.register_metrics(
+    ClipByGlobalNormState,
+    {
+        "clip_norm": "grad/norm",
+        "clip_norm_clipped": "grad/norm_clipped",
+        "clip_threshold": "grad/clip_threshold",
+        "clip_clipped": "grad/clipped",
+        "clip_num_clipped": "grad/num_clipped",
+        "clip_num_steps": "grad/num_steps",
+        "clip_layer_norms": "grad/layer_norm",
+    },
+)
+_interfaces.keep_on_momentum_reset(ClipByGlobalNormState)
 
 
 def clip_by_global_norm(max_norm: float | ClipPolicy) -> optax.GradientTransformation:

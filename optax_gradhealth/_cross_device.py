@@ -33,8 +33,8 @@ import numpy as np
 import optax
 from jax import lax
 
+from optax_gradhealth import _catalogue, _interfaces, _stats
 from optax_gradhealth import _detectors as detect
-from optax_gradhealth import _guard, _metrics, _stats
 from optax_gradhealth import _validation as check
 
 __all__ = [
@@ -152,45 +152,8 @@ _XDEV_FIELDS = {
     "xdev_trace_cov_est": "xdev/trace_cov_est",
 }
 
-_XDEV_CATALOGUE = {
-    "xdev/device_norms": "[K] L2 norm of each device's local gradient before the all-reduce (every step)",
-    "xdev/norm_cv": "coefficient of variation (std / mean) of the device norms (every step)",
-    "xdev/norm_max_over_min": "largest / smallest device norm (every step)",
-    "xdev/agreement": (
-        "(K^2 |mean g|^2 - sum_k |g_k|^2) / ((K-1) sum_k |g_k|^2): mean pairwise inner product over the "
-        "mean squared norm; 1 = identical, ~0 = orthogonal, -1/(K-1) = cancelling (every step)"
-    ),
-    "xdev/audited": "the latest update was an audit step",
-    "xdev/cosine_to_mean": "[K] exact cosine of each device's gradient to the mean gradient (latest audit)",
-    "xdev/pairwise_cosine": "[K, K] pairwise cosines from the random-projection sketch (latest audit)",
-    "xdev/mean_pairwise_cosine": "mean off-diagonal sketched pairwise cosine (latest audit)",
-    "xdev/outlier_device": (
-        "data-axis index of the named outlier device with the most evidence, -1 if none (latest audit)"
-    ),
-    "xdev/outlier_score": (
-        "largest instant device score: robust z of log-norm or of leave-one-out cosine (latest audit)"
-    ),
-    "xdev/outlier_devices": (
-        "[K] devices named as outliers: instant score > outlier_threshold or CUSUM evidence > outlier_evidence "
-        "(latest audit)"
-    ),
-    "xdev/norm_score": "[K] robust z-score of each device's log gradient norm across devices (latest audit)",
-    "xdev/direction_score": (
-        "[K] robust one-sided z-score of each device's leave-one-out cosine across devices (latest audit)"
-    ),
-    "xdev/outlier_evidence": "[K] CUSUM evidence, accumulated over audits, that each device is an outlier",
-    "xdev/near_duplicate_pairs": (
-        "[K, K] pairs whose sketched cosine stood far above the other pairs' for several audits (latest audit)"
-    ),
-    "xdev/duplicate_pairs": "[K, K] devices j != k with bit-identical non-zero gradients (latest audit)",
-    "xdev/param_desync": "[K] device whose parameter fingerprint differs from the majority's (latest audit)",
-    "xdev/noise_scale": "gradient noise scale B_simple = EMA(tr Sigma) / EMA(|G|^2), bias-corrected (every step)",
-    "xdev/grad_sq_est": "this step's unbiased estimate of |G|^2 from the local and mean gradient norms",
-    "xdev/trace_cov_est": "this step's estimate of tr(Sigma), per-example gradient covariance trace",
-}
-
-_metrics.register_metrics(CrossDeviceState, _XDEV_FIELDS, catalogue=_XDEV_CATALOGUE)
-_guard.keep_on_momentum_reset(CrossDeviceState)
+_catalogue.register_metrics(CrossDeviceState, _XDEV_FIELDS)
+_interfaces.keep_on_momentum_reset(CrossDeviceState)
 
 
 # Decay (per audit step) of the running cross-device spreads the outlier scores divide by.
@@ -222,6 +185,7 @@ def default_audit_rule(**overrides: float) -> dict[str, float]:
     )
     rule.update(overrides)
     return rule
+
 
 # ----------------------------------------------------------------------------- hashing
 

@@ -1,22 +1,47 @@
-"""The guard: one statistics pass -> decide (apply / clip / skip / reset) -> inner update."""
+"""The guard: one statistics pass -> decide (apply / clip / skip / reset) -> inner update.
+
+The pieces, in the order ``update`` runs them:
+
+* :class:`GuardConfig`: the arguments of :func:`guard`, validated once when it is built.
+* :func:`_stats._grad_stats`: one pass over the gradients (norm, finite flag, per-leaf
+  norms).
+* :func:`_decide`: the step's :class:`Decision` (finite? spike? clip factor, skip,
+  momentum reset), from the detectors and the state before the step.
+* :func:`_apply_inner`: the inner update on the clipped gradients, with the inner state
+  selected where it is produced (kept on a skipped step, re-initialised on a reset), and
+  the check of the optimizer's own output.
+* :func:`_record`: the state's groups after the step: the running moments (accepted
+  steps only), the counters and the step's report.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from optax_gradhealth import _clipping, _skip, _stats
+from optax_gradhealth import _catalogue, _clipping, _skip, _stats
 from optax_gradhealth import _detectors as detect
+from optax_gradhealth import _interfaces as interfaces
 from optax_gradhealth import _validation as check
+from optax_gradhealth._interfaces import UNSCALE_ARG, keep_on_momentum_reset
 
-__all__ = ["SPIKE_ACTIONS", "GuardState", "guard"]
+__all__ = [
+    "SPIKE_ACTIONS",
+    "GuardConfig",
+    "GuardCounters",
+    "GuardMoments",
+    "GuardReport",
+    "GuardState",
+    "guard",
+]
 
 SPIKE_ACTIONS = ("skip", "clip", "record")
-UNSCALE_ARG = "_gradhealth_unscale"  # private extra argument, see dynamic_loss_scale
 _NO_STEP = -(2**30)  # sentinel in the spike ring: "no spike recorded here"
 
 # The spike rule's defaults, chosen from the detection benchmark (docs/detection.md).
@@ -28,70 +53,37 @@ REBASELINE_AFTER = 50  # spikes in a row after which the window starts again
 SPREAD_FLOOR = 0.05  # lower bound of the window's robust spread of log-norms
 
 
-class GuardState(NamedTuple):
-    """State of :func:`guard`. Every field is prefixed ``guard_`` so that
-    ``optax.tree.get(state, name)`` finds it without clashing with optax's names.
+class GuardReport(NamedTuple):
+    """What the guard measured and decided at the last step (overwritten every step).
 
-    The fields named like a metric hold the value of the last step; see
-    :func:`optax_gradhealth.metrics` for the public names and their meaning.
+    Every field is a metric (see :data:`optax_gradhealth.CATALOGUE` for the meaning of
+    each name).
 
     Attributes:
-      guard_inner_state: the wrapped optimizer's state.
-      guard_clip_state: the clip policy's state.
-      guard_norm_window: the spike detector's window of the last ``spike_window``
-        accepted log-norms (:class:`optax_gradhealth._detectors.NormWindow`).
-      guard_running_norm_mean: bias-corrected EMA of the accepted norms (see
-        ``running_moments_update``; reported, not used by the spike rule).
-      guard_running_norm_var: their bias-corrected EMA variance.
-      guard_num_accepted: accepted (finite, applied) steps folded into them.
-      guard_running_loss_mean: bias-corrected EMA of the accepted losses (when
-        ``loss=`` is passed).
-      guard_running_loss_var: their bias-corrected EMA variance.
-      guard_num_losses: accepted losses folded into them.
-      guard_spike_steps: int32 ring of the step indices of the latest spikes
-        (length ``reset_after``), for the momentum-reset window.
       guard_norm: pre-clip global norm (``grad/norm``).
-      guard_norm_clipped: norm of what the inner optimizer saw, 0 when skipped.
-      guard_clip_threshold: threshold used this step.
-      guard_clipped: the step was clipped.
+      guard_norm_clipped: norm of what the inner optimizer saw, 0 when skipped
+        (``grad/norm_clipped``).
+      guard_clip_threshold: threshold used this step (``grad/clip_threshold``).
+      guard_clipped: the step was clipped (``grad/clipped``).
       guard_finite: every gradient element (and ``loss`` and ``value``, if passed) was
-        finite.
-      guard_skipped: the step was skipped (zero update, inner state kept).
-      guard_spike: the step was a spike.
-      guard_spike_score: norm / baseline norm (the window's median norm).
-      guard_zscore: robust z-score of log(norm) against the window.
-      guard_norm_mean: bias-corrected running mean norm the step was judged by.
-      guard_norm_std: running standard deviation the step was judged by.
-      guard_loss_zscore: (loss - running mean loss) / running std (0 without loss).
-      guard_momentum_reset: True when this step re-initialised the inner moments.
-      guard_rollback: sticky rollback recommendation.
-      guard_vanishing: vanishing-gradient flag of the step.
-      guard_first_nonfinite_leaf: leaf index of the first non-finite leaf at the latest
-        non-finite step (-1 if none yet); name it with ``gh.leaf_names(params)``.
-      guard_num_steps: steps seen (int32), skipped ones included.
-      guard_num_clipped: clipped steps (int32).
-      guard_num_nonfinite: steps with a non-finite gradient, ``loss`` or ``value`` (int32).
-      guard_num_nonfinite_updates: steps whose gradient was accepted but whose inner
-        update or new inner state was non-finite, so they were skipped (int32).
-      guard_num_skipped: skipped steps (int32).
-      guard_num_spikes: spikes detected (int32).
-      guard_num_momentum_resets: momentum resets performed (int32).
-      guard_consecutive_nonfinite: current run of consecutive non-finite steps (a
-        non-finite gradient, loss, value or inner update).
-      guard_consecutive_spikes: current run of consecutive spikes.
-      guard_layer_norms: pre-clip per-leaf norms (a :class:`LayerNorms`: one vector).
+        finite (``grad/finite``).
+      guard_skipped: the step was skipped: zero update, inner state kept
+        (``grad/skipped``).
+      guard_spike: the step was a spike (``grad/spike``).
+      guard_spike_score: norm / baseline norm (``grad/spike_score``).
+      guard_zscore: robust z-score of log(norm) against the window (``grad/zscore``).
+      guard_norm_mean: running mean norm the step was judged by (``grad/norm_mean``).
+      guard_norm_std: running standard deviation the step was judged by
+        (``grad/norm_std``).
+      guard_loss_zscore: (loss - running mean loss) / running std, 0 without ``loss``
+        (``grad/loss_zscore``).
+      guard_momentum_reset: this step re-initialised the inner moments
+        (``grad/momentum_reset``).
+      guard_vanishing: vanishing-gradient flag of the step (``grad/vanishing``).
+      guard_layer_norms: pre-clip per-leaf norms (a :class:`LayerNorms`: one vector;
+        ``grad/layer_norm/<path>``).
     """
 
-    guard_inner_state: Any
-    guard_clip_state: Any
-    guard_norm_window: detect.NormWindow
-    guard_running_norm_mean: jax.Array
-    guard_running_norm_var: jax.Array
-    guard_num_accepted: jax.Array
-    guard_running_loss_mean: jax.Array
-    guard_running_loss_var: jax.Array
-    guard_num_losses: jax.Array
-    guard_spike_steps: jax.Array
     guard_norm: jax.Array
     guard_norm_clipped: jax.Array
     guard_clip_threshold: jax.Array
@@ -105,9 +97,35 @@ class GuardState(NamedTuple):
     guard_norm_std: jax.Array
     guard_loss_zscore: jax.Array
     guard_momentum_reset: jax.Array
-    guard_rollback: jax.Array
     guard_vanishing: jax.Array
-    guard_first_nonfinite_leaf: jax.Array
+    guard_layer_norms: _stats.LayerNorms
+
+
+class GuardCounters(NamedTuple):
+    """Counts since ``init`` and the guard's sticky outcomes (every field a metric).
+
+    Attributes:
+      guard_num_steps: steps seen, skipped ones included (``grad/num_steps``).
+      guard_num_clipped: clipped steps (``grad/num_clipped``).
+      guard_num_nonfinite: steps with a non-finite gradient, ``loss`` or ``value``
+        (``grad/num_nonfinite``).
+      guard_num_nonfinite_updates: steps whose gradient was accepted but whose inner
+        update or new inner state was non-finite, so they were skipped
+        (``grad/num_nonfinite_updates``).
+      guard_num_skipped: skipped steps (``grad/num_skipped``).
+      guard_num_spikes: spikes detected (``grad/num_spikes``).
+      guard_num_momentum_resets: momentum resets performed
+        (``grad/num_momentum_resets``).
+      guard_consecutive_nonfinite: current run of consecutive non-finite steps (a
+        non-finite gradient, loss, value or inner update; ``grad/consecutive_nonfinite``).
+      guard_consecutive_spikes: current run of consecutive spikes
+        (``grad/consecutive_spikes``).
+      guard_rollback: sticky rollback recommendation (``grad/rollback``).
+      guard_first_nonfinite_leaf: leaf index of the first non-finite leaf at the latest
+        non-finite step, -1 if none yet; name it with ``gh.leaf_names(params)``
+        (``grad/first_nonfinite_leaf``).
+    """
+
     guard_num_steps: jax.Array
     guard_num_clipped: jax.Array
     guard_num_nonfinite: jax.Array
@@ -117,21 +135,120 @@ class GuardState(NamedTuple):
     guard_num_momentum_resets: jax.Array
     guard_consecutive_nonfinite: jax.Array
     guard_consecutive_spikes: jax.Array
-    guard_layer_norms: _stats.LayerNorms
+    guard_rollback: jax.Array
+    guard_first_nonfinite_leaf: jax.Array
+
+
+class GuardMoments(NamedTuple):
+    """The running statistics the guard judges steps by, folded from accepted (finite,
+    applied) steps only; not metrics themselves.
+
+    Attributes:
+      guard_norm_window: the spike detector's window of the last ``spike_window``
+        accepted log-norms (:class:`optax_gradhealth._detectors.NormWindow`).
+      guard_running_norm_mean: bias-corrected EMA of the accepted norms (see
+        ``running_moments_update``; reported, not used by the spike rule).
+      guard_running_norm_var: their bias-corrected EMA variance.
+      guard_num_accepted: accepted steps folded into them.
+      guard_running_loss_mean: bias-corrected EMA of the accepted losses (when
+        ``loss=`` is passed).
+      guard_running_loss_var: their bias-corrected EMA variance.
+      guard_num_losses: accepted losses folded into them.
+    """
+
+    guard_norm_window: detect.NormWindow
+    guard_running_norm_mean: jax.Array
+    guard_running_norm_var: jax.Array
+    guard_num_accepted: jax.Array
+    guard_running_loss_mean: jax.Array
+    guard_running_loss_var: jax.Array
+    guard_num_losses: jax.Array
+
+
+class GuardState(NamedTuple):
+    """State of :func:`guard`, in groups. Every field of every group is prefixed
+    ``guard_`` so that ``optax.tree.get(state, name)`` finds it without clashing with
+    optax's names (e.g. ``optax.tree.get(state, 'guard_num_skipped')``).
+
+    The report and the counters come first, so that :func:`optax_gradhealth.metrics`
+    reports a guard's names before those of the transformations inside it.
+
+    Attributes:
+      guard_report: the last step's measurements and decisions (:class:`GuardReport`).
+      guard_counters: counts and sticky outcomes (:class:`GuardCounters`).
+      guard_moments: the running statistics (:class:`GuardMoments`).
+      guard_spike_steps: int32 ring of the step indices of the latest spikes (length
+        ``reset_after``), for the momentum-reset window.
+      guard_clip_state: the clip policy's state.
+      guard_inner_state: the wrapped optimizer's state.
+    """
+
+    guard_report: GuardReport
+    guard_counters: GuardCounters
+    guard_moments: GuardMoments
+    guard_spike_steps: jax.Array
+    guard_clip_state: Any
+    guard_inner_state: Any
+
+    # The loss scale's interface (`_interfaces.UnscalesOnRead`).
+    def gradients_finite(self) -> jax.Array:
+        return self.guard_report.guard_finite
+
+    def keep_bookkeeping(self, previous: GuardState, keep: jax.Array, where: Callable) -> GuardState:
+        inner = self.guard_inner_state
+        kept = jax.tree.map(
+            lambda old, new: where(keep, old, new),
+            previous._replace(guard_inner_state=None),
+            self._replace(guard_inner_state=None),
+        )
+        return kept._replace(guard_inner_state=inner)
+
+
+_catalogue.register_metrics(GuardState, {})  # groups, reported in field order
+_catalogue.register_metrics(
+    GuardReport,
+    {
+        "guard_norm": "grad/norm",
+        "guard_norm_clipped": "grad/norm_clipped",
+        "guard_clip_threshold": "grad/clip_threshold",
+        "guard_clipped": "grad/clipped",
+        "guard_finite": "grad/finite",
+        "guard_skipped": "grad/skipped",
+        "guard_spike": "grad/spike",
+        "guard_spike_score": "grad/spike_score",
+        "guard_zscore": "grad/zscore",
+        "guard_norm_mean": "grad/norm_mean",
+        "guard_norm_std": "grad/norm_std",
+        "guard_loss_zscore": "grad/loss_zscore",
+        "guard_momentum_reset": "grad/momentum_reset",
+        "guard_vanishing": "grad/vanishing",
+        "guard_layer_norms": "grad/layer_norm",
+    },
+)
+_catalogue.register_metrics(
+    GuardCounters,
+    {
+        "guard_num_steps": "grad/num_steps",
+        "guard_num_clipped": "grad/num_clipped",
+        "guard_num_nonfinite": "grad/num_nonfinite",
+        "guard_num_nonfinite_updates": "grad/num_nonfinite_updates",
+        "guard_num_skipped": "grad/num_skipped",
+        "guard_num_spikes": "grad/num_spikes",
+        "guard_num_momentum_resets": "grad/num_momentum_resets",
+        "guard_consecutive_nonfinite": "grad/consecutive_nonfinite",
+        "guard_consecutive_spikes": "grad/consecutive_spikes",
+        "guard_rollback": "grad/rollback",
+        "guard_first_nonfinite_leaf": "grad/first_nonfinite_leaf",
+    },
+)
+keep_on_momentum_reset(GuardState)
 
 
 # Sub-states whose counters drive learning-rate schedules: a momentum reset leaves them.
 _SCHEDULE_STATES = (optax.ScaleByScheduleState,)
 _HYPERPARAM_STATES = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
-# gradhealth's own bookkeeping states (records, loss scale, audits, nested guards): a
-# momentum reset keeps them as they are. Modules add theirs with keep_on_momentum_reset.
-_KEPT_ON_RESET: set[type] = set()
-
-
-def keep_on_momentum_reset(*state_types: type) -> None:
-    """Declares state types that the guard's momentum reset keeps as they are (instead of
-    re-initialising them with the inner optimizer's moments): bookkeeping, not moments."""
-    _KEPT_ON_RESET.update(state_types)
+# gradhealth's own bookkeeping states (records, loss scale, audits, nested guards) are
+# kept too: modules declare theirs with `_interfaces.keep_on_momentum_reset`.
 
 
 def _reset_mask(state: Any) -> Any:
@@ -141,7 +258,7 @@ def _reset_mask(state: Any) -> Any:
     guards, loss scale)."""
 
     def kept(x):
-        return isinstance(x, _SCHEDULE_STATES) or type(x) in _KEPT_ON_RESET
+        return isinstance(x, _SCHEDULE_STATES) or interfaces.is_kept_on_momentum_reset(x)
 
     def is_boundary(x):
         return kept(x) or isinstance(x, _HYPERPARAM_STATES)
@@ -208,6 +325,398 @@ def _check_state_structure(old: Any, new: Any) -> None:
         f"was given ({where}). The guard keeps the old state on a skipped step, so the structure must stay "
         "fixed. optax.monitor does this (its measurements dict is empty until the first update): chain it "
         "outside the guard, e.g. optax.chain(optax.monitor(...), gh.guard(inner))."
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class GuardConfig:
+    """The arguments of :func:`guard`, validated once (see its docstring for each).
+
+    Thresholds may be scalar arrays (traced under ``optax.inject_hyperparams``): they are
+    checked when they are Python numbers and used as they are otherwise. Integer
+    arguments size the state, so they are Python ints.
+    """
+
+    policy: _clipping.ClipPolicy
+    spike_action: str
+    spike_rule: detect.SpikeRule
+    loss_spike_zscore: Any
+    stats_decay: Any
+    reset_after: int | None
+    reset_window: int
+    rollback_after_nonfinite: int | None
+    rollback_after_spikes: int | None
+    vanishing_norm: Any
+    check_updates: bool
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        clip: Any,
+        spike_action: str,
+        spike_threshold: Any,
+        spike_zscore: Any,
+        spike_window: int,
+        rebaseline_after: int | None,
+        loss_spike_zscore: Any,
+        warmup_steps: int,
+        stats_decay: Any,
+        reset_after: int | None,
+        reset_window: int,
+        rollback_after_nonfinite: int | None,
+        rollback_after_spikes: int | None,
+        vanishing_norm: Any,
+        check_updates: bool,
+    ) -> GuardConfig:
+        """Validates every argument (a clear error naming it) and builds the config."""
+        spike_threshold = check.optional(check.positive_or_array, "spike_threshold", spike_threshold)
+        if isinstance(spike_threshold, float) and spike_threshold <= 1.0:
+            raise ValueError(
+                f"`spike_threshold` is a ratio norm / baseline norm and must be > 1, got {spike_threshold!r}."
+            )
+        spike_window = check.integer("spike_window", spike_window, minimum=1)
+        rule = detect.SpikeRule(
+            spike_threshold,
+            check.optional(check.positive_or_array, "spike_zscore", spike_zscore),
+            spike_window,
+            check.integer("warmup_steps", warmup_steps, minimum=1),
+            SPREAD_FLOOR,
+            min(SPIKE_BASELINE, spike_window),
+            check.optional(check.integer, "rebaseline_after", rebaseline_after, minimum=1),
+        )
+        return cls(
+            policy=_clipping.as_clip_policy("clip", clip),
+            spike_action=check.one_of("spike_action", spike_action, SPIKE_ACTIONS),
+            spike_rule=rule,
+            loss_spike_zscore=check.optional(check.positive_or_array, "loss_spike_zscore", loss_spike_zscore),
+            stats_decay=check.or_array(check.in_open_unit_interval, "stats_decay", stats_decay),
+            reset_after=check.optional(check.integer, "reset_after", reset_after, minimum=1),
+            reset_window=check.integer("reset_window", reset_window, minimum=1),
+            rollback_after_nonfinite=check.optional(
+                check.integer, "rollback_after_nonfinite", rollback_after_nonfinite, minimum=1
+            ),
+            rollback_after_spikes=check.optional(
+                check.integer, "rollback_after_spikes", rollback_after_spikes, minimum=1
+            ),
+            vanishing_norm=check.optional(check.positive_or_array, "vanishing_norm", vanishing_norm),
+            check_updates=check.boolean("check_updates", check_updates),
+        )
+
+    @property
+    def warmup_steps(self) -> int:
+        return self.spike_rule.warmup
+
+    @property
+    def norm_spikes_on(self) -> bool:
+        return self.spike_rule.threshold is not None or self.spike_rule.zscore is not None
+
+    @property
+    def can_clip(self) -> bool:
+        """Whether any step can be clipped by a global factor (a policy, or spike clipping)."""
+        policy = self.policy
+        never_clips = (
+            isinstance(policy, _clipping.FixedClip)
+            and isinstance(policy.max_norm, float)
+            and math.isinf(policy.max_norm)
+        )
+        return not never_clips or (self.spike_action == "clip" and self.norm_spikes_on)
+
+    @property
+    def ring_size(self) -> int:
+        return self.reset_after if self.reset_after is not None else 1
+
+
+class Decision(NamedTuple):
+    """What :func:`_decide` made of a step, before the inner update runs.
+
+    Attributes:
+      finite: every gradient element, and ``loss`` and ``value`` if passed, is finite.
+      verdict: the spike rule's scores against the window before the step.
+      spike: a norm spike or, with ``loss_spike_zscore``, a loss spike.
+      loss_zscore: the loss's z-score against its running moments (0 without ``loss``).
+      threshold: the clip threshold in force (lowered to the spike bound when a spike is
+        clipped).
+      factors: the two clip factors whose product scales the gradients.
+      skipped: the step is skipped (non-finite, or a spike with ``spike_action='skip'``);
+        the inner update's own check can add to it (:class:`Outcome`).
+      momentum_reset: this step re-initialises the inner moments.
+      spike_steps: the reset ring after this step.
+    """
+
+    finite: jax.Array
+    verdict: detect.SpikeVerdict
+    spike: jax.Array
+    loss_zscore: jax.Array
+    threshold: jax.Array
+    factors: tuple[jax.Array, jax.Array]
+    skipped: jax.Array
+    momentum_reset: jax.Array
+    spike_steps: jax.Array
+
+
+class Outcome(NamedTuple):
+    """What :func:`_apply_inner` returns: the step's updates and inner state, and
+    whether the step was skipped after all (``nonfinite_update``: the optimizer's own
+    update or new state was not finite)."""
+
+    updates: Any
+    inner_state: Any
+    skipped: jax.Array
+    nonfinite_update: jax.Array
+
+
+def _loss_zscore(config: GuardConfig, moments: GuardMoments, loss: jax.Array, finite: jax.Array) -> jax.Array:
+    warm = moments.guard_num_losses >= config.warmup_steps
+    mean = moments.guard_running_loss_mean
+    std = jnp.sqrt(moments.guard_running_loss_var)
+    return jnp.where(warm & finite, (loss - mean) / jnp.maximum(std, 1e-12 * jnp.abs(mean) + 1e-30), 0.0)
+
+
+def _decide(
+    config: GuardConfig,
+    state: GuardState,
+    stats: _stats.GradStats,
+    loss: jax.Array | None,
+    value: jax.Array | None,
+) -> Decision:
+    """Judges the step from its statistics and the state before it (no inner update)."""
+    norm = stats.norm
+    # The loss, and the objective `value` that line searches and Polyak steps read, are
+    # inputs of the step like the gradient: a non-finite one skips it.
+    finite = stats.finite
+    for x in (loss, value):
+        if x is not None:
+            finite = finite & jnp.isfinite(x)
+
+    # Spike detection, judged against the window of accepted norms before this step.
+    verdict = config.spike_rule.judge(state.guard_moments.guard_norm_window, norm, finite)
+    spike = verdict.spike
+    loss_zscore = jnp.zeros((), jnp.float32)
+    if loss is not None:
+        loss_zscore = _loss_zscore(config, state.guard_moments, loss, finite)
+        if config.loss_spike_zscore is not None:
+            warm = state.guard_moments.guard_num_losses >= config.warmup_steps
+            spike = spike | (warm & finite & (loss_zscore > config.loss_spike_zscore))
+
+    # Clip and skip.
+    threshold = config.policy.threshold(state.guard_clip_state)
+    if config.spike_action == "clip" and config.norm_spikes_on:
+        threshold = jnp.where(spike, jnp.minimum(threshold, verdict.bound), threshold)
+    if config.can_clip:
+        factors = _clipping.clip_scale(norm, threshold)
+    else:
+        # Constant factors: XLA drops the multiply, and a clip mode's statistics read the
+        # gradient itself (x * factor, read by the mode's reduction and by the inner
+        # update, would otherwise be materialised: a gradient-sized temporary).
+        factors = (jnp.ones((), jnp.float32), jnp.ones((), jnp.float32))
+    skipped = ~finite
+    if config.spike_action == "skip":
+        skipped = skipped | spike
+
+    # Momentum reset: `reset_after` spikes within `reset_window` steps.
+    spike_steps = state.guard_spike_steps
+    momentum_reset = jnp.zeros((), jnp.bool_)
+    if config.reset_after is not None:
+        step = state.guard_counters.guard_num_steps
+        slot = state.guard_counters.guard_num_spikes % config.ring_size
+        spike_steps = jnp.where(spike, _clipping.ring_write(spike_steps, slot, step), spike_steps)
+        in_window = jnp.sum((step - spike_steps < config.reset_window).astype(jnp.int32))
+        momentum_reset = spike & (in_window >= config.reset_after)
+        spike_steps = jnp.where(momentum_reset, jnp.full_like(spike_steps, _NO_STEP), spike_steps)
+    return Decision(finite, verdict, spike, loss_zscore, threshold, factors, skipped, momentum_reset, spike_steps)
+
+
+def _apply_inner(
+    config: GuardConfig,
+    inner: optax.GradientTransformation,
+    decision: Decision,
+    updates: Any,
+    unscale: jax.Array | None,
+    state: GuardState,
+    params: Any,
+    extra_args: dict[str, Any],
+) -> Outcome:
+    """Runs the inner update on the (unscaled, clipped) gradients and selects its state.
+
+    A skipped step keeps the inner state it would have updated: the old one,
+    re-initialised (schedule counters excepted) on a momentum-reset step. Both are
+    selects on the state leaves, applied where the inner update reads or produces them
+    (`_skip`), so that XLA writes the new state in place without first copying the old
+    moments (see the docstring of `_skip`).
+    """
+    old_leaves, state_treedef = jax.tree.flatten(state.guard_inner_state)
+    sel = _skip.Selects()
+    if config.reset_after is not None:
+        fresh_leaves = jax.tree.leaves(inner.init(params if params is not None else updates))
+        reset_leaves = jax.tree.leaves(_reset_mask(state.guard_inner_state))
+
+    def kept(k):
+        if config.reset_after is None or not reset_leaves[k]:
+            return old_leaves[k]
+        return sel.where(decision.momentum_reset, fresh_leaves[k], old_leaves[k])
+
+    if config.spike_action == "skip":
+        # A reset step is a skipped step: its (discarded) updates read the old state.
+        inner_state = state.guard_inner_state
+    else:
+        # A reset step is applied: the re-initialised optimizer takes this step's
+        # (clipped) gradient as its first.
+        inner_state = state_treedef.unflatten([kept(k) for k in range(len(old_leaves))])
+
+    # Unscaled first (rounded to each leaf's dtype, as a separately unscaled gradient
+    # would be), then clipped; all of it fused into the inner update's reads.
+    grads = updates if unscale is None else _clipping.scale_tree(updates, (unscale, 1.0))
+    traced = _skip.TracedUpdate(
+        lambda: inner.update(_clipping.scale_tree(grads, decision.factors), inner_state, params, **extra_args),
+        inputs=(updates, state, params, extra_args),
+    )
+    _check_state_structure(state.guard_inner_state, traced.out_shapes[1])
+    # The optimizer itself can make a NaN from a finite gradient (an infinite learning
+    # rate, moments overflowing in fp16, a bias correction of 0): an accepted step whose
+    # update or new inner state is not finite is skipped too.
+    skipped = decision.skipped
+    nonfinite_update = jnp.zeros((), jnp.bool_)
+    if config.check_updates:
+        nonfinite_update = ~skipped & ~_all_finite(traced.outputs())
+        skipped = skipped | nonfinite_update
+    inner_updates, new_inner_state = traced.with_selected_state(lambda k, new: sel.where(skipped, kept(k), new))
+    return Outcome(sel.zero_floats_where(skipped, inner_updates), new_inner_state, skipped, nonfinite_update)
+
+
+def _record(
+    config: GuardConfig,
+    state: GuardState,
+    stats: _stats.GradStats,
+    loss: jax.Array | None,
+    decision: Decision,
+    outcome: Outcome,
+) -> tuple[GuardMoments, GuardCounters, GuardReport]:
+    """The state's groups after the step: moments, counters and the step's report."""
+    norm, spike, skipped = stats.norm, decision.spike, outcome.skipped
+    accepted = ~skipped
+    moments = state.guard_moments
+
+    # Running statistics: accepted steps only; a spike's norm (a loss spike's too) is
+    # capped at the largest norm that is not a spike.
+    capped_norm = jnp.where(spike, jnp.minimum(norm, decision.verdict.bound), norm)
+    norm_mean, norm_var, num_accepted = _clipping.running_moments_update(
+        moments.guard_running_norm_mean,
+        moments.guard_running_norm_var,
+        moments.guard_num_accepted,
+        capped_norm,
+        config.stats_decay,
+        accepted,
+    )
+    loss_mean, loss_var, num_losses = (
+        moments.guard_running_loss_mean,
+        moments.guard_running_loss_var,
+        moments.guard_num_losses,
+    )
+    vanishing = jnp.zeros((), jnp.bool_)
+    if config.vanishing_norm is not None:
+        vanishing = decision.finite & (norm < config.vanishing_norm)
+    if loss is not None:
+        loss_mean, loss_var, num_losses = _clipping.running_moments_update(
+            loss_mean, loss_var, num_losses, loss, config.stats_decay, accepted & ~spike
+        )
+        if config.vanishing_norm is not None:
+            not_falling = (moments.guard_num_losses == 0) | (loss >= moments.guard_running_loss_mean)
+            vanishing = vanishing & not_falling
+    new_moments = GuardMoments(
+        guard_norm_window=config.spike_rule.fold(moments.guard_norm_window, norm, decision.verdict, accepted),
+        guard_running_norm_mean=norm_mean,
+        guard_running_norm_var=norm_var,
+        guard_num_accepted=num_accepted,
+        guard_running_loss_mean=loss_mean,
+        guard_running_loss_var=loss_var,
+        guard_num_losses=num_losses,
+    )
+
+    counters = state.guard_counters
+    nonfinite = ~decision.finite
+    clipped = accepted & (decision.factors[0] < 1.0)
+    consecutive_nonfinite = jnp.where(nonfinite | outcome.nonfinite_update, counters.guard_consecutive_nonfinite + 1, 0)
+    consecutive_spikes = jnp.where(spike, counters.guard_consecutive_spikes + 1, 0)
+    rollback = counters.guard_rollback
+    if config.rollback_after_nonfinite is not None:
+        rollback = rollback | (consecutive_nonfinite >= config.rollback_after_nonfinite)
+    if config.rollback_after_spikes is not None:
+        rollback = rollback | (consecutive_spikes >= config.rollback_after_spikes)
+    as_int = lambda flag: flag.astype(jnp.int32)
+    new_counters = GuardCounters(
+        guard_num_steps=counters.guard_num_steps + 1,
+        guard_num_clipped=counters.guard_num_clipped + as_int(clipped),
+        guard_num_nonfinite=counters.guard_num_nonfinite + as_int(nonfinite),
+        guard_num_nonfinite_updates=counters.guard_num_nonfinite_updates + as_int(outcome.nonfinite_update),
+        guard_num_skipped=counters.guard_num_skipped + as_int(skipped),
+        guard_num_spikes=counters.guard_num_spikes + as_int(spike),
+        guard_num_momentum_resets=counters.guard_num_momentum_resets + as_int(decision.momentum_reset),
+        guard_consecutive_nonfinite=consecutive_nonfinite,
+        guard_consecutive_spikes=consecutive_spikes,
+        guard_rollback=rollback,
+        guard_first_nonfinite_leaf=jnp.where(
+            nonfinite, stats.first_nonfinite_leaf, counters.guard_first_nonfinite_leaf
+        ),
+    )
+
+    factor = decision.factors[0] * decision.factors[1]
+    report = GuardReport(
+        guard_norm=norm,
+        guard_norm_clipped=jnp.where(skipped, 0.0, norm * factor),
+        guard_clip_threshold=decision.threshold,
+        guard_clipped=clipped,
+        guard_finite=decision.finite,
+        guard_skipped=skipped,
+        guard_spike=spike,
+        guard_spike_score=decision.verdict.ratio,
+        guard_zscore=decision.verdict.zscore,
+        guard_norm_mean=moments.guard_running_norm_mean,
+        guard_norm_std=jnp.sqrt(moments.guard_running_norm_var),
+        guard_loss_zscore=decision.loss_zscore,
+        guard_momentum_reset=decision.momentum_reset,
+        guard_vanishing=vanishing,
+        guard_layer_norms=stats.leaf_norms,
+    )
+    return new_moments, new_counters, report
+
+
+def _init_state(config: GuardConfig, inner: optax.GradientTransformation, params: Any) -> GuardState:
+    # Every field gets a buffer of its own, so the state can be donated.
+    f32 = lambda: jnp.zeros((), jnp.float32)
+    i32 = lambda: jnp.zeros((), jnp.int32)
+    false = lambda: jnp.zeros((), jnp.bool_)
+    clip_state = config.policy.init()
+    report = GuardReport(
+        guard_norm=f32(),
+        guard_norm_clipped=f32(),
+        guard_clip_threshold=config.policy.threshold(clip_state),
+        guard_clipped=false(),
+        guard_finite=jnp.ones((), jnp.bool_),
+        guard_skipped=false(),
+        guard_spike=false(),
+        guard_spike_score=f32(),
+        guard_zscore=f32(),
+        guard_norm_mean=f32(),
+        guard_norm_std=f32(),
+        guard_loss_zscore=f32(),
+        guard_momentum_reset=false(),
+        guard_vanishing=false(),
+        guard_layer_norms=_stats.LayerNorms.zeros(_gradient_like(params)),
+    )
+    counters = GuardCounters(
+        *(i32() for _ in range(len(GuardCounters._fields) - 2)),
+        guard_rollback=false(),
+        guard_first_nonfinite_leaf=jnp.full((), -1, jnp.int32),
+    )
+    moments = GuardMoments(config.spike_rule.init(), f32(), f32(), i32(), f32(), f32(), i32())
+    return GuardState(
+        guard_report=report,
+        guard_counters=counters,
+        guard_moments=moments,
+        guard_spike_steps=jnp.full((config.ring_size,), _NO_STEP, jnp.int32),
+        guard_clip_state=clip_state,
+        guard_inner_state=inner.init(params),
     )
 
 
@@ -330,274 +839,50 @@ def guard(
         # applied to accepted steps only, between the guard's decision and `inner`.
         inner = optax.chain(clip, inner)
         clip = None
-    policy = _clipping.as_clip_policy("clip", clip)
-    spike_action = check.one_of("spike_action", spike_action, SPIKE_ACTIONS)
-    # Thresholds may be scalar arrays (traced under optax.inject_hyperparams): checked
-    # here when they are Python numbers, used as they are otherwise.
-    spike_threshold = check.optional(check.positive_or_array, "spike_threshold", spike_threshold)
-    if isinstance(spike_threshold, float) and spike_threshold <= 1.0:
-        raise ValueError(f"`spike_threshold` is a ratio norm / baseline norm and must be > 1, got {spike_threshold!r}.")
-    spike_zscore = check.optional(check.positive_or_array, "spike_zscore", spike_zscore)
-    loss_spike_zscore = check.optional(check.positive_or_array, "loss_spike_zscore", loss_spike_zscore)
-    spike_window = check.integer("spike_window", spike_window, minimum=1)
-    rebaseline_after = check.optional(check.integer, "rebaseline_after", rebaseline_after, minimum=1)
-    warmup_steps = check.integer("warmup_steps", warmup_steps, minimum=1)
-    stats_decay = check.or_array(check.in_open_unit_interval, "stats_decay", stats_decay)
-    reset_after = check.optional(check.integer, "reset_after", reset_after, minimum=1)
-    reset_window = check.integer("reset_window", reset_window, minimum=1)
-    rollback_after_nonfinite = check.optional(
-        check.integer, "rollback_after_nonfinite", rollback_after_nonfinite, minimum=1
+    config = GuardConfig.build(
+        clip=clip,
+        spike_action=spike_action,
+        spike_threshold=spike_threshold,
+        spike_zscore=spike_zscore,
+        spike_window=spike_window,
+        rebaseline_after=rebaseline_after,
+        loss_spike_zscore=loss_spike_zscore,
+        warmup_steps=warmup_steps,
+        stats_decay=stats_decay,
+        reset_after=reset_after,
+        reset_window=reset_window,
+        rollback_after_nonfinite=rollback_after_nonfinite,
+        rollback_after_spikes=rollback_after_spikes,
+        vanishing_norm=vanishing_norm,
+        check_updates=check_updates,
     )
-    rollback_after_spikes = check.optional(check.integer, "rollback_after_spikes", rollback_after_spikes, minimum=1)
-    vanishing_norm = check.optional(check.positive_or_array, "vanishing_norm", vanishing_norm)
-    check_updates = check.boolean("check_updates", check_updates)
-    norm_spikes_on = spike_threshold is not None or spike_zscore is not None
-    spike_rule = detect.SpikeRule(
-        spike_threshold,
-        spike_zscore,
-        spike_window,
-        warmup_steps,
-        SPREAD_FLOOR,
-        min(SPIKE_BASELINE, spike_window),
-        rebaseline_after,
-    )
-    # Whether any step can be clipped by a global factor (a policy, or spike clipping).
-    never_clips = (
-        isinstance(policy, _clipping.FixedClip) and isinstance(policy.max_norm, float) and math.isinf(policy.max_norm)
-    )
-    can_clip = not never_clips or (spike_action == "clip" and norm_spikes_on)
-    ring_size = reset_after if reset_after is not None else 1
 
     def init_fn(params):
-        # Every field gets a buffer of its own, so the state can be donated.
-        f32 = lambda: jnp.zeros((), jnp.float32)
-        i32 = lambda: jnp.zeros((), jnp.int32)
-        false = lambda: jnp.zeros((), jnp.bool_)
-        clip_state = policy.init()
-        return GuardState(
-            guard_inner_state=inner.init(params),
-            guard_clip_state=clip_state,
-            guard_norm_window=spike_rule.init(),
-            guard_running_norm_mean=f32(),
-            guard_running_norm_var=f32(),
-            guard_num_accepted=i32(),
-            guard_running_loss_mean=f32(),
-            guard_running_loss_var=f32(),
-            guard_num_losses=i32(),
-            guard_spike_steps=jnp.full((ring_size,), _NO_STEP, jnp.int32),
-            guard_norm=f32(),
-            guard_norm_clipped=f32(),
-            guard_clip_threshold=policy.threshold(clip_state),
-            guard_clipped=false(),
-            guard_finite=jnp.ones((), jnp.bool_),
-            guard_skipped=false(),
-            guard_spike=false(),
-            guard_spike_score=f32(),
-            guard_zscore=f32(),
-            guard_norm_mean=f32(),
-            guard_norm_std=f32(),
-            guard_loss_zscore=f32(),
-            guard_momentum_reset=false(),
-            guard_rollback=false(),
-            guard_vanishing=false(),
-            guard_first_nonfinite_leaf=jnp.full((), -1, jnp.int32),
-            guard_num_steps=i32(),
-            guard_num_clipped=i32(),
-            guard_num_nonfinite=i32(),
-            guard_num_nonfinite_updates=i32(),
-            guard_num_skipped=i32(),
-            guard_num_spikes=i32(),
-            guard_num_momentum_resets=i32(),
-            guard_consecutive_nonfinite=i32(),
-            guard_consecutive_spikes=i32(),
-            guard_layer_norms=_stats.LayerNorms.zeros(_gradient_like(params)),
-        )
+        return _init_state(config, inner, params)
 
     def update_fn(updates, state, params=None, **extra_args):
-        _clipping.check_same_structure(updates, state.guard_layer_norms.treedef, "gh.guard")
-        # Private, from gh.dynamic_loss_scale: `updates` are still loss-scaled; the true
-        # gradients are `updates * unscale`. Both the statistics and the inner update
-        # apply the multiply where they read the leaves, so the unscaled gradients are
-        # never materialised (they would be: two different consumers read them).
+        _clipping.check_same_structure(updates, state.guard_report.guard_layer_norms.treedef, "gh.guard")
+        # From gh.dynamic_loss_scale (`_interfaces.UnscalesOnRead`): `updates` are still
+        # loss-scaled; the true gradients are `updates * unscale`. The statistics and the
+        # inner update both apply the multiply where they read the leaves, so the
+        # unscaled gradients are never materialised (two consumers would force it).
         extra_args = dict(extra_args)
         unscale = extra_args.pop(UNSCALE_ARG, None)
         stats = _stats._grad_stats(updates, unscale)
-        norm = stats.norm
-        step = state.guard_num_steps
-
-        # The loss, and the objective `value` that line searches and Polyak steps read,
-        # are inputs of the step like the gradient: a non-finite one skips it.
         loss = _scalar_arg("loss", extra_args.get("loss"))
         value = _scalar_arg("value", extra_args.get("value"))
-        finite = stats.finite
-        for x in (loss, value):
-            if x is not None:
-                finite = finite & jnp.isfinite(x)
 
-        # Spike detection, judged against the window of accepted norms before this step.
-        verdict = spike_rule.judge(state.guard_norm_window, norm, finite)
-        spike_score, zscore, spike = verdict.ratio, verdict.zscore, verdict.spike
-
-        loss_zscore = jnp.zeros((), jnp.float32)
-        if loss is not None:
-            loss_mean = state.guard_running_loss_mean
-            loss_std = jnp.sqrt(state.guard_running_loss_var)
-            loss_warm = state.guard_num_losses >= warmup_steps
-            loss_zscore = jnp.where(
-                loss_warm & finite, (loss - loss_mean) / jnp.maximum(loss_std, 1e-12 * jnp.abs(loss_mean) + 1e-30), 0.0
-            )
-            if loss_spike_zscore is not None:
-                spike = spike | (loss_warm & finite & (loss_zscore > loss_spike_zscore))
-
-        # Clip and skip decisions.
-        threshold = policy.threshold(state.guard_clip_state)
-        if spike_action == "clip" and norm_spikes_on:
-            threshold = jnp.where(spike, jnp.minimum(threshold, verdict.bound), threshold)
-        if can_clip:
-            factors = _clipping.clip_scale(norm, threshold)
-        else:
-            # Constant factors: XLA drops the multiply, and a clip mode's statistics read
-            # the gradient itself (x * factor, read by the mode's reduction and by the
-            # inner update, would otherwise be materialised: a gradient-sized temporary).
-            factors = (jnp.ones((), jnp.float32), jnp.ones((), jnp.float32))
-        skipped = ~finite
-        if spike_action == "skip":
-            skipped = skipped | spike
-
-        # Momentum reset: `reset_after` spikes within `reset_window` steps.
-        spike_steps = state.guard_spike_steps
-        momentum_reset = jnp.zeros((), jnp.bool_)
-        if reset_after is not None:
-            slot = state.guard_num_spikes % ring_size
-            spike_steps = jnp.where(spike, _clipping.ring_write(spike_steps, slot, step), spike_steps)
-            in_window = jnp.sum((step - spike_steps < reset_window).astype(jnp.int32))
-            momentum_reset = spike & (in_window >= reset_after)
-            spike_steps = jnp.where(momentum_reset, jnp.full_like(spike_steps, _NO_STEP), spike_steps)
-            fresh_leaves = jax.tree.leaves(inner.init(params if params is not None else updates))
-            reset_leaves = jax.tree.leaves(_reset_mask(state.guard_inner_state))
-
-        # The inner update sees the clipped gradients. A skipped step keeps the inner state
-        # it would have updated: the old one, re-initialised (schedule counters excepted)
-        # on a momentum-reset step. Both are selects on the state leaves, applied where the
-        # inner update reads or produces them (`_skip`), so that XLA writes the new state
-        # in place without first copying the old moments (see the docstring of `_skip`).
-        old_leaves, state_treedef = jax.tree.flatten(state.guard_inner_state)
-        sel = _skip.Selects()
-
-        def kept(k):
-            if reset_after is None or not reset_leaves[k]:
-                return old_leaves[k]
-            return sel.where(momentum_reset, fresh_leaves[k], old_leaves[k])
-
-        if spike_action == "skip":
-            # A reset step is a skipped step: its (discarded) updates read the old state.
-            inner_state = state.guard_inner_state
-        else:
-            # A reset step is applied: the re-initialised optimizer takes this step's
-            # (clipped) gradient as its first.
-            inner_state = state_treedef.unflatten([kept(k) for k in range(len(old_leaves))])
-
-        # Unscaled first (rounded to each leaf's dtype, as a separately unscaled gradient
-        # would be), then clipped; all of it fused into the inner update's reads.
-        grads = updates if unscale is None else _clipping.scale_tree(updates, (unscale, 1.0))
-        traced = _skip.TracedUpdate(
-            lambda: inner.update(_clipping.scale_tree(grads, factors), inner_state, params, **extra_args),
-            inputs=(updates, state, params, extra_args),
-        )
-        _check_state_structure(state.guard_inner_state, traced.out_shapes[1])
-        # The optimizer itself can make a NaN from a finite gradient (an infinite learning
-        # rate, moments overflowing in fp16, a bias correction of 0): an accepted step
-        # whose update or new inner state is not finite is skipped too.
-        nonfinite_update = jnp.zeros((), jnp.bool_)
-        if check_updates:
-            nonfinite_update = ~skipped & ~_all_finite(traced.outputs())
-            skipped = skipped | nonfinite_update
-        accepted = ~skipped
-        clipped = accepted & (factors[0] < 1.0)
-        inner_updates, new_inner_state = traced.with_selected_state(lambda k, new: sel.where(skipped, kept(k), new))
-        new_updates = sel.zero_floats_where(skipped, inner_updates)
-
-        # Running statistics: accepted steps only; a spike's norm is capped.
-        capped_norm = jnp.where(spike, jnp.minimum(norm, verdict.bound), norm)  # loss spikes too
-        norm_window = spike_rule.fold(state.guard_norm_window, norm, verdict, accepted)
-        mean = state.guard_running_norm_mean
-        std = jnp.sqrt(state.guard_running_norm_var)
-        norm_mean, norm_var, num_accepted = _clipping.running_moments_update(
-            state.guard_running_norm_mean,
-            state.guard_running_norm_var,
-            state.guard_num_accepted,
-            capped_norm,
-            stats_decay,
-            accepted,
-        )
-        loss_mean_new = state.guard_running_loss_mean
-        loss_var_new = state.guard_running_loss_var
-        num_losses = state.guard_num_losses
-        vanishing = jnp.zeros((), jnp.bool_)
-        if vanishing_norm is not None:
-            vanishing = finite & (norm < vanishing_norm)
-        if loss is not None:
-            loss_accepted = accepted & ~spike
-            loss_mean_new, loss_var_new, num_losses = _clipping.running_moments_update(
-                loss_mean_new, loss_var_new, num_losses, loss, stats_decay, loss_accepted
-            )
-            if vanishing_norm is not None:
-                not_falling = (state.guard_num_losses == 0) | (loss >= loss_mean)
-                vanishing = vanishing & not_falling
-
-        nonfinite = ~finite
-        consecutive_nonfinite = jnp.where(nonfinite | nonfinite_update, state.guard_consecutive_nonfinite + 1, 0)
-        consecutive_spikes = jnp.where(spike, state.guard_consecutive_spikes + 1, 0)
-        rollback = state.guard_rollback
-        if rollback_after_nonfinite is not None:
-            rollback = rollback | (consecutive_nonfinite >= rollback_after_nonfinite)
-        if rollback_after_spikes is not None:
-            rollback = rollback | (consecutive_spikes >= rollback_after_spikes)
-
-        as_int = lambda flag: flag.astype(jnp.int32)
+        decision = _decide(config, state, stats, loss, value)
+        outcome = _apply_inner(config, inner, decision, updates, unscale, state, params, extra_args)
+        moments, counters, report = _record(config, state, stats, loss, decision, outcome)
         new_state = GuardState(
-            guard_inner_state=new_inner_state,
-            guard_clip_state=policy.update(state.guard_clip_state, norm, accepted),
-            guard_norm_window=norm_window,
-            guard_running_norm_mean=norm_mean,
-            guard_running_norm_var=norm_var,
-            guard_num_accepted=num_accepted,
-            guard_running_loss_mean=loss_mean_new,
-            guard_running_loss_var=loss_var_new,
-            guard_num_losses=num_losses,
-            guard_spike_steps=spike_steps,
-            guard_norm=norm,
-            guard_norm_clipped=jnp.where(skipped, 0.0, norm * factors[0] * factors[1]),
-            guard_clip_threshold=threshold,
-            guard_clipped=clipped,
-            guard_finite=finite,
-            guard_skipped=skipped,
-            guard_spike=spike,
-            guard_spike_score=spike_score,
-            guard_zscore=zscore,
-            guard_norm_mean=mean,
-            guard_norm_std=std,
-            guard_loss_zscore=loss_zscore,
-            guard_momentum_reset=momentum_reset,
-            guard_rollback=rollback,
-            guard_vanishing=vanishing,
-            guard_first_nonfinite_leaf=jnp.where(
-                nonfinite, stats.first_nonfinite_leaf, state.guard_first_nonfinite_leaf
-            ),
-            guard_num_steps=step + 1,
-            guard_num_clipped=state.guard_num_clipped + as_int(clipped),
-            guard_num_nonfinite=state.guard_num_nonfinite + as_int(nonfinite),
-            guard_num_nonfinite_updates=state.guard_num_nonfinite_updates + as_int(nonfinite_update),
-            guard_num_skipped=state.guard_num_skipped + as_int(skipped),
-            guard_num_spikes=state.guard_num_spikes + as_int(spike),
-            guard_num_momentum_resets=state.guard_num_momentum_resets + as_int(momentum_reset),
-            guard_consecutive_nonfinite=consecutive_nonfinite,
-            guard_consecutive_spikes=consecutive_spikes,
-            guard_layer_norms=stats.leaf_norms,
+            guard_report=report,
+            guard_counters=counters,
+            guard_moments=moments,
+            guard_spike_steps=decision.spike_steps,
+            guard_clip_state=config.policy.update(state.guard_clip_state, stats.norm, ~outcome.skipped),
+            guard_inner_state=outcome.inner_state,
         )
-        return new_updates, new_state
+        return outcome.updates, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-keep_on_momentum_reset(GuardState, _clipping.ClipByGlobalNormState)

@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_gradhealth import _clipping, _guard, _metrics, _skip, _stats
+from optax_gradhealth import _catalogue, _clipping, _metrics, _skip, _stats
+from optax_gradhealth import _interfaces as interfaces
 from optax_gradhealth import _validation as check
 
 __all__ = ["LossScaleState", "dynamic_loss_scale", "loss_scale", "scale_loss"]
@@ -50,21 +51,13 @@ class LossScaleState(NamedTuple):
     loss_scale_num_overflows: jax.Array
 
 
-_guard.keep_on_momentum_reset(LossScaleState)
-_metrics.register_metrics(
+interfaces.keep_on_momentum_reset(LossScaleState)
+_catalogue.register_metrics(
     LossScaleState,
     {
         "loss_scale": "grad/loss_scale",
         "loss_scale_overflow": "grad/overflow",
         "loss_scale_num_overflows": "grad/num_overflows",
-    },
-    catalogue={
-        "grad/loss_scale": "dynamic loss scale the next train step multiplies its loss by",
-        "grad/overflow": (
-            "the scaled gradient overflowed: step skipped before any statistic, inner state untouched, "
-            "scale backed off (not counted in grad/num_nonfinite)"
-        ),
-        "grad/num_overflows": "overflowed (skipped) steps so far",
     },
 )
 
@@ -179,28 +172,20 @@ def dynamic_loss_scale(
         loss = extra_args.get("loss")
         if loss is not None:
             loss_ok = jnp.all(jnp.isfinite(jnp.asarray(loss)))
-        if isinstance(old_inner, _guard.GuardState):
-            # The guard unscales where it reads the gradients (its statistics and its inner
-            # update), so the unscaled gradients are never materialised.
+        if isinstance(old_inner, interfaces.UnscalesOnRead):
+            # A guard (or any transformation declaring the interface) unscales where it
+            # reads the gradients (its statistics and its inner update), so the unscaled
+            # gradients are never materialised.
             inner_updates, inner_state = inner.update(
-                updates, old_inner, params, **extra_args, **{_guard.UNSCALE_ARG: inverse}
+                updates, old_inner, params, **extra_args, **{interfaces.UNSCALE_ARG: inverse}
             )
-            # The guard already measured the gradient (its finite flag) and, on a
-            # non-finite step, returned zeros and kept its inner optimizer's state. An
-            # overflow only has to undo the guard's own bookkeeping (scalars, per-leaf
-            # norms): no second pass over the gradients or the moments.
-            good = inner_state.guard_finite  # gradients and loss finite
+            # It already measured the gradient (its finite flag) and, on a non-finite
+            # step, returned zeros and kept its inner optimizer's state. An overflow only
+            # has to undo its own bookkeeping (scalars, per-leaf norms): no second pass
+            # over the gradients or the moments.
+            good = inner_state.gradients_finite()  # gradients and loss finite
             overflow = ~good & loss_ok & (scale > min_scale)
-            kept = {
-                field: jax.tree.map(
-                    lambda old, new: sel.where(overflow, old, new),
-                    getattr(old_inner, field),
-                    getattr(inner_state, field),
-                )
-                for field in _guard.GuardState._fields
-                if field != "guard_inner_state"
-            }
-            new_inner_state = inner_state._replace(**kept)
+            new_inner_state = inner_state.keep_bookkeeping(old_inner, overflow, sel.where)
             new_updates = inner_updates
         else:
             # The scaled gradients: that is where an overflow shows.

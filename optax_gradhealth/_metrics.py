@@ -1,4 +1,4 @@
-"""Optimizer state -> flat ``{name: array}`` metrics dict, and the catalogue of names.
+"""Optimizer state -> flat ``{name: array}`` metrics dict.
 
 ``metrics`` only reads fields: no computation, no host sync. Call it inside or outside
 ``jit``; fetch the arrays to the host only when you log (see ``jax.device_get``).
@@ -10,99 +10,15 @@ from typing import Any
 
 import jax
 
-from optax_gradhealth import _clipping, _guard, _stats
+from optax_gradhealth import _catalogue, _stats
 
 __all__ = ["CATALOGUE", "metrics", "register_metrics"]
 
-# name -> one-line meaning (the docs' metrics catalogue is generated from the same words).
-CATALOGUE: dict[str, str] = {
-    "grad/norm": "global L2 norm of the gradient before clipping (float32; NaN/Inf on a non-finite step)",
-    "grad/norm_clipped": "global norm of what the inner optimizer saw after clipping (0 on a skipped step)",
-    "grad/clip_threshold": "clip threshold in force this step (inf when clipping is off)",
-    "grad/clipped": "this step was clipped",
-    "grad/finite": "every gradient element (and the loss and value, if passed) was finite",
-    "grad/skipped": "the update was skipped: zero update, inner state unchanged",
-    "grad/spike": "this step was a spike (see guard's spike rule)",
-    "grad/spike_score": "norm / baseline norm, the median of the latest 16 accepted norms (0 during warm-up)",
-    "grad/zscore": "robust z-score log(norm / baseline) / s, s the robust std of the step-to-step changes of "
-    "the log-norm over the spike window, at least 0.05 (0 during warm-up)",
-    "grad/norm_mean": "bias-corrected running mean of accepted norms, before this step",
-    "grad/norm_std": "running standard deviation of accepted norms, before this step",
-    "grad/loss_zscore": "(loss - running mean loss) / running std, when loss= is passed",
-    "grad/momentum_reset": "this step re-initialised the inner optimizer's moments",
-    "grad/rollback": "sticky recommendation to restore the last healthy checkpoint",
-    "grad/vanishing": "finite norm below the vanishing threshold (and loss not falling, if given)",
-    "grad/first_nonfinite_leaf": (
-        "leaf index (gh.leaf_names order) of the first NaN/Inf leaf at the latest non-finite step, -1 if none"
-    ),
-    "grad/num_steps": "steps seen",
-    "grad/num_clipped": "steps clipped",
-    "grad/num_nonfinite": "steps with a non-finite gradient, loss or value",
-    "grad/num_nonfinite_updates": "finite steps skipped because the inner update or new inner state was non-finite",
-    "grad/num_skipped": "steps skipped (non-finite, or spike with spike_action='skip')",
-    "grad/num_spikes": "spikes detected",
-    "grad/num_momentum_resets": "momentum resets performed",
-    "grad/consecutive_nonfinite": "current run of consecutive non-finite steps (gradient, loss, value or update)",
-    "grad/consecutive_spikes": "current run of consecutive spikes",
-    "grad/layer_norm/<path>": "pre-clip L2 norm of one gradient leaf, named by its path",
-}
-
-_GUARD_FIELDS = {
-    "guard_norm": "grad/norm",
-    "guard_norm_clipped": "grad/norm_clipped",
-    "guard_clip_threshold": "grad/clip_threshold",
-    "guard_clipped": "grad/clipped",
-    "guard_finite": "grad/finite",
-    "guard_skipped": "grad/skipped",
-    "guard_spike": "grad/spike",
-    "guard_spike_score": "grad/spike_score",
-    "guard_zscore": "grad/zscore",
-    "guard_norm_mean": "grad/norm_mean",
-    "guard_norm_std": "grad/norm_std",
-    "guard_loss_zscore": "grad/loss_zscore",
-    "guard_momentum_reset": "grad/momentum_reset",
-    "guard_rollback": "grad/rollback",
-    "guard_vanishing": "grad/vanishing",
-    "guard_first_nonfinite_leaf": "grad/first_nonfinite_leaf",
-    "guard_num_steps": "grad/num_steps",
-    "guard_num_clipped": "grad/num_clipped",
-    "guard_num_nonfinite": "grad/num_nonfinite",
-    "guard_num_nonfinite_updates": "grad/num_nonfinite_updates",
-    "guard_num_skipped": "grad/num_skipped",
-    "guard_num_spikes": "grad/num_spikes",
-    "guard_num_momentum_resets": "grad/num_momentum_resets",
-    "guard_consecutive_nonfinite": "grad/consecutive_nonfinite",
-    "guard_consecutive_spikes": "grad/consecutive_spikes",
-    "guard_layer_norms": "grad/layer_norm",
-}
-
-_CLIP_FIELDS = {
-    "clip_norm": "grad/norm",
-    "clip_norm_clipped": "grad/norm_clipped",
-    "clip_threshold": "grad/clip_threshold",
-    "clip_clipped": "grad/clipped",
-    "clip_num_clipped": "grad/num_clipped",
-    "clip_num_steps": "grad/num_steps",
-    "clip_layer_norms": "grad/layer_norm",
-}
-
-# state type -> {field: metric name}. Other modules (cross-device audit, loss scaling,
-# clipping modes) add their own state types with `register_metrics`.
-_REGISTRY: dict[type, dict[str, str]] = {
-    _guard.GuardState: _GUARD_FIELDS,
-    _clipping.ClipByGlobalNormState: _CLIP_FIELDS,
-}
-
-
-def register_metrics(state_type: type, fields: dict[str, str], catalogue: dict[str, str] | None = None) -> None:
-    """Declares which fields of a NamedTuple state type are metrics, and their names.
-
-    A field whose value is a pytree (not an array) is flattened into
-    ``<name>/<leaf path>`` entries, e.g. per-layer norms.
-    """
-    _REGISTRY[state_type] = dict(fields)
-    if catalogue:
-        CATALOGUE.update(catalogue)
+# The names and their meanings live in the leaf module `_catalogue` (one table); the
+# modules that define states register their fields there. This module only reads.
+CATALOGUE = _catalogue.CATALOGUE
+register_metrics = _catalogue.register_metrics
+_REGISTRY = _catalogue.STATE_FIELDS
 
 
 def _unwrap_variables(tree: Any) -> Any:

@@ -202,7 +202,7 @@ def test_optax_apply_if_finite_applies_nan_after_max_consecutive_errors():
 
     guarded, state = _run(gh.guard(optax.adam(0.1)), [nan] * 50, params)
     np.testing.assert_array_equal(np.asarray(guarded["w"]), 1.0)
-    assert int(state.guard_num_nonfinite) == 50 and bool(state.guard_rollback)
+    assert int(state.guard_counters.guard_num_nonfinite) == 50 and bool(state.guard_counters.guard_rollback)
 
 
 def test_optax_monitor_state_changes_structure_after_first_update():
@@ -287,7 +287,7 @@ def test_momentum_reset_keeps_schedule_counter_and_restarts_adam():
     state = tx.init(params)
     for value in [1.0] * 5 + [100.0]:
         _, state = tx.update({"w": jnp.full(3, value)}, state, params)
-    assert bool(state.guard_momentum_reset)
+    assert bool(state.guard_report.guard_momentum_reset)
     adam, _, schedule_state = state.guard_inner_state
     # 'record' applies the reset step: the fresh adam took its gradient (100) as its first.
     assert int(adam.count) == 1

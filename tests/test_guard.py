@@ -145,7 +145,9 @@ def test_many_nonfinite_steps_in_a_row_never_reach_the_params():
     tx = gh.guard(optax.adam(1e-2), rollback_after_nonfinite=10)
     params, opt_state, trajectory, history = guarded_run(tx, jnp.asarray(faults), data)
     chex.assert_tree_all_finite((trajectory, opt_state.guard_inner_state))
-    chex.assert_tree_all_finite((opt_state.guard_running_norm_mean, opt_state.guard_running_norm_var))
+    chex.assert_tree_all_finite(
+        (opt_state.guard_moments.guard_running_norm_mean, opt_state.guard_moments.guard_running_norm_var)
+    )
     history = jax.device_get(history)
     assert int(history["grad/consecutive_nonfinite"][44]) == 40
     # The rollback recommendation rises at the 10th non-finite step and stays up.
@@ -182,7 +184,7 @@ def test_skipped_step_leaves_inner_state_bitwise_identical_and_update_zero():
         for leaf in jax.tree.leaves(updates):
             assert not np.asarray(leaf, np.float32).any()
         chex.assert_trees_all_equal_dtypes(updates, params)
-        assert gh.leaf_names(grads)[int(new_state.guard_first_nonfinite_leaf)] == "a"
+        assert gh.leaf_names(grads)[int(new_state.guard_counters.guard_first_nonfinite_leaf)] == "a"
         state = new_state
 
 
@@ -290,12 +292,12 @@ def test_momentum_reset_keeps_schedule_counter():
         _, state = update({"w": jnp.full((4,), norm / 2.0)}, state, params)
         adam, _, sched = state.guard_inner_state
         if i == 15:
-            assert bool(state.guard_momentum_reset)
+            assert bool(state.guard_report.guard_momentum_reset)
             assert int(adam.count) == 0
             assert not np.asarray(adam.mu["w"]).any() and not np.asarray(adam.nu["w"]).any()
             # The schedule counts every applied step (spikes are skipped, so 14 = 16 - 2).
             assert int(sched.count) == 14
-    assert int(state.guard_num_momentum_resets) == 1
+    assert int(state.guard_counters.guard_num_momentum_resets) == 1
     assert int(adam.count) == 4  # steps 16..19 after the reset
 
 
@@ -350,7 +352,7 @@ def test_registering_metrics_does_not_change_what_a_reset_keeps():
         _, state = tx.update({"w": jnp.full((2,), norm / np.sqrt(2))}, state, params)
     assert int(gh.metrics(state)["test/seen_steps"]) == 4
     _, state = tx.update({"w": jnp.full((2,), 50.0)}, state, params)  # spike: reset
-    assert bool(state.guard_momentum_reset)
+    assert bool(state.guard_report.guard_momentum_reset)
     assert int(gh.metrics(state)["test/seen_steps"]) == 0  # re-initialised like any moment
 
 
@@ -362,7 +364,7 @@ def test_momentum_reset_inside_inject_hyperparams_keeps_its_count():
     for norm in [1.0, 1.0, 1.0, 1.0, 9.0]:
         _, state = tx.update({"w": jnp.full((2,), norm / np.sqrt(2))}, state, params)
     inject = state.guard_inner_state
-    assert bool(state.guard_momentum_reset)
+    assert bool(state.guard_report.guard_momentum_reset)
     assert int(inject.count) == 4  # kept
     assert int(inject.inner_state[0].count) == 0  # adam's moments reset
     assert not np.asarray(inject.inner_state[0].mu["w"]).any()

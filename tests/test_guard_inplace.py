@@ -96,8 +96,8 @@ def test_guard_step_has_no_per_leaf_slices_and_no_scatter():
     assert 2 * len(params) <= len(reductions) <= 2 * len(params) + 8
     # The recorded per-layer norms are one float32[24] vector in the state.
     state = tx.init(params)
-    assert isinstance(state.guard_layer_norms, gh.LayerNorms)
-    assert state.guard_layer_norms.values.shape == (len(params),)
+    assert isinstance(state.guard_report.guard_layer_norms, gh.LayerNorms)
+    assert state.guard_report.guard_layer_norms.values.shape == (len(params),)
 
 
 def _calls_and_widest_kernel(num_leaves: int) -> tuple[int, int]:

@@ -100,7 +100,9 @@ def test_guard_skips_an_update_the_optimizer_made_nonfinite(case, jit):
         assert int(m["grad/consecutive_nonfinite"]) == step + 1
         assert float(m["grad/norm_clipped"]) == 0.0
         # Nothing was accepted: the spike window and the running statistics are empty.
-        assert int(state.guard_num_accepted) == 0 and int(state.guard_norm_window.count) == 0
+        assert (
+            int(state.guard_moments.guard_num_accepted) == 0 and int(state.guard_moments.guard_norm_window.count) == 0
+        )
 
 
 def test_a_later_nonfinite_update_keeps_the_state_of_the_last_applied_step():

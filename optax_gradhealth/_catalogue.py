@@ -1,0 +1,539 @@
+"""The metric catalogue: one table of every metric name (meaning, kind, healthy range),
+and the registry of which state fields hold which metric.
+
+A leaf module: it imports nothing from the package, and nothing in the jitted path reads
+it to decide what to do (only :func:`optax_gradhealth.metrics`, the docs, ``diagnose`` and
+``report`` read it). Names are declared here once; the code that records a metric
+registers its state's fields with :func:`register_metrics`, and
+``tests/test_catalogue.py`` fails on any metric name used in the package, the examples
+or the docs that is not declared.
+
+Per-leaf metrics are declared with a ``<path>`` placeholder
+(``grad/layer_norm/<path>``): :func:`metrics` returns one entry per gradient leaf.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import NamedTuple
+
+__all__ = [
+    "CATALOGUE",
+    "KINDS",
+    "SPECS",
+    "MetricSpec",
+    "is_declared",
+    "register_metrics",
+    "spec_of",
+]
+
+FLAG, COUNT, VALUE, VECTOR, INDEX = "flag", "count", "value", "vector", "index"
+#: The kinds of metric: ``flag`` (bool, this step), ``count`` (int32 counter or count),
+#: ``value`` (float32 scalar), ``vector`` (one value per device, device pair, leaf or
+#: micro-batch) and ``index`` (an int32 position, -1 for none).
+KINDS = (FLAG, COUNT, VALUE, VECTOR, INDEX)
+
+
+class MetricSpec(NamedTuple):
+    """One metric: its logged name, kind, meaning and what a healthy run shows.
+
+    Attributes:
+      name: the key :func:`optax_gradhealth.metrics` returns (``<path>``: one per leaf).
+      kind: one of :data:`KINDS`.
+      meaning: one line, the catalogue's (:data:`optax_gradhealth.CATALOGUE`).
+      healthy: what a healthy run shows, and what a departure suggests (the docs' table).
+    """
+
+    name: str
+    kind: str
+    meaning: str
+    healthy: str
+
+
+_SPEC_LIST: tuple[MetricSpec, ...] = (
+    # the guard (gh.guard) and gh.clip_by_global_norm
+    MetricSpec(
+        "grad/norm",
+        VALUE,
+        "global L2 norm of the gradient before clipping (float32; NaN/Inf on a non-finite step)",
+        (
+            "finite and > 0; varies smoothly, usually within 2x of grad/norm_mean. NaN/Inf only on a skipped "
+            "step; a slow climb over thousands of steps often precedes divergence."
+        ),
+    ),
+    MetricSpec(
+        "grad/norm_clipped",
+        VALUE,
+        "global norm of what the inner optimizer saw after clipping (0 on a skipped step)",
+        "equal to grad/norm on most steps, below it on clipped steps, 0 only on skipped steps.",
+    ),
+    MetricSpec(
+        "grad/clip_threshold",
+        VALUE,
+        "clip threshold in force this step (inf when clipping is off)",
+        (
+            "a little above the typical grad/norm, so that only the top few percent of steps are clipped; inf"
+            " when clipping is off."
+        ),
+    ),
+    MetricSpec(
+        "grad/clipped",
+        FLAG,
+        "this step was clipped",
+        (
+            "True on a few percent of steps. True on (almost) every step: the threshold is too low (the "
+            "optimizer sees a fixed-size step); never True over a long run: the threshold does nothing."
+        ),
+    ),
+    MetricSpec(
+        "grad/finite",
+        FLAG,
+        "every gradient element (and the loss and value, if passed) was finite",
+        "True. A rare False is tolerated (the step is skipped); frequent False is a numerics bug.",
+    ),
+    MetricSpec(
+        "grad/skipped",
+        FLAG,
+        "the update was skipped: zero update, inner state unchanged",
+        "False on (almost) every step.",
+    ),
+    MetricSpec(
+        "grad/spike",
+        FLAG,
+        "this step was a spike (see guard's spike rule)",
+        "rarely True (well under 1% of steps).",
+    ),
+    MetricSpec(
+        "grad/spike_score",
+        VALUE,
+        "norm / baseline norm, the median of the latest 16 accepted norms (0 during warm-up)",
+        (
+            "around 1 (about 0.5 to 2). Above spike_threshold (5 by default) with a robust z-score above "
+            "spike_zscore (6): a spike. 0 during warm-up."
+        ),
+    ),
+    MetricSpec(
+        "grad/zscore",
+        VALUE,
+        (
+            "robust z-score log(norm / baseline) / s, s the robust std of the step-to-step changes of the "
+            "log-norm over the spike window, at least 0.05 (0 during warm-up)"
+        ),
+        "within about +-3. 0 during warm-up.",
+    ),
+    MetricSpec(
+        "grad/norm_mean",
+        VALUE,
+        "bias-corrected running mean of accepted norms, before this step",
+        "positive, changing slowly.",
+    ),
+    MetricSpec(
+        "grad/norm_std",
+        VALUE,
+        "running standard deviation of accepted norms, before this step",
+        "below grad/norm_mean (coefficient of variation std / mean well under 1).",
+    ),
+    MetricSpec(
+        "grad/loss_zscore",
+        VALUE,
+        "(loss - running mean loss) / running std, when loss= is passed",
+        "within about +-3 (0 when no loss= is passed).",
+    ),
+    MetricSpec(
+        "grad/momentum_reset",
+        FLAG,
+        "this step re-initialised the inner optimizer's moments",
+        (
+            "False. An occasional reset is survivable; repeated resets mean persistent spikes (learning rate "
+            "too high, bad data)."
+        ),
+    ),
+    MetricSpec(
+        "grad/rollback",
+        FLAG,
+        "sticky recommendation to restore the last healthy checkpoint",
+        "False. Once True it stays True: restore the last healthy checkpoint.",
+    ),
+    MetricSpec(
+        "grad/vanishing",
+        FLAG,
+        "finite norm below the vanishing threshold (and loss not falling, if given)",
+        (
+            "False after the first steps. True for many steps while the loss is high: vanishing gradients "
+            "(dead units, saturated activations, a learning rate decayed to nothing)."
+        ),
+    ),
+    MetricSpec(
+        "grad/first_nonfinite_leaf",
+        INDEX,
+        ("leaf index (gh.leaf_names order) of the first NaN/Inf leaf at the latest non-finite step, -1 if none"),
+        ("-1 (no non-finite step yet); otherwise the leaf to inspect, named by gh.leaf_names(params)[index]."),
+    ),
+    MetricSpec(
+        "grad/num_steps",
+        COUNT,
+        "steps seen",
+        "equal to the number of update calls (skipped steps included).",
+    ),
+    MetricSpec(
+        "grad/num_clipped",
+        COUNT,
+        "steps clipped",
+        "a small fraction (a few percent) of grad/num_steps.",
+    ),
+    MetricSpec(
+        "grad/num_nonfinite",
+        COUNT,
+        "steps with a non-finite gradient, loss or value",
+        ("0, or growing only rarely. Steady growth: fp16 without loss scaling, log(0), a division by zero, bad data."),
+    ),
+    MetricSpec(
+        "grad/num_nonfinite_updates",
+        COUNT,
+        "finite steps skipped because the inner update or new inner state was non-finite",
+        (
+            "0. Growing: the optimizer itself makes the NaN/Inf from finite gradients (an infinite learning "
+            "rate, fp16/bf16 moments overflowing, bf16 hyperparameters rounding b2 to 1)."
+        ),
+    ),
+    MetricSpec(
+        "grad/num_skipped",
+        COUNT,
+        "steps skipped (non-finite, or spike with spike_action='skip')",
+        ("about grad/num_nonfinite (plus grad/num_spikes with spike_action='skip'); a small fraction of steps."),
+    ),
+    MetricSpec(
+        "grad/num_spikes",
+        COUNT,
+        "spikes detected",
+        "well under 1% of grad/num_steps.",
+    ),
+    MetricSpec(
+        "grad/num_momentum_resets",
+        COUNT,
+        "momentum resets performed",
+        "0, or a handful over a whole run.",
+    ),
+    MetricSpec(
+        "grad/consecutive_nonfinite",
+        COUNT,
+        "current run of consecutive non-finite steps (gradient, loss, value or update)",
+        "0 (1 on an isolated bad step). Reaching rollback_after_nonfinite (10) raises grad/rollback.",
+    ),
+    MetricSpec(
+        "grad/consecutive_spikes",
+        COUNT,
+        "current run of consecutive spikes",
+        "0 (1 on an isolated spike). Reaching rollback_after_spikes (10) raises grad/rollback.",
+    ),
+    MetricSpec(
+        "grad/layer_norm/<path>",
+        VECTOR,
+        "pre-clip L2 norm of one gradient leaf, named by its path",
+        (
+            "finite; the ratios between layers steady over time. One layer far above the others (or climbing)"
+            " is where a blow-up starts; a layer at ~0 is dead or frozen."
+        ),
+    ),
+    # gradient accumulation (gh.record_micro_batch_norms)
+    MetricSpec(
+        "grad/micro_batch_norms",
+        VECTOR,
+        (
+            "[k] global norm of each micro-batch gradient of the current accumulation window "
+            "(gh.record_micro_batch_norms)"
+        ),
+        (
+            "similar values across the micro-batches of one update; one far above the others points at a bad "
+            "micro-batch."
+        ),
+    ),
+    # the clip modes (gh.clip_by_value, gh.clip_by_layer_norm, gh.adaptive_grad_clip)
+    MetricSpec(
+        "grad/value_clip_count",
+        COUNT,
+        "gradient elements clipped by gh.clip_by_value this step",
+        "0 or a small number of elements; a large count means the value bound is too tight.",
+    ),
+    MetricSpec(
+        "grad/value_clip_fraction",
+        VALUE,
+        "fraction of gradient elements clipped by gh.clip_by_value this step",
+        "below ~0.01; near 1 the bound is too tight and clipping changes the direction.",
+    ),
+    MetricSpec(
+        "grad/layer_clip_fraction",
+        VALUE,
+        "fraction of gradient leaves (layers) clipped by gh.clip_by_layer_norm",
+        "0 on most steps; near 1 on every step means the per-layer bound is too low.",
+    ),
+    MetricSpec(
+        "grad/layer_clipped/<path>",
+        FLAG,
+        "this leaf was clipped by gh.clip_by_layer_norm this step",
+        ("False on most steps; one layer clipped on every step deserves a look (its norm in grad/layer_norm/<path>)."),
+    ),
+    MetricSpec(
+        "grad/agc_clip_count",
+        COUNT,
+        "units rescaled by gh.adaptive_grad_clip (AGC) this step",
+        "a small share of the units; many units clipped every step means lambda is too small.",
+    ),
+    MetricSpec(
+        "grad/agc_clip_fraction",
+        VALUE,
+        "fraction of units rescaled by gh.adaptive_grad_clip (AGC) this step",
+        "below ~0.1 once training settles; near 1 means lambda (default 0.01) is too small.",
+    ),
+    # dynamic loss scaling (gh.dynamic_loss_scale)
+    MetricSpec(
+        "grad/loss_scale",
+        VALUE,
+        "dynamic loss scale the next train step multiplies its loss by",
+        (
+            "a power of two that settles (moving by 2x around its ceiling). A collapse toward the lower "
+            "bound: gradients overflow even at a small scale."
+        ),
+    ),
+    MetricSpec(
+        "grad/overflow",
+        FLAG,
+        (
+            "the scaled gradient overflowed: step skipped before any statistic, inner state untouched, scale "
+            "backed off (not counted in grad/num_nonfinite)"
+        ),
+        (
+            "False on almost every step. A few overflows right after each growth of the scale are normal: "
+            "that is how the scale finds its ceiling."
+        ),
+    ),
+    MetricSpec(
+        "grad/num_overflows",
+        COUNT,
+        "overflowed (skipped) steps so far",
+        (
+            "rises by a few per 2000 steps as the scale probes upward (expected); growing every step means "
+            "the scale cannot find a level: check the loss for Inf."
+        ),
+    ),
+    # the cross-device audit (gh.cross_device)
+    MetricSpec(
+        "xdev/device_norms",
+        VECTOR,
+        "[K] L2 norm of each device's local gradient before the all-reduce (every step)",
+        "all devices within about 10-20% of one another (same data distribution).",
+    ),
+    MetricSpec(
+        "xdev/norm_cv",
+        VALUE,
+        "coefficient of variation (std / mean) of the device norms (every step)",
+        "small (under about 0.2 for per-device batches of reasonable size).",
+    ),
+    MetricSpec(
+        "xdev/norm_max_over_min",
+        VALUE,
+        "largest / smallest device norm (every step)",
+        "close to 1 (under about 1.5).",
+    ),
+    MetricSpec(
+        "xdev/agreement",
+        VALUE,
+        (
+            "(K^2 |mean g|^2 - sum_k |g_k|^2) / ((K-1) sum_k |g_k|^2): mean pairwise inner product over the "
+            "mean squared norm; 1 = identical, ~0 = orthogonal, -1/(K-1) = cancelling (every step)"
+        ),
+        (
+            "between 0 and 1, steady; higher for larger per-device batches. Persistently ~0: noise-dominated "
+            "(batch too small, learning rate too high). A sudden drop from > 0.5 to ~0: seed desync or "
+            "sampler misalignment. Above 0.99: duplicated data shards."
+        ),
+    ),
+    MetricSpec(
+        "xdev/audited",
+        FLAG,
+        "the latest update was an audit step",
+        "True on audit steps (every step at first, then every N steps).",
+    ),
+    MetricSpec(
+        "xdev/cosine_to_mean",
+        VECTOR,
+        "[K] exact cosine of each device's gradient to the mean gradient (latest audit)",
+        "positive and similar for every device; one device far below the others is an outlier.",
+    ),
+    MetricSpec(
+        "xdev/pairwise_cosine",
+        VECTOR,
+        "[K, K] pairwise cosines from the random-projection sketch (latest audit)",
+        ("off-diagonal entries positive and similar; an entry near 1 flags two devices seeing the same data."),
+    ),
+    MetricSpec(
+        "xdev/mean_pairwise_cosine",
+        VALUE,
+        "mean off-diagonal sketched pairwise cosine (latest audit)",
+        "positive and below 0.99.",
+    ),
+    MetricSpec(
+        "xdev/outlier_device",
+        INDEX,
+        "data-axis index of the named outlier device with the most evidence, -1 if none (latest audit)",
+        ("-1 (no outlier). The same device flagged again and again: a hardware fault or silent data corruption on it."),
+    ),
+    MetricSpec(
+        "xdev/outlier_score",
+        VALUE,
+        "largest instant device score: robust z of log-norm or of leave-one-out cosine (latest audit)",
+        "below the outlier threshold (10), usually below 3.",
+    ),
+    MetricSpec(
+        "xdev/outlier_devices",
+        VECTOR,
+        (
+            "[K] devices named as outliers: instant score > outlier_threshold or CUSUM evidence > "
+            "outlier_evidence (latest audit)"
+        ),
+        (
+            "all False. A device True at one audit only: a transient fault (a bit flip, a bad batch); True "
+            "audit after audit: hardware or that device's data."
+        ),
+    ),
+    MetricSpec(
+        "xdev/norm_score",
+        VECTOR,
+        "[K] robust z-score of each device's log gradient norm across devices (latest audit)",
+        "below about 3 for every device; one device high: its gradient norm differs from the others'.",
+    ),
+    MetricSpec(
+        "xdev/direction_score",
+        VECTOR,
+        "[K] robust one-sided z-score of each device's leave-one-out cosine across devices (latest audit)",
+        (
+            "below about 3 for every device; one device high: its gradient points elsewhere (label noise, a "
+            "broken augmentation, stale parameters)."
+        ),
+    ),
+    MetricSpec(
+        "xdev/outlier_evidence",
+        VECTOR,
+        "[K] CUSUM evidence, accumulated over audits, that each device is an outlier",
+        ("0 or a few units; climbing toward outlier_evidence (12): a persistent moderate deviation on that device."),
+    ),
+    MetricSpec(
+        "xdev/near_duplicate_pairs",
+        VECTOR,
+        ("[K, K] pairs whose sketched cosine stood far above the other pairs' for several audits (latest audit)"),
+        "all False. A pair True: two devices see the same examples.",
+    ),
+    MetricSpec(
+        "xdev/duplicate_pairs",
+        VECTOR,
+        "[K, K] devices j != k with bit-identical non-zero gradients (latest audit)",
+        "all False (no two devices with bit-identical gradients).",
+    ),
+    MetricSpec(
+        "xdev/param_desync",
+        VECTOR,
+        "[K] device whose parameter fingerprint differs from the majority's (latest audit)",
+        "0 / False: the replicas' parameters are identical.",
+    ),
+    MetricSpec(
+        "xdev/noise_scale",
+        VALUE,
+        "gradient noise scale B_simple = EMA(tr Sigma) / EMA(|G|^2), bias-corrected (every step)",
+        (
+            "positive, usually growing during training. A global batch far above it gives diminishing "
+            "returns; far below it wastes steps."
+        ),
+    ),
+    MetricSpec(
+        "xdev/grad_sq_est",
+        VALUE,
+        "this step's unbiased estimate of |G|^2 from the local and mean gradient norms",
+        "positive on average (a single step's estimate is noisy and can be negative).",
+    ),
+    MetricSpec(
+        "xdev/trace_cov_est",
+        VALUE,
+        "this step's estimate of tr(Sigma), per-example gradient covariance trace",
+        "positive on average (noisy per step).",
+    ),
+)
+
+#: Every metric the package records, by name.
+SPECS: dict[str, MetricSpec] = {spec.name: spec for spec in _SPEC_LIST}
+
+# ``{name: one-line meaning}`` of every metric `metrics` can return; names that users
+# register with `register_metrics` are added to it (documented in docs/_ext: DATA_DOCS).
+CATALOGUE: dict[str, str] = {spec.name: spec.meaning for spec in _SPEC_LIST}
+
+# state type -> {field: metric name}: what `metrics` reads. Filled by the modules that
+# define the states (and by users), never read by the jitted path.
+STATE_FIELDS: dict[type, dict[str, str]] = {}
+
+_PLACEHOLDER = re.compile(r"/<[a-z_]+>$")
+
+
+_INDICES = re.compile(r"(/[0-9]+)+$")
+
+
+def spec_of(name: str) -> MetricSpec:
+    """The spec of a declared metric name. A per-leaf name (``grad/layer_norm/dense/w``)
+    resolves to its ``<path>`` entry, and one element of a vector as the writers flatten
+    it (``xdev/device_norms/3``, ``xdev/pairwise_cosine/0/5``) to the vector's. Raises
+    ``KeyError`` for an undeclared name."""
+    if name in SPECS:
+        return SPECS[name]
+    for declared, spec in SPECS.items():
+        if _PLACEHOLDER.search(declared) and name.startswith(_PLACEHOLDER.sub("/", declared)):
+            return spec
+    base = _INDICES.sub("", name)
+    if base != name and base in SPECS and SPECS[base].kind == VECTOR:
+        return SPECS[base]
+    raise KeyError(f"metric {name!r} is not declared in optax_gradhealth._catalogue.SPECS")
+
+
+def is_declared(name: str) -> bool:
+    """True when ``name`` is a declared metric, a per-leaf entry of one, or a name a user
+    registered with :func:`register_metrics`."""
+    if name in CATALOGUE:
+        return True
+    try:
+        spec_of(name)
+    except KeyError:
+        return False
+    return True
+
+
+def register_metrics(state_type: type, fields: dict[str, str], catalogue: dict[str, str] | None = None) -> None:
+    """Declares which fields of a NamedTuple state type are metrics, and their names.
+
+    A field whose value is a pytree (not an array) is flattened into
+    ``<name>/<leaf path>`` entries, e.g. per-layer norms. Registering only changes what
+    :func:`metrics` reports: never what a transformation does (a momentum reset keeps
+    what ``keep_on_momentum_reset`` declares, whatever is logged).
+
+    Args:
+      state_type: a NamedTuple type that a transformation keeps in its state.
+      fields: ``{field name: metric name}``; an empty dict marks a state that holds
+        registered states (groups) so that they are reported in field order.
+      catalogue: ``{metric name: one-line meaning}`` for names not declared yet.
+
+    Example:
+      >>> from typing import NamedTuple
+      >>> import jax.numpy as jnp
+      >>> import optax_gradhealth as gh
+      >>> class MyState(NamedTuple):
+      ...     my_count: jnp.ndarray
+      >>> gh.register_metrics(MyState, {'my_count': 'my/count'}, catalogue={'my/count': 'my steps'})
+      >>> gh.metrics((MyState(jnp.int32(3)),))
+      {'my/count': Array(3, dtype=int32, weak_type=True)}
+    """
+    fields = dict(fields)
+    for field in fields:
+        if field not in getattr(state_type, "_fields", ()):
+            raise ValueError(
+                f"gh.register_metrics: {state_type.__name__} has no field {field!r} "
+                f"(fields: {getattr(state_type, '_fields', ())})."
+            )
+    STATE_FIELDS[state_type] = fields
+    if catalogue:
+        CATALOGUE.update(catalogue)

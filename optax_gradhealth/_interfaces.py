@@ -1,0 +1,64 @@
+"""The declared interfaces between the package's transformations.
+
+A leaf module (it imports nothing from the package), so that a transformation can take
+part in another's behaviour without either importing the other:
+
+* **What a momentum reset keeps.** :func:`optax_gradhealth.guard` re-initialises its
+  inner optimizer's moments after persistent spikes. State types declared with
+  :func:`keep_on_momentum_reset` (bookkeeping: clip records, loss scale, audits, nested
+  guards) are kept as they are. The declaration is about behaviour only; what is logged
+  (:func:`optax_gradhealth.register_metrics`) never changes it.
+* **Loss scaling through a wrapped transformation.**
+  :func:`optax_gradhealth.dynamic_loss_scale` hands the unscale factor to a wrapped
+  transformation whose state implements :class:`UnscalesOnRead`, instead of unscaling
+  the gradients itself: the wrapped transformation multiplies where it reads the
+  gradients, so the unscaled gradients are never materialised. On an overflow the loss
+  scale asks that state to keep its previous bookkeeping.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
+
+__all__ = ["UNSCALE_ARG", "UnscalesOnRead", "is_kept_on_momentum_reset", "keep_on_momentum_reset"]
+
+#: The private extra argument that carries the loss scale's unscale factor (a float32
+#: scalar: the true gradients are ``updates * factor``) to a transformation whose state
+#: is :class:`UnscalesOnRead`.
+UNSCALE_ARG = "_gradhealth_unscale"
+
+_KEPT_ON_RESET: set[type] = set()
+
+
+def keep_on_momentum_reset(*state_types: type) -> None:
+    """Declares state types that the guard's momentum reset keeps as they are (instead of
+    re-initialising them with the inner optimizer's moments): bookkeeping, not moments."""
+    _KEPT_ON_RESET.update(state_types)
+
+
+def is_kept_on_momentum_reset(state: Any) -> bool:
+    """True for a state whose type was declared with :func:`keep_on_momentum_reset`."""
+    return type(state) in _KEPT_ON_RESET
+
+
+@runtime_checkable
+class UnscalesOnRead(Protocol):
+    """The state of a transformation that accepts ``UNSCALE_ARG`` in ``update``.
+
+    Such a transformation multiplies the incoming gradients by the factor wherever it
+    reads them (its statistics and its inner update), and treats a non-finite gradient
+    by returning a zero update and keeping its inner optimizer's state, as
+    :func:`optax_gradhealth.guard` does.
+    """
+
+    def gradients_finite(self) -> Any:
+        """The bool scalar this step's state recorded: every (unscaled) gradient element,
+        and the loss, were finite."""
+        ...
+
+    def keep_bookkeeping(self, previous: Any, keep: Any, where: Callable[[Any, Any, Any], Any]) -> Any:
+        """This state with its own bookkeeping (everything but the inner optimizer's
+        state, which a non-finite step already kept) taken from ``previous`` where
+        ``keep``: ``where(keep, old_leaf, new_leaf)`` leaf by leaf."""
+        ...

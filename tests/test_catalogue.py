@@ -1,0 +1,141 @@
+"""The metric catalogue (optax_gradhealth._catalogue): one declared table of names, kinds,
+meanings and healthy ranges, checked against every name the code and the docs use and
+against the arrays that gh.metrics really returns."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_gradhealth as gh
+from optax_gradhealth import _catalogue, _interfaces
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+# A metric name as written in code or prose: `grad/...` or `xdev/...`, not inside a path
+# or a URL. f-strings give a prefix (`grad/layer_norm/{name}`), checked as `<path>`.
+_NAME = re.compile(r"(?<![\w/.-])((?:grad|xdev)/[A-Za-z0-9_]+(?:/[A-Za-z0-9_<>.]+)*)")
+
+
+def _used_names() -> dict[str, list[str]]:
+    files = [
+        *sorted((ROOT / "optax_gradhealth").glob("*.py")),
+        *sorted((ROOT / "examples").glob("*.py")),
+        *sorted((ROOT / "benchmarks").glob("*.py")),
+        *sorted((ROOT / "docs").glob("*.md")),
+        ROOT / "README.md",
+    ]
+    used: dict[str, list[str]] = {}
+    for path in files:
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            for match in _NAME.finditer(line):
+                used.setdefault(match.group(1).rstrip("/."), []).append(f"{path.relative_to(ROOT)}:{number}")
+    return used
+
+
+def _declared(name: str) -> bool:
+    return _catalogue.is_declared(name) or f"{name}/<path>" in _catalogue.SPECS
+
+
+def test_every_metric_name_used_in_code_examples_and_docs_is_declared():
+    used = _used_names()
+    # The scan finds names: a broken pattern would pass vacuously.
+    assert {"grad/norm", "grad/num_skipped", "xdev/outlier_device", "grad/layer_norm"} <= set(used)
+    undeclared = {name: where[:3] for name, where in used.items() if not _declared(name)}
+    assert not undeclared, f"metric names used but not declared in _catalogue.SPECS: {undeclared}"
+
+
+def test_the_check_rejects_a_misspelt_name_and_resolves_per_leaf_and_vector_entries():
+    assert not _declared("grad/num_skiped")
+    assert not _declared("grad/layer_norms/dense/w")
+    assert not _declared("grad/norm/3")  # a scalar has no elements
+    assert _catalogue.spec_of("grad/layer_norm/dense/kernel").name == "grad/layer_norm/<path>"
+    assert _catalogue.spec_of("xdev/pairwise_cosine/0/5").name == "xdev/pairwise_cosine"
+    with pytest.raises(KeyError, match="grad/nrom"):
+        _catalogue.spec_of("grad/nrom")
+
+
+def test_specs_are_complete_and_the_catalogue_is_made_from_them():
+    for name, spec in _catalogue.SPECS.items():
+        assert spec.name == name and spec.kind in _catalogue.KINDS, spec
+        assert spec.meaning.strip() and spec.healthy.strip(), name
+        assert gh.CATALOGUE[name] == spec.meaning
+    assert len(_catalogue.SPECS) == len({s.name for s in _catalogue._SPEC_LIST})  # no name twice
+
+
+def test_every_registered_field_names_a_declared_metric():
+    assert _catalogue.STATE_FIELDS, "no state registered"
+    for state_type, fields in _catalogue.STATE_FIELDS.items():
+        for field, name in fields.items():
+            assert field in state_type._fields, (state_type, field)
+            assert _declared(name), (state_type.__name__, field, name)
+
+
+def test_registering_an_unknown_field_is_a_clear_error():
+    class Probe(tuple):
+        _fields = ("probe_a",)
+
+    with pytest.raises(ValueError, match=r"Probe has no field 'probe_b'"):
+        gh.register_metrics(Probe, {"probe_b": "probe/b"})
+
+
+def _all_states():
+    params = {"dense": {"w": jnp.ones((3, 2)), "b": jnp.ones(2)}}
+    txs = [
+        gh.dynamic_loss_scale(gh.guard(optax.adam(1e-3), clip=gh.ZScoreClip())),
+        gh.clip_by_global_norm(1.0),
+        gh.clip_by_value(1.0),
+        gh.clip_by_layer_norm(1.0),
+        gh.adaptive_grad_clip(0.01),
+        gh.record_micro_batch_norms(2),
+    ]
+    states = [tx.init(params) for tx in txs]
+    grads = jax.tree.map(lambda x: 0.5 * jnp.ones_like(x), params)
+    stepped = [tx.update(grads, s, params)[1] for tx, s in zip(txs, states)]
+    audit = gh.cross_device("data", num_devices=4).init(params)
+    return [*states, *stepped, audit]
+
+
+_DTYPES = {
+    _catalogue.FLAG: {np.dtype(bool)},
+    _catalogue.COUNT: {np.dtype(np.int32)},
+    _catalogue.INDEX: {np.dtype(np.int32)},
+    _catalogue.VALUE: {np.dtype(np.float32)},
+}
+
+
+def test_declared_kinds_match_the_arrays_metrics_returns():
+    seen = set()
+    for state in _all_states():
+        for name, value in gh.metrics(state).items():
+            spec = _catalogue.spec_of(name.split("#")[0])
+            seen.add(spec.name)
+            value = np.asarray(value)
+            if spec.kind == _catalogue.VECTOR:
+                if spec.name.endswith("/<path>"):  # one scalar entry per leaf
+                    assert value.shape == (), name
+                else:
+                    assert value.ndim >= 1, name
+                continue
+            assert value.shape == () and value.dtype in _DTYPES[spec.kind], (name, spec.kind, value.dtype)
+    # Every declared metric is returned by one of the states above.
+    assert seen == set(_catalogue.SPECS), set(_catalogue.SPECS) - seen
+
+
+def test_what_a_reset_keeps_is_declared_apart_from_logging():
+    """_interfaces.keep_on_momentum_reset is the only declaration the reset reads; a
+    registered metric state is not kept unless declared."""
+
+    class Logged(tuple):
+        _fields = ("logged_x",)
+
+    gh.register_metrics(Logged, {"logged_x": "test/logged_x"})
+    assert not _interfaces.is_kept_on_momentum_reset(Logged((1,)))
+    for state_type in (gh.GuardState, gh.LossScaleState, gh.CrossDeviceState, gh.ClipByGlobalNormState):
+        assert _interfaces.is_kept_on_momentum_reset(state_type.__new__(state_type, *[None] * len(state_type._fields)))
