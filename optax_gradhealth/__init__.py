@@ -43,7 +43,7 @@ from optax_gradhealth._loss_scale import LossScaleState, dynamic_loss_scale, los
 
 # isort: split
 # --- host side: diagnosis, logging, report (issue 4); plain numpy, never used by the jitted path ---
-from optax_gradhealth.diagnose import Finding, Thresholds, diagnose, format_findings
+from optax_gradhealth.diagnosis import Finding, Thresholds, diagnose, format_findings
 from optax_gradhealth.history import History, load_history
 from optax_gradhealth.report import plot_report
 from optax_gradhealth.writers import JsonlWriter, MetricLogger, TensorBoardWriter, WandbWriter, flatten, read_jsonl

@@ -17,10 +17,8 @@ import sys
 import warnings
 
 from optax_gradhealth import __version__
+from optax_gradhealth.diagnosis import Thresholds, diagnose, format_findings
 from optax_gradhealth.history import History, LogReadWarning, load_history
-
-# The module (``optax_gradhealth.diagnose`` the attribute is the function gh.diagnose).
-_diagnose = importlib.import_module("optax_gradhealth.diagnose")
 
 PROG = "python -m optax_gradhealth"
 
@@ -52,8 +50,8 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
-def _thresholds(pairs: list[str]) -> _diagnose.Thresholds:
-    fields = {f.name: f for f in dataclasses.fields(_diagnose.Thresholds)}
+def _thresholds(pairs: list[str]) -> Thresholds:
+    fields = {f.name: f for f in dataclasses.fields(Thresholds)}
     values = {}
     for pair in pairs:
         name, _, value = pair.partition("=")
@@ -64,7 +62,7 @@ def _thresholds(pairs: list[str]) -> _diagnose.Thresholds:
             values[name] = kind(value)
         except ValueError:
             raise UsageError(f"--threshold {name} expects a number ({kind.__name__}), got {value!r}.") from None
-    return _diagnose.Thresholds(**values)
+    return Thresholds(**values)
 
 
 def _load(path: str, skip_bad_lines: bool) -> History:
@@ -130,11 +128,11 @@ def _run(argv: list[str] | None) -> int:
             findings = _report.write_report(history, args.output, thresholds=thresholds, title=args.title)
         except OSError as error:  # the output cannot be written
             raise UsageError(f"{args.output}: {error.strerror or error}") from None
-        print(_diagnose.format_findings(findings))
+        print(format_findings(findings))
         text_path, json_path = _report.findings_paths(args.output)
         print(f"\nwrote {args.output}, {text_path}, {json_path}")
     else:
-        print(_diagnose.format_findings(_diagnose.diagnose(history, thresholds)))
+        print(format_findings(diagnose(history, thresholds)))
     return 0
 
 

@@ -28,18 +28,15 @@ matplotlib is imported inside the functions (it is an optional dependency, in th
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from typing import Any
 
 import numpy as np
 
+from optax_gradhealth.diagnosis import Finding, Thresholds, diagnose, format_findings, replay_spike_scores
 from optax_gradhealth.history import History
 from optax_gradhealth.history import load_history as _load_columns
-
-# The module (``optax_gradhealth.diagnose`` the attribute is the function gh.diagnose).
-_diagnose = importlib.import_module("optax_gradhealth.diagnose")
 
 _WIDTH_IN = 12.0  # figure width (inches)
 _FEW_MARKERS = 60  # events of a kind drawn one by one even in a long run
@@ -182,8 +179,8 @@ def plot_report(
     history: Any,
     path: str | os.PathLike = "report.png",
     *,
-    findings: list[_diagnose.Finding] | None = None,
-    thresholds: _diagnose.Thresholds | None = None,
+    findings: list[Finding] | None = None,
+    thresholds: Thresholds | None = None,
     title: str | None = None,
     dpi: int = 110,
 ) -> str:
@@ -213,12 +210,12 @@ def plot_report(
     from matplotlib import colors
     from matplotlib.figure import Figure
 
-    th = thresholds if thresholds is not None else _diagnose.Thresholds()
+    th = thresholds if thresholds is not None else Thresholds()
     h = _load_columns(history)
     if not len(h):
         raise ValueError("gh.plot_report: the history has no rows to plot.")
     if findings is None:
-        findings = _diagnose.diagnose(h, th)
+        findings = diagnose(h, th)
     if title is None:
         title = _title(h)
     steps = h.steps
@@ -278,7 +275,7 @@ def plot_report(
                 label = "grad/spike_score"
             else:
                 norm = h.col("grad/norm")
-                score = _diagnose._replayed_spikes(np.where(np.isfinite(norm), norm, np.nan), th)[1]
+                score = replay_spike_scores(np.where(np.isfinite(norm), norm, np.nan), th)[1]
                 label = "norm / baseline (the guard's rule, replayed)"
             _series(ax, bins, steps, score, color="tab:blue", label=label)
             ax.axhline(th.spike_score, color="tab:red", ls="--", lw=1, label=f"threshold {th.spike_score:g}")
@@ -410,7 +407,7 @@ def _events_panel(ax, h: History, bins: _Bins) -> None:
     )
 
 
-def _norm_panel(ax, h: History, th: _diagnose.Thresholds, bins: _Bins | None = None) -> None:
+def _norm_panel(ax, h: History, th: Thresholds, bins: _Bins | None = None) -> None:
     from matplotlib import transforms
 
     steps = h.steps
@@ -618,9 +615,9 @@ def write_report(
     history: Any,
     path: str | os.PathLike = "report.png",
     *,
-    thresholds: _diagnose.Thresholds | None = None,
+    thresholds: Thresholds | None = None,
     title: str | None = None,
-) -> list[_diagnose.Finding]:
+) -> list[Finding]:
     """Diagnoses a run, draws :func:`plot_report` and writes the findings beside the
     image (text and JSON, see :func:`findings_paths`).
 
@@ -628,11 +625,11 @@ def write_report(
       The findings.
     """
     h = _load_columns(history)
-    findings = _diagnose.diagnose(h, thresholds)
+    findings = diagnose(h, thresholds)
     plot_report(h, path, findings=findings, thresholds=thresholds, title=title)
     text_path, json_path = findings_paths(path)
     with open(text_path, "w", encoding="utf-8") as file:
-        file.write(_diagnose.format_findings(findings) + "\n")
+        file.write(format_findings(findings) + "\n")
     with open(json_path, "w", encoding="utf-8") as file:
         json.dump([f.to_dict() for f in findings], file, indent=1, default=str)
     return findings

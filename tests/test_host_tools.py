@@ -337,7 +337,7 @@ def test_short_run_report_keeps_every_point_and_marker(tmp_path, monkeypatch):
 
 
 def test_vectorised_patterns_match_the_loops_they_replace():
-    from optax_gradhealth.diagnose import _longest_run
+    from optax_gradhealth.diagnosis._columns import longest_run as _longest_run
 
     rng = np.random.default_rng(0)
     for _ in range(50):

@@ -1,0 +1,199 @@
+"""The vocabulary of the diagnosis: thresholds, patterns, findings."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from optax_gradhealth._guard import SPIKE_THRESHOLD, SPIKE_WINDOW, SPIKE_ZSCORE
+
+__all__ = ["SEVERITIES", "Finding", "Pattern", "Thresholds", "format_findings"]
+
+#: The severities, most urgent first: ``error`` (act now), ``warning``, ``info`` (worth
+#: knowing, not a fault).
+SEVERITIES = ("error", "warning", "info")
+
+
+@dataclasses.dataclass(frozen=True)
+class Thresholds:
+    """The numbers each pattern is judged by (see ``docs/diagnosis.md``).
+
+    Attributes:
+      warmup_steps: leading rows ignored by the statistics computed here (spike score
+        from norms when ``grad/spike_score`` is absent, oscillation, clip calibration).
+      min_steps: fewest usable rows for a rate-based pattern (oscillation, clipping,
+        dispersion, agreement rates) to be judged at all.
+      spike_score: explosion when ``norm / baseline norm`` exceeds this (the guard's
+        ``spike_threshold``) and the z-score exceeds ``spike_zscore``: on the logged
+        ``grad/spike_score`` and ``grad/zscore`` when present (the guard's scores), else
+        replayed on ``grad/norm`` through the guard's own rule
+        (``optax_gradhealth._detectors.SpikeRule``) with these and ``spike_window``.
+      spike_zscore: the rule's robust z-score threshold (the guard's ``spike_zscore``).
+      spike_window: the rule's window of accepted norms (the guard's ``spike_window``).
+      vanishing_norm: a finite norm below this is vanishing...
+      vanishing_loss_fraction: ...while the loss is still at least this fraction of
+        its initial value (median of the first 10 finite losses); without a loss
+        column every tiny norm counts.
+      vanishing_min_steps: vanishing steps needed for a finding.
+      oscillation_ratio: a swing is a step-to-step change of the norm by more than
+        this factor (up or down)...
+      oscillation_fraction: ...and oscillation is a fraction of swings above this.
+      clip_always_fraction: clipped on at least this fraction of accepted steps: the
+        threshold is too low.
+      clip_never_margin: never clipped while the median threshold is at least this
+        multiple of the 99th percentile norm: the threshold is too high.
+      clip_suggest_percentile: the suggested ``max_norm`` is this percentile of the
+        finite norms after warm-up (95: about 5% of such steps would be clipped).
+      dispersion_cv: high dispersion when the coefficient of variation of the
+        per-device norms (``xdev/norm_cv``) exceeds this...
+      dispersion_fraction: ...on at least this fraction of steps.
+      agreement_drop_before: a sudden drop starts from a median agreement above this
+        over the previous ``agreement_window`` steps...
+      agreement_drop_after: ...and falls below this.
+      agreement_window: steps of the rolling median for drops and gradual drift.
+      agreement_low: persistently low agreement: below this...
+      agreement_low_fraction: ...on at least this fraction of steps.
+      agreement_high: abnormally high agreement: above this...
+      agreement_high_fraction: ...on at least this fraction of steps (or any
+        ``xdev/duplicate_pairs`` > 0).
+      drift_drop: gradual divergence: quarter medians of the agreement never rise and
+        the first quarter's exceeds the last quarter's by at least this.
+      outlier_fraction: a device named by the outlier detector is reported when it was
+        named on at least this fraction of the audits from its first naming on...
+      outlier_min_audits: ...and on at least this many audits (the detector in the step
+        already accumulates evidence over audits, so one naming counts by default).
+      near_duplicate_min_audits: a pair flagged by the near-duplicate detector is
+        reported when flagged on at least this many audits.
+      param_desync: parameter desync when ``xdev/param_desync`` exceeds this.
+    """
+
+    warmup_steps: int = 20
+    min_steps: int = 10
+    spike_score: float = SPIKE_THRESHOLD
+    spike_zscore: float = SPIKE_ZSCORE
+    spike_window: int = SPIKE_WINDOW
+    vanishing_norm: float = 1e-5
+    vanishing_loss_fraction: float = 0.5
+    vanishing_min_steps: int = 5
+    oscillation_ratio: float = 2.0
+    oscillation_fraction: float = 0.2
+    clip_always_fraction: float = 0.9
+    clip_never_margin: float = 3.0
+    clip_suggest_percentile: float = 95.0
+    dispersion_cv: float = 0.5
+    dispersion_fraction: float = 0.2
+    agreement_drop_before: float = 0.5
+    agreement_drop_after: float = 0.1
+    agreement_window: int = 10
+    agreement_low: float = 0.1
+    agreement_low_fraction: float = 0.5
+    agreement_high: float = 0.99
+    agreement_high_fraction: float = 0.9
+    drift_drop: float = 0.3
+    outlier_fraction: float = 0.0
+    outlier_min_audits: int = 1
+    near_duplicate_min_audits: int = 1
+    param_desync: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Pattern:
+    """A known unhealthy pattern: what it is called and what to do about it.
+
+    ``docs/diagnosis.md`` is the long form of each.
+
+    Attributes:
+      name: the pattern's key (``Finding.pattern``), e.g. ``'explosion'``.
+      title: what it is, in words.
+      severity: one of :data:`SEVERITIES`.
+      causes: likely causes.
+      mitigations: what to do.
+    """
+
+    name: str
+    title: str
+    severity: str
+    causes: tuple[str, ...]
+    mitigations: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if self.severity not in SEVERITIES:
+            raise ValueError(f"Pattern {self.name!r}: severity must be one of {SEVERITIES}, got {self.severity!r}.")
+
+    def finding(self, summary: str, steps: Iterable[int], evidence: dict[str, Any]) -> Finding:
+        """A :class:`Finding` of this pattern (numpy numbers in ``evidence`` made plain)."""
+        clean = {k: (round(float(v), 6) if isinstance(v, (float, np.floating)) else v) for k, v in evidence.items()}
+        clean = {k: (int(v) if isinstance(v, (np.integer, np.bool_)) else v) for k, v in clean.items()}
+        return Finding(
+            pattern=self.name,
+            title=self.title,
+            severity=self.severity,
+            summary=summary,
+            steps=tuple(sorted(int(s) for s in steps)),
+            evidence=clean,
+            causes=self.causes,
+            mitigations=self.mitigations,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+    """One diagnosed pattern.
+
+    Attributes:
+      pattern: the :class:`Pattern`'s name, a key of :data:`PATTERNS` (e.g.
+        ``'explosion'``).
+      title: what it is, in words.
+      severity: ``'error'`` (act now), ``'warning'`` or ``'info'`` (worth knowing, not
+        a fault: ``restart``).
+      summary: one line with the key numbers.
+      steps: the steps where it shows (all of them, sorted).
+      evidence: the numbers behind it.
+      causes: likely causes.
+      mitigations: what to do.
+    """
+
+    pattern: str
+    title: str
+    severity: str
+    summary: str
+    steps: tuple[int, ...]
+    evidence: dict[str, Any]
+    causes: tuple[str, ...]
+    mitigations: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict."""
+        return dataclasses.asdict(self) | {"steps": list(self.steps)}
+
+    def __str__(self) -> str:
+        shown = ", ".join(str(s) for s in self.steps[:12]) + (" ..." if len(self.steps) > 12 else "")
+        lines = [f"[{self.severity}] {self.title}: {self.summary}"]
+        if self.steps:
+            lines.append(f"  steps ({len(self.steps)}): {shown}")
+        lines.append("  evidence: " + ", ".join(f"{k}={_fmt(v)}" for k, v in self.evidence.items()))
+        lines.append("  likely causes:")
+        lines += [f"    - {c}" for c in self.causes]
+        lines.append("  mitigations:")
+        lines += [f"    - {m}" for m in self.mitigations]
+        return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_fmt(v) for v in value) + "]"
+    return str(value)
+
+
+def format_findings(findings: Iterable[Finding]) -> str:
+    """The findings as text, one block each (or a line saying there are none)."""
+    findings = list(findings)
+    if not findings:
+        return "gradhealth diagnosis: no findings (no pattern crossed its threshold)."
+    head = f"gradhealth diagnosis: {len(findings)} finding(s)"
+    return head + "\n\n" + "\n\n".join(str(f) for f in findings)

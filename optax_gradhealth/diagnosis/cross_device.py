@@ -1,0 +1,386 @@
+"""Patterns of the cross-device audit's metrics (``xdev/...``, :func:`gh.cross_device
+<optax_gradhealth.cross_device>`).
+
+Each pattern is a :class:`Pattern` and a ``check_<name>(history, thresholds)`` that
+returns its findings: empty without the ``xdev/...`` metrics it needs; one per device
+for ``outlier_device`` and one per pair for ``near_duplicate``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import numpy as np
+
+from optax_gradhealth.diagnosis import _columns as cols
+from optax_gradhealth.diagnosis._core import Finding, Pattern, Thresholds
+from optax_gradhealth.history import History
+
+HIGH_DISPERSION = Pattern(
+    "high_dispersion",
+    "high dispersion of the gradient norm across devices",
+    "warning",
+    (
+        "desynchronised random seeds (dropout, augmentation) across devices",
+        "data shuffling / sampler misalignment between devices",
+        "a silent hardware or collective-communication fault",
+    ),
+    (
+        "enforce the same global seed and fold in the device index only where intended",
+        "check the distributed sampler (epoch seeding, rank and world size)",
+        "look at xdev/outlier_device: one bad device points to hardware",
+    ),
+)
+
+
+def check_high_dispersion(h: History, th: Thresholds) -> list[Finding]:
+    """The per-device norms' coefficient of variation is high on many steps."""
+    if not h.has("xdev/norm_cv"):
+        return []
+    cv = h.col("xdev/norm_cv")
+    ok = np.isfinite(cv)
+    if ok.sum() < th.min_steps:
+        return []
+    high = ok & (cv > th.dispersion_cv)
+    fraction = float(high.sum() / ok.sum())
+    if fraction < th.dispersion_fraction:
+        return []
+    evidence = {"fraction": fraction, "median_norm_cv": float(np.median(cv[ok])), "threshold": th.dispersion_cv}
+    if h.has("xdev/norm_max_over_min"):
+        ratio = h.col("xdev/norm_max_over_min")
+        evidence["max_norm_max_over_min"] = float(np.nanmax(np.where(np.isfinite(ratio), ratio, np.nan)))
+    summary = f"per-device norm CV > {th.dispersion_cv:g} on {fraction:.0%} of steps"
+    return [HIGH_DISPERSION.finding(summary, h.steps[high], evidence)]
+
+
+AGREEMENT_DROP = Pattern(
+    "agreement_drop",
+    "sudden drop of cross-device gradient agreement",
+    "error",
+    (
+        "seed desynchronisation: devices use different random streams for dropout or augmentation",
+        "data loader misalignment: shuffling is no longer synchronised across devices",
+    ),
+    (
+        "re-align the global seeds at initialisation and after restores",
+        "check the sampler's epoch seeding (set_epoch-style) on every device",
+    ),
+)
+
+
+def check_agreement_drop(h: History, th: Thresholds) -> list[Finding]:
+    """The agreement falls from a high rolling median to near zero."""
+    name, a, a_steps = cols.agreement(h)
+    drops = cols.agreement_drops(a, th)
+    if not drops:
+        return []
+    t0 = drops[0]
+    before = cols.rolling_median_before(a, t0, th.agreement_window)
+    evidence = {
+        "median_before": before,
+        "value_at_drop": float(a[t0]),
+        "median_after": float(np.median(a[t0:])),
+        "metric": name,
+    }
+    summary = f"{name} fell from {before:.3g} to {a[t0]:.3g} at step {int(a_steps[t0])}"
+    return [AGREEMENT_DROP.finding(summary, a_steps[drops], evidence)]
+
+
+AGREEMENT_LOW = Pattern(
+    "agreement_low",
+    "persistently low cross-device gradient agreement",
+    "warning",
+    (
+        "batch too small: local gradients are dominated by sample noise (see xdev/noise_scale)",
+        "learning rate too high: the model bounces around the loss landscape",
+    ),
+    (
+        "compare the global batch (devices x per-device batch) with xdev/noise_scale (B_simple): below it, "
+        "grow the batch or accumulate gradients; well above it, low per-device agreement is expected and harmless",
+        "lower the learning rate or increase momentum to smooth directions",
+    ),
+)
+
+
+def check_agreement_low(h: History, th: Thresholds) -> list[Finding]:
+    """The agreement is below ``agreement_low`` on most steps."""
+    name, a, a_steps = cols.agreement(h)
+    if a.size < th.min_steps:
+        return []
+    low = a < th.agreement_low
+    if low.mean() < th.agreement_low_fraction:
+        return []
+    evidence = {"fraction_low": float(low.mean()), "median_agreement": float(np.median(a)), "metric": name}
+    if h.has("xdev/noise_scale"):
+        noise = h.col("xdev/noise_scale")
+        noise = noise[np.isfinite(noise)]
+        if noise.size:
+            evidence["median_noise_scale"] = float(np.median(noise))
+    summary = f"{name} < {th.agreement_low:g} on {low.mean():.0%} of steps (median {np.median(a):.3g})"
+    return [AGREEMENT_LOW.finding(summary, a_steps[low], evidence)]
+
+
+AGREEMENT_HIGH = Pattern(
+    "agreement_high",
+    "abnormally high cross-device gradient agreement (duplicated data)",
+    "error",
+    ("devices are loading identical data shards (rank / world size not passed to the data pipeline)",),
+    ("audit the data sharding now: each device must see its own shard",),
+)
+
+
+def check_agreement_high(h: History, th: Thresholds) -> list[Finding]:
+    """The agreement is above ``agreement_high`` on most steps, or two devices had
+    bit-identical gradients at an audit (``xdev/duplicate_pairs``)."""
+    steps = h.steps
+    name, a, a_steps = cols.agreement(h)
+    high = a > th.agreement_high
+    high_fraction = float(high.mean()) if a.size >= th.min_steps else 0.0
+    duplicate = cols.reduced(h, "xdev/duplicate_pairs", np.sum)
+    audits = cols.audit_rows(h)
+    # Audit values are held between audits: count them on audit rows only.
+    dup_rows = audits & (np.nan_to_num(duplicate) > 0) if duplicate is not None else np.zeros(len(h), bool)
+    if high_fraction < th.agreement_high_fraction and not dup_rows.any():
+        return []
+    evidence: dict[str, Any] = {"fraction_high": high_fraction, "metric": name}
+    if a.size:
+        evidence["median_agreement"] = float(np.median(a))
+    if duplicate is not None:
+        evidence["max_duplicate_pairs"] = int(np.nanmax(np.nan_to_num(duplicate)))
+        pairs = cols.flagged_indices(h, "xdev/duplicate_pairs", audits)
+        if pairs:
+            evidence["duplicate_device_pairs"] = sorted({tuple(sorted(p)) for p in pairs if len(p) == 2})
+    parts = [f"{name} > {th.agreement_high:g} on {high_fraction:.0%} of steps"] if high.any() else []
+    if dup_rows.any():
+        pair_list = ", ".join(f"{j}-{k}" for j, k in evidence.get("duplicate_device_pairs", []))
+        parts.append(f"bit-identical gradients on device pairs {pair_list} at {int(dup_rows.sum())} audit(s)")
+    rows = sorted(set(a_steps[high].tolist()) | set(steps[dup_rows].tolist()))
+    return [AGREEMENT_HIGH.finding("; ".join(parts), rows, evidence)]
+
+
+AGREEMENT_DRIFT = Pattern(
+    "agreement_drift",
+    "gradual divergence of cross-device agreement",
+    "warning",
+    (
+        "precision drift: floating-point non-associativity (bf16/fp16) makes replicas drift apart",
+        "(also normal late in training as the signal shrinks: compare with xdev/noise_scale)",
+    ),
+    (
+        "periodically broadcast one replica's parameters to all devices",
+        "check xdev/param_desync; keep the all-reduce in float32",
+    ),
+)
+
+
+def check_agreement_drift(h: History, th: Thresholds) -> list[Finding]:
+    """The agreement's quarter medians never rise and fall by ``drift_drop`` or more."""
+    name, a, _ = cols.agreement(h)
+    if a.size < 4 * th.agreement_window:
+        return []
+    quarters = [float(np.median(q)) for q in np.array_split(a, 4)]
+    non_increasing = all(later <= earlier + 0.02 for earlier, later in itertools.pairwise(quarters))
+    if not (non_increasing and quarters[0] - quarters[-1] >= th.drift_drop):
+        return []
+    summary = f"{name} declined gradually from {quarters[0]:.3g} to {quarters[-1]:.3g} (quarter medians)"
+    evidence = {"quarter_medians": quarters, "threshold_drop": th.drift_drop, "metric": name}
+    return [AGREEMENT_DRIFT.finding(summary, (), evidence)]
+
+
+OUTLIER_DEVICE = Pattern(
+    "outlier_device",
+    "one device persistently unlike the others",
+    "error",
+    (
+        "silent data corruption or a failing accelerator on that device",
+        "thermal throttling or a different software state on that host",
+        "a data shard that differs systematically (corrupt files on one host)",
+    ),
+    (
+        "drain the device/host and rerun the step there to confirm; swap the hardware",
+        "check that device's data shard",
+    ),
+)
+
+
+def check_outlier_device(h: History, th: Thresholds) -> list[Finding]:
+    """Devices the audit's outlier detector named (as logged, or replayed on the logged
+    per-device norms and cosines with the same rules): one finding per device."""
+    from optax_gradhealth._cross_device import describe_outlier
+
+    steps = h.steps
+    audits = cols.audit_rows(h)
+    named = h.vector("xdev/outlier_devices")
+    source = "xdev/outlier_devices (logged)"
+    scores = {name: h.vector(f"xdev/{name}") for name in ("norm_score", "direction_score", "outlier_evidence")}
+    norms, cosines = h.vector("xdev/device_norms"), h.vector("xdev/cosine_to_mean")
+    if named is None and h.has("xdev/outlier_device"):
+        ids = np.nan_to_num(h.col("xdev/outlier_device"), nan=-1.0).astype(int)
+        k = max(int(ids.max()) + 1, norms.shape[1] if norms is not None else 0, 1)
+        named = ids[:, None] == np.arange(k)[None, :]
+        source = "xdev/outlier_device (logged)"
+    elif named is None:
+        verdicts = cols.audit_verdicts(h, audits)
+        if verdicts is None:
+            return []
+        k = verdicts.outlier_devices.shape[-1]
+        named = np.zeros((len(h), k), bool)
+        named[audits] = np.asarray(verdicts.outlier_devices)
+        for name, values in (
+            ("norm_score", verdicts.scores.norm_score),
+            ("direction_score", verdicts.scores.direction_score),
+            ("outlier_evidence", verdicts.outlier_evidence),
+        ):
+            full = np.zeros((len(h), k))
+            full[audits] = np.asarray(values)
+            scores[name] = full
+        source = "the audit detectors replayed on xdev/device_norms and xdev/cosine_to_mean"
+    named = (named != 0) & audits[:, None]
+    found = []
+    for device in np.nonzero(named.any(axis=0))[0]:
+        device = int(device)
+        rows = named[:, device]
+        first = int(np.argmax(rows))
+        since = int(audits[first:].sum())
+        fraction = float(rows.sum() / since)
+        if rows.sum() < th.outlier_min_audits or fraction < th.outlier_fraction:
+            continue
+        evidence: dict[str, Any] = {
+            "device": device,
+            "audits_named": int(rows.sum()),
+            "fraction_of_audits": fraction,
+            "audits_since_first_flag": since,
+            "source": source,
+        }
+        summary = f"device {device} named at {int(rows.sum())} of {since} audits since step {int(steps[first])}"
+        if h.has("xdev/outlier_score"):
+            evidence["median_outlier_score"] = float(np.nanmedian(h.col("xdev/outlier_score")[rows]))
+        if norms is not None and device < norms.shape[1]:
+            # The kind of fault, worded as cross_device_alarms words it, at the audit
+            # with the most evidence (or the first one).
+            weight = scores["outlier_evidence"]
+            at = int(np.argmax(np.where(rows, weight[:, device], -np.inf))) if weight is not None else first
+            pick = {name: (v[at] if v is not None else None) for name, v in scores.items()}
+            alarm = describe_outlier(
+                device,
+                norms[at],
+                cosines[at] if cosines is not None else None,
+                pick["norm_score"],
+                pick["direction_score"],
+                pick["outlier_evidence"],
+            )
+            evidence["kind"] = alarm.kind
+            evidence.update({k: v for k, v in alarm.evidence.items() if k not in evidence})
+            summary += f"; at step {int(steps[at])}: {alarm}"
+            if cosines is not None and device < cosines.shape[1]:
+                others = np.delete(cosines[rows], device, axis=1)
+                evidence["median_cosine_to_mean_device"] = float(np.nanmedian(cosines[rows, device]))
+                evidence["median_cosine_to_mean_others"] = float(np.nanmedian(others))
+            others = np.delete(norms[rows], device, axis=1)
+            evidence["norm_ratio_to_others"] = float(np.nanmedian(norms[rows, device]) / np.nanmedian(others))
+        found.append(OUTLIER_DEVICE.finding(summary, steps[rows], evidence))
+    return found
+
+
+NEAR_DUPLICATE = Pattern(
+    "near_duplicate",
+    "two devices see nearly the same data",
+    "error",
+    (
+        "both devices read the same examples: the sampler or data loader is seeded without the device rank",
+        "a shard was copied to two hosts; different dropout or augmentation hides the exact duplicate",
+    ),
+    (
+        "audit the data sharding now: pass the rank and the world size to the sampler",
+        "check that each host reads its own shard files",
+    ),
+)
+
+
+def check_near_duplicate(h: History, th: Thresholds) -> list[Finding]:
+    """Device pairs the near-duplicate detector flagged (as logged, or replayed on the
+    sketched pairwise cosines), bit-identical pairs aside: one finding per pair."""
+    steps = h.steps
+    audits = cols.audit_rows(h)
+    flagged = cols.matrix(h, "xdev/near_duplicate_pairs")
+    source = "xdev/near_duplicate_pairs (logged)"
+    if flagged is None:
+        if not h.indexed("xdev/pairwise_cosine"):
+            return []
+        verdicts = cols.audit_verdicts(h, audits)
+        if verdicts is None:
+            return []
+        k = verdicts.near_duplicate_pairs.shape[-1]
+        flagged = np.zeros((len(h), k, k), bool)
+        flagged[audits] = np.asarray(verdicts.near_duplicate_pairs)
+        source = "the near-duplicate detector replayed on xdev/pairwise_cosine"
+    flagged = (flagged != 0) & audits[:, None, None]
+    exact = cols.matrix(h, "xdev/duplicate_pairs")
+    cos = cols.matrix(h, "xdev/pairwise_cosine")
+    found = []
+    k = flagged.shape[1]
+    for j in range(k):
+        for m in range(j + 1, k):
+            rows = flagged[:, j, m] | flagged[:, m, j]
+            if exact is not None:
+                rows &= (exact[:, j, m] == 0) & (exact[:, m, j] == 0)
+            if rows.sum() < max(th.near_duplicate_min_audits, 1):
+                continue
+            evidence: dict[str, Any] = {"devices": [j, m], "audits_flagged": int(rows.sum()), "source": source}
+            summary = f"devices {j} and {m} have nearly the same gradients at {int(rows.sum())} audit(s)"
+            if cos is not None and cos.shape[1] == k:
+                off = ~np.eye(k, dtype=bool)
+                off[j, m] = off[m, j] = False
+                evidence["median_pair_cosine"] = float(np.median(cos[rows][:, j, m]))
+                evidence["median_other_pairs_cosine"] = float(np.median(cos[rows][:, off]))
+                summary += (
+                    f" (pair cosine {evidence['median_pair_cosine']:.2f} vs "
+                    f"{evidence['median_other_pairs_cosine']:.2f} for the other pairs)"
+                )
+            found.append(NEAR_DUPLICATE.finding(summary, steps[rows], evidence))
+    return found
+
+
+PARAM_DESYNC = Pattern(
+    "param_desync",
+    "parameters differ across replicas (desync)",
+    "error",
+    (
+        "a replica missed an update or applied a different one (non-deterministic op, skipped collective)",
+        "silent data corruption in memory",
+    ),
+    (
+        "broadcast the parameters from a healthy replica, or restore the last checkpoint",
+        "make every skip/apply decision from collective values (identical on every device)",
+    ),
+)
+
+
+def check_param_desync(h: History, th: Thresholds) -> list[Finding]:
+    """The replicas' parameter fingerprints differed at an audit."""
+    desync = cols.reduced(h, "xdev/param_desync", np.max)
+    if desync is None:
+        return []
+    steps = h.steps
+    desync = np.where(cols.audit_rows(h), np.nan_to_num(desync, nan=0.0), 0.0)
+    bad = desync > th.param_desync
+    if not bad.any():
+        return []
+    devices = sorted({p[0] for p in cols.flagged_indices(h, "xdev/param_desync", bad) if len(p) == 1})
+    evidence = {"max_param_desync": float(desync.max()), "threshold": th.param_desync, "devices": devices}
+    summary = f"replica parameters differ at {int(bad.sum())} step(s), first at step {int(steps[bad][0])}"
+    return [PARAM_DESYNC.finding(summary, steps[bad], evidence)]
+
+
+#: The cross-device patterns and their checks, in the order they are run.
+CHECKS = (
+    (HIGH_DISPERSION, check_high_dispersion),
+    (AGREEMENT_DROP, check_agreement_drop),
+    (AGREEMENT_LOW, check_agreement_low),
+    (AGREEMENT_HIGH, check_agreement_high),
+    (AGREEMENT_DRIFT, check_agreement_drift),
+    (OUTLIER_DEVICE, check_outlier_device),
+    (NEAR_DUPLICATE, check_near_duplicate),
+    (PARAM_DESYNC, check_param_desync),
+)

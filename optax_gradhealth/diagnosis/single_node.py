@@ -1,0 +1,362 @@
+"""Patterns of one training run's gradient statistics (any number of devices).
+
+Each pattern is a :class:`Pattern` and a ``check_<name>(history, thresholds)`` that
+returns its findings (an empty list when the pattern is absent, or when the history
+lacks the metrics it needs).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from optax_gradhealth.diagnosis import _columns as cols
+from optax_gradhealth.diagnosis._core import Finding, Pattern, Thresholds
+from optax_gradhealth.history import History
+
+NONFINITE = Pattern(
+    "nonfinite",
+    "non-finite gradients (NaN/Inf)",
+    "error",
+    (
+        "a bad batch (NaN/Inf in the inputs or targets, empty sequences, division by zero in the loss)",
+        "fp16 overflow or underflow (activations, loss scale too high)",
+        "the parameters already diverged (learning rate too high) and the loss overflowed",
+    ),
+    (
+        "keep gh.guard in the chain: it skips these updates and never writes a NaN into the parameters",
+        "find the leaf with grad/first_nonfinite_leaf (name it with gh.leaf_names(params)) and the batch",
+        "use bf16 or float32 where fp16 overflows; lower the loss scale",
+        "if they come in a row, restore the last healthy checkpoint (grad/rollback)",
+    ),
+)
+
+
+def check_nonfinite(h: History, th: Thresholds) -> list[Finding]:
+    """Steps with a non-finite gradient (logged rows, or the guard's counter)."""
+    if not h.has("grad/norm"):
+        return []
+    steps = h.steps
+    finite, skipped, _ = cols.step_masks(h)
+    counter = np.nanmax(h.col("grad/num_nonfinite")) if h.has("grad/num_nonfinite") else 0.0
+    bad = ~finite
+    if not (bad.any() or counter > 0):
+        return []
+    evidence = {"nonfinite_logged_steps": int(bad.sum()), "fraction": float(bad.mean())}
+    if h.has("grad/num_nonfinite"):
+        evidence["num_nonfinite_counter"] = int(counter)
+    if h.has("grad/skipped"):
+        evidence["skipped_of_them"] = int((bad & skipped).sum())
+    if h.has("grad/first_nonfinite_leaf") and bad.any():
+        leaf = h.col("grad/first_nonfinite_leaf")[bad]
+        evidence["first_nonfinite_leaf"] = int(leaf[np.isfinite(leaf)][0]) if np.isfinite(leaf).any() else -1
+    evidence["longest_run"] = cols.longest_run(bad)
+    first = int(steps[bad][0]) if bad.any() else None
+    where = f"first at step {first}" if first is not None else "between logged steps (counter only)"
+    return [NONFINITE.finding(f"{max(int(bad.sum()), int(counter))} non-finite step(s), {where}", steps[bad], evidence)]
+
+
+EXPLOSION = Pattern(
+    "explosion",
+    "gradient explosion (spikes)",
+    "error",
+    (
+        "dirty data: a corrupted or out-of-distribution batch",
+        "learning rate too high, or a warm-up that is too short",
+        "momentum contaminated by earlier large gradients",
+    ),
+    (
+        "skip the spiking batches (gh.guard(spike_action='skip'), the default)",
+        "reset the optimizer's momentum when spikes persist (gh.guard(reset_after=...))",
+        "lower the learning rate or lengthen the warm-up; clip adaptively (gh.ZScoreClip)",
+        "look at the layer with the largest jump (evidence) to locate the source (embeddings vs head)",
+    ),
+)
+
+
+def check_explosion(h: History, th: Thresholds) -> list[Finding]:
+    """Spikes by the guard's rule: on its logged scores, or replayed on the norms."""
+    if not h.has("grad/norm"):
+        return []
+    steps, norm = h.steps, h.col("grad/norm")
+    finite, _, _ = cols.step_masks(h)
+    if h.has("grad/spike_score"):
+        # The guard's rule on its logged scores (the same thresholds by default, so the
+        # same steps as grad/spike, loss spikes aside; other thresholds re-judge them).
+        score = np.nan_to_num(h.col("grad/spike_score"), nan=0.0)
+        spikes = finite & (score > th.spike_score)
+        source = "grad/spike_score"
+        if h.has("grad/zscore"):
+            spikes &= np.nan_to_num(h.col("grad/zscore"), nan=0.0) > th.spike_zscore
+            source = "grad/spike_score and grad/zscore"
+    else:
+        spikes, score = cols.replay_spike_scores(np.where(finite, norm, np.nan), th)
+        spikes = spikes & finite
+        source = "the guard's spike rule replayed on grad/norm"
+    if not spikes.any():
+        return []
+    worst = int(np.argmax(np.where(spikes, score, -np.inf)))
+    evidence = {
+        "spike_steps": int(spikes.sum()),
+        "max_spike_score": float(score[worst]),
+        "threshold": th.spike_score,
+        "norm_at_max": float(norm[worst]),
+        "median_norm": float(np.median(norm[finite])),
+        "score_source": source,
+    }
+    if h.has("grad/num_spikes"):
+        evidence["num_spikes_counter"] = int(np.nanmax(h.col("grad/num_spikes")))
+    if h.has("grad/momentum_reset"):
+        evidence["momentum_resets"] = int((h.col("grad/momentum_reset") == 1).sum())
+    layer = cols.largest_layer_jump(h, worst)
+    if layer is not None:
+        evidence["largest_layer_jump"] = layer[0]
+        evidence["layer_jump_ratio"] = layer[1]
+    summary = (
+        f"{int(spikes.sum())} spike(s) with spike score > {th.spike_score:g} (max {score[worst]:.3g} "
+        f"at step {int(steps[worst])})"
+    )
+    return [EXPLOSION.finding(summary, steps[spikes], evidence)]
+
+
+VANISHING = Pattern(
+    "vanishing",
+    "vanishing gradients",
+    "warning",
+    (
+        "poor weight initialisation (too small, saturated activations)",
+        "fp16 underflow of small gradients",
+        "an architectural bottleneck (deep post-LN stacks, sigmoid/tanh saturation)",
+    ),
+    (
+        "re-scale the initialisation (e.g. muP-style), add normalisation or residual paths",
+        "use bf16 or float32, or raise the loss scale",
+        "check that the loss actually depends on the parameters (stop_gradient, detached branches)",
+    ),
+)
+
+
+def check_vanishing(h: History, th: Thresholds) -> list[Finding]:
+    """Tiny finite norms while the loss (if logged) is still high."""
+    if not h.has("grad/norm"):
+        return []
+    steps, norm = h.steps, h.col("grad/norm")
+    finite, _, _ = cols.step_masks(h)
+    tiny = finite & (norm < th.vanishing_norm)
+    loss_note = "no loss logged"
+    if h.has("loss"):
+        loss = h.col("loss")
+        first_losses = loss[np.isfinite(loss)][:10]
+        if first_losses.size:
+            initial = float(np.median(first_losses))
+            tiny &= np.isfinite(loss) & (loss >= th.vanishing_loss_fraction * initial)
+            loss_note = f"loss >= {th.vanishing_loss_fraction:g} x initial {initial:.4g}"
+    if tiny.sum() < th.vanishing_min_steps:
+        return []
+    evidence = {
+        "vanishing_steps": int(tiny.sum()),
+        "median_norm_there": float(np.median(norm[tiny])),
+        "threshold": th.vanishing_norm,
+        "condition": loss_note,
+    }
+    summary = f"{int(tiny.sum())} step(s) with norm < {th.vanishing_norm:g} ({loss_note})"
+    return [VANISHING.finding(summary, steps[tiny], evidence)]
+
+
+OSCILLATION = Pattern(
+    "oscillation",
+    "persistent oscillation of the gradient norm",
+    "warning",
+    (
+        "batch too small: the gradient is dominated by sample noise",
+        "learning rate at the edge of stability",
+    ),
+    (
+        "increase the batch size (or accumulate gradients) or lower the learning rate",
+        "extend the warm-up",
+    ),
+)
+
+
+def check_oscillation(h: History, th: Thresholds) -> list[Finding]:
+    """Frequent large swings between consecutive finite norms after warm-up."""
+    if not h.has("grad/norm"):
+        return []
+    steps, norm = h.steps, h.col("grad/norm")
+    finite, _, _ = cols.step_masks(h)
+    usable = finite & cols.after_warmup(h, th) & (norm > 0)
+    pair = usable[1:] & usable[:-1]
+    if pair.sum() < th.min_steps:
+        return []
+    ratio = np.abs(np.log(norm[1:][pair] / norm[:-1][pair]))
+    swings = ratio > math.log(th.oscillation_ratio)
+    fraction = float(swings.mean())
+    if fraction < th.oscillation_fraction:
+        return []
+    values = norm[usable]
+    evidence = {
+        "swing_fraction": fraction,
+        "threshold_fraction": th.oscillation_fraction,
+        "norm_cv": float(np.std(values) / np.mean(values)),
+        "steps_judged": int(pair.sum()),
+    }
+    summary = f"{fraction:.0%} of steps change the norm by more than {th.oscillation_ratio:g}x"
+    return [OSCILLATION.finding(summary, steps[1:][pair][swings], evidence)]
+
+
+CLIP_ALWAYS = Pattern(
+    "clip_always",
+    "clipping on (almost) every step: threshold too low",
+    "warning",
+    ("max_norm was set far below the typical gradient norm, so clipping acts as a smaller learning rate",),
+    (
+        "raise max_norm to the suggested value (a high percentile of this run's norms)",
+        "or clip adaptively: gh.PercentileClip(95) / gh.ZScoreClip()",
+    ),
+)
+CLIP_NEVER = Pattern(
+    "clip_never",
+    "clipping never triggers: threshold too high",
+    "warning",
+    ("max_norm is far above every gradient norm seen, so it cannot stop a spike",),
+    (
+        "lower max_norm to the suggested value (a high percentile of this run's norms)",
+        "or clip adaptively: gh.PercentileClip(95) / gh.ZScoreClip()",
+    ),
+)
+
+
+def _clip_calibration(h: History, th: Thresholds) -> tuple[np.ndarray, np.ndarray, dict] | None:
+    """``(judged rows, clipped of them, evidence)`` for the clip patterns, or None when
+    the history lacks the clip metrics or enough accepted steps after warm-up."""
+    if not (h.has("grad/norm") and h.has("grad/clipped") and h.has("grad/clip_threshold")):
+        return None
+    norm, threshold = h.col("grad/norm"), h.col("grad/clip_threshold")
+    finite, _, accepted = cols.step_masks(h)
+    after = cols.after_warmup(h, th)
+    judged = accepted & after & np.isfinite(threshold)
+    if judged.sum() < th.min_steps:
+        return None
+    clipped = h.col("grad/clipped")[judged] == 1
+    calib = norm[finite & after]
+    evidence = {
+        "clipped_fraction": float(clipped.mean()),
+        "median_threshold": float(np.median(threshold[judged])),
+        "median_norm": float(np.median(calib)),
+        "p99_norm": float(np.percentile(calib, 99)),
+        "suggested_max_norm": float(np.percentile(calib, th.clip_suggest_percentile)),
+        "suggested_from": f"p{th.clip_suggest_percentile:g} of {calib.size} finite norms after warm-up",
+    }
+    return judged, clipped, evidence
+
+
+def check_clip_always(h: History, th: Thresholds) -> list[Finding]:
+    """Clipped on at least ``clip_always_fraction`` of the accepted steps after warm-up."""
+    calibration = _clip_calibration(h, th)
+    if calibration is None:
+        return []
+    judged, clipped, evidence = calibration
+    fraction = evidence["clipped_fraction"]
+    if fraction < th.clip_always_fraction:
+        return []
+    summary = (
+        f"clipped on {fraction:.0%} of steps at threshold {evidence['median_threshold']:.4g}; "
+        f"suggested max_norm {evidence['suggested_max_norm']:.4g}"
+    )
+    return [CLIP_ALWAYS.finding(summary, h.steps[judged][clipped], evidence)]
+
+
+def check_clip_never(h: History, th: Thresholds) -> list[Finding]:
+    """Never clipped while the threshold is far above the 99th percentile norm."""
+    calibration = _clip_calibration(h, th)
+    if calibration is None:
+        return []
+    _, _, evidence = calibration
+    median_threshold, p99 = evidence["median_threshold"], evidence["p99_norm"]
+    if evidence["clipped_fraction"] != 0.0 or median_threshold < th.clip_never_margin * p99:
+        return []
+    summary = (
+        f"never clipped; threshold {median_threshold:.4g} is {median_threshold / p99:.3g}x the p99 "
+        f"norm; suggested max_norm {evidence['suggested_max_norm']:.4g}"
+    )
+    return [CLIP_NEVER.finding(summary, (), evidence)]
+
+
+ROLLBACK = Pattern(
+    "rollback",
+    "rollback recommended",
+    "error",
+    (
+        "a run of consecutive non-finite steps or spikes: the guard cannot recover by skipping alone",
+        "the parameters (or the optimizer moments) are already damaged",
+    ),
+    (
+        "restore the last healthy checkpoint (see docs/logging.md, orbax) and move past the bad data",
+        "lower the learning rate after the restore",
+    ),
+)
+
+
+def check_rollback(h: History, th: Thresholds) -> list[Finding]:
+    """The guard's rollback recommendation (``grad/rollback``) was raised."""
+    if not (h.has("grad/norm") and h.has("grad/rollback")):
+        return []
+    steps = h.steps
+    flag = h.col("grad/rollback") == 1
+    if not flag.any():
+        return []
+    starts = steps[flag & ~np.concatenate([[False], flag[:-1]])]
+    summary = f"the guard recommended a rollback at step {int(starts[0])}" + (
+        f" ({len(starts)} episodes)" if len(starts) > 1 else ""
+    )
+    return [ROLLBACK.finding(summary, starts, {"episodes": len(starts), "flagged_steps": int(flag.sum())})]
+
+
+RESTART = Pattern(
+    "restart",
+    "the run restarted: the step went backwards in the log",
+    "info",
+    (
+        "the run was resumed from a checkpoint (after a crash, a preemption or by hand), appending to the log",
+        "a rollback restored an earlier checkpoint and the loop counted the steps again from there",
+        "two runs write to the same log file",
+    ),
+    (
+        "nothing, for a planned resume: the last write of each step is the one diagnosed and plotted",
+        "otherwise, find out what stopped the run at the step it went back from (crash, preemption, OOM)",
+        "give each run its own log (gh.JsonlWriter(path, overwrite=True) or a new path) when runs must not mix",
+    ),
+)
+
+
+def check_restart(h: History, th: Thresholds) -> list[Finding]:
+    """The step went backwards in the log (``History.restarts``)."""
+    if not h.restarts:
+        return []
+    pairs = ", ".join(f"{a} -> {b}" for a, b in list(zip(h.restarted_from, h.restarts))[:5])
+    more = " ..." if len(h.restarts) > 5 else ""
+    evidence = {
+        "restarts": len(h.restarts),
+        "resumed_at": list(h.restarts),
+        "went_back_from": list(h.restarted_from),
+        "rows_replaced": h.rows_replaced,
+    }
+    summary = (
+        f"the step went backwards {len(h.restarts)} time(s) ({pairs}{more}); "
+        f"{h.rows_replaced} overlapping row(s) replaced by the later write"
+    )
+    return [RESTART.finding(summary, h.restarts, evidence)]
+
+
+#: The single-run patterns and their checks, in the order they are run.
+CHECKS = (
+    (NONFINITE, check_nonfinite),
+    (EXPLOSION, check_explosion),
+    (VANISHING, check_vanishing),
+    (OSCILLATION, check_oscillation),
+    (CLIP_ALWAYS, check_clip_always),
+    (CLIP_NEVER, check_clip_never),
+    (ROLLBACK, check_rollback),
+    (RESTART, check_restart),
+)
