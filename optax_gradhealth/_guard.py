@@ -333,21 +333,29 @@ class GuardConfig:
     """The arguments of :func:`guard`, validated once (see its docstring for each).
 
     Thresholds may be scalar arrays (traced under ``optax.inject_hyperparams``): they are
-    checked when they are Python numbers and used as they are otherwise. Integer
-    arguments size the state, so they are Python ints.
+    checked when they are Python numbers and used as they are otherwise. So may the
+    integer arguments: a concrete integer array is checked and made an int; a traced one
+    (the same argument inside ``inject_hyperparams``' jitted update) is compared as it
+    is, and the two that size the state (``spike_window``, ``reset_after``) are then
+    read from the state's shapes (:meth:`sized_like`).
     """
 
     policy: _clipping.ClipPolicy
     spike_action: str
-    spike_rule: detect.SpikeRule
+    spike_threshold: Any
+    spike_zscore: Any
+    spike_window: Any
+    rebaseline_after: Any
     loss_spike_zscore: Any
+    warmup_steps: Any
     stats_decay: Any
-    reset_after: int | None
-    reset_window: int
-    rollback_after_nonfinite: int | None
-    rollback_after_spikes: int | None
+    reset_after: Any
+    reset_window: Any
+    rollback_after_nonfinite: Any
+    rollback_after_spikes: Any
     vanishing_norm: Any
     check_updates: bool
+    ring_size: int | None  # the reset ring's length; None until sized from a state
 
     @classmethod
     def build(
@@ -357,15 +365,15 @@ class GuardConfig:
         spike_action: str,
         spike_threshold: Any,
         spike_zscore: Any,
-        spike_window: int,
-        rebaseline_after: int | None,
+        spike_window: Any,
+        rebaseline_after: Any,
         loss_spike_zscore: Any,
-        warmup_steps: int,
+        warmup_steps: Any,
         stats_decay: Any,
-        reset_after: int | None,
-        reset_window: int,
-        rollback_after_nonfinite: int | None,
-        rollback_after_spikes: int | None,
+        reset_after: Any,
+        reset_window: Any,
+        rollback_after_nonfinite: Any,
+        rollback_after_spikes: Any,
         vanishing_norm: Any,
         check_updates: bool,
     ) -> GuardConfig:
@@ -375,41 +383,58 @@ class GuardConfig:
             raise ValueError(
                 f"`spike_threshold` is a ratio norm / baseline norm and must be > 1, got {spike_threshold!r}."
             )
-        spike_window = check.integer("spike_window", spike_window, minimum=1)
-        rule = detect.SpikeRule(
-            spike_threshold,
-            check.optional(check.positive_or_array, "spike_zscore", spike_zscore),
-            spike_window,
-            check.integer("warmup_steps", warmup_steps, minimum=1),
-            SPREAD_FLOOR,
-            min(SPIKE_BASELINE, spike_window),
-            check.optional(check.integer, "rebaseline_after", rebaseline_after, minimum=1),
-        )
+        count = lambda name, value: check.optional(check.integer_or_array, name, value, minimum=1)
+        reset_after = count("reset_after", reset_after)
         return cls(
             policy=_clipping.as_clip_policy("clip", clip),
             spike_action=check.one_of("spike_action", spike_action, SPIKE_ACTIONS),
-            spike_rule=rule,
+            spike_threshold=spike_threshold,
+            spike_zscore=check.optional(check.positive_or_array, "spike_zscore", spike_zscore),
+            spike_window=check.integer_or_array("spike_window", spike_window, minimum=1),
+            rebaseline_after=count("rebaseline_after", rebaseline_after),
             loss_spike_zscore=check.optional(check.positive_or_array, "loss_spike_zscore", loss_spike_zscore),
+            warmup_steps=check.integer_or_array("warmup_steps", warmup_steps, minimum=1),
             stats_decay=check.or_array(check.in_open_unit_interval, "stats_decay", stats_decay),
-            reset_after=check.optional(check.integer, "reset_after", reset_after, minimum=1),
-            reset_window=check.integer("reset_window", reset_window, minimum=1),
-            rollback_after_nonfinite=check.optional(
-                check.integer, "rollback_after_nonfinite", rollback_after_nonfinite, minimum=1
-            ),
-            rollback_after_spikes=check.optional(
-                check.integer, "rollback_after_spikes", rollback_after_spikes, minimum=1
-            ),
+            reset_after=reset_after,
+            reset_window=check.integer_or_array("reset_window", reset_window, minimum=1),
+            rollback_after_nonfinite=count("rollback_after_nonfinite", rollback_after_nonfinite),
+            rollback_after_spikes=count("rollback_after_spikes", rollback_after_spikes),
             vanishing_norm=check.optional(check.positive_or_array, "vanishing_norm", vanishing_norm),
             check_updates=check.boolean("check_updates", check_updates),
+            ring_size=1 if reset_after is None else reset_after if isinstance(reset_after, int) else None,
+        )
+
+    def sized_like(self, state: GuardState) -> GuardConfig:
+        """This config with the sizes a traced argument could not give taken from
+        ``state``'s buffers (the spike window's and the reset ring's lengths)."""
+        if isinstance(self.spike_window, int) and self.ring_size is not None:
+            return self
+        return dataclasses.replace(
+            self,
+            spike_window=int(state.guard_moments.guard_norm_window.log_norms.shape[0]),
+            ring_size=int(state.guard_spike_steps.shape[0]),
         )
 
     @property
-    def warmup_steps(self) -> int:
-        return self.spike_rule.warmup
+    def spike_rule(self) -> detect.SpikeRule:
+        if not isinstance(self.spike_window, int):
+            raise ValueError(
+                "gh.guard: `spike_window` is a traced value, so the spike window's size is not known: build the "
+                "guard (its init) with a concrete int, e.g. outside jit."
+            )
+        return detect.SpikeRule(
+            self.spike_threshold,
+            self.spike_zscore,
+            self.spike_window,
+            self.warmup_steps,
+            SPREAD_FLOOR,
+            min(SPIKE_BASELINE, self.spike_window),
+            self.rebaseline_after,
+        )
 
     @property
     def norm_spikes_on(self) -> bool:
-        return self.spike_rule.threshold is not None or self.spike_rule.zscore is not None
+        return self.spike_threshold is not None or self.spike_zscore is not None
 
     @property
     def can_clip(self) -> bool:
@@ -421,10 +446,6 @@ class GuardConfig:
             and math.isinf(policy.max_norm)
         )
         return not never_clips or (self.spike_action == "clip" and self.norm_spikes_on)
-
-    @property
-    def ring_size(self) -> int:
-        return self.reset_after if self.reset_after is not None else 1
 
 
 class Decision(NamedTuple):
@@ -682,6 +703,12 @@ def _record(
 
 
 def _init_state(config: GuardConfig, inner: optax.GradientTransformation, params: Any) -> GuardState:
+    ring_size = config.ring_size
+    if ring_size is None:
+        raise ValueError(
+            "gh.guard: `reset_after` is a traced value, so the reset ring's size is not known: build the guard "
+            "(its init) with a concrete int, e.g. outside jit."
+        )
     # Every field gets a buffer of its own, so the state can be donated.
     f32 = lambda: jnp.zeros((), jnp.float32)
     i32 = lambda: jnp.zeros((), jnp.int32)
@@ -714,7 +741,7 @@ def _init_state(config: GuardConfig, inner: optax.GradientTransformation, params
         guard_report=report,
         guard_counters=counters,
         guard_moments=moments,
-        guard_spike_steps=jnp.full((config.ring_size,), _NO_STEP, jnp.int32),
+        guard_spike_steps=jnp.full((ring_size,), _NO_STEP, jnp.int32),
         guard_clip_state=clip_state,
         guard_inner_state=inner.init(params),
     )
@@ -861,6 +888,7 @@ def guard(
         return _init_state(config, inner, params)
 
     def update_fn(updates, state, params=None, **extra_args):
+        cfg = config.sized_like(state)  # sizes of traced integer arguments, from the state
         _clipping.check_same_structure(updates, state.guard_report.guard_layer_norms.treedef, "gh.guard")
         # From gh.dynamic_loss_scale (`_interfaces.UnscalesOnRead`): `updates` are still
         # loss-scaled; the true gradients are `updates * unscale`. The statistics and the
@@ -872,15 +900,15 @@ def guard(
         loss = _scalar_arg("loss", extra_args.get("loss"))
         value = _scalar_arg("value", extra_args.get("value"))
 
-        decision = _decide(config, state, stats, loss, value)
-        outcome = _apply_inner(config, inner, decision, updates, unscale, state, params, extra_args)
-        moments, counters, report = _record(config, state, stats, loss, decision, outcome)
+        decision = _decide(cfg, state, stats, loss, value)
+        outcome = _apply_inner(cfg, inner, decision, updates, unscale, state, params, extra_args)
+        moments, counters, report = _record(cfg, state, stats, loss, decision, outcome)
         new_state = GuardState(
             guard_report=report,
             guard_counters=counters,
             guard_moments=moments,
             guard_spike_steps=decision.spike_steps,
-            guard_clip_state=config.policy.update(state.guard_clip_state, stats.norm, ~outcome.skipped),
+            guard_clip_state=cfg.policy.update(state.guard_clip_state, stats.norm, ~outcome.skipped),
             guard_inner_state=outcome.inner_state,
         )
         return outcome.updates, new_state

@@ -80,6 +80,25 @@ def integer(name: str, value: Any, *, minimum: int) -> int:
     return value
 
 
+def integer_or_array(name: str, value: Any, *, minimum: int) -> Any:
+    """An int (validated now): a Python int, or a concrete integer scalar array (as
+    ``optax.inject_hyperparams`` makes of every numeric argument, outside jit). A traced
+    integer scalar (the same argument inside a jitted update) is passed through as it is:
+    it cannot be checked, and a caller that sizes a buffer with it takes the size from
+    the state instead."""
+    if is_array_like(value) or isinstance(value, jax.core.Tracer):
+        shape, dtype = tuple(np.shape(value)), np.dtype(value.dtype)
+        if shape != () or not np.issubdtype(dtype, np.integer):
+            raise TypeError(
+                f"`{name}` must be an int >= {minimum} or an integer scalar array, got an array of shape "
+                f"{shape} and dtype {dtype}."
+            )
+        if isinstance(value, jax.core.Tracer):
+            return value
+        value = int(value)
+    return integer(name, value, minimum=minimum)
+
+
 def boolean(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"`{name}` must be True or False, got {_describe(value)}.")

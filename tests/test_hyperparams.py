@@ -35,20 +35,8 @@ def test_scheduled_clip_threshold_of_clip_by_global_norm(jit):
 def test_scheduled_threshold_of_the_guard_clip_and_the_leaf_clips():
     grads = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([0.0, 0.5])}
     params = jax.tree.map(jnp.ones_like, grads)
-    # The guard's numeric arguments all become hyperparameters under inject_hyperparams;
-    # the ones that size its buffers (and the others it checks as ints) stay static.
-    static = (
-        "inner",
-        "spike_window",
-        "warmup_steps",
-        "reset_after",
-        "reset_window",
-        "rebaseline_after",
-        "rollback_after_nonfinite",
-        "rollback_after_spikes",
-        "check_updates",
-    )
-    guard = optax.inject_hyperparams(gh.guard, static_args=static)(inner=optax.sgd(1.0), clip=_schedule)
+    # The guard's numeric arguments all become hyperparameters under inject_hyperparams.
+    guard = optax.inject_hyperparams(gh.guard)(inner=optax.sgd(1.0), clip=_schedule)
     layer = optax.inject_hyperparams(gh.clip_by_layer_norm)(max_norm=_schedule)
     for tx, norm_of in [
         (guard, lambda u: np.linalg.norm(np.concatenate([np.asarray(x) for x in jax.tree.leaves(u)]))),
@@ -69,3 +57,54 @@ def test_python_numbers_are_still_checked_and_arrays_must_be_scalars():
     with pytest.raises(ValueError, match=r"spike_threshold.*> 1"):
         gh.guard(optax.sgd(0.1), spike_threshold=0.5)
     gh.guard(optax.sgd(0.1), clip=jnp.float32(1.0), spike_threshold=jnp.float32(5.0))  # accepted as they are
+
+
+def test_inject_hyperparams_of_the_guard_needs_no_static_integers():
+    """Every numeric argument of gh.guard may be a hyperparameter: integers become int32
+    arrays (checked at init, traced in the jitted update, where the sizes they set are
+    read from the state). The run equals the plain guard's, step for step, through a
+    non-finite step, spikes and a momentum reset."""
+    kwargs = dict(clip=2.0, spike_window=8, warmup_steps=4, reset_after=2, reset_window=10, rebaseline_after=30)
+    injected = optax.inject_hyperparams(gh.guard, static_args=("inner",))(inner=optax.adam(0.1), **kwargs)
+    plain = gh.guard(optax.adam(0.1), **kwargs)
+    assert injected.init({"w": jnp.zeros(3)}).hyperparams["spike_window"].dtype == jnp.int32
+    params = {"w": jnp.zeros(3)}
+    rng = np.random.default_rng(0)
+    grads = [rng.normal(size=3).astype(np.float32) for _ in range(16)]
+    grads[6] = np.array([np.nan, 1.0, 1.0], np.float32)
+    grads[9] = grads[9] * 1e4  # spikes, two within reset_window: a momentum reset
+    grads[11] = grads[11] * 1e4
+    states = [injected.init(params), plain.init(params)]
+    updates_of = [jax.jit(injected.update), jax.jit(plain.update)]
+    resets = 0
+    for g in grads:
+        outs = [update({"w": jnp.asarray(g)}, state, params) for update, state in zip(updates_of, states)]
+        np.testing.assert_array_equal(np.asarray(outs[0][0]["w"]), np.asarray(outs[1][0]["w"]))
+        states = [out[1] for out in outs]
+        m_injected, m_plain = gh.metrics(states[0]), gh.metrics(states[1])
+        assert m_injected.keys() == m_plain.keys()
+        for name in m_plain:
+            np.testing.assert_array_equal(np.asarray(m_injected[name]), np.asarray(m_plain[name]), err_msg=name)
+        resets = int(m_plain["grad/num_momentum_resets"])
+    assert resets == 1 and int(gh.metrics(states[1])["grad/num_skipped"]) == 3
+
+
+def test_integer_arguments_as_arrays_are_checked_when_concrete():
+    with pytest.raises(ValueError, match=r"spike_window.*>= 1, got 0"):
+        gh.guard(optax.sgd(0.1), spike_window=jnp.int32(0))
+    with pytest.raises(TypeError, match=r"reset_after.*integer scalar array.*float32"):
+        gh.guard(optax.sgd(0.1), reset_after=jnp.float32(3.0))
+    with pytest.raises(TypeError, match=r"warmup_steps.*shape \(2,\)"):
+        gh.guard(optax.sgd(0.1), warmup_steps=jnp.ones(2, jnp.int32))
+    tx = gh.guard(optax.sgd(0.1), spike_window=np.int64(5), reset_after=jnp.int32(2))
+    state = tx.init({"w": jnp.zeros(2)})
+    assert state.guard_moments.guard_norm_window.log_norms.shape == (5,) and state.guard_spike_steps.shape == (2,)
+
+
+def test_a_guard_built_inside_jit_from_traced_sizes_says_what_is_missing():
+    @jax.jit
+    def init(window):
+        return gh.guard(optax.sgd(0.1), spike_window=window).init({"w": jnp.zeros(2)})
+
+    with pytest.raises(ValueError, match=r"spike_window.*traced.*concrete int"):
+        init(jnp.int32(8))
