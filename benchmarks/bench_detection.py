@@ -256,7 +256,7 @@ def guarded_faults(quick: bool) -> tuple[str, list[dict[str, Any]]]:
     rows, results = [], []
     for family, spec in specs.items():
         out = single.record_guarded(spec, lambda inner: gh.guard(inner, clip=1.0), [f for _, f in plan])
-        flagged = (out["grad/spike"] != 0) | (out["grad/finite"] == 0)
+        flagged = (out["grad/spiked"] != 0) | (out["grad/finite"] == 0)
         fault_steps = np.zeros(steps, bool)
         for label, fault in plan:
             window = slice(fault.start, fault.start + fault.length)

@@ -43,17 +43,17 @@ def write_log(path: str, rows: int, columns: int, seed: int = 0) -> int:
         "grad/clipped",
         "grad/finite",
         "grad/skipped",
-        "grad/spike",
+        "grad/spiked",
         "grad/spike_score",
         "grad/zscore",
         "grad/momentum_reset",
-        "grad/rollback",
+        "grad/rollback_recommended",
         "grad/num_nonfinite",
         "grad/num_spikes",
         "loss",
     ]
     layers = [
-        f"grad/layer_norm/blocks/{i // 6}/{['attention/query', 'attention/key', 'attention/value', 'attention/out', 'mlp/up', 'mlp/down'][i % 6]}/kernel"  # noqa: E501
+        f"grad/leaf_norm/blocks/{i // 6}/{['attention/query', 'attention/key', 'attention/value', 'attention/out', 'mlp/up', 'mlp/down'][i % 6]}/kernel"  # noqa: E501
         for i in range(max(columns - len(fixed), 0))
     ]
     names = (fixed + layers)[:columns]
@@ -67,18 +67,18 @@ def write_log(path: str, rows: int, columns: int, seed: int = 0) -> int:
         "grad/norm_mean": np.full(rows, 1.5),
         "grad/norm_std": np.full(rows, 0.3),
         "grad/clip_threshold": np.full(rows, float(np.percentile(norm, 95))),
-        "grad/spike": np.isin(t, spikes).astype(float),
+        "grad/spiked": np.isin(t, spikes).astype(float),
         "grad/spike_score": norm / 1.5,
         "grad/zscore": (norm - 1.5) / 0.3,
         "grad/momentum_reset": np.zeros(rows),
-        "grad/rollback": np.zeros(rows),
+        "grad/rollback_recommended": np.zeros(rows),
         "grad/num_nonfinite": np.cumsum(np.isin(t, nonfinite)).astype(float),
         "grad/num_spikes": np.cumsum(np.isin(t, spikes)).astype(float),
         "loss": 3.0 * np.exp(-t / (rows / 3)) + 0.5 + 0.01 * rng.standard_normal(rows),
     }
     data["grad/clipped"] = (norm > data["grad/clip_threshold"]).astype(float)
     data["grad/finite"] = np.ones(rows)
-    data["grad/skipped"] = data["grad/spike"].copy()
+    data["grad/skipped"] = data["grad/spiked"].copy()
     data["grad/norm"][nonfinite] = np.nan
     data["grad/finite"][nonfinite] = 0.0
     data["grad/skipped"][nonfinite] = 1.0

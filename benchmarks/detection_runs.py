@@ -547,7 +547,7 @@ def _scalar_metric_names(state: Any) -> list[str]:
     return [
         name
         for name, value in gh.metrics(state).items()
-        if not name.startswith("grad/layer_norm/") and jnp.shape(value) == ()
+        if not name.startswith("grad/leaf_norm/") and jnp.shape(value) == ()
     ]
 
 
@@ -605,7 +605,7 @@ def record_guarded(spec: CleanSpec, make_tx: MakeTx, faults: Sequence[Fault] = (
     once; a fresh lambda per call recompiles.
 
     Returns per-step numpy arrays [T]: every scalar entry of ``gh.metrics(state)`` after the step
-    (``'grad/norm'``, ``'grad/spike'``, ``'grad/skipped'``, ...; not ``'grad/layer_norm/...'``),
+    (``'grad/norm'``, ``'grad/spiked'``, ``'grad/skipped'``, ...; not ``'grad/leaf_norm/...'``),
     ``'loss'`` (the batch loss, corrupted where injected), ``'fault'`` (bool: a fault was injected
     at the step) and ``'params_finite'`` (bool: every parameter is finite after the step).
     """
@@ -665,13 +665,13 @@ def check_faults(spec: CleanSpec, faults: Sequence[Fault] = CHECK_FAULTS, make_t
         what += f":{fault.length}" if fault.length > 1 else ""
         norm, loss = out["grad/norm"][at], out["loss"][at]
         print(
-            f"  {what:22s} finite {_flags(out, 'grad/finite', at):6s} spike {_flags(out, 'grad/spike', at):6s} "
-            f"skipped {_flags(out, 'grad/skipped', at):6s} | next 5: spike {_flags(out, 'grad/spike', after)} "
+            f"  {what:22s} finite {_flags(out, 'grad/finite', at):6s} spike {_flags(out, 'grad/spiked', at):6s} "
+            f"skipped {_flags(out, 'grad/skipped', at):6s} | next 5: spike {_flags(out, 'grad/spiked', after)} "
             f"skipped {_flags(out, 'grad/skipped', after)} | norm {np.max(norm):9.4g} loss {np.max(loss):9.4g}"
         )
     clean = ~out["fault"]
     print(
-        f"  non-fault steps: {int(clean.sum())}, spikes {int(out['grad/spike'][clean].sum())}, "
+        f"  non-fault steps: {int(clean.sum())}, spikes {int(out['grad/spiked'][clean].sum())}, "
         f"skipped {int(out['grad/skipped'][clean].sum())}, clipped {int(out['grad/clipped'][clean].sum())}; "
         f"loss {out['loss'][:500].mean():.4f} -> {out['loss'][-200:].mean():.4f}"
     )

@@ -54,7 +54,7 @@ def main(steps: int = 200, seed: int = 0, growth_interval: int = 25, verbose: bo
         grads, loss = nnx.grad(loss_fn, has_aux=True)(model)
         optimizer.update(model, grads, loss=loss)
         m = gh.metrics(optimizer)
-        return loss, m["grad/loss_scale"], m["grad/overflow"], m["grad/norm"]
+        return loss, m["grad/loss_scale"], m["grad/overflowed"], m["grad/norm"]
 
     history = {"loss": [], "loss_scale": [], "overflow": [], "norm": []}
     for step in range(steps):

@@ -1,5 +1,5 @@
 """Rollback with orbax-checkpoint: when ``gh.guard`` recommends a rollback
-(``grad/rollback``), the loop restores the last healthy checkpoint and moves on.
+(``grad/rollback_recommended``), the loop restores the last healthy checkpoint and moves on.
 
     python examples/rollback_orbax.py --steps 200 --ckpt /tmp/gh_ckpt
 
@@ -123,7 +123,7 @@ def train(
         if bad_from is not None and bad_from <= step < bad_from + bad_steps:
             x = np.full_like(x, np.nan)
         params, opt_state, loss, metrics = step_fn(params, opt_state, x, y)
-        rollback = bool(metrics["grad/rollback"])  # one scalar fetch; check less often in big runs
+        rollback = bool(metrics["grad/rollback_recommended"])  # one scalar fetch; check less often in big runs
         flags.append(rollback)
         if rollback:
             params, opt_state, restored_step = restore(manager, None, params, opt_state)

@@ -20,11 +20,11 @@ from optax_gradhealth._guard import GuardCounters, GuardMoments, GuardReport, Gu
 from optax_gradhealth._metrics import CATALOGUE, metrics, register_metrics
 from optax_gradhealth._stats import (
     GradStats,
-    LayerNorms,
+    LeafNorms,
     global_norm,
     grad_stats,
-    layer_norms,
     leaf_names,
+    leaf_norms,
     path_name,
 )
 
@@ -33,10 +33,10 @@ from optax_gradhealth._stats import (
 from optax_gradhealth._accumulation import MicroBatchNormsState, record_micro_batch_norms
 from optax_gradhealth._clip_modes import (
     AdaptiveClipState,
-    ClipByLayerNormState,
+    ClipByLeafNormState,
     ClipByValueState,
     adaptive_grad_clip,
-    clip_by_layer_norm,
+    clip_by_leaf_norm,
     clip_by_value,
 )
 from optax_gradhealth._loss_scale import LossScaleState, dynamic_loss_scale, loss_scale, scale_loss
@@ -75,7 +75,7 @@ __all__ = [
     "GuardMoments",
     "GuardReport",
     "GuardState",
-    "LayerNorms",
+    "LeafNorms",
     "PercentileClip",
     "PercentileClipState",
     "ZScoreClip",
@@ -84,8 +84,8 @@ __all__ = [
     "global_norm",
     "grad_stats",
     "guard",
-    "layer_norms",
     "leaf_names",
+    "leaf_norms",
     "metrics",
     "path_name",
     "register_metrics",
@@ -94,12 +94,12 @@ __all__ = [
 # mixed precision, accumulation and the remaining clipping modes (issue 5)
 __all__ += [
     "AdaptiveClipState",
-    "ClipByLayerNormState",
+    "ClipByLeafNormState",
     "ClipByValueState",
     "LossScaleState",
     "MicroBatchNormsState",
     "adaptive_grad_clip",
-    "clip_by_layer_norm",
+    "clip_by_leaf_norm",
     "clip_by_value",
     "dynamic_loss_scale",
     "loss_scale",
@@ -133,3 +133,27 @@ __all__ += [
     "local_grad",
     "local_value_and_grad",
 ]
+
+# Names of 0.1.0 that say "layer" for what is per leaf: they still work, with a
+# DeprecationWarning, and go in 0.4 (docs/api_policy.md).
+_DEPRECATED_ATTRIBUTES = {
+    "LayerNorms": "LeafNorms",
+    "layer_norms": "leaf_norms",
+    "clip_by_layer_norm": "clip_by_leaf_norm",
+    "ClipByLayerNormState": "ClipByLeafNormState",
+}
+
+
+def __getattr__(name: str):
+    if name in _DEPRECATED_ATTRIBUTES:
+        import warnings
+
+        new = _DEPRECATED_ATTRIBUTES[name]
+        warnings.warn(
+            f"optax_gradhealth.{name} is deprecated (per-leaf things are named 'leaf'): use "
+            f"optax_gradhealth.{new}. The old name goes in 0.4.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return globals()[new]
+    raise AttributeError(f"module 'optax_gradhealth' has no attribute {name!r}")

@@ -9,7 +9,7 @@ registers its state's fields with :func:`register_metrics`, and
 or the docs that is not declared.
 
 Per-leaf metrics are declared with a ``<path>`` placeholder
-(``grad/layer_norm/<path>``): :func:`metrics` returns one entry per gradient leaf.
+(``grad/leaf_norm/<path>``): :func:`metrics` returns one entry per gradient leaf.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ _SPEC_LIST: tuple[MetricSpec, ...] = (
         "False on (almost) every step.",
     ),
     MetricSpec(
-        "grad/spike",
+        "grad/spiked",
         FLAG,
         "this step was a spike (see guard's spike rule)",
         "rarely True (well under 1% of steps).",
@@ -149,7 +149,7 @@ _SPEC_LIST: tuple[MetricSpec, ...] = (
         ),
     ),
     MetricSpec(
-        "grad/rollback",
+        "grad/rollback_recommended",
         FLAG,
         "sticky recommendation to restore the last healthy checkpoint",
         "False. Once True it stays True: restore the last healthy checkpoint.",
@@ -218,16 +218,16 @@ _SPEC_LIST: tuple[MetricSpec, ...] = (
         "grad/consecutive_nonfinite",
         COUNT,
         "current run of consecutive non-finite steps (gradient, loss, value or update)",
-        "0 (1 on an isolated bad step). Reaching rollback_after_nonfinite (10) raises grad/rollback.",
+        "0 (1 on an isolated bad step). Reaching rollback_after_nonfinite (10) raises grad/rollback_recommended.",
     ),
     MetricSpec(
         "grad/consecutive_spikes",
         COUNT,
         "current run of consecutive spikes",
-        "0 (1 on an isolated spike). Reaching rollback_after_spikes (10) raises grad/rollback.",
+        "0 (1 on an isolated spike). Reaching rollback_after_spikes (10) raises grad/rollback_recommended.",
     ),
     MetricSpec(
-        "grad/layer_norm/<path>",
+        "grad/leaf_norm/<path>",
         VECTOR,
         "pre-clip L2 norm of one gradient leaf, named by its path",
         (
@@ -248,9 +248,9 @@ _SPEC_LIST: tuple[MetricSpec, ...] = (
             "micro-batch."
         ),
     ),
-    # the clip modes (gh.clip_by_value, gh.clip_by_layer_norm, gh.adaptive_grad_clip)
+    # the clip modes (gh.clip_by_value, gh.clip_by_leaf_norm, gh.adaptive_grad_clip)
     MetricSpec(
-        "grad/value_clip_count",
+        "grad/num_value_clipped",
         COUNT,
         "gradient elements clipped by gh.clip_by_value this step",
         "0 or a small number of elements; a large count means the value bound is too tight.",
@@ -262,19 +262,19 @@ _SPEC_LIST: tuple[MetricSpec, ...] = (
         "below ~0.01; near 1 the bound is too tight and clipping changes the direction.",
     ),
     MetricSpec(
-        "grad/layer_clip_fraction",
+        "grad/leaf_clip_fraction",
         VALUE,
-        "fraction of gradient leaves (layers) clipped by gh.clip_by_layer_norm",
+        "fraction of gradient leaves (layers) clipped by gh.clip_by_leaf_norm",
         "0 on most steps; near 1 on every step means the per-layer bound is too low.",
     ),
     MetricSpec(
-        "grad/layer_clipped/<path>",
+        "grad/leaf_clipped/<path>",
         FLAG,
-        "this leaf was clipped by gh.clip_by_layer_norm this step",
-        ("False on most steps; one layer clipped on every step deserves a look (its norm in grad/layer_norm/<path>)."),
+        "this leaf was clipped by gh.clip_by_leaf_norm this step",
+        ("False on most steps; one layer clipped on every step deserves a look (its norm in grad/leaf_norm/<path>)."),
     ),
     MetricSpec(
-        "grad/agc_clip_count",
+        "grad/num_agc_clipped",
         COUNT,
         "units rescaled by gh.adaptive_grad_clip (AGC) this step",
         "a small share of the units; many units clipped every step means lambda is too small.",
@@ -296,7 +296,7 @@ _SPEC_LIST: tuple[MetricSpec, ...] = (
         ),
     ),
     MetricSpec(
-        "grad/overflow",
+        "grad/overflowed",
         FLAG,
         (
             "the scaled gradient overflowed: step skipped before any statistic, inner state untouched, scale "
@@ -458,12 +458,37 @@ _SPEC_LIST: tuple[MetricSpec, ...] = (
     ),
 )
 
-#: Every metric the package records, by name.
-SPECS: dict[str, MetricSpec] = {spec.name: spec for spec in _SPEC_LIST}
+#: Names of 0.1.0 that still work (``gh.metrics(..., deprecated_names=True)`` returns
+#: them next to the new ones, and logs written with them are read under the new ones),
+#: and the names that replace them. The rules they broke: per-leaf metrics say "leaf"; a
+#: flag is a past participle or adjective of the step; every count starts ``num_``.
+DEPRECATED: dict[str, str] = {
+    "grad/layer_norm/<path>": "grad/leaf_norm/<path>",
+    "grad/layer_clipped/<path>": "grad/leaf_clipped/<path>",
+    "grad/layer_clip_fraction": "grad/leaf_clip_fraction",
+    "grad/spike": "grad/spiked",
+    "grad/overflow": "grad/overflowed",
+    "grad/rollback": "grad/rollback_recommended",
+    "grad/value_clip_count": "grad/num_value_clipped",
+    "grad/agc_clip_count": "grad/num_agc_clipped",
+}
+
+
+def _deprecated_spec(old: str, new: MetricSpec) -> MetricSpec:
+    return MetricSpec(old, new.kind, f"deprecated name of {new.name}: {new.meaning}", new.healthy)
+
+
+_CURRENT = {spec.name: spec for spec in _SPEC_LIST}
+
+#: Every metric the package records, by name (the deprecated names last).
+SPECS: dict[str, MetricSpec] = {
+    **_CURRENT,
+    **{old: _deprecated_spec(old, _CURRENT[new]) for old, new in DEPRECATED.items()},
+}
 
 # ``{name: one-line meaning}`` of every metric `metrics` can return; names that users
 # register with `register_metrics` are added to it (documented in docs/_ext: DATA_DOCS).
-CATALOGUE: dict[str, str] = {spec.name: spec.meaning for spec in _SPEC_LIST}
+CATALOGUE: dict[str, str] = {spec.name: spec.meaning for spec in SPECS.values()}
 
 # state type -> {field: metric name}: what `metrics` reads. Filled by the modules that
 # define the states (and by users), never read by the jitted path.
@@ -476,7 +501,7 @@ _INDICES = re.compile(r"(/[0-9]+)+$")
 
 
 def spec_of(name: str) -> MetricSpec:
-    """The spec of a declared metric name. A per-leaf name (``grad/layer_norm/dense/w``)
+    """The spec of a declared metric name. A per-leaf name (``grad/leaf_norm/dense/w``)
     resolves to its ``<path>`` entry, and one element of a vector as the writers flatten
     it (``xdev/device_norms/3``, ``xdev/pairwise_cosine/0/5``) to the vector's. Raises
     ``KeyError`` for an undeclared name."""
@@ -489,6 +514,44 @@ def spec_of(name: str) -> MetricSpec:
     if base != name and base in SPECS and SPECS[base].kind == VECTOR:
         return SPECS[base]
     raise KeyError(f"metric {name!r} is not declared in optax_gradhealth._catalogue.SPECS")
+
+
+def _prefix(name: str) -> str:
+    return _PLACEHOLDER.sub("/", name)
+
+
+_RENAMED_PREFIXES = {_prefix(old): _prefix(new) for old, new in DEPRECATED.items() if _PLACEHOLDER.search(old)}
+_RENAMED = {old: new for old, new in DEPRECATED.items() if not _PLACEHOLDER.search(old)}
+_OLD_NAME = {new: old for old, new in _RENAMED.items()}
+_OLD_PREFIX = {new: old for old, new in _RENAMED_PREFIXES.items()}
+
+
+def current_name(name: str) -> str:
+    """The name that replaces a deprecated one (also a per-leaf entry, or one element of
+    a vector as the writers flatten it); any other name unchanged.
+
+    Example:
+      >>> from optax_gradhealth._catalogue import current_name
+      >>> current_name('grad/layer_norm/dense/w'), current_name('grad/spike'), current_name('grad/norm')
+      ('grad/leaf_norm/dense/w', 'grad/spiked', 'grad/norm')
+    """
+    base = _INDICES.sub("", name)
+    if base in _RENAMED:
+        return _RENAMED[base] + name[len(base) :]
+    for old, new in _RENAMED_PREFIXES.items():
+        if name.startswith(old):
+            return new + name[len(old) :]
+    return name
+
+
+def deprecated_name(name: str) -> str | None:
+    """The deprecated name a current one replaced (per-leaf entries too), or None."""
+    if name in _OLD_NAME:
+        return _OLD_NAME[name]
+    for new, old in _OLD_PREFIX.items():
+        if name.startswith(new):
+            return old + name[len(new) :]
+    return None
 
 
 def is_declared(name: str) -> bool:
@@ -525,7 +588,7 @@ def register_metrics(state_type: type, fields: dict[str, str], catalogue: dict[s
       ...     my_count: jnp.ndarray
       >>> gh.register_metrics(MyState, {'my_count': 'my/count'}, catalogue={'my/count': 'my steps'})
       >>> gh.metrics((MyState(jnp.int32(3)),))
-      {'my/count': Array(3, dtype=int32, weak_type=True)}
+      {'my/count': Array(3, dtype=int32)}
     """
     fields = dict(fields)
     for field in fields:

@@ -29,10 +29,10 @@ from optax_gradhealth import _validation as check
 
 __all__ = [
     "AdaptiveClipState",
-    "ClipByLayerNormState",
+    "ClipByLeafNormState",
     "ClipByValueState",
     "adaptive_grad_clip",
-    "clip_by_layer_norm",
+    "clip_by_leaf_norm",
     "clip_by_value",
 ]
 
@@ -138,7 +138,7 @@ class ClipByValueState(NamedTuple):
 
     Attributes:
       value_clip_count: int32, elements whose magnitude exceeded ``max_abs`` and were
-        clipped (``grad/value_clip_count``).
+        clipped (``grad/num_value_clipped``).
       value_clip_fraction: float32, that count over the number of float elements
         (``grad/value_clip_fraction``).
     """
@@ -179,7 +179,7 @@ def clip_by_value(max_abs: float) -> optax.GradientTransformation:
             if jnp.iscomplexobj(leaf):
                 raise ValueError(
                     f"gh.clip_by_value: leaf {_stats.path_name(path)!r} is complex ({leaf.dtype}); complex values "
-                    "have no order to clip by. Clip their real and imaginary parts, or use gh.clip_by_layer_norm."
+                    "have no order to clip by. Clip their real and imaginary parts, or use gh.clip_by_leaf_norm."
                 )
         leaves = _stats._float_leaves(updates)
         total = sum(int(x.size) for x in leaves)
@@ -199,21 +199,21 @@ def clip_by_value(max_abs: float) -> optax.GradientTransformation:
 # ----------------------------------------------------------------------------- per layer
 
 
-class ClipByLayerNormState(NamedTuple):
-    """State of :func:`clip_by_layer_norm`: what the last step did.
+class ClipByLeafNormState(NamedTuple):
+    """State of :func:`clip_by_leaf_norm`: what the last step did.
 
     Attributes:
-      layer_clip_fraction: float32, fraction of the float leaves (layers) that were
-        clipped (``grad/layer_clip_fraction``).
-      layer_clip_clipped: bool per leaf, same structure as the gradients: which leaves
-        were clipped (``grad/layer_clipped/<path>``).
+      leaf_clip_fraction: float32, fraction of the float leaves (layers) that were
+        clipped (``grad/leaf_clip_fraction``).
+      leaf_clipped: bool per leaf, same structure as the gradients: which leaves
+        were clipped (``grad/leaf_clipped/<path>``).
     """
 
-    layer_clip_fraction: jax.Array
-    layer_clip_clipped: Any
+    leaf_clip_fraction: jax.Array
+    leaf_clipped: Any
 
 
-def clip_by_layer_norm(max_norm: float) -> optax.GradientTransformation:
+def clip_by_leaf_norm(max_norm: float) -> optax.GradientTransformation:
     """Clips each leaf (layer parameter) to L2 norm ``max_norm`` independently.
 
     Each leaf ``g`` becomes ``g * min(1, max_norm / |g|)``; the norms are computed in
@@ -225,30 +225,30 @@ def clip_by_layer_norm(max_norm: float) -> optax.GradientTransformation:
       max_norm: the largest L2 norm a leaf may keep (> 0).
 
     Returns:
-      An ``optax.GradientTransformation`` with state :class:`ClipByLayerNormState`.
+      An ``optax.GradientTransformation`` with state :class:`ClipByLeafNormState`.
 
     Example:
       >>> import jax.numpy as jnp, optax
       >>> import optax_gradhealth as gh
-      >>> tx = gh.clip_by_layer_norm(1.0)
+      >>> tx = gh.clip_by_leaf_norm(1.0)
       >>> grads = {'a': jnp.array([3.0, 4.0]), 'b': jnp.array([0.6, 0.0])}
       >>> updates, state = tx.update(grads, tx.init(grads))
-      >>> updates['a'].tolist(), float(state.layer_clip_fraction)
+      >>> updates['a'].tolist(), float(state.leaf_clip_fraction)
       ([0.6000000238418579, 0.800000011920929], 0.5)
-      >>> {k: bool(v) for k, v in gh.metrics(state).items() if k.startswith('grad/layer_clipped/')}
-      {'grad/layer_clipped/a': True, 'grad/layer_clipped/b': False}
+      >>> {k: bool(v) for k, v in gh.metrics(state).items() if k.startswith('grad/leaf_clipped/')}
+      {'grad/leaf_clipped/a': True, 'grad/leaf_clipped/b': False}
     """
     max_norm = check.positive_or_array("max_norm", max_norm)
 
     def init_fn(params):
-        return ClipByLayerNormState(
-            layer_clip_fraction=jnp.zeros((), jnp.float32),
-            layer_clip_clipped=jax.tree.map(lambda _: jnp.zeros((), jnp.bool_), params),
+        return ClipByLeafNormState(
+            leaf_clip_fraction=jnp.zeros((), jnp.float32),
+            leaf_clipped=jax.tree.map(lambda _: jnp.zeros((), jnp.bool_), params),
         )
 
     def update_fn(updates, state, params=None):
         del params
-        _clipping.check_same_structure(updates, jax.tree.structure(state.layer_clip_clipped), "gh.clip_by_layer_norm")
+        _clipping.check_same_structure(updates, jax.tree.structure(state.leaf_clipped), "gh.clip_by_leaf_norm")
         leaf_norms = _stats.grad_stats(updates).leaf_norms.as_tree()
         threshold = jnp.asarray(max_norm, jnp.float32)
         scales = jax.tree.map(lambda n: _clipping.clip_scale(n, threshold), leaf_norms)
@@ -256,7 +256,7 @@ def clip_by_layer_norm(max_norm: float) -> optax.GradientTransformation:
         clipped = jax.tree.map(lambda x, s: jnp.asarray(_stats._is_float(x)) & (s[0] < 1.0), updates, scales)
         num_float = len(_stats._float_leaves(updates))
         count = sum((c.astype(jnp.int32) for c in jax.tree.leaves(clipped)), jnp.zeros((), jnp.int32))
-        return new_updates, ClipByLayerNormState(_fraction(count, num_float), clipped)
+        return new_updates, ClipByLeafNormState(_fraction(count, num_float), clipped)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -269,7 +269,7 @@ class AdaptiveClipState(NamedTuple):
 
     Attributes:
       agc_clip_count: int32, units whose gradient norm reached
-        ``clipping * max(|W_unit|, eps)`` and were rescaled (``grad/agc_clip_count``).
+        ``clipping * max(|W_unit|, eps)`` and were rescaled (``grad/num_agc_clipped``).
       agc_clip_fraction: float32, that count over the number of units
         (``grad/agc_clip_fraction``).
     """
@@ -368,16 +368,16 @@ def adaptive_grad_clip(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-_interfaces.keep_on_momentum_reset(ClipByValueState, ClipByLayerNormState, AdaptiveClipState)
+_interfaces.keep_on_momentum_reset(ClipByValueState, ClipByLeafNormState, AdaptiveClipState)
 _catalogue.register_metrics(
     ClipByValueState,
-    {"value_clip_count": "grad/value_clip_count", "value_clip_fraction": "grad/value_clip_fraction"},
+    {"value_clip_count": "grad/num_value_clipped", "value_clip_fraction": "grad/value_clip_fraction"},
 )
 _catalogue.register_metrics(
-    ClipByLayerNormState,
-    {"layer_clip_fraction": "grad/layer_clip_fraction", "layer_clip_clipped": "grad/layer_clipped"},
+    ClipByLeafNormState,
+    {"leaf_clip_fraction": "grad/leaf_clip_fraction", "leaf_clipped": "grad/leaf_clipped"},
 )
 _catalogue.register_metrics(
     AdaptiveClipState,
-    {"agc_clip_count": "grad/agc_clip_count", "agc_clip_fraction": "grad/agc_clip_fraction"},
+    {"agc_clip_count": "grad/num_agc_clipped", "agc_clip_fraction": "grad/agc_clip_fraction"},
 )

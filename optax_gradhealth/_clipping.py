@@ -138,7 +138,7 @@ class ZScoreClip:
     """Adaptive threshold ``mean + z * std`` of the running norm statistics (ZClip's idea).
 
     The running mean and standard deviation are those of bias-corrected EMAs (decay
-    ``decay``) of the norm and of its square, kept in incremental form
+    ``stats_decay``) of the norm and of its square, kept in incremental form
     (:func:`running_moments_update`). During the first ``warmup_steps``
     accepted steps the threshold is ``warmup_max_norm`` and the raw norms feed the
     statistics; afterwards the clipped norm ``min(norm, threshold)`` feeds them, so a
@@ -147,7 +147,8 @@ class ZScoreClip:
 
     Attributes:
       z: z-score above which the norm is clipped (> 0). ZClip's default: 2.5.
-      decay: EMA decay in (0, 1). ZClip's default: 0.97.
+      stats_decay: EMA decay of the running statistics, in (0, 1) (the name the guard
+        uses for its own). ZClip's default: 0.97.
       warmup_steps: accepted steps before the adaptive threshold applies (>= 0).
       warmup_max_norm: threshold during warm-up (> 0, may be inf). Default 1.0.
       max_norm: optional hard cap on the threshold (> 0) or None.
@@ -167,14 +168,26 @@ class ZScoreClip:
     """
 
     z: float = 2.5
-    decay: float = 0.97
+    stats_decay: float = 0.97
     warmup_steps: int = 25
     warmup_max_norm: float = 1.0
     max_norm: float | None = None
+    # Deprecated keyword of 0.1.0 for `stats_decay` (one name per meaning); goes in 0.4.
+    decay: dataclasses.InitVar[float | None] = None
 
-    def __post_init__(self):
+    def __post_init__(self, decay: float | None):
+        if decay is not None:
+            import warnings
+
+            warnings.warn(
+                "gh.ZScoreClip(decay=...) is deprecated: use stats_decay=... (the guard's name for the same "
+                "decay). The old keyword goes in 0.4.",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            object.__setattr__(self, "stats_decay", decay)
         object.__setattr__(self, "z", check.positive("z", self.z))
-        object.__setattr__(self, "decay", check.in_open_unit_interval("decay", self.decay))
+        object.__setattr__(self, "stats_decay", check.in_open_unit_interval("stats_decay", self.stats_decay))
         _check_warmup_and_cap(self)
 
     def init(self) -> ZScoreClipState:
@@ -196,7 +209,7 @@ class ZScoreClip:
         accepted = accepted & jnp.isfinite(norm)
         return ZScoreClipState(
             *running_moments_update(
-                state.zscore_norm_mean, state.zscore_norm_var, state.zscore_count, value, self.decay, accepted
+                state.zscore_norm_mean, state.zscore_norm_var, state.zscore_count, value, self.stats_decay, accepted
             )
         )
 
@@ -353,7 +366,7 @@ class ClipByGlobalNormState(NamedTuple):
       clip_clipped: whether the last step was clipped (bool).
       clip_num_clipped: number of clipped steps (int32).
       clip_num_steps: number of steps seen (int32).
-      clip_layer_norms: pre-clip per-leaf norms (a :class:`LayerNorms`: one vector).
+      clip_leaf_norms: pre-clip per-leaf norms (a :class:`LeafNorms`: one vector).
     """
 
     clip_policy_state: Any
@@ -363,7 +376,7 @@ class ClipByGlobalNormState(NamedTuple):
     clip_clipped: jax.Array
     clip_num_clipped: jax.Array
     clip_num_steps: jax.Array
-    clip_layer_norms: _stats.LayerNorms
+    clip_leaf_norms: _stats.LeafNorms
 
 
 def ring_write(buffer: jax.Array, slot: jax.Array, value: jax.Array) -> jax.Array:
@@ -379,7 +392,7 @@ def ring_write(buffer: jax.Array, slot: jax.Array, value: jax.Array) -> jax.Arra
 
 def check_same_structure(grads: Any, expected: Any, what: str) -> None:
     """Raises a readable error at trace time when ``grads``'s tree structure is not
-    ``expected`` (a ``PyTreeDef``, e.g. ``state.guard_layer_norms.treedef``)."""
+    ``expected`` (a ``PyTreeDef``, e.g. ``state.guard_leaf_norms.treedef``)."""
     got = jax.tree.structure(grads)
     if got != expected:
         raise ValueError(
@@ -398,7 +411,7 @@ _catalogue.register_metrics(
         "clip_clipped": "grad/clipped",
         "clip_num_clipped": "grad/num_clipped",
         "clip_num_steps": "grad/num_steps",
-        "clip_layer_norms": "grad/layer_norm",
+        "clip_leaf_norms": "grad/leaf_norm",
     },
 )
 _interfaces.keep_on_momentum_reset(ClipByGlobalNormState)
@@ -443,12 +456,12 @@ def clip_by_global_norm(max_norm: float | ClipPolicy) -> optax.GradientTransform
             clip_clipped=jnp.zeros((), jnp.bool_),
             clip_num_clipped=jnp.zeros((), jnp.int32),
             clip_num_steps=jnp.zeros((), jnp.int32),
-            clip_layer_norms=_stats.LayerNorms.zeros(params),
+            clip_leaf_norms=_stats.LeafNorms.zeros(params),
         )
 
     def update_fn(updates, state, params=None):
         del params
-        check_same_structure(updates, state.clip_layer_norms.treedef, "gh.clip_by_global_norm")
+        check_same_structure(updates, state.clip_leaf_norms.treedef, "gh.clip_by_global_norm")
         stats = _stats.grad_stats(updates)
         threshold = policy.threshold(state.clip_policy_state)
         factors = clip_scale(stats.norm, threshold)
@@ -461,7 +474,7 @@ def clip_by_global_norm(max_norm: float | ClipPolicy) -> optax.GradientTransform
             clip_clipped=clipped,
             clip_num_clipped=state.clip_num_clipped + clipped.astype(jnp.int32),
             clip_num_steps=state.clip_num_steps + 1,
-            clip_layer_norms=stats.leaf_norms,
+            clip_leaf_norms=stats.leaf_norms,
         )
 
     return optax.GradientTransformation(init_fn, update_fn)

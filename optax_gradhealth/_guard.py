@@ -69,7 +69,7 @@ class GuardReport(NamedTuple):
         finite (``grad/finite``).
       guard_skipped: the step was skipped: zero update, inner state kept
         (``grad/skipped``).
-      guard_spike: the step was a spike (``grad/spike``).
+      guard_spike: the step was a spike (``grad/spiked``).
       guard_spike_score: norm / baseline norm (``grad/spike_score``).
       guard_zscore: robust z-score of log(norm) against the window (``grad/zscore``).
       guard_norm_mean: running mean norm the step was judged by (``grad/norm_mean``).
@@ -80,8 +80,8 @@ class GuardReport(NamedTuple):
       guard_momentum_reset: this step re-initialised the inner moments
         (``grad/momentum_reset``).
       guard_vanishing: vanishing-gradient flag of the step (``grad/vanishing``).
-      guard_layer_norms: pre-clip per-leaf norms (a :class:`LayerNorms`: one vector;
-        ``grad/layer_norm/<path>``).
+      guard_leaf_norms: pre-clip per-leaf norms (a :class:`LeafNorms`: one vector;
+        ``grad/leaf_norm/<path>``).
     """
 
     guard_norm: jax.Array
@@ -98,7 +98,7 @@ class GuardReport(NamedTuple):
     guard_loss_zscore: jax.Array
     guard_momentum_reset: jax.Array
     guard_vanishing: jax.Array
-    guard_layer_norms: _stats.LayerNorms
+    guard_leaf_norms: _stats.LeafNorms
 
 
 class GuardCounters(NamedTuple):
@@ -120,7 +120,7 @@ class GuardCounters(NamedTuple):
         non-finite gradient, loss, value or inner update; ``grad/consecutive_nonfinite``).
       guard_consecutive_spikes: current run of consecutive spikes
         (``grad/consecutive_spikes``).
-      guard_rollback: sticky rollback recommendation (``grad/rollback``).
+      guard_rollback: sticky rollback recommendation (``grad/rollback_recommended``).
       guard_first_nonfinite_leaf: leaf index of the first non-finite leaf at the latest
         non-finite step, -1 if none yet; name it with ``gh.leaf_names(params)``
         (``grad/first_nonfinite_leaf``).
@@ -214,7 +214,7 @@ _catalogue.register_metrics(
         "guard_clipped": "grad/clipped",
         "guard_finite": "grad/finite",
         "guard_skipped": "grad/skipped",
-        "guard_spike": "grad/spike",
+        "guard_spike": "grad/spiked",
         "guard_spike_score": "grad/spike_score",
         "guard_zscore": "grad/zscore",
         "guard_norm_mean": "grad/norm_mean",
@@ -222,7 +222,7 @@ _catalogue.register_metrics(
         "guard_loss_zscore": "grad/loss_zscore",
         "guard_momentum_reset": "grad/momentum_reset",
         "guard_vanishing": "grad/vanishing",
-        "guard_layer_norms": "grad/layer_norm",
+        "guard_leaf_norms": "grad/leaf_norm",
     },
 )
 _catalogue.register_metrics(
@@ -237,7 +237,7 @@ _catalogue.register_metrics(
         "guard_num_momentum_resets": "grad/num_momentum_resets",
         "guard_consecutive_nonfinite": "grad/consecutive_nonfinite",
         "guard_consecutive_spikes": "grad/consecutive_spikes",
-        "guard_rollback": "grad/rollback",
+        "guard_rollback": "grad/rollback_recommended",
         "guard_first_nonfinite_leaf": "grad/first_nonfinite_leaf",
     },
 )
@@ -697,7 +697,7 @@ def _record(
         guard_loss_zscore=decision.loss_zscore,
         guard_momentum_reset=decision.momentum_reset,
         guard_vanishing=vanishing,
-        guard_layer_norms=stats.leaf_norms,
+        guard_leaf_norms=stats.leaf_norms,
     )
     return new_moments, new_counters, report
 
@@ -729,7 +729,7 @@ def _init_state(config: GuardConfig, inner: optax.GradientTransformation, params
         guard_loss_zscore=f32(),
         guard_momentum_reset=false(),
         guard_vanishing=false(),
-        guard_layer_norms=_stats.LayerNorms.zeros(_gradient_like(params)),
+        guard_leaf_norms=_stats.LeafNorms.zeros(_gradient_like(params)),
     )
     counters = GuardCounters(
         *(i32() for _ in range(len(GuardCounters._fields) - 2)),
@@ -814,7 +814,7 @@ def guard(
       clip: clipping before the inner update: None (off), a number (fixed global-norm
         threshold), a global-norm policy (:class:`FixedClip`, :class:`ZScoreClip`,
         :class:`PercentileClip`), or a clip-mode transformation
-        (:func:`clip_by_value`, :func:`clip_by_layer_norm`,
+        (:func:`clip_by_value`, :func:`clip_by_leaf_norm`,
         :func:`adaptive_grad_clip`), which is chained in front of ``inner``.
       spike_action: ``'skip'``, ``'clip'`` or ``'record'``.
       spike_threshold: spike-score threshold, ``norm / baseline`` (> 1), or None.
@@ -862,7 +862,7 @@ def guard(
     """
     inner = check.transformation("inner", inner)
     if isinstance(clip, optax.GradientTransformation):
-        # A clip mode (gh.clip_by_value, gh.clip_by_layer_norm, gh.adaptive_grad_clip):
+        # A clip mode (gh.clip_by_value, gh.clip_by_leaf_norm, gh.adaptive_grad_clip):
         # applied to accepted steps only, between the guard's decision and `inner`.
         inner = optax.chain(clip, inner)
         clip = None
@@ -889,7 +889,7 @@ def guard(
 
     def update_fn(updates, state, params=None, **extra_args):
         cfg = config.sized_like(state)  # sizes of traced integer arguments, from the state
-        _clipping.check_same_structure(updates, state.guard_report.guard_layer_norms.treedef, "gh.guard")
+        _clipping.check_same_structure(updates, state.guard_report.guard_leaf_norms.treedef, "gh.guard")
         # From gh.dynamic_loss_scale (`_interfaces.UnscalesOnRead`): `updates` are still
         # loss-scaled; the true gradients are `updates * unscale`. The statistics and the
         # inner update both apply the multiply where they read the leaves, so the

@@ -39,7 +39,7 @@ class LossScaleState(NamedTuple):
       loss_scale_growth_tracker: int32, finite steps since the scale last changed or an
         overflow happened; the scale grows when it reaches ``growth_interval``.
       loss_scale_overflow: bool, the last step overflowed and was skipped
-        (``grad/overflow``).
+        (``grad/overflowed``).
       loss_scale_num_overflows: int32, overflowed (skipped) steps so far
         (``grad/num_overflows``).
     """
@@ -56,7 +56,7 @@ _catalogue.register_metrics(
     LossScaleState,
     {
         "loss_scale": "grad/loss_scale",
-        "loss_scale_overflow": "grad/overflow",
+        "loss_scale_overflow": "grad/overflowed",
         "loss_scale_num_overflows": "grad/num_overflows",
     },
 )
@@ -132,7 +132,7 @@ def dynamic_loss_scale(
       ([-3.0, -4.0], 5.0)
       >>> updates, state = tx.update({'w': jnp.array([jnp.inf, 1.0], jnp.float16)}, state, params)
       >>> m = gh.metrics(state)
-      >>> bool(m['grad/overflow']), float(m['grad/loss_scale']), int(m['grad/num_nonfinite'])
+      >>> bool(m['grad/overflowed']), float(m['grad/loss_scale']), int(m['grad/num_nonfinite'])
       (True, 512.0, 0)
     """
     inner = check.transformation("inner", inner)

@@ -79,21 +79,28 @@ def _find_states(tree: Any) -> list[Any]:
     return found
 
 
-def metrics(opt_state: Any) -> dict[str, jax.Array]:
+def metrics(opt_state: Any, *, deprecated_names: bool = True) -> dict[str, jax.Array]:
     """A flat ``{name: array}`` dict of every gradhealth metric found in ``opt_state``.
 
     Looks anywhere inside a chained, nested or wrapped optimizer state, including
     ``flax.nnx.Optimizer`` (pass the optimizer or its ``opt_state``) and
     ``flax.training.train_state.TrainState.opt_state``. Values are device arrays (no
-    host sync); per-leaf norms appear as ``grad/layer_norm/<path>`` (one slice of the
-    state's :class:`LayerNorms` vector each; from an ``nnx.state(...)`` dict, which
-    drops the tree structure, as ``grad/layer_norm/<leaf index>``). The names are the
+    host sync); per-leaf norms appear as ``grad/leaf_norm/<path>`` (one slice of the
+    state's :class:`LeafNorms` vector each; from an ``nnx.state(...)`` dict, which
+    drops the tree structure, as ``grad/leaf_norm/<leaf index>``). The names are the
     keys of :data:`CATALOGUE`. When several states report the same name (two clip
     transformations in one chain, say), the first found (chain order, outer state
     before inner) keeps the plain name and the others get a ``#2``, ``#3``... suffix.
 
+    The names 0.1.0 used and a later release renamed (``grad/layer_norm/<path>``,
+    ``grad/spike``, ... see ``docs/metrics.md``) are returned too, after the current
+    ones and with the same arrays, while ``deprecated_names`` is True, so that dashboards
+    built on them keep working. Pass False to log only the current names. The default
+    becomes False in 0.3 and the old names go in 0.4.
+
     Args:
       opt_state: an optimizer state (or an ``nnx.Optimizer``).
+      deprecated_names: also return each metric under its deprecated name, if it has one.
 
     Returns:
       ``dict[str, jax.Array]``; empty if no gradhealth state is inside.
@@ -105,17 +112,19 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
       >>> state = tx.init({'w': jnp.zeros(2)})
       >>> sorted(gh.metrics(state))[:3]
       ['grad/clip_threshold', 'grad/clipped', 'grad/consecutive_nonfinite']
+      >>> 'grad/spike' in gh.metrics(state), 'grad/spike' in gh.metrics(state, deprecated_names=False)
+      (True, False)
     """
     out: dict[str, jax.Array] = {}
     for state in _find_states(_unwrap_variables(opt_state)):
         entries: dict[str, jax.Array] = {}
         for field, name in _REGISTRY[type(state)].items():
             value = getattr(state, field)
-            if isinstance(value, _stats.LayerNorms):
+            if isinstance(value, _stats.LeafNorms):
                 for leaf_name, leaf_norm in value.as_dict().items():
                     entries[f"{name}/{leaf_name}"] = leaf_norm
             elif isinstance(value, dict) and set(value) == {"values"}:
-                # A LayerNorms that nnx.state (or a pure-dict restore) turned into a
+                # A LeafNorms that nnx.state (or a pure-dict restore) turned into a
                 # dict: the leaf names are gone with the tree structure; index them.
                 for i in range(len(value["values"])):
                     entries[f"{name}/{i}"] = value["values"][i]
@@ -130,4 +139,10 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
                 copy += 1
                 key = f"{name}#{copy}"
             out[key] = value
+    if deprecated_names:
+        for key, value in list(out.items()):
+            name, hash_, copy = key.partition("#")
+            old = _catalogue.deprecated_name(name)
+            if old is not None:
+                out[old + hash_ + copy] = value
     return out

@@ -19,7 +19,7 @@ a huge but finite gradient gets its right, finite norm and is not mistaken for N
 a 1e-30 gradient is not flushed to zero. Both passes are one fused reduction per leaf:
 no temporary the size of the gradients (or of a leaf).
 
-Per-leaf norms are returned as one float32 vector (:class:`LayerNorms`), not one scalar
+Per-leaf norms are returned as one float32 vector (:class:`LeafNorms`), not one scalar
 per leaf: on a tree of 1000 leaves, 1000 separate outputs (or 1000 slices of a vector)
 add 1000 small kernels to the compiled step.
 """
@@ -35,11 +35,11 @@ import numpy as np
 
 __all__ = [
     "GradStats",
-    "LayerNorms",
+    "LeafNorms",
     "global_norm",
     "grad_stats",
-    "layer_norms",
     "leaf_names",
+    "leaf_norms",
     "path_name",
 ]
 
@@ -52,7 +52,7 @@ _F32_MAX = float(np.finfo(np.float32).max)
 
 
 @jax.tree_util.register_pytree_with_keys_class
-class LayerNorms:
+class LeafNorms:
     """Per-leaf L2 norms of a pytree, stored as one float32 vector.
 
     ``values[i]`` is the norm of the ``i``-th leaf in ``jax.tree.leaves`` order (0 for
@@ -81,7 +81,7 @@ class LayerNorms:
         self.treedef = treedef
 
     @classmethod
-    def zeros(cls, tree: Any) -> LayerNorms:
+    def zeros(cls, tree: Any) -> LeafNorms:
         """All-zero norms for the leaves of ``tree`` (an optimizer state's initial value).
 
         ``flax.nnx`` variables (``nnx.Param``) count as their values: ``nnx.Optimizer``
@@ -113,7 +113,7 @@ class LayerNorms:
         return self.treedef.num_leaves
 
     def __repr__(self) -> str:
-        return f"LayerNorms(values={self.values!r}, names={self.names})"
+        return f"LeafNorms(values={self.values!r}, names={self.names})"
 
     def tree_flatten_with_keys(self):
         return ((jax.tree_util.GetAttrKey("values"), self.values),), self.treedef
@@ -157,7 +157,7 @@ class GradStats(NamedTuple):
       norm: global L2 norm, float32 scalar. NaN or Inf when ``finite`` is False. A
         finite tree whose norm exceeds the float32 range reports ``finfo(float32).max``.
       finite: bool scalar, True when every element of every float leaf is finite.
-      leaf_norms: a :class:`LayerNorms`: the float32 L2 norm of every leaf (0 for
+      leaf_norms: a :class:`LeafNorms`: the float32 L2 norm of every leaf (0 for
         non-float leaves), ``leaf_norms.as_tree()`` gives them with the structure of the
         input. When the global norm is ordinary, elements below ~1e-19 in magnitude
         (whose squares underflow float32) add nothing to their leaf's norm; the global
@@ -170,7 +170,7 @@ class GradStats(NamedTuple):
 
     norm: jax.Array
     finite: jax.Array
-    leaf_norms: LayerNorms
+    leaf_norms: LeafNorms
     first_nonfinite_leaf: jax.Array
 
 
@@ -327,7 +327,7 @@ def _grad_stats(tree: Any, input_scale: jax.Array | None = None) -> GradStats:
         return GradStats(
             norm=zero,
             finite=jnp.ones((), jnp.bool_),
-            leaf_norms=LayerNorms(jnp.zeros((len(leaves),), jnp.float32), treedef),
+            leaf_norms=LeafNorms(jnp.zeros((len(leaves),), jnp.float32), treedef),
             first_nonfinite_leaf=jnp.full((), -1, jnp.int32),
         )
 
@@ -352,7 +352,7 @@ def _grad_stats(tree: Any, input_scale: jax.Array | None = None) -> GradStats:
     return GradStats(
         norm=norm,
         finite=finite,
-        leaf_norms=LayerNorms(norms, treedef),
+        leaf_norms=LeafNorms(norms, treedef),
         first_nonfinite_leaf=first_bad.astype(jnp.int32),
     )
 
@@ -416,13 +416,13 @@ def leaf_names(tree: Any) -> list[str]:
     return [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
-def layer_norms(tree: Any) -> dict[str, jax.Array]:
+def leaf_norms(tree: Any) -> dict[str, jax.Array]:
     """Per-leaf L2 norms keyed by leaf path, from the same pass as :func:`global_norm`.
 
     Example:
       >>> import jax.numpy as jnp
       >>> import optax_gradhealth as gh
-      >>> norms = gh.layer_norms({'dense': {'kernel': jnp.ones((2, 2)), 'bias': jnp.zeros(2)}})
+      >>> norms = gh.leaf_norms({'dense': {'kernel': jnp.ones((2, 2)), 'bias': jnp.zeros(2)}})
       >>> {k: float(v) for k, v in norms.items()}
       {'dense/bias': 0.0, 'dense/kernel': 2.0}
     """

@@ -295,11 +295,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
             if step % config.check_every == 0 or step == config.steps - 1:
                 # One small fetch every few steps (not every step): rollback flag, counters.
                 flags = jax.device_get(
-                    {k: metrics[k] for k in ("grad/rollback", "grad/num_skipped", "grad/norm")} | {"loss": loss}
+                    {k: metrics[k] for k in ("grad/rollback_recommended", "grad/num_skipped", "grad/norm")}
+                    | {"loss": loss}
                 )
                 if hasattr(progress, "set_postfix"):
                     progress.set_postfix(loss=f"{flags['loss']:.3f}", norm=f"{flags['grad/norm']:.3g}")
-                if flags["grad/rollback"]:
+                if flags["grad/rollback_recommended"]:
                     # Restore the last healthy snapshot: parameters and the whole optimizer state
                     # (the guard's sticky flag, its statistics and the inner moments).
                     nnx.update((model, optimizer), nnx.state(nnx.clone(snapshot)))
@@ -317,7 +318,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     rows = gh.read_jsonl(log_path)
     events = {
         name.split("/")[-1]: sum(1 for row in rows if row.get(name) == 1)
-        for name in ("grad/skipped", "grad/clipped", "grad/spike", "grad/momentum_reset")
+        for name in ("grad/skipped", "grad/clipped", "grad/spiked", "grad/momentum_reset")
     }
     events["nonfinite"] = sum(1 for row in rows if row.get("grad/finite") == 0)
     findings = gh.diagnose(log_path)

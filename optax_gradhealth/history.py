@@ -44,6 +44,8 @@ from typing import Any
 
 import numpy as np
 
+from optax_gradhealth._catalogue import current_name
+
 __all__ = ["History", "LogReadWarning", "load_history"]
 
 _NONFINITE = {"NaN": math.nan, "nan": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
@@ -112,6 +114,12 @@ class History:
             else:
                 for index in np.ndindex(array.shape[1:]):
                     flat[name + "".join(f"/{i}" for i in index)] = array[(slice(None), *index)]
+        # A log of 0.1.0 (or one written with both names) is read under the current names.
+        for name in list(flat):
+            current = current_name(name)
+            if current != name:
+                column = flat.pop(name)
+                flat.setdefault(current, column)
         self.source = source
         back = np.flatnonzero(steps[1:] < steps[:-1]) + 1
         self.restarts: tuple[int, ...] = tuple(int(s) for s in steps[back])
@@ -158,7 +166,7 @@ class History:
           >>> h.has('loss'), h.has('grad/norm')
           (True, False)
         """
-        return name in self.columns
+        return current_name(name) in self.columns
 
     def col(self, name: str) -> np.ndarray:
         """The ``[T]`` column ``name`` (all NaN when it was never logged).
@@ -169,7 +177,7 @@ class History:
           >>> h.col('loss').tolist(), h.col('grad/norm').tolist()
           ([1.0, 0.5], [nan, nan])
         """
-        column = self.columns.get(name)
+        column = self.columns.get(current_name(name))
         if column is not None:
             return column
         if self._nan is None:
@@ -186,7 +194,7 @@ class History:
           >>> History([0], {'xdev/pairwise_cosine': np.eye(2)[None]}).indexed('xdev/pairwise_cosine')
           [(0, 0), (0, 1), (1, 0), (1, 1)]
         """
-        pattern = re.compile(re.escape(name) + r"((?:/\d+)+)$")
+        pattern = re.compile(re.escape(current_name(name)) + r"((?:/\d+)+)$")
         found = {
             tuple(int(i) for i in m.group(1).strip("/").split("/")) for n in self.columns if (m := pattern.match(n))
         }
@@ -238,15 +246,16 @@ class History:
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and (name in self.columns or bool(self.indexed(name)))
 
-    def layer_names(self) -> list[str]:
-        """The layers logged as ``grad/layer_norm/<layer>`` (sorted).
+    def leaf_names(self) -> list[str]:
+        """The leaves logged as ``grad/leaf_norm/<path>`` (sorted; logs of 0.1.0 named
+        them ``grad/layer_norm/<path>``).
 
         Example:
           >>> from optax_gradhealth.history import History
-          >>> History([0], {'grad/layer_norm/head/kernel': [1.0], 'grad/norm': [1.0]}).layer_names()
-          ['head/kernel']
+          >>> History([0], {'grad/leaf_norm/head/kernel': [1.0], 'grad/layer_norm/w': [1.0]}).leaf_names()
+          ['head/kernel', 'w']
         """
-        prefix = "grad/layer_norm/"
+        prefix = "grad/leaf_norm/"
         return sorted(n[len(prefix) :] for n in self.columns if n.startswith(prefix) and "#" not in n)
 
     def rows(self) -> list[dict[str, float]]:

@@ -220,7 +220,7 @@ def plot_report(
         title = _title(h)
     steps = h.steps
     bins = _bins(steps, dpi)
-    layers = h.layer_names()
+    layers = h.leaf_names()
     device_norms = h.vector("xdev/device_norms")
     cosines = h.vector("xdev/cosine_to_mean")
     pairwise = _matrix_at_last_audit(h, "xdev/pairwise_cosine")
@@ -287,11 +287,11 @@ def plot_report(
             ax.legend(loc="upper right", fontsize=8)
         elif panel == "layers":
             if bins is None:
-                values = np.stack([h.col(f"grad/layer_norm/{name}") for name in layers])
+                values = np.stack([h.col(f"grad/leaf_norm/{name}") for name in layers])
                 positive = np.where(np.isfinite(values) & (values > 0), values, np.nan)
                 edges = np.concatenate([[steps[0] - 0.5], (steps[1:] + steps[:-1]) / 2, [steps[-1] + 0.5]])
             else:  # per bin, layer by layer: the largest norm; white when the bin holds a non-finite one
-                positive = np.stack([_layer_bins(bins, h.col(f"grad/layer_norm/{name}")) for name in layers])
+                positive = np.stack([_layer_bins(bins, h.col(f"grad/leaf_norm/{name}")) for name in layers])
                 edges = bins.edges
             finite = positive[np.isfinite(positive)]
             norm_c = colors.LogNorm(vmin=finite.min(), vmax=finite.max()) if finite.size else None
@@ -327,7 +327,7 @@ def plot_report(
             _xdev_panel(name, ax, h, device_norms, cosines, pairwise, fig, xlim, dpi)
 
     counts = []
-    for name, label in (("grad/skipped", "skipped"), ("grad/clipped", "clipped"), ("grad/spike", "spikes")):
+    for name, label in (("grad/skipped", "skipped"), ("grad/clipped", "clipped"), ("grad/spiked", "spikes")):
         if h.has(name):
             counts.append(f"{int((h.col(name) == 1).sum())} {label}")
     if h.restarts:
@@ -361,7 +361,7 @@ def _events(h: History) -> list[tuple[str, np.ndarray, str]]:
     out = []
     for name, label, color in (
         ("grad/clipped", "clipped", "tab:orange"),
-        ("grad/spike", "spike", "tab:red"),
+        ("grad/spiked", "spike", "tab:red"),
         ("grad/skipped", "skipped", "black"),
     ):
         if h.has(name):
@@ -372,8 +372,8 @@ def _events(h: History) -> list[tuple[str, np.ndarray, str]]:
         out.append(("non-finite", nonfinite, "red"))
     if h.has("grad/momentum_reset"):
         out.append(("momentum reset", h.col("grad/momentum_reset") == 1, "tab:purple"))
-    if h.has("grad/rollback"):
-        out.append(("rollback", h.col("grad/rollback") == 1, "darkred"))
+    if h.has("grad/rollback_recommended"):
+        out.append(("rollback", h.col("grad/rollback_recommended") == 1, "darkred"))
     if h.restarts:
         out.append(("restart", np.isin(steps, h.restarts), "dimgrey"))
     return out
@@ -441,7 +441,7 @@ def _norm_panel(ax, h: History, th: Thresholds, bins: _Bins | None = None) -> No
     top = transforms.blended_transform_factory(ax.transData, ax.transAxes)
     markers = [
         ("grad/clipped", dict(marker=".", color="tab:orange", s=14), "clipped"),
-        ("grad/spike", dict(marker="o", facecolors="none", edgecolors="tab:red", s=46, lw=1.2), "spike"),
+        ("grad/spiked", dict(marker="o", facecolors="none", edgecolors="tab:red", s=46, lw=1.2), "spike"),
         ("grad/skipped", dict(marker="x", color="black", s=30, lw=1.2), "skipped"),
     ]
     for name, style, label in markers:
@@ -475,8 +475,8 @@ def _norm_panel(ax, h: History, th: Thresholds, bins: _Bins | None = None) -> No
             ax.axvline(
                 step, color="tab:purple", lw=1.2, ls="-.", label=f"momentum reset ({resets.size})" if i == 0 else None
             )
-    if h.has("grad/rollback"):
-        flag = h.col("grad/rollback") == 1
+    if h.has("grad/rollback_recommended"):
+        flag = h.col("grad/rollback_recommended") == 1
         edges = np.flatnonzero(np.diff(np.concatenate([[0], flag.astype(np.int8), [0]])))
         starts, ends = edges[::2], edges[1::2] - 1  # each episode's first and last row
         if bins is None or starts.size <= _FEW_MARKERS:

@@ -4,7 +4,7 @@ Host side only: nothing here is imported by the jitted path.
 
 * :func:`flatten` turns a metrics dict (device or host arrays, vectors, matrices,
   nested per-layer dicts) into ``{name: float}`` scalars with stable names:
-  ``xdev/device_norms/3``, ``xdev/pairwise_cosine/0/5``, ``grad/layer_norm/dense/kernel``.
+  ``xdev/device_norms/3``, ``xdev/pairwise_cosine/0/5``, ``grad/leaf_norm/dense/kernel``.
 * :class:`JsonlWriter` (default, no extra dependency), :class:`TensorBoardWriter`
   (``tensorboardX``) and :class:`WandbWriter` (``wandb``, when installed) write
   ``{name: float}`` rows.

@@ -81,7 +81,7 @@ def test_k_micro_batches_equal_one_big_batch_with_clipping(inner):
     for a, b in zip(acc_hist, big_hist):
         for name in ("grad/norm", "grad/norm_clipped", "grad/clip_threshold", "grad/spike_score", "grad/norm_mean"):
             np.testing.assert_allclose(a[name], b[name], rtol=1e-5, err_msg=name)
-        for name in ("grad/clipped", "grad/spike", "grad/num_steps", "grad/num_clipped", "grad/num_spikes"):
+        for name in ("grad/clipped", "grad/spiked", "grad/num_steps", "grad/num_clipped", "grad/num_spikes"):
             assert a[name] == b[name], name
     assert all(h["grad/clipped"] for h in acc_hist)  # clipping was active
     assert int(acc_hist[-1]["grad/num_steps"]) == 3  # one guard step per update, not per micro-batch
@@ -118,9 +118,9 @@ def test_decisions_apply_to_the_mean_never_to_partial_micro_batches():
     m = gh.metrics(state)
     mean = np.mean(np.stack(windows[-1]).astype(np.float64), axis=0)
     np.testing.assert_allclose(float(m["grad/norm"]), np.linalg.norm(mean), rtol=1e-4)
-    assert not bool(m["grad/spike"]) and not bool(m["grad/clipped"]) and not bool(m["grad/skipped"])
+    assert not bool(m["grad/spiked"]) and not bool(m["grad/clipped"]) and not bool(m["grad/skipped"])
     assert int(m["grad/num_steps"]) == len(windows) and int(m["grad/num_spikes"]) == 0
-    np.testing.assert_allclose(float(m["grad/layer_norm/w"]), np.linalg.norm(mean), rtol=1e-4)
+    np.testing.assert_allclose(float(m["grad/leaf_norm/w"]), np.linalg.norm(mean), rtol=1e-4)
 
 
 def test_micro_batch_norms_are_recorded():
@@ -203,7 +203,7 @@ def test_jax_checkpoint_changes_no_recorded_figure():
             params, state = step(params, state)
         results.append(jax.device_get(gh.metrics(state)))
     plain, remat = results
-    assert plain.keys() == remat.keys() and "grad/layer_norm/hidden/2" in plain
+    assert plain.keys() == remat.keys() and "grad/leaf_norm/hidden/2" in plain
     for name in plain:
         np.testing.assert_allclose(np.asarray(remat[name]), np.asarray(plain[name]), rtol=1e-6, err_msg=name)
 
@@ -246,7 +246,7 @@ def test_nnx_remat_changes_no_recorded_figure():
             step(model, opt)
         results.append(jax.device_get(gh.metrics(opt)))
     plain, remat = results
-    assert plain.keys() == remat.keys() and any(k.startswith("grad/layer_norm/blocks/1") for k in plain)
+    assert plain.keys() == remat.keys() and any(k.startswith("grad/leaf_norm/blocks/1") for k in plain)
     for name in plain:
         np.testing.assert_allclose(np.asarray(remat[name]), np.asarray(plain[name]), rtol=1e-6, err_msg=name)
 

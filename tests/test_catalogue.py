@@ -19,7 +19,7 @@ from optax_gradhealth import _catalogue, _interfaces
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 # A metric name as written in code or prose: `grad/...` or `xdev/...`, not inside a path
-# or a URL. f-strings give a prefix (`grad/layer_norm/{name}`), checked as `<path>`.
+# or a URL. f-strings give a prefix (`grad/leaf_norm/{name}`), checked as `<path>`.
 _NAME = re.compile(r"(?<![\w/.-])((?:grad|xdev)/[A-Za-z0-9_]+(?:/[A-Za-z0-9_<>.]+)*)")
 
 
@@ -46,16 +46,16 @@ def _declared(name: str) -> bool:
 def test_every_metric_name_used_in_code_examples_and_docs_is_declared():
     used = _used_names()
     # The scan finds names: a broken pattern would pass vacuously.
-    assert {"grad/norm", "grad/num_skipped", "xdev/outlier_device", "grad/layer_norm"} <= set(used)
+    assert {"grad/norm", "grad/num_skipped", "xdev/outlier_device", "grad/leaf_norm"} <= set(used)
     undeclared = {name: where[:3] for name, where in used.items() if not _declared(name)}
     assert not undeclared, f"metric names used but not declared in _catalogue.SPECS: {undeclared}"
 
 
 def test_the_check_rejects_a_misspelt_name_and_resolves_per_leaf_and_vector_entries():
     assert not _declared("grad/num_skiped")
-    assert not _declared("grad/layer_norms/dense/w")
+    assert not _declared("grad/leaf_norms/dense/w")
     assert not _declared("grad/norm/3")  # a scalar has no elements
-    assert _catalogue.spec_of("grad/layer_norm/dense/kernel").name == "grad/layer_norm/<path>"
+    assert _catalogue.spec_of("grad/leaf_norm/dense/kernel").name == "grad/leaf_norm/<path>"
     assert _catalogue.spec_of("xdev/pairwise_cosine/0/5").name == "xdev/pairwise_cosine"
     with pytest.raises(KeyError, match="grad/nrom"):
         _catalogue.spec_of("grad/nrom")
@@ -66,7 +66,12 @@ def test_specs_are_complete_and_the_catalogue_is_made_from_them():
         assert spec.name == name and spec.kind in _catalogue.KINDS, spec
         assert spec.meaning.strip() and spec.healthy.strip(), name
         assert gh.CATALOGUE[name] == spec.meaning
-    assert len(_catalogue.SPECS) == len({s.name for s in _catalogue._SPEC_LIST})  # no name twice
+    current = [s.name for s in _catalogue._SPEC_LIST]
+    assert len(current) == len(set(current))  # no name declared twice
+    for old, new in _catalogue.DEPRECATED.items():
+        assert new in current and old not in current, (old, new)
+        assert _catalogue.SPECS[old].kind == _catalogue.SPECS[new].kind
+        assert _catalogue.current_name(old) == new and _catalogue.deprecated_name(new) == old
 
 
 def test_every_registered_field_names_a_declared_metric():
@@ -91,7 +96,7 @@ def _all_states():
         gh.dynamic_loss_scale(gh.guard(optax.adam(1e-3), clip=gh.ZScoreClip())),
         gh.clip_by_global_norm(1.0),
         gh.clip_by_value(1.0),
-        gh.clip_by_layer_norm(1.0),
+        gh.clip_by_leaf_norm(1.0),
         gh.adaptive_grad_clip(0.01),
         gh.record_micro_batch_norms(2),
     ]
@@ -139,3 +144,49 @@ def test_what_a_reset_keeps_is_declared_apart_from_logging():
     assert not _interfaces.is_kept_on_momentum_reset(Logged((1,)))
     for state_type in (gh.GuardState, gh.LossScaleState, gh.CrossDeviceState, gh.ClipByGlobalNormState):
         assert _interfaces.is_kept_on_momentum_reset(state_type.__new__(state_type, *[None] * len(state_type._fields)))
+
+
+# ----------------------------------------------------------------------------- renamed names
+
+
+def test_deprecated_metric_names_are_returned_with_the_same_arrays_until_switched_off():
+    tx = optax.chain(gh.clip_by_leaf_norm(1.0), gh.dynamic_loss_scale(gh.guard(optax.sgd(0.1))))
+    params = {"dense": {"w": jnp.ones(3)}}
+    state = tx.init(params)
+    _, state = tx.update({"dense": {"w": jnp.array([3.0, 0.0, 4.0])}}, state, params)
+    both, current = gh.metrics(state), gh.metrics(state, deprecated_names=False)
+    old_names = set(both) - set(current)
+    assert old_names == {
+        "grad/layer_clip_fraction",
+        "grad/layer_clipped/dense/w",
+        "grad/layer_norm/dense/w",
+        "grad/spike",
+        "grad/overflow",
+        "grad/rollback",
+    }
+    for old in old_names:
+        new = _catalogue.current_name(old)
+        assert new in current, old
+        np.testing.assert_array_equal(np.asarray(both[old]), np.asarray(current[new]), err_msg=old)
+    assert not any(_catalogue.deprecated_name(name) in current for name in current)
+
+
+def test_a_log_with_the_old_names_is_read_and_diagnosed_under_the_new_ones():
+    rows = [
+        {"step": t, "grad/norm": 1.0, "grad/layer_norm/head": 1.0, "grad/rollback": float(t >= 30)} for t in range(40)
+    ]
+    history = gh.load_history(rows)
+    assert history.has("grad/rollback_recommended") and history.has("grad/rollback")  # either name finds it
+    assert history.leaf_names() == ["head"] and "grad/layer_norm/head" not in history.names
+    assert [f.pattern for f in gh.diagnose(rows)] == ["rollback"]
+    # A log written with both names keeps one column, the current one.
+    both = [dict(row, **{"grad/rollback_recommended": row["grad/rollback"]}) for row in rows]
+    assert "grad/rollback" not in gh.load_history(both).names
+
+
+@pytest.mark.parametrize(("old", "new"), list(gh._DEPRECATED_ATTRIBUTES.items()))
+def test_deprecated_python_names_warn_and_give_the_new_object(old, new):
+    with pytest.warns(DeprecationWarning, match=f"optax_gradhealth.{new}"):
+        assert getattr(gh, old) is getattr(gh, new)
+    with pytest.raises(AttributeError, match="no attribute 'layer_norm_typo'"):
+        gh.layer_norm_typo  # noqa: B018

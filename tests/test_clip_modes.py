@@ -35,7 +35,7 @@ def _tree(rng, dtype=np.float32, scale=1.0):
 def test_bad_thresholds_raise_when_built(bad):
     for make, name in [
         (gh.clip_by_value, "max_abs"),
-        (gh.clip_by_layer_norm, "max_norm"),
+        (gh.clip_by_leaf_norm, "max_norm"),
         (gh.adaptive_grad_clip, "clipping"),
     ]:
         with pytest.raises(ValueError, match=name):
@@ -48,7 +48,7 @@ def test_bad_types_raise_when_built():
     with pytest.raises(TypeError, match="max_abs"):
         gh.clip_by_value(True)
     with pytest.raises(TypeError, match="max_norm"):
-        gh.clip_by_layer_norm("1.0")
+        gh.clip_by_leaf_norm("1.0")
 
 
 # ------------------------------------------------------------------------- value
@@ -65,7 +65,7 @@ def test_clip_by_value_matches_optax_and_counts(dtype):
     count = int(np.sum(np.abs(flat) > np.float64(np.asarray(1.5, dtype))))
     assert count > 0
     m = gh.metrics(state)
-    assert int(m["grad/value_clip_count"]) == count
+    assert int(m["grad/num_value_clipped"]) == count
     np.testing.assert_allclose(float(m["grad/value_clip_fraction"]), count / flat.size, rtol=1e-6)
 
 
@@ -87,11 +87,11 @@ def test_clip_by_value_passes_nan_through_uncounted():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
-def test_clip_by_layer_norm_against_numpy(dtype):
+def test_clip_by_leaf_norm_against_numpy(dtype):
     # fp16 at scale 300: squares overflow fp16, the norms must still be right.
     grads = _tree(np.random.default_rng(1), dtype, scale=300.0 if dtype == np.float16 else 1.0)
     max_norm = 2000.0 if dtype == np.float16 else 2.0
-    tx = gh.clip_by_layer_norm(max_norm)
+    tx = gh.clip_by_leaf_norm(max_norm)
     jgrads = jax.tree.map(jnp.asarray, grads)
     updates, state = jax.jit(tx.update)(jgrads, tx.init(jgrads))
 
@@ -109,9 +109,9 @@ def test_clip_by_layer_norm_against_numpy(dtype):
         assert u.dtype == dtype
         np.testing.assert_allclose(np.asarray(u, np.float64), ref_updates[gh.path_name(path)], rtol=rtol, atol=1e-6)
     m = gh.metrics(state)
-    got = {k.removeprefix("grad/layer_clipped/") for k, v in m.items() if k.startswith("grad/layer_clipped/") and v}
+    got = {k.removeprefix("grad/leaf_clipped/") for k, v in m.items() if k.startswith("grad/leaf_clipped/") and v}
     assert got == clipped_names
-    np.testing.assert_allclose(float(m["grad/layer_clip_fraction"]), len(clipped_names) / 6, rtol=1e-6)
+    np.testing.assert_allclose(float(m["grad/leaf_clip_fraction"]), len(clipped_names) / 6, rtol=1e-6)
 
 
 # --------------------------------------------------------------------------- AGC
@@ -147,7 +147,7 @@ def test_agc_equals_optax_and_counts_units():
     _, count, total = _agc_reference(grads, params, 0.05, 1e-3)
     assert 0 < count < total
     m = gh.metrics(state)
-    assert int(m["grad/agc_clip_count"]) == count
+    assert int(m["grad/num_agc_clipped"]) == count
     np.testing.assert_allclose(float(m["grad/agc_clip_fraction"]), count / total, rtol=1e-6)
 
 
@@ -187,9 +187,9 @@ def test_agc_explicit_axis_and_unknown_rank():
 
 def _modes():
     return [
-        (gh.clip_by_value(0.5), "grad/value_clip_count", optax.clip(0.5)),
-        (gh.clip_by_layer_norm(0.5), "grad/layer_clip_fraction", None),
-        (gh.adaptive_grad_clip(0.02), "grad/agc_clip_count", optax.adaptive_grad_clip(0.02)),
+        (gh.clip_by_value(0.5), "grad/num_value_clipped", optax.clip(0.5)),
+        (gh.clip_by_leaf_norm(0.5), "grad/leaf_clip_fraction", None),
+        (gh.adaptive_grad_clip(0.02), "grad/num_agc_clipped", optax.adaptive_grad_clip(0.02)),
     ]
 
 
@@ -221,7 +221,7 @@ def test_inside_guard_skipped_steps_leave_the_clip_alone(index):
 def test_standalone_in_chain_with_every_mode_reports_all_metrics():
     rng = np.random.default_rng(5)
     params = jax.tree.map(jnp.asarray, _tree(rng))
-    tx = optax.chain(gh.clip_by_value(2.0), gh.adaptive_grad_clip(0.05), gh.clip_by_layer_norm(1.0), optax.adam(1e-3))
+    tx = optax.chain(gh.clip_by_value(2.0), gh.adaptive_grad_clip(0.05), gh.clip_by_leaf_norm(1.0), optax.adam(1e-3))
     state = tx.init(params)
 
     def body(carry, _):
@@ -233,10 +233,10 @@ def test_standalone_in_chain_with_every_mode_reports_all_metrics():
 
     (params, state), _ = jax.lax.scan(body, (params, state), None, length=3)
     names = set(gh.metrics(state))
-    expected = {"grad/value_clip_count", "grad/value_clip_fraction", "grad/agc_clip_count", "grad/agc_clip_fraction"}
+    expected = {"grad/num_value_clipped", "grad/value_clip_fraction", "grad/num_agc_clipped", "grad/agc_clip_fraction"}
     assert expected <= names
-    assert "grad/layer_clip_fraction" in names and "grad/layer_clipped/dense/kernel" in names
-    assert set(gh.CATALOGUE) >= {"grad/value_clip_count", "grad/agc_clip_fraction", "grad/layer_clipped/<path>"}
+    assert "grad/leaf_clip_fraction" in names and "grad/leaf_clipped/dense/kernel" in names
+    assert set(gh.CATALOGUE) >= {"grad/num_value_clipped", "grad/agc_clip_fraction", "grad/leaf_clipped/<path>"}
     chex.assert_tree_all_finite(params)
 
 
@@ -271,7 +271,7 @@ def test_value_clip_count_is_exact_on_both_paths(dtype, max_abs):
         lambda: optax.chain(gh.clip_by_value(1.0), optax.adam(1e-3)),
         # check_updates=False: its flags are a temporary of their own (test_guard_inplace).
         lambda: gh.guard(optax.adam(1e-3), clip=gh.clip_by_value(1.0), check_updates=False),
-        lambda: gh.guard(optax.adam(1e-3), clip=gh.clip_by_layer_norm(1.0), check_updates=False),
+        lambda: gh.guard(optax.adam(1e-3), clip=gh.clip_by_leaf_norm(1.0), check_updates=False),
         lambda: gh.guard(optax.adam(1e-3), clip=gh.adaptive_grad_clip(0.01), check_updates=False),
     ],
     ids=["value", "guard-value", "guard-layer", "guard-agc"],

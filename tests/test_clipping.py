@@ -45,7 +45,7 @@ class TestClipByGlobalNorm(chex.TestCase):
             assert bool(m["grad/clipped"]) == (norm > 1.0)
             assert int(m["grad/num_clipped"]) == num_clipped
             assert int(m["grad/num_steps"]) == seed + 1
-            np.testing.assert_allclose(m["grad/layer_norm/w"], np_norm(grads["w"]), rtol=1e-6)
+            np.testing.assert_allclose(m["grad/leaf_norm/w"], np_norm(grads["w"]), rtol=1e-6)
 
     def test_huge_finite_gradient_is_clipped_not_zeroed(self):
         # optax's norm overflows to inf and its clip returns all zeros here.
@@ -72,8 +72,9 @@ class TestClipByGlobalNorm(chex.TestCase):
         assert not bool(gh.metrics(state)["grad/clipped"])
 
 
-def zscore_reference(norms, accepted, z, decay, warmup_steps, warmup_max_norm, max_norm=None):
+def zscore_reference(norms, accepted, z, stats_decay, warmup_steps, warmup_max_norm, max_norm=None):
     """ZScoreClip written out in float64: thresholds used at each step."""
+    decay = stats_decay
     ema = sq = 0.0
     count = 0
     thresholds = []
@@ -114,8 +115,8 @@ def test_zscore_policy_matches_reference():
     accepted = [True] * 120
     accepted[50] = False  # e.g. skipped by the guard
     for kwargs in [
-        dict(z=2.5, decay=0.97, warmup_steps=25, warmup_max_norm=1.0),
-        dict(z=1.0, decay=0.9, warmup_steps=0, warmup_max_norm=math.inf, max_norm=1.1),
+        dict(z=2.5, stats_decay=0.97, warmup_steps=25, warmup_max_norm=1.0),
+        dict(z=1.0, stats_decay=0.9, warmup_steps=0, warmup_max_norm=math.inf, max_norm=1.1),
     ]:
         got = run_policy(gh.ZScoreClip(**kwargs), norms, accepted)
         expected = zscore_reference(norms, accepted, **kwargs)
@@ -175,8 +176,8 @@ def test_adaptive_policy_in_clip_transformation_clips_at_its_threshold():
         (lambda: gh.clip_by_global_norm(float("nan")), r"`max_norm` must not be NaN"),
         (lambda: gh.clip_by_global_norm("1.0"), r"`max_norm` must be None, a positive number or a clip policy"),
         (lambda: gh.ZScoreClip(z=0.0), r"`z` must be a positive number.*0.0"),
-        (lambda: gh.ZScoreClip(decay=1.0), r"`decay` must lie strictly between 0 and 1, got 1.0"),
-        (lambda: gh.ZScoreClip(decay=0.0), r"`decay` must lie strictly between 0 and 1"),
+        (lambda: gh.ZScoreClip(stats_decay=1.0), r"`stats_decay` must lie strictly between 0 and 1, got 1.0"),
+        (lambda: gh.ZScoreClip(stats_decay=0.0), r"`stats_decay` must lie strictly between 0 and 1"),
         (lambda: gh.ZScoreClip(warmup_steps=-1), r"`warmup_steps` must be an int >= 0, got -1"),
         (lambda: gh.ZScoreClip(warmup_steps=2.5), r"`warmup_steps` must be an int >= 0, got 2.5"),
         (lambda: gh.ZScoreClip(max_norm=0), r"`max_norm` must be a positive number"),
@@ -233,8 +234,8 @@ def test_policy_arguments_are_normalised_and_bounds_are_inclusive():
     assert gh.PercentileClip(percentile=0.5).percentile == 0.5
     sized = gh.PercentileClip(history_size=np.int64(3))
     assert type(sized.history_size) is int and sized.history_size == 3
-    zscore = gh.ZScoreClip(z=2, decay=np.float32(0.5), warmup_steps=np.int64(3), warmup_max_norm=math.inf)
-    assert type(zscore.z) is float and type(zscore.decay) is float and zscore.decay == 0.5
+    zscore = gh.ZScoreClip(z=2, stats_decay=np.float32(0.5), warmup_steps=np.int64(3), warmup_max_norm=math.inf)
+    assert type(zscore.z) is float and type(zscore.stats_decay) is float and zscore.stats_decay == 0.5
     assert type(zscore.warmup_steps) is int and zscore.warmup_steps == 3
     assert zscore.max_norm is None and zscore.warmup_max_norm == math.inf
     assert type(gh.FixedClip(2).max_norm) is float
@@ -424,3 +425,11 @@ def test_clip_scales_low_precision_leaves_in_float32_even_under_x64():
         tx = gh.clip_by_global_norm(1.0)
         text = str(jax.make_jaxpr(tx.update)(tree, tx.init(tree)))
         assert "f32[999]" in text and "f64[999]" not in text and "f64[998]" not in text
+
+
+def test_zscore_clip_decay_keyword_of_0_1_still_works_with_a_warning():
+    with pytest.warns(DeprecationWarning, match="stats_decay"):
+        old = gh.ZScoreClip(z=2.0, decay=0.9, warmup_steps=0)
+    assert old == gh.ZScoreClip(z=2.0, stats_decay=0.9, warmup_steps=0)
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="stats_decay"):
+        gh.ZScoreClip(decay=1.5)

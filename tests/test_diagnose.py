@@ -28,7 +28,7 @@ def clean_rows(seed=0, n=N, xdev=False):
             "grad/skipped": 0.0,
             "grad/clipped": float(norm[t] > threshold),
             "grad/clip_threshold": threshold,
-            "grad/rollback": 0.0,
+            "grad/rollback_recommended": 0.0,
             "loss": float(loss[t]),
         }
         if xdev:
@@ -103,10 +103,10 @@ def test_explosion_uses_the_logged_spike_score_and_the_threshold_is_configurable
 def test_explosion_names_the_layer_that_jumped():
     rows = clean_rows()
     for t, row in enumerate(rows):
-        row["grad/layer_norm/embed"] = 1.0 + 0.01 * (t % 5)
-        row["grad/layer_norm/head"] = 2.0 + 0.01 * (t % 7)
+        row["grad/leaf_norm/embed"] = 1.0 + 0.01 * (t % 5)
+        row["grad/leaf_norm/head"] = 2.0 + 0.01 * (t % 7)
     rows[100]["grad/norm"] *= 20
-    rows[100]["grad/layer_norm/head"] = 80.0
+    rows[100]["grad/leaf_norm/head"] = 80.0
     evidence = by_pattern(rows, "explosion").evidence
     assert evidence["largest_layer_jump"] == "head"
     assert evidence["layer_jump_ratio"] == pytest.approx(80.0 / np.median([2.0 + 0.01 * (t % 7) for t in range(N)]))
@@ -188,7 +188,7 @@ def test_clipping_never_with_a_threshold_far_above_the_norms():
 def test_rollback_episode():
     rows = clean_rows()
     for row in rows[220:230]:
-        row["grad/rollback"] = 1.0
+        row["grad/rollback_recommended"] = 1.0
     finding = by_pattern(rows, "rollback")
     assert finding.steps == (220,) and finding.evidence["flagged_steps"] == 10
 

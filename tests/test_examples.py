@@ -17,15 +17,17 @@ def test_char_transformer_with_injected_faults_and_a_rollback(tmp_path, capsys):
     rows = gh.read_jsonl(tmp_path / "run.jsonl")
     assert [r["step"] for r in rows] == list(range(60))  # every step logged (all_steps=True)
     assert rows[24]["grad/finite"] == 0 and rows[24]["grad/skipped"] == 1
-    assert rows[32]["grad/spike"] == 1 and rows[32]["grad/skipped"] == 1
+    assert rows[32]["grad/spiked"] == 1 and rows[32]["grad/skipped"] == 1
     # The LR spike damages the model: spikes in a row, then the sticky rollback flag; the loop
     # checks every 5 steps and restores the last healthy snapshot (step 0: later intervals had skips).
-    flagged = [r["step"] for r in rows if r["grad/rollback"] == 1]
+    flagged = [r["step"] for r in rows if r["grad/rollback_recommended"] == 1]
     assert flagged, "the LR spike should end in a rollback recommendation"
     restore_step = -(-flagged[0] // 5) * 5
     assert result["rollbacks"] == [(restore_step, 0)]
     after = rows[restore_step + 1]
-    assert after["grad/rollback"] == 0 and after["grad/num_steps"] == 2  # counters of the step-0 snapshot, +1
+    assert (
+        after["grad/rollback_recommended"] == 0 and after["grad/num_steps"] == 2
+    )  # counters of the step-0 snapshot, +1
     assert np.isfinite(result["final_loss"])
     patterns = {f.pattern: f for f in result["findings"]}
     assert patterns["nonfinite"].steps == (24,)

@@ -64,24 +64,24 @@ def test_metrics_of_the_optimizer_its_opt_state_and_its_nnx_state_agree():
     optimizer = nnx.Optimizer(model, gh.guard(optax.sgd(0.1), clip=0.5), wrt=nnx.Param)
     grads = nnx.grad(mse)(model, jnp.ones((2, 3)), jnp.ones((2, 1)))
     optimizer.update(model, grads, loss=jnp.float32(1.0))
-    direct = jax.device_get(gh.metrics(optimizer))
-    other = jax.device_get(gh.metrics(optimizer.opt_state))
+    direct = jax.device_get(gh.metrics(optimizer, deprecated_names=False))
+    other = jax.device_get(gh.metrics(optimizer.opt_state, deprecated_names=False))
     assert sorted(other) == sorted(direct)
     for name in direct:
         np.testing.assert_array_equal(other[name], direct[name])
-    # nnx.state turns the per-layer norms (gh.LayerNorms) into a plain dict and loses
+    # nnx.state turns the per-layer norms (gh.LeafNorms) into a plain dict and loses
     # the leaf names: there they are indexed in leaf order (documented in metrics()).
-    from_dict = jax.device_get(gh.metrics(nnx.state(optimizer)))
-    layer_names = [name for name in direct if name.startswith("grad/layer_norm/")]
-    assert len(layer_names) == 4
-    for i, name in enumerate(sorted(layer_names)):
-        np.testing.assert_array_equal(from_dict[f"grad/layer_norm/{i}"], direct[name])
-    others = [name for name in direct if name not in layer_names]
-    assert sorted(others) == sorted(n for n in from_dict if not n.startswith("grad/layer_norm/"))
+    from_dict = jax.device_get(gh.metrics(nnx.state(optimizer), deprecated_names=False))
+    leaf_entries = [name for name in direct if name.startswith("grad/leaf_norm/")]
+    assert len(leaf_entries) == 4
+    for i, name in enumerate(sorted(leaf_entries)):
+        np.testing.assert_array_equal(from_dict[f"grad/leaf_norm/{i}"], direct[name])
+    others = [name for name in direct if name not in leaf_entries]
+    assert sorted(others) == sorted(n for n in from_dict if not n.startswith("grad/leaf_norm/"))
     for name in others:
         np.testing.assert_array_equal(from_dict[name], direct[name])
-    assert any(name.startswith("grad/layer_norm/a/") for name in direct)
-    assert float(direct["grad/layer_norm/a/kernel"]) == pytest.approx(reference_norm(grads["a"]["kernel"]), rel=1e-6)
+    assert any(name.startswith("grad/leaf_norm/a/") for name in direct)
+    assert float(direct["grad/leaf_norm/a/kernel"]) == pytest.approx(reference_norm(grads["a"]["kernel"]), rel=1e-6)
 
 
 # ---------------------------------------------------------------- TrainState
@@ -142,7 +142,7 @@ def test_rollback_restores_the_last_healthy_checkpoint(tmp_path, rollback_exampl
     manager.close()
     assert_trees_bitwise_equal(params, clean["params"])
     assert_trees_bitwise_equal(opt_state, clean["opt_state"])
-    assert not bool(gh.metrics(opt_state)["grad/rollback"])
+    assert not bool(gh.metrics(opt_state)["grad/rollback_recommended"])
 
 
 def test_guard_state_round_trips_and_a_resumed_run_is_bit_identical(tmp_path, rollback_example):

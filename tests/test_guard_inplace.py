@@ -66,7 +66,7 @@ def _compiled_plain_step(tx, params):
 )
 @pytest.mark.parametrize(
     "clip",
-    [None, 1.0, lambda: gh.ZScoreClip(), lambda: gh.PercentileClip(), lambda: gh.clip_by_layer_norm(1.0)],
+    [None, 1.0, lambda: gh.ZScoreClip(), lambda: gh.PercentileClip(), lambda: gh.clip_by_leaf_norm(1.0)],
     ids=["none", "fixed", "zscore", "percentile", "layer-norm-mode"],
 )
 def test_guard_adds_no_parameter_sized_copy_to_any_inner_optimizer(inner, clip):
@@ -96,8 +96,8 @@ def test_guard_step_has_no_per_leaf_slices_and_no_scatter():
     assert 2 * len(params) <= len(reductions) <= 2 * len(params) + 8
     # The recorded per-layer norms are one float32[24] vector in the state.
     state = tx.init(params)
-    assert isinstance(state.guard_report.guard_layer_norms, gh.LayerNorms)
-    assert state.guard_report.guard_layer_norms.values.shape == (len(params),)
+    assert isinstance(state.guard_report.guard_leaf_norms, gh.LeafNorms)
+    assert state.guard_report.guard_leaf_norms.values.shape == (len(params),)
 
 
 def _calls_and_widest_kernel(num_leaves: int) -> tuple[int, int]:

@@ -305,7 +305,7 @@ def test_long_run_report_draws_envelopes_and_an_events_strip(tmp_path, monkeypat
         "grad/norm": norm,
         "grad/clipped": clipped.astype(float),
         "grad/clip_threshold": np.full(n, 1.2),
-        "grad/spike": np.isin(np.arange(n), spikes).astype(float),
+        "grad/spiked": np.isin(np.arange(n), spikes).astype(float),
         "loss": np.linspace(3, 1, n),
     }
     gh.plot_report(columns, tmp_path / "long.png")

@@ -37,7 +37,7 @@ def test_scheduled_threshold_of_the_guard_clip_and_the_leaf_clips():
     params = jax.tree.map(jnp.ones_like, grads)
     # The guard's numeric arguments all become hyperparameters under inject_hyperparams.
     guard = optax.inject_hyperparams(gh.guard)(inner=optax.sgd(1.0), clip=_schedule)
-    layer = optax.inject_hyperparams(gh.clip_by_layer_norm)(max_norm=_schedule)
+    layer = optax.inject_hyperparams(gh.clip_by_leaf_norm)(max_norm=_schedule)
     for tx, norm_of in [
         (guard, lambda u: np.linalg.norm(np.concatenate([np.asarray(x) for x in jax.tree.leaves(u)]))),
         (layer, lambda u: np.linalg.norm(np.asarray(u["a"]))),

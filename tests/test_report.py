@@ -30,16 +30,16 @@ def history(n=120, xdev=True):
             "grad/clipped": float(norm > 1.2),
             "grad/finite": 1.0,
             "grad/skipped": 0.0,
-            "grad/spike": 0.0,
+            "grad/spiked": 0.0,
             "grad/spike_score": norm if t >= 20 else 0.0,
             "grad/momentum_reset": float(t == 90),
-            "grad/rollback": float(100 <= t < 104),
-            "grad/layer_norm": {"embed": norm * 0.3, "head": norm * 0.9},
+            "grad/rollback_recommended": float(100 <= t < 104),
+            "grad/leaf_norm": {"embed": norm * 0.3, "head": norm * 0.9},
         }
         if t == 60:
             row.update({"grad/norm": float("nan"), "grad/finite": 0.0, "grad/skipped": 1.0})
         if t == 80:
-            row.update({"grad/norm": 9.0, "grad/spike": 1.0, "grad/spike_score": 9.0, "grad/skipped": 1.0})
+            row.update({"grad/norm": 9.0, "grad/spiked": 1.0, "grad/spike_score": 9.0, "grad/skipped": 1.0})
         if xdev:
             cos = rng.uniform(0.4, 0.6, size=(K, K))
             cos = (cos + cos.T) / 2

@@ -131,7 +131,7 @@ def test_per_leaf_norms_keyed_by_path():
         "dense": {"kernel": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32), "bias": jnp.ones(3)},
         "emb": [jnp.asarray(rng.normal(size=(5,)) * 1e25, jnp.float32)],
     }
-    norms = gh.layer_norms(tree)
+    norms = gh.leaf_norms(tree)
     assert sorted(norms) == ["dense/bias", "dense/kernel", "emb/0"]
     for path, leaf in zip(gh.leaf_names(tree), jax.tree.leaves(tree)):
         np.testing.assert_allclose(float(norms[path]), reference_norm([leaf]), rtol=2e-6)
@@ -231,10 +231,10 @@ def test_property_any_nan_or_inf_is_detected(tree, data):
     assert int(stats.first_nonfinite_leaf) == index
 
 
-def test_layer_norms_is_one_vector_with_static_names():
+def test_leaf_norms_is_one_vector_with_static_names():
     tree = {"dense": {"kernel": jnp.full((2, 2), 2.0), "bias": jnp.zeros(3)}, "step": jnp.array(3, jnp.int32)}
     norms = gh.grad_stats(tree).leaf_norms
-    assert isinstance(norms, gh.LayerNorms)
+    assert isinstance(norms, gh.LeafNorms)
     assert norms.names == ("dense/bias", "dense/kernel", "step") == tuple(gh.leaf_names(tree))
     np.testing.assert_array_equal(np.asarray(norms.values), [0.0, 4.0, 0.0])
     assert float(norms["dense/kernel"]) == 4.0 and len(norms) == 3
@@ -247,7 +247,7 @@ def test_layer_norms_is_one_vector_with_static_names():
         stats = gh.grad_stats({**tree, "dense": jax.tree.map(lambda v: v * x, tree["dense"])})
         return stats.leaf_norms, stats.norm
 
-    final, _ = jax.lax.scan(body, gh.LayerNorms.zeros(tree), jnp.arange(1.0, 4.0))
+    final, _ = jax.lax.scan(body, gh.LeafNorms.zeros(tree), jnp.arange(1.0, 4.0))
     assert final.names == norms.names
     np.testing.assert_allclose(np.asarray(final.values), [0.0, 12.0, 0.0])
     jitted = jax.jit(lambda t: gh.grad_stats(t).leaf_norms)(tree)
@@ -315,10 +315,10 @@ def test_float32_leaves_are_reduced_in_float32_under_x64():
         np.testing.assert_allclose(float(gh.global_norm(tree)), np.sqrt(1999.0), rtol=1e-6)
 
 
-def test_layer_norms_keep_float32_and_their_key_under_x64():
+def test_leaf_norms_keep_float32_and_their_key_under_x64():
     with jax.enable_x64(True):
         tree = {"a": jnp.ones(2), "b": jnp.ones(3, jnp.float64), "c": jnp.array(1, jnp.int32)}
-        zeros = gh.LayerNorms.zeros(tree)
+        zeros = gh.LeafNorms.zeros(tree)
         assert zeros.values.dtype == jnp.float32
         # the same dtype as the norms an update writes over them (a scan carry must match)
         stats = gh.grad_stats(tree)
@@ -332,7 +332,7 @@ def test_nnx_variables_count_as_their_values():
     from flax import nnx
 
     tree = {"w": nnx.Param(jnp.ones(3)), "b": jnp.zeros(2)}
-    zeros = gh.LayerNorms.zeros(tree)
+    zeros = gh.LeafNorms.zeros(tree)
     assert zeros.treedef == jax.tree.structure({"w": jnp.ones(3), "b": jnp.zeros(2)})
     assert zeros.names == ("b", "w")
     np.testing.assert_array_equal(np.asarray(zeros.values), np.zeros(2, np.float32))

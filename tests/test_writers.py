@@ -19,13 +19,13 @@ def test_flatten_names_vectors_matrices_and_nested_dicts():
             "grad/num_steps": jnp.int32(7),
             "xdev/device_norms": jnp.arange(3.0),
             "xdev/pairwise_cosine": jnp.array([[1.0, 0.5], [0.5, 1.0]]),
-            "grad/layer_norm": {"dense": {"kernel": jnp.float32(2.0), "bias": jnp.float32(3.0)}},
+            "grad/leaf_norm": {"dense": {"kernel": jnp.float32(2.0), "bias": jnp.float32(3.0)}},
         },
         prefix="train/",
     )
     assert flat == {
-        "train/grad/layer_norm/dense/bias": 3.0,
-        "train/grad/layer_norm/dense/kernel": 2.0,
+        "train/grad/leaf_norm/dense/bias": 3.0,
+        "train/grad/leaf_norm/dense/kernel": 2.0,
         "train/grad/norm": 1.5,
         "train/grad/num_steps": 7.0,
         "train/grad/skipped": 1.0,
@@ -49,7 +49,7 @@ def test_flatten_of_guard_metrics_keeps_the_catalogue_names():
     flat = gh.flatten(jax.device_get(metrics))
     assert set(flat) == set(metrics)  # already scalar: names unchanged
     assert flat["grad/norm"] == pytest.approx(math.sqrt(6.0))
-    assert flat["grad/layer_norm/dense/kernel"] == pytest.approx(2.0)
+    assert flat["grad/leaf_norm/dense/kernel"] == pytest.approx(2.0)
 
 
 def test_jsonl_round_trip_with_nonfinite_values_is_strict_json(tmp_path):

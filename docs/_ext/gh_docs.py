@@ -106,7 +106,7 @@ def _public_methods(cls: type) -> list[str]:
 # type, e.g. dict's).
 DATA_DOCS = {
     "CATALOGUE": "The catalogue of metric names: ``{name: one-line meaning}``. Every key is a name that "
-    ":func:`metrics` can return (``grad/layer_norm/<path>`` stands for one entry per gradient leaf). "
+    ":func:`metrics` can return (``grad/leaf_norm/<path>`` stands for one entry per gradient leaf). "
     "Modules add their names with :func:`register_metrics`. The :doc:`metrics page </metrics>` is "
     "generated from it.",
 }

@@ -81,8 +81,8 @@ def longest_run(flags: np.ndarray) -> int:
 def largest_layer_jump(h: History, row: int) -> tuple[str, float] | None:
     """The layer whose norm at ``row`` is the largest multiple of its median."""
     best = None
-    for name in h.layer_names():
-        values = h.col(f"grad/layer_norm/{name}")
+    for name in h.leaf_names():
+        values = h.col(f"grad/leaf_norm/{name}")
         typical = values[np.isfinite(values)]
         if typical.size < 2 or not np.isfinite(values[row]):
             continue

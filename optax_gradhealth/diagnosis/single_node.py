@@ -28,7 +28,7 @@ NONFINITE = Pattern(
         "keep gh.guard in the chain: it skips these updates and never writes a NaN into the parameters",
         "find the leaf with grad/first_nonfinite_leaf (name it with gh.leaf_names(params)) and the batch",
         "use bf16 or float32 where fp16 overflows; lower the loss scale",
-        "if they come in a row, restore the last healthy checkpoint (grad/rollback)",
+        "if they come in a row, restore the last healthy checkpoint (grad/rollback_recommended)",
     ),
 )
 
@@ -83,7 +83,7 @@ def check_explosion(h: History, th: Thresholds) -> list[Finding]:
     finite, _, _ = cols.step_masks(h)
     if h.has("grad/spike_score"):
         # The guard's rule on its logged scores (the same thresholds by default, so the
-        # same steps as grad/spike, loss spikes aside; other thresholds re-judge them).
+        # same steps as grad/spiked, loss spikes aside; other thresholds re-judge them).
         score = np.nan_to_num(h.col("grad/spike_score"), nan=0.0)
         spikes = finite & (score > th.spike_score)
         source = "grad/spike_score"
@@ -299,11 +299,11 @@ ROLLBACK = Pattern(
 
 
 def check_rollback(h: History, th: Thresholds) -> list[Finding]:
-    """The guard's rollback recommendation (``grad/rollback``) was raised."""
-    if not (h.has("grad/norm") and h.has("grad/rollback")):
+    """The guard's rollback recommendation (``grad/rollback_recommended``) was raised."""
+    if not (h.has("grad/norm") and h.has("grad/rollback_recommended")):
         return []
     steps = h.steps
-    flag = h.col("grad/rollback") == 1
+    flag = h.col("grad/rollback_recommended") == 1
     if not flag.any():
         return []
     starts = steps[flag & ~np.concatenate([[False], flag[:-1]])]
