@@ -24,7 +24,7 @@ PROG = "python -m optax_gradhealth"
 
 _EPILOG = f"""examples:
   {PROG} diagnose run.jsonl
-  {PROG} diagnose run.jsonl --threshold spike_score=3 --threshold warmup_steps=50
+  {PROG} diagnose run.jsonl --threshold spike_score=3 --threshold warmup_rows=50
   {PROG} diagnose runs/tensorboard/run1/        (a TensorBoard log directory)
   {PROG} report run.jsonl -o report.png         (also writes report.findings.txt/.json)
   {PROG} report wandb_history.csv -o report.png --title "run 42"
@@ -55,6 +55,7 @@ def _thresholds(pairs: list[str]) -> Thresholds:
     values = {}
     for pair in pairs:
         name, _, value = pair.partition("=")
+        name = {"warmup_steps": "warmup_rows"}.get(name, name)  # the name of 0.1.0
         if name not in fields or not value:
             raise UsageError(f"--threshold expects NAME=VALUE with NAME one of {', '.join(fields)}; got {pair!r}.")
         kind = int if fields[name].type in ("int", int) else float

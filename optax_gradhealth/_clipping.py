@@ -214,6 +214,10 @@ class ZScoreClip:
         )
 
 
+# The 0.1.0 attribute reads on: `policy.decay` is `policy.stats_decay`.
+ZScoreClip.decay = property(lambda self: self.stats_decay, doc="Deprecated name of ``stats_decay``.")
+
+
 class PercentileClipState(NamedTuple):
     """State of :class:`PercentileClip`.
 

@@ -395,3 +395,17 @@ def test_each_check_finds_only_its_own_pattern():
     assert set(by_check) == {"nonfinite", "explosion"}
     assert [f.pattern for f in gh.diagnose(rows)] == ["nonfinite", "explosion"]
     assert by_check["explosion"][0].steps == (200,)
+
+
+def test_thresholds_warmup_rows_and_the_deprecated_warmup_steps():
+    rows = clean_rows()
+    for row in rows[:40]:
+        row["grad/clipped"] = 1.0  # clipped on every early row (about 3% of the others)
+    with pytest.warns(DeprecationWarning, match="warmup_rows"):
+        old = gh.Thresholds(warmup_steps=50, clip_always_fraction=0.05)
+    new = gh.Thresholds(warmup_rows=50, clip_always_fraction=0.05)
+    assert old == new and old.warmup_steps == 50
+    # The first warmup_rows rows are not judged: past them the clipped fraction is low.
+    assert "clip_always" not in [f.pattern for f in gh.diagnose(rows, new)]
+    counted = gh.Thresholds(warmup_rows=0, clip_always_fraction=0.05)
+    assert "clip_always" in [f.pattern for f in gh.diagnose(rows, counted)]

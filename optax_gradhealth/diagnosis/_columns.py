@@ -13,13 +13,13 @@ from optax_gradhealth.history import History
 def replay_spike_scores(norm: np.ndarray, thresholds: Thresholds) -> tuple[np.ndarray, np.ndarray]:
     """``(spike, ratio)`` per row: the guard's spike rule (``_detectors.SpikeRule``, with
     the thresholds' ``spike_score``, ``spike_zscore``, ``spike_window`` and
-    ``warmup_steps``) replayed over logged norms (a non-finite norm is never accepted)."""
+    ``warmup_rows``) replayed over logged norms (a non-finite norm is never accepted)."""
     th = thresholds
     rule = detect.SpikeRule(
         th.spike_score,
         th.spike_zscore,
         th.spike_window,
-        th.warmup_steps,
+        th.warmup_rows,
         SPREAD_FLOOR,
         min(SPIKE_BASELINE, th.spike_window),
         REBASELINE_AFTER,
@@ -39,8 +39,8 @@ def step_masks(h: History) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def after_warmup(h: History, th: Thresholds) -> np.ndarray:
-    """Rows at or after ``warmup_steps`` (by position in the history)."""
-    return np.arange(len(h)) >= th.warmup_steps
+    """Rows at or after ``warmup_rows`` (by position in the history)."""
+    return np.arange(len(h)) >= th.warmup_rows
 
 
 def audit_rows(h: History) -> np.ndarray:

@@ -22,8 +22,11 @@ class Thresholds:
     """The numbers each pattern is judged by (see ``docs/diagnosis.md``).
 
     Attributes:
-      warmup_steps: leading rows ignored by the statistics computed here (spike score
-        from norms when ``grad/spike_score`` is absent, oscillation, clip calibration).
+      warmup_rows: leading rows of the log ignored by the statistics computed here
+        (spike score from norms when ``grad/spike_score`` is absent, oscillation, clip
+        calibration). Rows, not steps: with ``MetricLogger(log_every=N)`` they cover
+        ``N`` times as many steps. (0.1.0 called it ``warmup_steps``, a name that means
+        accepted steps elsewhere; the old keyword still works, with a warning.)
       min_steps: fewest usable rows for a rate-based pattern (oscillation, clipping,
         dispersion, agreement rates) to be judged at all.
       spike_score: explosion when ``norm / baseline norm`` exceeds this (the guard's
@@ -70,7 +73,7 @@ class Thresholds:
       param_desync: parameter desync when ``xdev/param_desync`` exceeds this.
     """
 
-    warmup_steps: int = 20
+    warmup_rows: int = 20
     min_steps: int = 10
     spike_score: float = SPIKE_THRESHOLD
     spike_zscore: float = SPIKE_ZSCORE
@@ -97,6 +100,25 @@ class Thresholds:
     outlier_min_audits: int = 1
     near_duplicate_min_audits: int = 1
     param_desync: float = 0.0
+    # Deprecated keyword of 0.1.0 for `warmup_rows`; goes in 0.4.
+    warmup_steps: dataclasses.InitVar[int | None] = None
+
+    def __post_init__(self, warmup_steps: int | None) -> None:
+        if warmup_steps is not None:
+            import warnings
+
+            warnings.warn(
+                "gh.Thresholds(warmup_steps=...) is deprecated: use warmup_rows=... (leading log rows, not "
+                "accepted steps). The old keyword goes in 0.4.",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            object.__setattr__(self, "warmup_rows", warmup_steps)
+
+
+# The 0.1.0 attribute reads on: `th.warmup_steps` is `th.warmup_rows` (the dataclass's
+# __init__ keeps its own default for the deprecated keyword).
+Thresholds.warmup_steps = property(lambda self: self.warmup_rows, doc="Deprecated name of ``warmup_rows``.")
 
 
 @dataclasses.dataclass(frozen=True)
