@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_gradhealth import _catalogue, _clipping, _interfaces, _stats
+from optax_gradhealth import _catalogue, _clipping, _interfaces, _lowering, _stats
 from optax_gradhealth import _validation as check
 
 __all__ = [
@@ -102,7 +102,7 @@ def _count_above(leaves: list[jax.Array], max_abs: float) -> jax.Array:
         lift = 2.0 ** -math.frexp(bound)[1] if 0.0 < bound < 1e-30 else 1.0
         # The barrier gives each leaf its own scalars: XLA would otherwise materialise one
         # broadcast of a shared constant as an array operand of every reduction.
-        x, cap, lifted, zero = jax.lax.optimization_barrier(
+        x, cap, lifted, zero = _lowering.own_operands(
             (x, *(jnp.asarray(v, jnp.float32) for v in (2.0 * bound, bound * lift, 0.0)))
         )
         rows = _rows(x).astype(jnp.float32)
@@ -124,7 +124,7 @@ def _count_above(leaves: list[jax.Array], max_abs: float) -> jax.Array:
     if not fast_leaves:
         return wide_count
     # One vector of every row count (a few floats per row): one NaN test, one integer sum.
-    row_counts = jax.lax.optimization_barrier(jnp.concatenate([fast_rows(x) for x in fast_leaves]))
+    row_counts = _lowering.one_vector(jnp.concatenate([fast_rows(x) for x in fast_leaves]))
     counted = jax.lax.cond(
         jnp.isnan(jnp.sum(row_counts)),
         lambda: _exact_count(fast_leaves, max_abs),

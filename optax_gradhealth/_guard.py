@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_gradhealth import _catalogue, _clipping, _skip, _stats
+from optax_gradhealth import _catalogue, _clipping, _lowering, _skip, _stats
 from optax_gradhealth import _detectors as detect
 from optax_gradhealth import _interfaces as interfaces
 from optax_gradhealth import _validation as check
@@ -303,7 +303,7 @@ def _all_finite(tree: Any) -> jax.Array:
     if not by_shape:
         return jnp.ones((), jnp.bool_)
     # One concatenation (see `_stats._sums_of_squares`), not a kernel reading every flag.
-    return jnp.all(jax.lax.optimization_barrier(jnp.stack([jnp.all(flag) for flag in by_shape.values()])))
+    return jnp.all(_lowering.one_vector(jnp.stack([jnp.all(flag) for flag in by_shape.values()])))
 
 
 def _check_state_structure(old: Any, new: Any) -> None:

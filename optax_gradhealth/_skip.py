@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 
-from optax_gradhealth import _stats
+from optax_gradhealth import _lowering, _stats
 
 __all__ = ["Selects", "TracedUpdate", "update_with_selected_state"]
 
@@ -173,7 +173,7 @@ class TracedUpdate:
             assert self._closed is not None
             # A barrier of its own per input: one over all of them would give every output the
             # same varying-axes type under shard_map (mixing replicated and per-device values).
-            consts = [lax.optimization_barrier(c) for c in self._closed.consts]
+            consts = [_lowering.apart(c) for c in self._closed.consts]
             outs = _evaluate(self._closed.jaxpr, consts, [], {})
             self._outputs = jax.tree.unflatten(self._out_tree, outs)
         return self._outputs

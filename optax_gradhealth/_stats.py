@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optax_gradhealth import _lowering
+
 __all__ = [
     "GradStats",
     "LeafNorms",
@@ -213,7 +215,7 @@ def _leaf_sum_of_squares(x: jax.Array, scale: jax.Array | None = None) -> jax.Ar
         # The barrier keeps this square inside the reduction. Without it, XLA's CSE merges
         # it with an identical square elsewhere in the step (Adam's `nu` squares the same
         # gradient) and materialises the shared square: a temporary the size of the leaf.
-        x = jax.lax.optimization_barrier(x)
+        x = _lowering.keep_in_reduction(x)
     return jnp.sum(_abs_squared(x, dtype, scale), dtype=dtype).astype(jnp.float32)
 
 
@@ -263,13 +265,13 @@ def _sums_of_squares(
             return _sum_of_squares_or_zero(x)
         # The barrier keeps this multiply inside the reduction (XLA would otherwise share
         # it with the caller's own `x * input_scale` and materialise the product).
-        x, own = jax.lax.optimization_barrier((x, input_scale))
+        x, own = _lowering.keep_in_reduction((x, input_scale))
         return _sum_of_squares_or_zero(x, own)
 
     # The barrier keeps the vector one concatenation: otherwise XLA rewrites each of its
     # elementwise consumers through the stack, and each becomes a kernel with one
     # operand per leaf (slow to compile on a tree of 1000 leaves).
-    sums = jax.lax.optimization_barrier(jnp.stack([first(x) for x in leaves]))
+    sums = _lowering.one_vector(jnp.stack([first(x) for x in leaves]))
     total = jnp.sum(sums)
     scale = jnp.where(jnp.isfinite(total), _SCALE_AFTER_UNDERFLOW, _SCALE_AFTER_OVERFLOW).astype(jnp.float32)
 
@@ -282,9 +284,9 @@ def _sums_of_squares(
             # One barrier per leaf gives each leaf its own copy of the scalar `scale`:
             # otherwise XLA shares one broadcast of it between leaves of the same shape
             # and materialises it, a temporary the size of those leaves.
-            x, own_scale = jax.lax.optimization_barrier((x, scale))
+            x, own_scale = _lowering.own_operands((x, scale))
             out.append(_sum_of_squares_or_zero(x, own_scale))
-        return jax.lax.optimization_barrier(jnp.stack(out))
+        return _lowering.one_vector(jnp.stack(out))
 
     # The ordinary branch's value is never read (grad_stats keeps the first-pass sums
     # then); zeros rather than `sums`, which XLA would copy into the branch's output.
