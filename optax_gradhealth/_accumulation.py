@@ -29,11 +29,11 @@ class MicroBatchNormsState(NamedTuple):
         gradient, slot ``i`` for the ``i``-th micro-batch of the current window (slots
         not yet reached in this window keep the previous window's values)
         (``grad/micro_batch_norms``).
-      micro_batch_step: int32, micro-batches seen so far.
+      micro_batch_num_steps: int32, micro-batches seen so far.
     """
 
     micro_batch_norms: jax.Array
-    micro_batch_step: jax.Array
+    micro_batch_num_steps: jax.Array
 
 
 _interfaces.keep_on_momentum_reset(MicroBatchNormsState)
@@ -82,11 +82,11 @@ def record_micro_batch_norms(every_k: int) -> optax.GradientTransformationExtraA
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
-        slot = state.micro_batch_step % every_k
+        slot = state.micro_batch_num_steps % every_k
         norm = _stats.global_norm(updates)
         return updates, MicroBatchNormsState(
             micro_batch_norms=_clipping.ring_write(state.micro_batch_norms, slot, norm),
-            micro_batch_step=state.micro_batch_step + 1,
+            micro_batch_num_steps=state.micro_batch_num_steps + 1,
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

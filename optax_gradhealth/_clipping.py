@@ -92,12 +92,12 @@ class ZScoreClipState(NamedTuple):
     Attributes:
       zscore_norm_mean: bias-corrected EMA of the accepted norms.
       zscore_norm_var: bias-corrected EMA variance of the accepted norms.
-      zscore_count: number of accepted steps folded in (int32).
+      zscore_num_accepted: number of accepted steps folded in (int32).
     """
 
     zscore_norm_mean: jax.Array
     zscore_norm_var: jax.Array
-    zscore_count: jax.Array
+    zscore_num_accepted: jax.Array
 
 
 def running_moments_update(
@@ -202,14 +202,19 @@ class ZScoreClip:
 
     def _warm(self, state: ZScoreClipState) -> jax.Array:
         # At least one accepted norm is needed before mean + z * std means anything.
-        return state.zscore_count >= max(self.warmup_steps, 1)
+        return state.zscore_num_accepted >= max(self.warmup_steps, 1)
 
     def update(self, state: ZScoreClipState, norm: jax.Array, accepted: jax.Array) -> ZScoreClipState:
         value = jnp.where(self._warm(state), jnp.minimum(norm, self.threshold(state)), norm)
         accepted = accepted & jnp.isfinite(norm)
         return ZScoreClipState(
             *running_moments_update(
-                state.zscore_norm_mean, state.zscore_norm_var, state.zscore_count, value, self.stats_decay, accepted
+                state.zscore_norm_mean,
+                state.zscore_norm_var,
+                state.zscore_num_accepted,
+                value,
+                self.stats_decay,
+                accepted,
             )
         )
 
@@ -224,11 +229,11 @@ class PercentileClipState(NamedTuple):
     Attributes:
       percentile_history: ring buffer of the last accepted norms, float32
         ``[history_size]``, NaN where not yet filled.
-      percentile_count: number of accepted norms written so far (int32).
+      percentile_num_accepted: number of accepted norms written so far (int32).
     """
 
     percentile_history: jax.Array
-    percentile_count: jax.Array
+    percentile_num_accepted: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,13 +283,13 @@ class PercentileClip:
     def init(self) -> PercentileClipState:
         return PercentileClipState(
             percentile_history=jnp.full((self.history_size,), jnp.nan, jnp.float32),
-            percentile_count=jnp.zeros((), jnp.int32),
+            percentile_num_accepted=jnp.zeros((), jnp.int32),
         )
 
     def threshold(self, state: PercentileClipState) -> jax.Array:
         # Slots not yet written hold NaN and are ignored.
         value = jnp.nanpercentile(state.percentile_history, self.percentile)
-        warm = state.percentile_count >= max(self.warmup_steps, 1)
+        warm = state.percentile_num_accepted >= max(self.warmup_steps, 1)
         threshold = jnp.where(warm, value, self.warmup_max_norm)
         if self.max_norm is not None:
             threshold = jnp.minimum(threshold, self.max_norm)
@@ -292,11 +297,11 @@ class PercentileClip:
 
     def update(self, state: PercentileClipState, norm: jax.Array, accepted: jax.Array) -> PercentileClipState:
         accepted = accepted & jnp.isfinite(norm)
-        slot = state.percentile_count % self.history_size
+        slot = state.percentile_num_accepted % self.history_size
         written = ring_write(state.percentile_history, slot, norm)
         return PercentileClipState(
             percentile_history=jnp.where(accepted, written, state.percentile_history),
-            percentile_count=state.percentile_count + accepted.astype(jnp.int32),
+            percentile_num_accepted=state.percentile_num_accepted + accepted.astype(jnp.int32),
         )
 
 

@@ -55,7 +55,7 @@ class CrossDeviceState(NamedTuple):
     step; ``xdev_audited`` says whether the latest update was one.
 
     Attributes:
-      xdev_count: int32, updates seen.
+      xdev_num_steps: int32, updates seen.
       xdev_num_audits: int32, audit steps performed.
       xdev_device_norms: float32 [K], each device's local gradient norm (``xdev/device_norms``).
       xdev_norm_cv: coefficient of variation of the device norms (population std / mean).
@@ -69,7 +69,7 @@ class CrossDeviceState(NamedTuple):
         gradient covariance trace (NaN without ``per_device_batch``).
       xdev_grad_sq_ema, xdev_trace_cov_ema: EMAs of the two estimates (not bias-corrected),
         updated on finite steps only.
-      xdev_noise_count: int32, finite steps folded into the two EMAs.
+      xdev_num_noise_steps: int32, finite steps folded into the two EMAs.
       xdev_noise_scale: ``B_simple``: ratio of the bias-corrected EMAs (NaN without
         ``per_device_batch``).
       xdev_audited: bool, the latest update was an audit step.
@@ -92,13 +92,13 @@ class CrossDeviceState(NamedTuple):
       xdev_near_duplicate_pairs: bool [K, K], pairs whose sketched cosine has stood far
         above the other pairs' for several audits (same examples, different noise).
       xdev_pair_evidence: float32 [K, K], the CUSUM evidence behind it.
-      xdev_detector_audits: int32, finite audits folded into the running spreads.
+      xdev_num_detector_audits: int32, finite audits folded into the running spreads.
       xdev_norm_spread_ema, xdev_cosine_spread_ema: EMAs (decay 0.9 per audit, bias-corrected
-        with ``xdev_detector_audits``) of the cross-device spread (1.4826 MAD) of the
+        with ``xdev_num_detector_audits``) of the cross-device spread (1.4826 MAD) of the
         log-norms and of the leave-one-out cosines; the outlier scores divide by them.
     """
 
-    xdev_count: jax.Array
+    xdev_num_steps: jax.Array
     xdev_num_audits: jax.Array
     xdev_device_norms: jax.Array
     xdev_norm_cv: jax.Array
@@ -108,7 +108,7 @@ class CrossDeviceState(NamedTuple):
     xdev_trace_cov_est: jax.Array
     xdev_grad_sq_ema: jax.Array
     xdev_trace_cov_ema: jax.Array
-    xdev_noise_count: jax.Array
+    xdev_num_noise_steps: jax.Array
     xdev_noise_scale: jax.Array
     xdev_audited: jax.Array
     xdev_cosine_to_mean: jax.Array
@@ -124,7 +124,7 @@ class CrossDeviceState(NamedTuple):
     xdev_outlier_evidence: jax.Array
     xdev_near_duplicate_pairs: jax.Array
     xdev_pair_evidence: jax.Array
-    xdev_detector_audits: jax.Array
+    xdev_num_detector_audits: jax.Array
     xdev_norm_spread_ema: jax.Array
     xdev_cosine_spread_ema: jax.Array
 
@@ -594,7 +594,7 @@ def cross_device(
         zero = jnp.zeros((), f32)
         nan = jnp.full((), jnp.nan, f32)
         return CrossDeviceState(
-            xdev_count=jnp.zeros((), jnp.int32),
+            xdev_num_steps=jnp.zeros((), jnp.int32),
             xdev_num_audits=jnp.zeros((), jnp.int32),
             xdev_device_norms=jnp.zeros((k,), f32),
             xdev_norm_cv=zero,
@@ -604,7 +604,7 @@ def cross_device(
             xdev_trace_cov_est=nan if batch is None else zero,
             xdev_grad_sq_ema=zero,
             xdev_trace_cov_ema=zero,
-            xdev_noise_count=jnp.zeros((), jnp.int32),
+            xdev_num_noise_steps=jnp.zeros((), jnp.int32),
             xdev_noise_scale=nan,
             xdev_audited=jnp.zeros((), jnp.bool_),
             xdev_cosine_to_mean=jnp.zeros((k,), f32),
@@ -620,7 +620,7 @@ def cross_device(
             xdev_outlier_evidence=jnp.zeros((k,), f32),
             xdev_near_duplicate_pairs=jnp.zeros((k, k), jnp.bool_),
             xdev_pair_evidence=jnp.zeros((k, k), f32),
-            xdev_detector_audits=jnp.zeros((), jnp.int32),
+            xdev_num_detector_audits=jnp.zeros((), jnp.int32),
             xdev_norm_spread_ema=zero,
             xdev_cosine_spread_ema=zero,
         )
@@ -711,7 +711,7 @@ def cross_device(
             mean = treedef.unflatten([next(summed) if f else x for x, f in zip(leaves, is_float)])
             return mean, device_sq
 
-        count = state.xdev_count
+        count = state.xdev_num_steps
         audited = count < first
         if every is not None:
             audited = audited | (count % every == 0)
@@ -787,7 +787,7 @@ def cross_device(
 
         def detector_state():
             return detect.AuditDetectorState(
-                num_audits=state.xdev_detector_audits,
+                num_audits=state.xdev_num_detector_audits,
                 norm_spread_ema=state.xdev_norm_spread_ema,
                 cosine_spread_ema=state.xdev_cosine_spread_ema,
                 outlier_evidence=state.xdev_outlier_evidence,
@@ -856,7 +856,7 @@ def cross_device(
             trace_ema = jnp.where(
                 finite, decay * state.xdev_trace_cov_ema + (1 - decay) * trace_cov_est, state.xdev_trace_cov_ema
             )
-            noise_count = state.xdev_noise_count + finite.astype(jnp.int32)
+            noise_count = state.xdev_num_noise_steps + finite.astype(jnp.int32)
             correction = 1.0 - decay ** noise_count.astype(jnp.float32)
             noise_scale = jnp.where(
                 noise_count > 0,
@@ -867,12 +867,12 @@ def cross_device(
             grad_sq_ema, trace_ema, noise_count = (
                 state.xdev_grad_sq_ema,
                 state.xdev_trace_cov_ema,
-                state.xdev_noise_count,
+                state.xdev_num_noise_steps,
             )
             noise_scale = jnp.full((), jnp.nan, jnp.float32)
 
         new_state = CrossDeviceState(
-            xdev_count=count + 1,
+            xdev_num_steps=count + 1,
             xdev_num_audits=state.xdev_num_audits + audited.astype(jnp.int32),
             xdev_device_norms=device_norms,
             xdev_norm_cv=norm_cv,
@@ -882,7 +882,7 @@ def cross_device(
             xdev_trace_cov_est=trace_cov_est,
             xdev_grad_sq_ema=grad_sq_ema,
             xdev_trace_cov_ema=trace_ema,
-            xdev_noise_count=noise_count,
+            xdev_num_noise_steps=noise_count,
             xdev_noise_scale=noise_scale,
             xdev_audited=audited,
             xdev_cosine_to_mean=cosine_to_mean,
@@ -898,7 +898,7 @@ def cross_device(
             xdev_outlier_evidence=detector.outlier_evidence,
             xdev_near_duplicate_pairs=near_duplicates,
             xdev_pair_evidence=detector.pair_evidence,
-            xdev_detector_audits=detector.num_audits,
+            xdev_num_detector_audits=detector.num_audits,
             xdev_norm_spread_ema=detector.norm_spread_ema,
             xdev_cosine_spread_ema=detector.cosine_spread_ema,
         )

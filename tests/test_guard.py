@@ -429,7 +429,13 @@ def test_state_structure_is_fixed_and_fields_are_found_by_name():
         _, state = update(grads, state, params)
         assert jax.tree.structure(state) == jax.tree.structure(state0)
         chex.assert_trees_all_equal_shapes_and_dtypes(state, state0)
-    for name in ["guard_num_skipped", "guard_inner_state", "clip_num_clipped", "zscore_count", "percentile_history"]:
+    for name in [
+        "guard_num_skipped",
+        "guard_inner_state",
+        "clip_num_clipped",
+        "zscore_num_accepted",
+        "percentile_history",
+    ]:
         optax.tree.get(state, name)  # raises if missing or ambiguous
     assert int(optax.tree.get(state, "guard_num_skipped")) == 1
     m = gh.metrics(state)
