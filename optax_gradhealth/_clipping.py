@@ -402,7 +402,7 @@ def ring_write(buffer: jax.Array, slot: jax.Array, value: jax.Array) -> jax.Arra
 def check_same_structure(grads: Any, expected: Any, what: str) -> None:
     """Raises a readable error at trace time when ``grads``'s tree structure is not
     ``expected`` (a ``PyTreeDef``, e.g. ``state.guard_leaf_norms.treedef``)."""
-    got = jax.tree.structure(grads)
+    got = jax.tree.structure(_stats._without_nnx_variables(grads))
     if got != expected:
         raise ValueError(
             f"{what}: the gradient tree's structure does not match the one the state was "

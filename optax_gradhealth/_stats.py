@@ -321,8 +321,10 @@ def grad_stats(tree: Any) -> GradStats:
 
 def _grad_stats(tree: Any, input_scale: jax.Array | None = None) -> GradStats:
     """:func:`grad_stats` of ``tree * input_scale`` (a float32 scalar), with the multiply
-    inside the reductions: the scaled tree is never materialised."""
-    leaves, treedef = jax.tree.flatten(tree)
+    inside the reductions: the scaled tree is never materialised. ``flax.nnx`` variables
+    count as their values (gradients taken with respect to an ``nnx.split`` state hold
+    ``nnx.Param`` nodes), so the recorded structure is the one ``LeafNorms.zeros`` gives."""
+    leaves, treedef = jax.tree.flatten(_without_nnx_variables(tree))
     leaves = [jnp.asarray(x) if isinstance(x, float) else x for x in leaves]
     if not any(_is_float(x) for x in leaves):
         zero = jnp.zeros((), jnp.float32)

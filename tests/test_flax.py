@@ -161,3 +161,32 @@ def test_guard_state_round_trips_and_a_resumed_run_is_bit_identical(tmp_path, ro
     resumed = ex.train(60, str(tmp_path / "b"), start=31, state=(params, opt_state), save_every=1000)
     assert_trees_bitwise_equal(resumed["params"], full["params"])
     assert_trees_bitwise_equal(resumed["opt_state"], full["opt_state"])
+
+
+def test_guard_on_gradients_of_an_nnx_split_state():
+    """The functional NNX pattern: params = nnx.split(model, nnx.Param)[1] and gradients
+    taken with respect to them (their leaves are nnx.Param nodes). The guard measures
+    and steps as bare adamw does, and its state keeps the structure of init."""
+    model = MLP(nnx.Rngs(2))
+    graphdef, params = nnx.split(model, nnx.Param)
+    x, y = jnp.ones((2, 3)), jnp.zeros((2, 1))
+
+    def loss_fn(params):
+        return mse(nnx.merge(graphdef, params), x, y)
+
+    guarded, bare = gh.guard(optax.adam(0.1)), optax.adam(0.1)
+    state, bare_state = guarded.init(params), bare.init(params)
+    structure = jax.tree.structure(state)
+    p_guarded = p_bare = params
+    for _ in range(3):
+        grads = jax.grad(loss_fn)(p_guarded)
+        norm = reference_norm(grads)
+        updates, state = jax.jit(guarded.update)(grads, state, p_guarded)
+        assert jax.tree.structure(state) == structure
+        assert float(gh.metrics(state)["grad/norm"]) == pytest.approx(norm, rel=1e-6)
+        p_guarded = optax.apply_updates(p_guarded, updates)
+        bare_updates, bare_state = bare.update(jax.grad(loss_fn)(p_bare), bare_state, p_bare)
+        p_bare = optax.apply_updates(p_bare, bare_updates)
+    for a, b in zip(jax.tree.leaves(p_guarded), jax.tree.leaves(p_bare)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)  # jit vs eager
+    assert set(gh.metrics(state, deprecated_names=False)) >= {"grad/leaf_norm/a/kernel", "grad/leaf_norm/b/bias"}
