@@ -19,15 +19,24 @@ freshly built jitted step, median of ``--compile-reps`` interleaved repetitions.
 temporary buffer size for the compiled step (``memory_analysis()``), where an extra
 gradient-sized buffer would show.
 
+With ``--loop N`` each timed call runs ``N`` steps inside one jitted
+``lax.fori_loop`` (the gradients scaled by a step-dependent scalar, so that nothing can
+be hoisted out of the loop), as a training loop compiled whole (``lax.scan`` over
+batches) runs them; the table then reports the time per step and the loop's temporary
+buffer, where a gradient-sized temporary held across steps would show. ``--json PATH``
+also writes the rows as JSON.
+
 Usage::
 
     python benchmarks/bench_guard.py                       # 40M params, 100 and 1000 leaves
     python benchmarks/bench_guard.py --params 4e6 --steps 20
+    python benchmarks/bench_guard.py --params 4e8 --leaves 100 --loop 10
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -112,6 +121,24 @@ def make_step(tx: optax.GradientTransformation, takes_loss: bool):
     return jax.jit(step, donate_argnums=(0, 1))
 
 
+def make_loop(tx: optax.GradientTransformation, takes_loss: bool, num_steps: int):
+    """``num_steps`` training-step updates in one jitted ``fori_loop``, parameters and
+    optimizer state donated. Step ``i`` sees the gradients times ``1 + 1e-3 i``."""
+
+    def run(params, opt_state, grads, loss):
+        def body(i, carry):
+            params, opt_state = carry
+            scale = 1.0 + 1e-3 * i.astype(jnp.float32)
+            step_grads = jax.tree.map(lambda g: g * scale, grads)
+            extra = {"loss": loss * scale} if takes_loss else {}
+            updates, opt_state = tx.update(step_grads, opt_state, params, **extra)
+            return optax.apply_updates(params, updates), opt_state
+
+        return jax.lax.fori_loop(0, num_steps, body, (params, opt_state))
+
+    return jax.jit(run, donate_argnums=(0, 1))
+
+
 def tree_bytes(tree: Any) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
@@ -123,8 +150,10 @@ def bench_tree(
     warmup: int,
     compile_reps: int,
     specs: dict[str, tuple[Callable[[], optax.GradientTransformation], bool]] | None = None,
+    loop: int = 0,
 ) -> list[dict]:
-    """Times every variant of ``specs`` (default :func:`variants`; the first is the baseline)."""
+    """Times every variant of ``specs`` (default :func:`variants`; the first is the
+    baseline): one step per call, or ``loop`` steps per call in one ``fori_loop``."""
     params0 = make_tree(num_params, num_leaves, seed=0)
     grads = make_tree(num_params, num_leaves, seed=1)  # norm ~ 0.02 * sqrt(N) > 1: clipping is active
     loss = jnp.float32(2.5)
@@ -143,7 +172,8 @@ def bench_tree(
             tx = factory()
             state_shape = jax.eval_shape(tx.init, params0)
             start = time.perf_counter()
-            executables[name] = make_step(tx, takes_loss).lower(params0, state_shape, grads, loss).compile()
+            jitted = make_loop(tx, takes_loss, loop) if loop else make_step(tx, takes_loss)
+            executables[name] = jitted.lower(params0, state_shape, grads, loss).compile()
             compile_times[name].append(time.perf_counter() - start)
             analysis = executables[name].memory_analysis()
             temp_bytes[name] = getattr(analysis, "temp_size_in_bytes", -1) if analysis is not None else -1
@@ -171,6 +201,8 @@ def bench_tree(
     for name in names:  # every variant must have kept finite parameters
         assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(runners[name][1])), name
 
+    per_call = max(loop, 1)
+    times = {name: [t / per_call for t in values] for name, values in times.items()}
     base_step = statistics.median(times[base])
     base_compile = statistics.median(compile_times[base])
     rows = []
@@ -179,7 +211,7 @@ def bench_tree(
         compile_time = statistics.median(compile_times[name])
         rows.append(
             {
-                "tree": f"{num_params / 1e6:g}M/{num_leaves}",
+                "tree": f"{num_params / 1e6:g}M/{num_leaves}" + (f" loop{loop}" if loop else ""),
                 "variant": name,
                 "step_ms": step_time * 1e3,
                 "step_ratio": step_time / base_step,
@@ -215,16 +247,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=50, help="timed rounds per variant (default 50)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default 3)")
     parser.add_argument("--compile-reps", type=int, default=3, help="compilations per variant (default 3)")
+    parser.add_argument("--loop", type=int, default=0, help="steps per call in one fori_loop (default 0: one step)")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
+    if args.loop < 0:
+        parser.error(f"--loop must be >= 0, got {args.loop}")
 
     print(
         f"jax {jax.__version__}, optax {optax.__version__}, backend {jax.default_backend()}, "
-        f"devices {jax.devices()[0].device_kind}"
+        f"devices {jax.devices()[0].device_kind}" + (f", {args.loop} steps per call (fori_loop)" if args.loop else "")
     )
     rows = []
     for num_leaves in args.leaves:
-        rows += bench_tree(int(args.params), num_leaves, args.steps, args.warmup, args.compile_reps)
+        rows += bench_tree(int(args.params), num_leaves, args.steps, args.warmup, args.compile_reps, loop=args.loop)
     print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump({"backend": jax.default_backend(), "jax": jax.__version__, "rows": rows}, file, indent=1)
 
 
 if __name__ == "__main__":

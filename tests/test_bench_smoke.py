@@ -58,3 +58,30 @@ def test_bench_cross_device_rejects_a_non_positive_batch():
     result = _run_benchmark("bench_cross_device.py", "--batch", "0")
     assert result.returncode == 2
     assert "--batch and --rounds must be positive, got 0 and 15" in result.stderr
+
+
+def test_bench_guard_loop_mode_reports_per_step_rows():
+    result = _run_benchmark(
+        "bench_guard.py", "--params", "2e4", "--leaves", "3", "--steps", "1", "--warmup", "1", "--compile-reps", "1",
+        "--loop", "3",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "3 steps per call (fori_loop)" in result.stdout
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| 0.02M/3 loop3 |")]
+    assert len(rows) == 5, result.stdout
+
+
+def test_bench_train_step_runs_every_variant():
+    result = _run_benchmark("bench_train_step.py", "--size", "tiny", "--steps", "1", "--warmup", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith("| ") and "variant" not in line]
+    assert [row[1].strip() for row in rows] == ["adamw", "clip+adamw", "guard"], result.stdout
+    losses = {row[1].strip(): float(row[5]) for row in rows}
+    # The same model, batch and learning rate: no clipping or skip at this size, so the
+    # three runs end at nearly the same loss.
+    assert max(losses.values()) - min(losses.values()) < 1e-2, losses
+
+
+def test_gpu_suite_script_parses():
+    result = subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_suite.sh")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

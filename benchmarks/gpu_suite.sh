@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# The accelerator suite: the guard's cost per call and in a loop, its compile time at
+# 1000 leaves, its share of a transformer's train step, and the core tests on the
+# accelerator. Writes every result into OUT (one file per part, and summary.md).
+#
+#   bash benchmarks/gpu_suite.sh OUT            # on a machine with one GPU (about 8 min at most)
+#   bash benchmarks/gpu_suite.sh OUT --small    # tiny sizes on any backend (a check of the suite)
+#
+# Nothing is installed: it needs jax (with CUDA), optax, flax, chex and, for the tests,
+# pytest and hypothesis, already there. The project goes on PYTHONPATH. Each part has a
+# time limit of its own, so a slow part cannot take the others' time; a part that runs
+# out says so in summary.md. GH_SUITE_PLATFORM sets JAX_PLATFORMS (default: cuda, or
+# cpu with --small).
+set -u
+OUT=${1:?usage: gpu_suite.sh OUT [--small]}
+SMALL=${2:-}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+mkdir -p "$OUT"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+if [ "$SMALL" = "--small" ]; then
+  export JAX_PLATFORMS=${GH_SUITE_PLATFORM:-cpu}
+  GUARD="--params 2e5 --leaves 10 --steps 3 --warmup 1 --compile-reps 1"
+  LOOP="--params 2e5 --leaves 10 --steps 2 --warmup 1 --compile-reps 1 --loop 4"
+  COMPILE="--params 1e5 --leaves 50 --steps 1 --warmup 1 --compile-reps 1"
+  TRAIN="--size tiny --steps 2 --warmup 1"
+  LIMIT_GUARD=300 LIMIT_LOOP=300 LIMIT_COMPILE=300 LIMIT_TRAIN=300 LIMIT_TESTS=900
+  TESTS="tests/test_stats.py tests/test_skip.py"
+else
+  export JAX_PLATFORMS=${GH_SUITE_PLATFORM:-cuda}
+  GUARD="--params 4e8 --leaves 100 --steps 20 --warmup 3 --compile-reps 1"
+  LOOP="--params 4e8 --leaves 100 --steps 8 --warmup 2 --compile-reps 1 --loop 10"
+  COMPILE="--params 1e8 --leaves 1000 --steps 3 --warmup 1 --compile-reps 1"
+  TRAIN="--size base --steps 20 --warmup 2"
+  LIMIT_GUARD=90 LIMIT_LOOP=80 LIMIT_COMPILE=100 LIMIT_TRAIN=70 LIMIT_TESTS=110
+  TESTS="tests/test_stats.py tests/test_guard.py tests/test_clipping.py tests/test_loss_scale.py \
+tests/test_clip_modes.py tests/test_guard_inplace.py tests/test_accumulation.py tests/test_skip.py"
+fi
+cd "$ROOT" || exit 1
+SUMMARY="$OUT/summary.md"
+{
+  echo "# gpu_suite $(date -u +%Y-%m-%dT%H:%MZ) ${SMALL:-full}"
+  echo
+  python -c "import jax, optax, flax; d = jax.devices()[0]; print(f'jax {jax.__version__}, optax {optax.__version__}, flax {flax.__version__}; backend {jax.default_backend()}, {len(jax.devices())} x {d.device_kind}')" 2>&1
+  echo
+} >"$SUMMARY"
+
+part() {  # part NAME LIMIT COMMAND...: runs it under its limit, output into OUT/NAME.txt
+  local name=$1 limit=$2
+  shift 2
+  local start=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.txt" 2>"$OUT/$name.err"
+  local status=$?
+  local took=$((SECONDS - start))
+  if [ $status -eq 124 ] || [ $status -eq 137 ]; then
+    echo "## $name: ran out of its ${limit} s limit (${took} s)" >>"$SUMMARY"
+  elif [ $status -ne 0 ]; then
+    echo "## $name: failed (exit $status, ${took} s); last lines of $name.err:" >>"$SUMMARY"
+    tail -n 5 "$OUT/$name.err" | sed 's/^/    /' >>"$SUMMARY"
+  else
+    echo "## $name (${took} s)" >>"$SUMMARY"
+  fi
+  grep -E '^(\||jax |transformer|[0-9]+ (passed|failed)|=+ .*(passed|failed))' "$OUT/$name.txt" >>"$SUMMARY"
+  echo >>"$SUMMARY"
+}
+
+# shellcheck disable=SC2086  # the argument lists are meant to split
+part guard_per_call "$LIMIT_GUARD" python benchmarks/bench_guard.py $GUARD --json "$OUT/guard_per_call.json"
+part guard_loop "$LIMIT_LOOP" python benchmarks/bench_guard.py $LOOP --json "$OUT/guard_loop.json"
+part compile_1000_leaves "$LIMIT_COMPILE" python benchmarks/bench_guard.py $COMPILE --json "$OUT/compile.json"
+part train_step "$LIMIT_TRAIN" python benchmarks/bench_train_step.py $TRAIN --json "$OUT/train_step.json"
+if python -c "import pytest, hypothesis" 2>/dev/null; then
+  part tests "$LIMIT_TESTS" python -m pytest -q -p no:cacheprovider -o addopts="" $TESTS
+else
+  echo "## tests: not run (pytest or hypothesis is not installed)" >>"$SUMMARY"
+fi
+cat "$SUMMARY"
