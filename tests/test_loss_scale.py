@@ -21,18 +21,20 @@ import optax_gradhealth as gh
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"init_scale": 0.0}, "init_scale"),
-        ({"init_scale": -4.0}, "init_scale"),
-        ({"init_scale": math.inf}, "init_scale"),
-        ({"growth_factor": 1.0}, "growth_factor"),
-        ({"growth_factor": 0.5}, "growth_factor"),
-        ({"backoff_factor": 0.0}, "backoff_factor"),
-        ({"backoff_factor": 1.0}, "backoff_factor"),
-        ({"backoff_factor": 2.0}, "backoff_factor"),
-        ({"growth_interval": 0}, "growth_interval"),
-        ({"min_scale": 0.0}, "min_scale"),
-        ({"min_scale": 8.0, "max_scale": 4.0, "init_scale": 4.0}, "max_scale"),
-        ({"init_scale": 2.0**30}, "init_scale"),
+        ({"init_scale": 0.0}, "`init_scale`"),
+        ({"init_scale": -4.0}, "`init_scale`"),
+        ({"init_scale": math.inf}, "`init_scale`"),
+        ({"growth_factor": 1.0}, "`growth_factor`"),
+        ({"growth_factor": 0.5}, "`growth_factor`"),
+        ({"growth_factor": math.inf}, "`growth_factor` must be a finite number > 1"),
+        ({"backoff_factor": 0.0}, "`backoff_factor`"),
+        ({"backoff_factor": 1.0}, "`backoff_factor`"),
+        ({"backoff_factor": 2.0}, "`backoff_factor`"),
+        ({"growth_interval": 0}, "`growth_interval`"),
+        ({"min_scale": 0.0}, "`min_scale`"),
+        ({"min_scale": 8.0, "max_scale": 4.0, "init_scale": 4.0}, r"`max_scale` \(4.0\) must be >= `min_scale`"),
+        ({"max_scale": -1.0}, "`max_scale`"),
+        ({"init_scale": 2.0**30}, "`init_scale`"),
     ],
 )
 def test_bad_arguments_raise_when_built(kwargs, match):
@@ -40,11 +42,27 @@ def test_bad_arguments_raise_when_built(kwargs, match):
         gh.dynamic_loss_scale(optax.sgd(0.1), **kwargs)
 
 
+def test_edge_arguments_are_accepted():
+    """The bounds that are allowed: a growth every step, an unbounded scale, a fixed one,
+    and the defaults' min_scale of 1 (a scale of 1 is a valid start)."""
+    for kwargs in (
+        {"growth_interval": 1},
+        {"max_scale": math.inf},
+        {"init_scale": 4.0, "min_scale": 4.0, "max_scale": 4.0},
+        {"init_scale": 1.0},
+    ):
+        gh.dynamic_loss_scale(optax.sgd(0.1), **kwargs)
+
+
 def test_bad_types_raise_when_built():
-    with pytest.raises(TypeError, match="growth_interval"):
+    with pytest.raises(TypeError, match="`growth_interval`"):
         gh.dynamic_loss_scale(optax.sgd(0.1), growth_interval=2.5)
-    with pytest.raises(TypeError, match="inner"):
+    with pytest.raises(TypeError, match="`inner`"):
         gh.dynamic_loss_scale("adam")
+    with pytest.raises(TypeError, match="`growth_factor`"):
+        gh.dynamic_loss_scale(optax.sgd(0.1), growth_factor="2")
+    with pytest.raises(TypeError, match="`max_scale`"):
+        gh.dynamic_loss_scale(optax.sgd(0.1), max_scale="big")
 
 
 def test_loss_scale_reader_needs_exactly_one_state():
@@ -401,5 +419,57 @@ def test_loss_scale_is_found_inside_dicts_lists_and_tuples():
     state = gh.dynamic_loss_scale(optax.sgd(0.1), init_scale=32.0).init({"w": jnp.zeros(2)})
     for nested in ({"opt": state}, [None, state], ({"a": [state]},)):
         assert float(gh.loss_scale(nested)) == 32.0
-    with pytest.raises(ValueError, match=r"found 2 .* exactly one\. Build the optimizer with gh\.dynamic_loss_scale\("):
+    with pytest.raises(ValueError, match=r"found 2 .* state\(s\) in the optimizer state; expected exactly one\. Build"):
         gh.loss_scale({"opt": [state, state]})
+
+
+@pytest.mark.parametrize("around_guard", [True, False], ids=["guard", "general"])
+@pytest.mark.parametrize("x64", [False, True], ids=["x32", "x64"])
+def test_state_dtypes_are_fixed_through_a_scan(around_guard, x64):
+    """The scale is a float32 (not weak-typed) scalar and the counters int32, at init and
+    after every update, also with 64-bit mode on: a lax.scan over steps carries the state
+    unchanged in type."""
+    with jax.enable_x64(x64):
+        inner = gh.guard(optax.sgd(0.1)) if around_guard else optax.sgd(0.1)
+        tx = gh.dynamic_loss_scale(inner, init_scale=8.0, growth_interval=2)
+        params = {"w": jnp.ones(3, jnp.float32)}
+        state0 = tx.init(params)
+        assert state0.loss_scale.dtype == jnp.float32 and not state0.loss_scale.weak_type
+        assert state0.loss_scale_num_overflows.dtype == jnp.int32
+        assert state0.loss_scale_growth_tracker.dtype == jnp.int32
+        grads = jnp.asarray([[1.0, 2.0, 3.0], [jnp.inf, 0.0, 0.0], [1.0, 1.0, 1.0]], jnp.float32)
+
+        def body(state, g):
+            updates, state = tx.update({"w": g * gh.loss_scale(state)}, state, params)
+            return state, updates["w"]
+
+        state, updates = jax.lax.scan(body, state0, grads)
+        assert jax.tree.structure(state) == jax.tree.structure(state0)
+        types = lambda tree: [(x.dtype, x.weak_type) for x in jax.tree.leaves(tree)]
+        assert types(state) == types(state0)
+        assert updates.dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(updates[0]), -0.1 * np.array([1.0, 2.0, 3.0], np.float32))
+        assert int(state.loss_scale_num_overflows) == 1 and float(state.loss_scale) == 4.0
+
+
+def test_guard_path_nonfinite_at_min_scale_is_a_fault_not_an_overflow():
+    tx = gh.dynamic_loss_scale(gh.guard(optax.sgd(1.0)), init_scale=1.0)  # the default min_scale, 1
+    params = {"w": jnp.zeros(3)}
+    updates, state = tx.update({"w": jnp.array([jnp.inf, 0.0, 1.0])}, tx.init(params), params)
+    m = gh.metrics(state)
+    assert not bool(m["grad/overflowed"]) and int(m["grad/num_nonfinite"]) == 1 and bool(m["grad/skipped"])
+    assert float(m["grad/loss_scale"]) == 1.0
+    assert np.all(np.asarray(updates["w"]) == 0.0)
+
+
+def test_default_growth_interval_is_torchs_2000_finite_steps():
+    tx = gh.dynamic_loss_scale(optax.sgd(0.0), init_scale=2.0)
+    params = {"w": jnp.zeros(2)}
+
+    def body(state, _):
+        _, state = tx.update({"w": jnp.ones(2)}, state, params)
+        return state, state.loss_scale
+
+    _, scales = jax.jit(lambda s: jax.lax.scan(body, s, None, length=2001))(tx.init(params))
+    scales = np.asarray(scales)
+    assert scales[1998] == 2.0 and scales[1999] == 4.0 and scales[2000] == 4.0  # grows after the 2000th

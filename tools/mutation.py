@@ -152,6 +152,17 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         "buffer.shape[0], )",
         "an arange of another integer dtype compares with the integer slot exactly",
     ),
+    # _loss_scale
+    "optax_gradhealth._loss_scale.x_dynamic_loss_scale__mutmut_162": (
+        "inputs=None,",
+        "`inputs` only tells an eager call from a traced one; without it the update is traced and "
+        "re-evaluated even eagerly, which gives the same values",
+    ),
+    "optax_gradhealth._loss_scale.x_dynamic_loss_scale__mutmut_165": (
+        ")",  # the `inputs=` line removed: only the closing parenthesis is added
+        "`inputs` only tells an eager call from a traced one; without it the update is traced and "
+        "re-evaluated even eagerly, which gives the same values",
+    ),
     # _skip
     "optax_gradhealth._skip.x__evaluate__mutmut_15": (
         "if v not in subst]",
