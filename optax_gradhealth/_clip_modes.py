@@ -249,14 +249,18 @@ def clip_by_leaf_norm(max_norm: float) -> optax.GradientTransformation:
     def update_fn(updates, state, params=None):
         del params
         _clipping.check_same_structure(updates, jax.tree.structure(state.leaf_clipped), "gh.clip_by_leaf_norm")
-        leaf_norms = _stats.grad_stats(updates).leaf_norms.as_tree()
+        # Leaf by leaf, in flattening order (nnx.Param wrappers, if any, are kept as
+        # they come: the updates keep the gradients' structure, the flags the state's).
+        leaves, treedef = jax.tree.flatten(updates)
+        norms = _stats.grad_stats(updates).leaf_norms.values
         threshold = jnp.asarray(max_norm, jnp.float32)
-        scales = jax.tree.map(lambda n: _clipping.clip_scale(n, threshold), leaf_norms)
-        new_updates = jax.tree.map(lambda x, s: _clipping.scale_tree(x, s), updates, scales)
-        clipped = jax.tree.map(lambda x, s: jnp.asarray(_stats._is_float(x)) & (s[0] < 1.0), updates, scales)
+        scales = [_clipping.clip_scale(norms[i], threshold) for i in range(len(leaves))]
+        new_leaves = [_clipping.scale_tree(x, s) for x, s in zip(leaves, scales)]
+        flags = [jnp.asarray(_stats._is_float(x)) & (s[0] < 1.0) for x, s in zip(leaves, scales)]
         num_float = len(_stats._float_leaves(updates))
-        count = sum((c.astype(jnp.int32) for c in jax.tree.leaves(clipped)), jnp.zeros((), jnp.int32))
-        return new_updates, ClipByLeafNormState(_fraction(count, num_float), clipped)
+        count = sum((c.astype(jnp.int32) for c in flags), jnp.zeros((), jnp.int32))
+        clipped = jax.tree.structure(state.leaf_clipped).unflatten(flags)
+        return treedef.unflatten(new_leaves), ClipByLeafNormState(_fraction(count, num_float), clipped)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -361,7 +365,10 @@ def adaptive_grad_clip(
             # lax.select, not jnp.where: no nested call per leaf in the compiled step.
             return jax.lax.select(jnp.broadcast_to(keep, g_wide.shape), g_wide, clipped).astype(g.dtype)
 
-        new_updates = jax.tree.map(one, updates, params)
+        # Leaf by leaf, in flattening order (the updates and the params may differ in
+        # nnx.Param wrappers); the updates keep their own structure.
+        leaves, treedef = jax.tree.flatten(updates)
+        new_updates = treedef.unflatten([one(g, p) for g, p in zip(leaves, jax.tree.leaves(params))])
         count = sum(counts, jnp.zeros((), jnp.int32))
         return new_updates, AdaptiveClipState(count, _fraction(count, total))
 

@@ -403,6 +403,9 @@ def check_same_structure(grads: Any, expected: Any, what: str) -> None:
     """Raises a readable error at trace time when ``grads``'s tree structure is not
     ``expected`` (a ``PyTreeDef``, e.g. ``state.guard_leaf_norms.treedef``)."""
     got = jax.tree.structure(_stats._without_nnx_variables(grads))
+    # `flax.nnx` variables count as their values on both sides (an init with nnx.Param
+    # parameters and plain gradients, or the other way round, match).
+    expected = jax.tree.structure(_stats._without_nnx_variables(expected.unflatten([0] * expected.num_leaves)))
     if got != expected:
         raise ValueError(
             f"{what}: the gradient tree's structure does not match the one the state was "

@@ -324,7 +324,9 @@ def _check_state_structure(old: Any, new: Any) -> None:
         "gh.guard: the inner optimizer's update returned a state whose structure differs from the state it "
         f"was given ({where}). The guard keeps the old state on a skipped step, so the structure must stay "
         "fixed. optax.monitor does this (its measurements dict is empty until the first update): chain it "
-        "outside the guard, e.g. optax.chain(optax.monitor(...), gh.guard(inner))."
+        "outside the guard, e.g. optax.chain(optax.monitor(...), gh.guard(inner)). So does an optimizer "
+        "initialised with flax.nnx.Param-wrapped parameters and updated with plain gradients, or the other "
+        "way round: pass `init` the same kind of tree as the gradients."
     )
 
 

@@ -190,3 +190,55 @@ def test_guard_on_gradients_of_an_nnx_split_state():
     for a, b in zip(jax.tree.leaves(p_guarded), jax.tree.leaves(p_bare)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)  # jit vs eager
     assert set(gh.metrics(state, deprecated_names=False)) >= {"grad/leaf_norm/a/kernel", "grad/leaf_norm/b/bias"}
+
+
+_MAKERS = {
+    "guard": lambda: gh.guard(optax.adam(0.1), clip=0.5),
+    "global_norm": lambda: gh.clip_by_global_norm(0.5),
+    "leaf_norm": lambda: gh.clip_by_leaf_norm(0.2),
+    "agc": lambda: gh.adaptive_grad_clip(0.05),
+    "value": lambda: gh.clip_by_value(0.05),
+    "guard+leaf_norm": lambda: gh.guard(optax.sgd(0.1), clip=gh.clip_by_leaf_norm(0.2)),
+}
+_STATELESS = ("global_norm", "leaf_norm", "agc", "value")
+
+
+@pytest.mark.parametrize(
+    ("name", "wrapped_grads"),
+    [(name, True) for name in _MAKERS] + [(name, False) for name in _STATELESS],
+)
+def test_transformations_on_nnx_param_states_equal_plain_trees(name, wrapped_grads):
+    """Initialised with an nnx.split state (nnx.Param leaves), updated with gradients
+    that are Param-wrapped (jax.grad of it) or, for the stateless clips, plain (a
+    stateful optimizer's moments take the gradients' wrapping: see the error test
+    below): the same updates and metrics as on plain dicts, and the state keeps its
+    structure."""
+    make = _MAKERS[name]
+    model = MLP(nnx.Rngs(4))
+    graphdef, params = nnx.split(model, nnx.Param)
+    grads = jax.grad(lambda p: mse(nnx.merge(graphdef, p), jnp.ones((2, 3)), jnp.ones((2, 1))))(params)
+    plain_params, plain_grads = (nnx.to_pure_dict(t) for t in (params, grads))
+    unwrapped = lambda v: v.get_value() if isinstance(v, nnx.Variable) else v
+    state_grads = jax.tree.map(unwrapped, grads, is_leaf=lambda v: isinstance(v, nnx.Variable))  # nnx.grad's form
+    tx = make()
+    state = tx.init(params)
+    updates, new_state = jax.jit(tx.update)(grads if wrapped_grads else state_grads, state, params)
+    assert jax.tree.structure(new_state) == jax.tree.structure(state)
+    plain_tx = make()
+    plain_updates, plain_state = plain_tx.update(plain_grads, plain_tx.init(plain_params), plain_params)
+    for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(plain_updates)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+    m, plain_m = gh.metrics(new_state), gh.metrics(plain_state)
+    assert m.keys() == plain_m.keys()
+    for metric in m:
+        np.testing.assert_allclose(np.asarray(m[metric]), np.asarray(plain_m[metric]), rtol=1e-6, err_msg=metric)
+
+
+def test_guard_says_what_to_do_when_init_and_gradients_differ_in_nnx_wrapping():
+    model = MLP(nnx.Rngs(4))
+    _, params = nnx.split(model, nnx.Param)
+    plain = jax.tree.map(lambda v: v.get_value() if isinstance(v, nnx.Variable) else v, params,
+                         is_leaf=lambda v: isinstance(v, nnx.Variable))  # fmt: skip
+    tx = gh.guard(optax.adam(0.1))
+    with pytest.raises(ValueError, match=r"flax\.nnx\.Param-wrapped parameters and updated with plain gradients"):
+        tx.update(plain, tx.init(params), params)
