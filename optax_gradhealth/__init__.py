@@ -32,9 +32,11 @@ from optax_gradhealth._stats import (
 # --- mixed precision, accumulation and the remaining clipping modes (issue 5) ---
 from optax_gradhealth._accumulation import MicroBatchNormsState, record_micro_batch_norms
 from optax_gradhealth._clip_modes import (
+    AdaGCState,
     AdaptiveClipState,
     ClipByLeafNormState,
     ClipByValueState,
+    adagc_clip,
     adaptive_grad_clip,
     clip_by_leaf_norm,
     clip_by_value,
@@ -93,11 +95,13 @@ __all__ = [
 
 # mixed precision, accumulation and the remaining clipping modes (issue 5)
 __all__ += [
+    "AdaGCState",
     "AdaptiveClipState",
     "ClipByLeafNormState",
     "ClipByValueState",
     "LossScaleState",
     "MicroBatchNormsState",
+    "adagc_clip",
     "adaptive_grad_clip",
     "clip_by_leaf_norm",
     "clip_by_value",

@@ -285,6 +285,19 @@ _SPEC_LIST: tuple[MetricSpec, ...] = (
         "fraction of units rescaled by gh.adaptive_grad_clip (AGC) this step",
         "below ~0.1 once training settles; near 1 means lambda (default 0.01) is too small.",
     ),
+    MetricSpec(
+        "grad/num_adagc_clipped",
+        COUNT,
+        "leaves rescaled by gh.adagc_clip this step (against their own norm history, or globally in warm-up)",
+        "0 on most steps once warm-up is over; a few leaves on a spiking step. Many leaves every step: "
+        "`relative` is too tight for this model's norm noise.",
+    ),
+    MetricSpec(
+        "grad/adagc_clip_fraction",
+        VALUE,
+        "fraction of the float leaves rescaled by gh.adagc_clip this step",
+        "near 0 after warm-up; near 1 during warm-up only when the global warm-up threshold is below the typical norm.",
+    ),
     # dynamic loss scaling (gh.dynamic_loss_scale)
     MetricSpec(
         "grad/loss_scale",

@@ -28,9 +28,11 @@ from optax_gradhealth import _catalogue, _clipping, _interfaces, _lowering, _sta
 from optax_gradhealth import _validation as check
 
 __all__ = [
+    "AdaGCState",
     "AdaptiveClipState",
     "ClipByLeafNormState",
     "ClipByValueState",
+    "adagc_clip",
     "adaptive_grad_clip",
     "clip_by_leaf_norm",
     "clip_by_value",
@@ -375,7 +377,138 @@ def adaptive_grad_clip(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-_interfaces.keep_on_momentum_reset(ClipByValueState, ClipByLeafNormState, AdaptiveClipState)
+# ----------------------------------------------------------------------------- AdaGC
+
+
+class AdaGCState(NamedTuple):
+    """State of :func:`adagc_clip`.
+
+    Attributes:
+      adagc_norm_ema: float32 ``[L]``, one per leaf (flattening order): ``gamma``, the
+        EMA of the leaf's clipped norms (during the warm-up, their running minimum;
+        +inf before the first step).
+      adagc_num_steps: int32, steps folded into it (steps with a non-finite gradient
+        are not).
+      adagc_num_clipped: int32, leaves clipped this step (``grad/num_adagc_clipped``).
+      adagc_clip_fraction: float32, that count over the float leaves
+        (``grad/adagc_clip_fraction``).
+    """
+
+    adagc_norm_ema: jax.Array
+    adagc_num_steps: jax.Array
+    adagc_num_clipped: jax.Array
+    adagc_clip_fraction: jax.Array
+
+
+def adagc_clip(
+    relative: float = 1.05,
+    stats_decay: float = 0.98,
+    warmup_steps: int = 100,
+    warmup_max_norm: float = 1.0,
+) -> optax.GradientTransformation:
+    """Per-leaf adaptive clipping against each leaf's own history (AdaGC).
+
+    Each leaf (tensor) ``i`` keeps ``gamma_i``, an exponential moving average of its own
+    clipped gradient norms. With ``n_i`` the leaf's norm and ``N`` the global norm:
+
+    * **warm-up** (the first ``warmup_steps`` steps, at least one): a global clip,
+      ``h = min(warmup_max_norm / N, 1)`` for every leaf, and
+      ``gamma_i = min(gamma_i, h n_i)`` (the running minimum of the clipped norms);
+    * **after**: ``h_i = min(relative * gamma_i / n_i, 1)`` and
+      ``gamma_i = stats_decay * gamma_i + (1 - stats_decay) * h_i n_i``.
+
+    The leaf's gradient is multiplied by its ``h_i`` (in float32, cast back to its
+    dtype). A step whose gradient is not finite leaves every ``gamma`` and the step
+    count as they were (inside :func:`guard`, which skips it, it never reaches here).
+    A leaf whose gradient is exactly zero throughout the warm-up keeps ``gamma = 0``
+    and is zeroed afterwards, as the rule says: leave frozen parameters out (e.g.
+    ``optax.masked``).
+
+    Usable on its own in ``optax.chain`` and as ``gh.guard(..., clip=gh.adagc_clip())``,
+    where only accepted steps reach it (and so its statistics).
+
+    Args:
+      relative: ``lambda_rel``, the norm a leaf may reach as a multiple of its
+        ``gamma`` (> 0).
+      stats_decay: the EMA's decay ``beta``, in (0, 1).
+      warmup_steps: steps of global clipping before the per-leaf rule (int >= 0;
+        0 still uses the global rule on the first step, to give ``gamma`` a value).
+      warmup_max_norm: ``lambda_abs``, the global threshold during the warm-up (> 0).
+
+    Returns:
+      An ``optax.GradientTransformation`` with state :class:`AdaGCState`.
+
+    References:
+      Wang et al., "AdaGC: Enhancing LLM Pretraining Stability via Adaptive Gradient
+      Clipping", ICML 2026 (arXiv 2502.11034).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optax_gradhealth as gh
+      >>> tx = gh.adagc_clip(relative=1.0, stats_decay=0.5, warmup_steps=1, warmup_max_norm=10.0)
+      >>> state = tx.init({'a': jnp.zeros(2), 'b': jnp.zeros(2)})
+      >>> _, state = tx.update({'a': jnp.array([3.0, 4.0]), 'b': jnp.array([1.0, 0.0])}, state)
+      >>> state.adagc_norm_ema.tolist()                         # warm-up: the norms, unclipped
+      [5.0, 1.0]
+      >>> updates, state = tx.update({'a': jnp.array([6.0, 8.0]), 'b': jnp.array([0.5, 0.0])}, state)
+      >>> updates['a'].tolist(), updates['b'].tolist(), int(state.adagc_num_clipped)
+      ([3.0, 4.0], [0.5, 0.0], 1)
+      >>> state.adagc_norm_ema.tolist()                         # 0.5 * 5 + 0.5 * 5, 0.5 * 1 + 0.5 * 0.5
+      [5.0, 0.75]
+    """
+    relative = check.positive_or_array("relative", relative)
+    stats_decay = check.or_array(check.in_open_unit_interval, "stats_decay", stats_decay)
+    warmup_steps = check.integer("warmup_steps", warmup_steps, minimum=0)
+    warmup_max_norm = check.positive_or_array("warmup_max_norm", warmup_max_norm)
+
+    def init_fn(params):
+        num_leaves = len(jax.tree.leaves(params))
+        return AdaGCState(
+            adagc_norm_ema=jnp.full((num_leaves,), jnp.inf, jnp.float32),
+            adagc_num_steps=jnp.zeros((), jnp.int32),
+            adagc_num_clipped=jnp.zeros((), jnp.int32),
+            adagc_clip_fraction=jnp.zeros((), jnp.float32),
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        leaves, treedef = jax.tree.flatten(updates)
+        if len(leaves) != state.adagc_norm_ema.shape[0]:
+            raise ValueError(
+                f"gh.adagc_clip: the gradients have {len(leaves)} leaves, the state was initialised for "
+                f"{state.adagc_norm_ema.shape[0]}. Call `init` with parameters of the same structure."
+            )
+        stats = _stats.grad_stats(updates)
+        norms, gamma = stats.leaf_norms.values, state.adagc_norm_ema
+        is_float = jnp.asarray([_stats._is_float(x) for x in leaves], jnp.bool_)
+        warm = state.adagc_num_steps >= max(warmup_steps, 1)
+        decay = jnp.asarray(stats_decay, jnp.float32)
+        # Warm-up: one global factor. After: a factor per leaf; written so that a norm at
+        # or under the bound keeps exactly 1 (and 0 / 0 never arises).
+        global_factor = _clipping.clip_scale(stats.norm, jnp.asarray(warmup_max_norm, jnp.float32))
+        bound = jnp.asarray(relative, jnp.float32) * gamma
+        over = norms > bound
+        local = jnp.where(over, bound / jnp.where(over, norms, 1.0), 1.0)
+        factors = jnp.where(warm, local, global_factor[0] * global_factor[1])
+        clipped_norms = factors * norms
+        new_gamma = jnp.where(warm, decay * gamma + (1.0 - decay) * clipped_norms, jnp.minimum(gamma, clipped_norms))
+        new_gamma = jnp.where(is_float, new_gamma, gamma)
+        fold = stats.finite
+        flags = is_float & (factors < 1.0)
+        count = jnp.sum(flags.astype(jnp.int32))
+        new_leaves = [_clipping.scale_tree(x, (factors[i], jnp.ones((), jnp.float32))) for i, x in enumerate(leaves)]
+        num_float = len(_stats._float_leaves(updates))
+        return treedef.unflatten(new_leaves), AdaGCState(
+            adagc_norm_ema=jnp.where(fold, new_gamma, gamma),
+            adagc_num_steps=state.adagc_num_steps + fold.astype(jnp.int32),
+            adagc_num_clipped=count,
+            adagc_clip_fraction=_fraction(count, num_float),
+        )
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+_interfaces.keep_on_momentum_reset(ClipByValueState, ClipByLeafNormState, AdaptiveClipState, AdaGCState)
 _catalogue.register_metrics(
     ClipByValueState,
     {"value_clip_count": "grad/num_value_clipped", "value_clip_fraction": "grad/value_clip_fraction"},
@@ -383,6 +516,9 @@ _catalogue.register_metrics(
 _catalogue.register_metrics(
     ClipByLeafNormState,
     {"leaf_clip_fraction": "grad/leaf_clip_fraction", "leaf_clipped": "grad/leaf_clipped"},
+)
+_catalogue.register_metrics(
+    AdaGCState, {"adagc_num_clipped": "grad/num_adagc_clipped", "adagc_clip_fraction": "grad/adagc_clip_fraction"}
 )
 _catalogue.register_metrics(
     AdaptiveClipState,

@@ -98,6 +98,7 @@ def _all_states():
         gh.clip_by_value(1.0),
         gh.clip_by_leaf_norm(1.0),
         gh.adaptive_grad_clip(0.01),
+        gh.adagc_clip(),
         gh.record_micro_batch_norms(2),
     ]
     states = [tx.init(params) for tx in txs]

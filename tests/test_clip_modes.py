@@ -291,3 +291,98 @@ def test_clip_modes_add_no_gradient_sized_temporary(build):
     assert analysis is not None
     leaf_bytes = params["w0"].nbytes
     assert analysis.temp_size_in_bytes < leaf_bytes // 4, analysis.temp_size_in_bytes / leaf_bytes
+
+
+# ----------------------------------------------------------------------------- AdaGC
+
+
+def adagc_reference(steps, relative, decay, warmup, lam_abs):
+    """AdaGC's rule written out in float64 over a list of {leaf: array} gradients:
+    warm-up, a global clip and gamma = running min of the clipped norms; after, a clip
+    per leaf at relative * gamma and gamma = EMA of the clipped norms. A non-finite
+    step folds nothing. Returns the clipped gradients, gammas and clipped counts."""
+    names = sorted(steps[0])
+    gamma = {k: np.inf for k in names}
+    count, out = 0, []
+    for grads in steps:
+        g = {k: np.asarray(v, np.float64) for k, v in grads.items()}
+        n = {k: np.sqrt(np.sum(g[k] ** 2)) for k in names}
+        total = np.sqrt(sum(n[k] ** 2 for k in names))
+        warm = count >= max(warmup, 1)
+        if warm:
+            h = {k: min(relative * gamma[k] / n[k], 1.0) if n[k] > relative * gamma[k] else 1.0 for k in names}
+        else:
+            h = {k: min(lam_abs / total, 1.0) for k in names}
+        clipped = {k: g[k] * h[k] for k in names}
+        if np.isfinite(total):
+            for k in names:
+                hn = h[k] * n[k]
+                gamma[k] = decay * gamma[k] + (1 - decay) * hn if warm else min(gamma[k], hn)
+            count += 1
+        out.append((clipped, dict(gamma), sum(h[k] < 1.0 for k in names)))
+    return out
+
+
+def test_adagc_clip_follows_the_rule_written_out():
+    rng = np.random.default_rng(7)
+    shapes = {"emb": (8, 4), "head": (4,), "mid": (3, 3)}
+    steps = []
+    for t in range(40):
+        grads = {k: rng.normal(size=s).astype(np.float32) * (1.0 + 0.02 * t) for k, s in shapes.items()}
+        if t == 25:
+            grads["mid"] = grads["mid"] * 50.0  # a spike in one leaf only
+        if t == 30:
+            grads["head"][0] = np.nan  # folds nothing
+        steps.append(grads)
+    relative, decay, warmup, lam_abs = 1.05, 0.9, 10, 3.0
+    tx = gh.adagc_clip(relative=relative, stats_decay=decay, warmup_steps=warmup, warmup_max_norm=lam_abs)
+    state = tx.init({k: jnp.zeros(s) for k, s in shapes.items()})
+    update = jax.jit(tx.update)
+    reference = adagc_reference(steps, relative, decay, warmup, lam_abs)
+    for t, (grads, (want, gamma, clipped)) in enumerate(zip(steps, reference)):
+        updates, state = update({k: jnp.asarray(v) for k, v in grads.items()}, state)
+        for k in shapes:
+            np.testing.assert_allclose(np.asarray(updates[k], np.float64), want[k], rtol=2e-5, err_msg=f"{t} {k}")
+        np.testing.assert_allclose(np.asarray(state.adagc_norm_ema), [gamma[k] for k in sorted(shapes)], rtol=2e-5)
+        if t != 30:
+            assert int(state.adagc_num_clipped) == clipped, t
+    assert int(state.adagc_num_steps) == 39  # the NaN step was not folded
+    # The rule was exercised: the warm-up's global clip (lam_abs below the norm), then
+    # per-leaf clips, and the spike cut to a small fraction of its raw norm.
+    assert all(clipped == 3 for _, _, clipped in reference[:warmup])
+    spike_raw = np.linalg.norm(steps[25]["mid"])
+    assert np.linalg.norm(reference[25][0]["mid"]) < 0.1 * spike_raw
+
+
+def test_adagc_clip_inside_the_guard_sees_accepted_steps_only_and_survives_a_reset():
+    params = {"a": jnp.zeros(3), "b": jnp.zeros(2)}
+    tx = gh.guard(optax.sgd(1.0), clip=gh.adagc_clip(warmup_steps=2, warmup_max_norm=100.0), warmup_steps=3)
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    grads = [{"a": jnp.ones(3) * (1.0 + 0.01 * t), "b": jnp.ones(2)} for t in range(6)]
+    grads[4] = {"a": jnp.array([jnp.nan, 1.0, 1.0]), "b": jnp.ones(2)}
+    for g in grads:
+        _, state = update(g, state, params)
+
+    def adagc(state):
+        leaves = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, gh.AdaGCState))
+        return next(s for s in leaves if isinstance(s, gh.AdaGCState))
+
+    assert int(adagc(state).adagc_num_steps) == 5  # the skipped NaN step never reached it
+    assert bool(jnp.all(jnp.isfinite(adagc(state).adagc_norm_ema)))
+    m = gh.metrics(state)
+    assert {"grad/num_adagc_clipped", "grad/adagc_clip_fraction"} <= set(m)
+
+
+def test_adagc_clip_rejects_bad_arguments_by_name():
+    for kwargs, match in [
+        ({"relative": 0.0}, "`relative`"),
+        ({"stats_decay": 1.0}, "`stats_decay`"),
+        ({"warmup_steps": -1}, "`warmup_steps`"),
+        ({"warmup_max_norm": -2.0}, "`warmup_max_norm`"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            gh.adagc_clip(**kwargs)
+    tx = gh.adagc_clip()
+    with pytest.raises(ValueError, match="2 leaves, the state was initialised for 1"):
+        tx.update({"a": jnp.ones(2), "b": jnp.ones(2)}, tx.init({"a": jnp.ones(2)}))
