@@ -30,7 +30,12 @@ from optax_gradhealth._stats import (
 
 # isort: split
 # --- mixed precision, accumulation and the remaining clipping modes (issue 5) ---
-from optax_gradhealth._accumulation import MicroBatchNormsState, record_micro_batch_norms
+from optax_gradhealth._accumulation import (
+    AccumulationState,
+    MicroBatchNormsState,
+    accumulate,
+    record_micro_batch_norms,
+)
 from optax_gradhealth._clip_modes import (
     AdaGCState,
     AdaptiveClipState,
@@ -95,12 +100,14 @@ __all__ = [
 
 # mixed precision, accumulation and the remaining clipping modes (issue 5)
 __all__ += [
+    "AccumulationState",
     "AdaGCState",
     "AdaptiveClipState",
     "ClipByLeafNormState",
     "ClipByValueState",
     "LossScaleState",
     "MicroBatchNormsState",
+    "accumulate",
     "adagc_clip",
     "adaptive_grad_clip",
     "clip_by_leaf_norm",

@@ -4,21 +4,24 @@
 on the accumulated mean gradient: MultiSteps calls the guard on each micro-step but
 keeps the guard's new state only on the k-th, so partial means never count. What it
 cannot show is the micro-batches themselves; :func:`record_micro_batch_norms` does,
-when placed in front of it.
+when placed in front of it. :func:`accumulate` is ``optax.MultiSteps`` that also
+measures the gradient noise scale from the micro-batches, as the cross-device audit does
+from the devices.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from optax_gradhealth import _catalogue, _clipping, _interfaces, _stats
+from optax_gradhealth import _noise_scale as noise
 from optax_gradhealth import _validation as check
 
-__all__ = ["MicroBatchNormsState", "record_micro_batch_norms"]
+__all__ = ["AccumulationState", "MicroBatchNormsState", "accumulate", "record_micro_batch_norms"]
 
 
 class MicroBatchNormsState(NamedTuple):
@@ -87,6 +90,174 @@ def record_micro_batch_norms(every_k: int) -> optax.GradientTransformationExtraA
         return updates, MicroBatchNormsState(
             micro_batch_norms=_clipping.ring_write(state.micro_batch_norms, slot, norm),
             micro_batch_num_steps=state.micro_batch_num_steps + 1,
+        )
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# ----------------------------------------------------------------------------- noise scale
+
+
+class AccumulationState(NamedTuple):
+    """State of :func:`accumulate`.
+
+    Attributes:
+      accumulation_inner_state: the ``optax.MultiStepsState`` of the accumulation (and,
+        inside it, the wrapped optimizer's state).
+      accumulation_micro_sq_sum: float32, sum of the squared norms of this window's
+        micro-batch gradients so far.
+      accumulation_grad_sq_est: float32, the last window's estimate of ``|G|^2``
+        (``grad/grad_sq_est``).
+      accumulation_trace_cov_est: float32, the last window's estimate of ``tr(Sigma)``
+        (``grad/trace_cov_est``; NaN without ``micro_batch_size``).
+      accumulation_grad_sq_ema, accumulation_trace_cov_ema: their EMAs (not
+        bias-corrected), over finite windows.
+      accumulation_num_windows: int32, finite windows folded into the EMAs.
+      accumulation_noise_scale: float32, ``B_simple``, the ratio of the bias-corrected
+        EMAs (``grad/noise_scale``; NaN before the first window or without
+        ``micro_batch_size``).
+    """
+
+    accumulation_inner_state: Any
+    accumulation_micro_sq_sum: jax.Array
+    accumulation_grad_sq_est: jax.Array
+    accumulation_trace_cov_est: jax.Array
+    accumulation_grad_sq_ema: jax.Array
+    accumulation_trace_cov_ema: jax.Array
+    accumulation_num_windows: jax.Array
+    accumulation_noise_scale: jax.Array
+
+
+_interfaces.keep_on_momentum_reset(AccumulationState)
+_catalogue.register_metrics(
+    AccumulationState,
+    {
+        "accumulation_noise_scale": "grad/noise_scale",
+        "accumulation_grad_sq_est": "grad/grad_sq_est",
+        "accumulation_trace_cov_est": "grad/trace_cov_est",
+    },
+)
+
+
+def accumulate(
+    inner: optax.GradientTransformation,
+    every_k: int,
+    *,
+    micro_batch_size: int | None = None,
+    stats_decay: float = 0.99,
+) -> optax.GradientTransformationExtraArgs:
+    """``optax.MultiSteps(inner, every_k)`` that also measures the gradient noise scale.
+
+    The updates and the accumulation are MultiSteps' own (the mean of ``every_k``
+    micro-batch gradients reaches ``inner`` once per window). At the end of each window
+    the mean of the micro-batches' squared norms and the squared norm of their mean give
+    unbiased estimates of ``|G|^2`` and ``tr(Sigma)`` (the per-example gradient
+    covariance's trace): the formulas the cross-device audit applies to devices, here
+    with micro-batches of ``micro_batch_size`` examples. ``B_simple = tr(Sigma) / |G|^2``
+    (McCandlish et al., 2018), smoothed as the audit smooths it (bias-corrected EMAs with
+    decay ``stats_decay``), is recorded as ``grad/noise_scale``: a batch far above it
+    gives diminishing returns, one far below it wastes steps.
+
+    Cost: one float32 norm pass over each micro-batch gradient, and one pass over the
+    accumulator at the end of each window (under ``lax.cond``: the other micro-steps
+    skip it). A window with a non-finite micro-batch folds nothing, and, unlike
+    ``optax.MultiSteps`` alone (which empties its accumulator by multiplying it by 0,
+    keeping a NaN), spoils no later window: a guard inside skips that window's update
+    and the next one starts clean.
+
+    Args:
+      inner: the optimizer the accumulated gradients go to (e.g. ``gh.guard(...)``).
+      every_k: micro-batches per update (int >= 1; 1 gives no estimate).
+      micro_batch_size: examples per micro-batch (int >= 1), for ``tr(Sigma)`` and the
+        noise scale; None records ``|G|^2`` only.
+      stats_decay: decay of the two EMAs, in (0, 1).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` with state :class:`AccumulationState`.
+
+    References:
+      McCandlish, Kaplan, Amodei et al., "An Empirical Model of Large-Batch Training",
+      2018, appendix A.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> import optax_gradhealth as gh
+      >>> tx = gh.accumulate(optax.sgd(1.0), 2, micro_batch_size=1)
+      >>> params = {'w': jnp.zeros(2)}
+      >>> state = tx.init(params)
+      >>> _, state = tx.update({'w': jnp.array([1.0, 0.0])}, state, params)
+      >>> updates, state = tx.update({'w': jnp.array([3.0, 0.0])}, state, params)
+      >>> updates['w'].tolist()                              # the mean, once per window
+      [-2.0, 0.0]
+      >>> m = gh.metrics(state)                              # (2 * 4 - 5) / 1, 1 * 2 * (5 - 4) / 1
+      >>> float(m['grad/grad_sq_est']), float(m['grad/trace_cov_est']), round(float(m['grad/noise_scale']), 4)
+      (3.0, 2.0, 0.6667)
+    """
+    inner = check.transformation("inner", inner)
+    every_k = check.integer("every_k", every_k, minimum=1)
+    micro_batch_size = check.optional(check.integer, "micro_batch_size", micro_batch_size, minimum=1)
+    decay = check.in_open_unit_interval("stats_decay", stats_decay)
+    multi_steps = optax.MultiSteps(inner, every_k, use_grad_mean=True).gradient_transformation()
+
+    def init_fn(params):
+        zero = lambda: jnp.zeros((), jnp.float32)
+        nan = jnp.full((), jnp.nan, jnp.float32)
+        return AccumulationState(
+            accumulation_inner_state=multi_steps.init(params),
+            accumulation_micro_sq_sum=zero(),
+            accumulation_grad_sq_est=zero(),
+            accumulation_trace_cov_est=nan if micro_batch_size is None else zero(),
+            accumulation_grad_sq_ema=zero(),
+            accumulation_trace_cov_ema=zero(),
+            accumulation_num_windows=jnp.zeros((), jnp.int32),
+            accumulation_noise_scale=jnp.full((), jnp.nan, jnp.float32),
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        ms_state = state.accumulation_inner_state
+        step = ms_state.mini_step
+        emit = step == every_k - 1
+        micro_sq = jnp.square(_stats.global_norm(updates))
+        sum_sq = state.accumulation_micro_sq_sum + micro_sq
+
+        def window_sq():
+            # The window's mean, as MultiSteps forms it: acc + (g - acc) / (step + 1).
+            count = (step + 1).astype(jnp.float32)
+            mean = jax.tree.map(
+                lambda g, acc: acc.astype(jnp.float32) + (g.astype(jnp.float32) - acc.astype(jnp.float32)) / count,
+                updates,
+                ms_state.acc_grads,
+            )
+            return jnp.square(_stats.global_norm(mean))
+
+        mean_sq = jax.lax.cond(emit, window_sq, lambda: jnp.zeros((), jnp.float32))
+        grad_sq, trace_cov = noise.estimates(sum_sq / every_k, mean_sq, every_k, micro_batch_size)
+        folded = noise.fold(
+            state.accumulation_grad_sq_ema,
+            state.accumulation_trace_cov_ema,
+            state.accumulation_num_windows,
+            grad_sq,
+            trace_cov,
+            decay,
+            emit & jnp.isfinite(sum_sq) & jnp.isfinite(mean_sq) & (every_k > 1) & (micro_batch_size is not None),
+        )
+        new_updates, new_ms_state = multi_steps.update(updates, ms_state, params, **extra_args)
+        # MultiSteps empties its accumulator by multiplying it by 0, which keeps a NaN or
+        # Inf: one bad micro-batch would make every later window non-finite. Emptied
+        # here with a select, a bad micro-batch spoils its own window only (which a
+        # guard inside skips).
+        new_ms_state = new_ms_state._replace(
+            acc_grads=jax.tree.map(lambda a: jnp.where(emit, jnp.zeros_like(a), a), new_ms_state.acc_grads)
+        )
+        return new_updates, AccumulationState(
+            accumulation_inner_state=new_ms_state,
+            accumulation_micro_sq_sum=jnp.where(emit, 0.0, sum_sq),
+            accumulation_grad_sq_est=jnp.where(emit, grad_sq, state.accumulation_grad_sq_est),
+            accumulation_trace_cov_est=jnp.where(emit, trace_cov, state.accumulation_trace_cov_est),
+            accumulation_grad_sq_ema=folded.grad_sq_ema,
+            accumulation_trace_cov_ema=folded.trace_cov_ema,
+            accumulation_num_windows=folded.count,
+            accumulation_noise_scale=folded.noise_scale,
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -298,6 +298,26 @@ _SPEC_LIST: tuple[MetricSpec, ...] = (
         "fraction of the float leaves rescaled by gh.adagc_clip this step",
         "near 0 after warm-up; near 1 during warm-up only when the global warm-up threshold is below the typical norm.",
     ),
+    MetricSpec(
+        "grad/noise_scale",
+        VALUE,
+        "gradient noise scale B_simple = EMA(tr Sigma) / EMA(|G|^2), bias-corrected, from the micro-batches of "
+        "gh.accumulate (one estimate per window)",
+        "positive, usually growing during training. A global batch far above it gives diminishing returns; far "
+        "below it wastes steps (the same reading as xdev/noise_scale).",
+    ),
+    MetricSpec(
+        "grad/grad_sq_est",
+        VALUE,
+        "the last window's unbiased estimate of |G|^2 from the micro-batch and accumulated norms (gh.accumulate)",
+        "positive on average (a single window's estimate is noisy and can be negative).",
+    ),
+    MetricSpec(
+        "grad/trace_cov_est",
+        VALUE,
+        "the last window's estimate of tr(Sigma), the per-example gradient covariance trace (gh.accumulate)",
+        "positive on average (noisy per window).",
+    ),
     # dynamic loss scaling (gh.dynamic_loss_scale)
     MetricSpec(
         "grad/loss_scale",

@@ -35,6 +35,7 @@ from jax import lax
 
 from optax_gradhealth import _catalogue, _interfaces, _stats
 from optax_gradhealth import _detectors as detect
+from optax_gradhealth import _noise_scale as noise
 from optax_gradhealth import _validation as check
 
 __all__ = [
@@ -838,30 +839,19 @@ def cross_device(
         norm_max_over_min = jnp.max(device_norms) / jnp.min(device_norms)
         if k > 1:
             agreement = _safe_div(kf * kf * mean_sq - total_sq, (kf - 1.0) * total_sq)
-            grad_sq_est = (kf * mean_sq - mean_local_sq) / (kf - 1.0)
-            trace_cov_est = (
-                jnp.float32(batch) * kf * (mean_local_sq - mean_sq) / (kf - 1.0)
-                if batch is not None
-                else jnp.full((), jnp.nan, jnp.float32)
-            )
         else:
             agreement = jnp.ones((), jnp.float32)
-            grad_sq_est = mean_sq
-            trace_cov_est = jnp.full((), jnp.nan, jnp.float32)
+        grad_sq_est, trace_cov_est = noise.estimates(mean_local_sq, mean_sq, k, batch)
         finite = jnp.isfinite(total_sq) & jnp.isfinite(mean_sq)
         if batch is not None and k > 1:
-            grad_sq_ema = jnp.where(
-                finite, decay * state.xdev_grad_sq_ema + (1 - decay) * grad_sq_est, state.xdev_grad_sq_ema
-            )
-            trace_ema = jnp.where(
-                finite, decay * state.xdev_trace_cov_ema + (1 - decay) * trace_cov_est, state.xdev_trace_cov_ema
-            )
-            noise_count = state.xdev_num_noise_steps + finite.astype(jnp.int32)
-            correction = 1.0 - decay ** noise_count.astype(jnp.float32)
-            noise_scale = jnp.where(
-                noise_count > 0,
-                (trace_ema / jnp.maximum(correction, 1e-30)) / (grad_sq_ema / jnp.maximum(correction, 1e-30)),
-                jnp.nan,
+            grad_sq_ema, trace_ema, noise_count, noise_scale = noise.fold(
+                state.xdev_grad_sq_ema,
+                state.xdev_trace_cov_ema,
+                state.xdev_num_noise_steps,
+                grad_sq_est,
+                trace_cov_est,
+                decay,
+                finite,
             )
         else:
             grad_sq_ema, trace_ema, noise_count = (

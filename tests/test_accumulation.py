@@ -289,3 +289,81 @@ def test_multisteps_around_cross_device_and_guard_decides_once_on_the_global_mea
     x64 = xs.astype(np.float64).reshape(k * devices, 6, 4)
     mean_grad = np.mean([2 * x.T @ (x @ np.zeros(4) - 1.0) / 6 for x in x64], axis=0)
     np.testing.assert_allclose(np.asarray(w_k["w"]), np.stack([-0.5 * mean_grad] * devices), rtol=1e-5)
+
+
+def test_accumulate_recovers_the_noise_scale_of_a_model_with_known_covariance():
+    """Per-example loss 0.5 |w - x_j|^2 with x_j ~ N(mu, s^2 I_d): the per-example
+    gradient is w - x_j, so |G|^2 = |w - mu|^2 and tr(Sigma) = d s^2, and B_simple =
+    d s^2 / |w - mu|^2 (here 16 * 4 / 32 = 2). With w held fixed (learning rate 0) the
+    smoothed estimate converges to it."""
+    d, s, k, b, windows = 16, 2.0, 8, 4, 600
+    mu = jnp.full((d,), 2.0)  # w = 0: |G|^2 = 16 * 4 = 64 ... scaled below
+    mu = mu / jnp.sqrt(2.0)  # |G|^2 = 32
+    tx = gh.accumulate(optax.sgd(0.0), k, micro_batch_size=b, stats_decay=0.99)
+    params = {"w": jnp.zeros(d)}
+    examples = mu + s * jax.random.normal(jax.random.key(0), (windows * k, b, d))
+
+    def body(state, x):
+        grads = {"w": params["w"] - x.mean(0)}  # the micro-batch's mean gradient
+        _, state = tx.update(grads, state, params)
+        return state, None
+
+    state, _ = jax.jit(lambda st: jax.lax.scan(body, st, examples))(tx.init(params))
+    m = gh.metrics(state)
+    assert int(state.accumulation_num_windows) == windows
+    truth = d * s**2 / float(jnp.sum(mu**2))
+    assert float(m["grad/noise_scale"]) == pytest.approx(truth, rel=0.15)
+
+
+def test_accumulate_updates_are_multisteps_and_a_guard_inside_works():
+    params = {"w": jnp.zeros(3)}
+    grads = [{"w": jnp.array([1.0, -2.0, 0.5]) * (i + 1)} for i in range(6)]
+    ours = gh.accumulate(gh.guard(optax.adam(0.1)), 3, micro_batch_size=2)
+    theirs = optax.MultiSteps(gh.guard(optax.adam(0.1)), 3)
+    s1, s2 = ours.init(params), theirs.init(params)
+    for g in grads:
+        u1, s1 = jax.jit(ours.update)(g, s1, params)
+        u2, s2 = jax.jit(theirs.update)(g, s2, params)
+        np.testing.assert_array_equal(np.asarray(u1["w"]), np.asarray(u2["w"]))
+    m = gh.metrics(s1)
+    assert int(m["grad/num_steps"]) == 2 and int(state_windows(s1)) == 2
+    assert np.isfinite(float(m["grad/noise_scale"]))
+
+
+def state_windows(state):
+    return state.accumulation_num_windows
+
+
+def test_accumulate_checks_its_arguments_and_skips_a_nonfinite_window():
+    with pytest.raises(ValueError, match="`every_k`"):
+        gh.accumulate(optax.sgd(0.1), 0)
+    with pytest.raises(ValueError, match="`micro_batch_size`"):
+        gh.accumulate(optax.sgd(0.1), 2, micro_batch_size=0)
+    with pytest.raises(ValueError, match="`stats_decay`"):
+        gh.accumulate(optax.sgd(0.1), 2, stats_decay=1.0)
+    tx = gh.accumulate(optax.sgd(0.0), 2, micro_batch_size=1)
+    params = {"w": jnp.zeros(2)}
+    state = tx.init(params)
+    for g in ([1.0, 0.0], [jnp.nan, 0.0], [1.0, 0.0], [3.0, 0.0]):
+        _, state = tx.update({"w": jnp.array(g)}, state, params)
+    assert int(state.accumulation_num_windows) == 1  # the NaN window folded nothing, the next one did
+    assert float(gh.metrics(state)["grad/grad_sq_est"]) == 3.0
+    assert float(state.accumulation_micro_sq_sum) == 0.0  # reset at each window's end
+
+
+def test_a_nonfinite_micro_batch_spoils_its_own_window_only():
+    """optax.MultiSteps alone keeps the NaN in its accumulator (0 * NaN) and a guard
+    inside skips every later window; gh.accumulate starts the next window clean."""
+    params = {"w": jnp.zeros(2)}
+    grads = [[1.0, 0.0], [jnp.nan, 0.0], [1.0, 1.0], [1.0, 1.0]]
+    for tx, later_skipped in (
+        (optax.MultiSteps(gh.guard(optax.sgd(1.0)), 2), True),
+        (gh.accumulate(gh.guard(optax.sgd(1.0)), 2), False),
+    ):
+        state = tx.init(params)
+        for g in grads:
+            updates, state = tx.update({"w": jnp.array(g)}, state, params)
+        assert bool(gh.metrics(state)["grad/skipped"]) is later_skipped
+        assert int(gh.metrics(state)["grad/num_skipped"]) == (2 if later_skipped else 1)
+        if not later_skipped:
+            np.testing.assert_array_equal(np.asarray(updates["w"]), [-1.0, -1.0])

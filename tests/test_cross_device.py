@@ -684,3 +684,20 @@ def test_sketch_signs_keep_structured_orthogonal_gradients_orthogonal():
     np.testing.assert_allclose(m["xdev/pairwise_cosine"][0, 1], 0.0, atol=tolerance)
     np.testing.assert_allclose(m["xdev/pairwise_cosine"][2, 3], 0.0, atol=tolerance)
     np.testing.assert_allclose(m["xdev/pairwise_cosine"], exact, atol=tolerance)
+
+
+def test_accumulate_noise_scale_equals_the_audits_on_the_same_shards():
+    """gh.accumulate over K micro-batches sees what the audit sees over K devices: the
+    same local gradients, so the same estimates and the same smoothed noise scale."""
+    steps = [random_grads(seed) for seed in (0, 1, 2)]
+    audit = [first_copy(m) for _, m in pmap_run(steps)]
+    tx = gh.accumulate(optax.sgd(0.0), K, micro_batch_size=BATCH, stats_decay=DECAY)
+    params = jax.tree.map(lambda x: jnp.zeros(x.shape[1:]), steps[0])
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    for grads, m in zip(steps, audit):
+        for i in range(K):
+            _, state = update(jax.tree.map(lambda x, i=i: x[i], grads), state, params)
+        mine = gh.metrics(state)
+        for name in ("noise_scale", "grad_sq_est", "trace_cov_est"):
+            np.testing.assert_allclose(mine[f"grad/{name}"], m[f"xdev/{name}"], rtol=1e-4, err_msg=name)

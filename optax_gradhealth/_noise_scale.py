@@ -1,0 +1,73 @@
+"""The gradient noise scale from groups of examples: the estimates and their smoothing.
+
+Pure functions over scalars, shared by the cross-device audit (the groups are the
+devices) and by :func:`optax_gradhealth.record_noise_scale` (the groups are the
+micro-batches of a gradient accumulation).
+
+With ``k`` groups of ``b`` examples each (``B = k b`` in all), ``g_i`` the mean gradient
+of group ``i`` and ``g`` the mean of the ``g_i``, the expectations
+``E|g_i|^2 = |G|^2 + tr(Sigma) / b`` and ``E|g|^2 = |G|^2 + tr(Sigma) / B`` give the
+unbiased estimates (McCandlish et al., "An Empirical Model of Large-Batch Training",
+2018, appendix A)::
+
+    |G|^2     ~ (k |g|^2 - mean_i |g_i|^2) / (k - 1)
+    tr(Sigma) ~ b k (mean_i |g_i|^2 - |g|^2) / (k - 1)
+
+and ``B_simple = tr(Sigma) / |G|^2``, estimated as the ratio of bias-corrected EMAs of
+the two (each estimate alone is noisy, and ``|G|^2``'s can be negative).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["NoiseScale", "estimates", "fold"]
+
+
+def estimates(mean_group_sq: jax.Array, mean_sq: jax.Array, k: int, group_size: float | None) -> tuple:
+    """``(|G|^2, tr(Sigma))`` estimated from ``mean_i |g_i|^2`` and ``|g|^2`` over ``k``
+    groups of ``group_size`` examples (``tr(Sigma)`` is NaN without a group size, and
+    both are ``|g|^2`` and NaN for one group)."""
+    if k < 2:
+        return mean_sq, jnp.full((), jnp.nan, jnp.float32)
+    kf = jnp.float32(k)
+    grad_sq = (kf * mean_sq - mean_group_sq) / (kf - 1.0)
+    if group_size is None:
+        return grad_sq, jnp.full((), jnp.nan, jnp.float32)
+    return grad_sq, jnp.float32(group_size) * kf * (mean_group_sq - mean_sq) / (kf - 1.0)
+
+
+class NoiseScale(NamedTuple):
+    """The smoothed estimates: EMAs (not bias-corrected) of ``|G|^2`` and ``tr(Sigma)``,
+    the number of estimates folded into them, and ``B_simple`` from them."""
+
+    grad_sq_ema: jax.Array
+    trace_cov_ema: jax.Array
+    count: jax.Array
+    noise_scale: jax.Array
+
+
+def fold(
+    grad_sq_ema: jax.Array,
+    trace_cov_ema: jax.Array,
+    count: jax.Array,
+    grad_sq: jax.Array,
+    trace_cov: jax.Array,
+    decay: float,
+    finite: jax.Array,
+) -> NoiseScale:
+    """Folds one pair of estimates into the EMAs where ``finite``; ``B_simple`` is the
+    ratio of the bias-corrected EMAs (NaN before the first estimate)."""
+    grad_sq_ema = jnp.where(finite, decay * grad_sq_ema + (1 - decay) * grad_sq, grad_sq_ema)
+    trace_cov_ema = jnp.where(finite, decay * trace_cov_ema + (1 - decay) * trace_cov, trace_cov_ema)
+    count = count + finite.astype(jnp.int32)
+    correction = 1.0 - decay ** count.astype(jnp.float32)
+    noise_scale = jnp.where(
+        count > 0,
+        (trace_cov_ema / jnp.maximum(correction, 1e-30)) / (grad_sq_ema / jnp.maximum(correction, 1e-30)),
+        jnp.nan,
+    )
+    return NoiseScale(grad_sq_ema, trace_cov_ema, count, noise_scale)
