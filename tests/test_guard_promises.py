@@ -409,3 +409,45 @@ def test_guard_over_a_tree_without_float_leaves_applies_every_step(jit):
     assert not bool(m["grad/skipped"]) and int(m["grad/num_nonfinite_updates"]) == 0
     assert int(m["grad/num_steps"]) == 2 and float(m["grad/norm"]) == 0.0
     chex.assert_trees_all_equal(updates, grads)
+
+
+def _loss_moments_reference(losses, decay):
+    """Bias-corrected EMA mean and variance of the losses, written out in float64
+    (E[x] and E[x^2] - E[x]^2 of bias-corrected EMAs)."""
+    m1 = m2 = 0.0
+    for x in losses:
+        m1 = decay * m1 + (1 - decay) * x
+        m2 = decay * m2 + (1 - decay) * x * x
+    corr = 1 - decay ** len(losses)
+    mean = m1 / corr
+    return mean, max(m2 / corr - mean * mean, 0.0)
+
+
+def _loss_zscores(losses, **kwargs):
+    tx = gh.guard(optax.sgd(0.0), **kwargs)
+    params = {"w": jnp.ones(2)}
+    state = tx.init(params)
+    out = []
+    for loss in losses:
+        _, state = tx.update({"w": jnp.ones(2)}, state, params, loss=jnp.float32(loss))
+        out.append(float(gh.metrics(state)["grad/loss_zscore"]))
+    return out
+
+
+def test_loss_zscore_starts_exactly_after_warmup_steps_losses():
+    losses = [1.0, 2.0, 1.5, 4.0, 1.2]
+    z = _loss_zscores(losses, warmup_steps=3, stats_decay=0.9)
+    assert z[:3] == [0.0, 0.0, 0.0]  # judged once 3 losses are in the running moments
+    for t in (3, 4):
+        mean, var = _loss_moments_reference(losses[:t], 0.9)
+        assert z[t] == pytest.approx((losses[t] - mean) / np.sqrt(var), rel=1e-4)
+
+
+def test_loss_zscore_floor_of_the_spread_is_relative_to_the_mean_and_never_zero():
+    # A constant loss has no spread: the floor is 1e-12 |mean| + 1e-30, so a change of
+    # 1e-3 on a loss of 1000 is (about) a million of those floors, and a loss that stays
+    # at exactly 0 has z-score 0 (not 0 / 0).
+    z = _loss_zscores([1000.0] * 4 + [1000.001], warmup_steps=2)
+    step = float(np.float32(1000.001)) - 1000.0
+    assert z[4] == pytest.approx(step / 1e-9, rel=1e-3)
+    assert _loss_zscores([0.0] * 5, warmup_steps=2) == [0.0] * 5
