@@ -409,3 +409,24 @@ def test_thresholds_warmup_rows_and_the_deprecated_warmup_steps():
     assert "clip_always" not in [f.pattern for f in gh.diagnose(rows, new)]
     counted = gh.Thresholds(warmup_rows=0, clip_always_fraction=0.05)
     assert "clip_always" in [f.pattern for f in gh.diagnose(rows, counted)]
+
+
+def test_the_optimizers_own_nan_is_a_finding_of_its_own():
+    """A guarded adam whose learning rate becomes infinite at its third step: the guard
+    skips from there and counts grad/num_nonfinite_updates; the diagnosis names the
+    optimizer, not the data (no nonfinite finding: the gradients were finite)."""
+    import jax.numpy as jnp
+    import optax
+
+    tx = gh.guard(optax.adam(lambda count: jnp.where(count >= 2, jnp.inf, 0.1)))
+    params = {"w": jnp.ones(3)}
+    state = tx.init(params)
+    rows = []
+    for t in range(6):
+        _, state = tx.update({"w": jnp.array([1.0, -1.0, 0.5])}, state, params)
+        rows.append({"step": t, **{k: np.asarray(v).tolist() for k, v in gh.metrics(state).items()}})
+    found = {f.pattern: f for f in gh.diagnose(rows)}
+    assert set(found) >= {"nonfinite_update"} and "nonfinite" not in found
+    finding = found["nonfinite_update"]
+    assert finding.severity == "error" and finding.steps == (2, 3, 4, 5)
+    assert finding.evidence["num_nonfinite_updates"] == 4

@@ -57,6 +57,44 @@ def check_nonfinite(h: History, th: Thresholds) -> list[Finding]:
     return [NONFINITE.finding(f"{max(int(bad.sum()), int(counter))} non-finite step(s), {where}", steps[bad], evidence)]
 
 
+NONFINITE_UPDATE = Pattern(
+    "nonfinite_update",
+    "the optimizer made a non-finite update from finite gradients",
+    "error",
+    (
+        "hyperparameters in bf16/fp16 (optax.inject_hyperparams takes the params' dtype): Adam's b2 = 0.999 "
+        "rounds to 1 and the bias correction divides by zero",
+        "fp16/bf16 optimizer moments overflowing (the second moment squares the gradient)",
+        "an infinite or NaN learning rate from a schedule, or a zero denominator in a custom optimizer",
+    ),
+    (
+        "keep gh.guard's check_updates on: it skips these steps and keeps the moments as they were",
+        "keep hyperparameters in float32 (inject_hyperparams(..., hyperparam_dtype=jnp.float32)) and the "
+        "moments in float32 (mu_dtype, or fp32 master weights)",
+        "check the learning-rate schedule's values around the first step counted",
+    ),
+)
+
+
+def check_nonfinite_update(h: History, th: Thresholds) -> list[Finding]:
+    """The guard skipped steps whose gradient was finite but whose inner update or new
+    inner state was not (``grad/num_nonfinite_updates`` grew)."""
+    if not h.has("grad/num_nonfinite_updates"):
+        return []
+    counter = np.nan_to_num(h.col("grad/num_nonfinite_updates"), nan=0.0)
+    total = int(counter.max()) if counter.size else 0
+    if total <= 0:
+        return []
+    grew = np.diff(np.concatenate([[0.0], counter])) > 0
+    steps = h.steps[grew]
+    evidence = {"num_nonfinite_updates": total, "first_logged_step": int(steps[0])}
+    summary = (
+        f"{total} step(s) skipped because the optimizer's own update was not finite, "
+        f"first logged at step {int(steps[0])}"
+    )
+    return [NONFINITE_UPDATE.finding(summary, steps, evidence)]
+
+
 EXPLOSION = Pattern(
     "explosion",
     "gradient explosion (spikes)",
@@ -352,6 +390,7 @@ def check_restart(h: History, th: Thresholds) -> list[Finding]:
 #: The single-run patterns and their checks, in the order they are run.
 CHECKS = (
     (NONFINITE, check_nonfinite),
+    (NONFINITE_UPDATE, check_nonfinite_update),
     (EXPLOSION, check_explosion),
     (VANISHING, check_vanishing),
     (OSCILLATION, check_oscillation),
