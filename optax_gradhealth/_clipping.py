@@ -205,6 +205,7 @@ class ZScoreClip:
         return state.zscore_num_accepted >= max(self.warmup_steps, 1)
 
     def update(self, state: ZScoreClipState, norm: jax.Array, accepted: jax.Array) -> ZScoreClipState:
+        norm = jnp.asarray(norm, jnp.float32)  # the state stays float32 (a float64 norm under x64)
         value = jnp.where(self._warm(state), jnp.minimum(norm, self.threshold(state)), norm)
         accepted = accepted & jnp.isfinite(norm)
         return ZScoreClipState(
@@ -296,6 +297,7 @@ class PercentileClip:
         return threshold.astype(jnp.float32)
 
     def update(self, state: PercentileClipState, norm: jax.Array, accepted: jax.Array) -> PercentileClipState:
+        norm = jnp.asarray(norm, jnp.float32)  # the state stays float32 (a float64 norm under x64)
         accepted = accepted & jnp.isfinite(norm)
         slot = state.percentile_num_accepted % self.history_size
         written = ring_write(state.percentile_history, slot, norm)

@@ -433,3 +433,12 @@ def test_zscore_clip_decay_keyword_of_0_1_still_works_with_a_warning():
     assert old == gh.ZScoreClip(z=2.0, stats_decay=0.9, warmup_steps=0)
     with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="stats_decay"):
         gh.ZScoreClip(decay=1.5)
+
+
+@pytest.mark.parametrize("policy", [gh.ZScoreClip(warmup_steps=0), gh.PercentileClip(history_size=4, warmup_steps=0)])
+def test_adaptive_policies_keep_a_float32_state_for_a_float64_norm(policy):
+    with jax.enable_x64(True):
+        state = policy.init()
+        new = policy.update(state, jnp.float64(1.5), jnp.bool_(True))
+        assert [x.dtype for x in jax.tree.leaves(new)] == [x.dtype for x in jax.tree.leaves(state)]
+        assert policy.threshold(new).dtype == jnp.float32
