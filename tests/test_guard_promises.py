@@ -451,3 +451,37 @@ def test_loss_zscore_floor_of_the_spread_is_relative_to_the_mean_and_never_zero(
     step = float(np.float32(1000.001)) - 1000.0
     assert z[4] == pytest.approx(step / 1e-9, rel=1e-3)
     assert _loss_zscores([0.0] * 5, warmup_steps=2) == [0.0] * 5
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"vanishing_norm": None, "rollback_after_nonfinite": None, "rollback_after_spikes": None},
+        {"reset_after": None, "rebaseline_after": None, "spike_threshold": None, "spike_zscore": None},
+        {"spike_action": "clip", "clip": gh.ZScoreClip(), "loss_spike_zscore": 3.0},
+    ],
+    ids=["defaults", "no-vanishing-no-rollback", "no-reset-no-spikes", "clip-action"],
+)
+@pytest.mark.parametrize("with_loss", [False, True], ids=["no-loss", "loss"])
+def test_every_configuration_keeps_the_state_structure_and_dtypes_through_a_scan(kwargs, with_loss):
+    """Whatever is switched off, every field of the state exists from init on with its
+    final shape and dtype (a disabled feature records a constant, not None), so a
+    lax.scan over steps carries it."""
+    tx = gh.guard(optax.adam(0.1), warmup_steps=2, **kwargs)
+    params = {"w": jnp.ones(3), "b": jnp.zeros(())}
+    state0 = tx.init(params)
+    grads = jnp.asarray([[1.0, 2.0, 3.0], [jnp.nan, 0.0, 1.0], [1.0, 1.0, 1.0], [50.0, 50.0, 50.0]], jnp.float32)
+
+    def body(state, g):
+        extra = {"loss": jnp.sum(g)} if with_loss else {}
+        updates, state = tx.update({"w": g, "b": jnp.float32(0.5)}, state, params, **extra)
+        return state, updates["w"]
+
+    state, updates = jax.lax.scan(body, state0, grads)
+    assert jax.tree.structure(state) == jax.tree.structure(state0)
+    types = lambda tree: [(jnp.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(tree)]
+    assert types(state) == types(state0)
+    assert bool(jnp.all(jnp.isfinite(updates)))
+    for name, value in gh.metrics(state).items():
+        assert value is not None and jnp.shape(value) == jnp.shape(gh.metrics(state0)[name]), name
