@@ -36,6 +36,7 @@ from jax import lax
 from optax_gradhealth import _catalogue, _interfaces, _stats
 from optax_gradhealth import _detectors as detect
 from optax_gradhealth import _noise_scale as noise
+from optax_gradhealth import _sketch as sketch
 from optax_gradhealth import _validation as check
 
 __all__ = [
@@ -186,67 +187,6 @@ def default_audit_rule(**overrides: float) -> dict[str, float]:
     )
     rule.update(overrides)
     return rule
-
-
-# ----------------------------------------------------------------------------- hashing
-
-
-def _u32(value: int) -> jax.Array:
-    return jnp.asarray(np.uint32(value & 0xFFFFFFFF))
-
-
-def _mix32(h: jax.Array) -> jax.Array:
-    """A 32-bit integer finaliser (xorshift-multiply): every output bit depends on every input bit."""
-    h = h ^ (h >> 16)
-    h = h * _u32(0x7FEB352D)
-    h = h ^ (h >> 15)
-    h = h * _u32(0x846CA68B)
-    return h ^ (h >> 16)
-
-
-def _bits_u32(x: jax.Array) -> jax.Array:
-    """The bit pattern of a float leaf as a flat uint32 vector (complex: real and imaginary parts)."""
-    if jnp.iscomplexobj(x):
-        x = jnp.stack([jnp.real(x), jnp.imag(x)])
-    x = x.reshape(-1)
-    bits = jnp.finfo(x.dtype).bits
-    if bits == 32:
-        return lax.bitcast_convert_type(x, jnp.uint32)
-    if bits == 64:
-        return lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
-    if bits == 16:
-        return lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
-    return lax.bitcast_convert_type(x, jnp.uint8).astype(jnp.uint32)  # fp8
-
-
-def _leaf_fingerprint(x: jax.Array, salt: jax.Array) -> jax.Array:
-    """uint32 hash of the bits of one leaf and their positions (sums of hashes wrap mod 2^32)."""
-    bits = _bits_u32(x)
-    position = lax.iota(jnp.uint32, bits.shape[0])
-    # One mix per element: the position enters through an odd-multiplier (bijective) spread.
-    return jnp.sum(_mix32(bits ^ (position * _u32(0x9E3779B1) + salt)), dtype=jnp.uint32)
-
-
-def _leaf_sketch(x: jax.Array, dim: int, salt: jax.Array, offset: int) -> jax.Array:
-    """Count-sketch of one leaf into ``dim`` float32 buckets.
-
-    Element i goes to bucket ``(i // rows + offset) mod dim`` (``rows = ceil(n / dim)``)
-    with a pseudo-random sign from a hash of (i, salt). The salt and offset are drawn
-    from the static ``sketch_seed`` (and the shard index when the leaf is split across
-    devices), so the map is the same on every data-parallel device and ``<sketch(x), sketch(y)>`` estimates ``<x, y>``
-    without bias, with a standard error of about ``|x| |y| / sqrt(dim)``.
-    """
-    x = x.reshape(-1)
-    if jnp.iscomplexobj(x):
-        x = jnp.concatenate([jnp.real(x), jnp.imag(x)])
-    x = x.astype(jnp.float32)
-    n = x.shape[0]
-    rows = -(-n // dim)
-    sign_bits = _mix32(lax.iota(jnp.uint32, n) ^ salt) >> 31
-    signed = jnp.pad(jnp.where(sign_bits == 0, x, -x), (0, rows * dim - n))
-    # Contiguous blocks of ``rows`` elements share a bucket: a reduction over the minor
-    # axis, which XLA fuses with the sign flip (no gradient-sized temporary).
-    return jnp.roll(jnp.sum(signed.reshape(dim, rows), axis=1), offset)
 
 
 # ----------------------------------------------------------------------------- axes
@@ -626,13 +566,7 @@ def cross_device(
             xdev_cosine_spread_ema=zero,
         )
 
-    leaf_rng = np.random.default_rng(seed)
-    leaf_seeds: list[tuple[int, int]] = []  # per leaf: (salt, sketch offset), drawn once, static
-
-    def leaf_seed(i: int) -> tuple[int, int]:
-        while len(leaf_seeds) <= i:
-            leaf_seeds.append((int(leaf_rng.integers(0, 2**32)), int(leaf_rng.integers(0, dim))))
-        return leaf_seeds[i]
+    leaf_seed = sketch.LeafSeeds(seed, dim)  # per leaf: (salt, sketch offset), drawn once, static
 
     def sharded_sum(tree, per_leaf, tracked):
         """sum over the float leaves of ``per_leaf(i, leaf, salt)``, summed over the devices
@@ -651,9 +585,9 @@ def cross_device(
                 axes = tuple(a for a in shard_axes if a in (_vma(leaf) or frozenset()))
             else:
                 axes = shard_axes
-            salt = _u32(leaf_seed(i)[0])
+            salt = sketch.u32(leaf_seed(i)[0])
             if axes:
-                salt = salt ^ _mix32(lax.axis_index(axes if len(axes) > 1 else axes[0]).astype(jnp.uint32) + 1)
+                salt = salt ^ sketch.mix32(lax.axis_index(axes if len(axes) > 1 else axes[0]).astype(jnp.uint32) + 1)
             value = per_leaf(i, leaf, salt)
             groups[axes] = value if axes not in groups else groups[axes] + value
         total = None
@@ -728,19 +662,21 @@ def cross_device(
             def dot_and_sketch(i, g, salt):
                 g32, m32 = g.astype(jnp.float32), mean_leaves[i].astype(jnp.float32)
                 dot = jnp.sum(jnp.real(g32 * jnp.conj(m32)))
-                return jnp.concatenate([dot[None], _leaf_sketch(g, dim, salt, leaf_seed(i)[1])])
+                return jnp.concatenate([dot[None], sketch.leaf_sketch(g, dim, salt, leaf_seed(i)[1])])
 
             row = sharded_sum(grads, dot_and_sketch, tracked)
             row = jnp.zeros((dim + 1,), jnp.float32) if row is None else row
             floats = gather(row, k, index)
-            grad_fp = sharded_sum(grads, lambda i, g, salt: _leaf_fingerprint(g, salt), tracked)
-            grad_fp = _u32(0) if grad_fp is None else grad_fp
+            grad_fp = sharded_sum(grads, lambda i, g, salt: sketch.leaf_fingerprint(g, salt), tracked)
+            grad_fp = sketch.u32(0) if grad_fp is None else grad_fp
             param_fp = None
             if params is not None:
                 param_fp = sharded_sum(
-                    params, lambda i, p, salt: _leaf_fingerprint(p, _mix32(salt ^ _u32(0x5BD1E995))), tracked
+                    params,
+                    lambda i, p, salt: sketch.leaf_fingerprint(p, sketch.mix32(salt ^ sketch.u32(0x5BD1E995))),
+                    tracked,
                 )
-            param_fp = _u32(0) if param_fp is None else param_fp
+            param_fp = sketch.u32(0) if param_fp is None else param_fp
             ints = gather(jnp.stack([grad_fp, param_fp]), k, index)
             dots, sketches = floats[:, 0], floats[:, 1:]
 
