@@ -46,6 +46,7 @@ from optax_gradhealth._clip_modes import (
     clip_by_leaf_norm,
     clip_by_value,
 )
+from optax_gradhealth._direction import StepCosineState, record_step_cosine
 from optax_gradhealth._loss_scale import LossScaleState, dynamic_loss_scale, loss_scale, scale_loss
 
 # isort: split
@@ -107,6 +108,7 @@ __all__ += [
     "ClipByValueState",
     "LossScaleState",
     "MicroBatchNormsState",
+    "StepCosineState",
     "accumulate",
     "adagc_clip",
     "adaptive_grad_clip",
@@ -115,6 +117,7 @@ __all__ += [
     "dynamic_loss_scale",
     "loss_scale",
     "record_micro_batch_norms",
+    "record_step_cosine",
     "scale_loss",
 ]
 

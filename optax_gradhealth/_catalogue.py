@@ -318,6 +318,15 @@ _SPEC_LIST: tuple[MetricSpec, ...] = (
         "the last window's estimate of tr(Sigma), the per-example gradient covariance trace (gh.accumulate)",
         "positive on average (noisy per window).",
     ),
+    MetricSpec(
+        "grad/step_cosine",
+        VALUE,
+        "cosine between this step's gradient and the previous one seen (accepted, inside gh.guard), from "
+        "count sketches (gh.record_step_cosine; 0 on the first step and on a non-finite or zero gradient)",
+        "mostly between 0 and 0.5 for noisy minibatch gradients. Persistently negative: consecutive steps undo "
+        "each other (learning rate too high, a sharp valley). Persistently near 1: the direction barely "
+        "changes (a slow drift: the learning rate may be too low).",
+    ),
     # dynamic loss scaling (gh.dynamic_loss_scale)
     MetricSpec(
         "grad/loss_scale",

@@ -101,6 +101,7 @@ def _all_states():
         gh.adagc_clip(),
         gh.record_micro_batch_norms(2),
         gh.accumulate(optax.sgd(0.1), 2, micro_batch_size=2),
+        gh.record_step_cosine(),
     ]
     states = [tx.init(params) for tx in txs]
     grads = jax.tree.map(lambda x: 0.5 * jnp.ones_like(x), params)

@@ -430,3 +430,53 @@ def test_the_optimizers_own_nan_is_a_finding_of_its_own():
     finding = found["nonfinite_update"]
     assert finding.severity == "error" and finding.steps == (2, 3, 4, 5)
     assert finding.evidence["num_nonfinite_updates"] == 4
+
+
+def _direction_rows(cosines, norm_swing=False):
+    rows = clean_rows(n=len(cosines))
+    for t, (row, c) in enumerate(zip(rows, cosines)):
+        row["grad/step_cosine"] = float(c)
+        if norm_swing:
+            row["grad/norm"] = 1.0 if t % 2 else 3.0  # norm swings 3x every step
+    return rows
+
+
+def test_direction_patterns_from_the_step_cosine():
+    rng = np.random.default_rng(3)
+    healthy = rng.normal(0.2, 0.1, 300)
+    assert not {"direction_oscillation", "direction_drift"} & set(patterns(_direction_rows(healthy)))
+    # Norm swings alone are not judged when the direction is logged and says otherwise.
+    swinging = _direction_rows(healthy, norm_swing=True)
+    assert "oscillation" not in patterns(swinging)
+    assert "oscillation" in patterns([{k: v for k, v in row.items() if k != "grad/step_cosine"} for row in swinging])
+    reversing = np.where(rng.random(300) < 0.6, -0.6, 0.3)
+    finding = by_pattern(_direction_rows(reversing), "direction_oscillation")
+    assert finding.evidence["reversal_fraction"] == pytest.approx(np.mean(reversing[20:] < -0.2), abs=1e-6)
+    drifting = rng.normal(0.95, 0.01, 300)
+    assert by_pattern(_direction_rows(drifting), "direction_drift").severity == "info"
+
+
+def test_a_learning_rate_that_overshoots_is_found_from_the_direction():
+    """A guarded sgd on 0.5 a |w|^2 with a step 1.6 / a: w <- -0.6 w, the gradient's sign
+    flips every step (plus a little minibatch noise): the run's own metrics give a
+    direction_oscillation finding."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    a = 4.0
+    tx = gh.guard(optax.chain(gh.record_step_cosine(), optax.sgd(1.6 / a)), spike_threshold=None, spike_zscore=None)
+    params = {"w": jnp.ones(500)}
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    rows = []
+    key = jax.random.key(0)
+    for t in range(60):
+        key, sub = jax.random.split(key)
+        grads = {"w": a * params["w"] + 0.01 * jax.random.normal(sub, (500,))}
+        updates, state = update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        rows.append({"step": t, **{k: np.asarray(v).tolist() for k, v in gh.metrics(state).items()}})
+    found = {f.pattern: f for f in gh.diagnose(rows)}
+    assert "direction_oscillation" in found, list(found)
+    assert found["direction_oscillation"].evidence["median_step_cosine"] < -0.5

@@ -91,7 +91,8 @@ def diagnose(history: Any, thresholds: Thresholds | None = None) -> list[Finding
     Returns:
       A list of :class:`Finding`, errors first, then warnings, then information; empty
       for a healthy run. Patterns (:data:`PATTERNS`): ``nonfinite``, ``nonfinite_update``, ``explosion``,
-      ``vanishing``, ``oscillation``, ``clip_always``, ``clip_never``, ``rollback``
+      ``vanishing``, ``oscillation``, ``direction_oscillation``, ``direction_drift``,
+      ``clip_always``, ``clip_never``, ``rollback``
       and, with ``xdev/...`` metrics, ``high_dispersion``, ``agreement_drop``,
       ``agreement_low``, ``agreement_high``, ``agreement_drift``, ``outlier_device``,
       ``near_duplicate``, ``param_desync``; ``restart`` (info) when the step went

@@ -44,6 +44,12 @@ class Thresholds:
       oscillation_ratio: a swing is a step-to-step change of the norm by more than
         this factor (up or down)...
       oscillation_fraction: ...and oscillation is a fraction of swings above this.
+      direction_negative: a step-to-step cosine (``grad/step_cosine``) below this is a
+        reversal of the direction...
+      direction_oscillation_fraction: ...and reversals on at least this fraction of the
+        steps after warm-up are an oscillation of the direction.
+      direction_drift_cosine: a median step-to-step cosine above this after warm-up is a
+        slow drift (the direction barely changes from step to step).
       clip_always_fraction: clipped on at least this fraction of accepted steps: the
         threshold is too low.
       clip_never_margin: never clipped while the median threshold is at least this
@@ -83,6 +89,9 @@ class Thresholds:
     vanishing_min_steps: int = 5
     oscillation_ratio: float = 2.0
     oscillation_fraction: float = 0.2
+    direction_negative: float = -0.2
+    direction_oscillation_fraction: float = 0.3
+    direction_drift_cosine: float = 0.9
     clip_always_fraction: float = 0.9
     clip_never_margin: float = 3.0
     clip_suggest_percentile: float = 95.0

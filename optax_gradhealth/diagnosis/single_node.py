@@ -218,8 +218,10 @@ OSCILLATION = Pattern(
 
 
 def check_oscillation(h: History, th: Thresholds) -> list[Finding]:
-    """Frequent large swings between consecutive finite norms after warm-up."""
-    if not h.has("grad/norm"):
+    """Frequent large swings between consecutive finite norms after warm-up (judged from
+    the norms only when the direction, ``grad/step_cosine``, was not logged: with it,
+    ``direction_oscillation`` judges the steps themselves)."""
+    if not h.has("grad/norm") or h.has("grad/step_cosine"):
         return []
     steps, norm = h.steps, h.col("grad/norm")
     finite, _, _ = cols.step_masks(h)
@@ -241,6 +243,86 @@ def check_oscillation(h: History, th: Thresholds) -> list[Finding]:
     }
     summary = f"{fraction:.0%} of steps change the norm by more than {th.oscillation_ratio:g}x"
     return [OSCILLATION.finding(summary, steps[1:][pair][swings], evidence)]
+
+
+DIRECTION_OSCILLATION = Pattern(
+    "direction_oscillation",
+    "consecutive steps undo each other (the gradient's direction reverses)",
+    "warning",
+    (
+        "learning rate too high: each step overshoots across a sharp valley",
+        "a batch so small that consecutive gradients are mostly noise of opposite signs",
+    ),
+    (
+        "lower the learning rate (or lengthen the warm-up)",
+        "increase momentum or the batch size (or accumulate gradients) to smooth the direction",
+    ),
+)
+
+
+def _cosines_after_warmup(h: History, th: Thresholds) -> tuple[np.ndarray, np.ndarray] | None:
+    if not h.has("grad/step_cosine"):
+        return None
+    cosine = h.col("grad/step_cosine")
+    rows = cols.after_warmup(h, th) & np.isfinite(cosine)
+    if h.has("grad/skipped"):
+        rows &= h.col("grad/skipped") != 1
+    if rows.sum() < th.min_steps:
+        return None
+    return cosine, rows
+
+
+def check_direction_oscillation(h: History, th: Thresholds) -> list[Finding]:
+    """The step-to-step cosine is below ``direction_negative`` on at least
+    ``direction_oscillation_fraction`` of the accepted steps after warm-up."""
+    found = _cosines_after_warmup(h, th)
+    if found is None:
+        return []
+    cosine, rows = found
+    reversed_ = rows & (cosine < th.direction_negative)
+    fraction = float(reversed_.sum() / rows.sum())
+    if fraction < th.direction_oscillation_fraction:
+        return []
+    evidence = {
+        "reversal_fraction": fraction,
+        "median_step_cosine": float(np.median(cosine[rows])),
+        "threshold": th.direction_negative,
+        "steps_judged": int(rows.sum()),
+    }
+    summary = (
+        f"the step-to-step cosine is below {th.direction_negative:g} on {fraction:.0%} of steps "
+        f"(median {evidence['median_step_cosine']:.3g})"
+    )
+    return [DIRECTION_OSCILLATION.finding(summary, h.steps[reversed_], evidence)]
+
+
+DIRECTION_DRIFT = Pattern(
+    "direction_drift",
+    "the gradient's direction barely changes from step to step (a slow drift)",
+    "info",
+    (
+        "a learning rate low enough that the parameters crawl along one direction",
+        "a very large batch (little noise) on a smooth stretch of the loss",
+    ),
+    (
+        "try a larger learning rate (the direction is consistent enough to take longer steps)",
+        "compare the batch with the noise scale (grad/noise_scale or xdev/noise_scale)",
+    ),
+)
+
+
+def check_direction_drift(h: History, th: Thresholds) -> list[Finding]:
+    """The median step-to-step cosine after warm-up is above ``direction_drift_cosine``."""
+    found = _cosines_after_warmup(h, th)
+    if found is None:
+        return []
+    cosine, rows = found
+    median = float(np.median(cosine[rows]))
+    if median <= th.direction_drift_cosine:
+        return []
+    evidence = {"median_step_cosine": median, "threshold": th.direction_drift_cosine, "steps_judged": int(rows.sum())}
+    summary = f"median step-to-step cosine {median:.3g} over {int(rows.sum())} steps"
+    return [DIRECTION_DRIFT.finding(summary, (), evidence)]
 
 
 CLIP_ALWAYS = Pattern(
@@ -394,6 +476,8 @@ CHECKS = (
     (EXPLOSION, check_explosion),
     (VANISHING, check_vanishing),
     (OSCILLATION, check_oscillation),
+    (DIRECTION_OSCILLATION, check_direction_oscillation),
+    (DIRECTION_DRIFT, check_direction_drift),
     (CLIP_ALWAYS, check_clip_always),
     (CLIP_NEVER, check_clip_never),
     (ROLLBACK, check_rollback),

@@ -1,0 +1,116 @@
+"""Step-to-step direction: the cosine between consecutive gradients, from a sketch.
+
+The cosine of this step's gradient with the previous one says how the direction moves:
+near 1, the gradient keeps pointing the same way (a slow drift down a valley: a larger
+learning rate may go faster); around 0, the steps are dominated by noise; persistently
+negative, consecutive steps undo each other (oscillation across a sharp valley: a
+learning rate too high). Keeping the previous gradient would cost its size; a count
+sketch (a fixed random projection to ``sketch_dim`` floats, ``_sketch.leaf_sketch``)
+keeps inner products: ``<S x, S y>`` estimates ``<x, y>`` without bias, with a standard
+error of about ``|x| |y| / sqrt(sketch_dim)``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_gradhealth import _catalogue, _interfaces, _stats
+from optax_gradhealth import _sketch as sketch
+from optax_gradhealth import _validation as check
+
+__all__ = ["StepCosineState", "record_step_cosine"]
+
+
+class StepCosineState(NamedTuple):
+    """State of :func:`record_step_cosine`.
+
+    Attributes:
+      step_sketch: float32 ``[sketch_dim]``, the sketch of the last finite, non-zero
+        gradient seen (the previous accepted step's, inside :func:`guard`).
+      step_has_reference: bool, a reference sketch exists.
+      step_cosine: float32, the estimated cosine between this step's gradient and the
+        reference (``grad/step_cosine``; 0 on the first step, and on a non-finite or
+        zero gradient, which do not replace the reference: never NaN, so that the
+        guard's check of its inner state's finiteness holds).
+    """
+
+    step_sketch: jax.Array
+    step_has_reference: jax.Array
+    step_cosine: jax.Array
+
+
+_interfaces.keep_on_momentum_reset(StepCosineState)
+_catalogue.register_metrics(StepCosineState, {"step_cosine": "grad/step_cosine"})
+
+
+def record_step_cosine(sketch_dim: int = 1024, seed: int = 0) -> optax.GradientTransformation:
+    """Records the cosine between consecutive gradients (``grad/step_cosine``);
+    updates pass unchanged.
+
+    The previous gradient is kept as a count sketch of ``sketch_dim`` float32 numbers
+    (4 KiB at the default), never as a copy; the cosine is the cosine of the two
+    sketches, with an error of about ``1 / sqrt(sketch_dim)`` (``docs/concepts.md``
+    tabulates it). One pass over the gradient a step, fused with nothing else.
+
+    Put it inside :func:`guard`, in front of the optimizer, to compare accepted steps
+    only (a skipped step reaches neither it nor the reference)::
+
+        gh.guard(optax.chain(gh.record_step_cosine(), optax.adamw(1e-3)))
+
+    Args:
+      sketch_dim: floats in the sketch (int >= 2).
+      seed: seed of the sketch's hashes (a Python int).
+
+    Returns:
+      An ``optax.GradientTransformation`` with state :class:`StepCosineState`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optax_gradhealth as gh
+      >>> tx = gh.record_step_cosine()
+      >>> state = tx.init({'w': jnp.zeros(4096)})
+      >>> g = jnp.sin(jnp.arange(4096.0))
+      >>> for grads in (g, 2 * g, -g):
+      ...     _, state = tx.update({'w': grads}, state)
+      ...     print(round(float(gh.metrics(state)['grad/step_cosine']), 3))
+      0.0
+      1.0
+      -1.0
+    """
+    dim = check.integer("sketch_dim", sketch_dim, minimum=2)
+    seed = check.integer("seed", seed, minimum=0)
+    leaf_seed = sketch.LeafSeeds(seed, dim)
+
+    def init_fn(params):
+        del params
+        return StepCosineState(
+            step_sketch=jnp.zeros((dim,), jnp.float32),
+            step_has_reference=jnp.zeros((), jnp.bool_),
+            step_cosine=jnp.zeros((), jnp.float32),
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        leaves = jax.tree.leaves(updates)
+        current = jnp.zeros((dim,), jnp.float32)
+        for i, x in enumerate(leaves):
+            if _stats._is_float(x):
+                salt, offset = leaf_seed(i)
+                current = current + sketch.leaf_sketch(x, dim, sketch.u32(salt), offset)
+        # A gradient with a direction (finite, not zero) becomes the next reference.
+        current_norm = jnp.sqrt(jnp.sum(jnp.square(current)))
+        usable = jnp.isfinite(current_norm) & (current_norm > 0)
+        norms = current_norm * jnp.sqrt(jnp.sum(jnp.square(state.step_sketch)))
+        cosine = jnp.sum(current * state.step_sketch) / jnp.where(usable & (norms > 0), norms, 1.0)
+        known = usable & state.step_has_reference
+        return updates, StepCosineState(
+            step_sketch=jnp.where(usable, current, state.step_sketch),
+            step_has_reference=state.step_has_reference | usable,
+            step_cosine=jnp.where(known, jnp.clip(cosine, -1.0, 1.0), 0.0).astype(jnp.float32),
+        )
+
+    return optax.GradientTransformation(init_fn, update_fn)
