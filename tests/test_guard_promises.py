@@ -485,3 +485,13 @@ def test_every_configuration_keeps_the_state_structure_and_dtypes_through_a_scan
     assert bool(jnp.all(jnp.isfinite(updates)))
     for name, value in gh.metrics(state).items():
         assert value is not None and jnp.shape(value) == jnp.shape(gh.metrics(state0)[name]), name
+
+
+def test_vanishing_is_a_norm_strictly_below_the_threshold():
+    tx = gh.guard(optax.sgd(0.1), vanishing_norm=0.5)
+    params = {"w": jnp.zeros(2)}
+    flags = []
+    for g in ([0.3, 0.4], [0.3, 0.39], [3.0, 4.0]):  # norms 0.5 (exactly), 0.4924..., 5
+        _, state = tx.update({"w": jnp.array(g)}, tx.init(params), params)
+        flags.append(bool(gh.metrics(state)["grad/vanishing"]))
+    assert flags == [False, True, False]
