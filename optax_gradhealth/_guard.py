@@ -842,7 +842,11 @@ def guard(
         is not finite (the optimizer made the NaN itself: an infinite learning rate,
         fp16 moments overflowing, a bias correction of zero), counted in
         ``grad/num_nonfinite_updates``. One more read of the inner state per step
-        (``docs/benchmarks_guard.md``); False drops the check.
+        (``docs/benchmarks_guard.md``); False drops the check. Every float leaf of the
+        new inner state must then be finite after a good step: an inner transformation
+        that keeps an Inf or NaN by design after an update (a running minimum that stays
+        at +inf, a "not yet known" NaN) needs False, or its sentinel stored otherwise
+        (``gh.record_step_cosine`` stores 0 for "no reference yet" for this reason).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` accepts ``loss=`` and
