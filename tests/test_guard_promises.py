@@ -495,3 +495,23 @@ def test_vanishing_is_a_norm_strictly_below_the_threshold():
         _, state = tx.update({"w": jnp.array(g)}, tx.init(params), params)
         flags.append(bool(gh.metrics(state)["grad/vanishing"]))
     assert flags == [False, True, False]
+
+
+def test_vanishing_with_a_loss_needs_the_loss_not_falling():
+    """A tiny norm is vanishing unless the loss is below its running mean (still
+    falling); the first loss, with no mean yet, counts as not falling, whatever its sign,
+    and a loss equal to the mean is not falling."""
+    tx = gh.guard(optax.sgd(0.1), vanishing_norm=1e-3, warmup_steps=50)
+    params = {"w": jnp.zeros(2)}
+    tiny = {"w": jnp.array([1e-5, 0.0])}
+
+    def flags(losses):
+        state, out = tx.init(params), []
+        for loss in losses:
+            _, state = tx.update(tiny, state, params, loss=jnp.float32(loss))
+            out.append(bool(gh.metrics(state)["grad/vanishing"]))
+        return out
+
+    assert flags([-1.0]) == [True]  # the first loss: no mean to fall below
+    assert flags([1.0, 0.5, 2.0]) == [True, False, True]  # 0.5 < mean 1: falling
+    assert flags([1.0, 1.0, 1.0]) == [True, True, True]  # equal to the mean: not falling
