@@ -144,7 +144,7 @@ def accumulate(
     every_k: int,
     *,
     micro_batch_size: int | None = None,
-    stats_decay: float = 0.99,
+    noise_scale_decay: float = 0.99,
 ) -> optax.GradientTransformationExtraArgs:
     """``optax.MultiSteps(inner, every_k)`` that also measures the gradient noise scale.
 
@@ -155,7 +155,7 @@ def accumulate(
     covariance's trace): the formulas the cross-device audit applies to devices, here
     with micro-batches of ``micro_batch_size`` examples. ``B_simple = tr(Sigma) / |G|^2``
     (McCandlish et al., 2018), smoothed as the audit smooths it (bias-corrected EMAs with
-    decay ``stats_decay``), is recorded as ``grad/noise_scale``: a batch far above it
+    decay ``noise_scale_decay``), is recorded as ``grad/noise_scale``: a batch far above it
     gives diminishing returns, one far below it wastes steps.
 
     Cost: one float32 norm pass over each micro-batch gradient, and one pass over the
@@ -170,7 +170,7 @@ def accumulate(
       every_k: micro-batches per update (int >= 1; 1 gives no estimate).
       micro_batch_size: examples per micro-batch (int >= 1), for ``tr(Sigma)`` and the
         noise scale; None records ``|G|^2`` only.
-      stats_decay: decay of the two EMAs, in (0, 1).
+      noise_scale_decay: decay of the two EMAs, in (0, 1).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with state :class:`AccumulationState`.
@@ -196,7 +196,7 @@ def accumulate(
     inner = check.transformation("inner", inner)
     every_k = check.integer("every_k", every_k, minimum=1)
     micro_batch_size = check.optional(check.integer, "micro_batch_size", micro_batch_size, minimum=1)
-    decay = check.in_open_unit_interval("stats_decay", stats_decay)
+    decay = check.in_open_unit_interval("noise_scale_decay", noise_scale_decay)
     multi_steps = optax.MultiSteps(inner, every_k, use_grad_mean=True).gradient_transformation()
 
     def init_fn(params):

@@ -299,7 +299,7 @@ def test_accumulate_recovers_the_noise_scale_of_a_model_with_known_covariance():
     d, s, k, b, windows = 16, 2.0, 8, 4, 600
     mu = jnp.full((d,), 2.0)  # w = 0: |G|^2 = 16 * 4 = 64 ... scaled below
     mu = mu / jnp.sqrt(2.0)  # |G|^2 = 32
-    tx = gh.accumulate(optax.sgd(0.0), k, micro_batch_size=b, stats_decay=0.99)
+    tx = gh.accumulate(optax.sgd(0.0), k, micro_batch_size=b, noise_scale_decay=0.99)
     params = {"w": jnp.zeros(d)}
     examples = mu + s * jax.random.normal(jax.random.key(0), (windows * k, b, d))
 
@@ -339,8 +339,8 @@ def test_accumulate_checks_its_arguments_and_skips_a_nonfinite_window():
         gh.accumulate(optax.sgd(0.1), 0)
     with pytest.raises(ValueError, match="`micro_batch_size`"):
         gh.accumulate(optax.sgd(0.1), 2, micro_batch_size=0)
-    with pytest.raises(ValueError, match="`stats_decay`"):
-        gh.accumulate(optax.sgd(0.1), 2, stats_decay=1.0)
+    with pytest.raises(ValueError, match="`noise_scale_decay`"):
+        gh.accumulate(optax.sgd(0.1), 2, noise_scale_decay=1.0)
     tx = gh.accumulate(optax.sgd(0.0), 2, micro_batch_size=1)
     params = {"w": jnp.zeros(2)}
     state = tx.init(params)

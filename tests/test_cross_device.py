@@ -691,7 +691,7 @@ def test_accumulate_noise_scale_equals_the_audits_on_the_same_shards():
     same local gradients, so the same estimates and the same smoothed noise scale."""
     steps = [random_grads(seed) for seed in (0, 1, 2)]
     audit = [first_copy(m) for _, m in pmap_run(steps)]
-    tx = gh.accumulate(optax.sgd(0.0), K, micro_batch_size=BATCH, stats_decay=DECAY)
+    tx = gh.accumulate(optax.sgd(0.0), K, micro_batch_size=BATCH, noise_scale_decay=DECAY)
     params = jax.tree.map(lambda x: jnp.zeros(x.shape[1:]), steps[0])
     state = tx.init(params)
     update = jax.jit(tx.update)
