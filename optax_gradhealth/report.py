@@ -8,7 +8,7 @@ Host side only. ``python -m optax_gradhealth report RUN.jsonl -o report.png`` ca
   rollback steps;
 * the loss (when a ``loss`` column is logged);
 * the spike score with its threshold;
-* per-layer norms as a heatmap over steps (log10);
+* per-leaf norms as a heatmap over steps (log10);
 * cross-device: per-device norms, agreement (and the audits' mean pairwise cosine),
   each device's cosine to the mean gradient, the pairwise cosine matrix of the last
   audit, and the gradient noise scale.
@@ -282,8 +282,11 @@ def plot_report(
             ax.set_yscale("symlog", linthresh=1.0)
             ax.set_ylim(bottom=0)
             ax.set_ylabel("spike score")
-            title = "spike score (norm / baseline, the median of the latest accepted norms; 0 during warm-up)"
-            ax.set_title(title, loc="left", fontsize=10)
+            ax.set_title(
+                "spike score (norm / baseline, the median of the latest accepted norms; 0 during warm-up)",
+                loc="left",
+                fontsize=10,
+            )
             ax.legend(loc="upper right", fontsize=8)
         elif panel == "layers":
             if bins is None:
@@ -303,14 +306,14 @@ def plot_report(
                 cmap="viridis",
                 shading="flat",
             )
-            fig.colorbar(mesh, ax=ax, label="layer norm", pad=0.01)
+            fig.colorbar(mesh, ax=ax, label="leaf norm", pad=0.01)
             every = max(1, len(layers) // 48)
             ax.set_yticks(np.arange(0, len(layers), every) + 0.5)
             ax.set_yticklabels(layers[::every], fontsize=7)
             ax.set_ylim(len(layers), 0)
             ax.grid(False)
             ax.set_title(
-                "per-layer gradient norm (white: non-finite)" + ("" if bins is None else "; the largest per bin"),
+                "per-leaf gradient norm (white: non-finite)" + ("" if bins is None else "; the largest per bin"),
                 loc="left",
                 fontsize=10,
             )

@@ -132,3 +132,17 @@ def test_python_dash_m_entry_point(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "m.png").exists() and (tmp_path / "m.findings.txt").exists()
+
+
+def test_the_headline_names_the_run_not_a_panel(tmp_path, monkeypatch):
+    """The figure's title starts with the run's title (the spike-score panel once
+    overwrote it with its own)."""
+    import matplotlib.figure
+
+    seen = []
+    original = matplotlib.figure.Figure.suptitle
+    monkeypatch.setattr(
+        matplotlib.figure.Figure, "suptitle", lambda self, t, **kw: seen.append(t) or original(self, t, **kw)
+    )
+    gh.plot_report(history(), tmp_path / "r.png", title="my run")
+    assert len(seen) == 1 and seen[0].startswith("my run: 120 logged steps (0..119)"), seen
