@@ -97,7 +97,7 @@ def main(scenario: str = "clean", corruption: str = "scale", steps: int = 60, ev
         updates, state = tx.update(grads, state, params, loss=loss)
         params = optax.apply_updates(params, updates)
         # Per-device copies (identical values) because the state is kept per device here.
-        return jax.tree.map(lambda p: p[None], (params, state, gh.metrics(state))), loss
+        return jax.tree.map(lambda p: p[None], (params, state, gh.metrics(state, deprecated_names=False))), loss
 
     sharded = P("data")
     train_step = jax.jit(

@@ -53,7 +53,7 @@ def main(steps: int = 200, seed: int = 0, growth_interval: int = 25, verbose: bo
 
         grads, loss = nnx.grad(loss_fn, has_aux=True)(model)
         optimizer.update(model, grads, loss=loss)
-        m = gh.metrics(optimizer)
+        m = gh.metrics(optimizer, deprecated_names=False)
         return loss, m["grad/loss_scale"], m["grad/overflowed"], m["grad/norm"]
 
     history = {"loss": [], "loss_scale": [], "overflow": [], "norm": []}
@@ -67,7 +67,7 @@ def main(steps: int = 200, seed: int = 0, growth_interval: int = 25, verbose: bo
             # On an overflowed step the guard did not run: its figures are the last step's.
             shown = "skipped (overflow)" if overflow else f"grad norm {float(norm):8.4f}"
             print(f"step {step:4d}  loss {float(loss):7.4f}  scale {float(scale):10.0f}  {shown}")
-    final = {k: v for k, v in jax.device_get(gh.metrics(optimizer)).items() if np.ndim(v) == 0}
+    final = {k: v for k, v in jax.device_get(gh.metrics(optimizer, deprecated_names=False)).items() if np.ndim(v) == 0}
     params_finite = all(bool(np.all(np.isfinite(p))) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
     if verbose:
         print(

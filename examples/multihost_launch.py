@@ -59,7 +59,7 @@ def train(steps: int, per_device_batch: int = 32) -> None:
         loss, grads = gh.local_value_and_grad(loss_fn, "data")(params, x, y)
         loss = jax.lax.pmean(loss, "data")  # the guard must see the same loss everywhere
         updates, state = tx.update(grads, state, params, loss=loss)
-        return optax.apply_updates(params, updates), state, loss, gh.metrics(state)
+        return optax.apply_updates(params, updates), state, loss, gh.metrics(state, deprecated_names=False)
 
     train_step = jax.jit(
         jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P("data"), P("data")), out_specs=P()),

@@ -43,13 +43,15 @@ def main(steps: int = 300, seed: int = 0) -> dict[str, float]:
             y = y * 100.0
         params, opt_state, loss = step(params, opt_state, x, y)
         if i % 50 == 0 or i in faults:
-            m = jax.device_get(gh.metrics(opt_state))
+            m = jax.device_get(gh.metrics(opt_state, deprecated_names=False))
             print(
                 f"step {i:4d}  loss {float(loss):10.4f}  norm {float(m['grad/norm']):10.4f}  "
                 f"threshold {float(m['grad/clip_threshold']):8.4f}  skipped {bool(m['grad/skipped'])!s:5}  "
                 f"spike {bool(m['grad/spiked'])!s:5}"
             )
-    final = {k: float(v) for k, v in jax.device_get(gh.metrics(opt_state)).items() if np.ndim(v) == 0}
+    final = {
+        k: float(v) for k, v in jax.device_get(gh.metrics(opt_state, deprecated_names=False)).items() if np.ndim(v) == 0
+    }
     print("counters: " + ", ".join(f"{k.split('/')[-1]}={int(final[k])}" for k in sorted(final) if "/num_" in k))
     return final
 

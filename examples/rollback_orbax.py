@@ -66,7 +66,7 @@ def make_step(tx):
     def step(params, opt_state, x, y):
         loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
         updates, opt_state = tx.update(grads, opt_state, params, loss=loss)
-        return optax.apply_updates(params, updates), opt_state, loss, gh.metrics(opt_state)
+        return optax.apply_updates(params, updates), opt_state, loss, gh.metrics(opt_state, deprecated_names=False)
 
     return step
 
@@ -117,7 +117,7 @@ def train(
     step_fn = make_step(tx)
     manager = checkpoint_manager(ckpt_dir)
     rollbacks, saved, flags = [], [], []
-    skipped_at_save = int(gh.metrics(opt_state)["grad/num_skipped"])
+    skipped_at_save = int(gh.metrics(opt_state, deprecated_names=False)["grad/num_skipped"])
     for step in range(start, steps):
         x, y = batch(step, seed)
         if bad_from is not None and bad_from <= step < bad_from + bad_steps:
@@ -128,7 +128,7 @@ def train(
         if rollback:
             params, opt_state, restored_step = restore(manager, None, params, opt_state)
             rollbacks.append((step, restored_step))
-            skipped_at_save = int(gh.metrics(opt_state)["grad/num_skipped"])
+            skipped_at_save = int(gh.metrics(opt_state, deprecated_names=False)["grad/num_skipped"])
             if verbose:
                 print(f"step {step}: rollback recommended -> restored checkpoint {restored_step}")
         elif step % save_every == 0:

@@ -261,7 +261,7 @@ def train_step(model, optimizer, tokens, weights, lr_multiplier):
     loss, grads = nnx.value_and_grad(loss_fn)(model, tokens, weights)
     # nnx.Optimizer forwards keyword arguments to the transformation: loss= reaches the guard.
     optimizer.update(model, grads, loss=loss, lr_multiplier=lr_multiplier)
-    return loss, gh.metrics(optimizer)
+    return loss, gh.metrics(optimizer, deprecated_names=False)
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
