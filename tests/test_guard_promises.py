@@ -464,10 +464,16 @@ def test_loss_zscore_floor_of_the_spread_is_relative_to_the_mean_and_never_zero(
     ids=["defaults", "no-vanishing-no-rollback", "no-reset-no-spikes", "clip-action"],
 )
 @pytest.mark.parametrize("with_loss", [False, True], ids=["no-loss", "loss"])
-def test_every_configuration_keeps_the_state_structure_and_dtypes_through_a_scan(kwargs, with_loss):
+@pytest.mark.parametrize("x64", [False, True], ids=["x32", "x64"])
+def test_every_configuration_keeps_the_state_structure_and_dtypes_through_a_scan(kwargs, with_loss, x64):
     """Whatever is switched off, every field of the state exists from init on with its
-    final shape and dtype (a disabled feature records a constant, not None), so a
-    lax.scan over steps carries it."""
+    final shape and dtype (a disabled feature records a constant, not None; nothing
+    turns float64 under x64), so a lax.scan over steps carries it."""
+    with jax.enable_x64(x64):
+        _scan_the_guard(kwargs, with_loss)
+
+
+def _scan_the_guard(kwargs, with_loss):
     tx = gh.guard(optax.adam(0.1), warmup_steps=2, **kwargs)
     params = {"w": jnp.ones(3), "b": jnp.zeros(())}
     state0 = tx.init(params)
@@ -515,3 +521,25 @@ def test_vanishing_with_a_loss_needs_the_loss_not_falling():
     assert flags([-1.0]) == [True]  # the first loss: no mean to fall below
     assert flags([1.0, 0.5, 2.0]) == [True, False, True]  # 0.5 < mean 1: falling
     assert flags([1.0, 1.0, 1.0]) == [True, True, True]  # equal to the mean: not falling
+
+
+def test_loss_spikes_are_judged_from_the_warmup_th_loss_and_strictly_above_the_threshold():
+    tx = gh.guard(optax.sgd(0.0), warmup_steps=3, loss_spike_zscore=3.0, spike_action="record")
+    params = {"w": jnp.ones(2)}
+
+    def spikes(losses, threshold=None):
+        guard = tx if threshold is None else gh.guard(optax.sgd(0.0), warmup_steps=3, loss_spike_zscore=threshold)
+        state, out = guard.init(params), []
+        for loss in losses:
+            _, state = guard.update({"w": jnp.ones(2)}, state, params, loss=jnp.float32(loss))
+            out.append(bool(gh.metrics(state)["grad/spiked"]))
+        return out
+
+    # Three losses in the running moments: the fourth is judged (a spike), not the third.
+    assert spikes([1.0, 1.1, 50.0]) == [False, False, False]
+    assert spikes([1.0, 1.1, 0.9, 50.0]) == [False, False, False, True]
+    # Losses of exactly 0 leave no spread: the floor is 1e-30, and a z-score exactly at
+    # the threshold is not a spike (strictly above).
+    z = float(np.float32(3e-30) / np.float32(np.float32(1e-12) * np.float32(0.0) + np.float32(1e-30)))
+    assert spikes([0.0, 0.0, 0.0, 3e-30], threshold=z) == [False, False, False, False]
+    assert spikes([0.0, 0.0, 0.0, 3e-30], threshold=z * 0.999) == [False, False, False, True]
