@@ -543,3 +543,22 @@ def test_loss_spikes_are_judged_from_the_warmup_th_loss_and_strictly_above_the_t
     z = float(np.float32(3e-30) / np.float32(np.float32(1e-12) * np.float32(0.0) + np.float32(1e-30)))
     assert spikes([0.0, 0.0, 0.0, 3e-30], threshold=z) == [False, False, False, False]
     assert spikes([0.0, 0.0, 0.0, 3e-30], threshold=z * 0.999) == [False, False, False, True]
+
+
+@pytest.mark.parametrize("action", ["record", "skip"])
+def test_only_spike_action_clip_lowers_the_threshold_on_a_spike(action):
+    """With 'record' a spike is counted and applied as it is (under the policy's own
+    threshold); with 'skip' it is skipped; neither clips it to the spike bound, and the
+    recorded threshold is the policy's."""
+    tx = gh.guard(optax.sgd(1.0), clip=1e6, spike_action=action, warmup_steps=5)
+    params = {"w": jnp.zeros(4)}
+    state = tx.init(params)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        _, state = tx.update({"w": jnp.asarray(rng.normal(size=4) * 0.1, jnp.float32)}, state, params)
+    big = jnp.full((4,), 500.0)
+    updates, state = tx.update({"w": big}, state, params)
+    m = gh.metrics(state)
+    assert bool(m["grad/spiked"]) and float(m["grad/clip_threshold"]) == 1e6
+    expected = np.zeros(4) if action == "skip" else -np.asarray(big)
+    np.testing.assert_array_equal(np.asarray(updates["w"]), expected)
