@@ -5,6 +5,7 @@ Usage (from the repository root, in the project's virtual environment)::
     python tools/mutation.py _stats                       # the whole module
     python tools/mutation.py _clipping --functions clip_scale 'ZScoreClip.*'
     python tools/mutation.py _stats --only survivors      # re-run last run's survivors
+    python tools/mutation.py _guard --mutants 'x__decide__mutmut_1[0-3]?'  # some mutants
     python tools/mutation.py --list                       # modules and their tests
     python tools/mutation.py _stats --resume              # finish an interrupted run
     python tools/mutation.py _stats --report              # print the last summary again
@@ -308,6 +309,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("module", nargs="?", help=f"one of {', '.join(MODULES)}")
     parser.add_argument("--list", action="store_true", help="list the modules and their test subsets")
     parser.add_argument("--functions", nargs="+", default=None, help="only these functions (or Class.method)")
+    parser.add_argument(
+        "--mutants",
+        nargs="+",
+        default=None,
+        help="only these mutants: mutmut names or fnmatch patterns, with or without the "
+        "'optax_gradhealth.<module>.' prefix (e.g. 'x__record__mutmut_1??')",
+    )
     parser.add_argument("--only", choices=["survivors"], help="re-run only the previous run's survivors")
     parser.add_argument("--tests", nargs="+", help="override the module's test subset (e.g. to confirm kills fast)")
     parser.add_argument("--resume", action="store_true", help="keep the work dir: run only unchecked mutants")
@@ -344,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
         if not names:
             print("the previous run left no survivors")
             return 0
+    elif args.mutants:
+        prefix = f"{PACKAGE}.{module}."
+        names = [m if m.startswith(prefix) else prefix + m for m in args.mutants]
     else:
         names = function_patterns(module, list(args.functions or target.functions))
 
