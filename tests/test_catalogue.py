@@ -136,7 +136,7 @@ def test_declared_kinds_match_the_arrays_metrics_returns():
     assert seen == set(_catalogue.SPECS), set(_catalogue.SPECS) - seen
 
 
-def test_what_a_reset_keeps_is_declared_apart_from_logging():
+def test_what_a_reset_keeps_is_declared_apart_from_logging(request):
     """_interfaces.keep_on_momentum_reset is the only declaration the reset reads; a
     registered metric state is not kept unless declared."""
 
@@ -144,6 +144,7 @@ def test_what_a_reset_keeps_is_declared_apart_from_logging():
         _fields = ("logged_x",)
 
     gh.register_metrics(Logged, {"logged_x": "test/logged_x"})
+    request.addfinalizer(lambda: _catalogue.STATE_FIELDS.pop(Logged, None))  # the registry is global
     assert not _interfaces.is_kept_on_momentum_reset(Logged((1,)))
     for state_type in (gh.GuardState, gh.LossScaleState, gh.CrossDeviceState, gh.ClipByGlobalNormState):
         assert _interfaces.is_kept_on_momentum_reset(state_type.__new__(state_type, *[None] * len(state_type._fields)))

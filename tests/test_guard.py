@@ -330,10 +330,12 @@ def test_applied_reset_step_is_the_fresh_optimizers_first_step(action, jit):
     np.testing.assert_allclose(adam.nu["w"], nu, rtol=1e-6)
 
 
-def test_registering_metrics_does_not_change_what_a_reset_keeps():
+def test_registering_metrics_does_not_change_what_a_reset_keeps(request):
     """What a reset keeps is declared apart (_guard.keep_on_momentum_reset): logging a
     state's fields with gh.register_metrics must not spare it from the reset."""
     from typing import NamedTuple
+
+    from optax_gradhealth import _catalogue
 
     class SeenState(NamedTuple):
         seen_steps: jax.Array
@@ -345,6 +347,9 @@ def test_registering_metrics_does_not_change_what_a_reset_keeps():
         )
 
     gh.register_metrics(SeenState, {"seen_steps": "test/seen_steps"})
+    # The registry is global: undone after the test (test_catalogue checks that every
+    # registered name is declared, whatever ran before it).
+    request.addfinalizer(lambda: _catalogue.STATE_FIELDS.pop(SeenState, None))
     tx = gh.guard(optax.chain(count_steps(), optax.sgd(0.1)), warmup_steps=3, reset_after=1, spike_zscore=None)
     params = {"w": jnp.zeros(2)}
     state = tx.init(params)
