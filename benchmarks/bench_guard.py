@@ -84,10 +84,11 @@ def variants() -> dict[str, tuple[Callable[[], optax.GradientTransformation], bo
     def apply_if_finite():
         return optax.apply_if_finite(clip_adamw(), 5)
 
-    def guard(check_updates=True):
+    def guard(check_updates=True, update_health=True):
         return gh.guard(
             adamw(),
             check_updates=check_updates,
+            update_health=update_health,
             clip=1.0,
             spike_action="skip",
             spike_threshold=2.0,
@@ -106,7 +107,9 @@ def variants() -> dict[str, tuple[Callable[[], optax.GradientTransformation], bo
         "clip+adamw": (clip_adamw, False),
         "apply_if_finite": (apply_if_finite, False),
         "guard (all on)": (guard, True),
+        "guard, update_health=False": (lambda: guard(update_health=False), True),
         "guard, check_updates=False": (lambda: guard(check_updates=False), True),
+        "guard, both False": (lambda: guard(check_updates=False, update_health=False), True),
     }
 
 

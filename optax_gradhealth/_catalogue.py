@@ -235,6 +235,41 @@ _SPEC_LIST: tuple[MetricSpec, ...] = (
             " is where a blow-up starts; a layer at ~0 is dead or frozen."
         ),
     ),
+    # update health (gh.guard, update_health=True)
+    MetricSpec(
+        "update/norm",
+        VALUE,
+        "global L2 norm of the update the guard returned (0 on a skipped step)",
+        (
+            "roughly the learning rate times sqrt(number of parameters) for Adam-like optimizers, following the "
+            "schedule; 0 only on skipped steps."
+        ),
+    ),
+    MetricSpec(
+        "param/norm",
+        VALUE,
+        "global L2 norm of the params passed to the guard's update (0 when none are passed)",
+        "changes slowly; a steady climb is weights growing (too little weight decay), a jump follows a bad step.",
+    ),
+    MetricSpec(
+        "update/param_ratio",
+        VALUE,
+        "update/norm / param/norm: the relative size of the step (0 when either is 0)",
+        (
+            "about 1e-4 to 1e-2 (often near 1e-3). Far above: the learning rate is too high for these weights; "
+            "far below: too low, or the weights barely train."
+        ),
+    ),
+    MetricSpec(
+        "update/leaf_param_ratio/<path>",
+        VECTOR,
+        "per leaf, the norm of its update over the norm of its parameter (0 when either is 0)",
+        (
+            "about 1e-4 to 1e-2 for every leaf. One leaf far above the band trains too fast (its learning rate, "
+            "or a small initialisation); far below, or 0 on every step, trains too slowly or not at all (a dead "
+            "or frozen leaf)."
+        ),
+    ),
     # gradient accumulation (gh.record_micro_batch_norms)
     MetricSpec(
         "grad/micro_batch_norms",

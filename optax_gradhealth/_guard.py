@@ -80,8 +80,17 @@ class GuardReport(NamedTuple):
       guard_momentum_reset: this step re-initialised the inner moments
         (``grad/momentum_reset``).
       guard_vanishing: vanishing-gradient flag of the step (``grad/vanishing``).
+      guard_update_norm: global norm of the update the guard returned, 0 on a skipped
+        step (``update/norm``); None with ``update_health=False``.
+      guard_param_norm: global norm of the ``params`` passed to ``update`` (0 when none
+        are passed; ``param/norm``); None with ``update_health=False``.
+      guard_update_param_ratio: ``update/norm / param/norm``, 0 when either is 0
+        (``update/param_ratio``); None with ``update_health=False``.
       guard_leaf_norms: pre-clip per-leaf norms (a :class:`LeafNorms`: one vector;
         ``grad/leaf_norm/<path>``).
+      guard_leaf_param_ratios: per leaf, the norm of the update's leaf over the norm of
+        the parameter's leaf, 0 where either is 0 (one vector, like the per-leaf norms;
+        ``update/leaf_param_ratio/<path>``); None with ``update_health=False``.
     """
 
     guard_norm: jax.Array
@@ -98,7 +107,11 @@ class GuardReport(NamedTuple):
     guard_loss_zscore: jax.Array
     guard_momentum_reset: jax.Array
     guard_vanishing: jax.Array
+    guard_update_norm: jax.Array | None
+    guard_param_norm: jax.Array | None
+    guard_update_param_ratio: jax.Array | None
     guard_leaf_norms: _stats.LeafNorms
+    guard_leaf_param_ratios: _stats.LeafNorms | None
 
 
 class GuardCounters(NamedTuple):
@@ -222,7 +235,11 @@ _catalogue.register_metrics(
         "guard_loss_zscore": "grad/loss_zscore",
         "guard_momentum_reset": "grad/momentum_reset",
         "guard_vanishing": "grad/vanishing",
+        "guard_update_norm": "update/norm",
+        "guard_param_norm": "param/norm",
+        "guard_update_param_ratio": "update/param_ratio",
         "guard_leaf_norms": "grad/leaf_norm",
+        "guard_leaf_param_ratios": "update/leaf_param_ratio",
     },
 )
 _catalogue.register_metrics(
@@ -289,12 +306,14 @@ def _scalar_arg(name: str, x: Any) -> jax.Array | None:
 
 
 def _all_finite(tree: Any) -> jax.Array:
-    """True when every float element of ``tree`` is finite (a scalar bool).
+    """True when every float element of ``tree`` is finite (a scalar bool); the update
+    check without update health.
 
     The flags of leaves of one shape are and-ed elementwise before one reduction: where
     the compiler does not fuse a reduction with the computation of its operand (XLA:CPU
-    materialises the operand), that is one byte per element of each shape, not one per
-    leaf (Adam's ``mu``, ``nu`` and update share each parameter's shape).
+    materialises the operand of a reduction of booleans), that is one byte per element
+    of each shape, not one per leaf (Adam's ``mu``, ``nu`` and update share each
+    parameter's shape).
     """
     by_shape: dict[tuple[int, ...], jax.Array] = {}
     for x in _stats._float_leaves(tree):
@@ -304,6 +323,81 @@ def _all_finite(tree: Any) -> jax.Array:
         return jnp.ones((), jnp.bool_)
     # One concatenation (see `_stats._sums_of_squares`), not a kernel reading every flag.
     return jnp.all(_lowering.one_vector(jnp.stack([jnp.all(flag) for flag in by_shape.values()])))
+
+
+class OutputSums(NamedTuple):
+    """What :func:`_output_sums` reads from the inner update's outputs in one pass.
+
+    Attributes:
+      finite: every float element of the update and of the new inner state is finite,
+        and no update leaf's sum of squares overflowed float32.
+      update_sums: per update leaf (``jax.tree.leaves`` order), the float32 sum of
+        squares of its elements (0 for non-float leaves), NaN or Inf when not
+        ``finite``.
+      param_sums: the same for the parameters, when they were passed and have the
+        update's structure; else None.
+    """
+
+    finite: jax.Array
+    update_sums: jax.Array
+    param_sums: jax.Array | None
+
+
+def _output_sums(updates: Any, new_state: Any, params: Any | None) -> OutputSums:
+    """The update check and update health from one reduction per update leaf.
+
+    Each float update leaf's sum of squares is poisoned (NaN) where an element of a
+    state leaf paired with it is not finite: the ``i``-th state leaf of a shape goes to
+    the ``i mod n``-th of the ``n`` update leaves of that shape (Adam's ``mu`` and
+    ``nu`` of a parameter go with its update, which reads them anyway). The sum is then
+    finite exactly when all of them are, and when it did not overflow float32 (an
+    update element of ~1e19: treated as non-finite). One float reduction per leaf, over
+    the update evaluated from the step's inputs; the parameters' sums of squares are
+    separate reductions of inputs. State leaves of a shape no update leaf has (step
+    counters, factored moments) are checked by :func:`_all_finite`.
+    """
+    update_leaves = jax.tree.leaves(_stats._without_nnx_variables(updates))
+    param_leaves = None
+    if params is not None:
+        param_leaves, param_def = jax.tree.flatten(_stats._without_nnx_variables(params))
+        if param_def != jax.tree.structure(_stats._without_nnx_variables(updates)):
+            param_leaves = None  # not the update's structure: no per-leaf ratios
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for k, u in enumerate(update_leaves):
+        if _stats._is_float(u):
+            by_shape.setdefault(jnp.shape(u), []).append(k)
+    partners: dict[int, list[jax.Array]] = {}
+    alone: list[jax.Array] = []
+    seen: dict[tuple[int, ...], int] = {}
+    for x in _stats._float_leaves(new_state):
+        owners = by_shape.get(x.shape)
+        if owners is None:
+            alone.append(x)
+            continue
+        count = seen.get(x.shape, 0)
+        partners.setdefault(owners[count % len(owners)], []).append(x)
+        seen[x.shape] = count + 1
+
+    update_sums = []
+    for k, u in enumerate(update_leaves):
+        if not _stats._is_float(u):
+            update_sums.append(jnp.zeros((), jnp.float32))
+            continue
+        u = jnp.asarray(u)
+        squares = _stats._abs_squared(u, _stats._accumulation_dtype(u), None)
+        ok = None
+        for x in partners.get(k, ()):
+            ok = jnp.isfinite(x) if ok is None else ok & jnp.isfinite(x)
+        if ok is not None:  # (lax.select: jnp.where would add a nested call per leaf)
+            squares = jax.lax.select(ok, squares, jax.lax.full_like(squares, jnp.nan))
+        update_sums.append(jnp.sum(squares, dtype=squares.dtype).astype(jnp.float32))
+    update_sums = _lowering.one_vector(jnp.stack(update_sums)) if update_sums else jnp.zeros((0,), jnp.float32)
+    finite = jnp.all(jnp.isfinite(update_sums)) & _all_finite(alone)
+    param_sums = None
+    if param_leaves is not None:
+        sums = [_stats._sum_of_squares_or_zero(x) for x in param_leaves]
+        param_sums = _lowering.one_vector(jnp.stack(sums)) if sums else jnp.zeros((0,), jnp.float32)
+    return OutputSums(finite, update_sums, param_sums)
 
 
 def _check_state_structure(old: Any, new: Any) -> None:
@@ -357,6 +451,7 @@ class GuardConfig:
     rollback_after_spikes: Any
     vanishing_norm: Any
     check_updates: bool
+    update_health: bool
     ring_size: int | None  # the reset ring's length; None until sized from a state
 
     @classmethod
@@ -378,6 +473,7 @@ class GuardConfig:
         rollback_after_spikes: Any,
         vanishing_norm: Any,
         check_updates: bool,
+        update_health: bool = True,
     ) -> GuardConfig:
         """Validates every argument (a clear error naming it) and builds the config."""
         spike_threshold = check.optional(check.positive_or_array, "spike_threshold", spike_threshold)
@@ -403,6 +499,7 @@ class GuardConfig:
             rollback_after_spikes=count("rollback_after_spikes", rollback_after_spikes),
             vanishing_norm=check.optional(check.positive_or_array, "vanishing_norm", vanishing_norm),
             check_updates=check.boolean("check_updates", check_updates),
+            update_health=check.boolean("update_health", update_health),
             ring_size=1 if reset_after is None else reset_after if isinstance(reset_after, int) else None,
         )
 
@@ -487,6 +584,7 @@ class Outcome(NamedTuple):
     inner_state: Any
     skipped: jax.Array
     nonfinite_update: jax.Array
+    sums: OutputSums | None  # the inner update's and the params' sums of squares (update health)
 
 
 def _loss_zscore(config: GuardConfig, moments: GuardMoments, loss: jax.Array, finite: jax.Array) -> jax.Array:
@@ -600,11 +698,41 @@ def _apply_inner(
     # update or new inner state is not finite is skipped too.
     skipped = decision.skipped
     nonfinite_update = jnp.zeros((), jnp.bool_)
+    # Both read a second evaluation of the inner update (`TracedUpdate.outputs`), kept
+    # apart from the one whose state is selected (see `_lowering.apart`).
+    sums = None
+    if config.update_health:
+        new_updates, new_state = traced.outputs()
+        sums = _output_sums(
+            new_updates,
+            # The state is read with the check off too: one formulation (without it,
+            # XLA:CPU gave the reduction a materialised copy of every constant).
+            new_state,
+            params,
+        )
+        outputs_finite = sums.finite
+    elif config.check_updates:
+        outputs_finite = _all_finite(traced.outputs())
     if config.check_updates:
-        nonfinite_update = ~skipped & ~_all_finite(traced.outputs())
+        nonfinite_update = ~skipped & ~outputs_finite
         skipped = skipped | nonfinite_update
+    if sums is not None:
+        # Reductions that read the state and the parameters and that no write depends
+        # on (the parameters' sums; every sum without the check): XLA would copy what
+        # they read before writing it in place. Tie them to the skip.
+        tie = sums.update_sums if not config.check_updates else None
+        if sums.param_sums is not None:
+            tie = sums.param_sums if tie is None else jnp.concatenate([tie, sums.param_sums])
+        if tie is not None:
+            skipped = _lowering.before_writes(skipped, tie)
     inner_updates, new_inner_state = traced.with_selected_state(lambda k, new: sel.where(skipped, kept(k), new))
-    return Outcome(sel.zero_floats_where(skipped, inner_updates), new_inner_state, skipped, nonfinite_update)
+    return Outcome(
+        sel.zero_floats_where(skipped, inner_updates),
+        new_inner_state,
+        skipped,
+        nonfinite_update,
+        sums if config.update_health else None,
+    )
 
 
 def _record(
@@ -684,6 +812,7 @@ def _record(
     )
 
     factor = decision.factors[0] * decision.factors[1]
+    health = _update_health(outcome, stats.leaf_norms)
     report = GuardReport(
         guard_norm=norm,
         guard_norm_clipped=jnp.where(skipped, 0.0, norm * factor),
@@ -699,9 +828,45 @@ def _record(
         guard_loss_zscore=decision.loss_zscore,
         guard_momentum_reset=decision.momentum_reset,
         guard_vanishing=vanishing,
+        guard_update_norm=health[0],
+        guard_param_norm=health[1],
+        guard_update_param_ratio=health[2],
         guard_leaf_norms=stats.leaf_norms,
+        guard_leaf_param_ratios=health[3],
     )
     return new_moments, new_counters, report
+
+
+def _ratio(num: jax.Array, den: jax.Array) -> jax.Array:
+    """``num / den``, 0 where ``den`` is 0 (a parameter still at 0: undefined)."""
+    ok = den > 0.0
+    return jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0)
+
+
+def _update_health(outcome: Outcome, grad_leaf_norms: _stats.LeafNorms) -> tuple[Any, Any, Any, Any]:
+    """``(update/norm, param/norm, update/param_ratio, per-leaf ratios)`` of the step:
+    the update as returned (0 when skipped), all None with update health off."""
+    if outcome.sums is None:
+        return None, None, None, None
+    # A sum of squares that overflowed float32 saturates the norm at float32's max.
+    norms = lambda sums: jnp.minimum(jnp.sqrt(sums), _stats._F32_MAX)
+    applied = ~outcome.skipped
+    update_leaf_norms = jnp.where(applied, norms(outcome.sums.update_sums), 0.0)
+    update_norm = _stats._norm_of_norms(update_leaf_norms) if update_leaf_norms.size else jnp.zeros((), jnp.float32)
+    # Applied and not finite: only with check_updates=False; reported, not hidden.
+    update_norm = jnp.where(outcome.sums.finite | ~applied, update_norm, jnp.nan)
+    param_norm = jnp.zeros((), jnp.float32)
+    param_leaf_norms = jnp.zeros_like(update_leaf_norms)  # ratios 0: unknown
+    if outcome.sums.param_sums is not None:  # `update` was called with params
+        param_leaf_norms = norms(outcome.sums.param_sums)
+        param_norm = _stats._norm_of_norms(param_leaf_norms) if param_leaf_norms.size else param_norm
+    ratios = _ratio(update_leaf_norms, param_leaf_norms)
+    if ratios.shape != grad_leaf_norms.values.shape:
+        # An update not shaped like the gradients (optax.lookahead's holds the fast and
+        # the slow params'): no leaf of it is a gradient leaf's; 0, as unknown.
+        ratios = jnp.zeros_like(grad_leaf_norms.values)
+    leaf_ratios = _stats.LeafNorms(ratios, grad_leaf_norms.treedef)
+    return update_norm, param_norm, _ratio(update_norm, param_norm), leaf_ratios
 
 
 def _init_state(config: GuardConfig, inner: optax.GradientTransformation, params: Any) -> GuardState:
@@ -731,7 +896,11 @@ def _init_state(config: GuardConfig, inner: optax.GradientTransformation, params
         guard_loss_zscore=f32(),
         guard_momentum_reset=false(),
         guard_vanishing=false(),
+        guard_update_norm=f32() if config.update_health else None,
+        guard_param_norm=f32() if config.update_health else None,
+        guard_update_param_ratio=f32() if config.update_health else None,
         guard_leaf_norms=_stats.LeafNorms.zeros(_gradient_like(params)),
+        guard_leaf_param_ratios=_stats.LeafNorms.zeros(_gradient_like(params)) if config.update_health else None,
     )
     counters = GuardCounters(
         *(i32() for _ in range(len(GuardCounters._fields) - 2)),
@@ -767,6 +936,7 @@ def guard(
     rollback_after_spikes: int | None = 10,
     vanishing_norm: float | None = 1e-5,
     check_updates: bool = True,
+    update_health: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     """Wraps an optimizer so that NaN/Inf, spikes and runaway runs cannot hurt it.
 
@@ -847,6 +1017,13 @@ def guard(
         that keeps an Inf or NaN by design after an update (a running minimum that stays
         at +inf, a "not yet known" NaN) needs False, or its sentinel stored otherwise
         (``gh.record_step_cosine`` stores 0 for "no reference yet" for this reason).
+      update_health: record what the optimizer did with the step: ``update/norm``
+        (the update returned, 0 when skipped), ``param/norm`` (of the ``params`` passed
+        to ``update``; 0 without them), ``update/param_ratio`` and, per leaf,
+        ``update/leaf_param_ratio/<path>`` (0 where the parameter is 0). Read in the
+        reduction that checks the update (``check_updates``); an update whose sum of
+        squares overflows float32 (elements of ~1e19) then counts as non-finite. Its
+        cost is in ``docs/benchmarks.md``; False drops it.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` accepts ``loss=`` and
@@ -865,6 +1042,8 @@ def guard(
       >>> m = gh.metrics(state)
       >>> float(m['grad/norm']), float(m['grad/norm_clipped']), int(m['grad/num_skipped'])
       (5.0, 1.0, 1)
+      >>> round(float(m['update/norm']), 4), round(float(m['param/norm']), 4)  # adam: ~lr per element
+      (0.1414, 1.7321)
     """
     inner = check.transformation("inner", inner)
     if isinstance(clip, optax.GradientTransformation):
@@ -888,6 +1067,7 @@ def guard(
         rollback_after_spikes=rollback_after_spikes,
         vanishing_norm=vanishing_norm,
         check_updates=check_updates,
+        update_health=update_health,
     )
 
     def init_fn(params):

@@ -23,6 +23,11 @@ table below says which choice holds where and on what evidence.
   once with its state selected) from sharing its outputs, which would then have two
   consumers and be materialised. Evidence, XLA:CPU: no state-sized temporary per leaf
   with ``check_updates=True`` (``docs/benchmarks_guard.md``, "The update check").
+* ``before_writes``: orders a reduction that reads the optimizer state and the
+  parameters (the guard's update health without the update check) before the step
+  writes them in place, by a data dependency of the skip flag (always False in value):
+  without it XLA copies them first. Evidence, XLA:CPU: no copy of
+  the parameters or moments in the compiled step (``tests/test_guard_promises.py``).
 
 Every choice is, today, the same on every backend: measured on XLA:CPU only. On GPU
 and TPU each is the same barrier until a measurement there says otherwise (the
@@ -34,16 +39,19 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
-__all__ = ["CHOICES", "apart", "keep_in_reduction", "one_vector", "own_operands"]
+__all__ = ["CHOICES", "apart", "before_writes", "keep_in_reduction", "one_vector", "own_operands"]
 
 #: The fusion choices and, per backend, the lowering in force ("barrier": an
-#: ``optimization_barrier``; the same on every backend until measured otherwise).
+#: ``optimization_barrier``; "dependency": a data dependency that changes no value;
+#: the same on every backend until measured otherwise).
 CHOICES: dict[str, dict[str, str]] = {
     "keep_in_reduction": {"cpu": "barrier", "gpu": "barrier", "tpu": "barrier"},
     "one_vector": {"cpu": "barrier", "gpu": "barrier", "tpu": "barrier"},
     "own_operands": {"cpu": "barrier", "gpu": "barrier", "tpu": "barrier"},
     "apart": {"cpu": "barrier", "gpu": "barrier", "tpu": "barrier"},
+    "before_writes": {"cpu": "dependency", "gpu": "dependency", "tpu": "dependency"},
 }
 
 
@@ -69,3 +77,12 @@ def apart(value: Any) -> Any:
     """An input of a second evaluation of a computation, kept apart from the first so
     that the two do not share outputs (see the table)."""
     return jax.lax.optimization_barrier(value)
+
+
+def before_writes(flag: jax.Array, sums: jax.Array) -> jax.Array:
+    """``flag`` (a bool the step's writes depend on), unchanged in value but computed
+    from ``sums`` (a vector of sums of squares or counts: >= 0 or NaN), so that the
+    reductions giving ``sums`` run before those writes (see the table). An
+    ``optimization_barrier`` does not do it: XLA:CPU turns it into a control dependency
+    that its copy insertion does not see."""
+    return flag | jnp.any(sums < 0.0)

@@ -269,10 +269,11 @@ def test_value_clip_count_is_exact_on_both_paths(dtype, max_abs):
     "build",
     [
         lambda: optax.chain(gh.clip_by_value(1.0), optax.adam(1e-3)),
-        # check_updates=False: its flags are a temporary of their own (test_guard_inplace).
-        lambda: gh.guard(optax.adam(1e-3), clip=gh.clip_by_value(1.0), check_updates=False),
-        lambda: gh.guard(optax.adam(1e-3), clip=gh.clip_by_leaf_norm(1.0), check_updates=False),
-        lambda: gh.guard(optax.adam(1e-3), clip=gh.adaptive_grad_clip(0.01), check_updates=False),
+        # The update check's flags and update health's squares are temporaries of their
+        # own on XLA:CPU (test_guard_promises, test_update_health): both off here.
+        lambda: gh.guard(optax.adam(1e-3), clip=gh.clip_by_value(1.0), check_updates=False, update_health=False),
+        lambda: gh.guard(optax.adam(1e-3), clip=gh.clip_by_leaf_norm(1.0), check_updates=False, update_health=False),
+        lambda: gh.guard(optax.adam(1e-3), clip=gh.adaptive_grad_clip(0.01), check_updates=False, update_health=False),
     ],
     ids=["value", "guard-value", "guard-layer", "guard-agc"],
 )

@@ -480,3 +480,98 @@ def test_a_learning_rate_that_overshoots_is_found_from_the_direction():
     found = {f.pattern: f for f in gh.diagnose(rows)}
     assert "direction_oscillation" in found, list(found)
     assert found["direction_oscillation"].evidence["median_step_cosine"] < -0.5
+
+
+# ----------------------------------------------------------------------------- update health
+
+
+def _ratio_rows(ratios: dict[str, np.ndarray], param_norm: float = 10.0):
+    rows = clean_rows(n=len(next(iter(ratios.values()))))
+    for t, row in enumerate(rows):
+        row["param/norm"] = param_norm
+        for name, values in ratios.items():
+            row[f"update/leaf_param_ratio/{name}"] = float(values[t])
+    return rows
+
+
+def test_update_ratio_patterns_name_the_leaves_outside_the_band():
+    rng = np.random.default_rng(5)
+    n = 200
+    healthy = 1e-3 * np.exp(0.3 * rng.standard_normal(n))
+    ratios = {
+        "ok": healthy,
+        "fast": 0.5 * np.exp(0.3 * rng.standard_normal(n)),
+        "slow": 1e-7 * np.exp(0.3 * rng.standard_normal(n)),
+        "dead": np.zeros(n),
+    }
+    rows = _ratio_rows(ratios)
+    # A spike of the healthy leaf on skipped steps is not judged (the update was not applied).
+    for t in (50, 51, 52):
+        rows[t]["grad/skipped"] = 1.0
+        rows[t]["update/leaf_param_ratio/ok"] = 5.0
+    high, low, dead = (by_pattern(rows, p) for p in ("update_ratio_high", "update_ratio_low", "dead_leaf"))
+    assert high.evidence["leaves"] == ["fast"] and low.evidence["leaves"] == ["slow"]
+    assert dead.evidence["leaves"] == ["dead"]
+    judged = np.ones(n, bool)
+    judged[:20] = False  # warmup_rows
+    judged[[50, 51, 52]] = False
+    assert high.evidence["median_ratios"][0] == pytest.approx(np.median(ratios["fast"][judged]), rel=1e-5)
+    assert low.evidence["median_ratios"][0] == pytest.approx(np.median(ratios["slow"][judged]), rel=1e-5)
+    assert high.evidence["steps_judged"] == judged.sum()
+    # The band's edges are thresholds: moved past the leaf's median, the finding goes.
+    assert "update_ratio_high" not in patterns(rows, update_ratio_high=0.6)
+    assert "update_ratio_low" not in patterns(rows, update_ratio_low=1e-8)
+    # Healthy leaves alone: no finding.
+    assert not {"update_ratio_high", "update_ratio_low", "dead_leaf"} & set(patterns(_ratio_rows({"ok": healthy})))
+
+
+def test_update_ratios_are_not_judged_without_params():
+    """A guard updated without params records param/norm 0 and ratios 0 (unknown): not a
+    dead leaf."""
+    rows = _ratio_rows({"w": np.zeros(100)}, param_norm=0.0)
+    assert "dead_leaf" not in patterns(rows)
+    assert "dead_leaf" in patterns(_ratio_rows({"w": np.zeros(100)}))
+
+
+def test_the_global_ratio_is_judged_when_no_leaf_ratio_is_logged():
+    rows = clean_rows(n=100)
+    for row in rows:
+        row["update/param_ratio"] = 0.3
+        row["param/norm"] = 1.0
+    finding = by_pattern(rows, "update_ratio_high")
+    assert finding.evidence["leaves"] == ["(all parameters)"]
+
+
+def test_a_dead_leaf_and_a_leaf_initialised_too_small_are_found_end_to_end():
+    """A guarded adam (lr 1e-3) on a model whose leaf 'unused' never reaches the loss
+    (gradient 0: Adam's update 0) and whose leaf 'tiny' is pulled to 0 from 1e-5 (Adam
+    steps it by about the learning rate whatever the gradient's size: it jumps across 0
+    and back, each step about as large as the weight itself)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    def loss_fn(params, x):
+        fit = jnp.mean((x @ params["w"] - 1.0) ** 2)
+        return fit + jnp.sum(params["tiny"] ** 2) + 0.0 * jnp.sum(params["unused"] ** 0)
+
+    params = {"w": jnp.full((4, 2), 0.5), "tiny": jnp.full((2,), 1e-5), "unused": jnp.ones((3,))}
+    tx = gh.guard(optax.adam(1e-3))
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, state, x):
+        loss, grads = jax.value_and_grad(loss_fn)(params, x)
+        updates, state = tx.update(grads, state, params, loss=loss)
+        return optax.apply_updates(params, updates), state
+
+    rows = []
+    key = jax.random.key(1)
+    for t in range(40):
+        key, sub = jax.random.split(key)
+        params, state = step(params, state, jax.random.normal(sub, (16, 4)))
+        rows.append({"step": t, **{k: np.asarray(v).tolist() for k, v in gh.metrics(state).items()}})
+    found = {f.pattern: f for f in gh.diagnose(rows)}
+    assert found["dead_leaf"].evidence["leaves"] == ["unused"]
+    assert "tiny" in found["update_ratio_high"].evidence["leaves"]
+    assert "w" not in found["update_ratio_high"].evidence["leaves"]

@@ -72,12 +72,16 @@ def test_metrics_of_the_optimizer_its_opt_state_and_its_nnx_state_agree():
     # nnx.state turns the per-layer norms (gh.LeafNorms) into a plain dict and loses
     # the leaf names: there they are indexed in leaf order (documented in metrics()).
     from_dict = jax.device_get(gh.metrics(nnx.state(optimizer), deprecated_names=False))
-    leaf_entries = [name for name in direct if name.startswith("grad/leaf_norm/")]
-    assert len(leaf_entries) == 4
-    for i, name in enumerate(sorted(leaf_entries)):
-        np.testing.assert_array_equal(from_dict[f"grad/leaf_norm/{i}"], direct[name])
+    per_leaf = ("grad/leaf_norm/", "update/leaf_param_ratio/")
+    leaf_entries = []
+    for prefix in per_leaf:
+        entries = sorted(name for name in direct if name.startswith(prefix))
+        assert len(entries) == 4, prefix
+        for i, name in enumerate(entries):
+            np.testing.assert_array_equal(from_dict[f"{prefix}{i}"], direct[name])
+        leaf_entries += entries
     others = [name for name in direct if name not in leaf_entries]
-    assert sorted(others) == sorted(n for n in from_dict if not n.startswith("grad/leaf_norm/"))
+    assert sorted(others) == sorted(n for n in from_dict if not n.startswith(per_leaf))
     for name in others:
         np.testing.assert_array_equal(from_dict[name], direct[name])
     assert any(name.startswith("grad/leaf_norm/a/") for name in direct)

@@ -92,6 +92,7 @@ def diagnose(history: Any, thresholds: Thresholds | None = None) -> list[Finding
       A list of :class:`Finding`, errors first, then warnings, then information; empty
       for a healthy run. Patterns (:data:`PATTERNS`): ``nonfinite``, ``nonfinite_update``, ``explosion``,
       ``vanishing``, ``oscillation``, ``direction_oscillation``, ``direction_drift``,
+      ``update_ratio_high``, ``update_ratio_low``, ``dead_leaf``,
       ``clip_always``, ``clip_never``, ``rollback``
       and, with ``xdev/...`` metrics, ``high_dispersion``, ``agreement_drop``,
       ``agreement_low``, ``agreement_high``, ``agreement_drift``, ``outlier_device``,

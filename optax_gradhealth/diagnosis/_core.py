@@ -50,6 +50,12 @@ class Thresholds:
         steps after warm-up are an oscillation of the direction.
       direction_drift_cosine: a median step-to-step cosine above this after warm-up is a
         slow drift (the direction barely changes from step to step).
+      update_ratio_high: a leaf whose median ``update/leaf_param_ratio/<path>`` (or,
+        without per-leaf ratios, ``update/param_ratio``) over the accepted steps after
+        warm-up exceeds this trains too fast (10x above the usual band, 1e-4 to 1e-2).
+      update_ratio_low: a leaf that moves but whose median ratio is below this trains
+        too slowly (10x below the band); a ratio of exactly 0 on every such step is a
+        dead (or frozen) leaf.
       clip_always_fraction: clipped on at least this fraction of accepted steps: the
         threshold is too low.
       clip_never_margin: never clipped while the median threshold is at least this
@@ -92,6 +98,8 @@ class Thresholds:
     direction_negative: float = -0.2
     direction_oscillation_fraction: float = 0.3
     direction_drift_cosine: float = 0.9
+    update_ratio_high: float = 0.1
+    update_ratio_low: float = 1e-5
     clip_always_fraction: float = 0.9
     clip_never_margin: float = 3.0
     clip_suggest_percentile: float = 95.0

@@ -325,6 +325,123 @@ def check_direction_drift(h: History, th: Thresholds) -> list[Finding]:
     return [DIRECTION_DRIFT.finding(summary, (), evidence)]
 
 
+UPDATE_RATIO_HIGH = Pattern(
+    "update_ratio_high",
+    "updates large against their parameters (update/param ratio far above the usual 1e-4 to 1e-2)",
+    "warning",
+    (
+        "a learning rate too high for these leaves",
+        "a small initialisation, or weights decayed close to 0, that every step dwarfs",
+        "no learning-rate warm-up: Adam's first steps are the largest relative to the weights",
+    ),
+    (
+        "lower the learning rate, or give these leaves their own (optax.multi_transform)",
+        "lengthen the learning-rate warm-up",
+        "check these leaves' initialisation scale",
+    ),
+)
+UPDATE_RATIO_LOW = Pattern(
+    "update_ratio_low",
+    "updates too small to move their parameters (update/param ratio far below the usual 1e-4 to 1e-2)",
+    "warning",
+    (
+        "a learning rate too low for these leaves, or a schedule that decayed it to ~0",
+        "gradients vanishing in these leaves (see grad/leaf_norm/<path>)",
+        "weights grown very large (weight decay too weak)",
+    ),
+    (
+        "raise the learning rate for these leaves (optax.multi_transform), or check the schedule's end value",
+        "look at these leaves' gradient norms: a vanishing gradient needs a fix in the model, not the optimizer",
+    ),
+)
+DEAD_LEAF = Pattern(
+    "dead_leaf",
+    "leaves that never change (update/param ratio 0 on every step)",
+    "warning",
+    (
+        "a dead layer: its gradient is exactly 0 (dead ReLUs, a detached branch, a parameter the loss never uses)",
+        "frozen on purpose (optax.set_to_zero, optax.multi_transform): then nothing is wrong",
+        "a parameter still exactly 0, whose ratio is undefined (recorded 0), that nothing moves",
+    ),
+    (
+        "check that the leaf is used in the loss and that gradients reach it (grad/leaf_norm/<path> is 0 too)",
+        "for dead ReLUs: a lower learning rate, a better initialisation, or a leaky activation",
+    ),
+)
+
+_RATIO_PREFIX = "update/leaf_param_ratio/"
+_ALL_PARAMETERS = "(all parameters)"
+
+
+def _update_ratios(h: History, th: Thresholds) -> tuple[dict[str, np.ndarray], np.ndarray] | None:
+    """``({leaf: ratios}, judged rows)`` from the guard's update health: per leaf when
+    logged, else the global ratio as one "leaf". None when not logged, when too few
+    accepted rows follow the warm-up, or when the parameters were never passed to the
+    guard (``param/norm`` 0 on every row: the ratios are 0 because unknown)."""
+    names = sorted(n[len(_RATIO_PREFIX) :] for n in h.columns if n.startswith(_RATIO_PREFIX) and "#" not in n)
+    ratios = {name: h.col(_RATIO_PREFIX + name) for name in names}
+    if not ratios and h.has("update/param_ratio"):
+        ratios = {_ALL_PARAMETERS: h.col("update/param_ratio")}
+    if not ratios or (h.has("param/norm") and not np.any(h.col("param/norm") > 0)):
+        return None
+    rows = cols.after_warmup(h, th)
+    if h.has("grad/norm"):
+        rows &= cols.step_masks(h)[2]
+    elif h.has("grad/skipped"):
+        rows &= h.col("grad/skipped") != 1
+    for values in ratios.values():
+        rows &= np.isfinite(values)
+    if rows.sum() < th.min_steps:
+        return None
+    return ratios, rows
+
+
+def _ratio_finding(pattern: Pattern, h: History, leaves: dict[str, float], rows: np.ndarray, limit: float):
+    shown = ", ".join(f"{name} ({value:.2g})" for name, value in list(leaves.items())[:5])
+    more = f" and {len(leaves) - 5} more" if len(leaves) > 5 else ""
+    evidence = {
+        "leaves": list(leaves),
+        "median_ratios": [float(v) for v in leaves.values()],
+        "threshold": limit,
+        "steps_judged": int(rows.sum()),
+    }
+    summary = f"{len(leaves)} leaf(s), median ratio over {int(rows.sum())} steps: {shown}{more}"
+    return [pattern.finding(summary, h.steps[rows], evidence)]
+
+
+def check_update_ratio_high(h: History, th: Thresholds) -> list[Finding]:
+    """Leaves whose median update/param ratio after warm-up exceeds ``update_ratio_high``."""
+    found = _update_ratios(h, th)
+    if found is None:
+        return []
+    ratios, rows = found
+    medians = {name: float(np.median(values[rows])) for name, values in ratios.items()}
+    high = {name: m for name, m in sorted(medians.items(), key=lambda kv: -kv[1]) if m > th.update_ratio_high}
+    return _ratio_finding(UPDATE_RATIO_HIGH, h, high, rows, th.update_ratio_high) if high else []
+
+
+def check_update_ratio_low(h: History, th: Thresholds) -> list[Finding]:
+    """Leaves that do move (a non-zero ratio on some judged step) but whose median
+    update/param ratio after warm-up is below ``update_ratio_low``."""
+    found = _update_ratios(h, th)
+    if found is None:
+        return []
+    ratios, rows = found
+    medians = {name: float(np.median(v[rows])) for name, v in ratios.items() if np.any(v[rows] > 0)}
+    low = {name: m for name, m in sorted(medians.items(), key=lambda kv: kv[1]) if m < th.update_ratio_low}
+    return _ratio_finding(UPDATE_RATIO_LOW, h, low, rows, th.update_ratio_low) if low else []
+
+
+def check_dead_leaf(h: History, th: Thresholds) -> list[Finding]:
+    """Leaves whose update/param ratio is exactly 0 on every accepted step after warm-up."""
+    found = _update_ratios(h, th)
+    if found is None:
+        return []
+    ratios, rows = found
+    dead = {name: 0.0 for name, values in ratios.items() if not np.any(values[rows] != 0)}
+    return _ratio_finding(DEAD_LEAF, h, dead, rows, 0.0) if dead else []
+
+
 CLIP_ALWAYS = Pattern(
     "clip_always",
     "clipping on (almost) every step: threshold too low",
@@ -478,6 +595,9 @@ CHECKS = (
     (OSCILLATION, check_oscillation),
     (DIRECTION_OSCILLATION, check_direction_oscillation),
     (DIRECTION_DRIFT, check_direction_drift),
+    (UPDATE_RATIO_HIGH, check_update_ratio_high),
+    (UPDATE_RATIO_LOW, check_update_ratio_low),
+    (DEAD_LEAF, check_dead_leaf),
     (CLIP_ALWAYS, check_clip_always),
     (CLIP_NEVER, check_clip_never),
     (ROLLBACK, check_rollback),
