@@ -48,6 +48,7 @@ from optax_gradhealth._clip_modes import (
 )
 from optax_gradhealth._direction import StepCosineState, record_step_cosine
 from optax_gradhealth._loss_scale import LossScaleState, dynamic_loss_scale, loss_scale, scale_loss
+from optax_gradhealth._replay import ReplayState, StepReplay, step_replay
 
 # isort: split
 # --- host side: diagnosis, logging, report (issue 4); plain numpy, never used by the jitted path ---
@@ -108,7 +109,9 @@ __all__ += [
     "ClipByValueState",
     "LossScaleState",
     "MicroBatchNormsState",
+    "ReplayState",
     "StepCosineState",
+    "StepReplay",
     "accumulate",
     "adagc_clip",
     "adaptive_grad_clip",
@@ -119,6 +122,7 @@ __all__ += [
     "record_micro_batch_norms",
     "record_step_cosine",
     "scale_loss",
+    "step_replay",
 ]
 
 # host side: diagnosis, logging, report (issue 4)

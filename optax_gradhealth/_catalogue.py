@@ -270,6 +270,40 @@ _SPEC_LIST: tuple[MetricSpec, ...] = (
             "or frozen leaf)."
         ),
     ),
+    # step replay (gh.step_replay)
+    MetricSpec(
+        "grad/replayed",
+        FLAG,
+        "this step's gradient was computed again: it was non-finite or a spike (gh.step_replay)",
+        "False on almost every step: as rare as non-finite steps and spikes.",
+    ),
+    MetricSpec(
+        "grad/replay_mismatched",
+        FLAG,
+        "the second computation of this step's gradient differed from the first: a transient computation fault",
+        "always False. True: a device computed a wrong value (or the computation is not deterministic).",
+    ),
+    MetricSpec(
+        "grad/num_replays",
+        COUNT,
+        "steps whose gradient was computed again (gh.step_replay)",
+        "about grad/num_nonfinite + grad/num_spikes.",
+    ),
+    MetricSpec(
+        "grad/num_replay_mismatches",
+        COUNT,
+        "replayed steps whose second computation differed from the first (transient computation faults)",
+        (
+            "0. Any other value: silent data corruption on some device (or non-deterministic kernels: on GPU set "
+            "--xla_gpu_deterministic_ops=true)."
+        ),
+    ),
+    MetricSpec(
+        "grad/num_replay_recovered",
+        COUNT,
+        "mismatched replays whose healthy second computation was used instead of the first",
+        "equal to grad/num_replay_mismatches: every fault was transient.",
+    ),
     # gradient accumulation (gh.record_micro_batch_norms)
     MetricSpec(
         "grad/micro_batch_norms",

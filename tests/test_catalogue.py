@@ -107,7 +107,9 @@ def _all_states():
     grads = jax.tree.map(lambda x: 0.5 * jnp.ones_like(x), params)
     stepped = [tx.update(grads, s, params)[1] for tx, s in zip(txs, states)]
     audit = gh.cross_device("data", num_devices=4).init(params)
-    return [*states, *stepped, audit]
+    replay = gh.step_replay(jax.value_and_grad(lambda p: sum(jnp.sum(x) for x in jax.tree.leaves(p))))
+    replayed = replay(replay.init(), states[0], params)[1]
+    return [*states, *stepped, audit, replay.init(), replayed]
 
 
 _DTYPES = {

@@ -95,6 +95,45 @@ def check_nonfinite_update(h: History, th: Thresholds) -> list[Finding]:
     return [NONFINITE_UPDATE.finding(summary, steps, evidence)]
 
 
+REPLAY_MISMATCH = Pattern(
+    "replay_mismatch",
+    "a step computed twice gave two different gradients: a transient computation fault",
+    "error",
+    (
+        "silent data corruption: a device computed a wrong value once, without an error (rare per chip, "
+        "frequent on a large fleet)",
+        "a computation that is not deterministic: on GPU, scatter-adds and some reductions use atomics unless "
+        "XLA_FLAGS=--xla_gpu_deterministic_ops=true",
+        "random numbers drawn outside the step's arguments (a key not passed in), so the second computation "
+        "draws others",
+    ),
+    (
+        "if the flag and the keys are right, find the device: log the host and device of each fault, run the "
+        "vendor's hardware diagnostics on repeat offenders and drain them",
+        "gh.step_replay already used the healthy second computation where there was one "
+        "(grad/num_replay_recovered); restore a checkpoint if faults were not recovered",
+    ),
+)
+
+
+def check_replay_mismatch(h: History, th: Thresholds) -> list[Finding]:
+    """``grad/num_replay_mismatches`` grew (:func:`optax_gradhealth.step_replay`)."""
+    if not h.has("grad/num_replay_mismatches"):
+        return []
+    counter = np.nan_to_num(h.col("grad/num_replay_mismatches"), nan=0.0)
+    total = int(counter.max()) if counter.size else 0
+    if total <= 0:
+        return []
+    grew = np.diff(np.concatenate([[0.0], counter])) > 0
+    steps = h.steps[grew]
+    recovered = h.col("grad/num_replay_recovered") if h.has("grad/num_replay_recovered") else None
+    evidence = {"num_replay_mismatches": total, "first_logged_step": int(steps[0])}
+    if recovered is not None:
+        evidence["num_replay_recovered"] = int(np.nan_to_num(recovered, nan=0.0).max())
+    summary = f"{total} step(s) gave a different gradient when computed again, first logged at step {int(steps[0])}"
+    return [REPLAY_MISMATCH.finding(summary, steps, evidence)]
+
+
 EXPLOSION = Pattern(
     "explosion",
     "gradient explosion (spikes)",
@@ -590,6 +629,7 @@ def check_restart(h: History, th: Thresholds) -> list[Finding]:
 CHECKS = (
     (NONFINITE, check_nonfinite),
     (NONFINITE_UPDATE, check_nonfinite_update),
+    (REPLAY_MISMATCH, check_replay_mismatch),
     (EXPLOSION, check_explosion),
     (VANISHING, check_vanishing),
     (OSCILLATION, check_oscillation),

@@ -1,0 +1,207 @@
+"""gh.step_replay (issue 15, part 5): a flagged step's gradient is computed again, and a
+different result (a transient fault, injected here through a host callback that
+corrupts chosen calls) is told apart from bad data (the same result twice).
+
+References are runs of the same train step without the fault (or without the replay),
+never values read from the state under test.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_gradhealth as gh
+
+DIM = 6
+
+
+class Faults:
+    """A host-side source of faults: ``plan[step]`` lists the factors returned by the
+    successive calls made at that step (then 1.0); every call is counted."""
+
+    def __init__(self, plan: dict[int, list[float]] | None = None):
+        self.plan = {step: list(factors) for step, factors in (plan or {}).items()}
+        self.calls: dict[int, int] = {}
+
+    def __call__(self, step):
+        step = int(step)
+        self.calls[step] = self.calls.get(step, 0) + 1
+        factors = self.plan.get(step, [])
+        return np.float32(factors.pop(0) if factors else 1.0)
+
+
+def _loss_fn(faults: Faults):
+    def loss_fn(w, x, step):
+        factor = jax.experimental.io_callback(faults, jax.ShapeDtypeStruct((), jnp.float32), step, ordered=False)
+        return jnp.mean((x @ w - 1.0) ** 2) * factor
+
+    return loss_fn
+
+
+def _batches(num_steps: int, nan_at: int | None = None):
+    rng = np.random.default_rng(0)
+    out = [jnp.asarray(rng.normal(size=(8, DIM)), jnp.float32) for _ in range(num_steps)]
+    if nan_at is not None:
+        out[nan_at] = out[nan_at].at[0, 0].set(jnp.nan)
+    return out
+
+
+def _train(faults: Faults, batches, replay: bool, **guard_kwargs):
+    tx = gh.guard(optax.sgd(0.05), **guard_kwargs)
+    vg = jax.value_and_grad(_loss_fn(faults))
+    replayer = gh.step_replay(vg)
+    w = jnp.full((DIM,), 0.1)
+    opt_state, replay_state = tx.init(w), replayer.init()
+
+    @jax.jit
+    def step(w, opt_state, replay_state, x, t):
+        if replay:
+            (loss, grads), replay_state = replayer(replay_state, opt_state, w, x, t)
+        else:
+            loss, grads = vg(w, x, t)
+        updates, opt_state = tx.update(grads, opt_state, w, loss=loss)
+        return optax.apply_updates(w, updates), opt_state, replay_state
+
+    for t, x in enumerate(batches):
+        w, opt_state, replay_state = step(w, opt_state, replay_state, x, jnp.int32(t))
+    return np.asarray(w), gh.metrics(opt_state), gh.metrics(replay_state)
+
+
+def test_clean_steps_compute_the_gradient_once_and_match_the_plain_step():
+    faults = Faults()
+    w, _, r = _train(faults, _batches(30), replay=True)
+    assert set(faults.calls.values()) == {1}  # the second computation never ran
+    w_plain, _, _ = _train(Faults(), _batches(30), replay=False)
+    np.testing.assert_array_equal(w, w_plain)
+    assert int(r["grad/num_replays"]) == 0 and int(r["grad/num_replay_mismatches"]) == 0
+
+
+def test_a_transient_nan_is_recomputed_and_the_step_is_not_lost():
+    faults = Faults({5: [np.nan]})  # the first computation of step 5 is corrupted
+    w, m, r = _train(faults, _batches(12), replay=True)
+    assert faults.calls[5] == 2 and faults.calls[4] == 1
+    assert int(r["grad/num_replays"]) == 1
+    assert int(r["grad/num_replay_mismatches"]) == 1 and int(r["grad/num_replay_recovered"]) == 1
+    assert int(m["grad/num_skipped"]) == 0 and int(m["grad/num_nonfinite"]) == 0
+    clean, _, _ = _train(Faults(), _batches(12), replay=True)
+    np.testing.assert_array_equal(w, clean)  # as if the fault never happened
+
+
+def test_a_transient_spike_is_recomputed_after_the_guards_warmup():
+    """A 200x loss on one computation at step 30: the guard's spike rule (its window is
+    read from the optimizer state) flags it, the second computation is healthy."""
+    faults = Faults({30: [200.0]})
+    w, m, r = _train(faults, _batches(36), replay=True)
+    assert faults.calls[30] == 2
+    assert int(r["grad/num_replay_recovered"]) == 1
+    assert int(m["grad/num_spikes"]) == 0
+    clean, _, _ = _train(Faults(), _batches(36), replay=True)
+    np.testing.assert_array_equal(w, clean)
+    # Without the replay, the guard skips the spike: the runs differ.
+    skipped, m_plain, _ = _train(Faults({30: [200.0]}), _batches(36), replay=False)
+    assert int(m_plain["grad/num_spikes"]) == 1 and not np.array_equal(skipped, clean)
+
+
+def test_bad_data_gives_the_same_gradient_twice_and_the_guard_skips_it():
+    faults = Faults()
+    w, m, r = _train(faults, _batches(12, nan_at=5), replay=True)
+    assert faults.calls[5] == 2
+    assert int(r["grad/num_replays"]) == 1 and int(r["grad/num_replay_mismatches"]) == 0
+    assert int(m["grad/num_skipped"]) == 1 and int(m["grad/num_nonfinite"]) == 1
+    without, _, _ = _train(Faults(), _batches(12, nan_at=5), replay=False)
+    np.testing.assert_array_equal(w, without)
+
+
+def test_a_fault_whose_second_computation_is_also_bad_is_left_to_the_guard():
+    """Both computations of step 5 are corrupted, differently: a fault (counted), but
+    the second result is no better, so the first goes on and the guard skips it."""
+    faults = Faults({5: [np.nan, np.inf]})
+    _, m, r = _train(faults, _batches(8), replay=True)
+    assert int(r["grad/num_replay_mismatches"]) == 1 and int(r["grad/num_replay_recovered"]) == 0
+    assert int(m["grad/num_skipped"]) == 1
+
+
+def test_without_a_guard_only_nonfinite_steps_are_replayed():
+    loss_fn = lambda w, x: jnp.sum((w * x) ** 2)
+    replay = gh.step_replay(jax.value_and_grad(loss_fn))
+    state = replay.init()
+    w = jnp.ones(3)
+    _, state = jax.jit(replay)(state, optax.sgd(0.1).init(w), w, jnp.full(3, 1e6))  # huge but finite
+    assert not bool(gh.metrics(state)["grad/replayed"])
+    _, state = jax.jit(replay)(state, None, w, jnp.array([1.0, jnp.inf, 1.0]))
+    assert bool(gh.metrics(state)["grad/replayed"]) and int(gh.metrics(state)["grad/num_replays"]) == 1
+
+
+def test_has_aux_values_are_replayed_and_returned():
+    def loss_fn(w, x):
+        loss = jnp.sum((w * x) ** 2)
+        return loss, {"loss_again": loss}
+
+    replay = gh.step_replay(jax.value_and_grad(loss_fn, has_aux=True))
+    w = jnp.ones(2)
+    ((loss, aux), grads), state = replay(replay.init(), None, w, jnp.array([1.0, jnp.nan]))
+    assert bool(gh.metrics(state)["grad/replayed"]) and not bool(gh.metrics(state)["grad/replay_mismatched"])
+    assert bool(jnp.isnan(loss)) and bool(jnp.isnan(aux["loss_again"]))
+    ((loss, aux), grads), state = replay(state, None, w, jnp.array([1.0, 2.0]))
+    np.testing.assert_allclose(float(loss), 5.0)
+    np.testing.assert_allclose(np.asarray(grads), [2.0, 8.0])
+
+
+def test_the_state_keeps_its_structure_through_a_scan():
+    loss_fn = lambda w, x: jnp.sum((w * x) ** 2)
+    replay = gh.step_replay(jax.value_and_grad(loss_fn))
+    tx = gh.guard(optax.sgd(0.1))
+    w = jnp.ones(3)
+    xs = jnp.stack([jnp.ones(3), jnp.full(3, jnp.nan), jnp.ones(3)])
+
+    def body(carry, x):
+        w, opt_state, state = carry
+        (loss, grads), state = replay(state, opt_state, w, x)
+        updates, opt_state = tx.update(grads, opt_state, w, loss=loss)
+        return (optax.apply_updates(w, updates), opt_state, state), None
+
+    (_, _, state), _ = jax.lax.scan(body, (w, tx.init(w), replay.init()), xs)
+    assert int(state.replay_num_replays) == 1
+    assert jax.tree.structure(state) == jax.tree.structure(replay.init())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"spike_threshold": 1.0}, r"spike_threshold.*> 1.*1\.0"),
+        ({"spike_zscore": -1.0}, r"spike_zscore"),
+        ({"warmup_steps": 0}, r"warmup_steps"),
+    ],
+)
+def test_bad_arguments_are_rejected_at_construction(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        gh.step_replay(jax.value_and_grad(lambda w: jnp.sum(w)), **kwargs)
+    with pytest.raises(TypeError, match="value_and_grad_fn"):
+        gh.step_replay("not a function")
+
+
+def test_diagnose_reports_the_fault_from_the_run_metrics():
+    faults = Faults({5: [np.nan]})
+    tx = gh.guard(optax.sgd(0.05))
+    replay = gh.step_replay(jax.value_and_grad(_loss_fn(faults)))
+    w = jnp.full((DIM,), 0.1)
+    opt_state, replay_state = tx.init(w), replay.init()
+    rows = []
+    for t, x in enumerate(_batches(10)):
+        (loss, grads), replay_state = replay(replay_state, opt_state, w, x, jnp.int32(t))
+        updates, opt_state = tx.update(grads, opt_state, w, loss=loss)
+        w = optax.apply_updates(w, updates)
+        metrics = gh.metrics((opt_state, replay_state), deprecated_names=False)
+        rows.append({"step": t, **{k: np.asarray(v).tolist() for k, v in metrics.items()}})
+    found = {f.pattern: f for f in gh.diagnose(rows)}
+    assert set(found) == {"replay_mismatch"}
+    assert found["replay_mismatch"].steps == (5,)
+    assert found["replay_mismatch"].evidence == {
+        "num_replay_mismatches": 1,
+        "first_logged_step": 5,
+        "num_replay_recovered": 1,
+    }
