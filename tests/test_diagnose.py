@@ -575,3 +575,51 @@ def test_a_dead_leaf_and_a_leaf_initialised_too_small_are_found_end_to_end():
     assert found["dead_leaf"].evidence["leaves"] == ["unused"]
     assert "tiny" in found["update_ratio_high"].evidence["leaves"]
     assert "w" not in found["update_ratio_high"].evidence["leaves"]
+
+
+# ----------------------------------------------------------------------------- clip modes, noise scale
+
+
+def test_leaf_clip_always_from_any_clip_modes_fraction():
+    rng = np.random.default_rng(7)
+    rows = clean_rows(n=120)
+    for row in rows:
+        row["grad/adagc_clip_fraction"] = float(rng.uniform(0.6, 1.0))  # most leaves, every step
+        row["grad/leaf_clip_fraction"] = float(rng.uniform(0.0, 0.2))  # a healthy minority
+    finding = by_pattern(rows, "leaf_clip_always")
+    expected = np.median([row["grad/adagc_clip_fraction"] for row in rows[20:]])
+    assert finding.evidence["metric"] == "grad/adagc_clip_fraction"
+    assert finding.evidence["median_fraction"] == pytest.approx(expected, rel=1e-6)
+    assert "leaf_clip_always" not in patterns(rows, leaf_clip_fraction=0.99)
+
+
+def test_a_clip_by_leaf_norm_far_too_tight_is_found_end_to_end():
+    import jax.numpy as jnp
+    import optax
+
+    tx = gh.guard(optax.sgd(0.1), clip=gh.clip_by_leaf_norm(1e-6))
+    params = {"a": jnp.ones(3), "b": jnp.ones(2)}
+    state = tx.init(params)
+    rows = []
+    rng = np.random.default_rng(0)
+    for t in range(40):
+        grads = {k: jnp.asarray(rng.normal(size=v.shape), jnp.float32) for k, v in params.items()}
+        _, state = tx.update(grads, state, params)
+        rows.append({"step": t, **{k: np.asarray(v).tolist() for k, v in gh.metrics(state).items()}})
+    finding = [f for f in gh.diagnose(rows) if f.pattern == "leaf_clip_always"]
+    assert [f.evidence["metric"] for f in finding] == ["grad/leaf_clip_fraction"]
+    assert finding[0].evidence["median_fraction"] == 1.0
+
+
+def test_batch_vs_noise_scale_needs_the_batch_and_compares_the_late_median():
+    rows = clean_rows(n=100)
+    for t, row in enumerate(rows):
+        row["grad/noise_scale"] = 100.0 if t < 50 else 5000.0  # the noise scale grows
+    assert "batch_vs_noise_scale" not in patterns(rows)  # no batch size given
+    assert "batch_vs_noise_scale" not in patterns(rows, batch_size=1000)  # within 10x of 5000
+    finding = next(f for f in gh.diagnose(rows, gh.Thresholds(batch_size=64)) if f.pattern == "batch_vs_noise_scale")
+    assert finding.severity == "info"
+    assert finding.evidence["noise_scale"] == 5000.0 and finding.evidence["ratio"] == pytest.approx(5000 / 64)
+    assert "below" in finding.summary
+    above = [f for f in gh.diagnose(rows, gh.Thresholds(batch_size=10**6)) if f.pattern == "batch_vs_noise_scale"]
+    assert "above" in above[0].summary

@@ -93,7 +93,8 @@ def diagnose(history: Any, thresholds: Thresholds | None = None) -> list[Finding
       for a healthy run. Patterns (:data:`PATTERNS`): ``nonfinite``, ``nonfinite_update``,
       ``replay_mismatch``, ``explosion``,
       ``vanishing``, ``oscillation``, ``direction_oscillation``, ``direction_drift``,
-      ``update_ratio_high``, ``update_ratio_low``, ``dead_leaf``,
+      ``update_ratio_high``, ``update_ratio_low``, ``dead_leaf``, ``leaf_clip_always``,
+      ``batch_vs_noise_scale`` (info; with ``Thresholds.batch_size``),
       ``clip_always``, ``clip_never``, ``rollback``
       and, with ``xdev/...`` metrics, ``high_dispersion``, ``agreement_drop``,
       ``agreement_low``, ``agreement_high``, ``agreement_drift``, ``outlier_device``,

@@ -56,6 +56,15 @@ class Thresholds:
       update_ratio_low: a leaf that moves but whose median ratio is below this trains
         too slowly (10x below the band); a ratio of exactly 0 on every such step is a
         dead (or frozen) leaf.
+      leaf_clip_fraction: a per-leaf or per-element clip mode whose clipped fraction
+        (``grad/leaf_clip_fraction``, ``grad/agc_clip_fraction``,
+        ``grad/adagc_clip_fraction``, ``grad/value_clip_fraction``) has at least this
+        median over the accepted steps after warm-up is too tight.
+      batch_size: the examples per optimizer step (micro-batch times accumulation
+        steps, times devices); None (default): the batch is not compared with the
+        noise scale.
+      noise_scale_factor: with ``batch_size``, a finding when the late median noise
+        scale is more than this factor above or below the batch.
       clip_always_fraction: clipped on at least this fraction of accepted steps: the
         threshold is too low.
       clip_never_margin: never clipped while the median threshold is at least this
@@ -100,6 +109,9 @@ class Thresholds:
     direction_drift_cosine: float = 0.9
     update_ratio_high: float = 0.1
     update_ratio_low: float = 1e-5
+    leaf_clip_fraction: float = 0.5
+    batch_size: int | None = None
+    noise_scale_factor: float = 10.0
     clip_always_fraction: float = 0.9
     clip_never_margin: float = 3.0
     clip_suggest_percentile: float = 95.0

@@ -481,6 +481,101 @@ def check_dead_leaf(h: History, th: Thresholds) -> list[Finding]:
     return _ratio_finding(DEAD_LEAF, h, dead, rows, 0.0) if dead else []
 
 
+LEAF_CLIP_ALWAYS = Pattern(
+    "leaf_clip_always",
+    "a per-leaf or per-element clip acts on most of the gradient on most steps: its bound is too tight",
+    "warning",
+    (
+        "the bound (gh.clip_by_leaf_norm's max_norm, gh.adaptive_grad_clip's clipping, gh.adagc_clip's relative, "
+        "gh.clip_by_value's max_delta) far below the typical gradient: the clip then acts as a smaller, "
+        "per-leaf learning rate",
+        "a learning rate or initialisation that makes every gradient large",
+    ),
+    (
+        "raise the bound until the clip acts on a minority of leaves (or elements) on a typical step",
+        "for AGC/AdaGC: the relative bound scales with the weights; check it against the paper's setting "
+        "for your optimizer",
+    ),
+)
+
+# (metric, what it is a fraction of) for each clip mode that logs a fraction.
+_CLIP_FRACTIONS = (
+    ("grad/leaf_clip_fraction", "leaves"),
+    ("grad/agc_clip_fraction", "leaves"),
+    ("grad/adagc_clip_fraction", "leaves"),
+    ("grad/value_clip_fraction", "elements"),
+)
+
+
+def check_leaf_clip_always(h: History, th: Thresholds) -> list[Finding]:
+    """A clip mode's clipped fraction (of leaves or elements) has a median of at least
+    ``leaf_clip_fraction`` over the accepted rows after warm-up."""
+    rows = cols.after_warmup(h, th)
+    if h.has("grad/skipped"):
+        rows &= h.col("grad/skipped") != 1
+    out = []
+    for name, of_what in _CLIP_FRACTIONS:
+        if not h.has(name):
+            continue
+        values = h.col(name)
+        judged = rows & np.isfinite(values)
+        if judged.sum() < th.min_steps:
+            continue
+        median = float(np.median(values[judged]))
+        if median < th.leaf_clip_fraction:
+            continue
+        evidence = {
+            "metric": name,
+            "median_fraction": median,
+            "threshold": th.leaf_clip_fraction,
+            "steps_judged": int(judged.sum()),
+        }
+        summary = f"{name}: a median {median:.0%} of the {of_what} clipped per step over {int(judged.sum())} steps"
+        out.append(LEAF_CLIP_ALWAYS.finding(summary, h.steps[judged & (values >= th.leaf_clip_fraction)], evidence))
+    return out
+
+
+BATCH_VS_NOISE_SCALE = Pattern(
+    "batch_vs_noise_scale",
+    "the batch size is far from the gradient noise scale (the most efficient batch, B_simple)",
+    "info",
+    (
+        "a batch far below the noise scale: each step's gradient is mostly noise, and a larger batch would "
+        "make nearly proportionally more progress per step",
+        "a batch far above the noise scale: the extra examples add little to each step (diminishing returns)",
+    ),
+    (
+        "below: accumulate more micro-batches (gh.accumulate's every_k) or lower the learning rate",
+        "above: a smaller batch with more steps trains as well for less compute",
+        "the noise scale grows as the loss falls: compare again later in the run",
+    ),
+)
+
+
+def check_batch_vs_noise_scale(h: History, th: Thresholds) -> list[Finding]:
+    """With ``Thresholds.batch_size`` set: the median noise scale over the last half of
+    the finite rows (``grad/noise_scale`` from gh.accumulate, else ``xdev/noise_scale``)
+    is more than ``noise_scale_factor`` times the batch, or less than its inverse."""
+    if th.batch_size is None:
+        return []
+    name = "grad/noise_scale" if h.has("grad/noise_scale") else "xdev/noise_scale"
+    if not h.has(name):
+        return []
+    values = h.col(name)
+    finite = np.flatnonzero(np.isfinite(values) & (values > 0))
+    if finite.size < th.min_steps:
+        return []
+    late = finite[finite.size // 2 :]
+    noise_scale = float(np.median(values[late]))
+    ratio = noise_scale / th.batch_size
+    if 1.0 / th.noise_scale_factor <= ratio <= th.noise_scale_factor:
+        return []
+    evidence = {"metric": name, "noise_scale": noise_scale, "batch_size": th.batch_size, "ratio": ratio}
+    where = "below" if ratio > 1 else "above"
+    summary = f"the batch ({th.batch_size}) is {max(ratio, 1 / ratio):.3g}x {where} the noise scale ({noise_scale:.4g})"
+    return [BATCH_VS_NOISE_SCALE.finding(summary, h.steps[late], evidence)]
+
+
 CLIP_ALWAYS = Pattern(
     "clip_always",
     "clipping on (almost) every step: threshold too low",
@@ -638,6 +733,8 @@ CHECKS = (
     (UPDATE_RATIO_HIGH, check_update_ratio_high),
     (UPDATE_RATIO_LOW, check_update_ratio_low),
     (DEAD_LEAF, check_dead_leaf),
+    (LEAF_CLIP_ALWAYS, check_leaf_clip_always),
+    (BATCH_VS_NOISE_SCALE, check_batch_vs_noise_scale),
     (CLIP_ALWAYS, check_clip_always),
     (CLIP_NEVER, check_clip_never),
     (ROLLBACK, check_rollback),
