@@ -703,13 +703,9 @@ def _apply_inner(
     sums = None
     if config.update_health:
         new_updates, new_state = traced.outputs()
-        sums = _output_sums(
-            new_updates,
-            # The state is read with the check off too: one formulation (without it,
-            # XLA:CPU gave the reduction a materialised copy of every constant).
-            new_state,
-            params,
-        )
+        # The state is read with the check off too: one formulation (without it,
+        # XLA:CPU gave the reduction a materialised copy of every constant).
+        sums = _output_sums(new_updates, new_state, params)
         outputs_finite = sums.finite
     elif config.check_updates:
         outputs_finite = _all_finite(traced.outputs())
@@ -726,13 +722,7 @@ def _apply_inner(
         if tie is not None:
             skipped = _lowering.before_writes(skipped, tie)
     inner_updates, new_inner_state = traced.with_selected_state(lambda k, new: sel.where(skipped, kept(k), new))
-    return Outcome(
-        sel.zero_floats_where(skipped, inner_updates),
-        new_inner_state,
-        skipped,
-        nonfinite_update,
-        sums if config.update_health else None,
-    )
+    return Outcome(sel.zero_floats_where(skipped, inner_updates), new_inner_state, skipped, nonfinite_update, sums)
 
 
 def _record(
