@@ -801,11 +801,13 @@ def _record(
         ),
     )
 
-    factor = decision.factors[0] * decision.factors[1]
+    # The norm times each factor in turn: their product alone can be a float32
+    # subnormal (flushed to 0) when the clip factor was split in two square roots.
+    clipped_norm = norm * decision.factors[0] * decision.factors[1]
     health = _update_health(outcome, stats.leaf_norms)
     report = GuardReport(
         guard_norm=norm,
-        guard_norm_clipped=jnp.where(skipped, 0.0, norm * factor),
+        guard_norm_clipped=jnp.where(skipped, 0.0, clipped_norm),
         guard_clip_threshold=decision.threshold,
         guard_clipped=clipped,
         guard_finite=decision.finite,

@@ -564,3 +564,76 @@ def test_only_spike_action_clip_lowers_the_threshold_on_a_spike(action):
     assert bool(m["grad/spiked"]) and float(m["grad/clip_threshold"]) == 1e6
     expected = np.zeros(4) if action == "skip" else -np.asarray(big)
     np.testing.assert_array_equal(np.asarray(updates["w"]), expected)
+
+
+# --- counters and the momentum reset's fresh state (mutation run of _record, _apply_inner) ---
+
+
+def test_num_clipped_counts_each_clipped_step_once():
+    tx = gh.guard(optax.sgd(0.1), clip=1.0, spike_threshold=None, spike_zscore=None)
+    params = {"w": jnp.zeros(2)}
+    state = tx.init(params)
+    norms = [3.0, 0.5, 2.0, 1.0, 4.0]  # clipped when strictly above 1.0
+    for norm in norms:
+        _, state = tx.update({"w": jnp.array([norm, 0.0])}, state, params)
+    assert int(gh.metrics(state)["grad/num_clipped"]) == sum(n > 1.0 for n in norms)
+
+
+def test_norm_clipped_reaches_a_threshold_whose_ratio_to_the_norm_is_subnormal():
+    """threshold / norm = 1e-40 is a float32 subnormal: the clip factor is applied as two
+    square roots, and the recorded post-clip norm is their product times the norm."""
+    tx = gh.guard(optax.sgd(0.1), clip=1e-30, spike_threshold=None, spike_zscore=None)
+    params = {"w": jnp.zeros(2)}
+    updates, state = tx.update({"w": jnp.array([1e10, 0.0])}, tx.init(params), params)
+    m = gh.metrics(state)
+    np.testing.assert_allclose(float(m["grad/norm_clipped"]), 1e-30, rtol=1e-5)
+    np.testing.assert_allclose(float(updates["w"][0]), -0.1 * 1e-30, rtol=1e-5)
+
+
+def test_a_reset_reinitialises_the_moments_from_the_params_not_the_gradients():
+    """optax.lookahead's params are LookaheadParams (fast and slow), its gradients only
+    the fast ones': a reset must re-initialise it from the params (from the gradients
+    its init would fail) and zero the fast optimizer's moments."""
+    inner = optax.lookahead(optax.adam(0.1), sync_period=100, slow_step_size=0.5)
+    tx = gh.guard(inner, warmup_steps=3, reset_after=1, spike_zscore=None, spike_threshold=2.0)
+    params = optax.LookaheadParams(fast={"w": jnp.ones(2)}, slow={"w": jnp.ones(2)})
+    state = tx.init(params)
+    for value in (1.0, 1.0, 1.0, 1.0, 50.0):
+        _, state = tx.update({"w": jnp.full((2,), value)}, state, params)
+    assert int(gh.metrics(state)["grad/num_momentum_resets"]) == 1
+    adam = state.guard_inner_state.fast_state[0]
+    np.testing.assert_array_equal(np.asarray(adam.mu["w"]), 0.0)
+    assert int(adam.count) == 0
+
+
+def test_a_reset_reinitialises_a_state_that_starts_from_the_param_values():
+    """An optimizer whose state starts as a copy of the parameters (schedule-free's z,
+    an anchor): the fresh state of a reset holds the parameters' values, not the
+    gradient's."""
+
+    def anchored():
+        return optax.GradientTransformation(
+            lambda params: {"anchor": jax.tree.map(jnp.array, params)},
+            lambda updates, state, params=None: (updates, state),
+        )
+
+    tx = gh.guard(anchored(), warmup_steps=3, reset_after=1, spike_zscore=None, spike_threshold=2.0)
+    params = {"w": jnp.array([1.0, 2.0])}
+    state = tx.init({"w": jnp.zeros(2)})  # the anchor starts elsewhere: a reset must move it
+    for value in (1.0, 1.0, 1.0, 1.0, 50.0):
+        _, state = tx.update({"w": jnp.full((2,), value)}, state, params)
+    assert int(gh.metrics(state)["grad/num_momentum_resets"]) == 1
+    np.testing.assert_array_equal(np.asarray(state.guard_inner_state["anchor"]["w"]), [1.0, 2.0])
+
+
+def test_a_reset_without_params_reinitialises_the_moments_from_the_gradients():
+    """optax makes params optional: a guard updated without them re-initialises Adam
+    from the gradients (its init needs only their shapes) and zeroes the moments."""
+    tx = gh.guard(optax.adam(0.1), warmup_steps=3, reset_after=1, spike_zscore=None, spike_threshold=2.0)
+    state = tx.init({"w": jnp.ones(2)})
+    for value in (1.0, 1.0, 1.0, 1.0, 50.0):
+        _, state = tx.update({"w": jnp.full((2,), value)}, state)
+    assert int(gh.metrics(state)["grad/num_momentum_resets"]) == 1
+    adam = state.guard_inner_state[0]
+    np.testing.assert_array_equal(np.asarray(adam.mu["w"]), 0.0)
+    assert int(adam.count) == 0
