@@ -72,7 +72,13 @@ MODULES: dict[str, Target] = {
     # The guard's pieces (_decide, _apply_inner, _record, GuardConfig) are judged by the
     # guard's own tests; restrict a run with --functions to the piece being changed.
     "_guard": Target(
-        tests=("tests/test_guard.py", "tests/test_guard_promises.py", "tests/test_hyperparams.py"),
+        tests=(
+            "tests/test_guard.py",
+            "tests/test_guard_promises.py",
+            "tests/test_hyperparams.py",
+            "tests/test_update_health.py",
+            "tests/test_loss_scale.py",  # the guard inside the loss scale (keep_bookkeeping, unscale)
+        ),
     ),
     "_cross_device": Target(tests=("tests/test_cross_device.py",)),
 }
@@ -156,6 +162,22 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         ")",  # the `inputs=` line removed: only the closing parenthesis is added
         "`inputs` only tells an eager call from a traced one; without it the update is traced and "
         "re-evaluated even eagerly, which gives the same values",
+    ),
+    # _guard
+    "optax_gradhealth._guard.x__decide__mutmut_101": (
+        ".astype(None))",
+        "the count of spikes in the window is only compared with reset_after: a sum of the flags in another "
+        "dtype gives the same comparison",
+    ),
+    "optax_gradhealth._guard.x__apply_inner__mutmut_24": (
+        '"XXskipXX"',
+        "with spike_action='skip' a reset step is a spike, so it is skipped: the update that reads the "
+        "re-initialised state instead of the old one is discarded, and the kept state is the reset one either way",
+    ),
+    "optax_gradhealth._guard.x__apply_inner__mutmut_25": (
+        '"SKIP"',
+        "with spike_action='skip' a reset step is a spike, so it is skipped: the update that reads the "
+        "re-initialised state instead of the old one is discarded, and the kept state is the reset one either way",
     ),
     # _skip
     "optax_gradhealth._skip.x__evaluate__mutmut_15": (
