@@ -252,6 +252,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile-reps", type=int, default=3, help="compilations per variant (default 3)")
     parser.add_argument("--loop", type=int, default=0, help="steps per call in one fori_loop (default 0: one step)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        help="only these variants (exact names, see variants()); adamw, the baseline, always runs first",
+    )
     args = parser.parse_args(argv)
     if args.loop < 0:
         parser.error(f"--loop must be >= 0, got {args.loop}")
@@ -260,9 +265,17 @@ def main(argv: list[str] | None = None) -> None:
         f"jax {jax.__version__}, optax {optax.__version__}, backend {jax.default_backend()}, "
         f"devices {jax.devices()[0].device_kind}" + (f", {args.loop} steps per call (fori_loop)" if args.loop else "")
     )
+    specs = variants()
+    if args.variants:
+        unknown = sorted(set(args.variants) - set(specs))
+        if unknown:
+            parser.error(f"unknown --variants {unknown}; known: {list(specs)}")
+        specs = {name: spec for name, spec in specs.items() if name == "adamw" or name in args.variants}
     rows = []
     for num_leaves in args.leaves:
-        rows += bench_tree(int(args.params), num_leaves, args.steps, args.warmup, args.compile_reps, loop=args.loop)
+        rows += bench_tree(
+            int(args.params), num_leaves, args.steps, args.warmup, args.compile_reps, specs=specs, loop=args.loop
+        )
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as file:

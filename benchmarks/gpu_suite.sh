@@ -33,7 +33,8 @@ else
   TRAIN="--size base --steps 20 --warmup 2"
   LIMIT_GUARD=90 LIMIT_LOOP=80 LIMIT_COMPILE=100 LIMIT_TRAIN=70 LIMIT_TESTS=110
   TESTS="tests/test_stats.py tests/test_guard.py tests/test_clipping.py tests/test_loss_scale.py \
-tests/test_clip_modes.py tests/test_guard_inplace.py tests/test_accumulation.py tests/test_skip.py"
+tests/test_clip_modes.py tests/test_guard_inplace.py tests/test_accumulation.py tests/test_skip.py \
+tests/test_update_health.py tests/test_replay.py"
 fi
 cd "$ROOT" || exit 1
 SUMMARY="$OUT/summary.md"
@@ -64,9 +65,13 @@ part() {  # part NAME LIMIT COMMAND...: runs it under its limit, output into OUT
 }
 
 # shellcheck disable=SC2086  # the argument lists are meant to split
-part guard_per_call "$LIMIT_GUARD" python benchmarks/bench_guard.py $GUARD --json "$OUT/guard_per_call.json"
-part guard_loop "$LIMIT_LOOP" python benchmarks/bench_guard.py $LOOP --json "$OUT/guard_loop.json"
-part compile_1000_leaves "$LIMIT_COMPILE" python benchmarks/bench_guard.py $COMPILE --json "$OUT/compile.json"
+VARIANTS=("clip+adamw" "apply_if_finite" "guard (all on)" "guard, update_health=False")
+part guard_per_call "$LIMIT_GUARD" python benchmarks/bench_guard.py $GUARD --json "$OUT/guard_per_call.json" \
+  --variants "${VARIANTS[@]}"
+part guard_loop "$LIMIT_LOOP" python benchmarks/bench_guard.py $LOOP --json "$OUT/guard_loop.json" \
+  --variants "${VARIANTS[@]}"
+part compile_1000_leaves "$LIMIT_COMPILE" python benchmarks/bench_guard.py $COMPILE --json "$OUT/compile.json" \
+  --variants "clip+adamw" "guard (all on)"
 part train_step "$LIMIT_TRAIN" python benchmarks/bench_train_step.py $TRAIN --json "$OUT/train_step.json"
 if python -c "import pytest, hypothesis" 2>/dev/null; then
   part tests "$LIMIT_TESTS" python -m pytest -q -p no:cacheprovider -o addopts="" $TESTS

@@ -31,8 +31,22 @@ def test_bench_guard_runs_and_prints_every_row():
         "clip+adamw",
         "apply_if_finite",
         "guard (all on)",
+        "guard, update_health=False",
         "guard, check_updates=False",
+        "guard, both False",
     ], result.stdout
+
+
+def test_bench_guard_runs_only_the_chosen_variants_after_the_baseline():
+    result = _run_benchmark(
+        "bench_guard.py", "--params", "2e4", "--leaves", "3", "--steps", "1", "--warmup", "1", "--compile-reps", "1",
+        "--variants", "guard (all on)", "clip+adamw",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| 0.02M/3 |")]
+    assert [row.split("|")[2].strip() for row in rows] == ["adamw", "clip+adamw", "guard (all on)"], result.stdout
+    bad = _run_benchmark("bench_guard.py", "--variants", "guard (all off)")
+    assert bad.returncode == 2 and "unknown --variants ['guard (all off)']" in bad.stderr
 
 
 def test_bench_cross_device_runs_and_prints_every_row():
@@ -68,7 +82,7 @@ def test_bench_guard_loop_mode_reports_per_step_rows():
     assert result.returncode == 0, result.stderr[-3000:]
     assert "3 steps per call (fori_loop)" in result.stdout
     rows = [line for line in result.stdout.splitlines() if line.startswith("| 0.02M/3 loop3 |")]
-    assert len(rows) == 5, result.stdout
+    assert len(rows) == 7, result.stdout
 
 
 def test_bench_train_step_runs_every_variant():
