@@ -38,6 +38,19 @@ def step_masks(h: History) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return finite, skipped, finite & ~skipped
 
 
+def counter_growth(h: History, name: str) -> tuple[int, np.ndarray] | None:
+    """``(total, steps where it grew)`` of a counter column (a ``num_...`` metric), or
+    None when it is not logged or never rose above 0."""
+    if not h.has(name):
+        return None
+    counter = np.nan_to_num(h.col(name), nan=0.0)
+    total = int(counter.max()) if counter.size else 0
+    if total <= 0:
+        return None
+    grew = np.diff(np.concatenate([[0.0], counter])) > 0
+    return total, h.steps[grew]
+
+
 def after_warmup(h: History, th: Thresholds) -> np.ndarray:
     """Rows at or after ``warmup_rows`` (by position in the history)."""
     return np.arange(len(h)) >= th.warmup_rows

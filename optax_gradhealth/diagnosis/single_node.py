@@ -79,14 +79,10 @@ NONFINITE_UPDATE = Pattern(
 def check_nonfinite_update(h: History, th: Thresholds) -> list[Finding]:
     """The guard skipped steps whose gradient was finite but whose inner update or new
     inner state was not (``grad/num_nonfinite_updates`` grew)."""
-    if not h.has("grad/num_nonfinite_updates"):
+    found = cols.counter_growth(h, "grad/num_nonfinite_updates")
+    if found is None:
         return []
-    counter = np.nan_to_num(h.col("grad/num_nonfinite_updates"), nan=0.0)
-    total = int(counter.max()) if counter.size else 0
-    if total <= 0:
-        return []
-    grew = np.diff(np.concatenate([[0.0], counter])) > 0
-    steps = h.steps[grew]
+    total, steps = found
     evidence = {"num_nonfinite_updates": total, "first_logged_step": int(steps[0])}
     summary = (
         f"{total} step(s) skipped because the optimizer's own update was not finite, "
@@ -118,14 +114,10 @@ REPLAY_MISMATCH = Pattern(
 
 def check_replay_mismatch(h: History, th: Thresholds) -> list[Finding]:
     """``grad/num_replay_mismatches`` grew (:func:`optax_gradhealth.step_replay`)."""
-    if not h.has("grad/num_replay_mismatches"):
+    found = cols.counter_growth(h, "grad/num_replay_mismatches")
+    if found is None:
         return []
-    counter = np.nan_to_num(h.col("grad/num_replay_mismatches"), nan=0.0)
-    total = int(counter.max()) if counter.size else 0
-    if total <= 0:
-        return []
-    grew = np.diff(np.concatenate([[0.0], counter])) > 0
-    steps = h.steps[grew]
+    total, steps = found
     recovered = h.col("grad/num_replay_recovered") if h.has("grad/num_replay_recovered") else None
     evidence = {"num_replay_mismatches": total, "first_logged_step": int(steps[0])}
     if recovered is not None:
