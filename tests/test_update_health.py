@@ -148,14 +148,19 @@ def test_without_the_check_a_nan_update_is_reported_not_hidden():
     assert not bool(m["grad/skipped"]) and bool(jnp.isnan(m["update/norm"]))
 
 
-def test_without_params_the_param_norm_and_the_ratios_are_zero():
+@pytest.mark.parametrize("passed", ["none", "other-structure"])
+def test_without_params_of_the_updates_structure_the_param_norm_and_the_ratios_are_zero(passed):
+    """No params (optax makes them optional), or params of another structure than the
+    update (nothing to pair its leaves with): param/norm and the ratios are 0, the
+    update's norm is still recorded."""
     tx = gh.guard(optax.sgd(0.5))
-    params = {"w": jnp.ones(4)}
-    _, state = tx.update({"w": jnp.full(4, 2.0)}, tx.init(params))
+    params = {"v": jnp.ones(1), "w": jnp.ones(4)}
+    other = None if passed == "none" else {"v": jnp.ones(1), "w": jnp.ones(4), "frozen": jnp.ones(3)}
+    _, state = tx.update({"v": jnp.zeros(1), "w": jnp.full(4, 2.0)}, tx.init(params), other)
     m = gh.metrics(state, deprecated_names=False)
     np.testing.assert_allclose(float(m["update/norm"]), 2.0, rtol=1e-6)  # |-0.5 * 2| * sqrt(4)
     assert float(m["param/norm"]) == 0.0 and float(m["update/param_ratio"]) == 0.0
-    assert float(m["update/leaf_param_ratio/w"]) == 0.0
+    assert float(m["update/leaf_param_ratio/v"]) == 0.0 and float(m["update/leaf_param_ratio/w"]) == 0.0
 
 
 def test_lookahead_pairs_its_update_with_the_fast_and_slow_params():
