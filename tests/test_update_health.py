@@ -210,3 +210,22 @@ def test_update_health_adds_at_most_one_float_per_update_element_of_temporary():
     baseline = temp_bytes(check_updates=False, update_health=False)
     for check in (True, False):
         assert temp_bytes(check_updates=check) - baseline <= 4 * elements + 4096
+
+
+def test_every_state_leaf_is_checked_whatever_comes_before_it():
+    """A state leaf of a shape no update leaf has, first in the state, does not stop the
+    pairing of the leaves after it: a NaN in a later, paired leaf still skips."""
+
+    def inner():
+        def update(updates, state, params=None):
+            trace = jax.tree.map(lambda g: g * jnp.nan, updates)
+            return updates, {"a_alone": state["a_alone"] + 1.0, "b_trace": trace}
+
+        return optax.GradientTransformation(
+            lambda params: {"a_alone": jnp.zeros(7), "b_trace": jax.tree.map(jnp.zeros_like, params)}, update
+        )
+
+    tx = gh.guard(inner())
+    params = {"w": jnp.ones(3)}
+    _, state = jax.jit(tx.update)({"w": jnp.ones(3)}, tx.init(params), params)
+    assert int(gh.metrics(state)["grad/num_nonfinite_updates"]) == 1

@@ -179,6 +179,16 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         "with spike_action='skip' a reset step is a spike, so it is skipped: the update that reads the "
         "re-initialised state instead of the old one is discarded, and the kept state is the reset one either way",
     ),
+    "optax_gradhealth._guard.x__output_sums__mutmut_36": (
+        "seen.get(x.shape, 1)",
+        "the pairing starts at another update leaf of the shape: every state leaf is still paired with one, "
+        "so every one is checked",
+    ),
+    "optax_gradhealth._guard.x__output_sums__mutmut_44": (
+        "count - 1",
+        "the pairing walks the update leaves of the shape backwards (Python's modulo of a negative count is "
+        "an index): every state leaf is still paired with one, so every one is checked",
+    ),
     # _skip
     "optax_gradhealth._skip.x__evaluate__mutmut_15": (
         "if v not in subst]",
