@@ -229,3 +229,22 @@ def test_every_state_leaf_is_checked_whatever_comes_before_it():
     params = {"w": jnp.ones(3)}
     _, state = jax.jit(tx.update)({"w": jnp.ones(3)}, tx.init(params), params)
     assert int(gh.metrics(state)["grad/num_nonfinite_updates"]) == 1
+
+
+@pytest.mark.parametrize("x64", [False, True], ids=["x32", "x64"])
+@pytest.mark.parametrize("jit", [True, False])
+def test_integer_leaves_of_the_update_count_zero_and_do_not_shift_the_others(jit, x64):
+    """An update with an integer leaf (a step counter passed through, sorted first):
+    its norm and ratio are 0, and the float leaf after it keeps its own; the recorded
+    values stay float32 under x64."""
+    with jax.enable_x64(x64):
+        tx = gh.guard(optax.identity())
+        params = {"n": jnp.int32(5), "w": jnp.array([3.0, 4.0], jnp.float32)}
+        update = jax.jit(tx.update) if jit else tx.update
+        _, state = update({"n": jnp.int32(1), "w": jnp.array([0.3, 0.4], jnp.float32)}, tx.init(params), params)
+        m = gh.metrics(state, deprecated_names=False)
+    assert {m[name].dtype for name in m if name.startswith(("update/", "param/"))} == {np.dtype(np.float32)}
+    np.testing.assert_allclose(float(m["update/norm"]), 0.5, rtol=1e-6)
+    np.testing.assert_allclose(float(m["param/norm"]), 5.0, rtol=1e-6)
+    np.testing.assert_allclose(float(m["update/leaf_param_ratio/w"]), 0.1, rtol=1e-6)
+    assert float(m["update/leaf_param_ratio/n"]) == 0.0
