@@ -189,6 +189,12 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         "the pairing walks the update leaves of the shape backwards (Python's modulo of a negative count is "
         "an index): every state leaf is still paired with one, so every one is checked",
     ),
+    "optax_gradhealth._guard.x__output_sums__mutmut_60": (
+        "_abs_squared(u, None, None)",
+        "the default float dtype instead of the accumulation dtype: the same float32 for fp16, bf16 and float32 "
+        "leaves under x32 and float64 for float64 leaves under x64; only a float32 leaf under x64 would be summed "
+        "in float64 before the cast to float32, a rounding no float32 tolerance can tell",
+    ),
     # _skip
     "optax_gradhealth._skip.x__evaluate__mutmut_15": (
         "if v not in subst]",
