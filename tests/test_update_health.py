@@ -248,3 +248,32 @@ def test_integer_leaves_of_the_update_count_zero_and_do_not_shift_the_others(jit
     np.testing.assert_allclose(float(m["param/norm"]), 5.0, rtol=1e-6)
     np.testing.assert_allclose(float(m["update/leaf_param_ratio/w"]), 0.1, rtol=1e-6)
     assert float(m["update/leaf_param_ratio/n"]) == 0.0
+
+
+@pytest.mark.parametrize("jit", [True, False])
+def test_an_empty_tree_records_zeros(jit):
+    tx = gh.guard(optax.sgd(0.1))
+    update = jax.jit(tx.update) if jit else tx.update
+    updates, state = update({}, tx.init({}), {})
+    assert updates == {}
+    m = gh.metrics(state, deprecated_names=False)
+    assert [float(m[name]) for name in HEALTH] == [0.0, 0.0, 0.0]
+    assert state.guard_report.guard_leaf_param_ratios.values.shape == (0,)
+
+
+def test_a_nan_in_the_first_of_two_state_leaves_paired_with_an_update_leaf_skips():
+    """Adam's layout: two state leaves per parameter (m, then v); a NaN in the first of
+    the two paired with a leaf, the second finite, still skips the step."""
+
+    def inner():
+        def update(updates, state, params=None):
+            m = jax.tree.map(lambda g: g * jnp.nan, updates)
+            return updates, {"m": m, "v": jax.tree.map(jnp.abs, updates)}
+
+        zeros = lambda p: jax.tree.map(jnp.zeros_like, p)
+        return optax.GradientTransformation(lambda p: {"m": zeros(p), "v": zeros(p)}, update)
+
+    tx = gh.guard(inner())
+    params = {"a": jnp.ones(3), "b": jnp.ones(3)}
+    _, state = jax.jit(tx.update)({"a": jnp.ones(3), "b": jnp.ones(3)}, tx.init(params), params)
+    assert int(gh.metrics(state)["grad/num_nonfinite_updates"]) == 1

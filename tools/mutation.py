@@ -195,6 +195,14 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         "leaves under x32 and float64 for float64 leaves under x64; only a float32 leaf under x64 would be summed "
         "in float64 before the cast to float32, a rounding no float32 tolerance can tell",
     ),
+    "optax_gradhealth._guard.x__output_sums__mutmut_92": (
+        "dtype=None",
+        "the squares are already in the accumulation dtype, which jnp.sum keeps",
+    ),
+    "optax_gradhealth._guard.x__output_sums__mutmut_94": (
+        "jnp.sum(squares, )",
+        "the squares are already in the accumulation dtype, which jnp.sum keeps",
+    ),
     # _skip
     "optax_gradhealth._skip.x__evaluate__mutmut_15": (
         "if v not in subst]",
