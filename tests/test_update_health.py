@@ -250,15 +250,19 @@ def test_integer_leaves_of_the_update_count_zero_and_do_not_shift_the_others(jit
     assert float(m["update/leaf_param_ratio/n"]) == 0.0
 
 
+@pytest.mark.parametrize("x64", [False, True], ids=["x32", "x64"])
 @pytest.mark.parametrize("jit", [True, False])
-def test_an_empty_tree_records_zeros(jit):
-    tx = gh.guard(optax.sgd(0.1))
-    update = jax.jit(tx.update) if jit else tx.update
-    updates, state = update({}, tx.init({}), {})
+def test_an_empty_tree_records_float32_zeros(jit, x64):
+    with jax.enable_x64(x64):
+        tx = gh.guard(optax.sgd(0.1))
+        update = jax.jit(tx.update) if jit else tx.update
+        updates, state = update({}, tx.init({}), {})
+        m = gh.metrics(state, deprecated_names=False)
     assert updates == {}
-    m = gh.metrics(state, deprecated_names=False)
     assert [float(m[name]) for name in HEALTH] == [0.0, 0.0, 0.0]
-    assert state.guard_report.guard_leaf_param_ratios.values.shape == (0,)
+    assert {m[name].dtype for name in HEALTH} == {np.dtype(np.float32)}
+    ratios = state.guard_report.guard_leaf_param_ratios.values
+    assert ratios.shape == (0,) and ratios.dtype == np.float32
 
 
 def test_a_nan_in_the_first_of_two_state_leaves_paired_with_an_update_leaf_skips():

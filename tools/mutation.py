@@ -203,6 +203,11 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         "jnp.sum(squares, )",
         "the squares are already in the accumulation dtype, which jnp.sum keeps",
     ),
+    "optax_gradhealth._guard.x__output_sums__mutmut_104": (
+        "jnp.zeros((1,), jnp.float32)",
+        "an empty update given one zero sum: its norm is still 0, and the per-leaf ratios, whose length no longer "
+        "matches the gradient's leaves, are replaced by the gradient-shaped zeros (_update_health)",
+    ),
     # _skip
     "optax_gradhealth._skip.x__evaluate__mutmut_15": (
         "if v not in subst]",
