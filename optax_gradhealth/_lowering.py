@@ -23,11 +23,12 @@ table below says which choice holds where and on what evidence.
   once with its state selected) from sharing its outputs, which would then have two
   consumers and be materialised. Evidence, XLA:CPU: no state-sized temporary per leaf
   with ``check_updates=True`` (``docs/benchmarks_guard.md``, "The update check").
-* ``before_writes``: orders a reduction that reads the optimizer state and the
-  parameters (the guard's update health without the update check) before the step
-  writes them in place, by a data dependency of the skip flag (always False in value):
-  without it XLA copies them first. Evidence, XLA:CPU: no copy of
-  the parameters or moments in the compiled step (``tests/test_guard_promises.py``).
+* ``before_writes``: orders a reduction that reads the parameters or the optimizer
+  state (the guard's update health: the parameters' sums, and with the update check off
+  the update's too) before the step writes them in place, by a data dependency of the
+  skip flag (always False in value): without it XLA copies them first. Evidence,
+  XLA:CPU: no copy of the parameters or moments in the compiled step
+  (``tests/test_update_health.py``, the temporary bound with the check on and off).
 
 Every choice is, today, the same on every backend: measured on XLA:CPU only. On GPU
 and TPU each is the same barrier until a measurement there says otherwise (the
