@@ -108,3 +108,20 @@ def test_a_guard_built_inside_jit_from_traced_sizes_says_what_is_missing():
 
     with pytest.raises(ValueError, match=r"spike_window.*traced.*concrete int"):
         init(jnp.int32(8))
+
+
+def test_a_guard_initialised_inside_jit_with_a_traced_reset_after_says_so_in_full():
+    """The reset ring's length comes from ``reset_after``: traced at init, the error
+    names the argument and the fix, from its first word to its last."""
+
+    @jax.jit
+    def init(reset_after):
+        return gh.guard(optax.sgd(0.1), reset_after=reset_after).init({"w": jnp.zeros(2)})
+
+    expected = (
+        "gh.guard: `reset_after` is a traced value, so the reset ring's size is not known: build the guard "
+        "(its init) with a concrete int, e.g. outside jit."
+    )
+    with pytest.raises(ValueError) as raised:
+        init(jnp.int32(3))
+    assert str(raised.value) == expected
