@@ -650,3 +650,39 @@ def test_a_reset_without_params_reinitialises_the_moments_from_the_gradients():
     adam = state.guard_inner_state[0]
     np.testing.assert_array_equal(np.asarray(adam.mu["w"]), 0.0)
     assert int(adam.count) == 0
+
+
+# --- the state before the first update ----------------------------------------------------
+
+
+@pytest.mark.parametrize("x64", [False, True], ids=["x32", "x64"])
+@pytest.mark.parametrize("clip", [None, 2.5])
+def test_metrics_before_the_first_update_hold_their_documented_initial_values(clip, x64):
+    """docs/comparison.md: until the first update every recorded value is 0 or False,
+    except ``grad/finite`` (True), ``grad/first_nonfinite_leaf`` (-1, no bad leaf) and
+    ``grad/clip_threshold`` (the policy's: the fixed threshold, +inf without a clip).
+    The state keeps its shapes and dtypes through updates; the reset ring holds int32
+    step numbers, exact beyond float32's 2**24, under x64 too."""
+    with jax.enable_x64(x64):
+        _check_initial_metrics(clip)
+
+
+def _check_initial_metrics(clip):
+    tx = gh.guard(optax.adam(0.1), clip=clip)
+    params = {"w": jnp.ones(3), "b": jnp.ones(2)}
+    state = tx.init(params)
+    special = {
+        "grad/finite": True,
+        "grad/first_nonfinite_leaf": -1,
+        "grad/clip_threshold": np.inf if clip is None else clip,
+    }
+    m = _host(gh.metrics(state))
+    assert set(special) <= set(m)
+    for name, value in m.items():
+        expected = special.get(name, 0)
+        assert np.all(value == expected), (name, value, expected)
+    # (each metric's dtype, by its declared kind: tests/test_catalogue.py)
+    assert state.guard_spike_steps.dtype == jnp.int32
+    _, after = jax.jit(tx.update)({"w": jnp.ones(3), "b": jnp.full(2, jnp.nan)}, state, params)
+    chex.assert_trees_all_equal_shapes_and_dtypes(after, state)
+    assert int(gh.metrics(after)["grad/first_nonfinite_leaf"]) == 0  # "b" sorts first
