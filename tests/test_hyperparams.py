@@ -125,3 +125,26 @@ def test_a_guard_initialised_inside_jit_with_a_traced_reset_after_says_so_in_ful
     with pytest.raises(ValueError) as raised:
         init(jnp.int32(3))
     assert str(raised.value) == expected
+
+
+@pytest.mark.parametrize("static", ["spike_window", "reset_after"])
+def test_one_size_static_and_the_other_injected_runs_like_the_plain_guard(static):
+    """The two sizes come from different places when only one is a hyperparameter: the
+    static one from the arguments, the traced one from the state's buffers."""
+    kwargs = dict(spike_window=6, warmup_steps=3, reset_after=2, reset_window=10)
+    injected = optax.inject_hyperparams(gh.guard, static_args=("inner", static))(inner=optax.adam(0.1), **kwargs)
+    plain = gh.guard(optax.adam(0.1), **kwargs)
+    params = {"w": jnp.zeros(3)}
+    states = [injected.init(params), plain.init(params)]
+    assert isinstance(states[0].hyperparams.get("spike_window", 6), int) == (static == "spike_window")
+    rng = np.random.default_rng(1)
+    grads = [rng.normal(size=3).astype(np.float32) for _ in range(10)]
+    grads[5], grads[7] = grads[5] * 1e4, grads[7] * 1e4  # two spikes within reset_window: a reset
+    for g in grads:
+        outs = [jax.jit(tx.update)({"w": jnp.asarray(g)}, s, params) for tx, s in zip((injected, plain), states)]
+        np.testing.assert_array_equal(np.asarray(outs[0][0]["w"]), np.asarray(outs[1][0]["w"]))
+        states = [out[1] for out in outs]
+    m_injected, m_plain = gh.metrics(states[0]), gh.metrics(states[1])
+    for name in m_plain:
+        np.testing.assert_array_equal(np.asarray(m_injected[name]), np.asarray(m_plain[name]), err_msg=name)
+    assert int(m_plain["grad/num_momentum_resets"]) == 1
