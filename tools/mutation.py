@@ -209,6 +209,15 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         "an empty update given one zero sum: its norm is still 0, and the per-leaf ratios, whose length no longer "
         "matches the gradient's leaves, are replaced by the gradient-shaped zeros (_update_health)",
     ),
+    "optax_gradhealth._guard.x__output_sums__mutmut_123": (
+        "if sums else jnp.zeros((1,), jnp.float32)",
+        "params without leaves (and so an update without leaves) given one zero sum: param/norm is still 0, "
+        "and the per-leaf ratios against an empty update broadcast to length 0 either way (_update_health)",
+    ),
+    "optax_gradhealth._guard.x__ratio__mutmut_17": (
+        "jnp.where(ok, den, 2.0)",
+        "the placeholder divisor of a zero parameter norm only feeds values that where(ok, ..., 0.0) discards",
+    ),
     # _skip
     "optax_gradhealth._skip.x__evaluate__mutmut_15": (
         "if v not in subst]",
