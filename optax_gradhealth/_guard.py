@@ -473,7 +473,7 @@ class GuardConfig:
         rollback_after_spikes: Any,
         vanishing_norm: Any,
         check_updates: bool,
-        update_health: bool = True,
+        update_health: bool,
     ) -> GuardConfig:
         """Validates every argument (a clear error naming it) and builds the config."""
         spike_threshold = check.optional(check.positive_or_array, "spike_threshold", spike_threshold)

@@ -484,6 +484,7 @@ def test_metrics_found_in_nnx_optimizer():
         (dict(clip=-1.0), ValueError, r"`clip` must be a positive number.*-1.0"),
         (dict(spike_action="ignore"), ValueError, r"`spike_action` must be one of \('skip', 'clip', 'record'\)"),
         (dict(spike_threshold=0.5), ValueError, r"`spike_threshold` .* must be > 1, got 0.5"),
+        (dict(spike_threshold=1.0), ValueError, r"`spike_threshold` .* must be > 1, got 1.0"),
         (dict(spike_threshold=float("nan")), ValueError, r"`spike_threshold` must not be NaN"),
         (dict(spike_zscore=-3.0), ValueError, r"`spike_zscore` must be a positive number"),
         (dict(warmup_steps=0), ValueError, r"`warmup_steps` must be an int >= 1, got 0"),
