@@ -495,6 +495,12 @@ def test_metrics_found_in_nnx_optimizer():
         (dict(reset_window=0), ValueError, r"`reset_window` must be an int >= 1, got 0"),
         (dict(rollback_after_nonfinite=2.0), TypeError, r"`rollback_after_nonfinite` must be an int"),
         (dict(vanishing_norm=0.0), ValueError, r"`vanishing_norm` must be a positive number"),
+        (dict(loss_spike_zscore=0.0), ValueError, r"`loss_spike_zscore` must be a positive number.*0.0"),
+        (dict(rollback_after_spikes=0), ValueError, r"`rollback_after_spikes` must be an int >= 1, got 0"),
+        (dict(rollback_after_nonfinite=0), ValueError, r"`rollback_after_nonfinite` must be an int >= 1, got 0"),
+        (dict(check_updates="yes"), TypeError, r"`check_updates` must be True or False, got 'yes'"),
+        (dict(update_health=1), TypeError, r"`update_health` must be True or False, got 1"),
+        (dict(clip="auto"), TypeError, r"`clip` must be None, a positive number or a clip policy.*got 'auto'"),
     ],
 )
 def test_bad_arguments_are_rejected_at_construction(kwargs, error, match):
