@@ -686,3 +686,39 @@ def _check_initial_metrics(clip):
     _, after = jax.jit(tx.update)({"w": jnp.ones(3), "b": jnp.full(2, jnp.nan)}, state, params)
     chex.assert_trees_all_equal_shapes_and_dtypes(after, state)
     assert int(gh.metrics(after)["grad/first_nonfinite_leaf"]) == 0  # "b" sorts first
+
+
+# --- the documented defaults -----------------------------------------------------------
+
+
+def _default_guard_flags(spike_at, steps):
+    """(spike, momentum reset) of each step of a default gh.guard(adam) fed unit-scale
+    noise, with 1e4-times gradients at the steps in ``spike_at``."""
+    tx = gh.guard(optax.adam(0.1))
+    params = {"w": jnp.zeros(4)}
+    state, update = tx.init(params), jax.jit(tx.update)
+    rng = np.random.default_rng(3)
+    flags = []
+    for t in range(steps):
+        g = rng.normal(size=4).astype(np.float32) * (1e4 if t in spike_at else 1.0)
+        _, state = update({"w": jnp.asarray(g)}, state, params)
+        m = gh.metrics(state)
+        flags.append((bool(m["grad/spiked"]), bool(m["grad/momentum_reset"])))
+    return flags
+
+
+def test_the_default_warm_up_is_20_accepted_steps_and_3_spikes_reset_the_momentum():
+    """docs/concepts.md: spikes are judged once `warmup_steps` (20) steps have been
+    accepted; `reset_after` spikes (3) within `reset_window` steps (100) reset."""
+    flags = _default_guard_flags({19, 20, 22, 24}, 26)
+    assert [t for t, (spike, _) in enumerate(flags) if spike] == [20, 22, 24]  # 19: still warming up
+    assert [t for t, (_, reset) in enumerate(flags) if reset] == [24]
+
+
+def test_the_default_reset_window_is_100_steps():
+    # Two spikes, then a third with the first among its last 100 steps (inside) or not.
+    inside = _default_guard_flags({20, 22, 119}, 120)
+    outside = _default_guard_flags({20, 22, 120}, 121)
+    assert [t for t, (_, reset) in enumerate(inside) if reset] == [119]
+    assert [t for t, (spike, reset) in enumerate(outside) if spike or reset] == [20, 22, 120]
+    assert not any(reset for _, reset in outside)
