@@ -722,3 +722,19 @@ def test_the_default_reset_window_is_100_steps():
     assert [t for t, (_, reset) in enumerate(inside) if reset] == [119]
     assert [t for t, (spike, reset) in enumerate(outside) if spike or reset] == [20, 22, 120]
     assert not any(reset for _, reset in outside)
+
+
+def test_the_default_rollback_recommendation_comes_after_10_bad_steps_in_a_row():
+    """docs/concepts.md: `rollback_after_nonfinite` (10) non-finite steps in a row or
+    `rollback_after_spikes` (10) spikes in a row raise grad/rollback_recommended."""
+    tx = gh.guard(optax.adam(0.1))
+    params = {"w": jnp.zeros(4)}
+    rng = np.random.default_rng(5)
+    for bad in (lambda g: g * np.nan, lambda g: g * 1e4):
+        state, update = tx.init(params), jax.jit(tx.update)
+        raised = []
+        for t in range(40):
+            g = rng.normal(size=4).astype(np.float32)
+            _, state = update({"w": jnp.asarray(bad(g) if t >= 25 else g)}, state, params)
+            raised.append(bool(gh.metrics(state)["grad/rollback_recommended"]))
+        assert raised.index(True) == 25 + 9 and all(raised[34:])
