@@ -738,3 +738,16 @@ def test_the_default_rollback_recommendation_comes_after_10_bad_steps_in_a_row()
             _, state = update({"w": jnp.asarray(bad(g) if t >= 25 else g)}, state, params)
             raised.append(bool(gh.metrics(state)["grad/rollback_recommended"]))
         assert raised.index(True) == 25 + 9 and all(raised[34:])
+
+
+def test_the_default_vanishing_norm_is_1e_5():
+    """docs/concepts.md: a finite step whose norm is below `vanishing_norm` (1e-5) is
+    flagged grad/vanishing; the step is applied as usual."""
+    tx = gh.guard(optax.sgd(1.0))
+    params = {"w": jnp.zeros(2)}
+    state = tx.init(params)
+    for norm, vanishing in [(2e-5, False), (5e-6, True), (1e-3, False)]:
+        g = {"w": jnp.array([0.6, 0.8]) * norm}
+        updates, state = tx.update(g, state, params)
+        assert bool(gh.metrics(state)["grad/vanishing"]) == vanishing, norm
+        np.testing.assert_allclose(updates["w"], -g["w"], rtol=1e-6)
