@@ -81,6 +81,8 @@ MODULES: dict[str, Target] = {
             # each metric's dtype by its declared kind, init's state included (the file's other
             # tests read README.md and docs/, which the work dir does not hold)
             "tests/test_catalogue.py::test_declared_kinds_match_the_arrays_metrics_returns",
+            # a clip mode passed as `clip` (chained between the decision and `inner`)
+            "tests/test_clip_modes.py::test_adagc_clip_inside_the_guard_sees_accepted_steps_only_and_survives_a_reset",
         ),
     ),
     "_cross_device": Target(tests=("tests/test_cross_device.py",)),
