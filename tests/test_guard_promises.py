@@ -751,3 +751,21 @@ def test_the_default_vanishing_norm_is_1e_5():
         updates, state = tx.update(g, state, params)
         assert bool(gh.metrics(state)["grad/vanishing"]) == vanishing, norm
         np.testing.assert_allclose(updates["w"], -g["w"], rtol=1e-6)
+
+
+# --- a clip mode as `clip` ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["value", "leaf_norm"])
+def test_a_clip_mode_as_clip_feeds_the_inner_optimizer(mode):
+    """`clip=gh.clip_by_value(c)` or `gh.clip_by_leaf_norm(c)`: the inner optimizer gets
+    the clipped gradients (numpy float64 reference): sgd(0.5) returns -0.5 * clipped."""
+    clip = gh.clip_by_value(1.0) if mode == "value" else gh.clip_by_leaf_norm(1.0)
+    tx = gh.guard(optax.sgd(0.5), clip=clip)
+    grads = {"a": np.array([3.0, -0.25, -2.0], np.float32), "b": np.array([0.3, 0.4], np.float32)}
+    params = jax.tree.map(jnp.zeros_like, grads)
+    updates, _ = tx.update(jax.tree.map(jnp.asarray, grads), tx.init(params), params)
+    for name, g in grads.items():
+        g = g.astype(np.float64)
+        clipped = np.clip(g, -1.0, 1.0) if mode == "value" else g * min(1.0, 1.0 / np.linalg.norm(g))
+        np.testing.assert_allclose(np.asarray(updates[name]), -0.5 * clipped, rtol=1e-6)
