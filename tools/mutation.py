@@ -218,6 +218,12 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         "params without leaves (and so an update without leaves) given one zero sum: param/norm is still 0, "
         "and the per-leaf ratios against an empty update broadcast to length 0 either way (_update_health)",
     ),
+    # (numbered after the removal of build's dead `update_health=True` default, formerly its mutant 1)
+    "optax_gradhealth._guard.xǁGuardConfigǁbuild__mutmut_171": (
+        "ring_size=2 if reset_after is None",
+        "with reset_after=None the reset ring is never written or read (_decide skips it): its length only "
+        "sizes an unused buffer",
+    ),
     "optax_gradhealth._guard.x__ratio__mutmut_17": (
         "jnp.where(ok, den, 2.0)",
         "the placeholder divisor of a zero parameter norm only feeds values that where(ok, ..., 0.0) discards",
