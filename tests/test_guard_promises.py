@@ -691,20 +691,24 @@ def _check_initial_metrics(clip):
 # --- the documented defaults -----------------------------------------------------------
 
 
-def _default_guard_flags(spike_at, steps):
-    """(spike, momentum reset) of each step of a default gh.guard(adam) fed unit-scale
-    noise, with 1e4-times gradients at the steps in ``spike_at``."""
+def _default_guard_history(bad_at, steps, bad=lambda g: g * 1e4, seed=3):
+    """The metrics of each step of a default gh.guard(adam) fed unit-scale noise, with
+    ``bad(g)`` (by default a 1e4-times gradient) at the steps in ``bad_at``."""
     tx = gh.guard(optax.adam(0.1))
     params = {"w": jnp.zeros(4)}
     state, update = tx.init(params), jax.jit(tx.update)
-    rng = np.random.default_rng(3)
-    flags = []
+    rng = np.random.default_rng(seed)
+    history = []
     for t in range(steps):
-        g = rng.normal(size=4).astype(np.float32) * (1e4 if t in spike_at else 1.0)
-        _, state = update({"w": jnp.asarray(g)}, state, params)
-        m = gh.metrics(state)
-        flags.append((bool(m["grad/spiked"]), bool(m["grad/momentum_reset"])))
-    return flags
+        g = rng.normal(size=4).astype(np.float32)
+        _, state = update({"w": jnp.asarray(bad(g) if t in bad_at else g)}, state, params)
+        history.append({name: bool(value) for name, value in gh.metrics(state).items() if value.dtype == bool})
+    return history
+
+
+def _default_guard_flags(spike_at, steps):
+    """(spike, momentum reset) of each step, spikes at the steps in ``spike_at``."""
+    return [(m["grad/spiked"], m["grad/momentum_reset"]) for m in _default_guard_history(spike_at, steps)]
 
 
 def test_the_default_warm_up_is_20_accepted_steps_and_3_spikes_reset_the_momentum():
@@ -727,16 +731,9 @@ def test_the_default_reset_window_is_100_steps():
 def test_the_default_rollback_recommendation_comes_after_10_bad_steps_in_a_row():
     """docs/concepts.md: `rollback_after_nonfinite` (10) non-finite steps in a row or
     `rollback_after_spikes` (10) spikes in a row raise grad/rollback_recommended."""
-    tx = gh.guard(optax.adam(0.1))
-    params = {"w": jnp.zeros(4)}
-    rng = np.random.default_rng(5)
     for bad in (lambda g: g * np.nan, lambda g: g * 1e4):
-        state, update = tx.init(params), jax.jit(tx.update)
-        raised = []
-        for t in range(40):
-            g = rng.normal(size=4).astype(np.float32)
-            _, state = update({"w": jnp.asarray(bad(g) if t >= 25 else g)}, state, params)
-            raised.append(bool(gh.metrics(state)["grad/rollback_recommended"]))
+        history = _default_guard_history(range(25, 40), 40, bad, seed=5)
+        raised = [m["grad/rollback_recommended"] for m in history]
         assert raised.index(True) == 25 + 9 and all(raised[34:])
 
 
