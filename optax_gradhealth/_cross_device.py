@@ -954,9 +954,11 @@ def cross_device_alarms(metrics: dict[str, Any]) -> list[Alarm]:
 
     norms = read("xdev/device_norms", 1)
     named = read("xdev/outlier_devices", 1)
-    devices = [int(d) for d in np.nonzero(named)[0]] if named is not None else []
-    if named is None and int(read("xdev/outlier_device", 0)) >= 0:
-        devices = [int(read("xdev/outlier_device", 0))]
+    single = read("xdev/outlier_device", 0)
+    if named is not None:
+        devices = [int(d) for d in np.nonzero(named)[0]]
+    else:  # an older log: the single named device, -1 for none
+        devices = [int(single)] if single is not None and int(single) >= 0 else []
     for device in devices:
         if norms is None:
             score = read("xdev/outlier_score", 0)
