@@ -7,6 +7,7 @@ every expected text, kind and evidence value is computed here from its definitio
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -114,9 +115,19 @@ def test_the_median_of_the_others_skips_their_nonfinite_norms():
     assert alarm == "device 2: gradient norm 4x the other devices' median"
 
 
+def test_the_evidence_is_computed_in_float64_from_float32_logs():
+    # median(1, 1 + 2**-23) = 1 + 2**-24 exactly in float64; float32 rounds it to 1.
+    norms = np.array([1.0, 1.0 + 2.0**-23, 5.0], np.float32)
+    alarm = describe_outlier(2, norms, None, None, None, None)
+    assert alarm.evidence["median_norm_others"] == 1.0 + 2.0**-24
+    assert alarm.evidence["norm_ratio"] == 5.0 / (1.0 + 2.0**-24)
+
+
 @pytest.mark.parametrize("others", [[0.0, 0.0], [np.nan, np.inf]], ids=["all-zero", "all-nonfinite"])
 def test_a_ratio_to_a_median_of_zero_or_of_nothing_is_infinite(others):
-    alarm = describe_outlier(0, np.array([3.0, *others]), None, None, None, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no numpy warning about an empty median
+        alarm = describe_outlier(0, np.array([3.0, *others]), None, None, None, None)
     assert alarm == "device 0: gradient norm infx the other devices' median"
     assert alarm.evidence["norm_ratio"] == math.inf
     typical = alarm.evidence["median_norm_others"]

@@ -273,7 +273,49 @@ def test_shard_map_summed_gradients_raise_and_local_value_and_grad_fixes_them():
     xs, wn = np.asarray(x, np.float64), np.asarray(w, np.float64)
     local = np.stack([2 * xs[k].T @ (xs[k] @ wn - 1.0) / 5 for k in range(K)])
     np.testing.assert_allclose(got, local.mean(0), rtol=1e-5)
-    assert gh.local_grad(loss, "data") is not None
+
+
+def test_local_grad_gives_every_differentiated_argument_its_local_gradient_and_passes_aux_through():
+    """Under shard_map, each of several replicated arguments (argnums) gets the device's own
+    gradient, not the sum over devices; the default axis is 'data'; has_aux returns the
+    auxiliary output beside the gradients, as jax.grad does."""
+    mesh = jax.make_mesh((K,), ("data",), axis_types=(AxisType.Auto,))
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(K, 5, 3)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3,)), jnp.float32)
+    b = jnp.asarray(0.25, jnp.float32)
+
+    def loss(w, b, x):
+        residual = x @ w + b - 1.0
+        return jnp.mean(residual**2), jnp.max(residual)
+
+    def body(w, b, x):
+        (gw, gb), aux = gh.local_grad(loss, argnums=(0, 1), has_aux=True)(w, b, x[0])
+        (value, aux2), gw_only = gh.local_value_and_grad(loss, has_aux=True)(w, b, x[0])
+        return gw[None], gb[None], aux[None], value[None], aux2[None], gw_only[None]
+
+    out_specs = (P("data"),) * 6
+    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), P("data")), out_specs=out_specs))
+    gw, gb, aux, value, aux2, gw_only = (np.asarray(a, np.float64) for a in f(w, b, x))
+    xs, wn, bn = np.asarray(x, np.float64), np.asarray(w, np.float64), 0.25
+    residual = np.einsum("kij,j->ki", xs, wn) + bn - 1.0  # [K, 5]
+    np.testing.assert_allclose(gw, 2 * np.einsum("ki,kij->kj", residual, xs) / 5, rtol=1e-5)
+    np.testing.assert_allclose(gb, 2 * residual.mean(1), rtol=1e-5)
+    np.testing.assert_allclose(aux, residual.max(1), rtol=1e-5)
+    np.testing.assert_allclose(aux2, residual.max(1), rtol=1e-5)
+    np.testing.assert_allclose(value, (residual**2).mean(1), rtol=1e-5)
+    np.testing.assert_allclose(gw_only, gw, rtol=1e-6)
+
+    # Defaults otherwise (argnums=0, no aux) on an axis of another name.
+    batch_mesh = jax.make_mesh((K,), ("batch",), axis_types=(AxisType.Auto,))
+    plain = lambda w, x: loss(w, 0.25, x)[0]
+    g = jax.shard_map(
+        lambda w, x: gh.local_grad(plain, "batch")(w, x[0])[None],
+        mesh=batch_mesh,
+        in_specs=(P(), P("batch")),
+        out_specs=P("batch"),
+    )(w, x)
+    np.testing.assert_allclose(np.asarray(g, np.float64), gw, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -309,8 +351,13 @@ def test_unbound_and_unknown_axes_fail_at_first_trace():
     grads = {"w": jnp.ones((K, 3))}
     tx = gh.cross_device("data")
     state = tx.init(None)
-    with pytest.raises(ValueError, match=r"'data'.*not a bound axis"):
+    with pytest.raises(ValueError) as outside:
         tx.update({"w": jnp.ones(3)}, state)  # outside pmap / shard_map
+    assert str(outside.value) == (
+        "`axis_name='data'` is not a bound axis (no mesh axis is bound here (not inside jax.shard_map); "
+        "a jax.pmap axis must match its axis_name). Call the update inside jax.pmap(step, axis_name=...) or "
+        "jax.shard_map(step, mesh=...) whose axis names include it, or fix `axis_name`."
+    )
     typo = gh.cross_device("dta")
     with pytest.raises(ValueError, match=r"'dta'.*not a bound axis"):
         jax.pmap(lambda g: typo.update(g, typo.init(g))[0], axis_name="data")(grads)

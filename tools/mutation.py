@@ -12,8 +12,8 @@ Usage (from the repository root, in the project's virtual environment)::
 
 What it does:
 
-1. copies the working tree's ``optax_gradhealth/``, ``tests/``, ``examples/``,
-   ``conftest.py`` and ``pyproject.toml`` into ``.mutation/<module>/`` (git-ignored):
+1. copies the working tree's ``optax_gradhealth/``, ``tests/``, ``examples/``, ``docs/``,
+   ``README.md``, ``conftest.py`` and ``pyproject.toml`` into ``.mutation/<module>/`` (git-ignored):
    the checkout itself is never touched, and uncommitted tests are included;
 2. appends a ``[tool.mutmut]`` table for that module to the *copy* of pyproject.toml
    (only that module is mutated; the test subset is ``MODULES[module]``);
@@ -85,7 +85,13 @@ MODULES: dict[str, Target] = {
             "tests/test_clip_modes.py::test_adagc_clip_inside_the_guard_sees_accepted_steps_only_and_survives_a_reset",
         ),
     ),
-    "_cross_device": Target(tests=("tests/test_cross_device.py",)),
+    "_cross_device": Target(
+        tests=(
+            "tests/test_alarms.py",  # host side: Alarm, describe_outlier, cross_device_alarms
+            "tests/test_cross_device.py",
+            "tests/test_diagnose.py",  # gh.diagnose words its outlier findings with describe_outlier
+        ),
+    ),
 }
 
 # Surviving mutants that change no observable behaviour: mutant name -> (a fragment of the
@@ -291,7 +297,7 @@ pytest_add_cli_args_test_selection = [{tests}]
 pytest_add_cli_args = [
     "-p", "no:doctest", "-p", "no:cacheprovider", "-o", "addopts=", "-W", "ignore::pytest.PytestConfigWarning",
 ]
-also_copy = ["conftest.py", "examples/"]
+also_copy = ["conftest.py", "examples/", "docs/", "README.md"]
 process_isolation = "forkserver"
 forkserver_warmup = "import"
 preload_modules_file = "preload.txt"
@@ -312,6 +318,9 @@ def prepare(work: pathlib.Path, module: str, target: Target, args: argparse.Name
     shutil.copytree(ROOT / "tests", work / "tests", ignore=ignore)
     shutil.copytree(ROOT / "examples", work / "examples", ignore=ignore)  # tests run some examples
     shutil.copy2(ROOT / "conftest.py", work / "conftest.py")
+    # some tests read the docs they check against (test_diagnose's playbook, test_catalogue)
+    shutil.copytree(ROOT / "docs", work / "docs", ignore=shutil.ignore_patterns("_build"))
+    shutil.copy2(ROOT / "README.md", work / "README.md")
     pyproject = (ROOT / "pyproject.toml").read_text()
     pyproject += mutmut_table(module, target, args.timeout_multiplier, args.timeout_constant)
     (work / "pyproject.toml").write_text(pyproject)
