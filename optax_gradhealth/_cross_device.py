@@ -193,12 +193,13 @@ def default_audit_rule(**overrides: float) -> dict[str, float]:
 
 
 def _as_axes(name: str, value: Any, *, allow_empty: bool) -> tuple[str, ...]:
+    given = value
     if isinstance(value, str):
         value = (value,)
     if not isinstance(value, (tuple, list)) or not all(isinstance(a, str) and a for a in value):
         raise TypeError(
-            f"`{name}` must be a mesh/pmap axis name (a non-empty str) or a tuple of them, got {value!r} "
-            f"(type {type(value).__name__})."
+            f"`{name}` must be a mesh/pmap axis name (a non-empty str) or a tuple of them, got {given!r} "
+            f"(type {type(given).__name__})."
         )
     value = tuple(value)
     if not value and not allow_empty:

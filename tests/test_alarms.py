@@ -118,9 +118,11 @@ def test_the_median_of_the_others_skips_their_nonfinite_norms():
 def test_the_evidence_is_computed_in_float64_from_float32_logs():
     # median(1, 1 + 2**-23) = 1 + 2**-24 exactly in float64; float32 rounds it to 1.
     norms = np.array([1.0, 1.0 + 2.0**-23, 5.0], np.float32)
-    alarm = describe_outlier(2, norms, None, None, None, None)
+    cosine = np.array([0.5, 0.5 + 2.0**-24, 0.0], np.float32)  # 2**-24: one float32 step at 0.5
+    alarm = describe_outlier(2, norms, cosine, None, None, None)
     assert alarm.evidence["median_norm_others"] == 1.0 + 2.0**-24
     assert alarm.evidence["norm_ratio"] == 5.0 / (1.0 + 2.0**-24)
+    assert alarm.evidence["median_cosine_others"] == 0.5 + 2.0**-25
 
 
 @pytest.mark.parametrize("others", [[0.0, 0.0], [np.nan, np.inf]], ids=["all-zero", "all-nonfinite"])

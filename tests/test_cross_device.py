@@ -321,6 +321,19 @@ def test_local_grad_gives_every_differentiated_argument_its_local_gradient_and_p
 # ----------------------------------------------------------------------------- bad input
 
 
+@pytest.mark.parametrize("make", [gh.local_grad, gh.local_value_and_grad])
+def test_local_grad_rejects_a_bad_axis_name_when_built(make):
+    loss = lambda w: jnp.sum(w)
+    with pytest.raises(ValueError) as empty:
+        make(loss, ())
+    assert str(empty.value) == "`axis_name` must name at least one axis, e.g. axis_name='data'."
+    with pytest.raises(TypeError) as blank:
+        make(loss, "")
+    assert str(blank.value) == (
+        "`axis_name` must be a mesh/pmap axis name (a non-empty str) or a tuple of them, got '' (type str)."
+    )
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
