@@ -334,30 +334,69 @@ def test_local_grad_rejects_a_bad_axis_name_when_built(make):
     )
 
 
+_POSITIVE = "must be a positive number"
+_AXIS = "must be a mesh/pmap axis name (a non-empty str) or a tuple of them, got"
+
+
 @pytest.mark.parametrize(
-    ("kwargs", "error", "match"),
+    ("kwargs", "error", "message"),
     [
-        ({"sketch_dim": 0}, ValueError, "sketch_dim"),
-        ({"sketch_dim": -3}, ValueError, "sketch_dim"),
-        ({"per_device_batch": 0}, ValueError, "per_device_batch"),
-        ({"per_device_batch": 2.5}, TypeError, "per_device_batch"),
-        ({"audit_every": 0}, ValueError, "audit_every"),
-        ({"audit_first_steps": -1}, ValueError, "audit_first_steps"),
-        ({"audit_first_steps": 0, "audit_every": None}, ValueError, "never audits"),
-        ({"axis_name": ""}, TypeError, "axis_name"),
-        ({"axis_name": 3}, TypeError, "axis_name"),
-        ({"sharded_axes": "data"}, ValueError, "both a data axis and a sharded axis"),
-        ({"noise_scale_decay": 1.0}, ValueError, "noise_scale_decay"),
-        ({"outlier_threshold": 0.0}, ValueError, "outlier_threshold"),
-        ({"outlier_evidence": -1.0}, ValueError, "outlier_evidence"),
-        ({"outlier_drift": 0.0}, ValueError, "outlier_drift"),
-        ({"near_duplicate_evidence": float("nan")}, ValueError, "near_duplicate_evidence"),
-        ({"near_duplicate_drift": "3"}, TypeError, "near_duplicate_drift"),
+        ({"sketch_dim": 0}, ValueError, "`sketch_dim` must be an int >= 1, got 0."),
+        ({"sketch_dim": 2.0}, TypeError, "`sketch_dim` must be an int >= 1, got 2.0 (type float)."),
+        ({"sketch_seed": -1}, ValueError, "`sketch_seed` must be an int >= 0, got -1."),
+        ({"num_devices": 0}, ValueError, "`num_devices` must be an int >= 1, got 0."),
+        ({"per_device_batch": 0}, ValueError, "`per_device_batch` must be an int >= 1, got 0."),
+        ({"per_device_batch": 2.5}, TypeError, "`per_device_batch` must be an int >= 1, got 2.5 (type float)."),
+        ({"audit_every": 0}, ValueError, "`audit_every` must be an int >= 1, got 0."),
+        ({"audit_first_steps": -1}, ValueError, "`audit_first_steps` must be an int >= 0, got -1."),
+        (
+            {"audit_first_steps": 0, "audit_every": None},
+            ValueError,
+            "The audit schedule never audits: audit_first_steps=0 and audit_every=None. Set audit_first_steps > 0 "
+            "(audit every step at first) and/or audit_every >= 1 (then every N).",
+        ),
+        ({"axis_name": ""}, TypeError, f"`axis_name` {_AXIS} '' (type str)."),
+        ({"axis_name": 3}, TypeError, f"`axis_name` {_AXIS} 3 (type int)."),
+        ({"axis_name": ("data", "data")}, ValueError, "`axis_name` names an axis twice: ('data', 'data')."),
+        ({"sharded_axes": ""}, TypeError, f"`sharded_axes` {_AXIS} '' (type str)."),
+        (
+            {"sharded_axes": ("model", "data")},
+            ValueError,
+            "An axis cannot be both a data axis and a sharded axis: axis_name=('data',), "
+            "sharded_axes=('model', 'data').",
+        ),
+        ({"noise_scale_decay": 1.0}, ValueError, "`noise_scale_decay` must lie strictly between 0 and 1, got 1.0."),
+        ({"outlier_threshold": 0.0}, ValueError, f"`outlier_threshold` {_POSITIVE} (inf allowed), got 0.0."),
+        ({"outlier_evidence": -1.0}, ValueError, f"`outlier_evidence` {_POSITIVE} (inf allowed), got -1.0."),
+        (
+            {"near_duplicate_evidence": 0.0},
+            ValueError,
+            f"`near_duplicate_evidence` {_POSITIVE} (inf allowed), got 0.0.",
+        ),
+        ({"near_duplicate_evidence": float("nan")}, ValueError, "`near_duplicate_evidence` must not be NaN, got nan."),
+        ({"outlier_drift": 0.0}, ValueError, f"`outlier_drift` {_POSITIVE}, finite, got 0.0."),
+        ({"outlier_drift": float("inf")}, ValueError, f"`outlier_drift` {_POSITIVE}, finite, got inf."),
+        ({"near_duplicate_drift": "3"}, TypeError, "`near_duplicate_drift` must be a real number, got '3' (type str)."),
+        ({"near_duplicate_drift": float("inf")}, ValueError, f"`near_duplicate_drift` {_POSITIVE}, finite, got inf."),
+        ({"norm_floor": 0.0}, ValueError, f"`norm_floor` {_POSITIVE}, finite, got 0.0."),
+        ({"cosine_floor": float("inf")}, ValueError, f"`cosine_floor` {_POSITIVE}, finite, got inf."),
     ],
 )
-def test_bad_arguments_fail_at_build_time(kwargs, error, match):
-    with pytest.raises(error, match=match):
+def test_bad_arguments_fail_at_build_time(kwargs, error, message):
+    with pytest.raises(error) as raised:
         gh.cross_device(**{"axis_name": "data", **kwargs})
+    assert str(raised.value) == message
+
+
+def test_infinite_thresholds_switch_a_detector_off_and_are_accepted():
+    inf = float("inf")
+    tx = gh.cross_device("data", outlier_threshold=inf, outlier_evidence=inf, near_duplicate_evidence=inf)
+    grads = {"w": jnp.ones((K, 3)).at[3].multiply(1e4)}  # device 3 far off: named under the defaults
+    state = jax.pmap(tx.init, axis_name="data")(grads)
+    _, state = jax.pmap(tx.update, axis_name="data")(grads, state)
+    m = first_copy(gh.metrics(state))
+    assert m["xdev/outlier_device"] == -1 and not m["xdev/outlier_devices"].any()
+    assert m["xdev/norm_score"][3] > 10.0  # the score is still recorded
 
 
 def test_unbound_and_unknown_axes_fail_at_first_trace():
