@@ -170,22 +170,87 @@ def test_a_clean_audit_raises_nothing():
     assert gh.cross_device_alarms({}) == []
 
 
+def _every_metric(k=4):
+    """A log row holding every metric the alarms read: device 1 a norm outlier, devices
+    2 and 3 a near-duplicate pair, device 0 out of sync."""
+    cos = np.full((k, k), 0.2, np.float32)
+    np.fill_diagonal(cos, 1.0)
+    cos[2, 3] = cos[3, 2] = 0.95
+    near = np.zeros((k, k), bool)
+    near[2, 3] = near[3, 2] = True
+    return _clean(k) | {
+        "xdev/device_norms": np.array([1.0, 5.0, 1.0, 1.0], np.float32),
+        "xdev/outlier_devices": np.array([False, True, False, False]),
+        "xdev/outlier_device": np.int32(1),
+        "xdev/outlier_score": np.float32(11.0),
+        "xdev/cosine_to_mean": np.array([0.9, 0.3, 0.8, 0.7], np.float32),
+        "xdev/norm_score": np.array([0.0, 11.0, 0.0, 0.0], np.float32),
+        "xdev/direction_score": np.array([0.0, 2.0, 0.0, 0.0], np.float32),
+        "xdev/outlier_evidence": np.array([0.0, 15.0, 0.0, 0.0], np.float32),
+        "xdev/pairwise_cosine": cos,
+        "xdev/near_duplicate_pairs": near,
+        "xdev/param_desync": np.array([True, False, False, False]),
+    }
+
+
+def _differs(v):
+    return np.logical_not(v) if v.dtype == bool else v * 2 + 1
+
+
+def _alarm_parts(alarms):
+    return [(str(a), a.kind, a.devices, a.evidence) for a in alarms]
+
+
 def test_per_device_copies_are_read_from_the_first_copy():
     """pmap leaves a leading device axis on every metric: the first copy is the one read
-    (the second copy here differs, so a read of any other copy is seen)."""
-    first = _clean(4) | {
-        "xdev/outlier_devices": np.array([False, True, False, False]),
-        "xdev/norm_score": np.array([0.0, 11.0, 0.0, 0.0], np.float32),
-        "xdev/direction_score": np.zeros(4, np.float32),
-    }
-    first["xdev/device_norms"] = np.array([1.0, 5.0, 1.0, 1.0], np.float32)
-    second = {name: (np.logical_not(v) if v.dtype == bool else v * 2 + 1) for name, v in first.items()}
-    copies = {name: np.stack([first[name], second[name]]) for name in first}
-    alarms = gh.cross_device_alarms(copies)
-    assert alarms == ["device 1: gradient norm 5x the other devices' median (score 11)"]
+    (the second copy of every metric differs here, so a read of any other is seen)."""
+    first = _every_metric()
+    expected = gh.cross_device_alarms(first)
+    assert _alarm_parts(expected) == [
+        (
+            "device 1: gradient norm 5x the other devices' median (score 11, evidence 15)",
+            "outlier_norm",
+            (1,),
+            {
+                "device_norm": 5.0,
+                "median_norm_others": 1.0,
+                "norm_score": 11.0,
+                "direction_score": 2.0,
+                "cosine_to_mean": pytest.approx(0.3),
+                "median_cosine_others": pytest.approx(0.8),
+                "cusum_evidence": 15.0,
+                "norm_ratio": 5.0,
+            },
+        ),
+        (
+            "devices 2 and 3 have nearly the same gradients (pair cosine 0.95 vs median 0.20; same examples?)",
+            "near_duplicate_pair",
+            (2, 3),
+            {"pair_cosine": pytest.approx(0.95), "median_pair_cosine": pytest.approx(0.2)},
+        ),
+        ("device 0 parameters differ from the majority (desync or corruption)", "param_desync", (0,), {}),
+    ]
+    copies = {name: np.stack([v, _differs(v)]) for name, v in first.items()}
+    assert _alarm_parts(gh.cross_device_alarms(copies)) == _alarm_parts(expected)
     # a deeper leading shape (e.g. steps x devices) is read at its first index too
-    deeper = {name: np.stack([v, v]) for name, v in copies.items()}
-    assert gh.cross_device_alarms(deeper) == alarms
+    deeper = {name: np.stack([v, _differs(v)]) for name, v in copies.items()}
+    assert _alarm_parts(gh.cross_device_alarms(deeper)) == _alarm_parts(expected)
+    # the older log's single device and score, without the norms, the same way
+    older = {"xdev/outlier_device": np.int32(1), "xdev/outlier_score": np.float32(11.0)}
+    older_copies = {name: np.stack([v, _differs(v)]) for name, v in older.items()}
+    assert gh.cross_device_alarms(older_copies) == ["device 1: outlier (score 11)"]
+
+
+def test_several_named_devices_without_the_norms_are_each_worded_from_the_score():
+    m = {"xdev/outlier_devices": np.array([False, True, False, True]), "xdev/outlier_score": np.float32(30.0)}
+    assert gh.cross_device_alarms(m) == ["device 1: outlier (score 30)", "device 3: outlier (score 30)"]
+
+
+def test_an_exact_duplicate_pair_is_not_named_again_as_a_near_one():
+    m = _every_metric()
+    m["xdev/duplicate_pairs"] = m["xdev/near_duplicate_pairs"].copy()
+    kinds = [(a.kind, a.devices) for a in gh.cross_device_alarms(m)]
+    assert kinds == [("outlier_norm", (1,)), ("duplicate_pair", (2, 3)), ("param_desync", (0,))]
 
 
 def test_logs_without_the_named_devices_fall_back_to_the_single_outlier_device():
