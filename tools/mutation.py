@@ -98,6 +98,11 @@ MODULES: dict[str, Target] = {
 # mutated line, so that an entry made stale by an edit of the function is noticed; reason).
 # Filled in from the runs recorded in docs/testing.md.
 _NAMES_CACHE_ONLY = "only the names cache changes (a lookup misses, or one more entry fits): the same names"
+_FLOAT_SPELLING = "float() reads the name case-insensitively: the same float"
+_DIAGONAL_FALSE = (
+    "the diagonal of the pair matrices is False by construction (a device is not its own duplicate), so the "
+    "upper triangle with or without it names the same pairs"
+)
 EQUIVALENT: dict[str, tuple[str, str]] = {
     # _stats
     "optax_gradhealth._stats.x__names_of_treedef__mutmut_1": ("names = None", _NAMES_CACHE_ONLY),
@@ -233,6 +238,32 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     "optax_gradhealth._guard.x__ratio__mutmut_17": (
         "jnp.where(ok, den, 2.0)",
         "the placeholder divisor of a zero parameter norm only feeds values that where(ok, ..., 0.0) discards",
+    ),
+    # _cross_device (host side)
+    "optax_gradhealth._cross_device.x__bound_axes_hint__mutmut_3": (
+        "names = None",
+        "only when jax has no get_abstract_mesh (the except branch): None and () are both falsy, the same hint",
+    ),
+    "optax_gradhealth._cross_device.x__to_varying__mutmut_11": (
+        "if (missing) or True",
+        "lax.pcast over an empty tuple of axes returns the value unchanged, with the same varying axes",
+    ),
+    "optax_gradhealth._cross_device.x_describe_outlier__mutmut_22": ('float("NAN")', _FLOAT_SPELLING),
+    "optax_gradhealth._cross_device.x_describe_outlier__mutmut_120": ('float("INF")', _FLOAT_SPELLING),
+    "optax_gradhealth._cross_device.x_cross_device_alarms__mutmut_123": ("np.triu(pairs, )", _DIAGONAL_FALSE),
+    "optax_gradhealth._cross_device.x_cross_device_alarms__mutmut_165": ("np.triu(near & ~exact, )", _DIAGONAL_FALSE),
+    "optax_gradhealth._cross_device.x_cross_device_alarms__mutmut_152": (
+        "np.zeros_like(None)",
+        "without the exact pairs, ~zeros_like(None) is the object -1 (every bit set): near & -1 keeps every "
+        "flagged pair, as near & ~False does",
+    ),
+    "optax_gradhealth._cross_device.x_cross_device_alarms__mutmut_180": (
+        "cos.shape[1]",
+        "the pairwise cosine matrix is square",
+    ),
+    "optax_gradhealth._cross_device.x_cross_device_alarms__mutmut_181": (
+        "= None",
+        "None written into a bool array is False",
     ),
     # _skip
     "optax_gradhealth._skip.x__evaluate__mutmut_15": (
