@@ -170,6 +170,59 @@ def test_nonfinite_device_is_the_outlier_and_the_guard_skips_everywhere():
     assert all(np.all(np.asarray(u) == 0) for u in jax.tree.leaves(updates))
 
 
+def test_one_device_records_what_one_gradient_can_tell():
+    """K = 1: the mean is the gradient, the dispersion is nil, the one device agrees with
+    itself, |G|^2 is its squared norm and the covariance (so the noise scale) is unknown."""
+    grads = random_grads(0, k=1)
+    tx = gh.cross_device("data", per_device_batch=BATCH)
+
+    def run(g):
+        state = tx.init(g)
+        updates, state = tx.update(g, state, g)
+        return updates, gh.metrics(state)
+
+    updates, m = jax.pmap(run, axis_name="data")(grads)
+    m = first_copy(m)
+    g = flat(grads)[0]
+    np.testing.assert_array_equal(flat(updates)[0], g)
+    np.testing.assert_allclose(m["xdev/device_norms"], [np.linalg.norm(g)], rtol=1e-6)
+    np.testing.assert_allclose(m["xdev/grad_sq_est"], g @ g, rtol=1e-5)
+    assert np.isnan(m["xdev/trace_cov_est"]) and np.isnan(m["xdev/noise_scale"])
+    assert (m["xdev/norm_cv"], m["xdev/norm_max_over_min"], m["xdev/agreement"]) == (0.0, 1.0, 1.0)
+    assert m["xdev/pairwise_cosine"].tolist() == [[1.0]] and m["xdev/mean_pairwise_cosine"] == 0.0
+    np.testing.assert_allclose(m["xdev/cosine_to_mean"], [1.0], rtol=1e-6)
+    assert m["xdev/outlier_device"] == -1 and not m["xdev/outlier_devices"].any()
+    assert not m["xdev/duplicate_pairs"].any() and not m["xdev/param_desync"].any()
+
+
+def test_identical_gradients_are_duplicates_but_two_zero_gradients_are_not():
+    grads = random_grads(6)
+    grads = jax.tree.map(lambda x: x.at[4].set(x[1]).at[2].set(0.0).at[5].set(0.0), grads)
+    (_, m), *_ = pmap_run([grads])
+    pairs = first_copy(m)["xdev/duplicate_pairs"]
+    assert np.argwhere(pairs).tolist() == [[1, 4], [4, 1]]
+
+
+def test_init_outside_the_mapped_function_reads_k_from_the_mesh_or_num_devices():
+    def k_of(tx):
+        return tx.init(None).xdev_device_norms.shape[0]
+
+    assert k_of(gh.cross_device("data")) == jax.device_count() == K  # no mesh: every device
+    assert k_of(gh.cross_device("data", num_devices=3)) == 3
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    with jax.set_mesh(mesh):
+        assert k_of(gh.cross_device("data", sharded_axes="model")) == 4
+        assert k_of(gh.cross_device(("data", "model"))) == 8
+        assert k_of(gh.cross_device("data", num_devices=5)) == 5  # the argument wins
+    with pytest.raises(ValueError) as raised:
+        gh.cross_device("data", sharded_axes="model").init(None)
+    assert str(raised.value) == (
+        "cross_device cannot tell the number of data-parallel devices K outside the mapped function when "
+        "sharded_axes=('model',): pass num_devices=K, or call init inside jax.shard_map / under "
+        "`with jax.set_mesh(mesh)`."
+    )
+
+
 def shard_map_run(grads, params_k, mesh, grad_specs, param_specs, **kwargs):
     tx = gh.cross_device("data", per_device_batch=BATCH, noise_scale_decay=DECAY, **kwargs)
 
