@@ -497,20 +497,48 @@ def test_audit_schedule_and_held_values():
     def run(seq):
         def body(state, g):
             _, state = tx.update({"w": g}, state)
-            m = gh.metrics(state)
-            return state, (m["xdev/audited"], m["xdev/cosine_to_mean"], m["xdev/device_norms"])
+            return state, state
 
         return jax.lax.scan(body, tx.init(None), seq)[1]
 
-    audited, cosines, norms = first_copy(jax.pmap(run, axis_name="data")(seq))
+    states = first_copy(jax.pmap(run, axis_name="data")(seq))  # CrossDeviceState of [10, ...] fields
+    audited, cosines, norms = states.xdev_audited, states.xdev_cosine_to_mean, states.xdev_device_norms
     expected = [t < 3 or t % 4 == 0 for t in range(10)]
     assert audited.tolist() == expected
+    assert states.xdev_num_audits.tolist() == np.cumsum(expected).tolist()
+    assert states.xdev_num_steps.tolist() == list(range(1, 11))
     g = np.asarray(seq, np.float64).transpose(1, 0, 2)  # [step, K, n]
     last = -1
+    # Every audit field (the detectors' running state included) holds its last audit's value.
+    held = [f for f in gh.CrossDeviceState._fields if f.startswith("xdev_") and f not in _EVERY_STEP_FIELDS]
+    assert "xdev_pairwise_cosine" in held and "xdev_cosine_spread_ema" in held and len(held) == 16
     for t in range(10):
         np.testing.assert_allclose(norms[t], np.linalg.norm(g[t], axis=1), rtol=1e-5)
         last = t if expected[t] else last
         np.testing.assert_allclose(cosines[t], reference(g[last], 1)["cosine_to_mean"], rtol=1e-4, atol=1e-5)
+        for field in held:
+            np.testing.assert_array_equal(getattr(states, field)[t], getattr(states, field)[last], err_msg=field)
+    # and the values differ between audits, so holding the wrong step's would be seen
+    assert not np.array_equal(states.xdev_pairwise_cosine[0], states.xdev_pairwise_cosine[1])
+    assert states.xdev_num_detector_audits.tolist() == np.cumsum(expected).tolist()
+
+
+# Fields recomputed on every step (the rest is the audit's, held between audits).
+_EVERY_STEP_FIELDS = {
+    "xdev_num_steps",
+    "xdev_num_audits",
+    "xdev_device_norms",
+    "xdev_norm_cv",
+    "xdev_norm_max_over_min",
+    "xdev_agreement",
+    "xdev_grad_sq_est",
+    "xdev_trace_cov_est",
+    "xdev_grad_sq_ema",
+    "xdev_trace_cov_ema",
+    "xdev_num_noise_steps",
+    "xdev_noise_scale",
+    "xdev_audited",
+}
 
 
 def _computations(hlo: str) -> dict[str, str]:
