@@ -156,6 +156,23 @@ def test_without_batch_size_noise_scale_is_nan_and_k_mismatch_is_caught():
     )
 
 
+def test_a_nonfinite_step_leaves_the_noise_scale_emas_alone():
+    steps = [random_grads(0), random_grads(1), random_grads(2)]
+    steps[1]["a"] = steps[1]["a"].at[6, 0, 0].set(jnp.inf)
+    states = [first_copy(m) for _, m in pmap_run(steps)]  # the metrics after each step
+    assert not np.isfinite(states[1]["xdev/grad_sq_est"])
+    ema_sq = ema_tr = 0.0
+    for t in (0, 2):
+        ref = reference(flat(steps[t]), BATCH)
+        ema_sq = DECAY * ema_sq + (1 - DECAY) * ref["grad_sq_est"]
+        ema_tr = DECAY * ema_tr + (1 - DECAY) * ref["trace_cov_est"]
+    first = reference(flat(steps[0]), BATCH)
+    # after the bad step: still the first step's smoothed value (count 1)
+    np.testing.assert_allclose(states[1]["xdev/noise_scale"], first["trace_cov_est"] / first["grad_sq_est"], rtol=2e-3)
+    corr = 1 - DECAY**2  # two finite steps folded
+    np.testing.assert_allclose(states[2]["xdev/noise_scale"], (ema_tr / corr) / (ema_sq / corr), rtol=2e-3)
+
+
 def test_nonfinite_device_is_the_outlier_and_the_guard_skips_everywhere():
     grads = random_grads(3)
     grads["a"] = grads["a"].at[6, 0, 0].set(jnp.nan)
