@@ -661,8 +661,9 @@ def cross_device(
             mean_leaves = _stats._float_leaves(mean)
 
             def dot_and_sketch(i, g, salt):
-                g32, m32 = g.astype(jnp.float32), mean_leaves[i].astype(jnp.float32)
-                dot = jnp.sum(jnp.real(g32 * jnp.conj(m32)))
+                # complex leaves keep their imaginary part: Re <g, m> = sum Re(g conj(m))
+                acc = jnp.complex64 if jnp.iscomplexobj(g) else jnp.float32
+                dot = jnp.sum(jnp.real(g.astype(acc) * jnp.conj(mean_leaves[i].astype(acc))))
                 return jnp.concatenate([dot[None], sketch.leaf_sketch(g, dim, salt, leaf_seed(i)[1])])
 
             row = sharded_sum(grads, dot_and_sketch, tracked)

@@ -156,6 +156,25 @@ def test_without_batch_size_noise_scale_is_nan_and_k_mismatch_is_caught():
     )
 
 
+def test_complex_gradients_are_audited_as_the_real_vectors_of_their_parts():
+    """A complex leaf is the real vector (Re, Im): norms, cosines and agreement use the real
+    inner product Re <g, h>, the imaginary parts included."""
+    rng = np.random.default_rng(11)
+    shared = rng.normal(size=30) + 1j * rng.normal(size=30)
+    z = np.stack([2 * shared + rng.normal(size=30) + 1j * rng.normal(size=30) for _ in range(K)])
+    r = rng.normal(size=(K, 7))
+    grads = {"r": jnp.asarray(r, jnp.float32), "z": jnp.asarray(z, jnp.complex64)}
+    (updates, m), *_ = pmap_run([grads])
+    m = first_copy(m)
+    g = np.concatenate([r, z.real, z.imag], axis=1)
+    ref = reference(g, BATCH)
+    for name in ("device_norms", "norm_cv", "agreement", "cosine_to_mean"):
+        np.testing.assert_allclose(m[f"xdev/{name}"], ref[name], rtol=2e-4, atol=2e-5, err_msg=name)
+    np.testing.assert_allclose(m["xdev/pairwise_cosine"], ref["pairwise_cosine"], atol=0.12)
+    np.testing.assert_allclose(np.asarray(updates["z"])[0], z.mean(0), rtol=1e-5)
+    assert updates["z"].dtype == jnp.complex64
+
+
 def test_a_nonfinite_step_leaves_the_noise_scale_emas_alone():
     steps = [random_grads(0), random_grads(1), random_grads(2)]
     steps[1]["a"] = steps[1]["a"].at[6, 0, 0].set(jnp.inf)
