@@ -56,6 +56,11 @@ class CrossDeviceState(NamedTuple):
     (``xdev_cosine_to_mean`` to ``xdev_param_desync``) hold the values of the latest audit
     step; ``xdev_audited`` says whether the latest update was one.
 
+    Before the first update every count, norm, score, spread and piece of evidence is 0,
+    every flag False, ``xdev_norm_max_over_min`` 1, ``xdev_pairwise_cosine`` the identity,
+    ``xdev_outlier_device`` -1 and ``xdev_noise_scale`` NaN (``xdev_trace_cov_est`` too
+    without ``per_device_batch``): nothing is flagged and no estimate exists yet.
+
     Attributes:
       xdev_num_steps: int32, updates seen.
       xdev_num_audits: int32, audit steps performed.

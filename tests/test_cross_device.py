@@ -175,6 +175,71 @@ def test_complex_gradients_are_audited_as_the_real_vectors_of_their_parts():
     assert updates["z"].dtype == jnp.complex64
 
 
+def test_each_float_leaf_is_averaged_in_its_dtype_and_integer_leaves_pass_through():
+    rng = np.random.default_rng(12)
+    f, h = rng.normal(size=(K, 5)), rng.normal(size=(K, 4))
+    grads = {
+        "f": jnp.asarray(f, jnp.float32),
+        "h": jnp.asarray(h, jnp.bfloat16),
+        "i": jnp.arange(K * 3, dtype=jnp.int32).reshape(K, 3),
+    }
+    (updates, m), *_ = pmap_run([grads])
+    m = first_copy(m)
+    assert {k: v.dtype for k, v in updates.items()} == {"f": jnp.float32, "h": jnp.bfloat16, "i": jnp.int32}
+    h_given = np.asarray(grads["h"].astype(jnp.float32), np.float64)  # the bf16 values the devices hold
+    for d in range(K):
+        np.testing.assert_allclose(np.asarray(updates["f"][d]), f.mean(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(updates["h"][d], np.float64), h_given.mean(0), rtol=1e-2, atol=1e-2)
+        np.testing.assert_array_equal(np.asarray(updates["i"][d]), np.arange(3 * d, 3 * d + 3))  # its own
+    np.testing.assert_allclose(
+        m["xdev/device_norms"], np.sqrt((f.astype(np.float32) ** 2).sum(1) + (h_given**2).sum(1)), rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize("batch", [None, 4])
+def test_the_state_before_the_first_update_flags_nothing_and_estimates_nothing(batch):
+    """The initial values CrossDeviceState documents, with each field's dtype and shape."""
+    state = gh.cross_device("data", per_device_batch=batch, num_devices=3).init(None)
+    k, f32, i32, b = 3, np.float32, np.int32, np.bool_
+    nan = float("nan")
+    expected = {
+        "xdev_num_steps": (0, i32),
+        "xdev_num_audits": (0, i32),
+        "xdev_device_norms": (np.zeros(k), f32),
+        "xdev_norm_cv": (0.0, f32),
+        "xdev_norm_max_over_min": (1.0, f32),
+        "xdev_agreement": (0.0, f32),
+        "xdev_grad_sq_est": (0.0, f32),
+        "xdev_trace_cov_est": (nan if batch is None else 0.0, f32),
+        "xdev_grad_sq_ema": (0.0, f32),
+        "xdev_trace_cov_ema": (0.0, f32),
+        "xdev_num_noise_steps": (0, i32),
+        "xdev_noise_scale": (nan, f32),
+        "xdev_audited": (False, b),
+        "xdev_cosine_to_mean": (np.zeros(k), f32),
+        "xdev_pairwise_cosine": (np.eye(k), f32),
+        "xdev_mean_pairwise_cosine": (0.0, f32),
+        "xdev_outlier_device": (-1, i32),
+        "xdev_outlier_score": (0.0, f32),
+        "xdev_duplicate_pairs": (np.zeros((k, k), bool), b),
+        "xdev_param_desync": (np.zeros(k, bool), b),
+        "xdev_outlier_devices": (np.zeros(k, bool), b),
+        "xdev_norm_score": (np.zeros(k), f32),
+        "xdev_direction_score": (np.zeros(k), f32),
+        "xdev_outlier_evidence": (np.zeros(k), f32),
+        "xdev_near_duplicate_pairs": (np.zeros((k, k), bool), b),
+        "xdev_pair_evidence": (np.zeros((k, k)), f32),
+        "xdev_num_detector_audits": (0, i32),
+        "xdev_norm_spread_ema": (0.0, f32),
+        "xdev_cosine_spread_ema": (0.0, f32),
+    }
+    assert list(expected) == list(gh.CrossDeviceState._fields)
+    for name, (value, dtype) in expected.items():
+        got = np.asarray(getattr(state, name))
+        assert got.dtype == dtype, name
+        np.testing.assert_array_equal(got, np.asarray(value, dtype), err_msg=name)
+
+
 def test_a_nonfinite_step_leaves_the_noise_scale_emas_alone():
     steps = [random_grads(0), random_grads(1), random_grads(2)]
     steps[1]["a"] = steps[1]["a"].at[6, 0, 0].set(jnp.inf)
