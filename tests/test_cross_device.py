@@ -328,7 +328,7 @@ def test_init_outside_the_mapped_function_reads_k_from_the_mesh_or_num_devices()
     )
 
 
-def shard_map_run(grads, params_k, mesh, grad_specs, param_specs, **kwargs):
+def shard_map_run(grads, params_k, mesh, grad_specs, param_specs, check_vma=True, **kwargs):
     tx = gh.cross_device("data", per_device_batch=BATCH, noise_scale_decay=DECAY, **kwargs)
 
     def run(g, p):
@@ -339,7 +339,7 @@ def shard_map_run(grads, params_k, mesh, grad_specs, param_specs, **kwargs):
         return updates, gh.metrics(state)
 
     out_specs = (jax.tree.map(lambda s: P(*s[1:]), grad_specs, is_leaf=lambda s: isinstance(s, P)), P())
-    f = jax.shard_map(run, mesh=mesh, in_specs=(grad_specs, param_specs), out_specs=out_specs)
+    f = jax.shard_map(run, mesh=mesh, in_specs=(grad_specs, param_specs), out_specs=out_specs, check_vma=check_vma)
     return jax.jit(f)(grads, params_k)
 
 
@@ -403,6 +403,34 @@ def test_two_dimensional_mesh_with_sharded_parameters_equals_unsharded_reference
     assert np.argwhere(np.triu(m["xdev/duplicate_pairs"])).tolist() == [[1, 3]]
     assert np.flatnonzero(m["xdev/param_desync"]).tolist() == [2]
     np.testing.assert_allclose(np.asarray(updates["a"]), np.asarray(grads["a"]).mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(updates["b"]), np.asarray(grads["b"]).mean(0), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("check_vma", [True, False], ids=["tracked", "untracked"])
+def test_every_leaf_split_over_the_model_axis_gives_the_unsharded_numbers(check_vma):
+    """Untracked (check_vma=False) every leaf is taken as split over sharded_axes: right
+    when each is, as here; tracked, each leaf's type says so."""
+    k = 4
+    rng = np.random.default_rng(13)
+    shared = {"a": rng.normal(size=(6, 8)), "b": rng.normal(size=(10,))}
+    grads = {
+        n: jnp.asarray(np.stack([x + rng.normal(size=x.shape) for _ in range(k)]), jnp.float32)
+        for n, x in shared.items()
+    }
+    grads["a"] = grads["a"].at[3].set(grads["a"][0])
+    grads["b"] = grads["b"].at[3].set(grads["b"][0])  # devices 0 and 3: identical gradients
+    params_k = jax.tree.map(lambda x: jnp.stack([x[0]] * k), grads)
+    params_k["b"] = params_k["b"].at[1, 7].add(1e-3)  # device 1 out of sync, in the second half of 'b'
+    mesh = jax.make_mesh((k, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    specs = {"a": P("data", None, "model"), "b": P("data", "model")}
+    updates, m = shard_map_run(grads, params_k, mesh, specs, specs, check_vma=check_vma, sharded_axes="model")
+    m = jax.device_get(m)
+    ref = reference(flat(grads), BATCH)
+    for name in ("device_norms", "agreement", "cosine_to_mean", "grad_sq_est", "trace_cov_est"):
+        np.testing.assert_allclose(m[f"xdev/{name}"], ref[name], rtol=2e-3, atol=2e-5, err_msg=name)
+    np.testing.assert_allclose(m["xdev/pairwise_cosine"], ref["pairwise_cosine"], atol=0.12)
+    assert np.argwhere(np.triu(m["xdev/duplicate_pairs"])).tolist() == [[0, 3]]
+    assert np.flatnonzero(m["xdev/param_desync"]).tolist() == [1]
     np.testing.assert_allclose(np.asarray(updates["b"]), np.asarray(grads["b"]).mean(0), rtol=1e-5, atol=1e-6)
 
 
