@@ -766,3 +766,43 @@ def test_a_clip_mode_as_clip_feeds_the_inner_optimizer(mode):
         g = g.astype(np.float64)
         clipped = np.clip(g, -1.0, 1.0) if mode == "value" else g * min(1.0, 1.0 / np.linalg.norm(g))
         np.testing.assert_allclose(np.asarray(updates[name]), -0.5 * clipped, rtol=1e-6)
+
+
+@pytest.mark.parametrize("update_health", [True, False], ids=["health", "check-only"])
+@pytest.mark.parametrize("poisoned", ["a", "b"])
+@pytest.mark.parametrize("shape", [(3,), (7,)], ids=["param-shaped", "own-shape"])
+def test_a_nan_in_either_of_two_state_leaves_of_one_shape_is_caught(update_health, poisoned, shape):
+    """The update check combines the flags of leaves of one shape before it reduces them:
+    a NaN in the first of two such leaves, or in the second, is caught (shaped like the
+    params, or of a shape of its own), with update health on or off."""
+
+    def init(params):
+        return {"a": jnp.zeros(shape), "b": jnp.zeros(shape)}
+
+    def update(updates, state, params=None):
+        new = {name: leaf + 1.0 for name, leaf in state.items()}
+        new[poisoned] = new[poisoned] * jnp.nan
+        return updates, new
+
+    tx = gh.guard(optax.GradientTransformation(init, update), update_health=update_health)
+    params = {"w": jnp.ones(3)}
+    updates, state = jax.jit(tx.update)({"w": jnp.ones(3)}, tx.init(params), params)
+    m = gh.metrics(state)
+    assert int(m["grad/num_nonfinite_updates"]) == 1 and bool(m["grad/skipped"])
+    np.testing.assert_array_equal(np.asarray(updates["w"]), 0.0)
+    _assert_same_state(state.guard_inner_state, init(params))
+
+
+@pytest.mark.parametrize("kind", ["loss", "value"])
+def test_a_float64_loss_or_value_under_x64_keeps_the_state_float32(kind):
+    """Under x64 a loss (or `value`) computed in float64 is read in float32: the loss
+    moments, the z-score and the rest of the state keep init's dtypes."""
+    with jax.enable_x64(True):
+        tx = gh.guard(optax.sgd(0.1), loss_spike_zscore=3.0)
+        params = {"w": jnp.ones(3, jnp.float32)}
+        state = tx.init(params)
+        dtypes = [x.dtype for x in jax.tree.leaves(state)]
+        for scalar in (np.float64(2.0), jnp.asarray(2.5, jnp.float64), 3, 1.5):
+            _, state = jax.jit(tx.update)({"w": jnp.ones(3, jnp.float32)}, state, params, **{kind: scalar})
+            assert [x.dtype for x in jax.tree.leaves(state)] == dtypes, type(scalar)
+        assert gh.metrics(state)["grad/loss_zscore"].dtype == jnp.float32
