@@ -98,6 +98,10 @@ MODULES: dict[str, Target] = {
 # mutated line, so that an entry made stale by an edit of the function is noticed; reason).
 # Filled in from the runs recorded in docs/testing.md.
 _NAMES_CACHE_ONLY = "only the names cache changes (a lookup misses, or one more entry fits): the same names"
+_JAX_010_AVALS = (
+    "every aval of jax 0.10 has .mat.varying (empty outside shard_map): the defaults for a jax without "
+    "them are never taken"
+)
 _FLOAT_SPELLING = "float() reads the name case-insensitively: the same float"
 _DIAGONAL_FALSE = (
     "the diagonal of the pair matrices is False by construction (a device is not its own duplicate), so the "
@@ -244,6 +248,9 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         "names = None",
         "only when jax has no get_abstract_mesh (the except branch): None and () are both falsy, the same hint",
     ),
+    "optax_gradhealth._cross_device.x__vma__mutmut_8": ('getattr(aval, "mat", )', _JAX_010_AVALS),
+    "optax_gradhealth._cross_device.x__vma__mutmut_16": ('getattr(mat, "varying", )', _JAX_010_AVALS),
+    "optax_gradhealth._cross_device.x__vma__mutmut_19": ("(varying is None) and False", _JAX_010_AVALS),
     "optax_gradhealth._cross_device.x__to_varying__mutmut_11": (
         "if (missing) or True",
         "lax.pcast over an empty tuple of axes returns the value unchanged, with the same varying axes",
