@@ -379,6 +379,15 @@ def test_two_data_axes_act_as_one_of_their_product():
     for name in ("device_norms", "agreement", "cosine_to_mean"):
         np.testing.assert_allclose(m[f"xdev/{name}"], ref[name], rtol=2e-4, atol=2e-5, err_msg=name)
     np.testing.assert_allclose(m["xdev/trace_cov_est"], ref["trace_cov_est"], rtol=2e-3)
+    # Gradients already summed over both axes are caught on the pair of axes too.
+    summed = jax.shard_map(
+        lambda g, p: run(jax.tree.map(lambda x: jax.lax.psum(x, ("replica", "data")), g), p),
+        mesh=mesh,
+        in_specs=(specs, specs),
+        out_specs=(specs, P()),
+    )
+    with pytest.raises(ValueError, match=r"^Gradient leaf 'a' does not vary over \('replica', 'data'\): "):
+        jax.jit(summed)(grads, params_k)
 
 
 def test_two_dimensional_mesh_with_sharded_parameters_equals_unsharded_reference():
