@@ -102,6 +102,7 @@ _JAX_010_AVALS = (
     "every aval of jax 0.10 has .mat.varying (empty outside shard_map): the defaults for a jax without "
     "them are never taken"
 )
+_ONE_AXIS_TUPLE = "lax.axis_index of a one-name tuple is that of the name"
 _FLOAT_SPELLING = "float() reads the name case-insensitively: the same float"
 _DIAGONAL_FALSE = (
     "the diagonal of the pair matrices is False by construction (a device is not its own duplicate), so the "
@@ -251,6 +252,17 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     "optax_gradhealth._cross_device.x__vma__mutmut_8": ('getattr(aval, "mat", )', _JAX_010_AVALS),
     "optax_gradhealth._cross_device.x__vma__mutmut_16": ('getattr(mat, "varying", )', _JAX_010_AVALS),
     "optax_gradhealth._cross_device.x__vma__mutmut_19": ("(varying is None) and False", _JAX_010_AVALS),
+    "optax_gradhealth._cross_device.x__vma_checked__mutmut_5": ("(len(axes) > 1) or True", _ONE_AXIS_TUPLE),
+    "optax_gradhealth._cross_device.x__vma_checked__mutmut_6": ("len(axes) >= 1", _ONE_AXIS_TUPLE),
+    "optax_gradhealth._cross_device.x__vma_checked__mutmut_9": (
+        "bool(varying) or set(axes)",
+        "lax.axis_index over the data axes varies over exactly those axes (shard_map with check_vma) or over "
+        "none (pmap, check_vma=False): the subset test decides only when the first operand already has",
+    ),
+    "optax_gradhealth._cross_device.x__match_vma__mutmut_10": (
+        "if (missing) or True",
+        "lax.pcast over an empty tuple of axes returns the value unchanged, with the same varying axes",
+    ),
     "optax_gradhealth._cross_device.x__to_varying__mutmut_11": (
         "if (missing) or True",
         "lax.pcast over an empty tuple of axes returns the value unchanged, with the same varying axes",
