@@ -257,7 +257,7 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     "optax_gradhealth._cross_device.x__vma_checked__mutmut_9": (
         "bool(varying) or set(axes)",
         "lax.axis_index over the data axes varies over exactly those axes (shard_map with check_vma) or over "
-        "none (pmap, check_vma=False): the subset test decides only when the first operand already has",
+        "none (pmap, check_vma=False): `set(axes) <= varying` is True exactly when varying is non-empty",
     ),
     "optax_gradhealth._cross_device.x__match_vma__mutmut_10": (
         "if (missing) or True",
