@@ -304,8 +304,36 @@ def test_identical_gradients_are_duplicates_but_two_zero_gradients_are_not():
     grads = random_grads(6)
     grads = jax.tree.map(lambda x: x.at[4].set(x[1]).at[2].set(0.0).at[5].set(0.0), grads)
     (_, m), *_ = pmap_run([grads])
-    pairs = first_copy(m)["xdev/duplicate_pairs"]
-    assert np.argwhere(pairs).tolist() == [[1, 4], [4, 1]]
+    m = first_copy(m)
+    assert np.argwhere(m["xdev/duplicate_pairs"]).tolist() == [[1, 4], [4, 1]]
+    # A zero gradient has cosine 0 to the mean and to every other device.
+    assert m["xdev/cosine_to_mean"][[2, 5]].tolist() == [0.0, 0.0]
+    off = ~np.eye(K, dtype=bool)
+    assert not m["xdev/pairwise_cosine"][[2, 5]][off[[2, 5]]].any()
+    assert m["xdev/pairwise_cosine"][2, 2] == 1.0
+
+
+def test_all_zero_gradients_have_no_dispersion_and_no_agreement():
+    grads = jax.tree.map(jnp.zeros_like, random_grads(6))
+    (_, m), *_ = pmap_run([grads])
+    m = first_copy(m)
+    assert (m["xdev/norm_cv"], m["xdev/agreement"], m["xdev/mean_pairwise_cosine"]) == (0.0, 0.0, 0.0)
+    assert not m["xdev/cosine_to_mean"].any() and not m["xdev/duplicate_pairs"].any()
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1e3])
+def test_the_scale_free_figures_do_not_depend_on_the_gradients_scale(scale):
+    """Cosines, dispersion and agreement are the same for gradients of norm ~0.05 or ~5e4
+    (the float64 reference of the unscaled gradients)."""
+    grads = random_grads(14)
+    small = jax.tree.map(lambda x: x * scale, grads)
+    (_, m), *_ = pmap_run([small])
+    m = first_copy(m)
+    ref = reference(flat(grads), BATCH)
+    for name in ("norm_cv", "norm_max_over_min", "agreement", "cosine_to_mean"):
+        np.testing.assert_allclose(m[f"xdev/{name}"], ref[name], rtol=2e-4, atol=2e-5, err_msg=name)
+    np.testing.assert_allclose(m["xdev/device_norms"], scale * ref["device_norms"], rtol=1e-5)
+    np.testing.assert_allclose(m["xdev/pairwise_cosine"], ref["pairwise_cosine"], atol=0.12)
 
 
 def test_init_outside_the_mapped_function_reads_k_from_the_mesh_or_num_devices():
@@ -610,6 +638,10 @@ def test_unbound_and_unknown_axes_fail_at_first_trace():
         "a jax.pmap axis must match its axis_name). Call the update inside jax.pmap(step, axis_name=...) or "
         "jax.shard_map(step, mesh=...) whose axis names include it, or fix `axis_name`."
     )
+    pair = gh.cross_device(("replica", "data"))
+    with pytest.raises(ValueError) as raised:
+        pair.update({"w": jnp.ones(3)}, pair.init(None))
+    assert str(raised.value).startswith("`axis_name=('replica', 'data')` is not a bound axis (no mesh axis")
     typo = gh.cross_device("dta")
     with pytest.raises(ValueError, match=r"'dta'.*not a bound axis"):
         jax.pmap(lambda g: typo.update(g, typo.init(g))[0], axis_name="data")(grads)
