@@ -103,6 +103,11 @@ _JAX_010_AVALS = (
     "them are never taken"
 )
 _ONE_AXIS_TUPLE = "lax.axis_index of a one-name tuple is that of the name"
+_ONE_AXIS_TUPLE_SIZE = "lax.axis_size of a one-name tuple is that of the name"
+_ZERO_OVER_ZERO = (
+    "every numerator is 0 where its denominator is (a zero norm makes the dot, the std, the Gram entry and the "
+    "agreement's numerator 0; a NaN denominator fails both tests): 0 / 1.0 is the 0.0 of the fill"
+)
 _FLOAT_SPELLING = "float() reads the name case-insensitively: the same float"
 _DIAGONAL_FALSE = (
     "the diagonal of the pair matrices is False by construction (a device is not its own duplicate), so the "
@@ -262,6 +267,17 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     "optax_gradhealth._cross_device.x__match_vma__mutmut_10": (
         "if (missing) or True",
         "lax.pcast over an empty tuple of axes returns the value unchanged, with the same varying axes",
+    ),
+    "optax_gradhealth._cross_device.x__axis_size__mutmut_4": ("(len(axes) > 1) or True", _ONE_AXIS_TUPLE_SIZE),
+    "optax_gradhealth._cross_device.x__axis_size__mutmut_5": ("len(axes) >= 1", _ONE_AXIS_TUPLE_SIZE),
+    "optax_gradhealth._cross_device.x__safe_div__mutmut_7": ("jnp.where(b >= 0,", _ZERO_OVER_ZERO),
+    "optax_gradhealth._cross_device.x__safe_div__mutmut_16": (
+        "jnp.where(b >= 0, b, 1.0)",
+        "the quotient by a zero denominator (0/0 or a/0) is discarded by the outer where(b > 0, ..., 0.0)",
+    ),
+    "optax_gradhealth._cross_device.x__safe_div__mutmut_18": (
+        "jnp.where(b > 0, b, 2.0)",
+        "the placeholder divisor only feeds values that the outer where(b > 0, ..., 0.0) discards",
     ),
     "optax_gradhealth._cross_device.x__to_varying__mutmut_11": (
         "if (missing) or True",
