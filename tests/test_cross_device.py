@@ -586,6 +586,7 @@ _AXIS = "must be a mesh/pmap axis name (a non-empty str) or a tuple of them, got
         ({"axis_name": ""}, TypeError, f"`axis_name` {_AXIS} '' (type str)."),
         ({"axis_name": 3}, TypeError, f"`axis_name` {_AXIS} 3 (type int)."),
         ({"axis_name": ("data", "data")}, ValueError, "`axis_name` names an axis twice: ('data', 'data')."),
+        ({"axis_name": ()}, ValueError, "`axis_name` must name at least one axis, e.g. axis_name='data'."),
         ({"sharded_axes": ""}, TypeError, f"`sharded_axes` {_AXIS} '' (type str)."),
         (
             {"sharded_axes": ("model", "data")},
@@ -625,6 +626,37 @@ def test_infinite_thresholds_switch_a_detector_off_and_are_accepted():
     m = first_copy(gh.metrics(state))
     assert m["xdev/outlier_device"] == -1 and not m["xdev/outlier_devices"].any()
     assert m["xdev/norm_score"][3] > 10.0  # the score is still recorded
+
+
+def test_the_defaults_audit_200_steps_then_every_500_on_axis_data_with_a_1024_sketch_of_seed_0():
+    grads = {"w": jnp.asarray(np.random.default_rng(15).normal(size=(K, 502, 3)), jnp.float32)}
+
+    def run(tx):
+        def steps(seq):
+            def body(state, g):
+                _, state = tx.update({"w": g}, state)
+                return state, (state.xdev_audited, state.xdev_num_audits)
+
+            return jax.lax.scan(body, tx.init(None), seq)[1]
+
+        return first_copy(jax.pmap(steps, axis_name="data")(grads["w"]))
+
+    audited, _ = run(gh.cross_device())
+    assert np.flatnonzero(audited).tolist() == [*range(200), 500]
+
+    # The sketch: 8192 elements in 1024 buckets collide, so its size and seed decide the estimates.
+    wide = {"w": jnp.asarray(np.random.default_rng(16).normal(size=(K, 8192)), jnp.float32)}
+
+    def pairwise(tx):
+        def step(g):
+            return tx.update(g, tx.init(g))[1].xdev_pairwise_cosine
+
+        return first_copy(jax.pmap(step, axis_name="data")(wide))
+
+    default = pairwise(gh.cross_device())
+    np.testing.assert_array_equal(default, pairwise(gh.cross_device("data", sketch_dim=1024, sketch_seed=0)))
+    for other in ({"sketch_dim": 1025}, {"sketch_seed": 1}):
+        assert not np.array_equal(default, pairwise(gh.cross_device("data", **other))), other
 
 
 def test_unbound_and_unknown_axes_fail_at_first_trace():
