@@ -659,6 +659,21 @@ def test_the_defaults_audit_200_steps_then_every_500_on_axis_data_with_a_1024_sk
         assert not np.array_equal(default, pairwise(gh.cross_device("data", **other))), other
 
 
+@pytest.mark.parametrize(("first", "every", "expected"), [(2, None, [0, 1]), (0, 3, [0, 3])])
+def test_an_audit_schedule_may_drop_either_part(first, every, expected):
+    tx = gh.cross_device("data", audit_first_steps=first, audit_every=every)
+    seq = jnp.asarray(np.random.default_rng(17).normal(size=(K, 5, 3)), jnp.float32)
+
+    def steps(seq):
+        def body(state, g):
+            _, state = tx.update({"w": g}, state)
+            return state, state.xdev_audited
+
+        return jax.lax.scan(body, tx.init(None), seq)[1]
+
+    assert np.flatnonzero(first_copy(jax.pmap(steps, axis_name="data")(seq))).tolist() == expected
+
+
 def test_unbound_and_unknown_axes_fail_at_first_trace():
     grads = {"w": jnp.ones((K, 3))}
     tx = gh.cross_device("data")

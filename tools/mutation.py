@@ -279,6 +279,10 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         "jnp.where(b > 0, b, 2.0)",
         "the placeholder divisor only feeds values that the outer where(b > 0, ..., 0.0) discards",
     ),
+    "optax_gradhealth._cross_device.x_cross_device__mutmut_11": (
+        "allow_empty=None",
+        "None is falsy, as False: an empty axis_name is still rejected",
+    ),
     "optax_gradhealth._cross_device.x__to_varying__mutmut_11": (
         "if (missing) or True",
         "lax.pcast over an empty tuple of axes returns the value unchanged, with the same varying axes",
