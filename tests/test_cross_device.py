@@ -628,20 +628,24 @@ def test_infinite_thresholds_switch_a_detector_off_and_are_accepted():
     assert m["xdev/norm_score"][3] > 10.0  # the score is still recorded
 
 
+def state_per_step(tx, seq):
+    """The state after each update of ``tx`` on ``{'w': seq[k, t]}`` (devices k, steps t,
+    one lax.scan under pmap): the first device's copy, fields of shape [steps, ...]."""
+
+    def steps(seq):
+        def body(state, g):
+            _, state = tx.update({"w": g}, state)
+            return state, state
+
+        return jax.lax.scan(body, tx.init(None), seq)[1]
+
+    return first_copy(jax.pmap(steps, axis_name="data")(seq))
+
+
 def test_the_defaults_audit_200_steps_then_every_500_on_axis_data_with_a_1024_sketch_of_seed_0():
     grads = {"w": jnp.asarray(np.random.default_rng(15).normal(size=(K, 502, 3)), jnp.float32)}
 
-    def run(tx):
-        def steps(seq):
-            def body(state, g):
-                _, state = tx.update({"w": g}, state)
-                return state, (state.xdev_audited, state.xdev_num_audits)
-
-            return jax.lax.scan(body, tx.init(None), seq)[1]
-
-        return first_copy(jax.pmap(steps, axis_name="data")(grads["w"]))
-
-    audited, _ = run(gh.cross_device())
+    audited = state_per_step(gh.cross_device(), grads["w"]).xdev_audited
     assert np.flatnonzero(audited).tolist() == [*range(200), 500]
 
     # The sketch: 8192 elements in 1024 buckets collide, so its size and seed decide the estimates.
@@ -664,14 +668,7 @@ def test_an_audit_schedule_may_drop_either_part(first, every, expected):
     tx = gh.cross_device("data", audit_first_steps=first, audit_every=every)
     seq = jnp.asarray(np.random.default_rng(17).normal(size=(K, 5, 3)), jnp.float32)
 
-    def steps(seq):
-        def body(state, g):
-            _, state = tx.update({"w": g}, state)
-            return state, state.xdev_audited
-
-        return jax.lax.scan(body, tx.init(None), seq)[1]
-
-    assert np.flatnonzero(first_copy(jax.pmap(steps, axis_name="data")(seq))).tolist() == expected
+    assert np.flatnonzero(state_per_step(tx, seq).xdev_audited).tolist() == expected
 
 
 def test_unbound_and_unknown_axes_fail_at_first_trace():
@@ -711,14 +708,7 @@ def test_audit_schedule_and_held_values():
     rng = np.random.default_rng(9)
     seq = jnp.asarray(rng.normal(size=(K, 10, 30)), jnp.float32)
 
-    def run(seq):
-        def body(state, g):
-            _, state = tx.update({"w": g}, state)
-            return state, state
-
-        return jax.lax.scan(body, tx.init(None), seq)[1]
-
-    states = first_copy(jax.pmap(run, axis_name="data")(seq))  # CrossDeviceState of [10, ...] fields
+    states = state_per_step(tx, seq)
     audited, cosines, norms = states.xdev_audited, states.xdev_cosine_to_mean, states.xdev_device_norms
     expected = [t < 3 or t % 4 == 0 for t in range(10)]
     assert audited.tolist() == expected

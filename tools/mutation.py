@@ -102,6 +102,7 @@ _JAX_010_AVALS = (
     "every aval of jax 0.10 has .mat.varying (empty outside shard_map): the defaults for a jax without "
     "them are never taken"
 )
+_PCAST_NO_AXES = "lax.pcast over an empty tuple of axes returns the value unchanged, with the same varying axes"
 _ONE_AXIS_TUPLE = "lax.axis_index of a one-name tuple is that of the name"
 _ONE_AXIS_TUPLE_SIZE = "lax.axis_size of a one-name tuple is that of the name"
 _ZERO_OVER_ZERO = (
@@ -264,10 +265,7 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         "lax.axis_index over the data axes varies over exactly those axes (shard_map with check_vma) or over "
         "none (pmap, check_vma=False): `set(axes) <= varying` is True exactly when varying is non-empty",
     ),
-    "optax_gradhealth._cross_device.x__match_vma__mutmut_10": (
-        "if (missing) or True",
-        "lax.pcast over an empty tuple of axes returns the value unchanged, with the same varying axes",
-    ),
+    "optax_gradhealth._cross_device.x__match_vma__mutmut_10": ("if (missing) or True", _PCAST_NO_AXES),
     "optax_gradhealth._cross_device.x__axis_size__mutmut_4": ("(len(axes) > 1) or True", _ONE_AXIS_TUPLE_SIZE),
     "optax_gradhealth._cross_device.x__axis_size__mutmut_5": ("len(axes) >= 1", _ONE_AXIS_TUPLE_SIZE),
     "optax_gradhealth._cross_device.x__safe_div__mutmut_7": ("jnp.where(b >= 0,", _ZERO_OVER_ZERO),
@@ -283,10 +281,7 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         "allow_empty=None",
         "None is falsy, as False: an empty axis_name is still rejected",
     ),
-    "optax_gradhealth._cross_device.x__to_varying__mutmut_11": (
-        "if (missing) or True",
-        "lax.pcast over an empty tuple of axes returns the value unchanged, with the same varying axes",
-    ),
+    "optax_gradhealth._cross_device.x__to_varying__mutmut_11": ("if (missing) or True", _PCAST_NO_AXES),
     "optax_gradhealth._cross_device.x_describe_outlier__mutmut_22": ('float("NAN")', _FLOAT_SPELLING),
     "optax_gradhealth._cross_device.x_describe_outlier__mutmut_120": ('float("INF")', _FLOAT_SPELLING),
     "optax_gradhealth._cross_device.x_cross_device_alarms__mutmut_123": ("np.triu(pairs, )", _DIAGONAL_FALSE),
