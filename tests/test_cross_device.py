@@ -147,6 +147,8 @@ def test_without_batch_size_noise_scale_is_nan_and_k_mismatch_is_caught():
     m = first_copy(gh.metrics(state))
     assert np.isnan(m["xdev/noise_scale"]) and np.isnan(m["xdev/trace_cov_est"])
     np.testing.assert_allclose(m["xdev/grad_sq_est"], reference(flat(grads), 1)["grad_sq_est"], rtol=2e-3)
+    # nothing is folded into the noise-scale EMAs
+    assert (int(state.xdev_num_noise_steps[0]), float(state.xdev_grad_sq_ema[0])) == (0, 0.0)
     wrong = gh.cross_device("data", num_devices=4)
     with pytest.raises(ValueError) as raised:
         jax.pmap(wrong.update, axis_name="data")(grads, jax.tree.map(lambda x: jnp.stack([x] * K), wrong.init(None)))
@@ -196,10 +198,13 @@ def test_each_float_leaf_is_averaged_in_its_dtype_and_integer_leaves_pass_throug
     )
 
 
+@pytest.mark.parametrize("x64", [False, True], ids=["x32", "x64"])
 @pytest.mark.parametrize("batch", [None, 4])
-def test_the_state_before_the_first_update_flags_nothing_and_estimates_nothing(batch):
-    """The initial values CrossDeviceState documents, with each field's dtype and shape."""
-    state = gh.cross_device("data", per_device_batch=batch, num_devices=3).init(None)
+def test_the_state_before_the_first_update_flags_nothing_and_estimates_nothing(batch, x64):
+    """The initial values CrossDeviceState documents, with each field's dtype and shape:
+    float32 and int32 also when jax_enable_x64 makes float64 and int64 the defaults."""
+    with jax.enable_x64(x64):
+        state = gh.cross_device("data", per_device_batch=batch, num_devices=3).init(None)
     k, f32, i32, b = 3, np.float32, np.int32, np.bool_
     nan = float("nan")
     expected = {
@@ -257,6 +262,55 @@ def test_a_nonfinite_step_leaves_the_noise_scale_emas_alone():
     np.testing.assert_allclose(states[2]["xdev/noise_scale"], (ema_tr / corr) / (ema_sq / corr), rtol=2e-3)
 
 
+def test_a_step_whose_total_overflows_leaves_the_noise_scale_emas_alone():
+    """Every device's squared norm ~1e38 (finite), their sum over 8 devices is not: the
+    step's estimates are not folded into the EMAs, the next step's are."""
+    base = random_grads(0)
+    aligned = flat(base)[0]
+    huge = {
+        n: jnp.asarray(
+            np.stack([np.asarray(x[0], np.float64) * (1 + 0.01 * d) for d in range(K)])
+            * (1e19 / np.linalg.norm(aligned)),
+            jnp.float32,
+        )
+        for n, x in base.items()
+    }
+    steps = [random_grads(1), huge, random_grads(2)]
+    states = [first_copy(m) for _, m in pmap_run(steps)]
+    assert np.isfinite(states[1]["xdev/device_norms"]).all() and not np.isfinite(states[1]["xdev/grad_sq_est"])
+    first = reference(flat(steps[0]), BATCH)
+    np.testing.assert_allclose(states[1]["xdev/noise_scale"], first["trace_cov_est"] / first["grad_sq_est"], rtol=2e-3)
+    last = reference(flat(steps[2]), BATCH)
+    corr = 1 - DECAY**2
+    ema_sq = (DECAY * (1 - DECAY) * first["grad_sq_est"] + (1 - DECAY) * last["grad_sq_est"]) / corr
+    ema_tr = (DECAY * (1 - DECAY) * first["trace_cov_est"] + (1 - DECAY) * last["trace_cov_est"]) / corr
+    np.testing.assert_allclose(states[2]["xdev/noise_scale"], ema_tr / ema_sq, rtol=2e-3)
+
+
+def test_under_x64_the_state_stays_float32_and_the_figures_match():
+    """jax_enable_x64 on: every state field keeps its init dtype through audited and
+    unaudited updates, and the figures are the float64 reference's."""
+    steps = [random_grads(28), random_grads(29)]
+    with jax.enable_x64(True):
+        tx = gh.cross_device("data", per_device_batch=BATCH, audit_first_steps=1, audit_every=None)
+
+        def run(seq):
+            state = tx.init(None)
+            init_dtypes = jax.tree.map(lambda x: x.dtype, state)
+            for g in seq:
+                _, state = tx.update(g, state)
+            assert jax.tree.map(lambda x: x.dtype, state) == init_dtypes
+            return gh.metrics(state), state.xdev_num_audits
+
+        m, audits = jax.pmap(run, axis_name="data")(steps)
+    m = first_copy(m)
+    assert int(first_copy(audits)) == 1
+    assert m["xdev/device_norms"].dtype == np.float32 and m["xdev/cosine_to_mean"].dtype == np.float32
+    ref = reference(flat(steps[1]), BATCH)
+    np.testing.assert_allclose(m["xdev/device_norms"], ref["device_norms"], rtol=1e-5)
+    np.testing.assert_allclose(m["xdev/agreement"], ref["agreement"], rtol=2e-4, atol=2e-5)
+
+
 def test_nonfinite_device_is_the_outlier_and_the_guard_skips_everywhere():
     grads = random_grads(3)
     grads["a"] = grads["a"].at[6, 0, 0].set(jnp.nan)
@@ -284,10 +338,11 @@ def test_one_device_records_what_one_gradient_can_tell():
     def run(g):
         state = tx.init(g)
         updates, state = tx.update(g, state, g)
-        return updates, gh.metrics(state)
+        return updates, gh.metrics(state), (state.xdev_num_noise_steps, state.xdev_grad_sq_ema)
 
-    updates, m = jax.pmap(run, axis_name="data")(grads)
+    updates, m, folded = jax.pmap(run, axis_name="data")(grads)
     m = first_copy(m)
+    assert first_copy(folded) == (0, 0.0)  # no covariance estimate: nothing folded into the EMAs
     g = flat(grads)[0]
     np.testing.assert_array_equal(flat(updates)[0], g)
     np.testing.assert_allclose(m["xdev/device_norms"], [np.linalg.norm(g)], rtol=1e-6)
@@ -311,6 +366,75 @@ def test_identical_gradients_are_duplicates_but_two_zero_gradients_are_not():
     off = ~np.eye(K, dtype=bool)
     assert not m["xdev/pairwise_cosine"][[2, 5]][off[[2, 5]]].any()
     assert m["xdev/pairwise_cosine"][2, 2] == 1.0
+
+
+def test_equal_norms_are_not_enough_for_a_duplicate():
+    """Device 4 holds device 1's gradient negated: the same sum of squares, bit for bit,
+    and a different gradient (its fingerprint differs): not a duplicate pair."""
+    grads = random_grads(19)
+    grads = jax.tree.map(lambda x: x.at[4].set(-x[1]), grads)
+    (_, m), *_ = pmap_run([grads])
+    m = first_copy(m)
+    assert m["xdev/device_norms"][4] == m["xdev/device_norms"][1]
+    assert not m["xdev/duplicate_pairs"].any()
+
+
+def test_a_gradient_tree_without_float_leaves_is_passed_through_with_zero_figures():
+    """Only integer leaves (a step counter): nothing to average or audit, and no error,
+    with the smallest sketch too."""
+    ints = {"count": jnp.arange(K, dtype=jnp.int32) * 3}
+    for dim in (1, 16):
+        tx = gh.cross_device("data", sketch_dim=dim)
+
+        def run(g, tx=tx):
+            updates, state = tx.update(g, tx.init(g))
+            return updates, gh.metrics(state)
+
+        updates, m = jax.pmap(run, axis_name="data")(ints)
+        np.testing.assert_array_equal(np.asarray(updates["count"]), np.arange(K) * 3)
+        m = first_copy(m)
+        assert not m["xdev/device_norms"].any() and not m["xdev/cosine_to_mean"].any(), dim
+        assert not m["xdev/duplicate_pairs"].any() and not m["xdev/param_desync"].any(), dim
+        assert (m["xdev/norm_cv"], m["xdev/agreement"], m["xdev/mean_pairwise_cosine"]) == (0.0, 0.0, 0.0), dim
+
+
+def test_small_identical_gradients_are_duplicates():
+    """Norms ~0.05 (squared norms below 1): devices 2 and 6 hold the same gradient."""
+    grads = jax.tree.map(lambda x: 1e-3 * x.at[6].set(x[2]), random_grads(20))
+    (_, m), *_ = pmap_run([grads])
+    m = first_copy(m)
+    assert m["xdev/device_norms"].max() < 0.2
+    assert np.argwhere(m["xdev/duplicate_pairs"]).tolist() == [[2, 6], [6, 2]]
+
+
+@pytest.mark.parametrize("dim", [1, 1024])
+def test_two_leaves_swapped_between_devices_are_not_a_duplicate(dim):
+    """Device 3 holds device 0's two same-shape leaves exchanged: the same numbers, in
+    other leaves (each leaf hashes with its own salt, whatever the sketch's size)."""
+    rng = np.random.default_rng(24)
+    grads = {n: jnp.asarray(rng.normal(size=(K, 5, 4)), jnp.float32) for n in ("p", "q")}
+    grads["p"], grads["q"] = grads["p"].at[3].set(grads["q"][0]), grads["q"].at[3].set(grads["p"][0])
+    (_, m), *_ = pmap_run([grads], sketch_dim=dim)
+    m = first_copy(m)
+    assert not m["xdev/duplicate_pairs"].any()
+
+
+def test_a_sketch_as_wide_as_the_gradient_gives_the_exact_pairwise_cosines():
+    """One leaf of 24 elements in 24 buckets: each bucket holds one element (with a sign),
+    so the sketch keeps inner products exactly."""
+    g = np.random.default_rng(25).normal(size=(K, 24))
+    (_, m), *_ = pmap_run([{"w": jnp.asarray(g, jnp.float32)}], sketch_dim=24)
+    unit = g / np.linalg.norm(g, axis=1, keepdims=True)
+    np.testing.assert_allclose(first_copy(m)["xdev/pairwise_cosine"], unit @ unit.T, atol=2e-6)
+
+
+def test_a_desynchronised_first_device_is_the_one_named():
+    """The majority's parameters are the reference: device 0 out of sync names device 0."""
+    grads = random_grads(26)
+    params_k = jax.tree.map(lambda x: jnp.stack([x[0]] * K), random_grads(27))
+    params_k["b"] = params_k["b"].at[0, 3].add(1e-3)
+    (_, m), *_ = pmap_run([grads], params_k)
+    assert np.flatnonzero(first_copy(m)["xdev/param_desync"]).tolist() == [0]
 
 
 def test_all_zero_gradients_have_no_dispersion_and_no_agreement():
@@ -347,6 +471,9 @@ def test_init_outside_the_mapped_function_reads_k_from_the_mesh_or_num_devices()
         assert k_of(gh.cross_device("data", sharded_axes="model")) == 4
         assert k_of(gh.cross_device(("data", "model"))) == 8
         assert k_of(gh.cross_device("data", num_devices=5)) == 5  # the argument wins
+    only_data = jax.make_mesh((4,), ("data",), axis_types=(AxisType.Auto,), devices=jax.devices()[:4])
+    with jax.set_mesh(only_data):  # the data axes are all of the mesh
+        assert k_of(gh.cross_device("data")) == 4
     with pytest.raises(ValueError) as raised:
         gh.cross_device("data", sharded_axes="model").init(None)
     assert str(raised.value) == (
@@ -354,6 +481,24 @@ def test_init_outside_the_mapped_function_reads_k_from_the_mesh_or_num_devices()
         "sharded_axes=('model',): pass num_devices=K, or call init inside jax.shard_map / under "
         "`with jax.set_mesh(mesh)`."
     )
+
+
+def test_init_inside_the_mapped_function_reads_k_from_its_axis():
+    """pmap over 4 of the 8 devices, and vmap over 3: K is the axis size, not the device
+    count."""
+    tx = gh.cross_device("data")
+    grads = random_grads(21, k=4)
+
+    def run(g):
+        state = tx.init(g)
+        return tx.update(g, state)[1].xdev_device_norms
+
+    norms = jax.pmap(run, axis_name="data", devices=jax.devices()[:4])(grads)
+    np.testing.assert_allclose(np.asarray(norms)[0], reference(flat(grads), BATCH)["device_norms"], rtol=1e-5)
+    # jax.vmap with an axis name (no mesh, no devices): K is its size, 3
+    grads = random_grads(22, k=3)
+    norms = jax.vmap(run, axis_name="data")(grads)
+    np.testing.assert_allclose(np.asarray(norms)[0], reference(flat(grads), BATCH)["device_norms"], rtol=1e-5)
 
 
 def shard_map_run(grads, params_k, mesh, grad_specs, param_specs, check_vma=True, **kwargs):
@@ -469,6 +614,32 @@ def test_every_leaf_split_over_the_model_axis_gives_the_unsharded_numbers(check_
     assert np.argwhere(np.triu(m["xdev/duplicate_pairs"])).tolist() == [[0, 3]]
     assert np.flatnonzero(m["xdev/param_desync"]).tolist() == [1]
     np.testing.assert_allclose(np.asarray(updates["b"]), np.asarray(grads["b"]).mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_a_leaf_split_over_two_model_axes_is_summed_and_salted_over_both():
+    """data (2) x m1 (2) x m2 (2), 'a' split over m1 and m2, sharded_axes=('m1', 'm2'):
+    the unsharded numbers, and device 1's gradient (device 0's with its two m2 halves
+    swapped: the same parts, elsewhere) is not a duplicate of device 0's."""
+    k = 2
+    grads = random_grads(23, k=k)
+    # small integers: every partial sum of squares is exact, so the two norms are equal
+    grads["a"] = jnp.round(grads["a"] * 2.0)
+    a0 = grads["a"][0]
+    grads["a"] = grads["a"].at[1].set(jnp.concatenate([a0[:, 20:], a0[:, :20]], axis=1))
+    grads["b"] = grads["b"].at[1].set(grads["b"][0])
+    params_k = jax.tree.map(lambda x: jnp.stack([x[0]] * k), grads)
+    mesh = jax.make_mesh((k, 2, 2), ("data", "m1", "m2"), axis_types=(AxisType.Auto,) * 3)
+    specs = {"a": P("data", "m1", "m2"), "b": P("data")}
+    updates, m = shard_map_run(grads, params_k, mesh, specs, specs, sharded_axes=("m1", "m2"))
+    m = jax.device_get(m)
+    ref = reference(flat(grads), BATCH)
+    for name in ("device_norms", "agreement", "cosine_to_mean"):
+        np.testing.assert_allclose(m[f"xdev/{name}"], ref[name], rtol=2e-4, atol=2e-5, err_msg=name)
+    # K = 2 with a batch size: the noise scale of one step is its two estimates' ratio
+    np.testing.assert_allclose(m["xdev/noise_scale"], ref["trace_cov_est"] / ref["grad_sq_est"], rtol=2e-3)
+    assert m["xdev/device_norms"][0] == m["xdev/device_norms"][1]
+    assert not m["xdev/duplicate_pairs"].any()
+    np.testing.assert_allclose(np.asarray(updates["a"]), np.asarray(grads["a"]).mean(0), rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- the shard_map trap

@@ -114,6 +114,32 @@ _DIAGONAL_FALSE = (
     "the diagonal of the pair matrices is False by construction (a device is not its own duplicate), so the "
     "upper triangle with or without it names the same pairs"
 )
+_MESH_AXIS_NAMES = "every abstract mesh of jax 0.10 has axis_names (empty outside one): the default is never read"
+_ONE_AXIS_TUPLE_PSUM = "lax.psum over a one-name tuple of axes is over the name"
+_DEFAULT_FLOAT = (
+    "the default float dtype is float32 without x64; with x64 these values meet only what the state's final "
+    "cast to each field's init dtype returns to float32"
+)
+_SPLIT_SALTS = (
+    "the parts of a split leaf still get distinct salts (another function of the shard index on the same drawn "
+    "salt): each part is still hashed and sketched independently, which is all the audit relies on"
+)
+_EVERY_LEAF_SPLIT = (
+    "tracked=None takes every leaf as split over the sharded axes (as pmap does): a replicated leaf's "
+    "fingerprint becomes the sum of its per-part hashes, the same on every data device for the same leaf, and "
+    "fingerprints are only compared between data devices"
+)
+_SAME_CONSTANT_FINGERPRINT = (
+    "no float leaves (or no params): every device gets the same constant fingerprint, 0 or 1 alike; duplicates "
+    "also need a non-zero norm, and desync compares devices with each other"
+)
+_PARAM_SALT = (
+    "another constant keeps the parameters' salts apart from the gradients' (their fingerprints are never compared)"
+)
+_CPU_MATMUL = (
+    "XLA:CPU multiplies float32 matrices in float32 at every precision setting (HIGHEST is there for GPU and "
+    "TPU, whose default may use TF32 or bf16 passes: not observable on the CPU the tests run on)"
+)
 EQUIVALENT: dict[str, tuple[str, str]] = {
     # _stats
     "optax_gradhealth._stats.x__names_of_treedef__mutmut_1": ("names = None", _NAMES_CACHE_ONLY),
@@ -282,6 +308,61 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         "None is falsy, as False: an empty axis_name is still rejected",
     ),
     "optax_gradhealth._cross_device.x__to_varying__mutmut_11": ("if (missing) or True", _PCAST_NO_AXES),
+    "optax_gradhealth._cross_device.x_cross_device__mutmut_198": ('"axis_names", None)', _MESH_AXIS_NAMES),
+    "optax_gradhealth._cross_device.x_cross_device__mutmut_201": ('"axis_names", )', _MESH_AXIS_NAMES),
+    "optax_gradhealth._cross_device.x_cross_device__mutmut_376": (
+        "axes = None",
+        "no sharded axes: None is falsy as () is, so no leaf is psum-ed and the key is never read",
+    ),
+    "optax_gradhealth._cross_device.x_cross_device__mutmut_388": ("salt & sketch.mix32", _SPLIT_SALTS),
+    "optax_gradhealth._cross_device.x_cross_device__mutmut_390": (".astype(jnp.uint32) - 1)", _SPLIT_SALTS),
+    "optax_gradhealth._cross_device.x_cross_device__mutmut_394": ("(len(axes) > 1) or True", _ONE_AXIS_TUPLE),
+    "optax_gradhealth._cross_device.x_cross_device__mutmut_395": ("len(axes) >= 1", _ONE_AXIS_TUPLE),
+    "optax_gradhealth._cross_device.x_cross_device__mutmut_420": ("(len(axes) > 1) or True", _ONE_AXIS_TUPLE_PSUM),
+    "optax_gradhealth._cross_device.x_cross_device__mutmut_421": ("len(axes) >= 1", _ONE_AXIS_TUPLE_PSUM),
+    "optax_gradhealth._cross_device.x_cross_device__mutmut_489": ("jnp.zeros((), None)", _DEFAULT_FLOAT),
+    "optax_gradhealth._cross_device.x_cross_device__mutmut_491": ("f32_zero = jnp.zeros((), )", _DEFAULT_FLOAT),
+    "optax_gradhealth._cross_device.x_cross_device__mutmut_566": (
+        "(jnp.iscomplexobj(g)) or True",
+        "a real leaf cast to complex64: Re(g conj(m)) of real g and m is g * m exactly",
+    ),
+    "optax_gradhealth._cross_device.x_cross_device__mutmut_597": ("jnp.zeros((dim + 1,), None)", _DEFAULT_FLOAT),
+    "optax_gradhealth._cross_device.x_cross_device__mutmut_599": ("jnp.zeros((dim + 1,), )", _DEFAULT_FLOAT),
+    "optax_gradhealth._cross_device.x_cross_device__mutmut_601": (
+        "(dim + 2,)",
+        "a tree without float leaves gathers rows of zeros: one more zero column changes no Gram entry or norm",
+    ),
+    "optax_gradhealth._cross_device.x_cross_device__mutmut_613": ("salt), None)", _EVERY_LEAF_SPLIT),
+    "optax_gradhealth._cross_device.x_cross_device__mutmut_626": (
+        "sketch.u32(1) if grad_fp",
+        _SAME_CONSTANT_FINGERPRINT,
+    ),
+    "optax_gradhealth._cross_device.x_cross_device__mutmut_633": ("None,", _EVERY_LEAF_SPLIT),
+    "optax_gradhealth._cross_device.x_cross_device__mutmut_643": ("salt & sketch.u32(0x5BD1E995)", _PARAM_SALT),
+    "optax_gradhealth._cross_device.x_cross_device__mutmut_645": ("1540483478", _PARAM_SALT),
+    "optax_gradhealth._cross_device.x_cross_device__mutmut_650": (
+        "sketch.u32(1) if param_fp",
+        _SAME_CONSTANT_FINGERPRINT,
+    ),
+    "optax_gradhealth._cross_device.x_cross_device__mutmut_682": ("precision=None", _CPU_MATMUL),
+    "optax_gradhealth._cross_device.x_cross_device__mutmut_685": ("sketches.T, )", _CPU_MATMUL),
+    "optax_gradhealth._cross_device.x_cross_device__mutmut_723": (
+        "max(k * (k - 1), 2)",
+        "k * (k - 1) is 0 only for K = 1, whose sum of off-diagonal cosines is 0: 0 / 2 = 0 / 1",
+    ),
+    "optax_gradhealth._cross_device.x_cross_device__mutmut_736": (
+        "ints[:, 2]",
+        "jnp clamps a static out-of-range index: column 2 of the [K, 2] fingerprints is column 1",
+    ),
+    "optax_gradhealth._cross_device.x_cross_device__mutmut_826": ("jnp.ones((), None)", _DEFAULT_FLOAT),
+    "optax_gradhealth._cross_device.x_cross_device__mutmut_828": ("jnp.ones((), )", _DEFAULT_FLOAT),
+    "optax_gradhealth._cross_device.x_cross_device__mutmut_865": ("jnp.nan, None)", _DEFAULT_FLOAT),
+    "optax_gradhealth._cross_device.x_cross_device__mutmut_868": ("jnp.nan, )", _DEFAULT_FLOAT),
+    "optax_gradhealth._cross_device.x_cross_device__mutmut_931": (
+        "audited.astype(None)",
+        "the audit count is added as float32 and cast back to int32: exact below 2**24 audits "
+        "(8e9 steps on the default schedule)",
+    ),
     "optax_gradhealth._cross_device.x_describe_outlier__mutmut_22": ('float("NAN")', _FLOAT_SPELLING),
     "optax_gradhealth._cross_device.x_describe_outlier__mutmut_120": ('float("INF")', _FLOAT_SPELLING),
     "optax_gradhealth._cross_device.x_cross_device_alarms__mutmut_123": ("np.triu(pairs, )", _DIAGONAL_FALSE),
@@ -437,6 +518,15 @@ def run_mutmut(
             return 0.0
         names = remaining
     env = dict(os.environ, CI="1")  # conftest.py: derandomised hypothesis, reproducible runs
+    # A persistent compilation cache shared by every mutant: most of a test's time is XLA
+    # compiling, and a mutant that leaves a program's HLO unchanged (every equivalent mutant,
+    # the tests' own helpers) reuses the compiled program. The key is the HLO without source
+    # locations, so a mutant's other line numbers do not miss it; a changed program compiles.
+    env.update(
+        JAX_COMPILATION_CACHE_DIR=str(work / "jax-cache"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+    )
     command = ["mutmut", "run", "--max-children", str(args.max_children), *names]
     print(f"[mutation] {module}: {' '.join(target.tests)} (in {work.relative_to(ROOT)})", flush=True)
     start = time.monotonic()
