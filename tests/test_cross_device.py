@@ -266,11 +266,10 @@ def test_a_step_whose_total_overflows_leaves_the_noise_scale_emas_alone():
     """Every device's squared norm ~1e38 (finite), their sum over 8 devices is not: the
     step's estimates are not folded into the EMAs, the next step's are."""
     base = random_grads(0)
-    aligned = flat(base)[0]
+    scale = 1e19 / np.linalg.norm(flat(base)[0])  # device d's copy of base[0]: norm 1e19 * (1 + 0.01 d)
     huge = {
         n: jnp.asarray(
-            np.stack([np.asarray(x[0], np.float64) * (1 + 0.01 * d) for d in range(K)])
-            * (1e19 / np.linalg.norm(aligned)),
+            np.stack([np.asarray(x[0], np.float64) * (1 + 0.01 * d) for d in range(K)]) * scale,
             jnp.float32,
         )
         for n, x in base.items()
