@@ -97,6 +97,18 @@ BATCH = 4
 DECAY = 0.9
 
 
+def folded_noise_scale(grad_steps):
+    """The noise scale after the given (finite) steps' float64 estimates are folded into
+    EMAs of decay DECAY, each bias-corrected."""
+    ema_sq = ema_tr = 0.0
+    for grads in grad_steps:
+        ref = reference(flat(grads), BATCH)
+        ema_sq = DECAY * ema_sq + (1 - DECAY) * ref["grad_sq_est"]
+        ema_tr = DECAY * ema_tr + (1 - DECAY) * ref["trace_cov_est"]
+    corr = 1 - DECAY ** len(grad_steps)
+    return (ema_tr / corr) / (ema_sq / corr)
+
+
 def pmap_run(grads_per_step, params_k=None, **kwargs):
     tx = gh.cross_device("data", per_device_batch=BATCH, noise_scale_decay=DECAY, **kwargs)
 
@@ -115,7 +127,6 @@ def pmap_run(grads_per_step, params_k=None, **kwargs):
 def test_every_step_and_audit_figures_match_float64_reference():
     steps = [random_grads(0), random_grads(1)]
     outs = pmap_run(steps)
-    ema_sq = ema_tr = 0.0
     for t, (grads, (updates, m)) in enumerate(zip(steps, outs)):
         assert_identical_on_every_device(m)
         m = first_copy(m)
@@ -126,10 +137,7 @@ def test_every_step_and_audit_figures_match_float64_reference():
             np.testing.assert_allclose(m[f"xdev/{name}"], ref[name], rtol=2e-4, atol=2e-5, err_msg=name)
         for name in ("grad_sq_est", "trace_cov_est"):
             np.testing.assert_allclose(m[f"xdev/{name}"], ref[name], rtol=2e-3, err_msg=name)
-        ema_sq = DECAY * ema_sq + (1 - DECAY) * ref["grad_sq_est"]
-        ema_tr = DECAY * ema_tr + (1 - DECAY) * ref["trace_cov_est"]
-        corr = 1 - DECAY ** (t + 1)
-        np.testing.assert_allclose(m["xdev/noise_scale"], (ema_tr / corr) / (ema_sq / corr), rtol=2e-3)
+        np.testing.assert_allclose(m["xdev/noise_scale"], folded_noise_scale(steps[: t + 1]), rtol=2e-3)
         # The sketch estimates the pairwise cosines with error ~ 1/sqrt(1024) ~ 0.03.
         np.testing.assert_allclose(m["xdev/pairwise_cosine"], ref["pairwise_cosine"], atol=0.12)
         off = ~np.eye(K, dtype=bool)
@@ -250,16 +258,9 @@ def test_a_nonfinite_step_leaves_the_noise_scale_emas_alone():
     steps[1]["a"] = steps[1]["a"].at[6, 0, 0].set(jnp.inf)
     states = [first_copy(m) for _, m in pmap_run(steps)]  # the metrics after each step
     assert not np.isfinite(states[1]["xdev/grad_sq_est"])
-    ema_sq = ema_tr = 0.0
-    for t in (0, 2):
-        ref = reference(flat(steps[t]), BATCH)
-        ema_sq = DECAY * ema_sq + (1 - DECAY) * ref["grad_sq_est"]
-        ema_tr = DECAY * ema_tr + (1 - DECAY) * ref["trace_cov_est"]
-    first = reference(flat(steps[0]), BATCH)
     # after the bad step: still the first step's smoothed value (count 1)
-    np.testing.assert_allclose(states[1]["xdev/noise_scale"], first["trace_cov_est"] / first["grad_sq_est"], rtol=2e-3)
-    corr = 1 - DECAY**2  # two finite steps folded
-    np.testing.assert_allclose(states[2]["xdev/noise_scale"], (ema_tr / corr) / (ema_sq / corr), rtol=2e-3)
+    np.testing.assert_allclose(states[1]["xdev/noise_scale"], folded_noise_scale(steps[:1]), rtol=2e-3)
+    np.testing.assert_allclose(states[2]["xdev/noise_scale"], folded_noise_scale(steps[::2]), rtol=2e-3)
 
 
 def test_a_step_whose_total_overflows_leaves_the_noise_scale_emas_alone():
@@ -277,13 +278,8 @@ def test_a_step_whose_total_overflows_leaves_the_noise_scale_emas_alone():
     steps = [random_grads(1), huge, random_grads(2)]
     states = [first_copy(m) for _, m in pmap_run(steps)]
     assert np.isfinite(states[1]["xdev/device_norms"]).all() and not np.isfinite(states[1]["xdev/grad_sq_est"])
-    first = reference(flat(steps[0]), BATCH)
-    np.testing.assert_allclose(states[1]["xdev/noise_scale"], first["trace_cov_est"] / first["grad_sq_est"], rtol=2e-3)
-    last = reference(flat(steps[2]), BATCH)
-    corr = 1 - DECAY**2
-    ema_sq = (DECAY * (1 - DECAY) * first["grad_sq_est"] + (1 - DECAY) * last["grad_sq_est"]) / corr
-    ema_tr = (DECAY * (1 - DECAY) * first["trace_cov_est"] + (1 - DECAY) * last["trace_cov_est"]) / corr
-    np.testing.assert_allclose(states[2]["xdev/noise_scale"], ema_tr / ema_sq, rtol=2e-3)
+    np.testing.assert_allclose(states[1]["xdev/noise_scale"], folded_noise_scale(steps[:1]), rtol=2e-3)
+    np.testing.assert_allclose(states[2]["xdev/noise_scale"], folded_noise_scale(steps[::2]), rtol=2e-3)
 
 
 def test_under_x64_the_state_stays_float32_and_the_figures_match():
