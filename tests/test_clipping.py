@@ -123,6 +123,31 @@ def test_zscore_policy_matches_reference():
         np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 
+@pytest.mark.parametrize("direction", [2.0, 0.0], ids=["ulp_up", "ulp_down"])
+def test_zscore_variance_survives_a_power_rounded_one_ulp_off(monkeypatch, direction):
+    """The bias correction's power and division round differently per backend (on an
+    H200 the threshold after one norm was 2.4e-4 off: the sqrt of a first variance
+    that should be 0). With ``decay**t`` one ulp off (``decay**0`` stays 1, as IEEE
+    ``pow`` requires) the first variance is still exactly 0, never negative, and every
+    threshold matches the float64 reference."""
+    real_power = jnp.power
+
+    def one_ulp_off(x, y):
+        exact = real_power(x, y)
+        return jnp.where(jnp.asarray(y) == 0, exact, jnp.nextafter(exact, jnp.asarray(direction, exact.dtype)))
+
+    monkeypatch.setattr(jnp, "power", one_ulp_off)
+    policy = gh.ZScoreClip(z=1.0, stats_decay=0.9, warmup_steps=0)
+    state = policy.update(policy.init(), jnp.float32(1.3), jnp.bool_(True))
+    assert float(state.zscore_norm_var) == 0.0
+    assert float(policy.threshold(state)) == np.float32(1.3)
+    rng = np.random.default_rng(3)
+    norms = list(np.abs(rng.normal(1.0, 0.2, size=60)))
+    kwargs = dict(z=1.0, stats_decay=0.9, warmup_steps=0, warmup_max_norm=math.inf)
+    got = run_policy(gh.ZScoreClip(**kwargs), norms, [True] * 60)
+    np.testing.assert_allclose(got, zscore_reference(norms, [True] * 60, **kwargs), rtol=1e-5)
+
+
 def test_zscore_policy_is_not_poisoned_by_nan_or_skipped_steps():
     policy = gh.ZScoreClip(warmup_steps=0)
     state = policy.init()
