@@ -24,7 +24,7 @@ if [ "$SMALL" = "--small" ]; then
   COMPILE="--params 1e5 --leaves 50 --steps 1 --warmup 1 --compile-reps 1"
   TRAIN="--size tiny --steps 2 --warmup 1"
   LIMIT_GUARD=300 LIMIT_LOOP=300 LIMIT_COMPILE=300 LIMIT_TRAIN=300 LIMIT_TESTS=900
-  TESTS="tests/test_stats.py tests/test_skip.py"
+  TESTS="tests/test_backend.py tests/test_stats.py tests/test_skip.py"
 else
   export JAX_PLATFORMS=${GH_SUITE_PLATFORM:-cuda}
   GUARD="--params 4e8 --leaves 100 --steps 20 --warmup 3 --compile-reps 1"
@@ -32,7 +32,7 @@ else
   COMPILE="--params 1e8 --leaves 1000 --steps 3 --warmup 1 --compile-reps 1"
   TRAIN="--size base --steps 20 --warmup 2"
   LIMIT_GUARD=90 LIMIT_LOOP=80 LIMIT_COMPILE=100 LIMIT_TRAIN=70 LIMIT_TESTS=110
-  TESTS="tests/test_stats.py tests/test_guard.py tests/test_clipping.py tests/test_loss_scale.py \
+  TESTS="tests/test_backend.py tests/test_stats.py tests/test_guard.py tests/test_clipping.py tests/test_loss_scale.py \
 tests/test_clip_modes.py tests/test_guard_inplace.py tests/test_accumulation.py tests/test_skip.py \
 tests/test_update_health.py tests/test_replay.py"
 fi

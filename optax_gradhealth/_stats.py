@@ -165,7 +165,8 @@ class GradStats(NamedTuple):
         (whose squares underflow float32) add nothing to their leaf's norm; the global
         norm is unaffected (on a step whose global sum overflowed, too: such a leaf keeps
         its own first-pass sum). Float32-subnormal elements (below ~1.18e-38) count as
-        zero everywhere: XLA on CPU and GPU reads them as zero (denormals-are-zero).
+        zero on CPU and TPU (XLA:CPU reads them as zero, denormals-are-zero; TPUs have
+        none) and with their value on GPU (XLA:GPU keeps them).
       first_nonfinite_leaf: int32 scalar, the index (in ``jax.tree.leaves`` order) of
         the first leaf holding a NaN or Inf, or -1 when every leaf is finite.
     """

@@ -1,0 +1,25 @@
+"""Expectations that legitimately differ per XLA backend, each with its evidence.
+
+A test whose expected value depends on the backend reads it here instead of loosening
+the bound for every backend; ``tests/test_backend.py`` checks the premises that can be
+probed on the backend the tests run on.
+"""
+
+from __future__ import annotations
+
+import jax
+
+BACKEND: str = jax.default_backend()
+
+#: Whether jitted float32 arithmetic reads subnormal inputs (``|x| < 2**-126``, about
+#: 1.18e-38) as zero. XLA:CPU does (denormals-are-zero; the statistics tests' float64
+#: reference flushes them too); XLA:GPU keeps them (an H200, jax 0.11: a bf16 1.19e-39
+#: gave its norm, not 0); TPUs have no float32 subnormals.
+FLUSHES_SUBNORMALS: bool = {"cpu": True, "gpu": False, "tpu": True}.get(BACKEND, False)
+
+#: Bytes of temporary buffer a compiled step may hold for its scalar and reduction
+#: scratch, in a test whose point is that no leaf-sized temporary exists. XLA:CPU: under
+#: 4 KiB. XLA:GPU keeps the partial results of its multi-block reductions (7,456 bytes
+#: for the loss-scale wrapper around a guard, an H200): 16 KiB, still an eighth of the
+#: smallest leaf those tests use (a [256, 128] float32, 128 KiB).
+SCRATCH_BYTES: int = {"cpu": 4096}.get(BACKEND, 16384)
