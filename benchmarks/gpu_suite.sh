@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The accelerator suite: the guard's cost per call and in a loop, its compile time at
 # 1000 leaves, its share of a transformer's train step, and the core tests on the
-# accelerator. Writes every result into OUT (one file per part, and summary.md).
+# accelerator (in SHARDS pytest processes sharing it: benchmarks/sharded_pytest.sh).
+# Writes every result into OUT (one file per part, and summary.md).
 #
 #   bash benchmarks/gpu_suite.sh OUT            # on a machine with one GPU (about 8 min at most)
 #   bash benchmarks/gpu_suite.sh OUT --small    # tiny sizes on any backend (a check of the suite)
@@ -25,6 +26,7 @@ if [ "$SMALL" = "--small" ]; then
   TRAIN="--size tiny --steps 2 --warmup 1"
   LIMIT_GUARD=300 LIMIT_LOOP=300 LIMIT_COMPILE=300 LIMIT_TRAIN=300 LIMIT_TESTS=900
   TESTS="tests/test_backend.py tests/test_stats.py tests/test_skip.py"
+  SHARDS=2
 else
   export JAX_PLATFORMS=${GH_SUITE_PLATFORM:-cuda}
   GUARD="--params 4e8 --leaves 100 --steps 20 --warmup 3 --compile-reps 1"
@@ -32,9 +34,12 @@ else
   COMPILE="--params 1e8 --leaves 1000 --steps 3 --warmup 1 --compile-reps 1"
   TRAIN="--size base --steps 20 --warmup 2"
   LIMIT_GUARD=90 LIMIT_LOOP=80 LIMIT_COMPILE=100 LIMIT_TRAIN=70 LIMIT_TESTS=110
-  TESTS="tests/test_backend.py tests/test_stats.py tests/test_guard.py tests/test_clipping.py tests/test_loss_scale.py \
-tests/test_clip_modes.py tests/test_guard_inplace.py tests/test_accumulation.py tests/test_skip.py \
-tests/test_update_health.py tests/test_replay.py"
+  # In the order that spreads them evenly over the shards (round-robin; test counts
+  # 45 57 44 44 43 41 28 16 12 12 1).
+  TESTS="tests/test_stats.py tests/test_clipping.py tests/test_guard.py tests/test_guard_inplace.py \
+tests/test_loss_scale.py tests/test_clip_modes.py tests/test_update_health.py tests/test_skip.py \
+tests/test_accumulation.py tests/test_replay.py tests/test_backend.py"
+  SHARDS=4  # pytest processes sharing the GPU: compiling, most of a test's time there, runs on the host's cores
 fi
 cd "$ROOT" || exit 1
 SUMMARY="$OUT/summary.md"
@@ -60,7 +65,7 @@ part() {  # part NAME LIMIT COMMAND...: runs it under its limit, output into OUT
   else
     echo "## $name (${took} s)" >>"$SUMMARY"
   fi
-  grep -E '^(\||jax |transformer|[0-9]+ (passed|failed)|=+ .*(passed|failed))' "$OUT/$name.txt" >>"$SUMMARY"
+  grep -E '^(\||jax |transformer|### shard|FAILED|ERROR|[0-9]+ (passed|failed)|=+ .*(passed|failed))' "$OUT/$name.txt" >>"$SUMMARY"
   echo >>"$SUMMARY"
 }
 
@@ -74,7 +79,7 @@ part compile_1000_leaves "$LIMIT_COMPILE" python benchmarks/bench_guard.py $COMP
   --variants "clip+adamw" "guard (all on)"
 part train_step "$LIMIT_TRAIN" python benchmarks/bench_train_step.py $TRAIN --json "$OUT/train_step.json"
 if python -c "import pytest, hypothesis" 2>/dev/null; then
-  part tests "$LIMIT_TESTS" python -m pytest -q -p no:cacheprovider -o addopts="" $TESTS
+  part tests "$LIMIT_TESTS" bash benchmarks/sharded_pytest.sh "$SHARDS" $TESTS
 else
   echo "## tests: not run (pytest or hypothesis is not installed)" >>"$SUMMARY"
 fi

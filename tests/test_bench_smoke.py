@@ -99,3 +99,28 @@ def test_bench_train_step_runs_every_variant():
 def test_gpu_suite_script_parses():
     result = subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_suite.sh")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_sharded_pytest_runs_every_file_and_reports_a_failing_shard(tmp_path):
+    """The GPU suite's test runner: files spread over the shards round-robin, every
+    shard's output printed, a non-zero exit when one shard fails."""
+    names = ["test_a.py", "test_b.py", "test_c.py"]
+    bodies = [
+        "def test_one():\n    assert 1 + 1 == 2\n",
+        "def test_two():\n    assert 2 * 2 == 5\n",
+        "def test_x():\n    pass\n",
+    ]
+    for name, body in zip(names, bodies):
+        (tmp_path / name).write_text(body)
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}
+    script = str(ROOT / "benchmarks" / "sharded_pytest.sh")
+    result = subprocess.run(["bash", script, "2", *names], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "### shard_0: test_a.py test_c.py" in result.stdout
+    assert "### shard_1: test_b.py" in result.stdout
+    assert "2 passed" in result.stdout and "1 failed" in result.stdout
+    assert "FAILED test_b.py::test_two" in result.stdout
+    passing = subprocess.run(
+        ["bash", script, "2", names[0], names[2]], capture_output=True, text=True, cwd=tmp_path, env=env
+    )
+    assert passing.returncode == 0, passing.stdout
