@@ -17,6 +17,7 @@ The pieces, in the order ``update`` runs them:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -305,24 +306,35 @@ def _scalar_arg(name: str, x: Any) -> jax.Array | None:
     return x
 
 
+#: At most this many leaves' finite flags are and-ed before one reduction (`_all_finite`).
+_FLAGS_PER_REDUCTION = 24
+
+
 def _all_finite(tree: Any) -> jax.Array:
     """True when every float element of ``tree`` is finite (a scalar bool); the update
     check without update health.
 
-    The flags of leaves of one shape are and-ed elementwise before one reduction: where
-    the compiler does not fuse a reduction with the computation of its operand (XLA:CPU
-    materialises the operand of a reduction of booleans), that is one byte per element
-    of each shape, not one per leaf (Adam's ``mu``, ``nu`` and update share each
-    parameter's shape).
+    The flags of leaves of one shape are and-ed elementwise before one reduction, up to
+    ``_FLAGS_PER_REDUCTION`` leaves at a time: where the compiler does not fuse a
+    reduction with the computation of its operand (XLA:CPU materialises the operand of a
+    reduction of booleans), that is one byte per element of each group, not one per
+    leaf (Adam's ``mu``, ``nu`` and update share each parameter's shape). The cap keeps
+    each group's kernel small: on a tree of 1000 leaves in a few shapes, one group per
+    shape made kernels of hundreds of operands, whose code generation took 43 s of a
+    59 s compile on XLA:CPU (``benchmarks/compile_profile.py``).
     """
-    by_shape: dict[tuple[int, ...], jax.Array] = {}
+    groups: dict[tuple[int, ...], list[jax.Array]] = {}
+    flags = []
     for x in _stats._float_leaves(tree):
-        flag = jnp.isfinite(x)
-        by_shape[x.shape] = flag if x.shape not in by_shape else by_shape[x.shape] & flag
-    if not by_shape:
+        group = groups.setdefault(x.shape, [])
+        group.append(jnp.isfinite(x))
+        if len(group) == _FLAGS_PER_REDUCTION:
+            flags.append(functools.reduce(jnp.logical_and, groups.pop(x.shape)))
+    flags += [functools.reduce(jnp.logical_and, group) for group in groups.values()]
+    if not flags:
         return jnp.ones((), jnp.bool_)
     # One concatenation (see `_stats._sums_of_squares`), not a kernel reading every flag.
-    return jnp.all(_lowering.one_vector(jnp.stack([jnp.all(flag) for flag in by_shape.values()])))
+    return jnp.all(_lowering.one_vector(jnp.stack([jnp.all(flag) for flag in flags])))
 
 
 class OutputSums(NamedTuple):

@@ -124,3 +124,20 @@ def test_sharded_pytest_runs_every_file_and_reports_a_failing_shard(tmp_path):
         ["bash", script, "2", names[0], names[2]], capture_output=True, text=True, cwd=tmp_path, env=env
     )
     assert passing.returncode == 0, passing.stdout
+
+
+def test_compile_profile_splits_compile_time_per_variant():
+    result = _run_benchmark(
+        "compile_profile.py", "--params", "2e4", "--leaves", "4", "--variants", "adamw", "guard (all on)"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith("| ") and "variant" not in line]
+    assert [row[1].strip() for row in rows] == ["adamw", "guard (all on)"], result.stdout
+    for row in rows:
+        trace, compile_s, passes, backend, kernels = (float(x) for x in row[2:7])
+        # XLA's pass timers were read (so the log format is still understood), and they
+        # are part of compile(): passes + backend = compile (to the table's rounding).
+        assert trace > 0 and 0 < passes < compile_s and abs(passes + backend - compile_s) <= 0.011 and kernels > 0
+    # Adamw compiles one fusion per moment and parameter (4 leaves: at least 12 kernels);
+    # the guard adds its statistics and its decision.
+    assert float(rows[1][6]) > float(rows[0][6]) >= 12, result.stdout
