@@ -141,3 +141,17 @@ def test_compile_profile_splits_compile_time_per_variant():
     # Adamw compiles one fusion per moment and parameter (4 leaves: at least 12 kernels);
     # the guard adds its statistics and its decision.
     assert float(rows[1][6]) > float(rows[0][6]) >= 12, result.stdout
+
+
+def test_bench_reductions_times_every_formulation():
+    result = _run_benchmark(
+        "bench_reductions.py", "--elements", "4096", "--leaves", "2", "--rounds", "1", "--warmup", "0"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [
+        line.split("|") for line in result.stdout.splitlines() if line.startswith("| ") and "formulation" not in line
+    ]
+    assert [row[1].strip() for row in rows] == ["input_sq", "mu_sq", "update_sq", "poisoned", "flags"], result.stdout
+    assert float(rows[0][3]) == 1.0  # the baseline's ratio to itself
+    bad = _run_benchmark("bench_reductions.py", "--leaves", "0")
+    assert bad.returncode == 2 and "need --leaves >= 1" in bad.stderr
