@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The accelerator suite: the guard's cost per call and in a loop, its compile time at
-# 1000 leaves, its share of a transformer's train step, and the core tests on the
-# accelerator (in SHARDS pytest processes sharing it: benchmarks/sharded_pytest.sh).
+# 1000 leaves, its share of a transformer's train step, the core tests on the
+# accelerator (in SHARDS pytest processes sharing it: benchmarks/sharded_pytest.sh) and,
+# in the time left, what each fusion choice of _lowering buys there.
 # Writes every result into OUT (one file per part, and summary.md).
 #
 #   bash benchmarks/gpu_suite.sh OUT            # on a machine with one GPU (about 8 min at most)
@@ -25,6 +26,8 @@ if [ "$SMALL" = "--small" ]; then
   COMPILE="--params 1e5 --leaves 50 --steps 1 --warmup 1 --compile-reps 1"
   TRAIN="--size tiny --steps 2 --warmup 1"
   LIMIT_GUARD=300 LIMIT_LOOP=300 LIMIT_COMPILE=300 LIMIT_TRAIN=300 LIMIT_TESTS=900
+  LOWERING="--params 2e5 --leaves 10 --steps 2 --warmup 1"
+  BUDGET=3600
   TESTS="tests/test_backend.py tests/test_stats.py tests/test_skip.py"
   SHARDS=2
 else
@@ -36,6 +39,8 @@ else
   # compiling in the 34 s left after adamw's 21.9 s and optax's chain's 44.6 s.)
   COMPILE="--params 1e7 --leaves 1000 --steps 2 --warmup 1 --compile-reps 1"
   TRAIN="--size base --steps 20 --warmup 2"
+  LOWERING="--params 1e8 --leaves 100 --steps 10 --warmup 2"
+  BUDGET=470  # seconds for the whole suite: the last part, lowering, gets what is left
   LIMIT_GUARD=90 LIMIT_LOOP=80 LIMIT_COMPILE=130 LIMIT_TRAIN=60 LIMIT_TESTS=100
   # In the order that spreads them evenly over the shards (round-robin; test counts
   # 45 57 44 44 43 41 28 16 12 12 1).
@@ -86,5 +91,12 @@ if python -c "import pytest, hypothesis" 2>/dev/null; then
   part tests "$LIMIT_TESTS" bash benchmarks/sharded_pytest.sh "$SHARDS" $TESTS
 else
   echo "## tests: not run (pytest or hypothesis is not installed)" >>"$SUMMARY"
+fi
+# What each fusion choice of _lowering buys on this backend (each turned off in turn).
+LEFT=$((BUDGET - SECONDS))
+if [ "$LEFT" -ge 30 ]; then
+  part lowering "$LEFT" python benchmarks/bench_lowering.py $LOWERING
+else
+  echo "## lowering: not run (${LEFT} s left of the suite's ${BUDGET} s)" >>"$SUMMARY"
 fi
 cat "$SUMMARY"

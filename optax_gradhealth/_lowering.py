@@ -32,7 +32,17 @@ table below says which choice holds where and on what evidence.
 
 Every choice is, today, the same on every backend: measured on XLA:CPU only. On GPU
 and TPU each is the same barrier until a measurement there says otherwise (the
-accelerator issue; ``benchmarks/gpu_suite.sh`` measures the guard's cost per backend).
+accelerator issue; ``benchmarks/gpu_suite.sh`` measures the guard's cost per backend,
+and ``benchmarks/bench_lowering.py`` what turning each choice off does there).
+
+Turned off one at a time on XLA:CPU (2026-11-30, ``docs/benchmarks.md``, "The fusion
+choices, one by one"), each makes tests fail:
+``keep_in_reduction`` 4 (gradient-sized temporaries beside Adam, in the loss-scale
+fast path and the adaptive clip), ``one_vector`` 3 (kernels with one operand per leaf;
+temporaries of the value clip), ``own_operands`` 5 (temporaries of the clip modes and
+of the check's flags), ``apart`` 2 (the temporary bounds of the update check and of
+update health) and ``before_writes`` 27 (copies of the parameters or moments under
+donation, for every inner optimizer and clip mode).
 """
 
 from __future__ import annotations

@@ -155,3 +155,16 @@ def test_bench_reductions_times_every_formulation():
     assert float(rows[0][3]) == 1.0  # the baseline's ratio to itself
     bad = _run_benchmark("bench_reductions.py", "--leaves", "0")
     assert bad.returncode == 2 and "need --leaves >= 1" in bad.stderr
+
+
+def test_bench_lowering_turns_off_each_fusion_choice_in_turn():
+    from optax_gradhealth import _lowering
+
+    result = _run_benchmark("bench_lowering.py", "--params", "2e4", "--leaves", "3", "--steps", "1", "--warmup", "0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith("| ") and "variant" not in line]
+    expected = ["adamw", "all choices", *(f"without {choice}" for choice in _lowering.CHOICES)]
+    assert [row[1].strip() for row in rows] == expected, result.stdout
+    assert float(rows[1][4]) == 1.0  # the guard as it is, against itself
+    bad = _run_benchmark("bench_lowering.py", "--guard", "adamw")
+    assert bad.returncode == 2 and "unknown --guard 'adamw'" in bad.stderr
