@@ -13,6 +13,7 @@ Usage::
     python benchmarks/bench_lowering.py                       # 8M parameters, 20 leaves
     python benchmarks/bench_lowering.py --params 4e6 --leaves 1000
     python benchmarks/bench_lowering.py --guard "guard, both False"
+    python benchmarks/bench_lowering.py --loop 5              # 5 steps per call in a fori_loop
 """
 
 from __future__ import annotations
@@ -58,7 +59,11 @@ def without(choice: str | None) -> Iterator[None]:
         setattr(_lowering, choice, original)
 
 
-def bench(num_params: int, num_leaves: int, steps: int, warmup: int, guard: str = "guard (all on)") -> list[dict]:
+def bench(
+    num_params: int, num_leaves: int, steps: int, warmup: int, guard: str = "guard (all on)", loop: int = 0
+) -> list[dict]:
+    """Times adamw, ``guard`` as it is and ``guard`` with each choice off: one step per
+    call, or ``loop`` steps per call in one ``fori_loop`` (``bench_guard.make_loop``)."""
     params0 = bench_guard.make_tree(num_params, num_leaves, seed=0)
     grads = bench_guard.make_tree(num_params, num_leaves, seed=1)
     loss = jnp.float32(2.5)
@@ -71,11 +76,8 @@ def bench(num_params: int, num_leaves: int, steps: int, warmup: int, guard: str 
         tx = factory()
         with without(choice):
             start = time.perf_counter()
-            compiled = (
-                bench_guard.make_step(tx, takes_loss)
-                .lower(params0, jax.eval_shape(tx.init, params0), grads, loss)
-                .compile()
-            )
+            jitted = bench_guard.make_loop(tx, takes_loss, loop) if loop else bench_guard.make_step(tx, takes_loss)
+            compiled = jitted.lower(params0, jax.eval_shape(tx.init, params0), grads, loss).compile()
             compile_s = time.perf_counter() - start
         analysis = compiled.memory_analysis()
         temp = analysis.temp_size_in_bytes if analysis is not None else -1
@@ -88,6 +90,8 @@ def bench(num_params: int, num_leaves: int, steps: int, warmup: int, guard: str 
             jax.block_until_ready((run[1], run[2]))
             if index >= warmup:
                 run[3].append(time.perf_counter() - start)
+    for run in runs.values():
+        run[3] = [t / max(loop, 1) for t in run[3]]
     adamw = statistics.median(runs["adamw"][3])
     guard = statistics.median(runs["all choices"][3])
     return [
@@ -112,14 +116,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--guard", default="guard (all on)", help="the bench_guard.py variant to vary (default 'guard (all on)')"
     )
+    parser.add_argument("--loop", type=int, default=0, help="steps per call in one fori_loop (default 0: one step)")
     args = parser.parse_args(argv)
+    if args.loop < 0:
+        parser.error(f"--loop must be >= 0, got {args.loop}")
     guards = [name for name in bench_guard.variants() if name.startswith("guard")]
     if args.guard not in guards:
         parser.error(f"unknown --guard {args.guard!r}; known: {guards}")
     if args.steps < 1 or args.leaves < 1:
         parser.error(f"--steps and --leaves must be >= 1, got {args.steps} and {args.leaves}")
-    rows = bench(int(args.params), args.leaves, args.steps, args.warmup, args.guard)
+    rows = bench(int(args.params), args.leaves, args.steps, args.warmup, args.guard, args.loop)
     size = f"{args.params / 1e6:g}M parameters in {args.leaves} leaves, {args.guard}"
+    size += f", {args.loop} steps per call (fori_loop; times per step)" if args.loop else ""
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, {size}")
     print("| variant | step ms (median) | x adamw | x guard | compile s | temp MB |")
     print("|---|---:|---:|---:|---:|---:|")

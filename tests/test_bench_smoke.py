@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -157,11 +159,14 @@ def test_bench_reductions_times_every_formulation():
     assert bad.returncode == 2 and "need --leaves >= 1" in bad.stderr
 
 
-def test_bench_lowering_turns_off_each_fusion_choice_in_turn():
+@pytest.mark.parametrize("loop", [[], ["--loop", "2"]], ids=["per-call", "loop"])
+def test_bench_lowering_turns_off_each_fusion_choice_in_turn(loop):
     from optax_gradhealth import _lowering
 
-    result = _run_benchmark("bench_lowering.py", "--params", "2e4", "--leaves", "3", "--steps", "1", "--warmup", "0")
+    args = ["--params", "2e4", "--leaves", "3", "--steps", "1", "--warmup", "0", *loop]
+    result = _run_benchmark("bench_lowering.py", *args)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert ("2 steps per call (fori_loop" in result.stdout) == bool(loop), result.stdout
     rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith("| ") and "variant" not in line]
     expected = ["adamw", "all choices", *(f"without {choice}" for choice in _lowering.CHOICES)]
     assert [row[1].strip() for row in rows] == expected, result.stdout
