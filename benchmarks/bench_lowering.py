@@ -93,13 +93,13 @@ def bench(
     for run in runs.values():
         run[3] = [t / max(loop, 1) for t in run[3]]
     adamw = statistics.median(runs["adamw"][3])
-    guard = statistics.median(runs["all choices"][3])
+    as_is = statistics.median(runs["all choices"][3])
     return [
         {
             "variant": label,
             "step_ms": statistics.median(run[3]) * 1e3,
             "x_adamw": statistics.median(run[3]) / adamw,
-            "x_guard": statistics.median(run[3]) / guard,
+            "x_guard": statistics.median(run[3]) / as_is,
             "compile_s": run[4],
             "temp_mb": run[5] / 2**20,
         }
