@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
+import optax
 
 from optax_gradhealth import _lowering
 
@@ -59,51 +57,39 @@ def without(choice: str | None) -> Iterator[None]:
         setattr(_lowering, choice, original)
 
 
+def _with_choice_off(tx: optax.GradientTransformation, choice: str) -> optax.GradientTransformationExtraArgs:
+    """``tx`` whose update is traced with ``_lowering.<choice>`` turned off."""
+
+    def update(updates: Any, state: Any, params: Any = None, **extra_args: Any) -> tuple[Any, Any]:
+        with without(choice):
+            return tx.update(updates, state, params, **extra_args)
+
+    return optax.GradientTransformationExtraArgs(tx.init, update)
+
+
 def bench(
     num_params: int, num_leaves: int, steps: int, warmup: int, guard: str = "guard (all on)", loop: int = 0
 ) -> list[dict]:
-    """Times adamw, ``guard`` as it is and ``guard`` with each choice off: one step per
-    call, or ``loop`` steps per call in one ``fori_loop`` (``bench_guard.make_loop``)."""
-    params0 = bench_guard.make_tree(num_params, num_leaves, seed=0)
-    grads = bench_guard.make_tree(num_params, num_leaves, seed=1)
-    loss = jnp.float32(2.5)
-    specs = bench_guard.variants()
-    plan: list[tuple[str, str, str | None]] = [("adamw", "adamw", None), (guard, "all choices", None)]
-    plan += [(guard, f"without {choice}", choice) for choice in _lowering.CHOICES]
-    runs: dict[str, list[Any]] = {}
-    for variant, label, choice in plan:
-        factory, takes_loss = specs[variant]
-        tx = factory()
-        with without(choice):
-            start = time.perf_counter()
-            jitted = bench_guard.make_loop(tx, takes_loss, loop) if loop else bench_guard.make_step(tx, takes_loss)
-            compiled = jitted.lower(params0, jax.eval_shape(tx.init, params0), grads, loss).compile()
-            compile_s = time.perf_counter() - start
-        analysis = compiled.memory_analysis()
-        temp = analysis.temp_size_in_bytes if analysis is not None else -1
-        print(f"  compiled {label}: {compile_s:.1f} s", file=sys.stderr)
-        runs[label] = [compiled, jax.tree.map(jnp.copy, params0), tx.init(params0), [], compile_s, temp]
-    for index in range(warmup + steps):
-        for run in runs.values():
-            start = time.perf_counter()
-            run[1], run[2] = run[0](run[1], run[2], grads, loss)
-            jax.block_until_ready((run[1], run[2]))
-            if index >= warmup:
-                run[3].append(time.perf_counter() - start)
-    for run in runs.values():
-        run[3] = [t / max(loop, 1) for t in run[3]]
-    adamw = statistics.median(runs["adamw"][3])
-    as_is = statistics.median(runs["all choices"][3])
+    """Times adamw, ``guard`` as it is and ``guard`` with each choice off
+    (``bench_guard.bench_tree``: one step per call, or ``loop`` steps per call in one
+    ``fori_loop``)."""
+    variants = bench_guard.variants()
+    factory, takes_loss = variants[guard]
+    specs = {"adamw": variants["adamw"], "all choices": (factory, takes_loss)}
+    for choice in _lowering.CHOICES:
+        specs[f"without {choice}"] = (lambda choice=choice: _with_choice_off(factory(), choice), takes_loss)
+    rows = bench_guard.bench_tree(num_params, num_leaves, steps, warmup, 1, specs=specs, loop=loop)
+    as_is = next(row["step_ms"] for row in rows if row["variant"] == "all choices")
     return [
         {
-            "variant": label,
-            "step_ms": statistics.median(run[3]) * 1e3,
-            "x_adamw": statistics.median(run[3]) / adamw,
-            "x_guard": statistics.median(run[3]) / as_is,
-            "compile_s": run[4],
-            "temp_mb": run[5] / 2**20,
+            "variant": row["variant"],
+            "step_ms": row["step_ms"],
+            "x_adamw": row["step_ratio"],
+            "x_guard": row["step_ms"] / as_is,
+            "compile_s": row["compile_s"],
+            "temp_mb": row["temp_mb"],
         }
-        for label, run in runs.items()
+        for row in rows
     ]
 
 
