@@ -9,6 +9,8 @@ batch 32 unless ``--batch`` says otherwise) under ``jax.pmap``:
   update as the guard's);
 * ``xdev``: ``gh.cross_device`` + ``optax.adamw``, a non-audit step;
 * ``xdev+guard``: ``gh.cross_device`` + ``gh.guard(optax.adamw, clip=1.0)``, a non-audit step;
+* ``xdev+guard lean``: the same with the update check and update health off
+  (``check_updates=False, update_health=False``): what those two defaults cost here;
 * ``xdev+guard audit``: the same on an audit step (every step audited);
 * ``naive all-gather``: ``lax.all_gather`` of the full gradients, exact K x K cosine
   matrix, then ``pmean`` + adamw: the obvious alternative to the sketch.
@@ -72,6 +74,11 @@ def make_step(kind: str, batch: int = BATCH):
             gh.cross_device("data", per_device_batch=batch, audit_first_steps=0, audit_every=10**6),
             gh.guard(adamw, clip=1.0),
         )
+    elif kind == "xdev+guard lean":
+        tx = optax.chain(
+            gh.cross_device("data", per_device_batch=batch, audit_first_steps=0, audit_every=10**6),
+            gh.guard(adamw, clip=1.0, check_updates=False, update_health=False),
+        )
     elif kind == "xdev+guard audit":
         tx = optax.chain(
             gh.cross_device("data", per_device_batch=batch, audit_first_steps=10**9), gh.guard(adamw, clip=1.0)
@@ -102,7 +109,7 @@ def main(rounds: int = 15, batch: int = BATCH) -> list[dict]:
     params = init_params(rng)
     n_params = sum(x.size for x in jax.tree.leaves(params))
     x = jnp.asarray(rng.normal(size=(k, batch, WIDTH)), jnp.float32)
-    kinds = ["plain", "plain+clip", "xdev", "xdev+guard", "xdev+guard audit", "naive all-gather"]
+    kinds = ["plain", "plain+clip", "xdev", "xdev+guard", "xdev+guard lean", "xdev+guard audit", "naive all-gather"]
     runs = {}
     for kind in kinds:
         tx, step = make_step(kind, batch)
@@ -134,6 +141,7 @@ def main(rounds: int = 15, batch: int = BATCH) -> list[dict]:
         "plain+clip": n_params,
         "xdev": n_params + k,
         "xdev+guard": n_params + k,
+        "xdev+guard lean": n_params + k,
         "xdev+guard audit": n_params + k + k * (dim + 1) + 2 * k,
         "naive all-gather": n_params + k * n_params,
     }
@@ -152,6 +160,8 @@ def main(rounds: int = 15, batch: int = BATCH) -> list[dict]:
     clip = float(np.median(runs["plain+clip"]["times"]))
     guarded = float(np.median(runs["xdev+guard"]["times"]))
     print(f"xdev+guard / plain+clip: {guarded / clip:.3f}x")
+    lean = float(np.median(runs["xdev+guard lean"]["times"]))
+    print(f"xdev+guard lean / plain+clip: {lean / clip:.3f}x")
     return rows
 
 

@@ -61,10 +61,12 @@ def test_bench_cross_device_runs_and_prints_every_row():
         "plain+clip",
         "xdev",
         "xdev+guard",
+        "xdev+guard lean",
         "xdev+guard audit",
         "naive all-gather",
     ]
     assert re.search(r"^xdev\+guard / plain\+clip: [0-9.]+x$", result.stdout, re.M), result.stdout
+    assert re.search(r"^xdev\+guard lean / plain\+clip: [0-9.]+x$", result.stdout, re.M), result.stdout
     # The naive variant gathers every device's full gradient: K times the all-reduce.
     floats = {row[1].strip(): int(row[6].strip().replace(",", "")) for row in rows}
     assert floats["naive all-gather"] == 9 * floats["plain"], floats
