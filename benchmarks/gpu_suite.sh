@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The accelerator suite: the guard's cost per call and in a loop, its compile time at
-# 1000 leaves, its share of a transformer's train step, the core tests on the
+# 1000 leaves, its share of a transformer's train step, the update check atomic or per
+# element (benchmarks/bench_check.py), the core tests on the
 # accelerator (in SHARDS pytest processes sharing it: benchmarks/sharded_pytest.sh) and,
 # in the time left, what each fusion choice of _lowering buys there.
 # Writes every result into OUT (one file per part, and summary.md).
@@ -25,7 +26,8 @@ if [ "$SMALL" = "--small" ]; then
   LOOP="--params 2e5 --leaves 10 --steps 2 --warmup 1 --compile-reps 1 --loop 4"
   COMPILE="--params 1e5 --leaves 50 --steps 1 --warmup 1 --compile-reps 1"
   TRAIN="--size tiny --steps 2 --warmup 1"
-  LIMIT_GUARD=300 LIMIT_LOOP=300 LIMIT_COMPILE=300 LIMIT_TRAIN=300 LIMIT_TESTS=900
+  CHECK="--params 2e5 --leaves 10 --steps 2 --warmup 1"
+  LIMIT_GUARD=300 LIMIT_LOOP=300 LIMIT_COMPILE=300 LIMIT_TRAIN=300 LIMIT_CHECK=300 LIMIT_TESTS=900
   LOWERING="--params 2e5 --leaves 10 --steps 2 --warmup 1 --loop 2"
   BUDGET=3600
   TESTS="tests/test_backend.py tests/test_stats.py tests/test_skip.py"
@@ -42,8 +44,11 @@ else
   # In a loop of steps: where the issue's H200 run found the guard's 1.5 GB temporary
   # (optax's chain had none).
   LOWERING="--params 1e8 --leaves 100 --steps 6 --warmup 1 --loop 5"
-  BUDGET=470  # seconds for the whole suite: the last part, lowering, gets what is left
-  LIMIT_GUARD=90 LIMIT_LOOP=80 LIMIT_COMPILE=130 LIMIT_TRAIN=60 LIMIT_TESTS=100
+  # The update check atomic (two evaluations of adamw) or per element (one): whether
+  # XLA:GPU fuses the per-element check's count with its writes (docs/benchmarks.md).
+  CHECK="--params 4e8 --leaves 100 --steps 10 --warmup 2"
+  BUDGET=480  # seconds for the whole suite: the last part, lowering, gets what is left
+  LIMIT_GUARD=80 LIMIT_LOOP=80 LIMIT_COMPILE=130 LIMIT_TRAIN=60 LIMIT_CHECK=45 LIMIT_TESTS=100
   # In the order that spreads them evenly over the shards (round-robin; test counts
   # 45 57 44 44 43 41 28 16 12 12 1).
   TESTS="tests/test_stats.py tests/test_clipping.py tests/test_guard.py tests/test_guard_inplace.py \
@@ -89,6 +94,7 @@ part guard_loop "$LIMIT_LOOP" python benchmarks/bench_guard.py $LOOP --json "$OU
 part compile_1000_leaves "$LIMIT_COMPILE" python benchmarks/bench_guard.py $COMPILE --json "$OUT/compile.json" \
   --variants "guard (all on)"
 part train_step "$LIMIT_TRAIN" python benchmarks/bench_train_step.py $TRAIN --json "$OUT/train_step.json"
+part check "$LIMIT_CHECK" python benchmarks/bench_check.py $CHECK
 if python -c "import pytest, hypothesis" 2>/dev/null; then
   part tests "$LIMIT_TESTS" bash benchmarks/sharded_pytest.sh "$SHARDS" $TESTS
 else

@@ -175,3 +175,61 @@ def test_bench_lowering_turns_off_each_fusion_choice_in_turn(loop):
     assert float(rows[1][4]) == 1.0  # the guard as it is, against itself
     bad = _run_benchmark("bench_lowering.py", "--guard", "adamw")
     assert bad.returncode == 2 and "unknown --guard 'adamw'" in bad.stderr
+
+
+def test_bench_check_times_every_formulation():
+    result = _run_benchmark("bench_check.py", "--params", "2e4", "--leaves", "3", "--steps", "1", "--warmup", "0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith("| ") and "variant" not in line]
+    assert [row[2].strip() for row in rows] == ["adamw", "clip+adamw", "clip", "atomic", "per element"], result.stdout
+    bad = _run_benchmark("bench_check.py", "--leaves", "0")
+    assert bad.returncode == 2 and "need --leaves >= 1" in bad.stderr
+
+
+def _overflowing_trace():
+    """An optimizer whose state is a trace ``t + 3e38 g + 3e38 g`` (1 at init) and
+    whose update is ``-t / 2``: where ``|g| > ~0.57`` the trace overflows float32."""
+    import jax.numpy as jnp
+    import optax
+
+    def init(params):
+        return {"trace": jnp.ones_like(params["w"])}
+
+    def update(grads, state, params=None):
+        big = jnp.float32(3e38)
+        trace = state["trace"] + grads["w"] * big + grads["w"] * big
+        return {"w": -0.5 * trace}, {"trace": trace}
+
+    return optax.GradientTransformation(init, update)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_bench_check_formulations_do_what_they_say(jit):
+    """The benchmark times what it names: without a check the overflow goes through; the
+    atomic check skips the whole step; the per-element check keeps the overflowed
+    element's old state, zeroes its update and applies the rest (values by hand)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_check
+
+    params = {"w": jnp.zeros(3, jnp.float32)}
+    grads = {"w": jnp.array([0.3, 0.9539392, 0.0], jnp.float32)}  # norm 1: the clip keeps it
+    inf = np.inf
+    expected = {  # (trace, updates, flagged steps)
+        "clip": ([1.8e38, inf, 1.0], [-0.9e38, -inf, -0.5], 0),
+        "atomic": ([1.0, 1.0, 1.0], [0.0, 0.0, 0.0], 1),
+        # The held element's update: 0 eagerly; under jit the update reads the selected
+        # state (`_skip`), so the old trace gives -0.5. Either is finite.
+        "per element": ([1.8e38, 1.0, 1.0], [-0.9e38, -0.5 if jit else 0.0, -0.5], 1),
+    }
+    for mode in bench_check.MODES:
+        tx = bench_check.checked(_overflowing_trace(), mode)
+        update = jax.jit(tx.update) if jit else tx.update
+        updates, state = update(grads, tx.init(params), params)
+        trace, want_updates, flagged = expected[mode]
+        np.testing.assert_allclose(np.asarray(state.inner["trace"]), trace, rtol=1e-6, err_msg=mode)
+        np.testing.assert_allclose(np.asarray(updates["w"]), want_updates, rtol=1e-6, err_msg=mode)
+        assert int(state.flagged) == flagged, mode
