@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_gradhealth import _catalogue, _clipping, _interfaces, _stats
+from optax_gradhealth import _catalogue, _clipping, _interfaces, _stats, _vma
 from optax_gradhealth import _noise_scale as noise
 from optax_gradhealth import _validation as check
 
@@ -92,7 +92,7 @@ def record_micro_batch_norms(every_k: int) -> optax.GradientTransformationExtraA
             micro_batch_num_steps=state.micro_batch_num_steps + 1,
         )
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, _vma.keeps_state_type(update_fn))
 
 
 # ----------------------------------------------------------------------------- noise scale
@@ -260,4 +260,4 @@ def accumulate(
             accumulation_noise_scale=folded.noise_scale,
         )
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, _vma.keeps_state_type(update_fn))

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_gradhealth import _catalogue, _clipping, _interfaces, _lowering, _stats
+from optax_gradhealth import _catalogue, _clipping, _interfaces, _lowering, _stats, _vma
 from optax_gradhealth import _validation as check
 
 __all__ = [
@@ -195,7 +195,7 @@ def clip_by_value(max_abs: float) -> optax.GradientTransformation:
 
         return jax.tree.map(one, updates), ClipByValueState(count, _fraction(count, total))
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformation(init_fn, _vma.keeps_state_type(update_fn))
 
 
 # ----------------------------------------------------------------------------- per layer
@@ -264,7 +264,7 @@ def clip_by_leaf_norm(max_norm: float) -> optax.GradientTransformation:
         clipped = jax.tree.structure(state.leaf_clipped).unflatten(flags)
         return treedef.unflatten(new_leaves), ClipByLeafNormState(_fraction(count, num_float), clipped)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformation(init_fn, _vma.keeps_state_type(update_fn))
 
 
 # ----------------------------------------------------------------------------- AGC
@@ -374,7 +374,7 @@ def adaptive_grad_clip(
         count = sum(counts, jnp.zeros((), jnp.int32))
         return new_updates, AdaptiveClipState(count, _fraction(count, total))
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformation(init_fn, _vma.keeps_state_type(update_fn))
 
 
 # ----------------------------------------------------------------------------- AdaGC
@@ -505,7 +505,7 @@ def adagc_clip(
             adagc_clip_fraction=_fraction(count, num_float),
         )
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformation(init_fn, _vma.keeps_state_type(update_fn))
 
 
 _interfaces.keep_on_momentum_reset(ClipByValueState, ClipByLeafNormState, AdaptiveClipState, AdaGCState)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_gradhealth import _catalogue, _interfaces, _stats
+from optax_gradhealth import _catalogue, _interfaces, _stats, _vma
 from optax_gradhealth import _validation as check
 
 __all__ = [
@@ -500,4 +500,4 @@ def clip_by_global_norm(max_norm: float | ClipPolicy) -> optax.GradientTransform
             clip_leaf_norms=stats.leaf_norms,
         )
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformation(init_fn, _vma.keeps_state_type(update_fn))

@@ -33,7 +33,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from optax_gradhealth import _catalogue, _interfaces, _stats
+from optax_gradhealth import _catalogue, _interfaces, _stats, _vma
 from optax_gradhealth import _detectors as detect
 from optax_gradhealth import _noise_scale as noise
 from optax_gradhealth import _sketch as sketch
@@ -235,30 +235,10 @@ def _axis_size(axes: tuple[str, ...], what: str) -> int:
         ) from err
 
 
-def _vma(x: Any) -> frozenset[str] | None:
-    """The axes a value varies over under shard_map's check_vma, or None when untracked."""
-    aval = jax.typeof(x)
-    mat = getattr(aval, "mat", None)
-    varying = getattr(mat, "varying", None)
-    return None if varying is None else frozenset(varying)
-
-
 def _vma_checked(axes: tuple[str, ...]) -> bool:
     """True inside ``jax.shard_map(..., check_vma=True)`` for these axes."""
-    varying = _vma(lax.axis_index(axes if len(axes) > 1 else axes[0]))
+    varying = _vma.varying_axes(lax.axis_index(axes if len(axes) > 1 else axes[0]))
     return bool(varying) and set(axes) <= varying
-
-
-def _match_vma(tree: Any, like: Any) -> Any:
-    """Casts each leaf of ``tree`` to vary over the axes its counterpart in ``like`` varies
-    over (a state kept per device, e.g. ``P('data')`` copies, must keep its type through
-    ``lax.cond``)."""
-
-    def cast(x, ref):
-        missing = tuple(sorted((_vma(ref) or frozenset()) - (_vma(x) or frozenset())))
-        return lax.pcast(x, missing, to="varying") if missing else x
-
-    return jax.tree.map(cast, tree, like)
 
 
 def _to_varying(tree: Any, axes: tuple[str, ...]) -> Any:
@@ -268,7 +248,7 @@ def _to_varying(tree: Any, axes: tuple[str, ...]) -> Any:
     def cast(x):
         if not _stats._is_float(x):
             return x
-        missing = tuple(a for a in axes if a not in (_vma(x) or frozenset()))
+        missing = tuple(a for a in axes if a not in (_vma.varying_axes(x) or frozenset()))
         return lax.pcast(x, missing, to="varying") if missing else x
 
     return jax.tree.map(cast, tree)
@@ -364,7 +344,11 @@ def local_grad(
 
 
 def _safe_div(a: jax.Array, b: jax.Array) -> jax.Array:
-    return jnp.where(b > 0, a / jnp.where(b > 0, b, 1.0), 0.0)
+    """``a / b``; 0 where ``b`` is 0 (no gradient: no agreement, no dispersion), but NaN
+    where either is NaN: a device's NaN gradient must not read as a finite 0."""
+    ok = b > 0
+    quotient = a / jnp.where(ok, b, 1.0)
+    return jnp.where(ok, quotient, jnp.where(jnp.isnan(a) | jnp.isnan(b), jnp.nan, 0.0))
 
 
 def cross_device(
@@ -583,12 +567,18 @@ def cross_device(
         partial value that is ``psum``-ed over exactly those axes; a leaf replicated over
         them is counted once. ``salt`` differs between the parts of a split leaf.
         """
+        return reduce_groups(local_groups(tree, per_leaf, tracked))
+
+    def local_groups(tree, per_leaf, tracked):
+        """This device's part of :func:`sharded_sum`: the sum of ``per_leaf`` over the
+        leaves split over each tuple of sharded axes (``()``: not split), before the
+        ``psum`` over those axes (:func:`reduce_groups`)."""
         groups: dict[tuple[str, ...], Any] = {}
         for i, leaf in enumerate(_stats._float_leaves(tree)):
             if not shard_axes:
                 axes = ()
             elif tracked:
-                axes = tuple(a for a in shard_axes if a in (_vma(leaf) or frozenset()))
+                axes = tuple(a for a in shard_axes if a in (_vma.varying_axes(leaf) or frozenset()))
             else:
                 axes = shard_axes
             salt = sketch.u32(leaf_seed(i)[0])
@@ -596,6 +586,9 @@ def cross_device(
                 salt = salt ^ sketch.mix32(lax.axis_index(axes if len(axes) > 1 else axes[0]).astype(jnp.uint32) + 1)
             value = per_leaf(i, leaf, salt)
             groups[axes] = value if axes not in groups else groups[axes] + value
+        return groups
+
+    def reduce_groups(groups):
         total = None
         for axes, value in groups.items():
             reduced = lax.psum(value, axes if len(axes) > 1 else axes[0]) if axes else value
@@ -621,7 +614,7 @@ def cross_device(
         tracked = _vma_checked(data_axes)
         if tracked:
             for path, leaf in jax.tree_util.tree_flatten_with_path(updates)[0]:
-                if _stats._is_float(leaf) and not set(data_axes) <= (_vma(leaf) or frozenset()):
+                if _stats._is_float(leaf) and not set(data_axes) <= (_vma.varying_axes(leaf) or frozenset()):
                     raise ValueError(
                         f"Gradient leaf {_stats.path_name(path)!r} does not vary over {data_name!r}: inside "
                         "jax.shard_map, jax.grad w.r.t. replicated parameters returns the SUM over devices, "
@@ -635,22 +628,51 @@ def cross_device(
             total = sharded_sum(tree, lambda i, x, salt: _stats._leaf_sum_of_squares(x), tracked)
             return f32_zero if total is None else total
 
-        # ONE all-reduce per update: the gradients and the masked [K] vector of local squared
-        # norms travel in the same psum (XLA emits a single all-reduce for the tuple). It runs
+        def local_norm(tree):
+            """This device's gradient norm, finite for every finite gradient: where the
+            float32 sum of squares overflows (a norm above ~1.8e19) or is tiny (below
+            ~1e-15, or flushed to 0), the sums are taken again on the gradient scaled by
+            2**-80 or 2**80 (a ``lax.cond``, as :func:`optax_gradhealth.grad_stats`
+            does; its ``psum`` over sharded axes stays outside the branch). NaN or Inf
+            only when an element is; a finite norm beyond float32 saturates at its max."""
+            groups = local_groups(tree, lambda i, x, salt: _stats._leaf_sum_of_squares(x), tracked)
+            if not groups:
+                return f32_zero
+            total = reduce_groups(groups)
+            ordinary = _stats._ordinary(total)
+            scale = jnp.where(jnp.isfinite(total), _stats._SCALE_AFTER_UNDERFLOW, _stats._SCALE_AFTER_OVERFLOW).astype(
+                jnp.float32
+            )
+
+            def rescaled(operands):
+                tree, scale = operands
+                return local_groups(tree, lambda i, x, salt: _stats._leaf_sum_of_squares(x, scale), tracked)
+
+            def not_needed(operands):
+                return jax.tree.map(jnp.zeros_like, groups)
+
+            again = reduce_groups(_vma.match(lax.cond(ordinary, not_needed, rescaled, (tree, scale)), groups))
+            recovered = jnp.where(
+                jnp.isfinite(again), jnp.minimum(jnp.sqrt(again) / scale, _stats._F32_MAX), jnp.sqrt(again)
+            )
+            return jnp.where(ordinary, jnp.sqrt(total), recovered)
+
+        # ONE all-reduce per update: the gradients and the masked [K] vector of local norms
+        # travel in the same psum (XLA emits a single all-reduce for the tuple). It runs
         # inside the audit's lax.cond (below), once in each branch: an audit reads the local
         # gradients after the all-reduce, and a cond outside it would keep them alive through
         # it on every step (a second gradient-sized buffer; +0.12x step time on 8 CPU devices).
-        local_sq = sum_of_squares(updates)
+        local = local_norm(updates)
         leaves, treedef = jax.tree.flatten(updates)
         is_float = [_stats._is_float(x) for x in leaves]
         mine = jnp.arange(k) == index
 
         def all_reduce(grads):
             floats = [x for x, f in zip(jax.tree.leaves(grads), is_float) if f]
-            summed, device_sq = lax.psum((floats, jnp.where(mine, local_sq, jnp.zeros_like(local_sq))), data_name)
+            summed, device_norms = lax.psum((floats, jnp.where(mine, local, jnp.zeros_like(local))), data_name)
             summed = iter([(x / k).astype(x.dtype) for x in summed])
             mean = treedef.unflatten([next(summed) if f else x for x, f in zip(leaves, is_float)])
-            return mean, device_sq
+            return mean, device_norms
 
         count = state.xdev_num_steps
         audited = count < first
@@ -660,9 +682,8 @@ def cross_device(
 
         def audit(operands):
             grads, params = operands
-            mean, device_sq = all_reduce(grads)
+            mean, device_norms = all_reduce(grads)
             mean_sq = sum_of_squares(mean)
-            device_norms = jnp.sqrt(device_sq)
             mean_leaves = _stats._float_leaves(mean)
 
             def dot_and_sketch(i, g, salt):
@@ -697,8 +718,8 @@ def cross_device(
             mean_pairwise = jnp.sum(jnp.where(off_diagonal, pairwise, 0.0)) / max(k * (k - 1), 1)
 
             fp = ints[:, 0]
-            same = (fp[:, None] == fp[None, :]) & (device_sq[:, None] == device_sq[None, :])
-            duplicates = same & off_diagonal & (device_sq[:, None] > 0)
+            same = (fp[:, None] == fp[None, :]) & (device_norms[:, None] == device_norms[None, :])
+            duplicates = same & off_diagonal & (device_norms[:, None] > 0)
 
             pfp = ints[:, 1]
             agree = pfp[:, None] == pfp[None, :]
@@ -709,8 +730,8 @@ def cross_device(
             scores = verdict.scores
             return (
                 mean,
-                device_sq,
-                _match_vma(
+                device_norms,
+                _vma.match(
                     (
                         cosine_to_mean.astype(jnp.float32),
                         pairwise.astype(jnp.float32),
@@ -758,7 +779,7 @@ def cross_device(
             grads, _ = operands
             return (*all_reduce(grads), recorded())
 
-        mean, device_sq, audit_values = lax.cond(audited, audit, no_audit, (updates, params))
+        mean, device_norms, audit_values = lax.cond(audited, audit, no_audit, (updates, params))
         (
             cosine_to_mean,
             pairwise,
@@ -774,8 +795,9 @@ def cross_device(
         ) = audit_values[:11]
         detector = detect.AuditDetectorState(*audit_values[11:])
         mean_sq = sum_of_squares(mean)
-        device_norms = jnp.sqrt(device_sq)
-        total_sq = jnp.sum(device_sq)
+        # (inf for a norm beyond ~1.8e19: that step's agreement and noise estimates are
+        # not finite and not folded into the EMAs; the detectors read the norms.)
+        total_sq = jnp.sum(jnp.square(device_norms))
         mean_local_sq = total_sq / kf
         norm_mean = jnp.mean(device_norms)
         norm_cv = _safe_div(jnp.std(device_norms), norm_mean)
@@ -835,10 +857,10 @@ def cross_device(
             xdev_norm_spread_ema=detector.norm_spread_ema,
             xdev_cosine_spread_ema=detector.cosine_spread_ema,
         )
-        new_state = jax.tree.map(lambda new, old: new.astype(old.dtype), new_state, state)
-        return mean, new_state
+        # (A state kept per device keeps its type: `_vma.keeps_state_type`, below.)
+        return mean, jax.tree.map(lambda new, old: new.astype(old.dtype), new_state, state)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, _vma.keeps_state_type(update_fn))
 
 
 class Alarm(str):

@@ -313,6 +313,10 @@ def leave_one_out_cosine(device_norms: jax.Array, cosine_to_mean: jax.Array) -> 
     k = device_norms.shape[-1]
     kf = jnp.float32(k)
     norms = jnp.asarray(device_norms, jnp.float32)
+    # The cosines do not depend on the norms' scale: divided by the largest, the squares
+    # below stay in float32's range whatever the norms (one device's ~1e20 included).
+    largest = jnp.max(norms, axis=-1, keepdims=True)
+    norms = norms / jnp.where(largest > 0, largest, 1.0)
     cos = jnp.asarray(cosine_to_mean, jnp.float32)
     mean_norm = jnp.sum(cos * norms, axis=-1, keepdims=True) / kf
     dots = cos * norms * mean_norm

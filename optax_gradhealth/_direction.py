@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_gradhealth import _catalogue, _interfaces, _stats
+from optax_gradhealth import _catalogue, _interfaces, _stats, _vma
 from optax_gradhealth import _sketch as sketch
 from optax_gradhealth import _validation as check
 
@@ -113,4 +113,4 @@ def record_step_cosine(sketch_dim: int = 1024, seed: int = 0) -> optax.GradientT
             step_cosine=jnp.where(known, jnp.clip(cosine, -1.0, 1.0), 0.0).astype(jnp.float32),
         )
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformation(init_fn, _vma.keeps_state_type(update_fn))

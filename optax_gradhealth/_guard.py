@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_gradhealth import _catalogue, _clipping, _lowering, _skip, _stats
+from optax_gradhealth import _catalogue, _clipping, _lowering, _skip, _stats, _vma
 from optax_gradhealth import _detectors as detect
 from optax_gradhealth import _interfaces as interfaces
 from optax_gradhealth import _validation as check
@@ -1103,4 +1103,4 @@ def guard(
         )
         return outcome.updates, new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, _vma.keeps_state_type(update_fn))

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_gradhealth import _catalogue, _clipping, _metrics, _skip, _stats
+from optax_gradhealth import _catalogue, _clipping, _metrics, _skip, _stats, _vma
 from optax_gradhealth import _interfaces as interfaces
 from optax_gradhealth import _validation as check
 
@@ -219,7 +219,7 @@ def dynamic_loss_scale(
             loss_scale_num_overflows=state.loss_scale_num_overflows + overflow.astype(jnp.int32),
         )
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, _vma.keeps_state_type(update_fn))
 
 
 def _find_loss_scale_states(opt_state: Any) -> list[LossScaleState]:

@@ -71,12 +71,21 @@ def in_open_unit_interval(name: str, value: Any) -> float:
     return value
 
 
+#: The largest int an argument may be: every count, step and size is compared with (or
+#: stored in) an int32 inside the jitted step, where a larger Python int fails to trace.
+INT32_MAX = 2**31 - 1
+
+
 def integer(name: str, value: Any, *, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"`{name}` must be an int >= {minimum}, got {_describe(value)}.")
     value = int(value)
     if value < minimum:
         raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
+    if value > INT32_MAX:
+        raise ValueError(
+            f"`{name}` must be an int <= {INT32_MAX} (2**31 - 1: it is compared with int32 step counts), got {value!r}."
+        )
     return value
 
 

@@ -282,6 +282,21 @@ def test_a_step_whose_total_overflows_leaves_the_noise_scale_emas_alone():
     np.testing.assert_allclose(states[2]["xdev/noise_scale"], folded_noise_scale(steps[::2]), rtol=2e-3)
 
 
+@pytest.mark.parametrize("factor", [1e21, 1e-24], ids=["overflowing-squares", "underflowing-squares"])
+def test_a_finite_device_norm_outside_the_range_of_its_square_is_measured(factor):
+    """Device 3's gradient times 1e21 (its squares overflow float32) or 1e-24 (they
+    underflow to 0): its norm is still measured (float64 reference), so the device is
+    an outlier by its norm, not called non-finite or dead."""
+    grads = random_grads(7)
+    grads = {n: x.at[3].multiply(factor) for n, x in grads.items()}
+    (_, m), *_ = pmap_run([grads])
+    m = first_copy(m)
+    np.testing.assert_allclose(m["xdev/device_norms"], reference(flat(grads), BATCH)["device_norms"], rtol=1e-5)
+    assert int(m["xdev/outlier_device"]) == 3 and np.isfinite(m["xdev/outlier_score"])
+    kinds = {alarm.kind for alarm in gh.cross_device_alarms(m)}
+    assert "outlier_norm" in kinds and not kinds & {"nonfinite_device", "dead_device"}, kinds
+
+
 def test_under_x64_the_state_stays_float32_and_the_figures_match():
     """jax_enable_x64 on: every state field keeps its init dtype through audited and
     unaudited updates, and the figures are the float64 reference's."""
@@ -322,6 +337,25 @@ def test_nonfinite_device_is_the_outlier_and_the_guard_skips_everywhere():
     assert int(m["xdev/outlier_device"]) == 6 and np.isinf(m["xdev/outlier_score"])
     assert bool(m["grad/skipped"])
     assert all(np.all(np.asarray(u) == 0) for u in jax.tree.leaves(updates))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf], ids=["nan", "inf"])
+def test_a_nonfinite_device_leaves_the_dispersion_and_agreement_unknown_not_zero(bad):
+    """One device's NaN (or Inf) makes the mean, so every cosine, the dispersion and the
+    agreement unknown: recorded as NaN, never as a finite 0 that the diagnosis would
+    read as the devices ceasing to agree."""
+    grads = random_grads(3)
+    grads["a"] = grads["a"].at[6, 0, 0].set(bad)
+    (_, m), *_ = pmap_run([grads])
+    m = first_copy(m)
+    for name in ("xdev/agreement", "xdev/norm_cv", "xdev/cosine_to_mean"):
+        assert np.all(np.isnan(m[name])), (name, m[name])
+    assert int(m["xdev/outlier_device"]) == 6
+    # A clean history, then that step: the diagnosis names the device, not a drop of
+    # agreement.
+    clean = [first_copy(pmap_run([random_grads(20 + t)])[0][1]) for t in range(12)]
+    kinds = {f.pattern for f in gh.diagnose([{"step": t, **r} for t, r in enumerate([*clean, m])])}
+    assert "outlier_device" in kinds and "agreement_drop" not in kinds, kinds
 
 
 def test_one_device_records_what_one_gradient_can_tell():
@@ -744,6 +778,18 @@ _AXIS = "must be a mesh/pmap axis name (a non-empty str) or a tuple of them, got
         ({"audit_every": 0}, ValueError, "`audit_every` must be an int >= 1, got 0."),
         ({"audit_first_steps": -1}, ValueError, "`audit_first_steps` must be an int >= 0, got -1."),
         (
+            {"audit_first_steps": 10**10},
+            ValueError,
+            "`audit_first_steps` must be an int <= 2147483647 (2**31 - 1: it is compared with int32 step counts), "
+            "got 10000000000.",
+        ),
+        (
+            {"audit_every": 2**31},
+            ValueError,
+            "`audit_every` must be an int <= 2147483647 (2**31 - 1: it is compared with int32 step counts), "
+            "got 2147483648.",
+        ),
+        (
             {"audit_first_steps": 0, "audit_every": None},
             ValueError,
             "The audit schedule never audits: audit_first_steps=0 and audit_every=None. Set audit_first_steps > 0 "
@@ -781,6 +827,13 @@ def test_bad_arguments_fail_at_build_time(kwargs, error, message):
     with pytest.raises(error) as raised:
         gh.cross_device(**{"axis_name": "data", **kwargs})
     assert str(raised.value) == message
+
+
+def test_the_largest_schedule_an_int32_step_count_allows_runs():
+    """audit_first_steps = audit_every = 2**31 - 1, the bound the build-time check allows:
+    the step's int32 comparisons take it (step 0 is audited: below audit_first_steps)."""
+    (_, m), *_ = pmap_run([random_grads(0)], audit_first_steps=2**31 - 1, audit_every=2**31 - 1)
+    assert bool(first_copy(m)["xdev/audited"])
 
 
 def test_infinite_thresholds_switch_a_detector_off_and_are_accepted():
@@ -975,8 +1028,9 @@ def test_gradient_accumulation_uses_one_all_reduce_per_update(micro_batches):
     assert inside == 0
     # One all-reduce per update (gradients + the K per-device norms in one op), inside the
     # audit's lax.cond: the plain branch has that one, the audit branch it and the audit's
-    # two gathers. Nothing outside the cond, nothing per micro-batch.
-    assert entry == 0 and branches == [1, 3]
+    # two gathers. Nothing outside the cond, nothing per micro-batch, none in the two
+    # branches of the local norm's rescue (`local_norm`: a rare second pass).
+    assert entry == 0 and branches == [0, 0, 1, 3]
     naive = jax.pmap(reduce_every_micro_batch, axis_name="data").lower(w_k, state_k, xs).compile().as_text()
     assert _all_reduces(naive)[2] >= 1
     updates, _ = step(w_k, state_k, xs)
@@ -1268,3 +1322,51 @@ def test_accumulate_noise_scale_equals_the_audits_on_the_same_shards():
         mine = gh.metrics(state)
         for name in ("noise_scale", "grad_sq_est", "trace_cov_est"):
             np.testing.assert_allclose(mine[f"grad/{name}"], m[f"xdev/{name}"], rtol=1e-4, err_msg=name)
+
+
+_PER_DEVICE_CHAINS = {
+    "cross_device": lambda: optax.chain(gh.cross_device("data", per_device_batch=BATCH), optax.adam(1e-3)),
+    "+ guard": lambda: optax.chain(gh.cross_device("data", per_device_batch=BATCH), gh.guard(optax.adam(1e-3))),
+    "+ loss scale": lambda: optax.chain(
+        gh.cross_device("data"), gh.dynamic_loss_scale(gh.guard(optax.adam(1e-3), clip=1.0), init_scale=1.0)
+    ),
+    "+ adaptive clips": lambda: optax.chain(
+        gh.cross_device("data"), gh.adagc_clip(), gh.adaptive_grad_clip(), optax.adam(1e-3)
+    ),
+    "+ stateful records": lambda: optax.chain(
+        gh.cross_device("data"), gh.record_step_cosine(sketch_dim=8), gh.clip_by_global_norm(1.0), optax.sgd(0.1)
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(_PER_DEVICE_CHAINS))
+def test_a_per_device_state_keeps_its_type_through_a_scan_of_steps(name):
+    """A state kept per device (P('data'), as examples/data_parallel.py keeps it) is the
+    carry of a lax.scan over steps inside shard_map: every transformation after
+    cross_device computes from the replicated mean gradient, and each must hand back its
+    state with the per-device type it got (else: the scan's carry types differ)."""
+    tx = _PER_DEVICE_CHAINS[name]()
+    steps = 3
+    grads = jnp.asarray(np.random.default_rng(3).normal(size=(K, steps, 16)), jnp.float32)
+    params = jnp.zeros((K, 16), jnp.float32)
+    state = jax.tree.map(lambda s: jnp.stack([s] * K), tx.init({"w": jnp.zeros(16, jnp.float32)}))
+    mesh = jax.make_mesh((K,), ("data",), axis_types=(AxisType.Auto,))
+
+    def run(params, state, grads):
+        params, state, grads = jax.tree.map(lambda x: x[0], (params, state, grads))
+
+        def body(carry, g):
+            p, s = carry
+            updates, s = tx.update({"w": g}, s, {"w": p})
+            return (p + updates["w"], s), None
+
+        (params, state), _ = jax.lax.scan(body, (params, state), grads)
+        return jax.tree.map(lambda x: x[None], (params, state))
+
+    f = jax.jit(jax.shard_map(run, mesh=mesh, in_specs=(P("data"),) * 3, out_specs=P("data")))
+    params, state = f(params, state, grads)
+    # The mean gradient's steps, applied on every device alike.
+    params = np.asarray(params)
+    assert all(np.array_equal(params[0], params[i]) for i in range(K))
+    assert np.all(np.isfinite(np.asarray(params))) and not np.allclose(np.asarray(params), 0.0)
+    assert np.all(np.asarray(optax.tree.get(state, "xdev_num_steps")) == steps)

@@ -34,6 +34,14 @@ HIGH_DISPERSION = Pattern(
 )
 
 
+def _nanmedian(values: Any) -> float:
+    """The median of the entries that are not NaN; NaN (without numpy's warning) when
+    every entry is: a device whose gradient was NaN at every audit it was named in."""
+    values = np.asarray(values, np.float64)
+    values = values[~np.isnan(values)]
+    return float(np.median(values)) if values.size else float("nan")
+
+
 def check_high_dispersion(h: History, th: Thresholds) -> list[Finding]:
     """The per-device norms' coefficient of variation is high on many steps."""
     if not h.has("xdev/norm_cv"):
@@ -255,7 +263,7 @@ def check_outlier_device(h: History, th: Thresholds) -> list[Finding]:
         }
         summary = f"device {device} named at {int(rows.sum())} of {since} audits since step {int(steps[first])}"
         if h.has("xdev/outlier_score"):
-            evidence["median_outlier_score"] = float(np.nanmedian(h.col("xdev/outlier_score")[rows]))
+            evidence["median_outlier_score"] = _nanmedian(h.col("xdev/outlier_score")[rows])
         if norms is not None and device < norms.shape[1]:
             # The kind of fault, worded as cross_device_alarms words it, at the audit
             # with the most evidence (or the first one).
@@ -275,10 +283,10 @@ def check_outlier_device(h: History, th: Thresholds) -> list[Finding]:
             summary += f"; at step {int(steps[at])}: {alarm}"
             if cosines is not None and device < cosines.shape[1]:
                 others = np.delete(cosines[rows], device, axis=1)
-                evidence["median_cosine_to_mean_device"] = float(np.nanmedian(cosines[rows, device]))
-                evidence["median_cosine_to_mean_others"] = float(np.nanmedian(others))
+                evidence["median_cosine_to_mean_device"] = _nanmedian(cosines[rows, device])
+                evidence["median_cosine_to_mean_others"] = _nanmedian(others)
             others = np.delete(norms[rows], device, axis=1)
-            evidence["norm_ratio_to_others"] = float(np.nanmedian(norms[rows, device]) / np.nanmedian(others))
+            evidence["norm_ratio_to_others"] = _nanmedian(norms[rows, device]) / _nanmedian(others)
         found.append(OUTLIER_DEVICE.finding(summary, steps[rows], evidence))
     return found
 
