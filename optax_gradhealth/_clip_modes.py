@@ -104,10 +104,13 @@ def _count_above(leaves: list[jax.Array], max_abs: float) -> jax.Array:
         lift = 2.0 ** -math.frexp(bound)[1] if 0.0 < bound < 1e-30 else 1.0
         # The barrier gives each leaf its own scalars: XLA would otherwise materialise one
         # broadcast of a shared constant as an array operand of every reduction.
+        # Counted in float32, or in the leaf's own dtype when wider (a float64 element
+        # just above the bound would round down to it in float32).
+        wide = jnp.promote_types(x.dtype, jnp.float32)
         x, cap, lifted, zero = _lowering.own_operands(
-            (x, *(jnp.asarray(v, jnp.float32) for v in (2.0 * bound, bound * lift, 0.0)))
+            (x, *(jnp.asarray(v, wide) for v in (2.0 * bound, bound * lift, 0.0)))
         )
-        rows = _rows(x).astype(jnp.float32)
+        rows = _rows(x).astype(wide)
         magnitude = jnp.abs(rows)
         if lift != 1.0:
             magnitude = jnp.minimum(magnitude, cap) * lift
@@ -130,7 +133,7 @@ def _count_above(leaves: list[jax.Array], max_abs: float) -> jax.Array:
     counted = jax.lax.cond(
         jnp.isnan(jnp.sum(row_counts)),
         lambda: _exact_count(fast_leaves, max_abs),
-        lambda: jnp.sum(row_counts.astype(jnp.int32)),
+        lambda: jnp.sum(row_counts.astype(jnp.int32), dtype=jnp.int32),
     )
     return wide_count + counted
 
@@ -492,10 +495,12 @@ def adagc_clip(
         factors = jnp.where(warm, local, global_factor[0] * global_factor[1])
         clipped_norms = factors * norms
         new_gamma = jnp.where(warm, decay * gamma + (1.0 - decay) * clipped_norms, jnp.minimum(gamma, clipped_norms))
-        new_gamma = jnp.where(is_float, new_gamma, gamma)
+        # A non-float leaf has no norm: 0, not the initial Inf (a guard's update check
+        # would take an Inf in the state for an optimizer's overflow and skip every step).
+        new_gamma = jnp.where(is_float, new_gamma, 0.0)
         fold = stats.finite
         flags = is_float & (factors < 1.0)
-        count = jnp.sum(flags.astype(jnp.int32))
+        count = jnp.sum(flags, dtype=jnp.int32)
         new_leaves = [_clipping.scale_tree(x, (factors[i], jnp.ones((), jnp.float32))) for i, x in enumerate(leaves)]
         num_float = len(_stats._float_leaves(updates))
         return treedef.unflatten(new_leaves), AdaGCState(

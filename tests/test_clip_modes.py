@@ -387,3 +387,76 @@ def test_adagc_clip_rejects_bad_arguments_by_name():
     tx = gh.adagc_clip()
     with pytest.raises(ValueError, match="2 leaves, the state was initialised for 1"):
         tx.update({"a": jnp.ones(2), "b": jnp.ones(2)}, tx.init({"a": jnp.ones(2)}))
+
+
+_EVERY_MODE = {
+    "value": lambda: gh.clip_by_value(1.0),
+    "layer": lambda: gh.clip_by_leaf_norm(1.0),
+    "agc": lambda: gh.adaptive_grad_clip(0.01),
+    "adagc": lambda: gh.adagc_clip(warmup_steps=1),
+}
+
+
+@pytest.mark.parametrize("mode", list(_EVERY_MODE))
+@pytest.mark.parametrize("leaf_dtype", ["float32", "float64"])
+def test_under_x64_every_mode_runs_and_keeps_its_state_types(mode, leaf_dtype):
+    """With jax_enable_x64 (float32 or float64 leaves), each clip mode runs standalone and
+    inside the guard, and its state keeps its dtypes through a scan of steps: an int
+    sum defaulting to int64, or a cond whose branches disagree, breaks both."""
+    rng = np.random.default_rng(5)
+    with jax.enable_x64(True):
+        params = {"w": jnp.asarray(rng.normal(size=(6, 4)), leaf_dtype), "b": jnp.zeros(4, leaf_dtype)}
+        grads = [
+            jax.tree.map(lambda p, s=s: jnp.asarray(rng.normal(size=p.shape) * 3.0, p.dtype), params) for s in range(3)
+        ]
+        for tx in (_EVERY_MODE[mode](), gh.guard(optax.sgd(0.1), clip=_EVERY_MODE[mode]())):
+            state = tx.init(params)
+            before = [jnp.asarray(x).dtype for x in jax.tree.leaves(state)]
+
+            def body(state, g, tx=tx):
+                updates, state = tx.update(g, state, params)
+                return state, updates
+
+            state, updates = jax.jit(lambda s, gs, body=body: jax.lax.scan(body, s, gs))(
+                state, jax.tree.map(lambda *xs: jnp.stack(xs), *grads)
+            )
+            assert [jnp.asarray(x).dtype for x in jax.tree.leaves(state)] == before
+            assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+
+
+def test_value_clip_counts_float64_elements_just_above_the_bound():
+    """1 + 2**-40 is above the bound 1.0 in float64 (and clipped there) but rounds to 1.0
+    in float32: the count must see it (counted in the leaf's dtype)."""
+    with jax.enable_x64(True):
+        x = jnp.asarray([1.0 + 2.0**-40, -(1.0 + 2.0**-40), 0.5, 1.0], jnp.float64)
+        tx = gh.clip_by_value(1.0)
+        updates, state = jax.jit(tx.update)({"w": x}, tx.init({"w": x}))
+        np.testing.assert_array_equal(np.asarray(updates["w"]), [1.0, -1.0, 0.5, 1.0])
+        assert int(gh.metrics(state)["grad/value_clip_count"]) == 2
+
+
+def test_adagc_inside_the_guard_applies_steps_when_a_gradient_leaf_is_not_float():
+    """A float0 gradient leaf (jax.grad(..., allow_int=True) on an integer parameter) has
+    no norm: AdaGC records 0 for it, not its initial Inf, which the guard's update check
+    would take for an overflow and skip every step. The float leaf's updates are those
+    of the same run without the integer leaf."""
+    params = {"w": jnp.asarray([1.0, -2.0, 3.0], jnp.float32), "idx": jnp.arange(2, dtype=jnp.int32)}
+    grads = jax.grad(lambda p: jnp.sum(p["w"] ** 2), allow_int=True)(params)
+    assert grads["idx"].dtype == jax.dtypes.float0
+    runs = {}
+    for name, p, g, inner in [
+        ("with int leaf", params, grads, optax.masked(optax.sgd(0.1), {"w": True, "idx": False})),
+        ("float only", {"w": params["w"]}, {"w": grads["w"]}, optax.sgd(0.1)),
+    ]:
+        tx = gh.guard(inner, clip=gh.adagc_clip(warmup_steps=1))
+        state = tx.init(p)
+        steps = []
+        for _ in range(3):
+            updates, state = jax.jit(tx.update)(g, state, p)
+            steps.append(np.asarray(updates["w"]))
+        runs[name] = (steps, gh.metrics(state))
+    for a, b in zip(runs["with int leaf"][0], runs["float only"][0]):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    assert np.all(runs["float only"][0][-1] != 0.0)
+    m = runs["with int leaf"][1]
+    assert int(m["grad/num_skipped"]) == 0 and int(m["grad/num_nonfinite_updates"]) == 0
