@@ -367,6 +367,7 @@ def scale_tree(tree: Any, factors: tuple[jax.Array, jax.Array]) -> Any:
     def one(x):
         if not _stats._is_float(x):
             return x
+        x = jnp.asarray(x)  # a Python float leaf
         if x.dtype == jnp.float32:
             return x * factor * correction
         wide = jnp.promote_types(x.dtype, jnp.float32)

@@ -263,7 +263,8 @@ keep_on_momentum_reset(GuardState)
 
 
 # Sub-states whose counters drive learning-rate schedules: a momentum reset leaves them.
-_SCHEDULE_STATES = (optax.ScaleByScheduleState,)
+# (`reduce_on_plateau`'s learning-rate scale and its plateau counters are one of them.)
+_SCHEDULE_STATES = (optax.ScaleByScheduleState, optax.contrib.ReduceLROnPlateauState)
 _HYPERPARAM_STATES = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
 # gradhealth's own bookkeeping states (records, loss scale, audits, nested guards) are
 # kept too: modules declare theirs with `_interfaces.keep_on_momentum_reset`.
@@ -654,7 +655,9 @@ def _decide(
         step = state.guard_counters.guard_num_steps
         slot = state.guard_counters.guard_num_spikes % config.ring_size
         spike_steps = jnp.where(spike, _clipping.ring_write(spike_steps, slot, step), spike_steps)
-        in_window = jnp.sum((step - spike_steps < config.reset_window).astype(jnp.int32))
+        # (An empty slot holds _NO_STEP, never in the window, however wide the window.)
+        recorded = (spike_steps != _NO_STEP) & (step - spike_steps < config.reset_window)
+        in_window = jnp.sum(recorded, dtype=jnp.int32)
         momentum_reset = spike & (in_window >= config.reset_after)
         spike_steps = jnp.where(momentum_reset, jnp.full_like(spike_steps, _NO_STEP), spike_steps)
     return Decision(finite, verdict, spike, loss_zscore, threshold, factors, skipped, momentum_reset, spike_steps)

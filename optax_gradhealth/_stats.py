@@ -211,13 +211,20 @@ def _abs_squared(x: jax.Array, dtype: Any, scale: jax.Array | None) -> jax.Array
 
 def _leaf_sum_of_squares(x: jax.Array, scale: jax.Array | None = None) -> jax.Array:
     """Sum of ``|x * scale|**2`` in float32 (float64 for float64 leaves), as float32."""
+    x = jnp.asarray(x)  # a Python float leaf
     dtype = _accumulation_dtype(x)
     if scale is None:
         # The barrier keeps this square inside the reduction. Without it, XLA's CSE merges
         # it with an identical square elsewhere in the step (Adam's `nu` squares the same
         # gradient) and materialises the shared square: a temporary the size of the leaf.
         x = _lowering.keep_in_reduction(x)
-    return jnp.sum(_abs_squared(x, dtype, scale), dtype=dtype).astype(jnp.float32)
+    total = jnp.sum(_abs_squared(x, dtype, scale), dtype=dtype)
+    if dtype != jnp.float32 and scale is not None:
+        # A float64 sum beyond float32 even after the rescaling (a norm above ~1e43):
+        # saturated, so that the norm reads float32's max and the tree stays finite.
+        # (An element whose float64 square overflows, above ~1e154, is counted as Inf.)
+        total = jnp.where(jnp.isfinite(total), jnp.minimum(total, _F32_MAX), total)
+    return total.astype(jnp.float32)
 
 
 def _norm_of_norms(norms: jax.Array) -> jax.Array:

@@ -806,3 +806,58 @@ def test_a_float64_loss_or_value_under_x64_keeps_the_state_float32(kind):
             _, state = jax.jit(tx.update)({"w": jnp.ones(3, jnp.float32)}, state, params, **{kind: scalar})
             assert [x.dtype for x in jax.tree.leaves(state)] == dtypes, type(scalar)
         assert gh.metrics(state)["grad/loss_zscore"].dtype == jnp.float32
+
+
+def _spiky_grads(steps: int, spikes: tuple[int, ...]) -> list[dict[str, jax.Array]]:
+    rng = np.random.default_rng(0)
+    out = []
+    for t in range(steps):
+        g = rng.normal(size=3).astype(np.float32)
+        out.append({"w": jnp.asarray(g * (1e4 if t in spikes else 1.0))})
+    return out
+
+
+@pytest.mark.parametrize("reset_window", [100, 2**30 + 100, 2**31 - 1])
+def test_one_spike_never_resets_the_momentum_whatever_the_window(reset_window):
+    """reset_after=3 needs three spikes within the window: one spike is one, however wide
+    the window (an empty slot of the spike ring is not a spike long ago)."""
+    tx = gh.guard(optax.adam(0.1), reset_after=3, reset_window=reset_window)
+    params = {"w": jnp.ones(3)}
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    for g in _spiky_grads(30, spikes=(25,)):
+        _, state = update(g, state, params)
+    m = gh.metrics(state)
+    assert int(m["grad/num_spikes"]) == 1 and int(m["grad/num_momentum_resets"]) == 0
+
+
+def test_a_momentum_reset_keeps_reduce_on_plateaus_learning_rate_scale():
+    """reduce_on_plateau's scale is a learning-rate schedule's state: a momentum reset
+    re-initialises Adam's moments, not the scale the plateau has cut (1.0 at init)."""
+    inner = optax.chain(optax.adam(0.1), optax.contrib.reduce_on_plateau(factor=0.1, patience=1, cooldown=0))
+    tx = gh.guard(inner, warmup_steps=3, spike_window=8, reset_after=2, reset_window=10, spike_action="clip")
+    params = {"w": jnp.ones(3)}
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    scales, resets = [], []
+    for g in _spiky_grads(12, spikes=(9, 10)):
+        _, state = update(g, state, params, value=jnp.float32(1.0))  # a flat loss: the plateau cuts
+        scales.append(float(state.guard_inner_state[1].scale))
+        resets.append(bool(gh.metrics(state)["grad/momentum_reset"]))
+    assert resets.index(True) == 10
+    assert scales[10] < 1e-8 and scales[11] < scales[10]  # no jump back to 1.0
+
+
+@pytest.mark.parametrize("clip", [None, 1.0, "leaf"])
+def test_python_float_leaves_work_eagerly_as_under_jit(clip):
+    """A Python float among the gradients and parameters (a scalar hyperparameter kept in
+    the tree): the guard's eager update equals its jitted one."""
+    clip = gh.clip_by_leaf_norm(1.0) if clip == "leaf" else clip
+    tx = gh.guard(optax.adam(0.1), clip=clip)
+    params = {"w": jnp.ones(2), "s": 1.0}
+    grads = {"w": jnp.array([3.0, 4.0]), "s": 0.5}
+    eager, _ = tx.update(grads, tx.init(params), params)
+    jitted, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    for name in ("w", "s"):
+        np.testing.assert_allclose(np.asarray(eager[name]), np.asarray(jitted[name]), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(eager["s"]), -0.1, rtol=1e-4)  # Adam's first step: -lr * sign

@@ -298,12 +298,17 @@ def test_python_scalar_leaves():
     np.testing.assert_array_equal(np.asarray(stats.leaf_norms.values), np.array([0.0, 5.0, 2.0], np.float32))
 
 
-def test_float64_leaf_beyond_float32_range_under_x64_is_finite_and_saturates():
-    # float64 leaves are reduced in float64: an element above float32's max is finite.
+@pytest.mark.parametrize("big", [1e39, 3e43, 1e100, 1e150], ids=lambda v: f"{v:g}")
+def test_float64_leaf_beyond_float32_range_under_x64_is_finite_and_saturates(big):
+    # float64 leaves are reduced in float64: an element above float32's max is finite,
+    # up to ~1.3e154 (where its float64 square overflows), even when its square is
+    # beyond float32 after the rescaled pass's 2**-80 (above ~2e43).
     with jax.enable_x64(True):
-        stats = gh.grad_stats({"w": jnp.asarray(np.array([1e39, 2.0]), jnp.float64)})
-        assert bool(stats.finite) and int(stats.first_nonfinite_leaf) == -1
-        assert float(stats.norm) == float(np.finfo(np.float32).max)
+        for fn in (gh.grad_stats, jax.jit(gh.grad_stats)):
+            stats = fn({"w": jnp.asarray(np.array([big, 2.0]), jnp.float64), "v": jnp.ones(3, jnp.float32)})
+            assert bool(stats.finite) and int(stats.first_nonfinite_leaf) == -1
+            assert float(stats.norm) == float(np.finfo(np.float32).max)
+            np.testing.assert_allclose(np.asarray(stats.leaf_norms.values), [np.sqrt(3.0), np.finfo(np.float32).max])
 
 
 def test_float32_leaves_are_reduced_in_float32_under_x64():
