@@ -1024,6 +1024,9 @@ def guard(
         that keeps an Inf or NaN by design after an update (a running minimum that stays
         at +inf, a "not yet known" NaN) needs False, or its sentinel stored otherwise
         (``gh.record_step_cosine`` stores 0 for "no reference yet" for this reason).
+        Under jit the check evaluates the inner update a second time; a
+        ``jax.debug.callback`` or ``jax.debug.print`` in it still runs once per update,
+        but a ``jax.experimental.io_callback`` whose result the update uses runs twice.
       update_health: record what the optimizer did with the step: ``update/norm``
         (the update returned, 0 when skipped), ``param/norm`` (of the ``params`` passed
         to ``update``; 0 without them), ``update/param_ratio`` and, per leaf,

@@ -94,8 +94,18 @@ def _is_input(jaxpr: Jaxpr, var: Any) -> bool:
     return isinstance(var, Literal) or var in jaxpr.invars or var in jaxpr.constvars
 
 
-def _evaluate(jaxpr: Jaxpr, consts: Sequence[Any], args: Sequence[Any], subst: dict[Any, Callable]) -> list[Any]:
-    """Evaluates ``jaxpr``; a variable ``v`` in ``subst`` takes ``subst[v](value)``."""
+def _evaluate(
+    jaxpr: Jaxpr,
+    consts: Sequence[Any],
+    args: Sequence[Any],
+    subst: dict[Any, Callable],
+    skip_side_effects: bool = False,
+) -> list[Any]:
+    """Evaluates ``jaxpr``; a variable ``v`` in ``subst`` takes ``subst[v](value)``.
+
+    With ``skip_side_effects``, an equation with effects and no outputs (a
+    ``jax.debug.callback`` or ``jax.debug.print``) is left out, inside calls too: the
+    evaluation that only checks the outputs must not log (or count) a second time."""
     env: dict[Any, Any] = {}
 
     def read(var):
@@ -107,9 +117,21 @@ def _evaluate(jaxpr: Jaxpr, consts: Sequence[Any], args: Sequence[Any], subst: d
         env[var] = value
 
     for eqn in jaxpr.eqns:
+        if skip_side_effects and eqn.effects and not eqn.outvars:
+            continue
         hits = [v for v in eqn.outvars if v in subst]
         invals = [read(v) for v in eqn.invars]
         call = eqn.params.get("jaxpr")
+        if (
+            skip_side_effects
+            and eqn.effects
+            and eqn.primitive.name in _CALL_PRIMITIVES
+            and isinstance(call, ClosedJaxpr)
+        ):
+            outs = _evaluate(call.jaxpr, call.consts, invals, {}, skip_side_effects=True)
+            for var, value in zip(eqn.outvars, outs):
+                env[var] = subst[var](value) if var in subst else value
+            continue
         if hits and eqn.primitive.name in _CALL_PRIMITIVES and isinstance(call, ClosedJaxpr):
             # Inline the call so that the values it computes from a substituted output
             # (e.g. the updates) read the substituted value too.
@@ -174,7 +196,7 @@ class TracedUpdate:
             # A barrier of its own per input: one over all of them would give every output the
             # same varying-axes type under shard_map (mixing replicated and per-device values).
             consts = [_lowering.apart(c) for c in self._closed.consts]
-            outs = _evaluate(self._closed.jaxpr, consts, [], {})
+            outs = _evaluate(self._closed.jaxpr, consts, [], {}, skip_side_effects=True)
             self._outputs = jax.tree.unflatten(self._out_tree, outs)
         return self._outputs
 

@@ -861,3 +861,26 @@ def test_python_float_leaves_work_eagerly_as_under_jit(clip):
     for name in ("w", "s"):
         np.testing.assert_allclose(np.asarray(eager[name]), np.asarray(jitted[name]), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(eager["s"]), -0.1, rtol=1e-4)  # Adam's first step: -lr * sign
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["direct", "inside-jit"])
+def test_an_inner_debug_callback_runs_once_per_update(nested):
+    """The update check evaluates the inner update a second time under jit; a
+    jax.debug.callback in the inner optimizer (directly or inside a jitted helper) must
+    still run once per update, as with bare optax, and see the update's own values."""
+    calls = []
+
+    def log(u):
+        jax.debug.callback(lambda n: calls.append(float(n)), optax.tree.norm(u))
+        return u
+
+    logged = jax.jit(log) if nested else log
+    logging = optax.GradientTransformation(lambda p: optax.EmptyState(), lambda u, s, p=None: (logged(u), s))
+    params = {"w": jnp.ones(3)}
+    grads = {"w": jnp.array([3.0, 4.0, 0.0])}
+    for tx in (optax.chain(logging, optax.sgd(0.1)), gh.guard(optax.chain(logging, optax.sgd(0.1)))):
+        calls.clear()
+        updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+        jax.block_until_ready(updates)
+        jax.effects_barrier()
+        assert calls == [5.0]
