@@ -490,9 +490,10 @@ class GuardConfig:
     ) -> GuardConfig:
         """Validates every argument (a clear error naming it) and builds the config."""
         spike_threshold = check.optional(check.positive_or_array, "spike_threshold", spike_threshold)
-        if isinstance(spike_threshold, float) and spike_threshold <= 1.0:
+        concrete = spike_threshold is not None and not isinstance(spike_threshold, jax.core.Tracer)
+        if concrete and float(spike_threshold) <= 1.0:
             raise ValueError(
-                f"`spike_threshold` is a ratio norm / baseline norm and must be > 1, got {spike_threshold!r}."
+                f"`spike_threshold` is a ratio norm / baseline norm and must be > 1, got {float(spike_threshold)!r}."
             )
         count = lambda name, value: check.optional(check.integer_or_array, name, value, minimum=1)
         reset_after = count("reset_after", reset_after)

@@ -39,16 +39,20 @@ def is_array_like(value: Any) -> bool:
 
 
 def or_array(check: Any, name: str, value: Any, **kwargs: Any) -> Any:
-    """``check(name, value)`` for a Python number; a scalar array is passed through as it
-    is: its value may be traced (scheduled by ``optax.inject_hyperparams``), so only its
-    shape and dtype are checked here."""
-    if not is_array_like(value):
+    """``check(name, value)`` for a Python number; a real scalar array is returned as it
+    is (its dtype kept), after ``check`` of its value when it is concrete (a numpy
+    scalar, or the array ``optax.inject_hyperparams`` makes of a number outside jit). A
+    traced one (the same argument inside a jitted update) cannot be checked: only its
+    shape and dtype are."""
+    if not is_array_like(value) and not isinstance(value, jax.core.Tracer):
         return check(name, value, **kwargs)
-    shape, dtype = tuple(value.shape), np.dtype(value.dtype)
+    shape, dtype = tuple(np.shape(value)), np.dtype(value.dtype)
     if shape != () or not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)):
         raise ValueError(
             f"`{name}` must be a number or a real scalar array, got an array of shape {shape} and dtype {dtype}."
         )
+    if not isinstance(value, jax.core.Tracer):
+        check(name, np.asarray(value).item(), **kwargs)
     return value
 
 

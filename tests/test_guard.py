@@ -501,6 +501,13 @@ def test_metrics_found_in_nnx_optimizer():
         (dict(check_updates="yes"), TypeError, r"`check_updates` must be True or False, got 'yes'"),
         (dict(update_health=1), TypeError, r"`update_health` must be True or False, got 1"),
         (dict(clip="auto"), TypeError, r"`clip` must be None, a positive number or a clip policy.*got 'auto'"),
+        # A concrete array (a numpy scalar, or what optax.inject_hyperparams makes of a
+        # number outside jit) is checked like the number it holds.
+        (dict(clip=np.float32(-1.0)), ValueError, r"`clip` must be a positive number.*-1.0"),
+        (dict(spike_threshold=np.float32(0.5)), ValueError, r"`spike_threshold` .* must be > 1, got 0.5"),
+        (dict(spike_zscore=jnp.float32(-3.0)), ValueError, r"`spike_zscore` must be a positive number"),
+        (dict(stats_decay=np.float32(1.5)), ValueError, r"`stats_decay` must lie strictly between 0 and 1, got 1.5"),
+        (dict(warmup_steps=np.int32(0)), ValueError, r"`warmup_steps` must be an int >= 1, got 0"),
     ],
 )
 def test_bad_arguments_are_rejected_at_construction(kwargs, error, match):
