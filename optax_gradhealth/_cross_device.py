@@ -408,7 +408,7 @@ def cross_device(
     (``xdev/outlier_evidence``). A device is named (``xdev/outlier_devices``) when its
     score exceeds ``outlier_threshold`` (a strong fault, at the audit it shows) or its
     evidence exceeds ``outlier_evidence`` (a moderate one that persists: a score of 6 on
-    every audit is named at the third); ``xdev/outlier_device`` is the named device
+    every audit is named at the fourth, evidence 4, 8, 12, 16); ``xdev/outlier_device`` is the named device
     with the most evidence, else -1. Near-duplicate data: each pair's sketched cosine
     gets a robust z-score against the other pairs' and a CUSUM of drift 3; a pair whose
     evidence exceeds ``near_duplicate_evidence`` is flagged in
@@ -981,8 +981,13 @@ def cross_device_alarms(metrics: dict[str, Any]) -> list[Alarm]:
             value = value[0]
         return value
 
+    def read_flags(name, ndim):
+        # bool, or 0/1 floats as a log reads them back (NaN: not logged there)
+        value = read(name, ndim)
+        return None if value is None else np.nan_to_num(value.astype(np.float64)) != 0
+
     norms = read("xdev/device_norms", 1)
-    named = read("xdev/outlier_devices", 1)
+    named = read_flags("xdev/outlier_devices", 1)
     single = read("xdev/outlier_device", 0)
     if named is not None:
         devices = [int(d) for d in np.nonzero(named)[0]]
@@ -1003,12 +1008,12 @@ def cross_device_alarms(metrics: dict[str, Any]) -> list[Alarm]:
                 read("xdev/outlier_evidence", 1),
             )
         )
-    pairs = read("xdev/duplicate_pairs", 2)
+    pairs = read_flags("xdev/duplicate_pairs", 2)
     if pairs is not None:
         for j, k in zip(*np.nonzero(np.triu(pairs, 1))):
             text = f"devices {int(j)} and {int(k)} have identical gradients (same data shard?)"
             out.append(Alarm(text, "duplicate_pair", (j, k), {}))
-    near = read("xdev/near_duplicate_pairs", 2)
+    near = read_flags("xdev/near_duplicate_pairs", 2)
     if near is not None:
         exact = pairs if pairs is not None else np.zeros_like(near)
         cos = read("xdev/pairwise_cosine", 2)
@@ -1024,7 +1029,7 @@ def cross_device_alarms(metrics: dict[str, Any]) -> list[Alarm]:
                     f"{evidence['pair_cosine']:.2f} vs median {evidence['median_pair_cosine']:.2f}; same examples?)"
                 )
             out.append(Alarm(text, "near_duplicate_pair", (j, k), evidence))
-    desync = read("xdev/param_desync", 1)
+    desync = read_flags("xdev/param_desync", 1)
     if desync is not None:
         for k in np.nonzero(desync)[0]:
             text = f"device {int(k)} parameters differ from the majority (desync or corruption)"

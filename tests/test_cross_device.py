@@ -1274,6 +1274,10 @@ def test_alarms_name_the_devices_the_kind_and_the_evidence():
     )
     assert alarms[0].evidence["cusum_evidence"] == 14.0
     assert alarms[2].evidence == {"pair_cosine": pytest.approx(0.85), "median_pair_cosine": pytest.approx(0.1)}
+    # The flags as a log reads them back (0/1 floats, NaN where not logged) say the same.
+    as_logged = {n: (np.where(v, 1.0, 0.0) if np.asarray(v).dtype == bool else v) for n, v in m.items()}
+    as_logged["xdev/param_desync"] = np.full(k, np.nan)
+    assert [(a.kind, a.devices) for a in gh.cross_device_alarms(as_logged)] == [(a.kind, a.devices) for a in alarms]
     # A bit-identical pair is an exact duplicate, not also a near one.
     m["xdev/duplicate_pairs"] = near
     assert [a.kind for a in gh.cross_device_alarms(m)][-1] == "duplicate_pair"
