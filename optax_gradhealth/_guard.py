@@ -741,6 +741,13 @@ def _apply_inner(
     return Outcome(sel.zero_floats_where(skipped, inner_updates), new_inner_state, skipped, nonfinite_update, sums)
 
 
+def _capped_norm(stats: _stats.GradStats, decision: Decision) -> jax.Array:
+    """The norm an accepted step counts with in every running statistic (the guard's
+    moments and an adaptive clip policy's history): a spike's (a loss spike's too)
+    capped at the largest norm that is not a spike."""
+    return jnp.where(decision.spike, jnp.minimum(stats.norm, decision.verdict.bound), stats.norm)
+
+
 def _record(
     config: GuardConfig,
     state: GuardState,
@@ -754,9 +761,8 @@ def _record(
     accepted = ~skipped
     moments = state.guard_moments
 
-    # Running statistics: accepted steps only; a spike's norm (a loss spike's too) is
-    # capped at the largest norm that is not a spike.
-    capped_norm = jnp.where(spike, jnp.minimum(norm, decision.verdict.bound), norm)
+    # Running statistics: accepted steps only, a spike's norm capped.
+    capped_norm = _capped_norm(stats, decision)
     norm_mean, norm_var, num_accepted = _clipping.running_moments_update(
         moments.guard_running_norm_mean,
         moments.guard_running_norm_var,
@@ -1105,7 +1111,7 @@ def guard(
             guard_counters=counters,
             guard_moments=moments,
             guard_spike_steps=decision.spike_steps,
-            guard_clip_state=cfg.policy.update(state.guard_clip_state, stats.norm, ~outcome.skipped),
+            guard_clip_state=cfg.policy.update(state.guard_clip_state, _capped_norm(stats, decision), ~outcome.skipped),
             guard_inner_state=outcome.inner_state,
         )
         return outcome.updates, new_state

@@ -884,3 +884,27 @@ def test_an_inner_debug_callback_runs_once_per_update(nested):
         jax.block_until_ready(updates)
         jax.effects_barrier()
         assert calls == [5.0]
+
+
+@pytest.mark.parametrize("spike_action", ["clip", "record"])
+def test_an_adaptive_clip_policy_counts_an_accepted_spike_capped(spike_action):
+    """An accepted spike (spike_action 'clip' or 'record') enters the clip policy's
+    history capped at the spike bound, as it enters the guard's own statistics: one
+    spike of 1e4 must not sit in a percentile clip's history. With spike detection off
+    the same norm enters as it is."""
+    grads = _spiky_grads(16, spikes=(12,))
+    raw = float(np.linalg.norm(np.asarray(grads[12]["w"], np.float64)))
+    entries = {}
+    for detect in (True, False):
+        thresholds = {} if detect else {"spike_threshold": None, "spike_zscore": None}
+        policy = gh.PercentileClip(percentile=90, history_size=32, warmup_steps=0)
+        tx = gh.guard(optax.sgd(0.1), clip=policy, spike_action=spike_action, warmup_steps=5, **thresholds)
+        params = {"w": jnp.ones(3)}
+        state = tx.init(params)
+        update = jax.jit(tx.update)
+        for g in grads[:13]:
+            _, state = update(g, state, params)
+        assert bool(gh.metrics(state)["grad/spiked"]) == detect
+        entries[detect] = float(state.guard_clip_state.percentile_history[12])
+    np.testing.assert_allclose(entries[False], raw, rtol=1e-6)
+    assert entries[True] < raw / 100
