@@ -58,12 +58,23 @@ def _thresholds(pairs: list[str]) -> Thresholds:
         name = {"warmup_steps": "warmup_rows"}.get(name, name)  # the name of 0.1.0
         if name not in fields or not value:
             raise UsageError(f"--threshold expects NAME=VALUE with NAME one of {', '.join(fields)}; got {pair!r}.")
-        kind = int if fields[name].type in ("int", int) else float
+        annotation = str(fields[name].type).replace(" ", "")  # a string: annotations are postponed
+        optional = annotation.endswith("|None")
+        kind = int if annotation.removesuffix("|None") in ("int", "<class'int'>") else float
+        if optional and value.lower() == "none":
+            values[name] = None
+            continue
         try:
             values[name] = kind(value)
         except ValueError:
-            raise UsageError(f"--threshold {name} expects a number ({kind.__name__}), got {value!r}.") from None
-    return Thresholds(**values)
+            also = " or None" if optional else ""
+            raise UsageError(
+                f"--threshold {name} expects {'an integer' if kind is int else 'a number'}{also}, got {value!r}."
+            ) from None
+    try:
+        return Thresholds(**values)
+    except ValueError as error:  # a value out of its field's range
+        raise UsageError(f"--threshold: {error}") from None
 
 
 def _load(path: str, skip_bad_lines: bool) -> History:
@@ -118,20 +129,25 @@ def _run(argv: list[str] | None) -> int:
         )
     args = parser.parse_args(argv)
     thresholds = _thresholds(args.threshold)
-    if args.command == "report" and importlib.util.find_spec("matplotlib") is None:
-        raise UsageError("report needs matplotlib: pip install matplotlib (or 'optax-gradhealth[examples]').")
+    if args.command == "report":
+        if importlib.util.find_spec("matplotlib") is None:
+            raise UsageError("report needs matplotlib: pip install matplotlib (or 'optax-gradhealth[examples]').")
+        _report = importlib.import_module("optax_gradhealth.report")
+        try:
+            output = _report.image_path(args.output)  # checked before the log is read and drawn
+        except ValueError as error:
+            raise UsageError(str(error)) from None
     history = _load(args.log, args.skip_bad_lines)
     if not len(history):
         raise UsageError(f"{args.log}: no logged rows.")
     if args.command == "report":
-        _report = importlib.import_module("optax_gradhealth.report")
         try:
-            findings = _report.write_report(history, args.output, thresholds=thresholds, title=args.title)
+            findings = _report.write_report(history, output, thresholds=thresholds, title=args.title)
         except OSError as error:  # the output cannot be written
-            raise UsageError(f"{args.output}: {error.strerror or error}") from None
+            raise UsageError(f"{output}: {error.strerror or error}") from None
         print(format_findings(findings))
-        text_path, json_path = _report.findings_paths(args.output)
-        print(f"\nwrote {args.output}, {text_path}, {json_path}")
+        text_path, json_path = _report.findings_paths(output)
+        print(f"\nwrote {output}, {text_path}, {json_path}")
     else:
         print(format_findings(diagnose(history, thresholds)))
     return 0

@@ -3,8 +3,9 @@ standard library's own source files, with scripted faults, guarded by ``gh.guard
 
 Run ``python -m optax_gradhealth.demo`` (about a minute on a laptop CPU). It shows a
 progress bar with the loss and the gradient norm, injects a NaN batch, a corrupted
-batch and a learning-rate spike, restores the last healthy snapshot when the guard
-recommends a rollback, prints the diagnosis and writes ``run.jsonl``, ``report.png``
+batch and a learning-rate spike, restores the last healthy snapshot if the guard
+recommends a rollback (the default faults usually stop short of one: at most 7 spikes
+in a row, below its ``rollback_after_spikes=8``), prints the diagnosis and writes ``run.jsonl``, ``report.png``
 and the findings into the current folder (or ``--out DIR``).
 
 The model, the data and the training loop live here so that
@@ -360,10 +361,27 @@ def _say(progress, message: str) -> None:
         print(message)
 
 
+def _int_at_least(low: int):
+    """An argparse type: an integer >= ``low`` (else argparse's usage error, exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
 def add_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
     parser.add_argument("--out", default=defaults.out, help="folder for the log and the report (default: .)")
-    parser.add_argument("--steps", type=int, default=defaults.steps)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    # At least 2 steps: the learning-rate schedule decays over the run (0 or 1 has no decay).
+    parser.add_argument("--steps", type=_int_at_least(2), default=defaults.steps, help="optimizer steps (>= 2)")
+    parser.add_argument("--batch-size", type=_int_at_least(1), default=defaults.batch_size)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -70,6 +70,13 @@ class History:
         ``[T, ...]`` for a vector or matrix metric (stored as ``name/i`` / ``name/i/j``
         columns, the names :func:`optax_gradhealth.writers.flatten` gives).
       source: where it was read from (a path), for messages and titles.
+      nan_logged: ``{name: [T] bool}`` (shaped like the column): the rows where a NaN in
+        the column was logged as NaN, as opposed to a row that lacks the metric. A column
+        not named here has no logged NaN. None (default): the source cannot tell the two
+        apart, and every NaN counts as logged. :func:`load_history` fills it from the
+        readers (a JSON ``"NaN"``, a CSV ``NaN`` cell, a TensorBoard NaN value; a JSON
+        ``null``, an empty CSV cell, a step another tag was written at, or a key a row
+        lacks are not logged).
 
     Attributes:
       steps: ``[T]`` int64, strictly increasing.
@@ -97,29 +104,41 @@ class History:
         columns: Mapping[str, Any],
         *,
         source: str | None = None,
+        nan_logged: Mapping[str, Any] | None = None,
     ):
         steps = np.asarray(steps)
         if steps.ndim != 1:
             raise ValueError(f"History: `steps` must be 1-D, got shape {steps.shape}.")
         steps = steps.astype(np.int64, copy=False)
-        flat: dict[str, np.ndarray] = {}
-        for name, value in columns.items():
-            array = np.asarray(value, dtype=np.float64)
-            if array.ndim == 0 or array.shape[0] != steps.size:
-                raise ValueError(
-                    f"History: column {name!r} has shape {array.shape}, expected {steps.size} rows (one per step)."
-                )
-            if array.ndim == 1:
-                flat[name] = array
-            else:
-                for index in np.ndindex(array.shape[1:]):
-                    flat[name + "".join(f"/{i}" for i in index)] = array[(slice(None), *index)]
-        # A log of 0.1.0 (or one written with both names) is read under the current names.
+        flat = _flat_columns(columns, steps.size, np.float64)
+        # NaN cells that were logged as NaN (None: every NaN counts as logged).
+        logged_nan = None if nan_logged is None else _flat_columns(nan_logged, steps.size, bool)
+        if logged_nan is not None:
+            logged_nan = {name: mask & np.isnan(flat[name]) for name, mask in logged_nan.items() if name in flat}
+        # A log of 0.1.0 (or one written with both names, e.g. a run resumed after an
+        # upgrade) is read under the current names: per row, the current name's logged
+        # value wins, and the old name's fills the rows the current name lacks.
         for name in list(flat):
             current = current_name(name)
-            if current != name:
-                column = flat.pop(name)
-                flat.setdefault(current, column)
+            if current == name:
+                continue
+            old_column = flat.pop(name)
+            old_nan = logged_nan.pop(name, None) if logged_nan is not None else None
+            if current not in flat:
+                flat[current] = old_column
+                if old_nan is not None:
+                    logged_nan[current] = old_nan
+                continue
+            column = flat[current]
+            if logged_nan is None:
+                missing = np.isnan(column)  # a NaN may be logged: keep it unless the old name has a number
+                flat[current] = np.where(missing & ~np.isnan(old_column), old_column, column)
+                continue
+            current_nan = logged_nan.get(current, np.zeros(steps.size, bool))
+            missing = np.isnan(column) & ~current_nan
+            flat[current] = np.where(missing, old_column, column)
+            if old_nan is not None:
+                logged_nan[current] = current_nan | (missing & old_nan)
         self.source = source
         back = np.flatnonzero(steps[1:] < steps[:-1]) + 1
         self.restarts: tuple[int, ...] = tuple(int(s) for s in steps[back])
@@ -132,10 +151,13 @@ class History:
             steps = steps[keep]
             for name in list(flat):
                 flat[name] = flat[name][keep]
+            if logged_nan is not None:
+                logged_nan = {name: mask[keep] for name, mask in logged_nan.items()}
         else:
             self.rows_replaced = 0
         self.steps: np.ndarray = steps
         self.columns: dict[str, np.ndarray] = dict(sorted(flat.items()))
+        self._logged_nan = None if logged_nan is None else {n: m for n, m in logged_nan.items() if m.any()}
         self._nan: np.ndarray | None = None
 
     def __len__(self) -> int:
@@ -184,6 +206,28 @@ class History:
             self._nan = np.full(len(self), np.nan)
             self._nan.flags.writeable = False
         return self._nan
+
+    def logged(self, name: str) -> np.ndarray:
+        """``[T]`` bool: the rows where ``name`` was logged (a number, or NaN logged as
+        NaN), as opposed to rows that lack it (a NaN cell of :meth:`col` either way).
+        When the source cannot tell them apart (see ``nan_logged``), every row of a
+        logged column counts.
+
+        Example:
+          >>> from optax_gradhealth.history import History
+          >>> h = History([0, 1, 2], {'grad/norm': [1.0, float('nan'), float('nan')]},
+          ...             nan_logged={'grad/norm': [False, True, False]})
+          >>> h.logged('grad/norm').tolist(), h.logged('loss').tolist()
+          ([True, True, False], [False, False, False])
+        """
+        column = self.columns.get(current_name(name))
+        if column is None:
+            return np.zeros(len(self), bool)
+        if self._logged_nan is None:
+            return np.ones(len(self), bool)
+        nan = self._logged_nan.get(current_name(name))
+        present = ~np.isnan(column)
+        return present if nan is None else present | nan
 
     def indexed(self, name: str) -> list[tuple[int, ...]]:
         """The index suffixes logged under ``name/i`` or ``name/i/j`` (sorted).
@@ -234,8 +278,8 @@ class History:
     def __getitem__(self, name: str) -> np.ndarray:
         """A ``[T]`` column, or a vector (``[T, K]``) or matrix (``[T, K, K]``) metric
         stacked from its ``name/i`` / ``name/i/j`` columns."""
-        if name in self.columns:
-            return self.columns[name]
+        if current_name(name) in self.columns:
+            return self.columns[current_name(name)]
         index = self.indexed(name)
         if index and all(len(i) == 1 for i in index):
             return self.vector(name)
@@ -244,7 +288,7 @@ class History:
         raise KeyError(name)
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and (name in self.columns or bool(self.indexed(name)))
+        return isinstance(name, str) and (current_name(name) in self.columns or bool(self.indexed(name)))
 
     def leaf_names(self) -> list[str]:
         """The leaves logged as ``grad/leaf_norm/<path>`` (sorted; logs of 0.1.0 named
@@ -269,6 +313,21 @@ class History:
         names = list(self.columns)
         values = np.stack([self.columns[n] for n in names], axis=1) if names else np.zeros((len(self), 0))
         return [{"step": int(step), **dict(zip(names, row))} for step, row in zip(self.steps.tolist(), values.tolist())]
+
+
+def _flat_columns(columns: Mapping[str, Any], rows: int, dtype: Any) -> dict[str, np.ndarray]:
+    """``{name: [T]}``: ``[T, ...]`` vector / matrix columns split into ``name/i[/j]``."""
+    flat: dict[str, np.ndarray] = {}
+    for name, value in columns.items():
+        array = np.asarray(value, dtype=dtype)
+        if array.ndim == 0 or array.shape[0] != rows:
+            raise ValueError(f"History: column {name!r} has shape {array.shape}, expected {rows} rows (one per step).")
+        if array.ndim == 1:
+            flat[name] = array
+        else:
+            for index in np.ndindex(array.shape[1:]):
+                flat[name + "".join(f"/{i}" for i in index)] = array[(slice(None), *index)]
+    return flat
 
 
 # --------------------------------------------------------------------------- load_history
@@ -337,7 +396,7 @@ def load_history(source: Any, *, skip_bad_lines: bool = False) -> History:
             raise TypeError(
                 f"gh.load_history: each history row must be a dict of metrics, row {i} is {type(row).__name__}."
             )
-        builder.put_row(i, _flat_row(row, i))
+        builder.put_row(i, *_flat_row(row, i))
     return builder.history(None)
 
 
@@ -349,17 +408,35 @@ def _to_float(value: Any) -> float:
     return float(value)
 
 
-def _flat_row(row: Mapping[str, Any], index: int) -> dict[str, float]:
-    """One row as ``{'step': int, name: float}``: arrays flattened (``name/i``), the
-    non-finite strings turned into floats, other strings NaN; no step: ``index``."""
+def _flat_row(row: Mapping[str, Any], index: int, where: str | None = None) -> tuple[dict[str, float], set[str]]:
+    """One row as ``({'step': int, name: float}, names not logged)``: arrays flattened
+    (``name/i``), the non-finite strings turned into floats, ``null`` and other strings
+    NaN but not logged (the second item); no step: ``index``. A step that is not a
+    number is a ``ValueError`` naming ``where`` (``file:line``, default the row)."""
     from optax_gradhealth.writers import flatten
 
     step = row.get("step", index)
     numbers = {k: (math.nan if v is None else v) for k, v in row.items() if k != "step" and not isinstance(v, str)}
     flat = flatten(numbers)
     flat.update({k: _to_float(v) for k, v in row.items() if isinstance(v, str) and k != "step"})
-    flat["step"] = int(np.asarray(step))
-    return flat
+    flat["step"] = _step_of(step, where or f"gh.load_history: row {index}")
+    unlogged = {k for k, v in row.items() if v is None or (isinstance(v, str) and v not in _NONFINITE)}
+    return flat, unlogged
+
+
+def _step_of(step: Any, where: str) -> int:
+    """The step as an int; a ``ValueError`` naming ``where`` for one that is not a number."""
+    if isinstance(step, (int, np.integer)) and not isinstance(step, (bool, np.bool_)):
+        return int(step)
+    value = math.nan
+    if not isinstance(step, (bool, np.bool_)):
+        try:
+            value = float(np.asarray(step if not isinstance(step, str) else step.strip(), dtype=np.float64))
+        except (TypeError, ValueError):
+            pass
+    if not math.isfinite(value):
+        raise ValueError(f"{where}: the step must be a finite number, got {step!r}.")
+    return int(value)
 
 
 def _from_columns(columns: Mapping[str, Any]) -> History:
@@ -391,6 +468,7 @@ class _Builder:
         self.steps = np.zeros(self.capacity, np.int64)
         self.has_step = np.zeros(self.capacity, bool)
         self.columns: dict[str, np.ndarray] = {}
+        self.nan_logged: dict[str, list[Any]] = {}  # name -> row indices (ints or arrays) of logged NaNs
 
     def reserve(self, rows: int) -> None:
         if rows <= self.capacity:
@@ -408,7 +486,8 @@ class _Builder:
             column = self.columns[name] = np.full(self.capacity, np.nan)
         return column
 
-    def put_row(self, index: int, flat: Mapping[str, float]) -> None:
+    def put_row(self, index: int, flat: Mapping[str, float], unlogged: Iterable[str] = ()) -> None:
+        """One row; a NaN value is a logged NaN unless its name is in ``unlogged``."""
         self.reserve(index + 1)
         self.count = max(self.count, index + 1)
         for name, value in flat.items():
@@ -417,6 +496,8 @@ class _Builder:
                 self.has_step[index] = True
             else:
                 self.column(name)[index] = value
+                if value != value and name not in unlogged:
+                    self.nan_logged.setdefault(name, []).append(index)
 
     def put_block(self, index: np.ndarray, keys: tuple[str, ...], block: np.ndarray) -> None:
         self.reserve(int(index[-1]) + 1)
@@ -431,6 +512,9 @@ class _Builder:
             else:
                 self.column(name)[where] = block[:, j]
 
+    def put_nan_logged(self, name: str, index: np.ndarray) -> None:
+        self.nan_logged.setdefault(name, []).append(index)
+
     def history(self, source: str | None) -> History:
         n = self.count
         steps = np.where(self.has_step[:n], self.steps[:n], np.arange(n))
@@ -440,7 +524,12 @@ class _Builder:
             if column.size != n:
                 column = _trimmed(column, n)
             columns[name] = column
-        return History(steps, columns, source=source)
+        nan_logged = {}
+        for name, where in self.nan_logged.items():
+            mask = nan_logged[name] = np.zeros(n, bool)
+            for index in where:
+                mask[index] = True
+        return History(steps, columns, source=source, nan_logged=nan_logged)
 
 
 def _grown(array: np.ndarray, capacity: int, fill: Any) -> np.ndarray:
@@ -490,9 +579,14 @@ def _read_jsonl(path: str, skip_bad_lines: bool) -> History:
                 block = None
             if block is None or block.shape != (len(values), len(keys)):
                 for i, row in zip(index, values):
-                    builder.put_row(i, _flat_row(dict(zip(keys, row)), i))
+                    builder.put_row(i, *_flat_row(dict(zip(keys, row)), i))
             else:
-                builder.put_block(np.asarray(index), keys, block)
+                index = np.asarray(index)
+                builder.put_block(index, keys, block)
+                nan_rows, nan_cols = np.nonzero(np.isnan(block))
+                for r, j in zip(nan_rows.tolist(), nan_cols.tolist()):  # rare: NaN logged as NaN, or a null
+                    if values[r][j] is not None:
+                        builder.put_nan_logged(keys[j], index[r])
         pending.clear()
 
     with open(path, encoding="utf-8", errors="surrogateescape") as file:
@@ -513,6 +607,9 @@ def _read_jsonl(path: str, skip_bad_lines: bool) -> History:
             # (each key and each such string adds two quotes); anything else row by row.
             quotes = line.count('"')
             simple = quotes == 2 * len(row) or quotes == 2 * len(row) + 2 * sum(line.count(s) for s in nonfinite)
+            step = row.get("step", 0)
+            if not (type(step) is int or (type(step) is float and math.isfinite(step))):
+                _step_of(step, f"{path}:{line_number}")  # raises for a step that is not a number
             if simple:
                 keys = tuple(row)
                 group = pending.get(keys)
@@ -521,7 +618,7 @@ def _read_jsonl(path: str, skip_bad_lines: bool) -> History:
                 group[0].append(parsed)
                 group[1].append(tuple(row.values()))
             else:
-                builder.put_row(parsed, _flat_row(row, parsed))
+                builder.put_row(parsed, *_flat_row(row, parsed, f"{path}:{line_number}"))
             parsed += 1
             if parsed % _CHUNK_ROWS == 0:
                 if parsed == _CHUNK_ROWS:  # size the columns from the bytes read so far
@@ -622,14 +719,18 @@ def _read_tensorboard(path: str) -> History:
         keep = order[np.concatenate([ordered[1:] != ordered[:-1], [True]])]
         last[tag] = (steps[keep], values[keep])
     all_steps = np.unique(np.concatenate([s for s, _ in last.values()]))
-    columns = {}
+    columns, nan_logged = {}, {}
     for tag, (steps, values) in last.items():
         column = np.full(all_steps.size, np.nan)
-        column[np.searchsorted(all_steps, steps)] = values
+        at = np.searchsorted(all_steps, steps)
+        column[at] = values
         columns[tag] = column
+        if np.isnan(values).any():  # a NaN written as the value (not a step the tag lacks)
+            mask = nan_logged[tag] = np.zeros(all_steps.size, bool)
+            mask[at[np.isnan(values)]] = True
     # Rebuild the write order of the reference tag, so that History finds the restarts
     # and counts the replaced rows; the other tags follow the reference's last writes.
-    history = History(all_steps, columns, source=path)
+    history = History(all_steps, columns, source=path, nan_logged=nan_logged)
     back = np.flatnonzero(written[1:] < written[:-1]) + 1
     history.restarts = tuple(int(s) for s in written[back])
     history.restarted_from = tuple(int(s) for s in written[back - 1])
@@ -645,8 +746,10 @@ _STEP_COLUMNS = ("_step", "step", "Step", "global_step", "trainer/global_step")
 def _read_csv(path: str) -> History:
     """A Weights & Biases history export: one row per step, the step in ``_step``
     (``run.history()``) or ``Step`` (the UI export); W&B's own ``_...`` columns and the
-    UI's ``__MIN`` / ``__MAX`` columns are left out; a ``<run> - `` prefix shared by every
-    metric column is removed."""
+    UI's ``__MIN`` / ``__MAX`` columns are left out; the ``<run> - `` prefix of the UI's
+    columns (the longest prefix ending in `` - `` that every metric column shares, so a
+    run name may hold `` - `` too) is removed. An empty cell is a metric the row did not
+    log; a ``NaN`` cell is a logged NaN."""
     try:
         with open(path, encoding="utf-8", newline="") as file:
             table = list(csv.reader(file))
@@ -662,9 +765,14 @@ def _read_csv(path: str) -> History:
         if i != step_at and name and not name.startswith("_") and not name.endswith(("__MIN", "__MAX"))
     ]
     names = [header[i] for i in metric_at]
-    prefixes = {name.split(" - ", 1)[0] for name in names if " - " in name}
-    if len(prefixes) == 1 and all(" - " in name for name in names):
-        names = [name.split(" - ", 1)[1] for name in names]
+    if names and all(" - " in name for name in names):
+        # The UI names a column "<run> - <metric>", and a run's name may hold " - " too:
+        # the prefix removed is the longest one ending in " - " that every column shares.
+        first, last = min(names), max(names)  # the prefix all share is the one these two share
+        size = next((i for i, (a, b) in enumerate(zip(first, last)) if a != b), min(len(first), len(last)))
+        cut = first[:size].rfind(" - ")
+        if cut >= 0:
+            names = [name[cut + 3 :] for name in names]
     for number, row in enumerate(body, start=2):
         if len(row) != len(header):
             raise ValueError(f"{path}:{number}: {len(row)} fields, the header has {len(header)}.")
@@ -686,5 +794,9 @@ def _read_csv(path: str) -> History:
             bad = int(np.flatnonzero(~np.isfinite(raw))[0]) + 2
             raise ValueError(f"{path}:{bad}: the step column {header[step_at]!r} is empty or not a number.")
         steps = raw.astype(np.int64)
-    columns = {name: np.array([number(r[i]) for r in body]) for name, i in zip(names, metric_at)}
-    return History(steps, columns, source=path)
+    columns, nan_logged = {}, {}
+    for name, i in zip(names, metric_at):
+        column = columns[name] = np.array([number(r[i]) for r in body])
+        if np.isnan(column).any():  # a NaN cell was logged as NaN; an empty cell was not logged
+            nan_logged[name] = np.array([r[i].strip().lower() == "nan" for r in body])
+    return History(steps, columns, source=path, nan_logged=nan_logged)

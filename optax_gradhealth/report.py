@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from optax_gradhealth.diagnosis import Finding, Thresholds, diagnose, format_findings, replay_spike_scores
+from optax_gradhealth.diagnosis._columns import nonfinite_rows
 from optax_gradhealth.history import History
 from optax_gradhealth.history import load_history as _load_columns
 
@@ -145,7 +146,35 @@ def _series(
     )
 
 
-__all__ = ["findings_paths", "plot_report", "write_report"]
+__all__ = ["findings_paths", "image_path", "plot_report", "write_report"]
+
+
+def image_path(path: str | os.PathLike) -> str:
+    """The file :func:`plot_report` writes for ``path``: ``path`` itself when its
+    extension is an image format matplotlib writes, ``path`` + ``.png`` when it has no
+    extension (what matplotlib's ``savefig`` does then).
+
+    Raises:
+      ValueError: an extension matplotlib cannot write (naming the ones it can).
+
+    Example:
+      >>> from optax_gradhealth.report import image_path
+      >>> image_path('out/report'), image_path('out/report.svg')
+      ('out/report.png', 'out/report.svg')
+    """
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    path = os.fspath(path)
+    extension = os.path.splitext(path)[1][1:].lower()
+    if not extension:
+        return path + ".png"
+    supported = FigureCanvasBase.get_supported_filetypes()
+    if extension not in supported:
+        raise ValueError(
+            f"{path}: cannot write a .{extension} image; use one of the extensions "
+            f"{', '.join('.' + e for e in sorted(supported))}."
+        )
+    return path
 
 
 def _steps_where(h: History, name: str, value: float = 1.0) -> np.ndarray:
@@ -190,14 +219,18 @@ def plot_report(
       history: as for :func:`optax_gradhealth.diagnose` (a ``.jsonl`` path, a
         TensorBoard log directory, a W&B ``.csv``, a list of metric dicts, a dict of
         columns or a :class:`~optax_gradhealth.history.History`).
-      path: the image file (``.png``, ``.pdf``, ``.svg``...).
+      path: the image file (``.png``, ``.pdf``, ``.svg``...; without an extension,
+        ``.png`` is added: see :func:`image_path`).
       findings: the diagnosis to summarise in the title (default: computed).
       thresholds: used for the spike-score line and the diagnosis.
       title: the figure title (default: the log's file name, or ``'run'``).
       dpi: resolution of raster images.
 
     Returns:
-      The path written.
+      The path written (``path``, with ``.png`` added when it has no extension).
+
+    Raises:
+      ValueError: an image extension matplotlib cannot write, or a history without rows.
 
     Example:
       >>> import os, tempfile
@@ -211,6 +244,7 @@ def plot_report(
     from matplotlib.figure import Figure
 
     th = thresholds if thresholds is not None else Thresholds()
+    path = image_path(path)  # before drawing: a bad extension fails at once
     h = _load_columns(history)
     if not len(h):
         raise ValueError("gh.plot_report: the history has no rows to plot.")
@@ -261,7 +295,7 @@ def plot_report(
             _events_panel(ax, h, bins)
         elif panel == "loss":
             loss = h.col("loss")
-            positive = bool((loss[np.isfinite(loss)] > 0).all())
+            positive = bool(np.isfinite(loss).any() and (loss[np.isfinite(loss)] > 0).all())
             _series(ax, bins, steps, loss, color="tab:green", label=None if bins is None else "loss", log=positive)
             if positive:
                 ax.set_yscale("log")
@@ -344,7 +378,6 @@ def plot_report(
         else "diagnosis: no findings"
     )
     fig.suptitle(headline + "\n" + diagnosis, fontsize=11)
-    path = os.fspath(path)
     folder = os.path.dirname(path)
     if folder:
         os.makedirs(folder, exist_ok=True)
@@ -369,10 +402,8 @@ def _events(h: History) -> list[tuple[str, np.ndarray, str]]:
     ):
         if h.has(name):
             out.append((label, h.col(name) == 1, color))
-    if h.has("grad/norm"):
-        norm = h.col("grad/norm")
-        nonfinite = ~np.isfinite(norm) | ((h.col("grad/finite") == 0) if h.has("grad/finite") else False)
-        out.append(("non-finite", nonfinite, "red"))
+    if h.has("grad/norm") or h.has("grad/finite"):
+        out.append(("non-finite", nonfinite_rows(h), "red"))
     if h.has("grad/momentum_reset"):
         out.append(("momentum reset", h.col("grad/momentum_reset") == 1, "tab:purple"))
     if h.has("grad/rollback_recommended"):
@@ -459,7 +490,7 @@ def _norm_panel(ax, h: History, th: Thresholds, bins: _Bins | None = None) -> No
                 ax.scatter(at[keep], y[keep], label=f"{label} ({at.size})", zorder=4, **style)
             else:
                 ax.scatter([], [], label=f"{label} ({at.size})", **style)
-    nonfinite = steps[~np.isfinite(norm) | ((h.col("grad/finite") == 0) if h.has("grad/finite") else False)]
+    nonfinite = steps[nonfinite_rows(h)]  # logged non-finite (a row without grad/norm is not)
     if nonfinite.size and (bins is None or nonfinite.size <= _FEW_MARKERS):
         ax.scatter(
             nonfinite,
@@ -505,9 +536,20 @@ def _norm_panel(ax, h: History, th: Thresholds, bins: _Bins | None = None) -> No
                 ha="right",
                 va="bottom",
             )
-    ax.set_yscale("log")
     if finite.any():
+        ax.set_yscale("log")
         ax.set_ylim(norm[finite].min() / 3, norm[finite].max() * 3)
+    else:  # nothing to draw on a log axis (no norm logged, or none positive and finite)
+        ax.set_ylim(0, 1)
+        ax.text(
+            0.5,
+            0.5,
+            "no grad/norm logged" if not h.has("grad/norm") else "no positive finite grad/norm",
+            transform=ax.transAxes,
+            ha="center",
+            va="center",
+            color="grey",
+        )
     ax.set_ylabel("global norm (pre-clip)")
     ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), fontsize=8, ncol=6, frameon=False)
 
@@ -535,7 +577,8 @@ def _xdev_panel(name, ax, h, device_norms, cosines, pairwise, fig, xlim, dpi: in
                     envelope=False,
                     lw=0.8,
                 )
-            ax.set_yscale("log")
+            if np.any(np.isfinite(device_norms) & (device_norms > 0)):
+                ax.set_yscale("log")
             ax.legend(title="device", fontsize=7, ncol=4, loc="upper right")
         ax.set_title("per-device gradient norm (before the all-reduce)", loc="left", fontsize=10)
     elif name == "agreement":
@@ -601,7 +644,8 @@ def _xdev_panel(name, ax, h, device_norms, cosines, pairwise, fig, xlim, dpi: in
         _series(
             ax, bins, steps, np.where(noise > 0, noise, np.nan), color="tab:brown", label="xdev/noise_scale", log=True
         )
-        ax.set_yscale("log")
+        if np.any(np.isfinite(noise) & (noise > 0)):
+            ax.set_yscale("log")
         ax.set_ylabel("B_simple")
         ax.set_title("gradient noise scale B_simple (critical batch size estimate)", loc="left", fontsize=10)
         ax.set_xlabel("step")
@@ -627,6 +671,7 @@ def write_report(
     Returns:
       The findings.
     """
+    path = image_path(path)
     h = _load_columns(history)
     findings = diagnose(h, thresholds)
     plot_report(h, path, findings=findings, thresholds=thresholds, title=title)

@@ -623,3 +623,126 @@ def test_batch_vs_noise_scale_needs_the_batch_and_compares_the_late_median():
     assert "below" in finding.summary
     above = [f for f in gh.diagnose(rows, gh.Thresholds(batch_size=10**6)) if f.pattern == "batch_vs_noise_scale"]
     assert "above" in above[0].summary
+
+
+# ----------------------------------------------------------------------------- rows that log no gradient
+
+
+def test_rows_that_do_not_log_the_gradient_are_not_nonfinite():
+    """The loss on every row, gradhealth's metrics on every 10th (eval rows, a step
+    union): the rows without grad/norm are not NaN gradients; a logged NaN is."""
+    rows = []
+    for t in range(200):
+        row = {"step": t, "loss": 2.0 - t * 0.001}
+        if t % 10 == 0:
+            row.update({"grad/norm": 1.0 + 0.01 * (t % 3), "grad/finite": 1.0, "grad/skipped": 0.0})
+        rows.append(row)
+    assert patterns(rows) == []
+    rows[70].update({"grad/norm": "NaN", "grad/finite": 0.0, "grad/skipped": 1.0})
+    rows[80].update({"grad/norm": "NaN", "grad/finite": 0.0, "grad/skipped": 1.0})
+    finding = by_pattern(rows, "nonfinite")
+    assert finding.steps == (70, 80)
+    assert finding.evidence["nonfinite_logged_steps"] == 2
+    assert finding.evidence["fraction"] == 0.1  # 2 of the 20 rows that logged the gradient
+    assert finding.evidence["longest_run"] == 2  # consecutive logged rows 70 and 80
+    assert finding.evidence["skipped_of_them"] == 2
+
+
+def test_a_finite_flag_of_zero_is_non_finite_even_when_the_norm_cell_is_empty():
+    """W&B's run.history().to_csv() writes a logged NaN as an empty cell: the guard's
+    grad/finite flag still says it."""
+    rows = [{"step": t, "grad/norm": 1.0, "grad/finite": 1.0} for t in range(30)]
+    rows[12] = {"step": 12, "grad/finite": 0.0}
+    assert by_pattern(rows, "nonfinite").steps == (12,)
+
+
+def test_counter_growth_is_judged_between_logged_values():
+    """A counter logged every 10 steps, the loss every step: it grew once (between 40 and 50)."""
+    rows = []
+    for t in range(100):
+        row = {"step": t, "loss": 1.0}
+        if t % 10 == 0:
+            row["grad/num_nonfinite_updates"] = 0.0 if t < 50 else 1.0
+        rows.append(row)
+    finding = by_pattern(rows, "nonfinite_update")
+    assert finding.steps == (50,) and finding.evidence == {"num_nonfinite_updates": 1, "first_logged_step": 50}
+
+
+def test_all_norms_zero_after_warmup_is_not_a_clip_never_finding():
+    """A frozen model: every norm 0; no max_norm can be suggested from it (it divided by 0)."""
+    rows = [
+        {"step": t, "grad/norm": 0.0, "grad/clipped": 0.0, "grad/clip_threshold": 1.0, "grad/finite": 1.0}
+        for t in range(100)
+    ]
+    assert patterns(rows) == ["vanishing"]
+
+
+def test_counter_columns_that_hold_only_nan():
+    rows = [{"step": t, "grad/norm": 1.0, "grad/num_nonfinite": "NaN"} for t in range(30)]
+    rows[5]["grad/norm"] = "NaN"
+    finding = by_pattern(rows, "nonfinite")
+    assert finding.steps == (5,) and finding.evidence["num_nonfinite_counter"] == 0
+    rows = [{"step": t, "grad/norm": 1.0 + 0.01 * (t % 3), "grad/num_spikes": "NaN"} for t in range(100)]
+    rows[60]["grad/norm"] = 50.0
+    finding = by_pattern(rows, "explosion")
+    assert finding.steps == (60,) and finding.evidence["num_spikes_counter"] == 0
+
+
+# ----------------------------------------------------------------------------- Thresholds
+
+
+def test_dataclasses_replace_keeps_and_changes_warmup_rows_without_a_warning():
+    import dataclasses
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        changed = dataclasses.replace(gh.Thresholds(warmup_rows=7), spike_score=3.0)
+        assert (changed.warmup_rows, changed.spike_score) == (7, 3.0)
+        assert dataclasses.replace(gh.Thresholds(warmup_rows=7), warmup_rows=50).warmup_rows == 50
+        assert gh.Thresholds(warmup_rows=9).warmup_steps == 9  # the old attribute still reads
+    with pytest.warns(DeprecationWarning, match="warmup_steps"):
+        assert gh.Thresholds(warmup_steps=4).warmup_rows == 4
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "allowed"),
+    [
+        ("min_steps", 0, "an integer >= 1"),
+        ("warmup_rows", -1, "an integer >= 0"),
+        ("spike_window", -3, "an integer >= 1"),
+        ("agreement_window", 0, "an integer >= 1"),
+        ("clip_suggest_percentile", 200.0, "a percentile in [0, 100]"),
+        ("clip_suggest_percentile", -1.0, "a percentile in [0, 100]"),
+        ("oscillation_fraction", 1.5, "a fraction in [0, 1]"),
+        ("clip_always_fraction", float("nan"), "a fraction in [0, 1]"),
+        ("spike_score", 1.0, "a number > 1 (a ratio norm / baseline norm)"),
+        ("oscillation_ratio", 0.0, "a number >= 1 (a factor)"),
+        ("batch_size", 0, "None or an integer >= 1"),
+        ("batch_size", 2.5, "None or an integer >= 1"),
+        ("vanishing_min_steps", 0, "an integer >= 1"),
+    ],
+)
+def test_thresholds_out_of_range_name_the_field_the_value_and_the_range(field, value, allowed):
+    with pytest.raises(ValueError) as raised:
+        gh.Thresholds(**{field: value})
+    assert str(raised.value).startswith(f"Thresholds.{field} must be {allowed}, got {value!r}")
+
+
+def test_thresholds_at_the_ends_of_their_ranges_are_accepted():
+    th = gh.Thresholds(
+        warmup_rows=0,
+        min_steps=1,
+        clip_suggest_percentile=100.0,
+        oscillation_fraction=0.0,
+        agreement_high_fraction=1.0,
+        batch_size=None,
+        spike_window=1,
+    )
+    assert (th.warmup_rows, th.min_steps, th.clip_suggest_percentile) == (0, 1, 100.0)
+
+
+def test_min_steps_one_on_a_log_without_cross_device_metrics_has_no_cross_device_finding():
+    """min_steps=0 is refused now; the smallest allowed value judges no empty pattern."""
+    rows = [{"step": t, "grad/norm": 1.0 + 0.01 * (t % 3)} for t in range(100)]
+    assert patterns(rows, min_steps=1) == []

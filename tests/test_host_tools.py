@@ -594,3 +594,182 @@ def test_bench_host_runs_at_a_tiny_size():
     rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line.split()}
     assert {"json", "diagnose", "report"} <= set(rows)
     assert float(rows["json"][2]) == 1.0  # the ratio column, against itself
+
+
+# ----------------------------------------------------------------------------- logged vs missing
+
+
+def test_jsonl_tells_a_logged_nan_from_a_missing_value_on_both_read_paths(tmp_path):
+    """'"NaN"' is logged; a missing key or null is not; the same on the fast path (rows
+    with the same keys) and the row-by-row path (a row holding another string)."""
+    lines = [
+        '{"step": 0, "grad/norm": 1.0, "loss": 2.0}',
+        '{"step": 1, "grad/norm": "NaN", "loss": 2.0}',
+        '{"step": 2, "loss": 2.0}',
+        '{"step": 3, "grad/norm": null, "loss": 2.0}',
+        '{"step": 4, "grad/norm": "NaN", "loss": 2.0, "note": "eval"}',
+        '{"step": 5, "grad/norm": null, "loss": 2.0, "note": "eval"}',
+        '{"step": 6, "grad/norm": 3.0, "loss": 2.0}',
+    ]
+    path = tmp_path / "run.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    h = gh.load_history(path)
+    assert h.logged("grad/norm").tolist() == [True, True, False, False, True, False, True]
+    assert h.logged("loss").tolist() == [True] * 7
+    assert h.logged("no/such").tolist() == [False] * 7
+    rows = [json.loads(line) for line in lines]  # rows in memory: the same
+    assert gh.load_history(rows).logged("grad/norm").tolist() == [True, True, False, False, True, False, True]
+    # Columns of a dict (or a History built directly) cannot tell: every NaN is logged.
+    assert gh.load_history({"grad/norm": [1.0, math.nan]}).logged("grad/norm").tolist() == [True, True]
+
+
+def test_a_resumed_log_keeps_the_logged_nans_of_the_rows_that_win():
+    rows = [{"step": 0, "grad/norm": 1.0}, {"step": 1, "grad/norm": "NaN"}, {"step": 1, "loss": 1.0}]
+    h = gh.load_history(rows)  # step 1 written again without the norm: the later row wins
+    assert h.steps.tolist() == [0, 1] and h.logged("grad/norm").tolist() == [True, False]
+
+
+def test_jsonl_step_that_is_not_a_number_names_file_and_line(tmp_path):
+    for bad in ("null", '"abc"', '"NaN"'):
+        path = tmp_path / "run.jsonl"
+        path.write_text('{"step": 0, "a": 1}\n{"step": ' + bad + ', "a": 2}\n')
+        with pytest.raises(ValueError, match=r"run\.jsonl:2: the step must be a finite number"):
+            gh.load_history(path)
+    with pytest.raises(ValueError, match=r"row 1: the step must be a finite number, got None"):
+        gh.load_history([{"step": 0}, {"step": None}])
+    result = run_cli("diagnose", path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].endswith("run.jsonl:2: the step must be a finite number, got 'NaN'.")
+
+
+def test_wandb_csv_empty_cells_are_not_logged_and_nan_cells_are(tmp_path):
+    path = tmp_path / "mixed.csv"
+    with open(path, "w", newline="") as file:
+        out = csv.writer(file)
+        out.writerow(["_step", "loss", "grad/norm"])
+        out.writerows([[0, 2.0, 1.0], [1, 2.0, ""], [2, 2.0, "NaN"], [3, 2.0, ""], [4, 2.0, 1.5]])
+    h = gh.load_history(path)
+    assert h.logged("grad/norm").tolist() == [True, False, True, False, True]
+    finding = next(f for f in gh.diagnose(path) if f.pattern == "nonfinite")
+    assert finding.steps == (2,) and finding.evidence["nonfinite_logged_steps"] == 1
+    assert finding.evidence["fraction"] == round(1 / 3, 6)  # 1 of the 3 rows that logged the norm
+
+
+def test_tensorboard_step_union_rows_are_not_nan_gradients(tmp_path):
+    """The loss every step, gradhealth metrics every 10 steps: the union's other rows
+    lack grad/norm; a NaN written as a value is logged."""
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("tensorboardX")
+    writer = gh.TensorBoardWriter(tmp_path / "tb")
+    for t in range(100):
+        writer.write(t, {"loss": 2.0 - 0.01 * t})
+        if t % 10 == 0:
+            norm = math.nan if t == 40 else 1.0
+            writer.write(t, {"grad/norm": norm, "grad/finite": float(t != 40), "grad/skipped": float(t == 40)})
+    writer.close()
+    h = gh.load_history(tmp_path / "tb")
+    assert np.flatnonzero(h.logged("grad/norm")).tolist() == list(range(0, 100, 10))
+    found = {f.pattern: f for f in gh.diagnose(tmp_path / "tb")}
+    assert list(found) == ["nonfinite"] and found["nonfinite"].steps == (40,)
+    assert found["nonfinite"].evidence["fraction"] == 0.1  # 1 of the 10 logged rows
+
+
+def test_old_and_current_names_in_one_log_are_merged_per_row():
+    """A 0.1.0 run (grad/spike) resumed after an upgrade (grad/spiked): both halves read
+    under the current name; on a row with both, the current name's value wins."""
+    rows = [{"step": t, "grad/norm": 1.0, "grad/spike": float(t == 10)} for t in range(50)]
+    rows += [{"step": t, "grad/norm": 1.0, "grad/spiked": float(t == 70)} for t in range(50, 100)]
+    rows[20]["grad/spiked"] = 0.0  # both names on one row, disagreeing: the current one wins
+    rows[20]["grad/spike"] = 1.0
+    rows[30]["grad/spiked"] = "NaN"  # a logged NaN under the current name wins too
+    h = gh.load_history(rows)
+    spiked = h.col("grad/spiked")
+    assert h.steps[spiked == 1].tolist() == [10, 70]
+    assert np.flatnonzero(np.isnan(spiked)).tolist() == [30]
+    assert "grad/spike" not in h.names
+    # Columns given directly (no presence information): a number under the old name fills a NaN.
+    direct = History([0, 1, 2], {"grad/spike": [1.0, 0.0, 1.0], "grad/spiked": [math.nan, 1.0, 0.0]})
+    assert direct.col("grad/spiked").tolist() == [1.0, 1.0, 0.0]
+
+
+def test_legacy_names_work_with_getitem_and_in():
+    h = History([0, 1], {"grad/spike": [0.0, 1.0]})  # a 0.1.0 log
+    assert "grad/spike" in h and "grad/spiked" in h
+    assert h["grad/spike"].tolist() == [0.0, 1.0] and h["grad/spiked"].tolist() == [0.0, 1.0]
+    with pytest.raises(KeyError):
+        h["grad/no_such"]
+
+
+def test_wandb_ui_csv_run_name_holding_a_dash_separator(tmp_path):
+    path = tmp_path / "ui.csv"
+    with open(path, "w", newline="") as file:
+        out = csv.writer(file)
+        out.writerow(["Step", "bert - lr 3e-4 - grad/norm", "bert - lr 3e-4 - grad/norm__MIN", "bert - lr 3e-4 - loss"])
+        out.writerows([[t, 1.0 + t, 1.0 + t, 2.0] for t in range(5)])
+    h = gh.load_history(path)
+    assert h.names == ("grad/norm", "loss")
+    assert h["grad/norm"].tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]
+    one = tmp_path / "one.csv"  # a single metric column: everything up to its last " - "
+    one.write_text("Step,a - b - grad/norm\n0,1.0\n")
+    assert gh.load_history(one).names == ("grad/norm",)
+
+
+# ----------------------------------------------------------------------------- CLI arguments
+
+
+def test_cli_threshold_out_of_range_and_bad_image_extension_are_usage_errors(tmp_path):
+    log = write_jsonl(tmp_path / "run.jsonl", make_rows(50))
+    from optax_gradhealth import __main__ as cli
+
+    cases = [
+        (["diagnose", log, "--threshold", "clip_suggest_percentile=200"], "clip_suggest_percentile", "[0, 100]"),
+        (["diagnose", log, "--threshold", "spike_window=-3"], "spike_window", ">= 1"),
+        (["diagnose", log, "--threshold", "min_steps=0"], "min_steps", ">= 1"),
+        (["diagnose", log, "--threshold", "oscillation_fraction=nan"], "oscillation_fraction", "[0, 1]"),
+        (["report", log, "-o", str(tmp_path / "r.xyz")], "r.xyz", ".png"),
+    ]
+    for argv, field, allowed in cases:
+        with pytest.raises(SystemExit) as raised:
+            cli.main([str(a) for a in argv])
+        assert raised.value.code == 2
+        message = str(raised.value)
+        assert field in message and allowed in message, message
+    assert not (tmp_path / "r.xyz").exists() and not (tmp_path / "r.findings.txt").exists()
+    result = run_cli("diagnose", log, "--threshold", "spike_window=-3")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (
+        "python -m optax_gradhealth: error: --threshold: Thresholds.spike_window must be an integer >= 1, got -3."
+    )
+
+
+def test_cli_report_without_an_extension_names_the_png_it_wrote(tmp_path, capsys):
+    from optax_gradhealth import __main__ as cli
+
+    log = write_jsonl(tmp_path / "run.jsonl", make_rows(50))
+    assert cli.main(["report", str(log), "-o", str(tmp_path / "noext")]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    stem = str(tmp_path / "noext")
+    assert last == f"wrote {stem}.png, {stem}.findings.txt, {stem}.findings.json"
+    assert (tmp_path / "noext.png").exists() and not (tmp_path / "noext").exists()
+    assert gh.plot_report(make_rows(20), tmp_path / "other") == str(tmp_path / "other.png")
+
+
+def test_cli_batch_size_threshold_is_an_integer(tmp_path, capsys):
+    from optax_gradhealth import __main__ as cli
+
+    rows = [{"step": t, "grad/norm": 1.0, "grad/noise_scale": 10.0} for t in range(50)]
+    log = write_jsonl(tmp_path / "run.jsonl", rows)
+    assert cli.main(["diagnose", str(log), "--threshold", "batch_size=256"]) == 0
+    assert "the batch (256) is 25.6x above the noise scale (10)" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"batch_size expects an integer or None, got '2\.5'"):
+        cli.main(["diagnose", str(log), "--threshold", "batch_size=2.5"])
+
+
+@pytest.mark.parametrize("steps", ["0", "1", "-5"])
+def test_demo_rejects_fewer_than_two_steps_as_a_usage_error(steps, capsys):
+    from optax_gradhealth import demo
+
+    with pytest.raises(SystemExit) as raised:
+        demo.main(["--steps", steps, "--no-progress"])
+    assert raised.value.code == 2
+    assert f"argument --steps: must be at least 2, got {int(steps)}" in capsys.readouterr().err

@@ -146,3 +146,53 @@ def test_the_headline_names_the_run_not_a_panel(tmp_path, monkeypatch):
     )
     gh.plot_report(history(), tmp_path / "r.png", title="my run")
     assert len(seen) == 1 and seen[0].startswith("my run: 120 logged steps (0..119)"), seen
+
+
+def _norm_axis_labels(monkeypatch, rows, path):
+    """The legend labels and y scale of the norm panel of the report of ``rows``."""
+    from matplotlib.figure import Figure
+
+    captured = {}
+    original = Figure.savefig
+
+    def savefig(self, *args, **kwargs):
+        captured["figure"] = self
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    gh.plot_report(rows, path)
+    ax = captured["figure"].axes[0]
+    return ax.get_legend_handles_labels()[1], ax.get_yscale()
+
+
+def test_report_without_grad_norm_draws_and_marks_no_nonfinite_step(tmp_path, monkeypatch):
+    """A log of gh.cross_device alone, and a log of the loss alone: no norm panel data,
+    no non-finite markers (it crashed log-scaling an empty panel)."""
+    xdev = [{"step": t, "xdev/device_norms": [1.0, 1.1], "xdev/agreement": 0.5, "xdev/audited": 1.0} for t in range(50)]
+    labels, scale = _norm_axis_labels(monkeypatch, xdev, tmp_path / "x.png")
+    assert not any(label.startswith("non-finite") for label in labels) and scale == "linear"
+    labels, scale = _norm_axis_labels(
+        monkeypatch, [{"step": t, "loss": 1.0 / (t + 1)} for t in range(5)], tmp_path / "l.png"
+    )
+    assert not any(label.startswith("non-finite") for label in labels)
+    assert (tmp_path / "x.png").exists() and (tmp_path / "l.png").exists()
+
+
+def test_report_with_every_norm_nan_marks_each_and_draws(tmp_path, monkeypatch):
+    labels, scale = _norm_axis_labels(
+        monkeypatch, [{"step": t, "grad/norm": "NaN"} for t in range(5)], tmp_path / "n.png"
+    )
+    assert "non-finite (5)" in labels and scale == "linear"
+
+
+def test_report_marks_only_the_rows_that_logged_a_nan_norm(tmp_path, monkeypatch):
+    """The loss every step, the norm every 10th (one of them NaN): one non-finite marker,
+    not one per row without a norm."""
+    rows = []
+    for t in range(100):
+        row = {"step": t, "loss": 2.0 - 0.01 * t}
+        if t % 10 == 0:
+            row["grad/norm"] = "NaN" if t == 30 else 1.0
+        rows.append(row)
+    labels, scale = _norm_axis_labels(monkeypatch, rows, tmp_path / "r.png")
+    assert "non-finite (1)" in labels and scale == "log"

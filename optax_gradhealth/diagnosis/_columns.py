@@ -28,27 +28,53 @@ def replay_spike_scores(norm: np.ndarray, thresholds: Thresholds) -> tuple[np.nd
     return np.array(out["spike"]), np.array(out["ratio"], np.float64)
 
 
+def gradient_rows(h: History) -> np.ndarray:
+    """Rows where the gradient was judged: ``grad/norm`` or the guard's ``grad/finite``
+    flag was logged (a row of a step union, an empty CSV cell, an eval row, is not)."""
+    rows = h.logged("grad/norm")
+    if h.has("grad/finite"):
+        rows |= h.logged("grad/finite")
+    return rows
+
+
+def nonfinite_rows(h: History) -> np.ndarray:
+    """Rows with a non-finite gradient: ``grad/norm`` logged non-finite (NaN logged as
+    NaN, or an infinity), or the guard's ``grad/finite`` flag logged 0. A row that does
+    not log the norm at all is not one of them."""
+    norm = h.col("grad/norm")
+    bad = h.logged("grad/norm") & ~np.isfinite(norm)
+    if h.has("grad/finite"):
+        bad |= h.col("grad/finite") == 0
+    return bad
+
+
 def step_masks(h: History) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(finite, skipped, accepted)`` per row, from ``grad/norm`` (which must be there),
-    ``grad/finite`` and ``grad/skipped`` when logged."""
-    finite = np.isfinite(h.col("grad/norm"))
-    if h.has("grad/finite"):
-        finite &= h.col("grad/finite") != 0
-    skipped = h.col("grad/skipped") == 1 if h.has("grad/skipped") else ~finite
+    ``grad/finite`` and ``grad/skipped`` when logged. ``finite``: a finite norm was
+    logged and the ``grad/finite`` flag (if logged) is not 0; ``skipped``: the guard's
+    flag, else the non-finite rows (:func:`nonfinite_rows`); rows that log no norm are
+    neither finite nor accepted."""
+    bad = nonfinite_rows(h)
+    finite = np.isfinite(h.col("grad/norm")) & ~bad
+    skipped = h.col("grad/skipped") == 1 if h.has("grad/skipped") else bad
     return finite, skipped, finite & ~skipped
 
 
 def counter_growth(h: History, name: str) -> tuple[int, np.ndarray] | None:
     """``(total, steps where it grew)`` of a counter column (a ``num_...`` metric), or
-    None when it is not logged or never rose above 0."""
+    None when it is not logged or never rose above 0. Rows that do not log the counter
+    (NaN) are left out: growth is judged between consecutive logged values (the first
+    against 0)."""
     if not h.has(name):
         return None
-    counter = np.nan_to_num(h.col(name), nan=0.0)
+    column = h.col(name)
+    logged = np.flatnonzero(np.isfinite(column))
+    counter = column[logged]
     total = int(counter.max()) if counter.size else 0
     if total <= 0:
         return None
     grew = np.diff(np.concatenate([[0.0], counter])) > 0
-    return total, h.steps[grew]
+    return total, h.steps[logged[grew]]
 
 
 def after_warmup(h: History, th: Thresholds) -> np.ndarray:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -129,24 +132,92 @@ class Thresholds:
     outlier_min_audits: int = 1
     near_duplicate_min_audits: int = 1
     param_desync: float = 0.0
-    # Deprecated keyword of 0.1.0 for `warmup_rows`; goes in 0.4.
-    warmup_steps: dataclasses.InitVar[int | None] = None
 
-    def __post_init__(self, warmup_steps: int | None) -> None:
-        if warmup_steps is not None:
-            import warnings
-
-            warnings.warn(
-                "gh.Thresholds(warmup_steps=...) is deprecated: use warmup_rows=... (leading log rows, not "
-                "accepted steps). The old keyword goes in 0.4.",
-                DeprecationWarning,
-                stacklevel=3,
-            )
-            object.__setattr__(self, "warmup_rows", warmup_steps)
+    def __post_init__(self) -> None:
+        for name, (kind, low, high, allowed) in _RANGES.items():
+            value = getattr(self, name)
+            if value is None and name == "batch_size":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+                raise ValueError(f"Thresholds.{name} must be {allowed}, got {value!r}.")
+            if kind is int and not float(value).is_integer():
+                raise ValueError(f"Thresholds.{name} must be {allowed}, got {value!r}.")
+            if not math.isfinite(value) or not (low <= value <= high) or value in _OPEN.get(name, ()):
+                raise ValueError(f"Thresholds.{name} must be {allowed}, got {value!r}.")
 
 
-# The 0.1.0 attribute reads on: `th.warmup_steps` is `th.warmup_rows` (the dataclass's
-# __init__ keeps its own default for the deprecated keyword).
+_INF = math.inf
+# field -> (kind, lowest, highest, the range in words); _OPEN: ends that are excluded.
+_RANGES: dict[str, tuple[type, float, float, str]] = {
+    "warmup_rows": (int, 0, _INF, "an integer >= 0"),
+    "min_steps": (int, 1, _INF, "an integer >= 1"),
+    "spike_score": (float, 1.0, _INF, "a number > 1 (a ratio norm / baseline norm)"),
+    "spike_zscore": (float, 0.0, _INF, "a number > 0"),
+    "spike_window": (int, 1, _INF, "an integer >= 1"),
+    "vanishing_norm": (float, 0.0, _INF, "a number >= 0"),
+    "vanishing_loss_fraction": (float, 0.0, _INF, "a number >= 0 (a fraction of the initial loss)"),
+    "vanishing_min_steps": (int, 1, _INF, "an integer >= 1"),
+    "oscillation_ratio": (float, 1.0, _INF, "a number >= 1 (a factor)"),
+    "oscillation_fraction": (float, 0.0, 1.0, "a fraction in [0, 1]"),
+    "direction_negative": (float, -1.0, 1.0, "a cosine in [-1, 1]"),
+    "direction_oscillation_fraction": (float, 0.0, 1.0, "a fraction in [0, 1]"),
+    "direction_drift_cosine": (float, -1.0, 1.0, "a cosine in [-1, 1]"),
+    "update_ratio_high": (float, 0.0, _INF, "a number >= 0"),
+    "update_ratio_low": (float, 0.0, _INF, "a number >= 0"),
+    "leaf_clip_fraction": (float, 0.0, 1.0, "a fraction in [0, 1]"),
+    "batch_size": (int, 1, _INF, "None or an integer >= 1"),
+    "noise_scale_factor": (float, 1.0, _INF, "a number >= 1 (a factor)"),
+    "clip_always_fraction": (float, 0.0, 1.0, "a fraction in [0, 1]"),
+    "clip_never_margin": (float, 0.0, _INF, "a number > 0 (a multiple of the p99 norm)"),
+    "clip_suggest_percentile": (float, 0.0, 100.0, "a percentile in [0, 100]"),
+    "dispersion_cv": (float, 0.0, _INF, "a number >= 0"),
+    "dispersion_fraction": (float, 0.0, 1.0, "a fraction in [0, 1]"),
+    "agreement_drop_before": (float, -1.0, 1.0, "a cosine in [-1, 1]"),
+    "agreement_drop_after": (float, -1.0, 1.0, "a cosine in [-1, 1]"),
+    "agreement_window": (int, 1, _INF, "an integer >= 1"),
+    "agreement_low": (float, -1.0, 1.0, "a cosine in [-1, 1]"),
+    "agreement_low_fraction": (float, 0.0, 1.0, "a fraction in [0, 1]"),
+    "agreement_high": (float, -1.0, 1.0, "a cosine in [-1, 1]"),
+    "agreement_high_fraction": (float, 0.0, 1.0, "a fraction in [0, 1]"),
+    "drift_drop": (float, 0.0, 2.0, "a number in [0, 2] (a fall of a cosine)"),
+    "outlier_fraction": (float, 0.0, 1.0, "a fraction in [0, 1]"),
+    "outlier_min_audits": (int, 1, _INF, "an integer >= 1"),
+    "near_duplicate_min_audits": (int, 1, _INF, "an integer >= 1"),
+    "param_desync": (float, 0.0, _INF, "a number >= 0"),
+}
+_OPEN = {"spike_score": (1.0,), "spike_zscore": (0.0,), "clip_never_margin": (0.0,)}
+
+_dataclass_init = Thresholds.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _thresholds_init(self, *args: Any, warmup_steps: int | None = None, **kwargs: Any) -> None:
+    # The keyword of 0.1.0 for `warmup_rows` (goes in 0.4). Not a dataclass field, so
+    # that dataclasses.replace keeps (and can change) warmup_rows without a warning.
+    if warmup_steps is not None:
+        import warnings
+
+        warnings.warn(
+            "gh.Thresholds(warmup_steps=...) is deprecated: use warmup_rows=... (leading log rows, not "
+            "accepted steps). The old keyword goes in 0.4.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        kwargs["warmup_rows"] = warmup_steps
+    _dataclass_init(self, *args, **kwargs)
+
+
+_signature = inspect.signature(_dataclass_init)
+_thresholds_init.__signature__ = _signature.replace(
+    parameters=[
+        *_signature.parameters.values(),
+        inspect.Parameter("warmup_steps", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="int | None"),
+    ]
+)
+Thresholds.__init__ = _thresholds_init
+assert set(_RANGES) == {f.name for f in dataclasses.fields(Thresholds)}
+
+# The 0.1.0 attribute reads on: `th.warmup_steps` is `th.warmup_rows`.
 Thresholds.warmup_steps = property(lambda self: self.warmup_rows, doc="Deprecated name of ``warmup_rows``.")
 
 

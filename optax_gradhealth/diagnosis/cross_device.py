@@ -9,6 +9,7 @@ for ``outlier_device`` and one per pair for ``near_duplicate``.
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Any
 
 import numpy as np
@@ -48,7 +49,7 @@ def check_high_dispersion(h: History, th: Thresholds) -> list[Finding]:
         return []
     cv = h.col("xdev/norm_cv")
     ok = np.isfinite(cv)
-    if ok.sum() < th.min_steps:
+    if not ok.any() or ok.sum() < th.min_steps:
         return []
     high = ok & (cv > th.dispersion_cv)
     fraction = float(high.sum() / ok.sum())
@@ -114,7 +115,7 @@ AGREEMENT_LOW = Pattern(
 def check_agreement_low(h: History, th: Thresholds) -> list[Finding]:
     """The agreement is below ``agreement_low`` on most steps."""
     name, a, a_steps = cols.agreement(h)
-    if a.size < th.min_steps:
+    if a.size == 0 or a.size < th.min_steps:
         return []
     low = a < th.agreement_low
     if low.mean() < th.agreement_low_fraction:
@@ -144,7 +145,7 @@ def check_agreement_high(h: History, th: Thresholds) -> list[Finding]:
     steps = h.steps
     name, a, a_steps = cols.agreement(h)
     high = a > th.agreement_high
-    high_fraction = float(high.mean()) if a.size >= th.min_steps else 0.0
+    high_fraction = float(high.mean()) if a.size and a.size >= th.min_steps else 0.0
     duplicate = cols.reduced(h, "xdev/duplicate_pairs", np.sum)
     audits = cols.audit_rows(h)
     # Audit values are held between audits: count them on audit rows only.
@@ -286,7 +287,9 @@ def check_outlier_device(h: History, th: Thresholds) -> list[Finding]:
                 evidence["median_cosine_to_mean_device"] = _nanmedian(cosines[rows, device])
                 evidence["median_cosine_to_mean_others"] = _nanmedian(others)
             others = np.delete(norms[rows], device, axis=1)
-            evidence["norm_ratio_to_others"] = _nanmedian(norms[rows, device]) / _nanmedian(others)
+            own, rest = _nanmedian(norms[rows, device]), _nanmedian(others)
+            # The others' median norm may be 0 (or NaN): no finite ratio then.
+            evidence["norm_ratio_to_others"] = own / rest if rest > 0 else (math.inf if own > 0 else math.nan)
         found.append(OUTLIER_DEVICE.finding(summary, steps[rows], evidence))
     return found
 

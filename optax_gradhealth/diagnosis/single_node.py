@@ -33,28 +33,42 @@ NONFINITE = Pattern(
 )
 
 
+def _counter_max(h: History, name: str) -> int:
+    """The largest logged value of a counter column (0 when it holds no finite value)."""
+    values = h.col(name)
+    values = values[np.isfinite(values)]
+    return int(values.max()) if values.size else 0
+
+
 def check_nonfinite(h: History, th: Thresholds) -> list[Finding]:
-    """Steps with a non-finite gradient (logged rows, or the guard's counter)."""
+    """Steps with a non-finite gradient: rows that logged a non-finite ``grad/norm`` or
+    ``grad/finite`` 0 (rows that did not log the gradient are not judged), or the
+    guard's counter (``grad/num_nonfinite``) above 0."""
     if not h.has("grad/norm"):
         return []
     steps = h.steps
-    finite, skipped, _ = cols.step_masks(h)
-    counter = np.nanmax(h.col("grad/num_nonfinite")) if h.has("grad/num_nonfinite") else 0.0
-    bad = ~finite
+    _, skipped, _ = cols.step_masks(h)
+    judged = cols.gradient_rows(h)
+    bad = cols.nonfinite_rows(h)
+    counter = _counter_max(h, "grad/num_nonfinite") if h.has("grad/num_nonfinite") else 0
     if not (bad.any() or counter > 0):
         return []
-    evidence = {"nonfinite_logged_steps": int(bad.sum()), "fraction": float(bad.mean())}
+    evidence = {"nonfinite_logged_steps": int(bad.sum()), "fraction": float(bad.sum() / max(judged.sum(), 1))}
     if h.has("grad/num_nonfinite"):
-        evidence["num_nonfinite_counter"] = int(counter)
+        evidence["num_nonfinite_counter"] = counter
     if h.has("grad/skipped"):
         evidence["skipped_of_them"] = int((bad & skipped).sum())
     if h.has("grad/first_nonfinite_leaf") and bad.any():
         leaf = h.col("grad/first_nonfinite_leaf")[bad]
         evidence["first_nonfinite_leaf"] = int(leaf[np.isfinite(leaf)][0]) if np.isfinite(leaf).any() else -1
-    evidence["longest_run"] = cols.longest_run(bad)
-    first = int(steps[bad][0]) if bad.any() else None
-    where = f"first at step {first}" if first is not None else "between logged steps (counter only)"
-    return [NONFINITE.finding(f"{max(int(bad.sum()), int(counter))} non-finite step(s), {where}", steps[bad], evidence)]
+    evidence["longest_run"] = cols.longest_run(bad[judged])  # consecutive logged rows
+    if bad.any():
+        shown, where = steps[bad], f"first at step {int(steps[bad][0])}"
+    else:  # the counter grew between logged rows (no row of its own to show)
+        grew = cols.counter_growth(h, "grad/num_nonfinite")
+        seen = f", first seen at step {int(grew[1][0])}" if grew is not None else ""
+        shown, where = steps[:0], f"between logged steps (counter only{seen})"
+    return [NONFINITE.finding(f"{max(int(bad.sum()), counter)} non-finite step(s), {where}", shown, evidence)]
 
 
 NONFINITE_UPDATE = Pattern(
@@ -121,7 +135,7 @@ def check_replay_mismatch(h: History, th: Thresholds) -> list[Finding]:
     recovered = h.col("grad/num_replay_recovered") if h.has("grad/num_replay_recovered") else None
     evidence = {"num_replay_mismatches": total, "first_logged_step": int(steps[0])}
     if recovered is not None:
-        evidence["num_replay_recovered"] = int(np.nan_to_num(recovered, nan=0.0).max())
+        evidence["num_replay_recovered"] = _counter_max(h, "grad/num_replay_recovered")
     summary = f"{total} step(s) gave a different gradient when computed again, first logged at step {int(steps[0])}"
     return [REPLAY_MISMATCH.finding(summary, steps, evidence)]
 
@@ -175,7 +189,7 @@ def check_explosion(h: History, th: Thresholds) -> list[Finding]:
         "score_source": source,
     }
     if h.has("grad/num_spikes"):
-        evidence["num_spikes_counter"] = int(np.nanmax(h.col("grad/num_spikes")))
+        evidence["num_spikes_counter"] = _counter_max(h, "grad/num_spikes")
     if h.has("grad/momentum_reset"):
         evidence["momentum_resets"] = int((h.col("grad/momentum_reset") == 1).sum())
     layer = cols.largest_layer_jump(h, worst)
@@ -631,13 +645,14 @@ def check_clip_always(h: History, th: Thresholds) -> list[Finding]:
 
 
 def check_clip_never(h: History, th: Thresholds) -> list[Finding]:
-    """Never clipped while the threshold is far above the 99th percentile norm."""
+    """Never clipped while the threshold is far above the 99th percentile norm (not
+    judged when that percentile is 0, e.g. a frozen model: no ``max_norm`` to suggest)."""
     calibration = _clip_calibration(h, th)
     if calibration is None:
         return []
     _, _, evidence = calibration
     median_threshold, p99 = evidence["median_threshold"], evidence["p99_norm"]
-    if evidence["clipped_fraction"] != 0.0 or median_threshold < th.clip_never_margin * p99:
+    if evidence["clipped_fraction"] != 0.0 or not p99 > 0 or median_threshold < th.clip_never_margin * p99:
         return []
     summary = (
         f"never clipped; threshold {median_threshold:.4g} is {median_threshold / p99:.3g}x the p99 "
