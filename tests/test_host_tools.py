@@ -24,6 +24,7 @@ import pytest
 
 import optax_gradhealth as gh
 from optax_gradhealth.history import History, LogReadWarning
+from tests.figures import captured_figure
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
@@ -233,22 +234,8 @@ def test_appending_to_a_cut_log_starts_a_new_line(tmp_path):
     assert h.steps.tolist() == [0, 1] and h["loss"].tolist() == [1.0, 0.5]
 
 
-def _captured_figure(monkeypatch):
-    from matplotlib.figure import Figure
-
-    captured = {}
-    original = Figure.savefig
-
-    def savefig(self, *args, **kwargs):
-        captured["figure"] = self
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(Figure, "savefig", savefig)
-    return captured
-
-
 def test_report_marks_the_restart_and_plots_each_step_once(tmp_path, monkeypatch):
-    captured = _captured_figure(monkeypatch)
+    captured = captured_figure(monkeypatch)
     path = write_jsonl(tmp_path / "run.jsonl", resumed_rows())
     gh.plot_report(path, tmp_path / "r.png")
     norm_ax = captured["figure"].axes[0]
@@ -294,7 +281,7 @@ def test_bins_envelope_and_smoothing_match_brute_force():
 
 @pytest.mark.parametrize("n", [1_500, 30_000])
 def test_long_run_report_draws_envelopes_and_an_events_strip(tmp_path, monkeypatch, n):
-    captured = _captured_figure(monkeypatch)
+    captured = captured_figure(monkeypatch)
     rng = np.random.default_rng(n)
     norm = np.exp(0.3 * rng.standard_normal(n))
     clipped = norm > 1.2
@@ -324,7 +311,7 @@ def test_long_run_report_draws_envelopes_and_an_events_strip(tmp_path, monkeypat
 
 
 def test_short_run_report_keeps_every_point_and_marker(tmp_path, monkeypatch):
-    captured = _captured_figure(monkeypatch)
+    captured = captured_figure(monkeypatch)
     rows = make_rows(300)
     gh.plot_report(rows, tmp_path / "short.png")
     norm_ax = captured["figure"].axes[0]

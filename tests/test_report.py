@@ -11,6 +11,7 @@ import pytest
 import optax_gradhealth as gh
 from optax_gradhealth import __main__ as cli
 from optax_gradhealth.report import findings_paths, write_report
+from tests.figures import captured_figure
 
 K = 4
 
@@ -150,16 +151,7 @@ def test_the_headline_names_the_run_not_a_panel(tmp_path, monkeypatch):
 
 def _norm_axis_labels(monkeypatch, rows, path):
     """The legend labels and y scale of the norm panel of the report of ``rows``."""
-    from matplotlib.figure import Figure
-
-    captured = {}
-    original = Figure.savefig
-
-    def savefig(self, *args, **kwargs):
-        captured["figure"] = self
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(Figure, "savefig", savefig)
+    captured = captured_figure(monkeypatch)
     gh.plot_report(rows, path)
     ax = captured["figure"].axes[0]
     return ax.get_legend_handles_labels()[1], ax.get_yscale()
