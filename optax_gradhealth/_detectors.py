@@ -270,7 +270,9 @@ class SpikeRule:
         """Pushes an accepted step's norm (a spike's capped at ``verdict.bound``), counts
         spikes in a row and restarts the window after ``rebaseline_after`` of them."""
         capped = self.capped(norm, verdict)
-        pushed = norm_window_push(window, jnp.log(jnp.maximum(capped, 1e-37)), accepted)
+        # A zero gradient (an empty or fully masked batch) is not a scale: log(0) would
+        # pull the baseline down by ~85 and make every later step a spike.
+        pushed = norm_window_push(window, jnp.log(jnp.maximum(capped, 1e-37)), accepted & (norm > 0))
         finite = jnp.isfinite(norm)
         streak = jnp.where(verdict.spike, window.streak + 1, jnp.where(finite, 0, window.streak))
         pushed = pushed._replace(streak=streak.astype(jnp.int32))

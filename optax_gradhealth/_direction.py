@@ -30,7 +30,8 @@ class StepCosineState(NamedTuple):
 
     Attributes:
       step_sketch: float32 ``[sketch_dim]``, the sketch of the last finite, non-zero
-        gradient seen (the previous accepted step's, inside :func:`guard`).
+        gradient seen (the previous accepted step's, inside :func:`guard`), scaled to
+        unit norm.
       step_has_reference: bool, a reference sketch exists.
       step_cosine: float32, the estimated cosine between this step's gradient and the
         reference (``grad/step_cosine``; 0 on the first step, and on a non-finite or
@@ -101,14 +102,17 @@ def record_step_cosine(sketch_dim: int = 1024, seed: int = 0) -> optax.GradientT
             if _stats._is_float(x):
                 salt, offset = leaf_seed(i)
                 current = current + sketch.leaf_sketch(x, dim, sketch.u32(salt), offset)
-        # A gradient with a direction (finite, not zero) becomes the next reference.
-        current_norm = jnp.sqrt(jnp.sum(jnp.square(current)))
-        usable = jnp.isfinite(current_norm) & (current_norm > 0)
-        norms = current_norm * jnp.sqrt(jnp.sum(jnp.square(state.step_sketch)))
-        cosine = jnp.sum(current * state.step_sketch) / jnp.where(usable & (norms > 0), norms, 1.0)
+        # A gradient with a direction (finite, not zero) becomes the next reference, kept
+        # as a unit vector. Divided by its largest entry before any square, so that a
+        # gradient of any finite scale (a norm of 1e20 or of 1e-25) keeps its direction.
+        peak = jnp.max(jnp.abs(current))
+        usable = jnp.isfinite(peak) & (peak > 0)
+        scaled = current / jnp.where(usable, peak, 1.0)
+        unit = scaled / jnp.sqrt(jnp.sum(jnp.square(scaled)))  # its norm is in [1, sqrt(dim)]
+        cosine = jnp.sum(unit * state.step_sketch)
         known = usable & state.step_has_reference
         return updates, StepCosineState(
-            step_sketch=jnp.where(usable, current, state.step_sketch),
+            step_sketch=jnp.where(usable, unit, state.step_sketch),
             step_has_reference=state.step_has_reference | usable,
             step_cosine=jnp.where(known, jnp.clip(cosine, -1.0, 1.0), 0.0).astype(jnp.float32),
         )

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from optax_gradhealth import _catalogue, _stats
+from optax_gradhealth import _catalogue, _metrics, _stats
 from optax_gradhealth import _detectors as detect
 from optax_gradhealth import _guard as guard_module
 from optax_gradhealth import _sketch as sketch
@@ -98,9 +98,10 @@ def _fingerprints(tree: Any) -> jax.Array:
 
 
 def _guard_state(opt_state: Any) -> guard_module.GuardState | None:
-    """The first guard state inside ``opt_state`` (a chain, a wrapper...), or None."""
+    """The first guard state inside ``opt_state`` (a chain, a wrapper, an
+    ``nnx.Optimizer`` or its ``opt_state``, whose leaves are nnx variables), or None."""
     is_guard = lambda x: isinstance(x, guard_module.GuardState)
-    for leaf in jax.tree.leaves(opt_state, is_leaf=is_guard):
+    for leaf in jax.tree.leaves(_metrics._unwrap_variables(opt_state), is_leaf=is_guard):
         if is_guard(leaf):
             return leaf
     return None

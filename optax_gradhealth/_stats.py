@@ -419,13 +419,26 @@ def leaf_names(tree: Any) -> list[str]:
     """Names of the leaves of ``tree`` in ``jax.tree.leaves`` order.
 
     Use it to name ``grad/first_nonfinite_leaf``: ``gh.leaf_names(params)[index]``.
+    ``flax.nnx`` variables are named by their path (``kernel``, not ``kernel/value``),
+    as the per-leaf metrics name them. Two leaves whose paths join to the same name (a
+    key holding ``/``: ``{'a/b': x, 'a': {'b': y}}``) are told apart by a suffix on the
+    later ones (``a/b(2)``; not ``#2``, which names a second guard's metric), so that no
+    leaf's metric overwrites another's.
 
     Example:
       >>> import optax_gradhealth as gh
       >>> gh.leaf_names({'dense': {'kernel': 0.0, 'bias': 0.0}})
       ['dense/bias', 'dense/kernel']
+      >>> gh.leaf_names({'a/b': 0.0, 'a': {'b': 0.0}})
+      ['a/b', 'a/b(2)']
     """
-    return [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    names = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(_without_nnx_variables(tree))[0]]
+    seen: dict[str, int] = {}
+    unique = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        unique.append(name if seen[name] == 1 else f"{name}({seen[name]})")
+    return unique
 
 
 def leaf_norms(tree: Any) -> dict[str, jax.Array]:

@@ -75,3 +75,19 @@ def test_bad_arguments_are_named():
         gh.record_step_cosine(sketch_dim=1)
     with pytest.raises(TypeError, match="`seed`"):
         gh.record_step_cosine(seed=0.5)
+
+
+@pytest.mark.parametrize(
+    ("first", "second"), [(1e18, 1e18), (1e20, 1.0), (1.0, 1e20), (1e-10, 1e-25), (1e-21, 1e-21)], ids=str
+)
+def test_the_cosine_does_not_depend_on_the_gradients_scale(first, second):
+    """A gradient and a scaled copy point the same way (exact cosine 1, or -1 negated),
+    at any finite scale: a norm whose square leaves float32's range (above ~1.8e19,
+    below ~1e-19) still has a direction, and becomes the reference."""
+    g = jnp.sin(jnp.arange(4096.0) * 0.37)
+    tx = gh.record_step_cosine()
+    state = tx.init({"w": g})
+    for grads, expected in ((first * g, 0.0), (second * g, 1.0), (-second * g, -1.0)):
+        _, state = jax.jit(tx.update)({"w": grads}, state)
+        np.testing.assert_allclose(float(gh.metrics(state)["grad/step_cosine"]), expected, atol=1e-5)
+        assert bool(state.step_has_reference)

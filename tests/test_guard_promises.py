@@ -908,3 +908,21 @@ def test_an_adaptive_clip_policy_counts_an_accepted_spike_capped(spike_action):
         entries[detect] = float(state.guard_clip_state.percentile_history[12])
     np.testing.assert_allclose(entries[False], raw, rtol=1e-6)
     assert entries[True] < raw / 100
+
+
+def test_a_run_of_zero_gradients_does_not_make_every_later_step_a_spike():
+    """Eight all-zero gradients (empty or fully masked batches) in a row: they carry no
+    scale, so they do not enter the spike window; the ordinary steps after them are
+    not spikes (log(0) in the window's median made each one a spike until the window
+    restarted: 50 skipped steps and a rollback)."""
+    tx = gh.guard(optax.adam(1e-3))
+    params = {"w": jnp.ones(16)}
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    rng = np.random.default_rng(0)
+    for t in range(100):
+        g = jnp.asarray(rng.normal(size=16), jnp.float32) * (0.0 if 30 <= t < 38 else 1.0)
+        _, state = update({"w": g}, state, params)
+    m = gh.metrics(state)
+    assert int(m["grad/num_spikes"]) == 0 and int(m["grad/num_skipped"]) == 0
+    assert not bool(m["grad/rollback_recommended"])

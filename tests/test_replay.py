@@ -205,3 +205,30 @@ def test_diagnose_reports_the_fault_from_the_run_metrics():
         "first_logged_step": 5,
         "num_replay_recovered": 1,
     }
+
+
+@pytest.mark.parametrize("source", ["optimizer", "opt_state"])
+def test_the_guard_is_found_in_an_nnx_optimizer(source):
+    """With flax.nnx the guard's state sits in an nnx.Optimizer (its leaves nnx
+    variables): the replay reads its spike window there, as gh.metrics does, and
+    replays the step the guard calls a spike."""
+    from flax import nnx
+
+    model = nnx.Linear(3, 1, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, gh.guard(optax.sgd(0.01), warmup_steps=1), wrt=nnx.Param)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss_fn(params, x):
+        return jnp.mean(nnx.merge(graphdef, params, rest)(x) ** 2)
+
+    replay = gh.step_replay(jax.value_and_grad(loss_fn), warmup_steps=1)
+    replay_state = replay.init()
+    replayed, spiked = [], []
+    for i in range(4):
+        params = nnx.state(model, nnx.Param)
+        held = optimizer if source == "optimizer" else optimizer.opt_state
+        (loss, grads), replay_state = replay(replay_state, held, params, jnp.ones((2, 3)) * (1 if i < 3 else 1000))
+        optimizer.update(model, grads, loss=loss)
+        replayed.append(bool(gh.metrics(replay_state)["grad/replayed"]))
+        spiked.append(bool(gh.metrics(optimizer)["grad/spiked"]))
+    assert replayed == spiked == [False, False, False, True]

@@ -391,6 +391,28 @@ def test_leaf_names_for_every_kind_of_key():
     assert gh.grad_stats(tree).leaf_norms.names == ("opt/mu/0", "opt/nu/0", "opt/nu/1", "t/<x>")
 
 
+def test_leaves_whose_paths_join_to_one_name_keep_a_norm_each():
+    """{'a/b': x, 'a': {'b': y}}: both leaves are named 'a/b' by their joined paths; the
+    later one is 'a/b(2)', so each keeps its own norm (one overwrote the other)."""
+    tree = {"a/b": jnp.full(2, 3.0), "a": {"b": jnp.ones(2)}}
+    assert jax.tree.leaves(tree)[0].tolist() == [1.0, 1.0]  # jax orders 'a' before 'a/b'
+    assert gh.leaf_names(tree) == ["a/b", "a/b(2)"]
+    norms = {k: float(v) for k, v in gh.leaf_norms(tree).items()}
+    assert norms == {"a/b": pytest.approx(np.sqrt(2.0)), "a/b(2)": pytest.approx(np.sqrt(18.0))}
+    tx = gh.guard(optax.sgd(0.1))
+    _, state = tx.update(tree, tx.init(tree), tree)
+    m = gh.metrics(state)
+    assert {k for k in m if k.startswith("grad/leaf_norm/")} == {"grad/leaf_norm/a/b", "grad/leaf_norm/a/b(2)"}
+
+
+def test_leaf_names_read_through_nnx_variables_as_the_metrics_do():
+    from flax import nnx
+
+    model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)
+    assert gh.leaf_names(params) == ["bias", "kernel"] == list(gh.leaf_norms(params))
+
+
 @pytest.mark.parametrize("value", [1.5e18, 2.0**61])
 def test_many_leaves_above_2_60_whose_total_overflows_get_the_exact_norm(value):
     # Every leaf norm is finite and the true norm (~2.6e19) is far inside float32, but the
