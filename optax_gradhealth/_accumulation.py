@@ -230,7 +230,10 @@ def accumulate(
             )
             return jnp.square(_stats.global_norm(mean))
 
-        mean_sq = jax.lax.cond(emit, window_sq, lambda: jnp.zeros((), jnp.float32))
+        # (The zero is typed per device when the accumulator is: a state kept per device
+        # under shard_map.)
+        no_window = lambda: _vma.varying_like(jnp.zeros((), jnp.float32), updates, ms_state.acc_grads)
+        mean_sq = jax.lax.cond(emit, window_sq, no_window)
         grad_sq, trace_cov = noise.estimates(sum_sq / every_k, mean_sq, every_k, micro_batch_size)
         folded = noise.fold(
             state.accumulation_grad_sq_ema,

@@ -62,6 +62,12 @@ _catalogue.register_metrics(
 )
 
 
+#: The scale's range: a normal float32 whose inverse (the unscaling factor) is a normal
+#: float32 too (a subnormal inverse is flushed to 0 on CPU: every gradient unscaled to 0).
+_SMALLEST_SCALE = 2.0**-126
+_LARGEST_SCALE = 2.0**126
+
+
 def dynamic_loss_scale(
     inner: optax.GradientTransformation,
     *,
@@ -87,11 +93,16 @@ def dynamic_loss_scale(
        ``grad/num_overflows``, not in the guard's ``grad/num_nonfinite``; the scale is
        multiplied by ``backoff_factor`` (not below ``min_scale``);
     3. otherwise passes the unscaled gradients on. A non-finite gradient that is not an
-       overflow (non-finite ``loss``, or the scale already at ``min_scale``) is a
-       genuine fault: it goes to the wrapped optimizer so that :func:`guard` skips and
-       counts it (the returned update is zeroed here too, so parameters never see it);
+       overflow (non-finite ``loss`` or ``value``, or the scale already at
+       ``min_scale``) is a genuine fault: it goes to the wrapped optimizer so that
+       :func:`guard` skips and counts it. The returned update is zeroed here too, and
+       an inner optimizer that is not a guard keeps its state on such a step (as on an
+       overflow), so that neither the parameters nor its moments see the NaN; without a
+       guard, an update element that is not finite (an fp16 gradient that overflows when
+       unscaled by a scale below 1) is zeroed as well;
     4. after ``growth_interval`` consecutive finite steps multiplies the scale by
-       ``growth_factor`` (not above ``max_scale``).
+       ``growth_factor`` (not above ``max_scale``, nor above 2**126: the unscaling
+       factor ``1 / scale`` stays a normal float32).
 
     The defaults (``2**16``, x2 every 2000 finite steps, x0.5 on overflow) are
     ``torch.amp.GradScaler``'s.
@@ -105,13 +116,15 @@ def dynamic_loss_scale(
 
     Args:
       inner: the optimizer to wrap (``gh.guard(...)`` recommended).
-      init_scale: initial loss scale (> 0, finite).
+      init_scale: initial loss scale, in [2**-126, 2**126] (a float32 whose inverse
+        is a normal float32 too).
       growth_factor: factor applied after ``growth_interval`` finite steps (> 1).
       backoff_factor: factor applied on overflow, in (0, 1).
       growth_interval: consecutive finite steps before the scale grows (int >= 1).
-      min_scale: lower bound of the scale (> 0). A non-finite gradient at this scale is
-        treated as a genuine fault, not an overflow.
-      max_scale: upper bound of the scale (>= ``min_scale``, may be inf).
+      min_scale: lower bound of the scale, in [2**-126, 2**126]. A non-finite gradient
+        at this scale is treated as a genuine fault, not an overflow.
+      max_scale: upper bound of the scale (>= ``min_scale``; inf, or anything above
+        2**126, means 2**126).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -144,6 +157,12 @@ def dynamic_loss_scale(
     growth_interval = check.integer("growth_interval", growth_interval, minimum=1)
     min_scale = check.positive("min_scale", min_scale)
     max_scale = check.positive("max_scale", max_scale, allow_inf=True)
+    for name, value in (("init_scale", init_scale), ("min_scale", min_scale)):
+        if not _SMALLEST_SCALE <= value <= _LARGEST_SCALE:
+            raise ValueError(
+                f"`{name}` must lie in [2**-126, 2**126] (a normal float32 whose inverse, the "
+                f"unscaling factor, is one too), got {value!r}."
+            )
     if max_scale < min_scale:
         raise ValueError(f"`max_scale` ({max_scale!r}) must be >= `min_scale` ({min_scale!r}).")
     if not min_scale <= init_scale <= max_scale:
@@ -168,10 +187,12 @@ def dynamic_loss_scale(
         # power-of-two scales of the default schedule): unlike a divide, XLA fuses the
         # multiply into every consumer instead of materialising the unscaled gradients.
         inverse = 1.0 / scale.astype(jnp.float32)
+        # A non-finite loss (or `value`, which the guard judges as it does a loss) is a
+        # genuine fault, not an overflow: the loss scale does not back off for it.
         loss_ok = jnp.ones((), jnp.bool_)
-        loss = extra_args.get("loss")
-        if loss is not None:
-            loss_ok = jnp.all(jnp.isfinite(jnp.asarray(loss)))
+        for name in ("loss", "value"):
+            if extra_args.get(name) is not None:
+                loss_ok = loss_ok & jnp.all(jnp.isfinite(jnp.asarray(extra_args[name])))
         if isinstance(old_inner, interfaces.UnscalesOnRead):
             # A guard (or any transformation declaring the interface) unscales where it
             # reads the gradients (its statistics and its inner update), so the unscaled
@@ -201,14 +222,17 @@ def dynamic_loss_scale(
             unscaled = _clipping.scale_tree(updates, (inverse, 1.0))  # in float32, cast back
             inner_updates, new_inner_state = _skip.update_with_selected_state(
                 lambda: inner.update(unscaled, old_inner, params, **extra_args),
-                lambda k, new: sel.where(overflow, old_leaves[k], new),
+                lambda k, new: sel.where(~finite, old_leaves[k], new),
                 inputs=(updates, state, params, extra_args),
             )
-            new_updates = sel.zero_floats_where(~finite, inner_updates)
+            new_updates = jax.tree.map(
+                lambda u: jnp.where(jnp.isfinite(u), u, jnp.zeros_like(u)) if _stats._is_float(u) else u,
+                sel.zero_floats_where(~finite, inner_updates),
+            )
 
         tracker = jnp.where(good, state.loss_scale_growth_tracker + 1, 0)
         grow = tracker >= growth_interval
-        new_scale = jnp.where(grow, jnp.minimum(scale * growth_factor, max_scale), scale)
+        new_scale = jnp.where(grow, jnp.minimum(scale * growth_factor, min(max_scale, _LARGEST_SCALE)), scale)
         new_scale = jnp.where(overflow, jnp.maximum(scale * backoff_factor, min_scale), new_scale)
         tracker = jnp.where(grow, 0, tracker)
         return new_updates, LossScaleState(

@@ -20,7 +20,7 @@ from typing import Any
 import jax
 from jax import lax
 
-__all__ = ["keeps_state_type", "match", "varying_axes"]
+__all__ = ["keeps_state_type", "match", "varying_axes", "varying_like"]
 
 
 def varying_axes(x: Any) -> frozenset[str] | None:
@@ -52,3 +52,13 @@ def keeps_state_type(update_fn: Callable[..., tuple[Any, Any]]) -> Callable[...,
         return new_updates, match(new_state, state)
 
     return update
+
+
+def varying_like(x: Any, *trees: Any) -> Any:
+    """``x`` cast to vary over every axis that some leaf of ``trees`` varies over (the
+    type of a value computed from them: e.g. the other branch of a ``lax.cond``)."""
+    axes: set[str] = set()
+    for leaf in jax.tree.leaves(trees):
+        axes |= varying_axes(leaf) or frozenset()
+    missing = tuple(sorted(axes - (varying_axes(x) or frozenset())))
+    return lax.pcast(x, missing, to="varying") if missing else x

@@ -1337,6 +1337,9 @@ _PER_DEVICE_CHAINS = {
     "+ adaptive clips": lambda: optax.chain(
         gh.cross_device("data"), gh.adagc_clip(), gh.adaptive_grad_clip(), optax.adam(1e-3)
     ),
+    "+ accumulate": lambda: optax.chain(
+        gh.cross_device("data"), gh.accumulate(gh.guard(optax.adam(1e-3)), 3, micro_batch_size=4)
+    ),
     "+ stateful records": lambda: optax.chain(
         gh.cross_device("data"), gh.record_step_cosine(sketch_dim=8), gh.clip_by_global_norm(1.0), optax.sgd(0.1)
     ),

@@ -36,6 +36,11 @@ from tests.backend import SCRATCH_BYTES
         ({"min_scale": 8.0, "max_scale": 4.0, "init_scale": 4.0}, r"`max_scale` \(4.0\) must be >= `min_scale`"),
         ({"max_scale": -1.0}, "`max_scale`"),
         ({"init_scale": 2.0**30}, "`init_scale`"),
+        # A float32 scale whose inverse (the unscaling factor) is a normal float32 too.
+        ({"init_scale": 1e39, "max_scale": 1e40}, r"`init_scale` must lie in \[2\*\*-126, 2\*\*126\]"),
+        ({"init_scale": 2.0**127, "max_scale": math.inf}, r"`init_scale` must lie in \[2\*\*-126, 2\*\*126\]"),
+        ({"init_scale": 1e-46, "min_scale": 1e-46}, r"`init_scale` must lie in \[2\*\*-126"),
+        ({"min_scale": 1e-40}, r"`min_scale` must lie in \[2\*\*-126, 2\*\*126\].*got 1e-40"),
     ],
 )
 def test_bad_arguments_raise_when_built(kwargs, match):
@@ -182,6 +187,69 @@ def test_genuine_nonfinite_goes_to_the_guard_not_the_scale():
     assert int(m["grad/num_nonfinite"]) == 1 and bool(m["grad/skipped"])
     chex.assert_trees_all_equal(state.loss_scale_inner_state.guard_inner_state, adam_before)
     chex.assert_tree_all_finite(updates)
+
+
+def test_an_unbounded_scale_stops_at_2_126_and_keeps_unscaling_exactly():
+    """max_scale=inf, a growth every step: the scale doubles up to 2**126 and stays there
+    (finite, its inverse a normal float32); each step unscales the true gradient. Past
+    2**127 the float32 scale was inf (every step an overflow, for good), and above
+    2**126 its inverse was flushed to 0 (every gradient unscaled to 0)."""
+    tx = gh.dynamic_loss_scale(optax.sgd(1.0), init_scale=2.0**120, growth_interval=1, max_scale=math.inf)
+    params = {"w": jnp.zeros(2)}
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    scales = []
+    for _ in range(10):
+        scale = gh.loss_scale(state)
+        # The true gradient [1e-3, -2e-3] as the scaled loss gives it (scaled in float64).
+        true = np.array([1e-3, -2e-3])
+        updates, state = update({"w": jnp.asarray(true * float(scale), jnp.float32)}, state, params)
+        np.testing.assert_allclose(np.asarray(updates["w"]), -true, rtol=1e-6)
+        assert not bool(state.loss_scale_overflow)
+        scales.append(float(gh.loss_scale(state)))
+    assert scales == [2.0**121, 2.0**122, 2.0**123, 2.0**124, 2.0**125] + [2.0**126] * 5
+
+
+def test_a_nonfinite_value_with_finite_gradients_is_a_fault_not_an_overflow():
+    """`value=` (what optax's reduce_on_plateau reads) is judged by the guard as a loss
+    is: a NaN one with finite gradients is the guard's non-finite step, not an fp16
+    overflow (the scale does not back off, grad/num_overflows stays 0)."""
+    tx = gh.dynamic_loss_scale(gh.guard(optax.sgd(0.1)), init_scale=1024.0)
+    params = {"w": jnp.zeros(2)}
+    state = tx.init(params)
+    updates, state = tx.update({"w": jnp.array([1024.0, 2048.0])}, state, params, value=jnp.float32(jnp.nan))
+    m = gh.metrics(state)
+    assert not bool(m["grad/overflowed"]) and int(m["grad/num_overflows"]) == 0
+    assert float(m["grad/loss_scale"]) == 1024.0 and int(m["grad/num_nonfinite"]) == 1
+    assert np.all(np.asarray(updates["w"]) == 0.0)
+
+
+def test_a_genuine_fault_leaves_a_plain_inner_optimizers_state_alone():
+    """Without a guard, a non-finite gradient that is not an overflow (at min_scale)
+    keeps adam's moments as they were, as an overflow does: the next finite step's
+    update is that of an adam that never saw the fault (it was NaN: the moments had
+    taken the Inf)."""
+    tx = gh.dynamic_loss_scale(optax.adam(0.1), init_scale=1.0, min_scale=1.0)
+    params = {"w": jnp.zeros(2)}
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    good = {"w": jnp.array([0.5, -1.0])}
+    faulty, state = update({"w": jnp.array([jnp.inf, 1.0])}, state, params)
+    assert np.all(np.asarray(faulty["w"]) == 0.0) and not bool(state.loss_scale_overflow)
+    updates, state = update(good, state, params)
+    reference = optax.adam(0.1)
+    expected, _ = reference.update(good, reference.init(params), params)
+    np.testing.assert_allclose(np.asarray(updates["w"]), np.asarray(expected["w"]), rtol=1e-6)
+
+
+def test_an_fp16_gradient_that_overflows_when_unscaled_never_leaves_as_inf():
+    """A scale below 1 (min_scale allows it): an fp16 scaled gradient of 30000 unscales
+    (by 4) to 120000, beyond fp16's 65504. Without a guard the update's Inf element is
+    zeroed; the others go through."""
+    tx = gh.dynamic_loss_scale(optax.sgd(1e-3), init_scale=0.25, min_scale=0.25)
+    params = {"w": jnp.zeros(2, jnp.float16)}
+    updates, _ = tx.update({"w": jnp.array([30000.0, 1e-3], jnp.float16)}, tx.init(params), params)
+    np.testing.assert_allclose(np.asarray(updates["w"], np.float32), [0.0, -4e-6], rtol=1e-2)
 
 
 def test_nonfinite_at_min_scale_is_not_an_overflow_and_updates_stay_finite():
