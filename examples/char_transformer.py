@@ -30,7 +30,10 @@ def main(argv: list[str] | None = None) -> dict:
         help=f"comma-separated kind@step[:length] faults, or 'demo' for {demo.DEMO_FAULTS!r} (default: none)",
     )
     parser.add_argument(
-        "--log-every", type=int, default=defaults.log_every, help="fetch and write the log every N steps"
+        "--log-every",
+        type=demo._int_at_least(1),
+        default=defaults.log_every,
+        help="fetch and write the log every N steps (>= 1)",
     )
     parser.add_argument("--no-report", action="store_true", help="write the log only (no picture)")
     args = parser.parse_args(argv)

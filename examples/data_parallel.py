@@ -23,7 +23,14 @@ from __future__ import annotations
 import argparse
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Emulate 8 CPU devices; must happen before jax starts. Added to XLA_FLAGS already set
+# (os.environ.setdefault would leave out the count whenever the user has any flag there,
+# and the scenarios need 8 devices); a count set there is kept.
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
+    else f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
+)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax

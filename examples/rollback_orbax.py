@@ -3,6 +3,9 @@
 
     python examples/rollback_orbax.py --steps 200 --ckpt /tmp/gh_ckpt
 
+``--ckpt`` must be a new or empty folder: the example refuses one that holds anything
+(an earlier run's checkpoints would be restored in place of this run's).
+
 The run is a small regression (an MLP in plain JAX + optax) whose data depend only on
 the step number, so that a resumed run sees exactly the batches the original saw. A
 stretch of broken batches (NaN inputs, ``--bad-from`` for ``--bad-steps`` steps) makes
@@ -77,8 +80,31 @@ def checkpoint_manager(directory: str, max_to_keep: int = 3) -> ocp.CheckpointMa
     )
 
 
+def refuse_non_empty(directory: str) -> None:
+    """Raises ``ValueError`` if ``directory`` exists and holds anything.
+
+    A run must start with its own checkpoint folder: orbax's ``CheckpointManager.save``
+    skips (returns False) a step that is not newer than the newest one already there, so
+    in a folder of an earlier, longer run nothing would be saved and a rollback would
+    restore that other run's newest checkpoint.
+    """
+    entries = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+    if entries:
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise ValueError(
+            f"checkpoint folder {os.path.abspath(directory)!r} is not empty (it holds {shown}): "
+            "a rollback would restore another run's checkpoints. Pass a new folder to --ckpt, "
+            "or delete this one."
+        )
+
+
 def save(manager: ocp.CheckpointManager, step: int, params, opt_state) -> None:
-    manager.save(step, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}))
+    """Saves ``{'params', 'opt_state'}`` at ``step``; raises if orbax did not save it."""
+    if not manager.save(step, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state})):
+        raise RuntimeError(
+            f"orbax did not save step {step} in {manager.directory} (newest step there: "
+            f"{manager.latest_step()}); a save is skipped when the step is not newer than the newest."
+        )
     manager.wait_until_finished()
 
 
@@ -105,11 +131,13 @@ def train(
 ) -> dict[str, Any]:
     """Runs steps ``start`` .. ``steps - 1``; saves every ``save_every`` steps when
     healthy; restores the newest checkpoint when the guard recommends a rollback.
+    ``ckpt_dir`` must be new or empty (:func:`refuse_non_empty`).
 
     Returns the final ``params``, ``opt_state``, the ``rollbacks`` as
     ``(step, restored_step)`` pairs, the ``saved`` steps and the per-step ``rollback``
     flags the loop saw.
     """
+    refuse_non_empty(ckpt_dir)
     tx = make_optimizer()
     params, opt_state = state if state is not None else (init_params(seed), None)
     if opt_state is None:
@@ -146,10 +174,14 @@ def train(
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--ckpt", default="checkpoints", help="checkpoint folder")
+    parser.add_argument("--ckpt", default="checkpoints", help="checkpoint folder (new or empty)")
     parser.add_argument("--bad-from", type=int, default=90, help="first broken batch")
     parser.add_argument("--bad-steps", type=int, default=8, help="broken batches in a row")
     args = parser.parse_args(argv)
+    try:
+        refuse_non_empty(args.ckpt)
+    except ValueError as error:
+        parser.error(str(error))  # exits with status 2 before any training
     result = train(args.steps, args.ckpt, bad_from=args.bad_from, bad_steps=args.bad_steps, verbose=True)
     print(f"checkpoints saved at {result['saved']}; rollbacks (step, restored) {result['rollbacks']}")
     return result

@@ -610,14 +610,36 @@ _PLACEHOLDER = re.compile(r"/<[a-z_]+>$")
 
 _INDICES = re.compile(r"(/[0-9]+)+$")
 
+# The suffix `metrics` gives the second, third... state reporting a name (`#2`), followed
+# by the indices `flatten` adds to an element of a vector: `grad/spiked#2`,
+# `grad/leaf_norm/dense/w#2`, `xdev/device_norms#2/3`.
+_COPY = re.compile(r"#[0-9]+((?:/[0-9]+)*)$")
+
+
+def _split_copy(name: str) -> tuple[str, str]:
+    """``name`` without its ``#N`` copy suffix (indices kept) and the suffix:
+    ``('xdev/device_norms/3', '#2')`` for ``xdev/device_norms#2/3``; ``(name, '')`` when
+    there is none."""
+    match = _COPY.search(name)
+    if match is None:
+        return name, ""
+    return name[: match.start()] + match.group(1), name[match.start() : match.start(1)]
+
 
 def spec_of(name: str) -> MetricSpec:
     """The spec of a declared metric name. A per-leaf name (``grad/leaf_norm/dense/w``)
-    resolves to its ``<path>`` entry, and one element of a vector as the writers flatten
-    it (``xdev/device_norms/3``, ``xdev/pairwise_cosine/0/5``) to the vector's. Raises
-    ``KeyError`` for an undeclared name."""
+    resolves to its ``<path>`` entry, one element of a vector as the writers flatten it
+    (``xdev/device_norms/3``, ``xdev/pairwise_cosine/0/5``) to the vector's, and the
+    second, third... copy of a name (``grad/norm#2``, ``xdev/device_norms#2/3``) to the
+    name's. Raises ``KeyError`` for an undeclared name."""
     if name in SPECS:
         return SPECS[name]
+    stem, copy = _split_copy(name)
+    if copy:
+        try:
+            return spec_of(stem)
+        except KeyError:
+            raise KeyError(f"metric {name!r} is not declared in optax_gradhealth._catalogue.SPECS") from None
     for declared, spec in SPECS.items():
         if _PLACEHOLDER.search(declared) and name.startswith(_PLACEHOLDER.sub("/", declared)):
             return spec
@@ -638,17 +660,22 @@ _OLD_PREFIX = {new: old for old, new in _RENAMED_PREFIXES.items()}
 
 
 def current_name(name: str) -> str:
-    """The name that replaces a deprecated one (also a per-leaf entry, or one element of
-    a vector as the writers flatten it); any other name unchanged.
+    """The name that replaces a deprecated one (also a per-leaf entry, one element of a
+    vector as the writers flatten it, or a second, third... copy: ``grad/spike#2``); any
+    other name unchanged.
 
     Example:
       >>> from optax_gradhealth._catalogue import current_name
       >>> current_name('grad/layer_norm/dense/w'), current_name('grad/spike'), current_name('grad/norm')
       ('grad/leaf_norm/dense/w', 'grad/spiked', 'grad/norm')
+      >>> current_name('grad/spike#2'), current_name('grad/layer_norm/dense/w#2')
+      ('grad/spiked#2', 'grad/leaf_norm/dense/w#2')
     """
-    base = _INDICES.sub("", name)
+    stem, copy = _split_copy(name)
+    base = _INDICES.sub("", stem)
     if base in _RENAMED:
-        return _RENAMED[base] + name[len(base) :]
+        # the copy suffix goes back before the indices: `old#2/3` -> `new#2/3`
+        return _RENAMED[base] + copy + stem[len(base) :]
     for old, new in _RENAMED_PREFIXES.items():
         if name.startswith(old):
             return new + name[len(old) :]
@@ -668,7 +695,7 @@ def deprecated_name(name: str) -> str | None:
 def is_declared(name: str) -> bool:
     """True when ``name`` is a declared metric, a per-leaf entry of one, or a name a user
     registered with :func:`register_metrics`."""
-    if name in CATALOGUE:
+    if name in CATALOGUE or _split_copy(name)[0] in CATALOGUE:
         return True
     try:
         spec_of(name)

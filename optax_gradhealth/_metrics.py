@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import re
+import typing
 from typing import Any
 
 import jax
@@ -38,19 +40,44 @@ def _unwrap_variables(tree: Any) -> Any:
     return _stats._without_nnx_variables(tree)
 
 
+def _may_be_none(state_type: type, field: str) -> bool:
+    """Whether ``state_type`` annotates ``field`` as possibly None (``X | None``,
+    ``Optional[X]``), e.g. ``GuardReport.guard_update_norm`` with ``update_health=False``.
+
+    NamedTuple keeps a string annotation (``from __future__ import annotations``) as a
+    ``typing.ForwardRef``; it is read as text, since resolving it would import names the
+    annotation only mentions.
+    """
+    annotation = getattr(state_type, "__annotations__", {}).get(field)
+    if isinstance(annotation, typing.ForwardRef):
+        annotation = annotation.__forward_arg__
+    if isinstance(annotation, str):
+        return bool(re.search(r"\bNone\b|\bOptional\[", annotation))
+    return annotation is None or type(None) in typing.get_args(annotation)
+
+
 def _state_type_of_mapping(mapping: dict) -> type | None:
     """The registered NamedTuple type whose fields ``mapping``'s keys are.
 
     ``nnx.state(optimizer)`` (and pure-dict checkpoint restores) turn every NamedTuple
-    into a dict keyed by field name, losing the type, and drop empty sub-states (e.g.
-    ``FixedClipState()``). Our field names are namespaced (``guard_...``, ``clip_...``),
-    so a dict whose keys are among a registered type's fields and include all of its
-    metric fields is that state; the missing fields are filled with ``None``.
+    into a dict keyed by field name, losing the type, and drop the fields that hold
+    ``None`` or an empty sub-state (e.g. ``FixedClipState()``; ``GuardReport``'s update
+    fields with ``update_health=False``). Our field names are namespaced (``guard_...``,
+    ``clip_...``), so a dict whose keys are all fields of a registered type and include
+    every metric field that the type does not annotate as possibly None is that state;
+    the missing fields are filled with ``None`` (a None metric field reports nothing,
+    as on the typed state). A field annotated ``X | None`` is optional because that is
+    exactly the field such a dict may lack; a field that is never None must be there,
+    so that a dict holding only some of a type's fields is not taken for it (and a type
+    whose metric fields may all be None needs one of them, for the same reason).
     """
     keys = set(mapping)
     for state_type, metric_fields in _REGISTRY.items():
         fields = getattr(state_type, "_fields", None)
-        if fields and keys <= set(fields) and set(metric_fields) <= keys:
+        if not fields or not keys <= set(fields):
+            continue
+        required = {field for field in metric_fields if not _may_be_none(state_type, field)}
+        if required <= keys and (keys & set(metric_fields) or not metric_fields):
             return state_type
     return None
 

@@ -81,6 +81,8 @@ class LeafNorms:
     def __init__(self, values: Any, treedef: Any):
         self.values = values
         self.treedef = treedef
+        if not _flax_serialization_registered:
+            _register_flax_serialization()
 
     @classmethod
     def zeros(cls, tree: Any) -> LeafNorms:
@@ -126,6 +128,48 @@ class LeafNorms:
     @classmethod
     def tree_unflatten(cls, treedef, children):
         return cls(children[0], treedef)
+
+
+def _leaf_norms_state_dict(norms: LeafNorms) -> dict[str, Any]:
+    return {"values": norms.values}
+
+
+def _leaf_norms_from_state_dict(target: LeafNorms, state: Any) -> LeafNorms:
+    """A :class:`LeafNorms` with ``state``'s values and ``target``'s tree structure (a
+    state dict holds only the vector, as ``nnx.state`` and pure-dict restores do)."""
+    if not isinstance(state, dict) or set(state) != {"values"}:
+        keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"a LeafNorms state dict has the one key 'values', got {keys}.")
+    values = state["values"]
+    if np.shape(values) != (target.treedef.num_leaves,):
+        raise ValueError(
+            f"LeafNorms values of shape {np.shape(values)} do not fit the target's "
+            f"{target.treedef.num_leaves} leaves ({list(target.names)[:4]}...): "
+            "was the state saved for other parameters?"
+        )
+    return LeafNorms(values, target.treedef)
+
+
+_flax_serialization_registered = False
+
+
+def _register_flax_serialization() -> None:
+    """Registers :class:`LeafNorms` with ``flax.serialization`` (``to_bytes``,
+    ``to_state_dict``, ``from_bytes``) once flax is imported.
+
+    Like :func:`_without_nnx_variables`, this never imports flax: it acts when flax is
+    already in ``sys.modules`` (any ``import flax...`` loads ``flax.serialization``). It
+    runs when this module is imported and, until it has registered, whenever a
+    ``LeafNorms`` is built (``init``, every step), so that flax imported after
+    optax_gradhealth is covered too.
+    """
+    global _flax_serialization_registered
+    serialization = sys.modules.get("flax.serialization")
+    if serialization is None or not hasattr(serialization, "register_serialization_state"):
+        return  # not imported (or still being imported)
+    _flax_serialization_registered = True
+    if not serialization.is_serializable(LeafNorms):
+        serialization.register_serialization_state(LeafNorms, _leaf_norms_state_dict, _leaf_norms_from_state_dict)
 
 
 def _without_nnx_variables(tree: Any) -> Any:
@@ -452,3 +496,6 @@ def leaf_norms(tree: Any) -> dict[str, jax.Array]:
       {'dense/bias': 0.0, 'dense/kernel': 2.0}
     """
     return grad_stats(tree).leaf_norms.as_dict()
+
+
+_register_flax_serialization()

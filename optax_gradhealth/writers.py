@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
@@ -230,24 +231,41 @@ def read_jsonl(path: str | os.PathLike, *, skip_bad_lines: bool = False) -> list
 class TensorBoardWriter:
     """Writes scalars to TensorBoard event files with ``tensorboardX``.
 
+    The tags are the metric names exactly as given (``grad/norm#2``,
+    ``grad/leaf_norm/mlp/~/linear_0/w``), so :func:`optax_gradhealth.load_history`
+    reads the same names back as from a JSON Lines log. Each step is one event holding
+    all its scalars. TensorBoard stores float32: a finite value beyond float32's range
+    reads back as an infinity; NaN and infinities are kept.
+
     Args:
       logdir: the run's folder.
-      **kwargs: passed to ``tensorboardX.SummaryWriter``.
+      **kwargs: passed to ``tensorboardX.FileWriter`` (``max_queue``, ``flush_secs``,
+        ``filename_suffix``).
     """
 
     def __init__(self, logdir: str | os.PathLike, **kwargs: Any):
         try:
-            from tensorboardX import SummaryWriter
+            from tensorboardX import FileWriter
+            from tensorboardX.proto.summary_pb2 import Summary
         except ImportError as error:  # pragma: no cover - depends on the environment
             raise ImportError(
                 "TensorBoardWriter needs tensorboardX: pip install tensorboardX "
                 "(or pip install 'optax-gradhealth[examples]')."
             ) from error
-        self._writer = SummaryWriter(logdir=os.fspath(logdir), **kwargs)
+        self._writer = FileWriter(os.fspath(logdir), **kwargs)
+        self._summary = Summary
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
-        for name, value in scalars.items():
-            self._writer.add_scalar(name, float(value), global_step=int(step))
+        """Writes one event at ``step`` with a ``simple_value`` per name, tags unchanged."""
+        # Not SummaryWriter.add_scalar: it rewrites tags (every character outside
+        # [-/\w.], e.g. '#' and '~', becomes '_', so the second copy of a name, '#2',
+        # is logged as '_2') and prints a line on stdout for each non-finite value. The
+        # Summary proto is what add_scalar builds, with the tag left as given, written by
+        # tensorboardX's public FileWriter.
+        values = [(name, float(value)) for name, value in scalars.items()]
+        if values:
+            summary = self._summary(value=[self._summary.Value(tag=n, simple_value=v) for n, v in values])
+            self._writer.add_summary(summary, global_step=int(step))
 
     def flush(self) -> None:
         self._writer.flush()
@@ -339,8 +357,9 @@ class MetricLogger:
         prefix: str = "",
         replicated: bool = False,
     ):
-        if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
+        if isinstance(log_every, bool) or not isinstance(log_every, numbers.Integral) or log_every < 1:
             raise ValueError(f"`log_every` must be an integer >= 1, got {log_every!r}.")
+        log_every = int(log_every)  # a numpy integer (e.g. from argparse or a config) becomes a plain int
         if writers is None:
             writers = []
         elif hasattr(writers, "write"):

@@ -190,6 +190,31 @@ def test_a_log_with_the_old_names_is_read_and_diagnosed_under_the_new_ones():
     assert "grad/rollback" not in gh.load_history(both).names
 
 
+def test_old_names_with_a_copy_suffix_map_to_the_current_ones():
+    """A second guard's old names (`grad/spike#2`) were left as they were: not merged
+    with `grad/spiked#2`, not found under it, not declared."""
+    assert _catalogue.current_name("grad/spike#2") == "grad/spiked#2"
+    assert _catalogue.current_name("grad/rollback#12") == "grad/rollback_recommended#12"
+    assert _catalogue.current_name("grad/layer_norm/dense/w#2") == "grad/leaf_norm/dense/w#2"
+    assert _catalogue.current_name("grad/norm#2") == "grad/norm#2"
+    assert _catalogue.current_name("grad/spike#x") == "grad/spike#x"  # not a copy suffix
+    assert _catalogue.spec_of("grad/spike#2").name == "grad/spike"
+    assert _catalogue.spec_of("grad/norm#3").name == "grad/norm"
+    assert _catalogue.spec_of("xdev/device_norms#2/3").name == "xdev/device_norms"
+    assert _catalogue.is_declared("grad/spiked#2") and _catalogue.is_declared("grad/rollback#2")
+    assert not _catalogue.is_declared("grad/spiek#2") and not _catalogue.is_declared("grad/norm#2/0")
+    with pytest.raises(KeyError, match="grad/nrom#2"):
+        _catalogue.spec_of("grad/nrom#2")
+    # A 0.1.0 log of two guards is read under the current names, copies included.
+    rows = [{"step": 0, "grad/spike": 0.0, "grad/spike#2": 1.0, "grad/layer_norm/w#2": 2.0}]
+    history = gh.load_history(rows)
+    assert sorted(history.names) == ["grad/leaf_norm/w#2", "grad/spiked", "grad/spiked#2"]
+    assert history["grad/spiked#2"].tolist() == [1.0] and history["grad/spike#2"].tolist() == [1.0]
+    # Logged with both names (deprecated_names=True), one column per metric is left.
+    both = gh.load_history([{"step": 0, "grad/spiked#2": 1.0, "grad/spike#2": 1.0}])
+    assert list(both.names) == ["grad/spiked#2"]
+
+
 @pytest.mark.parametrize(("old", "new"), list(gh._DEPRECATED_ATTRIBUTES.items()))
 def test_deprecated_python_names_warn_and_give_the_new_object(old, new):
     with pytest.warns(DeprecationWarning, match=f"optax_gradhealth.{new}"):

@@ -1,5 +1,6 @@
 """Each example (and the demo) runs briefly end to end."""
 
+import os
 import pathlib
 
 import numpy as np
@@ -81,3 +82,59 @@ def test_rollback_orbax_example(tmp_path, capsys):
     )
     assert result["rollbacks"] == [(26, 20)]
     assert "restored checkpoint 20" in capsys.readouterr().out
+
+
+def test_rollback_orbax_refuses_a_checkpoint_folder_of_an_earlier_run(tmp_path, capsys):
+    """orbax skips saving a step that is not newer than the newest in the folder: a second
+    run into a folder of a longer run saved nothing and rolled back to step 80 of the first."""
+    import pytest
+
+    example = load_example("rollback_orbax")
+    ckpt = tmp_path / "ckpt"
+    example.main(["--steps", "100", "--bad-from", "500", "--ckpt", str(ckpt)])
+    assert sorted(p.name for p in ckpt.iterdir()) == ["40", "60", "80"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        example.main(["--steps", "40", "--bad-from", "22", "--bad-steps", "6", "--ckpt", str(ckpt)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "is not empty (it holds 40, 60, 80)" in err and "Pass a new folder to --ckpt" in err
+    with pytest.raises(ValueError, match="is not empty"):
+        example.train(40, str(ckpt))
+    assert sorted(p.name for p in ckpt.iterdir()) == ["40", "60", "80"]  # untouched
+    # A save orbax skips is an error, not a silent no-op.
+    params = example.init_params(0)
+    manager = example.checkpoint_manager(str(ckpt))
+    with pytest.raises(RuntimeError, match=r"did not save step 20 .*newest step there: 80"):
+        example.save(manager, 20, params, example.make_optimizer().init(params))
+    manager.close()
+
+
+def test_data_parallel_adds_the_device_count_to_xla_flags_already_set(monkeypatch):
+    """os.environ.setdefault left XLA_FLAGS without the 8 devices whenever the user had a
+    flag there, and the desync scenario failed with an IndexError on one device."""
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_disable_metadata=true")
+    load_example("data_parallel")
+    assert os.environ["XLA_FLAGS"] == "--xla_dump_disable_metadata=true --xla_force_host_platform_device_count=8"
+    monkeypatch.delenv("XLA_FLAGS")
+    load_example("data_parallel")
+    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8"
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4 --xla_dump_disable_metadata=true")
+    load_example("data_parallel")  # a count the user set is kept
+    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=4 --xla_dump_disable_metadata=true"
+
+
+def test_char_transformer_refuses_log_every_below_one_with_a_usage_error(capsys):
+    """--log-every 0 went through argparse (type=int) and ended in a traceback."""
+    import pytest
+
+    example = load_example("char_transformer")
+    for bad, message in (
+        ("0", "must be at least 1, got 0"),
+        ("-3", "must be at least 1, got -3"),
+        ("x", "expected an integer"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            example.main(["--log-every", bad, "--no-progress"])
+        assert exit_info.value.code == 2
+        assert f"argument --log-every: {message}" in capsys.readouterr().err

@@ -88,6 +88,28 @@ def test_metrics_of_the_optimizer_its_opt_state_and_its_nnx_state_agree():
     assert float(direct["grad/leaf_norm/a/kernel"]) == pytest.approx(reference_norm(grads["a"]["kernel"]), rel=1e-6)
 
 
+def test_nnx_state_of_a_guard_without_update_health_keeps_the_guard_metrics():
+    """nnx.state drops GuardReport's None fields (update_health=False); the dict was then
+    not recognised as a GuardReport and every grad/norm, grad/clipped... was lost."""
+    model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, gh.guard(optax.sgd(0.1), clip=1.0, update_health=False), wrt=nnx.Param)
+    grads = jax.tree.map(jnp.ones_like, nnx.state(model, nnx.Param))
+    optimizer.update(model, grads, loss=jnp.float32(1.0))
+    from_dict = jax.device_get(gh.metrics(nnx.state(optimizer), deprecated_names=False))
+    direct = jax.device_get(gh.metrics(optimizer, deprecated_names=False))
+    # norm of 8 ones (kernel 3x2, bias 2) = sqrt(8); clipped to 1.0
+    assert float(from_dict["grad/norm"]) == pytest.approx(2.8284271, rel=1e-6)
+    assert float(from_dict["grad/clip_threshold"]) == 1.0 and bool(from_dict["grad/clipped"])
+    assert float(from_dict["grad/norm_clipped"]) == pytest.approx(1.0, rel=1e-6)
+    assert bool(from_dict["grad/finite"]) and not bool(from_dict["grad/skipped"])
+    # leaf order bias, kernel: sqrt(2), sqrt(6)
+    assert float(from_dict["grad/leaf_norm/0"]) == pytest.approx(1.4142136, rel=1e-6)
+    assert float(from_dict["grad/leaf_norm/1"]) == pytest.approx(2.4494897, rel=1e-6)
+    assert "update/norm" not in from_dict and "update/norm" not in direct
+    globals_direct = sorted(n for n in direct if not n.startswith("grad/leaf_norm/"))
+    assert globals_direct == sorted(n for n in from_dict if not n.startswith("grad/leaf_norm/"))
+
+
 # ---------------------------------------------------------------- TrainState
 
 
@@ -114,6 +136,54 @@ def test_train_state_workaround_passes_loss_and_metrics_read_the_state():
     assert bool(metrics["grad/skipped"]) and int(metrics["grad/num_steps"]) == 2
     np.testing.assert_allclose(np.asarray(state.params["w"]), [0.7, 0.6], rtol=1e-6)
     assert int(state.step) == 2
+
+
+def test_train_state_with_a_guard_round_trips_through_flax_msgpack():
+    """flax.serialization.to_bytes failed: "can not serialize 'LeafNorms' object"."""
+    from flax import serialization
+
+    tx = gh.guard(optax.sgd(0.1))
+    state = train_state.TrainState.create(apply_fn=None, params={"b": jnp.zeros(2), "w": jnp.ones(2)}, tx=tx)
+    state = jax.jit(apply_gradients_with_loss)(
+        state, {"b": jnp.array([0.0, 1.0]), "w": jnp.array([3.0, 4.0])}, jnp.float32(1.0)
+    )
+    state_dict = serialization.to_state_dict(state)
+    np.testing.assert_array_equal(state_dict["opt_state"]["guard_report"]["guard_leaf_norms"]["values"], [1.0, 5.0])
+    blob = serialization.to_bytes(state)
+    target = train_state.TrainState.create(apply_fn=None, params={"b": jnp.zeros(2), "w": jnp.ones(2)}, tx=tx)
+    restored = serialization.from_bytes(target, blob)
+    norms = restored.opt_state.guard_report.guard_leaf_norms
+    assert isinstance(norms, gh.LeafNorms) and norms.names == ("b", "w")
+    assert norms.values.tolist() == [1.0, 5.0]
+    metrics = gh.metrics(restored, deprecated_names=False)
+    assert float(metrics["grad/leaf_norm/w"]) == 5.0 and float(metrics["grad/leaf_norm/b"]) == 1.0
+    assert float(metrics["grad/norm"]) == pytest.approx(5.0990195, rel=1e-6)  # sqrt(26)
+    assert int(metrics["grad/num_steps"]) == 1 and int(restored.step) == 1
+    np.testing.assert_allclose(np.asarray(restored.params["w"]), [0.7, 0.6], rtol=1e-6)
+    # Values for other parameters (2 norms into a 3-leaf target) are refused, not mislabelled.
+    three_leaves = gh.LeafNorms.zeros({"a": jnp.zeros(1), "b": jnp.zeros(2), "w": jnp.ones(2)})
+    with pytest.raises(ValueError, match="3 leaves"):
+        serialization.from_state_dict(three_leaves, {"values": np.array([1.0, 5.0], np.float32)})
+
+
+def test_leaf_norms_register_with_flax_imported_after_optax_gradhealth():
+    """The registration never imports flax: it waits for flax in sys.modules."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, jax, jax.numpy as jnp, optax, optax_gradhealth as gh\n"
+        "assert 'flax' not in sys.modules\n"
+        "tx = gh.guard(optax.sgd(0.1)); params = {'w': jnp.ones(2)}\n"
+        "state = tx.init(params)\n"
+        "from flax import serialization\n"
+        "_, state = tx.update({'w': jnp.array([3.0, 4.0])}, state, params)\n"
+        "back = serialization.from_bytes(tx.init(params), serialization.to_bytes(state))\n"
+        "print(type(back.guard_report.guard_leaf_norms).__name__, back.guard_report.guard_leaf_norms.values.tolist())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "LeafNorms [5.0]"
 
 
 # ---------------------------------------------------------------- orbax

@@ -5,6 +5,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
@@ -147,6 +148,38 @@ def test_tensorboard_writer_event_file_holds_the_scalars(tmp_path):
         for value in event.summary.value:
             found.append((event.step, value.tag, value.simple_value))
     assert found == [(7, "grad/norm", 0.75)]
+
+
+def test_tensorboard_writer_keeps_the_names_as_given_and_nonfinite_values(tmp_path, capfd):
+    """tensorboardX's add_scalar turned '#' and '~' into '_' ('grad/norm#2' became
+    'grad/norm_2') and printed 'NaN or Inf found in input tensor.' per non-finite value."""
+    pytest.importorskip("tensorboard")
+    names = ["grad/norm#2", "grad/leaf_norm/mlp/~/linear_0/w", "grad/norm"]
+    writer = gh.TensorBoardWriter(tmp_path)
+    writer.write(0, {"grad/norm#2": 0.5, "grad/leaf_norm/mlp/~/linear_0/w": 2.0, "grad/norm": float("nan")})
+    writer.write(1, {"grad/norm#2": float("inf"), "grad/leaf_norm/mlp/~/linear_0/w": -float("inf"), "grad/norm": 3.0})
+    writer.close()
+    assert "NaN or Inf" not in capfd.readouterr().out
+    history = gh.load_history(tmp_path)
+    assert sorted(history.names) == sorted(names)
+    assert list(history.steps) == [0, 1]
+    assert history["grad/norm#2"].tolist() == [0.5, math.inf]
+    assert history["grad/leaf_norm/mlp/~/linear_0/w"].tolist() == [2.0, -math.inf]
+    norm = history["grad/norm"]
+    assert math.isnan(norm[0]) and norm[1] == 3.0
+    assert history.logged("grad/norm").tolist() == [True, True]  # the NaN was written, not missing
+
+
+def test_logger_accepts_numpy_integer_log_every():
+    recorder = Recorder()
+    logger = gh.MetricLogger(recorder, log_every=np.int64(2))
+    assert logger.log_every == 2 and type(logger.log_every) is int
+    for step in range(5):
+        logger.log(step, {"loss": float(step)})
+    assert [s for s, _ in recorder.rows] == [0, 2, 4]
+    for bad in (True, np.int64(0), 2.0):
+        with pytest.raises(ValueError, match="log_every"):
+            gh.MetricLogger(log_every=bad)
 
 
 def test_wandb_writer_with_a_given_run():
