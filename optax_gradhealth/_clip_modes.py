@@ -80,7 +80,8 @@ def _exact_count(leaves: list[jax.Array], max_abs: float) -> jax.Array:
             total = total + jnp.sum((jnp.abs(rows) > bound) & fresh[:, None], dtype=jnp.int32)
         return total
 
-    return jax.lax.fori_loop(0, _RARE_TRIPS, body, jnp.zeros((), jnp.int32))
+    # (The count is typed per device when a leaf is, under shard_map: the loop's carry.)
+    return jax.lax.fori_loop(0, _RARE_TRIPS, body, _vma.varying_like(jnp.zeros((), jnp.int32), leaves))
 
 
 def _count_above(leaves: list[jax.Array], max_abs: float) -> jax.Array:
