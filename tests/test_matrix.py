@@ -215,16 +215,22 @@ def _run_scan(tx, params, grads):
     return state0, state, [jax.tree.map(lambda x, t=t: x[t], updates) for t in range(STEPS)]
 
 
-def _run_pmap(tx, params, grads):
-    init = jax.pmap(tx.init, axis_name="data")
-    step = jax.pmap(lambda g, state, p: tx.update(g, state, p), axis_name="data")
-    params_k = _replicate(params)
-    state0 = init(params_k)
+def _mapped_steps(step, state0, params_k, grads):
+    """``step`` (a mapped update) over the steps, each device given the same gradient:
+    ``(state0, state, updates)`` on the host."""
     state, updates = state0, []
     for g in grads:
         u, state = step(_replicate(g), state, params_k)
         updates.append(u)
     return _host(state0), _host(state), _host(updates)
+
+
+def _run_pmap(tx, params, grads):
+    init = jax.pmap(tx.init, axis_name="data")
+    step = jax.pmap(lambda g, state, p: tx.update(g, state, p), axis_name="data")
+    params_k = _replicate(params)
+    state0 = init(params_k)
+    return _mapped_steps(step, state0, params_k, grads)
 
 
 def _run_shard_map(tx, params, grads):
@@ -246,11 +252,7 @@ def _run_shard_map(tx, params, grads):
     params_k = _replicate(params)
     state0 = init(params_k)
     _assert_no_host_callback(step, _replicate(grads[0]), state0, params_k)
-    state, updates = state0, []
-    for g in grads:
-        u, state = step(_replicate(g), state, params_k)
-        updates.append(u)
-    return _host(state0), _host(state), _host(updates)
+    return _mapped_steps(step, state0, params_k, grads)
 
 
 def _run_jit_x64(tx, params, grads):
