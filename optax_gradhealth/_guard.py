@@ -311,9 +311,31 @@ def _scalar_arg(name: str, x: Any) -> jax.Array | None:
 _FLAGS_PER_REDUCTION = 24
 
 
-def _all_finite(tree: Any) -> jax.Array:
-    """True when every float element of ``tree`` is finite (a scalar bool); the update
-    check without update health.
+def _state_pairs(new_state: Any, old_state: Any) -> list[tuple[jax.Array, jax.Array]]:
+    """The float leaves of the inner update's new state, each with the leaf at its place
+    in the state the update was given (same structure: `_check_state_structure`)."""
+    return [
+        (jnp.asarray(x), jnp.asarray(old))
+        for x, old in zip(jax.tree.leaves(new_state), jax.tree.leaves(old_state), strict=True)
+        if _stats._is_float(x)
+    ]
+
+
+def _writable(new: jax.Array, old: jax.Array | None) -> jax.Array:
+    """Per element: may the update write ``new``? Yes when it is finite, or when the
+    element it replaces was not finite either: a sentinel an optimizer's ``init`` put
+    there and keeps until it has data (``reduce_on_plateau``'s best value, +inf until
+    its first ``accumulation_size`` losses are in). Only a value that *becomes* non-finite
+    fails the check; without the exception such an optimizer's first step would be
+    skipped, and so every step after it."""
+    ok = jnp.isfinite(new)
+    return ok if old is None else ok | ~jnp.isfinite(old)
+
+
+def _all_finite(tree: Any, pairs: list[tuple[jax.Array, jax.Array | None]] = ()) -> jax.Array:
+    """True when every float element of ``tree`` is finite and every ``(new, old)``
+    state pair is :func:`_writable` (a scalar bool); the update check without update
+    health.
 
     The flags of leaves of one shape are and-ed elementwise before one reduction, up to
     ``_FLAGS_PER_REDUCTION`` leaves at a time: where the compiler does not fuse a
@@ -326,9 +348,9 @@ def _all_finite(tree: Any) -> jax.Array:
     """
     groups: dict[tuple[int, ...], list[jax.Array]] = {}
     flags = []
-    for x in _stats._float_leaves(tree):
+    for x, old in [(x, None) for x in _stats._float_leaves(tree)] + list(pairs):
         group = groups.setdefault(x.shape, [])
-        group.append(jnp.isfinite(x))
+        group.append(_writable(x, old))
         if len(group) == _FLAGS_PER_REDUCTION:
             flags.append(functools.reduce(jnp.logical_and, groups.pop(x.shape)))
     flags += [functools.reduce(jnp.logical_and, group) for group in groups.values()]
@@ -356,7 +378,7 @@ class OutputSums(NamedTuple):
     param_sums: jax.Array | None
 
 
-def _output_sums(updates: Any, new_state: Any, params: Any | None) -> OutputSums:
+def _output_sums(updates: Any, new_state: Any, old_state: Any, params: Any | None) -> OutputSums:
     """The update check and update health from one reduction per update leaf.
 
     Each float update leaf's sum of squares is poisoned (NaN) where an element of a
@@ -366,7 +388,8 @@ def _output_sums(updates: Any, new_state: Any, params: Any | None) -> OutputSums
     finite exactly when all of them are, and when it did not overflow float32 (an
     update element of ~1e19: treated as non-finite). One float reduction per leaf, over
     the update evaluated from the step's inputs; the parameters' sums of squares are
-    separate reductions of inputs. State leaves of a shape no update leaf has (step
+    separate reductions of inputs. A state element that was not finite in ``old_state``
+    does not poison (:func:`_writable`). State leaves of a shape no update leaf has (step
     counters, factored moments) are checked by :func:`_all_finite`.
     """
     update_leaves = jax.tree.leaves(_stats._without_nnx_variables(updates))
@@ -379,16 +402,16 @@ def _output_sums(updates: Any, new_state: Any, params: Any | None) -> OutputSums
     for k, u in enumerate(update_leaves):
         if _stats._is_float(u):
             by_shape.setdefault(jnp.shape(u), []).append(k)
-    partners: dict[int, list[jax.Array]] = {}
-    alone: list[jax.Array] = []
+    partners: dict[int, list[tuple[jax.Array, jax.Array]]] = {}
+    alone: list[tuple[jax.Array, jax.Array]] = []
     seen: dict[tuple[int, ...], int] = {}
-    for x in _stats._float_leaves(new_state):
+    for x, old in _state_pairs(new_state, old_state):
         owners = by_shape.get(x.shape)
         if owners is None:
-            alone.append(x)
+            alone.append((x, old))
             continue
         count = seen.get(x.shape, 0)
-        partners.setdefault(owners[count % len(owners)], []).append(x)
+        partners.setdefault(owners[count % len(owners)], []).append((x, old))
         seen[x.shape] = count + 1
 
     update_sums = []
@@ -399,13 +422,13 @@ def _output_sums(updates: Any, new_state: Any, params: Any | None) -> OutputSums
         u = jnp.asarray(u)
         squares = _stats._abs_squared(u, _stats._accumulation_dtype(u), None)
         ok = None
-        for x in partners.get(k, ()):
-            ok = jnp.isfinite(x) if ok is None else ok & jnp.isfinite(x)
+        for x, old in partners.get(k, ()):
+            ok = _writable(x, old) if ok is None else ok & _writable(x, old)
         if ok is not None:  # (lax.select: jnp.where would add a nested call per leaf)
             squares = jax.lax.select(ok, squares, jax.lax.full_like(squares, jnp.nan))
         update_sums.append(jnp.sum(squares, dtype=squares.dtype).astype(jnp.float32))
     update_sums = _lowering.one_vector(jnp.stack(update_sums)) if update_sums else jnp.zeros((0,), jnp.float32)
-    finite = jnp.all(jnp.isfinite(update_sums)) & _all_finite(alone)
+    finite = jnp.all(jnp.isfinite(update_sums)) & _all_finite((), alone)
     param_sums = None
     if param_leaves is not None:
         sums = [_stats._sum_of_squares_or_zero(x) for x in param_leaves]
@@ -721,10 +744,11 @@ def _apply_inner(
         new_updates, new_state = traced.outputs()
         # The state is read with the check off too: one formulation (without it,
         # XLA:CPU gave the reduction a materialised copy of every constant).
-        sums = _output_sums(new_updates, new_state, params)
+        sums = _output_sums(new_updates, new_state, inner_state, params)
         outputs_finite = sums.finite
     elif config.check_updates:
-        outputs_finite = _all_finite(traced.outputs())
+        new_updates, new_state = traced.outputs()
+        outputs_finite = _all_finite(new_updates, _state_pairs(new_state, inner_state))
     if config.check_updates:
         nonfinite_update = ~skipped & ~outputs_finite
         skipped = skipped | nonfinite_update
@@ -1026,14 +1050,14 @@ def guard(
         is not finite (the optimizer made the NaN itself: an infinite learning rate,
         fp16 moments overflowing, a bias correction of zero), counted in
         ``grad/num_nonfinite_updates``. One more read of the inner state per step
-        (``docs/benchmarks_guard.md``); False drops the check. Every float leaf of the
-        new inner state must then be finite after a good step: an inner transformation
-        that keeps an Inf or NaN by design after an update (a running minimum that stays
-        at +inf, a "not yet known" NaN) needs False, or its sentinel stored otherwise
-        (``gh.record_step_cosine`` stores 0 for "no reference yet" for this reason).
-        Under jit the check evaluates the inner update a second time; a
-        ``jax.debug.callback`` or ``jax.debug.print`` in it still runs once per update,
-        but a ``jax.experimental.io_callback`` whose result the update uses runs twice.
+        (``docs/benchmarks_guard.md``); False drops the check. What fails it is an
+        element that *becomes* non-finite: a float element of the new inner state may
+        stay Inf or NaN only where the state it was given held a non-finite value too (a
+        sentinel from the optimizer's ``init``, such as ``reduce_on_plateau``'s best
+        value, +inf until ``accumulation_size`` values are in). Under jit the check
+        evaluates the inner update a second time; a ``jax.debug.callback`` or
+        ``jax.debug.print`` in it still runs once per update, but a
+        ``jax.experimental.io_callback`` whose result the update uses runs twice.
       update_health: record what the optimizer did with the step: ``update/norm``
         (the update returned, 0 when skipped), ``param/norm`` (of the ``params`` passed
         to ``update``; 0 without them), ``update/param_ratio`` and, per leaf,

@@ -243,6 +243,60 @@ def test_nonfinite_value_never_reaches_reduce_on_plateau_state():
     np.testing.assert_array_equal(updates["w"], 0.0)
 
 
+@pytest.mark.parametrize("update_health", [True, False])
+def test_a_sentinel_kept_since_init_does_not_skip_the_step(update_health):
+    """reduce_on_plateau(accumulation_size=3) keeps its best value at +inf (init's
+    sentinel) until three values are in. The update check must not read that as the
+    optimizer making an Inf: the step would be skipped, its count never advance, and
+    every later step skipped too. Expected: the bare optax chain, step for step."""
+    inner = optax.chain(
+        optax.sgd(0.1), optax.contrib.reduce_on_plateau(factor=0.5, patience=1, cooldown=0, accumulation_size=3)
+    )
+    tx = gh.guard(inner, clip=None, spike_zscore=None, update_health=update_health)
+    grads = {"w": jnp.array([0.1, -0.2, 0.3], jnp.float32)}
+    params = want = {"w": jnp.ones(3, jnp.float32)}
+    state, want_state = tx.init(params), inner.init(params)
+    update, reference = jax.jit(tx.update), jax.jit(inner.update)
+    values = [3.0, 2.0, 1.0] + [1.5] * 9  # a plateau after the first window: the scale halves
+    for k, v in enumerate(values):
+        updates, state = update(grads, state, params, value=jnp.float32(v))
+        want_updates, want_state = reference(grads, want_state, want, value=jnp.float32(v))
+        params, want = optax.apply_updates(params, updates), optax.apply_updates(want, want_updates)
+        np.testing.assert_allclose(params["w"], want["w"], rtol=1e-6, err_msg=f"step {k}")
+    m = gh.metrics(state)
+    assert int(m["grad/num_nonfinite_updates"]) == 0 and int(m["grad/num_skipped"]) == 0
+    assert float(want_state[1].scale) < 1.0  # the run reached a plateau: the comparison covered one
+
+
+def test_a_state_element_that_becomes_nonfinite_is_still_caught_next_to_a_sentinel():
+    """The sentinel exception is per element: an element that was finite and becomes
+    Inf skips the step, though another element of the same leaf holds an Inf sentinel."""
+
+    def init(params):
+        return {"m": jnp.array([jnp.inf, 0.0], jnp.float32)}
+
+    def update_fn(updates, state, params=None):
+        # Element 1 overflows float32 once the gradient is large; element 0 stays +inf.
+        return updates, {"m": state["m"] * jnp.float32(1e30) + jnp.sum(updates["w"])}
+
+    inner = optax.GradientTransformation(init, update_fn)
+    for update_health in (True, False):
+        tx = gh.guard(inner, clip=None, spike_zscore=None, update_health=update_health)
+        params = {"w": jnp.ones(2, jnp.float32)}
+        state = tx.init(params)
+        update = jax.jit(tx.update)
+        _, state = update({"w": jnp.full(2, 1e-3, jnp.float32)}, state, params)
+        assert int(gh.metrics(state)["grad/num_nonfinite_updates"]) == 0
+        m_after_first = float(state.guard_inner_state["m"][1])
+        assert m_after_first == np.float32(2e-3)
+        updates, state = update({"w": jnp.full(2, 1e-3, jnp.float32)}, state, params)  # 2e-3 * 1e30: finite
+        assert int(gh.metrics(state)["grad/num_nonfinite_updates"]) == 0
+        updates, state = update({"w": jnp.full(2, 1e-3, jnp.float32)}, state, params)  # 2e27 * 1e30: Inf
+        assert int(gh.metrics(state)["grad/num_nonfinite_updates"]) == 1, update_health
+        np.testing.assert_array_equal(updates["w"], 0.0)
+        assert np.isfinite(float(state.guard_inner_state["m"][1]))
+
+
 # --- optax.monitor and optax.lookahead ---------------------------------------------------
 
 
