@@ -640,9 +640,7 @@ def cross_device(
                 return f32_zero
             total = reduce_groups(groups)
             ordinary = _stats._ordinary(total)
-            scale = jnp.where(jnp.isfinite(total), _stats._SCALE_AFTER_UNDERFLOW, _stats._SCALE_AFTER_OVERFLOW).astype(
-                jnp.float32
-            )
+            scale = _stats._rescue_scale(total)
 
             def rescaled(operands):
                 tree, scale = operands
@@ -652,10 +650,7 @@ def cross_device(
                 return jax.tree.map(jnp.zeros_like, groups)
 
             again = reduce_groups(_vma.match(lax.cond(ordinary, not_needed, rescaled, (tree, scale)), groups))
-            recovered = jnp.where(
-                jnp.isfinite(again), jnp.minimum(jnp.sqrt(again) / scale, _stats._F32_MAX), jnp.sqrt(again)
-            )
-            return jnp.where(ordinary, jnp.sqrt(total), recovered)
+            return jnp.where(ordinary, jnp.sqrt(total), _stats._rescued_norm(again, scale))
 
         # ONE all-reduce per update: the gradients and the masked [K] vector of local norms
         # travel in the same psum (XLA emits a single all-reduce for the tuple). It runs

@@ -295,6 +295,18 @@ def _ordinary(total: jax.Array) -> jax.Array:
     return jnp.isfinite(total) & (total >= _TINY_SUM_OF_SQUARES)
 
 
+def _rescue_scale(total: jax.Array) -> jax.Array:
+    """The factor the rescaled pass multiplies the elements by, chosen from the first
+    pass's total: 2**-80 after an overflow (not finite), 2**80 after an underflow."""
+    return jnp.where(jnp.isfinite(total), _SCALE_AFTER_UNDERFLOW, _SCALE_AFTER_OVERFLOW).astype(jnp.float32)
+
+
+def _rescued_norm(scaled: jax.Array, scale: jax.Array) -> jax.Array:
+    """The norm from a sum of squares of elements multiplied by ``scale``: NaN or Inf
+    only when an element was, a finite norm beyond float32 saturating at its max."""
+    return jnp.where(jnp.isfinite(scaled), jnp.minimum(jnp.sqrt(scaled) / scale, _F32_MAX), jnp.sqrt(scaled))
+
+
 def _sum_of_squares_or_zero(x: Any, scale: jax.Array | None = None) -> jax.Array:
     if _is_float(x):
         return _leaf_sum_of_squares(x, scale)
@@ -325,7 +337,7 @@ def _sums_of_squares(
     # operand per leaf (slow to compile on a tree of 1000 leaves).
     sums = _lowering.one_vector(jnp.stack([first(x) for x in leaves]))
     total = jnp.sum(sums)
-    scale = jnp.where(jnp.isfinite(total), _SCALE_AFTER_UNDERFLOW, _SCALE_AFTER_OVERFLOW).astype(jnp.float32)
+    scale = _rescue_scale(total)
 
     def rescaled(operands):
         leaves, scale = operands
@@ -396,9 +408,7 @@ def _grad_stats(tree: Any, input_scale: jax.Array | None = None) -> GradStats:
     keep = ordinary | (~jnp.isfinite(total) & jnp.isfinite(sums))
     finite_each = keep | jnp.isfinite(scaled)
     finite = jnp.all(finite_each)
-    # A finite leaf (or tree) whose norm exceeds float32 saturates at its max.
-    rescaled_norms = jnp.where(jnp.isfinite(scaled), jnp.minimum(jnp.sqrt(scaled) / scale, _F32_MAX), jnp.sqrt(scaled))
-    norms = jnp.where(keep, jnp.sqrt(sums), rescaled_norms)
+    norms = jnp.where(keep, jnp.sqrt(sums), _rescued_norm(scaled, scale))
     norm = jnp.where(
         ordinary,
         jnp.sqrt(total),
