@@ -307,6 +307,24 @@ def _scalar_arg(name: str, x: Any) -> jax.Array | None:
     return x
 
 
+def _check_varies_like_grads(name: str, x: jax.Array | None, updates: Any) -> None:
+    """Raises when ``x`` (the loss or value) varies over a ``jax.shard_map`` mesh axis
+    that the gradients do not: a per-device loss next to an all-reduced gradient."""
+    if x is None:
+        return
+    grad_axes: set[str] = set()
+    for leaf in jax.tree.leaves(updates):
+        grad_axes |= _vma.varying_axes(leaf) or frozenset()
+    extra = sorted((_vma.varying_axes(x) or frozenset()) - grad_axes)
+    if extra:
+        axes = extra[0] if len(extra) == 1 else tuple(extra)
+        raise ValueError(
+            f"gh.guard: `{name}` varies over the jax.shard_map mesh axes {extra} (one value per device) and "
+            f"the gradients do not: each device would judge the step by its own {name} and the replicas "
+            f"would drift apart. Pass the mean: `{name}=jax.lax.pmean({name}, {axes!r})`."
+        )
+
+
 #: At most this many leaves' finite flags are and-ed before one reduction (`_all_finite`).
 _FLAGS_PER_REDUCTION = 24
 
@@ -1126,6 +1144,8 @@ def guard(
         stats = _stats._grad_stats(updates, unscale)
         loss = _scalar_arg("loss", extra_args.get("loss"))
         value = _scalar_arg("value", extra_args.get("value"))
+        _check_varies_like_grads("loss", loss, updates)
+        _check_varies_like_grads("value", value, updates)
 
         decision = _decide(cfg, state, stats, loss, value)
         outcome = _apply_inner(cfg, inner, decision, updates, unscale, state, params, extra_args)

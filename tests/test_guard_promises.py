@@ -297,6 +297,40 @@ def test_a_state_element_that_becomes_nonfinite_is_still_caught_next_to_a_sentin
         assert np.isfinite(float(state.guard_inner_state["m"][1]))
 
 
+def _shard_map_step(tx, reduce_loss):
+    from jax.sharding import AxisType
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((4,), ("data",), axis_types=(AxisType.Auto,), devices=jax.devices()[:4])
+
+    def step(params, state, x):
+        loss, grads = jax.value_and_grad(lambda p: jnp.mean((p["w"] * x) ** 2))(params)
+        grads = jax.lax.pmean(grads, "data")
+        if reduce_loss:
+            loss = jax.lax.pmean(loss, "data")
+        updates, state = tx.update(grads, state, params, loss=loss)
+        return optax.apply_updates(params, updates), state
+
+    sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P("data")), out_specs=(P(), P()))
+    x = jax.device_put(jnp.arange(32.0).reshape(4, 8) / 32, jax.NamedSharding(mesh, P("data")))
+    return jax.jit(sharded), x
+
+
+def test_a_per_device_loss_next_to_all_reduced_gradients_gets_a_clear_error():
+    """Under shard_map a loss left per device (not pmean-ed) would let each device judge
+    the step by its own loss; JAX used to fail deep inside the guard instead."""
+    tx = gh.guard(optax.adam(0.1), clip=1.0)
+    params = {"w": jnp.ones(8)}
+    step, x = _shard_map_step(tx, reduce_loss=False)
+    with pytest.raises(ValueError, match=re.escape("Pass the mean: `loss=jax.lax.pmean(loss, 'data')`")):
+        step(params, tx.init(params), x)
+    step, x = _shard_map_step(tx, reduce_loss=True)
+    new_params, state = step(params, tx.init(params), x)
+    want = float(np.mean((np.arange(32.0).reshape(4, 8) / 32) ** 2))
+    np.testing.assert_allclose(float(state.guard_moments.guard_running_loss_mean), want, rtol=1e-6)
+    assert not np.allclose(new_params["w"], 1.0)
+
+
 # --- optax.monitor and optax.lookahead ---------------------------------------------------
 
 
