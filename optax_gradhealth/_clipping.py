@@ -122,10 +122,14 @@ def running_moments_update(
     remaining = 1.0 - previous * decay  # 1 - decay**t: 1 - decay at t = 1, as below
     alpha = (1.0 - decay) / remaining
     keep = decay * (1.0 - previous) / remaining  # 1 - alpha, >= 0
-    diff = value - mean
+    # Saturated at float32's max, not Inf: one norm above ~1.8e19 (its square
+    # overflows) would otherwise leave the variance Inf, or NaN (0 * Inf at t = 1), for
+    # the rest of the run; saturated, it decays back as the EMA forgets.
+    big = jnp.float32(_stats._F32_MAX)
+    diff = jnp.clip(value - mean, -big, big)
     increment = alpha * diff
     new_mean = mean + increment
-    new_var = keep * (var + diff * increment)
+    new_var = keep * jnp.minimum(var + jnp.minimum(diff * increment, big), big)
     return (
         jnp.where(accepted, new_mean, mean),
         jnp.where(accepted, new_var, var),

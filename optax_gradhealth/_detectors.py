@@ -254,7 +254,10 @@ class SpikeRule:
 
     def judge(self, window: NormWindow, norm: jax.Array, finite: jax.Array) -> SpikeVerdict:
         median, spread = norm_window_stats(window, self.baseline)
-        active = (window.count >= self.warmup) & finite
+        # At least one norm in the window, whatever ``warmup`` (0 is allowed in
+        # gh.Thresholds, and a traced one is unchecked): an empty window's median is
+        # log 1, and every step of a run at norm 10 would be a spike.
+        active = (window.count >= jnp.maximum(self.warmup, 1)) & finite
         ratio, z, over = self.exceeds(norm, median, spread)
         bound = spike_bound(median, spread, self.spread_floor, self.threshold, self.zscore)
         return SpikeVerdict(

@@ -41,6 +41,7 @@ from optax_gradhealth.history import load_history as _load_columns
 
 _WIDTH_IN = 12.0  # figure width (inches)
 _FEW_MARKERS = 60  # events of a kind drawn one by one even in a long run
+_TOP = 1e200  # the highest norm axis limit (see _norm_panel)
 
 
 def _max_points(dpi: int) -> int:
@@ -538,7 +539,11 @@ def _norm_panel(ax, h: History, th: Thresholds, bins: _Bins | None = None) -> No
             )
     if finite.any():
         ax.set_yscale("log")
-        ax.set_ylim(norm[finite].min() / 3, norm[finite].max() * 3)
+        # A third of a decade of margin, up to 1e200: matplotlib's log ticks run a
+        # stride of decades past the limit, and one beyond 1e308 is an infinity it
+        # cannot place (a norm logged above the limit is drawn at the axis' top).
+        bottom, top = norm[finite].min() / 3, min(norm[finite].max(), _TOP / 3) * 3
+        ax.set_ylim(min(bottom, top / 10), top)
     else:  # nothing to draw on a log axis (no norm logged, or none positive and finite)
         ax.set_ylim(0, 1)
         ax.text(

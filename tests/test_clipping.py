@@ -123,6 +123,29 @@ def test_zscore_policy_matches_reference():
         np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 
+def test_zscore_policy_survives_a_norm_whose_square_overflows_float32():
+    """One norm of 1e20 (its square overflows float32) left the running variance NaN
+    (0 * Inf at the first step) or Inf for the rest of the run, and ZScoreClip's
+    threshold NaN: it never clipped again. The variance now saturates at float32's max
+    and decays as the EMA forgets; reference: the Welford update in float64 with that
+    saturation written out."""
+    decay, z, big = 0.9, 2.0, float(np.finfo(np.float32).max)
+    norms = [1e20] + [1.0] * 1000
+    got = run_policy(gh.ZScoreClip(z=z, stats_decay=decay, warmup_steps=0), norms, [True] * len(norms))
+    mean = var = 0.0
+    expected = []
+    for t, norm in enumerate(norms, start=1):
+        expected.append(math.inf if t == 1 else mean + z * math.sqrt(var))
+        value = norm if t == 1 else min(norm, expected[-1])
+        alpha = (1 - decay) / (1 - decay**t)
+        diff = value - mean
+        mean += alpha * diff
+        var = (1 - alpha) * min(var + min(alpha * diff * diff, big), big)
+    assert np.all(np.isfinite(got[1:])), got[:5]
+    np.testing.assert_allclose(got[1:], expected[1:], rtol=1e-4)
+    assert got[-1] < 2.0  # the EMA forgot the outlier: a norm of 2 would be clipped again
+
+
 @pytest.mark.parametrize("direction", [2.0, 0.0], ids=["ulp_up", "ulp_down"])
 def test_zscore_variance_survives_a_power_rounded_one_ulp_off(monkeypatch, direction):
     """The bias correction's power and division round differently per backend (on an

@@ -86,6 +86,27 @@ def test_explosion_found_at_the_planted_step():
     assert patterns(rows) == ["explosion"]
 
 
+def test_a_warmup_of_zero_rows_does_not_judge_the_first_norm_against_an_empty_window():
+    """warmup_rows=0 is allowed; the replayed rule judged row 0 against an empty window
+    (baseline norm 1): a steady run at norm 10 was an explosion on every row."""
+    rows = [{"step": t, "grad/norm": 10.0} for t in range(100)]
+    assert patterns(rows, warmup_rows=0) == []
+    rows[60]["grad/norm"] = 100.0  # ten times the baseline: still found
+    finding = [f for f in gh.diagnose(rows, gh.Thresholds(warmup_rows=0)) if f.pattern == "explosion"]
+    assert len(finding) == 1 and finding[0].steps == (60,)
+
+
+def test_a_logged_norm_above_float32_is_an_explosion_not_missed():
+    """A float64 log can hold a finite norm above float32's max (3.4e38). Cast as it was,
+    it became Inf: neither a spike nor a non-finite step."""
+    for huge in (1e30, 1e39, 1e300):
+        rows = clean_rows()
+        rows[150]["grad/norm"] = huge
+        finding = by_pattern(rows, "explosion")
+        assert 150 in finding.steps, huge
+        assert "nonfinite" not in patterns(rows)
+
+
 def test_explosion_uses_the_logged_spike_score_and_the_threshold_is_configurable():
     rows = clean_rows()
     for row in rows:
@@ -268,6 +289,14 @@ def test_one_device_persistently_unlike_the_others():
 
 def _without(rows, *names):
     return [{k: v for k, v in row.items() if k not in names} for row in rows]
+
+
+def test_rows_without_cross_device_metrics_are_not_audits():
+    """Without `xdev/audited`, rows that log no xdev metric (eval rows, a step union's
+    other writers) were replayed as audits with NaN device norms: every device named."""
+    rows = _without(clean_rows(xdev=True), "xdev/audited", "xdev/outlier_device", "xdev/outlier_score")
+    rows += [{"step": N + t, "eval/loss": 0.3} for t in range(3)]
+    assert patterns(rows) == []
 
 
 def test_outlier_replayed_from_the_logged_vectors_with_the_audit_detector():

@@ -102,6 +102,15 @@ def test_report_of_a_bare_log_with_only_norms(tmp_path):
     assert matplotlib.image.imread(path).shape[0] > 300
 
 
+@pytest.mark.parametrize("huge", [1e300, 1.7e308])
+def test_report_draws_a_norm_near_the_float64_limit(tmp_path, huge):
+    """A finite logged norm of 1e300 made the log axis' ticks overflow to Inf, and
+    matplotlib raised OverflowError while saving."""
+    rows = [{"step": t, "grad/norm": huge if t == 3 else 1e-300 if t == 5 else 1.0} for t in range(10)]
+    path = gh.plot_report(rows, tmp_path / "huge.png")
+    assert matplotlib.image.imread(path).shape[0] > 300
+
+
 def test_report_rejects_an_empty_history(tmp_path):
     with pytest.raises(ValueError, match="no rows"):
         gh.plot_report([], tmp_path / "x.png")

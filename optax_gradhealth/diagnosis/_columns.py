@@ -24,7 +24,11 @@ def replay_spike_scores(norm: np.ndarray, thresholds: Thresholds) -> tuple[np.nd
         min(SPIKE_BASELINE, th.spike_window),
         REBASELINE_AFTER,
     )
-    out = detect.replay_spikes(rule, np.asarray(norm, np.float32))
+    # A finite norm beyond float32 (a float64 log) saturates, as the guard's does; cast
+    # as it is it would become Inf and count as neither a spike nor non-finite.
+    norm = np.asarray(norm, np.float64)
+    big = np.finfo(np.float32).max
+    out = detect.replay_spikes(rule, np.where(np.isfinite(norm), np.minimum(norm, big), norm).astype(np.float32))
     return np.array(out["spike"]), np.array(out["ratio"], np.float64)
 
 
@@ -83,8 +87,16 @@ def after_warmup(h: History, th: Thresholds) -> np.ndarray:
 
 
 def audit_rows(h: History) -> np.ndarray:
-    """Rows that were audit steps (every row when ``xdev/audited`` is not logged)."""
-    return h.col("xdev/audited") == 1 if h.has("xdev/audited") else np.ones(len(h), bool)
+    """Rows that were audit steps: ``xdev/audited`` is 1, or, when it is not logged, some
+    ``xdev/`` metric was (an eval row, a row of a step union, is not an audit: its
+    missing per-device norms would read as NaN devices)."""
+    if h.has("xdev/audited"):
+        return h.col("xdev/audited") == 1
+    rows = np.zeros(len(h), bool)
+    for name in h.columns:
+        if name.startswith("xdev/"):
+            rows |= h.logged(name)
+    return rows
 
 
 def agreement(h: History) -> tuple[str, np.ndarray, np.ndarray]:
