@@ -128,7 +128,9 @@ class AccumulationState(NamedTuple):
     accumulation_noise_scale: jax.Array
 
 
-_interfaces.keep_on_momentum_reset(AccumulationState)
+# The wrapped optimizer's state (in MultiSteps') and the window's partial sum are reset
+# with the moments; the noise-scale estimates are bookkeeping.
+_interfaces.keep_on_momentum_reset(AccumulationState, wrapped=("accumulation_inner_state", "accumulation_micro_sq_sum"))
 _catalogue.register_metrics(
     AccumulationState,
     {
@@ -194,10 +196,12 @@ def accumulate(
       (3.0, 2.0, 0.6667)
     """
     inner = check.transformation("inner", inner)
-    every_k = check.integer("every_k", every_k, minimum=1)
-    micro_batch_size = check.optional(check.integer, "micro_batch_size", micro_batch_size, minimum=1)
-    decay = check.in_open_unit_interval("noise_scale_decay", noise_scale_decay)
-    multi_steps = optax.MultiSteps(inner, every_k, use_grad_mean=True).gradient_transformation()
+    every_k = check.integer_or_array("every_k", every_k, minimum=1)
+    micro_batch_size = check.optional(check.integer_or_array, "micro_batch_size", micro_batch_size, minimum=1)
+    decay = check.or_array(check.in_open_unit_interval, "noise_scale_decay", noise_scale_decay)
+    # (MultiSteps takes an int or a schedule: a traced `every_k` goes in as a schedule.)
+    schedule = every_k if isinstance(every_k, int) else (lambda step: every_k)
+    multi_steps = optax.MultiSteps(inner, schedule, use_grad_mean=True).gradient_transformation()
 
     def init_fn(params):
         zero = lambda: jnp.zeros((), jnp.float32)
@@ -223,12 +227,14 @@ def accumulate(
         def window_sq():
             # The window's mean, as MultiSteps forms it: acc + (g - acc) / (step + 1).
             count = (step + 1).astype(jnp.float32)
-            mean = jax.tree.map(
-                lambda g, acc: acc.astype(jnp.float32) + (g.astype(jnp.float32) - acc.astype(jnp.float32)) / count,
-                updates,
-                ms_state.acc_grads,
-            )
-            return jnp.square(_stats.global_norm(mean))
+
+            def mean_leaf(g, acc):
+                if not _stats._is_float(g):
+                    return g  # not in the norm (nor in the micro-batches')
+                wide = jnp.promote_types(g.dtype, jnp.float32)  # complex stays complex
+                return acc.astype(wide) + (g.astype(wide) - acc.astype(wide)) / count
+
+            return jnp.square(_stats.global_norm(jax.tree.map(mean_leaf, updates, ms_state.acc_grads)))
 
         # (The zero is typed per device when the accumulator is: a state kept per device
         # under shard_map.)

@@ -51,8 +51,11 @@ _EXACT_F32_COUNT = 2**24
 _RARE_TRIPS = 128
 
 
-def _bound(max_abs: float, dtype: Any) -> np.ndarray:
-    """``max_abs`` in ``dtype`` (inf beyond its range, e.g. 7e4 in float16), no warning."""
+def _bound(max_abs: float | jax.Array, dtype: Any) -> np.ndarray | jax.Array:
+    """``max_abs`` in ``dtype`` (inf beyond its range, e.g. 7e4 in float16), no warning;
+    a scalar array (``optax.inject_hyperparams``) is cast with jax."""
+    if not isinstance(max_abs, float):
+        return jnp.asarray(max_abs).astype(dtype)
     with np.errstate(over="ignore"):
         return np.asarray(max_abs, dtype)
 
@@ -97,6 +100,10 @@ def _count_above(leaves: list[jax.Array], max_abs: float) -> jax.Array:
     """
     if not leaves:
         return jnp.zeros((), jnp.int32)
+    if not isinstance(max_abs, float):
+        # A scalar array (optax.inject_hyperparams: traced in the step): the comparison,
+        # a block of rows at a time; the fast path's constants are Python floats.
+        return _exact_count(leaves, max_abs)
 
     def fast_rows(x):
         bound = float(_bound(max_abs, x.dtype))
@@ -160,7 +167,8 @@ def clip_by_value(max_abs: float) -> optax.GradientTransformation:
     are not counted); skipping them is :func:`guard`'s job.
 
     Args:
-      max_abs: the largest magnitude an element may keep (> 0).
+      max_abs: the largest magnitude an element may keep (> 0); a scalar array too
+        (``optax.inject_hyperparams``), counted by comparison (slower on CPU).
 
     Returns:
       An ``optax.GradientTransformation`` with state :class:`ClipByValueState`.
@@ -173,7 +181,7 @@ def clip_by_value(max_abs: float) -> optax.GradientTransformation:
       >>> updates['w'].tolist(), int(state.value_clip_count), float(state.value_clip_fraction)
       ([-1.0, 0.5, 1.0, 1.0], 2, 0.5)
     """
-    max_abs = check.positive("max_abs", max_abs)
+    max_abs = check.positive_or_array("max_abs", max_abs)
 
     def init_fn(params):
         del params
@@ -288,10 +296,39 @@ class AdaptiveClipState(NamedTuple):
     agc_clip_fraction: jax.Array
 
 
+def _check_axis(axis: Any) -> int | tuple[int, ...] | None:
+    """``axis`` of :func:`adaptive_grad_clip`: None, an int, or a non-empty sequence of
+    distinct ints (their range depends on each parameter's rank: checked per leaf)."""
+    if axis is None:
+        return None
+    allowed = "None, an int or a non-empty tuple of distinct ints"
+    one = lambda a: isinstance(a, (int, np.integer)) and not isinstance(a, (bool, np.bool_))
+    if one(axis):
+        return int(axis)
+    if isinstance(axis, (tuple, list)) and axis and all(one(a) for a in axis) and len(set(axis)) == len(axis):
+        return tuple(int(a) for a in axis)
+    hint = " (under optax.inject_hyperparams, pass static_args=('axis',))" if check.is_array_like(axis) else ""
+    raise TypeError(
+        f"gh.adaptive_grad_clip: `axis` must be {allowed}, got {axis!r} (type {type(axis).__name__}){hint}."
+    )
+
+
 def _unit_axes(x: jax.Array, axis: int | tuple[int, ...] | None) -> tuple[int, ...]:
-    """The reduction axes of ``optax.unitwise_norm`` (same rule, same errors)."""
+    """The reduction axes of ``optax.unitwise_norm`` (same rule); an ``axis`` out of a
+    parameter's range is an error, as in numpy (it is not wrapped around)."""
     if axis is not None:
-        return tuple(a % x.ndim for a in ((axis,) if isinstance(axis, int) else axis))
+        axes = (axis,) if isinstance(axis, int) else axis
+        bad = [a for a in axes if not -x.ndim <= a < x.ndim]
+        if bad:
+            raise ValueError(
+                f"gh.adaptive_grad_clip: `axis` {axis!r} is out of bounds for a parameter of shape {x.shape} "
+                f"(rank {x.ndim}: axes {-x.ndim} to {x.ndim - 1})."
+            )
+        if len({a % x.ndim for a in axes}) != len(axes):
+            raise ValueError(
+                f"gh.adaptive_grad_clip: `axis` {axis!r} names one axis twice for a parameter of shape {x.shape}."
+            )
+        return tuple(a % x.ndim for a in axes)
     if sum(d != 1 for d in x.shape) <= 1:  # scalars and vectors: one unit
         return tuple(range(x.ndim))
     if x.ndim in (2, 3):
@@ -341,7 +378,8 @@ def adaptive_grad_clip(
       (1, 0.5)
     """
     clipping = check.positive_or_array("clipping", clipping)
-    eps = check.positive("eps", eps)
+    eps = check.positive_or_array("eps", eps)
+    axis = _check_axis(axis)
 
     def init_fn(params):
         del params
@@ -363,7 +401,8 @@ def adaptive_grad_clip(
             g_wide, p_wide = g.astype(wide), jnp.asarray(p).astype(wide)
             g_norm = jnp.sqrt(jnp.sum(jnp.square(jnp.abs(g_wide)), axis=axes, keepdims=True))
             p_norm = jnp.sqrt(jnp.sum(jnp.square(jnp.abs(p_wide)), axis=axes, keepdims=True))
-            max_norm = clipping * jnp.maximum(p_norm, eps)
+            # In the working dtype: a float64 threshold under x64 would make it float64.
+            max_norm = (clipping * jnp.maximum(p_norm, eps)).astype(wide)
             keep = g_norm < max_norm
             counts.append(jnp.sum(g_norm >= max_norm, dtype=jnp.int32))
             total += int(g_norm.size)
@@ -462,7 +501,7 @@ def adagc_clip(
     """
     relative = check.positive_or_array("relative", relative)
     stats_decay = check.or_array(check.in_open_unit_interval, "stats_decay", stats_decay)
-    warmup_steps = check.integer("warmup_steps", warmup_steps, minimum=0)
+    warmup_steps = check.integer_or_array("warmup_steps", warmup_steps, minimum=0)
     warmup_max_norm = check.positive_or_array("warmup_max_norm", warmup_max_norm)
 
     def init_fn(params):
@@ -485,7 +524,7 @@ def adagc_clip(
         stats = _stats.grad_stats(updates)
         norms, gamma = stats.leaf_norms.values, state.adagc_norm_ema
         is_float = jnp.asarray([_stats._is_float(x) for x in leaves], jnp.bool_)
-        warm = state.adagc_num_steps >= max(warmup_steps, 1)
+        warm = state.adagc_num_steps >= jnp.maximum(warmup_steps, 1)
         decay = jnp.asarray(stats_decay, jnp.float32)
         # Warm-up: one global factor. After: a factor per leaf; written so that a norm at
         # or under the bound keeps exactly 1 (and 0 / 0 never arises).

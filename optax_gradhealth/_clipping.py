@@ -79,7 +79,10 @@ class FixedClip:
 
     def threshold(self, state: FixedClipState) -> jax.Array:
         del state
-        return jnp.asarray(self.max_norm, jnp.float32)
+        # A copy: an array threshold (the user's, or optax.inject_hyperparams' own) must
+        # not be the state's buffer too, or donating the state deletes it (and donating
+        # inject_hyperparams' state donates one buffer twice).
+        return jnp.array(self.max_norm, jnp.float32, copy=True)
 
     def update(self, state: FixedClipState, norm: jax.Array, accepted: jax.Array) -> FixedClipState:
         del norm, accepted
@@ -329,7 +332,7 @@ def as_clip_policy(name: str, clip: Any) -> ClipPolicy:
     if isinstance(clip, (int, float)) and not isinstance(clip, bool):
         return FixedClip(check.positive(name, clip, allow_inf=True))
     if check.is_array_like(clip):  # e.g. a threshold scheduled by optax.inject_hyperparams
-        return FixedClip(check.positive_or_array(name, clip))
+        return FixedClip(check.positive_or_array(name, clip, allow_inf=True))  # inf: never clips, as a float
     raise TypeError(
         f"`{name}` must be None, a positive number or a clip policy "
         f"(gh.FixedClip, gh.ZScoreClip, gh.PercentileClip) or a scalar array, "

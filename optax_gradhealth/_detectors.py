@@ -191,7 +191,10 @@ def spike_bound(
         log_ratio = math.log(ratio) if isinstance(ratio, (int, float)) else jnp.log(jnp.asarray(ratio, jnp.float32))
         log_bound = jnp.maximum(log_bound, median + log_ratio)
     if zscore is not None:
-        log_bound = jnp.maximum(log_bound, median + zscore * jnp.maximum(spread, spread_floor))
+        # float32 whatever the threshold's dtype (a float64 array under x64 would make
+        # the bound, and the state it is folded into, float64).
+        z = zscore if isinstance(zscore, (int, float)) else jnp.asarray(zscore, jnp.float32)
+        log_bound = jnp.maximum(log_bound, median + z * jnp.maximum(spread, spread_floor))
     return jnp.exp(jnp.minimum(log_bound, 88.0))
 
 

@@ -284,7 +284,9 @@ def _reset_mask(state: Any) -> Any:
 
     def one(o):
         if kept(o):
-            return jax.tree.map(lambda _: False, o)
+            mask = jax.tree.map(lambda _: False, o)
+            fields = interfaces.wrapped_fields(o)  # a wrapper's inner state: reset as such
+            return mask._replace(**{f: _reset_mask(getattr(o, f)) for f in fields}) if fields else mask
         if isinstance(o, _HYPERPARAM_STATES):
             return jax.tree.map(lambda _: False, o)._replace(inner_state=_reset_mask(o.inner_state))
         return True
@@ -538,6 +540,13 @@ class GuardConfig:
             )
         count = lambda name, value: check.optional(check.integer_or_array, name, value, minimum=1)
         reset_after = count("reset_after", reset_after)
+        reset_window = check.integer_or_array("reset_window", reset_window, minimum=1)
+        if isinstance(reset_after, int) and isinstance(reset_window, int) and reset_after > reset_window:
+            raise ValueError(
+                f"`reset_after` ({reset_after}) spikes can never fall within `reset_window` ({reset_window}) steps, "
+                "one spike per step: the momentum would never be reset. Use reset_window >= reset_after, or "
+                "reset_after=None to turn the reset off."
+            )
         return cls(
             policy=_clipping.as_clip_policy("clip", clip),
             spike_action=check.one_of("spike_action", spike_action, SPIKE_ACTIONS),
@@ -549,7 +558,7 @@ class GuardConfig:
             warmup_steps=check.integer_or_array("warmup_steps", warmup_steps, minimum=1),
             stats_decay=check.or_array(check.in_open_unit_interval, "stats_decay", stats_decay),
             reset_after=reset_after,
-            reset_window=check.integer_or_array("reset_window", reset_window, minimum=1),
+            reset_window=reset_window,
             rollback_after_nonfinite=count("rollback_after_nonfinite", rollback_after_nonfinite),
             rollback_after_spikes=count("rollback_after_spikes", rollback_after_spikes),
             vanishing_norm=check.optional(check.positive_or_array, "vanishing_norm", vanishing_norm),
@@ -1059,7 +1068,7 @@ def guard(
       stats_decay: EMA decay of the running statistics, in (0, 1).
       reset_after: spikes within ``reset_window`` that trigger a momentum reset
         (>= 1), or None to never reset.
-      reset_window: window length in steps (>= 1).
+      reset_window: window length in steps (>= ``reset_after``).
       rollback_after_nonfinite: consecutive non-finite steps that raise the rollback
         recommendation (>= 1), or None.
       rollback_after_spikes: consecutive spikes that raise it (>= 1), or None.

@@ -21,25 +21,36 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["UNSCALE_ARG", "UnscalesOnRead", "is_kept_on_momentum_reset", "keep_on_momentum_reset"]
+__all__ = ["UNSCALE_ARG", "UnscalesOnRead", "is_kept_on_momentum_reset", "keep_on_momentum_reset", "wrapped_fields"]
 
 #: The private extra argument that carries the loss scale's unscale factor (a float32
 #: scalar: the true gradients are ``updates * factor``) to a transformation whose state
 #: is :class:`UnscalesOnRead`.
 UNSCALE_ARG = "_gradhealth_unscale"
 
-_KEPT_ON_RESET: set[type] = set()
+_KEPT_ON_RESET: dict[type, tuple[str, ...]] = {}
 
 
-def keep_on_momentum_reset(*state_types: type) -> None:
+def keep_on_momentum_reset(*state_types: type, wrapped: tuple[str, ...] = ()) -> None:
     """Declares state types that the guard's momentum reset keeps as they are (instead of
-    re-initialising them with the inner optimizer's moments): bookkeeping, not moments."""
-    _KEPT_ON_RESET.update(state_types)
+    re-initialising them with the inner optimizer's moments): bookkeeping, not moments.
+
+    ``wrapped`` names the fields of a wrapper's state (a NamedTuple) that hold the
+    wrapped optimizer's state, or a window being accumulated for it: the reset treats
+    them as it treats any inner state (moments re-initialised, bookkeeping found inside
+    kept), and keeps the other fields."""
+    for state_type in state_types:
+        _KEPT_ON_RESET[state_type] = tuple(wrapped)
 
 
 def is_kept_on_momentum_reset(state: Any) -> bool:
     """True for a state whose type was declared with :func:`keep_on_momentum_reset`."""
     return type(state) in _KEPT_ON_RESET
+
+
+def wrapped_fields(state: Any) -> tuple[str, ...]:
+    """The ``wrapped`` fields declared for the type of ``state`` (empty if none)."""
+    return _KEPT_ON_RESET.get(type(state), ())
 
 
 @runtime_checkable

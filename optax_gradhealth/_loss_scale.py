@@ -51,7 +51,7 @@ class LossScaleState(NamedTuple):
     loss_scale_num_overflows: jax.Array
 
 
-interfaces.keep_on_momentum_reset(LossScaleState)
+interfaces.keep_on_momentum_reset(LossScaleState, wrapped=("loss_scale_inner_state",))
 _catalogue.register_metrics(
     LossScaleState,
     {
@@ -66,6 +66,13 @@ _catalogue.register_metrics(
 #: float32 too (a subnormal inverse is flushed to 0 on CPU: every gradient unscaled to 0).
 _SMALLEST_SCALE = 2.0**-126
 _LARGEST_SCALE = 2.0**126
+
+
+def _growth_factor(name: str, value: Any) -> float:
+    value = check.real_number(name, value)
+    if not 1.0 < value < math.inf:
+        raise ValueError(f"`{name}` must be a finite number > 1, got {value!r}.")
+    return value
 
 
 def dynamic_loss_scale(
@@ -149,26 +156,27 @@ def dynamic_loss_scale(
       (True, 512.0, 0)
     """
     inner = check.transformation("inner", inner)
-    init_scale = check.positive("init_scale", init_scale)
-    growth_factor = check.real_number("growth_factor", growth_factor)
-    if not 1.0 < growth_factor < math.inf:
-        raise ValueError(f"`growth_factor` must be a finite number > 1, got {growth_factor!r}.")
-    backoff_factor = check.in_open_unit_interval("backoff_factor", backoff_factor)
-    growth_interval = check.integer("growth_interval", growth_interval, minimum=1)
-    min_scale = check.positive("min_scale", min_scale)
-    max_scale = check.positive("max_scale", max_scale, allow_inf=True)
-    for name, value in (("init_scale", init_scale), ("min_scale", min_scale)):
-        if not _SMALLEST_SCALE <= value <= _LARGEST_SCALE:
+    # Each may be a scalar array (optax.inject_hyperparams): checked like the number it
+    # holds when concrete; the checks between them need all of them concrete.
+    init_scale = check.positive_or_array("init_scale", init_scale)
+    growth_factor = check.or_array(_growth_factor, "growth_factor", growth_factor)
+    backoff_factor = check.or_array(check.in_open_unit_interval, "backoff_factor", backoff_factor)
+    growth_interval = check.integer_or_array("growth_interval", growth_interval, minimum=1)
+    min_scale = check.positive_or_array("min_scale", min_scale)
+    max_scale = check.positive_or_array("max_scale", max_scale, allow_inf=True)
+    concrete = check.concrete_values(init_scale=init_scale, min_scale=min_scale, max_scale=max_scale)
+    for name in ("init_scale", "min_scale"):
+        if name in concrete and not _SMALLEST_SCALE <= concrete[name] <= _LARGEST_SCALE:
             raise ValueError(
                 f"`{name}` must lie in [2**-126, 2**126] (a normal float32 whose inverse, the "
-                f"unscaling factor, is one too), got {value!r}."
+                f"unscaling factor, is one too), got {concrete[name]!r}."
             )
-    if max_scale < min_scale:
-        raise ValueError(f"`max_scale` ({max_scale!r}) must be >= `min_scale` ({min_scale!r}).")
-    if not min_scale <= init_scale <= max_scale:
-        raise ValueError(
-            f"`init_scale` must lie in [min_scale, max_scale] = [{min_scale!r}, {max_scale!r}], got {init_scale!r}."
-        )
+    if len(concrete) == 3:
+        init, low, high = concrete["init_scale"], concrete["min_scale"], concrete["max_scale"]
+        if high < low:
+            raise ValueError(f"`max_scale` ({high!r}) must be >= `min_scale` ({low!r}).")
+        if not low <= init <= high:
+            raise ValueError(f"`init_scale` must lie in [min_scale, max_scale] = [{low!r}, {high!r}], got {init!r}.")
 
     def init_fn(params):
         return LossScaleState(
@@ -209,8 +217,10 @@ def dynamic_loss_scale(
             new_inner_state = inner_state.keep_bookkeeping(old_inner, overflow, sel.where)
             new_updates = inner_updates
         else:
-            # The scaled gradients: that is where an overflow shows.
-            finite = _stats.grad_stats(updates).finite
+            # The unscaled gradients, rounded to each leaf's dtype, as the wrapped
+            # optimizer reads them: an overflow shows in the scaled ones, and with a
+            # scale below 1 a float16 gradient can overflow when unscaled.
+            finite = _stats._grad_stats(updates, inverse).finite
             good = finite & loss_ok
             overflow = ~finite & loss_ok & (scale > min_scale)
             # An overflow never reaches the wrapped optimizer's state; no non-finite
@@ -232,7 +242,7 @@ def dynamic_loss_scale(
 
         tracker = jnp.where(good, state.loss_scale_growth_tracker + 1, 0)
         grow = tracker >= growth_interval
-        new_scale = jnp.where(grow, jnp.minimum(scale * growth_factor, min(max_scale, _LARGEST_SCALE)), scale)
+        new_scale = jnp.where(grow, jnp.minimum(scale * growth_factor, jnp.minimum(max_scale, _LARGEST_SCALE)), scale)
         new_scale = jnp.where(overflow, jnp.maximum(scale * backoff_factor, min_scale), new_scale)
         tracker = jnp.where(grow, 0, tracker)
         return new_updates, LossScaleState(

@@ -31,13 +31,17 @@ def estimates(mean_group_sq: jax.Array, mean_sq: jax.Array, k: int, group_size: 
     """``(|G|^2, tr(Sigma))`` estimated from ``mean_i |g_i|^2`` and ``|g|^2`` over ``k``
     groups of ``group_size`` examples (``tr(Sigma)`` is NaN without a group size, and
     both are ``|g|^2`` and NaN for one group)."""
-    if k < 2:
-        return mean_sq, jnp.full((), jnp.nan, jnp.float32)
-    kf = jnp.float32(k)
-    grad_sq = (kf * mean_sq - mean_group_sq) / (kf - 1.0)
+    nan = jnp.full((), jnp.nan, jnp.float32)
+    if isinstance(k, int) and k < 2:
+        return mean_sq, nan
+    # ``k`` and ``group_size`` may be traced (optax.inject_hyperparams): selects, not ifs.
+    kf = jnp.asarray(k, jnp.float32)
+    one = kf < 2.0
+    below = jnp.where(one, 1.0, kf - 1.0)
+    grad_sq = jnp.where(one, mean_sq, (kf * mean_sq - mean_group_sq) / below)
     if group_size is None:
-        return grad_sq, jnp.full((), jnp.nan, jnp.float32)
-    return grad_sq, jnp.float32(group_size) * kf * (mean_group_sq - mean_sq) / (kf - 1.0)
+        return grad_sq, nan
+    return grad_sq, jnp.where(one, nan, jnp.asarray(group_size, jnp.float32) * kf * (mean_group_sq - mean_sq) / below)
 
 
 class NoiseScale(NamedTuple):

@@ -313,6 +313,19 @@ def _sum_of_squares_or_zero(x: Any, scale: jax.Array | None = None) -> jax.Array
     return jnp.zeros((), jnp.float32)
 
 
+def _overflows_on_scaling(x: Any) -> bool:
+    """A float leaf whose dtype's range is far below float32's (float16, the fp8 types):
+    multiplied by a factor above 1 and rounded back to its dtype (as a loss scale below 1
+    unscales it, ``_clipping.scale_tree``), a finite element can become Inf."""
+    return _is_float(x) and not jnp.iscomplexobj(x) and float(jnp.finfo(jnp.asarray(x).dtype).max) < 1e30
+
+
+def _scaled_in_dtype(x: jax.Array, scale: jax.Array) -> jax.Array:
+    """``x * scale`` computed in float32 and rounded to ``x``'s dtype: the values an
+    optimizer given the scaled tree reads (Inf where they overflow its range)."""
+    return (x.astype(jnp.float32) * scale).astype(x.dtype)
+
+
 def _sums_of_squares(
     leaves: list[Any], input_scale: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
@@ -330,6 +343,8 @@ def _sums_of_squares(
         # The barrier keeps this multiply inside the reduction (XLA would otherwise share
         # it with the caller's own `x * input_scale` and materialise the product).
         x, own = _lowering.keep_in_reduction((x, input_scale))
+        if _overflows_on_scaling(x):
+            return _sum_of_squares_or_zero(_scaled_in_dtype(x, own))
         return _sum_of_squares_or_zero(x, own)
 
     # The barrier keeps the vector one concatenation: otherwise XLA rewrites each of its
@@ -340,16 +355,20 @@ def _sums_of_squares(
     scale = _rescue_scale(total)
 
     def rescaled(operands):
-        leaves, scale = operands
-        if input_scale is not None:
-            scale = scale * input_scale
+        leaves, rescue = operands
         out = []
         for x in leaves:
-            # One barrier per leaf gives each leaf its own copy of the scalar `scale`:
+            if input_scale is None:
+                factor = rescue
+            elif _overflows_on_scaling(x):  # rounded to its dtype first, as in `first`
+                x, factor = _scaled_in_dtype(x, input_scale), rescue
+            else:
+                factor = rescue * input_scale
+            # One barrier per leaf gives each leaf its own copy of the scalar factor:
             # otherwise XLA shares one broadcast of it between leaves of the same shape
             # and materialises it, a temporary the size of those leaves.
-            x, own_scale = _lowering.own_operands((x, scale))
-            out.append(_sum_of_squares_or_zero(x, own_scale))
+            x, own_factor = _lowering.own_operands((x, factor))
+            out.append(_sum_of_squares_or_zero(x, own_factor))
         return _lowering.one_vector(jnp.stack(out))
 
     # The ordinary branch's value is never read (grad_stats keeps the first-pass sums

@@ -7,12 +7,15 @@ import numbers
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
 
 def _describe(value: Any) -> str:
-    return f"{value!r} (type {type(value).__name__})"
+    kind = type(value)
+    name = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    return f"{value!r} (type {name})"
 
 
 def real_number(name: str, value: Any) -> float:
@@ -47,7 +50,8 @@ def or_array(check: Any, name: str, value: Any, **kwargs: Any) -> Any:
     if not is_array_like(value) and not isinstance(value, jax.core.Tracer):
         return check(name, value, **kwargs)
     shape, dtype = tuple(np.shape(value)), np.dtype(value.dtype)
-    if shape != () or not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)):
+    # (jnp.issubdtype knows bfloat16 and the fp8 types as floating; np.issubdtype does not.)
+    if shape != () or not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
         raise ValueError(
             f"`{name}` must be a number or a real scalar array, got an array of shape {shape} and dtype {dtype}."
         )
@@ -59,6 +63,13 @@ def or_array(check: Any, name: str, value: Any, **kwargs: Any) -> Any:
 def positive_or_array(name: str, value: Any, *, allow_inf: bool = False) -> Any:
     """A positive Python number (validated now), or a scalar array (see :func:`or_array`)."""
     return or_array(positive, name, value, allow_inf=allow_inf)
+
+
+def concrete_values(**values: Any) -> dict[str, float]:
+    """The values that are known now, as floats: Python numbers and concrete scalar
+    arrays; a traced one (inside a jitted update) is left out of checks between
+    arguments."""
+    return {name: float(v) for name, v in values.items() if not isinstance(v, jax.core.Tracer)}
 
 
 def non_negative(name: str, value: Any) -> float:
@@ -82,7 +93,10 @@ INT32_MAX = 2**31 - 1
 
 def integer(name: str, value: Any, *, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"`{name}` must be an int >= {minimum}, got {_describe(value)}.")
+        hint = ""
+        if is_array_like(value) or isinstance(value, jax.core.Tracer):
+            hint = f" (it cannot be an array: under optax.inject_hyperparams pass static_args=('{name}',))"
+        raise TypeError(f"`{name}` must be an int >= {minimum}, got {_describe(value)}{hint}.")
     value = int(value)
     if value < minimum:
         raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
@@ -113,9 +127,11 @@ def integer_or_array(name: str, value: Any, *, minimum: int) -> Any:
 
 
 def boolean(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
+    """True or False (a numpy bool too); anything else, a string "False" included, is
+    an error rather than read by its truth value."""
+    if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"`{name}` must be True or False, got {_describe(value)}.")
-    return value
+    return bool(value)
 
 
 def optional(check, name: str, value: Any, **kwargs):

@@ -182,6 +182,38 @@ def test_agc_explicit_axis_and_unknown_rank():
     assert int(state.agc_clip_count) == 7
 
 
+@pytest.mark.parametrize("axis", ["1", 1.5, True, (0, 0), (), [0, "a"]])
+def test_agc_axis_of_the_wrong_kind_raises_when_built(axis):
+    with pytest.raises(TypeError, match=r"`axis` must be None, an int or a non-empty tuple of distinct ints"):
+        gh.adaptive_grad_clip(0.01, axis=axis)
+
+
+@pytest.mark.parametrize("axis", [2, -3, 7, 2**40, (0, 2), (1, -1)])
+def test_agc_axis_out_of_a_parameters_range_is_an_error_not_wrapped(axis):
+    """An axis past the parameter's rank was taken modulo the rank (axis=7 on a matrix
+    clipped along axis 1, silently); numpy and optax raise. (1, -1) names axis 1 twice."""
+    params = {"w": jnp.ones((3, 4))}
+    tx = gh.adaptive_grad_clip(0.01, axis=axis)
+    with pytest.raises(ValueError, match=r"gh.adaptive_grad_clip: `axis` .* (out of bounds|names one axis twice)"):
+        tx.update(params, tx.init(params), params)
+
+
+def test_agc_float64_threshold_under_x64_keeps_the_parameters_dtype():
+    """A float64 threshold under x64 made the clipped branch float64: lax.select failed
+    with mixed dtypes deep inside the update."""
+    with jax.enable_x64(True):
+        for dtype in (jnp.float32, jnp.bfloat16):
+            params = {"w": jnp.ones((3, 4), dtype)}
+            grads = {"w": jnp.full((3, 4), 10.0, dtype)}
+            for clipping in (np.float64(0.1), jnp.float64(0.1)):
+                tx = gh.adaptive_grad_clip(clipping)
+                got, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+                want, _ = optax.adaptive_grad_clip(0.1).update(grads, None, params)
+                assert got["w"].dtype == dtype
+                as_f32 = lambda x: np.asarray(x, np.float32)
+                np.testing.assert_allclose(as_f32(got["w"]), as_f32(want["w"]), rtol=1e-2)
+
+
 # --------------------------------------------------- as the guard's clipping step
 
 

@@ -493,6 +493,7 @@ def test_metrics_found_in_nnx_optimizer():
         (dict(stats_decay=1.5), ValueError, r"`stats_decay` must lie strictly between 0 and 1, got 1.5"),
         (dict(reset_after=0), ValueError, r"`reset_after` must be an int >= 1, got 0"),
         (dict(reset_window=0), ValueError, r"`reset_window` must be an int >= 1, got 0"),
+        (dict(reset_after=5, reset_window=3), ValueError, r"`reset_after` \(5\) spikes can never fall within"),
         (dict(rollback_after_nonfinite=2.0), TypeError, r"`rollback_after_nonfinite` must be an int"),
         (dict(vanishing_norm=0.0), ValueError, r"`vanishing_norm` must be a positive number"),
         (dict(loss_spike_zscore=0.0), ValueError, r"`loss_spike_zscore` must be a positive number.*0.0"),

@@ -148,3 +148,127 @@ def test_one_size_static_and_the_other_injected_runs_like_the_plain_guard(static
     for name in m_plain:
         np.testing.assert_array_equal(np.asarray(m_injected[name]), np.asarray(m_plain[name]), err_msg=name)
     assert int(m_plain["grad/num_momentum_resets"]) == 1
+
+
+def _same_updates_as_plain(injected, plain, params, grads_seq, **extra):
+    """Runs both (jitted) over the same gradients: the injected transformation must give
+    the plain one's updates, step for step."""
+    a, b = injected.init(params), plain.init(params)
+    step_a, step_b = jax.jit(injected.update), jax.jit(plain.update)
+    for t, grads in enumerate(grads_seq):
+        ua, a = step_a(grads, a, params, **extra)
+        ub, b = step_b(grads, b, params, **extra)
+        for x, y in zip(jax.tree.leaves(ua), jax.tree.leaves(ub)):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, err_msg=f"step {t}")
+    return a
+
+
+@pytest.mark.parametrize(
+    "factory, kwargs",
+    [
+        (gh.adaptive_grad_clip, dict(clipping=0.05, eps=1e-2)),
+        (gh.clip_by_value, dict(max_abs=0.3)),
+        (gh.adagc_clip, dict(relative=1.05, warmup_steps=2)),
+    ],
+    ids=["adaptive_grad_clip", "clip_by_value", "adagc_clip"],
+)
+def test_every_numeric_argument_of_the_clip_modes_may_be_injected(factory, kwargs):
+    """optax.inject_hyperparams turns every numeric argument, defaults included, into a
+    scalar array (traced in the update): `eps`, `max_abs`, `warmup_steps` were rejected
+    as "must be a real number / an int". Expected: the plain transformation's updates."""
+    params = {"w": jnp.ones((3, 4)), "b": jnp.full((4,), 0.5)}
+    rng = np.random.default_rng(0)
+    grads_seq = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params) for _ in range(5)]
+    _same_updates_as_plain(optax.inject_hyperparams(factory)(**kwargs), factory(**kwargs), params, grads_seq)
+
+
+def test_the_wrappers_numeric_arguments_may_be_injected():
+    """gh.dynamic_loss_scale and gh.accumulate under inject_hyperparams: the same updates
+    as built plainly; a size that shapes the state (record_step_cosine's `sketch_dim`)
+    says to list it in static_args."""
+    params = {"w": jnp.ones(3)}
+    grads_seq = [{"w": jnp.array([0.5, -1.0, 2.0]) * (t + 1)} for t in range(6)]
+    for factory, kwargs in [
+        (gh.dynamic_loss_scale, dict(inner=optax.adam(0.1), init_scale=4.0, growth_interval=2)),
+        (gh.accumulate, dict(inner=optax.adam(0.1), every_k=2, micro_batch_size=3)),
+    ]:
+        injected = optax.inject_hyperparams(factory)(**kwargs)
+        state = _same_updates_as_plain(injected, factory(**kwargs), params, grads_seq)
+        if factory is gh.accumulate:  # the noise-scale estimate with a traced every_k too
+            plain = factory(**kwargs)
+            s = plain.init(params)
+            for g in grads_seq:
+                _, s = plain.update(g, s, params)
+            np.testing.assert_allclose(
+                gh.metrics(state.inner_state)["grad/grad_sq_est"], gh.metrics(s)["grad/grad_sq_est"], rtol=1e-6
+            )
+    with pytest.raises(TypeError, match=r"static_args=\('sketch_dim',\)"):
+        optax.inject_hyperparams(gh.record_step_cosine)(sketch_dim=16).init(params)
+
+
+def test_array_hyperparameters_in_every_float_dtype_and_inf_as_an_array():
+    """bfloat16 scalars were rejected ("must be a number or a real scalar array") where
+    fp16 and optax took them; an infinite threshold (never clips) was accepted as a
+    Python float only."""
+    params = {"w": jnp.ones(3, jnp.bfloat16)}
+    grads = {"w": jnp.array([3.0, 4.0, 0.0], jnp.bfloat16)}
+    for clip in (jnp.bfloat16(1.0), np.float32(np.inf), jnp.float32(jnp.inf)):
+        for tx in (gh.clip_by_global_norm(clip), gh.guard(optax.sgd(1.0), clip=clip)):
+            updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+            want = 5.0 if np.isinf(float(clip)) else 1.0
+            np.testing.assert_allclose(float(optax.tree.norm(updates)), want, rtol=1e-2)
+    injected = optax.inject_hyperparams(gh.guard)(inner=optax.sgd(1.0), clip=float("inf"))
+    updates, _ = jax.jit(injected.update)(grads, injected.init(params), params)
+    np.testing.assert_allclose(float(optax.tree.norm(updates)), 5.0, rtol=1e-2)
+
+
+def test_an_array_threshold_is_not_the_states_buffer():
+    """The init state held the threshold array itself: donating the state deleted the
+    user's array (a later init failed), and under inject_hyperparams one buffer was
+    donated twice."""
+    params = {"w": jnp.ones(3)}
+    grads = jnp.array([[3.0, 4.0, 0.0], [0.0, 0.3, 0.4]])
+
+    def donated_loop(tx):
+        # A training loop carries the whole state through a scan, donated: each of its
+        # buffers is the loop's to reuse.
+        def body(state, g):
+            return tx.update({"w": g}, state, params)[1], None
+
+        return jax.jit(lambda state: jax.lax.scan(body, state, grads)[0], donate_argnums=0)
+
+    clip = jnp.float32(1.0)
+    for tx in (gh.guard(optax.sgd(0.1), clip=clip), gh.clip_by_global_norm(clip)):
+        donated_loop(tx)(tx.init(params))
+        assert not clip.is_deleted()
+        donated_loop(tx)(tx.init(params))  # a second init still reads the threshold
+    injected = optax.inject_hyperparams(gh.clip_by_global_norm)(max_norm=1.0)
+    state = donated_loop(injected)(injected.init(params))  # was: one buffer donated twice
+    np.testing.assert_allclose(float(gh.metrics(state.inner_state)["grad/clip_threshold"]), 1.0)
+
+
+def test_a_float64_spike_zscore_under_x64_keeps_the_state_float32():
+    """The z-score bound was not cast: a float64 `spike_zscore` (or inject_hyperparams'
+    float64 default with float64 parameters) made the running norm statistics float64
+    after one step, and a lax.scan over steps failed on the carry's type."""
+    with jax.enable_x64(True):
+        params = {"w": jnp.ones(3, jnp.float64)}
+        grads = jnp.asarray(np.random.default_rng(0).normal(size=(6, 3)))
+        for tx in (
+            gh.guard(optax.sgd(0.1), spike_zscore=jnp.float64(6.0), spike_action="clip", warmup_steps=2),
+            optax.inject_hyperparams(gh.guard)(inner=optax.sgd(0.1), warmup_steps=2),
+        ):
+            state = tx.init(params)
+
+            def body(state, g, tx=tx):
+                return tx.update({"w": g}, state, params)[1], None
+
+            final, _ = jax.jit(lambda s, tx=tx, body=body: jax.lax.scan(body, s, grads))(state)
+            before = [x.dtype for x in jax.tree.leaves(state)]
+            assert [x.dtype for x in jax.tree.leaves(final)] == before
+
+
+def test_numpy_bools_are_flags_strings_are_not():
+    gh.guard(optax.sgd(0.1), check_updates=np.bool_(False), update_health=np.True_)
+    with pytest.raises(TypeError, match=r"`check_updates` must be True or False, got 'False' \(type str\)"):
+        gh.guard(optax.sgd(0.1), check_updates="False")

@@ -242,14 +242,38 @@ def test_a_genuine_fault_leaves_a_plain_inner_optimizers_state_alone():
     np.testing.assert_allclose(np.asarray(updates["w"]), np.asarray(expected["w"]), rtol=1e-6)
 
 
-def test_an_fp16_gradient_that_overflows_when_unscaled_never_leaves_as_inf():
+@pytest.mark.parametrize("inner", ["adam", "guard"])
+def test_an_fp16_gradient_that_overflows_when_unscaled_never_reaches_the_optimizer(inner):
     """A scale below 1 (min_scale allows it): an fp16 scaled gradient of 30000 unscales
-    (by 4) to 120000, beyond fp16's 65504. Without a guard the update's Inf element is
-    zeroed; the others go through."""
-    tx = gh.dynamic_loss_scale(optax.sgd(1e-3), init_scale=0.25, min_scale=0.25)
+    (by 4) to 120000, beyond fp16's 65504: the gradient the optimizer would read is
+    Inf. The finite flag was taken on the scaled gradients, so Adam's moments took the
+    Inf (and every later update of that element was 0), and a guard with
+    `check_updates=False` returned an Inf update while reporting the gradient finite.
+    Now the step is skipped whole: zero updates, the state as it was."""
     params = {"w": jnp.zeros(2, jnp.float16)}
-    updates, _ = tx.update({"w": jnp.array([30000.0, 1e-3], jnp.float16)}, tx.init(params), params)
-    np.testing.assert_allclose(np.asarray(updates["w"], np.float32), [0.0, -4e-6], rtol=1e-2)
+    wrapped = optax.adam(1e-3) if inner == "adam" else gh.guard(optax.adam(1e-3), check_updates=False)
+    tx = gh.dynamic_loss_scale(wrapped, init_scale=0.25, min_scale=0.25)
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    updates, state = update({"w": jnp.array([30000.0, 1e-3], jnp.float16)}, state, params)
+    assert np.all(np.asarray(updates["w"]) == 0.0)
+    adam_state = lambda s: s.loss_scale_inner_state if inner == "adam" else s.loss_scale_inner_state.guard_inner_state
+    chex.assert_trees_all_equal(adam_state(state), adam_state(tx.init(params)))
+    assert not bool(state.loss_scale_overflow)  # at min_scale: a fault, not an overflow
+    if inner == "guard":
+        m = gh.metrics(state)
+        assert not bool(m["grad/finite"]) and int(m["grad/num_nonfinite"]) == 1
+    # The next good step is Adam's first: -lr * sign(g) per element.
+    updates, state = update({"w": jnp.array([0.25, -0.25], jnp.float16)}, state, params)
+    np.testing.assert_allclose(np.asarray(updates["w"], np.float32), [-1e-3, 1e-3], rtol=1e-2)
+
+
+def test_an_fp16_gradient_that_overflows_when_unscaled_above_min_scale_backs_the_scale_off():
+    tx = gh.dynamic_loss_scale(optax.sgd(1e-3), init_scale=0.5, min_scale=0.125)
+    params = {"w": jnp.zeros(2, jnp.float16)}
+    updates, state = tx.update({"w": jnp.array([40000.0, 1e-3], jnp.float16)}, tx.init(params), params)
+    assert np.all(np.asarray(updates["w"]) == 0.0)
+    assert bool(state.loss_scale_overflow) and float(state.loss_scale) == 0.25
 
 
 def test_nonfinite_at_min_scale_is_not_an_overflow_and_updates_stay_finite():
