@@ -15,6 +15,7 @@ Per-leaf metrics are declared with a ``<path>`` placeholder
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import NamedTuple
 
 __all__ = [
@@ -710,13 +711,23 @@ def register_metrics(state_type: type, fields: dict[str, str], catalogue: dict[s
     A field whose value is a pytree (not an array) is flattened into
     ``<name>/<leaf path>`` entries, e.g. per-layer norms. Registering only changes what
     :func:`metrics` reports: never what a transformation does (a momentum reset keeps
-    what ``keep_on_momentum_reset`` declares, whatever is logged).
+    what ``keep_on_momentum_reset`` declares, whatever is logged). Registering a type
+    again replaces its fields.
 
     Args:
       state_type: a NamedTuple type that a transformation keeps in its state.
-      fields: ``{field name: metric name}``; an empty dict marks a state that holds
-        registered states (groups) so that they are reported in field order.
-      catalogue: ``{metric name: one-line meaning}`` for names not declared yet.
+      fields: ``{field name: metric name}`` (non-empty strs); an empty dict marks a
+        state that holds registered states (groups) so that they are reported in field
+        order.
+      catalogue: ``{metric name: one-line meaning}`` (strs) for names not declared yet:
+        a name of the package's own metrics (``grad/norm``, a per-leaf or vector entry
+        of one, a deprecated name) is refused, its meaning is fixed; a name registered
+        before is given the new meaning.
+
+    Raises:
+      TypeError: an argument of the wrong type (naming it and what it got).
+      ValueError: a field ``state_type`` does not have, a catalogue entry for a name of
+        the package's own metrics. Nothing is registered then.
 
     Example:
       >>> from typing import NamedTuple
@@ -728,13 +739,43 @@ def register_metrics(state_type: type, fields: dict[str, str], catalogue: dict[s
       >>> gh.metrics((MyState(jnp.int32(3)),))
       {'my/count': Array(3, dtype=int32)}
     """
+
+    def got(value: object) -> str:
+        return f"got {value!r} (type {type(value).__name__})"
+
+    if not (isinstance(state_type, type) and issubclass(state_type, tuple) and hasattr(state_type, "_fields")):
+        raise TypeError(
+            f"gh.register_metrics: `state_type` must be a NamedTuple type (the class, e.g. MyState), {got(state_type)}."
+        )
+    if not isinstance(fields, Mapping):
+        raise TypeError(f"gh.register_metrics: `fields` must be a dict {{field name: metric name}}, {got(fields)}.")
     fields = dict(fields)
-    for field in fields:
-        if field not in getattr(state_type, "_fields", ()):
+    for field, name in fields.items():
+        if field not in state_type._fields:
             raise ValueError(
-                f"gh.register_metrics: {state_type.__name__} has no field {field!r} "
-                f"(fields: {getattr(state_type, '_fields', ())})."
+                f"gh.register_metrics: {state_type.__name__} has no field {field!r} (fields: {state_type._fields})."
             )
+        if not isinstance(name, str) or not name:
+            raise TypeError(
+                f"gh.register_metrics: the metric name of field {field!r} must be a non-empty str, {got(name)}."
+            )
+    if catalogue is not None and not isinstance(catalogue, Mapping):
+        raise TypeError(
+            f"gh.register_metrics: `catalogue` must be None or a dict {{metric name: meaning}}, {got(catalogue)}."
+        )
+    catalogue = dict(catalogue or {})
+    for name, meaning in catalogue.items():
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"gh.register_metrics: a `catalogue` name must be a non-empty str, {got(name)}.")
+        if not isinstance(meaning, str):
+            raise TypeError(f"gh.register_metrics: the `catalogue` meaning of {name!r} must be a str, {got(meaning)}.")
+        try:
+            spec_of(name)
+        except KeyError:
+            continue
+        raise ValueError(
+            f"gh.register_metrics: {name!r} is a metric of optax_gradhealth (see gh.CATALOGUE): its meaning cannot "
+            "be replaced; `catalogue` is for names not declared yet."
+        )
     STATE_FIELDS[state_type] = fields
-    if catalogue:
-        CATALOGUE.update(catalogue)
+    CATALOGUE.update(catalogue)

@@ -13,6 +13,7 @@ from typing import Any
 import jax
 
 from optax_gradhealth import _catalogue, _stats
+from optax_gradhealth import _validation as check
 
 __all__ = ["CATALOGUE", "metrics", "register_metrics"]
 
@@ -127,7 +128,8 @@ def metrics(opt_state: Any, *, deprecated_names: bool = True) -> dict[str, jax.A
 
     Args:
       opt_state: an optimizer state (or an ``nnx.Optimizer``).
-      deprecated_names: also return each metric under its deprecated name, if it has one.
+      deprecated_names: also return each metric under its deprecated name, if it has one
+        (True or False).
 
     Returns:
       ``dict[str, jax.Array]``; empty if no gradhealth state is inside.
@@ -142,6 +144,7 @@ def metrics(opt_state: Any, *, deprecated_names: bool = True) -> dict[str, jax.A
       >>> 'grad/spike' in gh.metrics(state), 'grad/spike' in gh.metrics(state, deprecated_names=False)
       (True, False)
     """
+    deprecated_names = check.boolean("deprecated_names", deprecated_names)
     out: dict[str, jax.Array] = {}
     for state in _find_states(_unwrap_variables(opt_state)):
         entries: dict[str, jax.Array] = {}

@@ -44,12 +44,14 @@ from typing import Any
 
 import numpy as np
 
+from optax_gradhealth import _validation as check
 from optax_gradhealth._catalogue import current_name
 
 __all__ = ["History", "LogReadWarning", "load_history"]
 
 _NONFINITE = {"NaN": math.nan, "nan": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 _CHUNK_ROWS = 4096  # rows parsed between two conversions to numpy (bounds the Python objects alive)
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1  # a step must fit in History.steps (int64)
 
 
 class LogReadWarning(UserWarning):
@@ -344,7 +346,7 @@ def load_history(source: Any, *, skip_bad_lines: bool = False) -> History:
         it is).
       skip_bad_lines: skip (with a warning) JSON Lines lines that are not JSON objects
         instead of raising. A cut line (one that stops before its closing brace, what a
-        run killed mid-write leaves) is always skipped with a warning.
+        run killed mid-write leaves) is always skipped with a warning. True or False.
 
     Returns:
       The :class:`History`: sorted by step, the last write of a step kept, restarts
@@ -353,7 +355,10 @@ def load_history(source: Any, *, skip_bad_lines: bool = False) -> History:
     Raises:
       FileNotFoundError: no such file or directory.
       ValueError: a line that is not a JSON object (naming ``file:line``), a file that
-        is not UTF-8 text, a directory without TensorBoard event files.
+        is not UTF-8 text, a directory without TensorBoard event files, a step that is
+        not an integer in int64's range (naming ``file:line`` or the row).
+      TypeError: a source of another type, a column of a dict that is not a list or
+        array, a ``skip_bad_lines`` that is not a bool.
       ImportError: a TensorBoard directory without the ``tensorboard`` package.
 
     Example:
@@ -370,6 +375,7 @@ def load_history(source: Any, *, skip_bad_lines: bool = False) -> History:
       >>> str(caught[0].message).endswith('run.jsonl:3: skipped a cut line (the run stopped while writing it)')
       True
     """
+    skip_bad_lines = check.boolean("skip_bad_lines", skip_bad_lines)
     if isinstance(source, History):
         return source
     if isinstance(source, (str, os.PathLike)):
@@ -425,21 +431,64 @@ def _flat_row(row: Mapping[str, Any], index: int, where: str | None = None) -> t
 
 
 def _step_of(step: Any, where: str) -> int:
-    """The step as an int; a ``ValueError`` naming ``where`` for one that is not a number."""
+    """The step as an exact int; a ``ValueError`` naming ``where`` for one that is not a
+    number, not an integer (``1.5``) or outside int64's range (what ``History.steps``
+    holds)."""
     if isinstance(step, (int, np.integer)) and not isinstance(step, (bool, np.bool_)):
-        return int(step)
-    value = math.nan
-    if not isinstance(step, (bool, np.bool_)):
-        try:
-            value = float(np.asarray(step if not isinstance(step, str) else step.strip(), dtype=np.float64))
-        except (TypeError, ValueError):
-            pass
-    if not math.isfinite(value):
-        raise ValueError(f"{where}: the step must be a finite number, got {step!r}.")
-    return int(value)
+        value = int(step)
+    else:
+        number = math.nan
+        if isinstance(step, str):
+            try:
+                number = int(step.strip())  # exact, however large
+            except ValueError:
+                pass
+        if not isinstance(step, (bool, np.bool_)) and number != number:
+            try:
+                number = float(np.asarray(step if not isinstance(step, str) else step.strip(), dtype=np.float64))
+            except (TypeError, ValueError):
+                pass
+        if isinstance(number, float) and not math.isfinite(number):
+            raise ValueError(f"{where}: the step must be a finite number, got {step!r}.")
+        if isinstance(number, float) and not number.is_integer():
+            raise ValueError(f"{where}: the step must be an integer, got {step!r}.")
+        value = int(number)
+    if not _INT64_MIN <= value <= _INT64_MAX:
+        raise ValueError(f"{where}: the step must be an integer in int64's range [-2**63, 2**63 - 1], got {step!r}.")
+    return value
+
+
+def _steps_of(steps: np.ndarray) -> np.ndarray:
+    """A numeric step column as exact int64; a ``ValueError`` naming the first row whose
+    step is not an integer in int64's range (see :func:`_step_of`)."""
+    if steps.ndim != 1:
+        raise ValueError(f"gh.load_history: the step column must be 1-D (one step per row), got shape {steps.shape}.")
+    if steps.dtype.kind == "i":
+        return steps.astype(np.int64, copy=False)
+    if steps.dtype.kind == "u":
+        bad = steps > _INT64_MAX
+    elif steps.dtype.kind == "f":
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isfinite(steps) | (steps != np.floor(steps)) | (steps < _INT64_MIN) | (steps >= 2.0**63)
+    else:  # bools
+        bad = np.ones(steps.shape, bool)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        _step_of(steps[row].item(), f"gh.load_history: row {row}")  # raises, naming the row
+    return steps.astype(np.int64)
 
 
 def _from_columns(columns: Mapping[str, Any]) -> History:
+    for name, value in columns.items():
+        try:
+            sized = not isinstance(value, (str, bytes, Mapping)) and len(value) >= 0
+        except TypeError:  # a number, None, a 0-d array
+            sized = False
+        if not sized:
+            raise TypeError(
+                f"gh.load_history: column {name!r} of a dict history must be a list or array of values (one per "
+                f"row), got {value!r:.80} (type {type(value).__name__})."
+            )
     lengths = {len(v) for v in columns.values()}
     if len(lengths) > 1:
         raise ValueError(f"gh.load_history: columns of a dict history must have one length, got {sorted(lengths)}.")
@@ -455,7 +504,13 @@ def _from_columns(columns: Mapping[str, Any]) -> History:
             return load_history([{k: v[i] for k, v in columns.items()} for i in range(count)])
         arrays[name] = array
     step = arrays.pop("step", None)
-    steps = np.arange(count) if step is None else step.astype(np.float64).astype(np.int64)
+    if step is None:
+        steps = np.arange(count)
+    elif step.dtype.kind != "i" and isinstance(columns["step"], (list, tuple)):
+        # Python numbers: one by one, exact (numpy would make [0, 2**63] floats).
+        steps = np.array([_step_of(s, f"gh.load_history: row {i}") for i, s in enumerate(columns["step"])], np.int64)
+    else:
+        steps = _steps_of(step)
     return History(steps, arrays)
 
 
@@ -499,18 +554,19 @@ class _Builder:
                 if value != value and name not in unlogged:
                     self.nan_logged.setdefault(name, []).append(index)
 
-    def put_block(self, index: np.ndarray, keys: tuple[str, ...], block: np.ndarray) -> None:
+    def put_block(self, index: np.ndarray, keys: tuple[str, ...], block: np.ndarray, steps: Any = None) -> None:
+        """Rows ``index`` of the columns ``keys`` (``block``: ``[rows, keys]`` floats) and,
+        unless None, their ``steps`` (ints, kept apart from the floats to stay exact)."""
         self.reserve(int(index[-1]) + 1)
         self.count = max(self.count, int(index[-1]) + 1)
         where: Any = index
         if int(index[-1]) - int(index[0]) + 1 == index.size:
             where = slice(int(index[0]), int(index[-1]) + 1)
+        if steps is not None:
+            self.steps[where] = np.array(steps, dtype=np.int64)
+            self.has_step[where] = True
         for j, name in enumerate(keys):
-            if name == "step":
-                self.steps[where] = block[:, j]  # float -> int truncates, as int() does
-                self.has_step[where] = True
-            else:
-                self.column(name)[where] = block[:, j]
+            self.column(name)[where] = block[:, j]
 
     def put_nan_logged(self, name: str, index: np.ndarray) -> None:
         self.nan_logged.setdefault(name, []).append(index)
@@ -564,25 +620,29 @@ def _read_jsonl(path: str, skip_bad_lines: bool) -> History:
     same order) gathered as tuples and turned into numpy blocks every few thousand rows."""
     size = os.path.getsize(path)
     builder = _Builder(0)
-    # keys -> (row indices, value tuples): the rows parsed since the last conversion.
-    pending: dict[tuple[str, ...], tuple[list[int], list[tuple]]] = {}
+    # (keys, has a step) -> (row indices, value tuples, steps): the rows parsed since the
+    # last conversion; the steps (ints) are kept out of the float blocks, to stay exact.
+    pending: dict[tuple[tuple[str, ...], bool], tuple[list[int], list[tuple], list[int]]] = {}
     bad: list[int] = []
     parsed = 0
     loads = json.loads
     nonfinite = ('"NaN"', '"Infinity"', '"-Infinity"')
 
     def convert() -> None:
-        for keys, (index, values) in pending.items():
+        for (keys, has_step), (index, values, steps) in pending.items():
             try:
                 block = np.array(values, dtype=np.float64)
             except (ValueError, TypeError):
                 block = None
             if block is None or block.shape != (len(values), len(keys)):
-                for i, row in zip(index, values):
-                    builder.put_row(i, *_flat_row(dict(zip(keys, row)), i))
+                for i, row, step in zip(index, values, steps if has_step else [None] * len(index)):
+                    row = dict(zip(keys, row))
+                    if has_step:
+                        row["step"] = step
+                    builder.put_row(i, *_flat_row(row, i))
             else:
                 index = np.asarray(index)
-                builder.put_block(index, keys, block)
+                builder.put_block(index, keys, block, steps if has_step else None)
                 nan_rows, nan_cols = np.nonzero(np.isnan(block))
                 for r, j in zip(nan_rows.tolist(), nan_cols.tolist()):  # rare: NaN logged as NaN, or a null
                     if values[r][j] is not None:
@@ -608,15 +668,17 @@ def _read_jsonl(path: str, skip_bad_lines: bool) -> History:
             quotes = line.count('"')
             simple = quotes == 2 * len(row) or quotes == 2 * len(row) + 2 * sum(line.count(s) for s in nonfinite)
             step = row.get("step", 0)
-            if not (type(step) is int or (type(step) is float and math.isfinite(step))):
-                _step_of(step, f"{path}:{line_number}")  # raises for a step that is not a number
+            if not (type(step) is int and _INT64_MIN <= step <= _INT64_MAX):
+                step = _step_of(step, f"{path}:{line_number}")  # raises for a step that is not an int64 integer
             if simple:
+                has_step = row.pop("step", None) is not None
                 keys = tuple(row)
-                group = pending.get(keys)
+                group = pending.get((keys, has_step))
                 if group is None:
-                    group = pending[keys] = ([], [])
+                    group = pending[keys, has_step] = ([], [], [])
                 group[0].append(parsed)
                 group[1].append(tuple(row.values()))
+                group[2].append(step)
             else:
                 builder.put_row(parsed, *_flat_row(row, parsed, f"{path}:{line_number}"))
             parsed += 1

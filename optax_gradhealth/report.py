@@ -29,11 +29,14 @@ matplotlib is imported inside the functions (it is an optional dependency, in th
 from __future__ import annotations
 
 import json
+import math
 import os
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 
+from optax_gradhealth import _validation as check
 from optax_gradhealth.diagnosis import Finding, Thresholds, diagnose, format_findings, replay_spike_scores
 from optax_gradhealth.diagnosis._columns import nonfinite_rows
 from optax_gradhealth.history import History
@@ -222,16 +225,21 @@ def plot_report(
         columns or a :class:`~optax_gradhealth.history.History`).
       path: the image file (``.png``, ``.pdf``, ``.svg``...; without an extension,
         ``.png`` is added: see :func:`image_path`).
-      findings: the diagnosis to summarise in the title (default: computed).
+      findings: the diagnosis to summarise in the title, an iterable of
+        :class:`~optax_gradhealth.Finding` (default: computed).
       thresholds: used for the spike-score line and the diagnosis.
       title: the figure title (default: the log's file name, or ``'run'``).
-      dpi: resolution of raster images.
+      dpi: resolution of raster images, a number >= 10 (dots per inch; below that
+        matplotlib cannot size the text).
 
     Returns:
       The path written (``path``, with ``.png`` added when it has no extension).
 
     Raises:
-      ValueError: an image extension matplotlib cannot write, or a history without rows.
+      ValueError: an image extension matplotlib cannot write, a history without rows,
+        a ``dpi`` below 10 or not finite.
+      TypeError: a ``dpi`` that is not a number, ``findings`` that are not findings,
+        ``thresholds`` that are not a :class:`~optax_gradhealth.Thresholds`.
 
     Example:
       >>> import os, tempfile
@@ -244,6 +252,26 @@ def plot_report(
     from matplotlib import colors
     from matplotlib.figure import Figure
 
+    # Checked before any work. Below ~6 dpi matplotlib fails to size the text; 10 is the floor.
+    if not math.isfinite(check.real_number("dpi", dpi)) or not dpi >= 10:
+        raise ValueError(f"`dpi` must be a number >= 10 (dots per inch), got {dpi!r}.")
+    if findings is not None:
+        if isinstance(findings, (str, bytes, Finding)) or not isinstance(findings, Iterable):
+            raise TypeError(
+                "`findings` must be None or a list of gh.Finding (what gh.diagnose returns), "
+                f"got {findings!r:.80} (type {type(findings).__name__})."
+            )
+        findings = list(findings)
+        for i, finding in enumerate(findings):
+            if not isinstance(finding, Finding):
+                raise TypeError(
+                    f"`findings[{i}]` must be a gh.Finding (what gh.diagnose returns), "
+                    f"got {finding!r:.80} (type {type(finding).__name__})."
+                )
+    if thresholds is not None and not isinstance(thresholds, Thresholds):
+        raise TypeError(
+            f"`thresholds` must be None or a gh.Thresholds, got {thresholds!r:.80} (type {type(thresholds).__name__})."
+        )
     th = thresholds if thresholds is not None else Thresholds()
     path = image_path(path)  # before drawing: a bad extension fails at once
     h = _load_columns(history)

@@ -126,7 +126,7 @@ class JsonlWriter:
     Args:
       path: the file; its folder is created. An existing file is appended to unless
         ``overwrite=True``.
-      overwrite: start a fresh file.
+      overwrite: start a fresh file (True or False).
 
     Example:
       >>> import os, tempfile
@@ -141,6 +141,9 @@ class JsonlWriter:
     """
 
     def __init__(self, path: str | os.PathLike, *, overwrite: bool = False):
+        from optax_gradhealth import _validation as check
+
+        overwrite = check.boolean("overwrite", overwrite)  # before opening: a truthy string must not truncate
         self.path = os.fspath(path)
         folder = os.path.dirname(self.path)
         if folder:
@@ -206,8 +209,10 @@ def read_jsonl(path: str | os.PathLike, *, skip_bad_lines: bool = False) -> list
       >>> read_jsonl(path)
       [{'step': 0, 'grad/norm': inf}]
     """
+    from optax_gradhealth import _validation as check
     from optax_gradhealth.history import _bad_line, _has_surrogates, _not_utf8
 
+    skip_bad_lines = check.boolean("skip_bad_lines", skip_bad_lines)
     path = os.fspath(path)
     rows = []
     with open(path, encoding="utf-8", errors="surrogateescape") as file:
@@ -278,12 +283,24 @@ class WandbWriter:
     """Logs scalars to Weights & Biases (``wandb``, when installed).
 
     Args:
-      run: an existing ``wandb`` run; when None, ``wandb.init(**init_kwargs)`` starts
-        one (and :meth:`close` finishes it).
-      **init_kwargs: passed to ``wandb.init`` when ``run`` is None.
+      run: an existing ``wandb`` run (anything with a ``log(data, step=...)`` method);
+        when None, ``wandb.init(**init_kwargs)`` starts one (and :meth:`close` finishes
+        it).
+      **init_kwargs: passed to ``wandb.init`` when ``run`` is None; an error beside a
+        ``run``.
     """
 
     def __init__(self, run: Any = None, **init_kwargs: Any):
+        if run is not None and not callable(getattr(run, "log", None)):
+            raise TypeError(
+                f"`run` must be None or a wandb run (an object with a log(data, step=...) method, e.g. "
+                f"wandb.init(...)), got {run!r} (type {type(run).__name__})."
+            )
+        if run is not None and init_kwargs:
+            raise TypeError(
+                f"gh.WandbWriter: give `run` or `**init_kwargs` (passed to wandb.init to start a run), not both; "
+                f"got a run and init_kwargs {sorted(init_kwargs)}."
+            )
         if run is None:
             try:
                 import wandb
@@ -328,12 +345,16 @@ class MetricLogger:
     steps kept but not yet fetched, at most ``log_every - 1``.
 
     Args:
-      writers: one writer or several (default: none; use :class:`JsonlWriter`).
+      writers: one writer (an object with ``write(step, scalars)`` and ``close()``) or an
+        iterable of them (default: none; use :class:`JsonlWriter`). A path is not a
+        writer: pass ``JsonlWriter(path)``.
       log_every: log every this many steps (>= 1); step 0 is logged.
-      all_steps: keep and write every step, flushed every ``log_every`` steps.
-      prefix: prepended to every name.
+      all_steps: keep and write every step, flushed every ``log_every`` steps (True or
+        False).
+      prefix: a str prepended to every name.
       replicated: the values carry a leading device axis (outputs of ``jax.pmap``, where
-        every gradhealth metric is identical on every device): log the first replica.
+        every gradhealth metric is identical on every device): log the first replica
+        (True or False).
 
     Example:
       >>> import jax.numpy as jnp
@@ -360,15 +381,35 @@ class MetricLogger:
         if isinstance(log_every, bool) or not isinstance(log_every, numbers.Integral) or log_every < 1:
             raise ValueError(f"`log_every` must be an integer >= 1, got {log_every!r}.")
         log_every = int(log_every)  # a numpy integer (e.g. from argparse or a config) becomes a plain int
+        from optax_gradhealth import _validation as check
+
+        all_steps = check.boolean("all_steps", all_steps)
+        replicated = check.boolean("replicated", replicated)
+        if not isinstance(prefix, str):
+            raise TypeError(f"`prefix` must be a str, got {prefix!r} (type {type(prefix).__name__}).")
         if writers is None:
             writers = []
         elif hasattr(writers, "write"):
             writers = [writers]
-        self.writers = list(writers)
+        elif isinstance(writers, (str, bytes, os.PathLike)) or not isinstance(writers, Iterable):
+            hint = f" (for a JSON Lines file: gh.JsonlWriter({writers!r}))" if isinstance(writers, str) else ""
+            raise TypeError(
+                "`writers` must be a writer (an object with write(step, scalars) and close(), e.g. "
+                f"gh.JsonlWriter(path)), an iterable of writers or None, got {writers!r} "
+                f"(type {type(writers).__name__}){hint}."
+            )
+        writers = list(writers)
+        for i, writer in enumerate(writers):
+            if not callable(getattr(writer, "write", None)) or not callable(getattr(writer, "close", None)):
+                raise TypeError(
+                    f"`writers[{i}]` must be a writer (an object with write(step, scalars) and close(), e.g. "
+                    f"gh.JsonlWriter(path)), got {writer!r} (type {type(writer).__name__})."
+                )
+        self.writers = writers
         self.log_every = log_every
-        self.all_steps = bool(all_steps)
+        self.all_steps = all_steps
         self.prefix = prefix
-        self.replicated = bool(replicated)
+        self.replicated = replicated
         self._pending: list[tuple[int, Mapping[str, Any]]] = []
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:

@@ -221,3 +221,40 @@ def test_deprecated_python_names_warn_and_give_the_new_object(old, new):
         assert getattr(gh, old) is getattr(gh, new)
     with pytest.raises(AttributeError, match="no attribute 'layer_norm_typo'"):
         gh.layer_norm_typo  # noqa: B018
+
+
+def test_metrics_deprecated_names_must_be_a_bool():
+    state = gh.guard(optax.sgd(0.1)).init({"w": jnp.ones(2)})
+    for bad in ("False", 0, None):
+        with pytest.raises(TypeError, match=r"`deprecated_names` must be True or False"):
+            gh.metrics(state, deprecated_names=bad)
+    assert "grad/spike" not in gh.metrics(state, deprecated_names=np.bool_(False))
+    assert "grad/spike" in gh.metrics(state, deprecated_names=np.bool_(True))
+
+
+def test_register_metrics_validates_before_registering_anything():
+    from typing import NamedTuple
+
+    class Checked(NamedTuple):
+        checked_count: jnp.ndarray
+
+    before = dict(_catalogue.CATALOGUE)
+    with pytest.raises(TypeError, match=r"`state_type` must be a NamedTuple type.*got 'not a type'"):
+        gh.register_metrics("not a type", {})
+    with pytest.raises(TypeError, match=r"`state_type` must be a NamedTuple type.*got <class 'dict'>"):
+        gh.register_metrics(dict, {})
+    with pytest.raises(TypeError, match=r"`fields` must be a dict"):
+        gh.register_metrics(Checked, ["checked_count"])
+    with pytest.raises(TypeError, match=r"metric name of field 'checked_count' must be a non-empty str, got 5"):
+        gh.register_metrics(Checked, {"checked_count": 5})
+    with pytest.raises(TypeError, match=r"`catalogue` must be None or a dict"):
+        gh.register_metrics(Checked, {"checked_count": "checked/count"}, catalogue=["checked/count"])
+    with pytest.raises(TypeError, match=r"meaning of 'checked/count' must be a str, got 5"):
+        gh.register_metrics(Checked, {"checked_count": "checked/count"}, catalogue={"checked/count": 5})
+    for builtin in ("grad/norm", "grad/spike", "grad/leaf_norm/dense/w", "xdev/device_norms/3"):
+        with pytest.raises(ValueError, match=rf"{builtin!r} is a metric of optax_gradhealth"):
+            gh.register_metrics(Checked, {"checked_count": "checked/count"}, catalogue={builtin: "my meaning"})
+    assert Checked not in _catalogue.STATE_FIELDS
+    assert _catalogue.CATALOGUE == before
+    state = (Checked(jnp.int32(3)),)
+    assert gh.metrics(state) == {}  # nothing was registered

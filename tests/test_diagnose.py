@@ -775,3 +775,29 @@ def test_min_steps_one_on_a_log_without_cross_device_metrics_has_no_cross_device
     """min_steps=0 is refused now; the smallest allowed value judges no empty pattern."""
     rows = [{"step": t, "grad/norm": 1.0 + 0.01 * (t % 3)} for t in range(100)]
     assert patterns(rows, min_steps=1) == []
+
+
+_INTEGER_FIELDS = [
+    ("warmup_rows", "an integer >= 0"),
+    ("min_steps", "an integer >= 1"),
+    ("spike_window", "an integer >= 1"),
+    ("vanishing_min_steps", "an integer >= 1"),
+    ("agreement_window", "an integer >= 1"),
+    ("outlier_min_audits", "an integer >= 1"),
+    ("near_duplicate_min_audits", "an integer >= 1"),
+    ("batch_size", "None or an integer >= 1"),
+]
+
+
+@pytest.mark.parametrize(("field", "allowed"), _INTEGER_FIELDS)
+def test_thresholds_integer_fields_refuse_floats_as_the_command_line_does(field, allowed):
+    with pytest.raises(ValueError) as raised:
+        gh.Thresholds(**{field: 12.0})
+    assert str(raised.value).startswith(f"Thresholds.{field} must be {allowed}, got 12.0")
+    assert getattr(gh.Thresholds(**{field: np.int64(12)}), field) == 12
+
+
+def test_thresholds_warmup_steps_beside_warmup_rows_is_an_error():
+    for args, kwargs in (((), {"warmup_rows": 5}), ((5,), {})):
+        with pytest.raises(TypeError, match=r"warmup_rows.*warmup_steps.*not both"):
+            gh.Thresholds(*args, warmup_steps=7, **kwargs)

@@ -760,3 +760,60 @@ def test_demo_rejects_fewer_than_two_steps_as_a_usage_error(steps, capsys):
         demo.main(["--steps", steps, "--no-progress"])
     assert raised.value.code == 2
     assert f"argument --steps: must be at least 2, got {int(steps)}" in capsys.readouterr().err
+
+
+def test_load_history_skip_bad_lines_must_be_a_bool(tmp_path):
+    path = tmp_path / "run.jsonl"
+    path.write_text('{"step": 0, "loss": 1}\nnot json\n{"step": 1, "loss": 2}\n')
+    for bad in ("False", 0, None):
+        with pytest.raises(TypeError, match=r"`skip_bad_lines` must be True or False"):
+            gh.load_history(path, skip_bad_lines=bad)
+    with pytest.raises(ValueError, match=r"run\.jsonl:2"):
+        gh.load_history(path, skip_bad_lines=np.bool_(False))
+    with pytest.warns(LogReadWarning, match=r"run\.jsonl:2: skipped a bad line"):
+        assert gh.load_history(path, skip_bad_lines=np.bool_(True)).steps.tolist() == [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("step", "message"),
+    [
+        (math.nan, r"row 1: the step must be a finite number, got nan"),
+        (math.inf, r"row 1: the step must be a finite number, got inf"),
+        (1.5, r"row 1: the step must be an integer, got 1.5"),
+        (1e30, r"row 1: the step must be an integer in int64's range .*got 1e\+30"),
+        (2**63, r"row 1: the step must be an integer in int64's range .*got 9223372036854775808"),
+        (-(2**63) - 1, r"row 1: the step must be an integer in int64's range .*got -9223372036854775809"),
+    ],
+)
+def test_a_step_that_is_not_an_int64_integer_is_an_error_in_every_source(tmp_path, step, message):
+    with pytest.raises(ValueError, match=message):
+        gh.load_history({"step": [0, step], "loss": [1.0, 2.0]})
+    with pytest.raises(ValueError, match=message):
+        gh.load_history([{"step": 0, "loss": 1.0}, {"step": step, "loss": 2.0}])
+    path = tmp_path / "run.jsonl"
+    text = json.dumps(step) if math.isfinite(step) else {"nan": '"NaN"', "inf": '"Infinity"'}[str(step)]
+    path.write_text('{"step": 0, "loss": 1.0}\n{"step": ' + text + ', "loss": 2.0}\n')
+    message = message.replace("row 1", r"run\.jsonl:2").replace("got nan", "got 'NaN'")
+    message = message.replace("got inf", "got 'Infinity'")
+    with pytest.raises(ValueError, match=message):
+        gh.load_history(path)
+
+
+def test_steps_beyond_float64_precision_stay_exact(tmp_path):
+    steps = [2**53, 2**53 + 1, 2**63 - 1]
+    rows = [{"step": s, "grad/norm": float(i)} for i, s in enumerate(steps)]
+    rows.insert(0, {"step": -(2**63), "grad/norm": -1.0})
+    path = write_jsonl(tmp_path / "run.jsonl", rows)
+    expected = [-(2**63), *steps]
+    for source in (path, rows, {"step": [r["step"] for r in rows], "grad/norm": [r["grad/norm"] for r in rows]}):
+        h = gh.load_history(source)
+        assert h.steps.dtype == np.int64 and h.steps.tolist() == expected, source
+        assert h["grad/norm"].tolist() == [-1.0, 0.0, 1.0, 2.0] and h.rows_replaced == 0
+
+
+@pytest.mark.parametrize("column", [1.0, "abc", None, {"a": 1.0}])
+def test_a_dict_history_column_that_is_not_a_sequence_is_an_error(column):
+    with pytest.raises(TypeError, match=r"column 'loss' of a dict history must be a list or array of values"):
+        gh.load_history({"loss": column})
+    with pytest.raises(TypeError, match=r"column 'loss' of a dict history must be a list or array of values"):
+        gh.load_history({"step": [0], "loss": column})

@@ -197,3 +197,37 @@ def test_report_marks_only_the_rows_that_logged_a_nan_norm(tmp_path, monkeypatch
         rows.append(row)
     labels, scale = _norm_axis_labels(monkeypatch, rows, tmp_path / "r.png")
     assert "non-finite (1)" in labels and scale == "log"
+
+
+def test_plot_report_refuses_a_bad_dpi_before_any_work(tmp_path, monkeypatch):
+    rows = history(30, xdev=False)
+    path = tmp_path / "report.png"
+    with monkeypatch.context() as patch:
+        patch.setattr(gh.report, "diagnose", lambda *a, **k: pytest.fail("diagnosed before checking dpi"))
+        for dpi, error, message in [
+            (0, ValueError, r"`dpi` must be a number >= 10 \(dots per inch\), got 0"),
+            (-5, ValueError, r"`dpi` must be a number >= 10 \(dots per inch\), got -5"),
+            (1.5, ValueError, r"`dpi` must be a number >= 10 \(dots per inch\), got 1.5"),
+            (float("inf"), ValueError, r"`dpi` must be a number >= 10 \(dots per inch\), got inf"),
+            (True, TypeError, r"`dpi` must be a real number, got True"),
+            ("x", TypeError, r"`dpi` must be a real number, got 'x'"),
+        ]:
+            with pytest.raises(error, match=message):
+                gh.plot_report(rows, path, dpi=dpi)
+    assert not path.exists()
+    written = gh.plot_report(rows, path, dpi=40.0)  # matplotlib takes a float dpi
+    assert matplotlib.image.imread(written).shape[1] == pytest.approx(40 * 12, abs=60)
+
+
+def test_plot_report_refuses_findings_that_are_not_findings(tmp_path):
+    finding = gh.Finding("restart", "a restart", "info", "resumed", (3,), {}, (), ())
+    path = tmp_path / "report.png"
+    with pytest.raises(TypeError, match=r"`findings` must be None or a list of gh.Finding.*got 5 \(type int\)"):
+        gh.plot_report(history(30, xdev=False), path, findings=5)
+    with pytest.raises(TypeError, match=r"`findings\[1\]` must be a gh.Finding.*got 'explosion' \(type str\)"):
+        gh.plot_report(history(30, xdev=False), path, findings=[finding, "explosion"])
+    with pytest.raises(TypeError, match=r"`thresholds` must be None or a gh.Thresholds, got 5 \(type int\)"):
+        gh.plot_report(history(30, xdev=False), path, findings=[finding], thresholds=5)
+    assert not path.exists()
+    written = gh.plot_report(history(30, xdev=False), path, findings=(f for f in [finding]))  # any iterable
+    assert matplotlib.image.imread(written).shape[0] > 0

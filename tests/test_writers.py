@@ -219,3 +219,59 @@ def test_logger_replicated_takes_the_first_replica():
     assert recorder.rows == [
         (0, {"grad/norm": 2.0, "xdev/device_norms/0": 0.0, "xdev/device_norms/1": 1.0, "xdev/device_norms/2": 2.0})
     ]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"prefix": None}, TypeError, r"`prefix` must be a str, got None"),
+        ({"prefix": 5}, TypeError, r"`prefix` must be a str, got 5 \(type int\)"),
+        ({"writers": "run.jsonl"}, TypeError, r"`writers` must be .*got 'run.jsonl' \(type str\)"),
+        ({"writers": 5}, TypeError, r"`writers` must be .*got 5 \(type int\)"),
+        ({"writers": [5]}, TypeError, r"`writers\[0\]` .*got 5 \(type int\)"),
+        ({"all_steps": "False"}, TypeError, r"`all_steps` must be True or False, got 'False'"),
+        ({"all_steps": 1}, TypeError, r"`all_steps` must be True or False, got 1"),
+        ({"replicated": "False"}, TypeError, r"`replicated` must be True or False, got 'False'"),
+    ],
+)
+def test_logger_rejects_bad_arguments_at_construction(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        gh.MetricLogger(**{"writers": Recorder(), **kwargs})
+
+
+def test_logger_flags_take_numpy_bools_but_not_numbers():
+    for flag in ("all_steps", "replicated"):
+        with pytest.raises(TypeError, match=rf"`{flag}` must be True or False, got 0 \(type int\)"):
+            gh.MetricLogger(Recorder(), **{flag: 0})
+    recorder = Recorder()
+    logger = gh.MetricLogger((recorder,), log_every=1, all_steps=np.bool_(False), replicated=np.bool_(False))
+    assert logger.all_steps is False and logger.replicated is False
+    logger.log(0, {"loss": 1.0})
+    assert recorder.rows == [(0, {"loss": 1.0})]
+
+
+def test_jsonl_writer_and_reader_flags_must_be_bools(tmp_path):
+    path = tmp_path / "run.jsonl"
+    path.write_text('{"step": 0, "loss": 1.0}\n')
+    with pytest.raises(TypeError, match=r"`overwrite` must be True or False, got 'False' \(type str\)"):
+        gh.JsonlWriter(path, overwrite="False")
+    assert path.read_text() == '{"step": 0, "loss": 1.0}\n'  # not truncated
+    with gh.JsonlWriter(path, overwrite=np.bool_(False)) as writer:  # a numpy bool is a bool
+        writer.write(1, {"loss": 2.0})
+    assert path.read_text() == '{"step": 0, "loss": 1.0}\n{"step": 1, "loss": 2.0}\n'
+    path.write_text('{"step": 0, "loss": 1}\nnot json\n{"step": 1, "loss": 2}\n')
+    with pytest.raises(TypeError, match=r"`skip_bad_lines` must be True or False, got 'False' \(type str\)"):
+        gh.read_jsonl(path, skip_bad_lines="False")
+    with pytest.raises(ValueError, match=r"run\.jsonl:2"):
+        gh.read_jsonl(path, skip_bad_lines=np.bool_(False))
+
+
+def test_wandb_writer_checks_the_run_and_refuses_init_kwargs_beside_it():
+    class Run:
+        def log(self, data, step):
+            pass
+
+    with pytest.raises(TypeError, match=r"`run` must be .*log.*got 'my-run' \(type str\)"):
+        gh.WandbWriter(run="my-run")
+    with pytest.raises(TypeError, match=r"`run`.*init_kwargs.*project"):
+        gh.WandbWriter(Run(), project="x")

@@ -29,7 +29,8 @@ class Thresholds:
         (spike score from norms when ``grad/spike_score`` is absent, oscillation, clip
         calibration). Rows, not steps: with ``MetricLogger(log_every=N)`` they cover
         ``N`` times as many steps. (0.1.0 called it ``warmup_steps``, a name that means
-        accepted steps elsewhere; the old keyword still works, with a warning.)
+        accepted steps elsewhere; the old keyword still works, with a warning, but not
+        beside ``warmup_rows``.) The integer fields take ints (``12``, not ``12.0``).
       min_steps: fewest usable rows for a rate-based pattern (oscillation, clipping,
         dispersion, agreement rates) to be judged at all.
       spike_score: explosion when ``norm / baseline norm`` exceeds this (the guard's
@@ -140,7 +141,7 @@ class Thresholds:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
                 raise ValueError(f"Thresholds.{name} must be {allowed}, got {value!r}.")
-            if kind is int and not float(value).is_integer():
+            if kind is int and not isinstance(value, (int, np.integer)):  # 12.0 is refused, as on the command line
                 raise ValueError(f"Thresholds.{name} must be {allowed}, got {value!r}.")
             if not math.isfinite(value) or not (low <= value <= high) or value in _OPEN.get(name, ()):
                 raise ValueError(f"Thresholds.{name} must be {allowed}, got {value!r}.")
@@ -196,6 +197,13 @@ def _thresholds_init(self, *args: Any, warmup_steps: int | None = None, **kwargs
     # that dataclasses.replace keeps (and can change) warmup_rows without a warning.
     if warmup_steps is not None:
         import warnings
+
+        if args or "warmup_rows" in kwargs:  # warmup_rows is the first field: positional or by name
+            given = kwargs["warmup_rows"] if "warmup_rows" in kwargs else args[0]
+            raise TypeError(
+                f"gh.Thresholds: got warmup_rows={given!r} and warmup_steps={warmup_steps!r}, its deprecated "
+                "name: give warmup_rows only, not both."
+            )
 
         warnings.warn(
             "gh.Thresholds(warmup_steps=...) is deprecated: use warmup_rows=... (leading log rows, not "
