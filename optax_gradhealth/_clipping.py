@@ -44,11 +44,18 @@ __all__ = [
 class ClipPolicy(Protocol):
     """What a clip-threshold policy provides (see the module docstring)."""
 
-    def init(self) -> Any: ...
+    def init(self) -> Any:
+        """The policy's initial state (a NamedTuple of arrays, fixed in structure)."""
+        ...
 
-    def threshold(self, state: Any) -> jax.Array: ...
+    def threshold(self, state: Any) -> jax.Array:
+        """The float32 threshold to clip this step's norm to (inf: no clipping)."""
+        ...
 
-    def update(self, state: Any, norm: jax.Array, accepted: jax.Array) -> Any: ...
+    def update(self, state: Any, norm: jax.Array, accepted: jax.Array) -> Any:
+        """The state after a step of global norm ``norm``, folded in where ``accepted``
+        (a skipped step leaves it as it was)."""
+        ...
 
 
 class FixedClipState(NamedTuple):
@@ -75,9 +82,11 @@ class FixedClip:
         object.__setattr__(self, "max_norm", check.positive_or_array("max_norm", self.max_norm, allow_inf=True))
 
     def init(self) -> FixedClipState:
+        """The empty state (a fixed threshold remembers nothing)."""
         return FixedClipState()
 
     def threshold(self, state: FixedClipState) -> jax.Array:
+        """``max_norm`` as float32."""
         del state
         # A copy: an array threshold (the user's, or optax.inject_hyperparams' own) must
         # not be the state's buffer too, or donating the state deletes it (and donating
@@ -85,6 +94,7 @@ class FixedClip:
         return jnp.array(self.max_norm, jnp.float32, copy=True)
 
     def update(self, state: FixedClipState, norm: jax.Array, accepted: jax.Array) -> FixedClipState:
+        """The state, unchanged."""
         del norm, accepted
         return state
 
@@ -195,6 +205,13 @@ class ZScoreClip:
         if decay is not None:
             import warnings
 
+            decay = check.in_open_unit_interval("decay", decay)
+            default = next(f.default for f in dataclasses.fields(self) if f.name == "stats_decay")
+            if self.stats_decay != default:
+                raise TypeError(
+                    f"gh.ZScoreClip: `decay` ({decay!r}) is the deprecated name of `stats_decay` "
+                    f"({self.stats_decay!r}); pass only stats_decay."
+                )
             warnings.warn(
                 "gh.ZScoreClip(decay=...) is deprecated: use stats_decay=... (the guard's name for the same "
                 "decay). The old keyword goes in 0.4.",
@@ -207,9 +224,11 @@ class ZScoreClip:
         _check_warmup_and_cap(self)
 
     def init(self) -> ZScoreClipState:
+        """Zero mean, variance and count: warming up."""
         return ZScoreClipState(jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
 
     def threshold(self, state: ZScoreClipState) -> jax.Array:
+        """``mean + z * std`` once warm (``warmup_max_norm`` before), capped at ``max_norm``."""
         adaptive = state.zscore_norm_mean + self.z * jnp.sqrt(state.zscore_norm_var)
         threshold = jnp.where(self._warm(state), adaptive, self.warmup_max_norm)
         if self.max_norm is not None:
@@ -221,6 +240,7 @@ class ZScoreClip:
         return state.zscore_num_accepted >= max(self.warmup_steps, 1)
 
     def update(self, state: ZScoreClipState, norm: jax.Array, accepted: jax.Array) -> ZScoreClipState:
+        """Folds an accepted ``norm`` (capped at the threshold once warm) into the running moments."""
         norm = jnp.asarray(norm, jnp.float32)  # the state stays float32 (a float64 norm under x64)
         value = jnp.where(self._warm(state), jnp.minimum(norm, self.threshold(state)), norm)
         accepted = accepted & jnp.isfinite(norm)
@@ -298,12 +318,14 @@ class PercentileClip:
         _check_warmup_and_cap(self)
 
     def init(self) -> PercentileClipState:
+        """An empty history (NaN slots) and a zero count."""
         return PercentileClipState(
             percentile_history=jnp.full((self.history_size,), jnp.nan, jnp.float32),
             percentile_num_accepted=jnp.zeros((), jnp.int32),
         )
 
     def threshold(self, state: PercentileClipState) -> jax.Array:
+        """The ``percentile`` of the accepted norms in the history once warm, capped at ``max_norm``."""
         # Slots not yet written hold NaN and are ignored.
         value = jnp.nanpercentile(state.percentile_history, self.percentile)
         warm = state.percentile_num_accepted >= max(self.warmup_steps, 1)
@@ -313,6 +335,7 @@ class PercentileClip:
         return threshold.astype(jnp.float32)
 
     def update(self, state: PercentileClipState, norm: jax.Array, accepted: jax.Array) -> PercentileClipState:
+        """Writes an accepted ``norm`` into the ring of recent norms."""
         norm = jnp.asarray(norm, jnp.float32)  # the state stays float32 (a float64 norm under x64)
         accepted = accepted & jnp.isfinite(norm)
         slot = state.percentile_num_accepted % self.history_size
@@ -448,7 +471,7 @@ _catalogue.register_metrics(
 _interfaces.keep_on_momentum_reset(ClipByGlobalNormState)
 
 
-def clip_by_global_norm(max_norm: float | ClipPolicy) -> optax.GradientTransformation:
+def clip_by_global_norm(max_norm: float | jax.Array | ClipPolicy | None) -> optax.GradientTransformation:
     """Clips updates by their global norm and records the pre- and post-clip norms.
 
     Like ``optax.clip_by_global_norm`` but (1) the norm is computed in float32 for every

@@ -257,6 +257,19 @@ def _to_varying(tree: Any, axes: tuple[str, ...]) -> Any:
 # ----------------------------------------------------------------------------- local grads
 
 
+def _argnums(argnums: Any) -> tuple[int, ...]:
+    """``argnums`` of :func:`local_value_and_grad` as a tuple: an int or a non-empty
+    sequence of ints, as ``jax.value_and_grad`` takes it."""
+    is_int = lambda i: isinstance(i, (int, np.integer)) and not isinstance(i, (bool, np.bool_))
+    if is_int(argnums):
+        return (int(argnums),)
+    if isinstance(argnums, (tuple, list)) and argnums and all(is_int(i) for i in argnums):
+        return tuple(int(i) for i in argnums)
+    raise TypeError(
+        f"`argnums` must be an int or a non-empty tuple of ints, got {argnums!r} (type {type(argnums).__name__})."
+    )
+
+
 def local_value_and_grad(
     fun: Callable[..., Any],
     axis_name: str | Sequence[str] = "data",
@@ -298,12 +311,19 @@ def local_value_and_grad(
       [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
     """
     axes = _as_axes("axis_name", axis_name, allow_empty=False)
+    positions = _argnums(argnums)
     value_and_grad = jax.value_and_grad(fun, argnums=argnums, has_aux=has_aux)
-    positions = (argnums,) if isinstance(argnums, int) else tuple(argnums)
 
     @functools.wraps(fun)
     def wrapped(*args, **kwargs):
         _axis_size(axes, "axis_name")
+        bad = [i for i in positions if not -len(args) <= i < len(args)]
+        if bad:
+            raise TypeError(
+                f"gh.local_value_and_grad: `argnums` {argnums!r} names positional argument {bad[0]}, but the "
+                f"function was called with {len(args)} positional argument(s) (keyword arguments are not "
+                "differentiated)."
+            )
         args = list(args)
         for i in positions:
             args[i] = _to_varying(args[i], axes)
@@ -322,6 +342,15 @@ def local_grad(
     """``jax.grad`` returning each device's local gradient inside ``shard_map``.
 
     See :func:`local_value_and_grad` for the trap it avoids.
+
+    Args:
+      fun: the loss function.
+      axis_name: the data axis (or axes) over which devices see different data.
+      argnums: which positional arguments to differentiate (an int or a tuple of ints).
+      has_aux: as in ``jax.grad``.
+
+    Returns:
+      A function with the signature of ``jax.grad(fun, argnums, has_aux)``.
 
     Example:
       >>> import jax, jax.numpy as jnp

@@ -986,7 +986,7 @@ def _init_state(config: GuardConfig, inner: optax.GradientTransformation, params
 def guard(
     inner: optax.GradientTransformation,
     *,
-    clip: float | _clipping.ClipPolicy | None = None,
+    clip: float | jax.Array | _clipping.ClipPolicy | optax.GradientTransformation | None = None,
     spike_action: str = "skip",
     spike_threshold: float | None = SPIKE_THRESHOLD,
     spike_zscore: float | None = SPIKE_ZSCORE,

@@ -78,7 +78,12 @@ class StepReplay:
     init: Callable[[], ReplayState]
     call: Callable[..., tuple[tuple[Any, Any], ReplayState]]
 
-    def __call__(self, state: ReplayState, opt_state: Any, *args: Any, **kwargs: Any):
+    def __call__(
+        self, state: ReplayState, opt_state: Any, *args: Any, **kwargs: Any
+    ) -> tuple[tuple[Any, Any], ReplayState]:
+        """``((value, grads), state)``: the gradient function's output, computed again
+        when it is non-finite or a spike against the guard's window (see
+        :func:`step_replay`)."""
         return self.call(state, opt_state, *args, **kwargs)
 
 

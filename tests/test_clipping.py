@@ -479,8 +479,6 @@ def test_zscore_clip_decay_keyword_of_0_1_still_works_with_a_warning():
     with pytest.warns(DeprecationWarning, match="stats_decay"):
         old = gh.ZScoreClip(z=2.0, decay=0.9, warmup_steps=0)
     assert old == gh.ZScoreClip(z=2.0, stats_decay=0.9, warmup_steps=0)
-    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="stats_decay"):
-        gh.ZScoreClip(decay=1.5)
 
 
 @pytest.mark.parametrize("policy", [gh.ZScoreClip(warmup_steps=0), gh.PercentileClip(history_size=4, warmup_steps=0)])
@@ -490,3 +488,14 @@ def test_adaptive_policies_keep_a_float32_state_for_a_float64_norm(policy):
         new = policy.update(state, jnp.float64(1.5), jnp.bool_(True))
         assert [x.dtype for x in jax.tree.leaves(new)] == [x.dtype for x in jax.tree.leaves(state)]
         assert policy.threshold(new).dtype == jnp.float32
+
+
+def test_the_deprecated_decay_keyword_never_silently_overrides_stats_decay():
+    """ZScoreClip(stats_decay=0.9, decay=0.5) took 0.5 with only a warning, and a bad
+    `decay` was reported under the other name."""
+    with pytest.raises(TypeError, match=r"`decay` \(0.5\) is the deprecated name of `stats_decay` \(0.9\)"):
+        gh.ZScoreClip(stats_decay=0.9, decay=0.5)
+    with pytest.raises(ValueError, match=r"^`decay` must lie strictly between 0 and 1, got 1.5"):
+        gh.ZScoreClip(decay=1.5)
+    with pytest.warns(DeprecationWarning, match="stats_decay"):
+        assert gh.ZScoreClip(decay=0.5).stats_decay == 0.5

@@ -703,6 +703,19 @@ def test_shard_map_summed_gradients_raise_and_local_value_and_grad_fixes_them():
     np.testing.assert_allclose(got, local.mean(0), rtol=1e-5)
 
 
+@pytest.mark.parametrize("argnums", ["a", 1.5, True, (), (0, "b")])
+def test_local_grad_argnums_of_the_wrong_kind_raise_when_built(argnums):
+    with pytest.raises(TypeError, match=r"`argnums` must be an int or a non-empty tuple of ints"):
+        gh.local_value_and_grad(lambda w: jnp.sum(w), "data", argnums=argnums)
+
+
+def test_local_grad_argnums_past_the_positional_arguments_say_so():
+    """argnums=5 for a two-argument call raised a bare IndexError from inside the wrapper."""
+    grad = jax.pmap(gh.local_grad(lambda w, x: jnp.sum(w * x), "data", argnums=5), axis_name="data")
+    with pytest.raises(TypeError, match=r"`argnums` 5 names positional argument 5, but the function was called with 2"):
+        grad(jnp.ones((1, 1)), jnp.ones((1, 1)))
+
+
 def test_local_grad_gives_every_differentiated_argument_its_local_gradient_and_passes_aux_through():
     """Under shard_map, each of several replicated arguments (argnums) gets the device's own
     gradient, not the sum over devices; the default axis is 'data'; has_aux returns the

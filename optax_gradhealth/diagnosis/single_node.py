@@ -493,7 +493,7 @@ LEAF_CLIP_ALWAYS = Pattern(
     "warning",
     (
         "the bound (gh.clip_by_leaf_norm's max_norm, gh.adaptive_grad_clip's clipping, gh.adagc_clip's relative, "
-        "gh.clip_by_value's max_delta) far below the typical gradient: the clip then acts as a smaller, "
+        "gh.clip_by_value's max_abs) far below the typical gradient: the clip then acts as a smaller, "
         "per-leaf learning rate",
         "a learning rate or initialisation that makes every gradient large",
     ),
