@@ -276,11 +276,19 @@ class SpikeRule:
         """Pushes an accepted step's norm (a spike's capped at ``verdict.bound``), counts
         spikes in a row and restarts the window after ``rebaseline_after`` of them."""
         capped = self.capped(norm, verdict)
-        # A zero gradient (an empty or fully masked batch) is not a scale: log(0) would
-        # pull the baseline down by ~85 and make every later step a spike.
-        pushed = norm_window_push(window, jnp.log(jnp.maximum(capped, 1e-37)), accepted & (norm > 0))
+        log_norm = jnp.log(jnp.maximum(capped, 1e-37))
+        # A dip, the mirror of a spike (below ``median**2 / bound``), is left out of the
+        # window: a few nearly empty batches (a norm of 1e-6 among norms of 1) would pull
+        # the median down, and the return to the usual scale would be a run of spikes. A
+        # dip counts in the streak as a spike does, so a lasting fall of the scale
+        # re-baselines after ``rebaseline_after`` steps. A zero gradient (an empty or
+        # fully masked batch) is not a scale either: log(0) would pull the baseline down
+        # by ~85.
+        warm = window.count >= jnp.maximum(self.warmup, 1)
+        dip = warm & (norm > 0) & (log_norm < 2.0 * verdict.median - jnp.log(verdict.bound))
+        pushed = norm_window_push(window, log_norm, accepted & (norm > 0) & ~dip)
         finite = jnp.isfinite(norm)
-        streak = jnp.where(verdict.spike, window.streak + 1, jnp.where(finite, 0, window.streak))
+        streak = jnp.where(verdict.spike | dip, window.streak + 1, jnp.where(finite, 0, window.streak))
         pushed = pushed._replace(streak=streak.astype(jnp.int32))
         if self.rebaseline_after is None:
             return pushed

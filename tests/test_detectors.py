@@ -163,6 +163,26 @@ def test_spike_rule_rebaselines_after_a_long_streak_but_skips_a_shorter_burst():
     assert spikes[500:550].all() and not spikes[550:].any()
 
 
+def test_spike_rule_leaves_a_dip_out_of_the_window_and_rebaselines_after_a_lasting_fall():
+    """Nine nearly empty batches (norm 1e-6 among norms of 1) were pushed into the window:
+    the median of the latest 16 fell to 1e-6 and the next 50 ordinary steps were spikes.
+    A dip (below median**2 / bound, the mirror of a spike) is left out and counts in the
+    streak, so a lasting fall of the scale re-baselines as a lasting rise does."""
+    rng = np.random.default_rng(7)
+    norms = np.exp(rng.normal(0.0, 0.1, 900)).astype(np.float32)
+    norms[200:209] = 1e-6
+    norms[400:] *= 1e-3  # a lasting fall
+    norms[700] *= 10.0  # a spike at the new scale
+    rule = detect.SpikeRule(5.0, 6.0, window=128, warmup=20, spread_floor=0.05, rebaseline_after=50)
+    out = detect.replay_spikes(rule, norms)
+    spikes, median = np.asarray(out["spike"]), np.asarray(out["median"])
+    assert np.flatnonzero(spikes).tolist() == [700]
+    assert abs(float(median[210])) < 0.15  # the dip did not move the baseline (log-norm 0, not -13.8)
+    assert abs(float(median[440])) < 0.15  # nor, for 50 steps, the fall
+    # 50 dips in a row, a fresh window, 20 steps of warm-up: the baseline is the new scale.
+    assert float(median[699]) == pytest.approx(np.log(1e-3), abs=0.1)
+
+
 # ----------------------------------------------------------------------------- CUSUM
 
 
