@@ -13,6 +13,8 @@ Single device (``gh.guard``'s spike rule, ``optax_gradhealth._detectors.SpikeRul
    guard runs), for the defaults and a grid of settings: false skips per 10,000 clean steps, and
    the share of x3 / x10 / x100 gradient spikes (the norm of ``c * g`` is exactly ``c |g|``, so a
    spike at any step can be scored against the window the guard had there) that it catches.
+   The guard's loss z-score (``loss_spike_zscore``) is replayed on the same runs' losses:
+   false alarms, and the share of one-step loss jumps it catches, per threshold.
 3. Guarded runs (``detection_runs.record_guarded``, the real ``gh.guard`` in the loop) with
    injected NaN/Inf elements, x3 / x10 / x100 gradients, a burst of x10 gradients, a loss spike
    and a learning-rate spike: what the guard flagged, how soon, and whether the parameters stayed
@@ -51,10 +53,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import detection_runs as single
 import detection_xdev_runs as xdev
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import optax_gradhealth as gh
-from optax_gradhealth import _cross_device, _guard
+from optax_gradhealth import _clipping, _cross_device, _guard
 from optax_gradhealth import _detectors as detect
 
 HERE = Path(__file__).resolve().parent
@@ -233,6 +236,57 @@ def per_run_table(streams: dict[str, dict[str, np.ndarray]]) -> str:
         "skips | x3 % | x10 % | x100 % |\n|---|---|---|---|---|---|---|---|"
     )
     return head + "\n" + "\n".join(rows)
+
+
+LOSS_ZSCORES = (3.0, 4.0, 6.0, 8.0)
+LOSS_FACTORS = (1.5, 2.0, 3.0, 10.0, 100.0)
+
+
+@jax.jit
+def _loss_moments(loss: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The guard's running loss statistics before each step (``_guard._loss_zscore``'s
+    mean, floored standard deviation and count), every finite loss folded in."""
+
+    def step(carry, x):
+        mean, var, count = carry
+        floored = jnp.maximum(jnp.sqrt(var), _guard.LOSS_SPREAD_FLOOR * jnp.abs(mean) + 1e-30)
+        new = _clipping.running_moments_update(mean, var, count, x, 0.97, jnp.isfinite(x))
+        return new, (mean, floored, count)
+
+    zero = jnp.zeros((), jnp.float32)
+    return jax.lax.scan(step, (zero, zero, jnp.zeros((), jnp.int32)), loss)[1]
+
+
+def loss_table(streams: dict[str, dict[str, np.ndarray]]) -> tuple[str, dict[str, Any]]:
+    """The guard's loss z-score (``loss_spike_zscore``, default decay 0.97 and warm-up 20)
+    on the clean runs' losses: false alarms per 10,000 steps, and the share of one-step
+    loss jumps (the loss times k at one step, scored against the statistics the guard had
+    there) it catches, per threshold."""
+    false = dict.fromkeys(LOSS_ZSCORES, 0)
+    worst = dict.fromkeys(LOSS_ZSCORES, 0.0)
+    caught: dict[tuple[float, float], list[float]] = {(k, t): [] for k in LOSS_FACTORS for t in LOSS_ZSCORES}
+    total = 0
+    for run in streams.values():
+        loss = np.asarray(run["loss"], np.float32)
+        mean, std, count = (np.asarray(a, np.float64) for a in _loss_moments(jnp.asarray(loss)))
+        warm = count >= WARMUP
+        z = np.where(warm, (loss - mean) / std, 0.0)
+        total += loss.size
+        for t in LOSS_ZSCORES:
+            false[t] += int((z > t).sum())
+            worst[t] = max(worst[t], float((z > t).sum()) / loss.size * 1e4)
+            for k in LOSS_FACTORS:
+                caught[(k, t)].append(float((((k * loss - mean) / std)[warm] > t).mean()))
+    head = "| `loss_spike_zscore` | false per 10k (all runs) | worst run | "
+    head += " | ".join(f"x{k:g} caught (worst run)" for k in LOSS_FACTORS) + " |"
+    lines = [head, "|---:|---:|---:|" + "---:|" * len(LOSS_FACTORS)]
+    for t in LOSS_ZSCORES:
+        cells = " | ".join(
+            f"{100 * np.mean(caught[(k, t)]):.0f}% ({100 * min(caught[(k, t)]):.0f}%)" for k in LOSS_FACTORS
+        )
+        lines.append(f"| {t:g} | {false[t] / total * 1e4:.2f} | {worst[t]:.1f} | {cells} |")
+    summary = {"false_per_10k": {str(t): false[t] / total * 1e4 for t in LOSS_ZSCORES}}
+    return "\n".join(lines), summary
 
 
 def guarded_faults(quick: bool) -> tuple[str, list[dict[str, Any]]]:
@@ -469,6 +523,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         table, summary["spike"] = spike_table(streams, grid=not args.quick)
         say("## Spike rule on clean runs: false skips and spikes caught\n\n" + table + "\n")
         say("## The default rule on each clean run\n\n" + per_run_table(streams) + "\n")
+        table, summary["loss"] = loss_table(streams)
+        say("## Loss spikes: the loss z-score on clean runs\n\n" + table + "\n")
         table, summary["guarded"] = guarded_faults(args.quick)
         say("## The guard in the loop with injected faults\n\n" + table + "\n")
     if args.only in (None, "xdev"):

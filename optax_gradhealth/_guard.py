@@ -52,6 +52,11 @@ SPIKE_WINDOW = 128  # accepted steps in the window (the spread of their step-to-
 SPIKE_BASELINE = 16  # the latest accepted steps whose median norm is the baseline
 REBASELINE_AFTER = 50  # spikes in a row after which the window starts again
 SPREAD_FLOOR = 0.05  # lower bound of the window's robust spread of log-norms
+# Lower bound of the loss's running standard deviation, relative to its running mean: a
+# loss that barely moves (constant, or quantised in bf16) would otherwise make a change of
+# one ulp a loss spike. The detection benchmark's clean runs move their loss by 8-14% a
+# step, so the floor changes none of their z-scores (docs/detection.md, "Loss spikes").
+LOSS_SPREAD_FLOOR = 0.01
 
 
 class GuardReport(NamedTuple):
@@ -655,7 +660,7 @@ def _loss_zscore(config: GuardConfig, moments: GuardMoments, loss: jax.Array, fi
     warm = moments.guard_num_losses >= config.warmup_steps
     mean = moments.guard_running_loss_mean
     std = jnp.sqrt(moments.guard_running_loss_var)
-    return jnp.where(warm & finite, (loss - mean) / jnp.maximum(std, 1e-12 * jnp.abs(mean) + 1e-30), 0.0)
+    return jnp.where(warm & finite, (loss - mean) / jnp.maximum(std, LOSS_SPREAD_FLOOR * jnp.abs(mean) + 1e-30), 0.0)
 
 
 def _decide(
@@ -1063,7 +1068,11 @@ def guard(
         then trained through instead of skipping every later step; shorter bursts of
         bad batches are skipped whole. ``rollback_after_spikes`` (10) raises the
         rollback recommendation long before.
-      loss_spike_zscore: loss z-score threshold (> 0), or None (default: off).
+      loss_spike_zscore: loss z-score threshold (> 0), or None (default: off). The
+        z-score is that of bias-corrected EMAs of the loss, its spread floored at 1% of
+        its mean. On the detection benchmark's clean runs 6 raises 0.06 false alarms per
+        10,000 steps and catches 99% of one-step x3 loss jumps; 3 raises 41
+        (``docs/detection.md``, "Loss spikes").
       warmup_steps: accepted steps before spike detection starts (>= 1).
       stats_decay: EMA decay of the running statistics, in (0, 1).
       reset_after: spikes within ``reset_window`` that trigger a momentum reset

@@ -547,13 +547,17 @@ def test_loss_zscore_starts_exactly_after_warmup_steps_losses():
 
 
 def test_loss_zscore_floor_of_the_spread_is_relative_to_the_mean_and_never_zero():
-    # A constant loss has no spread: the floor is 1e-12 |mean| + 1e-30, so a change of
-    # 1e-3 on a loss of 1000 is (about) a million of those floors, and a loss that stays
-    # at exactly 0 has z-score 0 (not 0 / 0).
+    # A constant loss has no spread: the floor is 1% of |mean| (+ 1e-30), so a change of
+    # 1e-3 on a loss of 1000 is a z-score of 1e-4 (with the floor of 1e-12 |mean| it was
+    # about 1e6: a loss spike), and a loss that stays at exactly 0 has z-score 0 (not 0/0).
     z = _loss_zscores([1000.0] * 4 + [1000.001], warmup_steps=2)
     step = float(np.float32(1000.001)) - 1000.0
-    assert z[4] == pytest.approx(step / 1e-9, rel=1e-3)
+    assert z[4] == pytest.approx(step / (0.01 * 1000.0), rel=1e-3)
     assert _loss_zscores([0.0] * 5, warmup_steps=2) == [0.0] * 5
+    # A bf16 loss stuck at 2.0 that moves by one bf16 ulp (0.4%) is not a loss spike.
+    ulp = float(jnp.nextafter(jnp.bfloat16(2.0), jnp.bfloat16(3.0))) - 2.0
+    z = _loss_zscores([2.0] * 30 + [2.0 + ulp], warmup_steps=20, loss_spike_zscore=6.0)
+    assert z[-1] == pytest.approx(ulp / (0.01 * 2.0), rel=1e-3) and z[-1] < 1.0
 
 
 @pytest.mark.parametrize(
