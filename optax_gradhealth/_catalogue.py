@@ -218,13 +218,13 @@ _SPEC_LIST: tuple[MetricSpec, ...] = (
     MetricSpec(
         "grad/consecutive_nonfinite",
         COUNT,
-        "current run of consecutive non-finite steps (gradient, loss, value or update)",
+        "non-finite steps (gradient, loss, value or update) since the last good step (spikes do not break the run)",
         "0 (1 on an isolated bad step). Reaching rollback_after_nonfinite (10) raises grad/rollback_recommended.",
     ),
     MetricSpec(
         "grad/consecutive_spikes",
         COUNT,
-        "current run of consecutive spikes",
+        "spikes since the last good step (non-finite steps do not break the run)",
         "0 (1 on an isolated spike). Reaching rollback_after_spikes (10) raises grad/rollback_recommended.",
     ),
     MetricSpec(

@@ -135,10 +135,11 @@ class GuardCounters(NamedTuple):
       guard_num_spikes: spikes detected (``grad/num_spikes``).
       guard_num_momentum_resets: momentum resets performed
         (``grad/num_momentum_resets``).
-      guard_consecutive_nonfinite: current run of consecutive non-finite steps (a
-        non-finite gradient, loss, value or inner update; ``grad/consecutive_nonfinite``).
-      guard_consecutive_spikes: current run of consecutive spikes
-        (``grad/consecutive_spikes``).
+      guard_consecutive_nonfinite: non-finite steps (a non-finite gradient, loss, value
+        or inner update) since the last good step; a spike between them does not break
+        the run (``grad/consecutive_nonfinite``).
+      guard_consecutive_spikes: spikes since the last good step; a non-finite step
+        between them does not break the run (``grad/consecutive_spikes``).
       guard_rollback: sticky rollback recommendation (``grad/rollback_recommended``).
       guard_first_nonfinite_leaf: leaf index of the first non-finite leaf at the latest
         non-finite step, -1 if none yet; name it with ``gh.leaf_names(params)``
@@ -855,8 +856,15 @@ def _record(
     counters = state.guard_counters
     nonfinite = ~decision.finite
     clipped = accepted & (decision.factors[0] < 1.0)
-    consecutive_nonfinite = jnp.where(nonfinite | outcome.nonfinite_update, counters.guard_consecutive_nonfinite + 1, 0)
-    consecutive_spikes = jnp.where(spike, counters.guard_consecutive_spikes + 1, 0)
+    # Each run is broken by a good step only, not by a bad step of the other kind: NaN
+    # steps alternating with spikes would otherwise never raise the rollback.
+    bad_value = nonfinite | outcome.nonfinite_update
+    consecutive_nonfinite = jnp.where(
+        bad_value, counters.guard_consecutive_nonfinite + 1, jnp.where(spike, counters.guard_consecutive_nonfinite, 0)
+    )
+    consecutive_spikes = jnp.where(
+        spike, counters.guard_consecutive_spikes + 1, jnp.where(bad_value, counters.guard_consecutive_spikes, 0)
+    )
     rollback = counters.guard_rollback
     if config.rollback_after_nonfinite is not None:
         rollback = rollback | (consecutive_nonfinite >= config.rollback_after_nonfinite)
@@ -1078,9 +1086,11 @@ def guard(
       reset_after: spikes within ``reset_window`` that trigger a momentum reset
         (>= 1), or None to never reset.
       reset_window: window length in steps (>= ``reset_after``).
-      rollback_after_nonfinite: consecutive non-finite steps that raise the rollback
-        recommendation (>= 1), or None.
-      rollback_after_spikes: consecutive spikes that raise it (>= 1), or None.
+      rollback_after_nonfinite: non-finite steps without a good step between them
+        (spikes do not count as good) that raise the rollback recommendation (>= 1), or
+        None.
+      rollback_after_spikes: spikes without a good step between them (non-finite steps
+        do not count as good) that raise it (>= 1), or None.
       vanishing_norm: norm under which a step counts as vanishing (> 0), or None.
       check_updates: also skip an accepted step whose inner update or new inner state
         is not finite (the optimizer made the NaN itself: an infinite learning rate,

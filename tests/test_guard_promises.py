@@ -957,6 +957,37 @@ def test_a_dip_of_the_gradient_norm_does_not_make_the_next_steps_spikes():
     assert not bool(m["grad/rollback_recommended"])
 
 
+def test_nan_steps_alternating_with_spikes_raise_the_rollback():
+    """Each consecutive counter was reset by a bad step of the other kind: NaN steps
+    alternating with spikes (a broken run) never raised the rollback recommendation.
+    Only a good step breaks a run now. Expected, written out: with the defaults (10 and
+    10), the 10th NaN of an alternating run (its 19th bad step) raises it; one good step
+    in the middle starts both counts again."""
+    rng = np.random.default_rng(3)
+    params = {"w": jnp.ones(3)}
+
+    def run(pattern):
+        tx = gh.guard(optax.sgd(0.1), reset_after=None)
+        state = tx.init(params)
+        update = jax.jit(tx.update)
+        for _ in range(40):  # warm-up on ordinary norms
+            _, state = update({"w": jnp.asarray(rng.normal(size=3), jnp.float32)}, state, params)
+        raised = []
+        for kind in pattern:
+            g = rng.normal(size=3).astype(np.float32)
+            g = {"nan": g * np.nan, "spike": g * 1e4, "good": g}[kind]
+            _, state = update({"w": jnp.asarray(g)}, state, params)
+            m = gh.metrics(state)
+            raised.append(bool(m["grad/rollback_recommended"]))
+            counts = (int(m["grad/consecutive_nonfinite"]), int(m["grad/consecutive_spikes"]))
+        return raised, counts
+
+    raised, counts = run(["nan", "spike"] * 10)
+    assert raised.index(True) == 18 and counts == (10, 10)
+    raised, counts = run(["nan", "spike"] * 5 + ["good"] + ["nan", "spike"] * 4)
+    assert not any(raised) and counts == (4, 4)
+
+
 def _adam_states(state):
     is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)
     return [x for x in jax.tree.leaves(state, is_leaf=is_adam) if is_adam(x)]
