@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -242,15 +243,21 @@ LOSS_ZSCORES = (3.0, 4.0, 6.0, 8.0)
 LOSS_FACTORS = (1.5, 2.0, 3.0, 10.0, 100.0)
 
 
+#: The guard's default ``stats_decay`` (the running loss statistics' EMA decay).
+LOSS_DECAY = inspect.signature(gh.guard).parameters["stats_decay"].default
+
+
 @jax.jit
-def _loss_moments(loss: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _loss_moments(loss: jax.Array, threshold: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The guard's running loss statistics before each step (``_guard._loss_zscore``'s
-    mean, floored standard deviation and count), every finite loss folded in."""
+    mean, floored standard deviation and count), as the guard folds them: a finite loss
+    whose z-score is above ``threshold`` is a loss spike, and stays out."""
 
     def step(carry, x):
         mean, var, count = carry
         floored = jnp.maximum(jnp.sqrt(var), _guard.LOSS_SPREAD_FLOOR * jnp.abs(mean) + 1e-30)
-        new = _clipping.running_moments_update(mean, var, count, x, 0.97, jnp.isfinite(x))
+        spike = (count >= WARMUP) & ((x - mean) / floored > threshold)
+        new = _clipping.running_moments_update(mean, var, count, x, LOSS_DECAY, jnp.isfinite(x) & ~spike)
         return new, (mean, floored, count)
 
     zero = jnp.zeros((), jnp.float32)
@@ -258,21 +265,23 @@ def _loss_moments(loss: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
 
 
 def loss_table(streams: dict[str, dict[str, np.ndarray]]) -> tuple[str, dict[str, Any]]:
-    """The guard's loss z-score (``loss_spike_zscore``, default decay 0.97 and warm-up 20)
-    on the clean runs' losses: false alarms per 10,000 steps, and the share of one-step
-    loss jumps (the loss times k at one step, scored against the statistics the guard had
-    there) it catches, per threshold."""
+    """The guard's loss z-score (``loss_spike_zscore``, the guard's default
+    ``stats_decay`` and warm-up of 20) on the clean runs' losses: false alarms per 10,000
+    steps, and the share of one-step loss jumps (the loss times k at one step, scored
+    against the statistics the guard had there) it catches, per threshold. Each
+    threshold's statistics leave out the losses it calls spikes, as the guard's do."""
     false = dict.fromkeys(LOSS_ZSCORES, 0)
     worst = dict.fromkeys(LOSS_ZSCORES, 0.0)
     caught: dict[tuple[float, float], list[float]] = {(k, t): [] for k in LOSS_FACTORS for t in LOSS_ZSCORES}
     total = 0
     for run in streams.values():
         loss = np.asarray(run["loss"], np.float32)
-        mean, std, count = (np.asarray(a, np.float64) for a in _loss_moments(jnp.asarray(loss)))
-        warm = count >= WARMUP
-        z = np.where(warm, (loss - mean) / std, 0.0)
         total += loss.size
         for t in LOSS_ZSCORES:
+            moments = _loss_moments(jnp.asarray(loss), jnp.float32(t))
+            mean, std, count = (np.asarray(a, np.float64) for a in moments)
+            warm = count >= WARMUP
+            z = np.where(warm, (loss - mean) / std, 0.0)
             false[t] += int((z > t).sum())
             worst[t] = max(worst[t], float((z > t).sum()) / loss.size * 1e4)
             for k in LOSS_FACTORS:

@@ -193,7 +193,8 @@ def spike_bound(
     if zscore is not None:
         # float32 whatever the threshold's dtype (a float64 array under x64 would make
         # the bound, and the state it is folded into, float64).
-        z = zscore if isinstance(zscore, (int, float)) else jnp.asarray(zscore, jnp.float32)
+        # (np.float64 is a Python float too: float() makes it a weak Python number.)
+        z = float(zscore) if isinstance(zscore, (int, float)) else jnp.asarray(zscore, jnp.float32)
         log_bound = jnp.maximum(log_bound, median + z * jnp.maximum(spread, spread_floor))
     return jnp.exp(jnp.minimum(log_bound, 88.0))
 
@@ -227,11 +228,13 @@ class SpikeRule:
     ``baseline`` of them, the spread that of their step-to-step differences). A ``None``
     threshold drops that condition; both None: no spikes.
 
-    After ``rebaseline_after`` spikes in a row (None: never) the window is emptied and
-    warms up again on the norms that come next: a lasting change of the gradient's
-    scale (parameters thrown elsewhere by a learning-rate spike, a new phase of
-    training) is then accepted instead of every later step being a spike. A burst of
-    bad batches shorter than that is skipped whole."""
+    After ``rebaseline_after`` spikes or dips in a row (None: never) the window is
+    emptied and warms up again on the norms that come next: a lasting change of the
+    gradient's scale (parameters thrown elsewhere by a learning-rate spike, a new phase
+    of training) is then accepted instead of every later step being a spike. A burst of
+    bad batches shorter than that is skipped whole. A dip (a norm as far below the
+    baseline as a spike is above it) is left out of the window, or, with
+    ``rebaseline_after=None``, enters it capped at that distance."""
 
     threshold: float | None
     zscore: float | None
@@ -274,19 +277,26 @@ class SpikeRule:
 
     def fold(self, window: NormWindow, norm: jax.Array, verdict: SpikeVerdict, accepted: jax.Array) -> NormWindow:
         """Pushes an accepted step's norm (a spike's capped at ``verdict.bound``), counts
-        spikes in a row and restarts the window after ``rebaseline_after`` of them."""
+        spikes and dips in a row and restarts the window after ``rebaseline_after`` of
+        them."""
         capped = self.capped(norm, verdict)
         log_norm = jnp.log(jnp.maximum(capped, 1e-37))
         # A dip, the mirror of a spike (below ``median**2 / bound``), is left out of the
         # window: a few nearly empty batches (a norm of 1e-6 among norms of 1) would pull
         # the median down, and the return to the usual scale would be a run of spikes. A
         # dip counts in the streak as a spike does, so a lasting fall of the scale
-        # re-baselines after ``rebaseline_after`` steps. A zero gradient (an empty or
-        # fully masked batch) is not a scale either: log(0) would pull the baseline down
-        # by ~85.
+        # re-baselines after ``rebaseline_after`` steps. Without re-baselining (None) a
+        # dip enters capped at that mirror bound instead, so the median still follows a
+        # lasting fall, a bound at a time. A zero gradient (an empty or fully masked
+        # batch) is not a scale either: log(0) would pull the baseline down by ~85.
         warm = window.count >= jnp.maximum(self.warmup, 1)
-        dip = warm & (norm > 0) & (log_norm < 2.0 * verdict.median - jnp.log(verdict.bound))
-        pushed = norm_window_push(window, log_norm, accepted & (norm > 0) & ~dip)
+        floor = 2.0 * verdict.median - jnp.log(verdict.bound)
+        dip = warm & (norm > 0) & (log_norm < floor)
+        if self.rebaseline_after is None:
+            log_norm = jnp.where(dip, floor, log_norm)
+            pushed = norm_window_push(window, log_norm, accepted & (norm > 0))
+        else:
+            pushed = norm_window_push(window, log_norm, accepted & (norm > 0) & ~dip)
         finite = jnp.isfinite(norm)
         streak = jnp.where(verdict.spike | dip, window.streak + 1, jnp.where(finite, 0, window.streak))
         pushed = pushed._replace(streak=streak.astype(jnp.int32))

@@ -1049,7 +1049,8 @@ def guard(
       step is skipped, so the next accepted gradient is the fresh optimizer's first;
       with ``'clip'`` or ``'record'`` the reset step's own (clipped) gradient is.
     * **rollback** recommendation (sticky) after ``rollback_after_nonfinite``
-      non-finite steps in a row or ``rollback_after_spikes`` spikes in a row.
+      non-finite steps or ``rollback_after_spikes`` spikes without a good step between
+      them.
     * **vanishing**: the norm is finite and below ``vanishing_norm``, and, when a
       ``loss`` is passed, the loss is not below its running mean (not falling).
 
@@ -1070,16 +1071,17 @@ def guard(
       spike_threshold: spike-score threshold, ``norm / baseline`` (> 1), or None.
       spike_zscore: robust z-score threshold on the log-norm (> 0), or None.
       spike_window: accepted steps in the spike detector's window (>= 1).
-      rebaseline_after: spikes in a row after which the spike window is emptied and
-        warms up again on the new norms (>= 1), or None (never). A lasting change of
-        the gradient's scale (parameters thrown elsewhere by a learning-rate spike) is
+      rebaseline_after: spikes (or dips, a norm as far below the baseline) in a row
+        after which the spike window is emptied and warms up again on the new norms
+        (>= 1), or None (never; a dip then enters the window capped). A lasting change
+        of the gradient's scale (parameters thrown elsewhere by a learning-rate spike) is
         then trained through instead of skipping every later step; shorter bursts of
         bad batches are skipped whole. ``rollback_after_spikes`` (10) raises the
         rollback recommendation long before.
       loss_spike_zscore: loss z-score threshold (> 0), or None (default: off). The
         z-score is that of bias-corrected EMAs of the loss, its spread floored at 1% of
         its mean. On the detection benchmark's clean runs 6 raises 0.06 false alarms per
-        10,000 steps and catches 99% of one-step x3 loss jumps; 3 raises 41
+        10,000 steps and catches 98% of one-step x3 loss jumps; 3 raises 45
         (``docs/detection.md``, "Loss spikes").
       warmup_steps: accepted steps before spike detection starts (>= 1).
       stats_decay: EMA decay of the running statistics, in (0, 1).

@@ -68,6 +68,21 @@ _SMALLEST_SCALE = 2.0**-126
 _LARGEST_SCALE = 2.0**126
 
 
+def _overflowed(scaled: Any, unscaled_finite: jax.Array, scale: jax.Array) -> jax.Array:
+    """Whether the *scaled* gradients were not finite (what backing the scale off can
+    help), given whether the unscaled ones, as the optimizer reads them, are. With a
+    scale of 1 or more the two agree (unscaling cannot overflow). Below 1 a float16
+    gradient can be finite scaled and overflow once unscaled, a genuine fault: that rare
+    step measures the scaled gradients again, in a ``lax.cond`` (only when some leaf is
+    float16 or fp8)."""
+    bad = ~unscaled_finite
+    if not any(_stats._overflows_on_scaling(x) for x in jax.tree.leaves(scaled)):
+        return bad  # no float16 (or fp8) leaf: no such fault, no second look
+    again = lambda tree: _vma.varying_like(~_stats.grad_stats(tree).finite, tree, bad)
+    as_is = lambda tree: _vma.varying_like(bad, tree)
+    return jax.lax.cond(bad & (scale < 1.0), again, as_is, scaled)
+
+
 def _growth_factor(name: str, value: Any) -> float:
     value = check.real_number(name, value)
     if not 1.0 < value < math.inf:
@@ -100,13 +115,14 @@ def dynamic_loss_scale(
        ``grad/num_overflows``, not in the guard's ``grad/num_nonfinite``; the scale is
        multiplied by ``backoff_factor`` (not below ``min_scale``);
     3. otherwise passes the unscaled gradients on. A non-finite gradient that is not an
-       overflow (non-finite ``loss`` or ``value``, or the scale already at
-       ``min_scale``) is a genuine fault: it goes to the wrapped optimizer so that
-       :func:`guard` skips and counts it. The returned update is zeroed here too, and
-       an inner optimizer that is not a guard keeps its state on such a step (as on an
-       overflow), so that neither the parameters nor its moments see the NaN; without a
-       guard, an update element that is not finite (an fp16 gradient that overflows when
-       unscaled by a scale below 1) is zeroed as well;
+       overflow (non-finite ``loss`` or ``value``, the scale already at ``min_scale``,
+       or a float16 gradient that is finite scaled but overflows once unscaled by a
+       scale below 1: backing off would only make that worse) is a genuine fault: it
+       goes to the wrapped optimizer so that :func:`guard` skips and counts it. The
+       returned update is zeroed here too, and an inner optimizer that is not a guard
+       keeps its state on such a step (as on an overflow), so that neither the
+       parameters nor its moments see the NaN; an update element that is not finite is
+       zeroed as well;
     4. after ``growth_interval`` consecutive finite steps multiplies the scale by
        ``growth_factor`` (not above ``max_scale``, nor above 2**126: the unscaling
        factor ``1 / scale`` stays a normal float32).
@@ -213,7 +229,7 @@ def dynamic_loss_scale(
             # has to undo its own bookkeeping (scalars, per-leaf norms): no second pass
             # over the gradients or the moments.
             good = inner_state.gradients_finite()  # gradients and loss finite
-            overflow = ~good & loss_ok & (scale > min_scale)
+            overflow = _overflowed(updates, good | ~loss_ok, scale) & loss_ok & (scale > min_scale)
             new_inner_state = inner_state.keep_bookkeeping(old_inner, overflow, sel.where)
             new_updates = inner_updates
         else:
@@ -222,7 +238,7 @@ def dynamic_loss_scale(
             # scale below 1 a float16 gradient can overflow when unscaled.
             finite = _stats._grad_stats(updates, inverse).finite
             good = finite & loss_ok
-            overflow = ~finite & loss_ok & (scale > min_scale)
+            overflow = _overflowed(updates, finite, scale) & loss_ok & (scale > min_scale)
             # An overflow never reaches the wrapped optimizer's state; no non-finite
             # update ever leaves this function. The state is selected where the inner
             # update produces it (`_skip`), so that under donation XLA writes it in place

@@ -321,9 +321,12 @@ def _overflows_on_scaling(x: Any) -> bool:
 
 
 def _scaled_in_dtype(x: jax.Array, scale: jax.Array) -> jax.Array:
-    """``x * scale`` computed in float32 and rounded to ``x``'s dtype: the values an
-    optimizer given the scaled tree reads (Inf where they overflow its range)."""
-    return (x.astype(jnp.float32) * scale).astype(x.dtype)
+    """``x * scale`` in float32, rounded through ``x``'s dtype when ``scale`` is above 1:
+    then, as the optimizer given the scaled tree reads it, an element beyond the dtype's
+    range is Inf. A factor of 1 or less (the usual unscaling) keeps the float32 product,
+    so that a small gradient's norm does not underflow the dtype."""
+    product = x.astype(jnp.float32) * scale
+    return jnp.where(scale > 1.0, product.astype(x.dtype).astype(jnp.float32), product)
 
 
 def _sums_of_squares(

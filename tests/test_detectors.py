@@ -1,6 +1,7 @@
 """The detectors (optax_gradhealth._detectors) on synthetic streams, against references
 written out here in numpy float64 and against the theory of each rule."""
 
+import dataclasses
 import math
 
 import jax
@@ -181,6 +182,14 @@ def test_spike_rule_leaves_a_dip_out_of_the_window_and_rebaselines_after_a_lasti
     assert abs(float(median[440])) < 0.15  # nor, for 50 steps, the fall
     # 50 dips in a row, a fresh window, 20 steps of warm-up: the baseline is the new scale.
     assert float(median[699]) == pytest.approx(np.log(1e-3), abs=0.1)
+    # Without re-baselining, dips enter the window capped: the baseline still follows the
+    # fall (left out, it stayed at the old scale and the spike at the new one went
+    # unseen); the short dip then costs a spike or a few on the way back, not 50.
+    never = dataclasses.replace(rule, rebaseline_after=None)
+    out = detect.replay_spikes(never, norms)
+    found = np.flatnonzero(np.asarray(out["spike"])).tolist()
+    assert 700 in found and all(209 <= t < 215 for t in found if t != 700), found
+    assert float(np.asarray(out["median"])[699]) == pytest.approx(np.log(1e-3), abs=0.1)
 
 
 # ----------------------------------------------------------------------------- CUSUM

@@ -256,6 +256,7 @@ def test_a_float64_spike_zscore_under_x64_keeps_the_state_float32():
         grads = jnp.asarray(np.random.default_rng(0).normal(size=(6, 3)))
         for tx in (
             gh.guard(optax.sgd(0.1), spike_zscore=jnp.float64(6.0), spike_action="clip", warmup_steps=2),
+            gh.guard(optax.sgd(0.1), spike_zscore=np.float64(6.0), spike_action="clip", warmup_steps=2),
             optax.inject_hyperparams(gh.guard)(inner=optax.sgd(0.1), warmup_steps=2),
         ):
             state = tx.init(params)

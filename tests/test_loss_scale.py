@@ -268,12 +268,40 @@ def test_an_fp16_gradient_that_overflows_when_unscaled_never_reaches_the_optimiz
     np.testing.assert_allclose(np.asarray(updates["w"], np.float32), [-1e-3, 1e-3], rtol=1e-2)
 
 
-def test_an_fp16_gradient_that_overflows_when_unscaled_above_min_scale_backs_the_scale_off():
-    tx = gh.dynamic_loss_scale(optax.sgd(1e-3), init_scale=0.5, min_scale=0.125)
+@pytest.mark.parametrize("inner", ["adam", "guard"])
+def test_an_fp16_gradient_too_large_for_fp16_is_a_fault_not_an_overflow(inner):
+    """A true gradient of 1e5 in float16 under a scale of 2**-4: the scaled gradient
+    (6250) is finite, the unscaled one is not. Backing the scale off cannot help (it
+    makes the unscaled value larger), so it is a genuine fault: skipped, the scale kept,
+    nothing counted in grad/num_overflows (it backed off to min_scale, a step at a
+    time, skipping every step)."""
     params = {"w": jnp.zeros(2, jnp.float16)}
-    updates, state = tx.update({"w": jnp.array([40000.0, 1e-3], jnp.float16)}, tx.init(params), params)
-    assert np.all(np.asarray(updates["w"]) == 0.0)
-    assert bool(state.loss_scale_overflow) and float(state.loss_scale) == 0.25
+    wrapped = optax.adam(1e-3) if inner == "adam" else gh.guard(optax.adam(1e-3))
+    tx = gh.dynamic_loss_scale(wrapped, init_scale=2.0**-4, min_scale=2.0**-10)
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    for _ in range(3):
+        updates, state = update({"w": jnp.array([1e5 * 2.0**-4, 1.0], jnp.float16)}, state, params)
+        assert np.all(np.asarray(updates["w"]) == 0.0)
+    assert float(state.loss_scale) == 2.0**-4 and int(state.loss_scale_num_overflows) == 0
+    if inner == "guard":
+        assert int(gh.metrics(state)["grad/num_nonfinite"]) == 3
+    # A scaled gradient that is not finite is still an overflow, and backs the scale off.
+    _, state = update({"w": jnp.array([jnp.inf, 1.0], jnp.float16)}, state, params)
+    assert bool(state.loss_scale_overflow) and float(state.loss_scale) == 2.0**-5
+
+
+def test_a_small_fp16_gradient_keeps_its_norm_when_unscaled():
+    """Unscaled by 2**-16 and rounded to float16, a gradient of 2e-8 per element is 0: the
+    guard's norm (and its spike window and vanishing flag) read 0. The norm is taken on
+    the float32 product when the factor is 1 or less; the reference: numpy float64."""
+    true = np.full(1000, 2e-8)
+    tx = gh.dynamic_loss_scale(gh.guard(optax.sgd(0.1)), init_scale=2.0**16)
+    params = {"w": jnp.zeros(1000, jnp.float16)}
+    scaled = {"w": jnp.asarray(true * 2.0**16, jnp.float16)}
+    _, state = jax.jit(tx.update)(scaled, tx.init(params), params)
+    want = np.linalg.norm(np.asarray(scaled["w"], np.float64) * 2.0**-16)
+    np.testing.assert_allclose(float(gh.metrics(state)["grad/norm"]), want, rtol=1e-5)
 
 
 def test_nonfinite_at_min_scale_is_not_an_overflow_and_updates_stay_finite():
