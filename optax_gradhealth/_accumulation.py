@@ -109,7 +109,7 @@ class AccumulationState(NamedTuple):
       accumulation_grad_sq_est: float32, the last window's estimate of ``|G|^2``
         (``grad/grad_sq_est``).
       accumulation_trace_cov_est: float32, the last window's estimate of ``tr(Sigma)``
-        (``grad/trace_cov_est``; NaN without ``micro_batch_size``).
+        (``grad/trace_cov_est``; NaN without ``micro_batch_size`` or with ``every_k=1``).
       accumulation_grad_sq_ema, accumulation_trace_cov_ema: their EMAs (not
         bias-corrected), over finite windows.
       accumulation_num_windows: int32, finite windows folded into the EMAs.
@@ -210,7 +210,12 @@ def accumulate(
             accumulation_inner_state=multi_steps.init(params),
             accumulation_micro_sq_sum=zero(),
             accumulation_grad_sq_est=zero(),
-            accumulation_trace_cov_est=nan if micro_batch_size is None else zero(),
+            # NaN from the start when it can never be estimated (no micro-batch size, or
+            # windows of one micro-batch): a value that is NaN by design stays NaN, not
+            # 0 then NaN, which the guard's update check would take for a fault.
+            accumulation_trace_cov_est=nan
+            if micro_batch_size is None or (isinstance(every_k, int) and every_k == 1)
+            else zero(),
             accumulation_grad_sq_ema=zero(),
             accumulation_trace_cov_ema=zero(),
             accumulation_num_windows=jnp.zeros((), jnp.int32),

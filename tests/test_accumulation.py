@@ -367,3 +367,19 @@ def test_a_nonfinite_micro_batch_spoils_its_own_window_only():
         assert int(gh.metrics(state)["grad/num_skipped"]) == (2 if later_skipped else 1)
         if not later_skipped:
             np.testing.assert_array_equal(np.asarray(updates["w"]), [-1.0, -1.0])
+
+
+@pytest.mark.parametrize("micro_batch_size", [None, 4])
+def test_a_guard_around_accumulate_of_one_micro_batch_applies_every_step(micro_batch_size):
+    """With every_k=1 the covariance trace cannot be estimated: it went from 0 at init to
+    NaN at the first window, which the guard's update check took for the optimizer
+    making a NaN; every step was skipped. Expected: plain SGD, step for step."""
+    tx = gh.guard(gh.accumulate(optax.sgd(0.1), 1, micro_batch_size=micro_batch_size))
+    params = {"w": jnp.ones(3)}
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    for t in range(3):
+        grads = {"w": jnp.array([1.0, -2.0, 0.5]) * (t + 1)}
+        updates, state = update(grads, state, params)
+        np.testing.assert_allclose(np.asarray(updates["w"]), -0.1 * np.asarray(grads["w"]), rtol=1e-6)
+    assert int(gh.metrics(state)["grad/num_skipped"]) == 0
