@@ -296,23 +296,6 @@ class AdaptiveClipState(NamedTuple):
     agc_clip_fraction: jax.Array
 
 
-def _check_axis(axis: Any) -> int | tuple[int, ...] | None:
-    """``axis`` of :func:`adaptive_grad_clip`: None, an int, or a non-empty sequence of
-    distinct ints (their range depends on each parameter's rank: checked per leaf)."""
-    if axis is None:
-        return None
-    allowed = "None, an int or a non-empty tuple of distinct ints"
-    one = lambda a: isinstance(a, (int, np.integer)) and not isinstance(a, (bool, np.bool_))
-    if one(axis):
-        return int(axis)
-    if isinstance(axis, (tuple, list)) and axis and all(one(a) for a in axis) and len(set(axis)) == len(axis):
-        return tuple(int(a) for a in axis)
-    hint = " (under optax.inject_hyperparams, pass static_args=('axis',))" if check.is_array_like(axis) else ""
-    raise TypeError(
-        f"gh.adaptive_grad_clip: `axis` must be {allowed}, got {axis!r} (type {type(axis).__name__}){hint}."
-    )
-
-
 def _unit_axes(x: jax.Array, axis: int | tuple[int, ...] | None) -> tuple[int, ...]:
     """The reduction axes of ``optax.unitwise_norm`` (same rule); an ``axis`` out of a
     parameter's range is an error, as in numpy (it is not wrapped around)."""
@@ -379,7 +362,8 @@ def adaptive_grad_clip(
     """
     clipping = check.positive_or_array("clipping", clipping)
     eps = check.positive_or_array("eps", eps)
-    axis = _check_axis(axis)
+    # (Its range depends on each parameter's rank: checked per leaf, `_unit_axes`.)
+    axis = check.int_or_ints("axis", axis, distinct=True, or_none=True, context="gh.adaptive_grad_clip: ")
 
     def init_fn(params):
         del params

@@ -257,19 +257,6 @@ def _to_varying(tree: Any, axes: tuple[str, ...]) -> Any:
 # ----------------------------------------------------------------------------- local grads
 
 
-def _argnums(argnums: Any) -> tuple[int, ...]:
-    """``argnums`` of :func:`local_value_and_grad` as a tuple: an int or a non-empty
-    sequence of ints, as ``jax.value_and_grad`` takes it."""
-    is_int = lambda i: isinstance(i, (int, np.integer)) and not isinstance(i, (bool, np.bool_))
-    if is_int(argnums):
-        return (int(argnums),)
-    if isinstance(argnums, (tuple, list)) and argnums and all(is_int(i) for i in argnums):
-        return tuple(int(i) for i in argnums)
-    raise TypeError(
-        f"`argnums` must be an int or a non-empty tuple of ints, got {argnums!r} (type {type(argnums).__name__})."
-    )
-
-
 def local_value_and_grad(
     fun: Callable[..., Any],
     axis_name: str | Sequence[str] = "data",
@@ -311,7 +298,8 @@ def local_value_and_grad(
       [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
     """
     axes = _as_axes("axis_name", axis_name, allow_empty=False)
-    positions = _argnums(argnums)
+    positions = check.int_or_ints("argnums", argnums)
+    positions = (positions,) if isinstance(positions, int) else positions
     value_and_grad = jax.value_and_grad(fun, argnums=argnums, has_aux=has_aux)
 
     @functools.wraps(fun)

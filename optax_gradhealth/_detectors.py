@@ -258,12 +258,16 @@ class SpikeRule:
             over = over & (z > self.zscore)
         return ratio, z, over
 
+    def warm(self, window: NormWindow) -> jax.Array:
+        """The window has seen ``warmup`` accepted norms, and at least one whatever
+        ``warmup`` (0 is allowed in gh.Thresholds, and a traced one is unchecked): an
+        empty window's median is log 1, and every step of a run at norm 10 would be a
+        spike."""
+        return window.count >= jnp.maximum(self.warmup, 1)
+
     def judge(self, window: NormWindow, norm: jax.Array, finite: jax.Array) -> SpikeVerdict:
         median, spread = norm_window_stats(window, self.baseline)
-        # At least one norm in the window, whatever ``warmup`` (0 is allowed in
-        # gh.Thresholds, and a traced one is unchecked): an empty window's median is
-        # log 1, and every step of a run at norm 10 would be a spike.
-        active = (window.count >= jnp.maximum(self.warmup, 1)) & finite
+        active = self.warm(window) & finite
         ratio, z, over = self.exceeds(norm, median, spread)
         bound = spike_bound(median, spread, self.spread_floor, self.threshold, self.zscore)
         return SpikeVerdict(
@@ -289,9 +293,8 @@ class SpikeRule:
         # dip enters capped at that mirror bound instead, so the median still follows a
         # lasting fall, a bound at a time. A zero gradient (an empty or fully masked
         # batch) is not a scale either: log(0) would pull the baseline down by ~85.
-        warm = window.count >= jnp.maximum(self.warmup, 1)
         floor = 2.0 * verdict.median - jnp.log(verdict.bound)
-        dip = warm & (norm > 0) & (log_norm < floor)
+        dip = self.warm(window) & (norm > 0) & (log_norm < floor)
         if self.rebaseline_after is None:
             log_norm = jnp.where(dip, floor, log_norm)
             pushed = norm_window_push(window, log_norm, accepted & (norm > 0))

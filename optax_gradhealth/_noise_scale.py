@@ -32,8 +32,6 @@ def estimates(mean_group_sq: jax.Array, mean_sq: jax.Array, k: int, group_size: 
     groups of ``group_size`` examples (``tr(Sigma)`` is NaN without a group size, and
     both are ``|g|^2`` and NaN for one group)."""
     nan = jnp.full((), jnp.nan, jnp.float32)
-    if isinstance(k, int) and k < 2:
-        return mean_sq, nan
     # ``k`` and ``group_size`` may be traced (optax.inject_hyperparams): selects, not ifs.
     kf = jnp.asarray(k, jnp.float32)
     one = kf < 2.0

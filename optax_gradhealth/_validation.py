@@ -107,6 +107,29 @@ def integer(name: str, value: Any, *, minimum: int) -> int:
     return value
 
 
+def int_or_ints(
+    name: str, value: Any, *, distinct: bool = False, or_none: bool = False, context: str = ""
+) -> int | tuple[int, ...] | None:
+    """An int, or a non-empty tuple (or list) of ints (``distinct``: no repeats), as
+    ``jax.grad``'s ``argnums`` or an ``axis`` take them, or None if ``or_none``; bools
+    are not ints here. ``context`` prefixes the error (the transformation's name)."""
+    if or_none and value is None:
+        return None
+
+    def one(a: Any) -> bool:
+        return isinstance(a, (int, np.integer)) and not isinstance(a, (bool, np.bool_))
+
+    if one(value):
+        return int(value)
+    if isinstance(value, (tuple, list)) and value and all(one(a) for a in value):
+        if not distinct or len(set(value)) == len(value):
+            return tuple(int(a) for a in value)
+    kind = "distinct ints" if distinct else "ints"
+    hint = f" (under optax.inject_hyperparams, pass static_args=('{name}',))" if is_array_like(value) else ""
+    allowed = ("None, an int" if or_none else "an int") + f" or a non-empty tuple of {kind}"
+    raise TypeError(f"{context}`{name}` must be {allowed}, got {_describe(value)}{hint}.")
+
+
 def integer_or_array(name: str, value: Any, *, minimum: int) -> Any:
     """An int (validated now): a Python int, or a concrete integer scalar array (as
     ``optax.inject_hyperparams`` makes of every numeric argument, outside jit). A traced
