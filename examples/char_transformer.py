@@ -38,7 +38,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-report", action="store_true", help="write the log only (no picture)")
     args = parser.parse_args(argv)
     faults = demo.DEMO_FAULTS if args.inject == "demo" else args.inject
-    demo.parse_faults(faults)  # fail fast on a typo
+    try:
+        demo.parse_faults(faults)  # fail fast on a typo: a usage error, not a traceback
+    except ValueError as error:
+        parser.error(f"argument --inject: {error}")
     config = demo.TrainConfig(
         steps=args.steps,
         batch_size=args.batch_size,

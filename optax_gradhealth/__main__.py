@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import importlib
 import importlib.util
+import os
 import sys
 import warnings
 
@@ -168,10 +169,17 @@ def main(argv: list[str] | None = None) -> int:
       2 | no/such/run.jsonl: no such file or directory.
     """
     try:
-        return _run(argv)
+        status = _run(argv)
+        sys.stdout.flush()  # inside the try: a pipe closed early fails here, not at exit
+        return status
     except UsageError as error:
         print(f"{PROG}: error: {error.args[0]}", file=sys.stderr)
         raise
+    except BrokenPipeError:
+        # The reader went away (``... | head``): nothing left to say. Point stdout at
+        # devnull so that the interpreter's own flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

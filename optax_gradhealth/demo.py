@@ -393,8 +393,12 @@ def print_summary(result: dict[str, Any]) -> None:
         print(f"rollback at step {step}: restored the snapshot of step {restored}")
     print()
     print(gh.format_findings(result["findings"]))
-    written = [result["log"]] + ([result["report"]] if result["report"] else [])
-    print("\nwrote " + ", ".join(written) + " (and the findings beside the report)")
+    written = [result["log"]]
+    if result["report"]:
+        from optax_gradhealth.report import findings_paths  # written only with matplotlib
+
+        written += [result["report"], *findings_paths(result["report"])]
+    print("\nwrote " + ", ".join(written))
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -40,6 +40,16 @@ def test_char_transformer_with_injected_faults_and_a_rollback(tmp_path, capsys):
     assert "gradhealth diagnosis" in out and f"rollback at step {restore_step}" in out
 
 
+def test_char_transformer_bad_fault_spec_is_a_usage_error(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as raised:
+        load_example("char_transformer").main(["--inject", "nan50", "--no-progress"])
+    assert raised.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --inject: bad fault 'nan50'" in err and "Traceback" not in err
+
+
 def test_demo_entry_point_writes_into_out(tmp_path, capsys, monkeypatch):
     from optax_gradhealth import demo
 

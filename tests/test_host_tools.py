@@ -453,6 +453,33 @@ def test_cli_input_errors_are_one_line_with_status_2(tmp_path):
     assert skipped.returncode == 0 and "corrupt.jsonl:6: skipped a bad line" in skipped.stderr
 
 
+def test_cli_reader_closing_the_pipe_early_is_not_a_traceback(tmp_path):
+    # `python -m optax_gradhealth diagnose run.jsonl | head -1`: the reader has gone when the
+    # findings are written. The read end is closed before the child writes anything.
+    path = write_jsonl(tmp_path / "run.jsonl", guard_like_rows())
+    child = subprocess.Popen(
+        [sys.executable, "-m", "optax_gradhealth", "diagnose", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=ENV,
+    )
+    child.stdout.close()
+    _, err = child.communicate(timeout=300)
+    assert "Traceback" not in err.decode() and "BrokenPipeError" not in err.decode(), err.decode()
+    assert child.returncode == 1
+
+
+def test_demo_summary_names_only_the_files_it_wrote(tmp_path, capsys):
+    from optax_gradhealth import demo
+
+    result = {"seconds": 1.0, "final_loss": 2.0, "events": {}, "rollbacks": [], "findings": []}
+    demo.print_summary({**result, "log": "out/run.jsonl", "report": None})  # --no-report, or no matplotlib
+    assert capsys.readouterr().out.rstrip().endswith("\nwrote out/run.jsonl")
+    demo.print_summary({**result, "log": "out/run.jsonl", "report": "out/report.png"})
+    written = capsys.readouterr().out.rstrip().splitlines()[-1]
+    assert written == "wrote out/run.jsonl, out/report.png, out/report.findings.txt, out/report.findings.json"
+
+
 def test_cli_cut_last_line_warns_and_reports(tmp_path):
     path = write_jsonl(tmp_path / "run.jsonl", guard_like_rows())
     with open(path, "a") as file:
