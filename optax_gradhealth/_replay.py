@@ -73,7 +73,18 @@ _catalogue.register_metrics(
 class StepReplay:
     """What :func:`step_replay` returns: ``init() -> ReplayState``, and the replaying
     gradient function, called as ``replay(state, opt_state, *args, **kwargs) ->
-    ((value, grads), state)`` (``call`` is the same function)."""
+    ((value, grads), state)`` (``call`` is the same function).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> import optax_gradhealth as gh
+      >>> replay = gh.step_replay(jax.value_and_grad(lambda w: jnp.sum(w**2)))
+      >>> tx = gh.guard(optax.sgd(0.1))
+      >>> w = jnp.ones(2)
+      >>> (loss, grads), state = replay(replay.init(), tx.init(w), w)
+      >>> float(loss), grads.tolist(), bool(gh.metrics(state)['grad/replayed'])  # healthy: not replayed
+      (2.0, [2.0, 2.0], False)
+    """
 
     init: Callable[[], ReplayState]
     call: Callable[..., tuple[tuple[Any, Any], ReplayState]]

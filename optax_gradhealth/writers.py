@@ -246,6 +246,18 @@ class TensorBoardWriter:
       logdir: the run's folder.
       **kwargs: passed to ``tensorboardX.FileWriter`` (``max_queue``, ``flush_secs``,
         ``filename_suffix``).
+
+    Example:
+      >>> import tempfile
+      >>> import optax_gradhealth as gh
+      >>> logdir = tempfile.mkdtemp()
+      >>> writer = gh.TensorBoardWriter(logdir)
+      >>> for step in range(3):
+      ...     writer.write(step, {'grad/norm': 1.0 + step, 'grad/norm#2': 0.5})
+      >>> writer.close()
+      >>> history = gh.load_history(logdir)  # the same names back
+      >>> history['grad/norm'].tolist(), history['grad/norm#2'].tolist()
+      ([1.0, 2.0, 3.0], [0.5, 0.5, 0.5])
     """
 
     def __init__(self, logdir: str | os.PathLike, **kwargs: Any):
@@ -288,6 +300,15 @@ class WandbWriter:
         it).
       **init_kwargs: passed to ``wandb.init`` when ``run`` is None; an error beside a
         ``run``.
+
+    Example:
+      >>> import optax_gradhealth as gh
+      >>> class Run:  # stands in for wandb.init(project=...)
+      ...     def log(self, data, step):
+      ...         print(step, data)
+      >>> writer = gh.WandbWriter(Run())
+      >>> writer.write(7, {'grad/norm': 1.5})
+      7 {'grad/norm': 1.5}
     """
 
     def __init__(self, run: Any = None, **init_kwargs: Any):

@@ -295,3 +295,42 @@ def test_momentum_reset_keeps_schedule_counter_and_restarts_adam():
     np.testing.assert_allclose(np.asarray(adam.mu["w"]), (1 - 0.9) * 100.0, rtol=1e-6)
     np.testing.assert_allclose(np.asarray(adam.nu["w"]), (1 - 0.999) * 100.0**2, rtol=1e-5)
     assert int(schedule_state.count) == 6
+
+
+def _package_imports(path: pathlib.Path) -> set[str]:
+    """The package's modules a source file imports (first name below optax_gradhealth)."""
+    import ast
+
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "optax_gradhealth":
+            parts = node.module.split(".")
+            names |= {parts[1]} if len(parts) > 1 else {a.name for a in node.names if not a.name.startswith("__")}
+        elif isinstance(node, ast.Import):
+            names |= {a.name.split(".")[1] for a in node.names if a.name.startswith("optax_gradhealth.")}
+    return names
+
+
+def test_architecture_table_lists_what_each_module_imports():
+    # docs/concepts.md "Architecture": the third column is exactly the package modules the
+    # row's modules import (one another excepted); "nothing" for a leaf module.
+    package = pathlib.Path(gh.__file__).parent
+    text = (pathlib.Path(__file__).parents[1] / "docs" / "concepts.md").read_text()
+    table = text[text.index("| module | what it holds | imports from the package |") :].split("\n\n")[0]
+    rows = [line.split(" | ") for line in table.splitlines()[2:]]
+    assert len(rows) >= 15
+    documented: set[str] = set()
+    for row in rows:
+        modules = re.findall(r"`(\w+)`", row[0])
+        files = [
+            f
+            for m in modules
+            for f in ([package / f"{m}.py"] if (package / f"{m}.py").exists() else sorted((package / m).glob("*.py")))
+        ]
+        assert files, row[0]
+        actual = set().union(*map(_package_imports, files)) - set(modules)
+        listed = set(re.findall(r"`(\w+)`", row[2])) if row[2].strip(" |") != "nothing" else set()
+        assert listed == actual, (row[0], sorted(listed), sorted(actual))
+        documented |= set(modules)
+    private = {p.stem for p in package.glob("_*.py")} - {"__init__", "__main__"}
+    assert private <= documented, sorted(private - documented)

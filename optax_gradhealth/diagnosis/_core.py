@@ -96,6 +96,15 @@ class Thresholds:
       near_duplicate_min_audits: a pair flagged by the near-duplicate detector is
         reported when flagged on at least this many audits.
       param_desync: parameter desync when ``xdev/param_desync`` exceeds this.
+
+    Example:
+      >>> import optax_gradhealth as gh
+      >>> rows = [{'step': t, 'grad/norm': 1.0 + 0.01 * (t % 3)} for t in range(100)]
+      >>> rows[60]['grad/norm'] = 4.0  # a x4 jump: below the default spike_score of 5
+      >>> [f.pattern for f in gh.diagnose(rows)]
+      []
+      >>> [f.pattern for f in gh.diagnose(rows, gh.Thresholds(spike_score=3.0))]
+      ['explosion']
     """
 
     warmup_rows: int = 20
@@ -284,6 +293,16 @@ class Finding:
       evidence: the numbers behind it.
       causes: likely causes.
       mitigations: what to do.
+
+    Example:
+      >>> import optax_gradhealth as gh
+      >>> rows = [{'step': t, 'grad/norm': 1.0 + 0.01 * (t % 3)} for t in range(100)]
+      >>> rows[60]['grad/norm'] = 9.0
+      >>> finding = gh.diagnose(rows)[0]
+      >>> finding.pattern, finding.severity, finding.steps
+      ('explosion', 'error', (60,))
+      >>> finding.to_dict()['steps']  # JSON-ready
+      [60]
     """
 
     pattern: str
@@ -321,7 +340,17 @@ def _fmt(value: Any) -> str:
 
 
 def format_findings(findings: Iterable[Finding]) -> str:
-    """The findings as text, one block each (or a line saying there are none)."""
+    """The findings as text, one block each (or a line saying there are none).
+
+    Example:
+      >>> import optax_gradhealth as gh
+      >>> print(gh.format_findings([]))
+      gradhealth diagnosis: no findings (no pattern crossed its threshold).
+      >>> rows = [{'step': t, 'grad/norm': 1.0 + 0.01 * (t % 3)} for t in range(100)]
+      >>> rows[60]['grad/norm'] = 9.0
+      >>> print(gh.format_findings(gh.diagnose(rows)).splitlines()[2])
+      [error] gradient explosion (spikes): 1 spike(s) with spike score > 5 (max 8.91 at step 60)
+    """
     findings = list(findings)
     if not findings:
         return "gradhealth diagnosis: no findings (no pattern crossed its threshold)."
