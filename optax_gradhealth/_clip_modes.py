@@ -61,8 +61,9 @@ def _bound(max_abs: float | jax.Array, dtype: Any) -> np.ndarray | jax.Array:
 
 
 def _rows(x: jax.Array) -> jax.Array:
-    """``x`` as a 2-D array of rows (its last axis; a vector is one row)."""
-    return x.reshape(1, -1) if x.ndim < 2 else x.reshape(-1, x.shape[-1])
+    """``x`` as a 2-D array of rows (its last axis; a vector is one row). The number of
+    rows is written out: ``reshape(-1, 0)`` of a leaf of shape ``(..., 0)`` is an error."""
+    return x.reshape(1, -1) if x.ndim < 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
 def _exact_count(leaves: list[jax.Array], max_abs: float) -> jax.Array:
@@ -98,6 +99,7 @@ def _count_above(leaves: list[jax.Array], max_abs: float) -> jax.Array:
     that rare step, a ``lax.cond`` recounts every leaf with the comparison, a block of
     rows at a time (no large temporary).
     """
+    leaves = [x for x in leaves if x.size]  # an empty leaf has nothing to count
     if not leaves:
         return jnp.zeros((), jnp.int32)
     if not isinstance(max_abs, float):
@@ -202,6 +204,7 @@ def clip_by_value(max_abs: float) -> optax.GradientTransformation:
         def one(x):
             if not _stats._is_float(x):
                 return x
+            x = jnp.asarray(x)  # a Python float leaf
             bound = jnp.asarray(_bound(max_abs, x.dtype))
             return jnp.clip(x, -bound, bound)
 
@@ -266,13 +269,18 @@ def clip_by_leaf_norm(max_norm: float) -> optax.GradientTransformation:
         # Leaf by leaf, in flattening order (nnx.Param wrappers, if any, are kept as
         # they come: the updates keep the gradients' structure, the flags the state's).
         leaves, treedef = jax.tree.flatten(updates)
-        norms = _stats.grad_stats(updates).leaf_norms.values
+        stats, scaled = _stats._grad_stats_and_scaled_norms(updates)
+        norms = stats.leaf_norms.values
         threshold = jnp.asarray(max_norm, jnp.float32)
-        scales = [_clipping.clip_scale(norms[i], threshold) for i in range(len(leaves))]
-        new_leaves = [_clipping.scale_tree(x, s) for x, s in zip(leaves, scales)]
-        flags = [jnp.asarray(_stats._is_float(x)) & (s[0] < 1.0) for x, s in zip(leaves, scales)]
+        # One vector of factors (one small kernel, not one per leaf); a leaf norm beyond
+        # float32 saturates, and its factor comes from its scaled value.
+        factor, correction = _clipping.clip_scale(norms, threshold, scaled.leaf_norms)
+        new_leaves = [_clipping.scale_tree(x, (factor[i], correction[i])) for i, x in enumerate(leaves)]
+        is_float = jnp.asarray([_stats._is_float(x) for x in leaves], jnp.bool_)
+        flag_vector = is_float & (factor < 1.0)
+        flags = [flag_vector[i] for i in range(len(leaves))]
         num_float = len(_stats._float_leaves(updates))
-        count = sum((c.astype(jnp.int32) for c in flags), jnp.zeros((), jnp.int32))
+        count = jnp.sum(flag_vector, dtype=jnp.int32)
         clipped = jax.tree.structure(state.leaf_clipped).unflatten(flags)
         return treedef.unflatten(new_leaves), ClipByLeafNormState(_fraction(count, num_float), clipped)
 
@@ -505,27 +513,28 @@ def adagc_clip(
                 f"gh.adagc_clip: the gradients have {len(leaves)} leaves, the state was initialised for "
                 f"{state.adagc_norm_ema.shape[0]}. Call `init` with parameters of the same structure."
             )
-        stats = _stats.grad_stats(updates)
+        stats, scaled = _stats._grad_stats_and_scaled_norms(updates)
         norms, gamma = stats.leaf_norms.values, state.adagc_norm_ema
         is_float = jnp.asarray([_stats._is_float(x) for x in leaves], jnp.bool_)
         warm = state.adagc_num_steps >= jnp.maximum(warmup_steps, 1)
         decay = jnp.asarray(stats_decay, jnp.float32)
-        # Warm-up: one global factor. After: a factor per leaf; written so that a norm at
-        # or under the bound keeps exactly 1 (and 0 / 0 never arises).
-        global_factor = _clipping.clip_scale(stats.norm, jnp.asarray(warmup_max_norm, jnp.float32))
+        # Warm-up: one global factor. After: a factor per leaf (clip_scale keeps exactly
+        # 1 for a norm at or under the bound, and 0 / 0 never arises). Each is a pair of
+        # factors, kept apart up to the multiply of the elements: their product can be a
+        # float32 subnormal (a norm 1e38 times the bound), flushed to 0.
+        global_factor = _clipping.clip_scale(stats.norm, jnp.asarray(warmup_max_norm, jnp.float32), scaled.norm)
         bound = jnp.asarray(relative, jnp.float32) * gamma
-        over = norms > bound
-        local = jnp.where(over, bound / jnp.where(over, norms, 1.0), 1.0)
-        factors = jnp.where(warm, local, global_factor[0] * global_factor[1])
-        clipped_norms = factors * norms
+        local = _clipping.clip_scale(norms, bound, scaled.leaf_norms)
+        factors = tuple(jnp.where(warm, local[k], global_factor[k]) for k in range(2))
+        clipped_norms = _clipping.clipped_norm(norms, factors, scaled.leaf_norms)
         new_gamma = jnp.where(warm, decay * gamma + (1.0 - decay) * clipped_norms, jnp.minimum(gamma, clipped_norms))
         # A non-float leaf has no norm: 0, not the initial Inf (a guard's update check
         # would take an Inf in the state for an optimizer's overflow and skip every step).
         new_gamma = jnp.where(is_float, new_gamma, 0.0)
         fold = stats.finite
-        flags = is_float & (factors < 1.0)
+        flags = is_float & (factors[0] < 1.0)
         count = jnp.sum(flags, dtype=jnp.int32)
-        new_leaves = [_clipping.scale_tree(x, (factors[i], jnp.ones((), jnp.float32))) for i, x in enumerate(leaves)]
+        new_leaves = [_clipping.scale_tree(x, (factors[0][i], factors[1][i])) for i, x in enumerate(leaves)]
         num_float = len(_stats._float_leaves(updates))
         return treedef.unflatten(new_leaves), AdaGCState(
             adagc_norm_ema=jnp.where(fold, new_gamma, gamma),

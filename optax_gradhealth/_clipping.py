@@ -7,7 +7,9 @@ A policy is a small frozen object with three pure methods:
 * ``threshold(state) -> float32 scalar``: the clip threshold for this step;
 * ``update(state, norm, accepted) -> state``: folds this step's pre-clip norm into the
   running statistics, only where ``accepted`` is True (finite steps the caller applied),
-  so one NaN or spike never poisons them.
+  so one NaN or spike never poisons them. The adaptive policies also leave out a zero
+  norm (an all-zero gradient carries no scale): zeros alone would set their threshold
+  to 0, which multiplies every later gradient by 0.
 
 The same policy objects are used standalone (:func:`clip_by_global_norm`) and as the
 ``clip=`` argument of :func:`optax_gradhealth.guard`.
@@ -42,7 +44,31 @@ __all__ = [
 
 @runtime_checkable
 class ClipPolicy(Protocol):
-    """What a clip-threshold policy provides (see the module docstring)."""
+    """What a clip-threshold policy provides (see the module docstring).
+
+    Any object with these three methods can be the guard's ``clip=``.
+
+    Example:
+      >>> from typing import NamedTuple
+      >>> import jax, jax.numpy as jnp, optax
+      >>> import optax_gradhealth as gh
+      >>> class StepDownState(NamedTuple):
+      ...     accepted: jax.Array
+      >>> class StepDown:  # a threshold of 10 for two accepted steps, then 1
+      ...     def init(self):
+      ...         return StepDownState(jnp.zeros((), jnp.int32))
+      ...     def threshold(self, state):
+      ...         return jnp.where(state.accepted < 2, 10.0, 1.0).astype(jnp.float32)
+      ...     def update(self, state, norm, accepted):
+      ...         return StepDownState(state.accepted + accepted.astype(jnp.int32))
+      >>> tx = gh.guard(optax.sgd(1.0), clip=StepDown())
+      >>> w = jnp.zeros(2)
+      >>> state = tx.init(w)
+      >>> for _ in range(3):
+      ...     updates, state = tx.update(jnp.array([3.0, 4.0]), state, w)
+      >>> updates.tolist(), float(gh.metrics(state)['grad/clip_threshold'])  # the norm 5 clipped to 1
+      ([-0.6000000238418579, -0.800000011920929], 1.0)
+    """
 
     def init(self) -> Any:
         """The policy's initial state (a NamedTuple of arrays, fixed in structure)."""
@@ -169,7 +195,8 @@ class ZScoreClip:
     accepted steps the threshold is ``warmup_max_norm`` and the raw norms feed the
     statistics; afterwards the clipped norm ``min(norm, threshold)`` feeds them, so a
     spike moves the statistics by at most the threshold. Only accepted (finite,
-    applied) steps update the statistics. ``max_norm`` is an optional hard cap.
+    applied) steps with a non-zero norm update the statistics and count toward the
+    warm-up, so the threshold is never 0. ``max_norm`` is an optional hard cap.
 
     Attributes:
       z: z-score above which the norm is clipped (> 0). ZClip's default: 2.5.
@@ -243,7 +270,8 @@ class ZScoreClip:
         """Folds an accepted ``norm`` (capped at the threshold once warm) into the running moments."""
         norm = jnp.asarray(norm, jnp.float32)  # the state stays float32 (a float64 norm under x64)
         value = jnp.where(self._warm(state), jnp.minimum(norm, self.threshold(state)), norm)
-        accepted = accepted & jnp.isfinite(norm)
+        # A zero norm says nothing of the scale: zeros alone would make the threshold 0.
+        accepted = accepted & jnp.isfinite(norm) & (norm > 0)
         return ZScoreClipState(
             *running_moments_update(
                 state.zscore_norm_mean,
@@ -278,8 +306,10 @@ class PercentileClip:
     """Threshold at a percentile of the recent accepted norms (AutoClip's idea).
 
     Keeps a ring buffer of the last ``history_size`` accepted pre-clip norms and clips
-    at their ``percentile``-th percentile. AutoClip used the 10th percentile of the
-    whole history, which clips most steps; the default here (90) clips the top tenth.
+    at their ``percentile``-th percentile. Zero norms (all-zero gradients) are left out
+    of the history and of the warm-up count, so the threshold is never 0. AutoClip used
+    the 10th percentile of the whole history, which clips most steps; the default here
+    (90) clips the top tenth.
 
     Attributes:
       percentile: in (0, 100].
@@ -337,7 +367,7 @@ class PercentileClip:
     def update(self, state: PercentileClipState, norm: jax.Array, accepted: jax.Array) -> PercentileClipState:
         """Writes an accepted ``norm`` into the ring of recent norms."""
         norm = jnp.asarray(norm, jnp.float32)  # the state stays float32 (a float64 norm under x64)
-        accepted = accepted & jnp.isfinite(norm)
+        accepted = accepted & jnp.isfinite(norm) & (norm > 0)  # a zero norm says nothing of the scale
         slot = state.percentile_num_accepted % self.history_size
         written = ring_write(state.percentile_history, slot, norm)
         return PercentileClipState(
@@ -366,7 +396,19 @@ def as_clip_policy(name: str, clip: Any) -> ClipPolicy:
 _F32_TINY = float(jnp.finfo(jnp.float32).tiny)
 
 
-def clip_scale(norm: jax.Array, threshold: jax.Array) -> tuple[jax.Array, jax.Array]:
+# The square root of the overflow branch's scale (`_stats._SCALE_AFTER_OVERFLOW`,
+# 2**-80): 2**-40, exactly. A norm beyond float32 is `scaled_norm * 2**80`.
+_HALF_RESCUE_SCALE = math.sqrt(_stats._SCALE_AFTER_OVERFLOW)
+
+
+def _saturated(norm: jax.Array) -> jax.Array:
+    """A finite norm that :func:`grad_stats` saturated at float32's max."""
+    return jnp.isfinite(norm) & (norm >= _stats._F32_MAX)
+
+
+def clip_scale(
+    norm: jax.Array, threshold: jax.Array, scaled_norm: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
     """The factor that brings ``norm`` down to ``threshold``, as two float32 factors.
 
     Returns ``(threshold / norm, 1)`` where clipping applies, ``(1, 1)`` elsewhere. When
@@ -375,10 +417,27 @@ def clip_scale(norm: jax.Array, threshold: jax.Array) -> tuple[jax.Array, jax.Ar
     ``(sqrt(threshold / norm), sqrt(threshold / norm))`` instead, which never underflows.
     :func:`scale_tree` multiplies by both factors; on ordinary steps the second is 1 and
     the result is exactly ``x * (threshold / norm)``, as ``optax.clip_by_global_norm``.
+    Elementwise: ``norm`` and ``threshold`` may be vectors (one norm per leaf).
+
+    A norm beyond float32's range saturates at its max (:class:`GradStats`), and a factor
+    computed from it leaves the clipped norm above the threshold. Given ``scaled_norm``,
+    the norm times ``2**-80`` (``_stats._grad_stats_and_scaled_norms``), a saturated norm
+    is compared and divided in units of ``2**40``: ``threshold * 2**-40`` against
+    ``scaled_norm * 2**40``, whose ratio is ``threshold`` over the true norm (to float32
+    rounding; split in two as above where it is subnormal). Where the norm is not
+    saturated the factors are exactly those without ``scaled_norm``.
 
     A non-finite norm gets ``(1, 1)``: clipping never turns NaN into zeros silently;
     skipping non-finite steps is the guard's job.
     """
+    if scaled_norm is not None:
+        # A saturated norm is judged in units of 2**40: the threshold times 2**-40 against
+        # the true norm times 2**-40 (`scaled_norm * 2**40`, finite for any norm below
+        # 2**168), so that the factors below come from their true ratio. Selected before
+        # the division: the cheap selects after it are repeated in every leaf's kernel.
+        saturated = _saturated(norm)
+        threshold = jnp.where(saturated, threshold * _HALF_RESCUE_SCALE, threshold)
+        norm = jnp.where(saturated, scaled_norm / _HALF_RESCUE_SCALE, norm)
     clip = jnp.isfinite(norm) & (norm > threshold)
     safe_norm = jnp.where(clip, norm, 1.0)
     direct = threshold / safe_norm
@@ -387,6 +446,24 @@ def clip_scale(norm: jax.Array, threshold: jax.Array) -> tuple[jax.Array, jax.Ar
     factor = jnp.where(clip, jnp.where(normal, direct, root), 1.0).astype(jnp.float32)
     correction = jnp.where(clip & ~normal, root, 1.0).astype(jnp.float32)
     return factor, correction
+
+
+def clipped_norm(
+    norm: jax.Array, factors: tuple[jax.Array, jax.Array], scaled_norm: jax.Array | None = None
+) -> jax.Array:
+    """The norm after :func:`scale_tree` by ``factors``: ``norm * factors[0] *
+    factors[1]`` (in that order: the product of the two factors may underflow).
+
+    Given ``scaled_norm`` (see :func:`clip_scale`), a saturated norm's clipped value is
+    computed from it, ``scaled_norm * (factors[0] * 2**40) * (factors[1] * 2**40)``, and
+    saturates only if it is itself beyond float32's max; elsewhere the plain product.
+    """
+    plain = norm * factors[0] * factors[1]
+    if scaled_norm is None:
+        return plain
+    undo = 1.0 / _HALF_RESCUE_SCALE  # 2**40, exactly
+    rescued = jnp.minimum(scaled_norm * (factors[0] * undo) * (factors[1] * undo), _stats._F32_MAX)
+    return jnp.where(_saturated(norm), rescued, plain).astype(plain.dtype)
 
 
 def scale_tree(tree: Any, factors: tuple[jax.Array, jax.Array]) -> Any:
@@ -516,14 +593,15 @@ def clip_by_global_norm(max_norm: float | jax.Array | ClipPolicy | None) -> opta
     def update_fn(updates, state, params=None):
         del params
         check_same_structure(updates, state.clip_leaf_norms.treedef, "gh.clip_by_global_norm")
-        stats = _stats.grad_stats(updates)
+        stats, scaled = _stats._grad_stats_and_scaled_norms(updates)
         threshold = policy.threshold(state.clip_policy_state)
-        factors = clip_scale(stats.norm, threshold)
+        # (A norm beyond float32 saturates: the factor comes from its scaled value.)
+        factors = clip_scale(stats.norm, threshold, scaled.norm)
         clipped = factors[0] < 1.0
         return scale_tree(updates, factors), ClipByGlobalNormState(
             clip_policy_state=policy.update(state.clip_policy_state, stats.norm, stats.finite),
             clip_norm=stats.norm,
-            clip_norm_clipped=stats.norm * factors[0] * factors[1],
+            clip_norm_clipped=clipped_norm(stats.norm, factors, scaled.norm),
             clip_threshold=threshold,
             clip_clipped=clipped,
             clip_num_clipped=state.clip_num_clipped + clipped.astype(jnp.int32),

@@ -101,7 +101,8 @@ def record_step_cosine(sketch_dim: int = 1024, seed: int = 0) -> optax.GradientT
         for i, x in enumerate(leaves):
             if _stats._is_float(x):
                 salt, offset = leaf_seed(i)
-                current = current + sketch.leaf_sketch(x, dim, sketch.u32(salt), offset)
+                # (jnp.asarray: a Python float leaf)
+                current = current + sketch.leaf_sketch(jnp.asarray(x), dim, sketch.u32(salt), offset)
         # A gradient with a direction (finite, not zero) becomes the next reference, kept
         # as a unit vector. Divided by its largest entry before any square, so that a
         # gradient of any finite scale (a norm of 1e20 or of 1e-25) keeps its direction.

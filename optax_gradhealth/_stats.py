@@ -410,16 +410,48 @@ def _grad_stats(tree: Any, input_scale: jax.Array | None = None) -> GradStats:
     inside the reductions: the scaled tree is never materialised. ``flax.nnx`` variables
     count as their values (gradients taken with respect to an ``nnx.split`` state hold
     ``nnx.Param`` nodes), so the recorded structure is the one ``LeafNorms.zeros`` gives."""
+    return _stats_pass(tree, input_scale, with_scaled_norms=False)[0]
+
+
+class _ScaledNorms(NamedTuple):
+    """The norms of a :class:`GradStats` times ``2**-80`` (``_SCALE_AFTER_OVERFLOW``),
+    for a norm that saturates at float32's max: its true value, ``norm * 2**80``, is
+    beyond float32, its scaled value is not (so that a clip factor can be computed from
+    it). Read them only where the matching norm is finite and saturated (a step that
+    took the overflow branch); elsewhere they hold no meaning.
+
+    Attributes:
+      norm: float32 scalar, the global norm times ``2**-80``.
+      leaf_norms: float32 ``[num_leaves]``, every leaf's norm times ``2**-80``.
+    """
+
+    norm: jax.Array
+    leaf_norms: jax.Array
+
+
+def _grad_stats_and_scaled_norms(tree: Any, input_scale: jax.Array | None = None) -> tuple[GradStats, _ScaledNorms]:
+    """:func:`_grad_stats` and the norms times ``2**-80`` (:class:`_ScaledNorms`), from
+    the same passes: the rescaled sums the overflow branch already computes, and the
+    norm of the per-leaf norms that the global norm is taken from. No further pass over
+    the gradients and no further reduction."""
+    return _stats_pass(tree, input_scale, with_scaled_norms=True)
+
+
+def _stats_pass(
+    tree: Any, input_scale: jax.Array | None, *, with_scaled_norms: bool
+) -> tuple[GradStats, _ScaledNorms | None]:
     leaves, treedef = jax.tree.flatten(_without_nnx_variables(tree))
     leaves = [jnp.asarray(x) if isinstance(x, float) else x for x in leaves]
     if not any(_is_float(x) for x in leaves):
         zero = jnp.zeros((), jnp.float32)
-        return GradStats(
+        zeros = jnp.zeros((len(leaves),), jnp.float32)
+        stats = GradStats(
             norm=zero,
             finite=jnp.ones((), jnp.bool_),
-            leaf_norms=LeafNorms(jnp.zeros((len(leaves),), jnp.float32), treedef),
+            leaf_norms=LeafNorms(zeros, treedef),
             first_nonfinite_leaf=jnp.full((), -1, jnp.int32),
         )
+        return stats, (_ScaledNorms(zero, zeros) if with_scaled_norms else None)
 
     sums, total, scaled, scale = _sums_of_squares(leaves, input_scale)
     ordinary = _ordinary(total)
@@ -431,18 +463,28 @@ def _grad_stats(tree: Any, input_scale: jax.Array | None = None) -> GradStats:
     finite_each = keep | jnp.isfinite(scaled)
     finite = jnp.all(finite_each)
     norms = jnp.where(keep, jnp.sqrt(sums), _rescued_norm(scaled, scale))
+    # Off the ordinary path, every leaf's norm times the rescue scale (2**-80 after an
+    # overflow, 2**80 after an underflow): unlike `norms`, never saturated, so that the
+    # global norm's scaled value (`unit_norm`) holds a norm beyond float32 for a clip
+    # (_ScaledNorms). Powers of two: the global norm is what the norm of `norms` was.
+    unit_norms = jnp.where(keep, jnp.sqrt(sums) * scale, jnp.sqrt(scaled))
+    unit_norm = _norm_of_norms(jnp.where(finite_each, unit_norms, 0.0))
     norm = jnp.where(
         ordinary,
         jnp.sqrt(total),
-        jnp.where(finite, jnp.minimum(_norm_of_norms(jnp.where(finite_each, norms, 0.0)), _F32_MAX), jnp.sqrt(total)),
+        jnp.where(finite, jnp.minimum(unit_norm / scale, _F32_MAX), jnp.sqrt(total)),
     )
     first_bad = jnp.where(finite, -1, jnp.argmin(finite_each))
-    return GradStats(
+    stats = GradStats(
         norm=norm,
         finite=finite,
         leaf_norms=LeafNorms(norms, treedef),
         first_nonfinite_leaf=first_bad.astype(jnp.int32),
     )
+    if not with_scaled_norms:
+        return stats, None
+    # (A saturated norm comes from the overflow branch, whose scale is 2**-80.)
+    return stats, _ScaledNorms(unit_norm, unit_norms)
 
 
 def global_norm(tree: Any) -> jax.Array:
@@ -498,8 +540,8 @@ def leaf_names(tree: Any) -> list[str]:
     ``flax.nnx`` variables are named by their path (``kernel``, not ``kernel/value``),
     as the per-leaf metrics name them. Two leaves whose paths join to the same name (a
     key holding ``/``: ``{'a/b': x, 'a': {'b': y}}``) are told apart by a suffix on the
-    later ones (``a/b(2)``; not ``#2``, which names a second guard's metric), so that no
-    leaf's metric overwrites another's.
+    later ones (``a/b(2)``; not ``#2``, which names a second guard's metric; the next
+    number when that name is taken too), so that no leaf's metric overwrites another's.
 
     Example:
       >>> import optax_gradhealth as gh
@@ -509,11 +551,22 @@ def leaf_names(tree: Any) -> list[str]:
       ['a/b', 'a/b(2)']
     """
     names = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(_without_nnx_variables(tree))[0]]
+    # A suffix never takes a name that is already given or that a leaf has as its own
+    # path (`{'a/b': x, 'a': {'b': y}, 'a/b(2)': z}` gives `a/b(3)` to the second leaf).
+    taken = set(names)
     seen: dict[str, int] = {}
     unique = []
     for name in names:
         seen[name] = seen.get(name, 0) + 1
-        unique.append(name if seen[name] == 1 else f"{name}({seen[name]})")
+        if seen[name] == 1:
+            unique.append(name)
+            continue
+        k = seen[name]
+        while f"{name}({k})" in taken:
+            k += 1
+        seen[name] = k
+        taken.add(f"{name}({k})")
+        unique.append(f"{name}({k})")
     return unique
 
 

@@ -492,3 +492,99 @@ def test_adagc_inside_the_guard_applies_steps_when_a_gradient_leaf_is_not_float(
     assert np.all(runs["float only"][0][-1] != 0.0)
     m = runs["with int leaf"][1]
     assert int(m["grad/num_skipped"]) == 0 and int(m["grad/num_nonfinite_updates"]) == 0
+
+
+# ------------------------------------------- tiny factors, norms beyond float32, edge leaves
+
+
+def test_adagc_clip_keeps_its_two_factors_apart_where_their_product_underflows():
+    """A norm 1e39 times the bound: clip_scale's factor sqrt(t/n) twice, which adagc
+    multiplied back into one float32 subnormal (flushed to 0): the gradient was zeroed,
+    gamma became 0, and every later step of the leaf was zeroed too. Reference: the AdaGC
+    rule written out in float64."""
+    lam, relative, decay = 1e-2, 1.05, 0.98
+    tx = gh.adagc_clip(relative=relative, stats_decay=decay, warmup_steps=1, warmup_max_norm=lam)
+    update = jax.jit(tx.update)
+    g = np.array([1e37, 0.0])
+    updates, state = update({"w": jnp.asarray(g, jnp.float32)}, tx.init({"w": jnp.zeros(2)}))
+    h = lam / np.linalg.norm(g)  # warm-up: h = lambda_abs / N, gamma = min(inf, h * n)
+    np.testing.assert_allclose(np.asarray(updates["w"], np.float64), g * h, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(state.adagc_norm_ema), [h * np.linalg.norm(g)], rtol=1e-6)
+    gamma = float(h * np.linalg.norm(g))
+    # After: 0.005 < relative * gamma, so h = 1: unchanged.
+    small = np.array([0.003, 0.004])
+    updates, state = update({"w": jnp.asarray(small, jnp.float32)}, state)
+    np.testing.assert_array_equal(np.asarray(updates["w"]), small.astype(np.float32))
+    gamma = decay * gamma + (1 - decay) * np.linalg.norm(small)
+    np.testing.assert_allclose(np.asarray(state.adagc_norm_ema), [gamma], rtol=1e-6)
+    # After the warm-up the per-leaf factor relative * gamma / n is tiny too (1e-41).
+    huge = np.array([-1e36, 1e35])
+    updates, state = update({"w": jnp.asarray(huge, jnp.float32)}, state)
+    h = relative * gamma / np.linalg.norm(huge)
+    np.testing.assert_allclose(np.asarray(updates["w"], np.float64), huge * h, rtol=1e-6)
+    gamma = decay * gamma + (1 - decay) * h * np.linalg.norm(huge)
+    np.testing.assert_allclose(np.asarray(state.adagc_norm_ema), [gamma], rtol=1e-6)
+    assert int(state.adagc_num_clipped) == 1
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float64"])
+def test_leaf_norm_and_adagc_clip_a_leaf_norm_beyond_float32_to_the_threshold(dtype):
+    """A leaf whose norm exceeds float32's max (saturated at 3.4e38) came out at norm
+    1.763 (or 0, adagc) for a threshold of 1. Reference: x * threshold / |x| in float64
+    for the huge leaf; the small leaf's own rule written out."""
+    with jax.enable_x64(dtype == "float64"):
+        huge = np.array([3e38, -3e38, 3e38, 1.0]) if dtype != "float64" else np.array([2e40, 1e39])
+        small = np.array([0.3, 0.4])
+        grads = {"huge": jnp.asarray(huge, dtype), "small": jnp.asarray(small, jnp.float32)}
+        exact = np.asarray(grads["huge"], np.float64)
+        rtol = 1e-2 if dtype == "bfloat16" else 1e-6
+
+        tx = gh.clip_by_leaf_norm(1.0)
+        updates, state = jax.jit(tx.update)(grads, tx.init(grads))
+        np.testing.assert_allclose(
+            np.asarray(updates["huge"], np.float64), exact / np.linalg.norm(exact), rtol=rtol, atol=1e-37
+        )
+        np.testing.assert_array_equal(np.asarray(updates["small"]), small.astype(np.float32))  # norm 0.5 < 1
+        assert bool(state.leaf_clipped["huge"]) and not bool(state.leaf_clipped["small"])
+
+        # AdaGC's warm-up: the global factor lambda_abs / N, N = |(huge, small)| > 3.4e38.
+        lam = 1.0
+        tx = gh.adagc_clip(warmup_steps=1, warmup_max_norm=lam)
+        updates, state = jax.jit(tx.update)(grads, tx.init(grads))
+        n = np.array([np.linalg.norm(exact), np.linalg.norm(small)])
+        h = lam / np.linalg.norm(n)
+        np.testing.assert_allclose(np.asarray(updates["huge"], np.float64), exact * h, rtol=rtol, atol=1e-37)
+        np.testing.assert_allclose(np.asarray(state.adagc_norm_ema)[0], n[0] * h, rtol=1e-6)  # gamma of "huge"
+
+
+@pytest.mark.parametrize("hyperparams", [False, True], ids=["float", "injected"])
+def test_clip_by_value_on_leaves_of_size_zero(hyperparams):
+    """A leaf of shape (3, 0) crashed the count (reshape(-1, 0)). Reference: optax.clip
+    and a numpy count."""
+    grads = {
+        "w": jnp.array([-3.0, 0.5, 2.0]),
+        "e30": jnp.zeros((3, 0)),
+        "e0": jnp.zeros((0,)),
+        "e03": jnp.zeros((0, 3)),
+        "e204": jnp.zeros((2, 0, 4), jnp.bfloat16),
+    }
+    tx = optax.inject_hyperparams(gh.clip_by_value)(max_abs=1.0) if hyperparams else gh.clip_by_value(1.0)
+    updates, state = jax.jit(tx.update)(grads, tx.init(grads))
+    expected, _ = optax.clip(1.0).update(grads, optax.clip(1.0).init(grads))
+    chex.assert_trees_all_equal(updates, expected)
+    m = gh.metrics(state)
+    assert int(m["grad/num_value_clipped"]) == int(np.sum(np.abs(np.asarray(grads["w"])) > 1.0)) == 2
+    np.testing.assert_allclose(float(m["grad/value_clip_fraction"]), 2 / 3)
+
+
+def test_clip_by_value_accepts_a_python_float_leaf():
+    """A Python float leaf raised AttributeError outside jit (x.dtype). Reference:
+    optax.clip, and the same call under jit (where the leaf is an array)."""
+    grads = {"s": 2.0, "w": jnp.array([-3.0, 0.5])}
+    tx = gh.clip_by_value(1.0)
+    updates, state = tx.update(grads, tx.init(grads))
+    jitted, jitted_state = jax.jit(tx.update)(grads, tx.init(grads))
+    expected, _ = optax.clip(1.0).update(grads, optax.clip(1.0).init(grads))
+    assert float(updates["s"]) == float(jitted["s"]) == float(expected["s"]) == 1.0
+    np.testing.assert_array_equal(np.asarray(updates["w"]), np.asarray(expected["w"]))
+    assert int(state.value_clip_count) == int(jitted_state.value_clip_count) == 2

@@ -89,7 +89,7 @@ def zscore_reference(norms, accepted, z, stats_decay, warmup_steps, warmup_max_n
         if max_norm is not None:
             threshold = min(threshold, max_norm)
         thresholds.append(threshold)
-        if ok and math.isfinite(norm):
+        if ok and math.isfinite(norm) and norm > 0:  # a zero norm carries no scale
             value = min(norm, threshold) if warm else norm
             ema = decay * ema + (1 - decay) * value
             sq = decay * sq + (1 - decay) * value**2
@@ -499,3 +499,111 @@ def test_the_deprecated_decay_keyword_never_silently_overrides_stats_decay():
         gh.ZScoreClip(decay=1.5)
     with pytest.warns(DeprecationWarning, match="stats_decay"):
         assert gh.ZScoreClip(decay=0.5).stats_decay == 0.5
+
+
+# ------------------------------------------------- norms beyond float32, zero norms
+
+
+def _beyond_float32_cases():
+    # (dtype, elements) whose norm exceeds float32's max (3.4e38): the norm saturates.
+    return [
+        ("float32", [3e38] * 4),
+        ("bfloat16", [3e38] * 4),
+        ("float32", [3e38, -2e38, 1.0, 0.0]),
+        ("float64", [1e39]),  # under x64 only
+        ("float64", [-3e40, 1e39, 5.0]),
+    ]
+
+
+@pytest.mark.parametrize("dtype,values", _beyond_float32_cases())
+@pytest.mark.parametrize("threshold", [1.0, 1e-3])
+def test_a_norm_beyond_float32_is_clipped_to_the_threshold_and_recorded_truly(dtype, values, threshold):
+    """The factor came from the saturated norm (3.4e38): four elements of 3e38 came out
+    at norm 1.763 for a threshold of 1, and grad/norm_clipped said 1.0. Reference: the
+    float64 norm of the returned update, and x * threshold / |x| in float64."""
+    with jax.enable_x64(dtype == "float64"):
+        grads = {"w": jnp.asarray(values, dtype), "b": jnp.array([3.0, 4.0], jnp.float32)}
+        exact = {k: np.asarray(v, np.float64) for k, v in grads.items()}
+        norm = math.sqrt(sum(float(np.sum(v**2)) for v in exact.values()))
+        assert norm > float(np.finfo(np.float32).max)
+        tx = gh.clip_by_global_norm(threshold)
+        for update in (tx.update, jax.jit(tx.update)):
+            updates, state = update(grads, tx.init(grads))
+            got = {k: np.asarray(v, np.float64) for k, v in updates.items()}
+            rtol = 1e-2 if dtype == "bfloat16" else 1e-6
+            np.testing.assert_allclose(np_norm(updates), threshold, rtol=rtol)
+            np.testing.assert_allclose(got["w"], exact["w"] * (threshold / norm), rtol=rtol, atol=1e-37)
+            # (b's clipped elements are ~1e-38 and below: float32 subnormals, read as 0 on CPU.)
+            m = gh.metrics(state)
+            assert float(m["grad/norm"]) == np.finfo(np.float32).max  # saturated, as documented
+            np.testing.assert_allclose(float(m["grad/norm_clipped"]), np_norm(updates), rtol=rtol)
+            np.testing.assert_allclose(float(m["grad/norm_clipped"]), threshold, rtol=1e-6)
+            assert bool(m["grad/clipped"])
+
+
+def test_a_norm_beyond_float32_is_not_clipped_by_an_infinite_threshold():
+    grads = {"w": jnp.full((4,), 3e38, jnp.float32)}
+    tx = gh.clip_by_global_norm(None)
+    updates, state = tx.update(grads, tx.init(grads))
+    np.testing.assert_array_equal(np.asarray(updates["w"]), np.asarray(grads["w"]))
+    m = gh.metrics(state)
+    assert not bool(m["grad/clipped"])
+    assert float(m["grad/norm_clipped"]) == np.finfo(np.float32).max  # 6e38, saturated
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        gh.ZScoreClip(warmup_steps=3, warmup_max_norm=1.0),
+        gh.PercentileClip(history_size=10, warmup_steps=3, warmup_max_norm=1.0),
+        gh.FixedClip(1.0),
+    ],
+    ids=["zscore", "percentile", "fixed"],
+)
+@pytest.mark.parametrize("in_guard", [False, True], ids=["standalone", "guard"])
+def test_zero_gradients_never_make_the_threshold_zero(policy, in_guard):
+    """All-zero gradients in the warm-up set ZScoreClip's threshold to 0 (mean 0, std 0)
+    for good: every later gradient was multiplied by 0. A zero norm carries no scale:
+    it is left out of the statistics and of the warm-up count. Reference, written out:
+    the warm-up threshold (1) for the first three non-zero norms (5), then mean 5 +
+    z * 0 (z-score) or the percentile of [5, 5, 5] (percentile): 5, unclipped."""
+    zero, grads = {"w": jnp.zeros(2)}, {"w": jnp.array([3.0, 4.0])}
+    if in_guard:
+        tx = gh.guard(optax.sgd(-1.0), clip=policy)  # the update is the clipped gradient
+        update = jax.jit(lambda g, s: tx.update(g, s, zero))
+    else:
+        tx = gh.clip_by_global_norm(policy)
+        update = jax.jit(tx.update)
+    state = tx.init(zero)
+    for _ in range(4):
+        updates, state = update(zero, state)
+        assert np_norm(updates) == 0.0
+    norms = []
+    for _ in range(6):
+        updates, state = update(grads, state)
+        norms.append(np_norm(updates))
+    expected = [1.0] * 6 if isinstance(policy, gh.FixedClip) else [1.0, 1.0, 1.0, 5.0, 5.0, 5.0]
+    np.testing.assert_allclose(norms, expected, rtol=1e-6)
+    assert float(gh.metrics(state)["grad/clip_threshold"]) == expected[-1]
+
+
+def test_zero_norms_are_left_out_of_the_adaptive_statistics():
+    """Both policies against their float64 references with zero norms mixed in (the
+    references skip them, as they skip NaN and not-accepted steps)."""
+    rng = np.random.default_rng(3)
+    norms = list(np.abs(rng.normal(2.0, 0.5, size=40)))
+    for i in (0, 1, 2, 7, 8, 20, 33):
+        norms[i] = 0.0
+    accepted = [True] * 40
+    kwargs = dict(z=2.0, stats_decay=0.9, warmup_steps=4, warmup_max_norm=10.0)
+    got = run_policy(gh.ZScoreClip(**kwargs), norms, accepted)
+    np.testing.assert_allclose(got, zscore_reference(norms, accepted, **kwargs), rtol=1e-5)
+    got = run_policy(
+        gh.PercentileClip(percentile=75.0, history_size=5, warmup_steps=4, warmup_max_norm=10.0), norms, accepted
+    )
+    kept = []
+    for i, norm in enumerate(norms):
+        expected = float(np.percentile(kept[-5:], 75.0)) if len(kept) >= 4 else 10.0
+        np.testing.assert_allclose(got[i], expected, rtol=1e-6, err_msg=f"step {i}")
+        if norm > 0:
+            kept.append(norm)

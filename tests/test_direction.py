@@ -91,3 +91,17 @@ def test_the_cosine_does_not_depend_on_the_gradients_scale(first, second):
         _, state = jax.jit(tx.update)({"w": grads}, state)
         np.testing.assert_allclose(float(gh.metrics(state)["grad/step_cosine"]), expected, atol=1e-5)
         assert bool(state.step_has_reference)
+
+
+def test_a_python_float_leaf_is_accepted():
+    """A Python float leaf raised AttributeError outside jit (x.reshape). Reference: a
+    one-element gradient's direction is its sign, so consecutive cosines are exactly
+    +1 or -1."""
+    tx = gh.record_step_cosine(sketch_dim=8)
+    state = tx.init({"s": 0.0})
+    cosines = []
+    for value in (2.0, 3.0, -0.5):
+        updates, state = tx.update({"s": value}, state)
+        assert updates["s"] == value
+        cosines.append(float(state.step_cosine))
+    np.testing.assert_allclose(cosines, [0.0, 1.0, -1.0], atol=1e-6)

@@ -405,6 +405,35 @@ def test_leaves_whose_paths_join_to_one_name_keep_a_norm_each():
     assert {k for k in m if k.startswith("grad/leaf_norm/")} == {"grad/leaf_norm/a/b", "grad/leaf_norm/a/b(2)"}
 
 
+def test_a_suffixed_name_never_takes_a_name_already_in_use():
+    """{'a/b': x, 'a': {'b': y}, 'a/b(2)': z}: the second 'a/b' became 'a/b(2)', the third
+    leaf's own name, and one norm overwrote another. Reference: three leaves, three
+    names, and each norm (numpy) under its own name."""
+    tree = {"a/b": jnp.full(2, 3.0), "a": {"b": jnp.ones(2)}, "a/b(2)": jnp.full(2, 5.0)}
+    names = gh.leaf_names(tree)
+    assert len(set(names)) == 3
+    assert names[0] == "a/b" and names[2] == "a/b(2)"  # a leaf's own path is kept
+    want = {name: float(np.linalg.norm(np.asarray(x))) for name, x in zip(names, jax.tree.leaves(tree))}
+    got = {k: float(v) for k, v in gh.leaf_norms(tree).items()}
+    assert got == pytest.approx(want) and sorted(got.values()) == pytest.approx([np.sqrt(2), np.sqrt(18), np.sqrt(50)])
+
+
+def test_leaf_names_are_unique_for_trees_of_clashing_keys():
+    """Every tree whose keys are drawn from names that clash once joined (with '/') or
+    suffixed: the names are unique, and a tree without clashes keeps its plain paths."""
+    import itertools
+
+    keys = ["a", "a/b", "b", "a/b(2)", "a/b(3)", "b(2)"]
+    for size in (2, 3, 4):
+        for chosen in itertools.combinations(keys, size):
+            tree = {k: {"b": 0.0, "b(2)": 0.0} if k == "a" else 0.0 for k in chosen}
+            names = gh.leaf_names(tree)
+            paths = [gh.path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+            assert len(set(names)) == len(names) == len(paths), (chosen, names)
+            if len(set(paths)) == len(paths):
+                assert names == paths
+
+
 def test_leaf_names_read_through_nnx_variables_as_the_metrics_do():
     from flax import nnx
 
