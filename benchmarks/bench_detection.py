@@ -251,17 +251,24 @@ LOSS_DECAY = inspect.signature(gh.guard).parameters["stats_decay"].default
 def _loss_moments(loss: jax.Array, threshold: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The guard's running loss statistics before each step (``_guard._loss_zscore``'s
     mean, floored standard deviation and count), as the guard folds them: a finite loss
-    whose z-score is above ``threshold`` is a loss spike, and stays out."""
+    whose z-score is above ``threshold`` is a loss spike, and stays out; after the
+    guard's ``rebaseline_after`` (50) spikes in a row (a non-finite loss does not break
+    the run) the statistics start again. (The norm's spikes and dips, which count in the
+    guard's streak too, are left out: the clean runs have none.)"""
 
     def step(carry, x):
-        mean, var, count = carry
+        mean, var, count, streak = carry
         floored = jnp.maximum(jnp.sqrt(var), _guard.LOSS_SPREAD_FLOOR * jnp.abs(mean) + 1e-30)
-        spike = (count >= WARMUP) & ((x - mean) / floored > threshold)
-        new = _clipping.running_moments_update(mean, var, count, x, LOSS_DECAY, jnp.isfinite(x) & ~spike)
+        finite = jnp.isfinite(x)
+        spike = (count >= WARMUP) & finite & ((x - mean) / floored > threshold)
+        new = _clipping.running_moments_update(mean, var, count, x, LOSS_DECAY, finite & ~spike)
+        streak = jnp.where(spike, streak + 1, jnp.where(finite, 0, streak))
+        restart = streak >= _guard.REBASELINE_AFTER
+        new = tuple(jnp.where(restart, jnp.zeros_like(a), a) for a in (*new, streak))
         return new, (mean, floored, count)
 
     zero = jnp.zeros((), jnp.float32)
-    return jax.lax.scan(step, (zero, zero, jnp.zeros((), jnp.int32)), loss)[1]
+    return jax.lax.scan(step, (zero, zero, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)), loss)[1]
 
 
 def loss_table(streams: dict[str, dict[str, np.ndarray]]) -> tuple[str, dict[str, Any]]:

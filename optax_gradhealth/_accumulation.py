@@ -199,6 +199,13 @@ def accumulate(
     every_k = check.integer_or_array("every_k", every_k, minimum=1)
     micro_batch_size = check.optional(check.integer_or_array, "micro_batch_size", micro_batch_size, minimum=1)
     decay = check.or_array(check.in_open_unit_interval, "noise_scale_decay", noise_scale_decay)
+    # The EMAs stay float32 whatever the decay's dtype: a float64 decay (an np.float64, or
+    # a jnp array under jax_enable_x64) would make them float64 after the first update
+    # (lax.scan then fails, jit recompiles). A Python number is weakly typed already; an
+    # np.float64 (a Python float subclass) becomes one; an array, concrete or traced
+    # (optax.inject_hyperparams), is cast where it is used.
+    if isinstance(decay, float):
+        decay = float(decay)
     # (MultiSteps takes an int or a schedule: a traced `every_k` goes in as a schedule.)
     schedule = every_k if isinstance(every_k, int) else (lambda step: every_k)
     multi_steps = optax.MultiSteps(inner, schedule, use_grad_mean=True).gradient_transformation()
@@ -252,7 +259,7 @@ def accumulate(
             state.accumulation_num_windows,
             grad_sq,
             trace_cov,
-            decay,
+            decay if isinstance(decay, float) else jnp.asarray(decay, jnp.float32),
             emit & jnp.isfinite(sum_sq) & jnp.isfinite(mean_sq) & (every_k > 1) & (micro_batch_size is not None),
         )
         new_updates, new_ms_state = multi_steps.update(updates, ms_state, params, **extra_args)

@@ -167,8 +167,11 @@ _SPEC_LIST: tuple[MetricSpec, ...] = (
     MetricSpec(
         "grad/first_nonfinite_leaf",
         INDEX,
-        ("leaf index (gh.leaf_names order) of the first NaN/Inf leaf at the latest non-finite step, -1 if none"),
-        ("-1 (no non-finite step yet); otherwise the leaf to inspect, named by gh.leaf_names(params)[index]."),
+        (
+            "leaf index (gh.leaf_names order) of the first NaN/Inf leaf at the latest step whose gradient was "
+            "non-finite (a NaN loss alone leaves it as it was), -1 if none"
+        ),
+        ("-1 (no non-finite gradient yet); otherwise the leaf to inspect, named by gh.leaf_names(params)[index]."),
     ),
     MetricSpec(
         "grad/num_steps",
@@ -511,13 +514,19 @@ _SPEC_LIST: tuple[MetricSpec, ...] = (
     MetricSpec(
         "xdev/norm_score",
         VECTOR,
-        "[K] robust z-score of each device's log gradient norm across devices (latest audit)",
+        (
+            "[K] robust z-score of each device's log gradient norm across devices (latest audit; needs K >= 3: "
+            "with 2 devices 0, inf for a dead or non-finite device)"
+        ),
         "below about 3 for every device; one device high: its gradient norm differs from the others'.",
     ),
     MetricSpec(
         "xdev/direction_score",
         VECTOR,
-        "[K] robust one-sided z-score of each device's leave-one-out cosine across devices (latest audit)",
+        (
+            "[K] robust one-sided z-score of each device's leave-one-out cosine across devices (latest audit; "
+            "needs K >= 3, 0 with 2 devices)"
+        ),
         (
             "below about 3 for every device; one device high: its gradient points elsewhere (label noise, a "
             "broken augmentation, stale parameters)."
@@ -544,7 +553,10 @@ _SPEC_LIST: tuple[MetricSpec, ...] = (
     MetricSpec(
         "xdev/param_desync",
         VECTOR,
-        "[K] device whose parameter fingerprint differs from the majority's (latest audit)",
+        (
+            "[K] device whose parameter fingerprint differs from the strict majority's (more than K/2 devices); "
+            "every device when no strict majority agrees (latest audit)"
+        ),
         "0 / False: the replicas' parameters are identical.",
     ),
     MetricSpec(

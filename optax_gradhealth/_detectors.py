@@ -279,12 +279,57 @@ class SpikeRule:
         """The norm a step counts with in running statistics: a spike's capped at the bound."""
         return jnp.where(verdict.spike, jnp.minimum(norm, verdict.bound), norm)
 
-    def fold(self, window: NormWindow, norm: jax.Array, verdict: SpikeVerdict, accepted: jax.Array) -> NormWindow:
+    def _dip(
+        self, window: NormWindow, norm: jax.Array, verdict: SpikeVerdict
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """``(log_norm, floor, dip)``: the log of the norm a step folds with (a spike's
+        capped), the mirror bound ``log(median**2 / bound)``, and whether the step is a
+        dip (below that bound, once the window is warm; a zero norm is none)."""
+        log_norm = jnp.log(jnp.maximum(self.capped(norm, verdict), 1e-37))
+        floor = 2.0 * verdict.median - jnp.log(verdict.bound)
+        return log_norm, floor, self.warm(window) & (norm > 0) & (log_norm < floor)
+
+    def streak(
+        self,
+        window: NormWindow,
+        norm: jax.Array,
+        verdict: SpikeVerdict,
+        accepted: jax.Array,
+        spike: jax.Array | None = None,
+    ) -> jax.Array:
+        """Spikes and dips in a row after this step, before a restart: a spike (``spike``,
+        by default ``verdict.spike``; the guard passes its own, loss spikes included) or a
+        dip adds one; an accepted step that is neither ends the run; a step that is
+        neither and was not accepted (a non-finite gradient, loss, value or update) leaves
+        it as it was, as ``grad/consecutive_spikes`` does."""
+        spike = verdict.spike if spike is None else spike
+        dip = self._dip(window, norm, verdict)[2]
+        return jnp.where(spike | dip, window.streak + 1, jnp.where(accepted, 0, window.streak)).astype(jnp.int32)
+
+    def restarts(
+        self,
+        window: NormWindow,
+        norm: jax.Array,
+        verdict: SpikeVerdict,
+        accepted: jax.Array,
+        spike: jax.Array | None = None,
+    ) -> jax.Array:
+        """Whether :meth:`fold` (same arguments) empties the window at this step."""
+        if self.rebaseline_after is None:
+            return jnp.zeros((), jnp.bool_)
+        return self.streak(window, norm, verdict, accepted, spike) >= self.rebaseline_after
+
+    def fold(
+        self,
+        window: NormWindow,
+        norm: jax.Array,
+        verdict: SpikeVerdict,
+        accepted: jax.Array,
+        spike: jax.Array | None = None,
+    ) -> NormWindow:
         """Pushes an accepted step's norm (a spike's capped at ``verdict.bound``), counts
-        spikes and dips in a row and restarts the window after ``rebaseline_after`` of
-        them."""
-        capped = self.capped(norm, verdict)
-        log_norm = jnp.log(jnp.maximum(capped, 1e-37))
+        spikes and dips in a row (:meth:`streak`; ``spike`` as there) and restarts the
+        window after ``rebaseline_after`` of them."""
         # A dip, the mirror of a spike (below ``median**2 / bound``), is left out of the
         # window: a few nearly empty batches (a norm of 1e-6 among norms of 1) would pull
         # the median down, and the return to the usual scale would be a run of spikes. A
@@ -293,16 +338,14 @@ class SpikeRule:
         # dip enters capped at that mirror bound instead, so the median still follows a
         # lasting fall, a bound at a time. A zero gradient (an empty or fully masked
         # batch) is not a scale either: log(0) would pull the baseline down by ~85.
-        floor = 2.0 * verdict.median - jnp.log(verdict.bound)
-        dip = self.warm(window) & (norm > 0) & (log_norm < floor)
+        log_norm, floor, dip = self._dip(window, norm, verdict)
         if self.rebaseline_after is None:
             log_norm = jnp.where(dip, floor, log_norm)
             pushed = norm_window_push(window, log_norm, accepted & (norm > 0))
         else:
             pushed = norm_window_push(window, log_norm, accepted & (norm > 0) & ~dip)
-        finite = jnp.isfinite(norm)
-        streak = jnp.where(verdict.spike | dip, window.streak + 1, jnp.where(finite, 0, window.streak))
-        pushed = pushed._replace(streak=streak.astype(jnp.int32))
+        streak = self.streak(window, norm, verdict, accepted, spike)
+        pushed = pushed._replace(streak=streak)
         if self.rebaseline_after is None:
             return pushed
         restart = streak >= self.rebaseline_after
@@ -387,8 +430,12 @@ def device_scores(
     The spread each score divides by is the largest of this audit's robust spread (MAD
     across devices), the reference spread passed in (a running average over audits,
     so one audit where the others happen to agree closely does not turn noise into an
-    alarm) and the floor. With fewer than 3 devices nothing can be told apart: every
-    score is 0 (but a non-finite device still scores ``inf``).
+    alarm) and the floor. The robust scores need K >= 3: with 2 devices the spread
+    is their distance and every score would be the same, so both scores are 0, except
+    the verdicts that need no spread: a device with a non-finite gradient scores
+    ``inf``, and so does a dead one, whose gradient is exactly zero while another
+    device's is finite and non-zero (``norm_score`` ``inf``). (With K >= 3 a dead device
+    gets a large finite norm score from its clamped log-norm.)
     """
     k = device_norms.shape[-1]
     norms = jnp.asarray(device_norms, jnp.float32)
@@ -406,7 +453,9 @@ def device_scores(
     norm_score = jnp.abs(log_norms - norm_centre[..., None]) / norm_scale[..., None]
     direction_score = (cos_centre[..., None] - loo) / cos_scale[..., None]
     if k < 3:
-        norm_score = jnp.zeros_like(norm_score)
+        alive = jnp.any(finite & (norms > 0), axis=-1, keepdims=True)
+        dead = (norms == 0) & alive
+        norm_score = jnp.where(dead, jnp.inf, jnp.zeros_like(norm_score))
         direction_score = jnp.zeros_like(direction_score)
     score = jnp.where(finite, jnp.maximum(norm_score, direction_score), jnp.inf)
     return DeviceScores(norm_score, direction_score, score, norm_spread, cos_spread)

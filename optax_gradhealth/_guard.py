@@ -142,8 +142,9 @@ class GuardCounters(NamedTuple):
         between them does not break the run (``grad/consecutive_spikes``).
       guard_rollback: sticky rollback recommendation (``grad/rollback_recommended``).
       guard_first_nonfinite_leaf: leaf index of the first non-finite leaf at the latest
-        non-finite step, -1 if none yet; name it with ``gh.leaf_names(params)``
-        (``grad/first_nonfinite_leaf``).
+        step with a non-finite gradient, -1 if none yet (a non-finite ``loss`` or
+        ``value`` with finite gradients leaves it as it was); name it with
+        ``gh.leaf_names(params)`` (``grad/first_nonfinite_leaf``).
     """
 
     guard_num_steps: jax.Array
@@ -173,7 +174,8 @@ class GuardMoments(NamedTuple):
       guard_running_loss_mean: bias-corrected EMA of the accepted losses (when
         ``loss=`` is passed).
       guard_running_loss_var: their bias-corrected EMA variance.
-      guard_num_losses: accepted losses folded into them.
+      guard_num_losses: accepted losses folded into them (back to 0, with the mean
+        and variance, when ``rebaseline_after`` spikes in a row restart the window).
     """
 
     guard_norm_window: detect.NormWindow
@@ -670,8 +672,13 @@ def _decide(
     stats: _stats.GradStats,
     loss: jax.Array | None,
     value: jax.Array | None,
+    scaled_norm: jax.Array | None = None,
 ) -> Decision:
-    """Judges the step from its statistics and the state before it (no inner update)."""
+    """Judges the step from its statistics and the state before it (no inner update).
+
+    ``scaled_norm``: the global norm times ``2**-80``
+    (``_stats._grad_stats_and_scaled_norms``), read where the norm saturates at
+    float32's max, so that the clip still brings it down to the threshold."""
     norm = stats.norm
     # The loss, and the objective `value` that line searches and Polyak steps read, are
     # inputs of the step like the gradient: a non-finite one skips it.
@@ -695,7 +702,7 @@ def _decide(
     if config.spike_action == "clip" and config.norm_spikes_on:
         threshold = jnp.where(spike, jnp.minimum(threshold, verdict.bound), threshold)
     if config.can_clip:
-        factors = _clipping.clip_scale(norm, threshold)
+        factors = _clipping.clip_scale(norm, threshold, scaled_norm)
     else:
         # Constant factors: XLA drops the multiply, and a clip mode's statistics read the
         # gradient itself (x * factor, read by the mode's reduction and by the inner
@@ -812,8 +819,10 @@ def _record(
     loss: jax.Array | None,
     decision: Decision,
     outcome: Outcome,
+    scaled_norm: jax.Array | None = None,
 ) -> tuple[GuardMoments, GuardCounters, GuardReport]:
-    """The state's groups after the step: moments, counters and the step's report."""
+    """The state's groups after the step: moments, counters and the step's report
+    (``scaled_norm`` as in :func:`_decide`)."""
     norm, spike, skipped = stats.norm, decision.spike, outcome.skipped
     accepted = ~skipped
     moments = state.guard_moments
@@ -843,8 +852,19 @@ def _record(
         if config.vanishing_norm is not None:
             not_falling = (moments.guard_num_losses == 0) | (loss >= moments.guard_running_loss_mean)
             vanishing = vanishing & not_falling
+    # The streak of spikes in a row that re-baselines counts loss spikes too (a lasting
+    # rise of the loss level would otherwise be skipped forever), and a step skipped as
+    # non-finite (its gradient, loss, value or update) does not break it. When it restarts
+    # the window, the loss statistics start again with it: the loss z-score warms up
+    # again on the new level.
+    rule, window = config.spike_rule, moments.guard_norm_window
+    if config.rebaseline_after is not None and loss is not None:
+        restart = rule.restarts(window, norm, decision.verdict, accepted, spike)
+        loss_mean, loss_var, num_losses = (
+            jnp.where(restart, jnp.zeros_like(x), x) for x in (loss_mean, loss_var, num_losses)
+        )
     new_moments = GuardMoments(
-        guard_norm_window=config.spike_rule.fold(moments.guard_norm_window, norm, decision.verdict, accepted),
+        guard_norm_window=rule.fold(window, norm, decision.verdict, accepted, spike),
         guard_running_norm_mean=norm_mean,
         guard_running_norm_var=norm_var,
         guard_num_accepted=num_accepted,
@@ -882,14 +902,17 @@ def _record(
         guard_consecutive_nonfinite=consecutive_nonfinite,
         guard_consecutive_spikes=consecutive_spikes,
         guard_rollback=rollback,
+        # Only a non-finite gradient names a leaf: a non-finite loss or value with finite
+        # gradients (whose first_nonfinite_leaf is -1) keeps the last bad leaf.
         guard_first_nonfinite_leaf=jnp.where(
-            nonfinite, stats.first_nonfinite_leaf, counters.guard_first_nonfinite_leaf
+            ~stats.finite, stats.first_nonfinite_leaf, counters.guard_first_nonfinite_leaf
         ),
     )
 
     # The norm times each factor in turn: their product alone can be a float32
-    # subnormal (flushed to 0) when the clip factor was split in two square roots.
-    clipped_norm = norm * decision.factors[0] * decision.factors[1]
+    # subnormal (flushed to 0) when the clip factor was split in two square roots; a
+    # norm saturated at float32's max is read from its scaled value.
+    clipped_norm = _clipping.clipped_norm(norm, decision.factors, scaled_norm)
     health = _update_health(outcome, stats.leaf_norms)
     report = GuardReport(
         guard_norm=norm,
@@ -1071,13 +1094,15 @@ def guard(
       spike_threshold: spike-score threshold, ``norm / baseline`` (> 1), or None.
       spike_zscore: robust z-score threshold on the log-norm (> 0), or None.
       spike_window: accepted steps in the spike detector's window (>= 1).
-      rebaseline_after: spikes (or dips, a norm as far below the baseline) in a row
-        after which the spike window is emptied and warms up again on the new norms
-        (>= 1), or None (never; a dip then enters the window capped). A lasting change
-        of the gradient's scale (parameters thrown elsewhere by a learning-rate spike) is
-        then trained through instead of skipping every later step; shorter bursts of
-        bad batches are skipped whole. ``rollback_after_spikes`` (10) raises the
-        rollback recommendation long before.
+      rebaseline_after: spikes (loss spikes included, or dips, a norm as far below the
+        baseline) in a row after which the spike window is emptied and warms up again
+        on the new norms, and the running loss statistics start again too (>= 1), or
+        None (never; a dip then enters the window capped). A non-finite step between
+        them does not break the run (as for ``grad/consecutive_spikes``). A lasting
+        change of the gradient's scale (parameters thrown elsewhere by a learning-rate
+        spike) or of the loss level (a new data mixture) is then trained through instead
+        of skipping every later step; shorter bursts of bad batches are skipped whole.
+        ``rollback_after_spikes`` (10) raises the rollback recommendation long before.
       loss_spike_zscore: loss z-score threshold (> 0), or None (default: off). The
         z-score is that of bias-corrected EMAs of the loss, its spread floored at 1% of
         its mean. On the detection benchmark's clean runs 6 raises 0.06 false alarms per
@@ -1171,15 +1196,19 @@ def guard(
         # unscaled gradients are never materialised (two consumers would force it).
         extra_args = dict(extra_args)
         unscale = extra_args.pop(UNSCALE_ARG, None)
-        stats = _stats._grad_stats(updates, unscale)
+        if cfg.can_clip:  # the norm's scaled value too, for a norm beyond float32 (rare branch)
+            stats, scaled = _stats._grad_stats_and_scaled_norms(updates, unscale)
+            scaled_norm = scaled.norm
+        else:
+            stats, scaled_norm = _stats._grad_stats(updates, unscale), None
         loss = _scalar_arg("loss", extra_args.get("loss"))
         value = _scalar_arg("value", extra_args.get("value"))
         _check_varies_like_grads("loss", loss, updates)
         _check_varies_like_grads("value", value, updates)
 
-        decision = _decide(cfg, state, stats, loss, value)
+        decision = _decide(cfg, state, stats, loss, value, scaled_norm)
         outcome = _apply_inner(cfg, inner, decision, updates, unscale, state, params, extra_args)
-        moments, counters, report = _record(cfg, state, stats, loss, decision, outcome)
+        moments, counters, report = _record(cfg, state, stats, loss, decision, outcome, scaled_norm)
         new_state = GuardState(
             guard_report=report,
             guard_counters=counters,

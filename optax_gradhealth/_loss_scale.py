@@ -83,6 +83,34 @@ def _overflowed(scaled: Any, unscaled_finite: jax.Array, scale: jax.Array) -> ja
     return jax.lax.cond(bad & (scale < 1.0), again, as_is, scaled)
 
 
+def _holds_guard(state: Any) -> bool:
+    """Whether a guard's state (any :class:`~optax_gradhealth._interfaces.UnscalesOnRead`
+    state: one that skips and counts a non-finite step) is anywhere inside ``state``;
+    decided from its structure, when the update is traced."""
+    is_guard = lambda x: isinstance(x, interfaces.UnscalesOnRead)
+    return any(is_guard(x) for x in jax.tree.leaves(state, is_leaf=is_guard))
+
+
+def _empty_finished_windows(state: Any, sel: _skip.Selects) -> Any:
+    """``state`` with the accumulator of every ``optax.MultiStepsState`` in it emptied
+    (zeros, by a select) where its window has just ended (``mini_step == 0``).
+
+    ``MultiSteps`` empties it by multiplying it by 0, which keeps a NaN: a genuine fault
+    passed on to a guard inside would make every later window NaN (and skipped). The
+    guard has skipped and counted the window it spoiled; the next one starts clean, as in
+    :func:`optax_gradhealth.accumulate`. A finite accumulator is 0 there already."""
+    is_window = lambda x: isinstance(x, optax.MultiStepsState)
+
+    def empty(x):
+        if not is_window(x):
+            return x
+        done = x.mini_step == 0
+        acc = jax.tree.map(lambda a: sel.where(done, sel.zeros(a), a) if _stats._is_float(a) else a, x.acc_grads)
+        return x._replace(acc_grads=acc)
+
+    return jax.tree.map(empty, state, is_leaf=is_window)
+
+
 def _growth_factor(name: str, value: Any) -> float:
     value = check.real_number(name, value)
     if not 1.0 < value < math.inf:
@@ -117,12 +145,20 @@ def dynamic_loss_scale(
     3. otherwise passes the unscaled gradients on. A non-finite gradient that is not an
        overflow (non-finite ``loss`` or ``value``, the scale already at ``min_scale``,
        or a float16 gradient that is finite scaled but overflows once unscaled by a
-       scale below 1: backing off would only make that worse) is a genuine fault: it
-       goes to the wrapped optimizer so that :func:`guard` skips and counts it. The
-       returned update is zeroed here too, and an inner optimizer that is not a guard
-       keeps its state on such a step (as on an overflow), so that neither the
-       parameters nor its moments see the NaN; an update element that is not finite is
-       zeroed as well;
+       scale below 1: backing off would only make that worse) is a genuine fault. When
+       a :func:`guard` is inside ``inner`` (``inner`` itself, ``optax.MultiSteps`` or
+       :func:`accumulate` of one, a chain holding one: decided from the state's
+       structure) the fault goes to ``inner``, so that the guard skips it and counts it
+       in ``grad/num_nonfinite`` (and, if it persists, recommends a rollback); inside
+       ``optax.MultiSteps`` the micro-batch spoils its window, which the guard skips at
+       the window's end, and the accumulator is emptied here (MultiSteps' own reset, a
+       multiplication by 0, would keep the NaN for every later window). Transformations
+       chained in front of the guard see the fault as they would without the loss
+       scale. When no guard is inside, ``inner`` keeps its state on such a step (as on
+       an overflow), so that its moments never see the NaN: the step is dropped, and
+       **nothing counts it** (it is not an overflow either); wrap the optimizer in
+       :func:`guard` to have such faults counted. The returned update is zeroed either
+       way, and an update element that is not finite is zeroed as well;
     4. after ``growth_interval`` consecutive finite steps multiplies the scale by
        ``growth_factor`` (not above ``max_scale``, nor above 2**126: the unscaling
        factor ``1 / scale`` stays a normal float32).
@@ -134,8 +170,9 @@ def dynamic_loss_scale(
     ``dynamic_loss_scale(optax.MultiSteps(guard(...), k))``. Each micro-batch is then
     unscaled before it is accumulated, and an overflowed micro-batch is dropped instead
     of turning the accumulator into NaN (``MultiSteps`` resets its accumulator by
-    multiplying by zero, so an Inf in it becomes NaN for good). The growth interval
-    then counts micro-batches.
+    multiplying by zero, so an Inf in it becomes NaN for good). A genuine fault in a
+    micro-batch spoils its window only: the guard skips and counts that window, and the
+    next one starts clean. The growth interval then counts micro-batches.
 
     Args:
       inner: the optimizer to wrap (``gh.guard(...)`` recommended).
@@ -240,17 +277,25 @@ def dynamic_loss_scale(
             good = finite & loss_ok
             overflow = _overflowed(updates, finite, scale) & loss_ok & (scale > min_scale)
             # An overflow never reaches the wrapped optimizer's state; no non-finite
-            # update ever leaves this function. The state is selected where the inner
-            # update produces it (`_skip`), so that under donation XLA writes it in place
-            # instead of copying every moment; the updates of an overflow step, computed
-            # from the kept state, are zeroed below (an overflow is never finite).
+            # update ever leaves this function. A genuine fault (non-finite, not an
+            # overflow) goes on to a guard inside (`optax.MultiSteps(guard)`,
+            # `gh.accumulate(guard)`, a chain holding one: decided from the state's
+            # structure), which skips and counts it; a plain optimizer keeps its state on
+            # it, so that its moments never see the NaN. The state is selected where the
+            # inner update produces it (`_skip`), so that under donation XLA writes it in
+            # place instead of copying every moment; the updates of a kept step, computed
+            # from the kept state, are zeroed below (such a step is never finite).
+            guarded = _holds_guard(old_inner)
+            keep = overflow if guarded else ~finite
             old_leaves = jax.tree.leaves(old_inner)
             unscaled = _clipping.scale_tree(updates, (inverse, 1.0))  # in float32, cast back
             inner_updates, new_inner_state = _skip.update_with_selected_state(
                 lambda: inner.update(unscaled, old_inner, params, **extra_args),
-                lambda k, new: sel.where(~finite, old_leaves[k], new),
+                lambda k, new: sel.where(keep, old_leaves[k], new),
                 inputs=(updates, state, params, extra_args),
             )
+            if guarded:
+                new_inner_state = _empty_finished_windows(new_inner_state, sel)
             new_updates = jax.tree.map(
                 lambda u: jnp.where(jnp.isfinite(u), u, jnp.zeros_like(u)) if _stats._is_float(u) else u,
                 sel.zero_floats_where(~finite, inner_updates),

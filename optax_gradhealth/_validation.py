@@ -91,7 +91,10 @@ def in_open_unit_interval(name: str, value: Any) -> float:
 INT32_MAX = 2**31 - 1
 
 
-def integer(name: str, value: Any, *, minimum: int) -> int:
+def integer(name: str, value: Any, *, minimum: int, maximum: int | None = INT32_MAX) -> int:
+    """An int >= ``minimum`` (a bool is not one), at most ``maximum``: by default
+    :data:`INT32_MAX`, for the counts, steps and sizes an int32 holds or is compared with;
+    ``None`` for an int that never enters the jitted step (a seed numpy reads)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         hint = ""
         if is_array_like(value) or isinstance(value, jax.core.Tracer):
@@ -100,7 +103,9 @@ def integer(name: str, value: Any, *, minimum: int) -> int:
     value = int(value)
     if value < minimum:
         raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
-    if value > INT32_MAX:
+    if maximum is not None and value > maximum:
+        if maximum != INT32_MAX:
+            raise ValueError(f"`{name}` must be an int <= {maximum}, got {value!r}.")
         raise ValueError(
             f"`{name}` must be an int <= {INT32_MAX} (2**31 - 1: it is compared with int32 step counts), got {value!r}."
         )
@@ -162,9 +167,11 @@ def optional(check, name: str, value: Any, **kwargs):
 
 
 def one_of(name: str, value: Any, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
+    # A string first: `in` compares an array elementwise (numpy then raises its own
+    # ambiguity error, which names no argument).
+    if not isinstance(value, str) or value not in allowed:
         raise ValueError(f"`{name}` must be one of {allowed}, got {_describe(value)}.")
-    return value
+    return str(value)
 
 
 def transformation(name: str, value: Any) -> optax.GradientTransformationExtraArgs:

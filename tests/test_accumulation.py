@@ -383,3 +383,37 @@ def test_a_guard_around_accumulate_of_one_micro_batch_applies_every_step(micro_b
         updates, state = update(grads, state, params)
         np.testing.assert_allclose(np.asarray(updates["w"]), -0.1 * np.asarray(grads["w"]), rtol=1e-6)
     assert int(gh.metrics(state)["grad/num_skipped"]) == 0
+
+
+@pytest.mark.parametrize("kind", ["np.float64", "jnp.float64", "inject_hyperparams"])
+def test_a_float64_noise_scale_decay_under_x64_keeps_the_state_float32(kind):
+    """Under jax_enable_x64 a float64 decay (a numpy scalar, a jnp array, or the array
+    optax.inject_hyperparams makes of it) made three float32 EMA fields float64 after the
+    first update: lax.scan failed on the carry and jit recompiled. The EMAs are also
+    checked against the formula written out (float32 decay, as with a Python float)."""
+    with jax.enable_x64(True):
+        params = {"w": jnp.ones(3, jnp.float32)}
+        if kind == "inject_hyperparams":
+            tx = optax.inject_hyperparams(gh.accumulate, static_args=("every_k", "micro_batch_size"))(
+                optax.sgd(0.1), every_k=2, micro_batch_size=2, noise_scale_decay=jnp.float64(0.9)
+            )
+            acc = lambda s: s.inner_state
+        else:
+            decay = np.float64(0.9) if kind == "np.float64" else jnp.asarray(0.9, jnp.float64)
+            tx = gh.accumulate(optax.sgd(0.1), 2, micro_batch_size=2, noise_scale_decay=decay)
+            acc = lambda s: s
+        state0 = tx.init(params)
+        grads = {"w": jnp.asarray(np.arange(12.0).reshape(4, 3) - 4.0, jnp.float32)}
+        final, _ = jax.lax.scan(lambda s, g: (tx.update({"w": g}, s, params)[1], None), state0, grads["w"])
+        chex.assert_trees_all_equal_shapes_and_dtypes(final, state0)
+        # Written out: two windows, micro-batches of 2 examples, EMAs with decay 0.9.
+        g = np.asarray(grads["w"], np.float64).reshape(2, 2, 3)
+        ema_g = ema_t = 0.0
+        for window in g:
+            mean_group_sq = np.mean([np.sum(x**2) for x in window])
+            mean_sq = np.sum(window.mean(axis=0) ** 2)
+            ema_g = 0.9 * ema_g + 0.1 * (2 * mean_sq - mean_group_sq)
+            ema_t = 0.9 * ema_t + 0.1 * 2 * 2 * (mean_group_sq - mean_sq)
+        np.testing.assert_allclose(float(acc(final).accumulation_grad_sq_ema), ema_g, rtol=1e-5)
+        np.testing.assert_allclose(float(acc(final).accumulation_trace_cov_ema), ema_t, rtol=1e-5)
+        np.testing.assert_allclose(float(acc(final).accumulation_noise_scale), ema_t / ema_g, rtol=1e-5)

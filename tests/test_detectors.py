@@ -192,6 +192,39 @@ def test_spike_rule_leaves_a_dip_out_of_the_window_and_rebaselines_after_a_lasti
     assert float(np.asarray(out["median"])[699]) == pytest.approx(np.log(1e-3), abs=0.1)
 
 
+def test_spike_rule_streak_breaks_only_on_an_accepted_step_that_is_not_a_spike():
+    """The table of ``SpikeRule.streak`` (spikes and dips in a row): a spike, the
+    caller's spike flag (the guard's loss spike) or a dip adds one; an accepted step
+    that is neither ends the run; a step that is neither and not accepted (a NaN loss
+    or update with a finite gradient norm, or a NaN norm) leaves it. A finite norm used
+    to end the run whether or not the step was accepted."""
+    rule = detect.SpikeRule(5.0, 6.0, window=32, warmup=5, spread_floor=0.05, rebaseline_after=4)
+    window = rule.init()
+    for x in np.exp(np.random.default_rng(0).normal(0.0, 0.1, 10)):
+        window = rule.fold(window, jnp.float32(x), rule.judge(window, jnp.float32(x), True), True)
+    window = window._replace(streak=jnp.int32(2))
+    false, true = jnp.bool_(False), jnp.bool_(True)
+
+    def after(norm, accepted, spike=None):
+        norm = jnp.float32(norm)
+        verdict = rule.judge(window, norm, jnp.isfinite(norm))
+        folded = rule.fold(window, norm, verdict, accepted, spike)
+        return int(rule.streak(window, norm, verdict, accepted, spike)), int(folded.streak)
+
+    assert after(1.0, true) == (0, 0)  # an accepted ordinary step ends the run
+    assert after(1.0, false) == (2, 2)  # a finite norm, but skipped (NaN loss): kept
+    assert after(float("nan"), false) == (2, 2)  # a NaN gradient: kept
+    assert after(100.0, false) == (3, 3)  # a norm spike
+    assert after(1.0, false, true) == (3, 3)  # a loss spike (the caller's flag)
+    assert after(1e-4, true) == (3, 3)  # a dip
+    window = window._replace(streak=jnp.int32(3))  # the 4th in a row restarts the window
+    norm = jnp.float32(1.0)
+    verdict = rule.judge(window, norm, True)
+    assert bool(rule.restarts(window, norm, verdict, false, true))
+    assert int(rule.fold(window, norm, verdict, false, true).count) == 0
+    assert not bool(rule.restarts(window, norm, verdict, true))
+
+
 # ----------------------------------------------------------------------------- CUSUM
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -408,6 +410,67 @@ def test_lasting_change_of_scale_is_trained_through_after_a_streak_of_spikes():
     assert 0.5 < float(history[-1]["grad/spike_score"]) < 2.0
 
 
+def test_a_lasting_rise_of_the_loss_is_trained_through_after_a_streak_of_loss_spikes():
+    """A lasting jump of the loss level (ordinary gradients) with loss spikes on: loss
+    spikes count in the `rebaseline_after` streak, and the restart starts the loss
+    statistics again too. Expected: skipped for `rebaseline_after` steps, then the loss
+    z-score warms up again (0 for `warmup_steps` losses) and is judged against the new
+    level (bias-corrected EMAs of the losses since the restart, written out). Before, every
+    step after the jump was a loss spike, skipped forever."""
+    n, jump, after, warmup, decay = 60, 20, 4, 5, 0.98
+    norms = noisy_norms(n)
+    loss = 1.0 + 0.05 * np.random.default_rng(1).standard_normal(n)
+    loss[jump:] += 2.0
+    loss = loss.astype(np.float32)
+    tx = gh.guard(
+        optax.sgd(0.1),
+        loss_spike_zscore=6.0,
+        rebaseline_after=after,
+        warmup_steps=warmup,
+        reset_after=None,
+        rollback_after_spikes=None,
+    )
+    _, history = run_norm_sequence(tx, norms, loss=jnp.asarray(loss))
+    assert [i for i, h in enumerate(history) if h["grad/skipped"]] == list(range(jump, jump + after))
+    restart = jump + after  # the first step after the restart
+    assert [float(h["grad/loss_zscore"]) for h in history[restart : restart + warmup]] == [0.0] * warmup
+    t = restart + warmup + 3
+    m1 = m2 = 0.0
+    for x in loss[restart:t].astype(np.float64):
+        m1, m2 = decay * m1 + (1 - decay) * x, decay * m2 + (1 - decay) * x * x
+    corr = 1 - decay ** (t - restart)
+    mean = m1 / corr
+    std = max(np.sqrt(max(m2 / corr - mean * mean, 0.0)), 0.01 * abs(mean))
+    np.testing.assert_allclose(float(history[t]["grad/loss_zscore"]), (loss[t] - mean) / std, rtol=1e-3, atol=1e-4)
+    assert int(history[-1]["grad/num_spikes"]) == after
+
+
+@pytest.mark.parametrize("bad", ["nan_gradient", "nan_loss"])
+def test_a_nonfinite_loss_does_not_break_the_streak_that_rebaselines(bad):
+    """A lasting x20 jump of the gradient's scale with a bad batch every other step at
+    first. A non-finite step between spikes does not break the run (as for
+    grad/consecutive_spikes), whether its gradient or only its loss is non-finite: the
+    window restarts after `rebaseline_after` spikes either way. A NaN loss with finite
+    gradients used to reset the streak, so the window never re-baselined."""
+    norms = noisy_norms(60)
+    norms[30:] = [20.0 * x for x in norms[30:]]
+    loss = [1.0] * 60
+    bad_steps = (31, 33)
+    for t in bad_steps:
+        if bad == "nan_gradient":
+            norms[t] = float("nan")
+        else:
+            loss[t] = float("nan")
+    tx = gh.guard(optax.sgd(0.1), rebaseline_after=5, warmup_steps=10, reset_after=None, rollback_after_spikes=None)
+    _, history = run_norm_sequence(tx, norms, loss=jnp.asarray(loss, jnp.float32))
+    # Spikes at 30, 32, 34, 35, 36 (the 5th restarts the window); 31 and 33 skipped as
+    # non-finite; every step after is accepted.
+    assert [i for i, h in enumerate(history) if h["grad/skipped"]] == list(range(30, 37))
+    assert [i for i, h in enumerate(history) if h["grad/spiked"]] == [30, 32, 34, 35, 36]
+    assert [float(h["grad/spike_score"]) for h in history[37:47]] == [0.0] * 10  # warm-up again
+    assert 0.5 < float(history[-1]["grad/spike_score"]) < 2.0
+
+
 def test_nonfinite_loss_skips_and_loss_spikes_are_detected():
     norms = noisy_norms(40)
     loss = list(2.0 + 0.01 * np.random.default_rng(1).standard_normal(40))
@@ -483,6 +546,10 @@ def test_metrics_found_in_nnx_optimizer():
         (dict(inner="adam"), TypeError, r"`inner` must be an optax.GradientTransformation.*'adam'"),
         (dict(clip=-1.0), ValueError, r"`clip` must be a positive number.*-1.0"),
         (dict(spike_action="ignore"), ValueError, r"`spike_action` must be one of \('skip', 'clip', 'record'\)"),
+        # An array (not a string) names the argument too, not numpy's "truth value of an
+        # array ... is ambiguous".
+        (dict(spike_action=np.array(["skip", "clip"])), ValueError, r"`spike_action` must be one of"),
+        (dict(spike_action=np.array("skip")), ValueError, r"`spike_action` must be one of"),
         (dict(spike_threshold=0.5), ValueError, r"`spike_threshold` .* must be > 1, got 0.5"),
         (dict(spike_threshold=1.0), ValueError, r"`spike_threshold` .* must be > 1, got 1.0"),
         (dict(spike_threshold=float("nan")), ValueError, r"`spike_threshold` must not be NaN"),
@@ -563,3 +630,19 @@ def test_clip_mode_as_guard_clip_applies_only_to_accepted_steps_and_survives_res
     # The reset re-initialised the optimizer but kept the clip mode's record of the
     # last accepted step (one element clipped), rather than zeroing it.
     assert bool(m["grad/momentum_reset"]) and int(m["grad/num_value_clipped"]) == 1
+
+
+@pytest.mark.parametrize("threshold", [1.0, 1e-3])
+def test_guard_clips_a_norm_beyond_float32_to_its_threshold(threshold):
+    """The guard's own clip computed its factor from the saturated norm (3.4e38): four
+    elements of 3e38 (norm 6e38) came out at 1.76x the threshold. Reference: float64."""
+    grads = {"w": jnp.full((4,), 3e38, jnp.float32), "b": jnp.array([3.0, 4.0], jnp.float32)}
+    norm = math.sqrt(4 * 3e38**2 + 25.0)
+    tx = gh.guard(optax.sgd(1.0), clip=threshold)  # first step: in warm-up, never a spike
+    updates, state = jax.jit(tx.update)(grads, tx.init(grads))
+    got = np.asarray(updates["w"], np.float64)
+    np.testing.assert_allclose(-got, 3e38 * threshold / norm, rtol=1e-6)
+    m = gh.metrics(state)
+    assert bool(m["grad/clipped"]) and not bool(m["grad/skipped"])
+    assert float(m["grad/norm"]) == np.finfo(np.float32).max  # saturated, as documented
+    np.testing.assert_allclose(float(m["grad/norm_clipped"]), threshold, rtol=1e-6)

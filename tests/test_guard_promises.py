@@ -497,6 +497,30 @@ def test_first_nonfinite_leaf_names_the_bad_leaf_in_leaf_names_order():
     assert seen == ["b/d", "b/d", "e", "b/c"]
 
 
+def test_first_nonfinite_leaf_is_kept_by_a_nonfinite_loss_with_finite_gradients():
+    """A NaN loss (or value) with finite gradients is a non-finite step, but no leaf went
+    bad: the index of the last bad leaf stays (it was overwritten with -1, which the
+    catalogue reads as "no non-finite step yet")."""
+    params = {"a": jnp.zeros(2), "b": jnp.zeros(3)}
+    tx = gh.guard(optax.sgd(0.1))
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    ones = jax.tree.map(jnp.ones_like, params)
+    seen = []
+    for grads, loss in [
+        (ones, 1.0),  # nothing bad yet: -1
+        ({"a": jnp.ones(2), "b": jnp.ones(3).at[1].set(jnp.nan)}, 1.0),  # leaf 1 ("b") goes bad
+        (ones, 1.0),
+        (ones, float("nan")),  # a NaN loss, finite gradients
+    ]:
+        _, state = update(grads, state, params, loss=jnp.float32(loss))
+        seen.append(int(gh.metrics(state)["grad/first_nonfinite_leaf"]))
+    assert seen == [-1, 1, 1, 1]
+    assert int(gh.metrics(state)["grad/num_nonfinite"]) == 2
+    _, state = update(ones, state, params, value=jnp.float32(jnp.inf))  # a non-finite value: the same
+    assert int(gh.metrics(state)["grad/first_nonfinite_leaf"]) == 1
+
+
 @pytest.mark.parametrize("jit", [True, False])
 def test_guard_over_a_tree_without_float_leaves_applies_every_step(jit):
     """Nothing to check (no float leaf in the update or the inner state): the step is

@@ -436,33 +436,108 @@ def test_fp16_example_forces_overflows_and_follows_the_scale_rule():
     assert np.mean(hist["loss"][-8:]) < np.mean(hist["loss"][:8])
 
 
-def test_guard_fast_path_equals_the_general_path():
+@pytest.mark.parametrize(
+    "init_scale, min_scale, kinds",
+    [
+        # overflows, a NaN loss with finite gradients, and genuine faults: NaN gradients
+        # with a NaN loss
+        (8.0, 1.0, ["ok", "ok", "inf", "ok", "nan_loss", "ok", "nan", "ok", "inf", "inf", "nan", "ok"]),
+        # at min_scale: every Inf gradient is a genuine fault, never an overflow
+        (1.0, 1.0, ["ok", "inf", "ok", "inf", "inf", "ok"]),
+    ],
+    ids=["overflows_and_faults", "at_min_scale"],
+)
+def test_guard_fast_path_equals_the_general_path(init_scale, min_scale, kinds):
     """Directly around a guard the wrapper reuses the guard's finite flag; around any
-    other state (here a one-link chain holding the same guard) it checks itself."""
-    kinds = ["ok", "ok", "inf", "ok", "nan_loss", "ok", "ok", "inf", "inf", "ok"]
+    other state (here a one-link chain holding the same guard) it checks itself. A genuine
+    fault (non-finite, not an overflow) reaches the guard on both paths, which skips and
+    counts it: it was kept from the chained guard, which then never counted it."""
     runs = []
     for wrap in (lambda t: t, lambda t: optax.chain(t)):
-        tx = gh.dynamic_loss_scale(wrap(gh.guard(optax.adam(1e-2), clip=0.5)), init_scale=8.0, growth_interval=2)
+        tx = gh.dynamic_loss_scale(
+            wrap(gh.guard(optax.adam(1e-2), clip=0.5)), init_scale=init_scale, min_scale=min_scale, growth_interval=2
+        )
         params = {"w": jnp.ones(4)}
         state = tx.init(params)
         update = jax.jit(tx.update)
         trace = []
         for i, kind in enumerate(kinds):
             g = jnp.asarray(np.random.default_rng(i).normal(size=4), jnp.float32) * gh.loss_scale(state)
-            loss = jnp.float32(jnp.nan if kind == "nan_loss" else 1.0)
+            loss = jnp.float32(jnp.nan if kind in ("nan_loss", "nan") else 1.0)
             if kind == "inf":
                 g = g.at[0].set(jnp.inf)
+            if kind == "nan":
+                g = g.at[1].set(jnp.nan)
             updates, state = update({"w": g}, state, params, loss=loss)
             params = optax.apply_updates(params, updates)
             trace.append(jax.device_get(gh.metrics(state)))
         runs.append((params, trace))
     chex.assert_trees_all_equal(runs[0][0], runs[1][0])
+    chex.assert_tree_all_finite(runs[1][0])
     for a, b in zip(runs[0][1], runs[1][1]):
         assert a.keys() == b.keys()
         for name in a:
             np.testing.assert_array_equal(a[name], b[name], err_msg=name)
-    last = runs[0][1][-1]
-    assert int(last["grad/num_overflows"]) == 3 and int(last["grad/num_nonfinite"]) == 1
+    last = runs[1][1][-1]
+    overflows = kinds.count("inf") if init_scale > min_scale else 0
+    faults = kinds.count("nan_loss") + kinds.count("nan") + (kinds.count("inf") - overflows)
+    assert int(last["grad/num_overflows"]) == overflows and int(last["grad/num_nonfinite"]) == faults
+    assert int(last["grad/num_skipped"]) == faults and int(last["grad/num_steps"]) == len(kinds) - overflows
+
+
+@pytest.mark.parametrize("fault", ["nan_loss", "inf_at_min_scale"])
+@pytest.mark.parametrize("accumulation", ["multisteps", "accumulate"])
+def test_genuine_faults_reach_a_guard_inside_accumulation_and_raise_the_rollback(accumulation, fault):
+    """dls(MultiSteps(guard, 2)), the order the docstring recommends, and
+    dls(accumulate(guard, 2)): a genuine fault in a micro-batch (NaN gradients with a NaN
+    loss, or an Inf gradient at min_scale) spoils its window, which the guard skips and
+    counts at the window's end, whether the micro-batch is the window's first or last;
+    the next window starts clean (MultiSteps' own reset, 0 * NaN, kept the NaN for
+    good); and `rollback_after_nonfinite` spoiled windows in a row raise the rollback.
+    The reference is dls(guard) fed one step per window (the window's mean, NaN when
+    spoiled): the same counters, the same parameters. Before, the micro-batch was dropped
+    and nothing counted it, and the rollback never came."""
+    k, rollback_after, lr = 2, 3, 0.5
+    scale_args = dict(init_scale=1.0, min_scale=1.0) if fault == "inf_at_min_scale" else dict(init_scale=4.0)
+    bad_value = jnp.inf if fault == "inf_at_min_scale" else jnp.nan
+
+    def guard():
+        return gh.guard(optax.sgd(lr), rollback_after_nonfinite=rollback_after, reset_after=None)
+
+    window = optax.MultiSteps(guard(), k) if accumulation == "multisteps" else gh.accumulate(guard(), k)
+    tx = gh.dynamic_loss_scale(window, **scale_args)
+    reference = gh.dynamic_loss_scale(guard(), **scale_args)
+    rng = np.random.default_rng(0)
+    # Windows: clean; spoiled first; spoiled last; clean; then spoiled for good.
+    plan = [(0, 0), (1, 0), (0, 1), (0, 0)] + [(1, 1)] * rollback_after
+    params = ref_params = {"w": jnp.ones(3)}
+    state, ref_state = tx.init(params), reference.init(params)
+    update, ref_update = jax.jit(tx.update), jax.jit(reference.update)
+    for w, bad in enumerate(plan):
+        micro = [rng.normal(size=3).astype(np.float32) for _ in range(k)]
+        for g, is_bad in zip(micro, bad):
+            grads = {"w": (jnp.full(3, bad_value) if is_bad else jnp.asarray(g)) * gh.loss_scale(state)}
+            loss = jnp.float32(jnp.nan if is_bad and fault == "nan_loss" else 1.0)
+            updates, state = update(grads, state, params, loss=loss)
+            params = optax.apply_updates(params, updates)
+        mean = np.full(3, np.nan if any(bad) else 0.0, np.float32) + np.mean(micro, axis=0)
+        ref_grads = {"w": jnp.asarray(mean) * gh.loss_scale(ref_state)}
+        ref_loss = jnp.float32(jnp.nan if any(bad) and fault == "nan_loss" else 1.0)  # a fault, not an overflow
+        ref_updates, ref_state = ref_update(ref_grads, ref_state, ref_params, loss=ref_loss)
+        ref_params = optax.apply_updates(ref_params, ref_updates)
+
+        m, ref = gh.metrics(state), gh.metrics(ref_state)
+        for name in ("grad/num_steps", "grad/num_nonfinite", "grad/num_skipped", "grad/consecutive_nonfinite"):
+            assert int(m[name]) == int(ref[name]), (w, name)
+        assert bool(m["grad/rollback_recommended"]) is bool(ref["grad/rollback_recommended"]), w
+        assert bool(m["grad/rollback_recommended"]) is (w == len(plan) - 1), w
+        assert int(m["grad/num_overflows"]) == 0
+        np.testing.assert_allclose(np.asarray(params["w"]), np.asarray(ref_params["w"]), rtol=1e-6)
+        chex.assert_tree_all_finite(params)
+        inner = state.loss_scale_inner_state
+        acc = inner.acc_grads if accumulation == "multisteps" else inner.accumulation_inner_state.acc_grads
+        chex.assert_tree_all_finite(acc)  # emptied at the window's end, NaN or not
+    assert int(gh.metrics(state)["grad/num_nonfinite"]) == 2 + rollback_after
 
 
 @pytest.mark.parametrize("around_guard", [True, False])
