@@ -94,8 +94,10 @@ class CrossDeviceState(NamedTuple):
         accumulated over audits.
       xdev_duplicate_pairs: bool [K, K], ``[j, k]`` is True when devices j != k produced
         bit-identical non-zero gradients.
-      xdev_param_desync: bool [K], True for devices whose parameter fingerprint differs from
-        the majority's (all False when ``params`` is not passed to ``update``).
+      xdev_param_desync: bool [K], True for devices whose parameter fingerprint (every array
+        leaf, integer leaves included) differs from that of a strict majority (more than K/2
+        devices); all True when no strict majority agrees (K = 2 with differing replicas, a
+        2-2 split), all False when ``params`` is not passed to ``update``.
       xdev_near_duplicate_pairs: bool [K, K], pairs whose sketched cosine has stood far
         above the other pairs' for several audits (same examples, different noise).
       xdev_pair_evidence: float32 [K, K], the CUSUM evidence behind it.
@@ -368,6 +370,49 @@ def _safe_div(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.where(ok, quotient, jnp.where(jnp.isnan(a) | jnp.isnan(b), jnp.nan, 0.0))
 
 
+def _common_scale(device_norms: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(s, 1 / s)``: the exact power of two that brings the largest finite device norm
+    into [0.5, 1) (1 when no norm is finite and positive).
+
+    Every scale-free figure of the audit (agreement, cosines, the noise scale's ratio) is
+    computed from the gradients, the mean and the norms multiplied by ``s``: their squares
+    and dot products then stay in float32's range whatever the gradients' scale (elements
+    of 1e-20 or 1e18 included), and a multiplication by a power of two is exact. The
+    exponent is clipped to +-120 so that ``s`` and ``1 / s`` are normal float32 numbers.
+    """
+    finite = jnp.isfinite(device_norms)
+    largest = jnp.max(jnp.where(finite, device_norms, 0.0))
+    _, exponent = jnp.frexp(largest)
+    exponent = jnp.where(largest > 0, jnp.clip(exponent, -120, 120), 0).astype(jnp.int32)
+    # 2**-exponent and 2**exponent, exactly: biased exponents written into float32 bits.
+    scale = lax.bitcast_convert_type((127 - exponent) << 23, jnp.float32)
+    inverse = lax.bitcast_convert_type((127 + exponent) << 23, jnp.float32)
+    return scale, inverse
+
+
+def _scaled(x: jax.Array, scale: jax.Array) -> jax.Array:
+    """``x * scale`` as float32 (complex64 for a complex leaf); the product is taken in
+    float64 for a 64-bit leaf, so that a float64 element beyond float32 is brought in."""
+    wide = _stats._accumulation_dtype(x)
+    complex_leaf = jnp.iscomplexobj(x)
+    if complex_leaf:
+        wide = jnp.complex128 if wide == jnp.float64 else jnp.complex64
+    return (x.astype(wide) * scale.astype(wide)).astype(jnp.complex64 if complex_leaf else jnp.float32)
+
+
+def _array_leaves(tree: Any) -> list[jax.Array]:
+    """Every array leaf of ``tree`` (integer, bool and PRNG-key leaves included, ``float0``
+    left out), in ``jax.tree.leaves`` order: what the parameter fingerprint hashes."""
+    leaves = []
+    for x in jax.tree.leaves(tree):
+        if not (hasattr(x, "dtype") or isinstance(x, (bool, int, float, complex))):
+            continue
+        x = jnp.asarray(x)
+        if x.dtype != jax.dtypes.float0:
+            leaves.append(x)
+    return leaves
+
+
 def cross_device(
     axis_name: str | Sequence[str] = "data",
     *,
@@ -412,16 +457,23 @@ def cross_device(
     all-reduce of ``K x (sketch_dim + 1)`` floats and one of ``K x 2`` integers:
     ``xdev/cosine_to_mean``, ``xdev/pairwise_cosine`` (count-sketch with a static seed
     shared by all devices), ``xdev/duplicate_pairs`` (bit-exact gradient fingerprints),
-    ``xdev/param_desync`` (parameter fingerprints; pass ``params`` to ``update``) and the
-    outlier device. A device's outlier score is the larger of
+    ``xdev/param_desync`` (parameter fingerprints of every array leaf; pass ``params`` to
+    ``update``; devices outside a group of more than K/2 identical replicas are flagged,
+    every device when there is no such group) and the outlier device. The cosines, the
+    agreement and the noise scale's ratio are computed from the gradients multiplied by
+    one exact power of two (from the largest device norm), so they hold for gradients of
+    any scale float32 can hold. A device's outlier score is the larger of
 
     * ``|log|g_k| - median_j log|g_j|| / max(1.4826 MAD, norm_floor)`` (norm), and
     * ``(median_j c_j - c_k) / max(1.4826 MAD, cosine_floor)`` where ``c_k`` is the
       exact cosine of ``g_k`` to the mean of the OTHER devices' gradients (direction);
 
     a non-finite local gradient scores ``inf`` (``xdev/norm_score``,
-    ``xdev/direction_score``). Evidence accumulates across audits in a one-sided CUSUM
-    per device, ``e_k <- clip(e_k + score_k - 2, 0, 2 * outlier_evidence)``
+    ``xdev/direction_score``). The two robust scores need K >= 3 (the spread of two
+    values is their distance): with K = 2 they are 0, and only a non-finite device or a
+    dead one (an all-zero gradient while the other's is not) is named (score ``inf``).
+    Evidence accumulates across audits in a one-sided CUSUM per device,
+    ``e_k <- clip(e_k + score_k - 2, 0, 2 * outlier_evidence)``
     (``xdev/outlier_evidence``). A device is named (``xdev/outlier_devices``) when its
     score exceeds ``outlier_threshold`` (a strong fault, at the audit it shows) or its
     evidence exceeds ``outlier_evidence`` (a moderate one that persists: a score of 6 on
@@ -448,8 +500,9 @@ def cross_device(
       audit_every: then audit every ``audit_every`` updates (``None``: never again).
       sketch_dim: dimension of the random-projection sketch (pairwise cosines carry an
         error of about ``1 / sqrt(sketch_dim)``).
-      sketch_seed: seed of the sketch and fingerprint hashes (a Python int, so the same
-        on every device and host).
+      sketch_seed: seed of the sketch and fingerprint hashes (a Python int >= 0, so the
+        same on every device and host; read by ``numpy.random.default_rng``, which takes
+        any size).
       noise_scale_decay: decay of the two noise-scale EMAs, in (0, 1).
       outlier_threshold: instant score above which a device is named at once.
       outlier_evidence: CUSUM evidence above which a device is named.
@@ -506,7 +559,9 @@ def cross_device(
             "audit_first_steps > 0 (audit every step at first) and/or audit_every >= 1 (then every N)."
         )
     dim = check.integer("sketch_dim", sketch_dim, minimum=1)
-    seed = check.integer("sketch_seed", sketch_seed, minimum=0)
+    # Only numpy's default_rng reads the seed (on the host, when the step is traced): any
+    # int >= 0 is a seed; it is never stored in or compared with an int32.
+    seed = check.integer("sketch_seed", sketch_seed, minimum=0, maximum=None)
     decay = check.in_open_unit_interval("noise_scale_decay", noise_scale_decay)
     rule = default_audit_rule(
         outlier_threshold=check.positive("outlier_threshold", outlier_threshold, allow_inf=True),
@@ -575,23 +630,23 @@ def cross_device(
 
     leaf_seed = sketch.LeafSeeds(seed, dim)  # per leaf: (salt, sketch offset), drawn once, static
 
-    def sharded_sum(tree, per_leaf, tracked):
-        """sum over the float leaves of ``per_leaf(i, leaf, salt)``, summed over the devices
-        holding the other parts of each leaf.
+    def sharded_sum(tree, per_leaf, tracked, leaves_of=_stats._float_leaves):
+        """sum over the float leaves (``leaves_of``) of ``per_leaf(i, leaf, salt)``, summed
+        over the devices holding the other parts of each leaf.
 
         A leaf split over some ``sharded_axes`` (it varies over them under ``check_vma``;
         every leaf when variation is not tracked, e.g. under ``pmap``) contributes a
         partial value that is ``psum``-ed over exactly those axes; a leaf replicated over
         them is counted once. ``salt`` differs between the parts of a split leaf.
         """
-        return reduce_groups(local_groups(tree, per_leaf, tracked))
+        return reduce_groups(local_groups(tree, per_leaf, tracked, leaves_of))
 
-    def local_groups(tree, per_leaf, tracked):
+    def local_groups(tree, per_leaf, tracked, leaves_of=_stats._float_leaves):
         """This device's part of :func:`sharded_sum`: the sum of ``per_leaf`` over the
         leaves split over each tuple of sharded axes (``()``: not split), before the
         ``psum`` over those axes (:func:`reduce_groups`)."""
         groups: dict[tuple[str, ...], Any] = {}
-        for i, leaf in enumerate(_stats._float_leaves(tree)):
+        for i, leaf in enumerate(leaves_of(tree)):
             if not shard_axes:
                 axes = ()
             elif tracked:
@@ -638,26 +693,45 @@ def cross_device(
                         "not the local gradient. Compute it with gh.local_value_and_grad(loss_fn, "
                         f"{data_name!r}) (or pcast the params to varying before jax.grad)."
                     )
+            known = set(data_axes) | set(shard_axes)
+            for what, tree, keep in (
+                ("Gradient", updates, _stats._is_float),
+                ("Parameter", params, lambda x: hasattr(x, "dtype")),  # every array: all are fingerprinted
+            ):
+                for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+                    if not keep(leaf):
+                        continue
+                    other = sorted((_vma.varying_axes(leaf) or frozenset()) - known)
+                    if other:
+                        suggestion = (*shard_axes, *other)
+                        suggestion = suggestion[0] if len(suggestion) == 1 else suggestion
+                        raise ValueError(
+                            f"{what} leaf {_stats.path_name(path)!r} varies over the mesh axis {other[0]!r}, which "
+                            f"is neither a data axis (axis_name={data_name!r}) nor a sharded axis "
+                            f"(sharded_axes={shard_axes!r}): its norms, dot products and fingerprints would be "
+                            f"partial and differ across {other[0]!r}. If the leaf is split over {other[0]!r} "
+                            f"(tensor parallelism, FSDP), pass sharded_axes={suggestion!r} to gh.cross_device; if "
+                            f"the devices along {other[0]!r} see different data, add it to axis_name."
+                        )
         index = lax.axis_index(data_name)
         f32_zero = jnp.zeros((), jnp.float32)
 
-        def sum_of_squares(tree):
-            total = sharded_sum(tree, lambda i, x, salt: _stats._leaf_sum_of_squares(x), tracked)
-            return f32_zero if total is None else total
+        def plain_sum_of_squares(i, x, salt):
+            return _stats._leaf_sum_of_squares(x)
 
-        def local_norm(tree):
-            """This device's gradient norm, finite for every finite gradient: where the
-            float32 sum of squares overflows (a norm above ~1.8e19) or is tiny (below
-            ~1e-15, or flushed to 0), the sums are taken again on the gradient scaled by
-            2**-80 or 2**80 (a ``lax.cond``, as :func:`optax_gradhealth.grad_stats`
-            does; its ``psum`` over sharded axes stays outside the branch). NaN or Inf
-            only when an element is; a finite norm beyond float32 saturates at its max."""
-            groups = local_groups(tree, lambda i, x, salt: _stats._leaf_sum_of_squares(x), tracked)
+        def rescued_sum_of_squares(tree, rescue_scale):
+            """``(total, again, ordinary, scale)``: the float32 sum of squares of ``tree``
+            (summed over the sharded axes), whether it is ordinary (finite and not tiny:
+            ``_stats._ordinary``) and, only when it is not, the sum of squares of the
+            elements multiplied by ``scale = rescue_scale(total)``, taken again in a
+            ``lax.cond`` (a rare second pass; 0 on ordinary steps). Its ``psum`` over
+            sharded axes stays outside the branch. None for a tree without float leaves."""
+            groups = local_groups(tree, plain_sum_of_squares, tracked)
             if not groups:
-                return f32_zero
+                return None
             total = reduce_groups(groups)
             ordinary = _stats._ordinary(total)
-            scale = _stats._rescue_scale(total)
+            scale = rescue_scale(total)
 
             def rescaled(operands):
                 tree, scale = operands
@@ -667,7 +741,30 @@ def cross_device(
                 return jax.tree.map(jnp.zeros_like, groups)
 
             again = reduce_groups(_vma.match(lax.cond(ordinary, not_needed, rescaled, (tree, scale)), groups))
+            return total, again, ordinary, scale
+
+        def local_norm(tree):
+            """This device's gradient norm, finite for every finite gradient: where the
+            float32 sum of squares overflows (a norm above ~1.8e19) or is tiny (below
+            ~1e-15, or flushed to 0), the sums are taken again on the gradient scaled by
+            2**-80 or 2**80 (as :func:`optax_gradhealth.grad_stats` does). NaN or Inf
+            only when an element is; a finite norm beyond float32 saturates at its max."""
+            sums = rescued_sum_of_squares(tree, _stats._rescue_scale)
+            if sums is None:
+                return f32_zero
+            total, again, ordinary, scale = sums
             return jnp.where(ordinary, jnp.sqrt(total), _stats._rescued_norm(again, scale))
+
+        def scaled_sum_of_squares(tree, scale):
+            """``|tree|^2 scale^2`` (``scale`` a power of two from :func:`_common_scale`):
+            on an ordinary step the plain sum times ``scale^2`` (exact), else the sum of
+            squares of the elements multiplied by ``scale``, so that a sum of squares that
+            overflowed or underflowed float32 is not lost."""
+            sums = rescued_sum_of_squares(tree, lambda total: scale)
+            if sums is None:
+                return f32_zero
+            total, again, ordinary, _ = sums
+            return jnp.where(ordinary, total * scale * scale, again)
 
         # ONE all-reduce per update: the gradients and the masked [K] vector of local norms
         # travel in the same psum (XLA emits a single all-reduce for the tuple). It runs
@@ -681,8 +778,11 @@ def cross_device(
 
         def all_reduce(grads):
             floats = [x for x, f in zip(jax.tree.leaves(grads), is_float) if f]
-            summed, device_norms = lax.psum((floats, jnp.where(mine, local, jnp.zeros_like(local))), data_name)
-            summed = iter([(x / k).astype(x.dtype) for x in summed])
+            # fp16 and fp8 leaves are summed in float32: the sum over K devices may pass their
+            # range (65504 for fp16) although the mean does not. Other dtypes keep theirs.
+            wide = [x.astype(jnp.float32) if _stats._overflows_on_scaling(x) else x for x in floats]
+            summed, device_norms = lax.psum((wide, jnp.where(mine, local, jnp.zeros_like(local))), data_name)
+            summed = iter([(total / k).astype(x.dtype) for total, x in zip(summed, floats)])
             mean = treedef.unflatten([next(summed) if f else x for x, f in zip(leaves, is_float)])
             return mean, device_norms
 
@@ -695,14 +795,19 @@ def cross_device(
         def audit(operands):
             grads, params = operands
             mean, device_norms = all_reduce(grads)
-            mean_sq = sum_of_squares(mean)
+            # Every sum below is taken on the gradients and the mean multiplied by the
+            # common power of two ``scale`` (the largest device norm brought into [0.5, 1)):
+            # squares and dot products of 1e-20 or 1e18 elements stay in float32's range,
+            # and the cosines do not depend on the scale. (A rare branch: no cheap path.)
+            scale, _ = _common_scale(device_norms)
+            mean_sq = sharded_sum(mean, lambda i, x, salt: _stats._leaf_sum_of_squares(x, scale), tracked)
+            mean_sq = f32_zero if mean_sq is None else mean_sq  # |g|^2 scale^2
             mean_leaves = _stats._float_leaves(mean)
 
             def dot_and_sketch(i, g, salt):
                 # complex leaves keep their imaginary part: Re <g, m> = sum Re(g conj(m))
-                acc = jnp.complex64 if jnp.iscomplexobj(g) else jnp.float32
-                dot = jnp.sum(jnp.real(g.astype(acc) * jnp.conj(mean_leaves[i].astype(acc))))
-                return jnp.concatenate([dot[None], sketch.leaf_sketch(g, dim, salt, leaf_seed(i)[1])])
+                dot = jnp.sum(jnp.real(_scaled(g, scale) * jnp.conj(_scaled(mean_leaves[i], scale))))
+                return jnp.concatenate([dot[None], sketch.leaf_sketch(g, dim, salt, leaf_seed(i)[1], scale)])
 
             row = sharded_sum(grads, dot_and_sketch, tracked)
             row = jnp.zeros((dim + 1,), jnp.float32) if row is None else row
@@ -710,18 +815,19 @@ def cross_device(
             grad_fp = sharded_sum(grads, lambda i, g, salt: sketch.leaf_fingerprint(g, salt), tracked)
             grad_fp = sketch.u32(0) if grad_fp is None else grad_fp
             param_fp = None
-            if params is not None:
+            if params is not None:  # every array leaf: an integer table out of sync is a desync too
                 param_fp = sharded_sum(
                     params,
                     lambda i, p, salt: sketch.leaf_fingerprint(p, sketch.mix32(salt ^ sketch.u32(0x5BD1E995))),
                     tracked,
+                    _array_leaves,
                 )
             param_fp = sketch.u32(0) if param_fp is None else param_fp
             ints = gather(jnp.stack([grad_fp, param_fp]), k, index)
             dots, sketches = floats[:, 0], floats[:, 1:]
 
             mean_norm = jnp.sqrt(mean_sq)
-            cosine_to_mean = _safe_div(dots, device_norms * mean_norm)
+            cosine_to_mean = _safe_div(dots, (device_norms * scale) * mean_norm)
             sketch_norms = jnp.sqrt(jnp.sum(jnp.square(sketches), axis=1))
             gram = jnp.matmul(sketches, sketches.T, precision=lax.Precision.HIGHEST)
             pairwise = _safe_div(gram, sketch_norms[:, None] * sketch_norms[None, :])
@@ -734,15 +840,19 @@ def cross_device(
             duplicates = same & off_diagonal & (device_norms[:, None] > 0)
 
             pfp = ints[:, 1]
-            agree = pfp[:, None] == pfp[None, :]
-            majority = jnp.argmax(jnp.sum(agree, axis=1))
-            desync = pfp != pfp[majority]
+            support = jnp.sum(pfp[:, None] == pfp[None, :], axis=1)  # devices sharing each one's
+            majority = jnp.argmax(support)
+            # Only a group of more than K/2 identical replicas is a reference: without one
+            # (K = 2 and the two differ, a 2-2 split, ...) nothing tells which replicas are
+            # healthy, and every device is flagged (the alarm says: no majority).
+            desync = jnp.where(2 * support[majority] > k, pfp != pfp[majority], True)
 
             detector, verdict = detect.audit_update(detector_state(), device_norms, cosine_to_mean, pairwise, **rule)
             scores = verdict.scores
             return (
                 mean,
                 device_norms,
+                mean_sq,
                 _vma.match(
                     (
                         cosine_to_mean.astype(jnp.float32),
@@ -789,9 +899,14 @@ def cross_device(
 
         def no_audit(operands):
             grads, _ = operands
-            return (*all_reduce(grads), recorded())
+            mean, device_norms = all_reduce(grads)
+            # |g|^2 scale^2 (the same scale as the audit's): the plain sum of squares, taken
+            # again on the scaled mean only when it overflowed or underflowed (rare).
+            mean_sq = scaled_sum_of_squares(mean, _common_scale(device_norms)[0])
+            return mean, device_norms, mean_sq, recorded()
 
-        mean, device_norms, audit_values = lax.cond(audited, audit, no_audit, (updates, params))
+        # mean_sq is |g|^2 scale^2, with scale = _common_scale(device_norms)[0].
+        mean, device_norms, mean_sq, audit_values = lax.cond(audited, audit, no_audit, (updates, params))
         (
             cosine_to_mean,
             pairwise,
@@ -806,20 +921,24 @@ def cross_device(
             near_duplicates,
         ) = audit_values[:11]
         detector = detect.AuditDetectorState(*audit_values[11:])
-        mean_sq = sum_of_squares(mean)
-        # (inf for a norm beyond ~1.8e19: that step's agreement and noise estimates are
-        # not finite and not folded into the EMAs; the detectors read the norms.)
-        total_sq = jnp.sum(jnp.square(device_norms))
+        # The scale-free figures from the norms and |g|^2 times the common power of two
+        # (exact): the squares stay in float32's range whatever the gradients' scale. Only
+        # the two estimates carry a scale, undone at the end (they overflow or underflow
+        # only when their true value is outside float32's range).
+        scale, inverse = _common_scale(device_norms)
+        scaled_norms = device_norms * scale
+        total_sq = jnp.sum(jnp.square(scaled_norms))
         mean_local_sq = total_sq / kf
-        norm_mean = jnp.mean(device_norms)
-        norm_cv = _safe_div(jnp.std(device_norms), norm_mean)
+        norm_cv = _safe_div(jnp.std(scaled_norms), jnp.mean(scaled_norms))
         norm_max_over_min = jnp.max(device_norms) / jnp.min(device_norms)
         if k > 1:
             agreement = _safe_div(kf * kf * mean_sq - total_sq, (kf - 1.0) * total_sq)
         else:
             agreement = jnp.ones((), jnp.float32)
         grad_sq_est, trace_cov_est = noise.estimates(mean_local_sq, mean_sq, k, batch)
-        finite = jnp.isfinite(total_sq) & jnp.isfinite(mean_sq)
+        grad_sq_est = grad_sq_est * inverse * inverse
+        trace_cov_est = trace_cov_est * inverse * inverse
+        finite = jnp.isfinite(grad_sq_est) & jnp.isfinite(trace_cov_est)
         if batch is not None and k > 1:
             grad_sq_ema, trace_ema, noise_count, noise_scale = noise.fold(
                 state.xdev_grad_sq_ema,
@@ -967,7 +1086,9 @@ def cross_device_alarms(metrics: dict[str, Any]) -> list[Alarm]:
     * a pair whose gradients have agreed far more than the other pairs' for several
       audits (``xdev/near_duplicate_pairs``: same examples, different dropout or
       augmentation), with its cosine and the other pairs' median;
-    * a device whose parameters differ from the majority (``xdev/param_desync``).
+    * a device whose parameters differ from the majority (``xdev/param_desync``), or,
+      when every device is flagged (no group of more than K/2 replicas agrees), one alarm
+      that the parameter replicas disagree with no majority, naming every device.
 
     Values may be per-device copies (a leading device axis from ``pmap``); the first
     copy is read.
@@ -1003,8 +1124,9 @@ def cross_device_alarms(metrics: dict[str, Any]) -> list[Alarm]:
     single = read("xdev/outlier_device", 0)
     if named is not None:
         devices = [int(d) for d in np.nonzero(named)[0]]
-    else:  # an older log: the single named device, -1 for none
-        devices = [int(single)] if single is not None and int(single) >= 0 else []
+    else:  # an older log: the single named device, -1 (or NaN: not logged) for none
+        logged = single is not None and np.isfinite(single)
+        devices = [int(single)] if logged and int(single) >= 0 else []
     for device in devices:
         if norms is None:
             score = read("xdev/outlier_score", 0)
@@ -1042,7 +1164,11 @@ def cross_device_alarms(metrics: dict[str, Any]) -> list[Alarm]:
                 )
             out.append(Alarm(text, "near_duplicate_pair", (j, k), evidence))
     desync = read_flags("xdev/param_desync", 1)
-    if desync is not None:
+    if desync is not None and desync.size > 1 and desync.all():
+        # every device flagged: no group of more than K/2 replicas agrees, so none is the reference
+        text = f"parameter replicas disagree with no majority (all {desync.size} devices; desync or corruption)"
+        out.append(Alarm(text, "param_desync", tuple(range(desync.size)), {}))
+    elif desync is not None:
         for k in np.nonzero(desync)[0]:
             text = f"device {int(k)} parameters differ from the majority (desync or corruption)"
             out.append(Alarm(text, "param_desync", (k,), {}))

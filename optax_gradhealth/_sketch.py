@@ -30,18 +30,28 @@ def mix32(h: jax.Array) -> jax.Array:
 
 
 def bits_u32(x: jax.Array) -> jax.Array:
-    """The bit pattern of a float leaf as a flat uint32 vector (complex: real and imaginary parts)."""
+    """The bit pattern of an array leaf as a flat uint32 vector (complex: real and
+    imaginary parts; integers and bools too, for the parameter fingerprint)."""
+    x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
     if jnp.iscomplexobj(x):
         x = jnp.stack([jnp.real(x), jnp.imag(x)])
     x = x.reshape(-1)
-    bits = jnp.finfo(x.dtype).bits
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    bits = jax.dtypes.itemsize_bits(x.dtype)
     if bits == 32:
         return lax.bitcast_convert_type(x, jnp.uint32)
     if bits == 64:
         return lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
     if bits == 16:
         return lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
-    return lax.bitcast_convert_type(x, jnp.uint8).astype(jnp.uint32)  # fp8
+    if bits == 8:
+        return lax.bitcast_convert_type(x, jnp.uint8).astype(jnp.uint32)  # fp8, int8, uint8
+    # sub-byte types (int4, fp4): their values, converted exactly to 32 bits
+    wide = jnp.float32 if jnp.issubdtype(x.dtype, jnp.floating) else jnp.int32
+    return lax.bitcast_convert_type(x.astype(wide), jnp.uint32)
 
 
 def leaf_fingerprint(x: jax.Array, salt: jax.Array) -> jax.Array:
@@ -52,18 +62,24 @@ def leaf_fingerprint(x: jax.Array, salt: jax.Array) -> jax.Array:
     return jnp.sum(mix32(bits ^ (position * u32(0x9E3779B1) + salt)), dtype=jnp.uint32)
 
 
-def leaf_sketch(x: jax.Array, dim: int, salt: jax.Array, offset: int) -> jax.Array:
-    """Count-sketch of one leaf into ``dim`` float32 buckets.
+def leaf_sketch(x: jax.Array, dim: int, salt: jax.Array, offset: int, scale: jax.Array | None = None) -> jax.Array:
+    """Count-sketch of one leaf (times ``scale``, if given) into ``dim`` float32 buckets.
 
     Element i goes to bucket ``(i // rows + offset) mod dim`` (``rows = ceil(n / dim)``)
     with a pseudo-random sign from a hash of (i, salt). The salt and offset are drawn
     from the static ``sketch_seed`` (and the shard index when the leaf is split across
     devices), so the map is the same on every data-parallel device and ``<sketch(x), sketch(y)>`` estimates ``<x, y>``
-    without bias, with a standard error of about ``|x| |y| / sqrt(dim)``.
+    without bias, with a standard error of about ``|x| |y| / sqrt(dim)``. The
+    elements are multiplied by ``scale`` (in float32, float64 for a float64 leaf)
+    before they are summed: the audit passes an exact power of two that keeps tiny or
+    huge gradients in float32's range.
     """
     x = x.reshape(-1)
     if jnp.iscomplexobj(x):
         x = jnp.concatenate([jnp.real(x), jnp.imag(x)])
+    if scale is not None:
+        wide = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
+        x = x.astype(wide) * scale.astype(wide)
     x = x.astype(jnp.float32)
     n = x.shape[0]
     rows = -(-n // dim)

@@ -266,6 +266,25 @@ def test_logs_without_the_named_devices_fall_back_to_the_single_outlier_device()
     assert [a.devices for a in gh.cross_device_alarms(named)] == [(1,), (3,)]
 
 
+def test_a_log_row_whose_single_outlier_device_is_nan_raises_nothing():
+    """A row where the older single-device field was not logged (NaN, as a log reads a
+    missing value back) names no device, as -1 does."""
+    m = _clean(4) | {"xdev/outlier_device": np.float32(np.nan), "xdev/outlier_score": np.float32(np.nan)}
+    assert gh.cross_device_alarms(m) == []
+    assert gh.cross_device_alarms(m | {"xdev/outlier_device": np.float64(np.inf)}) == []
+    assert gh.cross_device_alarms(m | {"xdev/outlier_device": np.float32(2.0)})[0].devices == (2,)
+
+
+def test_every_device_out_of_sync_is_one_alarm_that_there_is_no_majority():
+    m = _clean(2) | {"xdev/param_desync": np.array([True, True])}
+    [alarm] = gh.cross_device_alarms(m)
+    assert alarm == "parameter replicas disagree with no majority (all 2 devices; desync or corruption)"
+    assert (alarm.kind, alarm.devices, alarm.evidence) == ("param_desync", (0, 1), {})
+    # from a log: 0/1 floats
+    [alarm] = gh.cross_device_alarms(_clean(4) | {"xdev/param_desync": np.ones(4)})
+    assert alarm.devices == (0, 1, 2, 3)
+
+
 def test_an_outlier_without_the_norms_is_worded_from_its_score():
     m = {"xdev/outlier_device": np.int32(3), "xdev/outlier_score": np.float32(12.5)}
     [alarm] = gh.cross_device_alarms(m)

@@ -263,11 +263,13 @@ def test_a_nonfinite_step_leaves_the_noise_scale_emas_alone():
     np.testing.assert_allclose(states[2]["xdev/noise_scale"], folded_noise_scale(steps[::2]), rtol=2e-3)
 
 
-def test_a_step_whose_total_overflows_leaves_the_noise_scale_emas_alone():
-    """Every device's squared norm ~1e38 (finite), their sum over 8 devices is not: the
-    step's estimates are not folded into the EMAs, the next step's are."""
+def test_a_step_whose_estimate_overflows_leaves_the_noise_scale_emas_alone():
+    """Every device's norm ~2e19 (finite, measured), and |G|^2 ~4e38 is beyond float32: that
+    step's estimate is Inf, and it is not folded into the EMAs; the next step's is. (Norms
+    of 1e19, whose squares sum beyond float32 over 8 devices while |G|^2 ~1e38 does not,
+    give finite estimates: test_tiny_or_huge_gradients_give_the_float64_figures.)"""
     base = random_grads(0)
-    scale = 1e19 / np.linalg.norm(flat(base)[0])  # device d's copy of base[0]: norm 1e19 * (1 + 0.01 d)
+    scale = 2e19 / np.linalg.norm(flat(base)[0])  # device d's copy of base[0]: norm 2e19 * (1 + 0.01 d)
     huge = {
         n: jnp.asarray(
             np.stack([np.asarray(x[0], np.float64) * (1 + 0.01 * d) for d in range(K)]) * scale,
@@ -277,6 +279,7 @@ def test_a_step_whose_total_overflows_leaves_the_noise_scale_emas_alone():
     }
     steps = [random_grads(1), huge, random_grads(2)]
     states = [first_copy(m) for _, m in pmap_run(steps)]
+    assert reference(flat(huge), BATCH)["grad_sq_est"] > np.finfo(np.float32).max
     assert np.isfinite(states[1]["xdev/device_norms"]).all() and not np.isfinite(states[1]["xdev/grad_sq_est"])
     np.testing.assert_allclose(states[1]["xdev/noise_scale"], folded_noise_scale(steps[:1]), rtol=2e-3)
     np.testing.assert_allclose(states[2]["xdev/noise_scale"], folded_noise_scale(steps[::2]), rtol=2e-3)
@@ -489,6 +492,117 @@ def test_the_scale_free_figures_do_not_depend_on_the_gradients_scale(scale):
     np.testing.assert_allclose(m["xdev/pairwise_cosine"], ref["pairwise_cosine"], atol=0.12)
 
 
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+@pytest.mark.parametrize("scale", [1e-20, 1e17, 1e18])
+def test_tiny_or_huge_gradients_give_the_float64_figures(scale):
+    """Elements ~1e-20 (squares below float32's normal range), ~1e17 (the devices' squared
+    norms sum beyond float32) or ~1e18 (every square sum and dot product overflows), with
+    device 2 sign-flipped: the float64 figures of the same gradients, device 2 named as a
+    direction outlier. The estimates are Inf only where their float64 value is beyond
+    float32 (1e18), and that step is then not folded into the noise scale."""
+    grads = jax.tree.map(lambda x: x.at[2].multiply(-1.0) * scale, random_grads(14))
+    (_, m), *_ = pmap_run([grads])
+    m = first_copy(m)
+    ref = reference(flat(grads), BATCH)
+    np.testing.assert_allclose(m["xdev/device_norms"], ref["device_norms"], rtol=1e-5)
+    for name in ("norm_cv", "agreement", "cosine_to_mean"):
+        np.testing.assert_allclose(m[f"xdev/{name}"], ref[name], rtol=2e-4, atol=2e-5, err_msg=name)
+    np.testing.assert_allclose(m["xdev/pairwise_cosine"], ref["pairwise_cosine"], atol=0.12)
+    fits = True
+    for name in ("grad_sq_est", "trace_cov_est"):
+        if abs(ref[name]) > F32_MAX:
+            fits = False
+            assert m[f"xdev/{name}"] == np.sign(ref[name]) * np.inf, name
+        else:
+            np.testing.assert_allclose(m[f"xdev/{name}"], ref[name], rtol=2e-3, err_msg=name)
+    if fits:
+        np.testing.assert_allclose(m["xdev/noise_scale"], folded_noise_scale([grads]), rtol=2e-3)
+    else:
+        assert np.isnan(m["xdev/noise_scale"])
+    assert np.flatnonzero(m["xdev/outlier_devices"]).tolist() == [2]
+    assert [(a.kind, a.devices) for a in gh.cross_device_alarms(m)] == [("outlier_direction", (2,))]
+
+
+def test_fp16_gradients_whose_sum_passes_the_fp16_range_average_to_their_mean():
+    """Elements ~9000 on each of 8 devices: the sum (~72000) is beyond fp16's 65504, the
+    mean is not. The mean comes back in fp16, equal to the float64 mean of the values."""
+    g = np.full((K, 6), 9000.0) + np.random.default_rng(30).normal(size=(K, 6))
+    grads = {"w": jnp.asarray(g, jnp.float16)}
+    (updates, m), *_ = pmap_run([grads])
+    given = np.asarray(grads["w"].astype(jnp.float32), np.float64)  # the fp16 values the devices hold
+    assert updates["w"].dtype == jnp.float16
+    for d in range(K):
+        np.testing.assert_allclose(np.asarray(updates["w"][d], np.float64), given.mean(0), rtol=1e-3)
+    m = first_copy(m)
+    np.testing.assert_allclose(m["xdev/agreement"], reference(given, BATCH)["agreement"], rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("fault", "kind"),
+    [("zero", "dead_device"), ("nan", "nonfinite_device"), ("both zero", None), ("x1000", None), (None, None)],
+)
+def test_with_two_devices_a_dead_or_nonfinite_device_is_named(fault, kind):
+    """K = 2: device 1's gradient all zero (the other's is not) or NaN is named; the robust
+    norm and direction scores need K >= 3, so a x1000 norm is not (docs/distributed.md)."""
+    grads = random_grads(3, k=2)
+    if fault == "zero":
+        grads = jax.tree.map(lambda x: x.at[1].set(0.0), grads)
+    elif fault == "both zero":
+        grads = jax.tree.map(jnp.zeros_like, grads)
+    elif fault == "nan":
+        grads["a"] = grads["a"].at[1, 0, 0].set(jnp.nan)
+    elif fault == "x1000":
+        grads = jax.tree.map(lambda x: x.at[1].multiply(1000.0), grads)
+    params_k = jax.tree.map(lambda x: jnp.stack([x[0]] * 2), random_grads(4, k=2))
+    (_, m), *_ = pmap_run([grads], params_k)
+    m = first_copy(m)
+    alarms = [(a.kind, a.devices) for a in gh.cross_device_alarms(m)]
+    assert alarms == ([] if kind is None else [(kind, (1,))])
+
+
+@pytest.mark.parametrize(
+    ("k", "corrupted", "flagged"),
+    [(2, [0], [0, 1]), (4, [0, 1], [0, 1, 2, 3]), (4, [0, 1, 2], [0, 1, 2, 3]), (3, [0], [0]), (4, [2], [2])],
+)
+def test_param_desync_names_devices_outside_a_strict_majority_or_every_device_without_one(k, corrupted, flagged):
+    """Replicas 'corrupted' hold other parameters (each its own). A group of more than K/2
+    equal replicas is the reference; without one nothing tells the healthy replicas
+    apart, every device is flagged and the alarm says there is no majority."""
+    grads = random_grads(1, k=k)
+    params_k = jax.tree.map(lambda x: jnp.stack([x[0]] * k), random_grads(2, k=k))
+    for d in corrupted:
+        params_k["b"] = params_k["b"].at[d, 0].add(1.0 + d)
+    (_, m), *_ = pmap_run([grads], params_k)
+    m = first_copy(m)
+    assert np.flatnonzero(m["xdev/param_desync"]).tolist() == flagged
+    alarms = [a for a in gh.cross_device_alarms(m) if a.kind == "param_desync"]
+    if len(flagged) == k:
+        assert [(str(a), a.devices) for a in alarms] == [
+            (
+                f"parameter replicas disagree with no majority (all {k} devices; desync or corruption)",
+                tuple(range(k)),
+            )
+        ]
+    else:
+        assert [a.devices for a in alarms] == [(d,) for d in flagged]
+
+
+def test_an_integer_parameter_leaf_out_of_sync_is_a_desync():
+    """An int32 table that differs on device 6 (the float leaves agree) names device 6."""
+    grads = {"w": jnp.asarray(np.random.default_rng(31).normal(size=(K, 5)), jnp.float32)}
+    table = np.zeros((K, 5), np.int32)
+    table[6, 2] = 7
+    params_k = {"w": jnp.zeros((K, 5)), "table": jnp.asarray(table), "flag": jnp.zeros((K, 2), bool)}
+    (_, m), *_ = pmap_run([grads], params_k)
+    assert np.flatnonzero(first_copy(m)["xdev/param_desync"]).tolist() == [6]
+    params_k["flag"] = params_k["flag"].at[3, 1].set(True)  # and a bool leaf on device 3
+    params_k["table"] = jnp.zeros((K, 5), jnp.int32)
+    (_, m), *_ = pmap_run([grads], params_k)
+    assert np.flatnonzero(first_copy(m)["xdev/param_desync"]).tolist() == [3]
+
+
 def test_init_outside_the_mapped_function_reads_k_from_the_mesh_or_num_devices():
     def k_of(tx):
         return tx.init(None).xdev_device_norms.shape[0]
@@ -643,6 +757,28 @@ def test_every_leaf_split_over_the_model_axis_gives_the_unsharded_numbers(check_
     assert np.argwhere(np.triu(m["xdev/duplicate_pairs"])).tolist() == [[0, 3]]
     assert np.flatnonzero(m["xdev/param_desync"]).tolist() == [1]
     np.testing.assert_allclose(np.asarray(updates["b"]), np.asarray(grads["b"]).mean(0), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("split", ["Gradient", "Parameter"])
+def test_a_leaf_varying_over_an_axis_neither_data_nor_sharded_is_a_clear_error(split):
+    """data (4) x model (2), leaf 'a' split over 'model' and sharded_axes not given: a
+    ValueError that names the leaf, the axis and the fix (it was a TypeError from inside
+    the audit's lax.cond)."""
+    k = 4
+    grads = random_grads(6, k=k)
+    params_k = jax.tree.map(lambda x: jnp.stack([x[0]] * k), random_grads(7, k=k))
+    mesh = jax.make_mesh((k, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    split_a = {"a": P("data", None, "model"), "b": P("data")}
+    whole = {"a": P("data"), "b": P("data")}
+    grad_specs, param_specs = (split_a, split_a) if split == "Gradient" else (whole, split_a)
+    with pytest.raises(ValueError) as raised:
+        shard_map_run(grads, params_k, mesh, grad_specs, param_specs)
+    assert str(raised.value) == (
+        f"{split} leaf 'a' varies over the mesh axis 'model', which is neither a data axis (axis_name='data') nor "
+        "a sharded axis (sharded_axes=()): its norms, dot products and fingerprints would be partial and differ "
+        "across 'model'. If the leaf is split over 'model' (tensor parallelism, FSDP), pass sharded_axes='model' "
+        "to gh.cross_device; if the devices along 'model' see different data, add it to axis_name."
+    )
 
 
 def test_a_leaf_split_over_two_model_axes_is_summed_and_salted_over_both():
@@ -840,6 +976,17 @@ def test_bad_arguments_fail_at_build_time(kwargs, error, message):
     with pytest.raises(error) as raised:
         gh.cross_device(**{"axis_name": "data", **kwargs})
     assert str(raised.value) == message
+
+
+@pytest.mark.parametrize("seed", [2**31, 2**64 + 5])
+def test_a_sketch_seed_beyond_int32_is_a_seed(seed):
+    """The seed only seeds numpy's generator (it is never compared with an int32): a seed
+    beyond 2**31 - 1 builds and gives the exact cosines of a sketch as wide as the
+    gradient (float64 reference)."""
+    g = np.random.default_rng(32).normal(size=(K, 24))
+    (_, m), *_ = pmap_run([{"w": jnp.asarray(g, jnp.float32)}], sketch_dim=24, sketch_seed=seed)
+    unit = g / np.linalg.norm(g, axis=1, keepdims=True)
+    np.testing.assert_allclose(first_copy(m)["xdev/pairwise_cosine"], unit @ unit.T, atol=2e-6)
 
 
 def test_the_largest_schedule_an_int32_step_count_allows_runs():

@@ -334,3 +334,19 @@ def test_architecture_table_lists_what_each_module_imports():
         documented |= set(modules)
     private = {p.stem for p in package.glob("_*.py")} - {"__init__", "__main__"}
     assert private <= documented, sorted(private - documented)
+
+
+def test_every_public_function_and_class_has_a_runnable_example():
+    # The doctests run them (--doctest-modules); this test sees that there is one. The
+    # NamedTuple states and records (what `init` returns, GradStats, the guard's groups)
+    # are data, shown by the examples of the functions that make them.
+    import inspect
+
+    missing = []
+    for name in gh.__all__:
+        obj = getattr(gh, name)
+        is_record = isinstance(obj, type) and issubclass(obj, tuple) and hasattr(obj, "_fields")
+        if (inspect.isfunction(obj) or inspect.isclass(obj)) and not is_record:
+            if ">>>" not in (inspect.getdoc(obj) or ""):
+                missing.append(name)
+    assert not missing, missing
