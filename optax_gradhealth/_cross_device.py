@@ -33,7 +33,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from optax_gradhealth import _catalogue, _interfaces, _stats, _vma
+from optax_gradhealth import _catalogue, _interfaces, _lowering, _stats, _vma
 from optax_gradhealth import _detectors as detect
 from optax_gradhealth import _noise_scale as noise
 from optax_gradhealth import _sketch as sketch
@@ -800,14 +800,25 @@ def cross_device(
             # squares and dot products of 1e-20 or 1e18 elements stay in float32's range,
             # and the cosines do not depend on the scale. (A rare branch: no cheap path.)
             scale, _ = _common_scale(device_norms)
-            mean_sq = sharded_sum(mean, lambda i, x, salt: _stats._leaf_sum_of_squares(x, scale), tracked)
+
+            # Each reduction multiplies by its own copy of the scale (`_lowering.own_operands`):
+            # a product `x * scale` shared by two reductions (the mean's in |g|^2 and in every
+            # dot product, a gradient's in its dot product and its sketch) is materialised
+            # by XLA:CPU, a gradient-sized temporary on audit steps.
+            def own_sum_of_squares(i, x, salt):
+                x, own = _lowering.own_operands((x, scale))
+                return _stats._leaf_sum_of_squares(x, own)
+
+            mean_sq = sharded_sum(mean, own_sum_of_squares, tracked)
             mean_sq = f32_zero if mean_sq is None else mean_sq  # |g|^2 scale^2
             mean_leaves = _stats._float_leaves(mean)
 
             def dot_and_sketch(i, g, salt):
                 # complex leaves keep their imaginary part: Re <g, m> = sum Re(g conj(m))
-                dot = jnp.sum(jnp.real(_scaled(g, scale) * jnp.conj(_scaled(mean_leaves[i], scale))))
-                return jnp.concatenate([dot[None], sketch.leaf_sketch(g, dim, salt, leaf_seed(i)[1], scale)])
+                g_dot, m_dot, own = _lowering.own_operands((g, mean_leaves[i], scale))
+                dot = jnp.sum(jnp.real(_scaled(g_dot, own) * jnp.conj(_scaled(m_dot, own))))
+                g_sketch, own = _lowering.own_operands((g, scale))
+                return jnp.concatenate([dot[None], sketch.leaf_sketch(g_sketch, dim, salt, leaf_seed(i)[1], own)])
 
             row = sharded_sum(grads, dot_and_sketch, tracked)
             row = jnp.zeros((dim + 1,), jnp.float32) if row is None else row

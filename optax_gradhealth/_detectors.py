@@ -279,9 +279,7 @@ class SpikeRule:
         """The norm a step counts with in running statistics: a spike's capped at the bound."""
         return jnp.where(verdict.spike, jnp.minimum(norm, verdict.bound), norm)
 
-    def _dip(
-        self, window: NormWindow, norm: jax.Array, verdict: SpikeVerdict
-    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def dip(self, window: NormWindow, norm: jax.Array, verdict: SpikeVerdict) -> tuple[jax.Array, jax.Array, jax.Array]:
         """``(log_norm, floor, dip)``: the log of the norm a step folds with (a spike's
         capped), the mirror bound ``log(median**2 / bound)``, and whether the step is a
         dip (below that bound, once the window is warm; a zero norm is none)."""
@@ -289,35 +287,14 @@ class SpikeRule:
         floor = 2.0 * verdict.median - jnp.log(verdict.bound)
         return log_norm, floor, self.warm(window) & (norm > 0) & (log_norm < floor)
 
-    def streak(
-        self,
-        window: NormWindow,
-        norm: jax.Array,
-        verdict: SpikeVerdict,
-        accepted: jax.Array,
-        spike: jax.Array | None = None,
-    ) -> jax.Array:
-        """Spikes and dips in a row after this step, before a restart: a spike (``spike``,
-        by default ``verdict.spike``; the guard passes its own, loss spikes included) or a
-        dip adds one; an accepted step that is neither ends the run; a step that is
-        neither and was not accepted (a non-finite gradient, loss, value or update) leaves
-        it as it was, as ``grad/consecutive_spikes`` does."""
-        spike = verdict.spike if spike is None else spike
-        dip = self._dip(window, norm, verdict)[2]
-        return jnp.where(spike | dip, window.streak + 1, jnp.where(accepted, 0, window.streak)).astype(jnp.int32)
-
-    def restarts(
-        self,
-        window: NormWindow,
-        norm: jax.Array,
-        verdict: SpikeVerdict,
-        accepted: jax.Array,
-        spike: jax.Array | None = None,
-    ) -> jax.Array:
-        """Whether :meth:`fold` (same arguments) empties the window at this step."""
-        if self.rebaseline_after is None:
-            return jnp.zeros((), jnp.bool_)
-        return self.streak(window, norm, verdict, accepted, spike) >= self.rebaseline_after
+    @staticmethod
+    def streak(window: NormWindow, moved: jax.Array, accepted: jax.Array) -> jax.Array:
+        """Spikes and dips in a row after this step, before a restart: a step that
+        ``moved`` (a spike, the guard's loss spikes included, or a :meth:`dip`) adds one;
+        an accepted step that did not ends the run; one that did not and was not accepted
+        (a non-finite gradient, loss, value or update) leaves it as it was, as
+        ``grad/consecutive_spikes`` does."""
+        return jnp.where(moved, window.streak + 1, jnp.where(accepted, 0, window.streak)).astype(jnp.int32)
 
     def fold(
         self,
@@ -338,13 +315,13 @@ class SpikeRule:
         # dip enters capped at that mirror bound instead, so the median still follows a
         # lasting fall, a bound at a time. A zero gradient (an empty or fully masked
         # batch) is not a scale either: log(0) would pull the baseline down by ~85.
-        log_norm, floor, dip = self._dip(window, norm, verdict)
+        log_norm, floor, dip = self.dip(window, norm, verdict)
         if self.rebaseline_after is None:
             log_norm = jnp.where(dip, floor, log_norm)
             pushed = norm_window_push(window, log_norm, accepted & (norm > 0))
         else:
             pushed = norm_window_push(window, log_norm, accepted & (norm > 0) & ~dip)
-        streak = self.streak(window, norm, verdict, accepted, spike)
+        streak = self.streak(window, (verdict.spike if spike is None else spike) | dip, accepted)
         pushed = pushed._replace(streak=streak)
         if self.rebaseline_after is None:
             return pushed

@@ -859,7 +859,8 @@ def _record(
     # again on the new level.
     rule, window = config.spike_rule, moments.guard_norm_window
     if config.rebaseline_after is not None and loss is not None:
-        restart = rule.restarts(window, norm, decision.verdict, accepted, spike)
+        dip = rule.dip(window, norm, decision.verdict)[2]
+        restart = rule.streak(window, spike | dip, accepted) >= config.rebaseline_after  # as `fold` will
         loss_mean, loss_var, num_losses = (
             jnp.where(restart, jnp.zeros_like(x), x) for x in (loss_mean, loss_var, num_losses)
         )
