@@ -380,14 +380,8 @@ def _common_scale(device_norms: jax.Array) -> tuple[jax.Array, jax.Array]:
     of 1e-20 or 1e18 included), and a multiplication by a power of two is exact. The
     exponent is clipped to +-120 so that ``s`` and ``1 / s`` are normal float32 numbers.
     """
-    finite = jnp.isfinite(device_norms)
-    largest = jnp.max(jnp.where(finite, device_norms, 0.0))
-    _, exponent = jnp.frexp(largest)
-    exponent = jnp.where(largest > 0, jnp.clip(exponent, -120, 120), 0).astype(jnp.int32)
-    # 2**-exponent and 2**exponent, exactly: biased exponents written into float32 bits.
-    scale = lax.bitcast_convert_type((127 - exponent) << 23, jnp.float32)
-    inverse = lax.bitcast_convert_type((127 + exponent) << 23, jnp.float32)
-    return scale, inverse
+    largest = jnp.max(jnp.where(jnp.isfinite(device_norms), device_norms, 0.0))
+    return _stats._power_of_two_scale(largest, 120)
 
 
 def _scaled(x: jax.Array, scale: jax.Array) -> jax.Array:
@@ -818,7 +812,8 @@ def cross_device(
                 g_dot, m_dot, own = _lowering.own_operands((g, mean_leaves[i], scale))
                 dot = jnp.sum(jnp.real(_scaled(g_dot, own) * jnp.conj(_scaled(m_dot, own))))
                 g_sketch, own = _lowering.own_operands((g, scale))
-                return jnp.concatenate([dot[None], sketch.leaf_sketch(g_sketch, dim, salt, leaf_seed(i)[1], own)])
+                sketched = sketch.leaf_sketch(_scaled(g_sketch, own), dim, salt, leaf_seed(i)[1])
+                return jnp.concatenate([dot[None], sketched])
 
             row = sharded_sum(grads, dot_and_sketch, tracked)
             row = jnp.zeros((dim + 1,), jnp.float32) if row is None else row

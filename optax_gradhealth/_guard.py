@@ -1197,19 +1197,16 @@ def guard(
         # unscaled gradients are never materialised (two consumers would force it).
         extra_args = dict(extra_args)
         unscale = extra_args.pop(UNSCALE_ARG, None)
-        if cfg.can_clip:  # the norm's scaled value too, for a norm beyond float32 (rare branch)
-            stats, scaled = _stats._grad_stats_and_scaled_norms(updates, unscale)
-            scaled_norm = scaled.norm
-        else:
-            stats, scaled_norm = _stats._grad_stats(updates, unscale), None
+        # (with the norm's scaled value, which a clip reads for a norm beyond float32)
+        stats, scaled = _stats._grad_stats_and_scaled_norms(updates, unscale)
         loss = _scalar_arg("loss", extra_args.get("loss"))
         value = _scalar_arg("value", extra_args.get("value"))
         _check_varies_like_grads("loss", loss, updates)
         _check_varies_like_grads("value", value, updates)
 
-        decision = _decide(cfg, state, stats, loss, value, scaled_norm)
+        decision = _decide(cfg, state, stats, loss, value, scaled.norm)
         outcome = _apply_inner(cfg, inner, decision, updates, unscale, state, params, extra_args)
-        moments, counters, report = _record(cfg, state, stats, loss, decision, outcome, scaled_norm)
+        moments, counters, report = _record(cfg, state, stats, loss, decision, outcome, scaled.norm)
         new_state = GuardState(
             guard_report=report,
             guard_counters=counters,

@@ -62,24 +62,18 @@ def leaf_fingerprint(x: jax.Array, salt: jax.Array) -> jax.Array:
     return jnp.sum(mix32(bits ^ (position * u32(0x9E3779B1) + salt)), dtype=jnp.uint32)
 
 
-def leaf_sketch(x: jax.Array, dim: int, salt: jax.Array, offset: int, scale: jax.Array | None = None) -> jax.Array:
-    """Count-sketch of one leaf (times ``scale``, if given) into ``dim`` float32 buckets.
+def leaf_sketch(x: jax.Array, dim: int, salt: jax.Array, offset: int) -> jax.Array:
+    """Count-sketch of one leaf into ``dim`` float32 buckets.
 
     Element i goes to bucket ``(i // rows + offset) mod dim`` (``rows = ceil(n / dim)``)
     with a pseudo-random sign from a hash of (i, salt). The salt and offset are drawn
     from the static ``sketch_seed`` (and the shard index when the leaf is split across
     devices), so the map is the same on every data-parallel device and ``<sketch(x), sketch(y)>`` estimates ``<x, y>``
-    without bias, with a standard error of about ``|x| |y| / sqrt(dim)``. The
-    elements are multiplied by ``scale`` (in float32, float64 for a float64 leaf)
-    before they are summed: the audit passes an exact power of two that keeps tiny or
-    huge gradients in float32's range.
+    without bias, with a standard error of about ``|x| |y| / sqrt(dim)``.
     """
     x = x.reshape(-1)
     if jnp.iscomplexobj(x):
         x = jnp.concatenate([jnp.real(x), jnp.imag(x)])
-    if scale is not None:
-        wide = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
-        x = x.astype(wide) * scale.astype(wide)
     x = x.astype(jnp.float32)
     n = x.shape[0]
     rows = -(-n // dim)

@@ -282,13 +282,20 @@ def _norm_of_norms(norms: jax.Array) -> jax.Array:
     reciprocal, and 1 / 3e38 is subnormal, flushed to zero on CPU. The exponent is
     clipped to +-100 so that the scale and its inverse are normal float32 numbers.
     """
-    largest = jnp.max(norms)
-    _, exponent = jnp.frexp(largest)
-    exponent = jnp.clip(exponent, -100, 100)
-    # 2**-exponent, exactly: the biased exponent written into a float32's exponent bits.
-    scale = jax.lax.bitcast_convert_type(((127 - exponent) << 23).astype(jnp.int32), jnp.float32)
-    inverse = jax.lax.bitcast_convert_type(((127 + exponent) << 23).astype(jnp.int32), jnp.float32)
+    scale, inverse = _power_of_two_scale(jnp.max(norms), 100)
     return jnp.sqrt(jnp.sum(jnp.square(norms * scale))) * inverse
+
+
+def _power_of_two_scale(largest: jax.Array, max_exponent: int) -> tuple[jax.Array, jax.Array]:
+    """``(2**-e, 2**e)``, exactly, for the exponent ``e`` that brings ``largest`` (>= 0,
+    finite) into [0.5, 1), clipped to ``+-max_exponent`` (at most 126: both stay normal
+    float32 numbers); ``(1, 1)`` for 0."""
+    _, exponent = jnp.frexp(largest)
+    exponent = jnp.clip(exponent, -max_exponent, max_exponent).astype(jnp.int32)
+    # The biased exponents written into float32 exponent bits.
+    scale = jax.lax.bitcast_convert_type((127 - exponent) << 23, jnp.float32)
+    inverse = jax.lax.bitcast_convert_type((127 + exponent) << 23, jnp.float32)
+    return scale, inverse
 
 
 def _ordinary(total: jax.Array) -> jax.Array:
@@ -410,7 +417,7 @@ def _grad_stats(tree: Any, input_scale: jax.Array | None = None) -> GradStats:
     inside the reductions: the scaled tree is never materialised. ``flax.nnx`` variables
     count as their values (gradients taken with respect to an ``nnx.split`` state hold
     ``nnx.Param`` nodes), so the recorded structure is the one ``LeafNorms.zeros`` gives."""
-    return _stats_pass(tree, input_scale, with_scaled_norms=False)[0]
+    return _grad_stats_and_scaled_norms(tree, input_scale)[0]
 
 
 class _ScaledNorms(NamedTuple):
@@ -433,13 +440,7 @@ def _grad_stats_and_scaled_norms(tree: Any, input_scale: jax.Array | None = None
     """:func:`_grad_stats` and the norms times ``2**-80`` (:class:`_ScaledNorms`), from
     the same passes: the rescaled sums the overflow branch already computes, and the
     norm of the per-leaf norms that the global norm is taken from. No further pass over
-    the gradients and no further reduction."""
-    return _stats_pass(tree, input_scale, with_scaled_norms=True)
-
-
-def _stats_pass(
-    tree: Any, input_scale: jax.Array | None, *, with_scaled_norms: bool
-) -> tuple[GradStats, _ScaledNorms | None]:
+    the gradients and no further reduction (unread, they cost nothing)."""
     leaves, treedef = jax.tree.flatten(_without_nnx_variables(tree))
     leaves = [jnp.asarray(x) if isinstance(x, float) else x for x in leaves]
     if not any(_is_float(x) for x in leaves):
@@ -451,7 +452,7 @@ def _stats_pass(
             leaf_norms=LeafNorms(zeros, treedef),
             first_nonfinite_leaf=jnp.full((), -1, jnp.int32),
         )
-        return stats, (_ScaledNorms(zero, zeros) if with_scaled_norms else None)
+        return stats, _ScaledNorms(zero, zeros)
 
     sums, total, scaled, scale = _sums_of_squares(leaves, input_scale)
     ordinary = _ordinary(total)
@@ -481,8 +482,6 @@ def _stats_pass(
         leaf_norms=LeafNorms(norms, treedef),
         first_nonfinite_leaf=first_bad.astype(jnp.int32),
     )
-    if not with_scaled_norms:
-        return stats, None
     # (A saturated norm comes from the overflow branch, whose scale is 2**-80.)
     return stats, _ScaledNorms(unit_norm, unit_norms)
 

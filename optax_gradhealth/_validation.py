@@ -104,11 +104,8 @@ def integer(name: str, value: Any, *, minimum: int, maximum: int | None = INT32_
     if value < minimum:
         raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
     if maximum is not None and value > maximum:
-        if maximum != INT32_MAX:
-            raise ValueError(f"`{name}` must be an int <= {maximum}, got {value!r}.")
-        raise ValueError(
-            f"`{name}` must be an int <= {INT32_MAX} (2**31 - 1: it is compared with int32 step counts), got {value!r}."
-        )
+        why = " (2**31 - 1: it is compared with int32 step counts)" if maximum == INT32_MAX else ""
+        raise ValueError(f"`{name}` must be an int <= {maximum}{why}, got {value!r}.")
     return value
 
 
