@@ -66,7 +66,7 @@ def _rows(x: jax.Array) -> jax.Array:
     return x.reshape(1, -1) if x.ndim < 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
-def _exact_count(leaves: list[jax.Array], max_abs: float) -> jax.Array:
+def _exact_count(leaves: list[jax.Array], max_abs: float | jax.Array) -> jax.Array:
     """``|x| > max_abs`` counted with a comparison (the rare path): one loop of
     ``_RARE_TRIPS`` steps, each counting one block of rows of every leaf, so no
     temporary exceeds ``1 / _RARE_TRIPS`` of a leaf."""
@@ -88,7 +88,7 @@ def _exact_count(leaves: list[jax.Array], max_abs: float) -> jax.Array:
     return jax.lax.fori_loop(0, _RARE_TRIPS, body, _vma.varying_like(jnp.zeros((), jnp.int32), leaves))
 
 
-def _count_above(leaves: list[jax.Array], max_abs: float) -> jax.Array:
+def _count_above(leaves: list[jax.Array], max_abs: float | jax.Array) -> jax.Array:
     """Number of elements with ``|x| > max_abs`` (in each leaf's dtype), NaN excluded.
 
     Counting with a comparison (``jnp.sum(|x| > b)``) is slow on XLA:CPU and
@@ -162,7 +162,7 @@ class ClipByValueState(NamedTuple):
     value_clip_fraction: jax.Array
 
 
-def clip_by_value(max_abs: float) -> optax.GradientTransformation:
+def clip_by_value(max_abs: float | jax.Array) -> optax.GradientTransformation:
     """Clips every element to ``[-max_abs, max_abs]`` and counts the clipped elements.
 
     The updates are those of ``optax.clip(max_abs)``. NaN elements pass through (and
@@ -230,7 +230,7 @@ class ClipByLeafNormState(NamedTuple):
     leaf_clipped: Any
 
 
-def clip_by_leaf_norm(max_norm: float) -> optax.GradientTransformation:
+def clip_by_leaf_norm(max_norm: float | jax.Array) -> optax.GradientTransformation:
     """Clips each leaf (layer parameter) to L2 norm ``max_norm`` independently.
 
     Each leaf ``g`` becomes ``g * min(1, max_norm / |g|)``; the norms are computed in
@@ -333,7 +333,9 @@ def _unit_axes(x: jax.Array, axis: int | tuple[int, ...] | None) -> tuple[int, .
 
 
 def adaptive_grad_clip(
-    clipping: float = 0.01, eps: float = 1e-3, axis: int | tuple[int, ...] | None = None
+    clipping: float | jax.Array = 0.01,
+    eps: float | jax.Array = 1e-3,
+    axis: int | tuple[int, ...] | None = None,
 ) -> optax.GradientTransformation:
     """Unit-wise adaptive gradient clipping (AGC) that counts the units it clipped.
 
@@ -420,10 +422,10 @@ class AdaGCState(NamedTuple):
 
     Attributes:
       adagc_norm_ema: float32 ``[L]``, one per leaf (flattening order): ``gamma``, the
-        EMA of the leaf's clipped norms (during the warm-up, their running minimum;
-        +inf before the first step).
-      adagc_num_steps: int32, steps folded into it (steps with a non-finite gradient
-        are not).
+        EMA of the leaf's non-zero clipped norms (during the warm-up, their running
+        minimum; +inf until the leaf's first non-zero norm; 0 for a non-float leaf).
+      adagc_num_steps: int32, steps folded into it (steps with a non-finite or an
+        all-zero gradient are not).
       adagc_num_clipped: int32, leaves clipped this step (``grad/num_adagc_clipped``).
       adagc_clip_fraction: float32, that count over the float leaves
         (``grad/adagc_clip_fraction``).
@@ -436,10 +438,10 @@ class AdaGCState(NamedTuple):
 
 
 def adagc_clip(
-    relative: float = 1.05,
-    stats_decay: float = 0.98,
-    warmup_steps: int = 100,
-    warmup_max_norm: float = 1.0,
+    relative: float | jax.Array = 1.05,
+    stats_decay: float | jax.Array = 0.98,
+    warmup_steps: int | jax.Array = 100,
+    warmup_max_norm: float | jax.Array = 1.0,
 ) -> optax.GradientTransformation:
     """Per-leaf adaptive clipping against each leaf's own history (AdaGC).
 
@@ -455,9 +457,14 @@ def adagc_clip(
     The leaf's gradient is multiplied by its ``h_i`` (in float32, cast back to its
     dtype). A step whose gradient is not finite leaves every ``gamma`` and the step
     count as they were (inside :func:`guard`, which skips it, it never reaches here).
-    A leaf whose gradient is exactly zero throughout the warm-up keeps ``gamma = 0``
-    and is zeroed afterwards, as the rule says: leave frozen parameters out (e.g.
-    ``optax.masked``).
+
+    A zero norm carries no scale, so it is never folded into ``gamma`` (folded, one
+    zero would make the running minimum, and with it the leaf's bound, 0 for good):
+    a step whose whole gradient is zero (a fully masked batch) leaves every ``gamma``
+    and the step count as they were, and a leaf whose own norm is zero keeps its
+    ``gamma``. ``gamma_i`` starts at +inf; a leaf with no non-zero norm by the end of
+    the warm-up (a zero-initialised layer, a layer not yet used) is not clipped until
+    its first non-zero norm after it, which seeds ``gamma_i`` unclipped.
 
     Usable on its own in ``optax.chain`` and as ``gh.guard(..., clip=gh.adagc_clip())``,
     where only accepted steps reach it (and so its statistics).
@@ -466,8 +473,9 @@ def adagc_clip(
       relative: ``lambda_rel``, the norm a leaf may reach as a multiple of its
         ``gamma`` (> 0).
       stats_decay: the EMA's decay ``beta``, in (0, 1).
-      warmup_steps: steps of global clipping before the per-leaf rule (int >= 0;
-        0 still uses the global rule on the first step, to give ``gamma`` a value).
+      warmup_steps: steps (with a finite, non-zero gradient) of global clipping
+        before the per-leaf rule (int >= 0; 0 still uses the global rule on the first
+        such step, to give ``gamma`` a value).
       warmup_max_norm: ``lambda_abs``, the global threshold during the warm-up (> 0).
 
     Returns:
@@ -527,11 +535,18 @@ def adagc_clip(
         local = _clipping.clip_scale(norms, bound, scaled.leaf_norms)
         factors = tuple(jnp.where(warm, local[k], global_factor[k]) for k in range(2))
         clipped_norms = _clipping.clipped_norm(norms, factors, scaled.leaf_norms)
-        new_gamma = jnp.where(warm, decay * gamma + (1.0 - decay) * clipped_norms, jnp.minimum(gamma, clipped_norms))
+        # A leaf's gamma stays +inf until its first non-zero norm: after the warm-up that
+        # norm (its bound relative * inf never clips) seeds gamma, and the EMA starts from
+        # it (decay * inf would stay inf). A zero norm carries no scale and is not folded:
+        # folded, one would set the running minimum, and so the leaf's bound, to 0 for good.
+        seeded = warm & jnp.isfinite(gamma)
+        new_gamma = jnp.where(seeded, decay * gamma + (1.0 - decay) * clipped_norms, jnp.minimum(gamma, clipped_norms))
+        new_gamma = jnp.where(clipped_norms > 0, new_gamma, gamma)
         # A non-float leaf has no norm: 0, not the initial Inf (a guard's update check
         # would take an Inf in the state for an optimizer's overflow and skip every step).
         new_gamma = jnp.where(is_float, new_gamma, 0.0)
-        fold = stats.finite
+        # An all-zero gradient (a fully masked batch) is no step of the warm-up.
+        fold = stats.finite & (stats.norm > 0)
         flags = is_float & (factors[0] < 1.0)
         count = jnp.sum(flags, dtype=jnp.int32)
         new_leaves = [_clipping.scale_tree(x, (factors[0][i], factors[1][i])) for i, x in enumerate(leaves)]

@@ -93,7 +93,8 @@ class FixedClip:
     """A fixed global-norm threshold, as ``optax.clip_by_global_norm(max_norm)``.
 
     Attributes:
-      max_norm: the threshold, > 0; ``math.inf`` never clips.
+      max_norm: the threshold, > 0, or a scalar array (``optax.inject_hyperparams``);
+        ``math.inf`` never clips.
 
     Example:
       >>> import optax_gradhealth as gh
@@ -102,7 +103,7 @@ class FixedClip:
       1.0
     """
 
-    max_norm: float
+    max_norm: float | jax.Array
 
     def __post_init__(self):
         object.__setattr__(self, "max_norm", check.positive_or_array("max_norm", self.max_norm, allow_inf=True))
@@ -191,18 +192,29 @@ class ZScoreClip:
 
     The running mean and standard deviation are those of bias-corrected EMAs (decay
     ``stats_decay``) of the norm and of its square, kept in incremental form
-    (:func:`running_moments_update`). During the first ``warmup_steps``
+    (:func:`running_moments_update`). During the first ``max(warmup_steps, 2)``
     accepted steps the threshold is ``warmup_max_norm`` and the raw norms feed the
     statistics; afterwards the clipped norm ``min(norm, threshold)`` feeds them, so a
     spike moves the statistics by at most the threshold. Only accepted (finite,
     applied) steps with a non-zero norm update the statistics and count toward the
     warm-up, so the threshold is never 0. ``max_norm`` is an optional hard cap.
 
+    The warm-up is at least two norms: after one, the standard deviation is 0 and
+    ``mean + z * std`` is that norm, so clipped norms folded back would keep the
+    threshold at the first norm for good. For the same reason, while the variance is
+    exactly 0 (every norm folded so far equal) the raw norm feeds the statistics.
+
+    The variance is kept in float32 in the norm's units: for norms below about 1e-17
+    its increments fall into float32's subnormal range (flushed to 0), so it stays
+    near 0, the threshold falls to about the running mean, and up to half of the
+    steps are clipped. Scale the loss up for gradients that small.
+
     Attributes:
       z: z-score above which the norm is clipped (> 0). ZClip's default: 2.5.
       stats_decay: EMA decay of the running statistics, in (0, 1) (the name the guard
         uses for its own). ZClip's default: 0.97.
-      warmup_steps: accepted steps before the adaptive threshold applies (>= 0).
+      warmup_steps: accepted steps before the adaptive threshold applies (>= 0; fewer
+        than 2 counts as 2).
       warmup_max_norm: threshold during warm-up (> 0, may be inf). Default 1.0.
       max_norm: optional hard cap on the threshold (> 0) or None.
 
@@ -212,12 +224,12 @@ class ZScoreClip:
     Example:
       >>> import jax.numpy as jnp
       >>> import optax_gradhealth as gh
-      >>> policy = gh.ZScoreClip(z=2.0, warmup_steps=0)
+      >>> policy = gh.ZScoreClip(z=2.0, warmup_steps=2)
       >>> state = policy.init()
       >>> for norm in [1.0, 1.2, 0.8, 1.0]:
       ...     state = policy.update(state, jnp.float32(norm), jnp.bool_(True))
       >>> round(float(policy.threshold(state)), 3)
-      1.123
+      1.281
     """
 
     z: float = 2.5
@@ -263,13 +275,19 @@ class ZScoreClip:
         return threshold.astype(jnp.float32)
 
     def _warm(self, state: ZScoreClipState) -> jax.Array:
-        # At least one accepted norm is needed before mean + z * std means anything.
-        return state.zscore_num_accepted >= max(self.warmup_steps, 1)
+        # Two accepted norms at least: after one, the variance is 0 and mean + z * std is
+        # that norm; clipped to it, every larger norm would be folded in as it, the
+        # variance would stay 0, and the threshold could never rise again.
+        return state.zscore_num_accepted >= max(self.warmup_steps, 2)
 
     def update(self, state: ZScoreClipState, norm: jax.Array, accepted: jax.Array) -> ZScoreClipState:
         """Folds an accepted ``norm`` (capped at the threshold once warm) into the running moments."""
         norm = jnp.asarray(norm, jnp.float32)  # the state stays float32 (a float64 norm under x64)
-        value = jnp.where(self._warm(state), jnp.minimum(norm, self.threshold(state)), norm)
+        # Capped once warm, but not while the variance is 0 (every norm folded so far
+        # equal): the threshold is then the mean itself, and norms capped at it would
+        # keep the variance 0 and the threshold where it is for good.
+        capped = self._warm(state) & (state.zscore_norm_var > 0)
+        value = jnp.where(capped, jnp.minimum(norm, self.threshold(state)), norm)
         # A zero norm says nothing of the scale: zeros alone would make the threshold 0.
         accepted = accepted & jnp.isfinite(norm) & (norm > 0)
         return ZScoreClipState(
@@ -377,7 +395,12 @@ class PercentileClip:
 
 
 def as_clip_policy(name: str, clip: Any) -> ClipPolicy:
-    """Turns ``None`` (no clipping), a number (fixed threshold) or a policy into a policy."""
+    """Turns ``None`` (no clipping), a number (fixed threshold) or a policy into a policy.
+
+    ``name`` is the argument's name in the error message. As ``"clip"`` (the guard's
+    argument) the message also lists the clip-mode transformations, which
+    :func:`optax_gradhealth.guard` accepts before it gets here.
+    """
     if clip is None:
         return FixedClip(math.inf)
     if isinstance(clip, ClipPolicy) and not isinstance(clip, type):
@@ -386,9 +409,15 @@ def as_clip_policy(name: str, clip: Any) -> ClipPolicy:
         return FixedClip(check.positive(name, clip, allow_inf=True))
     if check.is_array_like(clip):  # e.g. a threshold scheduled by optax.inject_hyperparams
         return FixedClip(check.positive_or_array(name, clip, allow_inf=True))  # inf: never clips, as a float
+    modes = (
+        ", or a clip-mode transformation (gh.clip_by_value, gh.clip_by_leaf_norm, gh.adaptive_grad_clip, "
+        "gh.adagc_clip, or any optax.GradientTransformation)"
+        if name == "clip"
+        else ""
+    )
     raise TypeError(
         f"`{name}` must be None, a positive number or a clip policy "
-        f"(gh.FixedClip, gh.ZScoreClip, gh.PercentileClip) or a scalar array, "
+        f"(gh.FixedClip, gh.ZScoreClip, gh.PercentileClip) or a scalar array{modes}, "
         f"got {clip!r} (type {type(clip).__name__})."
     )
 

@@ -51,6 +51,29 @@ def test_bad_types_raise_when_built():
         gh.clip_by_leaf_norm("1.0")
 
 
+@pytest.mark.parametrize(
+    "build, name, value",
+    [
+        (gh.clip_by_value, "max_abs", jnp.float32(1.0)),
+        (gh.clip_by_leaf_norm, "max_norm", jnp.float32(1.0)),
+        (gh.adaptive_grad_clip, "clipping", jnp.float32(0.01)),
+        (gh.adaptive_grad_clip, "eps", jnp.float32(1e-3)),
+        (gh.adagc_clip, "relative", jnp.float32(1.05)),
+        (gh.adagc_clip, "stats_decay", jnp.float32(0.98)),
+        (gh.adagc_clip, "warmup_steps", jnp.int32(10)),
+        (gh.adagc_clip, "warmup_max_norm", jnp.float32(1.0)),
+    ],
+)
+def test_type_hints_admit_the_scalar_arrays_each_mode_takes(build, name, value):
+    """Each of these takes a jax scalar (optax.inject_hyperparams); the hints said
+    `float` / `int`, so type checkers flagged correct code."""
+    import typing
+
+    build(**{name: value})  # accepted
+    hint = typing.get_type_hints(build)[name]
+    assert jax.Array in typing.get_args(hint), hint
+
+
 # ------------------------------------------------------------------------- value
 
 
@@ -333,7 +356,10 @@ def adagc_reference(steps, relative, decay, warmup, lam_abs):
     """AdaGC's rule written out in float64 over a list of {leaf: array} gradients:
     warm-up, a global clip and gamma = running min of the clipped norms; after, a clip
     per leaf at relative * gamma and gamma = EMA of the clipped norms. A non-finite
-    step folds nothing. Returns the clipped gradients, gammas and clipped counts."""
+    step folds nothing; nor does an all-zero one (no warm-up step), nor a leaf's zero
+    norm. A leaf's gamma is inf until its first non-zero norm: after the warm-up that
+    norm is not clipped (its bound is inf) and becomes gamma. Returns the clipped
+    gradients, gammas and clipped counts."""
     names = sorted(steps[0])
     gamma = {k: np.inf for k in names}
     count, out = 0, []
@@ -345,15 +371,40 @@ def adagc_reference(steps, relative, decay, warmup, lam_abs):
         if warm:
             h = {k: min(relative * gamma[k] / n[k], 1.0) if n[k] > relative * gamma[k] else 1.0 for k in names}
         else:
-            h = {k: min(lam_abs / total, 1.0) for k in names}
+            h = {k: min(lam_abs / total, 1.0) if total > 0 else 1.0 for k in names}
         clipped = {k: g[k] * h[k] for k in names}
-        if np.isfinite(total):
+        if np.isfinite(total) and total > 0:
             for k in names:
                 hn = h[k] * n[k]
-                gamma[k] = decay * gamma[k] + (1 - decay) * hn if warm else min(gamma[k], hn)
+                if hn == 0:
+                    continue
+                if not warm or gamma[k] == np.inf:
+                    gamma[k] = min(gamma[k], hn)
+                else:
+                    gamma[k] = decay * gamma[k] + (1 - decay) * hn
             count += 1
         out.append((clipped, dict(gamma), sum(h[k] < 1.0 for k in names)))
     return out
+
+
+def _adagc_matches_reference(steps, relative, decay, warmup, lam_abs):
+    """Runs ``gh.adagc_clip`` (jitted) over ``steps`` (dicts of float32 arrays) and checks
+    every update and every gamma against :func:`adagc_reference`; returns the reference
+    and the state after each step."""
+    tx = gh.adagc_clip(relative=relative, stats_decay=decay, warmup_steps=warmup, warmup_max_norm=lam_abs)
+    state = tx.init({k: jnp.zeros(v.shape) for k, v in steps[0].items()})
+    update = jax.jit(tx.update)
+    reference = adagc_reference(steps, relative, decay, warmup, lam_abs)
+    states = []
+    for t, (grads, (want, gamma, _)) in enumerate(zip(steps, reference)):
+        updates, state = update({k: jnp.asarray(v) for k, v in grads.items()}, state)
+        for k in grads:
+            np.testing.assert_allclose(np.asarray(updates[k], np.float64), want[k], rtol=2e-5, err_msg=f"{t} {k}")
+        np.testing.assert_allclose(
+            np.asarray(state.adagc_norm_ema), [gamma[k] for k in sorted(grads)], rtol=2e-5, err_msg=str(t)
+        )
+        states.append(state)
+    return reference, states
 
 
 def test_adagc_clip_follows_the_rule_written_out():
@@ -368,15 +419,8 @@ def test_adagc_clip_follows_the_rule_written_out():
             grads["head"][0] = np.nan  # folds nothing
         steps.append(grads)
     relative, decay, warmup, lam_abs = 1.05, 0.9, 10, 3.0
-    tx = gh.adagc_clip(relative=relative, stats_decay=decay, warmup_steps=warmup, warmup_max_norm=lam_abs)
-    state = tx.init({k: jnp.zeros(s) for k, s in shapes.items()})
-    update = jax.jit(tx.update)
-    reference = adagc_reference(steps, relative, decay, warmup, lam_abs)
-    for t, (grads, (want, gamma, clipped)) in enumerate(zip(steps, reference)):
-        updates, state = update({k: jnp.asarray(v) for k, v in grads.items()}, state)
-        for k in shapes:
-            np.testing.assert_allclose(np.asarray(updates[k], np.float64), want[k], rtol=2e-5, err_msg=f"{t} {k}")
-        np.testing.assert_allclose(np.asarray(state.adagc_norm_ema), [gamma[k] for k in sorted(shapes)], rtol=2e-5)
+    reference, states = _adagc_matches_reference(steps, relative, decay, warmup, lam_abs)
+    for t, ((_, _, clipped), state) in enumerate(zip(reference, states)):
         if t != 30:
             assert int(state.adagc_num_clipped) == clipped, t
     assert int(state.adagc_num_steps) == 39  # the NaN step was not folded
@@ -385,6 +429,63 @@ def test_adagc_clip_follows_the_rule_written_out():
     assert all(clipped == 3 for _, _, clipped in reference[:warmup])
     spike_raw = np.linalg.norm(steps[25]["mid"])
     assert np.linalg.norm(reference[25][0]["mid"]) < 0.1 * spike_raw
+
+
+def test_adagc_clip_folds_no_zero_norm():
+    """One zero norm of a leaf during the warm-up (a LoRA factor whose partner starts at
+    0) set its gamma, the running minimum, to 0 for good: every later update of the leaf
+    was 0. An all-zero gradient did it to every leaf, and counted as a warm-up step. A
+    leaf zero through the whole warm-up must not stay unclipped or Inf for good either:
+    its first non-zero norm after it seeds gamma. Reference: the rule written out in
+    float64, with zero norms left out."""
+    rng = np.random.default_rng(11)
+    shapes = {"a": (4,), "b": (3, 2), "late": (5,)}
+    steps = []
+    for t in range(30):
+        grads = {k: (rng.normal(size=s) * (1.0 + 0.03 * t)).astype(np.float32) for k, s in shapes.items()}
+        if t == 0:
+            grads["a"][:] = 0.0  # zero on one warm-up step
+        if t < 12:
+            grads["late"][:] = 0.0  # zero through the warm-up (and two steps after it)
+        if t == 3:
+            grads = {k: np.zeros(s, np.float32) for k, s in shapes.items()}  # a fully masked batch
+        if t in (15, 16):
+            grads["b"][:] = 0.0  # zero after the warm-up: gamma kept
+        if t == 20:
+            grads["late"] = grads["late"] * 40.0  # a spike, clipped against the seeded gamma
+        steps.append(grads)
+    relative, decay, warmup, lam_abs = 1.05, 0.9, 8, 2.0
+    reference, states = _adagc_matches_reference(steps, relative, decay, warmup, lam_abs)
+    assert [int(state.adagc_num_clipped) for state in states] == [clipped for _, _, clipped in reference]
+    assert int(states[-1].adagc_num_steps) == 29  # the all-zero step is no step
+    # Every leaf still moves at the end; "late" was seeded and its spike was clipped.
+    assert all(np.linalg.norm(reference[-1][0][k]) > 0 for k in shapes)
+    assert all(np.isfinite(reference[-1][1][k]) and reference[-1][1][k] > 0 for k in shapes)
+    assert np.linalg.norm(reference[20][0]["late"]) < 0.1 * np.linalg.norm(steps[20]["late"])
+
+
+def test_adagc_clip_in_the_guard_survives_an_all_zero_batch_and_a_frozen_leaf():
+    """Inside the guard: an all-zero gradient during the warm-up zeroed every later
+    update of the run (nothing skipped, nothing reported). A leaf whose gradient is
+    always zero keeps gamma = +inf, a sentinel the guard's update check accepts: no
+    step is skipped. The moving leaf's updates are sgd's of the clipped gradient,
+    with the rule written out in float64."""
+    params = {"w": jnp.ones((3, 3)), "frozen": jnp.ones(2)}
+    tx = gh.guard(optax.sgd(0.1), clip=gh.adagc_clip(warmup_steps=10, warmup_max_norm=100.0))
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    rng = np.random.default_rng(0)
+    steps = []
+    for t in range(40):
+        w = (rng.normal(size=(3, 3)) * 0.1 * (0.0 if t == 3 else 1.0)).astype(np.float32)
+        steps.append({"frozen": np.zeros(2, np.float32), "w": w})
+    reference = adagc_reference(steps, 1.05, 0.98, 10, 100.0)
+    for t, (g, (want, _, _)) in enumerate(zip(steps, reference)):
+        updates, state = update({k: jnp.asarray(v) for k, v in g.items()}, state, params)
+        np.testing.assert_allclose(np.asarray(updates["w"], np.float64), -0.1 * want["w"], rtol=2e-5, err_msg=str(t))
+    assert np.linalg.norm(-0.1 * reference[-1][0]["w"]) > 0
+    m = gh.metrics(state)
+    assert int(m["grad/num_skipped"]) == 0 and int(m["grad/num_nonfinite_updates"]) == 0
 
 
 def test_adagc_clip_inside_the_guard_sees_accepted_steps_only_and_survives_a_reset():

@@ -73,13 +73,16 @@ class TestClipByGlobalNorm(chex.TestCase):
 
 
 def zscore_reference(norms, accepted, z, stats_decay, warmup_steps, warmup_max_norm, max_norm=None):
-    """ZScoreClip written out in float64: thresholds used at each step."""
+    """ZScoreClip written out in float64: thresholds used at each step. Warm once
+    max(warmup_steps, 2) norms are in; then the clipped norm is folded, except while
+    every norm folded so far is the same (zero spread: the raw norm)."""
     decay = stats_decay
     ema = sq = 0.0
     count = 0
+    folded: set[float] = set()
     thresholds = []
     for norm, ok in zip(norms, accepted):
-        warm = count >= max(warmup_steps, 1)
+        warm = count >= max(warmup_steps, 2)
         if warm:
             correction = 1 - decay**count
             mean, second = ema / correction, sq / correction
@@ -90,7 +93,8 @@ def zscore_reference(norms, accepted, z, stats_decay, warmup_steps, warmup_max_n
             threshold = min(threshold, max_norm)
         thresholds.append(threshold)
         if ok and math.isfinite(norm) and norm > 0:  # a zero norm carries no scale
-            value = min(norm, threshold) if warm else norm
+            value = min(norm, threshold) if warm and len(folded) > 1 else norm
+            folded.add(float(np.float32(value)))
             ema = decay * ema + (1 - decay) * value
             sq = decay * sq + (1 - decay) * value**2
             count += 1
@@ -135,8 +139,9 @@ def test_zscore_policy_survives_a_norm_whose_square_overflows_float32():
     mean = var = 0.0
     expected = []
     for t, norm in enumerate(norms, start=1):
-        expected.append(math.inf if t == 1 else mean + z * math.sqrt(var))
-        value = norm if t == 1 else min(norm, expected[-1])
+        warm = t > 2  # two norms in (warmup_steps=0): mean + z * std, else warmup_max_norm (1.0)
+        expected.append(mean + z * math.sqrt(var) if warm else 1.0)
+        value = min(norm, expected[-1]) if warm else norm
         alpha = (1 - decay) / (1 - decay**t)
         diff = value - mean
         mean += alpha * diff
@@ -163,7 +168,7 @@ def test_zscore_variance_survives_a_power_rounded_one_ulp_off(monkeypatch, direc
     policy = gh.ZScoreClip(z=1.0, stats_decay=0.9, warmup_steps=0)
     state = policy.update(policy.init(), jnp.float32(1.3), jnp.bool_(True))
     assert float(state.zscore_norm_var) == 0.0
-    assert float(policy.threshold(state)) == np.float32(1.3)
+    assert float(state.zscore_norm_mean) == np.float32(1.3)
     rng = np.random.default_rng(3)
     norms = list(np.abs(rng.normal(1.0, 0.2, size=60)))
     kwargs = dict(z=1.0, stats_decay=0.9, warmup_steps=0, warmup_max_norm=math.inf)
@@ -344,18 +349,71 @@ def test_policy_states_and_thresholds_keep_their_dtypes(x64):
 
 @pytest.mark.parametrize("warmup_steps", [0, 1, 2])
 def test_adaptive_threshold_needs_one_accepted_norm_and_the_warmup(warmup_steps):
-    # Written out: warm once max(warmup_steps, 1) norms are accepted; then the z-score
-    # threshold of one norm is the norm itself (zero spread), and so is its percentile.
-    for policy in (
-        gh.ZScoreClip(z=3.0, warmup_steps=warmup_steps, warmup_max_norm=7.0),
-        gh.PercentileClip(percentile=90.0, history_size=4, warmup_steps=warmup_steps, warmup_max_norm=7.0),
-    ):
+    # Written out: PercentileClip is warm once max(warmup_steps, 1) norms are accepted;
+    # the percentile of one norm is the norm itself. ZScoreClip needs two (one has no
+    # spread): after one norm it still uses warmup_max_norm.
+    percentile = gh.PercentileClip(percentile=90.0, history_size=4, warmup_steps=warmup_steps, warmup_max_norm=7.0)
+    zscore = gh.ZScoreClip(z=3.0, warmup_steps=warmup_steps, warmup_max_norm=7.0)
+    for policy, after_one in ((percentile, 2.0 if warmup_steps <= 1 else 7.0), (zscore, 7.0)):
         state = policy.init()
         assert float(policy.threshold(state)) == 7.0
         state = policy.update(state, jnp.float32(2.0), jnp.bool_(True))
-        assert float(policy.threshold(state)) == (2.0 if warmup_steps <= 1 else 7.0), policy
+        assert float(policy.threshold(state)) == after_one, policy
         state = policy.update(state, jnp.float32(2.0), jnp.bool_(False))  # not accepted: no count
-        assert float(policy.threshold(state)) == (2.0 if warmup_steps <= 1 else 7.0), policy
+        assert float(policy.threshold(state)) == after_one, policy
+
+
+@pytest.mark.parametrize("warmup_steps", [0, 1])
+def test_zscore_threshold_does_not_freeze_at_the_first_norm(warmup_steps):
+    """With warmup_steps 0 or 1 the threshold after one norm was that norm (zero
+    spread); every larger norm was clipped to it and folded in as it, the spread stayed
+    0, and the threshold never rose: rising norms 1 -> 3 were all clipped to 1.
+    Reference: ZScoreClip written out in float64 (two norms of warm-up at least)."""
+    norms = list(np.linspace(1.0, 3.0, 200))
+    kwargs = dict(z=2.5, stats_decay=0.97, warmup_steps=warmup_steps, warmup_max_norm=10.0)
+    got = run_policy(gh.ZScoreClip(**kwargs), norms, [True] * len(norms))
+    np.testing.assert_allclose(got, zscore_reference(norms, [True] * len(norms), **kwargs), rtol=1e-5)
+    assert got[-1] > norms[-1]  # the threshold followed the rise
+    assert np.mean(np.asarray(norms[2:]) > got[2:]) < 0.05
+
+
+def test_zscore_threshold_does_not_freeze_after_a_warmup_of_equal_norms():
+    """A warm-up whose norms are all equal leaves the variance exactly 0, the threshold
+    the mean: capped at it, every later norm was folded in as that mean and the
+    threshold stayed there for good. While the spread is 0 the raw norm is folded.
+    Reference: ZScoreClip written out in float64."""
+    norms = [1.0] * 5 + list(np.linspace(1.0, 3.0, 200))
+    kwargs = dict(z=2.5, stats_decay=0.97, warmup_steps=5, warmup_max_norm=10.0)
+    got = run_policy(gh.ZScoreClip(**kwargs), norms, [True] * len(norms))
+    np.testing.assert_allclose(got, zscore_reference(norms, [True] * len(norms), **kwargs), rtol=1e-5)
+    assert got[-1] > norms[-1]
+
+
+def test_guard_clip_error_names_the_clip_mode_transformations():
+    """`clip=` of the guard also takes a clip-mode transformation: its error says so.
+    clip_by_global_norm, which takes none, does not list them."""
+    with pytest.raises(
+        TypeError,
+        match=r"^`clip` must be None.*a clip-mode transformation \(gh.clip_by_value, "
+        r"gh.clip_by_leaf_norm, gh.adaptive_grad_clip, gh.adagc_clip, or any optax.GradientTransformation\), "
+        r"got '1.0'",
+    ):
+        gh.guard(optax.sgd(0.1), clip="1.0")
+    with pytest.raises(TypeError, match=r"^`max_norm` must be None") as info:
+        gh.clip_by_global_norm("1.0")
+    assert "clip-mode" not in str(info.value)
+    # What the message promises is accepted.
+    for mode in (gh.clip_by_value(1.0), gh.clip_by_leaf_norm(1.0), gh.adaptive_grad_clip(), gh.adagc_clip()):
+        gh.guard(optax.sgd(0.1), clip=mode)
+
+
+def test_fixed_clip_hint_admits_the_scalar_array_it_takes():
+    """FixedClip takes a jax scalar (optax.inject_hyperparams); its hint said float."""
+    import typing
+
+    assert gh.FixedClip(jnp.float32(2.0)).threshold(None) == 2.0
+    hint = typing.get_type_hints(gh.FixedClip)["max_norm"]
+    assert jax.Array in typing.get_args(hint), hint
 
 
 def test_max_norm_caps_the_percentile_threshold_during_and_after_warmup():
