@@ -106,13 +106,16 @@ class AccumulationState(NamedTuple):
         inside it, the wrapped optimizer's state).
       accumulation_micro_sq_sum: float32, sum of the squared norms of this window's
         micro-batch gradients so far.
+      accumulation_loss_nonfinite: bool, a micro-batch of this window so far had a
+        non-finite ``loss`` or ``value``: the window's end hands ``inner`` a NaN one.
       accumulation_grad_sq_est: float32, the last window's estimate of ``|G|^2``
         (``grad/grad_sq_est``).
       accumulation_trace_cov_est: float32, the last window's estimate of ``tr(Sigma)``
         (``grad/trace_cov_est``; NaN without ``micro_batch_size`` or with ``every_k=1``).
       accumulation_grad_sq_ema, accumulation_trace_cov_ema: their EMAs (not
-        bias-corrected), over finite windows.
-      accumulation_num_windows: int32, finite windows folded into the EMAs.
+        bias-corrected), over the windows folded (finite estimates, and neither
+        skipped nor judged a spike by a guard inside).
+      accumulation_num_windows: int32, windows folded into the EMAs.
       accumulation_noise_scale: float32, ``B_simple``, the ratio of the bias-corrected
         EMAs (``grad/noise_scale``; NaN before the first window or without
         ``micro_batch_size``).
@@ -120,6 +123,7 @@ class AccumulationState(NamedTuple):
 
     accumulation_inner_state: Any
     accumulation_micro_sq_sum: jax.Array
+    accumulation_loss_nonfinite: jax.Array
     accumulation_grad_sq_est: jax.Array
     accumulation_trace_cov_est: jax.Array
     accumulation_grad_sq_ema: jax.Array
@@ -128,9 +132,12 @@ class AccumulationState(NamedTuple):
     accumulation_noise_scale: jax.Array
 
 
-# The wrapped optimizer's state (in MultiSteps') and the window's partial sum are reset
-# with the moments; the noise-scale estimates are bookkeeping.
-_interfaces.keep_on_momentum_reset(AccumulationState, wrapped=("accumulation_inner_state", "accumulation_micro_sq_sum"))
+# The wrapped optimizer's state (in MultiSteps') and the window's partial records are
+# reset with the moments; the noise-scale estimates are bookkeeping.
+_interfaces.keep_on_momentum_reset(
+    AccumulationState,
+    wrapped=("accumulation_inner_state", "accumulation_micro_sq_sum", "accumulation_loss_nonfinite"),
+)
 _catalogue.register_metrics(
     AccumulationState,
     {
@@ -143,10 +150,10 @@ _catalogue.register_metrics(
 
 def accumulate(
     inner: optax.GradientTransformation,
-    every_k: int,
+    every_k: int | jax.Array,
     *,
-    micro_batch_size: int | None = None,
-    noise_scale_decay: float = 0.99,
+    micro_batch_size: int | jax.Array | None = None,
+    noise_scale_decay: float | jax.Array = 0.99,
 ) -> optax.GradientTransformationExtraArgs:
     """``optax.MultiSteps(inner, every_k)`` that also measures the gradient noise scale.
 
@@ -166,6 +173,20 @@ def accumulate(
     ``optax.MultiSteps`` alone (which empties its accumulator by multiplying it by 0,
     keeping a NaN), spoils no later window: a guard inside skips that window's update
     and the next one starts clean.
+
+    Only a window whose two estimates are finite is folded into the EMAs. When a
+    :func:`guard` is inside ``inner`` (``inner`` itself or a chain holding one, found
+    from the state's structure), a window it skipped (a non-finite gradient, loss or
+    update, a skipped spike) or judged a spike (a clipped one) is not folded either:
+    the bad micro-batch it caught leaves ``grad/noise_scale`` as it was. Without a
+    guard every finite window is folded, an outlier micro-batch included: one with a
+    thousand times the usual norm inflates the noise scale for about a thousand
+    windows at the default decay.
+
+    ``loss=`` and ``value=`` reach ``inner`` as ``optax.MultiSteps`` passes them, the
+    window's last micro-batch's, except that a non-finite one on an earlier micro-batch
+    of the window makes the one passed at the window's end NaN: a guard inside skips
+    that window and counts it in ``grad/num_nonfinite``, whichever micro-batch it was.
 
     Args:
       inner: the optimizer the accumulated gradients go to (e.g. ``gh.guard(...)``).
@@ -216,6 +237,7 @@ def accumulate(
         return AccumulationState(
             accumulation_inner_state=multi_steps.init(params),
             accumulation_micro_sq_sum=zero(),
+            accumulation_loss_nonfinite=jnp.zeros((), jnp.bool_),
             accumulation_grad_sq_est=zero(),
             # NaN from the start when it can never be estimated (no micro-batch size, or
             # windows of one micro-batch): a value that is NaN by design stays NaN, not
@@ -253,6 +275,21 @@ def accumulate(
         no_window = lambda: _vma.varying_like(jnp.zeros((), jnp.float32), updates, ms_state.acc_grads)
         mean_sq = jax.lax.cond(emit, window_sq, no_window)
         grad_sq, trace_cov = noise.estimates(sum_sq / every_k, mean_sq, every_k, micro_batch_size)
+        # MultiSteps hands `inner` the window's last loss only: a non-finite one earlier
+        # in the window is remembered and handed on as a NaN at its end.
+        loss_nonfinite = state.accumulation_loss_nonfinite
+        extra_args = dict(extra_args)
+        for name in ("loss", "value"):
+            arg = extra_args.get(name)
+            if arg is not None and jnp.issubdtype(jnp.result_type(arg), jnp.inexact):
+                extra_args[name] = jnp.where(state.accumulation_loss_nonfinite, jnp.nan, arg)
+                loss_nonfinite = loss_nonfinite | ~jnp.all(jnp.isfinite(arg))
+        new_updates, new_ms_state = multi_steps.update(updates, ms_state, params, **extra_args)
+        fold = emit & jnp.isfinite(grad_sq) & jnp.isfinite(trace_cov) & (every_k > 1) & (micro_batch_size is not None)
+        # A window a guard inside skipped or judged a spike is not folded (its new state
+        # is kept at the window's end, when `emit`).
+        for flag in _guard_flags(new_ms_state.inner_opt_state, ("guard_skipped", "guard_spike")):
+            fold = fold & ~flag
         folded = noise.fold(
             state.accumulation_grad_sq_ema,
             state.accumulation_trace_cov_ema,
@@ -260,9 +297,8 @@ def accumulate(
             grad_sq,
             trace_cov,
             decay if isinstance(decay, float) else jnp.asarray(decay, jnp.float32),
-            emit & jnp.isfinite(sum_sq) & jnp.isfinite(mean_sq) & (every_k > 1) & (micro_batch_size is not None),
+            fold,
         )
-        new_updates, new_ms_state = multi_steps.update(updates, ms_state, params, **extra_args)
         # MultiSteps empties its accumulator by multiplying it by 0, which keeps a NaN or
         # Inf: one bad micro-batch would make every later window non-finite. Emptied
         # here with a select, a bad micro-batch spoils its own window only (which a
@@ -273,6 +309,7 @@ def accumulate(
         return new_updates, AccumulationState(
             accumulation_inner_state=new_ms_state,
             accumulation_micro_sq_sum=jnp.where(emit, 0.0, sum_sq),
+            accumulation_loss_nonfinite=~emit & loss_nonfinite,
             accumulation_grad_sq_est=jnp.where(emit, grad_sq, state.accumulation_grad_sq_est),
             accumulation_trace_cov_est=jnp.where(emit, trace_cov, state.accumulation_trace_cov_est),
             accumulation_grad_sq_ema=folded.grad_sq_ema,
@@ -282,3 +319,12 @@ def accumulate(
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, _vma.keeps_state_type(update_fn))
+
+
+def _guard_flags(state: Any, names: tuple[str, ...]) -> list[jax.Array]:
+    """The fields ``names`` of the last step's report (``guard_report``) of each guard
+    in ``state`` (the outermost ones), found from the state's structure as the loss
+    scale finds a guard (an ``UnscalesOnRead`` state), without importing the guard."""
+    is_guard = lambda x: isinstance(x, _interfaces.UnscalesOnRead)
+    reports = [getattr(x, "guard_report", None) for x in jax.tree.leaves(state, is_leaf=is_guard) if is_guard(x)]
+    return [getattr(r, name) for r in reports if r is not None for name in names if hasattr(r, name)]

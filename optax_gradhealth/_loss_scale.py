@@ -111,6 +111,13 @@ def _empty_finished_windows(state: Any, sel: _skip.Selects) -> Any:
     return jax.tree.map(empty, state, is_leaf=is_window)
 
 
+def _zero_nonfinite(updates: Any) -> Any:
+    """``updates`` with every non-finite float element replaced by 0."""
+    return jax.tree.map(
+        lambda u: jnp.where(jnp.isfinite(u), u, jnp.zeros_like(u)) if _stats._is_float(u) else u, updates
+    )
+
+
 def _growth_factor(name: str, value: Any) -> float:
     value = check.real_number(name, value)
     if not 1.0 < value < math.inf:
@@ -121,12 +128,12 @@ def _growth_factor(name: str, value: Any) -> float:
 def dynamic_loss_scale(
     inner: optax.GradientTransformation,
     *,
-    init_scale: float = 2.0**16,
-    growth_factor: float = 2.0,
-    backoff_factor: float = 0.5,
-    growth_interval: int = 2000,
-    min_scale: float = 1.0,
-    max_scale: float = 2.0**24,
+    init_scale: float | jax.Array = 2.0**16,
+    growth_factor: float | jax.Array = 2.0,
+    backoff_factor: float | jax.Array = 0.5,
+    growth_interval: int | jax.Array = 2000,
+    min_scale: float | jax.Array = 1.0,
+    max_scale: float | jax.Array = 2.0**24,
 ) -> optax.GradientTransformationExtraArgs:
     """Dynamic loss scaling around an optimizer, normally :func:`guard`.
 
@@ -152,7 +159,11 @@ def dynamic_loss_scale(
        in ``grad/num_nonfinite`` (and, if it persists, recommends a rollback); inside
        ``optax.MultiSteps`` the micro-batch spoils its window, which the guard skips at
        the window's end, and the accumulator is emptied here (MultiSteps' own reset, a
-       multiplication by 0, would keep the NaN for every later window). Transformations
+       multiplication by 0, would keep the NaN for every later window). A non-finite
+       ``loss`` with finite gradients does so on any micro-batch under
+       :func:`accumulate`, but on the window's last one only under plain
+       ``optax.MultiSteps``, which hands the guard that micro-batch's loss alone (an
+       earlier one resets the growth count and nothing else). Transformations
        chained in front of the guard see the fault as they would without the loss
        scale. When no guard is inside, ``inner`` keeps its state on such a step (as on
        an overflow), so that its moments never see the NaN: the step is dropped, and
@@ -172,7 +183,9 @@ def dynamic_loss_scale(
     of turning the accumulator into NaN (``MultiSteps`` resets its accumulator by
     multiplying by zero, so an Inf in it becomes NaN for good). A genuine fault in a
     micro-batch spoils its window only: the guard skips and counts that window, and the
-    next one starts clean. The growth interval then counts micro-batches.
+    next one starts clean (a NaN loss with finite gradients: see 3., it counts on the
+    window's last micro-batch only unless the accumulation is :func:`accumulate`). The
+    growth interval then counts micro-batches.
 
     Args:
       inner: the optimizer to wrap (``gh.guard(...)`` recommended).
@@ -268,7 +281,10 @@ def dynamic_loss_scale(
             good = inner_state.gradients_finite()  # gradients and loss finite
             overflow = _overflowed(updates, good | ~loss_ok, scale) & loss_ok & (scale > min_scale)
             new_inner_state = inner_state.keep_bookkeeping(old_inner, overflow, sel.where)
-            new_updates = inner_updates
+            # Finite already unless the guard was built with check_updates=False: as on
+            # the general path, no non-finite update element leaves this function (one
+            # select, fused into the guard's own writes of the updates).
+            new_updates = _zero_nonfinite(inner_updates)
         else:
             # The unscaled gradients, rounded to each leaf's dtype, as the wrapped
             # optimizer reads them: an overflow shows in the scaled ones, and with a
@@ -296,10 +312,7 @@ def dynamic_loss_scale(
             )
             if guarded:
                 new_inner_state = _empty_finished_windows(new_inner_state, sel)
-            new_updates = jax.tree.map(
-                lambda u: jnp.where(jnp.isfinite(u), u, jnp.zeros_like(u)) if _stats._is_float(u) else u,
-                sel.zero_floats_where(~finite, inner_updates),
-            )
+            new_updates = _zero_nonfinite(sel.zero_floats_where(~finite, inner_updates))
 
         tracker = jnp.where(good, state.loss_scale_growth_tracker + 1, 0)
         grow = tracker >= growth_interval

@@ -27,7 +27,9 @@ import jax.numpy as jnp
 __all__ = ["NoiseScale", "estimates", "fold"]
 
 
-def estimates(mean_group_sq: jax.Array, mean_sq: jax.Array, k: int, group_size: float | None) -> tuple:
+def estimates(
+    mean_group_sq: jax.Array, mean_sq: jax.Array, k: int | jax.Array, group_size: float | jax.Array | None
+) -> tuple:
     """``(|G|^2, tr(Sigma))`` estimated from ``mean_i |g_i|^2`` and ``|g|^2`` over ``k``
     groups of ``group_size`` examples (``tr(Sigma)`` is NaN without a group size, and
     both are ``|g|^2`` and NaN for one group)."""
@@ -36,10 +38,14 @@ def estimates(mean_group_sq: jax.Array, mean_sq: jax.Array, k: int, group_size: 
     kf = jnp.asarray(k, jnp.float32)
     one = kf < 2.0
     below = jnp.where(one, 1.0, kf - 1.0)
-    grad_sq = jnp.where(one, mean_sq, (kf * mean_sq - mean_group_sq) / below)
+    # Divided before multiplied, so that an estimate float32 can hold does not overflow
+    # part-way: ``(k a - b) / (k - 1) = a + (a - b) / (k - 1)``, and ``k / (k - 1)`` is at
+    # most 2 (``k * a`` alone overflows for ``a`` above float32's max / k).
+    grad_sq = jnp.where(one, mean_sq, mean_sq + (mean_sq - mean_group_sq) / below)
     if group_size is None:
         return grad_sq, nan
-    return grad_sq, jnp.where(one, nan, jnp.asarray(group_size, jnp.float32) * kf * (mean_group_sq - mean_sq) / below)
+    spread = (mean_group_sq - mean_sq) * (kf / below)
+    return grad_sq, jnp.where(one, nan, jnp.asarray(group_size, jnp.float32) * spread)
 
 
 class NoiseScale(NamedTuple):

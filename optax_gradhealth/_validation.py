@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from typing import Any
@@ -178,6 +179,23 @@ def transformation(name: str, value: Any) -> optax.GradientTransformationExtraAr
         raise TypeError(
             f"`{name}` must be an optax.GradientTransformation (e.g. optax.adamw(1e-3)), got {_describe(value)}."
         )
+    if isinstance(value, optax.GradientTransformationExtraArgs):
+        return value
+    if _takes_keywords(value.update):
+        # It takes extra arguments without declaring it by its type: an
+        # `optax.MultiSteps`, or its `.gradient_transformation()`, which forward them to
+        # the optimizer they wrap (a guard's `loss=`). `with_extra_args_support` would
+        # drop them.
+        return optax.GradientTransformationExtraArgs(value.init, value.update)
     if not isinstance(value, optax.GradientTransformation):
         value = optax.GradientTransformation(value.init, value.update)
     return optax.with_extra_args_support(value)
+
+
+def _takes_keywords(fn: Any) -> bool:
+    """Whether ``fn`` takes arbitrary keyword arguments (a ``**kwargs`` parameter)."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (some builtins)
+        return False
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)

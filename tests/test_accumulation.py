@@ -417,3 +417,131 @@ def test_a_float64_noise_scale_decay_under_x64_keeps_the_state_float32(kind):
         np.testing.assert_allclose(float(acc(final).accumulation_grad_sq_ema), ema_g, rtol=1e-5)
         np.testing.assert_allclose(float(acc(final).accumulation_trace_cov_ema), ema_t, rtol=1e-5)
         np.testing.assert_allclose(float(acc(final).accumulation_noise_scale), ema_t / ema_g, rtol=1e-5)
+
+
+def _reference_noise_scale(windows, b, decay, folded):
+    """B_simple written out in float64: the estimates of each window (its micro-batch
+    gradients, [k, d]) in ``folded``, their EMAs, and the ratio of the EMAs."""
+    grad_ema = trace_ema = 0.0
+    for gs, fold in zip(windows, folded):
+        if not fold:
+            continue
+        gs = np.asarray(gs, np.float64)
+        k = len(gs)
+        mean_group_sq, mean_sq = np.mean(np.sum(gs**2, axis=1)), np.sum(np.mean(gs, axis=0) ** 2)
+        grad_ema = decay * grad_ema + (1 - decay) * (k * mean_sq - mean_group_sq) / (k - 1)
+        trace_ema = decay * trace_ema + (1 - decay) * b * k * (mean_group_sq - mean_sq) / (k - 1)
+    return trace_ema / grad_ema
+
+
+def _run_windows(tx, params, windows):
+    """Every micro-batch of ``windows`` ([n, k, d]) through ``tx``, in one scan."""
+
+    def body(state, g):
+        _, state = tx.update({"w": g}, state, params)
+        return state, None
+
+    flat = jnp.asarray(np.reshape(windows, (-1, windows.shape[-1])))
+    return jax.jit(lambda st: jax.lax.scan(body, st, flat)[0])(tx.init(params))
+
+
+def test_a_window_the_guard_inside_skips_as_a_spike_is_not_folded_into_the_noise_scale():
+    """One micro-batch a thousand times the usual norm: the guard inside skips its window
+    as a spike, and the noise scale is that of the clean windows alone (before, the
+    window was folded and the noise scale read thousands for ~1000 windows). Without a
+    guard the window is folded, as documented."""
+    k, b, d, decay = 4, 8, 16, 0.9
+    rng = np.random.default_rng(0)
+    windows = (1.0 + rng.normal(size=(60, k, d)) / np.sqrt(b)).astype(np.float32)
+    windows[40, 1] *= 1000.0
+    params = {"w": jnp.zeros(d)}
+    guarded = gh.accumulate(gh.guard(optax.sgd(0.0), warmup_steps=5), k, micro_batch_size=b, noise_scale_decay=decay)
+    state = _run_windows(guarded, params, windows)
+    m = gh.metrics(state)
+    assert int(m["grad/num_skipped"]) == 1 and int(m["grad/num_spikes"]) == 1
+    assert int(state.accumulation_num_windows) == 59
+    clean = [w != 40 for w in range(60)]
+    expected = _reference_noise_scale(windows, b, decay, clean)
+    assert float(m["grad/noise_scale"]) == pytest.approx(expected, rel=1e-4)
+    assert 0.5 < expected < 2.0  # B_simple is 1 here
+    plain = gh.accumulate(optax.sgd(0.0), k, micro_batch_size=b, noise_scale_decay=decay)
+    expected_plain = _reference_noise_scale(windows, b, decay, [True] * 60)
+    assert float(gh.metrics(_run_windows(plain, params, windows))["grad/noise_scale"]) == pytest.approx(
+        expected_plain, rel=1e-4
+    )
+
+
+def test_an_estimate_float32_cannot_hold_is_not_folded_into_the_noise_scale():
+    """A window whose tr(Sigma) estimate overflows float32 (its inputs finite) folds
+    nothing; before, the EMA became inf and grad/noise_scale stayed inf for good."""
+    k, b, d, decay = 4, 2**16, 8, 0.9
+    rng = np.random.default_rng(1)
+    windows = (rng.normal(size=(6, k, d)) + 0.5).astype(np.float32)
+    windows[2] *= np.float32(1e17)  # |g_i|^2 ~ 1e35: finite; b k (M - m) / (k - 1) ~ 1e40
+    gs = windows[2].astype(np.float64)
+    assert b * k * (np.mean(np.sum(gs**2, 1)) - np.sum(np.mean(gs, 0) ** 2)) / (k - 1) > np.finfo(np.float32).max
+    params = {"w": jnp.zeros(d)}
+    state = _run_windows(gh.accumulate(optax.sgd(0.0), k, micro_batch_size=b, noise_scale_decay=decay), params, windows)
+    assert int(state.accumulation_num_windows) == 5
+    expected = _reference_noise_scale(windows, b, decay, [w != 2 for w in range(6)])
+    assert float(gh.metrics(state)["grad/noise_scale"]) == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("how", ["eager", "traced_micro_batch_size"])
+def test_noise_scale_estimates_that_float32_holds_do_not_overflow_part_way(how):
+    """b k (M - m) / (k - 1) with b k (M - m) above float32's max but the estimate below
+    it: the estimate is recorded, not inf (before, the product overflowed first, where
+    XLA could not fold the constants: run eagerly, or with the micro-batch size injected
+    as a hyperparameter under jit)."""
+    k, b, a, c = 4, 2, 7.75e18, 3e18
+    micro = np.array([[a, c], [-a, c], [a, c], [-a, c]], np.float32)  # mean (0, c): M - m = a^2
+    gs = micro.astype(np.float64)
+    mean_group_sq, mean_sq = np.mean(np.sum(gs**2, 1)), np.sum(np.mean(gs, 0) ** 2)
+    assert b * k * (mean_group_sq - mean_sq) > np.finfo(np.float32).max
+    params = {"w": jnp.zeros(2)}
+    if how == "eager":
+        tx = gh.accumulate(optax.sgd(0.0), k, micro_batch_size=b)
+        state = tx.init(params)
+        for g in micro:
+            _, state = tx.update({"w": jnp.asarray(g)}, state, params)
+    else:
+        tx = optax.inject_hyperparams(gh.accumulate, static_args=("inner", "every_k"))(
+            optax.sgd(0.0), k, micro_batch_size=b
+        )
+        state = _run_windows(tx, params, micro[None])
+    m = gh.metrics(state)
+    trace_cov = b * k * (mean_group_sq - mean_sq) / (k - 1)
+    grad_sq = (k * mean_sq - mean_group_sq) / (k - 1)
+    assert float(m["grad/trace_cov_est"]) == pytest.approx(trace_cov, rel=1e-5)
+    assert float(m["grad/grad_sq_est"]) == pytest.approx(grad_sq, rel=1e-5)
+    assert float(m["grad/noise_scale"]) == pytest.approx(trace_cov / grad_sq, rel=1e-5)
+
+
+@pytest.mark.parametrize("bad_micro_batch", [0, 1, 2])
+@pytest.mark.parametrize("arg", ["loss", "value"])
+def test_a_nonfinite_loss_on_any_micro_batch_spoils_its_window(bad_micro_batch, arg):
+    """optax.MultiSteps hands the guard the window's last loss only; gh.accumulate hands
+    it a NaN at the window's end when any micro-batch's was not finite: the guard skips
+    and counts that window, and the next window (clean) is applied as usual. Before, a
+    NaN loss on an earlier micro-batch was applied and counted nowhere."""
+    k, lr = 3, 0.1
+    tx = gh.accumulate(gh.guard(optax.sgd(lr)), k, micro_batch_size=2)
+    params = {"w": jnp.zeros(2)}
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    rng = np.random.default_rng(2)
+    for window in range(2):
+        micro = rng.normal(size=(k, 2)).astype(np.float32)
+        for i, g in enumerate(micro):
+            bad = window == 0 and i == bad_micro_batch
+            updates, state = update({"w": jnp.asarray(g)}, state, params, **{arg: jnp.float32(np.nan if bad else 1.0)})
+            params = optax.apply_updates(params, updates)
+        m = gh.metrics(state)
+        if window == 0:
+            np.testing.assert_array_equal(np.asarray(params["w"]), [0.0, 0.0])  # skipped
+            assert int(m["grad/num_nonfinite"]) == 1 and int(m["grad/num_skipped"]) == 1
+        else:
+            expected = -lr * np.mean(micro.astype(np.float64), axis=0)
+            np.testing.assert_allclose(np.asarray(params["w"]), expected, rtol=1e-6)
+            assert int(m["grad/num_nonfinite"]) == 1 and int(m["grad/num_skipped"]) == 1
+    assert int(state.accumulation_num_windows) == 1  # the skipped window folded nothing

@@ -672,3 +672,57 @@ def test_default_growth_interval_is_torchs_2000_finite_steps():
     _, scales = jax.jit(lambda s: jax.lax.scan(body, s, None, length=2001))(tx.init(params))
     scales = np.asarray(scales)
     assert scales[1998] == 2.0 and scales[1999] == 4.0 and scales[2000] == 4.0  # grows after the 2000th
+
+
+@pytest.mark.parametrize("form", ["object", "gradient_transformation"])
+def test_loss_and_value_reach_a_guard_inside_optax_multisteps(form):
+    """dls(optax.MultiSteps(guard, k)), the order the docs recommend: MultiSteps is a plain
+    GradientTransformation whose update takes **extra_args and hands them to the guard;
+    they are passed through, not dropped (before, a NaN loss was applied and counted
+    nowhere, and a reduce_on_plateau inside failed for want of `value`)."""
+    k, lr = 3, 0.1
+
+    def windowed(inner):
+        ms = optax.MultiSteps(inner, k)
+        return ms if form == "object" else ms.gradient_transformation()
+
+    tx = gh.dynamic_loss_scale(windowed(gh.guard(optax.sgd(lr))), init_scale=1.0)
+    params = {"w": jnp.zeros(2)}
+    state = tx.init(params)
+    micro = np.random.default_rng(3).normal(size=(2 * k, 2)).astype(np.float32)
+    for i, g in enumerate(micro):  # NaN loss on the first window's last micro-batch
+        updates, state = jax.jit(tx.update)(
+            {"w": jnp.asarray(g)}, state, params, loss=jnp.float32(np.nan if i == k - 1 else 1.0)
+        )
+        params = optax.apply_updates(params, updates)
+        if i == k - 1:
+            np.testing.assert_array_equal(np.asarray(params["w"]), [0.0, 0.0])
+    m = gh.metrics(state)
+    assert int(m["grad/num_nonfinite"]) == 1 and int(m["grad/num_skipped"]) == 1
+    np.testing.assert_allclose(np.asarray(params["w"]), -lr * micro[k:].astype(np.float64).mean(0), rtol=1e-6)
+
+    plateau = gh.dynamic_loss_scale(
+        windowed(optax.chain(gh.guard(optax.sgd(lr)), optax.contrib.reduce_on_plateau())), init_scale=1.0
+    )
+    state = plateau.init(params)
+    for _ in range(k):
+        _, state = plateau.update({"w": jnp.ones(2)}, state, params, value=jnp.float32(2.0))
+    best = jax.tree.leaves(optax.tree.get(state, "best_value"))[0]
+    assert float(best) == 2.0  # the value reached reduce_on_plateau
+
+
+@pytest.mark.parametrize("chained", [False, True], ids=["guard", "chain(guard)"])
+def test_a_nonfinite_update_element_is_zeroed_around_a_guard_without_its_update_check(chained):
+    """guard(check_updates=False) lets an inner update's NaN through; dynamic_loss_scale
+    zeroes such elements on both its paths (the guard itself, and a chain holding one).
+    Before, the fast path (the guard itself) returned the NaN."""
+    nan_maker = optax.stateless(lambda u, p: jax.tree.map(lambda x: jnp.log(x - 2.0), u))  # NaN where g < 2
+    guard = gh.guard(nan_maker, check_updates=False)
+    tx = gh.dynamic_loss_scale(optax.chain(guard) if chained else guard, init_scale=1.0)
+    params = {"w": jnp.zeros(3)}
+    g = np.array([1.0, 5.0, 3.5], np.float32)
+    updates, _ = jax.jit(tx.update)({"w": jnp.asarray(g)}, tx.init(params), params)
+    with np.errstate(invalid="ignore"):
+        expected = np.log(g.astype(np.float64) - 2.0)
+    expected[~np.isfinite(expected)] = 0.0
+    np.testing.assert_allclose(np.asarray(updates["w"]), expected, rtol=1e-6)
