@@ -64,7 +64,8 @@ def record_step_cosine(sketch_dim: int = 1024, seed: int = 0) -> optax.GradientT
 
     Args:
       sketch_dim: floats in the sketch (int >= 2).
-      seed: seed of the sketch's hashes (a Python int).
+      seed: seed of the sketch's hashes (a Python int >= 0, of any size: only
+        ``numpy.random.default_rng`` reads it, on the host, when the step is traced).
 
     Returns:
       An ``optax.GradientTransformation`` with state :class:`StepCosineState`.
@@ -83,7 +84,8 @@ def record_step_cosine(sketch_dim: int = 1024, seed: int = 0) -> optax.GradientT
       -1.0
     """
     dim = check.integer("sketch_dim", sketch_dim, minimum=2)
-    seed = check.integer("seed", seed, minimum=0)
+    # Only numpy's default_rng reads the seed: any int >= 0, never stored in an int32.
+    seed = check.integer("seed", seed, minimum=0, maximum=None)
     leaf_seed = sketch.LeafSeeds(seed, dim)
 
     def init_fn(params):

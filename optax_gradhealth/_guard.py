@@ -467,7 +467,8 @@ def _output_sums(updates: Any, new_state: Any, old_state: Any, params: Any | Non
 def _check_state_structure(old: Any, new: Any) -> None:
     """Raises when the inner update returns a state of another structure than it was
     given: the guard keeps the old state on a skipped step, leaf by leaf, so both must
-    match (as ``lax.scan`` and ``jit`` buffer donation need anyway)."""
+    match (as ``lax.scan`` and ``jit`` buffer donation need anyway). A leaf whose dtype
+    changed is not an error: it is cast back (:func:`_dtype_casts`)."""
     old_leaves, old_def = jax.tree.flatten(old)
     new_leaves, new_def = jax.tree.flatten(new)
     if old_def != new_def:
@@ -486,6 +487,32 @@ def _check_state_structure(old: Any, new: Any) -> None:
         "initialised with flax.nnx.Param-wrapped parameters and updated with plain gradients, or the other "
         "way round: pass `init` the same kind of tree as the gradients."
     )
+
+
+def _dtype_casts(old_leaves: list[Any], new_shapes: list[jax.ShapeDtypeStruct]) -> dict[int, tuple[Any, bool]]:
+    """The inner state leaves whose dtype the inner update changed (same structure:
+    :func:`_check_state_structure`): ``{k: (init's dtype, widened)}``, ``widened`` when
+    every value of init's dtype is exact in the new one (bfloat16 or float16 to float32),
+    so that the kept value survives a select in the new dtype. Empty in the usual case."""
+    casts = {}
+    for k, (old, new) in enumerate(zip(old_leaves, new_shapes, strict=True)):
+        dtype = jnp.result_type(old)
+        if new.dtype == dtype:
+            continue
+        widened = False
+        if jnp.issubdtype(dtype, jnp.floating) and jnp.issubdtype(new.dtype, jnp.floating):
+            a, b = jnp.finfo(dtype), jnp.finfo(new.dtype)
+            widened = b.nmant >= a.nmant and b.maxexp >= a.maxexp and b.minexp <= a.minexp
+        casts[k] = (dtype, widened)
+    return casts
+
+
+def _cast_state(state: Any, casts: dict[int, tuple[Any, bool]]) -> Any:
+    """``state`` with the leaves in ``casts`` (:func:`_dtype_casts`) cast back to init's dtype."""
+    if not casts:
+        return state
+    leaves, treedef = jax.tree.flatten(state)
+    return treedef.unflatten([x.astype(casts[k][0]) if k in casts else x for k, x in enumerate(leaves)])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -772,6 +799,11 @@ def _apply_inner(
         inputs=(updates, state, params, extra_args),
     )
     _check_state_structure(state.guard_inner_state, traced.out_shapes[1])
+    # The state keeps init's dtypes, as optax.MultiSteps keeps them: an optimizer can
+    # promote a leaf (optax.adam's mu of bfloat16 parameters, given float32 gradients,
+    # comes back float32), which would change the state's type (lax.scan and buffer
+    # donation refuse that). Such a leaf is cast back; the check reads the cast value.
+    casts = _dtype_casts(old_leaves, jax.tree.leaves(traced.out_shapes[1]))
     # The optimizer itself can make a NaN from a finite gradient (an infinite learning
     # rate, moments overflowing in fp16, a bias correction of 0): an accepted step whose
     # update or new inner state is not finite is skipped too.
@@ -782,12 +814,14 @@ def _apply_inner(
     sums = None
     if config.update_health:
         new_updates, new_state = traced.outputs()
+        new_state = _cast_state(new_state, casts)
         # The state is read with the check off too: one formulation (without it,
         # XLA:CPU gave the reduction a materialised copy of every constant).
         sums = _output_sums(new_updates, new_state, inner_state, params)
         outputs_finite = sums.finite
     elif config.check_updates:
         new_updates, new_state = traced.outputs()
+        new_state = _cast_state(new_state, casts)
         outputs_finite = _all_finite(new_updates, _state_pairs(new_state, inner_state))
     if config.check_updates:
         nonfinite_update = ~skipped & ~outputs_finite
@@ -801,7 +835,21 @@ def _apply_inner(
             tie = sums.param_sums if tie is None else jnp.concatenate([tie, sums.param_sums])
         if tie is not None:
             skipped = _lowering.before_writes(skipped, tie)
-    inner_updates, new_inner_state = traced.with_selected_state(lambda k, new: sel.where(skipped, kept(k), new))
+
+    def select(k, new):
+        if k not in casts:
+            return sel.where(skipped, kept(k), new)
+        if casts[k][1]:  # widened: select in the wider dtype (exact), updates read it
+            return sel.where(skipped, jnp.asarray(kept(k), new.dtype), new)
+        return new  # narrowed: selected below, in the kept dtype
+
+    inner_updates, new_inner_state = traced.with_selected_state(select)
+    if casts:
+        leaves, treedef = jax.tree.flatten(new_inner_state)
+        for k, (dtype, widened) in casts.items():
+            new = leaves[k].astype(dtype)
+            leaves[k] = new if widened else sel.where(skipped, kept(k), new)
+        new_inner_state = treedef.unflatten(leaves)
     return Outcome(sel.zero_floats_where(skipped, inner_updates), new_inner_state, skipped, nonfinite_update, sums)
 
 
@@ -1025,18 +1073,18 @@ def guard(
     *,
     clip: float | jax.Array | _clipping.ClipPolicy | optax.GradientTransformation | None = None,
     spike_action: str = "skip",
-    spike_threshold: float | None = SPIKE_THRESHOLD,
-    spike_zscore: float | None = SPIKE_ZSCORE,
-    spike_window: int = SPIKE_WINDOW,
-    rebaseline_after: int | None = REBASELINE_AFTER,
-    loss_spike_zscore: float | None = None,
-    warmup_steps: int = 20,
-    stats_decay: float = 0.98,
-    reset_after: int | None = 3,
-    reset_window: int = 100,
-    rollback_after_nonfinite: int | None = 10,
-    rollback_after_spikes: int | None = 10,
-    vanishing_norm: float | None = 1e-5,
+    spike_threshold: float | jax.Array | None = SPIKE_THRESHOLD,
+    spike_zscore: float | jax.Array | None = SPIKE_ZSCORE,
+    spike_window: int | jax.Array = SPIKE_WINDOW,
+    rebaseline_after: int | jax.Array | None = REBASELINE_AFTER,
+    loss_spike_zscore: float | jax.Array | None = None,
+    warmup_steps: int | jax.Array = 20,
+    stats_decay: float | jax.Array = 0.98,
+    reset_after: int | jax.Array | None = 3,
+    reset_window: int | jax.Array = 100,
+    rollback_after_nonfinite: int | jax.Array | None = 10,
+    rollback_after_spikes: int | jax.Array | None = 10,
+    vanishing_norm: float | jax.Array | None = 1e-5,
     check_updates: bool = True,
     update_health: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
@@ -1083,6 +1131,13 @@ def guard(
     are updated only on accepted (finite, applied) steps, with an accepted spike's norm
     capped at the largest norm that is not a spike, so one NaN or spike does not
     poison them.
+
+    The state keeps the structure, shapes and dtypes ``init`` gave it, so it can be
+    carried by ``lax.scan`` and donated. An inner state leaf that the optimizer returns
+    in another dtype (optax's moments of bfloat16 parameters given float32 gradients
+    come back float32) is cast back to its ``init`` dtype, as ``optax.MultiSteps``
+    does; the step's update reads the uncast value, and a value the cast makes
+    non-finite (beyond float16's range) is an update check failure (``check_updates``).
 
     Args:
       inner: the optimizer to protect, any ``optax.GradientTransformation``.

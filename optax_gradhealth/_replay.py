@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from optax_gradhealth import _catalogue, _metrics, _stats
 from optax_gradhealth import _detectors as detect
@@ -113,14 +114,21 @@ def _fingerprints(tree: Any) -> jax.Array:
     return jnp.stack([sketch.leaf_fingerprint(x, sketch.u32(0x5BD1E995 * (i + 1))) for i, x in enumerate(leaves)])
 
 
-def _guard_state(opt_state: Any) -> guard_module.GuardState | None:
+def _guard_state(opt_state: Any) -> tuple[guard_module.GuardState | None, bool]:
     """The first guard state inside ``opt_state`` (a chain, a wrapper, an
-    ``nnx.Optimizer`` or its ``opt_state``, whose leaves are nnx variables), or None."""
+    ``nnx.Optimizer`` or its ``opt_state``, whose leaves are nnx variables), or None;
+    and whether it is inside a gradient accumulation (``optax.MultiSteps``, which
+    :func:`accumulate` is too), where its window holds norms of accumulated means."""
     is_guard = lambda x: isinstance(x, guard_module.GuardState)
-    for leaf in jax.tree.leaves(_metrics._unwrap_variables(opt_state), is_leaf=is_guard):
+    is_stop = lambda x: is_guard(x) or isinstance(x, optax.MultiStepsState)
+    for leaf in jax.tree.leaves(_metrics._unwrap_variables(opt_state), is_leaf=is_stop):
         if is_guard(leaf):
-            return leaf
-    return None
+            return leaf, False
+        if isinstance(leaf, optax.MultiStepsState):
+            inner = [x for x in jax.tree.leaves(tuple(leaf), is_leaf=is_guard) if is_guard(x)]
+            if inner:
+                return inner[0], True
+    return None, False
 
 
 def step_replay(
@@ -156,7 +164,17 @@ def step_replay(
     numbers (dropout) must come from a key in ``args``, so that the second computation
     draws the same ones. With :func:`dynamic_loss_scale`, the spike rule sees the scaled
     gradient: pass ``spike_threshold=None, spike_zscore=None`` to replay on non-finite
-    steps only.
+    steps only; do the same in data-parallel training, where a device's local gradient
+    is judged against the window of the mean gradient's norms.
+
+    Under gradient accumulation (the guard inside ``optax.MultiSteps`` or
+    :func:`accumulate`) the replay sees one micro-batch's gradient, while the guard's
+    window holds the norms of means of ``every_k`` micro-batches: a healthy
+    micro-batch's norm is 1 to ``sqrt(every_k)`` times the mean's (signal- to
+    noise-dominated), and one that alone makes the window a spike about ``every_k``
+    times, so no single scaling of the rule fits (with 32 noisy micro-batches, a third
+    of the micro-steps were replayed in a healthy run). There the spike rule is not
+    applied: only non-finite micro-steps are replayed.
 
     Args:
       value_and_grad_fn: ``(*args, **kwargs) -> (value, grads)``, e.g.
@@ -221,8 +239,11 @@ def step_replay(
 
     def call(state: ReplayState, opt_state: Any, *args: Any, **kwargs: Any):
         value, grads = value_and_grad_fn(*args, **kwargs)
-        guard_state = _guard_state(opt_state) if spikes_on else None
-        window = guard_state.guard_moments.guard_norm_window if guard_state is not None else None
+        guard_state, accumulated = _guard_state(opt_state) if spikes_on else (None, False)
+        # Under accumulation the window holds norms of means of `every_k` micro-batches,
+        # not comparable with one micro-batch's: non-finite steps only (see the docstring).
+        use_window = guard_state is not None and not accumulated
+        window = guard_state.guard_moments.guard_norm_window if use_window else None
         ok, _ = healthy(value, grads, window)
 
         def again(first):

@@ -415,7 +415,7 @@ def test_a_gradient_tree_without_float_leaves_is_passed_through_with_zero_figure
     """Only integer leaves (a step counter): nothing to average or audit, and no error,
     with the smallest sketch too."""
     ints = {"count": jnp.arange(K, dtype=jnp.int32) * 3}
-    for dim in (1, 16):
+    for dim in (2, 16):
         tx = gh.cross_device("data", sketch_dim=dim)
 
         def run(g, tx=tx):
@@ -439,7 +439,7 @@ def test_small_identical_gradients_are_duplicates():
     assert np.argwhere(m["xdev/duplicate_pairs"]).tolist() == [[2, 6], [6, 2]]
 
 
-@pytest.mark.parametrize("dim", [1, 1024])
+@pytest.mark.parametrize("dim", [2, 1024])
 def test_two_leaves_swapped_between_devices_are_not_a_duplicate(dim):
     """Device 3 holds device 0's two same-shape leaves exchanged: the same numbers, in
     other leaves (each leaf hashes with its own salt, whatever the sketch's size)."""
@@ -918,8 +918,9 @@ _AXIS = "must be a mesh/pmap axis name (a non-empty str) or a tuple of them, got
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
-        ({"sketch_dim": 0}, ValueError, "`sketch_dim` must be an int >= 1, got 0."),
-        ({"sketch_dim": 2.0}, TypeError, "`sketch_dim` must be an int >= 1, got 2.0 (type float)."),
+        ({"sketch_dim": 0}, ValueError, "`sketch_dim` must be an int >= 2, got 0."),
+        ({"sketch_dim": 1}, ValueError, "`sketch_dim` must be an int >= 2, got 1."),
+        ({"sketch_dim": 2.0}, TypeError, "`sketch_dim` must be an int >= 2, got 2.0 (type float)."),
         ({"sketch_seed": -1}, ValueError, "`sketch_seed` must be an int >= 0, got -1."),
         ({"num_devices": 0}, ValueError, "`num_devices` must be an int >= 1, got 0."),
         ({"per_device_batch": 0}, ValueError, "`per_device_batch` must be an int >= 1, got 0."),
@@ -1572,3 +1573,34 @@ def test_audit_holds_no_second_gradient_sized_temporary():
 
     extra = temp_bytes(True) - temp_bytes(False)
     assert extra < leaf_bytes * 3 // 2, (extra, leaf_bytes)
+
+
+@pytest.mark.parametrize("make", [gh.local_grad, gh.local_value_and_grad])
+@pytest.mark.parametrize("has_aux", ["False", None, 0, 1.0])
+def test_local_grad_has_aux_must_be_a_bool_and_the_error_names_the_function_called(make, has_aux):
+    """A string "False" was read by its truth value (as True); the errors named
+    gh.local_value_and_grad when gh.local_grad was called."""
+    name = f"gh.{make.__name__}"
+    with pytest.raises(TypeError, match=rf"^{name}: `has_aux` must be True or False, got {re.escape(repr(has_aux))}"):
+        make(lambda w: jnp.sum(w), "data", has_aux=has_aux)
+    with pytest.raises(TypeError, match=rf"^{name}: `argnums` must be an int"):
+        make(lambda w: jnp.sum(w), "data", argnums="a")
+    grad = jax.pmap(make(lambda w, x: jnp.sum(w * x), "data", argnums=5), axis_name="data")
+    with pytest.raises(TypeError, match=rf"^{name}: `argnums` 5 names positional argument 5"):
+        grad(jnp.ones((1, 1)), jnp.ones((1, 1)))
+
+
+def test_the_smallest_sketch_flags_no_near_duplicate_pair_on_clean_gradients():
+    """Independent gradients on every device, every step audited: with one bucket every
+    sketched cosine is +-1 (refused when built); with two, the cosines spread out and no
+    pair gathers near-duplicate evidence."""
+    rng = np.random.default_rng(31)
+    steps = [{"w": jnp.asarray(rng.normal(size=(K, 64)), jnp.float32)} for _ in range(15)]
+    outs = pmap_run(steps, sketch_dim=2)
+    for _, m in outs:
+        m = first_copy(m)
+        cosines = m["xdev/pairwise_cosine"][~np.eye(K, dtype=bool)]
+        assert np.abs(cosines).min() < 0.99  # not the +-1 of a single bucket
+        assert not m["xdev/near_duplicate_pairs"].any()
+    with pytest.raises(ValueError, match=r"`sketch_dim` must be an int >= 2, got 1\."):
+        gh.cross_device("data", sketch_dim=1)

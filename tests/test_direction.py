@@ -105,3 +105,20 @@ def test_a_python_float_leaf_is_accepted():
         assert updates["s"] == value
         cosines.append(float(state.step_cosine))
     np.testing.assert_allclose(cosines, [0.0, 1.0, -1.0], atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", [2**31, 2**64 + 7])
+def test_a_seed_beyond_int32_is_a_seed(seed):
+    """Only numpy's default_rng reads the seed (as cross_device's sketch_seed): no int32
+    limit. The sketch is linear, so g then 2g then -g have cosines 1 and -1 whatever
+    the hashes."""
+    tx = gh.record_step_cosine(sketch_dim=64, seed=seed)
+    g = jnp.asarray(np.random.default_rng(0).normal(size=500), jnp.float32)
+    state = tx.init({"w": g})
+    cosines = []
+    for grads in (g, 2 * g, -g):
+        _, state = tx.update({"w": grads}, state)
+        cosines.append(float(state.step_cosine))
+    np.testing.assert_allclose(cosines[1:], [1.0, -1.0], atol=1e-6)
+    with pytest.raises(ValueError, match="`seed` must be an int >= 0"):
+        gh.record_step_cosine(seed=-1)

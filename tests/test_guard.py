@@ -646,3 +646,33 @@ def test_guard_clips_a_norm_beyond_float32_to_its_threshold(threshold):
     assert bool(m["grad/clipped"]) and not bool(m["grad/skipped"])
     assert float(m["grad/norm"]) == np.finfo(np.float32).max  # saturated, as documented
     np.testing.assert_allclose(float(m["grad/norm_clipped"]), threshold, rtol=1e-6)
+
+
+def test_the_arguments_that_take_a_jax_scalar_say_so_in_their_hints():
+    """Every number argument of gh.guard accepts a jax scalar (as inject_hyperparams
+    passes it); its type hint says so, as clip_by_global_norm's does."""
+    import inspect
+
+    numbers = {
+        "spike_threshold": 3.0,
+        "spike_zscore": 4.0,
+        "spike_window": 50,
+        "rebaseline_after": 5,
+        "loss_spike_zscore": 3.0,
+        "warmup_steps": 5,
+        "stats_decay": 0.9,
+        "reset_after": 2,
+        "reset_window": 10,
+        "rollback_after_nonfinite": 3,
+        "rollback_after_spikes": 3,
+        "vanishing_norm": 1e-6,
+    }
+    hints = inspect.signature(gh.guard).parameters
+    for name, value in numbers.items():
+        kind = "float" if isinstance(value, float) else "int"
+        assert f"{kind} | jax.Array" in str(hints[name].annotation), name
+    arrays = {n: jnp.asarray(v, jnp.float32 if isinstance(v, float) else jnp.int32) for n, v in numbers.items()}
+    tx = gh.guard(optax.sgd(0.5), **arrays)
+    params = {"w": jnp.ones(2)}
+    updates, _ = tx.update({"w": jnp.array([1.0, -2.0])}, tx.init(params), params)
+    np.testing.assert_array_equal(np.asarray(updates["w"]), [-0.5, 1.0])

@@ -1127,3 +1127,73 @@ def test_a_run_of_zero_gradients_does_not_make_every_later_step_a_spike():
     m = gh.metrics(state)
     assert int(m["grad/num_spikes"]) == 0 and int(m["grad/num_skipped"]) == 0
     assert not bool(m["grad/rollback_recommended"])
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("jit", [True, False])
+def test_a_state_leaf_the_optimizer_promotes_keeps_inits_dtype(dtype, jit):
+    """Low-precision parameters with float32 gradients: optax's momentum comes back
+    float32 (its promotion), the guard's state keeps init's dtype, as optax.MultiSteps
+    does (lax.scan and donation need a fixed type). The updates are bare optax's (they
+    read the float32 momentum); the kept momentum is it rounded to init's dtype; a
+    skipped step keeps it bit for bit."""
+    low = jnp.dtype(dtype)
+    params = {"w": jnp.ones(3, low)}
+    inner = optax.sgd(0.1, momentum=0.9)
+    tx = gh.guard(inner, warmup_steps=100)
+    update = _donated_update(tx) if jit else (lambda p, s, g, **kw: tx.update(g, s, p, **kw))
+    state0 = tx.init(params)
+    types = lambda tree: [(jnp.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(tree)]
+    want = types(state0)
+    g1 = np.array([1 + 2**-10, -3.0 - 2**-12, 0.3], np.float32)  # not exact in bfloat16 / float16
+    g2 = np.array([0.7, 2 + 2**-11, -1.1], np.float32)
+    # Step 1 from a zero momentum, written out: the momentum is the gradient.
+    updates, state = update(params, state0, {"w": jnp.asarray(g1)})
+    assert types(state) == want
+    np.testing.assert_allclose(np.asarray(updates["w"]), -np.float32(0.1) * g1, rtol=1e-6)
+    kept = np.asarray(state.guard_inner_state[0].trace["w"])
+    np.testing.assert_array_equal(kept, g1.astype(low))
+    # Step 2: bare optax from the same (kept) state, run the same way; the kept momentum
+    # is its own float32 momentum rounded to init's dtype. (Under jit, XLA may keep
+    # optax's low-precision product 0.9 * trace in float32: a rounding of init's dtype.)
+    bare = jax.jit(inner.update) if jit else inner.update
+    bare_updates, bare_state = bare({"w": jnp.asarray(g2)}, state.guard_inner_state, params)
+    assert bare_state[0].trace["w"].dtype == jnp.float32  # optax's promotion
+    updates, state = update(params, state, {"w": jnp.asarray(g2)})
+    assert types(state) == want
+    rtol = float(jnp.finfo(low).eps) if jit else 0.0
+    np.testing.assert_allclose(np.asarray(updates["w"]), np.asarray(bare_updates["w"]), rtol=rtol)
+    np.testing.assert_allclose(
+        np.asarray(state.guard_inner_state[0].trace["w"], np.float32),
+        np.asarray(bare_state[0].trace["w"]).astype(low).astype(np.float32),
+        rtol=rtol,
+    )
+    before = _host(state.guard_inner_state)
+    _, state = update(params, state, {"w": jnp.array([jnp.nan, 1.0, 1.0])})
+    assert bool(gh.metrics(state)["grad/skipped"])
+    chex.assert_trees_all_equal(_host(state.guard_inner_state), before)
+    # And so a scan carries it.
+    grads = jnp.asarray(np.stack([g1, g2, g1]))
+    scanned, _ = jax.lax.scan(lambda s, g: (tx.update({"w": g}, s, params)[1], None), tx.init(params), grads)
+    assert types(scanned) == want
+
+
+def test_a_promoted_state_leaf_that_overflows_init_dtype_is_a_nonfinite_update():
+    """float16 parameters, float32 gradients: a momentum finite in float32 but beyond
+    float16's range (65504) would be kept as Inf; the step is skipped as an update the
+    optimizer made non-finite, and the state kept."""
+    params = {"w": jnp.ones(2, jnp.float16)}
+    inner = optax.sgd(0.1, momentum=0.9)
+    grads = {"w": jnp.array([1e5, 1.0], jnp.float32)}
+    bare_updates, bare_state = inner.update(grads, inner.init(params), params)
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves((bare_updates, bare_state)))
+    assert 1e5 > float(np.finfo(np.float16).max)
+    tx = gh.guard(inner)
+    state = tx.init(params)
+    before = _host(state.guard_inner_state)
+    for update in (_donated_update(tx), lambda p, s, g: tx.update(g, s, p)):
+        updates, new_state = update(params, state, grads)
+        np.testing.assert_array_equal(np.asarray(updates["w"], np.float32), 0.0)
+        chex.assert_trees_all_equal(_host(new_state.guard_inner_state), before)
+        assert int(gh.metrics(new_state)["grad/num_nonfinite_updates"]) == 1
+        state = tx.init(params)

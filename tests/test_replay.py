@@ -232,3 +232,31 @@ def test_the_guard_is_found_in_an_nnx_optimizer(source):
         replayed.append(bool(gh.metrics(replay_state)["grad/replayed"]))
         spiked.append(bool(gh.metrics(optimizer)["grad/spiked"]))
     assert replayed == spiked == [False, False, False, True]
+
+
+@pytest.mark.parametrize("wrapper", ["none", "MultiSteps", "accumulate", "chain(MultiSteps)"])
+def test_under_accumulation_only_nonfinite_micro_steps_are_replayed(wrapper):
+    """Inside optax.MultiSteps / gh.accumulate the guard's window holds norms of
+    accumulated means, not comparable with one micro-batch's: a micro-batch 100x the
+    window's norms (a spike against it, as the bare guard shows) is not replayed there;
+    a non-finite one still is."""
+    every_k = 4
+    inner = gh.guard(optax.sgd(0.1), warmup_steps=2)
+    tx = {
+        "none": inner,
+        "MultiSteps": optax.MultiSteps(inner, every_k).gradient_transformation(),
+        "accumulate": gh.accumulate(inner, every_k),
+        "chain(MultiSteps)": optax.chain(optax.MultiSteps(inner, every_k).gradient_transformation()),
+    }[wrapper]
+    w = jnp.zeros(3)
+    opt_state = tx.init(w)
+    rng = np.random.default_rng(0)
+    g = rng.normal(size=(8 * every_k, 3))  # unit-norm gradients: the window fills with norms ~1
+    g = jnp.asarray(g / np.linalg.norm(g, axis=1, keepdims=True), jnp.float32)
+    opt_state, _ = jax.lax.scan(lambda s, g: (tx.update(g, s, w)[1], None), opt_state, g)
+    replay = gh.step_replay(jax.value_and_grad(lambda w, x: jnp.sum(w * x)), warmup_steps=2)  # gradient: x
+    call = jax.jit(replay)
+    _, state = call(replay.init(), opt_state, w, jnp.full(3, 100.0 / np.sqrt(3), jnp.float32))  # norm 100
+    assert bool(gh.metrics(state)["grad/replayed"]) == (wrapper == "none")
+    _, state = call(replay.init(), opt_state, w, jnp.array([1.0, jnp.nan, 1.0]))
+    assert bool(gh.metrics(state)["grad/replayed"])
