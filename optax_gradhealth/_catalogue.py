@@ -65,13 +65,20 @@ _SPEC_LIST: tuple[MetricSpec, ...] = (
     MetricSpec(
         "grad/norm_clipped",
         VALUE,
-        "global norm of what the inner optimizer saw after clipping (0 on a skipped step)",
-        "equal to grad/norm on most steps, below it on clipped steps, 0 only on skipped steps.",
+        (
+            "global norm after the global-norm clip (gh.clip_by_global_norm; the guard's clip= threshold or "
+            "policy, or its spike clip), 0 on a skipped step; with a transformation as the guard's clip= "
+            "(gh.clip_by_value, gh.clip_by_leaf_norm, ...) the norm before it, whose own metrics say what it did"
+        ),
+        ("equal to grad/norm on most steps, below it on clipped steps (grad/clipped), 0 only on skipped steps."),
     ),
     MetricSpec(
         "grad/clip_threshold",
         VALUE,
-        "clip threshold in force this step (inf when clipping is off)",
+        (
+            "global-norm clip threshold in force this step, a spike clip's included (inf when there is none: no "
+            "clip=, or a transformation as the guard's clip=, and no spike clip)"
+        ),
         (
             "a little above the typical grad/norm, so that only the top few percent of steps are clipped; inf"
             " when clipping is off."
@@ -80,7 +87,10 @@ _SPEC_LIST: tuple[MetricSpec, ...] = (
     MetricSpec(
         "grad/clipped",
         FLAG,
-        "this step was clipped",
+        (
+            "the global-norm clip (gh.clip_by_global_norm; the guard's clip= threshold or policy, or its spike "
+            "clip) scaled this step's gradient"
+        ),
         (
             "True on a few percent of steps. True on (almost) every step: the threshold is too low (the "
             "optimizer sees a fixed-size step); never True over a long run: the threshold does nothing."
@@ -177,7 +187,11 @@ _SPEC_LIST: tuple[MetricSpec, ...] = (
         "grad/num_steps",
         COUNT,
         "steps seen",
-        "equal to the number of update calls (skipped steps included).",
+        (
+            "equal to the number of update calls that reached it, skipped steps included (inside "
+            "gh.dynamic_loss_scale, the update calls minus grad/num_overflows: an overflowed step never reaches "
+            "the states inside; inside gh.accumulate, one per window)."
+        ),
     ),
     MetricSpec(
         "grad/num_clipped",
@@ -325,50 +339,74 @@ _SPEC_LIST: tuple[MetricSpec, ...] = (
     MetricSpec(
         "grad/num_value_clipped",
         COUNT,
-        "gradient elements clipped by gh.clip_by_value this step",
+        (
+            "gradient elements clipped by gh.clip_by_value this step "
+            "(a step gh.guard skipped keeps the last accepted step's value)"
+        ),
         "0 or a small number of elements; a large count means the value bound is too tight.",
     ),
     MetricSpec(
         "grad/value_clip_fraction",
         VALUE,
-        "fraction of gradient elements clipped by gh.clip_by_value this step",
+        (
+            "fraction of gradient elements clipped by gh.clip_by_value this step "
+            "(a step gh.guard skipped keeps the last accepted step's value)"
+        ),
         "below ~0.01; near 1 the bound is too tight and clipping changes the direction.",
     ),
     MetricSpec(
         "grad/leaf_clip_fraction",
         VALUE,
-        "fraction of gradient leaves (layers) clipped by gh.clip_by_leaf_norm",
+        (
+            "fraction of gradient leaves (layers) clipped by gh.clip_by_leaf_norm "
+            "(a step gh.guard skipped keeps the last accepted step's value)"
+        ),
         "0 on most steps; near 1 on every step means the per-layer bound is too low.",
     ),
     MetricSpec(
         "grad/leaf_clipped/<path>",
         FLAG,
-        "this leaf was clipped by gh.clip_by_leaf_norm this step",
+        (
+            "this leaf was clipped by gh.clip_by_leaf_norm this step "
+            "(a step gh.guard skipped keeps the last accepted step's value)"
+        ),
         ("False on most steps; one layer clipped on every step deserves a look (its norm in grad/leaf_norm/<path>)."),
     ),
     MetricSpec(
         "grad/num_agc_clipped",
         COUNT,
-        "units rescaled by gh.adaptive_grad_clip (AGC) this step",
+        (
+            "units rescaled by gh.adaptive_grad_clip (AGC) this step "
+            "(a step gh.guard skipped keeps the last accepted step's value)"
+        ),
         "a small share of the units; many units clipped every step means lambda is too small.",
     ),
     MetricSpec(
         "grad/agc_clip_fraction",
         VALUE,
-        "fraction of units rescaled by gh.adaptive_grad_clip (AGC) this step",
+        (
+            "fraction of units rescaled by gh.adaptive_grad_clip (AGC) this step "
+            "(a step gh.guard skipped keeps the last accepted step's value)"
+        ),
         "below ~0.1 once training settles; near 1 means lambda (default 0.01) is too small.",
     ),
     MetricSpec(
         "grad/num_adagc_clipped",
         COUNT,
-        "leaves rescaled by gh.adagc_clip this step (against their own norm history, or globally in warm-up)",
+        (
+            "leaves rescaled by gh.adagc_clip this step (against their own norm history, or globally in warm-up) "
+            "(a step gh.guard skipped keeps the last accepted step's value)"
+        ),
         "0 on most steps once warm-up is over; a few leaves on a spiking step. Many leaves every step: "
         "`relative` is too tight for this model's norm noise.",
     ),
     MetricSpec(
         "grad/adagc_clip_fraction",
         VALUE,
-        "fraction of the float leaves rescaled by gh.adagc_clip this step",
+        (
+            "fraction of the float leaves rescaled by gh.adagc_clip this step "
+            "(a step gh.guard skipped keeps the last accepted step's value)"
+        ),
         "near 0 after warm-up; near 1 during warm-up only when the global warm-up threshold is below the typical norm.",
     ),
     MetricSpec(
@@ -395,7 +433,8 @@ _SPEC_LIST: tuple[MetricSpec, ...] = (
         "grad/step_cosine",
         VALUE,
         "cosine between this step's gradient and the previous one seen (accepted, inside gh.guard), from "
-        "count sketches (gh.record_step_cosine; 0 on the first step and on a non-finite or zero gradient)",
+        "count sketches (gh.record_step_cosine; 0 on the first step and on a non-finite or zero gradient; inside "
+        "gh.guard a skipped step does not reach it and keeps the last accepted step's value: read grad/skipped)",
         "mostly between 0 and 0.5 for noisy minibatch gradients. Persistently negative: consecutive steps undo "
         "each other (learning rate too high, a sharp valley). Persistently near 1: the direction barely "
         "changes (a slow drift: the learning rate may be too low).",
@@ -414,8 +453,9 @@ _SPEC_LIST: tuple[MetricSpec, ...] = (
         "grad/overflowed",
         FLAG,
         (
-            "the scaled gradient overflowed: step skipped before any statistic, inner state untouched, scale "
-            "backed off (not counted in grad/num_nonfinite)"
+            "the scaled gradient overflowed: step skipped before any statistic, inner state untouched (so the "
+            "metrics of the states inside, the guard's included, keep the previous step's values), scale backed "
+            "off (not counted in grad/num_nonfinite)"
         ),
         (
             "False on almost every step. A few overflows right after each growth of the scale are normal: "

@@ -57,6 +57,31 @@ def _may_be_none(state_type: type, field: str) -> bool:
     return annotation is None or type(None) in typing.get_args(annotation)
 
 
+def _holds_leaf_norms(state_type: type, field: str) -> bool:
+    """Whether ``state_type`` annotates ``field`` as a :class:`LeafNorms` (``LeafNorms``,
+    ``_stats.LeafNorms | None``, ``gh.LeafNorms``...), read as text like
+    :func:`_may_be_none`."""
+    annotation = getattr(state_type, "__annotations__", {}).get(field)
+    if isinstance(annotation, typing.ForwardRef):
+        annotation = annotation.__forward_arg__
+    if isinstance(annotation, str):
+        return bool(re.search(r"\b(LeafNorms|LayerNorms)\b", annotation))
+    return annotation is _stats.LeafNorms or _stats.LeafNorms in typing.get_args(annotation)
+
+
+def _is_flattened_leaf_norms(state_type: type, field: str, value: Any) -> bool:
+    """A :class:`LeafNorms` field that ``nnx.state`` (or a pure-dict restore) turned into
+    ``{'values': vector}``. Only a field annotated as a LeafNorms qualifies: a
+    per-leaf field of another kind (``ClipByLeafNormState.leaf_clipped``) has the
+    parameters' structure, which may be a dict with the one key ``'values'`` too."""
+    return (
+        isinstance(value, dict)
+        and set(value) == {"values"}
+        and len(getattr(value["values"], "shape", ())) == 1
+        and _holds_leaf_norms(state_type, field)
+    )
+
+
 def _state_type_of_mapping(mapping: dict) -> type | None:
     """The registered NamedTuple type whose fields ``mapping``'s keys are.
 
@@ -153,16 +178,18 @@ def metrics(opt_state: Any, *, deprecated_names: bool = True) -> dict[str, jax.A
             if isinstance(value, _stats.LeafNorms):
                 for leaf_name, leaf_norm in value.as_dict().items():
                     entries[f"{name}/{leaf_name}"] = leaf_norm
-            elif isinstance(value, dict) and set(value) == {"values"}:
+            elif _is_flattened_leaf_norms(type(state), field, value):
                 # A LeafNorms that nnx.state (or a pure-dict restore) turned into a
                 # dict: the leaf names are gone with the tree structure; index them.
-                for i in range(len(value["values"])):
-                    entries[f"{name}/{i}"] = value["values"][i]
+                for i, leaf_norm in enumerate(_stats._unstack(value["values"])):
+                    entries[f"{name}/{i}"] = leaf_norm
             elif isinstance(value, jax.Array) or hasattr(value, "shape"):
                 entries[name] = value
             else:
-                for path, leaf in jax.tree_util.tree_flatten_with_path(value)[0]:
-                    entries[f"{name}/{_stats.path_name(path)}"] = leaf
+                # Named as gh.leaf_names names them (and so as grad/leaf_norm/<path>): two
+                # paths that join to one name get a suffix instead of overwriting.
+                for leaf_name, leaf in zip(_stats.leaf_names(value), jax.tree.leaves(value), strict=True):
+                    entries[f"{name}/{leaf_name}"] = leaf
         for name, value in entries.items():
             key, copy = name, 1
             while key in out:

@@ -258,3 +258,151 @@ def test_register_metrics_validates_before_registering_anything():
     assert _catalogue.CATALOGUE == before
     state = (Checked(jnp.int32(3)),)
     assert gh.metrics(state) == {}  # nothing was registered
+
+
+# ----------------------------------------------------------------------------- per-leaf names
+
+
+def _norm(x) -> float:
+    return float(np.linalg.norm(np.asarray(x, np.float64)))
+
+
+@pytest.mark.parametrize(
+    ("params", "paths"),
+    [
+        ({"values": jnp.ones(3)}, {"values": ("values",)}),
+        ({"values": {"w": jnp.ones(3), "b": jnp.ones(2)}}, {"values/b": ("values", "b"), "values/w": ("values", "w")}),
+        ({"values": [jnp.ones(3), jnp.ones(2)]}, {"values/0": ("values", 0), "values/1": ("values", 1)}),
+    ],
+)
+@pytest.mark.parametrize("in_guard", [False, True])
+def test_a_parameter_tree_whose_only_key_is_values_is_named_by_its_paths(params, paths, in_guard):
+    """A per-leaf field shaped {'values': ...} (the parameters' structure) was taken for
+    an nnx-flattened LeafNorms: gh.metrics crashed or dropped the 'values/' path."""
+    max_norm = 2.0
+    clip = gh.clip_by_leaf_norm(max_norm)
+    tx = gh.guard(optax.sgd(0.1), clip=clip) if in_guard else clip
+    grads = jax.tree.map(lambda x: jnp.arange(1.0, 1.0 + x.size), params)
+    state = tx.init(params)
+    _, state = tx.update(grads, state, params)
+    m = gh.metrics(state, deprecated_names=False)
+
+    def leaf(path):
+        x = grads
+        for key in path:
+            x = x[key]
+        return x
+
+    expected = {f"grad/leaf_clipped/{name}": _norm(leaf(path)) > max_norm for name, path in paths.items()}
+    assert {k: bool(v) for k, v in m.items() if k.startswith("grad/leaf_clipped/")} == expected
+    assert float(m["grad/leaf_clip_fraction"]) == pytest.approx(np.mean(list(expected.values())))
+    if in_guard:
+        for name, path in paths.items():
+            assert float(m[f"grad/leaf_norm/{name}"]) == pytest.approx(_norm(leaf(path)), rel=1e-6)
+
+
+def test_an_nnx_state_with_a_module_named_values_keeps_both_kinds_of_per_leaf_entries():
+    from flax import nnx
+
+    class Model(nnx.Module):
+        def __init__(self, rngs):
+            self.values = nnx.Linear(3, 2, rngs=rngs)
+
+    model = Model(nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, gh.guard(optax.sgd(0.1), clip=gh.clip_by_leaf_norm(1.0)), wrt=nnx.Param)
+    grads = jax.tree.map(lambda x: jnp.full_like(x, 0.5), nnx.state(model, nnx.Param))
+    optimizer.update(model, grads)
+    # bias [2] and kernel [3, 2] of 0.5: norms sqrt(2) / 2 and sqrt(6) / 2 (leaf order bias, kernel)
+    norms = {"bias": np.sqrt(2 * 0.25), "kernel": np.sqrt(6 * 0.25)}
+    from_dict = gh.metrics(nnx.state(optimizer), deprecated_names=False)
+    for i, leaf in enumerate(("bias", "kernel")):  # the LeafNorms lost its names: indexed
+        assert float(from_dict[f"grad/leaf_norm/{i}"]) == pytest.approx(norms[leaf], rel=1e-6)
+        assert bool(from_dict[f"grad/leaf_clipped/values/{leaf}"]) == (norms[leaf] > 1.0)
+    typed = gh.metrics(optimizer, deprecated_names=False)
+    for leaf in ("bias", "kernel"):
+        assert float(typed[f"grad/leaf_norm/values/{leaf}"]) == pytest.approx(norms[leaf], rel=1e-6)
+        assert bool(typed[f"grad/leaf_clipped/values/{leaf}"]) == (norms[leaf] > 1.0)
+
+
+def test_leaf_clipped_names_are_the_leaf_norm_names_when_two_paths_join_to_one_name():
+    """{'a/b': x, 'a': {'b': y}}: grad/leaf_norm/ names them a/b and a/b(2); the
+    grad/leaf_clipped/ entries were named per path, so one overwrote the other and kept
+    the name of the other leaf's norm."""
+    params = {"a/b": jnp.ones(2), "a": {"b": jnp.ones(2)}}
+    grads = {"a/b": jnp.array([3.0, 4.0]), "a": {"b": jnp.array([0.3, 0.4])}}
+    tx = gh.guard(optax.sgd(0.1), clip=gh.clip_by_leaf_norm(1.0))
+    state = tx.init(params)
+    _, state = tx.update(grads, state, params)
+    m = gh.metrics(state, deprecated_names=False)
+    norm_names = {k.removeprefix("grad/leaf_norm/") for k in m if k.startswith("grad/leaf_norm/")}
+    clipped_names = {k.removeprefix("grad/leaf_clipped/") for k in m if k.startswith("grad/leaf_clipped/")}
+    assert norm_names == clipped_names == {"a/b", "a/b(2)"}
+    for name in norm_names:  # each name is one leaf: its flag is that leaf's norm against 1
+        norm = float(m[f"grad/leaf_norm/{name}"])
+        assert min(abs(norm - 5.0), abs(norm - 0.5)) < 1e-5  # the numpy norms of the two leaves
+        assert bool(m[f"grad/leaf_clipped/{name}"]) == (norm > 1.0), name
+
+
+# ----------------------------------------------------------------------------- the texts say what the code does
+
+
+def test_a_skipped_step_keeps_the_clip_mode_and_step_cosine_readings_as_the_catalogue_says():
+    max_abs = 0.5
+    params = {"w": jnp.ones(512)}
+    tx = gh.guard(optax.chain(gh.record_step_cosine(), optax.sgd(0.1)), clip=gh.clip_by_value(max_abs))
+    state = tx.init(params)
+    rng = np.random.default_rng(0)
+    g1, g2 = rng.normal(size=512).astype(np.float32), rng.normal(size=512).astype(np.float32)
+    for g in (g1, g2):
+        _, state = tx.update({"w": jnp.asarray(g)}, state, params)
+    accepted = jax.device_get(gh.metrics(state, deprecated_names=False))
+    assert int(accepted["grad/num_value_clipped"]) == int(np.sum(np.abs(g2) > max_abs))
+    _, state = tx.update({"w": jnp.full(512, jnp.nan)}, state, params)
+    skipped = jax.device_get(gh.metrics(state, deprecated_names=False))
+    assert bool(skipped["grad/skipped"])
+    # Nothing was clipped on the NaN step (it never reached the clip): the count is g2's.
+    assert int(skipped["grad/num_value_clipped"]) == int(np.sum(np.abs(g2) > max_abs))
+    assert float(skipped["grad/value_clip_fraction"]) == pytest.approx(np.mean(np.abs(g2) > max_abs))
+    assert float(skipped["grad/step_cosine"]) == float(accepted["grad/step_cosine"]) != 0.0
+    kept = "a step gh.guard skipped keeps the last accepted step's value"
+    for name in (
+        "grad/num_value_clipped",
+        "grad/value_clip_fraction",
+        "grad/leaf_clip_fraction",
+        "grad/leaf_clipped/<path>",
+        "grad/num_agc_clipped",
+        "grad/agc_clip_fraction",
+        "grad/num_adagc_clipped",
+        "grad/adagc_clip_fraction",
+    ):
+        assert kept in gh.CATALOGUE[name], name
+    assert (
+        "a skipped step does not reach it and keeps the last accepted step's value" in gh.CATALOGUE["grad/step_cosine"]
+    )
+
+
+def test_norm_clipped_with_a_clip_mode_is_the_norm_before_it_as_the_catalogue_says():
+    params = {"w": jnp.ones(3)}
+    g = np.array([3.0, 0.0, 4.0], np.float32)
+    tx = gh.guard(optax.sgd(1.0), clip=gh.clip_by_value(1.0))
+    state = tx.init(params)
+    updates, state = tx.update({"w": jnp.asarray(g)}, state, params)
+    m = gh.metrics(state, deprecated_names=False)
+    assert _norm(-np.asarray(updates["w"])) == pytest.approx(_norm(np.clip(g, -1.0, 1.0)))  # what the sgd saw
+    assert float(m["grad/norm_clipped"]) == pytest.approx(_norm(g))  # 5: before the clip mode
+    assert not bool(m["grad/clipped"]) and np.isinf(float(m["grad/clip_threshold"]))
+    assert "with a transformation as the guard's clip=" in gh.CATALOGUE["grad/norm_clipped"]
+    assert "the norm before it" in gh.CATALOGUE["grad/norm_clipped"]
+
+
+def test_num_steps_under_dynamic_loss_scale_is_the_calls_minus_the_overflows_as_the_catalogue_says():
+    params = {"w": jnp.ones(2, jnp.float16)}
+    tx = gh.dynamic_loss_scale(gh.guard(optax.sgd(0.1)), init_scale=2.0**10)
+    state = tx.init(params)
+    grads = [jnp.ones(2, jnp.float16), jnp.full(2, jnp.inf, jnp.float16), jnp.ones(2, jnp.float16)]
+    for g in grads:  # the second "scaled gradient" overflowed
+        _, state = tx.update({"w": g}, state, params)
+    m = gh.metrics(state, deprecated_names=False)
+    assert int(m["grad/num_overflows"]) == 1
+    assert int(m["grad/num_steps"]) == len(grads) - 1
+    assert "update calls minus grad/num_overflows" in _catalogue.SPECS["grad/num_steps"].healthy
