@@ -9,6 +9,10 @@ temporary folder, then times, each in a fresh subprocess (imports excluded):
 * ``report``: ``optax_gradhealth.report.write_report(path, 'report.png')`` (reads,
   diagnoses, draws and writes the PNG and the findings).
 
+``--log norm`` writes a plain optax run's log instead: ``step``, ``grad/norm`` and
+``loss`` only (a W&B or TensorBoard export), so that ``diagnose`` replays the guard's
+spike rule over the norms (the guard's log carries its scores: no replay).
+
 It reports the median of ``--repeat`` runs, the ratio to the ``json`` loop, and the peak
 memory each adds over the process after its imports (peak resident size ``VmHWM`` minus
 the resident size before the call), next to the size of the columnar data (rows x columns x 8 bytes).
@@ -16,6 +20,7 @@ Nothing is written into the repository::
 
     python benchmarks/bench_host.py                      # 300k x 64, 3 repeats
     python benchmarks/bench_host.py --rows 30000 --repeat 1
+    python benchmarks/bench_host.py --log norm --rows 150000 --repeat 1
 """
 
 from __future__ import annotations
@@ -30,8 +35,9 @@ import tempfile
 import time
 
 
-def write_log(path: str, rows: int, columns: int, seed: int = 0) -> int:
-    """Writes the synthetic log; returns its size in bytes."""
+def write_log(path: str, rows: int, columns: int, seed: int = 0, log: str = "guard") -> int:
+    """Writes the synthetic log (``log``: ``'guard'``, or ``'norm'`` for ``step``,
+    ``grad/norm`` and ``loss`` only, ``columns`` ignored); returns its size in bytes."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -84,6 +90,8 @@ def write_log(path: str, rows: int, columns: int, seed: int = 0) -> int:
     data["grad/skipped"][nonfinite] = 1.0
     for i, name in enumerate(layers):
         data[name] = norm * (0.05 + 0.9 * i / max(len(layers), 1)) * np.exp(0.05 * rng.standard_normal(rows))
+    if log == "norm":
+        names = ["grad/norm", "loss"]
     matrix = np.stack([data[name] for name in names], axis=1).tolist()
     with open(path, "w", encoding="utf-8") as file:
         for step, values in enumerate(matrix):
@@ -135,6 +143,12 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=300_000)
     parser.add_argument("--columns", type=int, default=64, help="metric columns besides the step")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--log",
+        choices=("guard", "norm"),
+        default="guard",
+        help="guard: the guard's metrics (default); norm: step, grad/norm and loss only (diagnose replays the rule)",
+    )
     parser.add_argument("--child", nargs=3, metavar=("TASK", "PATH", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -144,11 +158,12 @@ def main() -> int:
         path = os.path.join(folder, "run.jsonl")
         start = time.perf_counter()
         write = f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import bench_host; "
-        write += f"bench_host.write_log({path!r}, {args.rows}, {args.columns})"
+        write += f"bench_host.write_log({path!r}, {args.rows}, {args.columns}, log={args.log!r})"
         subprocess.run([sys.executable, "-c", write], check=True)  # its memory is not this process's
         size = os.path.getsize(path)
-        print(f"wrote {args.rows} x {args.columns} columns, {size / 1e9:.2f} GB in {time.perf_counter() - start:.0f} s")
-        columnar = args.rows * args.columns * 8
+        columns = args.columns if args.log == "guard" else 2
+        print(f"wrote {args.rows} x {columns} columns, {size / 1e9:.2f} GB in {time.perf_counter() - start:.0f} s")
+        columnar = args.rows * columns * 8
         results: dict[str, list[dict]] = {"json": [], "diagnose": [], "report": []}
         for _ in range(args.repeat):
             for task in results:
@@ -156,7 +171,7 @@ def main() -> int:
                 done = subprocess.run(command, capture_output=True, text=True, check=True)
                 results[task].append(json.loads(done.stdout.strip().splitlines()[-1]))
         floor = statistics.median(r["seconds"] for r in results["json"])
-        print(f"columnar data: {columnar / 1e6:.0f} MB ({args.rows} x {args.columns} float64)")
+        print(f"columnar data: {columnar / 1e6:.0f} MB ({args.rows} x {columns} float64)")
         print(f"{'task':10s} {'median s':>9s} {'x json':>7s} {'peak extra MB':>14s} {'x columnar':>11s}  runs (s)")
         for task, runs in results.items():
             seconds = statistics.median(r["seconds"] for r in runs)

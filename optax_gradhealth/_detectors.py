@@ -267,6 +267,13 @@ class SpikeRule:
 
     def judge(self, window: NormWindow, norm: jax.Array, finite: jax.Array) -> SpikeVerdict:
         median, spread = norm_window_stats(window, self.baseline)
+        return self.judge_against(window, norm, finite, median, spread)
+
+    def judge_against(
+        self, window: NormWindow, norm: jax.Array, finite: jax.Array, median: jax.Array, spread: jax.Array
+    ) -> SpikeVerdict:
+        """:meth:`judge` given the window's ``(median, spread)`` (only its count is read):
+        the host replay computes the statistics of many windows at once."""
         active = self.warm(window) & finite
         ratio, z, over = self.exceeds(norm, median, spread)
         bound = spike_bound(median, spread, self.spread_floor, self.threshold, self.zscore)

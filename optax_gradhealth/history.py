@@ -84,7 +84,8 @@ class History:
       steps: ``[T]`` int64, strictly increasing.
       columns: ``{name: [T] float64}``, NaN where a row lacks the name.
       restarts: the steps the run went back to, in log order (empty for a run that was
-        never resumed).
+        never resumed); a step logged again right after itself (a run resumed at the last
+        step it logged) is one too.
       restarted_from: the step logged just before each restart.
       rows_replaced: rows dropped because a later write logged the same step.
       source: the path it was read from, or None.
@@ -142,7 +143,9 @@ class History:
             if old_nan is not None:
                 logged_nan[current] = current_nan | (missing & old_nan)
         self.source = source
-        back = np.flatnonzero(steps[1:] < steps[:-1]) + 1
+        # A step logged again right after itself (a run resumed at the last step it
+        # logged) is a restart too: its later row replaces the earlier one.
+        back = np.flatnonzero(steps[1:] <= steps[:-1]) + 1
         self.restarts: tuple[int, ...] = tuple(int(s) for s in steps[back])
         self.restarted_from: tuple[int, ...] = tuple(int(s) for s in steps[back - 1])
         if steps.size and not np.all(steps[1:] > steps[:-1]):
@@ -793,7 +796,7 @@ def _read_tensorboard(path: str) -> History:
     # Rebuild the write order of the reference tag, so that History finds the restarts
     # and counts the replaced rows; the other tags follow the reference's last writes.
     history = History(all_steps, columns, source=path, nan_logged=nan_logged)
-    back = np.flatnonzero(written[1:] < written[:-1]) + 1
+    back = np.flatnonzero(written[1:] <= written[:-1]) + 1
     history.restarts = tuple(int(s) for s in written[back])
     history.restarted_from = tuple(int(s) for s in written[back - 1])
     history.rows_replaced = int(written.size - np.unique(written).size)
@@ -813,7 +816,9 @@ def _read_csv(path: str) -> History:
     run name may hold `` - `` too) is removed. An empty cell is a metric the row did not
     log; a ``NaN`` cell is a logged NaN."""
     try:
-        with open(path, encoding="utf-8", newline="") as file:
+        # utf-8-sig: a file re-saved by a spreadsheet starts with a byte-order mark, which
+        # would otherwise be part of the first column's name (and hide the step column).
+        with open(path, encoding="utf-8-sig", newline="") as file:
             table = list(csv.reader(file))
     except UnicodeDecodeError:
         raise _not_utf8(path, None) from None
@@ -855,7 +860,8 @@ def _read_csv(path: str) -> History:
         if not np.isfinite(raw).all():
             bad = int(np.flatnonzero(~np.isfinite(raw))[0]) + 2
             raise ValueError(f"{path}:{bad}: the step column {header[step_at]!r} is empty or not a number.")
-        steps = raw.astype(np.int64)
+        # Exact integers (a 1.5 is an error naming its line, as in a JSONL log, not 1).
+        steps = np.array([_step_of(r[step_at], f"{path}:{i}") for i, r in enumerate(body, start=2)], np.int64)
     columns, nan_logged = {}, {}
     for name, i in zip(names, metric_at):
         column = columns[name] = np.array([number(r[i]) for r in body])

@@ -38,7 +38,7 @@ import numpy as np
 
 from optax_gradhealth import _validation as check
 from optax_gradhealth.diagnosis import Finding, Thresholds, diagnose, format_findings, replay_spike_scores
-from optax_gradhealth.diagnosis._columns import nonfinite_rows
+from optax_gradhealth.diagnosis._columns import nonfinite_rows, step_masks
 from optax_gradhealth.history import History
 from optax_gradhealth.history import load_history as _load_columns
 
@@ -109,6 +109,11 @@ def _rolling_mean(values: np.ndarray, window: int, log: bool) -> np.ndarray:
     return 10.0**mean if log else mean
 
 
+def _smoothed_title(title: str, bins: _Bins | None) -> str:
+    """A legend title for lines drawn with ``window_in_label=False``."""
+    return title if bins is None else f"{title} (smoothed over {bins.window} steps)"
+
+
 def _series(
     ax,
     bins: _Bins | None,
@@ -120,9 +125,12 @@ def _series(
     log: bool = False,
     envelope: bool = True,
     lw: float = 1.0,
+    window_in_label: bool = True,
     **style: Any,
 ) -> None:
-    """A line, or for a long run a per-bin min/max envelope and a smoothed line."""
+    """A line, or for a long run a per-bin min/max envelope and a smoothed line (its
+    label says over how many steps, unless ``window_in_label`` is False: the legend's
+    title says it then, see :func:`_smoothed_title`)."""
     if bins is None:
         ax.plot(steps, values, color=color, lw=lw, label=label, **style)
         return
@@ -145,7 +153,7 @@ def _series(
         smooth,
         color=color,
         lw=max(lw, 1.2),
-        label=f"{label} (smoothed over {bins.window} steps)" if label else None,
+        label=f"{label} (smoothed over {bins.window} steps)" if label and window_in_label else label,
         **{k: v for k, v in style.items() if k not in ("marker", "ms")},
     )
 
@@ -337,8 +345,10 @@ def plot_report(
                 score = h.col("grad/spike_score")
                 label = "grad/spike_score"
             else:
-                norm = h.col("grad/norm")
-                score = replay_spike_scores(np.where(np.isfinite(norm), norm, np.nan), th)[1]
+                # The norms diagnose replays (rows flagged non-finite left out): the same
+                # input, so the replay it just ran is reused, not run again.
+                finite = step_masks(h)[0]
+                score = replay_spike_scores(np.where(finite, h.col("grad/norm"), np.nan), th)[1]
                 label = "norm / baseline (the guard's rule, replayed)"
             _series(ax, bins, steps, score, color="tab:blue", label=label)
             ax.axhline(th.spike_score, color="tab:red", ls="--", lw=1, label=f"threshold {th.spike_score:g}")
@@ -609,10 +619,13 @@ def _xdev_panel(name, ax, h, device_norms, cosines, pairwise, fig, xlim, dpi: in
                     log=True,
                     envelope=False,
                     lw=0.8,
+                    window_in_label=False,
                 )
             if np.any(np.isfinite(device_norms) & (device_norms > 0)):
                 ax.set_yscale("log")
-            ax.legend(title="device", fontsize=7, ncol=4, loc="upper right")
+            # Short labels (the device index; the smoothing in the title): a legend of
+            # long labels in a half-width axis made constrained layout shrink the axes.
+            ax.legend(title=_smoothed_title("device", bins), fontsize=7, title_fontsize=7, ncol=4, loc="upper right")
         ax.set_title("per-device gradient norm (before the all-reduce)", loc="left", fontsize=10)
     elif name == "agreement":
         if h.has("xdev/agreement"):
@@ -625,7 +638,10 @@ def _xdev_panel(name, ax, h, device_norms, cosines, pairwise, fig, xlim, dpi: in
                 _series(ax, audit_bins, steps[audited], mpc, color="tab:purple", label="mean pairwise cosine (audits)")
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_ylim(-0.3, 1.05)
-        ax.legend(fontsize=7, loc="lower left")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="lower left")
+        else:
+            ax.text(0.5, 0.5, "no agreement logged", transform=ax.transAxes, ha="center", va="center", color="grey")
         ax.set_title("cross-device agreement", loc="left", fontsize=10)
     elif name == "cosine_to_mean":
         if cosines is not None:
@@ -642,6 +658,7 @@ def _xdev_panel(name, ax, h, device_norms, cosines, pairwise, fig, xlim, dpi: in
                         label=str(k),
                         envelope=False,
                         lw=0.6,
+                        window_in_label=False,
                     )
         if h.has("xdev/outlier_device"):
             outlier = h.col("xdev/outlier_device")
@@ -656,7 +673,8 @@ def _xdev_panel(name, ax, h, device_norms, cosines, pairwise, fig, xlim, dpi: in
                     label="outlier flagged",
                 )
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(title="device", fontsize=7, ncol=5, loc="lower left")
+            title = _smoothed_title("device", audit_bins if cosines is not None else None)
+            ax.legend(title=title, fontsize=7, title_fontsize=7, ncol=5, loc="lower left")
         ax.set_ylim(-0.3, 1.05)
         ax.set_title("each device's cosine to the mean gradient (audits)", loc="left", fontsize=10)
     elif name == "pairwise":
@@ -712,5 +730,5 @@ def write_report(
     with open(text_path, "w", encoding="utf-8") as file:
         file.write(format_findings(findings) + "\n")
     with open(json_path, "w", encoding="utf-8") as file:
-        json.dump([f.to_dict() for f in findings], file, indent=1, default=str)
+        json.dump([f.to_dict() for f in findings], file, indent=1, default=str, allow_nan=False)
     return findings

@@ -24,6 +24,7 @@ import json
 import math
 import numbers
 import os
+import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
@@ -144,6 +145,10 @@ class JsonlWriter:
         from optax_gradhealth import _validation as check
 
         overwrite = check.boolean("overwrite", overwrite)  # before opening: a truthy string must not truncate
+        if not isinstance(path, (str, bytes, os.PathLike)):
+            raise TypeError(
+                f"`path` must be a file path (a str or os.PathLike), got {path!r} (type {type(path).__name__})."
+            )
         self.path = os.fspath(path)
         folder = os.path.dirname(self.path)
         if folder:
@@ -154,7 +159,17 @@ class JsonlWriter:
             self._file.write("\n")
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
-        """Appends the row ``{"step": step, **scalars}`` (non-finite values as strings)."""
+        """Appends the row ``{"step": step, **scalars}`` (non-finite values as strings).
+
+        Raises:
+          ValueError: a metric is named ``'step'`` (it would replace the row's step).
+        """
+        if "step" in scalars:
+            raise ValueError(
+                f"JsonlWriter: a metric named 'step' (value {scalars['step']!r}) would replace the step "
+                f"{step!r} of its row in {self.path}; log it under another name (e.g. a prefix: "
+                "MetricLogger(prefix=...))."
+            )
         row = {"step": int(step)}
         row.update({name: _json_value(float(value)) for name, value in scalars.items()})
         self._file.write(json.dumps(row, allow_nan=False) + "\n")
@@ -245,7 +260,9 @@ class TensorBoardWriter:
     Args:
       logdir: the run's folder.
       **kwargs: passed to ``tensorboardX.FileWriter`` (``max_queue``, ``flush_secs``,
-        ``filename_suffix``).
+        ``filename_suffix``). ``filename_suffix`` defaults to one of this writer's own
+        (``.<pid>.<random hex>``), so that two writers opened on one logdir within the
+        same second (the file's name has the time in seconds) write two files.
 
     Example:
       >>> import tempfile
@@ -269,6 +286,9 @@ class TensorBoardWriter:
                 "TensorBoardWriter needs tensorboardX: pip install tensorboardX "
                 "(or pip install 'optax-gradhealth[examples]')."
             ) from error
+        # A file name of its own: tensorboardX names the file by the second and the host,
+        # and a second writer on the same logdir within that second would truncate it.
+        kwargs.setdefault("filename_suffix", f".{os.getpid()}.{uuid.uuid4().hex[:8]}")
         self._writer = FileWriter(os.fspath(logdir), **kwargs)
         self._summary = Summary
 
@@ -375,7 +395,8 @@ class MetricLogger:
       prefix: a str prepended to every name.
       replicated: the values carry a leading device axis (outputs of ``jax.pmap``, where
         every gradhealth metric is identical on every device): log the first replica
-        (True or False).
+        (True or False). A scalar (a Python number or a 0-d array: a host value such as
+        the learning rate, logged beside them) has no device axis and is logged as it is.
 
     Example:
       >>> import jax.numpy as jnp
@@ -412,7 +433,11 @@ class MetricLogger:
             writers = []
         elif hasattr(writers, "write"):
             writers = [writers]
-        elif isinstance(writers, (str, bytes, os.PathLike)) or not isinstance(writers, Iterable):
+        elif (
+            isinstance(writers, (str, bytes, os.PathLike))
+            or check.is_array_like(writers)  # iterable, but of numbers (a 0-d one fails inside iter)
+            or not isinstance(writers, Iterable)
+        ):
             hint = f" (for a JSON Lines file: gh.JsonlWriter({writers!r}))" if isinstance(writers, str) else ""
             raise TypeError(
                 "`writers` must be a writer (an object with write(step, scalars) and close(), e.g. "
@@ -453,7 +478,8 @@ class MetricLogger:
         pending, self._pending = self._pending, []
         fetched = jax.device_get([metrics for _, metrics in pending])
         if self.replicated:
-            fetched = jax.tree.map(lambda x: x[0], fetched)
+            # A 0-d value (a host number beside the pmap outputs) has no device axis.
+            fetched = jax.tree.map(lambda x: x[0] if np.ndim(x) >= 1 else x, fetched)
         for (step, _), metrics in zip(pending, fetched):
             scalars = flatten(metrics, prefix=self.prefix)
             for writer in self.writers:

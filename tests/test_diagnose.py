@@ -801,3 +801,149 @@ def test_thresholds_warmup_steps_beside_warmup_rows_is_an_error():
     for args, kwargs in (((), {"warmup_rows": 5}), ((5,), {})):
         with pytest.raises(TypeError, match=r"warmup_rows.*warmup_steps.*not both"):
             gh.Thresholds(*args, warmup_steps=7, **kwargs)
+
+
+# ---------------------------------------------------------------- review fixes (host tools)
+
+
+def _audit_schedule(n, first=2, every=10):
+    """The cross-device audit's schedule: the first steps, then every ``every`` steps."""
+    return [t < first or t % every == 0 for t in range(n)]
+
+
+def _held_audit_rows(n, k=4, dead=None, seed=0, audited=False):
+    """Per-device norms every step, audit-only cosines that hold the last audit's values
+    between audits (as a log of the cross-device audit does)."""
+    rng = np.random.default_rng(seed)
+    rows, cosines = [], None
+    for t, audit in enumerate(_audit_schedule(n)):
+        norms = np.exp(0.1 * rng.standard_normal(k))
+        if audit:
+            cosines = 0.7 + 0.03 * rng.standard_normal(k)
+        if dead is not None:
+            norms[dead] = 0.0
+            cosines = cosines.copy()
+            cosines[dead] = 0.0
+        row = {"step": t, "xdev/device_norms": norms, "xdev/cosine_to_mean": cosines}
+        if audited:
+            row["xdev/audited"] = float(audit)
+        rows.append(row)
+    return rows
+
+
+def test_audits_without_the_audited_flag_are_the_rows_where_the_audit_values_changed():
+    # Without xdev/audited every row that logged an xdev/ metric counted as an audit: the
+    # held cosines were replayed beside each later step's norms (a false outlier_device on
+    # a clean run in the review). A dead device is named at the real audits only.
+    from optax_gradhealth.diagnosis import _columns as cols
+
+    n = 200
+    expected = np.array(_audit_schedule(n))
+    rows = _held_audit_rows(n, dead=2)
+    assert np.array_equal(cols.audit_rows(gh.load_history(rows)), expected)
+    finding = by_pattern(rows, "outlier_device")
+    assert finding.evidence["device"] == 2
+    assert finding.evidence["audits_named"] == finding.evidence["audits_since_first_flag"] == expected.sum()
+    assert list(finding.steps) == np.flatnonzero(expected).tolist()
+    # The same finding as from the same log with the flag.
+    flagged = by_pattern(_held_audit_rows(n, dead=2, audited=True), "outlier_device")
+    assert (finding.steps, finding.evidence["audits_named"]) == (flagged.steps, flagged.evidence["audits_named"])
+
+
+def test_missing_outlier_devices_cells_name_no_device():
+    # xdev/outlier_devices logged only from row 20 on (a resumed run that logs it, a CSV
+    # with empty cells): the missing cells read as NaN, and NaN != 0 named every device.
+    rows = clean_rows(xdev=True)[:40]
+    for t, row in enumerate(rows):
+        if t >= 20:
+            row["xdev/outlier_devices"] = np.zeros(K)
+    assert "outlier_device" not in patterns(rows)
+    rows[30]["xdev/outlier_devices"] = np.eye(K)[3]  # a device named once is still found
+    finding = by_pattern(rows, "outlier_device")
+    assert finding.evidence["device"] == 3 and finding.steps == (30,)
+
+
+def test_max_norm_ratio_keeps_inf_without_a_warning():
+    # A dead device makes xdev/norm_max_over_min inf on every row: np.nanmax over the
+    # finite values warned "All-NaN slice" and recorded NaN.
+    import warnings
+
+    rows = clean_rows(xdev=True)
+    for row in rows:
+        row["xdev/norm_cv"] = 0.9
+        row["xdev/norm_max_over_min"] = float("inf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        finding = by_pattern(rows, "high_dispersion")
+    assert finding.evidence["max_norm_max_over_min"] == float("inf")
+
+
+def test_finding_to_dict_is_strict_json():
+    import dataclasses
+    import math
+
+    finding = gh.diagnose([{"step": t, "grad/norm": 1.0 + 0.01 * (t % 3) + 8.0 * (t == 60)} for t in range(100)])[0]
+    evidence = {"a": math.nan, "b": [math.inf, -math.inf, 1.5], "c": {"d": np.float32("nan")}, "e": np.int64(3)}
+    finding = dataclasses.replace(finding, evidence=evidence)
+    text = json.dumps(finding.to_dict(), allow_nan=False)
+    assert json.loads(text)["evidence"] == {"a": "NaN", "b": ["Infinity", "-Infinity", 1.5], "c": {"d": "NaN"}, "e": 3}
+
+
+def test_a_repeated_step_is_a_restart():
+    # Logged 0..9, resumed from step 9's checkpoint and logged 9..14 again: step 9's row
+    # was replaced (rows_replaced 1) without any restart finding.
+    rows = [{"step": s, "grad/norm": 1.0} for s in range(10)] + [{"step": s, "grad/norm": 2.0} for s in range(9, 15)]
+    h = gh.load_history(rows)
+    assert (h.restarts, h.restarted_from, h.rows_replaced) == ((9,), (9,), 1)
+    finding = by_pattern(rows, "restart")
+    assert finding.steps == (9,) and finding.evidence["rows_replaced"] == 1
+
+
+def test_thresholds_warmup_steps_errors_name_warmup_steps():
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match=r"warmup_steps .*warmup_rows.* got -1"):
+        gh.Thresholds(warmup_steps=-1)
+    with pytest.raises(ValueError, match=r"^Thresholds\.warmup_rows must be an integer >= 0, got -1"):
+        gh.Thresholds(warmup_rows=-1)
+
+
+def _spike_streams():
+    """Norm streams with every kind of event the spike rule treats apart."""
+    rng = np.random.default_rng(7)
+    for case in range(12):
+        n = int(rng.integers(50, 2500))
+        x = np.exp(rng.normal(0, [0.01, 0.1, 0.4][case % 3], n)) * np.exp(np.cumsum(rng.normal(0, 0.01, n)))
+        for _ in range(int(rng.integers(0, 6))):
+            at, length = int(rng.integers(0, n)), int(rng.integers(1, 120))
+            kind = int(rng.integers(0, 5))
+            if kind == 0:
+                x[at : at + length] = np.nan
+            elif kind == 1:
+                x[at : at + length] *= [10.0, 100.0, 1e6][length % 3]  # spikes; a long burst re-baselines
+            elif kind == 2:
+                x[at : at + length] *= 1e-4  # dips
+            elif kind == 3:
+                x[at : at + length] = 0.0
+            else:
+                x[at : at + length] = np.inf
+        th = gh.Thresholds(
+            spike_window=[1, 3, 16, 128, 300][case % 5],
+            warmup_rows=[0, 1, 20, 200][case % 4],
+            spike_score=[1.5, 5.0][case % 2],
+            spike_zscore=[0.5, 3.0, 1e9][case % 3],
+        )
+        yield x, th
+
+
+@pytest.mark.parametrize("case", range(12))
+def test_replayed_spike_scores_are_the_guards_rule_step_by_step(case):
+    # The replay judges stretches of clean rows at once (it was a step-by-step scan, ~20x
+    # the JSON loop on a long log): the same verdicts as the rule run step by step.
+    from optax_gradhealth import _detectors as detect
+    from optax_gradhealth.diagnosis import _columns as cols
+
+    x, th = list(_spike_streams())[case]
+    reference = detect.replay_spikes(cols.spike_rule(th), x.astype(np.float32))
+    cols._last_replay.clear()
+    spike, ratio = cols.replay_spike_scores(x, th)
+    assert np.array_equal(spike, np.asarray(reference["spike"]))
+    assert np.array_equal(ratio, np.asarray(reference["ratio"], np.float64))

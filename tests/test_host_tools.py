@@ -844,3 +844,36 @@ def test_a_dict_history_column_that_is_not_a_sequence_is_an_error(column):
         gh.load_history({"loss": column})
     with pytest.raises(TypeError, match=r"column 'loss' of a dict history must be a list or array of values"):
         gh.load_history({"step": [0], "loss": column})
+
+
+def test_wandb_csv_with_a_byte_order_mark_keeps_its_step_column(tmp_path):
+    # A CSV re-saved by a spreadsheet starts with a BOM: the header's first name was
+    # '\ufeff_step', so the steps became row numbers and the BOM name a metric column.
+    path = tmp_path / "bom.csv"
+    path.write_bytes("\ufeff_step,grad/norm\n100,1.0\n200,2.0\n".encode())
+    h = gh.load_history(path)
+    assert h.steps.tolist() == [100, 200]
+    assert h.names == ("grad/norm",)
+
+
+@pytest.mark.parametrize("cell", ["1.5", "2.7", "1e-3"])
+def test_wandb_csv_step_that_is_not_an_integer_names_its_line(tmp_path, cell):
+    # logging.md: a step that is not a whole number is an error naming file:line (the
+    # CSV reader truncated 1.5 to 1, making duplicate steps and false restarts).
+    path = tmp_path / "half.csv"
+    path.write_text(f"_step,grad/norm\n0,1.0\n{cell},1.0\n2,1.0\n")
+    with pytest.raises(ValueError, match=rf"half\.csv:3: the step must be an integer, got '{cell}'"):
+        gh.load_history(path)
+    path.write_text("_step,grad/norm\n0,1.0\n1.0,1.0\n9007199254740993,1.0\n")  # whole numbers, one past 2**53
+    assert gh.load_history(path).steps.tolist() == [0, 1, 2**53 + 1]
+
+
+def test_a_repeated_step_in_a_tensorboard_log_is_a_restart(tmp_path):
+    # Steps 0..4, then a resumed run writing 4..6: step 4 was replaced with no restart.
+    writer = gh.TensorBoardWriter(tmp_path)
+    for step in [0, 1, 2, 3, 4, 4, 5, 6]:
+        writer.write(step, {"grad/norm": float(step)})
+    writer.close()
+    h = gh.load_history(tmp_path)
+    assert (h.restarts, h.restarted_from, h.rows_replaced) == ((4,), (4,), 1)
+    assert h.steps.tolist() == list(range(7))

@@ -1,8 +1,10 @@
 """The plotted report and the command line."""
 
 import json
+import math
 import subprocess
 import sys
+import warnings
 
 import matplotlib.image
 import numpy as np
@@ -231,3 +233,97 @@ def test_plot_report_refuses_findings_that_are_not_findings(tmp_path):
     assert not path.exists()
     written = gh.plot_report(history(30, xdev=False), path, findings=(f for f in [finding]))  # any iterable
     assert matplotlib.image.imread(written).shape[0] > 0
+
+
+def _xdev_rows(n, k, seed=0):
+    rng = np.random.default_rng(seed)
+    return [
+        {
+            "step": t,
+            "grad/norm": 1.0 + 0.1 * rng.random(),
+            "xdev/agreement": 0.5,
+            **{f"xdev/device_norms/{d}": 1.0 + 0.1 * rng.random() for d in range(k)},
+            **{f"xdev/cosine_to_mean/{d}": 0.9 for d in range(k)},
+        }
+        for t in range(n)
+    ]
+
+
+@pytest.mark.parametrize("n, k", [(1000, 4), (3000, 4), (3000, 8)])
+def test_cross_device_panels_keep_their_width_when_binned(tmp_path, monkeypatch, n, k):
+    # A long run (binned, more rows than pixels) drew its per-device legends with labels
+    # 'k (smoothed over N steps)': wider than the half-width axes, which constrained layout
+    # then shrank to slivers (0.03 of the figure instead of 0.44).
+    captured = captured_figure(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gh.plot_report(_xdev_rows(n, k), tmp_path / "r.png")
+    fig = captured["figure"]
+    widths = {ax.get_title(loc="left")[:12]: ax.get_position().width for ax in fig.axes}
+    full = max(widths.values())
+    assert full > 0.85
+    for title in ("per-device g", "cross-device", "each device'"):
+        # Two panels side by side: each about half the full width (less a gap).
+        assert 0.4 * full < widths[title] <= 0.5 * full, (title, widths)
+    legend = next(ax for ax in fig.axes if ax.get_title(loc="left").startswith("per-device")).get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == [str(d) for d in range(k)]
+
+
+def test_agreement_panel_without_agreement_draws_no_empty_legend(tmp_path):
+    # Device norms but neither xdev/agreement nor xdev/mean_pairwise_cosine: the panel's
+    # only artist was the unlabelled zero line, and ax.legend() warned.
+    rows = [{k: v for k, v in r.items() if k != "xdev/agreement"} for r in _xdev_rows(50, 4)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gh.plot_report(rows, tmp_path / "r.png")
+
+
+def test_findings_json_is_strict_json_with_non_finite_evidence(tmp_path):
+    # A dead device (norm 0): xdev/norm_max_over_min is inf on every row. The evidence
+    # kept it as NaN (with a RuntimeWarning) and findings.json held a bare NaN.
+    rows = [
+        {
+            "step": t,
+            "grad/norm": 1.0,
+            "xdev/norm_cv": 0.9,
+            "xdev/norm_max_over_min": math.inf,
+            **{f"xdev/device_norms/{d}": 0.0 if d == 2 else 1.0 for d in range(4)},
+        }
+        for t in range(60)
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        findings = write_report(rows, tmp_path / "r.png")
+    dispersion = next(f for f in findings if f.pattern == "high_dispersion")
+    assert dispersion.evidence["max_norm_max_over_min"] == math.inf
+    text = (tmp_path / "r.findings.json").read_text()
+
+    def refuse(constant):
+        raise ValueError(f"non-JSON constant {constant}")
+
+    loaded = json.loads(text, parse_constant=refuse)  # strict: no NaN / Infinity literals
+    evidence = next(f for f in loaded if f["pattern"] == "high_dispersion")["evidence"]
+    assert evidence["max_norm_max_over_min"] == "Infinity"
+
+
+def test_report_replays_the_spike_rule_once(tmp_path, monkeypatch):
+    # A log without grad/spike_score: diagnose replays the guard's rule over the norms,
+    # and the report's spike panel used to replay it a second time.
+    from optax_gradhealth import _detectors as detect
+    from optax_gradhealth.diagnosis import _columns as cols
+
+    calls = []
+    # Whichever runs the replay: the step-by-step rule, or the fast path that replaced it.
+    for module, name in ((detect, "replay_spikes"), (cols, "_replay_fast")):
+        if hasattr(module, name):
+            original = getattr(module, name)
+            monkeypatch.setattr(module, name, lambda *a, _f=original, **k: calls.append(1) or _f(*a, **k))
+    if hasattr(cols, "_last_replay"):
+        cols._last_replay.clear()
+    rng = np.random.default_rng(3)
+    norm = np.exp(0.1 * rng.standard_normal(300))
+    norm[150] = 40.0
+    norm[200] = np.nan
+    findings = write_report({"step": np.arange(300), "grad/norm": norm, "loss": np.ones(300)}, tmp_path / "r.png")
+    assert {"explosion", "nonfinite"} <= {f.pattern for f in findings}
+    assert len(calls) == 1

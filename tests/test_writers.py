@@ -232,6 +232,9 @@ def test_logger_replicated_takes_the_first_replica():
         ({"all_steps": "False"}, TypeError, r"`all_steps` must be True or False, got 'False'"),
         ({"all_steps": 1}, TypeError, r"`all_steps` must be True or False, got 1"),
         ({"replicated": "False"}, TypeError, r"`replicated` must be True or False, got 'False'"),
+        # A jax array is iterable (a 0-d one fails inside iter with a bare TypeError).
+        ({"writers": jnp.float32(1)}, TypeError, r"`writers` must be .*got Array\(1\., dtype=float32\)"),
+        ({"writers": np.zeros(2)}, TypeError, r"`writers` must be .*\(type ndarray\)"),
     ],
 )
 def test_logger_rejects_bad_arguments_at_construction(kwargs, error, message):
@@ -275,3 +278,48 @@ def test_wandb_writer_checks_the_run_and_refuses_init_kwargs_beside_it():
         gh.WandbWriter(run="my-run")
     with pytest.raises(TypeError, match=r"`run`.*init_kwargs.*project"):
         gh.WandbWriter(Run(), project="x")
+
+
+def test_logger_replicated_logs_host_scalars_as_they_are():
+    # A host value beside the pmap outputs (a learning rate, an epoch) has no device axis:
+    # x[0] failed on it ('float' object is not subscriptable / too many indices).
+    recorder = Recorder()
+    logger = gh.MetricLogger(recorder, log_every=1, replicated=True)
+    logger.log(0, {"grad/norm": jnp.full((8,), 2.0), "lr": 1e-3, "epoch": jnp.int32(3), "np": np.float32(0.5)})
+    assert recorder.rows == [(0, {"grad/norm": 2.0, "lr": 1e-3, "epoch": 3.0, "np": 0.5})]
+
+
+def test_jsonl_writer_refuses_a_metric_named_step(tmp_path):
+    # {"step": 100, **{"step": 0.0}} wrote step 0: steps lost, a false restart.
+    writer = gh.JsonlWriter(tmp_path / "run.jsonl")
+    with pytest.raises(ValueError, match=r"a metric named 'step' \(value 0\.0\) would replace the step 100"):
+        writer.write(100, {"step": 0.0, "grad/norm": 1.0})
+    writer.write(101, {"grad/norm": 1.0})
+    writer.close()
+    assert gh.load_history(tmp_path / "run.jsonl").steps.tolist() == [101]
+
+
+@pytest.mark.parametrize("path", [None, 5, ["run.jsonl"]])
+def test_jsonl_writer_path_must_be_a_path(path):
+    with pytest.raises(TypeError, match=r"`path` must be a file path \(a str or os.PathLike\), got "):
+        gh.JsonlWriter(path)
+
+
+def test_two_tensorboard_writers_on_one_logdir_in_the_same_second_keep_both_runs(tmp_path, monkeypatch):
+    # tensorboardX names the file events.out.tfevents.<seconds>.<host>: a second writer
+    # opened within the same second truncated the first one's file.
+    import time
+
+    monkeypatch.setattr(time, "time", lambda: 1_700_000_000.0)
+    first = gh.TensorBoardWriter(tmp_path)
+    for step in range(3):
+        first.write(step, {"grad/norm": 1.0})
+    first.close()
+    second = gh.TensorBoardWriter(tmp_path)
+    for step in range(3, 5):
+        second.write(step, {"grad/norm": 2.0})
+    second.close()
+    assert len([f for f in tmp_path.iterdir() if "tfevents" in f.name]) == 2
+    h = gh.load_history(tmp_path)
+    assert h.steps.tolist() == [0, 1, 2, 3, 4]
+    assert h["grad/norm"].tolist() == [1.0, 1.0, 1.0, 2.0, 2.0]

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import math
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from optax_gradhealth import _detectors as detect
@@ -13,9 +19,31 @@ from optax_gradhealth.history import History
 def replay_spike_scores(norm: np.ndarray, thresholds: Thresholds) -> tuple[np.ndarray, np.ndarray]:
     """``(spike, ratio)`` per row: the guard's spike rule (``_detectors.SpikeRule``, with
     the thresholds' ``spike_score``, ``spike_zscore``, ``spike_window`` and
-    ``warmup_rows``) replayed over logged norms (a non-finite norm is never accepted)."""
-    th = thresholds
-    rule = detect.SpikeRule(
+    ``warmup_rows``) replayed over logged norms (a non-finite norm is never accepted).
+
+    The same verdicts as ``_detectors.replay_spikes`` (the guard's rule step by step),
+    computed many rows at a time where that is exact (see :func:`_replay_fast`). The
+    last result is kept: :func:`gh.write_report <optax_gradhealth.write_report>`'s
+    diagnosis and spike panel replay a log once."""
+    rule = spike_rule(thresholds)
+    # A finite norm beyond float32 (a float64 log) saturates, as the guard's does; cast
+    # as it is it would become Inf and count as neither a spike nor non-finite.
+    norm = np.asarray(norm, np.float64)
+    big = np.finfo(np.float32).max
+    norm = np.where(np.isfinite(norm), np.minimum(norm, big), norm).astype(np.float32)
+    key = (rule, hashlib.blake2b(norm.tobytes(), digest_size=16).digest(), norm.size)
+    if _last_replay and _last_replay[0] == key:
+        spike, ratio = _last_replay[1]
+    else:
+        spike, ratio = _replay_fast(rule, norm)
+        _last_replay[:] = [key, (spike, ratio)]
+    return spike.copy(), ratio.copy()
+
+
+def spike_rule(th: Thresholds) -> detect.SpikeRule:
+    """The guard's spike rule with the thresholds' ``spike_score``, ``spike_zscore``,
+    ``spike_window`` and ``warmup_rows`` (the guard's floor, baseline and re-baselining)."""
+    return detect.SpikeRule(
         th.spike_score,
         th.spike_zscore,
         th.spike_window,
@@ -24,12 +52,166 @@ def replay_spike_scores(norm: np.ndarray, thresholds: Thresholds) -> tuple[np.nd
         min(SPIKE_BASELINE, th.spike_window),
         REBASELINE_AFTER,
     )
-    # A finite norm beyond float32 (a float64 log) saturates, as the guard's does; cast
-    # as it is it would become Inf and count as neither a spike nor non-finite.
-    norm = np.asarray(norm, np.float64)
-    big = np.finfo(np.float32).max
-    out = detect.replay_spikes(rule, np.where(np.isfinite(norm), np.minimum(norm, big), norm).astype(np.float32))
-    return np.array(out["spike"]), np.array(out["ratio"], np.float64)
+
+
+_last_replay: list = []  # [key, (spike, ratio)] of the last replay
+
+
+def _window_medians(seq: np.ndarray, ends: np.ndarray, sizes: np.ndarray, centre: np.ndarray | None = None):
+    """Per row ``i``, ``_detectors.masked_median`` of ``seq[ends[i] - sizes[i] : ends[i]]``
+    (of its distances to ``centre[i]`` when given), in float32 as there: the average of
+    the two middle entries, 0 for none."""
+    out = np.zeros(ends.size, np.float32)
+    for size in np.unique(sizes):
+        rows = np.flatnonzero(sizes == size)
+        if size == 0:
+            continue
+        windows = np.lib.stride_tricks.sliding_window_view(seq, int(size))[ends[rows] - size]
+        if centre is not None:
+            windows = np.abs(windows - centre[rows, None])
+        low, high = (int(size) - 1) // 2, int(size) // 2
+        part = np.sort(windows, axis=1)  # (faster than a two-element partition of short rows)
+        out[rows] = np.float32(0.5) * (part[:, low] + part[:, high])
+    return out
+
+
+def _stretches(rule: detect.SpikeRule) -> tuple[int, int]:
+    """The shortest and longest stretches of rows :func:`_replay_fast` judges at once
+    (``[L, W]`` windows: up to about 4M entries)."""
+    large = max(1, min(16384, 2**22 // rule.window))
+    return min(256, large), large
+
+
+@functools.partial(jax.jit, static_argnames=("rule",))
+def _judge_at(rule: detect.SpikeRule, norms, count, median, spread):
+    """``SpikeRule.judge`` and ``SpikeRule.dip``, given each row's window as its count and
+    ``(median, spread)``: ``(spike, ratio, dip, floor)``."""
+    window = detect.NormWindow(None, count, None)
+    verdict = rule.judge_against(window, norms, jnp.isfinite(norms), median, spread)
+    _, floor, dip = rule.dip(window, norms, verdict)
+    return verdict.spike, verdict.ratio, dip, floor
+
+
+def _replay_stretch(rule: detect.SpikeRule, kept: np.ndarray, count: int, norms: np.ndarray, logs: np.ndarray):
+    """The rule's verdicts on ``norms`` (``[L]``; ``logs`` their log-norms, as the rule's
+    fold computes them) after a window that holds ``kept`` (its valid log-norms, oldest
+    first) and has seen ``count`` pushes, as if no row before each one were a spike or a
+    dip: a finite norm above 0 then pushes its log-norm, any other row pushes nothing,
+    so each row's window is the last ``W`` log-norms pushed before it.
+
+    Returns ``(spike, ratio, first, floor)``: ``first`` is the first row that is a spike
+    or a dip (L when none is), the verdicts are exact up to it (it included), and
+    ``floor`` its dip bound. The medians are numpy's (a selection of the same float32
+    numbers, the average of the two middle ones in float32); the rest is the rule's own
+    code (:func:`_judge_at`)."""
+    size, length = rule.window, norms.size
+    pushes = np.isfinite(norms) & (norms > 0)
+    before = np.concatenate([[0], np.cumsum(pushes)[:-1]]) if length else np.zeros(0, np.int64)
+    seq = np.concatenate([kept, logs[pushes]]).astype(np.float32)
+    ends = kept.size + before  # row i's window ends (exclusive) in seq
+    valid = np.minimum(ends, size)
+    median = _window_medians(seq, ends, np.minimum(valid, rule.baseline))
+    n = np.maximum(valid - 1, 0)
+    diffs = (seq[1:] - seq[:-1]).astype(np.float32)
+    centre = _window_medians(diffs, np.maximum(ends - 1, 0), n)
+    spread = np.float32(detect.MAD_TO_STD) * _window_medians(diffs, np.maximum(ends - 1, 0), n, centre)
+    spread = (spread / np.float32(math.sqrt(2.0))).astype(np.float32)
+    padded = next(n for n in _stretches(rule) if n >= length)  # two compiled shapes (NaN pads)
+
+    def pad(x, fill):
+        return np.concatenate([x, np.full(padded - length, fill, x.dtype)])
+
+    out = _judge_at(
+        rule,
+        pad(norms, np.nan),
+        pad((count + before).astype(np.int32), 0),
+        pad(median, 0.0),
+        pad(spread, 0.0),
+    )
+    spike, ratio, dip, floor = (np.asarray(x)[:length] for x in out)
+    moved = np.isfinite(norms) & (spike | dip)
+    first = int(np.argmax(moved)) if moved.any() else length
+    return spike, ratio, first, floor
+
+
+def _ring(rule: detect.SpikeRule, kept: np.ndarray, count: int, streak: int) -> detect.NormWindow:
+    """The rule's window (a ring) that holds ``kept`` (oldest first) after ``count`` pushes."""
+    ring = np.zeros(rule.window, np.float32)
+    ring[np.arange(count - kept.size, count) % rule.window] = kept
+    return detect.NormWindow(jnp.asarray(ring), jnp.int32(count), jnp.int32(streak))
+
+
+@functools.partial(jax.jit, static_argnames=("rule",))
+def _replay_steps(rule: detect.SpikeRule, window: detect.NormWindow, norms: jax.Array):
+    """``_detectors.replay_spikes`` from ``window``: ``(spike, ratio, window after)``."""
+
+    def step(window, norm):
+        verdict = rule.judge(window, norm, jnp.isfinite(norm))
+        accepted = jnp.isfinite(norm) & ~verdict.spike
+        return rule.fold(window, norm, verdict, accepted), (verdict.spike, verdict.ratio)
+
+    window, (spike, ratio) = jax.lax.scan(step, window, norms)
+    return spike, ratio, window
+
+
+def _replay_fast(rule: detect.SpikeRule, norms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The guard's spike rule over ``norms`` (float32 ``[T]``), as ``_detectors.replay_spikes``
+    runs it step by step, with the same verdicts: stretches of rows are judged at once
+    (:func:`_replay_stretch`) up to the next spike or dip, whose effect on the window is
+    then applied (:meth:`SpikeRule.fold`'s rules: not pushed, or with
+    ``rebaseline_after=None`` a dip pushed at its floor; one more in the run of spikes and
+    dips, which empties the window at ``rebaseline_after``), and the next stretch
+    starts after it. Where such rows come every few steps (an oscillating norm), blocks
+    of rows are replayed step by step instead (:func:`_replay_steps`; NaN rows, which
+    change nothing, pad the last block)."""
+    total, size = norms.size, rule.window
+    spike, ratio = np.zeros(total, bool), np.zeros(total, np.float64)
+    # What a row pushes, computed as the rule's fold computes it.
+    logs = np.asarray(jnp.log(jnp.maximum(jnp.asarray(norms), 1e-37)), np.float32)
+    # A long stretch while no row moves, a short one after one that did (spikes come in
+    # bursts: a long stretch would be cut short at once, its windows wasted).
+    small, large = _stretches(rule)
+    kept, count, streak = np.zeros(0, np.float32), 0, 0
+    position, stretch, short, block = 0, small, 0, 1024
+    while position < total:
+        if short >= 4:  # four stretches in a row stopped within a few rows: step by step
+            part = np.full(block, np.nan, np.float32)
+            taken = min(block, total - position)
+            part[:taken] = norms[position : position + taken]
+            s, r, window = _replay_steps(rule, _ring(rule, kept, count, streak), part)
+            spike[position : position + taken] = np.asarray(s)[:taken]
+            ratio[position : position + taken] = np.asarray(r)[:taken]
+            ring, count, streak = np.asarray(window.log_norms), int(window.count), int(window.streak)
+            kept = ring[np.arange(count - min(count, size), count) % size]
+            position, stretch, short = position + taken, small, 0
+            continue
+        end = min(total, position + stretch)
+        segment = norms[position:end]
+        s, r, first, floor = _replay_stretch(rule, kept, count, segment, logs[position:end])
+        taken = min(first + 1, end - position)
+        spike[position : position + taken] = s[:taken]
+        ratio[position : position + taken] = r[:taken]
+        before = segment[:first]
+        pushes = np.isfinite(before) & (before > 0)
+        kept = np.concatenate([kept, logs[position : position + first][pushes]])[-size:]
+        count += int(pushes.sum())
+        if np.isfinite(before).any():  # an accepted step that did not move ends the run
+            streak = 0
+        if position + first == end:
+            position, stretch = end, min(large, 2 * stretch)
+            continue
+        # The row that moved (a spike, or a dip): not accepted if a spike, never pushed
+        # but as a dip without re-baselining (at its floor); one more in the run.
+        streak += 1
+        if rule.rebaseline_after is None:
+            if not s[first]:  # a dip, accepted and pushed at its floor
+                kept = np.concatenate([kept, floor[first : first + 1]])[-size:]
+                count += 1
+        elif streak >= rule.rebaseline_after:
+            kept, count, streak = np.zeros(0, np.float32), 0, 0
+        position, stretch = position + first + 1, small
+        short = short + 1 if first < 8 else 0
+    return spike, ratio
 
 
 def gradient_rows(h: History) -> np.ndarray:
@@ -86,16 +268,44 @@ def after_warmup(h: History, th: Thresholds) -> np.ndarray:
     return np.arange(len(h)) >= th.warmup_rows
 
 
+# Audit-only metrics with continuous values: between audits a log holds the last
+# audit's values, and a new audit changes them.
+_AUDIT_VALUES = (
+    "xdev/cosine_to_mean",
+    "xdev/pairwise_cosine",
+    "xdev/mean_pairwise_cosine",
+    "xdev/norm_score",
+    "xdev/direction_score",
+    "xdev/outlier_evidence",
+    "xdev/outlier_score",
+)
+
+
 def audit_rows(h: History) -> np.ndarray:
-    """Rows that were audit steps: ``xdev/audited`` is 1, or, when it is not logged, some
-    ``xdev/`` metric was (an eval row, a row of a step union, is not an audit: its
-    missing per-device norms would read as NaN devices)."""
+    """Rows that were audit steps: ``xdev/audited`` is 1. When it is not logged, the rows
+    where an audit-only metric with continuous values (``xdev/cosine_to_mean``,
+    ``xdev/pairwise_cosine``, ``xdev/mean_pairwise_cosine``, the outlier scores) was
+    logged with a value unlike the one it had on the previous row that logged it: between
+    audits these metrics hold the last audit's values, and counting those rows as audits
+    would replay one audit many times beside the norms of later steps. (Two audits in a
+    row with every such value bit-equal read as one; log ``xdev/audited`` to count them
+    exactly.) Without any of these metrics, a row that logged some ``xdev/`` metric.
+    An eval row or a row of a step union is never an audit: its missing per-device norms
+    would read as NaN devices."""
     if h.has("xdev/audited"):
         return h.col("xdev/audited") == 1
+    names = [n for n in h.columns if any(n == p or n.startswith(p + "/") for p in _AUDIT_VALUES)]
     rows = np.zeros(len(h), bool)
-    for name in h.columns:
-        if name.startswith("xdev/"):
-            rows |= h.logged(name)
+    if not names:
+        for name in h.columns:
+            if name.startswith("xdev/"):
+                rows |= h.logged(name)
+        return rows
+    for name in names:
+        at = np.flatnonzero(h.logged(name))
+        values = h.col(name)[at]
+        same = (values[1:] == values[:-1]) | (np.isnan(values[1:]) & np.isnan(values[:-1]))
+        rows[at[np.concatenate([[True], ~same])]] = True
     return rows
 
 

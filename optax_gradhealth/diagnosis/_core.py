@@ -221,7 +221,15 @@ def _thresholds_init(self, *args: Any, warmup_steps: int | None = None, **kwargs
             stacklevel=2,
         )
         kwargs["warmup_rows"] = warmup_steps
-    _dataclass_init(self, *args, **kwargs)
+    try:
+        _dataclass_init(self, *args, **kwargs)
+    except (TypeError, ValueError) as error:
+        # The value came in as warmup_steps: the error names that keyword.
+        if warmup_steps is None or "Thresholds.warmup_rows " not in str(error):
+            raise
+        named = "Thresholds.warmup_steps (deprecated name of warmup_rows) "
+        message = str(error).replace("Thresholds.warmup_rows ", named)
+        raise type(error)(message) from None
 
 
 _signature = inspect.signature(_dataclass_init)
@@ -315,8 +323,20 @@ class Finding:
     mitigations: tuple[str, ...]
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict."""
-        return dataclasses.asdict(self) | {"steps": list(self.steps)}
+        """A dict that is strict JSON (``json.dumps(..., allow_nan=False)`` takes it): a
+        NaN or infinite number in the evidence is written as the string ``"NaN"``,
+        ``"Infinity"`` or ``"-Infinity"``, as JSONL logs write them.
+
+        Example:
+          >>> import dataclasses, json, math
+          >>> import optax_gradhealth as gh
+          >>> rows = [{'step': t, 'grad/norm': 1.0 + 0.01 * (t % 3)} for t in range(100)]
+          >>> rows[60]['grad/norm'] = 9.0
+          >>> finding = dataclasses.replace(gh.diagnose(rows)[0], evidence={'ratio': math.inf})
+          >>> json.dumps(finding.to_dict()['evidence'], allow_nan=False)
+          '{"ratio": "Infinity"}'
+        """
+        return _json_ready(dataclasses.asdict(self) | {"steps": list(self.steps)})
 
     def __str__(self) -> str:
         shown = ", ".join(str(s) for s in self.steps[:12]) + (" ..." if len(self.steps) > 12 else "")
@@ -329,6 +349,24 @@ class Finding:
         lines.append("  mitigations:")
         lines += [f"    - {m}" for m in self.mitigations]
         return "\n".join(lines)
+
+
+def _json_ready(value: Any) -> Any:
+    """``value`` with numpy numbers made Python ones and non-finite floats the strings
+    ``"NaN"``, ``"Infinity"``, ``"-Infinity"`` (in dicts, lists and tuples)."""
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        if math.isnan(value):
+            return "NaN"
+        if math.isinf(value):
+            return "Infinity" if value > 0 else "-Infinity"
+    return value
 
 
 def _fmt(value: Any) -> str:

@@ -58,7 +58,10 @@ def check_high_dispersion(h: History, th: Thresholds) -> list[Finding]:
     evidence = {"fraction": fraction, "median_norm_cv": float(np.median(cv[ok])), "threshold": th.dispersion_cv}
     if h.has("xdev/norm_max_over_min"):
         ratio = h.col("xdev/norm_max_over_min")
-        evidence["max_norm_max_over_min"] = float(np.nanmax(np.where(np.isfinite(ratio), ratio, np.nan)))
+        # The largest logged ratio, inf included (a dead device's norm of 0 makes every
+        # row's ratio inf): only NaN (not logged) is left out.
+        logged = ratio[~np.isnan(ratio)]
+        evidence["max_norm_max_over_min"] = float(logged.max()) if logged.size else math.nan
     summary = f"per-device norm CV > {th.dispersion_cv:g} on {fraction:.0%} of steps"
     return [HIGH_DISPERSION.finding(summary, h.steps[high], evidence)]
 
@@ -245,7 +248,8 @@ def check_outlier_device(h: History, th: Thresholds) -> list[Finding]:
             full[audits] = np.asarray(values)
             scores[name] = full
         source = "the audit detectors replayed on xdev/device_norms and xdev/cosine_to_mean"
-    named = (named != 0) & audits[:, None]
+    # A missing cell (NaN: a row that did not log the vector) names no device.
+    named = (np.nan_to_num(named, nan=0.0) != 0) & audits[:, None]
     found = []
     for device in np.nonzero(named.any(axis=0))[0]:
         device = int(device)

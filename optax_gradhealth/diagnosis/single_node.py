@@ -693,12 +693,13 @@ def check_rollback(h: History, th: Thresholds) -> list[Finding]:
 
 RESTART = Pattern(
     "restart",
-    "the run restarted: the step went backwards in the log",
+    "the run restarted: the step went backwards (or repeated) in the log",
     "info",
     (
         "the run was resumed from a checkpoint (after a crash, a preemption or by hand), appending to the log",
         "a rollback restored an earlier checkpoint and the loop counted the steps again from there",
         "two runs write to the same log file",
+        "two rows written for one step (e.g. eval metrics apart from the training ones): the later one replaced it",
     ),
     (
         "nothing, for a planned resume: the last write of each step is the one diagnosed and plotted",
@@ -709,7 +710,8 @@ RESTART = Pattern(
 
 
 def check_restart(h: History, th: Thresholds) -> list[Finding]:
-    """The step went backwards in the log (``History.restarts``)."""
+    """The step went backwards, or was logged again right after itself, in the log
+    (``History.restarts``)."""
     if not h.restarts:
         return []
     pairs = ", ".join(f"{a} -> {b}" for a, b in list(zip(h.restarted_from, h.restarts))[:5])
@@ -721,7 +723,7 @@ def check_restart(h: History, th: Thresholds) -> list[Finding]:
         "rows_replaced": h.rows_replaced,
     }
     summary = (
-        f"the step went backwards {len(h.restarts)} time(s) ({pairs}{more}); "
+        f"the step went backwards or repeated {len(h.restarts)} time(s) ({pairs}{more}); "
         f"{h.rows_replaced} overlapping row(s) replaced by the later write"
     )
     return [RESTART.finding(summary, h.restarts, evidence)]
