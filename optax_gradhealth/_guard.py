@@ -67,8 +67,9 @@ class GuardReport(NamedTuple):
 
     Attributes:
       guard_norm: pre-clip global norm (``grad/norm``).
-      guard_norm_clipped: norm of what the inner optimizer saw, 0 when skipped
-        (``grad/norm_clipped``).
+      guard_norm_clipped: norm after the guard's global-norm clip (its ``clip=``
+        threshold or policy, or a spike clip), 0 when skipped; with a clip-mode
+        transformation as ``clip=``, the norm before it (``grad/norm_clipped``).
       guard_clip_threshold: threshold used this step (``grad/clip_threshold``).
       guard_clipped: the step was clipped (``grad/clipped``).
       guard_finite: every gradient element (and ``loss`` and ``value``, if passed) was
