@@ -914,7 +914,7 @@ def _spike_streams():
         x = np.exp(rng.normal(0, [0.01, 0.1, 0.4][case % 3], n)) * np.exp(np.cumsum(rng.normal(0, 0.01, n)))
         for _ in range(int(rng.integers(0, 6))):
             at, length = int(rng.integers(0, n)), int(rng.integers(1, 120))
-            kind = int(rng.integers(0, 5))
+            kind = int(rng.integers(0, 6))
             if kind == 0:
                 x[at : at + length] = np.nan
             elif kind == 1:
@@ -923,8 +923,10 @@ def _spike_streams():
                 x[at : at + length] *= 1e-4  # dips
             elif kind == 3:
                 x[at : at + length] = 0.0
-            else:
+            elif kind == 4:
                 x[at : at + length] = np.inf
+            else:
+                x[at : at + length] = 1e-39  # float32 subnormals: no norm to the rule
         th = gh.Thresholds(
             spike_window=[1, 3, 16, 128, 300][case % 5],
             warmup_rows=[0, 1, 20, 200][case % 4],
@@ -932,6 +934,35 @@ def _spike_streams():
             spike_zscore=[0.5, 3.0, 1e9][case % 3],
         )
         yield x, th
+
+
+def test_replayed_spike_scores_read_a_subnormal_norm_as_zero():
+    # numpy does not flush float32 subnormals as XLA:CPU does: the fast replay pushed
+    # three 1e-39 norms into the window and took every later row of a constant run for a
+    # spike (ratio ~5e34). A constant run has no spike, whatever the empty rows between.
+    from optax_gradhealth.diagnosis import _columns as cols
+
+    x = np.ones(30)
+    x[[2, 3, 4]] = 1e-39
+    cols._last_replay.clear()
+    spike, ratio = cols.replay_spike_scores(x, gh.Thresholds(warmup_rows=0, spike_window=4))
+    assert not spike.any()
+    np.testing.assert_array_equal(ratio[5:], 1.0)
+
+
+def test_audits_without_the_flag_ignore_a_column_no_row_logged(tmp_path):
+    # An audit-value column present but empty on every row (a CSV export's empty cells)
+    # crashed the audit finder (an IndexError); the rows that logged xdev/ metrics count.
+    path = tmp_path / "run.csv"
+    rows = ["step,xdev/device_norms/0,xdev/device_norms/1,xdev/cosine_to_mean/0"]
+    rows += [f"{t},1.0,1.1," for t in range(50)]
+    path.write_text("\n".join(rows) + "\n")
+    from optax_gradhealth.diagnosis import _columns as cols
+
+    h = gh.load_history(str(path))
+    assert len(h) == 50 and not h.logged("xdev/cosine_to_mean/0").any()
+    assert cols.audit_rows(h).all()
+    gh.diagnose(h)
 
 
 @pytest.mark.parametrize("case", range(12))
@@ -942,7 +973,9 @@ def test_replayed_spike_scores_are_the_guards_rule_step_by_step(case):
     from optax_gradhealth.diagnosis import _columns as cols
 
     x, th = list(_spike_streams())[case]
-    reference = detect.replay_spikes(cols.spike_rule(th), x.astype(np.float32))
+    # The replay reads a subnormal norm as 0 (as XLA:CPU flushes it, whatever the backend).
+    x32 = x.astype(np.float32)
+    reference = detect.replay_spikes(cols.spike_rule(th), np.where(np.abs(x32) < 1.2e-38, 0.0, x32))
     cols._last_replay.clear()
     spike, ratio = cols.replay_spike_scores(x, th)
     assert np.array_equal(spike, np.asarray(reference["spike"]))

@@ -31,6 +31,9 @@ def replay_spike_scores(norm: np.ndarray, thresholds: Thresholds) -> tuple[np.nd
     norm = np.asarray(norm, np.float64)
     big = np.finfo(np.float32).max
     norm = np.where(np.isfinite(norm), np.minimum(norm, big), norm).astype(np.float32)
+    # A subnormal norm (below 1.2e-38) is 0, as XLA:CPU flushes it: the replay's numpy
+    # comparisons would otherwise push it into the window, where the rule pushes nothing.
+    norm = np.where(np.abs(norm) < np.finfo(np.float32).tiny, np.float32(0.0), norm)
     key = (rule, hashlib.blake2b(norm.tobytes(), digest_size=16).digest(), norm.size)
     if _last_replay and _last_replay[0] == key:
         spike, ratio = _last_replay[1]
@@ -294,7 +297,7 @@ def audit_rows(h: History) -> np.ndarray:
     would read as NaN devices."""
     if h.has("xdev/audited"):
         return h.col("xdev/audited") == 1
-    names = [n for n in h.columns if any(n == p or n.startswith(p + "/") for p in _AUDIT_VALUES)]
+    names = [n for n in h.columns if any(n == p or n.startswith(p + "/") for p in _AUDIT_VALUES) and h.logged(n).any()]
     rows = np.zeros(len(h), bool)
     if not names:
         for name in h.columns:
@@ -303,6 +306,8 @@ def audit_rows(h: History) -> np.ndarray:
         return rows
     for name in names:
         at = np.flatnonzero(h.logged(name))
+        if at.size == 0:  # a column no row logged (null or empty cells throughout)
+            continue
         values = h.col(name)[at]
         same = (values[1:] == values[:-1]) | (np.isnan(values[1:]) & np.isnan(values[:-1]))
         rows[at[np.concatenate([[True], ~same])]] = True
