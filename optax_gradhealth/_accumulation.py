@@ -325,6 +325,5 @@ def _guard_flags(state: Any, names: tuple[str, ...]) -> list[jax.Array]:
     """The fields ``names`` of the last step's report (``guard_report``) of each guard
     in ``state`` (the outermost ones), found from the state's structure as the loss
     scale finds a guard (an ``UnscalesOnRead`` state), without importing the guard."""
-    is_guard = lambda x: isinstance(x, _interfaces.UnscalesOnRead)
-    reports = [getattr(x, "guard_report", None) for x in jax.tree.leaves(state, is_leaf=is_guard) if is_guard(x)]
+    reports = [getattr(x, "guard_report", None) for x in _interfaces.guard_states(state)]
     return [getattr(r, name) for r in reports if r is not None for name in names if hasattr(r, name)]

@@ -311,10 +311,7 @@ def _local_value_and_grad(
     axes = _as_axes("axis_name", axis_name, allow_empty=False)
     positions = check.int_or_ints("argnums", argnums, context=f"{caller}: ")
     positions = (positions,) if isinstance(positions, int) else positions
-    try:
-        has_aux = check.boolean("has_aux", has_aux)
-    except TypeError as error:
-        raise TypeError(f"{caller}: {error}") from None
+    has_aux = check.boolean("has_aux", has_aux, context=f"{caller}: ")
     value_and_grad = jax.value_and_grad(fun, argnums=argnums, has_aux=has_aux)
 
     @functools.wraps(fun)

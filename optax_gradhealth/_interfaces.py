@@ -21,6 +21,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
+import jax
+
 __all__ = ["UNSCALE_ARG", "UnscalesOnRead", "is_kept_on_momentum_reset", "keep_on_momentum_reset", "wrapped_fields"]
 
 #: The private extra argument that carries the loss scale's unscale factor (a float32
@@ -73,3 +75,10 @@ class UnscalesOnRead(Protocol):
         state, which a non-finite step already kept) taken from ``previous`` where
         ``keep``: ``where(keep, old_leaf, new_leaf)`` leaf by leaf."""
         ...
+
+
+def guard_states(state: Any) -> list[UnscalesOnRead]:
+    """The outermost :class:`UnscalesOnRead` states (guards) inside ``state``, found from
+    its structure (when an update is traced)."""
+    is_guard = lambda x: isinstance(x, UnscalesOnRead)
+    return [x for x in jax.tree.leaves(state, is_leaf=is_guard) if is_guard(x)]

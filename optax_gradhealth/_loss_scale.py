@@ -87,8 +87,7 @@ def _holds_guard(state: Any) -> bool:
     """Whether a guard's state (any :class:`~optax_gradhealth._interfaces.UnscalesOnRead`
     state: one that skips and counts a non-finite step) is anywhere inside ``state``;
     decided from its structure, when the update is traced."""
-    is_guard = lambda x: isinstance(x, interfaces.UnscalesOnRead)
-    return any(is_guard(x) for x in jax.tree.leaves(state, is_leaf=is_guard))
+    return bool(interfaces.guard_states(state))
 
 
 def _empty_finished_windows(state: Any, sel: _skip.Selects) -> Any:

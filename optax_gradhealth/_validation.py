@@ -152,11 +152,12 @@ def integer_or_array(name: str, value: Any, *, minimum: int) -> Any:
     return integer(name, value, minimum=minimum)
 
 
-def boolean(name: str, value: Any) -> bool:
+def boolean(name: str, value: Any, *, context: str = "") -> bool:
     """True or False (a numpy bool too); anything else, a string "False" included, is
-    an error rather than read by its truth value."""
+    an error rather than read by its truth value. ``context`` prefixes the error (the
+    function's name)."""
     if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"`{name}` must be True or False, got {_describe(value)}.")
+        raise TypeError(f"{context}`{name}` must be True or False, got {_describe(value)}.")
     return bool(value)
 
 

@@ -143,11 +143,9 @@ class History:
             if old_nan is not None:
                 logged_nan[current] = current_nan | (missing & old_nan)
         self.source = source
-        # A step logged again right after itself (a run resumed at the last step it
-        # logged) is a restart too: its later row replaces the earlier one.
-        back = np.flatnonzero(steps[1:] <= steps[:-1]) + 1
-        self.restarts: tuple[int, ...] = tuple(int(s) for s in steps[back])
-        self.restarted_from: tuple[int, ...] = tuple(int(s) for s in steps[back - 1])
+        self.restarts: tuple[int, ...]
+        self.restarted_from: tuple[int, ...]
+        self.restarts, self.restarted_from = _restarts(steps)
         if steps.size and not np.all(steps[1:] > steps[:-1]):
             order = np.argsort(steps, kind="stable")
             ordered = steps[order]
@@ -318,6 +316,15 @@ class History:
         names = list(self.columns)
         values = np.stack([self.columns[n] for n in names], axis=1) if names else np.zeros((len(self), 0))
         return [{"step": int(step), **dict(zip(names, row))} for step, row in zip(self.steps.tolist(), values.tolist())]
+
+
+def _restarts(steps: np.ndarray) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(restarts, restarted_from)`` of steps in write order: each step not above the
+    one logged before it, and that one. A step logged again right after itself (a run
+    resumed at the last step it logged) is a restart too: its later row replaces the
+    earlier one."""
+    back = np.flatnonzero(steps[1:] <= steps[:-1]) + 1
+    return tuple(int(s) for s in steps[back]), tuple(int(s) for s in steps[back - 1])
 
 
 def _flat_columns(columns: Mapping[str, Any], rows: int, dtype: Any) -> dict[str, np.ndarray]:
@@ -796,9 +803,7 @@ def _read_tensorboard(path: str) -> History:
     # Rebuild the write order of the reference tag, so that History finds the restarts
     # and counts the replaced rows; the other tags follow the reference's last writes.
     history = History(all_steps, columns, source=path, nan_logged=nan_logged)
-    back = np.flatnonzero(written[1:] <= written[:-1]) + 1
-    history.restarts = tuple(int(s) for s in written[back])
-    history.restarted_from = tuple(int(s) for s in written[back - 1])
+    history.restarts, history.restarted_from = _restarts(written)
     history.rows_replaced = int(written.size - np.unique(written).size)
     return history
 

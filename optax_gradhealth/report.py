@@ -110,7 +110,8 @@ def _rolling_mean(values: np.ndarray, window: int, log: bool) -> np.ndarray:
 
 
 def _smoothed_title(title: str, bins: _Bins | None) -> str:
-    """A legend title for lines drawn with ``window_in_label=False``."""
+    """``title`` and the smoothing window of a long run's lines (a legend title for
+    lines drawn with ``window_in_label=False``, or a line's label)."""
     return title if bins is None else f"{title} (smoothed over {bins.window} steps)"
 
 
@@ -153,7 +154,7 @@ def _series(
         smooth,
         color=color,
         lw=max(lw, 1.2),
-        label=f"{label} (smoothed over {bins.window} steps)" if label and window_in_label else label,
+        label=_smoothed_title(label, bins) if label and window_in_label else label,
         **{k: v for k, v in style.items() if k not in ("marker", "ms")},
     )
 

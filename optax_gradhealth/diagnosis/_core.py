@@ -144,16 +144,11 @@ class Thresholds:
     param_desync: float = 0.0
 
     def __post_init__(self) -> None:
-        for name, (kind, low, high, allowed) in _RANGES.items():
+        for name in _RANGES:
             value = getattr(self, name)
             if value is None and name == "batch_size":
                 continue
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-                raise ValueError(f"Thresholds.{name} must be {allowed}, got {value!r}.")
-            if kind is int and not isinstance(value, (int, np.integer)):  # 12.0 is refused, as on the command line
-                raise ValueError(f"Thresholds.{name} must be {allowed}, got {value!r}.")
-            if not math.isfinite(value) or not (low <= value <= high) or value in _OPEN.get(name, ()):
-                raise ValueError(f"Thresholds.{name} must be {allowed}, got {value!r}.")
+            _check_field(name, value)
 
 
 _INF = math.inf
@@ -197,6 +192,20 @@ _RANGES: dict[str, tuple[type, float, float, str]] = {
 }
 _OPEN = {"spike_score": (1.0,), "spike_zscore": (0.0,), "clip_never_margin": (0.0,)}
 
+
+def _check_field(name: str, value: Any, label: str | None = None) -> None:
+    """Raises when ``value`` is outside the range of the field ``name`` (``_RANGES``);
+    the error calls the field ``label`` (default: its name)."""
+    kind, low, high, allowed = _RANGES[name]
+    label = name if label is None else label
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"Thresholds.{label} must be {allowed}, got {value!r}.")
+    if kind is int and not isinstance(value, (int, np.integer)):  # 12.0 is refused, as on the command line
+        raise ValueError(f"Thresholds.{label} must be {allowed}, got {value!r}.")
+    if not math.isfinite(value) or not (low <= value <= high) or value in _OPEN.get(name, ()):
+        raise ValueError(f"Thresholds.{label} must be {allowed}, got {value!r}.")
+
+
 _dataclass_init = Thresholds.__init__
 
 
@@ -220,16 +229,10 @@ def _thresholds_init(self, *args: Any, warmup_steps: int | None = None, **kwargs
             DeprecationWarning,
             stacklevel=2,
         )
+        # Checked under the keyword it came in as, so that an error names that one.
+        _check_field("warmup_rows", warmup_steps, label="warmup_steps (deprecated name of warmup_rows)")
         kwargs["warmup_rows"] = warmup_steps
-    try:
-        _dataclass_init(self, *args, **kwargs)
-    except (TypeError, ValueError) as error:
-        # The value came in as warmup_steps: the error names that keyword.
-        if warmup_steps is None or "Thresholds.warmup_rows " not in str(error):
-            raise
-        named = "Thresholds.warmup_steps (deprecated name of warmup_rows) "
-        message = str(error).replace("Thresholds.warmup_rows ", named)
-        raise type(error)(message) from None
+    _dataclass_init(self, *args, **kwargs)
 
 
 _signature = inspect.signature(_dataclass_init)
