@@ -69,23 +69,65 @@ def _rows(x: jax.Array) -> jax.Array:
 def _exact_count(leaves: list[jax.Array], max_abs: float | jax.Array) -> jax.Array:
     """``|x| > max_abs`` counted with a comparison (the rare path): one loop of
     ``_RARE_TRIPS`` steps, each counting one block of rows of every leaf, so no
-    temporary exceeds ``1 / _RARE_TRIPS`` of a leaf."""
+    temporary exceeds about ``1 / _RARE_TRIPS`` of a leaf.
+
+    A block must be local to each device when the leaf is sharded: a block of rows
+    sharded over the mesh (FSDP) would be gathered whole to be sliced. So
+    the rows ``(R, C)`` are viewed as ``(gr, R / gr, gc, C / gc)``, ``gr`` and ``gc``
+    their greatest common divisors with the device count (an even sharding of either
+    axis, over ``n`` devices, has ``n`` dividing them: it stays on the chunk axes), and
+    a block is a contiguous range of each chunk's rows and columns. With one device, or
+    sizes no device count divides, that is the plain block of rows.
+    """
+    devices = jax.device_count()
     plans = []
     for x in leaves:
         x2 = _rows(x)
-        num_rows = x2.shape[0]
-        plans.append((x2, num_rows, -(-num_rows // _RARE_TRIPS), jnp.asarray(_bound(max_abs, x.dtype))))
+        num_rows, num_cols = x2.shape
+        bound = jnp.asarray(_bound(max_abs, x.dtype))
+        row_chunks, col_chunks = math.gcd(num_rows, devices), math.gcd(num_cols, devices)
+        if row_chunks == col_chunks == 1:
+            plans.append((x2, bound, (num_rows, -(-num_rows // _RARE_TRIPS), 1), None))
+            continue
+        rows, cols = num_rows // row_chunks, num_cols // col_chunks
+        row_trips = min(rows, _RARE_TRIPS)
+        col_trips = max(1, min(cols, _RARE_TRIPS // row_trips))
+        sharding = _stats.explicit_sharding(x2)  # on an Explicit mesh, said: the chunk axes keep it
+        if sharding is not None:
+            spec = (*sharding.spec, None, None)[:2]
+            sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(spec[0], None, spec[1]))
+        x4 = jax.lax.reshape(x2, (row_chunks, rows, col_chunks, cols), out_sharding=sharding)
+        plans.append((x4, bound, (rows, -(-rows // row_trips), col_trips), (cols, -(-cols // col_trips))))
+
+    def fresh_range(x, index, size, block, axis):
+        """Block ``index`` of ``block`` elements along ``axis`` (of ``size``; the last one
+        overlaps the one before) and which of them no earlier block counted."""
+        start = jnp.minimum(index * block, size - block)
+        return jax.lax.dynamic_slice_in_dim(x, start, block, axis=axis), (start + jnp.arange(block)) >= index * block
 
     def body(i, total):
-        for x2, num_rows, block, bound in plans:
-            start = jnp.minimum(i * block, num_rows - block)
-            rows = jax.lax.dynamic_slice_in_dim(x2, start, block, axis=0)
-            fresh = (start + jnp.arange(block)) >= i * block  # not counted by block i - 1
-            total = total + jnp.sum((jnp.abs(rows) > bound) & fresh[:, None], dtype=jnp.int32)
+        for x, bound, (rows, row_block, col_trips), col_plan in plans:
+            if col_plan is None:
+                block, fresh = fresh_range(x, i, rows, row_block, axis=0)
+                total = total + jnp.sum((jnp.abs(block) > bound) & fresh[:, None], dtype=jnp.int32)
+                continue
+            block, fresh = fresh_range(x, i // col_trips, rows, row_block, axis=1)
+            block, fresh_cols = fresh_range(block, i % col_trips, *col_plan, axis=3)
+            keep = fresh[None, :, None, None] & fresh_cols[None, None, None, :]
+            total = total + jnp.sum((jnp.abs(block) > bound) & keep, dtype=jnp.int32)
         return total
 
     # (The count is typed per device when a leaf is, under shard_map: the loop's carry.)
     return jax.lax.fori_loop(0, _RARE_TRIPS, body, _vma.varying_like(jnp.zeros((), jnp.int32), leaves))
+
+
+def _replicated(vector: jax.Array) -> jax.Array:
+    """``vector`` replicated on an Explicit mesh (where row counts sharded differently
+    cannot be concatenated: a gather of one float per row); as it is elsewhere."""
+    sharding = _stats.explicit_sharding(vector)
+    if sharding is None or all(axis is None for axis in sharding.spec):
+        return vector
+    return jax.sharding.reshard(vector, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
 
 
 def _count_above(leaves: list[jax.Array], max_abs: float | jax.Array) -> jax.Array:
@@ -139,7 +181,7 @@ def _count_above(leaves: list[jax.Array], max_abs: float | jax.Array) -> jax.Arr
     if not fast_leaves:
         return wide_count
     # One vector of every row count (a few floats per row): one NaN test, one integer sum.
-    row_counts = _lowering.one_vector(jnp.concatenate([fast_rows(x) for x in fast_leaves]))
+    row_counts = _lowering.one_vector(jnp.concatenate([_replicated(fast_rows(x)) for x in fast_leaves]))
     counted = jax.lax.cond(
         jnp.isnan(jnp.sum(row_counts)),
         lambda: _exact_count(fast_leaves, max_abs),
@@ -401,8 +443,10 @@ def adaptive_grad_clip(
             counts.append(jnp.sum(g_norm >= max_norm, dtype=jnp.int32))
             total += int(g_norm.size)
             clipped = g_wide * (max_norm / jnp.maximum(g_norm, 1e-6))
-            # lax.select, not jnp.where: no nested call per leaf in the compiled step.
-            return jax.lax.select(jnp.broadcast_to(keep, g_wide.shape), g_wide, clipped).astype(g.dtype)
+            # lax.select, not jnp.where: no nested call per leaf in the compiled step. (On
+            # an Explicit mesh the predicate must be sharded as the gradient.)
+            keep = jnp.broadcast_to(keep, g_wide.shape, out_sharding=_stats.explicit_sharding(g_wide))
+            return jax.lax.select(keep, g_wide, clipped).astype(g.dtype)
 
         # Leaf by leaf, in flattening order (the updates and the params may differ in
         # nnx.Param wrappers); the updates keep their own structure.

@@ -54,21 +54,30 @@ class Selects:
     """
 
     def __init__(self) -> None:
-        self._broadcasts: dict[tuple[int, tuple[int, ...]], tuple[jax.Array, jax.Array]] = {}
-        self._zeros: dict[tuple[tuple[int, ...], Any], jax.Array] = {}
+        self._broadcasts: dict[tuple[int, tuple[int, ...], Any], tuple[jax.Array, jax.Array]] = {}
+        self._zeros: dict[tuple[tuple[int, ...], Any, Any], jax.Array] = {}
 
-    def _broadcast(self, scalar: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-        key = (id(scalar), shape)
+    def _broadcast(self, scalar: jax.Array, like: jax.Array) -> jax.Array:
+        # On an Explicit mesh the broadcast takes the sharding of the leaf it selects
+        # (`select` wants the predicate sharded as its cases), so it is part of the key.
+        sharding = _stats.explicit_sharding(like)
+        key = (id(scalar), like.shape, sharding)
         hit = self._broadcasts.get(key)
         if hit is None:
-            hit = self._broadcasts[key] = (scalar, lax.broadcast(scalar, shape))
+            wide = (
+                lax.broadcast(scalar, like.shape)
+                if sharding is None
+                else lax.broadcast_in_dim(scalar, like.shape, (), out_sharding=sharding)
+            )
+            hit = self._broadcasts[key] = (scalar, wide)
         return hit[1]
 
     def zeros(self, like: jax.Array) -> jax.Array:
-        """Zeros with the shape and dtype of ``like``."""
-        key = (like.shape, like.dtype)
+        """Zeros with the shape and dtype of ``like`` (and its sharding on an Explicit mesh)."""
+        sharding = _stats.explicit_sharding(like)
+        key = (like.shape, like.dtype, sharding)
         if key not in self._zeros:
-            self._zeros[key] = jnp.zeros(like.shape, like.dtype)
+            self._zeros[key] = jnp.zeros(like.shape, like.dtype, out_sharding=sharding)
         return self._zeros[key]
 
     def where(self, pred: jax.Array, on_true: Any, on_false: Any) -> jax.Array:
@@ -82,7 +91,7 @@ class Selects:
         on_true = jnp.asarray(on_true, dtype=on_false.dtype)
         if on_true.shape != on_false.shape:
             raise ValueError(f"where: on_true has shape {on_true.shape}, on_false {on_false.shape}")
-        return lax.select(self._broadcast(pred, on_false.shape), on_true, on_false)
+        return lax.select(self._broadcast(pred, on_false), on_true, on_false)
 
     def zero_floats_where(self, pred: jax.Array, tree: Any) -> Any:
         """``tree`` with every float leaf replaced by zeros where ``pred`` is True

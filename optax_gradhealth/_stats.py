@@ -109,9 +109,10 @@ class LeafNorms:
 
     def __getitem__(self, name: str) -> jax.Array:
         try:
-            return self.values[self.names.index(name)]
+            index = self.names.index(name)
         except ValueError:
             raise KeyError(f"no leaf named {name!r}; the leaves are {list(self.names)}") from None
+        return _indexable(self.values)[index]
 
     def __len__(self) -> int:
         return self.treedef.num_leaves
@@ -135,6 +136,16 @@ class LeafNorms:
 _UNSTACK_WINDOW = 32
 
 
+def _indexable(values: Any) -> Any:
+    """``values``, replicated when it is sharded on an Explicit mesh axis: jax does not
+    index such a vector (the index's output sharding would be ambiguous). A per-leaf
+    vector is small: one gather."""
+    sharding = explicit_sharding(values) if isinstance(values, jax.Array) else None
+    if sharding is None or all(axis is None for axis in sharding.spec):
+        return values
+    return jax.sharding.reshard(values, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
+
+
 def _unstack(values: Any) -> list[Any]:
     """A per-leaf vector split into one scalar per leaf, with no device-to-host copy.
 
@@ -145,8 +156,10 @@ def _unstack(values: Any) -> list[Any]:
     single compiled unstack serves every length (jax's own iteration compiles an
     unstack for each new length: seconds, once per tree size). Under jit (a traced
     vector) the slices are the same as indexing. A vector sharded over several devices,
-    which jax would split through the host, is indexed.
+    which jax would split through the host, is indexed; one sharded over an Explicit
+    mesh axis, which jax will not index, is replicated first (one small gather).
     """
+    values = _indexable(values)
     if isinstance(values, jax.core.Tracer) or not isinstance(values, jax.Array):
         return list(values)  # traced (the same slices as indexing), or numpy
     n = values.shape[0]
@@ -250,6 +263,20 @@ class GradStats(NamedTuple):
     finite: jax.Array
     leaf_norms: LeafNorms
     first_nonfinite_leaf: jax.Array
+
+
+def explicit_sharding(x: Any) -> Any:
+    """The sharding of ``x``'s type when its mesh has an Explicit axis (the default of
+    ``jax.make_mesh`` in jax 0.10), else None. An array built to be combined with ``x``
+    (a broadcast predicate, zeros) must then be given it: Explicit sharding rejects a
+    ``select`` or ``concatenate`` of operands sharded differently. On other meshes (Auto,
+    one device, under ``shard_map``) the partitioner places it, and the program is left
+    as it was."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or jax.sharding.AxisType.Explicit not in getattr(mesh, "axis_types", ()):
+        return None
+    return sharding
 
 
 def _is_float(x: Any) -> bool:
