@@ -8,12 +8,16 @@ are static, drawn from a seed, so a map is the same on every call and every devi
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import PartitionSpec
 
-__all__ = ["LeafSeeds", "bits_u32", "leaf_fingerprint", "leaf_sketch", "mix32", "u32"]
+__all__ = ["LeafSeeds", "bits_u32", "leaf_fingerprint", "leaf_sketch", "mix32", "positions", "u32"]
 
 
 def u32(value: int) -> jax.Array:
@@ -29,22 +33,24 @@ def mix32(h: jax.Array) -> jax.Array:
     return h ^ (h >> 16)
 
 
-def bits_u32(x: jax.Array) -> jax.Array:
-    """The bit pattern of an array leaf as a flat uint32 vector (complex: real and
-    imaginary parts; integers and bools too, for the parameter fingerprint)."""
+def bits_u32(x: jax.Array) -> list[jax.Array]:
+    """The bit pattern of an array leaf as uint32 arrays in the leaf's own shape: one, or
+    two for a complex leaf (real and imaginary parts); a 64-bit type adds a trailing axis
+    of 2 (its words). Integers and bools too, for the parameter fingerprint. Read in
+    order, row-major, they are the leaf's bits as one flat vector; no array is flattened
+    here, so a leaf sharded along any axis stays where it is."""
     x = jnp.asarray(x)
     if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
         x = jax.random.key_data(x)
-    if jnp.iscomplexobj(x):
-        x = jnp.stack([jnp.real(x), jnp.imag(x)])
-    x = x.reshape(-1)
+    return [_bits(part) for part in ((jnp.real(x), jnp.imag(x)) if jnp.iscomplexobj(x) else (x,))]
+
+
+def _bits(x: jax.Array) -> jax.Array:
     if x.dtype == jnp.bool_:
         return x.astype(jnp.uint32)
     bits = jax.dtypes.itemsize_bits(x.dtype)
-    if bits == 32:
+    if bits in (32, 64):
         return lax.bitcast_convert_type(x, jnp.uint32)
-    if bits == 64:
-        return lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
     if bits == 16:
         return lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
     if bits == 8:
@@ -54,12 +60,39 @@ def bits_u32(x: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(x.astype(wide), jnp.uint32)
 
 
+def positions(shape: tuple[int, ...], base: int = 0, sharding: Any = None, axes: int | None = None) -> jax.Array:
+    """uint32 row-major position (plus ``base``) of every element of an array of ``shape``,
+    from one iota per axis times its static stride: elementwise, so the partitioner keeps
+    it where the leaf is (``sharding``: the leaf's, for an Explicit mesh). ``axes``: the
+    position of the element's row over the first ``axes`` axes only (times the size of
+    the rest)."""
+    axes = len(shape) if axes is None else axes
+    idx, stride = None, math.prod(shape[axes:])
+    for d in reversed(range(axes)):
+        term = lax.broadcasted_iota(jnp.uint32, shape, d, out_sharding=sharding)
+        term = term * u32(stride) if stride != 1 else term
+        idx = term if idx is None else term + idx
+        stride *= shape[d]
+    if idx is None:
+        idx = jnp.zeros(shape, jnp.uint32, out_sharding=sharding)
+    return idx + u32(base) if base else idx
+
+
 def leaf_fingerprint(x: jax.Array, salt: jax.Array) -> jax.Array:
-    """uint32 hash of the bits of one leaf and their positions (sums of hashes wrap mod 2^32)."""
-    bits = bits_u32(x)
-    position = lax.iota(jnp.uint32, bits.shape[0])
-    # One mix per element: the position enters through an odd-multiplier (bijective) spread.
-    return jnp.sum(mix32(bits ^ (position * u32(0x9E3779B1) + salt)), dtype=jnp.uint32)
+    """uint32 hash of the bits of one leaf and their positions (sums of hashes wrap mod 2^32).
+
+    The position is the element's row-major index (each 32-bit word of a 64-bit type,
+    then the imaginary parts after the real ones), computed in place: a hash of every
+    element and a full reduction, so a sharded leaf is summed where it lies, with one
+    scalar all-reduce, and never gathered."""
+    total, base = None, 0
+    for bits in bits_u32(x):
+        position = positions(bits.shape, base, jax.typeof(bits).sharding)
+        # One mix per element: the position enters through an odd-multiplier (bijective) spread.
+        part = jnp.sum(mix32(bits ^ (position * u32(0x9E3779B1) + salt)), dtype=jnp.uint32)
+        total = part if total is None else total + part
+        base += bits.size
+    return total
 
 
 def leaf_sketch(x: jax.Array, dim: int, salt: jax.Array, offset: int) -> jax.Array:
@@ -70,7 +103,15 @@ def leaf_sketch(x: jax.Array, dim: int, salt: jax.Array, offset: int) -> jax.Arr
     from the static ``sketch_seed`` (and the shard index when the leaf is split across
     devices), so the map is the same on every data-parallel device and ``<sketch(x), sketch(y)>`` estimates ``<x, y>``
     without bias, with a standard error of about ``|x| |y| / sqrt(dim)``.
+
+    A leaf sharded on an Explicit mesh is sketched in place (:func:`_sketch_in_place`):
+    the same map, summed in another order. Otherwise the leaf is flattened, which is free
+    on one device and for a leaf split along its first axis only; on an Auto mesh a leaf
+    split along another axis is gathered for it.
     """
+    x = jnp.asarray(x)
+    if _explicitly_sharded(x):
+        return _sketch_in_place(x, dim, salt, offset)
     x = x.reshape(-1)
     if jnp.iscomplexobj(x):
         x = jnp.concatenate([jnp.real(x), jnp.imag(x)])
@@ -82,6 +123,61 @@ def leaf_sketch(x: jax.Array, dim: int, salt: jax.Array, offset: int) -> jax.Arr
     # Contiguous blocks of ``rows`` elements share a bucket: a reduction over the minor
     # axis, which XLA fuses with the sign flip (no gradient-sized temporary).
     return jnp.roll(jnp.sum(signed.reshape(dim, rows), axis=1), offset)
+
+
+def _explicitly_sharded(x: jax.Array) -> bool:
+    """Whether ``x`` is split over an Explicit mesh axis (its type says so at trace time)."""
+    spec = getattr(jax.typeof(x).sharding, "spec", None)
+    return spec is not None and any(p is not None for p in spec)
+
+
+def _replicated(x: jax.Array) -> jax.Array:
+    if _explicitly_sharded(x):
+        return jax.sharding.reshard(x, PartitionSpec(*([None] * x.ndim)))
+    return x
+
+
+def _row_split(shape: tuple[int, ...], rows: int) -> tuple[int, int] | None:
+    """``(axis, m)``: rows over the axes before ``axis``, each spanning at most ``m`` <= 3
+    buckets of ``rows`` elements, and few enough (``16 m R <= n``) to scatter-add; None
+    when no axis gives both (1-D and small leaves, or a few very long rows)."""
+    n, best = math.prod(shape), None
+    for axis in range(1, len(shape)):
+        t = math.prod(shape[axis:])
+        m = (rows - 1 + t - 1) // rows + 1
+        if m <= 3 and 16 * m * (n // t) <= n and (best is None or (m, n // t) < best[1:]):
+            best = (axis, m, n // t)
+    return None if best is None else best[:2]
+
+
+def _sketch_in_place(x: jax.Array, dim: int, salt: jax.Array, offset: int) -> jax.Array:
+    """:func:`leaf_sketch`'s map without flattening the leaf: the element's row-major
+    position from :func:`positions`, each row of the leaf (its last axes) summed into the
+    <= 3 buckets it spans (one variadic reduction, partial sums all-reduced), and those
+    row sums scatter-added into the buckets. A leaf with no such rows is gathered first."""
+    parts = [jnp.real(x), jnp.imag(x)] if jnp.iscomplexobj(x) else [x]
+    shape, n = x.shape, x.size
+    rows = -(-n * len(parts) // dim)
+    split = _row_split(shape, rows)
+    if split is None:
+        return leaf_sketch(_replicated(x), dim, salt, offset)
+    axis, m = split
+    inner = tuple(range(axis, len(shape)))
+    sums, buckets = [], []
+    for j, part in enumerate(parts):
+        part = part.astype(jnp.float32)
+        sharding = jax.typeof(part).sharding
+        position = positions(shape, j * n, sharding)
+        signed = jnp.where(mix32(position ^ salt) >> 31 == 0, part, -part)
+        # which of its row's buckets an element falls in: 0 .. m-1
+        k = position // u32(rows) - positions(shape, j * n, sharding, axis) // u32(rows)
+        masked = tuple(jnp.where(k == i, signed, 0.0) for i in range(m))
+        zero = (np.float32(0),) * m
+        sums += lax.reduce(masked, zero, lambda a, b: tuple(u + v for u, v in zip(a, b, strict=True)), inner)
+        first = (positions(shape[:axis]) * u32(math.prod(shape[axis:])) + u32(j * n)) // u32(rows)
+        buckets += [((first + u32(i + offset)) % u32(dim)).astype(jnp.int32) for i in range(m)]
+    row_sums = _replicated(jnp.stack(sums))  # m x (rows of the leaf): small
+    return jnp.zeros((dim,), jnp.float32).at[jnp.stack(buckets)].add(row_sums)
 
 
 class LeafSeeds:

@@ -545,3 +545,28 @@ def test_a_nonfinite_loss_on_any_micro_batch_spoils_its_window(bad_micro_batch, 
             np.testing.assert_allclose(np.asarray(params["w"]), expected, rtol=1e-6)
             assert int(m["grad/num_nonfinite"]) == 1 and int(m["grad/num_skipped"]) == 1
     assert int(state.accumulation_num_windows) == 1  # the skipped window folded nothing
+
+
+@pytest.mark.parametrize("accumulator", ["accumulate", "MultiSteps with extra args"])
+def test_the_documented_micro_batch_norm_chain_passes_the_loss_to_the_guard(accumulator):
+    """record_micro_batch_norms' docs chained MultiSteps(...).gradient_transformation(), a
+    plain GradientTransformation: optax.chain dropped loss= before it, so a NaN loss on the
+    window's last micro-batch was applied. Both documented forms must skip that window."""
+    k, lr = 2, 0.5
+    if accumulator == "accumulate":
+        accumulated = gh.accumulate(gh.guard(optax.sgd(lr)), k)
+    else:
+        ms = optax.MultiSteps(gh.guard(optax.sgd(lr)), k)
+        accumulated = optax.GradientTransformationExtraArgs(ms.init, ms.update)
+    tx = optax.chain(gh.record_micro_batch_norms(k), accumulated)
+    params = {"w": jnp.zeros(2)}
+    state = tx.init(params)
+    grads = [np.array([0.3, -0.4], np.float32), np.array([0.1, 0.2], np.float32)]
+    for i, g in enumerate(grads):
+        loss = jnp.float32(np.nan if i == k - 1 else 1.0)
+        updates, state = tx.update({"w": jnp.asarray(g)}, state, params, loss=loss)
+        params = optax.apply_updates(params, updates)
+    np.testing.assert_array_equal(np.asarray(params["w"]), [0.0, 0.0])  # the window was skipped
+    m = gh.metrics(state)
+    assert int(m["grad/num_nonfinite"]) == 1 and int(m["grad/num_skipped"]) == 1
+    np.testing.assert_allclose(np.asarray(m["grad/micro_batch_norms"]), [0.5, np.hypot(0.1, 0.2)], rtol=1e-6)
