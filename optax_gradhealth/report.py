@@ -4,8 +4,9 @@ Host side only. ``python -m optax_gradhealth report RUN.jsonl -o report.png`` ca
 :func:`write_report`. Panels, each drawn only when its metrics are in the log:
 
 * global norm (log scale) with the clip threshold, the guard's running mean +- std
-  band, and markers for clipped, skipped, non-finite, spike, momentum-reset and
-  rollback steps;
+  band, and markers for clipped, skipped, non-finite, spike, momentum-reset,
+  loss-scale overflow and rollback steps (the title counts skipped, clipped and spike
+  steps from the guard's counters when logged, so that steps between logged rows count);
 * the loss (when a ``loss`` column is logged);
 * the spike score with its threshold;
 * per-leaf norms as a heatmap over steps (log10);
@@ -38,7 +39,8 @@ import numpy as np
 
 from optax_gradhealth import _validation as check
 from optax_gradhealth.diagnosis import Finding, Thresholds, diagnose, format_findings, replay_spike_scores
-from optax_gradhealth.diagnosis._columns import nonfinite_rows, step_masks
+from optax_gradhealth.diagnosis._columns import nonfinite_rows
+from optax_gradhealth.diagnosis.single_node import row_masks
 from optax_gradhealth.history import History
 from optax_gradhealth.history import load_history as _load_columns
 
@@ -346,9 +348,9 @@ def plot_report(
                 score = h.col("grad/spike_score")
                 label = "grad/spike_score"
             else:
-                # The norms diagnose replays (rows flagged non-finite left out): the same
+                # The norms diagnose replays (rows flagged non-finite or overflowed left out): the same
                 # input, so the replay it just ran is reused, not run again.
-                finite = step_masks(h)[0]
+                finite = row_masks(h)[0]
                 score = replay_spike_scores(np.where(finite, h.col("grad/norm"), np.nan), th)[1]
                 label = "norm / baseline (the guard's rule, replayed)"
             _series(ax, bins, steps, score, color="tab:blue", label=label)
@@ -404,9 +406,17 @@ def plot_report(
             _xdev_panel(name, ax, h, device_norms, cosines, pairwise, fig, xlim, dpi)
 
     counts = []
-    for name, label in (("grad/skipped", "skipped"), ("grad/clipped", "clipped"), ("grad/spiked", "spikes")):
-        if h.has(name):
-            counts.append(f"{int((h.col(name) == 1).sum())} {label}")
+    overflows = _event_count(h, "grad/overflowed", "grad/num_overflows")
+    for flag, counter, label in (
+        ("grad/skipped", "grad/num_skipped", "skipped"),
+        ("grad/clipped", "grad/num_clipped", "clipped"),
+        ("grad/spiked", "grad/num_spikes", "spikes"),
+    ):
+        count = _event_count(h, flag, counter)
+        if label == "skipped" and overflows:  # steps the loss scale skipped never reach the guard
+            counts.append(f"{(count or 0) + overflows} skipped ({overflows} overflowed)")
+        elif count is not None:
+            counts.append(f"{count} {label}")
     if h.restarts:
         counts.append(f"{len(h.restarts)} restart(s), {h.rows_replaced} overlapping row(s) replaced")
     headline = f"{title}: {len(h)} logged steps ({steps[0]}..{steps[-1]})" + (
@@ -425,6 +435,22 @@ def plot_report(
     return path
 
 
+def _event_count(h: History, flag: str, counter: str) -> int | None:
+    """Steps with an event over the logged stretch: from the guard's counter when logged
+    (its growth between consecutive logged values, plus the first row's flag), so that
+    events between logged rows (``MetricLogger(log_every=N)``) count; else the rows
+    whose flag is 1; None when neither is logged."""
+    if h.has(counter):
+        values = h.col(counter)
+        values = values[np.isfinite(values)]
+        if values.size:
+            first = h.col(flag)[np.argmax(np.isfinite(h.col(counter)))] == 1 if h.has(flag) else False
+            return int(np.maximum(np.diff(values), 0.0).sum()) + int(first)
+    if h.has(flag):
+        return int((h.col(flag) == 1).sum())
+    return None
+
+
 def _title(h: History) -> str:
     if h.source is None:
         return "run"
@@ -439,6 +465,7 @@ def _events(h: History) -> list[tuple[str, np.ndarray, str]]:
         ("grad/clipped", "clipped", "tab:orange"),
         ("grad/spiked", "spike", "tab:red"),
         ("grad/skipped", "skipped", "black"),
+        ("grad/overflowed", "overflowed (loss scale)", "tab:brown"),
     ):
         if h.has(name):
             out.append((label, h.col(name) == 1, color))
@@ -486,7 +513,10 @@ def _norm_panel(ax, h: History, th: Thresholds, bins: _Bins | None = None) -> No
 
     steps = h.steps
     norm = h.col("grad/norm")
+    # A step the loss scale skipped (grad/overflowed) holds the previous step's norm: a gap.
     finite = np.isfinite(norm) & (norm > 0)
+    if h.has("grad/overflowed"):
+        finite &= h.col("grad/overflowed") != 1
     _series(ax, bins, steps, np.where(finite, norm, np.nan), color="tab:blue", label="grad/norm", log=True, zorder=3)
     if h.has("grad/norm_mean") and h.has("grad/norm_std"):
         mean, std = h.col("grad/norm_mean"), h.col("grad/norm_std")
@@ -541,6 +571,19 @@ def _norm_panel(ax, h: History, th: Thresholds, bins: _Bins | None = None) -> No
             s=40,
             zorder=5,
             label=f"non-finite ({nonfinite.size})",
+            clip_on=False,
+        )
+    overflowed = _steps_where(h, "grad/overflowed")
+    if overflowed.size and (bins is None or overflowed.size <= _FEW_MARKERS):
+        ax.scatter(
+            overflowed,
+            np.full(overflowed.size, 0.88),
+            transform=top,
+            marker="v",
+            color="tab:brown",
+            s=30,
+            zorder=5,
+            label=f"overflowed, skipped by the loss scale ({overflowed.size})",
             clip_on=False,
         )
     resets = _steps_where(h, "grad/momentum_reset")

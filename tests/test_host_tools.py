@@ -337,16 +337,19 @@ def test_vectorised_patterns_match_the_loops_they_replace():
     # Agreement drops: the finding's steps against the rule written as a loop.
     th = gh.Thresholds()
     agreement = np.clip(0.6 + 0.05 * rng.standard_normal(400), -1, 1)
-    agreement[[150, 151, 152, 300]] = 0.02
+    agreement[150:170] = 0.02  # a drop that stays down...
+    agreement[[250, 251, 252, 300, 395]] = 0.02  # ...and dips that do not (or may not yet)
     rows = [{"step": t, "xdev/agreement": float(a)} for t, a in enumerate(agreement)]
+    w = th.agreement_window
     expected = [
         t
-        for t in range(th.agreement_window, agreement.size)
+        for t in range(w, agreement.size - w + 1)
         if agreement[t] < th.agreement_drop_after
-        and np.median(agreement[t - th.agreement_window : t]) > th.agreement_drop_before
+        and np.median(agreement[t - w : t]) > th.agreement_drop_before
+        and np.median(agreement[t : t + w]) < th.agreement_drop_after
     ]
     (drop,) = [f for f in gh.diagnose(rows) if f.pattern == "agreement_drop"]
-    assert list(drop.steps) == expected == [150, 151, 152, 300]
+    assert list(drop.steps) == expected == [150, 151, 152, 153, 154]
 
 
 # ----------------------------------------------------------------------------- TensorBoard and W&B

@@ -327,3 +327,56 @@ def test_report_replays_the_spike_rule_once(tmp_path, monkeypatch):
     findings = write_report({"step": np.arange(300), "grad/norm": norm, "loss": np.ones(300)}, tmp_path / "r.png")
     assert {"explosion", "nonfinite"} <= {f.pattern for f in findings}
     assert len(calls) == 1
+
+
+# ---------------------------------------------------------------- headline counts of a trained MLP's log
+
+
+def _headline(monkeypatch, log, path):
+    import matplotlib.figure
+
+    seen = []
+    original = matplotlib.figure.Figure.suptitle
+    monkeypatch.setattr(
+        matplotlib.figure.Figure, "suptitle", lambda self, t, **kw: seen.append(t) or original(self, t, **kw)
+    )
+    captured = captured_figure(monkeypatch)
+    gh.plot_report(log, path)
+    return seen[0].split("\n")[0], captured["figure"].axes[0].get_legend_handles_labels()[1]
+
+
+def _last_logged(path, name):
+    """The last value of ``name`` in a JSON Lines log, read with the json module."""
+    with open(path) as f:
+        values = [row[name] for row in map(json.loads, f) if name in row]
+    return int(values[-1])
+
+
+def test_the_headline_counts_the_guards_steps_between_logged_rows(tmp_path, monkeypatch):
+    """MetricLogger(log_every=10): two spikes and a burst of 12 NaN batches fall mostly
+    between logged rows; the headline counts the guard's counters, not the flagged rows
+    (which said 1 skipped, 0 spikes)."""
+    from tests.test_diagnose import _spikes_and_nan_burst, _train_logged
+
+    log = tmp_path / "sparse.jsonl"
+    final = _train_logged(log, fault=_spikes_and_nan_burst, log_every=10)
+    headline, _ = _headline(monkeypatch, log, tmp_path / "r.png")
+    skipped, spikes = int(final["grad/num_skipped"]), int(final["grad/num_spikes"])
+    assert (skipped, spikes) == (14, 2)  # 12 NaN and 2 spikes, all before the last logged row
+    clipped = _last_logged(log, "grad/num_clipped")  # the log starts at step 0
+    assert f"; {skipped} skipped, {clipped} clipped, {spikes} spikes" in headline, headline
+
+
+def test_steps_the_loss_scale_skipped_are_counted_and_marked(tmp_path, monkeypatch):
+    """gh.dynamic_loss_scale skips an overflowed step before the guard sees it: the
+    headline adds grad/num_overflows to the guard's skipped steps, and the norm panel
+    marks those steps (whose logged norm is the previous step's)."""
+    from tests.test_diagnose import _train_fp16_overflow
+
+    log = tmp_path / "scale.jsonl"
+    final = _train_fp16_overflow(log)  # logged every step: the last row is the final state
+    headline, labels = _headline(monkeypatch, log, tmp_path / "r.png")
+    overflows, guard_skipped = int(final["grad/num_overflows"]), int(final["grad/num_skipped"])
+    assert overflows > 0 and guard_skipped > 0
+    assert f"; {overflows + guard_skipped} skipped ({overflows} overflowed)" in headline, headline
+    assert f"overflowed, skipped by the loss scale ({overflows})" in labels, labels

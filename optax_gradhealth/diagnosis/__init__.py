@@ -90,7 +90,7 @@ def diagnose(history: Any, thresholds: Thresholds | None = None) -> list[Finding
 
     Returns:
       A list of :class:`Finding`, errors first, then warnings, then information; empty
-      for a healthy run. Patterns (:data:`PATTERNS`): ``nonfinite``, ``nonfinite_update``,
+      for a healthy run. Patterns (:data:`PATTERNS`): ``nonfinite``, ``nonfinite_update``, ``loss_scale``,
       ``replay_mismatch``, ``explosion``,
       ``vanishing``, ``oscillation``, ``direction_oscillation``, ``direction_drift``,
       ``update_ratio_high``, ``update_ratio_low``, ``dead_leaf``, ``leaf_clip_always``,

@@ -314,27 +314,37 @@ def audit_rows(h: History) -> np.ndarray:
     return rows
 
 
-def agreement(h: History) -> tuple[str, np.ndarray, np.ndarray]:
+def agreement(h: History, rows: np.ndarray | None = None) -> tuple[str, np.ndarray, np.ndarray]:
     """``(metric name, values, steps)`` of the finite cross-device agreement: every step
-    (``xdev/agreement``), else the audits' ``xdev/mean_pairwise_cosine``."""
+    (``xdev/agreement``), else the audits' ``xdev/mean_pairwise_cosine``; on ``rows``
+    only (a boolean row mask) when given."""
     name = "xdev/agreement" if h.has("xdev/agreement") else "xdev/mean_pairwise_cosine"
     values = h.col(name) if h.has(name) else np.full(len(h), np.nan)
     if name == "xdev/mean_pairwise_cosine" and h.has("xdev/audited"):
         values = np.where(h.col("xdev/audited") == 1, values, np.nan)
-    ok = np.isfinite(values)
+    ok = np.isfinite(values) if rows is None else np.isfinite(values) & rows
     return name, values[ok], h.steps[ok]
 
 
 def agreement_drops(a: np.ndarray, th: Thresholds) -> list[int]:
     """Indices into ``a`` where it falls below ``agreement_drop_after`` while the median
-    of the previous ``agreement_window`` values is above ``agreement_drop_before``."""
-    if a.size <= th.agreement_window:
+    of the previous ``agreement_window`` values is above ``agreement_drop_before``, and
+    stays down: the median of the ``agreement_window`` values from there on (the value
+    itself included) is below ``agreement_drop_after`` too. A single low value (or a few)
+    while the agreement declines early in training, as the devices learn the shared
+    signal, is not a drop; a drop less than ``agreement_window`` values before the end
+    cannot be told from one yet."""
+    w = th.agreement_window
+    if a.size < 2 * w:
         return []
-    # The rolling median only where the value is low (the same medians, vectorised).
-    low_at = np.flatnonzero(a[th.agreement_window :] < th.agreement_drop_after) + th.agreement_window
-    windows = np.lib.stride_tricks.sliding_window_view(a, th.agreement_window)
-    medians = np.median(windows[low_at - th.agreement_window], axis=1) if low_at.size else np.zeros(0)
-    return low_at[medians > th.agreement_drop_before].tolist()
+    # The rolling medians only where the value is low (the same medians, vectorised).
+    low_at = np.flatnonzero(a[w : a.size - w + 1] < th.agreement_drop_after) + w
+    if not low_at.size:
+        return []
+    windows = np.lib.stride_tricks.sliding_window_view(a, w)
+    before = np.median(windows[low_at - w], axis=1)
+    after = np.median(windows[low_at], axis=1)
+    return low_at[(before > th.agreement_drop_before) & (after < th.agreement_drop_after)].tolist()
 
 
 def longest_run(flags: np.ndarray) -> int:

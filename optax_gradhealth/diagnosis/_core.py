@@ -45,6 +45,20 @@ class Thresholds:
         its initial value (median of the first 10 finite losses); without a loss
         column every tiny norm counts.
       vanishing_min_steps: vanishing steps needed for a finding.
+      vanishing_layer_ratio: vanishing in the layers: with ``grad/leaf_norm/<path>``
+        and a ``loss`` column, the largest leaf's median gradient norm is more than this
+        multiple of the smallest non-zero one's while the loss is still at least
+        ``vanishing_loss_fraction`` of its initial value (training stuck).
+      vanishing_leaf_fraction: vanishing in the layers needs at least this fraction of
+        the leaves (with a non-zero median norm) below the largest by that ratio: a
+        starved stack of layers, not one or two leaves whose gradient is near 0 by
+        construction (an attention key's bias: the softmax ignores a constant per query).
+      oscillation_loss_fraction: oscillation is not reported when the median loss of
+        the last quarter of the judged rows is below this fraction of the first
+        quarter's (training progresses: the swings are minibatch noise).
+      overflow_fraction: a dynamic loss scale overflows too often when
+        ``grad/num_overflows`` grows on more than this fraction of the steps after
+        warm-up (a healthy scale overflows once per growth interval).
       oscillation_ratio: a swing is a step-to-step change of the norm by more than
         this factor (up or down)...
       oscillation_fraction: ...and oscillation is a fraction of swings above this.
@@ -87,14 +101,19 @@ class Thresholds:
       agreement_high: abnormally high agreement: above this...
       agreement_high_fraction: ...on at least this fraction of steps (or any
         ``xdev/duplicate_pairs`` > 0).
-      drift_drop: gradual divergence: quarter medians of the agreement never rise and
-        the first quarter's exceeds the last quarter's by at least this.
-      outlier_fraction: a device named by the outlier detector is reported when it was
-        named on at least this fraction of the audits from its first naming on...
-      outlier_min_audits: ...and on at least this many audits (the detector in the step
-        already accumulates evidence over audits, so one naming counts by default).
+      drift_drop: gradual divergence: quarter medians of the agreement after the first
+        ``warmup_rows`` rows never rise and the first quarter's exceeds the last
+        quarter's by at least this.
+      outlier_fraction: a device named by the outlier detector is reported when, from
+        one of its namings on, it was named on at least this fraction of the audits...
+      outlier_min_audits: ...and on at least this many audits. A device named only now
+        and then (early in training, when the other devices agree closely, one noisy
+        device can score high for an audit or a few) is not reported; a device whose
+        gradient was non-finite or exactly zero at an audit always is.
       near_duplicate_min_audits: a pair flagged by the near-duplicate detector is
-        reported when flagged on at least this many audits.
+        reported when flagged on at least this many audits. (A pair whose logged
+        ``xdev/pairwise_cosine`` stands near 1 far above the other pairs' is reported
+        too: ``diagnosis.cross_device.NEAR_DUPLICATE_DISTANCE``.)
       param_desync: parameter desync when ``xdev/param_desync`` exceeds this.
 
     Example:
@@ -115,6 +134,10 @@ class Thresholds:
     vanishing_norm: float = 1e-5
     vanishing_loss_fraction: float = 0.5
     vanishing_min_steps: int = 5
+    vanishing_layer_ratio: float = 1e3
+    vanishing_leaf_fraction: float = 0.25
+    oscillation_loss_fraction: float = 0.5
+    overflow_fraction: float = 0.02
     oscillation_ratio: float = 2.0
     oscillation_fraction: float = 0.2
     direction_negative: float = -0.2
@@ -138,8 +161,8 @@ class Thresholds:
     agreement_high: float = 0.99
     agreement_high_fraction: float = 0.9
     drift_drop: float = 0.3
-    outlier_fraction: float = 0.0
-    outlier_min_audits: int = 1
+    outlier_fraction: float = 0.5
+    outlier_min_audits: int = 3
     near_duplicate_min_audits: int = 1
     param_desync: float = 0.0
 
@@ -162,6 +185,10 @@ _RANGES: dict[str, tuple[type, float, float, str]] = {
     "vanishing_norm": (float, 0.0, _INF, "a number >= 0"),
     "vanishing_loss_fraction": (float, 0.0, _INF, "a number >= 0 (a fraction of the initial loss)"),
     "vanishing_min_steps": (int, 1, _INF, "an integer >= 1"),
+    "vanishing_layer_ratio": (float, 1.0, _INF, "a number >= 1 (a ratio of gradient norms)"),
+    "vanishing_leaf_fraction": (float, 0.0, 1.0, "a fraction in [0, 1]"),
+    "oscillation_loss_fraction": (float, 0.0, 1.0, "a fraction in [0, 1]"),
+    "overflow_fraction": (float, 0.0, 1.0, "a fraction in [0, 1]"),
     "oscillation_ratio": (float, 1.0, _INF, "a number >= 1 (a factor)"),
     "oscillation_fraction": (float, 0.0, 1.0, "a fraction in [0, 1]"),
     "direction_negative": (float, -1.0, 1.0, "a cosine in [-1, 1]"),

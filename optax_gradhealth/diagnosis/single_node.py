@@ -33,6 +33,24 @@ NONFINITE = Pattern(
 )
 
 
+def row_masks(h: History) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(finite, skipped, accepted)`` per row as :func:`_columns.step_masks
+    <optax_gradhealth.diagnosis._columns.step_masks>` gives them, with the rows where a
+    dynamic loss scale skipped the step (``grad/overflowed`` 1) skipped and not finite:
+    such a step never reached the guard, whose metrics on that row still hold the
+    previous step's values (a stale norm that must not be judged again)."""
+    finite, skipped, accepted = cols.step_masks(h)
+    over = _overflowed(h)
+    return finite & ~over, skipped | over, accepted & ~over
+
+
+def _overflowed(h: History) -> np.ndarray:
+    """Rows with ``grad/overflowed`` 1 (gh.dynamic_loss_scale skipped the step)."""
+    if not h.has("grad/overflowed"):
+        return np.zeros(len(h), bool)
+    return h.col("grad/overflowed") == 1
+
+
 def _counter_max(h: History, name: str) -> int:
     """The largest logged value of a counter column (0 when it holds no finite value)."""
     values = h.col(name)
@@ -47,7 +65,7 @@ def check_nonfinite(h: History, th: Thresholds) -> list[Finding]:
     if not h.has("grad/norm"):
         return []
     steps = h.steps
-    _, skipped, _ = cols.step_masks(h)
+    _, skipped, _ = row_masks(h)
     judged = cols.gradient_rows(h)
     bad = cols.nonfinite_rows(h)
     counter = _counter_max(h, "grad/num_nonfinite") if h.has("grad/num_nonfinite") else 0
@@ -61,14 +79,34 @@ def check_nonfinite(h: History, th: Thresholds) -> list[Finding]:
     if h.has("grad/first_nonfinite_leaf") and bad.any():
         leaf = h.col("grad/first_nonfinite_leaf")[bad]
         evidence["first_nonfinite_leaf"] = int(leaf[np.isfinite(leaf)][0]) if np.isfinite(leaf).any() else -1
-    evidence["longest_run"] = cols.longest_run(bad[judged])  # consecutive logged rows
+    # Consecutive logged rows; the guard's own count of consecutive non-finite steps
+    # when logged (with log_every=N a run of bad steps can span few logged rows).
+    evidence["longest_run"] = cols.longest_run(bad[judged])
+    if h.has("grad/consecutive_nonfinite"):
+        evidence["longest_run"] = max(evidence["longest_run"], _counter_max(h, "grad/consecutive_nonfinite"))
     if bad.any():
-        shown, where = steps[bad], f"first at step {int(steps[bad][0])}"
+        shown, where = steps[bad], _first_bad_step(h, int(np.flatnonzero(bad)[0]))
     else:  # the counter grew between logged rows (no row of its own to show)
         grew = cols.counter_growth(h, "grad/num_nonfinite")
         seen = f", first seen at step {int(grew[1][0])}" if grew is not None else ""
         shown, where = steps[:0], f"between logged steps (counter only{seen})"
     return [NONFINITE.finding(f"{max(int(bad.sum()), counter)} non-finite step(s), {where}", shown, evidence)]
+
+
+def _first_bad_step(h: History, row: int) -> str:
+    """The first non-finite row's step in words: 'first at step S', or 'first logged at
+    step S (counter C there, P at step Q)' when ``grad/num_nonfinite`` rose there by more
+    than this row (earlier bad steps fell between logged rows)."""
+    step = int(h.steps[row])
+    if not h.has("grad/num_nonfinite") or not np.isfinite(h.col("grad/num_nonfinite")[row]):
+        return f"first at step {step}"
+    counter = h.col("grad/num_nonfinite")
+    before = np.flatnonzero(np.isfinite(counter[:row]))
+    previous = float(counter[before[-1]]) if before.size else 0.0
+    if counter[row] - previous <= 1:
+        return f"first at step {step}"
+    since = f", {int(previous)} at step {int(h.steps[before[-1]])}" if before.size else ""
+    return f"first logged at step {step} (counter {int(counter[row])} there{since})"
 
 
 NONFINITE_UPDATE = Pattern(
@@ -103,6 +141,86 @@ def check_nonfinite_update(h: History, th: Thresholds) -> list[Finding]:
         f"first logged at step {int(steps[0])}"
     )
     return [NONFINITE_UPDATE.finding(summary, steps, evidence)]
+
+
+LOSS_SCALE = Pattern(
+    "loss_scale",
+    "the dynamic loss scale collapsed or overflows too often: many steps skipped before the guard saw them",
+    "warning",
+    (
+        "Inf/NaN in the forward pass (a bad batch, log(0), a division by zero): no scale makes it finite",
+        "fp16 activations or the loss overflowing (above 65504) even at a small scale",
+        "parameters that diverged (learning rate too high), so every step overflows",
+    ),
+    (
+        "train in bf16 (float32's range: no loss scale needed) or keep the overflowing op in float32",
+        "find the overflowing op: run the step in float32 on the batches at the first overflow steps and "
+        "compare the activations' largest magnitudes with 65504",
+        "tune gh.dynamic_loss_scale: a higher min_scale, a shorter growth_interval (at 2000 a collapsed scale "
+        "stays down for 2000 steps)",
+        "an overflowed step keeps the guard's previous metrics: read grad/overflowed before those rows",
+    ),
+)
+
+
+def check_loss_scale(h: History, th: Thresholds) -> list[Finding]:
+    """``gh.dynamic_loss_scale``: ``grad/num_overflows`` grew on more than
+    ``overflow_fraction`` of the steps after warm-up (without the counter:
+    ``grad/overflowed`` on that fraction of the rows), or ``grad/loss_scale`` fell to 1
+    or below (its default ``min_scale``: the loss is no longer scaled up at all)."""
+    after = cols.after_warmup(h, th)
+    steps = h.steps
+    evidence: dict = {}
+    reasons = []
+    overflow_steps = steps[:0]
+    if h.has("grad/num_overflows"):
+        counter = h.col("grad/num_overflows")
+        logged = np.flatnonzero(np.isfinite(counter))
+        start = logged[logged < th.warmup_rows]
+        start = start[-1] if start.size else (logged[0] if logged.size else None)
+        judged = logged[logged > start] if start is not None else logged[:0]
+        if judged.size:
+            growth = np.maximum(np.diff(counter[np.concatenate([[start], judged])]), 0.0)
+            span = int(steps[judged[-1]] - steps[start])
+            count = int(growth.sum())
+            overflow_steps = steps[judged[growth > 0]]
+            evidence["num_overflows"] = _counter_max(h, "grad/num_overflows")
+            evidence["overflows_after_warmup"] = count
+            evidence["overflow_rate"] = count / max(span, 1)
+    elif h.has("grad/overflowed"):
+        flags = _overflowed(h) & after
+        if after.any():
+            overflow_steps = steps[flags]
+            evidence["overflowed_rows_after_warmup"] = int(flags.sum())
+            evidence["overflow_rate"] = float(flags.sum() / after.sum())
+    if evidence.get("overflow_rate", 0.0) > th.overflow_fraction:
+        count = evidence.get("overflows_after_warmup", evidence.get("overflowed_rows_after_warmup"))
+        reasons.append(
+            f"{count} step(s) overflowed after warm-up ({evidence['overflow_rate']:.1%} of the steps), "
+            f"first seen at step {int(overflow_steps[0])}"
+        )
+    if h.has("grad/loss_scale"):
+        scale = h.col("grad/loss_scale")
+        logged = np.flatnonzero(np.isfinite(scale) & (scale > 0))
+        if logged.size:
+            low = float(scale[logged].min())
+            first_low = logged[np.argmax(scale[logged] == low)]
+            high = float(scale[logged[logged < first_low]].max()) if (logged < first_low).any() else low
+            at_low = int((scale[logged] == low).sum())
+            evidence["scale_range"] = [low, float(scale[logged].max())]
+            if low <= 1.0 and high > low:
+                evidence["scale_fell_at_step"] = int(steps[first_low])
+                evidence["rows_at_lowest"] = at_low
+                reasons.insert(
+                    0,
+                    f"the loss scale fell from {high:g} to {low:g} at step {int(steps[first_low])} and was there on "
+                    f"{at_low} of {logged.size} logged rows",
+                )
+    if not reasons:
+        return []
+    if h.has("grad/overflowed"):
+        evidence["overflowed_rows"] = int(_overflowed(h).sum())
+    return [LOSS_SCALE.finding("; ".join(reasons), overflow_steps, evidence)]
 
 
 REPLAY_MISMATCH = Pattern(
@@ -163,7 +281,7 @@ def check_explosion(h: History, th: Thresholds) -> list[Finding]:
     if not h.has("grad/norm"):
         return []
     steps, norm = h.steps, h.col("grad/norm")
-    finite, _, _ = cols.step_masks(h)
+    finite, _, _ = row_masks(h)
     if h.has("grad/spike_score"):
         # The guard's rule on its logged scores (the same thresholds by default, so the
         # same steps as grad/spiked, loss spikes aside; other thresholds re-judge them).
@@ -177,8 +295,20 @@ def check_explosion(h: History, th: Thresholds) -> list[Finding]:
         spikes, score = cols.replay_spike_scores(np.where(finite, norm, np.nan), th)
         spikes = spikes & finite
         source = "the guard's spike rule replayed on grad/norm"
+    # Spikes the guard counted (grad/num_spikes) that no logged row shows: with
+    # MetricLogger(log_every=N) they fell between logged rows.
+    own = h.col("grad/spiked") == 1 if h.has("grad/spiked") else spikes
+    hidden, first_seen = _unlogged_growth(h, "grad/num_spikes", own)
     if not spikes.any():
-        return []
+        if not hidden:
+            return []
+        evidence = {
+            "num_spikes_counter": _counter_max(h, "grad/num_spikes"),
+            "spikes_between_logged_steps": hidden,
+            "first_seen_step": first_seen,
+        }
+        summary = f"{hidden} spike(s) between logged steps (counter only, first seen at step {first_seen})"
+        return [EXPLOSION.finding(summary, (), evidence)]
     worst = int(np.argmax(np.where(spikes, score, -np.inf)))
     evidence = {
         "spike_steps": int(spikes.sum()),
@@ -200,12 +330,33 @@ def check_explosion(h: History, th: Thresholds) -> list[Finding]:
         f"{int(spikes.sum())} spike(s) with spike score > {th.spike_score:g} (max {score[worst]:.3g} "
         f"at step {int(steps[worst])})"
     )
+    if hidden:
+        evidence["spikes_between_logged_steps"] = hidden
+        summary += f"; {hidden} more between logged steps (the guard's counter: {evidence['num_spikes_counter']})"
     return [EXPLOSION.finding(summary, steps[spikes], evidence)]
+
+
+def _unlogged_growth(h: History, name: str, own: np.ndarray) -> tuple[int, int | None]:
+    """``(count, first step)`` of a counter's growth that the logged rows' own flags
+    (``own``) do not account for: the events between logged rows, first seen on the row
+    where the counter had grown by more than that row's own flag (``(0, None)`` when
+    none, or when the counter is not logged). Growth is judged between consecutive
+    logged values, the first against 0; a counter that went down (a restored state) adds
+    nothing."""
+    if not h.has(name):
+        return 0, None
+    counter = h.col(name)
+    logged = np.flatnonzero(np.isfinite(counter))
+    growth = np.diff(np.concatenate([[0.0], counter[logged]]))
+    extra = np.maximum(growth - own[logged], 0.0)
+    if not extra.any():
+        return 0, None
+    return int(extra.sum()), int(h.steps[logged[np.argmax(extra > 0)]])
 
 
 VANISHING = Pattern(
     "vanishing",
-    "vanishing gradients",
+    "vanishing gradients (everywhere, or in some layers: early layers far below late ones)",
     "warning",
     (
         "poor weight initialisation (too small, saturated activations)",
@@ -216,16 +367,100 @@ VANISHING = Pattern(
         "re-scale the initialisation (e.g. muP-style), add normalisation or residual paths",
         "use bf16 or float32, or raise the loss scale",
         "check that the loss actually depends on the parameters (stop_gradient, detached branches)",
+        "fix the architecture before tuning the learning rate: the small leaves' updates are small because "
+        "their gradients are",
     ),
 )
 
 
+def _stuck_loss_rows(h: History, th: Thresholds) -> tuple[np.ndarray, float] | None:
+    """``(rows, initial loss)``: the rows whose loss is still at least
+    ``vanishing_loss_fraction`` of the initial loss (median of the first 10 finite
+    losses), when the loss at the end (median of the last 10) is too; None without a
+    loss column or when the loss fell below that (training progressed)."""
+    if not h.has("loss"):
+        return None
+    loss = h.col("loss")
+    finite = loss[np.isfinite(loss)]
+    if not finite.size:
+        return None
+    initial, final = float(np.median(finite[:10])), float(np.median(finite[-10:]))
+    limit = th.vanishing_loss_fraction * initial
+    if not final >= limit:
+        return None
+    return np.isfinite(loss) & (loss >= limit), initial
+
+
+def _vanishing_leaves(h: History, th: Thresholds) -> tuple[dict[str, float], str, float, np.ndarray] | None:
+    """``({leaf: median norm}, largest leaf, its median, judged rows)`` of the leaves
+    whose median ``grad/leaf_norm/<path>`` over the accepted rows after warm-up (where
+    the loss is stuck, :func:`_stuck_loss_rows`) is more than ``vanishing_layer_ratio``
+    times below the largest leaf's; None when none is, when fewer than
+    ``vanishing_leaf_fraction`` of the leaves are, or when not judged. Leaves whose
+    median is exactly 0 are left out (``dead_leaf`` judges them)."""
+    names = h.leaf_names()
+    stuck = _stuck_loss_rows(h, th) if names and h.has("grad/norm") else None
+    if stuck is None:
+        return None
+    rows = stuck[0] & row_masks(h)[2] & cols.after_warmup(h, th)
+    if rows.sum() < th.min_steps:
+        return None
+    medians = {}
+    for name in names:
+        values = h.col(f"grad/leaf_norm/{name}")[rows]
+        values = values[np.isfinite(values)]
+        median = float(np.median(values)) if values.size >= th.min_steps else 0.0
+        if median > 0:
+            medians[name] = median
+    if len(medians) < 2:
+        return None
+    largest = max(medians, key=medians.get)
+    limit = medians[largest] / th.vanishing_layer_ratio
+    small = {name: m for name, m in sorted(medians.items(), key=lambda kv: kv[1]) if m < limit}
+    if not small or len(small) < th.vanishing_leaf_fraction * len(medians):
+        return None
+    return small, largest, medians[largest], rows
+
+
 def check_vanishing(h: History, th: Thresholds) -> list[Finding]:
-    """Tiny finite norms while the loss (if logged) is still high."""
+    """Tiny finite norms while the loss (if logged) is still high; or, with per-leaf
+    norms and a loss that is stuck, leaves whose median norm is more than
+    ``vanishing_layer_ratio`` below the largest leaf's (early layers starved while the
+    last ones dominate the global norm)."""
     if not h.has("grad/norm"):
         return []
+    layers = _vanishing_leaves(h, th)
+    found = _vanishing_global(h, th)
+    if layers is None:
+        return found
+    small, largest, top, rows = layers
+    shown = ", ".join(f"{name} ({value:.2g})" for name, value in list(small.items())[:5])
+    more = f" and {len(small) - 5} more" if len(small) > 5 else ""
+    evidence = {
+        "leaves": list(small),
+        "median_leaf_norms": list(small.values()),
+        "largest_leaf": largest,
+        "largest_median_norm": top,
+        "layer_ratio": top / min(small.values()),
+        "threshold_ratio": th.vanishing_layer_ratio,
+        "steps_judged": int(rows.sum()),
+    }
+    summary = (
+        f"{len(small)} leaf(s) with a median gradient norm over {th.vanishing_layer_ratio:g}x below the largest "
+        f"({largest}, {top:.2g}) while the loss is stuck (>= {th.vanishing_loss_fraction:g} x initial): "
+        f"{shown}{more}"
+    )
+    if found:  # the global norm is tiny too: one finding with both
+        first = found[0]
+        merged = {**first.evidence, **{f"layers_{k}": v for k, v in evidence.items()}}
+        return [VANISHING.finding(f"{first.summary}; {summary}", first.steps, merged)]
+    return [VANISHING.finding(summary, h.steps[rows], evidence)]
+
+
+def _vanishing_global(h: History, th: Thresholds) -> list[Finding]:
+    """Tiny finite norms (below ``vanishing_norm``) while the loss (if logged) is still high."""
     steps, norm = h.steps, h.col("grad/norm")
-    finite, _, _ = cols.step_masks(h)
+    finite, _, _ = row_masks(h)
     tiny = finite & (norm < th.vanishing_norm)
     loss_note = "no loss logged"
     if h.has("loss"):
@@ -265,11 +500,14 @@ OSCILLATION = Pattern(
 def check_oscillation(h: History, th: Thresholds) -> list[Finding]:
     """Frequent large swings between consecutive finite norms after warm-up (judged from
     the norms only when the direction, ``grad/step_cosine``, was not logged: with it,
-    ``direction_oscillation`` judges the steps themselves)."""
+    ``direction_oscillation`` judges the steps themselves), while the loss (if logged)
+    is not improving: not reported when the median loss of the last quarter of the
+    judged rows is below ``oscillation_loss_fraction`` of the first quarter's (near its
+    noise floor a minibatch gradient's norm swings by 2x on a healthy run)."""
     if not h.has("grad/norm") or h.has("grad/step_cosine"):
         return []
     steps, norm = h.steps, h.col("grad/norm")
-    finite, _, _ = cols.step_masks(h)
+    finite, _, _ = row_masks(h)
     usable = finite & cols.after_warmup(h, th) & (norm > 0)
     pair = usable[1:] & usable[:-1]
     if pair.sum() < th.min_steps:
@@ -286,6 +524,15 @@ def check_oscillation(h: History, th: Thresholds) -> list[Finding]:
         "norm_cv": float(np.std(values) / np.mean(values)),
         "steps_judged": int(pair.sum()),
     }
+    if h.has("loss"):
+        loss = h.col("loss")[usable]
+        loss = loss[np.isfinite(loss)]
+        if loss.size >= 4:
+            quarter = loss.size // 4
+            first, last = float(np.median(loss[:quarter])), float(np.median(loss[-quarter:]))
+            if last < th.oscillation_loss_fraction * first:
+                return []  # the loss keeps falling: the swings are minibatch noise
+            evidence["loss_first_quarter"], evidence["loss_last_quarter"] = first, last
     summary = f"{fraction:.0%} of steps change the norm by more than {th.oscillation_ratio:g}x"
     return [OSCILLATION.finding(summary, steps[1:][pair][swings], evidence)]
 
@@ -312,6 +559,7 @@ def _cosines_after_warmup(h: History, th: Thresholds) -> tuple[np.ndarray, np.nd
     rows = cols.after_warmup(h, th) & np.isfinite(cosine)
     if h.has("grad/skipped"):
         rows &= h.col("grad/skipped") != 1
+    rows &= ~_overflowed(h)
     if rows.sum() < th.min_steps:
         return None
     return cosine, rows
@@ -401,10 +649,11 @@ UPDATE_RATIO_LOW = Pattern(
 )
 DEAD_LEAF = Pattern(
     "dead_leaf",
-    "leaves that never change (update/param ratio 0 on every step)",
+    "leaves that never change or never get a gradient (update/param ratio or gradient norm 0 on every step)",
     "warning",
     (
-        "a dead layer: its gradient is exactly 0 (dead ReLUs, a detached branch, a parameter the loss never uses)",
+        "a dead layer: its gradient is exactly 0 (dead ReLUs, a detached branch, a parameter the loss never uses); "
+        "under decoupled weight decay (adamw) the leaf still moves, shrunk by the decay alone",
         "frozen on purpose (optax.set_to_zero, optax.multi_transform): then nothing is wrong",
         "a parameter still exactly 0, whose ratio is undefined (recorded 0), that nothing moves",
     ),
@@ -431,9 +680,10 @@ def _update_ratios(h: History, th: Thresholds) -> tuple[dict[str, np.ndarray], n
         return None
     rows = cols.after_warmup(h, th)
     if h.has("grad/norm"):
-        rows &= cols.step_masks(h)[2]
+        rows &= row_masks(h)[2]
     elif h.has("grad/skipped"):
         rows &= h.col("grad/skipped") != 1
+    rows &= ~_overflowed(h)
     for values in ratios.values():
         rows &= np.isfinite(values)
     if rows.sum() < th.min_steps:
@@ -474,17 +724,64 @@ def check_update_ratio_low(h: History, th: Thresholds) -> list[Finding]:
     ratios, rows = found
     medians = {name: float(np.median(v[rows])) for name, v in ratios.items() if np.any(v[rows] > 0)}
     low = {name: m for name, m in sorted(medians.items(), key=lambda kv: kv[1]) if m < th.update_ratio_low}
+    if low:
+        # Leaves without a gradient (dead_leaf) or whose gradient vanishes (vanishing)
+        # are slow because of the gradient, not the learning rate: reported there.
+        explained = set(_zero_gradient_leaves(h, th)[0])
+        vanishing = _vanishing_leaves(h, th)
+        if vanishing is not None:
+            explained |= set(vanishing[0])
+        low = {name: m for name, m in low.items() if name not in explained}
     return _ratio_finding(UPDATE_RATIO_LOW, h, low, rows, th.update_ratio_low) if low else []
 
 
+def _zero_gradient_leaves(h: History, th: Thresholds) -> tuple[list[str], np.ndarray]:
+    """``(leaves, judged rows)``: the leaves whose ``grad/leaf_norm/<path>`` is exactly 0
+    on every accepted row after warm-up (at least ``min_steps`` of them, each logged)."""
+    names = h.leaf_names()
+    if not names or not h.has("grad/norm"):
+        return [], np.zeros(len(h), bool)
+    rows = row_masks(h)[2] & cols.after_warmup(h, th)
+    dead = []
+    for name in names:
+        values = h.col(f"grad/leaf_norm/{name}")[rows]
+        if values.size >= th.min_steps and np.all(values == 0):
+            dead.append(name)
+    return dead, rows
+
+
 def check_dead_leaf(h: History, th: Thresholds) -> list[Finding]:
-    """Leaves whose update/param ratio is exactly 0 on every accepted step after warm-up."""
+    """Leaves whose update/param ratio is exactly 0 on every accepted step after warm-up,
+    or whose gradient norm (``grad/leaf_norm/<path>``) is: decoupled weight decay moves a
+    leaf without a gradient, so its ratio is not 0 (judged without ``params`` too)."""
     found = _update_ratios(h, th)
-    if found is None:
+    ratios, ratio_rows = found if found is not None else ({}, np.zeros(len(h), bool))
+    zero_update = [name for name, values in ratios.items() if not np.any(values[ratio_rows] != 0)]
+    zero_gradient, grad_rows = _zero_gradient_leaves(h, th)
+    leaves = sorted(set(zero_update) | set(zero_gradient))
+    if not leaves:
         return []
-    ratios, rows = found
-    dead = {name: 0.0 for name, values in ratios.items() if not np.any(values[rows] != 0)}
-    return _ratio_finding(DEAD_LEAF, h, dead, rows, 0.0) if dead else []
+    moved = [name for name in zero_gradient if name in ratios and name not in zero_update]
+    rows = ratio_rows | grad_rows
+
+    def note(name):
+        if name in moved:
+            return "gradient 0, moved by weight decay alone"
+        words = (("update 0", name in zero_update), ("gradient 0", name in zero_gradient))
+        return ", ".join(word for word, on in words if on)
+
+    shown = ", ".join(f"{name} ({note(name)})" for name in leaves[:5])
+    more = f" and {len(leaves) - 5} more" if len(leaves) > 5 else ""
+    evidence = {
+        "leaves": leaves,
+        "median_ratios": [float(np.median(ratios[n][ratio_rows])) if n in ratios and found else None for n in leaves],
+        "zero_update": zero_update,
+        "zero_gradient": zero_gradient,
+        "moved_by_weight_decay_alone": moved,
+        "steps_judged": int(rows.sum()),
+    }
+    summary = f"{len(leaves)} leaf(s) never changed or got no gradient over {int(rows.sum())} steps: {shown}{more}"
+    return [DEAD_LEAF.finding(summary, h.steps[rows], evidence)]
 
 
 LEAF_CLIP_ALWAYS = Pattern(
@@ -519,6 +816,7 @@ def check_leaf_clip_always(h: History, th: Thresholds) -> list[Finding]:
     rows = cols.after_warmup(h, th)
     if h.has("grad/skipped"):
         rows &= h.col("grad/skipped") != 1
+    rows &= ~_overflowed(h)
     out = []
     for name, of_what in _CLIP_FRACTIONS:
         if not h.has(name):
@@ -610,7 +908,7 @@ def _clip_calibration(h: History, th: Thresholds) -> tuple[np.ndarray, np.ndarra
     if not (h.has("grad/norm") and h.has("grad/clipped") and h.has("grad/clip_threshold")):
         return None
     norm, threshold = h.col("grad/norm"), h.col("grad/clip_threshold")
-    finite, _, accepted = cols.step_masks(h)
+    finite, _, accepted = row_masks(h)
     after = cols.after_warmup(h, th)
     judged = accepted & after & np.isfinite(threshold)
     if judged.sum() < th.min_steps:
@@ -733,6 +1031,7 @@ def check_restart(h: History, th: Thresholds) -> list[Finding]:
 CHECKS = (
     (NONFINITE, check_nonfinite),
     (NONFINITE_UPDATE, check_nonfinite_update),
+    (LOSS_SCALE, check_loss_scale),
     (REPLAY_MISMATCH, check_replay_mismatch),
     (EXPLOSION, check_explosion),
     (VANISHING, check_vanishing),
