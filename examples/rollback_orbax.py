@@ -10,8 +10,14 @@ The run is a small regression (an MLP in plain JAX + optax) whose data depend on
 the step number, so that a resumed run sees exactly the batches the original saw. A
 stretch of broken batches (NaN inputs, ``--bad-from`` for ``--bad-steps`` steps) makes
 the guard skip them and, after ``rollback_after_nonfinite`` in a row, raise its sticky
-rollback recommendation. The loop then restores the newest checkpoint, saved only
-when no step since the previous one was skipped, and continues with the next batch.
+rollback recommendation. The loop then restores the last healthy checkpoint and
+continues with the next batch. A checkpoint is saved every ``save_every`` steps when no
+step since the previous save step was skipped, and the one saved before it then counts
+as healthy (a whole interval without a skip followed it). The newest checkpoint is not
+restored: an update that damages the parameters without being skipped (a learning-rate
+spike: its gradient is normal) shows only in the steps after it. Before the first
+healthy checkpoint a rollback restores the state the run started from
+(``--bad-from 0``).
 
 What is checkpointed is the whole optimizer state, guard included: its running
 statistics, counters and the inner moments round-trip through orbax, so a run resumed
@@ -129,13 +135,15 @@ def train(
     state: tuple[Any, Any] | None = None,
     verbose: bool = False,
 ) -> dict[str, Any]:
-    """Runs steps ``start`` .. ``steps - 1``; saves every ``save_every`` steps when
-    healthy; restores the newest checkpoint when the guard recommends a rollback.
-    ``ckpt_dir`` must be new or empty (:func:`refuse_non_empty`).
+    """Runs steps ``start`` .. ``steps - 1``; saves a checkpoint every ``save_every``
+    steps after an interval without a skipped step, which makes the previous one healthy;
+    when the guard recommends a rollback, restores the last healthy checkpoint (the state
+    the run started from when there is none yet) and deletes the newer one. ``ckpt_dir``
+    must be new or empty (:func:`refuse_non_empty`).
 
     Returns the final ``params``, ``opt_state``, the ``rollbacks`` as
-    ``(step, restored_step)`` pairs, the ``saved`` steps and the per-step ``rollback``
-    flags the loop saw.
+    ``(step, restored_step)`` pairs (``restored_step`` None: the starting state), the
+    ``saved`` steps and the per-step ``rollback`` flags the loop saw.
     """
     refuse_non_empty(ckpt_dir)
     tx = make_optimizer()
@@ -145,7 +153,10 @@ def train(
     step_fn = make_step(tx)
     manager = checkpoint_manager(ckpt_dir)
     rollbacks, saved, flags = [], [], []
-    skipped_at_save = int(gh.metrics(opt_state, deprecated_names=False)["grad/num_skipped"])
+    num_skipped = lambda state: int(gh.metrics(state, deprecated_names=False)["grad/num_skipped"])
+    # Before the first healthy checkpoint, a rollback goes back to where the run started.
+    start_state, healthy, candidate = (params, opt_state), None, None
+    skipped_at_save = num_skipped(opt_state)
     for step in range(start, steps):
         x, y = batch(step, seed)
         if bad_from is not None and bad_from <= step < bad_from + bad_steps:
@@ -154,16 +165,24 @@ def train(
         rollback = bool(metrics["grad/rollback_recommended"])  # one scalar fetch; check less often in big runs
         flags.append(rollback)
         if rollback:
-            params, opt_state, restored_step = restore(manager, None, params, opt_state)
-            rollbacks.append((step, restored_step))
-            skipped_at_save = int(gh.metrics(opt_state, deprecated_names=False)["grad/num_skipped"])
+            if healthy is None:
+                params, opt_state = start_state
+            else:
+                params, opt_state, _ = restore(manager, healthy, params, opt_state)
+            rollbacks.append((step, healthy))
+            if candidate is not None:  # saved after the healthy state: not to be trusted
+                manager.delete(candidate)
+            candidate, skipped_at_save = None, num_skipped(opt_state)
             if verbose:
-                print(f"step {step}: rollback recommended -> restored checkpoint {restored_step}")
+                restored = f"checkpoint {healthy}" if healthy is not None else "the starting state"
+                print(f"step {step}: rollback recommended -> restored {restored}")
         elif step % save_every == 0:
             skipped = int(metrics["grad/num_skipped"])
-            if skipped == skipped_at_save:  # healthy since the last save
+            if skipped == skipped_at_save:  # no skip since the last save step
+                healthy = healthy if candidate is None else candidate  # a clean interval followed it
                 save(manager, step, params, opt_state)
                 saved.append(step)
+                candidate = step
             skipped_at_save = skipped
         if verbose and step % 50 == 0:
             print(f"step {step:4d}  loss {float(loss):.4f}  norm {float(metrics['grad/norm']):.4f}")

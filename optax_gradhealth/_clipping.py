@@ -372,8 +372,16 @@ class PercentileClip:
             percentile_num_accepted=jnp.zeros((), jnp.int32),
         )
 
+    def _check_state(self, state: PercentileClipState) -> None:
+        """A history of another length (a checkpoint of another ``history_size``) is refused."""
+        shape = jnp.shape(state.percentile_history)
+        if shape != (self.history_size,):
+            size = self.history_size
+            raise other_config_error("gh.PercentileClip", "percentile_history", "history_size", shape, size)
+
     def threshold(self, state: PercentileClipState) -> jax.Array:
         """The ``percentile`` of the accepted norms in the history once warm, capped at ``max_norm``."""
+        self._check_state(state)
         # Slots not yet written hold NaN and are ignored.
         value = jnp.nanpercentile(state.percentile_history, self.percentile)
         warm = state.percentile_num_accepted >= max(self.warmup_steps, 1)
@@ -384,6 +392,7 @@ class PercentileClip:
 
     def update(self, state: PercentileClipState, norm: jax.Array, accepted: jax.Array) -> PercentileClipState:
         """Writes an accepted ``norm`` into the ring of recent norms."""
+        self._check_state(state)
         norm = jnp.asarray(norm, jnp.float32)  # the state stays float32 (a float64 norm under x64)
         accepted = accepted & jnp.isfinite(norm) & (norm > 0)  # a zero norm says nothing of the scale
         slot = state.percentile_num_accepted % self.history_size
@@ -545,6 +554,26 @@ def ring_write(buffer: jax.Array, slot: jax.Array, value: jax.Array) -> jax.Arra
     """
     hit = jnp.arange(buffer.shape[0], dtype=jnp.asarray(slot).dtype) == slot
     return jnp.where(hit, jnp.asarray(value, buffer.dtype), buffer)
+
+
+def other_config_error(what: str, field: str, argument: str, built: Any, configured: Any) -> ValueError:
+    """The error for a state whose ``field`` was built with ``argument=built`` (a buffer's
+    shape stands for its length) given to a transformation that has
+    ``argument=configured``: a state restored from a checkpoint of another configuration.
+
+    The callers compare static shapes and structure only (Python, at trace time): nothing
+    is added to the compiled step. orbax refuses such a restore itself;
+    ``flax.serialization`` does not check shapes, and fills a ``None`` field of its target
+    with the saved array.
+    """
+    if isinstance(built, tuple):  # a buffer's shape
+        built = built[0] if len(built) == 1 else f"? (a `{field}` of shape {built})"
+    return ValueError(
+        f"{what}: the state's `{field}` was built for {argument}={built}, but this {what} has "
+        f"{argument}={configured}. Was it restored from a checkpoint of another configuration? Restore "
+        "into `tx.init(params)` of a transformation built with the same arguments (flax.serialization "
+        "does not check shapes; orbax does)."
+    )
 
 
 def check_same_structure(grads: Any, expected: Any, what: str) -> None:

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_gradhealth import _catalogue, _interfaces, _stats, _vma
+from optax_gradhealth import _catalogue, _clipping, _interfaces, _stats, _vma
 from optax_gradhealth import _sketch as sketch
 from optax_gradhealth import _validation as check
 
@@ -98,6 +98,9 @@ def record_step_cosine(sketch_dim: int = 1024, seed: int = 0) -> optax.GradientT
 
     def update_fn(updates, state, params=None):
         del params
+        shape = jnp.shape(state.step_sketch)  # static: a checkpoint of another sketch_dim is refused
+        if shape != (dim,):
+            raise _clipping.other_config_error("gh.record_step_cosine", "step_sketch", "sketch_dim", shape, dim)
         leaves = jax.tree.leaves(updates)
         current = jnp.zeros((dim,), jnp.float32)
         for i, x in enumerate(leaves):

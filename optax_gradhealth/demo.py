@@ -3,10 +3,11 @@ standard library's own source files, with scripted faults, guarded by ``gh.guard
 
 Run ``python -m optax_gradhealth.demo`` (about a minute on a laptop CPU). It shows a
 progress bar with the loss and the gradient norm, injects a NaN batch, a corrupted
-batch and a learning-rate spike, restores the last healthy snapshot if the guard
-recommends a rollback (the default faults usually stop short of one: at most 7 spikes
-in a row, below its ``rollback_after_spikes=8``), prints the diagnosis and writes ``run.jsonl``, ``report.png``
-and the findings into the current folder (or ``--out DIR``).
+batch and a learning-rate spike, restores the last healthy snapshot (one followed by
+a snapshot interval without a skipped step) if the guard recommends a rollback (the
+default faults usually stop short of one: at most 7 spikes in a row, below its
+``rollback_after_spikes=8``), prints the diagnosis and writes ``run.jsonl``,
+``report.png`` and the findings into the current folder (or ``--out DIR``).
 
 The model, the data and the training loop live here so that
 ``examples/char_transformer.py`` (the same run with ``--inject`` faults of your
@@ -268,7 +269,13 @@ def train_step(model, optimizer, tokens, weights, lr_multiplier):
 def train(config: TrainConfig) -> dict[str, Any]:
     """Trains the character transformer with the scripted faults and writes the log
     (and the report). Returns a summary: final loss, event counts (from the log),
-    rollbacks, findings and the paths written."""
+    rollbacks (``(step, restored)`` pairs: the snapshot's step, None for the initial
+    state), findings and the paths written.
+
+    A snapshot is taken every ``snapshot_every`` steps after an interval without a
+    skipped step. A rollback restores the newest snapshot but one (the newest has no
+    interval without a skip after it yet): the update of a learning-rate spike is not
+    skipped, so a snapshot taken just after it would hold the damage."""
     faults = parse_faults(config.faults)
     os.makedirs(config.out, exist_ok=True)
     log_path = os.path.join(config.out, config.log_name)
@@ -282,8 +289,14 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     # cached_partial traverses the model/optimizer graph once, not on every call.
     step_fn = nnx.cached_partial(train_step, model, optimizer)
-    snapshot = nnx.clone((model, optimizer))
-    snapshot_step, skipped_at_snapshot, rollbacks = 0, 0, []
+    # Two snapshots. A snapshot step after an interval without a skip takes a `candidate`,
+    # and the candidate before it becomes `healthy` (the one a rollback restores): a whole
+    # interval without a skip came after it. The newest snapshot is not restored: a
+    # learning-rate spike's own update is not skipped (its gradient is normal), so a
+    # snapshot taken right after it holds the damage, which only the spikes of the steps
+    # after it give away. `healthy` starts as the initial state.
+    healthy = _Snapshot(nnx.clone((model, optimizer)), None, 0)
+    candidate, skipped_at_snapshot, rollbacks = None, 0, []
     progress = _progress(config)
     started = time.perf_counter()
     with gh.MetricLogger(gh.JsonlWriter(log_path, overwrite=True), log_every=config.log_every, all_steps=True) as log:
@@ -304,16 +317,16 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 if flags["grad/rollback_recommended"]:
                     # Restore the last healthy snapshot: parameters and the whole optimizer state
                     # (the guard's sticky flag, its statistics and the inner moments).
-                    nnx.update((model, optimizer), nnx.state(nnx.clone(snapshot)))
-                    rollbacks.append((step, snapshot_step))
-                    _say(
-                        progress, f"step {step}: guard recommends rollback -> restored snapshot of step {snapshot_step}"
-                    )
-                elif step % config.snapshot_every == 0 and int(flags["grad/num_skipped"]) == skipped_at_snapshot:
-                    snapshot = nnx.clone((model, optimizer))
-                    snapshot_step, skipped_at_snapshot = step, int(flags["grad/num_skipped"])
+                    nnx.update((model, optimizer), nnx.state(nnx.clone(healthy.objects)))
+                    rollbacks.append((step, healthy.step))
+                    candidate, skipped_at_snapshot = None, healthy.num_skipped  # the restored counters
+                    _say(progress, f"step {step}: guard recommends rollback -> restored {_snapshot_name(healthy.step)}")
                 elif step % config.snapshot_every == 0:
-                    skipped_at_snapshot = int(flags["grad/num_skipped"])  # judge the next interval afresh
+                    skipped = int(flags["grad/num_skipped"])
+                    if skipped == skipped_at_snapshot:  # no skip since the last snapshot step
+                        healthy = healthy if candidate is None else candidate
+                        candidate = _Snapshot(nnx.clone((model, optimizer)), step, skipped)
+                    skipped_at_snapshot = skipped  # judge the next interval afresh
     seconds = time.perf_counter() - started
     # Count events from the log: a rollback restores the state's counters too.
     rows = gh.read_jsonl(log_path)
@@ -342,6 +355,19 @@ def train(config: TrainConfig) -> dict[str, Any]:
         "log": log_path,
         "report": report_path if report else None,
     }
+
+
+class _Snapshot(NamedTuple):
+    """An in-memory copy of ``(model, optimizer)``, taken after the update of ``step``
+    (None: the initial state), and the skipped steps counted then."""
+
+    objects: Any
+    step: int | None
+    num_skipped: int
+
+
+def _snapshot_name(step: int | None) -> str:
+    return "the initial state" if step is None else f"the snapshot of step {step}"
 
 
 def _progress(config: TrainConfig):
@@ -390,7 +416,7 @@ def print_summary(result: dict[str, Any]) -> None:
     events = ", ".join(f"{k}={v}" for k, v in result["events"].items())
     print(f"\ntrained in {result['seconds']:.1f}s; final loss {result['final_loss']:.3f}; steps with {events}")
     for step, restored in result["rollbacks"]:
-        print(f"rollback at step {step}: restored the snapshot of step {restored}")
+        print(f"rollback at step {step}: restored {_snapshot_name(restored)}")
     print()
     print(gh.format_findings(result["findings"]))
     written = [result["log"]]

@@ -665,3 +665,33 @@ def test_zero_norms_are_left_out_of_the_adaptive_statistics():
         np.testing.assert_allclose(got[i], expected, rtol=1e-6, err_msg=f"step {i}")
         if norm > 0:
             kept.append(norm)
+
+
+def test_percentile_state_of_another_history_size_is_refused():
+    """flax.serialization restores a PercentileClip(history_size=100) state into a
+    history_size=50 target without checking shapes: the policy kept 100 slots, wrote
+    only slots 0..49 and took every later percentile over 50 stale norms. Now the first
+    threshold or update refuses it (standalone, in clip_by_global_norm and in the guard),
+    naming both sizes."""
+    from flax import serialization
+
+    params = {"w": jnp.ones(3)}
+    grads = {"w": jnp.array([1.0, 2.0, 2.0])}
+    big, small = gh.PercentileClip(history_size=100), gh.PercentileClip(history_size=50)
+    match = "(?s)percentile_history.*history_size=100.*history_size=50.*Restore into `tx.init"
+    foreign = serialization.from_bytes(small.init(), serialization.to_bytes(big.init()))
+    with pytest.raises(ValueError, match=match):
+        small.threshold(foreign)
+    with pytest.raises(ValueError, match=match):
+        small.update(foreign, jnp.float32(1.0), jnp.bool_(True))
+    for make in (lambda p: gh.clip_by_global_norm(p), lambda p: gh.guard(optax.sgd(0.1), clip=p)):
+        old, new = make(big), make(small)
+        _, state = old.update(grads, old.init(params), params)
+        restored = serialization.from_bytes(new.init(params), serialization.to_bytes(state))
+        for update in (new.update, jax.jit(new.update)):
+            with pytest.raises(ValueError, match=match):
+                update(grads, restored, params)
+    # The same size restores and runs: the history holds the one norm written, |g| = 3.
+    state = small.update(small.init(), jnp.float32(3.0), jnp.bool_(True))
+    restored = serialization.from_bytes(small.init(), serialization.to_bytes(state))
+    assert np.nanmax(np.asarray(restored.percentile_history)) == np_norm(grads)

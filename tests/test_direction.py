@@ -122,3 +122,23 @@ def test_a_seed_beyond_int32_is_a_seed(seed):
     np.testing.assert_allclose(cosines[1:], [1.0, -1.0], atol=1e-6)
     with pytest.raises(ValueError, match="`seed` must be an int >= 0"):
         gh.record_step_cosine(seed=-1)
+
+
+def test_a_state_of_another_sketch_dim_is_refused():
+    """flax.serialization restores a record_step_cosine(64) state into a (32) target
+    without checking shapes; the update then failed with a bare broadcasting error. Now a
+    ValueError names the field, both sketch sizes and the remedy."""
+    from flax import serialization
+
+    params = {"w": jnp.ones(5)}
+    grads = {"w": jnp.arange(5.0)}
+    old, new = gh.record_step_cosine(64), gh.record_step_cosine(32)
+    _, state = old.update(grads, old.init(params))
+    restored = serialization.from_bytes(new.init(params), serialization.to_bytes(state))
+    for update in (new.update, jax.jit(new.update)):
+        with pytest.raises(ValueError, match=r"(?s)step_sketch.*sketch_dim=64.*sketch_dim=32.*Restore into `tx.init"):
+            update(grads, restored)
+    # The same sketch size runs on: the same gradient again has cosine 1.
+    same = serialization.from_bytes(old.init(params), serialization.to_bytes(state))
+    _, after = old.update(grads, same)
+    np.testing.assert_allclose(float(after.step_cosine), _exact_cosine(grads["w"], grads["w"]), atol=1e-6)

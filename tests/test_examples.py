@@ -3,6 +3,7 @@
 import os
 import pathlib
 
+import jax
 import numpy as np
 
 import optax_gradhealth as gh
@@ -20,15 +21,14 @@ def test_char_transformer_with_injected_faults_and_a_rollback(tmp_path, capsys):
     assert rows[24]["grad/finite"] == 0 and rows[24]["grad/skipped"] == 1
     assert rows[32]["grad/spiked"] == 1 and rows[32]["grad/skipped"] == 1
     # The LR spike damages the model: spikes in a row, then the sticky rollback flag; the loop
-    # checks every 5 steps and restores the last healthy snapshot (step 0: later intervals had skips).
+    # checks every 5 steps and restores the last healthy snapshot: the initial state (the
+    # step-0 snapshot is the newest: no later snapshot step has confirmed it).
     flagged = [r["step"] for r in rows if r["grad/rollback_recommended"] == 1]
     assert flagged, "the LR spike should end in a rollback recommendation"
     restore_step = -(-flagged[0] // 5) * 5
-    assert result["rollbacks"] == [(restore_step, 0)]
+    assert result["rollbacks"] == [(restore_step, None)]
     after = rows[restore_step + 1]
-    assert (
-        after["grad/rollback_recommended"] == 0 and after["grad/num_steps"] == 2
-    )  # counters of the step-0 snapshot, +1
+    assert after["grad/rollback_recommended"] == 0 and after["grad/num_steps"] == 1  # initial counters, +1
     assert np.isfinite(result["final_loss"])
     patterns = {f.pattern: f for f in result["findings"]}
     assert patterns["nonfinite"].steps == (24,)
@@ -37,7 +37,33 @@ def test_char_transformer_with_injected_faults_and_a_rollback(tmp_path, capsys):
     assert (tmp_path / "report.png").stat().st_size > 10_000
     assert (tmp_path / "report.findings.txt").exists()
     out = capsys.readouterr().out
-    assert "gradhealth diagnosis" in out and f"rollback at step {restore_step}" in out
+    assert "gradhealth diagnosis" in out and f"rollback at step {restore_step}: restored the initial state" in out
+
+
+def test_demo_rollback_restores_a_snapshot_from_before_an_unskipped_lr_spike(tmp_path):
+    """A learning-rate spike's own update is not skipped (its gradient is normal): with
+    the spike at a snapshot step, the snapshot taken right after it held the damaged
+    parameters, and the rollback restored them (the README's lr@200 at snapshot_every=50:
+    loss ~3.9 after the restore instead of ~2.05, the first steps after it skipped as
+    spikes). A snapshot is now restored only once a whole interval without a skip has
+    followed it. Reference: the same log's losses before the fault."""
+    from optax_gradhealth import demo
+
+    fault = 30
+    config = demo.TrainConfig(
+        steps=60, faults=f"lr@{fault}:3", snapshot_every=10, out=str(tmp_path), progress=False, report=False
+    )
+    result = demo.train(config)
+    rows = gh.read_jsonl(tmp_path / "run.jsonl")
+    assert result["rollbacks"], "the LR spike should end in a rollback"
+    (step, restored), *_ = result["rollbacks"]
+    assert restored is not None and restored < fault, result["rollbacks"]
+    after = rows[step + 1]
+    assert after["grad/num_steps"] == restored + 2  # the snapshot's counters, +1
+    assert after["grad/skipped"] == 0 and after["grad/rollback_recommended"] == 0
+    before = np.median([row["loss"] for row in rows[fault - 10 : fault]])
+    assert all(row["loss"] < 1.25 * before for row in rows[step + 1 :]), (before, [r["loss"] for r in rows[step:]])
+    assert len(result["rollbacks"]) == 1
 
 
 def test_char_transformer_bad_fault_spec_is_a_usage_error(capsys):
@@ -90,8 +116,66 @@ def test_rollback_orbax_example(tmp_path, capsys):
     result = load_example("rollback_orbax").main(
         ["--steps", "40", "--bad-from", "22", "--bad-steps", "6", "--ckpt", str(tmp_path / "ckpt")]
     )
-    assert result["rollbacks"] == [(26, 20)]
-    assert "restored checkpoint 20" in capsys.readouterr().out
+    # Checkpoint 20 is only a candidate: the NaN batches from 22 on follow it, so the
+    # rollback restores checkpoint 0 (the interval after it, 1..20, had no skip), and
+    # deletes checkpoint 20.
+    assert result["rollbacks"] == [(26, 0)] and result["saved"] == [0, 20]
+    assert "restored checkpoint 0" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["0"]
+
+
+def _with_lr_spike_at(example, monkeypatch, fault, magnitude):
+    """Patches the example's step so that the update of step ``fault`` is applied
+    ``magnitude`` times (a learning-rate spike: the gradient is normal, nothing is skipped)."""
+    make_step = example.make_step
+
+    def spiked(tx):
+        step_fn, calls = make_step(tx), [0]
+
+        def step(params, opt_state, x, y):
+            new, opt_state, loss, metrics = step_fn(params, opt_state, x, y)
+            if calls[0] == fault:
+                new = jax.tree.map(lambda n, p: p + magnitude * (n - p), new, params)
+            calls[0] += 1
+            return new, opt_state, loss, metrics
+
+        return step
+
+    monkeypatch.setattr(example, "make_step", spiked)
+
+
+def test_rollback_orbax_restores_a_checkpoint_from_before_an_unskipped_lr_spike(tmp_path, monkeypatch):
+    """The update of step 20 (a save step) applied x1000: not skipped, so checkpoint 20
+    was saved with the damaged parameters, every later step spiked, and each rollback
+    restored checkpoint 20 again (rollbacks at 30, 40, ..., 70, all to 20). Now the
+    rollback restores a checkpoint that a whole interval without a skip followed, and
+    the run recovers. Reference: a clean run of the same steps."""
+    example = load_example("rollback_orbax")
+    clean = example.train(80, str(tmp_path / "clean"), save_every=10)
+    _with_lr_spike_at(example, monkeypatch, fault=20, magnitude=1000.0)
+    run = example.train(80, str(tmp_path / "ckpt"), save_every=10)
+    assert len(run["rollbacks"]) == 1, run["rollbacks"]
+    ((step, restored),) = run["rollbacks"]
+    assert restored is not None and restored < 20
+    assert not any(run["flags"][step + 1 :])
+    x, y = example.batch(1000)  # a batch neither run trained on
+    final, reference = (float(example.loss_fn(r["params"], x, y)) for r in (run, clean))
+    assert final < 1.5 * reference, (final, reference)
+
+
+def test_rollback_orbax_before_any_checkpoint_restores_the_starting_state(tmp_path, capsys):
+    """--bad-from 0: step 0 is skipped, so nothing is saved before the rollback at step 4;
+    restore(manager, None) raised FileNotFoundError ("No steps found"). Now the rollback
+    restores the state the run started from. Reference: a clean run started at step 5
+    from the initial state, bit for bit."""
+    example = load_example("rollback_orbax")
+    result = example.main(["--steps", "30", "--bad-from", "0", "--bad-steps", "5", "--ckpt", str(tmp_path / "a")])
+    assert result["rollbacks"] == [(4, None)]
+    assert "step 4: rollback recommended -> restored the starting state" in capsys.readouterr().out
+    assert not any(result["flags"][5:])
+    fresh = example.train(30, str(tmp_path / "b"), start=5, state=(example.init_params(0), None))
+    for got, want in zip(jax.tree.leaves(result["params"]), jax.tree.leaves(fresh["params"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_rollback_orbax_refuses_a_checkpoint_folder_of_an_earlier_run(tmp_path, capsys):
