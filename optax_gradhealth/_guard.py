@@ -1032,6 +1032,8 @@ def _init_state(config: GuardConfig, inner: optax.GradientTransformation, params
     i32 = lambda: jnp.zeros((), jnp.int32)
     false = lambda: jnp.zeros((), jnp.bool_)
     clip_state = config.policy.init()
+    inner_state = inner.init(params)
+    interfaces.refuse_wrappers_inside(inner_state, "gh.guard")
     report = GuardReport(
         guard_norm=f32(),
         guard_norm_clipped=f32(),
@@ -1065,7 +1067,7 @@ def _init_state(config: GuardConfig, inner: optax.GradientTransformation, params
         guard_moments=moments,
         guard_spike_steps=jnp.full((ring_size,), _NO_STEP, jnp.int32),
         guard_clip_state=clip_state,
-        guard_inner_state=inner.init(params),
+        guard_inner_state=inner_state,
     )
 
 
@@ -1246,6 +1248,19 @@ def guard(
 
     def update_fn(updates, state, params=None, **extra_args):
         cfg = config.sized_like(state)  # sizes of traced integer arguments, from the state
+        # A state built for another configuration (flax.serialization restores one without
+        # checking shapes) is refused on its static shapes: nothing enters the compiled step.
+        window = jnp.shape(state.guard_moments.guard_norm_window.log_norms)
+        if isinstance(config.spike_window, int) and window != (config.spike_window,):
+            field = "guard_moments.guard_norm_window.log_norms"
+            raise _clipping.other_config_error("gh.guard", field, "spike_window", window, config.spike_window)
+        ring = jnp.shape(state.guard_spike_steps)
+        if config.ring_size is not None and ring != (config.ring_size,):
+            field, built = "guard_spike_steps", "1 or None" if ring == (1,) else ring
+            raise _clipping.other_config_error("gh.guard", field, "reset_after", built, config.reset_after)
+        if (state.guard_report.guard_update_norm is not None) != config.update_health:
+            field, built = "guard_report.guard_update_norm", not config.update_health
+            raise _clipping.other_config_error("gh.guard", field, "update_health", built, config.update_health)
         _clipping.check_same_structure(updates, state.guard_report.guard_leaf_norms.treedef, "gh.guard")
         # From gh.dynamic_loss_scale (`_interfaces.UnscalesOnRead`): `updates` are still
         # loss-scaled; the true gradients are `updates * unscale`. The statistics and the

@@ -14,6 +14,9 @@ part in another's behaviour without either importing the other:
   the gradients itself: the wrapped transformation multiplies where it reads the
   gradients, so the unscaled gradients are never materialised. On an overflow the loss
   scale asks that state to keep its previous bookkeeping.
+* **What must stay outside.** A state type declared with :func:`must_wrap` belongs to a
+  transformation that has to wrap the guard, never sit inside it; the guard's ``init``
+  refuses an inner optimizer that holds one (:func:`refuse_wrappers_inside`).
 """
 
 from __future__ import annotations
@@ -23,7 +26,15 @@ from typing import Any, Protocol, runtime_checkable
 
 import jax
 
-__all__ = ["UNSCALE_ARG", "UnscalesOnRead", "is_kept_on_momentum_reset", "keep_on_momentum_reset", "wrapped_fields"]
+__all__ = [
+    "UNSCALE_ARG",
+    "UnscalesOnRead",
+    "is_kept_on_momentum_reset",
+    "keep_on_momentum_reset",
+    "must_wrap",
+    "refuse_wrappers_inside",
+    "wrapped_fields",
+]
 
 #: The private extra argument that carries the loss scale's unscale factor (a float32
 #: scalar: the true gradients are ``updates * factor``) to a transformation whose state
@@ -31,6 +42,7 @@ __all__ = ["UNSCALE_ARG", "UnscalesOnRead", "is_kept_on_momentum_reset", "keep_o
 UNSCALE_ARG = "_gradhealth_unscale"
 
 _KEPT_ON_RESET: dict[type, tuple[str, ...]] = {}
+_MUST_WRAP: dict[type, tuple[str, str]] = {}
 
 
 def keep_on_momentum_reset(*state_types: type, wrapped: tuple[str, ...] = ()) -> None:
@@ -82,3 +94,22 @@ def guard_states(state: Any) -> list[UnscalesOnRead]:
     its structure (when an update is traced)."""
     is_guard = lambda x: isinstance(x, UnscalesOnRead)
     return [x for x in jax.tree.leaves(state, is_leaf=is_guard) if is_guard(x)]
+
+
+def must_wrap(state_type: type, name: str, why: str) -> None:
+    """Declares that the transformation whose state is ``state_type`` (called ``name`` in
+    messages) must wrap the guard; ``why`` says what goes wrong when it sits inside."""
+    _MUST_WRAP[state_type] = (name, why)
+
+
+def refuse_wrappers_inside(inner_state: Any, outer: str) -> None:
+    """Raises a ValueError naming the order to use when ``inner_state`` (the state of the
+    transformation that ``outer`` wraps) holds a state declared with :func:`must_wrap`."""
+    declared = lambda x: type(x) in _MUST_WRAP
+    for state in jax.tree.leaves(inner_state, is_leaf=declared):
+        if declared(state):
+            name, why = _MUST_WRAP[type(state)]
+            raise ValueError(
+                f"{outer}: the optimizer it wraps holds a {name} state; {name} must wrap {outer}, "
+                f"not sit inside it: {name}({outer}(...)). Inside, {why}."
+            )

@@ -52,6 +52,12 @@ class LossScaleState(NamedTuple):
 
 
 interfaces.keep_on_momentum_reset(LossScaleState, wrapped=("loss_scale_inner_state",))
+interfaces.must_wrap(
+    LossScaleState,
+    "gh.dynamic_loss_scale",
+    "an overflow is skipped before the loss scale sees it, so the scale never backs off and every later step "
+    "overflows and is skipped",
+)
 _catalogue.register_metrics(
     LossScaleState,
     {

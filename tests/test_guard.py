@@ -676,3 +676,39 @@ def test_the_arguments_that_take_a_jax_scalar_say_so_in_their_hints():
     params = {"w": jnp.ones(2)}
     updates, _ = tx.update({"w": jnp.array([1.0, -2.0])}, tx.init(params), params)
     np.testing.assert_array_equal(np.asarray(updates["w"]), [-0.5, 1.0])
+
+
+@pytest.mark.parametrize(
+    "saved, target, field, sizes",
+    [
+        ({"spike_window": 64}, {"spike_window": 32}, "guard_norm_window.log_norms", "spike_window=64.*spike_window=32"),
+        ({"reset_after": 5}, {"reset_after": 3}, "guard_spike_steps", "reset_after=5.*reset_after=3"),
+        ({"reset_after": 3}, {"reset_after": None}, "guard_spike_steps", "reset_after=3.*reset_after=None"),
+        ({}, {"update_health": False}, "guard_update_norm", "update_health=True.*update_health=False"),
+    ],
+    ids=["spike_window", "reset_after", "reset_off", "update_health"],
+)
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_a_state_restored_for_another_configuration_is_refused(saved, target, field, sizes, jit):
+    """flax.serialization restores a state of another spike_window / reset_after /
+    update_health without checking shapes (it fills the target's None fields); the guard
+    then ran on the foreign buffers silently (a 5-slot ring under reset_after=3) or failed
+    with a bare broadcasting or pytree error. Now: a ValueError naming the field, both
+    settings and the remedy, at the first update. The same restore into the same
+    configuration still runs."""
+    from flax import serialization
+
+    params = {"w": jnp.ones(3)}
+    grads = {"w": jnp.array([1.0, -2.0, 0.5])}
+    kwargs = {"reset_window": 100}
+    old = gh.guard(optax.sgd(0.1), **kwargs, **saved)
+    _, state = old.update(grads, old.init(params), params)
+    blob = serialization.to_bytes(state)
+    new = gh.guard(optax.sgd(0.1), **kwargs, **target)
+    restored = serialization.from_bytes(new.init(params), blob)
+    update = jax.jit(new.update) if jit else new.update
+    with pytest.raises(ValueError, match=f"(?s){field}.*{sizes}.*Restore into `tx.init\\(params\\)`"):
+        update(grads, restored, params)
+    same = serialization.from_bytes(old.init(params), blob)
+    _, after = (jax.jit(old.update) if jit else old.update)(grads, same, params)
+    assert int(gh.metrics(after)["grad/num_steps"]) == 2

@@ -71,6 +71,19 @@ def test_bad_types_raise_when_built():
         gh.dynamic_loss_scale(optax.sgd(0.1), max_scale="big")
 
 
+def test_a_guard_around_the_loss_scale_is_refused_at_init():
+    """guard(dynamic_loss_scale(...)) skipped every overflow before the scale inside saw it:
+    the scale never backed off and every later step was skipped. The order is refused."""
+    params = {"w": jnp.ones(2, jnp.float16)}
+    for inner in (
+        gh.dynamic_loss_scale(optax.sgd(0.1)),
+        optax.chain(optax.scale(1.0), gh.dynamic_loss_scale(optax.sgd(0.1))),
+    ):
+        with pytest.raises(ValueError, match=r"gh\.dynamic_loss_scale must wrap gh\.guard.*never backs off"):
+            gh.guard(inner).init(params)
+    gh.dynamic_loss_scale(gh.guard(optax.sgd(0.1))).init(params)  # the documented order
+
+
 def test_loss_scale_reader_needs_exactly_one_state():
     with pytest.raises(ValueError, match="found no"):
         gh.loss_scale(optax.sgd(0.1).init({"w": jnp.zeros(2)}))
