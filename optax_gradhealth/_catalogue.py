@@ -120,7 +120,7 @@ _SPEC_LIST: tuple[MetricSpec, ...] = (
         "norm / baseline norm, the median of the latest 16 accepted norms (0 during warm-up)",
         (
             "around 1 (about 0.5 to 2). Above spike_threshold (5 by default) with a robust z-score above "
-            "spike_zscore (6): a spike. 0 during warm-up."
+            "spike_zscore (5): a spike. 0 during warm-up."
         ),
     ),
     MetricSpec(
@@ -446,7 +446,7 @@ _SPEC_LIST: tuple[MetricSpec, ...] = (
         "dynamic loss scale the next train step multiplies its loss by",
         (
             "a power of two that settles (moving by 2x around its ceiling). A collapse toward the lower "
-            "bound: gradients overflow even at a small scale."
+            "bound: gradients overflow even at a small scale (gh.diagnose's loss_scale finding)."
         ),
     ),
     MetricSpec(

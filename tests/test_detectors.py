@@ -131,6 +131,36 @@ def test_spike_rule_needs_both_conditions_and_its_bound_is_the_boundary():
     assert not bool(rule.judge(window, jnp.float32(1e6), jnp.bool_(False)).spike)  # non-finite step
 
 
+def test_default_guard_catches_a_x10_spike_in_a_batch_8_window():
+    # A window as noisy as a batch-8 run on a small dataset (docs/detection.md, the
+    # small-data runs): log-norms ~ N(0, 0.42^2), a spread (1.4826 MAD of the step-to-step
+    # changes / sqrt 2) of about 0.42. A step 10x the baseline (the median of the latest
+    # 16) then has z = ln 10 / 0.42 = 5.5: a spike under the documented defaults (ratio > 5
+    # and z > 5); with z > 6 it was not (the norm had to reach exp(6 * 0.42) = 12x the
+    # baseline, and half of the x10 spikes of those runs were missed). A x4 step is none.
+    import optax
+
+    import optax_gradhealth as gh
+
+    logs = np.random.default_rng(5).normal(0.0, 0.42, 128)
+    diffs = np.diff(logs)
+    spread = 1.4826 * np.median(np.abs(diffs - np.median(diffs))) / math.sqrt(2.0)
+    assert math.log(10.0) / 6.0 < spread < math.log(10.0) / 5.0, spread
+    baseline = math.exp(np.median(logs[-16:]))
+    tx = gh.guard(optax.sgd(0.0))
+    params = jnp.zeros((1,), jnp.float32)
+    state = tx.init(params)
+    step = jax.jit(lambda g, s: tx.update(g, s, params)[1])
+    for value in logs:
+        state = step(jnp.array([math.exp(value)], jnp.float32), state)
+    assert int(gh.metrics(state)["grad/num_spikes"]) == 0
+    for factor in (4.0, 10.0):
+        want = bool(factor > 5.0 and math.log(factor) / spread > 5.0)
+        metrics = gh.metrics(step(jnp.array([factor * baseline], jnp.float32), state))
+        assert float(metrics["grad/zscore"]) == pytest.approx(math.log(factor) / spread, rel=1e-4)
+        assert bool(metrics["grad/spiked"]) is want is (factor == 10.0), (factor, spread)
+
+
 def test_spike_rule_waits_for_warmup():
     rule = detect.SpikeRule(threshold=2.0, zscore=None, window=16, warmup=5, spread_floor=0.05)
     norms = np.array([1.0, 1.0, 1.0, 1.0, 100.0, 1.0, 100.0], np.float32)
