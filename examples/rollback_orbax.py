@@ -13,7 +13,9 @@ the guard skip them and, after ``rollback_after_nonfinite`` in a row, raise its 
 rollback recommendation. The loop then restores the last healthy checkpoint and
 continues with the next batch. A checkpoint is saved every ``save_every`` steps when no
 step since the previous save step was skipped, and the one saved before it then counts
-as healthy (a whole interval without a skip followed it). The newest checkpoint is not
+as healthy (a later interval without a skip followed it: not necessarily the next one,
+since a one-off bad batch that the guard skipped did no damage; damage that keeps the
+guard skipping until the rollback never lets it count). The newest checkpoint is not
 restored: an update that damages the parameters without being skipped (a learning-rate
 spike: its gradient is normal) shows only in the steps after it. Before the first
 healthy checkpoint a rollback restores the state the run started from

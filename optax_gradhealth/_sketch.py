@@ -155,6 +155,8 @@ def _sketch_in_place(x: jax.Array, dim: int, salt: jax.Array, offset: int) -> ja
     position from :func:`positions`, each row of the leaf (its last axes) summed into the
     <= 3 buckets it spans (one variadic reduction, partial sums all-reduced), and those
     row sums scatter-added into the buckets. A leaf with no such rows is gathered first."""
+    if x.size == 0:  # nothing to sketch (and no rows to split)
+        return jnp.zeros((dim,), jnp.float32)
     parts = [jnp.real(x), jnp.imag(x)] if jnp.iscomplexobj(x) else [x]
     shape, n = x.shape, x.size
     rows = -(-n * len(parts) // dim)

@@ -291,7 +291,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     step_fn = nnx.cached_partial(train_step, model, optimizer)
     # Two snapshots. A snapshot step after an interval without a skip takes a `candidate`,
     # and the candidate before it becomes `healthy` (the one a rollback restores): a whole
-    # interval without a skip came after it. The newest snapshot is not restored: a
+    # interval without a skip came after it (not necessarily the next one: a one-off bad
+    # batch the guard skipped did no damage). The newest snapshot is not restored: a
     # learning-rate spike's own update is not skipped (its gradient is normal), so a
     # snapshot taken right after it holds the damage, which only the spikes of the steps
     # after it give away. `healthy` starts as the initial state.

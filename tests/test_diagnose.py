@@ -191,6 +191,37 @@ def test_vanishing_in_the_layers_needs_a_starved_share_of_the_leaves(tiny):
     assert "vanishing" in patterns(rows, vanishing_leaf_fraction=tiny / 20)
 
 
+def _loss_scale_rows(growth_interval, extra_every=None, log_every=1):
+    """A dynamic loss scale written out: it doubles after `growth_interval` clean steps,
+    the next step overflows and halves it (a healthy scale at its ceiling); with
+    `extra_every`, one more overflow every that many steps (a fault the growths do not
+    explain). Each overflow halves the scale and restarts the growth count."""
+    rows, scale, overflows, clean = clean_rows(), 2.0**15, 0, 0
+    for t, row in enumerate(rows):
+        overflowed = (extra_every is not None and t % extra_every == extra_every - 1) or scale > 2.0**15
+        if overflowed:
+            scale, overflows, clean = scale / 2, overflows + 1, 0
+        else:
+            clean += 1
+            if clean == growth_interval:
+                scale, clean = scale * 2, 0
+        row.update({"grad/loss_scale": scale, "grad/num_overflows": overflows, "grad/overflowed": float(overflowed)})
+    return [row for t, row in enumerate(rows) if t % log_every == 0]
+
+
+@pytest.mark.parametrize("log_every", [1, 10])
+def test_a_healthy_loss_scale_overflowing_once_per_growth_is_no_finding(log_every):
+    """examples/fp16_loss_scaling.py (growth_interval=25) overflows on ~4% of its steps,
+    one overflow per growth: the loss_scale finding took that for a fault, and advised a
+    shorter growth_interval (more overflows). Only the overflows beyond the growths count,
+    read from the logged scale even when a doubling and its halving fall between rows."""
+    healthy = _loss_scale_rows(25, log_every=log_every)
+    assert healthy[-1]["grad/num_overflows"] / N > 0.02  # the raw rate is above the threshold
+    assert "loss_scale" not in patterns(healthy)
+    faulty = _loss_scale_rows(25, extra_every=10, log_every=log_every)  # 10% more overflows
+    assert "loss_scale" in patterns(faulty)
+
+
 def test_oscillation():
     rows = clean_rows()
     for t, row in enumerate(rows):
@@ -670,6 +701,13 @@ def test_outlier_device_transient_namings_are_not_reported_a_persistent_or_hard_
     # A non-finite gradient on the device, named once: reported.
     finding = by_pattern(named({50}, nan_at={50}), "outlier_device")
     assert finding.steps == (50,) and finding.evidence["kind"] == "nonfinite_device"
+    # A fault that stood out on the first 67 audits, then sank into the noise of a longer
+    # log (data_parallel.py's sign-flipped device: 67 of 150): 67 of 300 audits is under
+    # outlier_fraction from every naming on, but 20 audits in a row name it.
+    finding = by_pattern(named(set(range(67))), "outlier_device")
+    assert finding.steps == tuple(range(67)) and finding.evidence["audits_named"] == 67
+    assert "outlier_device" not in patterns(named(set(range(19))))  # 19 in a row, then none
+    assert "outlier_device" in patterns(named(set(range(19))), outlier_run_audits=19)
 
 
 # Runs of the library itself: a 3-layer MLP (sin regression) under jax.pmap on the 8

@@ -250,3 +250,20 @@ def test_accumulate_holds_no_gradient_sized_buffer_beyond_multisteps(where, inne
         # on XLA:CPU; no more than that one buffer.
         bound += per_device
     assert accumulate <= bound, (accumulate, multi_steps, per_device)
+
+
+def test_a_zero_size_leaf_split_over_an_explicit_mesh_adds_nothing_to_the_sketch():
+    """An empty leaf split over an Explicit axis crashed the in-place sketch
+    (ZeroDivisionError: no rows to split). It adds nothing: the sketch of the other
+    leaves alone, the numpy count sketch."""
+    x = _leaf((8, 16), jnp.float32)
+    mesh = _mesh(AxisType.Explicit)
+    with jax.set_mesh(mesh):
+        empty = jax.device_put(np.ones((0, 8), np.float32), NamedSharding(mesh, P(None, "fsdp")))
+        got = jax.jit(lambda e: _sketch.leaf_sketch(e, 16, _sketch.u32(SALT), 5))(empty)
+        np.testing.assert_array_equal(np.asarray(got), np.zeros(16))
+        params = {"w": jax.device_put(x, NamedSharding(mesh, P("fsdp"))), "empty": empty}
+        tx = optax.chain(gh.record_step_cosine(), optax.sgd(0.1))
+        state = tx.init(params)
+        _, state = jax.jit(tx.update)(params, state, params)
+    assert float(gh.metrics(state)["grad/step_cosine"]) == 0.0  # the first step

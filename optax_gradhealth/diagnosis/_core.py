@@ -58,7 +58,8 @@ class Thresholds:
         quarter's (training progresses: the swings are minibatch noise).
       overflow_fraction: a dynamic loss scale overflows too often when
         ``grad/num_overflows`` grows on more than this fraction of the steps after
-        warm-up (a healthy scale overflows once per growth interval).
+        warm-up, beyond the scale's growths when ``grad/loss_scale`` is logged (a
+        healthy scale overflows about once per growth interval).
       oscillation_ratio: a swing is a step-to-step change of the norm by more than
         this factor (up or down)...
       oscillation_fraction: ...and oscillation is a fraction of swings above this.
@@ -110,6 +111,9 @@ class Thresholds:
         and then (early in training, when the other devices agree closely, one noisy
         device can score high for an audit or a few) is not reported; a device whose
         gradient was non-finite or exactly zero at an audit always is.
+      outlier_run_audits: ...or when this many audits in a row named it, however long the
+        log goes on after (a fault that stands out while the gradient signal is strong
+        and sinks into the noise later; clean runs' transients last a few audits).
       near_duplicate_min_audits: a pair flagged by the near-duplicate detector is
         reported when flagged on at least this many audits. (A pair whose logged
         ``xdev/pairwise_cosine`` stands near 1 far above the other pairs' is reported
@@ -163,6 +167,7 @@ class Thresholds:
     drift_drop: float = 0.3
     outlier_fraction: float = 0.5
     outlier_min_audits: int = 3
+    outlier_run_audits: int = 20
     near_duplicate_min_audits: int = 1
     param_desync: float = 0.0
 
@@ -214,6 +219,7 @@ _RANGES: dict[str, tuple[type, float, float, str]] = {
     "drift_drop": (float, 0.0, 2.0, "a number in [0, 2] (a fall of a cosine)"),
     "outlier_fraction": (float, 0.0, 1.0, "a fraction in [0, 1]"),
     "outlier_min_audits": (int, 1, _INF, "an integer >= 1"),
+    "outlier_run_audits": (int, 1, _INF, "an integer >= 1"),
     "near_duplicate_min_audits": (int, 1, _INF, "an integer >= 1"),
     "param_desync": (float, 0.0, _INF, "a number >= 0"),
 }

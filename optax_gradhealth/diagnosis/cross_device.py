@@ -224,14 +224,25 @@ def _persistent_from(named: np.ndarray, audits: np.ndarray, hard: np.ndarray, th
     """The first row from which a device counts as an outlier, or None: its first
     naming at a hard fault (``hard``: a non-finite or zero gradient), or the first of its
     namings from which it was named on at least ``outlier_fraction`` of the audits and
-    on at least ``outlier_min_audits`` of them (a persistent fault, not a transient)."""
+    on at least ``outlier_min_audits`` of them (a persistent fault, not a transient), or
+    the start of ``outlier_run_audits`` audits in a row that named it (a fault that stood
+    out for that long, then sank into the noise of a longer log)."""
     at = np.flatnonzero(named)
     if hard[at].any():
         return int(at[hard[at]][0])
     named_since = np.cumsum(named[::-1])[::-1][at]  # namings from each naming on
     audits_since = np.cumsum(audits[::-1])[::-1][at]
     ok = (named_since >= th.outlier_min_audits) & (named_since >= th.outlier_fraction * audits_since)
-    return int(at[ok][0]) if ok.any() else None
+    starts = [int(at[ok][0])] if ok.any() else []
+    audit_rows = np.flatnonzero(audits)
+    seq = named[audit_rows].astype(np.int64)
+    # Length of the run of namings ending at each audit.
+    resets = np.maximum.accumulate(np.where(seq == 0, np.arange(seq.size), -1))
+    run = np.arange(seq.size) - resets
+    long = np.flatnonzero(run >= th.outlier_run_audits)
+    if long.size:
+        starts.append(int(audit_rows[long[0] - th.outlier_run_audits + 1]))
+    return min(starts) if starts else None
 
 
 def check_outlier_device(h: History, th: Thresholds) -> list[Finding]:

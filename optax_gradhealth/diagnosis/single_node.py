@@ -156,8 +156,8 @@ LOSS_SCALE = Pattern(
         "train in bf16 (float32's range: no loss scale needed) or keep the overflowing op in float32",
         "find the overflowing op: run the step in float32 on the batches at the first overflow steps and "
         "compare the activations' largest magnitudes with 65504",
-        "tune gh.dynamic_loss_scale: a higher min_scale, a shorter growth_interval (at 2000 a collapsed scale "
-        "stays down for 2000 steps)",
+        "tune gh.dynamic_loss_scale: a higher min_scale; after a collapse from a one-off fault, a shorter "
+        "growth_interval brings the scale back sooner (at 2000 it stays down for 2000 steps per halving)",
         "an overflowed step keeps the guard's previous metrics: read grad/overflowed before those rows",
     ),
 )
@@ -165,7 +165,8 @@ LOSS_SCALE = Pattern(
 
 def check_loss_scale(h: History, th: Thresholds) -> list[Finding]:
     """``gh.dynamic_loss_scale``: ``grad/num_overflows`` grew on more than
-    ``overflow_fraction`` of the steps after warm-up (without the counter:
+    ``overflow_fraction`` of the steps after warm-up, counting only the overflows beyond
+    the scale's growths when ``grad/loss_scale`` is logged (without the counter:
     ``grad/overflowed`` on that fraction of the rows), or ``grad/loss_scale`` fell to 1
     or below (its default ``min_scale``: the loss is no longer scaled up at all)."""
     after = cols.after_warmup(h, th)
@@ -180,13 +181,24 @@ def check_loss_scale(h: History, th: Thresholds) -> list[Finding]:
         start = start[-1] if start.size else (logged[0] if logged.size else None)
         judged = logged[logged > start] if start is not None else logged[:0]
         if judged.size:
-            growth = np.maximum(np.diff(counter[np.concatenate([[start], judged])]), 0.0)
+            rows = np.concatenate([[start], judged])
+            growth = np.maximum(np.diff(counter[rows]), 0.0)
             span = int(steps[judged[-1]] - steps[start])
             count = int(growth.sum())
             overflow_steps = steps[judged[growth > 0]]
             evidence["num_overflows"] = _counter_max(h, "grad/num_overflows")
             evidence["overflows_after_warmup"] = count
-            evidence["overflow_rate"] = count / max(span, 1)
+            excess = float(count)
+            scale = h.col("grad/loss_scale") if h.has("grad/loss_scale") else None
+            if scale is not None and np.all(np.isfinite(scale[rows]) & (scale[rows] > 0)):
+                # A healthy scale overflows about once per growth (it doubles, overshoots,
+                # halves): judge the overflows beyond its growths. Between two logged rows
+                # log2(s_j / s_i) = growths - overflows, so the growths are read even when
+                # a doubling and its halving fall between them.
+                grew = np.maximum(np.diff(np.log2(scale[rows])) + growth, 0.0)
+                excess = count - float(grew.sum())
+                evidence["overflows_beyond_growths"] = excess
+            evidence["overflow_rate"] = excess / max(span, 1)
     elif h.has("grad/overflowed"):
         flags = _overflowed(h) & after
         if after.any():
@@ -195,8 +207,9 @@ def check_loss_scale(h: History, th: Thresholds) -> list[Finding]:
             evidence["overflow_rate"] = float(flags.sum() / after.sum())
     if evidence.get("overflow_rate", 0.0) > th.overflow_fraction:
         count = evidence.get("overflows_after_warmup", evidence.get("overflowed_rows_after_warmup"))
+        beyond = " beyond the scale's growths" if "overflows_beyond_growths" in evidence else ""
         reasons.append(
-            f"{count} step(s) overflowed after warm-up ({evidence['overflow_rate']:.1%} of the steps), "
+            f"{count} step(s) overflowed after warm-up ({evidence['overflow_rate']:.1%} of the steps{beyond}), "
             f"first seen at step {int(overflow_steps[0])}"
         )
     if h.has("grad/loss_scale"):
