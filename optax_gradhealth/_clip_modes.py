@@ -121,15 +121,6 @@ def _exact_count(leaves: list[jax.Array], max_abs: float | jax.Array) -> jax.Arr
     return jax.lax.fori_loop(0, _RARE_TRIPS, body, _vma.varying_like(jnp.zeros((), jnp.int32), leaves))
 
 
-def _replicated(vector: jax.Array) -> jax.Array:
-    """``vector`` replicated on an Explicit mesh (where row counts sharded differently
-    cannot be concatenated: a gather of one float per row); as it is elsewhere."""
-    sharding = _stats.explicit_sharding(vector)
-    if sharding is None or all(axis is None for axis in sharding.spec):
-        return vector
-    return jax.sharding.reshard(vector, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
-
-
 def _count_above(leaves: list[jax.Array], max_abs: float | jax.Array) -> jax.Array:
     """Number of elements with ``|x| > max_abs`` (in each leaf's dtype), NaN excluded.
 
@@ -181,7 +172,7 @@ def _count_above(leaves: list[jax.Array], max_abs: float | jax.Array) -> jax.Arr
     if not fast_leaves:
         return wide_count
     # One vector of every row count (a few floats per row): one NaN test, one integer sum.
-    row_counts = _lowering.one_vector(jnp.concatenate([_replicated(fast_rows(x)) for x in fast_leaves]))
+    row_counts = _lowering.one_vector(jnp.concatenate([_stats.replicated(fast_rows(x)) for x in fast_leaves]))
     counted = jax.lax.cond(
         jnp.isnan(jnp.sum(row_counts)),
         lambda: _exact_count(fast_leaves, max_abs),

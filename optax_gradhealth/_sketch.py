@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import PartitionSpec
+
+from optax_gradhealth import _stats
 
 __all__ = ["LeafSeeds", "bits_u32", "leaf_fingerprint", "leaf_sketch", "mix32", "positions", "u32"]
 
@@ -110,7 +111,7 @@ def leaf_sketch(x: jax.Array, dim: int, salt: jax.Array, offset: int) -> jax.Arr
     split along another axis is gathered for it.
     """
     x = jnp.asarray(x)
-    if _explicitly_sharded(x):
+    if _stats.explicitly_split(x):
         return _sketch_in_place(x, dim, salt, offset)
     x = x.reshape(-1)
     if jnp.iscomplexobj(x):
@@ -123,18 +124,6 @@ def leaf_sketch(x: jax.Array, dim: int, salt: jax.Array, offset: int) -> jax.Arr
     # Contiguous blocks of ``rows`` elements share a bucket: a reduction over the minor
     # axis, which XLA fuses with the sign flip (no gradient-sized temporary).
     return jnp.roll(jnp.sum(signed.reshape(dim, rows), axis=1), offset)
-
-
-def _explicitly_sharded(x: jax.Array) -> bool:
-    """Whether ``x`` is split over an Explicit mesh axis (its type says so at trace time)."""
-    spec = getattr(jax.typeof(x).sharding, "spec", None)
-    return spec is not None and any(p is not None for p in spec)
-
-
-def _replicated(x: jax.Array) -> jax.Array:
-    if _explicitly_sharded(x):
-        return jax.sharding.reshard(x, PartitionSpec(*([None] * x.ndim)))
-    return x
 
 
 def _row_split(shape: tuple[int, ...], rows: int) -> tuple[int, int] | None:
@@ -162,7 +151,7 @@ def _sketch_in_place(x: jax.Array, dim: int, salt: jax.Array, offset: int) -> ja
     rows = -(-n * len(parts) // dim)
     split = _row_split(shape, rows)
     if split is None:
-        return leaf_sketch(_replicated(x), dim, salt, offset)
+        return leaf_sketch(_stats.replicated(x), dim, salt, offset)
     axis, m = split
     inner = tuple(range(axis, len(shape)))
     sums, buckets = [], []
@@ -178,7 +167,7 @@ def _sketch_in_place(x: jax.Array, dim: int, salt: jax.Array, offset: int) -> ja
         sums += lax.reduce(masked, zero, lambda a, b: tuple(u + v for u, v in zip(a, b, strict=True)), inner)
         first = (positions(shape[:axis]) * u32(math.prod(shape[axis:])) + u32(j * n)) // u32(rows)
         buckets += [((first + u32(i + offset)) % u32(dim)).astype(jnp.int32) for i in range(m)]
-    row_sums = _replicated(jnp.stack(sums))  # m x (rows of the leaf): small
+    row_sums = _stats.replicated(jnp.stack(sums))  # m x (rows of the leaf): small
     return jnp.zeros((dim,), jnp.float32).at[jnp.stack(buckets)].add(row_sums)
 
 

@@ -112,7 +112,7 @@ class LeafNorms:
             index = self.names.index(name)
         except ValueError:
             raise KeyError(f"no leaf named {name!r}; the leaves are {list(self.names)}") from None
-        return _indexable(self.values)[index]
+        return replicated(self.values)[index]
 
     def __len__(self) -> int:
         return self.treedef.num_leaves
@@ -136,16 +136,6 @@ class LeafNorms:
 _UNSTACK_WINDOW = 32
 
 
-def _indexable(values: Any) -> Any:
-    """``values``, replicated when it is sharded on an Explicit mesh axis: jax does not
-    index such a vector (the index's output sharding would be ambiguous). A per-leaf
-    vector is small: one gather."""
-    sharding = explicit_sharding(values) if isinstance(values, jax.Array) else None
-    if sharding is None or all(axis is None for axis in sharding.spec):
-        return values
-    return jax.sharding.reshard(values, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
-
-
 def _unstack(values: Any) -> list[Any]:
     """A per-leaf vector split into one scalar per leaf, with no device-to-host copy.
 
@@ -159,7 +149,7 @@ def _unstack(values: Any) -> list[Any]:
     which jax would split through the host, is indexed; one sharded over an Explicit
     mesh axis, which jax will not index, is replicated first (one small gather).
     """
-    values = _indexable(values)
+    values = replicated(values)
     if isinstance(values, jax.core.Tracer) or not isinstance(values, jax.Array):
         return list(values)  # traced (the same slices as indexing), or numpy
     n = values.shape[0]
@@ -277,6 +267,24 @@ def explicit_sharding(x: Any) -> Any:
     if mesh is None or jax.sharding.AxisType.Explicit not in getattr(mesh, "axis_types", ()):
         return None
     return sharding
+
+
+def explicitly_split(x: Any) -> bool:
+    """Whether ``x`` is split over an Explicit mesh axis (its type says so at trace time)."""
+    sharding = explicit_sharding(x)
+    return sharding is not None and any(axis is not None for axis in sharding.spec)
+
+
+def replicated(x: Any) -> Any:
+    """``x`` replicated when it is split over an Explicit mesh axis, as it is otherwise.
+    jax will not index such a vector, concatenate it with differently sharded ones, or
+    flatten it: callers use this on small arrays (a per-leaf vector, row counts, row sums,
+    a leaf with no rows to sketch in place)."""
+    if not isinstance(x, jax.Array) or not explicitly_split(x):
+        return x
+    return jax.sharding.reshard(
+        x, jax.sharding.NamedSharding(jax.typeof(x).sharding.mesh, jax.sharding.PartitionSpec())
+    )
 
 
 def _is_float(x: Any) -> bool:

@@ -560,32 +560,23 @@ def _norm_panel(ax, h: History, th: Thresholds, bins: _Bins | None = None) -> No
                 ax.scatter(at[keep], y[keep], label=f"{label} ({at.size})", zorder=4, **style)
             else:
                 ax.scatter([], [], label=f"{label} ({at.size})", **style)
-    nonfinite = steps[nonfinite_rows(h)]  # logged non-finite (a row without grad/norm is not)
-    if nonfinite.size and (bins is None or nonfinite.size <= _FEW_MARKERS):
-        ax.scatter(
-            nonfinite,
-            np.full(nonfinite.size, 0.95),
-            transform=top,
-            marker="v",
-            color="red",
-            s=40,
-            zorder=5,
-            label=f"non-finite ({nonfinite.size})",
-            clip_on=False,
-        )
-    overflowed = _steps_where(h, "grad/overflowed")
-    if overflowed.size and (bins is None or overflowed.size <= _FEW_MARKERS):
-        ax.scatter(
-            overflowed,
-            np.full(overflowed.size, 0.88),
-            transform=top,
-            marker="v",
-            color="tab:brown",
-            s=30,
-            zorder=5,
-            label=f"overflowed, skipped by the loss scale ({overflowed.size})",
-            clip_on=False,
-        )
+    for at, height, color, size, label in (
+        # logged non-finite (a row without grad/norm is not)
+        (steps[nonfinite_rows(h)], 0.95, "red", 40, "non-finite"),
+        (_steps_where(h, "grad/overflowed"), 0.88, "tab:brown", 30, "overflowed, skipped by the loss scale"),
+    ):
+        if at.size and (bins is None or at.size <= _FEW_MARKERS):
+            ax.scatter(
+                at,
+                np.full(at.size, height),
+                transform=top,
+                marker="v",
+                color=color,
+                s=size,
+                zorder=5,
+                label=f"{label} ({at.size})",
+                clip_on=False,
+            )
     resets = _steps_where(h, "grad/momentum_reset")
     if bins is None or resets.size <= _FEW_MARKERS:
         for i, step in enumerate(resets):

@@ -7,7 +7,10 @@ probed on the backend the tests run on.
 
 from __future__ import annotations
 
+import os
+
 import jax
+import pytest
 
 BACKEND: str = jax.default_backend()
 
@@ -23,3 +26,17 @@ FLUSHES_SUBNORMALS: bool = {"cpu": True, "gpu": False, "tpu": True}.get(BACKEND,
 #: for the loss-scale wrapper around a guard, an H200): 16 KiB, still an eighth of the
 #: smallest leaf those tests use (a [256, 128] float32, 128 KiB).
 SCRATCH_BYTES: int = {"cpu": 4096}.get(BACKEND, 16384)
+
+
+def require_devices(k: int, test_file: str) -> None:
+    """Fails ``test_file`` (a module's ``__file__``) at collection when fewer than ``k``
+    devices exist: a silently skipped file would hide every failure in it."""
+    if jax.device_count() >= k:
+        return
+    pytest.fail(
+        f"tests/{os.path.basename(test_file)} needs {k} devices, found {jax.device_count()} "
+        f"({jax.devices()[0].platform}; XLA_FLAGS={os.environ.get('XLA_FLAGS')!r}, "
+        f"JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS')!r}). conftest.py emulates {k} CPU devices unless "
+        "JAX_PLATFORMS names another platform; run with JAX_PLATFORMS=cpu.",
+        pytrace=False,
+    )

@@ -24,18 +24,12 @@ from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 import optax_gradhealth as gh
+from tests.backend import require_devices
 
 K = 8
 ROOT = Path(__file__).resolve().parents[1]
 
-if jax.device_count() < K:  # a silently skipped file would hide every failure in it
-    pytest.fail(
-        f"tests/test_cross_device.py needs {K} devices, found {jax.device_count()} "
-        f"({jax.devices()[0].platform}; XLA_FLAGS={os.environ.get('XLA_FLAGS')!r}, "
-        f"JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS')!r}). conftest.py emulates {K} CPU devices unless "
-        "JAX_PLATFORMS names another platform; run with JAX_PLATFORMS=cpu.",
-        pytrace=False,
-    )
+require_devices(K, __file__)
 
 
 # ----------------------------------------------------------------------------- references

@@ -21,7 +21,6 @@ its cells exist for ``pmap`` and ``shard_map`` only.
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -34,6 +33,7 @@ from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 import optax_gradhealth as gh
+from tests.backend import require_devices
 
 K = 8
 STEPS = 3
@@ -41,14 +41,7 @@ SHAPES = {"w": (4, 3), "b": (3,)}
 RTOL = 1e-5
 ATOL = 1e-7
 
-if jax.device_count() < K:  # a silently skipped file would hide every failure in it
-    pytest.fail(
-        f"tests/test_matrix.py needs {K} devices, found {jax.device_count()} "
-        f"({jax.devices()[0].platform}; XLA_FLAGS={os.environ.get('XLA_FLAGS')!r}, "
-        f"JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS')!r}). conftest.py emulates {K} CPU devices unless "
-        "JAX_PLATFORMS names another platform; run with JAX_PLATFORMS=cpu.",
-        pytrace=False,
-    )
+require_devices(K, __file__)
 
 
 # ----------------------------------------------------------------------------- the matrix

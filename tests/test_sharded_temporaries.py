@@ -9,7 +9,6 @@ row-major hash and sketch), never the code under test.
 
 from __future__ import annotations
 
-import os
 import re
 
 import jax
@@ -22,17 +21,11 @@ from jax.sharding import PartitionSpec as P
 
 import optax_gradhealth as gh
 from optax_gradhealth import _sketch
+from tests.backend import require_devices
 
 K = 8
 
-if jax.device_count() < K:  # a silently skipped file would hide every failure in it
-    pytest.fail(
-        f"tests/test_sharded_temporaries.py needs {K} devices, found {jax.device_count()} "
-        f"({jax.devices()[0].platform}; XLA_FLAGS={os.environ.get('XLA_FLAGS')!r}, "
-        f"JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS')!r}). conftest.py emulates {K} CPU devices unless "
-        "JAX_PLATFORMS names another platform; run with JAX_PLATFORMS=cpu.",
-        pytrace=False,
-    )
+require_devices(K, __file__)
 
 M32 = 0xFFFFFFFF
 

@@ -8,7 +8,6 @@ whole optimizers, the same transformation run on one device.
 
 from __future__ import annotations
 
-import os
 import re
 
 import jax
@@ -19,17 +18,11 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import optax_gradhealth as gh
+from tests.backend import require_devices
 
 K = 8
 
-if jax.device_count() < K:  # a silently skipped file would hide every failure in it
-    pytest.fail(
-        f"tests/test_sharding.py needs {K} devices, found {jax.device_count()} "
-        f"({jax.devices()[0].platform}; XLA_FLAGS={os.environ.get('XLA_FLAGS')!r}, "
-        f"JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS')!r}). conftest.py emulates {K} CPU devices unless "
-        "JAX_PLATFORMS names another platform; run with JAX_PLATFORMS=cpu.",
-        pytrace=False,
-    )
+require_devices(K, __file__)
 
 SPECS = {
     "dense": {"kernel": P("fsdp", "tp"), "bias": P("tp")},
