@@ -28,8 +28,11 @@ Cross-device (``gh.cross_device``'s audit detectors, ``_detectors.audit_update``
    audited, clean and with one fault each (label noise, a broken augmentation, a 2.5x or 10x
    gradient, stale parameters, a drifting device, near-duplicate and exact-duplicate shards,
    desync, a bit flip, a dead device; strong and moderate): alarms per 1,000 clean audits, and
-   the detection rate and delay (audits) of each fault. The in-run verdicts are checked against
-   a host replay of the same detector on the recorded per-device scalars.
+   the detection rate and delay (audits) of each fault. At K = 8 also the regression family
+   (``regression/...``: a model that starts far from a smooth target, so the devices' gradients
+   share a strong signal in the first steps), clean and with a few faults from step 30. The
+   in-run verdicts are checked against a host replay of the same detector on the recorded
+   per-device scalars.
 
 Run: ``python benchmarks/bench_detection.py [--quick] [--refresh] [--only single|xdev]``.
 Recordings are cached under ``benchmarks/.detection_cache/`` (``--refresh`` re-records them).
@@ -395,7 +398,19 @@ def xdev_runs(k: int, quick: bool, refresh: bool) -> dict[tuple[str, int], dict[
         start = time.perf_counter()
         xdev.record_in_subprocess(k, quick, steps, seeds, str(path), fault_seeds=fault_seeds)
         say(f"recorded the K={k} scenarios in {time.perf_counter() - start:.0f} s")
-    return xdev.load(str(path))
+    runs = xdev.load(str(path))
+    if k == 8:  # the regression family (early training), K = 8 only
+        path = CACHE / f"xdev_regression_k{k}_{'quick' if quick else 'full'}.npz"
+        if refresh or not path.exists():
+            CACHE.mkdir(exist_ok=True)
+            start = time.perf_counter()
+            clean_seeds = seeds if quick else list(range(8))
+            xdev.record_in_subprocess(
+                k, quick, xdev.REG_STEPS, clean_seeds, str(path), fault_seeds=seeds, family="regression"
+            )
+            say(f"recorded the K={k} regression scenarios in {time.perf_counter() - start:.0f} s")
+        runs.update(xdev.load(str(path)))
+    return runs
 
 
 def _alarm_masks(run: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -441,16 +456,17 @@ def xdev_table(runs_by_k: dict[int, dict[tuple[str, int], dict[str, np.ndarray]]
             any_alarm = np.zeros(len(active), bool)
             for mask in masks.values():
                 any_alarm |= mask.any(axis=1)
-            if name == xdev.CLEAN:
+            if xdev.is_clean(name):
                 # A fault run replays its clean run's seed, so its audits before the fault are
                 # copies of the clean run's first ones: only the clean runs count as clean audits.
                 clean_audits += start
                 clean_alarms += int(any_alarm[:start].sum())
         for name, group in by_name.items():
-            if name == xdev.CLEAN:
+            if xdev.is_clean(name):
                 alarms = [int(sum(m.any(axis=1) for m in _alarm_masks(r).values()).astype(bool).sum()) for r in group]
                 audits = sum(len(r["fault_active"]) for r in group)
-                rows.append(f"| {k} | clean | {len(group)} | {sum(alarms)} alarms in {audits} audits | | | |")
+                rows.append(f"| {k} | {name} | {len(group)} | {sum(alarms)} alarms in {audits} audits | | | |")
+                summary[(k, name)] = {"alarms": sum(alarms), "audits": audits}
                 continue
             delays, wrong, first_words = [], 0, ""
             for run in group:
@@ -514,7 +530,7 @@ def xdev_sweep(runs_by_k: dict[int, dict[tuple[str, int], dict[str, np.ndarray]]
                 near = np.asarray(verdict.near_duplicate_pairs)
                 active = run["fault_active"]
                 start = int(np.argmax(active)) if active.any() else len(active)
-                if name == xdev.CLEAN:  # fault runs before the fault copy their clean run's audits
+                if xdev.is_clean(name):  # fault runs before the fault copy their clean run's audits
                     any_alarm = outlier.any(axis=1) | near.any(axis=(1, 2))
                     clean_alarms += int(any_alarm[:start].sum())
                     clean_audits += start

@@ -80,10 +80,14 @@ __all__ = [
     "CLEAN",
     "KINDS",
     "PAIR_KINDS",
+    "REGRESSION",
     "XFault",
+    "is_clean",
     "load",
     "record",
     "record_in_subprocess",
+    "record_regression",
+    "regression_scenarios",
     "save",
     "scenario_name",
     "scenarios",
@@ -303,7 +307,21 @@ def _random_bits(key: Any, step: Any, draws: Sequence[tuple[int, Any, tuple[int,
     ]
 
 
-_PROGRAMS: dict[tuple[int, int], Callable[..., Any]] = {}
+def _uniform(bits: Any) -> Any:
+    """Uniform float32 samples in (0, 1) from uint32 bits."""
+    import jax.numpy as jnp
+
+    return ((bits >> 9).astype(jnp.float32) + 0.5) * jnp.float32(2.0**-23)
+
+
+def _normal(bits: Any) -> Any:
+    """Standard normal float32 samples from uint32 bits (as jax.random.normal: erfinv of a uniform)."""
+    from jax import lax
+
+    return np.float32(np.sqrt(2.0)) * lax.erf_inv(2.0 * _uniform(bits) - 1.0)
+
+
+_PROGRAMS: dict[tuple[Any, ...], Callable[..., Any]] = {}
 COMPILE_SECONDS: dict[tuple[int, int], float] = {}  # (K, steps) -> seconds to trace and compile
 
 
@@ -362,14 +380,6 @@ def _program(k: int, steps: int) -> Callable[..., Any]:
             )
             params[f"b{i}"] = jnp.zeros((fan_out,), f32)
         return params
-
-    def uniform(bits: jax.Array) -> jax.Array:
-        """Uniform samples in (0, 1) from uint32 bits."""
-        return ((bits >> 9).astype(f32) + 0.5) * f32(2.0**-23)
-
-    def normal(bits: jax.Array) -> jax.Array:
-        """Standard normal samples from uint32 bits (as jax.random.normal: erfinv of a uniform)."""
-        return f32(np.sqrt(2.0)) * lax.erf_inv(2.0 * uniform(bits) - 1.0)
 
     def dropout(h: jax.Array, bits: jax.Array) -> jax.Array:
         keep = bits < np.uint32(round((1.0 - DROPOUT) * 2.0**32))
@@ -434,7 +444,7 @@ def _program(k: int, steps: int) -> Callable[..., Any]:
 
             def examples(raw: jax.Array) -> tuple[jax.Array, jax.Array]:
                 y = (raw[:, FEATURES] % CLASSES).astype(jnp.int32)
-                return centers[y] + normal(raw[:, :FEATURES]), y
+                return centers[y] + _normal(raw[:, :FEATURES]), y
 
             draws = [
                 (0, source("data_src"), (BATCH, FEATURES + 1)),
@@ -448,11 +458,11 @@ def _program(k: int, steps: int) -> Callable[..., Any]:
             own_x, own_y = examples(own_raw)
             own = jnp.arange(BATCH) >= jnp.round(jnp.where(active, f["data_share"], 1.0) * BATCH)
             x, y = jnp.where(own[:, None], own_x, x), jnp.where(own, own_y, y)
-            x = x + AUGMENT_NOISE * normal(aug_raw)
+            x = x + AUGMENT_NOISE * _normal(aug_raw)
             x = jnp.where(active & (f["aug_permute"] > 0), x[:, permutation], x)
             x = x * jnp.where(active, f["aug_scale"], 1.0)
-            x = x + jnp.where(active, f["aug_noise"], 0.0) * normal(fault_bits[:, :FEATURES])
-            coin = uniform(fault_bits[:, FEATURES]) < jnp.where(active, f["label_noise"], 0.0)
+            x = x + jnp.where(active, f["aug_noise"], 0.0) * _normal(fault_bits[:, :FEATURES])
+            coin = _uniform(fault_bits[:, FEATURES]) < jnp.where(active, f["label_noise"], 0.0)
             y = jnp.where(coin, (fault_bits[:, FEATURES + 1] % CLASSES).astype(jnp.int32), y)
 
             loss, grads = grad_fn(used, x, y, drop_raw)
@@ -481,6 +491,157 @@ def _program(k: int, steps: int) -> Callable[..., Any]:
     COMPILE_SECONDS[key] = time.perf_counter() - began
     _PROGRAMS[key] = program
     return program
+
+
+# ----------------------------------------------------------------------------- regression family
+# A second model, for the clean audits of EARLY training: the classifier above is
+# noise-dominated from its first step, but a model that starts far from a smooth target
+# has per-device gradients that share a strong signal (cosines to the mean ~0.9 in the
+# first 20-30 steps, then ~0.1), and the batches of a regression differ in their noise
+# by factors (residuals have heavy tails): a device at cosine 0.3 among others at 0.93
+# happens by chance. Scenario names carry the prefix ``regression/<config>/``.
+REGRESSION = "regression"
+REG_FEATURES, REG_HIDDEN = 8, 32
+REG_TARGET_NOISE = 0.1
+# config: (examples per device and step, peak learning rate)
+REG_CONFIGS = {"b64": (64, 3e-3), "b16": (16, 1e-2)}
+REG_STEPS = 200
+REG_FAULT_START = 30  # inside the signal-dominated phase
+
+
+def is_clean(name: str) -> bool:
+    """Whether a stored scenario name is a clean run (of either family)."""
+    return name == CLEAN or name.endswith("/" + CLEAN)
+
+
+def regression_scenarios(quick: bool = False) -> list[XFault | None]:
+    """Clean runs and the faults that apply to a regression (its targets are the labels),
+    from step ``REG_FAULT_START``."""
+    if quick:
+        return [None, XFault("grad_scale", start=REG_FAULT_START)]
+    out: list[XFault | None] = [None]
+    for kind in ("grad_scale", "label_noise", "bad_augment"):
+        for strength in STRENGTHS:
+            out.append(XFault(kind, strength=strength, start=REG_FAULT_START))
+    out.append(XFault("grad_scale", start=REG_FAULT_START, length=1))
+    return out
+
+
+def _regression_program(k: int, steps: int, batch: int, learning_rate: float) -> Callable[..., Any]:
+    """The compiled ``run(seed, faults) -> {metric: [steps, ...]}`` of the regression family:
+    an MLP 8 -> 32 -> 32 -> 1 (ReLU) fits ``sin(x . w) + N(0, 0.1^2)`` with ``x ~ N(0, I)``,
+    ``gh.cross_device`` (every step audited) chained before ``gh.guard(adamw, clip=1.0)``
+    with a warm-up (10% of the steps) and cosine decay. Faults: ``grad_mult``,
+    ``label_noise`` (a target replaced by N(0, 1)) and the ``aug_*`` input corruption."""
+    key = ("regression", k, steps, batch, learning_rate)
+    if key in _PROGRAMS:
+        return _PROGRAMS[key]
+
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from jax import lax
+    from jax.sharding import AxisType, Mesh
+    from jax.sharding import PartitionSpec as P
+
+    import optax_gradhealth as gh
+
+    if jax.device_count() < k:
+        raise RuntimeError(
+            f"the regression family at K={k} needs >= {k} devices, this process has {jax.device_count()}."
+        )
+    mesh = Mesh(np.asarray(jax.devices()[:k]), ("data",), axis_types=(AxisType.Auto,))
+    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, steps // 10, steps, learning_rate * 0.05)
+    tx = optax.chain(
+        gh.cross_device("data", per_device_batch=batch, audit_first_steps=steps + 1),
+        gh.guard(optax.adamw(schedule), clip=1.0),
+    )
+    f32 = jnp.float32
+    sizes = [(REG_FEATURES, REG_HIDDEN), (REG_HIDDEN, REG_HIDDEN), (REG_HIDDEN, 1)]
+
+    def loss_fn(params: dict[str, jax.Array], x: jax.Array, y: jax.Array) -> jax.Array:
+        h = x
+        for i in range(1, len(sizes) + 1):
+            h = h @ params[f"w{i}"] + params[f"b{i}"]
+            h = jax.nn.relu(h) if i < len(sizes) else h
+        return jnp.mean((h[:, 0] - y) ** 2)
+
+    grad_fn = gh.local_value_and_grad(loss_fn, "data")
+
+    def run(seed: jax.Array, faults: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        f = {name: value[0] for name, value in faults.items()}
+        index = lax.axis_index("data")
+        k_init, k_target, k_perm, k_steps = jax.random.split(jax.random.key(seed), 4)
+        params = {}
+        for i, (fan_in, fan_out) in enumerate(sizes, start=1):
+            params[f"w{i}"] = jax.random.normal(jax.random.fold_in(k_init, i), (fan_in, fan_out), f32) / np.sqrt(fan_in)
+            params[f"b{i}"] = jnp.zeros((fan_out,), f32)
+        target = jax.random.normal(k_target, (REG_FEATURES,), f32)
+        permutation = jax.random.permutation(k_perm, REG_FEATURES)
+        opt_state = tx.init(params)
+
+        def step(carry: Any, t: jax.Array) -> tuple[Any, dict[str, jax.Array]]:
+            params, opt_state = carry
+            active = (t >= f["start"]) & (t < f["end"])
+            (x_bits, noise_bits, fault_bits, coin_bits) = _random_bits(
+                k_steps,
+                t,
+                [
+                    (0, index, (batch, REG_FEATURES)),
+                    (1, index, (batch,)),
+                    (2, index, (batch, REG_FEATURES + 1)),
+                    (3, index, (batch,)),
+                ],
+            )
+            x = _normal(x_bits)
+            y = jnp.sin(x @ target) + REG_TARGET_NOISE * _normal(noise_bits)
+            coin = _uniform(coin_bits) < jnp.where(active, f["label_noise"], 0.0)
+            y = jnp.where(coin, _normal(fault_bits[:, REG_FEATURES]), y)
+            x = jnp.where(active & (f["aug_permute"] > 0), x[:, permutation], x)
+            x = x * jnp.where(active, f["aug_scale"], 1.0)
+            x = x + jnp.where(active, f["aug_noise"], 0.0) * _normal(fault_bits[:, :REG_FEATURES])
+            _, grads = grad_fn(params, x, y)
+            grads = jax.tree.map(lambda g: g * jnp.where(active, f["grad_mult"], 1.0), grads)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            return (params, opt_state), gh.metrics(opt_state)
+
+        _, out = lax.scan(step, (params, opt_state), jnp.arange(steps, dtype=jnp.int32))
+        return out
+
+    jitted = jax.jit(jax.shard_map(run, mesh=mesh, in_specs=(P(), P("data")), out_specs=P()))
+    program = jitted.lower(np.int32(0), _fault_arrays(None, k)).compile()
+    _PROGRAMS[key] = program
+    return program
+
+
+def record_regression(k: int, quick: bool, seeds: Sequence[int], fault_seeds: Sequence[int]) -> Runs:
+    """Records the regression family on K devices of this process: every config of
+    :data:`REG_CONFIGS`, clean runs on ``seeds`` and :func:`regression_scenarios`' faults on
+    ``fault_seeds`` (quick: the first config only). Same layout as :func:`record`'s."""
+    import jax
+
+    runs: Runs = {}
+    configs = list(REG_CONFIGS.items())[:1] if quick else list(REG_CONFIGS.items())
+    for config, (batch, learning_rate) in configs:
+        program = _regression_program(k, REG_STEPS, batch, learning_rate)
+        for fault in regression_scenarios(quick):
+            name = f"{REGRESSION}/{config}/{scenario_name(fault)}"
+            arrays = _fault_arrays(fault, k)
+            for seed in seeds if fault is None else fault_seeds:
+                began = time.perf_counter()
+                out = jax.device_get(program(np.int32(seed), arrays))
+                metrics = {metric: np.asarray(value) for metric, value in out.items()}
+                metrics["fault_active"] = np.zeros(REG_STEPS, bool) if fault is None else fault.active(REG_STEPS)
+                metrics["faulty_devices"] = np.asarray([] if fault is None else fault.devices, np.int64)
+                runs[(name, int(seed))] = metrics
+                named = np.nonzero(metrics["xdev/outlier_devices"].any(axis=1))[0]
+                print(
+                    f"K={k} {name:50s} seed={seed} {time.perf_counter() - began:5.2f}s  audits naming a device: "
+                    f"{named.size} (first {named[:5].tolist()})",
+                    flush=True,
+                )
+    return runs
 
 
 # ----------------------------------------------------------------------------- recording
@@ -632,11 +793,14 @@ def record_in_subprocess(
     seeds: Sequence[int],
     out_path: str,
     fault_seeds: Sequence[int] | None = None,
+    family: str = "classifier",
 ) -> None:
     """Runs this file's CLI in a fresh process with K CPU devices and waits for it.
 
-    Clean runs use ``seeds``, fault runs ``fault_seeds`` (default: the same). Its stdout
-    (one line per run) passes through; raises ``RuntimeError`` with its stderr when it fails.
+    Clean runs use ``seeds``, fault runs ``fault_seeds`` (default: the same); ``family``
+    is ``'classifier'`` (:func:`record`, ``steps`` per run) or ``'regression'``
+    (:func:`record_regression`, :data:`REG_STEPS` per run). Its stdout (one line per run)
+    passes through; raises ``RuntimeError`` with its stderr when it fails.
     """
     env = dict(os.environ)
     env["XLA_FLAGS"] = _xla_flags(k, env.get("XLA_FLAGS"))
@@ -644,7 +808,7 @@ def record_in_subprocess(
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     command = [sys.executable, os.path.abspath(__file__), "--devices", str(k), "--steps", str(steps), "--out", out_path]
-    command += ["--seeds", *map(str, seeds)] + (["--quick"] if quick else [])
+    command += ["--seeds", *map(str, seeds), "--family", family] + (["--quick"] if quick else [])
     if fault_seeds is not None:
         command += ["--fault-seeds", *map(str, fault_seeds)]
     done = subprocess.run(command, env=env, cwd=root, stderr=subprocess.PIPE, text=True, check=False)
@@ -660,6 +824,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 quick, 0 1 2 full)")
     parser.add_argument("--fault-seeds", type=int, nargs="+", default=None, help="seeds of the fault runs")
     parser.add_argument("--out", required=True, help="the .npz to write")
+    parser.add_argument("--family", choices=("classifier", "regression"), default="classifier", help="the model")
     args = parser.parse_args(argv)
     if "jax" not in sys.modules:
         os.environ["XLA_FLAGS"] = _xla_flags(args.devices, os.environ.get("XLA_FLAGS"))
@@ -668,7 +833,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     seeds = args.seeds if args.seeds is not None else [0] if args.quick else [0, 1, 2]
     began = time.perf_counter()
     every = scenarios(args.quick)
-    if args.fault_seeds is None:
+    if args.family == "regression":
+        save(record_regression(args.devices, args.quick, seeds, args.fault_seeds or seeds), args.out)
+    elif args.fault_seeds is None:
         record(args.devices, every, steps, seeds, args.out, verbose=True)
     else:
         runs = record(args.devices, [f for f in every if f is None], steps, seeds, verbose=True)

@@ -536,7 +536,7 @@ _SPEC_LIST: tuple[MetricSpec, ...] = (
     MetricSpec(
         "xdev/outlier_score",
         VALUE,
-        "largest instant device score: robust z of log-norm or of leave-one-out cosine (latest audit)",
+        "largest instant device score: robust z of log-norm or of log(1 - leave-one-out cosine) (latest audit)",
         "below the outlier threshold (10), usually below 3.",
     ),
     MetricSpec(
@@ -564,7 +564,7 @@ _SPEC_LIST: tuple[MetricSpec, ...] = (
         "xdev/direction_score",
         VECTOR,
         (
-            "[K] robust one-sided z-score of each device's leave-one-out cosine across devices (latest audit; "
+            "[K] robust one-sided z-score of each device's log(1 - leave-one-out cosine) across devices (latest audit; "
             "needs K >= 3, 0 with 2 devices)"
         ),
         (

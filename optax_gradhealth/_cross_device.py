@@ -89,7 +89,8 @@ class CrossDeviceState(NamedTuple):
       xdev_outlier_devices: bool [K], every device named as an outlier (instant score
         above ``outlier_threshold``, or CUSUM evidence above ``outlier_evidence``).
       xdev_norm_score: float32 [K], each device's robust log-norm score.
-      xdev_direction_score: float32 [K], each device's robust leave-one-out-cosine score.
+      xdev_direction_score: float32 [K], each device's robust score of ``log(1 - c_k)``, ``c_k``
+        its leave-one-out cosine.
       xdev_outlier_evidence: float32 [K], each device's CUSUM evidence of being an outlier,
         accumulated over audits.
       xdev_duplicate_pairs: bool [K, K], ``[j, k]`` is True when devices j != k produced
@@ -104,7 +105,7 @@ class CrossDeviceState(NamedTuple):
       xdev_num_detector_audits: int32, finite audits folded into the running spreads.
       xdev_norm_spread_ema, xdev_cosine_spread_ema: EMAs (decay 0.9 per audit, bias-corrected
         with ``xdev_num_detector_audits``) of the cross-device spread (1.4826 MAD) of the
-        log-norms and of the leave-one-out cosines; the outlier scores divide by them.
+        log-norms and of ``log(1 - c_k)``; the outlier scores divide by them.
     """
 
     xdev_num_steps: jax.Array
@@ -474,8 +475,9 @@ def cross_device(
     ``tr(Sigma)``). A device's outlier score is the larger of
 
     * ``|log|g_k| - median_j log|g_j|| / max(1.4826 MAD, norm_floor)`` (norm), and
-    * ``(median_j c_j - c_k) / max(1.4826 MAD, cosine_floor)`` where ``c_k`` is the
-      exact cosine of ``g_k`` to the mean of the OTHER devices' gradients (direction);
+    * ``(d_k - median_j d_j) / max(1.4826 MAD, cosine_floor)`` of ``d_k = log(1 - c_k)``,
+      where ``c_k`` is the exact cosine of ``g_k`` to the mean of the OTHER devices'
+      gradients (direction: the log makes it a ratio, see ``docs/distributed.md``);
 
     a non-finite local gradient scores ``inf`` (``xdev/norm_score``,
     ``xdev/direction_score``). The two robust scores need K >= 3 (the spread of two
@@ -525,7 +527,8 @@ def cross_device(
       near_duplicate_drift: the pair CUSUM's drift (> 0).
       norm_floor: lower bound of the log-norm spread (0.1 ~ 10 % norm differences count
         as normal even when the other devices agree more closely).
-      cosine_floor: lower bound of the spread of the leave-one-out cosines.
+      cosine_floor: lower bound of the spread of ``log(1 - c_k)`` (about the spread of the
+        leave-one-out cosines ``c_k`` themselves when they are near 0).
 
     Returns:
       A ``GradientTransformationExtraArgs``; ``update(grads, state, params=None)``.

@@ -16,7 +16,8 @@ faults (``docs/detection.md``):
   latest few, the spread that of the step-to-step changes, see
   :func:`norm_window_stats`). A spike needs both.
 * **outlier device** (cross-device audits): per-device robust scores (log-norm and
-  leave-one-out cosine, against the median and MAD across devices), accumulated over
+  log-distance ``log(1 - cos)`` of the leave-one-out cosine, against the median and MAD
+  across devices), accumulated over
   audits by a one-sided CUSUM (:func:`cusum`). A strong score names the device at once;
   a moderate but persistent one after a few audits.
 * **near-duplicate pair** (cross-device audits): the robust z-score of each pair's
@@ -45,6 +46,7 @@ __all__ = [
     "audit_update",
     "cusum",
     "device_scores",
+    "direction_distance",
     "leave_one_out_cosine",
     "masked_median",
     "norm_window_init",
@@ -382,16 +384,37 @@ def leave_one_out_cosine(device_norms: jax.Array, cosine_to_mean: jax.Array) -> 
     return jnp.where(denominator > 0, numerator / jnp.where(denominator > 0, denominator, 1.0), 0.0)
 
 
+# 1 - cosine is kept at or above this before its log: float32 cosines of nearly parallel
+# gradients round to 1 (a log of 0), and below it the distances are rounding noise.
+_MIN_DISTANCE = 1e-6
+
+
+def direction_distance(cosine: jax.Array) -> jax.Array:
+    """``log(max(1 - cosine, 1e-6))``: how far a device's gradient points from the others',
+    in the units the direction score is measured in.
+
+    ``1 - cos`` is half the squared distance between the unit gradients. Its log makes the
+    score a ratio: where the gradients share a strong signal (early training, cosines
+    around 0.9), ``1 - cos`` is about half the squared noise-to-signal ratio of the
+    device's batch, and batches differ in it by factors, not by fixed amounts (8 devices
+    of a small MLP: cosines 0.93 +- 0.02 and one batch at 0.31, a ~10x larger ``1 -
+    cos``, by chance). Around cosine 0 (gradients dominated by their noise, most of a
+    run), ``log(1 - c)`` is ``-c`` to first order: the score is the cosine's own z-score.
+    """
+    return jnp.log(jnp.maximum(1.0 - jnp.asarray(cosine, jnp.float32), _MIN_DISTANCE))
+
+
 class DeviceScores(NamedTuple):
     """Per-device robust scores of one audit (all ``[K]`` float32 but the spreads).
 
     Attributes:
       norm_score: ``|log|g_k| - median| / spread`` of the log-norms (two-sided).
-      direction_score: ``(median - c_k) / spread`` of the leave-one-out cosines (one-sided:
-        only a device that agrees LESS with the others scores).
+      direction_score: ``(d_k - median) / spread`` of the log-distances ``d_k = log(1 -
+        c_k)`` of the leave-one-out cosines ``c_k`` (see :func:`direction_distance`;
+        one-sided: only a device that agrees LESS with the others scores).
       score: the larger of the two; ``inf`` for a device with a non-finite gradient.
       norm_spread: this audit's robust spread of the log-norms (before flooring).
-      cosine_spread: this audit's robust spread of the leave-one-out cosines.
+      cosine_spread: this audit's robust spread of the log-distances ``d_k``.
     """
 
     norm_score: jax.Array
@@ -429,13 +452,13 @@ def device_scores(
     everyone = jnp.ones(norms.shape, jnp.bool_)
     log_norms = jnp.log(jnp.maximum(jnp.where(finite, norms, 1.0), 1e-30))
     cosines = jnp.where(jnp.isfinite(cosine_to_mean), cosine_to_mean, 0.0)
-    loo = leave_one_out_cosine(jnp.where(finite, norms, 0.0), cosines)
+    distance = direction_distance(leave_one_out_cosine(jnp.where(finite, norms, 0.0), cosines))
     norm_centre, norm_spread = median_and_spread(log_norms, everyone)
-    cos_centre, cos_spread = median_and_spread(loo, everyone)
+    cos_centre, cos_spread = median_and_spread(distance, everyone)
     norm_scale = jnp.maximum(jnp.maximum(norm_spread, norm_spread_ref), norm_floor)
     cos_scale = jnp.maximum(jnp.maximum(cos_spread, cosine_spread_ref), cosine_floor)
     norm_score = jnp.abs(log_norms - norm_centre[..., None]) / norm_scale[..., None]
-    direction_score = (cos_centre[..., None] - loo) / cos_scale[..., None]
+    direction_score = (distance - cos_centre[..., None]) / cos_scale[..., None]
     if k < 3:
         alive = jnp.any(finite & (norms > 0), axis=-1, keepdims=True)
         dead = (norms == 0) & alive
@@ -472,7 +495,8 @@ class AuditDetectorState(NamedTuple):
       num_audits: int32, audits folded in.
       norm_spread_ema: EMA (decay ``AuditRule.spread_decay``, bias-corrected with
         ``num_audits``) of the robust cross-device spread of the log-norms.
-      cosine_spread_ema: the same for the leave-one-out cosines.
+      cosine_spread_ema: the same for the log-distances of the leave-one-out cosines
+        (:func:`direction_distance`).
       outlier_evidence: float32 ``[K]`` CUSUM evidence that each device is an outlier.
       pair_evidence: float32 ``[K, K]`` CUSUM evidence that each pair sees the same data.
     """

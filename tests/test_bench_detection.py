@@ -75,4 +75,10 @@ def test_cross_device_no_false_alarm_and_faults_found_in_time(summary):
             row = xdev[f"{k}|{name}"]
             assert row["found"] == row["runs"], (k, name, row)
             assert max(row["delays"]) < within, (k, name, row)
+    # Early training of a regression (cosines ~0.9 across devices, heavy-tailed batches): the
+    # linear cosine score named clean devices there; x10 on one device still shows within a few
+    # audits (the devices' norms already differ by 2-3x, so not at once).
+    regression = xdev["8|regression/b64/grad_scale/strong/persistent@t30"]
+    assert regression["found"] == regression["runs"] and max(regression["delays"]) < 6, regression
+    assert xdev["8|regression/b64/clean"]["alarms"] == 0
     assert summary["xdev_replay_mismatches"] == 0

@@ -1292,16 +1292,18 @@ def scenario_data():
 
 
 @pytest.mark.parametrize(
-    ("corruption", "scale", "noise"),
-    [("scaled x10", 10.0, 0.0), ("sign-flipped", -1.0, 0.0), ("noised", 1.0, 5.0)],
+    ("corruption", "scale", "noise", "within"),
+    # A sign flip scores 7-8 per audit here (its log-distance against gradients whose
+    # cosines are ~0.5): the evidence names it at the third audit.
+    [("scaled x10", 10.0, 0.0, 2), ("sign-flipped", -1.0, 0.0, 3), ("noised", 1.0, 5.0, 2)],
 )
-def test_corrupted_device_is_named(scenario_data, corruption, scale, noise):
+def test_corrupted_device_is_named(scenario_data, corruption, scale, noise, within):
     x, y = scenario_data
     s, n = np.ones(K, np.float32), np.zeros(K, np.float32)
     s[3], n[3] = scale, noise
     out = train(replicate(mlp_params(0)), x, y, jnp.asarray(s), jnp.asarray(n))
     named = out["xdev/outlier_device"]
-    assert named[0] == 3 or named[1] == 3, (corruption, named)
+    assert 3 in named[:within].tolist() and (named[within:] == 3).all(), (corruption, named)
     assert set(named.tolist()) <= {3, -1}, (corruption, named)  # never names an innocent device
     assert not out["xdev/duplicate_pairs"].any() and not out["xdev/param_desync"].any()
 

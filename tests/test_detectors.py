@@ -327,8 +327,10 @@ def test_device_scores_against_numpy():
             for c, n in zip(cos, norms)
         ]
     )
-    cspread = max(1.4826 * np.median(np.abs(loo - np.median(loo))), 0.05)
-    np.testing.assert_allclose(np.asarray(scores.direction_score), (np.median(loo) - loo) / cspread, atol=1e-4)
+    # The direction score is a robust z-score of log(1 - cosine), the log-distance.
+    dist = np.log(1.0 - loo)
+    cspread = max(1.4826 * np.median(np.abs(dist - np.median(dist))), 0.05)
+    np.testing.assert_allclose(np.asarray(scores.direction_score), (dist - np.median(dist)) / cspread, atol=1e-4)
     assert int(np.argmax(np.asarray(scores.score))) in (2, 5)
     # A non-finite device scores inf even though it makes every cosine NaN.
     norms[6] = np.inf
@@ -378,6 +380,45 @@ def test_audit_detector_names_a_persistent_device_in_time(factor, within):
     assert named[100 + first] == 3 and first < within
     assert (named[100 + within :] == 3).all()  # and keeps naming it
     assert np.asarray(verdicts.outlier_devices)[150].tolist() == [i == 3 for i in range(8)]
+
+
+def _signal_dominated_stream(rng, audits, odd=None, odd_ratio=4.0, k=8, dim=256):
+    """Per-device gradients ``s + r_k n_k``: one shared signal three times the noise's norm
+    (cosines to the mean ~0.95, as in early training) and a noise whose size varies by
+    batch, ``r_k`` log-normal (sigma 0.6: a batch with 5x the usual noise now and then).
+    ``odd=(start, device)`` multiplies that device's noise by ``odd_ratio`` from ``start``."""
+    signal = rng.normal(size=dim)
+    signal *= 3.0 / np.linalg.norm(signal)
+    ratio = np.exp(rng.normal(0.0, 0.6, (audits, k)))
+    if odd is not None:
+        ratio[odd[0] :, odd[1]] *= odd_ratio
+    grads = signal + ratio[..., None] * rng.normal(size=(audits, k, dim)) / np.sqrt(dim)
+    mean = grads.mean(axis=1)
+    norms = np.linalg.norm(grads, axis=2)
+    cos = np.einsum("tkd,td->tk", grads, mean) / (norms * np.linalg.norm(mean, axis=1)[:, None])
+    return norms.astype(np.float32), cos.astype(np.float32)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_direction_score_is_calm_when_the_devices_share_a_strong_signal(seed):
+    # Cosines to the mean around 0.95 and down to ~0.6 by chance. The cosine's own z-score
+    # (the score before the log-distance) passed 5 on 35-44 device-audits of each stream
+    # and the instant threshold 10 on two of them; the log-distance's passes 5 at most on
+    # the first audit (no running spread yet) and never reaches 10.
+    norms, cos = _signal_dominated_stream(np.random.default_rng(seed), 300)
+    assert np.median(cos) > 0.9 and cos.min() < 0.7
+    scores = np.asarray(detect.replay_audits(norms, cos, **AUDIT_RULE).scores.direction_score)
+    assert scores.max() < AUDIT_RULE["outlier_threshold"]
+    assert (scores[1:] > 5.0).sum() == 0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_audit_detector_names_a_persistently_noisy_device_when_the_signal_is_strong(seed):
+    # One device's noise 4x the others' from audit 100 (its cosine ~0.72 against ~0.95).
+    norms, cos = _signal_dominated_stream(np.random.default_rng(seed), 200, odd=(100, 3))
+    named = np.asarray(detect.replay_audits(norms, cos, **AUDIT_RULE).outlier_device)
+    assert int(np.argmax(named[100:] == 3)) < 10
+    assert (named[100:] == 3).mean() > 0.9
 
 
 def test_audit_detector_forgets_a_fault_once_it_is_over():
