@@ -164,6 +164,13 @@ _XDEV_FIELDS = {
 
 _catalogue.register_metrics(CrossDeviceState, _XDEV_FIELDS)
 _interfaces.keep_on_momentum_reset(CrossDeviceState)
+_interfaces.must_wrap(
+    CrossDeviceState,
+    "gh.cross_device",
+    "each device's guard judges its own local gradient, so devices skip different steps and the parameter "
+    "replicas drift apart (the guard must see the mean that gh.cross_device returns)",
+    before="optax.chain(gh.cross_device(...), {outer}(...))",
+)
 
 
 # Decay (per audit step) of the running cross-device spreads the outlier scores divide by.
@@ -447,6 +454,10 @@ def cross_device(
 
       tx = optax.chain(gh.cross_device('data', per_device_batch=32),
                        gh.guard(optax.adamw(3e-4), clip=1.0))
+
+    Never inside the guard (``gh.guard(optax.chain(gh.cross_device(...), ...))``): each
+    device's guard would judge its local gradient and skip steps the others apply; the
+    guard's ``init`` refuses it.
 
     Every step (K floats ride in the gradient all-reduce; one all-reduce in all):
     ``xdev/device_norms``,

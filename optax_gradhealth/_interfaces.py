@@ -15,8 +15,9 @@ part in another's behaviour without either importing the other:
   gradients, so the unscaled gradients are never materialised. On an overflow the loss
   scale asks that state to keep its previous bookkeeping.
 * **What must stay outside.** A state type declared with :func:`must_wrap` belongs to a
-  transformation that has to wrap the guard, never sit inside it; the guard's ``init``
-  refuses an inner optimizer that holds one (:func:`refuse_wrappers_inside`).
+  transformation that has to wrap the guard (or come before it in a chain), never sit
+  inside it; the guard's ``init`` refuses an inner optimizer that holds one
+  (:func:`refuse_wrappers_inside`).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ __all__ = [
 UNSCALE_ARG = "_gradhealth_unscale"
 
 _KEPT_ON_RESET: dict[type, tuple[str, ...]] = {}
-_MUST_WRAP: dict[type, tuple[str, str]] = {}
+_MUST_WRAP: dict[type, tuple[str, str, str | None]] = {}
 
 
 def keep_on_momentum_reset(*state_types: type, wrapped: tuple[str, ...] = ()) -> None:
@@ -96,10 +97,14 @@ def guard_states(state: Any) -> list[UnscalesOnRead]:
     return [x for x in jax.tree.leaves(state, is_leaf=is_guard) if is_guard(x)]
 
 
-def must_wrap(state_type: type, name: str, why: str) -> None:
+def must_wrap(state_type: type, name: str, why: str, *, before: str | None = None) -> None:
     """Declares that the transformation whose state is ``state_type`` (called ``name`` in
-    messages) must wrap the guard; ``why`` says what goes wrong when it sits inside."""
-    _MUST_WRAP[state_type] = (name, why)
+    messages) must wrap the guard; ``why`` says what goes wrong when it sits inside.
+
+    ``before``: for a transformation that is chained before the guard rather than wrapping
+    it, the order to write instead, with ``{outer}`` for the guard's name (e.g.
+    ``"optax.chain(gh.cross_device(...), {outer}(...))"``)."""
+    _MUST_WRAP[state_type] = (name, why, before)
 
 
 def refuse_wrappers_inside(inner_state: Any, outer: str) -> None:
@@ -108,8 +113,9 @@ def refuse_wrappers_inside(inner_state: Any, outer: str) -> None:
     declared = lambda x: type(x) in _MUST_WRAP
     for state in jax.tree.leaves(inner_state, is_leaf=declared):
         if declared(state):
-            name, why = _MUST_WRAP[type(state)]
-            raise ValueError(
-                f"{outer}: the optimizer it wraps holds a {name} state; {name} must wrap {outer}, "
-                f"not sit inside it: {name}({outer}(...)). Inside, {why}."
-            )
+            name, why, before = _MUST_WRAP[type(state)]
+            if before is None:
+                order = f"must wrap {outer}, not sit inside it: {name}({outer}(...))"
+            else:
+                order = f"must come before {outer}, not sit inside it: {before.format(outer=outer)}"
+            raise ValueError(f"{outer}: the optimizer it wraps holds a {name} state; {name} {order}. Inside, {why}.")

@@ -336,6 +336,48 @@ def test_nonfinite_device_is_the_outlier_and_the_guard_skips_everywhere():
     assert all(np.all(np.asarray(u) == 0) for u in jax.tree.leaves(updates))
 
 
+@pytest.mark.parametrize(
+    "inside",
+    [
+        lambda: optax.chain(gh.cross_device("data"), optax.sgd(0.1)),
+        lambda: optax.MultiSteps(optax.chain(gh.cross_device("data"), optax.sgd(0.1)), 2),
+    ],
+    ids=["chain", "multisteps"],
+)
+def test_the_guard_refuses_cross_device_inside_it(inside):
+    """Inside the guard, each device's guard would judge its LOCAL gradient: devices
+    would skip different steps and the replicas drift apart (under shard_map: a
+    JAX-internal trace error). The guard's init refuses it, naming the order to use."""
+    tx = gh.guard(inside())
+    with pytest.raises(
+        ValueError,
+        match=r"gh\.cross_device must come before gh\.guard.*optax\.chain\(gh\.cross_device\(\.\.\.\), "
+        r"gh\.guard\(\.\.\.\)\).*local gradient",
+    ):
+        tx.init({"w": jnp.zeros(3)})
+
+
+def test_accumulate_around_cross_device_and_guard_still_applies_the_global_mean():
+    """gh.accumulate(chain(gh.cross_device, gh.guard(sgd)), k) under pmap (the audit
+    outside the guard, so not refused): one update on the k-th micro-step, -lr times the
+    mean over devices and micro-batches (float64 reference), the same on every device."""
+    k, lr = 3, 0.5
+    tx = gh.accumulate(optax.chain(gh.cross_device("data"), gh.guard(optax.sgd(lr), clip=None)), k)
+    grads = np.random.default_rng(5).normal(size=(k, K, 6)).astype(np.float32)
+    params = {"w": jnp.zeros((K, 6), jnp.float32)}
+    state = jax.pmap(tx.init, axis_name="data")(params)
+
+    def micro_step(g, s, p):
+        updates, s = tx.update(g, s, p)
+        return optax.apply_updates(p, updates), s
+
+    step = jax.pmap(micro_step, axis_name="data")
+    for i in range(k):
+        params, state = step({"w": jnp.asarray(grads[i])}, state, params)
+    expected = -lr * grads.astype(np.float64).mean(axis=(0, 1))
+    np.testing.assert_allclose(np.asarray(params["w"]), np.stack([expected] * K), rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf], ids=["nan", "inf"])
 def test_a_nonfinite_device_leaves_the_dispersion_and_agreement_unknown_not_zero(bad):
     """One device's NaN (or Inf) makes the mean, so every cosine, the dispersion and the
