@@ -77,7 +77,7 @@ def _is_flattened_leaf_norms(state_type: type, field: str, value: Any) -> bool:
     return (
         isinstance(value, dict)
         and set(value) == {"values"}
-        and len(getattr(value["values"], "shape", ())) == 1
+        and len(getattr(value["values"], "shape", ())) >= 1  # [..., num_leaves]
         and _holds_leaf_norms(state_type, field)
     )
 

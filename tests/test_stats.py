@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import optax_gradhealth as gh
 from optax_gradhealth import _stats
-from tests.backend import FLUSHES_SUBNORMALS
+from tests.backend import FLUSHES_SUBNORMALS, require_devices
 
 _F32_SMALLEST_NORMAL = float(np.finfo(np.float32).tiny)
 
@@ -285,6 +285,94 @@ def test_leaf_norms_split_their_vector_at_once_not_by_one_indexing_per_leaf(monk
     np.testing.assert_allclose([float(v) for v in jitted.values()], list(expected.values()), rtol=1e-6)
     # An empty tree has no entries.
     assert gh.grad_stats({}).leaf_norms.as_dict() == {}
+
+
+PMAP_DEVICES = 4
+
+
+def _pmapped_guard_state(num_leaves):
+    """A guard's state after one ``jax.pmap`` step on ``PMAP_DEVICES`` devices (values
+    ``[K, num_leaves]``), and the float64 per-device gradients it saw: leaf ``i`` of
+    device ``d`` is ``(d * num_leaves + i + 1)(1, 2, 3)``, so every (device, leaf) norm
+    differs and the ``[K, K]`` norms of K leaves are not symmetric."""
+    require_devices(PMAP_DEVICES, __file__)
+    k, devices = PMAP_DEVICES, jax.devices()[:PMAP_DEVICES]
+    names = [f"w{i:02d}" for i in range(num_leaves)]
+    scale = np.arange(k)[:, None] * num_leaves + np.arange(1.0, num_leaves + 1)  # [K, num_leaves]
+    grads = {name: np.outer(scale[:, i], np.arange(1.0, 4.0)) for i, name in enumerate(names)}
+    params = {name: jnp.ones((k, 3)) for name in names}
+    tx = gh.guard(optax.sgd(0.1))
+
+    def step(grads, state, params):
+        return tx.update(grads, state, params)[1]
+
+    state = jax.pmap(tx.init, devices=devices)(params)
+    state = jax.pmap(step, devices=devices)(jax.tree.map(jnp.float32, grads), state, params)
+    return state, grads
+
+
+def _leaf_norm_fields(state):
+    leaves = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, gh.LeafNorms))
+    return [x for x in leaves if isinstance(x, gh.LeafNorms)]
+
+
+# 4 devices and 3, 4 (one per device: the split along the device axis was silently wrong),
+# 6 and 40 leaves (40: split in windows, see _unstack).
+@pytest.mark.parametrize("num_leaves", [3, 4, 6, 40])
+def test_metrics_of_a_pmapped_state_are_per_leaf_with_the_device_axis_kept(num_leaves):
+    """On a state returned by ``jax.pmap`` the per-leaf vectors are ``[K, num_leaves]``:
+    ``gh.metrics`` (and ``LeafNorms.as_dict``/``as_tree``/``[name]``) split them along
+    axis 0, the device axis, and raised a ``zip()`` error, or with K == num_leaves gave
+    device ``i``'s norms of every leaf as leaf ``i``'s."""
+    k = PMAP_DEVICES
+    state, grads = _pmapped_guard_state(num_leaves)
+    expected = {name: np.linalg.norm(g, axis=-1) for name, g in grads.items()}  # [K] each
+    stacked = jax.device_get(gh.metrics(state))
+    per_device = [jax.device_get(gh.metrics(jax.tree.map(lambda x, d=d: x[d], state))) for d in range(k)]
+    assert sum(key.startswith("update/leaf_param_ratio/") for key in stacked) == num_leaves
+    for d, metrics in enumerate(per_device):
+        assert list(stacked) == list(metrics)
+        for key, value in metrics.items():
+            assert np.shape(stacked[key]) == (k, *np.shape(value)), key
+            np.testing.assert_array_equal(stacked[key][d], value, err_msg=key)
+    for name, norms in expected.items():
+        np.testing.assert_allclose(stacked[f"grad/leaf_norm/{name}"], norms, rtol=1e-6)
+    # Every per-leaf accessor of the LeafNorms agrees: leaf axis last, device axis kept.
+    grad_norms, ratios = _leaf_norm_fields(state)
+    assert np.shape(grad_norms.values) == (k, num_leaves) and np.shape(ratios.values) == (k, num_leaves)
+    as_dict, as_tree = grad_norms.as_dict(), grad_norms.as_tree()
+    assert list(as_dict) == list(expected)
+    for name, norms in expected.items():
+        np.testing.assert_allclose(np.asarray(grad_norms[name]), norms, rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(as_dict[name]), norms, rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(as_tree[name]), norms, rtol=1e-6)
+    # Under jit (a traced [K, num_leaves] vector) the same entries come back.
+    jitted = jax.device_get(jax.jit(lambda s: _leaf_norm_fields(s)[0].as_dict())(state))
+    for name, norms in expected.items():
+        np.testing.assert_allclose(jitted[name], norms, rtol=1e-6)
+
+
+@pytest.mark.parametrize("num_leaves", [3, 4])
+def test_a_pmapped_state_as_a_state_dict_keeps_its_per_leaf_metrics_and_round_trips(num_leaves):
+    """The dict form (``flax.serialization.to_state_dict``, as ``nnx.state`` and
+    pure-dict restores give) of a pmapped state: ``gh.metrics`` names its per-leaf norms by
+    index, one ``[K]`` array each (a vector that was not 1-D came out as one
+    ``grad/leaf_norm/values`` array), and ``from_bytes`` refused its ``[K, num_leaves]``
+    LeafNorms as not fitting the target."""
+    from flax import serialization
+
+    state, grads = _pmapped_guard_state(num_leaves)
+    expected = [np.linalg.norm(g, axis=-1) for g in grads.values()]  # leaf order: sorted names
+    flat = jax.device_get(gh.metrics(serialization.to_state_dict(state)))
+    for i, norms in enumerate(expected):
+        np.testing.assert_allclose(flat[f"grad/leaf_norm/{i}"], norms, rtol=1e-6)
+    restored = serialization.from_bytes(state, serialization.to_bytes(state))
+    before, after = jax.device_get(gh.metrics(state)), jax.device_get(gh.metrics(restored))
+    assert list(before) == list(after)
+    for key, value in before.items():
+        np.testing.assert_array_equal(after[key], value, err_msg=key)
+    with pytest.raises(ValueError, match="do not fit the target's"):
+        serialization.from_state_dict(state, serialization.to_state_dict(_pmapped_guard_state(num_leaves + 1)[0]))
 
 
 @pytest.mark.parametrize(
