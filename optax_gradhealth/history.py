@@ -25,10 +25,15 @@ What a real run's log holds, and what is done about it:
   ``file:line``, or is skipped with a warning when ``skip_bad_lines=True``.
 * **a file that is not UTF-8 text** (a binary file, a picture): a ``ValueError`` that
   says so.
-* **a resumed run appending to the same log**: the step goes backwards. The last write
-  of each step wins, the rows are sorted by step, and :attr:`History.restarts` lists
-  the steps the run went back to (``gh.diagnose`` reports them as ``restart``, the
-  report marks them).
+* **a resumed run appending to the same log**: the step goes backwards. A run that
+  goes back to step ``s`` starts its timeline again there: every row written before it
+  at a step ``>= s`` is dropped, the ones it logs again and the ones of the abandoned
+  run beyond the step it has reached so far. :attr:`History.restarts` lists the steps
+  the run went back to (``gh.diagnose`` reports them as ``restart``, the report marks
+  them).
+* **names behind a prefix** (``gh.MetricLogger(prefix='train/')``): when no column is a
+  gradhealth metric but some are behind a prefix ending in ``/``, :func:`load_history`
+  removes that prefix (see its ``prefix`` argument).
 """
 
 from __future__ import annotations
@@ -45,12 +50,15 @@ from typing import Any
 import numpy as np
 
 from optax_gradhealth import _validation as check
-from optax_gradhealth._catalogue import current_name
+from optax_gradhealth._catalogue import CATALOGUE, current_name, is_declared
 
 __all__ = ["History", "LogReadWarning", "load_history"]
 
 _NONFINITE = {"NaN": math.nan, "nan": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
-_CHUNK_ROWS = 4096  # rows parsed between two conversions to numpy (bounds the Python objects alive)
+# Rows parsed are converted to numpy when either bound is reached: the values bound keeps
+# the Python floats alive small on a wide log (a 64-device run logs 12,751 values a row).
+_CHUNK_ROWS = 4096
+_CHUNK_VALUES = 2**18
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1  # a step must fit in History.steps (int64)
 
 
@@ -61,10 +69,12 @@ class LogReadWarning(UserWarning):
 class History:
     """A run's logged metrics as columns, one row per logged step.
 
-    Built by :func:`load_history` (or directly from columns). The constructor sorts the
-    rows by step; when a step was logged more than once (a resumed run appending to
-    the same log), the last write wins, and every place where the step went backwards
-    in the given order is a restart.
+    Built by :func:`load_history` (or directly from columns). Every place where the step
+    goes backwards (or repeats) in the given order is a restart: a resumed run appending
+    to the same log. A restart to step ``s`` supersedes every row written before it at a
+    step ``>= s``: the rows the resumed run logs again, and the abandoned run's rows
+    beyond the step it has reached so far. A step logged twice in a row (a train row,
+    then an eval row) keeps the later row. What is left is sorted by step.
 
     Args:
       steps: ``[T]`` integer steps, in the order they were logged.
@@ -87,7 +97,12 @@ class History:
         never resumed); a step logged again right after itself (a run resumed at the last
         step it logged) is one too.
       restarted_from: the step logged just before each restart.
-      rows_replaced: rows dropped because a later write logged the same step.
+      rows_replaced: rows dropped because a later write went back to or before their
+        step (a restart supersedes them).
+      rows_superseded: those of them at a step no later write logged again: the
+        abandoned run's rows beyond the step the resumed run has reached.
+      prefix: the prefix :func:`load_history` removed from the names (``'train/'``), or
+        ``''``.
       source: the path it was read from, or None.
 
     Example:
@@ -99,6 +114,9 @@ class History:
       ([0, 1, 2, 3], [1.0, 2.5, 3.0, 4.0], (1,), 2)
       >>> h['xdev/device_norms'].shape
       (4, 2)
+      >>> h = History([0, 10, 20, 30, 10], {'loss': [1.0, 2.0, 3.0, 4.0, 1.5]})  # resumed at 10
+      >>> h.steps.tolist(), h['loss'].tolist(), h.rows_replaced, h.rows_superseded
+      ([0, 10], [1.0, 1.5], 3, 2)
     """
 
     def __init__(
@@ -146,18 +164,17 @@ class History:
         self.restarts: tuple[int, ...]
         self.restarted_from: tuple[int, ...]
         self.restarts, self.restarted_from = _restarts(steps)
-        if steps.size and not np.all(steps[1:] > steps[:-1]):
-            order = np.argsort(steps, kind="stable")
-            ordered = steps[order]
-            keep = order[np.concatenate([ordered[1:] != ordered[:-1], [True]])]  # the last write of each step
-            self.rows_replaced = int(steps.size - keep.size)
+        self.prefix = ""
+        keep = _current_rows(steps)
+        if keep.size != steps.size:
+            self.rows_replaced, self.rows_superseded = _dropped(steps, keep)
             steps = steps[keep]
             for name in list(flat):
                 flat[name] = flat[name][keep]
             if logged_nan is not None:
                 logged_nan = {name: mask[keep] for name, mask in logged_nan.items()}
         else:
-            self.rows_replaced = 0
+            self.rows_replaced = self.rows_superseded = 0
         self.steps: np.ndarray = steps
         self.columns: dict[str, np.ndarray] = dict(sorted(flat.items()))
         self._logged_nan = None if logged_nan is None else {n: m for n, m in logged_nan.items() if m.any()}
@@ -318,6 +335,28 @@ class History:
         return [{"step": int(step), **dict(zip(names, row))} for step, row in zip(self.steps.tolist(), values.tolist())]
 
 
+def _current_rows(steps: np.ndarray) -> np.ndarray:
+    """The rows (indices, in write order) that no later write supersedes: a row is kept
+    when every row written after it has a higher step. A run that goes back to step
+    ``s`` (a resume, a rollback) starts its timeline again at ``s``, so every row written
+    before it at a step ``>= s`` belongs to the abandoned run, the ones it logged again
+    and the ones beyond where it has reached so far. The kept steps are strictly
+    increasing."""
+    if steps.size < 2:
+        return np.arange(steps.size)
+    later_min = np.minimum.accumulate(steps[::-1])[::-1][1:]  # the lowest step written after each row
+    return np.flatnonzero(np.concatenate([steps[:-1] < later_min, [True]]))
+
+
+def _dropped(steps: np.ndarray, keep: np.ndarray) -> tuple[int, int]:
+    """``(rows_replaced, rows_superseded)``: the rows :func:`_current_rows` drops, and
+    those of them at a step that no kept row logged again."""
+    dropped = np.ones(steps.size, bool)
+    dropped[keep] = False
+    gone = steps[dropped]
+    return int(gone.size), int(np.count_nonzero(~np.isin(gone, steps[keep])))
+
+
 def _restarts(steps: np.ndarray) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """``(restarts, restarted_from)`` of steps in write order: each step not above the
     one logged before it, and that one. A step logged again right after itself (a run
@@ -345,7 +384,7 @@ def _flat_columns(columns: Mapping[str, Any], rows: int, dtype: Any) -> dict[str
 # --------------------------------------------------------------------------- load_history
 
 
-def load_history(source: Any, *, skip_bad_lines: bool = False) -> History:
+def load_history(source: Any, *, skip_bad_lines: bool = False, prefix: str | None = None) -> History:
     """Reads a run's logged metrics into a :class:`History`.
 
     Args:
@@ -357,18 +396,31 @@ def load_history(source: Any, *, skip_bad_lines: bool = False) -> History:
       skip_bad_lines: skip (with a warning) JSON Lines lines that are not JSON objects
         instead of raising. A cut line (one that stops before its closing brace, what a
         run killed mid-write leaves) is always skipped with a warning. True or False.
+      prefix: a prefix to remove from the metric names (a str), ``''`` to keep the names
+        as logged, or None (default): when no column is a gradhealth metric
+        (``grad/norm``, ``xdev/...``, see ``gh.CATALOGUE``) but some are behind a prefix
+        ending in ``/`` (``train/grad/norm``, what ``gh.MetricLogger(prefix='train/')``
+        writes), that prefix is removed. When several prefixes hold gradhealth metrics
+        (``train/`` and ``eval/``), the one whose gradhealth metrics are logged on the
+        most rows is removed (the first in sorted order on a tie), with a
+        :class:`LogReadWarning` naming the others; the other prefixes' names stay as they
+        are. A name that would then clash with a name already in the log keeps its prefix.
+        A :class:`History` source is returned as it is.
 
     Returns:
-      The :class:`History`: sorted by step, the last write of a step kept, restarts
-      listed in ``restarts``.
+      The :class:`History`: sorted by step, a restart superseding the earlier rows at
+      its step and beyond, restarts listed in ``restarts``, the removed prefix in
+      ``prefix``.
 
     Raises:
       FileNotFoundError: no such file or directory.
       ValueError: a line that is not a JSON object (naming ``file:line``), a file that
         is not UTF-8 text, a directory without TensorBoard event files, a step that is
-        not an integer in int64's range (naming ``file:line`` or the row).
+        not an integer in int64's range (naming ``file:line`` or the row), a ``prefix``
+        that no name starts with.
       TypeError: a source of another type, a column of a dict that is not a list or
-        array, a ``skip_bad_lines`` that is not a bool.
+        array, a ``skip_bad_lines`` that is not a bool, a ``prefix`` that is not a str or
+        None.
       ImportError: a TensorBoard directory without the ``tensorboard`` package.
 
     Example:
@@ -384,10 +436,22 @@ def load_history(source: Any, *, skip_bad_lines: bool = False) -> History:
       ([0, 1], [1.5, nan])
       >>> str(caught[0].message).endswith('run.jsonl:3: skipped a cut line (the run stopped while writing it)')
       True
+      >>> h = gh.load_history([{'step': 0, 'train/grad/norm': 2.0, 'train/loss': 0.5}])
+      >>> h.names, h.prefix
+      (('grad/norm', 'loss'), 'train/')
     """
     skip_bad_lines = check.boolean("skip_bad_lines", skip_bad_lines)
+    if prefix is not None and not isinstance(prefix, str):
+        raise TypeError(
+            f"gh.load_history: `prefix` must be None (find it), '' (keep the names) or a str such as 'train/', "
+            f"got {prefix!r} (type {type(prefix).__name__})."
+        )
     if isinstance(source, History):
         return source
+    return _without_prefix(_load(source, skip_bad_lines), prefix)
+
+
+def _load(source: Any, skip_bad_lines: bool) -> History:
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if not os.path.exists(path):
@@ -414,6 +478,63 @@ def load_history(source: Any, *, skip_bad_lines: bool = False) -> History:
             )
         builder.put_row(i, *_flat_row(row, i))
     return builder.history(None)
+
+
+def _without_prefix(history: History, prefix: str | None) -> History:
+    """``history`` with ``prefix`` removed from its names (in place); None: the prefix
+    found by :func:`_gradhealth_prefix`."""
+    if prefix is None:
+        prefix = _gradhealth_prefix(history)
+    elif prefix and not any(name.startswith(prefix) for name in history.columns):
+        shown = ", ".join(list(history.columns)[:4]) + (", ..." if len(history.columns) > 4 else "")
+        raise ValueError(
+            f"gh.load_history: no metric name in {history.source or 'the rows'} starts with prefix={prefix!r} "
+            f"(names: {shown or 'none'})."
+        )
+    if not prefix:
+        return history
+    renamed = {}
+    for name in history.columns:
+        short = name[len(prefix) :] if name.startswith(prefix) else name
+        if short != name and (short in history.columns or not short):
+            short = name  # a clash with a name logged without the prefix: keep the full name
+        renamed[name] = short
+    history.columns = dict(sorted((renamed[n], c) for n, c in history.columns.items()))
+    if history._logged_nan is not None:
+        history._logged_nan = {renamed[n]: m for n, m in history._logged_nan.items()}
+    history.prefix = prefix
+    return history
+
+
+def _gradhealth_prefix(history: History) -> str:
+    """The prefix ending in ``/`` that holds the log's gradhealth metrics, when no name is
+    one as it is; ``''`` otherwise. Several: the one logged on the most rows (see
+    :func:`load_history`), with a :class:`LogReadWarning`."""
+    tops = {name.split("/", 1)[0] for name in CATALOGUE}  # 'grad', 'xdev', ... (and registered names')
+
+    def known(name: str) -> bool:
+        return name.split("/", 1)[0] in tops and is_declared(name)
+
+    names = list(history.columns)
+    if any(known(name) for name in names):
+        return ""
+    found: dict[str, list[str]] = {}
+    for name in names:
+        for cut in (i + 1 for i, ch in enumerate(name) if ch == "/"):
+            if known(name[cut:]):
+                found.setdefault(name[:cut], []).append(name)
+    if len(found) <= 1:
+        return next(iter(found), "")
+    rows = {p: int(np.logical_or.reduce([history.logged(n) for n in found[p]]).sum()) for p in found}
+    chosen = min(sorted(found), key=lambda p: -rows[p])
+    others = ", ".join(f"{p!r} ({rows[p]} rows)" for p in sorted(found) if p != chosen)
+    warnings.warn(
+        f"{history.source or 'gh.load_history'}: gradhealth metrics are logged under several prefixes: read "
+        f"{chosen!r} ({rows[chosen]} rows), not {others}; choose one with gh.load_history(..., prefix=...).",
+        LogReadWarning,
+        stacklevel=4,
+    )
+    return chosen
 
 
 def _to_float(value: Any) -> float:
@@ -511,7 +632,7 @@ def _from_columns(columns: Mapping[str, Any]) -> History:
             array = None
         if array is None or array.dtype.kind not in "biuf":
             # Strings, None or ragged values: row by row, as a list of dicts would be read.
-            return load_history([{k: v[i] for k, v in columns.items()} for i in range(count)])
+            return _load([{k: v[i] for k, v in columns.items()} for i in range(count)], False)
         arrays[name] = array
     step = arrays.pop("step", None)
     if step is None:
@@ -635,6 +756,8 @@ def _read_jsonl(path: str, skip_bad_lines: bool) -> History:
     pending: dict[tuple[tuple[str, ...], bool], tuple[list[int], list[tuple], list[int]]] = {}
     bad: list[int] = []
     parsed = 0
+    pending_rows = pending_values = 0  # what `pending` holds
+    sized = False  # the columns were sized from the bytes read at the first conversion
     loads = json.loads
     nonfinite = ('"NaN"', '"Infinity"', '"-Infinity"')
 
@@ -689,14 +812,18 @@ def _read_jsonl(path: str, skip_bad_lines: bool) -> History:
                 group[0].append(parsed)
                 group[1].append(tuple(row.values()))
                 group[2].append(step)
+                pending_rows += 1
+                pending_values += len(keys)
             else:
                 builder.put_row(parsed, *_flat_row(row, parsed, f"{path}:{line_number}"))
             parsed += 1
-            if parsed % _CHUNK_ROWS == 0:
-                if parsed == _CHUNK_ROWS:  # size the columns from the bytes read so far
+            if pending_rows >= _CHUNK_ROWS or pending_values >= _CHUNK_VALUES:
+                if not sized:  # size the columns from the bytes read so far
                     done = max(file.buffer.tell(), 1)
                     builder.reserve(int(parsed * size / done * 1.02) + 64)
+                    sized = True
                 convert()
+                pending_rows = pending_values = 0
         convert()
     bad_names = [name for name in builder.columns if _has_surrogates(name)]
     if bad_names:
@@ -770,25 +897,24 @@ def _read_tensorboard(path: str) -> History:
     series: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for tag in tags.get(ea.SCALARS, []):
         events = accumulator.Scalars(tag)
-        series[tag] = (np.array([e.step for e in events], np.int64), np.array([e.value for e in events], np.float64))
+        series[tag] = _write_order(events, [e.value for e in events])
     for tag in tags.get(ea.TENSORS, []):
         if tag in series:
             continue
         events = accumulator.Tensors(tag)
         values = [tensor_util.make_ndarray(e.tensor_proto) for e in events]
         if values and all(v.ndim == 0 and v.dtype.kind in "biuf" for v in values):
-            series[tag] = (np.array([e.step for e in events], np.int64), np.array(values, np.float64))
+            series[tag] = _write_order(events, values)
     if not series:
         return History(np.zeros(0, np.int64), {}, source=path)
-    # Restarts are read off the most complete tag in write order; then, per tag, the last
-    # write of each step wins, and the rows are the union of the steps.
+    # Restarts are read off the most complete tag in write order; then, per tag, a step
+    # going back supersedes the tag's earlier rows at that step and beyond (as in History),
+    # and the rows are the union of the steps.
     reference = max(series, key=lambda t: series[t][0].size)
     written = series[reference][0]
     last: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for tag, (steps, values) in series.items():
-        order = np.argsort(steps, kind="stable")
-        ordered = steps[order]
-        keep = order[np.concatenate([ordered[1:] != ordered[:-1], [True]])]
+        keep = _current_rows(steps)
         last[tag] = (steps[keep], values[keep])
     all_steps = np.unique(np.concatenate([s for s, _ in last.values()]))
     columns, nan_logged = {}, {}
@@ -804,8 +930,18 @@ def _read_tensorboard(path: str) -> History:
     # and counts the replaced rows; the other tags follow the reference's last writes.
     history = History(all_steps, columns, source=path, nan_logged=nan_logged)
     history.restarts, history.restarted_from = _restarts(written)
-    history.rows_replaced = int(written.size - np.unique(written).size)
+    history.rows_replaced, history.rows_superseded = _dropped(written, _current_rows(written))
     return history
+
+
+def _write_order(events: list[Any], values: list[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """``(steps, values)`` of one tag's events in the order they were written: by wall
+    time. The reader's order is the event files' (sorted by name: the second they were
+    opened, then a host name or a random suffix), which is not the write order of two
+    files opened within one second; events of one wall time keep the step order."""
+    steps = np.array([e.step for e in events], np.int64)
+    order = np.lexsort((steps, np.array([e.wall_time for e in events], np.float64)))
+    return steps[order], np.asarray(values, np.float64)[order]
 
 
 # --------------------------------------------------------------------------- CSV (W&B)

@@ -393,10 +393,13 @@ class MetricLogger:
       all_steps: keep and write every step, flushed every ``log_every`` steps (True or
         False).
       prefix: a str prepended to every name.
-      replicated: the values carry a leading device axis (outputs of ``jax.pmap``, where
-        every gradhealth metric is identical on every device): log the first replica
-        (True or False). A scalar (a Python number or a 0-d array: a host value such as
-        the learning rate, logged beside them) has no device axis and is logged as it is.
+      replicated: the values carry a leading device axis (outputs of ``jax.pmap``, or
+        of a ``shard_map`` with ``out_specs=P('data')``, where every gradhealth metric is
+        identical on every device): log the first copy this process holds (True or
+        False). Only that copy's shard is fetched, so a multi-host array (spanning
+        devices of other processes) is logged too. A scalar (a Python number or a 0-d
+        array: a host value such as the learning rate, logged beside them) has no device
+        axis and is logged as it is.
 
     Example:
       >>> import jax.numpy as jnp
@@ -461,27 +464,32 @@ class MetricLogger:
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Records ``metrics`` for ``step``; fetches and writes on logged steps."""
         step = int(step)
-        if self.all_steps:
+        if self.all_steps or step % self.log_every == 0:
+            # Appended: rows a failed flush left pending are written with this one.
             self._pending.append((step, metrics))
             if step % self.log_every == 0:
                 self.flush()
-        elif step % self.log_every == 0:
-            self._pending = [(step, metrics)]
-            self.flush()
 
     def flush(self) -> None:
-        """Fetches and writes whatever is pending."""
+        """Fetches and writes whatever is pending. When the fetch fails, the rows stay
+        pending (the next flush writes them)."""
         if not self._pending:
             return
         import jax  # host side, but jax is needed to fetch device arrays in one go
 
-        pending, self._pending = self._pending, []
-        fetched = jax.device_get([metrics for _, metrics in pending])
+        pending = self._pending
+        sources = [metrics for _, metrics in pending]
+        if self.replicated:
+            # Fetch one copy's shard, not all K copies (on a multi-host run the whole
+            # array spans devices this process cannot read).
+            sources = jax.tree.map(_one_copy, sources)
+        fetched = jax.device_get(sources)
         if self.replicated:
             # A 0-d value (a host number beside the pmap outputs) has no device axis.
             fetched = jax.tree.map(lambda x: x[0] if np.ndim(x) >= 1 else x, fetched)
-        for (step, _), metrics in zip(pending, fetched):
-            scalars = flatten(metrics, prefix=self.prefix)
+        rows = [(step, flatten(metrics, prefix=self.prefix)) for (step, _), metrics in zip(pending, fetched)]
+        self._pending = []
+        for step, scalars in rows:
             for writer in self.writers:
                 writer.write(step, scalars)
         for writer in self.writers:
@@ -489,13 +497,32 @@ class MetricLogger:
                 writer.flush()
 
     def close(self) -> None:
-        """Writes what is pending and closes the writers."""
-        self.flush()
-        for writer in self.writers:
-            writer.close()
+        """Writes what is pending and closes the writers (also when that write fails)."""
+        try:
+            self.flush()
+        finally:
+            for writer in self.writers:
+                writer.close()
 
     def __enter__(self) -> MetricLogger:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _one_copy(value: Any) -> Any:
+    """What to fetch of a replicated value (a leading device axis): the data of one shard
+    this process holds that has whole copies (its slices of the other axes are whole),
+    or the value itself (a host value, a 0-d array, no such shard)."""
+    shards = getattr(value, "addressable_shards", None)
+    if not shards or np.ndim(value) == 0:
+        return value
+    for shard in shards:
+        whole = all(
+            (index.start in (None, 0)) and (index.stop in (None, size)) and (index.step in (None, 1))
+            for index, size in zip(shard.index[1:], value.shape[1:])
+        )
+        if whole and shard.data.shape[0] >= 1:
+            return shard.data
+    return value

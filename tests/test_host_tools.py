@@ -221,6 +221,119 @@ def test_resumed_log_last_write_wins_and_the_restart_is_listed(tmp_path):
     assert not [f for f in gh.diagnose(rows[:1200]) if f.pattern == "restart"]
 
 
+def stale_tail_rows():
+    """Run 1 logs steps 0..390 every 10 and goes non-finite from 350; run 2 resumes from
+    the checkpoint of step 300 and has reached step 340: 45 rows written."""
+    run1 = [
+        {"step": t, "grad/norm": 1.0 if t < 350 else math.nan, "grad/finite": float(t < 350)} for t in range(0, 400, 10)
+    ]
+    run2 = [{"step": t, "grad/norm": 0.5, "grad/finite": 1.0} for t in range(300, 350, 10)]
+    return run1, run2
+
+
+def test_a_resumed_run_supersedes_the_abandoned_runs_later_rows(tmp_path):
+    # The abandoned run's rows beyond the resumed run's last step (350..390, non-finite)
+    # were kept after the resumed run's rows and diagnosed as the current run.
+    run1, run2 = stale_tail_rows()
+    path = write_jsonl(tmp_path / "run.jsonl", run1 + run2)
+    current = run1[:30] + run2  # the timeline as it now stands: run 1 to 290, run 2 from 300
+    for h in (gh.load_history(path), gh.load_history(run1 + run2)):
+        assert_history_equals(h, current)
+        assert h.restarts == (300,) and h.restarted_from == (390,)
+        assert h.rows_replaced == 10 and h.rows_superseded == 5  # 300..340 logged again; 350..390 not
+    assert not [f for f in gh.diagnose(path) if f.pattern in ("nonfinite", "rollback")]
+    # Two restarts: each one supersedes what came before it at its step and beyond.
+    rows = make_rows(50) + make_rows(30, seed=1, start=20) + make_rows(5, seed=2, start=10)
+    h = gh.load_history(rows)
+    assert_history_equals(h, rows[:10] + rows[-5:])
+    assert (h.restarts, h.restarted_from, h.rows_replaced) == ((20, 10), (49, 49), len(rows) - 15)
+    # A train row and an eval row at one step: the later row replaces the earlier.
+    rows = [{"step": 0, "loss": 1.0}, {"step": 0, "loss": 2.0}, {"step": 1, "loss": 3.0}]
+    h = gh.load_history(rows)
+    assert h.steps.tolist() == [0, 1] and h["loss"].tolist() == [2.0, 3.0] and h.rows_superseded == 0
+
+
+def test_a_resumed_tensorboard_run_supersedes_the_abandoned_runs_later_rows(tmp_path):
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("tensorboardX")
+    run1, run2 = stale_tail_rows()
+    for suffix, rows in ((".1", run1), (".2", run2)):
+        writer = gh.TensorBoardWriter(tmp_path, filename_suffix=suffix)
+        for row in rows:
+            writer.write(row["step"], {k: v for k, v in row.items() if k != "step"})
+        writer.close()
+    h = gh.load_history(tmp_path)
+    assert_history_equals(h, run1[:30] + run2)
+    assert (h.restarts, h.rows_replaced, h.rows_superseded) == ((300,), 10, 5)
+
+
+def test_a_log_written_with_a_prefix_is_read_under_the_metric_names(tmp_path):
+    # MetricLogger(prefix='train/') wrote names no reader looked up: "no findings" on a
+    # run that went non-finite.
+    rows = guard_like_rows()
+    path = tmp_path / "run.jsonl"
+    with gh.MetricLogger(gh.JsonlWriter(path), log_every=1, prefix="train/") as logger:
+        for row in rows:
+            logger.log(row["step"], {k: v for k, v in row.items() if k != "step"})
+    h = gh.load_history(path)
+    assert_history_equals(h, rows)
+    assert h.prefix == "train/"
+    expected = [(f.pattern, f.steps) for f in gh.diagnose(rows)]
+    assert {"nonfinite", "explosion"} <= {p for p, _ in expected}
+    assert [(f.pattern, f.steps) for f in gh.diagnose(path)] == expected
+    assert gh.load_history(path, prefix="").names[0].startswith("train/")  # '' keeps the names
+    # Train and eval prefixes: the one logged on the most rows, with a warning naming the other.
+    both = []
+    for r in rows:
+        metrics = {k: v for k, v in r.items() if k != "step"}
+        row = {"step": r["step"], **{f"train/{k}": v for k, v in metrics.items()}}
+        if r["step"] % 50 == 0:  # an eval step logs the eval copy in the same row
+            row.update({f"eval/{k}": v for k, v in metrics.items()})
+        both.append(row)
+    with pytest.warns(LogReadWarning, match=r"several prefixes: read 'train/' \(200 rows\), not 'eval/' \(4 rows\)"):
+        h = gh.load_history(both)
+    eval_names = sorted(f"eval/{k}" for k in rows[0] if k != "step")
+    assert h.prefix == "train/" and [n for n in h.names if n.startswith("eval/")] == eval_names
+    assert_history_equals(History(h.steps, {n: h[n] for n in h.names if not n.startswith("eval/")}), rows)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        h = gh.load_history(both, prefix="eval/")
+    assert h.prefix == "eval/" and h["grad/norm"][::50].tolist() == [r["grad/norm"] for r in rows[::50]]
+    with pytest.raises(ValueError, match=r"no metric name in the rows starts with prefix='val/'"):
+        gh.load_history(both, prefix="val/")
+    with pytest.raises(TypeError, match=r"`prefix` must be None .*got 5 \(type int\)"):
+        gh.load_history(both, prefix=5)
+    # A log with no gradhealth metric, behind a prefix or not, keeps its names.
+    assert gh.load_history([{"step": 0, "run/lr": 0.1, "loss": 1.0}]).names == ("loss", "run/lr")
+
+
+def test_the_pending_rows_of_a_wide_log_are_bounded_by_values(tmp_path, monkeypatch):
+    # The rows parsed between two conversions to numpy were bounded in rows (4096), not
+    # values: a wide log (a 32-device run's 3,311 values a row) held them all as Python
+    # floats, 6.5x the columnar data. Here the bound is made small to keep the log small.
+    import tracemalloc
+
+    import optax_gradhealth.history as history
+
+    monkeypatch.setattr(history, "_CHUNK_VALUES", 2**14, raising=False)
+    rng = np.random.default_rng(0)
+    values = rng.random((1000, 300))
+    names = [f"xdev/pairwise_cosine/{i // 20}/{i % 20}" for i in range(300)]
+    path = tmp_path / "wide.jsonl"
+    with open(path, "w") as file:
+        for t, row in enumerate(values.tolist()):
+            file.write(json.dumps({"step": t, **dict(zip(names, row))}) + "\n")
+    tracemalloc.start()
+    try:
+        h = gh.load_history(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    for j, name in enumerate(names):
+        np.testing.assert_array_equal(h[name], values[:, j], err_msg=name)
+    assert peak <= 2 * values.nbytes, peak / values.nbytes  # benchmarks.md: at most 2x the columns
+
+
 def test_appending_to_a_cut_log_starts_a_new_line(tmp_path):
     path = tmp_path / "run.jsonl"
     with gh.JsonlWriter(path) as writer:

@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import optax_gradhealth as gh
 
@@ -323,3 +325,126 @@ def test_two_tensorboard_writers_on_one_logdir_in_the_same_second_keep_both_runs
     h = gh.load_history(tmp_path)
     assert h.steps.tolist() == [0, 1, 2, 3, 4]
     assert h["grad/norm"].tolist() == [1.0, 1.0, 1.0, 2.0, 2.0]
+
+
+def test_logger_replicated_fetches_one_copy_of_a_sharded_array(monkeypatch):
+    # Under shard_map with out_specs=P('data') each device's copy is one shard of a [K, ...]
+    # array: only one copy's shard is fetched (not K copies), and it is the first copy.
+    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    k = jax.device_count()
+    rng = np.random.default_rng(0)
+    norms, cosine = rng.random(3).astype(np.float32), rng.random((2, 2)).astype(np.float32)
+    stacked = {
+        "xdev/device_norms": jax.device_put(np.tile(norms, (k, 1)), NamedSharding(mesh, P("data"))),
+        "xdev/pairwise_cosine": jax.device_put(np.tile(cosine, (k, 1, 1)), NamedSharding(mesh, P("data"))),
+        "grad/norm": jax.pmap(lambda x: x)(np.full((k,), 2.5, np.float32)),
+        "lr": 1e-3,
+    }
+    fetched_shapes = []
+    real_device_get = jax.device_get
+    monkeypatch.setattr(
+        jax,
+        "device_get",
+        lambda x: fetched_shapes.extend(np.shape(a) for a in jax.tree.leaves(x)) or real_device_get(x),
+    )
+    recorder = Recorder()
+    gh.MetricLogger(recorder, log_every=1, replicated=True).log(0, stacked)
+    expected = {"grad/norm": 2.5, "lr": 1e-3}
+    expected |= {f"xdev/device_norms/{i}": float(norms[i]) for i in range(3)}
+    expected |= {f"xdev/pairwise_cosine/{i}/{j}": float(cosine[i, j]) for i in range(2) for j in range(2)}
+    assert recorder.rows == [(0, expected)]
+    assert sorted(fetched_shapes) == sorted([(1, 3), (1, 2, 2), (1,), ()])  # one copy each
+
+
+def test_logger_keeps_the_pending_rows_when_the_fetch_fails(monkeypatch):
+    # The rows were taken off the queue before the fetch: a failed fetch lost them.
+    real_device_get = jax.device_get
+
+    def failing(x):
+        raise RuntimeError("fetch failed")
+
+    for all_steps in (True, False):
+        recorder = Recorder()
+        logger = gh.MetricLogger(recorder, log_every=2, all_steps=all_steps)
+        monkeypatch.setattr(jax, "device_get", failing)
+        for step in (0, 1, 2):
+            if step % 2 == 0:
+                with pytest.raises(RuntimeError, match="fetch failed"):
+                    logger.log(step, {"loss": jnp.float32(step)})
+            else:
+                logger.log(step, {"loss": jnp.float32(step)})
+        monkeypatch.setattr(jax, "device_get", real_device_get)
+        logger.close()
+        logged = [0, 1, 2] if all_steps else [0, 2]
+        assert recorder.rows == [(s, {"loss": float(s)}) for s in logged] and recorder.closed
+
+
+_MULTIHOST_LOGGER_WORKER = """
+import sys
+import jax
+
+coordinator, num_processes, process_id, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+import optax_gradhealth as gh
+
+k = jax.device_count()
+mesh = jax.make_mesh((k,), ("data",))
+copy = {"xdev/device_norms": np.arange(k, dtype=np.float32) + 0.5, "grad/norm": np.float32(2.5)}
+# One copy per device, stacked on 'data' (what shard_map(..., out_specs=P('data')) returns).
+stacked = {
+    name: jax.make_array_from_callback((k, *np.shape(v)), NamedSharding(mesh, P("data")),
+                                       lambda index, v=v: np.broadcast_to(v, (k, *np.shape(v)))[index])
+    for name, v in copy.items()
+}
+assert not stacked["grad/norm"].is_fully_addressable
+with gh.MetricLogger(gh.JsonlWriter(out, overwrite=True), log_every=2, all_steps=True, replicated=True) as logger:
+    for step in range(3):
+        logger.log(step, {**stacked, "lr": 0.1 * step})
+jax.distributed.shutdown()
+"""
+
+
+def test_logger_replicated_on_a_multi_host_array(tmp_path):
+    # Two processes of two CPU devices each: the stacked [K, ...] metrics span devices the
+    # process cannot read, and fetching the whole array raised in flush.
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = tmp_path / "worker.py"
+    worker.write_text(_MULTIHOST_LOGGER_WORKER)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(worker), f"127.0.0.1:{port}", "2", str(pid), str(tmp_path / f"p{pid}.jsonl")],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for pid in range(2)
+    ]
+    try:
+        logs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    for pid, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"process {pid} exited {p.returncode}:\n{log[-3000:]}"
+    expected = [
+        {"step": s, "grad/norm": 2.5, "lr": 0.1 * s, **{f"xdev/device_norms/{i}": i + 0.5 for i in range(4)}}
+        for s in range(3)
+    ]
+    for pid in range(2):
+        assert gh.read_jsonl(tmp_path / f"p{pid}.jsonl") == expected
