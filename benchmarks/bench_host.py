@@ -11,7 +11,10 @@ temporary folder, then times, each in a fresh subprocess (imports excluded):
 
 ``--log norm`` writes a plain optax run's log instead: ``step``, ``grad/norm`` and
 ``loss`` only (a W&B or TensorBoard export), so that ``diagnose`` replays the guard's
-spike rule over the norms (the guard's log carries its scores: no replay).
+spike rule over the norms (the guard's log carries its scores: no replay). ``--log xdev``
+writes a data-parallel run's log: the guard's norm and the cross-device audit's metrics
+of ``--devices`` devices (per-device vectors and the ``[K, K]`` pair matrices, about
+``3 K^2`` columns; devices 0 and 1 read the same data), whose cost grows with ``K``.
 
 It reports the median of ``--repeat`` runs, the ratio to the ``json`` loop, and the peak
 memory each adds over the process after its imports (peak resident size ``VmHWM`` minus
@@ -21,6 +24,7 @@ Nothing is written into the repository::
     python benchmarks/bench_host.py                      # 300k x 64, 3 repeats
     python benchmarks/bench_host.py --rows 30000 --repeat 1
     python benchmarks/bench_host.py --log norm --rows 150000 --repeat 1
+    python benchmarks/bench_host.py --log xdev --devices 64 --rows 500 --repeat 1
 """
 
 from __future__ import annotations
@@ -35,11 +39,47 @@ import tempfile
 import time
 
 
-def write_log(path: str, rows: int, columns: int, seed: int = 0, log: str = "guard") -> int:
-    """Writes the synthetic log (``log``: ``'guard'``, or ``'norm'`` for ``step``,
-    ``grad/norm`` and ``loss`` only, ``columns`` ignored); returns its size in bytes."""
+def write_xdev_log(path: str, rows: int, devices: int, seed: int = 0) -> int:
+    """Writes a data-parallel run's log (``gh.cross_device`` + ``gh.guard``, an audit on
+    every row, rows as ``MetricLogger`` writes them): clean devices, except that devices 0
+    and 1 read the same examples (a near-duplicate pair); returns its size in bytes."""
     import numpy as np
 
+    rng = np.random.default_rng(seed)
+    k = devices
+    eye = np.eye(k, dtype=bool)
+    with open(path, "w", encoding="utf-8") as file:
+        for step in range(rows):
+            cosine = np.clip(0.3 + 0.03 * rng.standard_normal((k, k)), -1, 1)
+            cosine = (cosine + cosine.T) / 2
+            cosine[0, 1] = cosine[1, 0] = 0.98 + 0.01 * rng.random()
+            cosine[eye] = 1.0
+            row = {
+                "step": step,
+                "loss": 1.0 / (1 + step / 100),
+                "grad/norm": float(np.exp(0.1 * rng.standard_normal())),
+                "xdev/audited": 1.0,
+                "xdev/agreement": 0.3 + 0.02 * float(rng.standard_normal()),
+                "xdev/norm_cv": 0.1,
+                "xdev/device_norms": np.exp(0.1 * rng.standard_normal(k)).tolist(),
+                "xdev/cosine_to_mean": (0.55 + 0.03 * rng.standard_normal(k)).tolist(),
+                "xdev/pairwise_cosine": cosine.tolist(),
+                "xdev/near_duplicate_pairs": np.zeros((k, k)).tolist(),
+                "xdev/duplicate_pairs": np.zeros((k, k)).tolist(),
+            }
+            file.write(json.dumps(row) + "\n")
+    return os.path.getsize(path)
+
+
+def write_log(path: str, rows: int, columns: int, seed: int = 0, log: str = "guard", devices: int = 64) -> int:
+    """Writes the synthetic log (``log``: ``'guard'``, ``'norm'`` for ``step``,
+    ``grad/norm`` and ``loss`` only, or ``'xdev'`` for ``devices`` devices' cross-device
+    metrics, :func:`write_xdev_log`; ``columns`` ignored but for ``'guard'``); returns its
+    size in bytes."""
+    import numpy as np
+
+    if log == "xdev":
+        return write_xdev_log(path, rows, devices, seed)
     rng = np.random.default_rng(seed)
     fixed = [
         "grad/norm",
@@ -133,7 +173,7 @@ def child(task: str, path: str, out_dir: str) -> dict:
         else:
             findings = write_report(path, os.path.join(out_dir, "report.png"))
         seconds = time.perf_counter() - start
-        assert findings, "the planted spikes and non-finite steps must be found"
+        assert findings, "the planted faults (spikes and non-finite steps, or a near-duplicate pair) must be found"
     peak = _status_bytes("VmHWM")
     return {"seconds": seconds, "peak_extra_bytes": max(peak - rss, 0)}
 
@@ -145,10 +185,12 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument(
         "--log",
-        choices=("guard", "norm"),
+        choices=("guard", "norm", "xdev"),
         default="guard",
-        help="guard: the guard's metrics (default); norm: step, grad/norm and loss only (diagnose replays the rule)",
+        help="guard: the guard's metrics (default); norm: step, grad/norm and loss only (diagnose replays the rule); "
+        "xdev: a data-parallel run's cross-device metrics (--devices)",
     )
+    parser.add_argument("--devices", type=int, default=64, help="devices of --log xdev (default: 64)")
     parser.add_argument("--child", nargs=3, metavar=("TASK", "PATH", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -158,10 +200,11 @@ def main() -> int:
         path = os.path.join(folder, "run.jsonl")
         start = time.perf_counter()
         write = f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import bench_host; "
-        write += f"bench_host.write_log({path!r}, {args.rows}, {args.columns}, log={args.log!r})"
+        write += f"bench_host.write_log({path!r}, {args.rows}, {args.columns}, log={args.log!r}, "
+        write += f"devices={args.devices})"
         subprocess.run([sys.executable, "-c", write], check=True)  # its memory is not this process's
         size = os.path.getsize(path)
-        columns = args.columns if args.log == "guard" else 2
+        columns = {"guard": args.columns, "norm": 2, "xdev": 3 * args.devices**2 + 2 * args.devices + 5}[args.log]
         print(f"wrote {args.rows} x {columns} columns, {size / 1e9:.2f} GB in {time.perf_counter() - start:.0f} s")
         columnar = args.rows * columns * 8
         results: dict[str, list[dict]] = {"json": [], "diagnose": [], "report": []}

@@ -2,9 +2,9 @@
 ``python -m optax_gradhealth diagnose LOG``; ``python -m optax_gradhealth --version``.
 
 ``LOG`` is a JSON Lines metrics log, a TensorBoard log directory or a W&B history CSV
-(see :func:`optax_gradhealth.history.load_history`). An unreadable input or a bad
-argument is one line on stderr and exit status 2, never a traceback; a skipped cut line
-is one warning line on stderr.
+(see :func:`optax_gradhealth.history.load_history`). An unreadable input, a log with no
+gradhealth metric (nothing to judge) or a bad argument is one line on stderr and exit
+status 2, never a traceback; a skipped cut line is one warning line on stderr.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import warnings
 
 from optax_gradhealth import __version__
 from optax_gradhealth.diagnosis import Thresholds, diagnose, format_findings
+from optax_gradhealth.diagnosis.single_node import check_no_metrics
 from optax_gradhealth.history import History, LogReadWarning, load_history
 
 PROG = "python -m optax_gradhealth"
@@ -35,7 +36,8 @@ tensorboard package) or a Weights & Biases history export (.csv). A cut last lin
 stopped mid-write) is skipped with a warning; a step logged twice (a resumed run) keeps
 its last write and is reported as a restart.
 
-exit status: 0 done; 2 bad arguments or an unreadable log (one line on stderr)."""
+exit status: 0 done; 2 bad arguments, an unreadable log or a log with no gradhealth
+metric (names like grad/norm, xdev/agreement: nothing to judge) (one line on stderr)."""
 
 
 class UsageError(SystemExit):
@@ -141,6 +143,8 @@ def _run(argv: list[str] | None) -> int:
     history = _load(args.log, args.skip_bad_lines)
     if not len(history):
         raise UsageError(f"{args.log}: no logged rows.")
+    for finding in check_no_metrics(history, thresholds):  # before drawing: an empty report is no all-clear
+        raise UsageError(f"{args.log}: nothing was judged: {finding.summary}.")
     if args.command == "report":
         try:
             findings = _report.write_report(history, output, thresholds=thresholds, title=args.title)

@@ -12,7 +12,9 @@ Host side only. ``python -m optax_gradhealth report RUN.jsonl -o report.png`` ca
 * per-leaf norms as a heatmap over steps (log10);
 * cross-device: per-device norms, agreement (and the audits' mean pairwise cosine),
   each device's cosine to the mean gradient, the pairwise cosine matrix of the last
-  audit, and the gradient noise scale.
+  audit, and the gradient noise scale (above 16 devices, only the devices the audit
+  named get a colour and a legend entry, the others are grey; the matrix's ticks are
+  thinned).
 
 Restarts (the step went backwards in the log: a resumed run) are dashed grey lines.
 
@@ -39,7 +41,7 @@ import numpy as np
 
 from optax_gradhealth import _validation as check
 from optax_gradhealth.diagnosis import Finding, Thresholds, diagnose, format_findings, replay_spike_scores
-from optax_gradhealth.diagnosis._columns import nonfinite_rows
+from optax_gradhealth.diagnosis._columns import counter_total, nonfinite_rows
 from optax_gradhealth.diagnosis.single_node import row_masks
 from optax_gradhealth.history import History
 from optax_gradhealth.history import load_history as _load_columns
@@ -47,6 +49,7 @@ from optax_gradhealth.history import load_history as _load_columns
 _WIDTH_IN = 12.0  # figure width (inches)
 _FEW_MARKERS = 60  # events of a kind drawn one by one even in a long run
 _TOP = 1e200  # the highest norm axis limit (see _norm_panel)
+_LEGEND_DEVICES = 16  # above this many devices, only the ones the audit named get a colour and a legend entry
 
 
 def _max_points(dpi: int) -> int:
@@ -436,16 +439,13 @@ def plot_report(
 
 
 def _event_count(h: History, flag: str, counter: str) -> int | None:
-    """Steps with an event over the logged stretch: from the guard's counter when logged
-    (its growth between consecutive logged values, plus the first row's flag), so that
-    events between logged rows (``MetricLogger(log_every=N)``) count; else the rows
-    whose flag is 1; None when neither is logged."""
-    if h.has(counter):
-        values = h.col(counter)
-        values = values[np.isfinite(values)]
-        if values.size:
-            first = h.col(flag)[np.argmax(np.isfinite(h.col(counter)))] == 1 if h.has(flag) else False
-            return int(np.maximum(np.diff(values), 0.0).sum()) + int(first)
+    """Steps with an event: from the guard's counter when logged (its growth between
+    consecutive logged values, the first against 0, a reset by a fresh guard counted as
+    the diagnosis counts it: :func:`~optax_gradhealth.diagnosis._columns.counter_total`),
+    so that events between logged rows (``MetricLogger(log_every=N)``) count; else the
+    rows whose flag is 1; None when neither is logged."""
+    if h.has(counter) and np.isfinite(h.col(counter)).any():
+        return counter_total(h, counter)
     if h.has(flag):
         return int((h.col(flag) == 1).sum())
     return None
@@ -632,6 +632,34 @@ def _norm_panel(ax, h: History, th: Thresholds, bins: _Bins | None = None) -> No
     ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), fontsize=8, ncol=6, frameon=False)
 
 
+def _named_devices(h: History, count: int) -> list[int]:
+    """The devices the audit named as outliers on some audit row (``xdev/outlier_devices``
+    or ``xdev/outlier_device``), at most :data:`_LEGEND_DEVICES`, most often named first."""
+    audited = h.col("xdev/audited") == 1 if h.has("xdev/audited") else np.ones(len(h), bool)
+    times = np.zeros(count)
+    named = h.vector("xdev/outlier_devices")
+    if named is not None:
+        flags = (np.nan_to_num(named, nan=0.0) != 0) & audited[:, None]
+        times[: min(count, flags.shape[1])] += flags.sum(axis=0)[:count]
+    elif h.has("xdev/outlier_device"):
+        ids = np.nan_to_num(h.col("xdev/outlier_device"), nan=-1.0).astype(np.int64)[audited]
+        ids = ids[(ids >= 0) & (ids < count)]
+        times += np.bincount(ids, minlength=count)[:count]
+    order = np.argsort(-times, kind="stable")
+    return sorted(int(k) for k in order[:_LEGEND_DEVICES] if times[k] > 0)
+
+
+def _device_style(k: int, count: int, named: list[int]) -> dict[str, Any]:
+    """Colour, label and weight of device ``k``'s line: its own colour and its index as
+    the label, or, above :data:`_LEGEND_DEVICES` devices, grey (one legend entry for all
+    of them, on the first) unless the audit named it (``named``)."""
+    if count <= _LEGEND_DEVICES or k in named:
+        return {"color": f"C{k % 10}", "label": str(k), "zorder": 3}
+    first_other = next(i for i in range(count) if i not in named)
+    label = f"not named by the audit ({count - len(named)})" if k == first_other else None
+    return {"color": "0.65", "label": label, "zorder": 2, "alpha": 0.6}
+
+
 def _xdev_panel(name, ax, h, device_norms, cosines, pairwise, fig, xlim, dpi: int = 110) -> None:
     steps = h.steps
     audited = h.col("xdev/audited") == 1 if h.has("xdev/audited") else np.ones(len(h), bool)
@@ -642,19 +670,20 @@ def _xdev_panel(name, ax, h, device_norms, cosines, pairwise, fig, xlim, dpi: in
         ax.grid(alpha=0.3)
     if name == "device_norms":
         if device_norms is not None:
-            for k in range(device_norms.shape[1]):
+            count = device_norms.shape[1]
+            named = _named_devices(h, count) if count > _LEGEND_DEVICES else []
+            for k in range(count):
                 # A long run: one smoothed line per device (K envelopes would hide each other).
                 _series(
                     ax,
                     bins,
                     steps,
                     device_norms[:, k],
-                    color=f"C{k % 10}",
-                    label=str(k),
                     log=True,
                     envelope=False,
                     lw=0.8,
                     window_in_label=False,
+                    **_device_style(k, count, named),
                 )
             if np.any(np.isfinite(device_norms) & (device_norms > 0)):
                 ax.set_yscale("log")
@@ -680,20 +709,22 @@ def _xdev_panel(name, ax, h, device_norms, cosines, pairwise, fig, xlim, dpi: in
         ax.set_title("cross-device agreement", loc="left", fontsize=10)
     elif name == "cosine_to_mean":
         if cosines is not None:
-            for k in range(cosines.shape[1]):
+            count = cosines.shape[1]
+            named = _named_devices(h, count) if count > _LEGEND_DEVICES else []
+            for k in range(count):
+                style = _device_style(k, count, named)
                 if audit_bins is None:
-                    ax.plot(steps[audited], cosines[audited, k], ".-", lw=0.6, ms=2, label=str(k))
+                    ax.plot(steps[audited], cosines[audited, k], ".-", lw=0.6, ms=2, **style)
                 else:
                     _series(
                         ax,
                         audit_bins,
                         steps[audited],
                         cosines[audited, k],
-                        color=f"C{k % 10}",
-                        label=str(k),
                         envelope=False,
                         lw=0.6,
                         window_in_label=False,
+                        **style,
                     )
         if h.has("xdev/outlier_device"):
             outlier = h.col("xdev/outlier_device")
@@ -720,8 +751,12 @@ def _xdev_panel(name, ax, h, device_norms, cosines, pairwise, fig, xlim, dpi: in
             if matrix.shape[0] <= 8:
                 for (i, j), value in np.ndenumerate(matrix):
                     ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6)
-            ax.set_xticks(range(matrix.shape[0]))
-            ax.set_yticks(range(matrix.shape[0]))
+            # A tick per device up to 16, then every n-th (as the per-leaf heatmap thins its
+            # labels): at most 16 rows and 8 columns of labels, which do not overlap.
+            size = matrix.shape[0]
+            wide = size > _LEGEND_DEVICES
+            ax.set_xticks(range(0, size, math.ceil(size / 8) if wide else 1))
+            ax.set_yticks(range(0, size, math.ceil(size / _LEGEND_DEVICES) if wide else 1))
             ax.set_title(f"pairwise cosine, last audit (step {step})", loc="left", fontsize=10)
         else:
             ax.set_axis_off()

@@ -1498,3 +1498,187 @@ def test_replayed_spike_scores_are_the_guards_rule_step_by_step(case):
     spike, ratio = cols.replay_spike_scores(x, th)
     assert np.array_equal(spike, np.asarray(reference["spike"]))
     assert np.array_equal(ratio, np.asarray(reference["ratio"], np.float64))
+
+
+# ----------------------------------------------------------------------------- round 5 (review A)
+
+
+def test_a_log_without_gradhealth_metrics_is_not_an_all_clear():
+    """A config file, another program's log or names under an unknown prefix: no pattern
+    can judge anything, and the diagnosis says so (it said "no findings")."""
+    for rows in (
+        [{"lr": 0.001, "batch": 32}],
+        [{"step": t, "eval/acc": 0.5, "loss": 1.0} for t in range(50)],
+        [{"step": t, "gradient_norm": float("nan"), "opt/lr": 0.1} for t in range(50)],
+    ):
+        findings = gh.diagnose(rows)
+        assert [f.pattern for f in findings] == ["no_metrics"], rows[0]
+        assert findings[0].severity == "warning" and findings[0].steps == ()
+        text = gh.format_findings(findings)
+        assert text.splitlines()[0] == "gradhealth diagnosis: nothing was judged (no gradhealth metric in the log)"
+        assert "no findings" not in text
+    # One gradhealth metric is enough (a per-leaf or per-device entry too), and an
+    # empty history stays an empty list.
+    assert gh.diagnose([{"step": t, "grad/norm": 1.0, "lr": 0.1} for t in range(50)]) == []
+    assert gh.diagnose([{"step": t, "grad/leaf_norm/dense/w": 1.0} for t in range(50)]) == []
+    assert gh.diagnose([{"step": t, "xdev/device_norms": [1.0, 1.0]} for t in range(50)]) == []
+    assert gh.diagnose([]) == []
+
+
+def _two_stage_rows(events_1, events_2, log_every=10, length=200):
+    """Two training stages in one log (steps continue), each with its own guard whose
+    ``grad/num_nonfinite`` counts that stage's non-finite steps from 0; logged every
+    ``log_every`` steps. Rows of a non-finite step log a NaN norm."""
+    rows = []
+    for t in range(0, 2 * length, log_every):
+        start, events = (0, events_1) if t < length else (length, events_2)
+        count = sum(1 for e in events if start <= e <= t)
+        bad = t in events
+        rows.append(
+            {"step": t, "grad/norm": float("nan") if bad else 1.0, "grad/finite": 0.0 if bad else 1.0}
+            | {"grad/num_nonfinite": float(count), "grad/skipped": float(bad), "grad/num_skipped": float(count)}
+        )
+    return rows
+
+
+@pytest.mark.parametrize(
+    "events_1, events_2",
+    [
+        ((50, 51, 52), (300, 301, 302, 303, 304)),  # the review's run: the counter restarts at 0
+        ((50, 51, 52), (203, 204, 300)),  # stage 2's first logged row (210) already counts 2
+        ((), (201, 202, 203, 204, 205, 206, 207, 208, 209)),  # stage 1 clean: 9 below stage 1's 0
+    ],
+)
+def test_counters_count_across_a_reset_by_a_fresh_guard(events_1, events_2):
+    finding = by_pattern(_two_stage_rows(events_1, events_2), "nonfinite")
+    truth = len(events_1) + len(events_2)  # the non-finite steps planted
+    assert finding.summary.startswith(f"{truth} non-finite step(s)"), finding.summary
+    assert finding.evidence["num_nonfinite_counter"] == truth
+    # The same rule for every counter: nonfinite_update's counter under the same resets.
+    rows = [
+        {"step": r["step"], "grad/norm": 1.0, "grad/num_nonfinite_updates": r["grad/num_nonfinite"]}
+        for r in _two_stage_rows(events_1, events_2)
+    ]
+    assert by_pattern(rows, "nonfinite_update").evidence["num_nonfinite_updates"] == truth
+
+
+def test_agreement_drop_is_not_judged_in_the_warmup_rows():
+    """A clean run's agreement falls fast in the first steps, as the devices learn the
+    shared signal (the review's K=4 run: 0.6 to about 0 by step 10, then noise around 0):
+    no agreement_drop in the warm-up rows, as agreement_drift ignores them."""
+    rng = np.random.default_rng(0)
+    early = [0.6, 0.69, 0.61, 0.65, 0.58, 0.7, 0.58, 0.54, 0.62, 0.57]
+    rest = list(0.05 * rng.standard_normal(90))
+
+    def rows(agreement):
+        return [
+            {"step": t, "grad/norm": 1.0, "xdev/agreement": float(a), "xdev/audited": 1.0}
+            for t, a in enumerate(agreement)
+        ]
+
+    found = [f.pattern for f in gh.diagnose(rows(early + rest))]
+    assert "agreement_drop" not in found and "agreement_low" in found  # no drop hides the low agreement
+    # The same fall after warm-up (rows 40..49 high, then down) is a drop.
+    late = list(0.05 * rng.standard_normal(40)) + early + rest[:50]
+    late[:40] = [0.6] * 40
+    drop = by_pattern(rows(late), "agreement_drop")
+    assert drop.steps[0] == 50
+    # With warmup_rows=0 the early fall is judged again (the threshold is the knob).
+    assert "agreement_drop" in patterns(rows(early + rest), warmup_rows=0)
+
+
+def _others_median_reference(cos, j, m):
+    """The median of a row's off-diagonal cosines but [j, m] and [m, j], written out."""
+    k = cos.shape[0]
+    values = [float(cos[a, b]) for a in range(k) for b in range(k) if a != b and {a, b} != {j, m}]
+    return float(np.median(np.asarray(values, np.float64))) if values else float("nan")
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_others_medians_equal_a_median_per_pair(seed):
+    """The near-duplicate check's per-row medians of the other pairs, from one sort per
+    row (it took a median over K^2 values per pair: O(T K^4)), equal np.median's."""
+    from optax_gradhealth.diagnosis import cross_device
+
+    rng = np.random.default_rng(seed)
+    k, t = int(rng.integers(2, 11)), int(rng.integers(1, 12))
+    cos = np.round(rng.uniform(-1, 1, (t, k, k)), int(rng.integers(1, 3)))  # many ties
+    if seed % 2:
+        cos = (cos + cos.transpose(0, 2, 1)) / 2  # symmetric: each value twice
+    if seed >= 4:
+        cos[0, 0, 1] = np.nan  # a NaN row (for the pairs other than (0, 1))
+        cos[-1, 1, 0] = np.inf
+    js, ms = np.triu_indices(k, 1)
+    got = cross_device._others_medians(cos, js, ms)
+    want = np.array([[_others_median_reference(cos[r], j, m) for j, m in zip(js, ms)] for r in range(t)])
+    want = want.reshape(t, js.size)
+    assert np.array_equal(got, want, equal_nan=True)
+
+
+def _near_duplicate_reference(cos, audits, flagged, min_audits):
+    """check_near_duplicate's verdicts written out pair by pair: {(j, m): audits flagged}."""
+    t, k = cos.shape[0], cos.shape[1]
+    out = {}
+    for j in range(k):
+        for m in range(j + 1, k):
+            rows = audits & (flagged[:, j, m] | flagged[:, m, j])
+            pair = 1.0 - cos[:, j, m]
+            typical = np.array([1.0 - _others_median_reference(cos[r], j, m) for r in range(t)])
+            ok = audits & np.isfinite(pair) & np.isfinite(typical)
+            if ok.any() and np.median(pair[ok]) <= 0.2 * np.median(typical[ok]):
+                rows = rows | (ok & (pair <= 0.2 * typical))
+            if rows.sum() >= min_audits:
+                out[(j, m)] = int(rows.sum())
+    return out
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_near_duplicate_verdicts_equal_the_pair_by_pair_rule(seed):
+    from optax_gradhealth.diagnosis import Thresholds, cross_device
+
+    rng = np.random.default_rng(seed)
+    k, t = int(rng.integers(3, 9)), int(rng.integers(5, 30))
+    cos = np.round(0.3 + 0.2 * rng.standard_normal((t, k, k)), 2)
+    cos = (cos + cos.transpose(0, 2, 1)) / 2
+    j, m = rng.choice(k, 2, replace=False)
+    cos[:, j, m] = cos[:, m, j] = 0.9 + 0.09 * rng.random(t)  # a near-duplicate pair
+    cos[:, np.arange(k), np.arange(k)] = 1.0
+    audits = rng.random(t) < 0.7
+    audits[0] = True
+    flagged = rng.random((t, k, k)) < 0.02
+    h = gh.History(
+        np.arange(t),
+        {
+            "grad/norm": np.ones(t),
+            "xdev/audited": audits.astype(float),
+            "xdev/pairwise_cosine": cos,
+            "xdev/near_duplicate_pairs": flagged.astype(float),
+        },
+    )
+    min_audits = int(rng.integers(1, 3))
+    found = cross_device.check_near_duplicate(h, Thresholds(near_duplicate_min_audits=min_audits))
+    got = {tuple(f.evidence["devices"]): f.evidence["audits_flagged"] for f in found}
+    assert got == _near_duplicate_reference(cos, audits, flagged, min_audits)
+    assert tuple(sorted((j, m))) in got
+
+
+def test_near_duplicate_check_of_a_64_device_log_takes_well_under_a_second_per_100_rows():
+    """It took a median over K^2 cosines per device pair: ~35 s for 100 audits at K=64."""
+    import time
+
+    from optax_gradhealth.diagnosis import Thresholds, cross_device
+
+    k, t = 64, 100
+    rng = np.random.default_rng(0)
+    cos = 0.3 + 0.03 * rng.standard_normal((t, k, k))
+    cos = (cos + cos.transpose(0, 2, 1)) / 2
+    cos[:, 3, 9] = cos[:, 9, 3] = 0.99
+    cos[:, np.arange(k), np.arange(k)] = 1.0
+    h = gh.History(
+        np.arange(t),
+        {"xdev/audited": np.ones(t), "xdev/pairwise_cosine": cos, "xdev/near_duplicate_pairs": np.zeros((t, k, k))},
+    )
+    start = time.perf_counter()
+    found = cross_device.check_near_duplicate(h, Thresholds())
+    assert time.perf_counter() - start < 5.0
+    assert [f.evidence["devices"] for f in found] == [[3, 9]]

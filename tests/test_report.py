@@ -380,3 +380,82 @@ def test_steps_the_loss_scale_skipped_are_counted_and_marked(tmp_path, monkeypat
     assert overflows > 0 and guard_skipped > 0
     assert f"; {overflows + guard_skipped} skipped ({overflows} overflowed)" in headline, headline
     assert f"overflowed, skipped by the loss scale ({overflows})" in labels, labels
+
+
+# ---------------------------------------------------------------- round 5 (review A)
+
+
+@pytest.mark.parametrize("command", ["diagnose", "report"])
+def test_cli_refuses_a_log_without_gradhealth_metrics(tmp_path, capsys, command):
+    """A config file (or a log of other names) said "no findings" and exit 0: now one
+    error line, exit status 2, and no picture."""
+    log = tmp_path / "config.json"
+    log.write_text('{"lr": 0.001, "batch": 32}\n')
+    out = tmp_path / "r.png"
+    with pytest.raises(SystemExit) as error:
+        cli.main([command, str(log), "-o", str(out)] if command == "report" else [command, str(log)])
+    assert error.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{cli.PROG}: error: {log}: nothing was judged"), lines
+    assert "'batch', 'lr'" in lines[0] and "grad/norm" in lines[0]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "events_1, events_2",
+    [((50, 51, 52), (300, 301, 302, 303, 304)), ((50, 51, 52), (203, 204, 300))],
+)
+def test_the_headline_counts_across_a_counter_reset_as_the_diagnosis_does(tmp_path, monkeypatch, events_1, events_2):
+    """Two training stages, each with a fresh guard (counters from 0): the headline's
+    skipped count and the nonfinite finding both count every planted step."""
+    from tests.test_diagnose import _two_stage_rows
+
+    rows = _two_stage_rows(events_1, events_2)
+    headline, _ = _headline(monkeypatch, rows, tmp_path / "r.png")
+    truth = len(events_1) + len(events_2)
+    assert f"; {truth} skipped" in headline, headline
+    finding = next(f for f in gh.diagnose(rows) if f.pattern == "nonfinite")
+    assert finding.summary.startswith(f"{truth} non-finite step(s)")
+
+
+def test_report_of_many_devices_keeps_its_legends_and_ticks_readable(tmp_path, monkeypatch):
+    """64 devices: a legend entry per device covered half of two panels and 64 tick labels
+    overlapped. Above 16 devices only the devices the audit named get a colour and an
+    entry (the others: one grey entry), and the heatmap's ticks are thinned."""
+    k, t = 64, 60
+    rng = np.random.default_rng(0)
+    cos = np.clip(0.3 + 0.03 * rng.standard_normal((t, k, k)), -1, 1)
+    cos[:, np.arange(k), np.arange(k)] = 1.0
+    outlier = np.where(np.arange(t) >= 30, 7.0, -1.0)
+    h = gh.History(
+        np.arange(t),
+        {
+            "grad/norm": np.ones(t),
+            "xdev/audited": np.ones(t),
+            "xdev/agreement": np.full(t, 0.3),
+            "xdev/device_norms": np.exp(0.1 * rng.standard_normal((t, k))),
+            "xdev/cosine_to_mean": 0.5 + 0.05 * rng.standard_normal((t, k)),
+            "xdev/pairwise_cosine": cos,
+            "xdev/outlier_device": outlier,
+        },
+    )
+    captured = captured_figure(monkeypatch)
+    gh.plot_report(h, tmp_path / "r.png", findings=[])
+    axes = {ax.get_title(loc="left"): ax for ax in captured["figure"].axes}
+    for title in ("per-device gradient norm", "each device's cosine to the mean"):
+        ax = next(a for name, a in axes.items() if name.startswith(title))
+        labels = [text.get_text() for text in ax.get_legend().get_texts()]
+        assert "7" in labels and f"not named by the audit ({k - 1})" in labels, labels
+        assert len(labels) <= 3, labels  # 7, the others and the outlier marks
+    heatmap = next(a for name, a in axes.items() if name.startswith("pairwise cosine"))
+    assert len(heatmap.get_yticks()) <= 16 and len(heatmap.get_xticks()) <= 8
+    assert heatmap.get_yticks()[0] == 0
+    # A few devices keep one entry each.
+    small = {name: h.col(name) for name in ("grad/norm", "xdev/audited")}
+    small["xdev/device_norms"] = h.vector("xdev/device_norms")[:, :8]
+    captured = captured_figure(monkeypatch)
+    gh.plot_report(gh.History(np.arange(t), small), tmp_path / "s.png", findings=[])
+    ax = next(a for a in captured["figure"].axes if a.get_title(loc="left").startswith("per-device"))
+    assert [text.get_text() for text in ax.get_legend().get_texts()] == [str(i) for i in range(8)]

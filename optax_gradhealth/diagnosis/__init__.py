@@ -18,7 +18,10 @@ Every threshold is a field of :class:`Thresholds` (documented there and in
     print(gh.format_findings(findings))
 
 A history that lacks a metric simply skips the patterns that need it (no cross-device
-finding without ``xdev/...`` metrics, no clipping finding without ``grad/clipped``).
+finding without ``xdev/...`` metrics, no clipping finding without ``grad/clipped``). A
+history with no gradhealth metric at all (a config file, a log whose names carry an
+unknown prefix) gets the warning ``no_metrics``: nothing was judged, which an empty
+list would hide.
 """
 
 from __future__ import annotations
@@ -99,7 +102,11 @@ def diagnose(history: Any, thresholds: Thresholds | None = None) -> list[Finding
       and, with ``xdev/...`` metrics, ``high_dispersion``, ``agreement_drop``,
       ``agreement_low``, ``agreement_high``, ``agreement_drift``, ``outlier_device``,
       ``near_duplicate``, ``param_desync``; ``restart`` (info) when the step went
-      backwards in the log (a resumed run).
+      backwards in the log (a resumed run). A history with rows but no gradhealth metric
+      (no column named as in :data:`gh.CATALOGUE <optax_gradhealth.CATALOGUE>`, such as
+      ``grad/norm`` or ``xdev/agreement``) gets the warning ``no_metrics`` (nothing was
+      judged), not an empty list; an empty history gets an empty list. The command line
+      makes both an error (exit status 2).
 
     Example:
       >>> import optax_gradhealth as gh
@@ -109,6 +116,8 @@ def diagnose(history: Any, thresholds: Thresholds | None = None) -> list[Finding
       ['explosion']
       >>> gh.diagnose(rows)[0].steps
       (60,)
+      >>> [f.pattern for f in gh.diagnose([{'step': 0, 'lr': 0.001}])]  # no gradhealth metric
+      ['no_metrics']
     """
     th = thresholds if thresholds is not None else Thresholds()
     if not isinstance(th, Thresholds):

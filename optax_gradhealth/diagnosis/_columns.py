@@ -249,21 +249,61 @@ def step_masks(h: History) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return finite, skipped, finite & ~skipped
 
 
+def counter_increments(values: np.ndarray, start: float = 0.0) -> np.ndarray:
+    """Per logged value of a counter (finite values, in log order): how much the counter
+    grew since the previous value (the first one: since ``start``). A value below the
+    previous one is a reset (a freshly initialised guard, as in a new training stage
+    that continues the log: its counters start again at 0), so all of it is growth
+    since the reset. The one rule for every counter the diagnosis and the report count
+    (:func:`counter_total`, :func:`counter_growth`)."""
+    values = np.asarray(values, np.float64)
+    previous = np.concatenate([[start], values[:-1]])
+    return np.where(values < previous, values, values - previous)
+
+
+def counter_total(h: History, name: str) -> int:
+    """How much a counter column (a ``num_...`` metric) grew over the log, resets
+    included (:func:`counter_increments`, the first logged value against 0); 0 when it
+    is not logged or holds no finite value."""
+    if not h.has(name):
+        return 0
+    column = h.col(name)
+    return int(counter_increments(column[np.isfinite(column)]).sum())
+
+
 def counter_growth(h: History, name: str) -> tuple[int, np.ndarray] | None:
     """``(total, steps where it grew)`` of a counter column (a ``num_...`` metric), or
     None when it is not logged or never rose above 0. Rows that do not log the counter
     (NaN) are left out: growth is judged between consecutive logged values (the first
-    against 0)."""
+    against 0), and a value below the previous one is a reset whose value all counts
+    (:func:`counter_increments`)."""
     if not h.has(name):
         return None
     column = h.col(name)
     logged = np.flatnonzero(np.isfinite(column))
-    counter = column[logged]
-    total = int(counter.max()) if counter.size else 0
+    grew = counter_increments(column[logged])
+    total = int(grew.sum())
     if total <= 0:
         return None
-    grew = np.diff(np.concatenate([[0.0], counter])) > 0
-    return total, h.steps[logged[grew]]
+    return total, h.steps[logged[grew > 0]]
+
+
+def gradhealth_metric(h: History) -> str | None:
+    """The first column of ``h`` that is a metric of optax_gradhealth (a name of the
+    catalogue, :data:`optax_gradhealth.CATALOGUE`: ``grad/norm``, ``grad/leaf_norm/<path>``,
+    ``xdev/device_norms/3``, ...; a name users registered is not one, no pattern reads it)
+    with a value on some row; None when there is none, so that no pattern can judge
+    anything in ``h``."""
+    from optax_gradhealth._catalogue import spec_of
+
+    for name in h.names:
+        try:
+            spec_of(name)
+        except KeyError:
+            continue
+        if h.logged(name).any():
+            return name
+    return None
 
 
 def after_warmup(h: History, th: Thresholds) -> np.ndarray:
@@ -420,8 +460,8 @@ def matrix(h: History, name: str) -> np.ndarray | None:
         return None
     k = max(max(i) for i in index) + 1
     out = np.zeros((len(h), k, k))
-    for j, m in index:
-        out[:, j, m] = np.nan_to_num(h.col(f"{name}/{j}/{m}"))
+    js, ms = np.array(index).T
+    out[:, js, ms] = np.nan_to_num(np.stack([h.col(f"{name}/{j}/{m}") for j, m in index], axis=1))
     return out
 
 

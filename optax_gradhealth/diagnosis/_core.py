@@ -414,7 +414,9 @@ def _fmt(value: Any) -> str:
 
 
 def format_findings(findings: Iterable[Finding]) -> str:
-    """The findings as text, one block each (or a line saying there are none).
+    """The findings as text, one block each (or a line saying there are none). When a
+    ``no_metrics`` finding is among them (no column of the log is a gradhealth metric),
+    the first line says that nothing was judged: no findings then is no all-clear.
 
     Example:
       >>> import optax_gradhealth as gh
@@ -424,9 +426,13 @@ def format_findings(findings: Iterable[Finding]) -> str:
       >>> rows[60]['grad/norm'] = 9.0
       >>> print(gh.format_findings(gh.diagnose(rows)).splitlines()[2])
       [error] gradient explosion (spikes): 1 spike(s) with spike score > 5 (max 8.91 at step 60)
+      >>> print(gh.format_findings(gh.diagnose([{'lr': 0.001, 'batch': 32}])).splitlines()[0])
+      gradhealth diagnosis: nothing was judged (no gradhealth metric in the log)
     """
     findings = list(findings)
     if not findings:
         return "gradhealth diagnosis: no findings (no pattern crossed its threshold)."
     head = f"gradhealth diagnosis: {len(findings)} finding(s)"
+    if any(f.pattern == "no_metrics" for f in findings):
+        head = "gradhealth diagnosis: nothing was judged (no gradhealth metric in the log)"
     return head + "\n\n" + "\n\n".join(str(f) for f in findings)

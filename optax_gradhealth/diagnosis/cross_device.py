@@ -83,8 +83,11 @@ AGREEMENT_DROP = Pattern(
 
 def check_agreement_drop(h: History, th: Thresholds) -> list[Finding]:
     """The agreement falls from a high rolling median to near zero and stays there
-    (:func:`~optax_gradhealth.diagnosis._columns.agreement_drops`)."""
-    name, a, a_steps = cols.agreement(h)
+    (:func:`~optax_gradhealth.diagnosis._columns.agreement_drops`), after the first
+    ``warmup_rows`` rows (as :func:`check_agreement_drift`): early in training the
+    agreement falls fast as the devices learn the shared signal, and a value that falls
+    with it is no drop. Neither the drop nor the median before it reads those rows."""
+    name, a, a_steps = cols.agreement(h, cols.after_warmup(h, th))
     drops = cols.agreement_drops(a, th)
     if not drops:
         return []
@@ -364,17 +367,58 @@ NEAR_DUPLICATE = Pattern(
 NEAR_DUPLICATE_DISTANCE = 0.2
 
 
-def _pair_distances(cos: np.ndarray, j: int, m: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per row: ``1 - cosine`` of the pair ``(j, m)`` and the median ``1 - cosine`` of the
-    other pairs (NaN where a row's cosines are not finite)."""
-    k = cos.shape[1]
+def _others_medians(cos: np.ndarray, js: np.ndarray, ms: np.ndarray) -> np.ndarray:
+    """``[T, P]``: per row of ``cos`` (``[T, K, K]``) and per pair ``(js[p], ms[p])``, the
+    median (``np.median``'s, exactly) of the row's off-diagonal cosines other than the
+    pair's two entries ``[j, m]`` and ``[m, j]``; NaN where one of those others is NaN,
+    or where there are none (K = 2).
+
+    Each row's ``K (K - 1)`` off-diagonal values are sorted once; the median without a
+    pair's two entries is then read at the middle positions shifted past the two
+    entries' ranks. O(T K^2 log K), not O(T K^4) (a median over ``K^2`` values per pair)."""
+    t, k = cos.shape[0], cos.shape[1]
+    n = k * (k - 1)
+    out = np.full((t, js.size), np.nan)
+    if n <= 2 or not js.size or not t:
+        return out
     off = ~np.eye(k, dtype=bool)
-    off[j, m] = off[m, j] = False
-    pair = 1.0 - cos[:, j, m]
-    others = cos[:, off]
-    with np.errstate(all="ignore"):
-        typical = 1.0 - np.median(others, axis=1) if off.any() else np.full(len(cos), np.nan)
-    return pair, typical
+    position = np.full((k, k), -1)
+    position[off] = np.arange(n)  # where [j, m] sits in a row's off-diagonal values
+    a, b = position[js, ms], position[ms, js]
+    lo, hi = (n - 3) // 2, (n - 2) // 2  # the middle of the n - 2 values left
+    chunk = max(1, 2**22 // n)  # rows at a time: a few million values
+    for first in range(0, t, chunk):
+        values = cos[first : first + chunk][:, off]
+        order = np.argsort(values, axis=1, kind="stable")  # NaN last
+        ranked = np.take_along_axis(values, order, axis=1)
+        rank = np.empty_like(order)
+        np.put_along_axis(rank, order, np.broadcast_to(np.arange(n), order.shape), axis=1)
+        p1 = np.minimum(rank[:, a], rank[:, b])
+        p2 = np.maximum(rank[:, a], rank[:, b])
+
+        def nth(i: int, ranked=ranked, p1=p1, p2=p2) -> np.ndarray:
+            # The i-th of the sorted values with positions p1 < p2 taken out.
+            q = i + (i >= p1)
+            return np.take_along_axis(ranked, q + (q >= p2), axis=1)
+
+        middle = nth(lo) if lo == hi else (nth(lo) + nth(hi)) / 2
+        nan = np.isnan(values)
+        others_nan = nan.sum(axis=1)[:, None] - nan[:, a] - nan[:, b]
+        out[first : first + chunk] = np.where(others_nan > 0, np.nan, middle)
+    return out
+
+
+def _column_medians(values: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    """Per column ``p``: ``np.median(values[ok[:, p], p])`` (``ok`` entries finite); NaN
+    for a column with none."""
+    count = ok.sum(axis=0)
+    if not len(values):
+        return np.full(values.shape[1:], np.nan)
+    ranked = np.sort(np.where(ok, values, np.inf), axis=0)
+    low = np.take_along_axis(ranked, np.maximum((count - 1) // 2, 0)[None, :], axis=0)[0]
+    high = np.take_along_axis(ranked, np.minimum(count // 2, len(values) - 1)[None, :], axis=0)[0]
+    middle = np.where(count % 2 == 1, low, (low + high) / 2)
+    return np.where(count > 0, middle, np.nan)
 
 
 def check_near_duplicate(h: History, th: Thresholds) -> list[Finding]:
@@ -385,7 +429,7 @@ def check_near_duplicate(h: History, th: Thresholds) -> list[Finding]:
     finding per pair. The second test does not depend on how widely the other pairs'
     cosines spread, which the in-step detector's robust z-score divides by: with noisy
     per-device gradients a pair at 0.99 against others at 0.15 scores below its drift
-    there."""
+    there. Every pair is judged at once (:func:`_others_medians`)."""
     steps = h.steps
     audits = cols.audit_rows(h)
     cos = cols.matrix(h, "xdev/pairwise_cosine")
@@ -402,46 +446,48 @@ def check_near_duplicate(h: History, th: Thresholds) -> list[Finding]:
             flagged[audits] = np.asarray(verdicts.near_duplicate_pairs)
     flagged = (flagged != 0) & audits[:, None, None]
     exact = cols.matrix(h, "xdev/duplicate_pairs")
-    found = []
     k = flagged.shape[1]
+    js, ms = np.triu_indices(k, 1)  # the pairs j < m, in the order of the findings
+    distinct = np.ones((len(h), js.size), bool)
+    if exact is not None:
+        distinct = (exact[:, js, ms] == 0) & (exact[:, ms, js] == 0)
+    rows = (flagged[:, js, ms] | flagged[:, ms, js]) & distinct  # [T, pairs]
+    judged = audits[:, None] & distinct
     level = cos is not None and cos.shape[1] == k
-    for j in range(k):
-        for m in range(j + 1, k):
-            distinct = np.ones(len(h), bool)
-            if exact is not None:
-                distinct = (exact[:, j, m] == 0) & (exact[:, m, j] == 0)
-            rows = (flagged[:, j, m] | flagged[:, m, j]) & distinct
-            judged = audits & distinct
-            by_level = False
-            if level and judged.any():
-                pair, typical = _pair_distances(cos, j, m)
-                ok = judged & np.isfinite(pair) & np.isfinite(typical)
-                if ok.any():
-                    by_level = np.median(pair[ok]) <= NEAR_DUPLICATE_DISTANCE * np.median(typical[ok])
-                if by_level:
-                    rows |= ok & (pair <= NEAR_DUPLICATE_DISTANCE * typical)
-            if rows.sum() < max(th.near_duplicate_min_audits, 1):
-                continue
-            evidence: dict[str, Any] = {"devices": [j, m], "audits_flagged": int(rows.sum()), "source": source}
-            summary = f"devices {j} and {m} have nearly the same gradients at {int(rows.sum())} audit(s)"
-            if level:
-                # Over the flagged audits, or for the second test over every audit it judged.
-                over = judged if by_level else rows
-                off = ~np.eye(k, dtype=bool)
-                off[j, m] = off[m, j] = False
-                evidence["median_pair_cosine"] = float(np.median(cos[over][:, j, m]))
-                evidence["median_other_pairs_cosine"] = float(np.median(cos[over][:, off]))
-                pair_median, others = evidence["median_pair_cosine"], evidence["median_other_pairs_cosine"]
-                if by_level:
-                    evidence["source"] = "xdev/pairwise_cosine: the pair's 1 - cosine against the other pairs'"
-                    evidence["audits_judged"] = int(over.sum())
-                    summary = (
-                        f"devices {j} and {m} have nearly the same gradients: pair cosine median {pair_median:.3g} "
-                        f"over {int(over.sum())} audits vs {others:.2f} for the other pairs"
-                    )
-                else:
-                    summary += f" (pair cosine {pair_median:.2f} vs {others:.2f} for the other pairs)"
-            found.append(NEAR_DUPLICATE.finding(summary, steps[rows], evidence))
+    by_level = np.zeros(js.size, bool)
+    if level and judged.any():
+        at = np.flatnonzero(audits)  # only audit rows are judged
+        pair = 1.0 - cos[at][:, js, ms]
+        with np.errstate(all="ignore"):
+            typical = 1.0 - _others_medians(cos[at], js, ms)
+        ok = judged[at] & np.isfinite(pair) & np.isfinite(typical)
+        with np.errstate(invalid="ignore"):
+            by_level = _column_medians(pair, ok) <= NEAR_DUPLICATE_DISTANCE * _column_medians(typical, ok)
+            rows[at] |= ok & (pair <= NEAR_DUPLICATE_DISTANCE * typical) & by_level
+    found = []
+    for p in np.flatnonzero(rows.sum(axis=0) >= max(th.near_duplicate_min_audits, 1)):
+        j, m, pair_rows = int(js[p]), int(ms[p]), rows[:, p]
+        evidence: dict[str, Any] = {"devices": [j, m], "audits_flagged": int(pair_rows.sum()), "source": source}
+        summary = f"devices {j} and {m} have nearly the same gradients at {int(pair_rows.sum())} audit(s)"
+        if level:
+            # Over the flagged audits, or for the second test over every audit it judged.
+            over = judged[:, p] if by_level[p] else pair_rows
+            off = ~np.eye(k, dtype=bool)
+            off[j, m] = off[m, j] = False
+            evidence["median_pair_cosine"] = float(np.median(cos[over][:, j, m]))
+            others = cos[over][:, off]  # none with 2 devices: NaN, without numpy's warning
+            evidence["median_other_pairs_cosine"] = float(np.median(others)) if others.size else math.nan
+            pair_median, others = evidence["median_pair_cosine"], evidence["median_other_pairs_cosine"]
+            if by_level[p]:
+                evidence["source"] = "xdev/pairwise_cosine: the pair's 1 - cosine against the other pairs'"
+                evidence["audits_judged"] = int(over.sum())
+                summary = (
+                    f"devices {j} and {m} have nearly the same gradients: pair cosine median {pair_median:.3g} "
+                    f"over {int(over.sum())} audits vs {others:.2f} for the other pairs"
+                )
+            else:
+                summary += f" (pair cosine {pair_median:.2f} vs {others:.2f} for the other pairs)"
+        found.append(NEAR_DUPLICATE.finding(summary, steps[pair_rows], evidence))
     return found
 
 

@@ -52,7 +52,9 @@ def _overflowed(h: History) -> np.ndarray:
 
 
 def _counter_max(h: History, name: str) -> int:
-    """The largest logged value of a counter column (0 when it holds no finite value)."""
+    """The largest logged value of a column (0 when it holds no finite value): for a
+    streak such as ``grad/consecutive_nonfinite``; a counter's total is
+    :func:`~optax_gradhealth.diagnosis._columns.counter_total` (resets included)."""
     values = h.col(name)
     values = values[np.isfinite(values)]
     return int(values.max()) if values.size else 0
@@ -68,7 +70,7 @@ def check_nonfinite(h: History, th: Thresholds) -> list[Finding]:
     _, skipped, _ = row_masks(h)
     judged = cols.gradient_rows(h)
     bad = cols.nonfinite_rows(h)
-    counter = _counter_max(h, "grad/num_nonfinite") if h.has("grad/num_nonfinite") else 0
+    counter = cols.counter_total(h, "grad/num_nonfinite")  # across resets (a fresh guard in a continued log)
     if not (bad.any() or counter > 0):
         return []
     evidence = {"nonfinite_logged_steps": int(bad.sum()), "fraction": float(bad.sum() / max(judged.sum(), 1))}
@@ -103,7 +105,7 @@ def _first_bad_step(h: History, row: int) -> str:
     counter = h.col("grad/num_nonfinite")
     before = np.flatnonzero(np.isfinite(counter[:row]))
     previous = float(counter[before[-1]]) if before.size else 0.0
-    if counter[row] - previous <= 1:
+    if cols.counter_increments(counter[row : row + 1], previous)[0] <= 1:
         return f"first at step {step}"
     since = f", {int(previous)} at step {int(h.steps[before[-1]])}" if before.size else ""
     return f"first logged at step {step} (counter {int(counter[row])} there{since})"
@@ -182,11 +184,11 @@ def check_loss_scale(h: History, th: Thresholds) -> list[Finding]:
         judged = logged[logged > start] if start is not None else logged[:0]
         if judged.size:
             rows = np.concatenate([[start], judged])
-            growth = np.maximum(np.diff(counter[rows]), 0.0)
+            growth = cols.counter_increments(counter[judged], counter[start])
             span = int(steps[judged[-1]] - steps[start])
             count = int(growth.sum())
             overflow_steps = steps[judged[growth > 0]]
-            evidence["num_overflows"] = _counter_max(h, "grad/num_overflows")
+            evidence["num_overflows"] = cols.counter_total(h, "grad/num_overflows")
             evidence["overflows_after_warmup"] = count
             excess = float(count)
             scale = h.col("grad/loss_scale") if h.has("grad/loss_scale") else None
@@ -266,7 +268,7 @@ def check_replay_mismatch(h: History, th: Thresholds) -> list[Finding]:
     recovered = h.col("grad/num_replay_recovered") if h.has("grad/num_replay_recovered") else None
     evidence = {"num_replay_mismatches": total, "first_logged_step": int(steps[0])}
     if recovered is not None:
-        evidence["num_replay_recovered"] = _counter_max(h, "grad/num_replay_recovered")
+        evidence["num_replay_recovered"] = cols.counter_total(h, "grad/num_replay_recovered")
     summary = f"{total} step(s) gave a different gradient when computed again, first logged at step {int(steps[0])}"
     return [REPLAY_MISMATCH.finding(summary, steps, evidence)]
 
@@ -316,7 +318,7 @@ def check_explosion(h: History, th: Thresholds) -> list[Finding]:
         if not hidden:
             return []
         evidence = {
-            "num_spikes_counter": _counter_max(h, "grad/num_spikes"),
+            "num_spikes_counter": cols.counter_total(h, "grad/num_spikes"),
             "spikes_between_logged_steps": hidden,
             "first_seen_step": first_seen,
         }
@@ -332,7 +334,7 @@ def check_explosion(h: History, th: Thresholds) -> list[Finding]:
         "score_source": source,
     }
     if h.has("grad/num_spikes"):
-        evidence["num_spikes_counter"] = _counter_max(h, "grad/num_spikes")
+        evidence["num_spikes_counter"] = cols.counter_total(h, "grad/num_spikes")
     if h.has("grad/momentum_reset"):
         evidence["momentum_resets"] = int((h.col("grad/momentum_reset") == 1).sum())
     layer = cols.largest_layer_jump(h, worst)
@@ -354,13 +356,13 @@ def _unlogged_growth(h: History, name: str, own: np.ndarray) -> tuple[int, int |
     (``own``) do not account for: the events between logged rows, first seen on the row
     where the counter had grown by more than that row's own flag (``(0, None)`` when
     none, or when the counter is not logged). Growth is judged between consecutive
-    logged values, the first against 0; a counter that went down (a restored state) adds
-    nothing."""
+    logged values, the first against 0; a counter that went down was reset and all of
+    its new value counts (:func:`~optax_gradhealth.diagnosis._columns.counter_increments`)."""
     if not h.has(name):
         return 0, None
     counter = h.col(name)
     logged = np.flatnonzero(np.isfinite(counter))
-    growth = np.diff(np.concatenate([[0.0], counter[logged]]))
+    growth = cols.counter_increments(counter[logged])
     extra = np.maximum(growth - own[logged], 0.0)
     if not extra.any():
         return 0, None
@@ -1040,6 +1042,37 @@ def check_restart(h: History, th: Thresholds) -> list[Finding]:
     return [RESTART.finding(summary, h.restarts, evidence)]
 
 
+NO_METRICS = Pattern(
+    "no_metrics",
+    "no gradhealth metric in the log: nothing was judged",
+    "warning",
+    (
+        "the log holds none of the metrics gh.metrics returns (names like grad/norm, grad/skipped, "
+        "xdev/agreement): another program's log, a config file, an eval-only log",
+        "the names were changed on the way (a prefix, a renaming logger), so that none is a catalogue name",
+    ),
+    (
+        "log gh.metrics(opt_state) (gh.MetricLogger) and diagnose that log",
+        "give the columns their catalogue names (gh.CATALOGUE): e.g. a dict of columns with the prefix removed",
+    ),
+)
+
+
+def check_no_metrics(h: History, th: Thresholds) -> list[Finding]:
+    """No column of the log is a metric of optax_gradhealth
+    (:func:`~optax_gradhealth.diagnosis._columns.gradhealth_metric`): every other
+    pattern skipped it, so an empty diagnosis would be a false all-clear."""
+    if not len(h) or cols.gradhealth_metric(h) is not None:
+        return []
+    names = h.names
+    shown = ", ".join(repr(n) for n in names[:6]) + (", ..." if len(names) > 6 else "")
+    summary = (
+        f"none of the log's {len(names)} column(s) ({shown or 'none'}) is a gradhealth metric "
+        "(names like grad/norm, xdev/agreement: gh.CATALOGUE)"
+    )
+    return [NO_METRICS.finding(summary, (), {"columns": len(names), "first_columns": list(names[:6])})]
+
+
 #: The single-run patterns and their checks, in the order they are run.
 CHECKS = (
     (NONFINITE, check_nonfinite),
@@ -1060,4 +1093,5 @@ CHECKS = (
     (CLIP_NEVER, check_clip_never),
     (ROLLBACK, check_rollback),
     (RESTART, check_restart),
+    (NO_METRICS, check_no_metrics),
 )
