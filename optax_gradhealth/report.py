@@ -421,7 +421,7 @@ def plot_report(
         elif count is not None:
             counts.append(f"{count} {label}")
     if h.restarts:
-        counts.append(f"{len(h.restarts)} restart(s), {h.rows_replaced} overlapping row(s) replaced")
+        counts.append(f"{len(h.restarts)} restart(s), {h.rows_replaced} earlier row(s) dropped")
     headline = f"{title}: {len(h)} logged steps ({steps[0]}..{steps[-1]})" + (
         "; " + ", ".join(counts) if counts else ""
     )

@@ -241,7 +241,11 @@ def test_a_resumed_run_supersedes_the_abandoned_runs_later_rows(tmp_path):
         assert_history_equals(h, current)
         assert h.restarts == (300,) and h.restarted_from == (390,)
         assert h.rows_replaced == 10 and h.rows_superseded == 5  # 300..340 logged again; 350..390 not
-    assert not [f for f in gh.diagnose(path) if f.pattern in ("nonfinite", "rollback")]
+    findings = gh.diagnose(path)
+    assert not [f for f in findings if f.pattern in ("nonfinite", "rollback")]
+    (restart,) = [f for f in findings if f.pattern == "restart"]
+    assert restart.evidence["rows_replaced"] == 10 and restart.evidence["rows_superseded"] == 5
+    assert "10 earlier row(s) dropped, 5 of them beyond the steps logged again" in restart.summary
     # Two restarts: each one supersedes what came before it at its step and beyond.
     rows = make_rows(50) + make_rows(30, seed=1, start=20) + make_rows(5, seed=2, start=10)
     h = gh.load_history(rows)

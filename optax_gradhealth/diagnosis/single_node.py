@@ -1015,7 +1015,10 @@ RESTART = Pattern(
         "two rows written for one step (e.g. eval metrics apart from the training ones): the later one replaced it",
     ),
     (
-        "nothing, for a planned resume: the last write of each step is the one diagnosed and plotted",
+        "nothing, for a planned resume: from each restart on, the resumed run's rows are the ones diagnosed and "
+        "plotted (the earlier rows at its steps and beyond are dropped)",
+        "if rows_superseded counts rows you meant to keep (a summary row logged at a low step), log them "
+        "elsewhere: any row with a lower step reads as a restart",
         "otherwise, find out what stopped the run at the step it went back from (crash, preemption, OOM)",
         "give each run its own log (gh.JsonlWriter(path, overwrite=True) or a new path) when runs must not mix",
     ),
@@ -1034,10 +1037,12 @@ def check_restart(h: History, th: Thresholds) -> list[Finding]:
         "resumed_at": list(h.restarts),
         "went_back_from": list(h.restarted_from),
         "rows_replaced": h.rows_replaced,
+        "rows_superseded": h.rows_superseded,
     }
+    beyond = f", {h.rows_superseded} of them beyond the steps logged again" if h.rows_superseded else ""
     summary = (
         f"the step went backwards or repeated {len(h.restarts)} time(s) ({pairs}{more}); "
-        f"{h.rows_replaced} overlapping row(s) replaced by the later write"
+        f"{h.rows_replaced} earlier row(s) dropped{beyond}"
     )
     return [RESTART.finding(summary, h.restarts, evidence)]
 
