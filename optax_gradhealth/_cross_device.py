@@ -500,9 +500,10 @@ def cross_device(
     score exceeds ``outlier_threshold`` (a strong fault, at the audit it shows) or its
     evidence exceeds ``outlier_evidence`` (a moderate one that persists: a score of 6 on
     every audit is named at the fourth, evidence 4, 8, 12, 16); ``xdev/outlier_device`` is the named device
-    with the most evidence, else -1. Near-duplicate data: each pair's sketched cosine
-    gets a robust z-score against the other pairs' and a CUSUM of drift 3; a pair whose
-    evidence exceeds ``near_duplicate_evidence`` is flagged in
+    with the most evidence, else -1. Near-duplicate data: each pair's closeness
+    ``-log(1 - c)`` of its sketched cosine gets a robust z-score against the other
+    pairs' and a CUSUM of drift 3 (one audit adds at most half the threshold); a pair
+    whose evidence exceeds ``near_duplicate_evidence`` is flagged in
     ``xdev/near_duplicate_pairs`` (two devices that see the same examples under
     different dropout or augmentation). The rules live in
     ``optax_gradhealth._detectors`` and their defaults come from the detection

@@ -21,7 +21,8 @@ faults (``docs/detection.md``):
   audits by a one-sided CUSUM (:func:`cusum`). A strong score names the device at once;
   a moderate but persistent one after a few audits.
 * **near-duplicate pair** (cross-device audits): the robust z-score of each pair's
-  sketched cosine against the other pairs', accumulated by the same CUSUM.
+  closeness (``-log(1 - cos)`` of its sketched cosine) against the other pairs',
+  accumulated by the same CUSUM.
 """
 
 from __future__ import annotations
@@ -469,17 +470,21 @@ def device_scores(
 
 
 def pair_scores(pairwise_cosine: jax.Array, floor: float) -> jax.Array:
-    """``[K, K]`` robust z-score of each pair's cosine against all off-diagonal pairs
-    (``(c_jk - median) / max(spread, floor)``; 0 on the diagonal and with fewer than
-    3 devices). High for a pair that agrees far more than the others: two devices
-    that see the same examples."""
+    """``[K, K]`` robust z-score of each pair's closeness against all off-diagonal pairs:
+    ``(median - d_jk) / max(spread, floor)`` of the log-distances ``d_jk = log(1 - c_jk)``
+    of the sketched cosines (:func:`direction_distance`); 0 on the diagonal and with fewer
+    than 3 devices. High for a pair that agrees far more than the others: two devices that
+    see the same examples. The log measures a pair by how many times closer it is than the
+    others: a near-duplicate under augmentation noise (cosine 0.99 against 0.14 +- 0.3 for
+    the other pairs) scores about 12 where the cosine's own z-score was 2.6."""
     k = pairwise_cosine.shape[-1]
     cos = jnp.asarray(pairwise_cosine, jnp.float32)
     off = ~jnp.eye(k, dtype=jnp.bool_)
     finite = jnp.isfinite(cos) & off
-    flat = cos.reshape((*cos.shape[:-2], k * k))
+    distance = direction_distance(jnp.where(finite, cos, 0.0))
+    flat = distance.reshape((*cos.shape[:-2], k * k))
     centre, spread = median_and_spread(flat, finite.reshape((*finite.shape[:-2], k * k)))
-    z = (cos - centre[..., None, None]) / jnp.maximum(spread, floor)[..., None, None]
+    z = (centre[..., None, None] - distance) / jnp.maximum(spread, floor)[..., None, None]
     if k < 3:
         return jnp.zeros_like(cos)
     return jnp.where(finite, z, 0.0)
@@ -564,7 +569,10 @@ def audit_update(
 
     Near-duplicate pairs: :func:`pair_scores` of the sketched cosines, a CUSUM per pair
     with drift ``pair_drift`` capped at ``2 * pair_threshold``, flagged above
-    ``pair_threshold``.
+    ``pair_threshold``. One audit adds at most half the threshold (the score is clipped at
+    ``pair_drift + pair_threshold / 2``): a pair is flagged after three audits at the
+    earliest, since two devices' batches can agree closely by chance once (a clean
+    regression run: pair cosine 0.85 against 0.04, a score of 16).
 
     A device with a non-finite gradient scores ``inf`` and is named at that audit; such
     an audit moves neither the running spreads nor any evidence (the other devices'
@@ -596,6 +604,7 @@ def audit_update(
     outlier_device = jnp.where(jnp.any(named), jnp.argmax(rank), -1).astype(jnp.int32)
 
     pairs = pair_scores(pairwise_cosine, pair_floor)
+    pairs = jnp.minimum(pairs, pair_drift + 0.5 * pair_threshold)
     pair_evidence = jnp.where(
         all_finite, cusum(state.pair_evidence, pairs, pair_drift, 2.0 * pair_threshold), state.pair_evidence
     )

@@ -345,10 +345,47 @@ def test_pair_scores_against_numpy():
     c[1, 4] = c[4, 1] = 0.9
     np.fill_diagonal(c, 1.0)
     off = ~np.eye(6, dtype=bool)
-    centre = np.median(c[off])
-    spread = max(1.4826 * np.median(np.abs(c[off] - centre)), 0.05)
-    want = np.where(off, (c - centre) / spread, 0.0)
+    dist = np.log(1.0 - np.where(off, c, 0.0))  # the log-distance of each pair
+    centre = np.median(dist[off])
+    spread = max(1.4826 * np.median(np.abs(dist[off] - centre)), 0.05)
+    want = np.where(off, (centre - dist) / spread, 0.0)
     np.testing.assert_allclose(np.asarray(detect.pair_scores(c.astype(np.float32), 0.05)), want, atol=1e-4)
+
+
+def _pair_stream(rng, audits, k=8, centre=0.14, sd=0.3):
+    """Sketched pair cosines of devices whose gradients share some signal: N(0.14, 0.3^2)."""
+    pairs = np.clip(rng.normal(centre, sd, (audits, k, k)), -0.95, 0.95)
+    pairs = (pairs + pairs.transpose(0, 2, 1)) / 2
+    pairs[:, np.arange(k), np.arange(k)] = 1.0
+    norms = np.exp(rng.normal(0.0, 0.1, (audits, k))).astype(np.float32)
+    cos = np.clip(rng.normal(0.4, 0.05, (audits, k)), -1, 1).astype(np.float32)
+    return norms, cos, pairs
+
+
+def test_near_duplicate_under_augmentation_noise_is_flagged():
+    # Two devices on the same examples with their own augmentation: pair cosine 0.99 while
+    # the other pairs spread over 0.14 +- 0.3. The cosine's own z-score was ~2.6, under the
+    # pair CUSUM's drift of 3: never flagged. Its log-distance is ~50x smaller than theirs.
+    rng = np.random.default_rng(21)
+    norms, cos, pairs = _pair_stream(rng, 60)
+    pairs[20:, 2, 5] = pairs[20:, 5, 2] = rng.uniform(0.985, 0.995, 40)
+    near = np.asarray(detect.replay_audits(norms, cos, pairs.astype(np.float32), **AUDIT_RULE).near_duplicate_pairs)
+    assert not near[:20].any()
+    assert near[22:, 2, 5].all() and near[22:, 5, 2].all()
+    assert {tuple(p) for p in np.argwhere(near[-1])} == {(2, 5), (5, 2)}
+
+
+def test_one_audit_where_two_batches_agree_flags_no_pair():
+    # A clean regression run had one audit with a pair at cosine 0.85 against a median of
+    # 0.04 (a score of 16): one audit adds at most half the threshold to the evidence.
+    rng = np.random.default_rng(22)
+    norms, cos, pairs = _pair_stream(rng, 40, centre=0.04, sd=0.1)
+    pairs[20, 1, 6] = pairs[20, 6, 1] = 0.85
+    verdicts = detect.replay_audits(norms, cos, pairs.astype(np.float32), **AUDIT_RULE)
+    # Unclipped, this one score minus the drift would pass the threshold at once.
+    score = float(np.asarray(detect.pair_scores(pairs[20].astype(np.float32), 0.05))[1, 6])
+    assert score > AUDIT_RULE["pair_threshold"] + AUDIT_RULE["pair_drift"]
+    assert not np.asarray(verdicts.near_duplicate_pairs).any()
 
 
 def _audit_stream(k, audits, rng, norm_sd=0.1):
