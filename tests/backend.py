@@ -40,3 +40,22 @@ def require_devices(k: int, test_file: str) -> None:
         "JAX_PLATFORMS names another platform; run with JAX_PLATFORMS=cpu.",
         pytrace=False,
     )
+
+
+def wait_for_processes(procs: list, timeout: float) -> list[str]:
+    """The combined output of each of ``procs`` (``subprocess.Popen`` with text stdout),
+    once all have exited within ``timeout`` seconds each; kills the ones still running
+    on the way out (a process whose peer never joined waits forever), and fails naming a
+    process that exited non-zero, with the end of its output."""
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    for pid, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"process {pid} exited {p.returncode}:\n{log[-3000:]}"
+    return logs

@@ -24,7 +24,7 @@ from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 import optax_gradhealth as gh
-from tests.backend import require_devices
+from tests.backend import require_devices, wait_for_processes
 
 K = 8
 ROOT = Path(__file__).resolve().parents[1]
@@ -1392,17 +1392,7 @@ def _launch(num_processes: int, devices_per_process: int, out_dir: Path, timeout
         cmd = [sys.executable, str(ROOT / "tests" / "_multihost_worker.py")]
         cmd += [f"127.0.0.1:{port}", str(num_processes), str(pid), str(out_dir / f"p{pid}.json")]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=timeout)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
-    for pid, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"process {pid} exited {p.returncode}:\n{log[-3000:]}"
+    wait_for_processes(procs, timeout)
     return [json.loads((out_dir / f"p{pid}.json").read_text()) for pid in range(num_processes)]
 
 

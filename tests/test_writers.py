@@ -12,6 +12,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import optax_gradhealth as gh
+from tests.backend import wait_for_processes
 
 
 def test_flatten_names_vectors_matrices_and_nested_dicts():
@@ -433,15 +434,7 @@ def test_logger_replicated_on_a_multi_host_array(tmp_path):
         )
         for pid in range(2)
     ]
-    try:
-        logs = [p.communicate(timeout=120)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
-    for pid, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"process {pid} exited {p.returncode}:\n{log[-3000:]}"
+    wait_for_processes(procs, 120)
     expected = [
         {"step": s, "grad/norm": 2.5, "lr": 0.1 * s, **{f"xdev/device_norms/{i}": i + 0.5 for i in range(4)}}
         for s in range(3)
