@@ -264,11 +264,9 @@ def counter_increments(values: np.ndarray, start: float = 0.0) -> np.ndarray:
 def counter_total(h: History, name: str) -> int:
     """How much a counter column (a ``num_...`` metric) grew over the log, resets
     included (:func:`counter_increments`, the first logged value against 0); 0 when it
-    is not logged or holds no finite value."""
-    if not h.has(name):
-        return 0
-    column = h.col(name)
-    return int(counter_increments(column[np.isfinite(column)]).sum())
+    is not logged or never grew (:func:`counter_growth`)."""
+    growth = counter_growth(h, name)
+    return growth[0] if growth else 0
 
 
 def counter_growth(h: History, name: str) -> tuple[int, np.ndarray] | None:
