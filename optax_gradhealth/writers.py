@@ -24,7 +24,9 @@ import json
 import math
 import numbers
 import os
+import sys
 import uuid
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
@@ -364,6 +366,13 @@ class WandbWriter:
             self._run.finish()
 
 
+def _on_device(value: Any) -> bool:
+    """Whether ``value`` is a jax array (reading it may wait for the device), without
+    importing jax where no one has."""
+    jax = sys.modules.get("jax")
+    return jax is not None and isinstance(value, jax.Array)
+
+
 class MetricLogger:
     """Logs metrics every ``log_every`` steps, fetching device arrays only then.
 
@@ -460,9 +469,25 @@ class MetricLogger:
         self.prefix = prefix
         self.replicated = replicated
         self._pending: list[tuple[int, Mapping[str, Any]]] = []
+        self._warned_device_step = False
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
-        """Records ``metrics`` for ``step``; fetches and writes on logged steps."""
+        """Records ``metrics`` for ``step``; fetches and writes on logged steps.
+
+        ``step`` is a host integer (the training loop's counter). A device array (a
+        ``TrainState``'s ``step``) works, but reading its value waits for the step that
+        computes it on every call, a host sync; a :class:`UserWarning` says so, once per
+        logger.
+        """
+        if not self._warned_device_step and not isinstance(step, numbers.Integral) and _on_device(step):
+            self._warned_device_step = True
+            warnings.warn(
+                f"MetricLogger.log: `step` is a device array ({type(step).__name__}); reading its value waits for "
+                "the step that computes it on every call (a host sync that stalls the pipeline). Pass the "
+                "training loop's Python int counter instead.",
+                UserWarning,
+                stacklevel=2,
+            )
         step = int(step)
         if self.all_steps or step % self.log_every == 0:
             # Appended: rows a failed flush left pending are written with this one.

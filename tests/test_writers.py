@@ -111,6 +111,25 @@ def test_logger_fetches_only_on_logged_steps(monkeypatch):
     assert recorder.closed
 
 
+def test_logger_warns_once_that_a_device_array_step_syncs():
+    # A TrainState's step (a device array) was read with int() on every call, a host
+    # sync the logger's "no host sync" promise does not cover, without a word.
+    import warnings
+
+    recorder = Recorder()
+    logger = gh.MetricLogger(recorder, log_every=2)
+    with pytest.warns(UserWarning, match=r"`step` is a device array .*host sync") as caught:
+        for step in range(4):
+            logger.log(jnp.int32(step), {"loss": jnp.float32(step)})
+    assert len([w for w in caught if "device array" in str(w.message)]) == 1  # once per logger
+    assert [s for s, _ in recorder.rows] == [0, 2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # host integers: no warning
+        for step in (np.int64(4), 5, np.array(6)):
+            logger.log(step, {"loss": 1.0})
+    assert [s for s, _ in recorder.rows] == [0, 2, 4, 6]
+
+
 def test_logger_all_steps_writes_every_step_in_batches(monkeypatch):
     fetched = []
     real_device_get = jax.device_get
