@@ -30,11 +30,12 @@ _EPILOG = f"""examples:
   {PROG} diagnose runs/tensorboard/run1/        (a TensorBoard log directory)
   {PROG} report run.jsonl -o report.png         (also writes report.findings.txt/.json)
   {PROG} report wandb_history.csv -o report.png --title "run 42"
+  {PROG} diagnose run.jsonl --prefix eval/       (metrics logged as eval/grad/norm, ...)
 
 LOG is a JSON Lines metrics log (gh.JsonlWriter), a TensorBoard log directory (needs the
 tensorboard package) or a Weights & Biases history export (.csv). A cut last line (a run
-stopped mid-write) is skipped with a warning; a step logged twice (a resumed run) keeps
-its last write and is reported as a restart.
+stopped mid-write) is skipped with a warning; a resumed run's rows supersede the abandoned
+run's (reported as a restart); an eval row joins the row of its step.
 
 exit status: 0 done; 2 bad arguments, an unreadable log or a log with no gradhealth
 metric (names like grad/norm, xdev/agreement: nothing to judge) (one line on stderr)."""
@@ -80,12 +81,12 @@ def _thresholds(pairs: list[str]) -> Thresholds:
         raise UsageError(f"--threshold: {error}") from None
 
 
-def _load(path: str, skip_bad_lines: bool) -> History:
+def _load(path: str, skip_bad_lines: bool, prefix: str | None = None) -> History:
     """The log, with its warnings as one stderr line each and its errors as UsageError."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", LogReadWarning)
         try:
-            history = load_history(path, skip_bad_lines=skip_bad_lines)
+            history = load_history(path, skip_bad_lines=skip_bad_lines, prefix=prefix)
         except (OSError, ValueError, ImportError) as error:
             raise UsageError(str(error) or type(error).__name__) from None
     for warning in caught:
@@ -130,6 +131,13 @@ def _run(argv: list[str] | None) -> int:
             action="store_true",
             help="skip (with a warning) lines of a .jsonl log that are not JSON objects instead of failing",
         )
+        p.add_argument(
+            "--prefix",
+            default=None,
+            metavar="PREFIX",
+            help="read the metrics logged behind PREFIX (e.g. --prefix eval/ for gh.MetricLogger(prefix='eval/')); "
+            "'' keeps the names as logged; default: the prefix that holds the most rows of gradhealth metrics",
+        )
     args = parser.parse_args(argv)
     thresholds = _thresholds(args.threshold)
     if args.command == "report":
@@ -140,7 +148,7 @@ def _run(argv: list[str] | None) -> int:
             output = _report.image_path(args.output)  # checked before the log is read and drawn
         except ValueError as error:
             raise UsageError(str(error)) from None
-    history = _load(args.log, args.skip_bad_lines)
+    history = _load(args.log, args.skip_bad_lines, args.prefix)
     if not len(history):
         raise UsageError(f"{args.log}: no logged rows.")
     for finding in check_no_metrics(history, thresholds):  # before drawing: an empty report is no all-clear

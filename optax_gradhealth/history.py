@@ -38,6 +38,7 @@ What a real run's log holds, and what is done about it:
 
 from __future__ import annotations
 
+import bisect
 import csv
 import json
 import math
@@ -69,12 +70,16 @@ class LogReadWarning(UserWarning):
 class History:
     """A run's logged metrics as columns, one row per logged step.
 
-    Built by :func:`load_history` (or directly from columns). Every place where the step
-    goes backwards (or repeats) in the given order is a restart: a resumed run appending
-    to the same log. A restart to step ``s`` supersedes every row written before it at a
-    step ``>= s``: the rows the resumed run logs again, and the abandoned run's rows
-    beyond the step it has reached so far. A step logged twice in a row (a train row,
-    then an eval row) keeps the later row. What is left is sorted by step.
+    Built by :func:`load_history` (or directly from columns). A row written at or below
+    the step the run has reached (the step goes backwards, or repeats, in the given
+    order) is a restart when it logs a metric that a row it goes back over logged: a
+    resumed run appending to the same log. A restart to step ``s`` supersedes every row
+    written before it at a step ``>= s``: the rows the resumed run logs again, and the
+    abandoned run's rows beyond the step it has reached so far. A row that logs none of
+    their metrics is another logger's (an eval row after the train row of its step, a
+    summary row logged at step 0 at the end): its values join the row of its step. Of
+    two rows of one step that log the same metric, the later one gives it. What is left
+    is sorted by step, one row per step.
 
     Args:
       steps: ``[T]`` integer steps, in the order they were logged.
@@ -117,6 +122,10 @@ class History:
       >>> h = History([0, 10, 20, 30, 10], {'loss': [1.0, 2.0, 3.0, 4.0, 1.5]})  # resumed at 10
       >>> h.steps.tolist(), h['loss'].tolist(), h.rows_replaced, h.rows_superseded
       ([0, 10], [1.0, 1.5], 3, 2)
+      >>> nan = float('nan')  # a train row, then an eval row of the same step
+      >>> h = History([0, 1, 1], {'loss': [1.0, 0.5, nan], 'eval/loss': [nan, nan, 0.7]})
+      >>> h.steps.tolist(), h['loss'].tolist(), h['eval/loss'].tolist(), h.restarts
+      ([0, 1], [1.0, 0.5], [nan, 0.7], ())
     """
 
     def __init__(
@@ -163,9 +172,10 @@ class History:
         self.source = source
         self.restarts: tuple[int, ...]
         self.restarted_from: tuple[int, ...]
-        self.restarts, self.restarted_from = _restarts(steps)
         self.prefix = ""
-        keep = _current_rows(steps)
+        side, restart = _side_rows(steps, flat, logged_nan)
+        self.restarts, self.restarted_from = _restarts(steps, restart)
+        keep = _current_rows(steps, side)
         if keep.size != steps.size:
             self.rows_replaced, self.rows_superseded = _dropped(steps, keep)
             steps = steps[keep]
@@ -175,6 +185,8 @@ class History:
                 logged_nan = {name: mask[keep] for name, mask in logged_nan.items()}
         else:
             self.rows_replaced = self.rows_superseded = 0
+        if side.any():  # side rows join the row at their step (a later write wins a cell)
+            steps, flat, logged_nan = _merge_steps(steps, flat, logged_nan)
         self.steps: np.ndarray = steps
         self.columns: dict[str, np.ndarray] = dict(sorted(flat.items()))
         self._logged_nan = None if logged_nan is None else {n: m for n, m in logged_nan.items() if m.any()}
@@ -335,17 +347,85 @@ class History:
         return [{"step": int(step), **dict(zip(names, row))} for step, row in zip(self.steps.tolist(), values.tolist())]
 
 
-def _current_rows(steps: np.ndarray) -> np.ndarray:
+def _side_rows(
+    steps: np.ndarray, flat: Mapping[str, np.ndarray], logged_nan: Mapping[str, np.ndarray] | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(side, restart)``, ``[T]`` bool each, for the rows written at or below the step
+    the run has reached. A row that logs a metric one of the rows it would supersede
+    logged (a resumed run logs what it logged before) is a restart. One that logs none of
+    them is a side row: another logger's row at a step the run has reached (an eval row
+    after the train row of its step, a summary row logged at step 0 at the end)."""
+    side = np.zeros(steps.size, bool)
+    back = np.flatnonzero(steps[1:] <= steps[:-1]) + 1
+    restart = np.zeros(steps.size, bool)
+    if back.size == 0 or not flat:
+        restart[back] = True
+        return side, restart
+
+    def logged(name: str, column: np.ndarray, rows: Any) -> np.ndarray:
+        cells = ~np.isnan(column[rows])
+        if logged_nan is not None and name in logged_nan:
+            cells |= logged_nan[name][rows]
+        return cells
+
+    timeline: list[int] = []  # the rows of the run's current timeline, by step
+    key = steps.__getitem__
+    row, check = 0, False  # check: compare the row with the timeline (it follows a side row)
+    while row < steps.size:
+        if not (check or (row > 0 and steps[row] <= steps[row - 1])):
+            end = int(back[np.searchsorted(back, row, side="right")]) if back[-1] > row else steps.size
+            timeline.extend(range(row, end))  # rows above the one before them, which is on the timeline
+            row, check = end, False
+            continue
+        if steps[row] > steps[timeline[-1]]:
+            timeline.append(row)
+        else:
+            start = bisect.bisect_left(timeline, steps[row], key=key)
+            rows = np.asarray(timeline[start:])  # what a restart at this row would supersede
+            names = [name for name, column in flat.items() if logged(name, column, row)]
+            if any(logged(name, flat[name], rows).any() for name in names):
+                del timeline[start:]
+                timeline.append(row)
+                restart[row] = True
+            else:
+                side[row] = True
+        row, check = row + 1, bool(side[row])
+    return side, restart
+
+
+def _current_rows(steps: np.ndarray, side: np.ndarray | None = None) -> np.ndarray:
     """The rows (indices, in write order) that no later write supersedes: a row is kept
-    when every row written after it has a higher step. A run that goes back to step
-    ``s`` (a resume, a rollback) starts its timeline again at ``s``, so every row written
-    before it at a step ``>= s`` belongs to the abandoned run, the ones it logged again
-    and the ones beyond where it has reached so far. The kept steps are strictly
-    increasing."""
+    when every row written after it, side rows (:func:`_side_rows`) aside, has a higher
+    step. A run that goes back to step ``s`` (a resume, a rollback) starts its timeline
+    again at ``s``, so every row written before it at a step ``>= s`` belongs to the
+    abandoned run, the ones it logged again and the ones beyond where it has reached so
+    far. Without side rows the kept steps are strictly increasing."""
     if steps.size < 2:
         return np.arange(steps.size)
-    later_min = np.minimum.accumulate(steps[::-1])[::-1][1:]  # the lowest step written after each row
+    timeline = steps if side is None else np.where(side, _INT64_MAX, steps)
+    later_min = np.minimum.accumulate(timeline[::-1])[::-1][1:]  # the lowest step written after each row
     return np.flatnonzero(np.concatenate([steps[:-1] < later_min, [True]]))
+
+
+def _merge_steps(
+    steps: np.ndarray, flat: dict[str, np.ndarray], logged_nan: dict[str, np.ndarray] | None
+) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+    """The rows sorted by step, the rows of one step joined into one: per column, the
+    last row (in write order) that logged it gives the cell."""
+    order = np.argsort(steps, kind="stable")
+    sorted_steps = steps[order]
+    unique, starts = np.unique(sorted_steps, return_index=True)
+    position = np.arange(order.size)
+    for name in list(flat):
+        column = flat[name][order]
+        logged = ~np.isnan(column)
+        if logged_nan is not None and name in logged_nan:
+            logged |= logged_nan[name][order]
+        last = np.maximum.reduceat(np.where(logged, position, -1), starts)  # -1: no row of the step logged it
+        flat[name] = np.where(last >= 0, column[np.maximum(last, 0)], np.nan)
+        if logged_nan is not None and name in logged_nan:
+            logged_nan[name] = (last >= 0) & logged_nan[name][order][np.maximum(last, 0)]
+    return unique, flat, logged_nan
 
 
 def _dropped(steps: np.ndarray, keep: np.ndarray) -> tuple[int, int]:
@@ -357,12 +437,13 @@ def _dropped(steps: np.ndarray, keep: np.ndarray) -> tuple[int, int]:
     return int(gone.size), int(np.count_nonzero(~np.isin(gone, steps[keep])))
 
 
-def _restarts(steps: np.ndarray) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """``(restarts, restarted_from)`` of steps in write order: each step not above the
-    one logged before it, and that one. A step logged again right after itself (a run
-    resumed at the last step it logged) is a restart too: its later row replaces the
-    earlier one."""
-    back = np.flatnonzero(steps[1:] <= steps[:-1]) + 1
+def _restarts(steps: np.ndarray, restart: np.ndarray | None = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(restarts, restarted_from)`` of steps in write order: the step of each restart
+    row (default: each step not above the one logged before it; :func:`_side_rows` tells
+    them from side rows), and the step logged just before it. A step logged again right
+    after itself (a run resumed at the last step it logged) is a restart too: its later
+    row replaces the earlier one."""
+    back = np.flatnonzero(steps[1:] <= steps[:-1]) + 1 if restart is None else np.flatnonzero(restart)
     return tuple(int(s) for s in steps[back]), tuple(int(s) for s in steps[back - 1])
 
 
@@ -530,7 +611,8 @@ def _gradhealth_prefix(history: History) -> str:
     others = ", ".join(f"{p!r} ({rows[p]} rows)" for p in sorted(found) if p != chosen)
     warnings.warn(
         f"{history.source or 'gh.load_history'}: gradhealth metrics are logged under several prefixes: read "
-        f"{chosen!r} ({rows[chosen]} rows), not {others}; choose one with gh.load_history(..., prefix=...).",
+        f"{chosen!r} ({rows[chosen]} rows), not {others}; choose one with gh.load_history(..., prefix=...) "
+        "(--prefix on the command line).",
         LogReadWarning,
         stacklevel=4,
     )

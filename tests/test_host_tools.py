@@ -257,6 +257,49 @@ def test_a_resumed_run_supersedes_the_abandoned_runs_later_rows(tmp_path):
     assert h.steps.tolist() == [0, 1] and h["loss"].tolist() == [2.0, 3.0] and h.rows_superseded == 0
 
 
+def test_another_loggers_row_at_a_reached_step_joins_that_step_instead_of_restarting(tmp_path):
+    # An eval row written after the train row of its step replaced it whole: the train
+    # row's NaN loss and gradient norm were lost, and the diagnosis missed the NaN step.
+    train = [{"step": t, "loss": 1.0 / (t + 1), "grad/norm": 1.0, "grad/finite": 1.0} for t in range(40)]
+    train[20] = {"step": 20, "loss": math.nan, "grad/norm": math.nan, "grad/finite": 0.0}
+    rows = []
+    for row in train:
+        rows.append(row)
+        if row["step"] % 10 == 0:
+            rows.append({"step": row["step"], "eval/loss": 0.5})
+    rows.append({"step": 0, "summary/best_eval": 0.5})  # a summary row at step 0, at the end
+    path = write_jsonl(tmp_path / "run.jsonl", rows)
+    for h in (gh.load_history(path), gh.load_history(rows)):
+        assert h.steps.tolist() == list(range(40))
+        assert (h.restarts, h.rows_replaced, h.rows_superseded) == ((), 0, 0)
+        for name in ("loss", "grad/norm", "grad/finite"):
+            np.testing.assert_array_equal(h[name], [r[name] for r in train], err_msg=name)
+        np.testing.assert_array_equal(h["eval/loss"], [0.5 if t % 10 == 0 else math.nan for t in range(40)])
+        np.testing.assert_array_equal(h["summary/best_eval"], [0.5] + [math.nan] * 39)
+    findings = gh.diagnose(path)
+    (nonfinite,) = [f for f in findings if f.pattern == "nonfinite"]
+    assert nonfinite.steps == (20,)
+    assert not [f for f in findings if f.pattern == "restart"]
+
+
+def test_a_resume_is_a_restart_whatever_row_came_before_it():
+    # The abandoned run's last row is an eval row; the resumed run's first row shares no
+    # metric with it, but does with the train rows it goes back over: a restart.
+    run1 = [{"step": t, "loss": 1.0} for t in range(11)] + [{"step": 10, "eval/loss": 0.5}]
+    run2 = [{"step": t, "loss": 2.0} for t in range(8, 13)]
+    h = gh.load_history(run1 + run2)
+    assert h.steps.tolist() == list(range(13)) and h["loss"].tolist() == [1.0] * 8 + [2.0] * 5
+    assert np.isnan(h["eval/loss"]).all()  # the eval row of step 10 was the abandoned run's
+    assert (h.restarts, h.restarted_from, h.rows_replaced, h.rows_superseded) == ((8,), (10,), 4, 0)
+    # A summary row at a low step, then a resume above it: the resume is still a restart.
+    rows = [{"step": t, "loss": 1.0} for t in range(6)] + [{"step": 1, "summary/x": 3.0}]
+    rows += [{"step": t, "loss": 2.0} for t in range(3, 5)]
+    h = gh.load_history(rows)
+    assert h.steps.tolist() == [0, 1, 2, 3, 4] and h["loss"].tolist() == [1.0, 1.0, 1.0, 2.0, 2.0]
+    assert h["summary/x"][1] == 3.0
+    assert (h.restarts, h.restarted_from, h.rows_replaced, h.rows_superseded) == ((3,), (1,), 3, 1)
+
+
 def test_a_resumed_tensorboard_run_supersedes_the_abandoned_runs_later_rows(tmp_path):
     pytest.importorskip("tensorboard")
     pytest.importorskip("tensorboardX")
@@ -309,6 +352,30 @@ def test_a_log_written_with_a_prefix_is_read_under_the_metric_names(tmp_path):
         gh.load_history(both, prefix=5)
     # A log with no gradhealth metric, behind a prefix or not, keeps its names.
     assert gh.load_history([{"step": 0, "run/lr": 0.1, "loss": 1.0}]).names == ("loss", "run/lr")
+
+
+def test_the_command_line_reads_the_prefix_it_is_given(tmp_path):
+    # The CLI had no way to choose a prefix: an eval copy of the metrics could not be
+    # diagnosed from the command line.
+    rows = guard_like_rows()
+    clean = [{"step": r["step"], "grad/norm": 1.0, "grad/finite": 1.0} for r in rows]
+    both = [
+        {"step": r["step"], **{f"train/{k}": v for k, v in c.items() if k != "step"}}
+        | {f"eval/{k}": v for k, v in r.items() if k != "step"}
+        for r, c in zip(rows, clean)
+    ]
+    path = write_jsonl(tmp_path / "both.jsonl", both)
+    expected = gh.format_findings(gh.diagnose(rows))
+    assert "nonfinite" in expected
+    result = run_cli("diagnose", path, "--prefix", "eval/")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected.strip()
+    result = run_cli("diagnose", path)  # both prefixes on every row: 'eval/' comes first, with a warning
+    assert result.returncode == 0 and "several prefixes" in result.stderr
+    result = run_cli("diagnose", path, "--prefix", "train/")
+    assert result.returncode == 0 and result.stdout.strip() == gh.format_findings(gh.diagnose(clean)).strip()
+    result = run_cli("diagnose", path, "--prefix", "val/")
+    assert result.returncode == 2 and "starts with prefix='val/'" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_the_pending_rows_of_a_wide_log_are_bounded_by_values(tmp_path, monkeypatch):
@@ -758,9 +825,13 @@ def test_jsonl_tells_a_logged_nan_from_a_missing_value_on_both_read_paths(tmp_pa
 
 
 def test_a_resumed_log_keeps_the_logged_nans_of_the_rows_that_win():
-    rows = [{"step": 0, "grad/norm": 1.0}, {"step": 1, "grad/norm": "NaN"}, {"step": 1, "loss": 1.0}]
-    h = gh.load_history(rows)  # step 1 written again without the norm: the later row wins
+    rows = [{"step": 0, "grad/norm": 1.0}, {"step": 1, "grad/norm": "NaN", "loss": 2.0}, {"step": 1, "loss": 1.0}]
+    h = gh.load_history(rows)  # step 1 written again (the loss) without the norm: the later row wins
     assert h.steps.tolist() == [0, 1] and h.logged("grad/norm").tolist() == [True, False]
+    assert h["loss"].tolist()[1] == 1.0 and h.restarts == (1,)
+    # Another logger's row of step 1 (no metric in common) joins it: the NaN stays logged.
+    h = gh.load_history([rows[0], {"step": 1, "grad/norm": "NaN"}, rows[2]])
+    assert h.logged("grad/norm").tolist() == [True, True] and h["loss"].tolist()[1] == 1.0 and h.restarts == ()
 
 
 def test_jsonl_step_that_is_not_a_number_names_file_and_line(tmp_path):

@@ -87,8 +87,9 @@ def diagnose(history: Any, thresholds: Thresholds | None = None) -> list[Finding
         optionally with ``'step'``; values may be arrays, e.g. straight from
         ``gh.metrics``), a dict of equal-length columns or a :class:`gh.History
         <optax_gradhealth.history.History>` (all read by :func:`gh.load_history
-        <optax_gradhealth.history.load_history>`: a step logged twice keeps its last
-        write). Optional extra column: ``'loss'`` (used by the vanishing pattern).
+        <optax_gradhealth.history.load_history>`: a resumed run's rows supersede the
+        abandoned run's, and an eval row joins the row of its step). Optional extra
+        column: ``'loss'`` (used by the vanishing pattern).
       thresholds: a :class:`Thresholds` (default: the documented defaults).
 
     Returns:

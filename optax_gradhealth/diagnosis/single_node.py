@@ -1012,13 +1012,15 @@ RESTART = Pattern(
         "the run was resumed from a checkpoint (after a crash, a preemption or by hand), appending to the log",
         "a rollback restored an earlier checkpoint and the loop counted the steps again from there",
         "two runs write to the same log file",
-        "two rows written for one step (e.g. eval metrics apart from the training ones): the later one replaced it",
+        "a row logged again for a step with some of the same metrics (e.g. a train row logged twice): the later "
+        "one gives them",
     ),
     (
         "nothing, for a planned resume: from each restart on, the resumed run's rows are the ones diagnosed and "
         "plotted (the earlier rows at its steps and beyond are dropped)",
-        "if rows_superseded counts rows you meant to keep (a summary row logged at a low step), log them "
-        "elsewhere: any row with a lower step reads as a restart",
+        "if rows_superseded counts rows you meant to keep (a summary row logged at a low step with a training "
+        "metric such as loss), log them elsewhere or under their own names: a row with a lower step that logs "
+        "a metric of the rows it goes back over reads as a restart (one that logs none of them joins its step)",
         "otherwise, find out what stopped the run at the step it went back from (crash, preemption, OOM)",
         "give each run its own log (gh.JsonlWriter(path, overwrite=True) or a new path) when runs must not mix",
     ),
