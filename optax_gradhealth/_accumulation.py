@@ -262,6 +262,14 @@ def accumulate(
 
     def update_fn(updates, state, params=None, **extra_args):
         ms_state = state.accumulation_inner_state
+        if isinstance(ms_state.acc_grads, optax.LookaheadParams) and not isinstance(updates, optax.LookaheadParams):
+            raise ValueError(
+                "gh.accumulate: the accumulator was initialised with optax.LookaheadParams (an inner "
+                "optax.lookahead), whose gradients are shaped like its fast parameters only; accumulating "
+                "them is not supported (optax.MultiSteps' accumulator is shaped like the parameters). "
+                "Put the accumulation inside the lookahead: optax.lookahead(gh.accumulate(fast_optimizer, k), ...)."
+            )
+        _clipping.check_same_structure(updates, jax.tree.structure(ms_state.acc_grads), "gh.accumulate")
         step = ms_state.mini_step
         emit = step == every_k - 1
         micro_sq = jnp.square(_stats.global_norm(updates))

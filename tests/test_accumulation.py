@@ -570,3 +570,16 @@ def test_the_documented_micro_batch_norm_chain_passes_the_loss_to_the_guard(accu
     m = gh.metrics(state)
     assert int(m["grad/num_nonfinite"]) == 1 and int(m["grad/num_skipped"]) == 1
     np.testing.assert_allclose(np.asarray(m["grad/micro_batch_norms"]), [0.5, np.hypot(0.1, 0.2)], rtol=1e-6)
+
+
+def test_a_gradient_tree_of_another_structure_is_a_clear_error():
+    # A mismatched tree reached a bare JAX broadcasting error (or zip()'s, for an inner
+    # optax.lookahead) at trace time instead of the message every other transformation gives.
+    params = {"w": jnp.ones(3), "b": jnp.ones(2)}
+    acc = gh.accumulate(optax.sgd(0.1), 2)
+    with pytest.raises(ValueError, match=r"gh\.accumulate: the gradient tree's structure does not match"):
+        acc.update({"w": jnp.ones(3)}, acc.init(params), params)
+    fast = optax.LookaheadParams.init_synced(params)
+    acc = gh.accumulate(gh.guard(optax.lookahead(optax.adam(1e-3), 5, 0.5)), 2)
+    with pytest.raises(ValueError, match=r"gh\.accumulate: .*optax\.LookaheadParams.*not supported"):
+        acc.update(params, acc.init(fast), fast)
