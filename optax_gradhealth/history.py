@@ -104,8 +104,8 @@ class History:
       restarted_from: the step logged just before each restart.
       rows_replaced: rows dropped because a later write went back to or before their
         step (a restart supersedes them).
-      rows_superseded: those of them at a step no later write logged again: the
-        abandoned run's rows beyond the step the resumed run has reached.
+      rows_superseded: those of them above every step the rows kept after them logged:
+        the abandoned run's rows beyond the step the resumed run has reached (its tail).
       prefix: the prefix :func:`load_history` removed from the names (``'train/'``), or
         ``''``.
       source: the path it was read from, or None.
@@ -145,30 +145,7 @@ class History:
         logged_nan = None if nan_logged is None else _flat_columns(nan_logged, steps.size, bool)
         if logged_nan is not None:
             logged_nan = {name: mask & np.isnan(flat[name]) for name, mask in logged_nan.items() if name in flat}
-        # A log of 0.1.0 (or one written with both names, e.g. a run resumed after an
-        # upgrade) is read under the current names: per row, the current name's logged
-        # value wins, and the old name's fills the rows the current name lacks.
-        for name in list(flat):
-            current = current_name(name)
-            if current == name:
-                continue
-            old_column = flat.pop(name)
-            old_nan = logged_nan.pop(name, None) if logged_nan is not None else None
-            if current not in flat:
-                flat[current] = old_column
-                if old_nan is not None:
-                    logged_nan[current] = old_nan
-                continue
-            column = flat[current]
-            if logged_nan is None:
-                missing = np.isnan(column)  # a NaN may be logged: keep it unless the old name has a number
-                flat[current] = np.where(missing & ~np.isnan(old_column), old_column, column)
-                continue
-            current_nan = logged_nan.get(current, np.zeros(steps.size, bool))
-            missing = np.isnan(column) & ~current_nan
-            flat[current] = np.where(missing, old_column, column)
-            if old_nan is not None:
-                logged_nan[current] = current_nan | (missing & old_nan)
+        _current_names(flat, logged_nan, steps.size)
         self.source = source
         self.restarts: tuple[int, ...]
         self.restarted_from: tuple[int, ...]
@@ -347,6 +324,34 @@ class History:
         return [{"step": int(step), **dict(zip(names, row))} for step, row in zip(self.steps.tolist(), values.tolist())]
 
 
+def _current_names(flat: dict[str, np.ndarray], logged_nan: dict[str, np.ndarray] | None, rows: int) -> None:
+    """Renames deprecated (0.1.0) names in ``flat`` (and ``logged_nan``) to the current
+    ones, in place. A log of 0.1.0 (or one written with both names, e.g. a run resumed
+    after an upgrade) is read under the current names: per row, the current name's
+    logged value wins, and the old name's fills the rows the current name lacks."""
+    for name in list(flat):
+        current = current_name(name)
+        if current == name:
+            continue
+        old_column = flat.pop(name)
+        old_nan = logged_nan.pop(name, None) if logged_nan is not None else None
+        if current not in flat:
+            flat[current] = old_column
+            if old_nan is not None:
+                logged_nan[current] = old_nan
+            continue
+        column = flat[current]
+        if logged_nan is None:
+            missing = np.isnan(column)  # a NaN may be logged: keep it unless the old name has a number
+            flat[current] = np.where(missing & ~np.isnan(old_column), old_column, column)
+            continue
+        current_nan = logged_nan.get(current, np.zeros(rows, bool))
+        missing = np.isnan(column) & ~current_nan
+        flat[current] = np.where(missing, old_column, column)
+        if old_nan is not None:
+            logged_nan[current] = current_nan | (missing & old_nan)
+
+
 def _side_rows(
     steps: np.ndarray, flat: Mapping[str, np.ndarray], logged_nan: Mapping[str, np.ndarray] | None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -430,11 +435,17 @@ def _merge_steps(
 
 def _dropped(steps: np.ndarray, keep: np.ndarray) -> tuple[int, int]:
     """``(rows_replaced, rows_superseded)``: the rows :func:`_current_rows` drops, and
-    those of them at a step that no kept row logged again."""
+    those of them above the highest step a kept row written after them logged (the
+    abandoned run's tail, beyond the step the resumed run has reached). A dropped row at
+    a step the resumed run passed without logging it (it logs other steps) is replaced,
+    not superseded."""
     dropped = np.ones(steps.size, bool)
     dropped[keep] = False
-    gone = steps[dropped]
-    return int(gone.size), int(np.count_nonzero(~np.isin(gone, steps[keep])))
+    kept = np.full(steps.size, np.iinfo(np.int64).min)
+    kept[keep] = steps[keep]
+    later_max = np.maximum.accumulate(kept[::-1])[::-1]  # the highest kept step at or after each row
+    reached = np.append(later_max[1:], np.iinfo(np.int64).min)  # ... written after it
+    return int(np.count_nonzero(dropped)), int(np.count_nonzero(dropped & (steps > reached)))
 
 
 def _restarts(steps: np.ndarray, restart: np.ndarray | None = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -580,9 +591,11 @@ def _without_prefix(history: History, prefix: str | None) -> History:
         if short != name and (short in history.columns or not short):
             short = name  # a clash with a name logged without the prefix: keep the full name
         renamed[name] = short
-    history.columns = dict(sorted((renamed[n], c) for n, c in history.columns.items()))
-    if history._logged_nan is not None:
-        history._logged_nan = {renamed[n]: m for n, m in history._logged_nan.items()}
+    columns = {renamed[n]: c for n, c in history.columns.items()}
+    logged_nan = None if history._logged_nan is None else {renamed[n]: m for n, m in history._logged_nan.items()}
+    _current_names(columns, logged_nan, len(history))  # a 0.1.0 name behind the prefix ('train/grad/spike')
+    history.columns = dict(sorted(columns.items()))
+    history._logged_nan = None if logged_nan is None else {n: m for n, m in logged_nan.items() if m.any()}
     history.prefix = prefix
     return history
 
@@ -976,54 +989,69 @@ def _read_tensorboard(path: str) -> History:
     except Exception as error:  # a corrupt file: the reader's own exception types vary
         raise ValueError(f"{path}: not a readable TensorBoard event file ({type(error).__name__}: {error}).") from None
     tags = accumulator.Tags()
-    series: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    series: dict[str, tuple[list[Any], list[Any]]] = {}
     for tag in tags.get(ea.SCALARS, []):
         events = accumulator.Scalars(tag)
-        series[tag] = _write_order(events, [e.value for e in events])
+        series[tag] = (events, [e.value for e in events])
     for tag in tags.get(ea.TENSORS, []):
         if tag in series:
             continue
         events = accumulator.Tensors(tag)
         values = [tensor_util.make_ndarray(e.tensor_proto) for e in events]
         if values and all(v.ndim == 0 and v.dtype.kind in "biuf" for v in values):
-            series[tag] = _write_order(events, values)
-    if not series:
+            series[tag] = (events, values)
+    if not any(events for events, _ in series.values()):
         return History(np.zeros(0, np.int64), {}, source=path)
-    # Restarts are read off the most complete tag in write order; then, per tag, a step
-    # going back supersedes the tag's earlier rows at that step and beyond (as in History),
-    # and the rows are the union of the steps.
-    reference = max(series, key=lambda t: series[t][0].size)
-    written = series[reference][0]
-    last: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for tag, (steps, values) in series.items():
-        keep = _current_rows(steps)
-        last[tag] = (steps[keep], values[keep])
-    all_steps = np.unique(np.concatenate([s for s, _ in last.values()]))
-    columns, nan_logged = {}, {}
-    for tag, (steps, values) in last.items():
-        column = np.full(all_steps.size, np.nan)
-        at = np.searchsorted(all_steps, steps)
-        column[at] = values
-        columns[tag] = column
-        if np.isnan(values).any():  # a NaN written as the value (not a step the tag lacks)
-            mask = nan_logged[tag] = np.zeros(all_steps.size, bool)
-            mask[at[np.isnan(values)]] = True
-    # Rebuild the write order of the reference tag, so that History finds the restarts
-    # and counts the replaced rows; the other tags follow the reference's last writes.
-    history = History(all_steps, columns, source=path, nan_logged=nan_logged)
-    history.restarts, history.restarted_from = _restarts(written)
-    history.rows_replaced, history.rows_superseded = _dropped(written, _current_rows(written))
-    return history
+    # The rows as they were written (as a JSON Lines log of the same writes holds them),
+    # so that History finds the restarts, the side rows and what a restart supersedes
+    # over all tags at once, as for the other sources.
+    names = list(series)
+    wall = np.concatenate([np.array([e.wall_time for e in series[n][0]], np.float64) for n in names])
+    steps = np.concatenate([np.array([e.step for e in series[n][0]], np.int64) for n in names])
+    values = np.concatenate([np.asarray(series[n][1], np.float64).reshape(-1) for n in names])
+    tag = np.repeat(np.arange(len(names)), [len(series[n][0]) for n in names])
+    # Write order: by wall time (the reader's order is the event files', sorted by name:
+    # not the write order of two files opened within one second); one wall time keeps
+    # the step order.
+    order = np.lexsort((steps, wall))
+    wall, steps, values, tag = wall[order], steps[order], values[order], tag[order]
+    row = _tensorboard_rows(wall, steps, tag, len(names))
+    table = np.full((int(row[-1]) + 1, len(names)), np.nan)
+    table[row, tag] = values
+    row_steps = np.zeros(table.shape[0], np.int64)
+    row_steps[row] = steps
+    nan_table = np.zeros(table.shape, bool)  # a NaN written as the value (not a row the tag lacks)
+    nan_table[row, tag] = np.isnan(values)
+    columns = {name: table[:, i] for i, name in enumerate(names)}
+    nan_logged = {name: nan_table[:, i] for i, name in enumerate(names) if nan_table[:, i].any()}
+    return History(row_steps, columns, source=path, nan_logged=nan_logged)
 
 
-def _write_order(events: list[Any], values: list[Any]) -> tuple[np.ndarray, np.ndarray]:
-    """``(steps, values)`` of one tag's events in the order they were written: by wall
-    time. The reader's order is the event files' (sorted by name: the second they were
-    opened, then a host name or a random suffix), which is not the write order of two
-    files opened within one second; events of one wall time keep the step order."""
-    steps = np.array([e.step for e in events], np.int64)
-    order = np.lexsort((steps, np.array([e.wall_time for e in events], np.float64)))
-    return steps[order], np.asarray(values, np.float64)[order]
+def _tensorboard_rows(wall: np.ndarray, steps: np.ndarray, tag: np.ndarray, tags: int) -> np.ndarray:
+    """The row of each event (in write order): the events of one write (one wall time and
+    step: ``gh.TensorBoardWriter.write`` puts a row's scalars in one event) are a row.
+    Writes of one tag each at one step, one after the other (``add_scalar`` writes an
+    event per tag), are one row too; a tag that repeats among them (a run resumed at the
+    step it had logged) starts a new row, and History tells the two apart."""
+    n = steps.size
+    same_step = np.zeros(n, bool)
+    same_step[1:] = steps[1:] == steps[:-1]
+    new_write = ~same_step
+    new_write[1:] |= wall[1:] != wall[:-1]
+    write = np.cumsum(new_write) - 1
+    single = (np.bincount(write) == 1)[write]  # the event is a write of one tag
+    joins = new_write & same_step
+    joins[1:] &= single[1:] & single[:-1]
+    new_row = new_write & ~joins
+    key = (np.cumsum(new_row) - 1) * tags + tag
+    ordered = np.sort(key)
+    repeated = ordered[1:][ordered[1:] == ordered[:-1]] // tags  # rows where a tag repeats (rare)
+    seen: set[int] = set()
+    for i in np.flatnonzero(np.isin(key // tags, repeated)).tolist():
+        if new_row[i] or tag[i] in seen:
+            new_row[i], seen = True, set()
+        seen.add(int(tag[i]))
+    return np.cumsum(new_row) - 1
 
 
 # --------------------------------------------------------------------------- CSV (W&B)

@@ -62,6 +62,19 @@ def _key_name(key: Any) -> str:
     return str(key)
 
 
+def _check_metrics(what: str, metrics: Any) -> None:
+    """A clear error for a ``metrics`` that is not a dict (an optimizer state passed
+    where ``gh.metrics(opt_state)`` was meant)."""
+    if isinstance(metrics, Mapping):
+        return
+    hint = (
+        " (an optimizer state? pass gh.metrics(opt_state))"
+        if hasattr(metrics, "_fields") or isinstance(metrics, (tuple, list))
+        else ""
+    )
+    raise TypeError(f"{what}: `metrics` must be a dict of name -> value, got {type(metrics).__name__}{hint}.")
+
+
 def flatten(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     """Flattens a metrics dict to ``{name: float}`` scalars with stable names.
 
@@ -88,6 +101,7 @@ def flatten(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
        'xdev/pairwise_cosine/0/0': 1.0, 'xdev/pairwise_cosine/0/1': 0.0,
        'xdev/pairwise_cosine/1/0': 0.0, 'xdev/pairwise_cosine/1/1': 1.0}
     """
+    _check_metrics("gh.flatten", metrics)
     out: dict[str, float] = {}
 
     def visit(name: str, value: Any) -> None:
@@ -468,7 +482,8 @@ class MetricLogger:
         self.all_steps = all_steps
         self.prefix = prefix
         self.replicated = replicated
-        self._pending: list[tuple[int, Mapping[str, Any]]] = []
+        # (step, metrics, how many flushes its fetch failed)
+        self._pending: list[tuple[int, Mapping[str, Any], int]] = []
         self._warned_device_step = False
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
@@ -488,22 +503,82 @@ class MetricLogger:
                 UserWarning,
                 stacklevel=2,
             )
+        _check_metrics("MetricLogger.log", metrics)
         step = int(step)
         if self.all_steps or step % self.log_every == 0:
-            # Appended: rows a failed flush left pending are written with this one.
-            self._pending.append((step, metrics))
+            # Appended: rows a failed fetch left pending are written with this one.
+            self._pending.append((step, metrics, 0))
             if step % self.log_every == 0:
                 self.flush()
 
     def flush(self) -> None:
-        """Fetches and writes whatever is pending. When the fetch fails, the rows stay
-        pending (the next flush writes them)."""
+        """Fetches and writes whatever is pending, in step order; then raises the first
+        error met, if any.
+
+        A row whose fetch fails stays pending with the rows after it (rows are written in
+        step order): the next flush (the next logged step, or :meth:`close`) writes them,
+        so a passing failure loses no row. The row is dropped, and the rows after it are
+        written, when its fetch fails again while other rows' fetches succeed (a buffer
+        of its own is gone, e.g. donated to ``jit``), on its third failed flush, or when
+        :meth:`close` cannot fetch it. A row whose values :func:`flatten` rejects is
+        dropped at once. Either way the error is raised, with a note naming the steps.
+        """
+        self._flush(final=False)
+
+    def _flush(self, *, final: bool) -> None:
         if not self._pending:
             return
+        pending = self._pending  # replaced once the rows are sorted out (an interrupt keeps them)
+        try:  # one transfer for the whole batch
+            fetched: list[Any] = self._fetch([metrics for _, metrics, _ in pending])
+            failures: list[BaseException | None] = [None] * len(pending)
+        except Exception:  # find the rows that fail, one by one
+            fetched, failures = [], []
+            for _, metrics, _ in pending:
+                try:
+                    fetched.append(self._fetch([metrics])[0])
+                    failures.append(None)
+                except Exception as error:
+                    fetched.append(None)
+                    failures.append(error)
+        any_fetched = any(error is None for error in failures)
+        rows, errors, dropped, held = [], [], [], []
+        for (step, metrics, tries), values, error in zip(pending, fetched, failures):
+            if error is not None:
+                errors.append(error)
+                if final or tries + 1 >= _FETCH_TRIES or (tries and any_fetched):
+                    dropped.append(step)
+                else:  # kept, with the rows after it, for the next flush
+                    held.append((step, metrics, tries + 1))
+                continue
+            if held:
+                held.append((step, metrics, tries))
+                continue
+            try:
+                rows.append((step, flatten(values, prefix=self.prefix)))
+            except Exception as bad:  # a value that is not a number: the row can never be written
+                errors.append(bad)
+                dropped.append(step)
+        self._pending = held
+        for step, scalars in rows:
+            for writer in self.writers:
+                writer.write(step, scalars)
+        for writer in self.writers:
+            if hasattr(writer, "flush"):
+                writer.flush()
+        if errors:
+            note = f"gh.MetricLogger: {len(rows)} row(s) written"
+            if dropped:
+                note += f"; dropped (not written) the row(s) of step(s) {dropped}"
+            if self._pending:
+                note += f"; kept {len(self._pending)} row(s) from step {self._pending[0][0]} for the next flush"
+            errors[0].add_note(note + ".")
+            raise errors[0]
+
+    def _fetch(self, sources: list[Any]) -> list[Any]:
+        """``sources`` fetched to the host in one ``jax.device_get``."""
         import jax  # host side, but jax is needed to fetch device arrays in one go
 
-        pending = self._pending
-        sources = [metrics for _, metrics in pending]
         if self.replicated:
             # Fetch one copy's shard, not all K copies (on a multi-host run the whole
             # array spans devices this process cannot read).
@@ -512,20 +587,15 @@ class MetricLogger:
         if self.replicated:
             # A 0-d value (a host number beside the pmap outputs) has no device axis.
             fetched = jax.tree.map(lambda x: x[0] if np.ndim(x) >= 1 else x, fetched)
-        rows = [(step, flatten(metrics, prefix=self.prefix)) for (step, _), metrics in zip(pending, fetched)]
-        self._pending = []
-        for step, scalars in rows:
-            for writer in self.writers:
-                writer.write(step, scalars)
-        for writer in self.writers:
-            if hasattr(writer, "flush"):
-                writer.flush()
+        return fetched
 
     def close(self) -> None:
-        """Writes what is pending and closes the writers (also when that write fails)."""
+        """Writes what is pending (dropping the rows whose fetch fails: no later flush
+        would write them), closes the writers, then raises the first error met."""
         try:
-            self.flush()
+            self._flush(final=True)
         finally:
+            self._pending = []
             for writer in self.writers:
                 writer.close()
 
@@ -534,6 +604,10 @@ class MetricLogger:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# A row whose fetch keeps failing is dropped on this failed flush (see MetricLogger.flush).
+_FETCH_TRIES = 3
 
 
 def _one_copy(value: Any) -> Any:

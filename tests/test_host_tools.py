@@ -314,6 +314,106 @@ def test_a_resumed_tensorboard_run_supersedes_the_abandoned_runs_later_rows(tmp_
     assert (h.restarts, h.rows_replaced, h.rows_superseded) == ((300,), 10, 5)
 
 
+def test_a_resumed_tensorboard_run_supersedes_a_tag_it_has_not_logged_again(tmp_path):
+    # Restarts were found per tag: the abandoned run's eval row at 300, beyond the step
+    # the resumed run has reached (290), was kept as current in a TensorBoard log (a JSON
+    # Lines log of the same writes dropped it).
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("tensorboardX")
+
+    def writes(first, last, run):
+        for t in range(first, last + 1, 10):
+            loss = math.nan if (run, t) == (0, 100) else 2.0 - run  # a NaN train row with an eval row
+            yield t, {"grad/norm": 1.0 + run, "loss": loss}
+            if t % 100 == 0:
+                yield t, {"eval/loss": 5.0 + run}
+
+    run1, run2 = list(writes(0, 390, 0)), list(writes(250, 290, 1))  # run 2 resumed at 250
+    jsonl = gh.JsonlWriter(tmp_path / "run.jsonl")
+    tb = gh.TensorBoardWriter(tmp_path / "tb")
+    for step, scalars in run1 + run2:
+        jsonl.write(step, scalars)
+        tb.write(step, scalars)
+    jsonl.close()
+    tb.close()
+    # The timeline written out: run 1's rows below 250, then run 2's; the eval rows join
+    # the train row of their step.
+    current = {t: dict(r) for t, r in run1 if t < 250 and "loss" in r}
+    current.update({t: dict(r) for t, r in run2 if "loss" in r})
+    for t, r in run1 + run2:
+        if "eval/loss" in r and t < 250:
+            current[t].update(r)
+    dropped = [t for t, _ in run1 if t >= 250]  # 15 train rows and the eval row at 300
+    for source in ("run.jsonl", "tb"):
+        h = gh.load_history(tmp_path / source)
+        assert h.steps.tolist() == sorted(current), source
+        for name in ("grad/norm", "loss", "eval/loss"):
+            expected = [current[t].get(name, math.nan) for t in sorted(current)]
+            np.testing.assert_array_equal(h[name], expected, err_msg=f"{source} {name}")
+        assert h.logged("loss")[h.steps == 100].all()  # the NaN loss was logged
+        assert (h.restarts, h.restarted_from) == ((250,), (390,)), source
+        assert h.rows_replaced == len(dropped) == 16, source
+        assert h.rows_superseded == sum(t > 290 for t in dropped) == 11, source
+
+
+def test_tensorboard_events_of_one_tag_each_read_as_one_row_per_step(tmp_path):
+    # add_scalar writes an event per tag: the events of one step are one row, and a run
+    # resumed at the step it had logged last replaces that step once.
+    pytest.importorskip("tensorboard")
+    tensorboardX = pytest.importorskip("tensorboardX")
+    for suffix, steps, value in ((".1", range(60), 1.0), (".2", range(59, 65), 5.0)):
+        writer = tensorboardX.SummaryWriter(str(tmp_path), filename_suffix=suffix)
+        for t in steps:
+            writer.add_scalar("grad/norm", value, t)
+            writer.add_scalar("loss", value + 1, t)
+            if t % 20 == 0:
+                writer.add_scalar("eval/loss", value + 2, t)
+        writer.close()
+    h = gh.load_history(tmp_path)
+    assert h.steps.tolist() == list(range(65))
+    np.testing.assert_array_equal(h["grad/norm"], [1.0] * 59 + [5.0] * 6)
+    np.testing.assert_array_equal(h["loss"], [2.0] * 59 + [6.0] * 6)
+    evals = [(3.0 if t < 59 else 7.0) if t % 20 == 0 else math.nan for t in range(65)]  # run 2 logs 60
+    np.testing.assert_array_equal(h["eval/loss"], evals)
+    assert (h.restarts, h.restarted_from, h.rows_replaced, h.rows_superseded) == ((59,), (59,), 1, 0)
+
+
+def test_rows_superseded_counts_only_the_rows_beyond_the_step_reached_again():
+    # Run 1 logged 0..40 every 10; run 2 resumed at 15 and logs 15, 25, ...: the rows of
+    # run 1 at 20, 30, 40 were counted as "beyond the steps logged again" although run 2
+    # had passed them.
+    run1 = list(range(0, 50, 10))
+    for reached in (95, 25):
+        run2 = list(range(15, reached + 1, 10))
+        h = History(run1 + run2, {"grad/norm": [1.0] * (len(run1) + len(run2))})
+        dropped = [t for t in run1 if t >= 15]
+        assert h.steps.tolist() == [t for t in run1 if t < 15] + run2
+        assert h.rows_replaced == len(dropped) == 3
+        assert h.rows_superseded == sum(t > reached for t in dropped) == (0 if reached == 95 else 2)
+        (restart,) = [f for f in gh.diagnose(h) if f.pattern == "restart"]
+        assert restart.evidence["rows_superseded"] == h.rows_superseded
+        assert ("beyond the steps logged again" in restart.summary) == (reached == 25)
+
+
+def test_a_prefixed_log_with_010_names_is_read_under_the_current_names(tmp_path):
+    # The prefix was removed after the deprecated names were renamed, so 'train/grad/spike'
+    # became 'grad/spike', which no reader looks up.
+    rows = [
+        {"step": t, "grad/norm": math.nan if t == 30 else 1.0, "grad/spike": float(t == 60), "grad/layer_norm/w": 2.0}
+        for t in range(100)
+    ]
+    rows[70]["grad/spiked"] = 1.0  # a current name beside the old one: merged per row
+    prefixed = [{("step" if k == "step" else "train/" + k): v for k, v in r.items()} for r in rows]
+    path = write_jsonl(tmp_path / "run.jsonl", prefixed)
+    h = gh.load_history(path)
+    assert h.prefix == "train/"
+    assert h.names == ("grad/leaf_norm/w", "grad/norm", "grad/spiked")
+    np.testing.assert_array_equal(h["grad/spiked"], [float(t in (60, 70)) for t in range(100)])
+    np.testing.assert_array_equal(h.col("grad/leaf_norm/w"), [2.0] * 100)
+    assert np.flatnonzero(~h.logged("grad/norm")).tolist() == [] and np.isnan(h["grad/norm"][30])
+    assert h.has("grad/spiked") and h.has("grad/leaf_norm/w")
+
+
 def test_a_log_written_with_a_prefix_is_read_under_the_metric_names(tmp_path):
     # MetricLogger(prefix='train/') wrote names no reader looked up: "no findings" on a
     # run that went non-finite.

@@ -399,6 +399,87 @@ def test_logger_keeps_the_pending_rows_when_the_fetch_fails(monkeypatch):
         assert recorder.rows == [(s, {"loss": float(s)}) for s in logged] and recorder.closed
 
 
+def test_logger_drops_a_row_flatten_rejects_and_writes_the_others():
+    # A row that can never be written stayed pending: every later log() and close() raised
+    # and nothing more was written for the rest of the run.
+    for log_every, all_steps in ((1, False), (3, True)):
+        recorder = Recorder()
+        logger = gh.MetricLogger(recorder, log_every=log_every, all_steps=all_steps)
+        raised = []
+        for step in range(7):
+            metrics = {"loss": jnp.float32(step)}
+            if step == 2:
+                metrics["config"] = None  # not a number
+            try:
+                logger.log(step, metrics)
+            except TypeError as error:
+                raised.append(step)
+                assert "dropped (not written) the row(s) of step(s) [2]" in str(error.__notes__)
+        logger.close()  # nothing left to fail
+        # The flush that met step 2 (step 2 itself, or the batch flushed at step 3) raised once.
+        assert raised == [2 if log_every == 1 else 3]
+        written = [s for s in range(7) if s != 2 and (all_steps or s % log_every == 0)]
+        assert recorder.rows == [(s, {"loss": float(s)}) for s in written] and recorder.closed
+
+
+def test_logger_drops_a_row_whose_fetch_keeps_failing_and_writes_the_rest():
+    # A deleted buffer (e.g. donated to the next step) in a pending row: every flush
+    # failed again, and the whole run's log was lost.
+    recorder = Recorder()
+    logger = gh.MetricLogger(recorder, log_every=3, all_steps=True)
+    raised = []
+    for step in range(1, 13):
+        value = jnp.full((), float(step)) + 0.0
+        try:
+            logger.log(step, {"loss": value})
+        except RuntimeError:
+            raised.append(step)
+        if step == 2:
+            value.delete()
+    logger.close()
+    # Kept once (the flush at 3 writes step 1 and holds 2 and 3), dropped when it fails
+    # again beside rows that are fetched (the flush at 6), which writes the rest.
+    assert raised == [3, 6]
+    assert recorder.rows == [(s, {"loss": float(s)}) for s in range(1, 13) if s != 2] and recorder.closed
+    assert logger._pending == []
+
+
+def test_logger_close_writes_what_it_can_then_raises():
+    recorder = Recorder()
+    logger = gh.MetricLogger(recorder, log_every=10, all_steps=True)
+    values = [jnp.full((), float(step)) + 0.0 for step in range(1, 6)]
+    for step, value in zip(range(1, 6), values):
+        logger.log(step, {"loss": value})
+    values[1].delete()  # step 2's buffer is gone before close
+    with pytest.raises(RuntimeError, match="deleted") as caught:
+        logger.close()
+    assert "dropped (not written) the row(s) of step(s) [2]" in str(caught.value.__notes__)
+    assert recorder.rows == [(s, {"loss": float(s)}) for s in (1, 3, 4, 5)] and recorder.closed
+
+
+def test_logger_pending_rows_stay_bounded_when_every_fetch_fails(monkeypatch):
+    # The transfer itself fails on every flush: each row is kept through two failed
+    # flushes (a passing failure loses nothing) and dropped on its third, so the pending
+    # rows (and the device arrays they hold) do not grow with the run.
+    def failing(x):
+        raise RuntimeError("fetch failed")
+
+    monkeypatch.setattr(jax, "device_get", failing)
+    recorder = Recorder()
+    logger = gh.MetricLogger(recorder, log_every=2, all_steps=True)
+    sizes = []
+    for step in range(40):
+        try:
+            logger.log(step, {"loss": jnp.float32(step)})
+        except RuntimeError:
+            pass
+        sizes.append(len(logger._pending))
+    assert max(sizes) <= 3 * 2  # the rows of three flushes at most
+    with pytest.raises(RuntimeError, match="fetch failed"):
+        logger.close()
+    assert recorder.rows == [] and logger._pending == [] and recorder.closed
+
+
 _MULTIHOST_LOGGER_WORKER = """
 import sys
 import jax
@@ -460,3 +541,17 @@ def test_logger_replicated_on_a_multi_host_array(tmp_path):
     ]
     for pid in range(2):
         assert gh.read_jsonl(tmp_path / f"p{pid}.jsonl") == expected
+
+
+def test_logger_and_flatten_name_a_state_passed_instead_of_its_metrics():
+    # The state itself (not gh.metrics(state)) was queued and failed at the first logged
+    # step, maybe 50 steps later, with "'GuardState' object has no attribute 'items'".
+    params = {"w": jnp.ones(3)}
+    state = gh.guard(optax.sgd(0.1)).init(params)
+    logger = gh.MetricLogger(Recorder(), log_every=50)
+    with pytest.raises(TypeError, match=r"MetricLogger\.log: `metrics` must be a dict .*got GuardState .*gh\.metrics"):
+        logger.log(1, state)  # not a logged step: still refused at once
+    with pytest.raises(TypeError, match=r"gh\.flatten: `metrics` must be a dict .*got tuple"):
+        gh.flatten((1.0, 2.0))
+    logger.log(0, gh.metrics(state))
+    assert logger.writers[0].rows[0][1]["grad/num_steps"] == 0.0
