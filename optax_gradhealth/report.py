@@ -440,8 +440,9 @@ def plot_report(
 
 def _event_count(h: History, flag: str, counter: str) -> int | None:
     """Steps with an event: from the guard's counter when logged (its growth between
-    consecutive logged values, the first against 0, a reset by a fresh guard counted as
-    the diagnosis counts it: :func:`~optax_gradhealth.diagnosis._columns.counter_total`),
+    consecutive logged values, the first against 0, a reset or a restore of the guard's
+    state judged as the diagnosis judges it:
+    :func:`~optax_gradhealth.diagnosis._columns.counter_total`),
     so that events between logged rows (``MetricLogger(log_every=N)``) count; else the
     rows whose flag is 1; None when neither is logged."""
     if h.has(counter) and np.isfinite(h.col(counter)).any():
@@ -649,12 +650,26 @@ def _named_devices(h: History, count: int) -> list[int]:
     return sorted(int(k) for k in order[:_LEGEND_DEVICES] if times[k] > 0)
 
 
+def _device_colour(i: int) -> Any:
+    """The ``i``-th of :data:`_LEGEND_DEVICES` distinct colours: the colour cycle's ten
+    (``C0`` ... ``C9``), then the light shades of ``tab20``, which none of them is."""
+    if i < 10:
+        return f"C{i}"
+    import matplotlib
+
+    return matplotlib.colormaps["tab20"].colors[2 * (i - 10) + 1]
+
+
 def _device_style(k: int, count: int, named: list[int]) -> dict[str, Any]:
-    """Colour, label and weight of device ``k``'s line: its own colour and its index as
-    the label, or, above :data:`_LEGEND_DEVICES` devices, grey (one legend entry for all
-    of them, on the first) unless the audit named it (``named``)."""
-    if count <= _LEGEND_DEVICES or k in named:
-        return {"color": f"C{k % 10}", "label": str(k), "zorder": 3}
+    """Colour, label and weight of device ``k``'s line: its index as the label and a
+    colour no other device drawn in colour has (:func:`_device_colour`, by the index, or
+    above :data:`_LEGEND_DEVICES` devices by its place in ``named``), or, above
+    :data:`_LEGEND_DEVICES` devices, grey (one legend entry for all of them, on the
+    first) unless the audit named it (``named``)."""
+    if count <= _LEGEND_DEVICES:
+        return {"color": _device_colour(k), "label": str(k), "zorder": 3}
+    if k in named:
+        return {"color": _device_colour(named.index(k)), "label": str(k), "zorder": 3}
     first_other = next(i for i in range(count) if i not in named)
     label = f"not named by the audit ({count - len(named)})" if k == first_other else None
     return {"color": "0.65", "label": label, "zorder": 2, "alpha": 0.6}

@@ -1527,8 +1527,9 @@ def test_a_log_without_gradhealth_metrics_is_not_an_all_clear():
 
 def _two_stage_rows(events_1, events_2, log_every=10, length=200):
     """Two training stages in one log (steps continue), each with its own guard whose
-    ``grad/num_nonfinite`` counts that stage's non-finite steps from 0; logged every
-    ``log_every`` steps. Rows of a non-finite step log a NaN norm."""
+    counters (``grad/num_steps`` the updates it saw, ``grad/num_nonfinite`` the
+    non-finite steps) count that stage from 0; logged every ``log_every`` steps. Rows of
+    a non-finite step log a NaN norm."""
     rows = []
     for t in range(0, 2 * length, log_every):
         start, events = (0, events_1) if t < length else (length, events_2)
@@ -1537,6 +1538,7 @@ def _two_stage_rows(events_1, events_2, log_every=10, length=200):
         rows.append(
             {"step": t, "grad/norm": float("nan") if bad else 1.0, "grad/finite": 0.0 if bad else 1.0}
             | {"grad/num_nonfinite": float(count), "grad/skipped": float(bad), "grad/num_skipped": float(count)}
+            | {"grad/num_steps": float(t - start + 1)}
         )
     return rows
 
@@ -1547,6 +1549,7 @@ def _two_stage_rows(events_1, events_2, log_every=10, length=200):
         ((50, 51, 52), (300, 301, 302, 303, 304)),  # the review's run: the counter restarts at 0
         ((50, 51, 52), (203, 204, 300)),  # stage 2's first logged row (210) already counts 2
         ((), (201, 202, 203, 204, 205, 206, 207, 208, 209)),  # stage 1 clean: 9 below stage 1's 0
+        ((50, 51, 52), (200, 201, 205)),  # stage 2's first row (200) counts 1, below stage 1's 3
     ],
 )
 def test_counters_count_across_a_reset_by_a_fresh_guard(events_1, events_2):
@@ -1557,9 +1560,104 @@ def test_counters_count_across_a_reset_by_a_fresh_guard(events_1, events_2):
     # The same rule for every counter: nonfinite_update's counter under the same resets.
     rows = [
         {"step": r["step"], "grad/norm": 1.0, "grad/num_nonfinite_updates": r["grad/num_nonfinite"]}
+        | {"grad/num_steps": r["grad/num_steps"]}
         for r in _two_stage_rows(events_1, events_2)
     ]
     assert by_pattern(rows, "nonfinite_update").evidence["num_nonfinite_updates"] == truth
+
+
+def _rollback_rows(events, length, log_every, checkpoint, restores, num_steps=True):
+    """A guard's counters under the documented rollback loop: the step goes on, and after
+    the step of each of ``restores`` the state is restored to the one after step
+    ``checkpoint`` (None: the initial state). ``grad/num_steps`` counts the updates the
+    state saw, ``grad/num_nonfinite`` / ``grad/num_skipped`` the steps of ``events``
+    it saw; logged every ``log_every`` steps (a NaN norm on an event's row)."""
+    seen, count = 0, 0
+    snapshot = (0, 0)
+    rows = []
+    for t in range(length):
+        seen, count = seen + 1, count + (t in events)
+        if t % log_every == 0:
+            bad = t in events
+            row = {"step": t, "grad/norm": float("nan") if bad else 1.0, "grad/finite": float(not bad)}
+            row |= {"grad/skipped": float(bad), "grad/num_nonfinite": float(count), "grad/num_skipped": float(count)}
+            rows.append(row | ({"grad/num_steps": float(seen)} if num_steps else {}))
+        if t == checkpoint:
+            snapshot = (seen, count)
+        if t in restores:
+            seen, count = snapshot
+    return rows
+
+
+@pytest.mark.parametrize(
+    "events, log_every, checkpoint, restores",
+    [
+        ((10, 30, 31, 32, 45), 1, 20, (32,)),  # the review's run: back to step 20 after 30..32
+        ((10, 30, 31, 32, 40, 41, 42, 50), 1, 20, (32, 42)),  # twice to the same checkpoint
+        ((50, 138, 139, 140, 145, 163), 10, 100, (140,)),  # logged every 10; 145 between rows
+        ((5, 38, 39, 40, 47), 10, None, (40,)),  # no healthy checkpoint yet: the initial state
+    ],
+)
+def test_counters_restored_by_a_rollback_are_not_counted_again(events, log_every, checkpoint, restores):
+    """A rollback restores the counters to the checkpoint's values while the step goes
+    on: those values were counted before. Every non-finite step the loop met counts
+    once (the abandoned ones included), as the rows and the counters show it."""
+    truth = len(events)
+    rows = _rollback_rows(events, 200, log_every, checkpoint, restores)
+    finding = by_pattern(rows, "nonfinite")
+    assert finding.evidence["num_nonfinite_counter"] == truth
+    assert finding.summary.startswith(f"{truth} non-finite step(s)"), finding.summary
+    # Without grad/num_steps a drop cannot be told from a reset: it counts nothing, never
+    # the restored value again (here the events after the restore are on later rows).
+    rows = _rollback_rows(events, 200, log_every, checkpoint, restores, num_steps=False)
+    assert by_pattern(rows, "nonfinite").evidence["num_nonfinite_counter"] <= truth
+
+
+def test_a_rollback_in_a_guarded_run_counts_each_event_once(tmp_path):
+    """The review's run with gh.guard(rollback_after_nonfinite=3), every step logged: NaN
+    batches at 10 and 30..32, spikes at 15 and 25; at 32 the rollback restores the state
+    of step 20 and the loop goes on. The counts equal the rows' own flags: no event of
+    the restored counters counted twice, no spike invented "between logged steps"."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from optax_gradhealth.diagnosis import _columns as cols
+
+    tx = gh.guard(optax.adam(1e-2), clip=1.0, warmup_steps=5, rollback_after_nonfinite=3)
+    params = {"w": jnp.ones((4, 4)), "b": jnp.zeros(4)}
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, state, x):
+        g = jax.grad(lambda p: jnp.sum((x @ p["w"] + p["b"]) ** 2))(params)
+        updates, state = tx.update(g, state, params)
+        return optax.apply_updates(params, updates), state
+
+    rng = np.random.default_rng(0)
+    path, restored = tmp_path / "rollback.jsonl", []
+    with gh.MetricLogger(gh.JsonlWriter(path), log_every=1) as logger:
+        for t in range(60):
+            x = rng.normal(size=(8, 4)).astype(np.float32)
+            x[0, 0] = np.nan if t in (10, 30, 31, 32) else x[0, 0]
+            x = x * 1000.0 if t in (15, 25) else x
+            params, state = step(params, state, x)
+            m = gh.metrics(state)
+            logger.log(t, m)
+            if t == 20:
+                snapshot = (params, state)
+            if bool(m["grad/rollback_recommended"]):
+                restored.append(t)
+                params, state = snapshot
+    assert restored == [32]
+    h = gh.load_history(str(path))
+    flags = {name: int((h.col(name) == value).sum()) for name, value in [("grad/finite", 0), ("grad/spiked", 1)]}
+    assert flags == {"grad/finite": 4, "grad/spiked": 2}
+    assert cols.counter_total(h, "grad/num_skipped") == int((h.col("grad/skipped") == 1).sum())
+    findings = {f.pattern: f for f in gh.diagnose(h)}
+    assert findings["nonfinite"].summary.startswith("4 non-finite step(s)")
+    assert findings["explosion"].evidence["num_spikes_counter"] == 2
+    assert "between logged steps" not in findings["explosion"].summary
 
 
 def test_agreement_drop_is_not_judged_in_the_warmup_rows():
@@ -1585,6 +1683,26 @@ def test_agreement_drop_is_not_judged_in_the_warmup_rows():
     assert drop.steps[0] == 50
     # With warmup_rows=0 the early fall is judged again (the threshold is the knob).
     assert "agreement_drop" in patterns(rows(early + rest), warmup_rows=0)
+
+
+@pytest.mark.parametrize("fell", [23, 25, 28, 31, 40])
+def test_agreement_drop_soon_after_the_warmup_rows_is_found_where_it_fell(fell):
+    """A desync (0.8, then about 0 for good) a few rows after the 20 warm-up rows: it was
+    judged only from row warmup_rows + agreement_window on, so a fall at row 25 became the
+    warning agreement_low, one at 28 was dated at row 30. Judged from half a window after
+    the warm-up, and dated at the row where the value fell."""
+    th = gh.Thresholds()
+    rng = np.random.default_rng(fell)
+    agreement = np.where(np.arange(120) < fell, 0.8, 0.0) + 0.02 * rng.standard_normal(120)
+    rows = [{"step": 10 * t, "xdev/agreement": float(a), "grad/norm": 1.0} for t, a in enumerate(agreement)]
+    found = {f.pattern: f for f in gh.diagnose(rows)}
+    assert "agreement_low" not in found, list(found)
+    drop = found["agreement_drop"]
+    assert drop.severity == "error" and drop.steps[0] == 10 * fell
+    assert drop.summary.endswith(f"at step {10 * fell}"), drop.summary
+    before = np.median(agreement[max(th.warmup_rows, fell - th.agreement_window) : fell])
+    assert drop.evidence["median_before"] == pytest.approx(before, rel=1e-5)
+    assert drop.evidence["value_at_drop"] == pytest.approx(agreement[fell], rel=1e-5, abs=1e-6)
 
 
 def _others_median_reference(cos, j, m):

@@ -420,6 +420,47 @@ def test_the_headline_counts_across_a_counter_reset_as_the_diagnosis_does(tmp_pa
     assert finding.summary.startswith(f"{truth} non-finite step(s)")
 
 
+@pytest.mark.parametrize("log_every", [1, 10])
+def test_the_headline_counts_steps_before_a_rollback_restore_once(tmp_path, monkeypatch, log_every):
+    """The documented rollback loop restores the counters to a checkpoint's values while
+    the step goes on: the headline counted the restored skipped steps again."""
+    from tests.test_diagnose import _rollback_rows
+
+    events = (10, 30, 31, 32, 45) if log_every == 1 else (50, 138, 139, 140, 145, 163)
+    checkpoint, restore = (20, 32) if log_every == 1 else (100, 140)
+    rows = _rollback_rows(events, 200, log_every, checkpoint, (restore,))
+    headline, _ = _headline(monkeypatch, rows, tmp_path / "r.png")
+    assert f"; {len(events)} skipped" in headline, headline
+
+
+@pytest.mark.parametrize("k, named", [(32, (5, 25)), (32, (3, 13, 23)), (16, range(16)), (12, (1, 11))])
+def test_each_device_drawn_in_colour_has_its_own(tmp_path, monkeypatch, k, named):
+    """Devices 5 and 25 (both named by the audit at K=32) were drawn and listed in the
+    same colour (C5), as were devices 1 and 11 of 12: every device with a legend entry of
+    its own now has a colour no other one has."""
+    import matplotlib.colors
+
+    t = 40
+    late = {d: 10 + 2 * i for i, d in enumerate(named)}  # the audit names each from its row on
+    rows = []
+    for s in range(t):
+        row = {"step": s, "grad/norm": 1.0, "xdev/audited": 1.0}
+        for d in range(k):
+            flagged = d in late and s >= late[d]
+            row[f"xdev/device_norms/{d}"] = 1.0 + 5.0 * flagged
+            row[f"xdev/outlier_devices/{d}"] = float(flagged)
+        rows.append(row)
+    captured = captured_figure(monkeypatch)
+    gh.plot_report(gh.load_history(rows), tmp_path / "r.png", findings=[])
+    ax = next(a for a in captured["figure"].axes if a.get_title(loc="left").startswith("per-device"))
+    handles, labels = ax.get_legend_handles_labels()
+    colours = {label: matplotlib.colors.to_rgba(h.get_color()) for h, label in zip(handles, labels)}
+    own = [str(d) for d in (range(k) if k <= 16 else sorted(named))]  # up to 16 devices: each one
+    assert [label for label in labels if label.isdigit()] == own, labels
+    assert len({colours[label] for label in own}) == len(own), colours
+    assert matplotlib.colors.to_rgba("0.65") not in {colours[label] for label in own}
+
+
 def test_report_of_many_devices_keeps_its_legends_and_ticks_readable(tmp_path, monkeypatch):
     """64 devices: a legend entry per device covered half of two panels and 64 tick labels
     overlapped. Above 16 devices only the devices the audit named get a colour and an

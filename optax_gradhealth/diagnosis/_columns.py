@@ -249,22 +249,52 @@ def step_masks(h: History) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return finite, skipped, finite & ~skipped
 
 
-def counter_increments(values: np.ndarray, start: float = 0.0) -> np.ndarray:
-    """Per logged value of a counter (finite values, in log order): how much the counter
-    grew since the previous value (the first one: since ``start``). A value below the
-    previous one is a reset (a freshly initialised guard, as in a new training stage
-    that continues the log: its counters start again at 0), so all of it is growth
-    since the reset. The one rule for every counter the diagnosis and the report count
-    (:func:`counter_total`, :func:`counter_growth`)."""
-    values = np.asarray(values, np.float64)
-    previous = np.concatenate([[start], values[:-1]])
-    return np.where(values < previous, values, values - previous)
+def counter_increments(h: History, name: str) -> np.ndarray:
+    """Per row: how much the counter column ``name`` (a ``num_...`` metric) grew since
+    its previous logged value (the first one: since 0); NaN on rows that do not log it.
+    The one rule for every counter the diagnosis and the report count
+    (:func:`counter_total`, :func:`counter_growth`).
+
+    A counter goes down when the optimizer state went back, and the guard's own step
+    count ``grad/num_steps`` (logged with its counters) tells how:
+
+    - a reset (a freshly initialised guard, e.g. a new training stage that continues
+      the log): ``grad/num_steps`` restarted, at most the steps since the previous
+      logged row. All of the counter's new value is growth since the reset.
+    - a restore (a rollback to a checkpoint while the step goes on, as the demo and
+      ``examples/rollback_orbax.py`` do): ``grad/num_steps`` went back to the
+      checkpoint's count. The restored value was counted before; the growth is the
+      value beyond the counter's value at the first earlier row (since the last time
+      the state went back) whose ``grad/num_steps`` reached this row's: the state
+      restored is from no later than that row, so no event is counted twice.
+    - without ``grad/num_steps`` (or when it did not go back), nothing tells the two
+      apart: a counter that went down counts 0, never events counted before."""
+    values = h.col(name)
+    out = np.full(len(h), np.nan)
+    logged = np.flatnonzero(np.isfinite(values))
+    if not logged.size:
+        return out
+    v = values[logged]
+    grew = np.maximum(v - np.concatenate([[0.0], v[:-1]]), 0.0)
+    if h.has("grad/num_steps"):
+        n = h.col("grad/num_steps")[logged]
+        steps = h.steps[logged].astype(np.float64)
+        back = np.flatnonzero(n[1:] < n[:-1]) + 1  # the state went back between k - 1 and k
+        for i, k in enumerate(back):
+            if n[k] <= steps[k] - steps[k - 1]:  # a fresh state: counts from 0
+                grew[k] = v[k]
+                continue
+            start = back[i - 1] if i else 0
+            reached = start + np.flatnonzero(n[start:k] >= n[k])[0]
+            grew[k] = max(v[k] - v[reached], 0.0)
+    out[logged] = grew
+    return out
 
 
 def counter_total(h: History, name: str) -> int:
-    """How much a counter column (a ``num_...`` metric) grew over the log, resets
-    included (:func:`counter_increments`, the first logged value against 0); 0 when it
-    is not logged or never grew (:func:`counter_growth`)."""
+    """How much a counter column (a ``num_...`` metric) grew over the log, resets and
+    restores judged by :func:`counter_increments` (the first logged value against 0); 0
+    when it is not logged or never grew (:func:`counter_growth`)."""
     growth = counter_growth(h, name)
     return growth[0] if growth else 0
 
@@ -273,17 +303,15 @@ def counter_growth(h: History, name: str) -> tuple[int, np.ndarray] | None:
     """``(total, steps where it grew)`` of a counter column (a ``num_...`` metric), or
     None when it is not logged or never rose above 0. Rows that do not log the counter
     (NaN) are left out: growth is judged between consecutive logged values (the first
-    against 0), and a value below the previous one is a reset whose value all counts
-    (:func:`counter_increments`)."""
+    against 0) by :func:`counter_increments`."""
     if not h.has(name):
         return None
-    column = h.col(name)
-    logged = np.flatnonzero(np.isfinite(column))
-    grew = counter_increments(column[logged])
-    total = int(grew.sum())
+    grew = counter_increments(h, name)
+    logged = np.isfinite(grew)
+    total = int(grew[logged].sum())
     if total <= 0:
         return None
-    return total, h.steps[logged[grew > 0]]
+    return total, h.steps[logged & (grew > 0)]
 
 
 def gradhealth_metric(h: History) -> str | None:
@@ -368,21 +396,40 @@ def agreement_drops(a: np.ndarray, th: Thresholds) -> list[int]:
     """Indices into ``a`` where it falls below ``agreement_drop_after`` while the median
     of the previous ``agreement_window`` values is above ``agreement_drop_before``, and
     stays down: the median of the ``agreement_window`` values from there on (the value
-    itself included) is below ``agreement_drop_after`` too. A single low value (or a few)
-    while the agreement declines early in training, as the devices learn the shared
-    signal, is not a drop; a drop less than ``agreement_window`` values before the end
-    cannot be told from one yet."""
+    itself included) is below ``agreement_drop_after`` too. Near the start of ``a`` the
+    median before reads the values there are, at least ``agreement_window // 2`` (1 at
+    least): a drop soon after the first value is judged, not left to a later index. A
+    single low value (or a few) while the agreement declines early in training, as the
+    devices learn the shared signal, is not a drop; a drop less than
+    ``agreement_window`` values before the end cannot be told from one yet. The value
+    may have fallen a few indices before the one judged (:func:`agreement_fall`)."""
     w = th.agreement_window
-    if a.size < 2 * w:
+    first = max(1, w // 2)
+    if a.size < first + w:
         return []
     # The rolling medians only where the value is low (the same medians, vectorised).
-    low_at = np.flatnonzero(a[w : a.size - w + 1] < th.agreement_drop_after) + w
+    low_at = np.flatnonzero(a[first : a.size - w + 1] < th.agreement_drop_after) + first
     if not low_at.size:
         return []
     windows = np.lib.stride_tricks.sliding_window_view(a, w)
-    before = np.median(windows[low_at - w], axis=1)
+    full = low_at >= w
+    before = np.empty(low_at.size)
+    before[full] = np.median(windows[low_at[full] - w], axis=1)
+    for i in np.flatnonzero(~full):  # fewer than w values before: all of them
+        before[i] = np.median(a[: low_at[i]])
     after = np.median(windows[low_at], axis=1)
     return low_at[(before > th.agreement_drop_before) & (after < th.agreement_drop_after)].tolist()
+
+
+def agreement_fall(a: np.ndarray, drop: int, th: Thresholds) -> int:
+    """The index where the agreement fell for the drop judged at ``drop``
+    (:func:`agreement_drops`): the first of the values below ``agreement_drop_after``
+    that lead to it (a low value right before a drop is judged only once the median
+    before it is known)."""
+    fall = drop
+    while fall > 0 and a[fall - 1] < th.agreement_drop_after:
+        fall -= 1
+    return fall
 
 
 def longest_run(flags: np.ndarray) -> int:
@@ -448,7 +495,8 @@ def flagged_indices(h: History, name: str, rows: np.ndarray) -> list[tuple[int, 
 
 
 def rolling_median_before(values: np.ndarray, t: int, window: int) -> float:
-    return float(np.median(values[t - window : t]))
+    """The median of the up to ``window`` values before index ``t`` (``t`` >= 1)."""
+    return float(np.median(values[max(0, t - window) : t]))
 
 
 def matrix(h: History, name: str) -> np.ndarray | None:

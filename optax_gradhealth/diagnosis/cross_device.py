@@ -86,12 +86,17 @@ def check_agreement_drop(h: History, th: Thresholds) -> list[Finding]:
     (:func:`~optax_gradhealth.diagnosis._columns.agreement_drops`), after the first
     ``warmup_rows`` rows (as :func:`check_agreement_drift`): early in training the
     agreement falls fast as the devices learn the shared signal, and a value that falls
-    with it is no drop. Neither the drop nor the median before it reads those rows."""
+    with it is no drop. Neither the drop nor the median before it reads those rows; a
+    drop soon after them is judged on the values there are before it (at least
+    ``agreement_window // 2``), and dated at the row where the value fell
+    (:func:`~optax_gradhealth.diagnosis._columns.agreement_fall`)."""
     name, a, a_steps = cols.agreement(h, cols.after_warmup(h, th))
     drops = cols.agreement_drops(a, th)
     if not drops:
         return []
-    t0 = drops[0]
+    # Each drop with the low values that led to it, from the row where the value fell.
+    shown = sorted({i for t in drops for i in range(cols.agreement_fall(a, t, th), t + 1)})
+    t0 = shown[0]
     before = cols.rolling_median_before(a, t0, th.agreement_window)
     evidence = {
         "median_before": before,
@@ -101,7 +106,7 @@ def check_agreement_drop(h: History, th: Thresholds) -> list[Finding]:
         "metric": name,
     }
     summary = f"{name} fell from {before:.3g} to {a[t0]:.3g} at step {int(a_steps[t0])}"
-    return [AGREEMENT_DROP.finding(summary, a_steps[drops], evidence)]
+    return [AGREEMENT_DROP.finding(summary, a_steps[shown], evidence)]
 
 
 AGREEMENT_LOW = Pattern(

@@ -54,7 +54,7 @@ def _overflowed(h: History) -> np.ndarray:
 def _counter_max(h: History, name: str) -> int:
     """The largest logged value of a column (0 when it holds no finite value): for a
     streak such as ``grad/consecutive_nonfinite``; a counter's total is
-    :func:`~optax_gradhealth.diagnosis._columns.counter_total` (resets included)."""
+    :func:`~optax_gradhealth.diagnosis._columns.counter_total` (resets and restores judged)."""
     values = h.col(name)
     values = values[np.isfinite(values)]
     return int(values.max()) if values.size else 0
@@ -70,7 +70,7 @@ def check_nonfinite(h: History, th: Thresholds) -> list[Finding]:
     _, skipped, _ = row_masks(h)
     judged = cols.gradient_rows(h)
     bad = cols.nonfinite_rows(h)
-    counter = cols.counter_total(h, "grad/num_nonfinite")  # across resets (a fresh guard in a continued log)
+    counter = cols.counter_total(h, "grad/num_nonfinite")  # across resets and restores of the guard
     if not (bad.any() or counter > 0):
         return []
     evidence = {"nonfinite_logged_steps": int(bad.sum()), "fraction": float(bad.sum() / max(judged.sum(), 1))}
@@ -105,7 +105,7 @@ def _first_bad_step(h: History, row: int) -> str:
     counter = h.col("grad/num_nonfinite")
     before = np.flatnonzero(np.isfinite(counter[:row]))
     previous = float(counter[before[-1]]) if before.size else 0.0
-    if cols.counter_increments(counter[row : row + 1], previous)[0] <= 1:
+    if cols.counter_increments(h, "grad/num_nonfinite")[row] <= 1:
         return f"first at step {step}"
     since = f", {int(previous)} at step {int(h.steps[before[-1]])}" if before.size else ""
     return f"first logged at step {step} (counter {int(counter[row])} there{since})"
@@ -184,7 +184,7 @@ def check_loss_scale(h: History, th: Thresholds) -> list[Finding]:
         judged = logged[logged > start] if start is not None else logged[:0]
         if judged.size:
             rows = np.concatenate([[start], judged])
-            growth = cols.counter_increments(counter[judged], counter[start])
+            growth = cols.counter_increments(h, "grad/num_overflows")[judged]
             span = int(steps[judged[-1]] - steps[start])
             count = int(growth.sum())
             overflow_steps = steps[judged[growth > 0]]
@@ -356,13 +356,13 @@ def _unlogged_growth(h: History, name: str, own: np.ndarray) -> tuple[int, int |
     (``own``) do not account for: the events between logged rows, first seen on the row
     where the counter had grown by more than that row's own flag (``(0, None)`` when
     none, or when the counter is not logged). Growth is judged between consecutive
-    logged values, the first against 0; a counter that went down was reset and all of
-    its new value counts (:func:`~optax_gradhealth.diagnosis._columns.counter_increments`)."""
+    logged values, the first against 0, a reset or a restore of the guard's state as
+    :func:`~optax_gradhealth.diagnosis._columns.counter_increments` judges it."""
     if not h.has(name):
         return 0, None
-    counter = h.col(name)
-    logged = np.flatnonzero(np.isfinite(counter))
-    growth = cols.counter_increments(counter[logged])
+    increments = cols.counter_increments(h, name)
+    logged = np.flatnonzero(np.isfinite(increments))
+    growth = increments[logged]
     extra = np.maximum(growth - own[logged], 0.0)
     if not extra.any():
         return 0, None
