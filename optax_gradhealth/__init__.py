@@ -16,7 +16,7 @@ from optax_gradhealth._clipping import (
     ZScoreClipState,
     clip_by_global_norm,
 )
-from optax_gradhealth._guard import GuardCounters, GuardMoments, GuardReport, GuardState, guard
+from optax_gradhealth._guard import GuardCounters, GuardMoments, GuardReport, GuardState, guard, rebaseline
 from optax_gradhealth._metrics import CATALOGUE, metrics, register_metrics
 from optax_gradhealth._stats import (
     GradStats,
@@ -97,6 +97,7 @@ __all__ = [
     "leaf_norms",
     "metrics",
     "path_name",
+    "rebaseline",
     "register_metrics",
 ]
 

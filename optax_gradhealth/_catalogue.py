@@ -163,7 +163,10 @@ _SPEC_LIST: tuple[MetricSpec, ...] = (
         "grad/rollback_recommended",
         FLAG,
         "sticky recommendation to restore the last healthy checkpoint",
-        "False. Once True it stays True: restore the last healthy checkpoint.",
+        (
+            "False. Once True it stays True: restore the last healthy checkpoint. (Cleared when the run of spikes "
+            "that raised it turns out to be a lasting change the window re-baselines on, and by gh.rebaseline.)"
+        ),
     ),
     MetricSpec(
         "grad/vanishing",
@@ -231,6 +234,13 @@ _SPEC_LIST: tuple[MetricSpec, ...] = (
         COUNT,
         "momentum resets performed",
         "0, or a handful over a whole run.",
+    ),
+    MetricSpec(
+        "grad/num_rebaselines",
+        COUNT,
+        "restarts of the spike window on a new level: after rebaseline_after spikes or dips, or by gh.rebaseline",
+        "0 on a steady run; one per lasting change of the gradient's scale (planned ones announced with "
+        "gh.rebaseline). A rise without a change you made: a fault that persisted.",
     ),
     MetricSpec(
         "grad/consecutive_nonfinite",

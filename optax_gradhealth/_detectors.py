@@ -119,17 +119,27 @@ class NormWindow(NamedTuple):
       log_norms: float32 ``[W]`` ring of natural logs of accepted norms.
       count: int32, accepted norms pushed so far (the ring holds the last
         ``min(count, W)`` of them).
-      streak: int32, spikes in a row (see ``SpikeRule.rebaseline_after``).
+      streak: int32, spikes and dips in a run (see ``SpikeRule.rebaseline_after`` and
+        :meth:`SpikeRule.streak`).
+      run_log_norms: float32 ``[W]`` ring of the raw log-norms of the run's steps (its
+        spikes and dips uncapped, and the accepted steps between them), laid out as
+        ``log_norms`` is, so that a restarted window is this ring (``[0]`` without
+        re-baselining). None in a window built only to be judged against.
+      run_count: int32, log-norms written to ``run_log_norms`` since the run began (the
+        ring holds the last ``min(run_count, W)`` of them).
     """
 
     log_norms: jax.Array
     count: jax.Array
     streak: jax.Array
+    run_log_norms: jax.Array | None = None
+    run_count: jax.Array | None = None
 
 
-def norm_window_init(size: int) -> NormWindow:
-    """An empty window of ``size`` log-norms."""
-    return NormWindow(jnp.zeros((size,), jnp.float32), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+def norm_window_init(size: int, run_size: int = 0) -> NormWindow:
+    """An empty window of ``size`` log-norms (and a run ring of ``run_size``)."""
+    zero = lambda: jnp.zeros((), jnp.int32)
+    return NormWindow(jnp.zeros((size,), jnp.float32), zero(), zero(), jnp.zeros((run_size,), jnp.float32), zero())
 
 
 def norm_window_push(window: NormWindow, log_norm: jax.Array, accepted: jax.Array) -> NormWindow:
@@ -138,7 +148,7 @@ def norm_window_push(window: NormWindow, log_norm: jax.Array, accepted: jax.Arra
     size = window.log_norms.shape[0]
     hit = jnp.arange(size, dtype=jnp.int32) == window.count % size
     written = jnp.where(hit & accepted, jnp.asarray(log_norm, jnp.float32), window.log_norms)
-    return NormWindow(written, window.count + accepted.astype(jnp.int32), window.streak)
+    return window._replace(log_norms=written, count=window.count + accepted.astype(jnp.int32))
 
 
 def norm_window_stats(window: NormWindow, recent: int | None = None) -> tuple[jax.Array, jax.Array]:
@@ -231,13 +241,18 @@ class SpikeRule:
     ``baseline`` of them, the spread that of their step-to-step differences). A ``None``
     threshold drops that condition; both None: no spikes.
 
-    After ``rebaseline_after`` spikes or dips in a row (None: never) the window is
-    emptied and warms up again on the norms that come next: a lasting change of the
-    gradient's scale (parameters thrown elsewhere by a learning-rate spike, a new phase
-    of training) is then accepted instead of every later step being a spike. A burst of
-    bad batches shorter than that is skipped whole. A dip (a norm as far below the
-    baseline as a spike is above it) is left out of the window, or, with
-    ``rebaseline_after=None``, enters it capped at that distance."""
+    After a run of ``rebaseline_after`` spikes or dips (None: never; see :meth:`streak`)
+    the window restarts on the run's own norms (its last ``window`` at most, spikes
+    uncapped) and judges the next step against that new level: a
+    lasting change of the gradient's scale (parameters thrown elsewhere by a
+    learning-rate spike, a new phase of training) is then accepted instead of every
+    later step being a spike, and a spike right after the restart is still caught. A
+    burst of bad batches shorter than that is skipped whole. An accepted step ends the
+    run only if it lies near the baseline (within half the log-distance from the
+    baseline to the spike bound, either side): under a lasting change just past the
+    threshold, the new level's low tail does not keep restarting the count. A dip (a
+    norm as far below the baseline as a spike is above it) is left out of the window,
+    or, with ``rebaseline_after=None``, enters it capped at that distance."""
 
     threshold: float | None
     zscore: float | None
@@ -248,7 +263,13 @@ class SpikeRule:
     rebaseline_after: int | None = None
 
     def init(self) -> NormWindow:
-        return norm_window_init(self.window)
+        return norm_window_init(self.window, self.run_size)
+
+    @property
+    def run_size(self) -> int:
+        """Length of the window's ring of the run's log-norms: ``window`` (a restart
+        seeds at most that many), 0 without re-baselining."""
+        return 0 if self.rebaseline_after is None else self.window
 
     def exceeds(self, norm: jax.Array, median: jax.Array, spread: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """``(ratio, zscore, over)``: the scores of ``norm`` (any shape) against a window's
@@ -298,13 +319,30 @@ class SpikeRule:
         return log_norm, floor, self.warm(window) & (norm > 0) & (log_norm < floor)
 
     @staticmethod
-    def streak(window: NormWindow, moved: jax.Array, accepted: jax.Array) -> jax.Array:
-        """Spikes and dips in a row after this step, before a restart: a step that
-        ``moved`` (a spike, the guard's loss spikes included, or a :meth:`dip`) adds one;
-        an accepted step that did not ends the run; one that did not and was not accepted
-        (a non-finite gradient, loss, value or update) leaves it as it was, as
-        ``grad/consecutive_spikes`` does."""
-        return jnp.where(moved, window.streak + 1, jnp.where(accepted, 0, window.streak)).astype(jnp.int32)
+    def near(norm: jax.Array, verdict: SpikeVerdict) -> jax.Array:
+        """The norm lies near the window's baseline: its log within half the
+        log-distance from the median to the spike bound, either side (a step that ends a
+        run of spikes and dips, see :meth:`streak`)."""
+        half = 0.5 * (jnp.log(verdict.bound) - verdict.median)
+        return jnp.abs(jnp.log(jnp.maximum(norm, 1e-37)) - verdict.median) < half
+
+    def streak(
+        self, window: NormWindow, norm: jax.Array, verdict: SpikeVerdict, moved: jax.Array, accepted: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        """``(streak, ends)``: the run of spikes and dips after this step, before a
+        restart, and whether this step ended it. A step that ``moved`` (a spike, the
+        guard's loss spikes included, or a :meth:`dip`) adds one. An accepted step that
+        did not ends the run when it lies near the baseline: its log-norm within half
+        the log-distance from the window's median to the spike bound, either side
+        (below ``sqrt(bound / baseline)`` times the baseline and above its mirror), or
+        while the window warms up; one between that and the bound leaves the run as it
+        is, as does a step that was not accepted (a non-finite gradient, loss, value or
+        update), as ``grad/consecutive_spikes`` does for the latter. So a lasting change
+        of the scale just past the threshold, whose low tail falls below the bound now
+        and then, still restarts the window after about ``rebaseline_after`` steps."""
+        ends = accepted & ~moved & (self.near(norm, verdict) | ~self.warm(window))
+        streak = jnp.where(moved, window.streak + 1, jnp.where(ends, 0, window.streak))
+        return streak.astype(jnp.int32), ends
 
     def fold(
         self,
@@ -315,8 +353,24 @@ class SpikeRule:
         spike: jax.Array | None = None,
     ) -> NormWindow:
         """Pushes an accepted step's norm (a spike's capped at ``verdict.bound``), counts
-        spikes and dips in a row (:meth:`streak`; ``spike`` as there) and restarts the
-        window after ``rebaseline_after`` of them."""
+        the run of spikes and dips (:meth:`streak`; ``spike`` as there) and restarts the
+        window after ``rebaseline_after`` of them (see :meth:`fold_and_restart`)."""
+        return self.fold_and_restart(window, norm, verdict, accepted, spike)[0]
+
+    def fold_and_restart(
+        self,
+        window: NormWindow,
+        norm: jax.Array,
+        verdict: SpikeVerdict,
+        accepted: jax.Array,
+        spike: jax.Array | None = None,
+    ) -> tuple[NormWindow, jax.Array]:
+        """:meth:`fold`, and whether this step restarted the window.
+
+        The restarted window holds the run's last ``min(run_count, window)`` raw
+        log-norms, oldest first, with the run's count: warm at once when the run was at least
+        ``warmup`` steps long, so the next step is judged against the new level. A
+        window without its run ring (``run_log_norms`` None) restarts empty."""
         # A dip, the mirror of a spike (below ``median**2 / bound``), is left out of the
         # window: a few nearly empty batches (a norm of 1e-6 among norms of 1) would pull
         # the median down, and the return to the usual scale would be a run of spikes. A
@@ -331,12 +385,28 @@ class SpikeRule:
             pushed = norm_window_push(window, log_norm, accepted & (norm > 0))
         else:
             pushed = norm_window_push(window, log_norm, accepted & (norm > 0) & ~dip)
-        streak = self.streak(window, (verdict.spike if spike is None else spike) | dip, accepted)
+        moved = (verdict.spike if spike is None else spike) | dip
+        streak, ends = self.streak(window, norm, verdict, moved, accepted)
         pushed = pushed._replace(streak=streak)
         if self.rebaseline_after is None:
-            return pushed
+            return pushed, jnp.zeros((), jnp.bool_)
         restart = streak >= self.rebaseline_after
-        return jax.tree.map(lambda fresh, kept: jnp.where(restart, fresh, kept), self.init(), pushed)
+        if window.run_log_norms is None:
+            fresh = jax.tree.map(jnp.zeros_like, pushed)
+            return jax.tree.map(lambda a, b: jnp.where(restart, a, b), fresh, pushed), restart
+        # The run's ring: the raw log-norm (a spike's uncapped: it is the new level) of
+        # every finite, non-zero step of the run (moved, or accepted without ending it),
+        # written where the window would write its k-th push; emptied when the run ends.
+        # The restarted window is that ring, its count the run's: it holds the run's last
+        # min(run_count, W) log-norms, oldest first.
+        raw = jnp.log(jnp.maximum(norm, 1e-37)).astype(jnp.float32)
+        kept = (moved | accepted) & ~ends & jnp.isfinite(norm) & (norm > 0)
+        run = norm_window_push(window._replace(log_norms=window.run_log_norms, count=window.run_count), raw, kept)
+        run_count = jnp.where(ends, 0, run.count)
+        pushed = pushed._replace(run_log_norms=run.log_norms, run_count=run_count)
+        zero = jnp.zeros((), jnp.int32)
+        fresh = NormWindow(run.log_norms, run_count, zero, run.log_norms, zero)
+        return jax.tree.map(lambda a, b: jnp.where(restart, a, b), fresh, pushed), restart
 
 
 @functools.partial(jax.jit, static_argnames=("rule", "accept_spikes"))

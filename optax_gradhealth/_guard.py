@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -40,6 +41,7 @@ __all__ = [
     "GuardReport",
     "GuardState",
     "guard",
+    "rebaseline",
 ]
 
 SPIKE_ACTIONS = ("skip", "clip", "record")
@@ -136,6 +138,8 @@ class GuardCounters(NamedTuple):
       guard_num_spikes: spikes detected (``grad/num_spikes``).
       guard_num_momentum_resets: momentum resets performed
         (``grad/num_momentum_resets``).
+      guard_num_rebaselines: restarts of the spike window: after ``rebaseline_after``
+        spikes or dips, and by :func:`rebaseline` (``grad/num_rebaselines``).
       guard_consecutive_nonfinite: non-finite steps (a non-finite gradient, loss, value
         or inner update) since the last good step; a spike between them does not break
         the run (``grad/consecutive_nonfinite``).
@@ -155,6 +159,7 @@ class GuardCounters(NamedTuple):
     guard_num_skipped: jax.Array
     guard_num_spikes: jax.Array
     guard_num_momentum_resets: jax.Array
+    guard_num_rebaselines: jax.Array
     guard_consecutive_nonfinite: jax.Array
     guard_consecutive_spikes: jax.Array
     guard_rollback: jax.Array
@@ -177,6 +182,10 @@ class GuardMoments(NamedTuple):
       guard_running_loss_var: their bias-corrected EMA variance.
       guard_num_losses: accepted losses folded into them (back to 0, with the mean
         and variance, when ``rebaseline_after`` spikes in a row restart the window).
+      guard_rollback_held: bool, the rollback recommendation stands through a restart
+        of the window: it was raised by non-finite steps, or by a run of spikes that
+        ended without re-baselining. (A rollback that the run of spikes which
+        re-baselines raised is cleared at the restart: the guard trained through it.)
     """
 
     guard_norm_window: detect.NormWindow
@@ -186,6 +195,7 @@ class GuardMoments(NamedTuple):
     guard_running_loss_mean: jax.Array
     guard_running_loss_var: jax.Array
     guard_num_losses: jax.Array
+    guard_rollback_held: jax.Array
 
 
 class GuardState(NamedTuple):
@@ -262,6 +272,7 @@ _catalogue.register_metrics(
         "guard_num_skipped": "grad/num_skipped",
         "guard_num_spikes": "grad/num_spikes",
         "guard_num_momentum_resets": "grad/num_momentum_resets",
+        "guard_num_rebaselines": "grad/num_rebaselines",
         "guard_consecutive_nonfinite": "grad/consecutive_nonfinite",
         "guard_consecutive_spikes": "grad/consecutive_spikes",
         "guard_rollback": "grad/rollback_recommended",
@@ -901,27 +912,17 @@ def _record(
         if config.vanishing_norm is not None:
             not_falling = (moments.guard_num_losses == 0) | (loss >= moments.guard_running_loss_mean)
             vanishing = vanishing & not_falling
-    # The streak of spikes in a row that re-baselines counts loss spikes too (a lasting
-    # rise of the loss level would otherwise be skipped forever), and a step skipped as
-    # non-finite (its gradient, loss, value or update) does not break it. When it restarts
-    # the window, the loss statistics start again with it: the loss z-score warms up
-    # again on the new level.
+    # The run of spikes that re-baselines counts loss spikes too (a lasting rise of the
+    # loss level would otherwise be skipped forever), and a step skipped as non-finite
+    # (its gradient, loss, value or update) does not break it. When it restarts the
+    # window, the loss statistics start again with it: the loss z-score warms up again
+    # on the new level.
     rule, window = config.spike_rule, moments.guard_norm_window
+    new_window, restart = rule.fold_and_restart(window, norm, decision.verdict, accepted, spike)
     if config.rebaseline_after is not None and loss is not None:
-        dip = rule.dip(window, norm, decision.verdict)[2]
-        restart = rule.streak(window, spike | dip, accepted) >= config.rebaseline_after  # as `fold` will
         loss_mean, loss_var, num_losses = (
             jnp.where(restart, jnp.zeros_like(x), x) for x in (loss_mean, loss_var, num_losses)
         )
-    new_moments = GuardMoments(
-        guard_norm_window=rule.fold(window, norm, decision.verdict, accepted, spike),
-        guard_running_norm_mean=norm_mean,
-        guard_running_norm_var=norm_var,
-        guard_num_accepted=num_accepted,
-        guard_running_loss_mean=loss_mean,
-        guard_running_loss_var=loss_var,
-        guard_num_losses=num_losses,
-    )
 
     counters = state.guard_counters
     nonfinite = ~decision.finite
@@ -940,6 +941,17 @@ def _record(
         rollback = rollback | (consecutive_nonfinite >= config.rollback_after_nonfinite)
     if config.rollback_after_spikes is not None:
         rollback = rollback | (consecutive_spikes >= config.rollback_after_spikes)
+    # A rollback that the run of spikes re-baselining the window raised is cleared with
+    # the restart (the guard trained through a lasting change: a loop that restored the
+    # checkpoint would never get past it). One raised by non-finite steps, or by a run
+    # that ended without re-baselining (a burst of bad batches: the recommendation was
+    # standing while no run was going on), stands.
+    held = moments.guard_rollback_held
+    if config.rebaseline_after is not None:
+        held = held | (counters.guard_rollback & (window.streak == 0))
+        if config.rollback_after_nonfinite is not None:
+            held = held | (consecutive_nonfinite >= config.rollback_after_nonfinite)
+        rollback = rollback & (held | ~restart)
     as_int = lambda flag: flag.astype(jnp.int32)
     new_counters = GuardCounters(
         guard_num_steps=counters.guard_num_steps + 1,
@@ -949,6 +961,7 @@ def _record(
         guard_num_skipped=counters.guard_num_skipped + as_int(skipped),
         guard_num_spikes=counters.guard_num_spikes + as_int(spike),
         guard_num_momentum_resets=counters.guard_num_momentum_resets + as_int(decision.momentum_reset),
+        guard_num_rebaselines=counters.guard_num_rebaselines + as_int(restart),
         guard_consecutive_nonfinite=consecutive_nonfinite,
         guard_consecutive_spikes=consecutive_spikes,
         guard_rollback=rollback,
@@ -957,6 +970,17 @@ def _record(
         guard_first_nonfinite_leaf=jnp.where(
             ~stats.finite, stats.first_nonfinite_leaf, counters.guard_first_nonfinite_leaf
         ),
+    )
+
+    new_moments = GuardMoments(
+        guard_norm_window=new_window,
+        guard_running_norm_mean=norm_mean,
+        guard_running_norm_var=norm_var,
+        guard_num_accepted=num_accepted,
+        guard_running_loss_mean=loss_mean,
+        guard_running_loss_var=loss_var,
+        guard_num_losses=num_losses,
+        guard_rollback_held=held,
     )
 
     # The norm times each factor in turn: their product alone can be a float32
@@ -1060,7 +1084,7 @@ def _init_state(config: GuardConfig, inner: optax.GradientTransformation, params
         guard_rollback=false(),
         guard_first_nonfinite_leaf=jnp.full((), -1, jnp.int32),
     )
-    moments = GuardMoments(config.spike_rule.init(), f32(), f32(), i32(), f32(), f32(), i32())
+    moments = GuardMoments(config.spike_rule.init(), f32(), f32(), i32(), f32(), f32(), i32(), false())
     return GuardState(
         guard_report=report,
         guard_counters=counters,
@@ -1155,14 +1179,19 @@ def guard(
       spike_zscore: robust z-score threshold on the log-norm (> 0), or None.
       spike_window: accepted steps in the spike detector's window (>= 1).
       rebaseline_after: spikes (loss spikes included, or dips, a norm as far below the
-        baseline) in a row after which the spike window is emptied and warms up again
-        on the new norms, and the running loss statistics start again too (>= 1), or
-        None (never; a dip then enters the window capped). A non-finite step between
-        them does not break the run (as for ``grad/consecutive_spikes``). A lasting
-        change of the gradient's scale (parameters thrown elsewhere by a learning-rate
-        spike) or of the loss level (a new data mixture) is then trained through instead
-        of skipping every later step; shorter bursts of bad batches are skipped whole.
-        ``rollback_after_spikes`` (10) raises the rollback recommendation long before.
+        baseline) in a run after which the spike window restarts on the run's own norms
+        (so the next step is judged against the new level) and the running loss
+        statistics start again (>= 1), or None (never; a dip then enters the window
+        capped). A non-finite step does not break the run (as for
+        ``grad/consecutive_spikes``), nor does an accepted step whose norm is between
+        the bound and the half-way point to the baseline (in log): only one near the
+        baseline does. A lasting change of the gradient's scale (parameters thrown
+        elsewhere by a learning-rate spike) or of the loss level (a new data mixture) is
+        then trained through instead of skipping every later step; shorter bursts of bad
+        batches are skipped whole. ``rollback_after_spikes`` (10) raises the rollback
+        recommendation long before, and the restart clears it again (the run was a
+        lasting change). Counted in ``grad/num_rebaselines``. For a change you make on
+        purpose (unfreezing, new data, a loss weight), call :func:`rebaseline` instead.
       loss_spike_zscore: loss z-score threshold (> 0), or None (default: off). The
         z-score is that of bias-corrected EMAs of the loss, its spread floored at 1% of
         its mean. On the detection benchmark's clean runs that draw fresh batches 6
@@ -1292,3 +1321,117 @@ def guard(
         return outcome.updates, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, _vma.keeps_state_type(update_fn))
+
+
+def _is_guard_state(x: Any) -> bool:
+    """A guard's state: the NamedTuple, or the dict a pure-dict restore (or
+    ``nnx.state``) makes of it."""
+    if isinstance(x, GuardState):
+        return True
+    return isinstance(x, dict) and {"guard_counters", "guard_moments", "guard_spike_steps"} <= set(x)
+
+
+def _rebaselined(state: Any) -> Any:
+    """``state`` (a guard state, NamedTuple or dict) after :func:`rebaseline`: each array
+    replaced by ``jax.tree.map`` so that its container (an nnx variable) is kept."""
+    get = lambda x, name: x[name] if isinstance(x, dict) else getattr(x, name)
+    put = lambda x, **kw: {**x, **kw} if isinstance(x, dict) else x._replace(**kw)
+    zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
+    moments, counters = get(state, "guard_moments"), get(state, "guard_counters")
+    moments = put(
+        moments,
+        **{
+            name: zeros(get(moments, name))
+            for name in (
+                "guard_norm_window",
+                "guard_running_loss_mean",
+                "guard_running_loss_var",
+                "guard_num_losses",
+                "guard_rollback_held",
+            )
+        },
+    )
+    counters = put(
+        counters,
+        guard_num_rebaselines=jax.tree.map(lambda n: n + 1, get(counters, "guard_num_rebaselines")),
+        **{name: zeros(get(counters, name)) for name in ("guard_consecutive_nonfinite", "guard_consecutive_spikes")},
+        guard_rollback=zeros(get(counters, "guard_rollback")),
+    )
+    ring = jax.tree.map(lambda x: jnp.full_like(x, _NO_STEP), get(state, "guard_spike_steps"))
+    inner = jax.tree.map(
+        lambda x: _rebaselined(x) if _is_guard_state(x) else x, get(state, "guard_inner_state"), is_leaf=_is_guard_state
+    )  # a guard nested in this one's inner optimizer
+    return put(state, guard_moments=moments, guard_counters=counters, guard_spike_steps=ring, guard_inner_state=inner)
+
+
+def rebaseline(opt_state: Any) -> Any:
+    """Announces a planned change of the gradient's scale to every :func:`guard` in
+    ``opt_state``: returns a new state whose guards judge the next steps afresh.
+
+    Call it at the step where you unfreeze layers, switch to a new dataset or data
+    mixture, change a loss weight or switch to summed gradient accumulation: anything
+    that moves the gradient norm (or the loss) to a new level on purpose. Without it a
+    guard with ``spike_action='skip'`` sees the new level as a run of spikes, skips up
+    to ``rebaseline_after`` (50) steps before it re-baselines on its own, resets the
+    moments on the way and may raise the rollback recommendation.
+
+    For each guard it empties the spike window, restarts the running loss statistics,
+    zeroes the runs of spikes and non-finite steps (``grad/consecutive_spikes``,
+    ``grad/consecutive_nonfinite``, the momentum-reset window and the re-baselining
+    run), clears the rollback recommendation and adds one to ``grad/num_rebaselines``.
+    The window then warms up again on the next ``warmup_steps`` accepted steps: as at
+    the start of a run, spikes are not judged during those steps (NaN/Inf still are,
+    and a clip policy still clips). The inner optimizer's state, the other counters and
+    an adaptive clip policy's history are kept.
+
+    Pure (the state is not changed in place), jittable, and the result has the same
+    structure, shapes and dtypes as ``opt_state``, so it can be saved and restored like
+    it. Guards are found anywhere in the tree, as :func:`metrics` finds them: in
+    ``optax.chain``, ``optax.MultiSteps``, ``optax.inject_hyperparams``, a guard inside
+    a guard, a restored pure dict. For ``flax.nnx``: ``optimizer.opt_state =
+    gh.rebaseline(optimizer.opt_state)``.
+
+    Args:
+      opt_state: an optimizer state holding at least one :func:`guard` state.
+
+    Returns:
+      The state with every guard re-baselined.
+
+    Raises:
+      ValueError: ``opt_state`` holds no guard state.
+      TypeError: an ``nnx.Optimizer`` was passed (pass its ``opt_state``).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> import optax_gradhealth as gh
+      >>> tx = optax.chain(optax.clip(1.0), gh.guard(optax.adam(1e-3)))
+      >>> params = {'w': jnp.zeros(3)}
+      >>> state = tx.init(params)
+      >>> _, state = tx.update({'w': jnp.ones(3)}, state, params)
+      >>> # ...later: the body is unfrozen, the norms will be several times larger
+      >>> state = jax.jit(gh.rebaseline)(state)
+      >>> m = gh.metrics(state)
+      >>> int(m['grad/num_rebaselines']), bool(m['grad/rollback_recommended']), int(m['grad/num_steps'])
+      (1, False, 1)
+    """
+    nnx = sys.modules.get("flax.nnx")  # an nnx.Optimizer exists only where flax.nnx was imported
+    if nnx is not None and isinstance(opt_state, nnx.Optimizer):
+        raise TypeError(
+            "gh.rebaseline: `opt_state` is an nnx.Optimizer; pass its state and assign the result back: "
+            "optimizer.opt_state = gh.rebaseline(optimizer.opt_state)."
+        )
+    found = []
+
+    def visit(x: Any) -> Any:
+        if _is_guard_state(x):
+            found.append(True)
+            return _rebaselined(x)
+        return x
+
+    out = jax.tree.map(visit, opt_state, is_leaf=_is_guard_state)
+    if not found:
+        raise ValueError(
+            f"gh.rebaseline: `opt_state` holds no gh.guard state (got a {type(opt_state).__name__}): pass the "
+            "optimizer state that contains the guard, e.g. what tx.init returned, or nnx.Optimizer.opt_state."
+        )
+    return out

@@ -222,25 +222,38 @@ def test_spike_rule_leaves_a_dip_out_of_the_window_and_rebaselines_after_a_lasti
     assert float(np.asarray(out["median"])[699]) == pytest.approx(np.log(1e-3), abs=0.1)
 
 
-def test_spike_rule_streak_breaks_only_on_an_accepted_step_that_is_not_a_spike():
-    """The table of ``SpikeRule.streak`` (spikes and dips in a row): a spike, the
+def test_spike_rule_streak_breaks_only_on_an_accepted_step_near_the_baseline():
+    """The table of ``SpikeRule.streak`` (the run of spikes and dips): a spike, the
     caller's spike flag (the guard's loss spike) or a dip adds one; an accepted step
-    that is neither ends the run; a step that is neither and not accepted (a NaN loss
-    or update with a finite gradient norm, or a NaN norm) leaves it. A finite norm used
-    to end the run whether or not the step was accepted."""
+    that is neither ends the run when its log-norm lies within half the log-distance
+    from the baseline to the spike bound (either side), and leaves it as it is between
+    that and the bound; a step that is neither and not accepted (a NaN loss or update
+    with a finite gradient norm, or a NaN norm) leaves it. (Any accepted step used to
+    end the run: under a lasting change just past the threshold the new level's low
+    tail kept restarting the count.)"""
     rule = detect.SpikeRule(5.0, 6.0, window=32, warmup=5, spread_floor=0.05, rebaseline_after=4)
     window = rule.init()
-    for x in np.exp(np.random.default_rng(0).normal(0.0, 0.1, 10)):
+    xs = np.exp(np.random.default_rng(0).normal(0.0, 0.1, 10)).astype(np.float32)
+    for x in xs:
         window = rule.fold(window, jnp.float32(x), rule.judge(window, jnp.float32(x), True), True)
     window = window._replace(streak=jnp.int32(2))
     false, true = jnp.bool_(False), jnp.bool_(True)
+    # The bound, by the math: the median of the 10 log-norms; the spread floor (0.05)
+    # times 6 is below log 5, so the bound is 5 x the baseline and "near" is a ratio in
+    # (1/sqrt(5), sqrt(5)).
+    logs = np.log(xs.astype(np.float64))
+    assert 6 * max(1.4826 * np.median(np.abs(np.diff(logs) - np.median(np.diff(logs)))) / np.sqrt(2), 0.05) < np.log(5)
+    baseline = float(np.exp(np.median(logs)))
 
-    def after(norm, accepted, spike=None):
-        norm = jnp.float32(norm)
+    def after(ratio, accepted, spike=None):
+        norm = jnp.float32(ratio * baseline)
         verdict = rule.judge(window, norm, jnp.isfinite(norm))
         return int(rule.fold(window, norm, verdict, accepted, spike).streak)
 
     assert after(1.0, true) == 0  # an accepted ordinary step ends the run
+    assert after(2.1, true) == 0 and after(1 / 2.1, true) == 0  # near: within sqrt(5) either side
+    assert after(2.4, true) == 2 and after(4.5, true) == 2  # accepted, between sqrt(5) and 5: kept
+    assert after(1 / 2.4, true) == 2 and after(1 / 4.5, true) == 2  # the mirror below
     assert after(1.0, false) == 2  # a finite norm, but skipped (NaN loss): kept
     assert after(float("nan"), false) == 2  # a NaN gradient: kept
     assert after(100.0, false) == 3  # a norm spike
@@ -249,8 +262,10 @@ def test_spike_rule_streak_breaks_only_on_an_accepted_step_that_is_not_a_spike()
     window = window._replace(streak=jnp.int32(3))  # the 4th in a row restarts the window
     norm = jnp.float32(1.0)
     verdict = rule.judge(window, norm, True)
-    assert int(rule.fold(window, norm, verdict, false, true).count) == 0
-    assert int(rule.fold(window, norm, verdict, true).count) > 0
+    restarted = rule.fold(window, norm, verdict, false, true)
+    # on the run's own norms: here only this step's (the run ring was empty)
+    assert int(restarted.count) == 1 and int(restarted.streak) == 0 and float(restarted.log_norms[0]) == 0.0
+    assert int(rule.fold(window, norm, verdict, true).count) == 11
 
 
 # ----------------------------------------------------------------------------- CUSUM
