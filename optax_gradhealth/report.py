@@ -41,7 +41,7 @@ import numpy as np
 
 from optax_gradhealth import _validation as check
 from optax_gradhealth.diagnosis import Finding, Thresholds, diagnose, format_findings, replay_spike_scores
-from optax_gradhealth.diagnosis._columns import counter_total, nonfinite_rows
+from optax_gradhealth.diagnosis._columns import copy_view, counter_total, metric_copies, nonfinite_rows
 from optax_gradhealth.diagnosis.single_node import row_masks
 from optax_gradhealth.history import History
 from optax_gradhealth.history import load_history as _load_columns
@@ -408,6 +408,37 @@ def plot_report(
         for name, ax in axes.items():
             _xdev_panel(name, ax, h, device_norms, cosines, pairwise, fig, xlim, dpi)
 
+    counts = _title_counts(h)
+    if h.restarts:
+        counts.append(f"{len(h.restarts)} restart(s), {h.rows_replaced} earlier row(s) dropped")
+    headline = f"{title}: {len(h)} logged steps ({steps[0]}..{steps[-1]})" + (
+        "; " + ", ".join(counts) if counts else ""
+    )
+    # Each further guard (one per parameter group: grad/num_skipped#2, ...) counts its own.
+    for copy in metric_copies(h):
+        view = copy_view(h, copy)
+        more = _title_counts(view)
+        if more:
+            headline += f"; {'guard ' if view.has('grad/num_steps') else ''}#{copy}: " + ", ".join(more)
+    diagnosis = (
+        "diagnosis: "
+        + "; ".join(
+            f"[{f.severity}] {f.pattern}" + (f" {f.evidence['copy']}" if "copy" in f.evidence else "") for f in findings
+        )
+        if findings
+        else "diagnosis: no findings"
+    )
+    fig.suptitle(headline + "\n" + diagnosis, fontsize=11)
+    folder = os.path.dirname(path)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    return path
+
+
+def _title_counts(h: History) -> list[str]:
+    """The title's counts of skipped (overflowed), clipped and spike steps of one guard's
+    metrics (:func:`_event_count`), as ``'12 skipped, 0 clipped, 0 spikes'`` parts."""
     counts = []
     overflows = _event_count(h, "grad/overflowed", "grad/num_overflows")
     for flag, counter, label in (
@@ -420,22 +451,7 @@ def plot_report(
             counts.append(f"{(count or 0) + overflows} skipped ({overflows} overflowed)")
         elif count is not None:
             counts.append(f"{count} {label}")
-    if h.restarts:
-        counts.append(f"{len(h.restarts)} restart(s), {h.rows_replaced} earlier row(s) dropped")
-    headline = f"{title}: {len(h)} logged steps ({steps[0]}..{steps[-1]})" + (
-        "; " + ", ".join(counts) if counts else ""
-    )
-    diagnosis = (
-        "diagnosis: " + "; ".join(f"[{f.severity}] {f.pattern}" for f in findings)
-        if findings
-        else "diagnosis: no findings"
-    )
-    fig.suptitle(headline + "\n" + diagnosis, fontsize=11)
-    folder = os.path.dirname(path)
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    return path
+    return counts
 
 
 def _event_count(h: History, flag: str, counter: str) -> int | None:

@@ -1800,3 +1800,240 @@ def test_near_duplicate_check_of_a_64_device_log_takes_well_under_a_second_per_1
     found = cross_device.check_near_duplicate(h, Thresholds())
     assert time.perf_counter() - start < 5.0
     assert [f.evidence["devices"] for f in found] == [[3, 9]]
+
+
+# ----------------------------------------------------------------------------- round 8 (reviews A and C)
+
+
+def _two_group_log(path, nan_steps=range(100, 112), steps=200):
+    """One gh.guard per parameter group (optax.multi_transform), logged every step: the
+    head's gradient is NaN at ``nan_steps``. Returns the guards' final metrics."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    params = {"body": jnp.ones((8,)), "head": jnp.ones((4,))}
+    labels = {"body": "a_body", "head": "b_head"}
+    tx = optax.multi_transform({"a_body": gh.guard(optax.adam(1e-2)), "b_head": gh.guard(optax.adam(1e-2))}, labels)
+    state = tx.init(params)
+    bad = jnp.zeros(steps, bool).at[jnp.asarray(list(nan_steps), jnp.int32)].set(True)
+
+    @jax.jit
+    def step(p, s, t):
+        key = jax.random.fold_in(jax.random.key(0), t)
+        g = {
+            "body": 0.1 * jax.random.normal(key, (8,)) + 0.05,
+            "head": 0.1 * jax.random.normal(jax.random.fold_in(key, 1), (4,)) + 0.05,
+        }
+        g["head"] = jnp.where(bad[t], jnp.nan, g["head"])
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    with gh.MetricLogger(gh.JsonlWriter(path, overwrite=True), log_every=1) as logger:
+        for t in range(steps):
+            params, state = step(params, state, t)
+            logger.log(t, {**gh.metrics(state, deprecated_names=False), "loss": 1.0})
+    return {k: float(np.asarray(v)) for k, v in gh.metrics(state, deprecated_names=False).items() if np.ndim(v) == 0}
+
+
+def test_each_guard_of_a_multi_transform_is_judged_and_its_findings_tagged(tmp_path):
+    """Review A, round 8: the second group's guard logs grad/...#2; its NaN steps and its
+    rollback recommendation were never judged (an all-clear). Each copy is judged as the
+    first is, its findings tagged 'guard #2'."""
+    path = tmp_path / "groups.jsonl"
+    nan_steps = list(range(100, 112))
+    final = _two_group_log(path, nan_steps)
+    assert final["grad/num_nonfinite#2"] == len(nan_steps) and final["grad/num_nonfinite"] == 0
+    found = {f.pattern: f for f in gh.diagnose(path)}
+    assert set(found) == {"nonfinite", "rollback"}, found
+    nonfinite, rollback = found["nonfinite"], found["rollback"]
+    assert nonfinite.summary.startswith("guard #2: ") and nonfinite.evidence["copy"] == "#2"
+    assert list(nonfinite.steps) == nan_steps
+    assert nonfinite.evidence["num_nonfinite_counter"] == final["grad/num_nonfinite#2"]
+    assert nonfinite.evidence["longest_run"] == len(nan_steps)
+    # The guard raises the rollback after rollback_after_nonfinite (10) NaN steps in a row.
+    assert rollback.summary.startswith("guard #2: ") and rollback.steps == (nan_steps[9],)
+    # The command line reports them too (it printed "no findings").
+    import contextlib
+    import io
+
+    from optax_gradhealth import __main__ as cli
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        cli.main(["diagnose", str(path)])
+    assert "guard #2: 12 non-finite step(s)" in out.getvalue()
+
+
+def test_a_second_copys_findings_are_the_first_copys_on_the_same_columns():
+    """A copy is judged on its columns under the plain names, as the first copy is: the
+    same log with the two copies swapped gives the same findings, tagged the other way;
+    with one copy alone (no '#' column) the findings are unchanged."""
+    rng = np.random.default_rng(0)
+    n = 200
+    first = 1.0 + 0.05 * rng.standard_normal(n)
+    second = 2.0 + 0.1 * rng.standard_normal(n)
+    first[60] *= 20.0  # a spike in the first group
+    second[150] = np.nan  # a NaN step in the second
+    cols = {"loss": np.linspace(2.0, 1.0, n)}
+    for suffix, norm in (("", first), ("#2", second)):
+        cols[f"grad/norm{suffix}"] = norm
+        cols[f"grad/skipped{suffix}"] = (~np.isfinite(norm)).astype(float)
+    plain = {"step": np.arange(n), "loss": cols["loss"]}
+    alone = gh.diagnose({**plain, "grad/norm": first, "grad/skipped": cols["grad/skipped"]})
+    both = gh.diagnose({"step": np.arange(n), **cols})
+    assert [(f.pattern, f.steps) for f in both] == [("explosion", (60,)), ("nonfinite", (150,))]
+    untagged = [f for f in both if "copy" not in f.evidence]
+    assert untagged == alone  # the first copy's findings, byte for byte
+    tagged = [f for f in both if "copy" in f.evidence]
+    second_alone = gh.diagnose({**plain, "grad/norm": second, "grad/skipped": cols["grad/skipped#2"]})
+    assert [f.summary for f in tagged] == [f"metrics #2: {f.summary}" for f in second_alone]
+    assert [{k: v for k, v in f.evidence.items() if k != "copy"} for f in tagged] == [f.evidence for f in second_alone]
+
+
+def _lasting_change_rows(n=900, change=600, run=50, every=1, real_spike=None, rebaselined=True):
+    """A guard's log (the columns gh.guard logs, written out): norm ~1, x10 from step
+    ``change`` on; the guard skips ``run`` spikes, raises the rollback at the 10th, resets
+    the momentum every 3rd spike and re-baselines at the last (clearing the rollback), then
+    trains on. ``real_spike``: one x50 step elsewhere. Rows every ``every`` steps."""
+    rng = np.random.default_rng(3)
+    norm = np.exp(0.05 * rng.standard_normal(n)) * np.where(np.arange(n) >= change, 10.0, 1.0)
+    spiked = (np.arange(n) >= change) & (np.arange(n) < change + run)
+    if real_spike is not None:
+        norm[real_spike] *= 50.0
+        spiked[real_spike] = True
+    score = np.where(spiked, norm, 1.0)  # norm / the baseline (1) on the spikes
+    consecutive = np.zeros(n)
+    for t in range(n):
+        consecutive[t] = consecutive[t - 1] + 1 if spiked[t] else 0
+    resets = spiked & (consecutive % 3 == 0)
+    end = change + run - 1  # the step that restarts the window
+    rollback = (np.arange(n) >= change + 9) & (np.arange(n) < end if rebaselined else True)
+    columns = {
+        "grad/norm": norm,
+        "grad/spike_score": score,
+        "grad/zscore": np.where(spiked, 50.0, 0.0),
+        "grad/spiked": spiked.astype(float),
+        "grad/skipped": spiked.astype(float),
+        "grad/num_spikes": np.cumsum(spiked),
+        "grad/num_skipped": np.cumsum(spiked),
+        "grad/consecutive_spikes": consecutive,
+        "grad/momentum_reset": resets.astype(float),
+        "grad/num_momentum_resets": np.cumsum(resets),
+        "grad/rollback_recommended": rollback.astype(float),
+        "grad/num_steps": np.arange(1, n + 1),
+    }
+    if rebaselined:
+        columns["grad/num_rebaselines"] = (np.arange(n) >= end).astype(float)
+    rows = np.arange(0, n, every)
+    return {"step": rows, **{k: np.asarray(v, float)[rows] for k, v in columns.items()}}, int(resets.sum())
+
+
+@pytest.mark.parametrize("every", [1, 10])
+def test_a_lasting_change_the_guard_rebaselined_is_not_called_dirty_data(every):
+    """Review C, round 6: a loss weight x10 at step 600 (a planned, lasting change) was an
+    error "explosion" with dirty-data causes and an error "rollback" saying the parameters
+    are damaged. The guard re-baselined at 649 and trained on: both now name the lasting
+    change first, with gh.rebaseline as the mitigation, as warnings."""
+    rows, resets = _lasting_change_rows(every=every)
+    found = {f.pattern: f for f in gh.diagnose(rows)}
+    assert set(found) == {"explosion", "rollback"}
+    explosion, rollback = found["explosion"], found["rollback"]
+    taken = "at step 649" if every == 1 else "by step 650"  # the first logged row that shows the restart
+    for finding in (explosion, rollback):
+        assert finding.severity == "warning"
+        assert finding.causes[0].startswith("a lasting change of the gradient's scale at step 600 (planned: ")
+        assert finding.causes[0].endswith(f"which the guard took as the new level {taken}")
+        assert "gh.rebaseline(opt_state)" in finding.mitigations[0]
+        assert not any("damaged" in c or "dirty data" in c for c in finding.causes)
+        assert not any("restore the last healthy checkpoint" in m for m in finding.mitigations)
+        assert finding.evidence["lasting_change_steps"] == [600]
+    assert explosion.evidence["spikes_of_lasting_changes"] == 50
+    assert explosion.evidence["momentum_resets"] == resets  # the counter, not the logged flags
+    assert rollback.steps == ((609,) if every == 1 else (610,))
+
+
+def test_a_real_explosion_beside_a_lasting_change_stays_an_error_and_keeps_its_causes():
+    """A x50 one-step spike at 300 is not part of the change at 600: the finding stays an
+    error, names the change first and keeps the dirty-data causes after it."""
+    rows, _ = _lasting_change_rows(real_spike=300)
+    explosion = next(f for f in gh.diagnose(rows) if f.pattern == "explosion")
+    from optax_gradhealth.diagnosis import PATTERNS
+
+    assert explosion.severity == "error"
+    assert explosion.causes[0].startswith("a lasting change of the gradient's scale at step 600")
+    assert explosion.causes[1:] == PATTERNS["explosion"].causes
+    assert explosion.mitigations[1:] == PATTERNS["explosion"].mitigations
+    assert explosion.evidence["spikes_of_lasting_changes"] == 50 and explosion.evidence["spike_steps"] == 51
+
+
+def test_without_a_rebaseline_a_run_of_spikes_keeps_the_explosion_and_rollback_verdicts():
+    """The same run of spikes with no re-baseline logged (the rollback stands): the error
+    findings with their own causes, as before."""
+    from optax_gradhealth.diagnosis import PATTERNS
+
+    rows, resets = _lasting_change_rows(rebaselined=False)
+    found = {f.pattern: f for f in gh.diagnose(rows)}
+    for name in ("explosion", "rollback"):
+        assert found[name].severity == "error"
+        assert found[name].causes == PATTERNS[name].causes
+        assert found[name].mitigations == PATTERNS[name].mitigations
+    assert found["explosion"].evidence["momentum_resets"] == resets
+
+
+def test_momentum_resets_between_logged_rows_are_counted_from_the_guards_counter():
+    """Review C, round 6, finding 5: explosion's momentum_resets counted the logged rows'
+    flags (1 of the guard's 16 with log_every=10)."""
+    rows, resets = _lasting_change_rows(every=10, rebaselined=False)
+    flagged = int(np.sum(rows["grad/momentum_reset"] == 1))
+    assert flagged < resets
+    explosion = next(f for f in gh.diagnose(rows) if f.pattern == "explosion")
+    assert explosion.evidence["momentum_resets"] == resets
+    del rows["grad/num_momentum_resets"]  # without the counter: the flags
+    explosion = next(f for f in gh.diagnose(rows) if f.pattern == "explosion")
+    assert explosion.evidence["momentum_resets"] == flagged
+
+
+@pytest.mark.parametrize("log_every", [1, 10])
+def test_a_new_dataset_in_other_units_under_a_real_guard_is_named_a_lasting_change(tmp_path, log_every):
+    """End to end: from step 150 the targets are x10 (a new dataset in other units); the
+    guard skips 50 spikes, re-baselines and trains on. The diagnosis names the change at
+    150 and the re-baseline where the log shows grad/num_rebaselines growing."""
+    path = tmp_path / "units.jsonl"
+    units = lambda t, x, y: (x, y * 10.0) if t >= 150 else (x, y)
+    final = _train_logged(path, fault=units, steps=400, log_every=log_every)
+    assert final["grad/num_rebaselines"] == 1 and final["grad/rollback_recommended"] == 0
+    logged = [json.loads(line) for line in path.read_text().splitlines()]
+    rebaselined = next(r["step"] for r in logged if r.get("grad/num_rebaselines", 0) >= 1)
+    found = {f.pattern: f for f in gh.diagnose(path)}
+    explosion = found["explosion"]
+    assert explosion.severity == "warning"
+    assert explosion.evidence["lasting_change_steps"] == [150]
+    assert explosion.evidence["rebaselined_steps"] == [rebaselined]
+    assert explosion.evidence["momentum_resets"] == final["grad/num_momentum_resets"]
+    assert explosion.evidence["spikes_of_lasting_changes"] == final["grad/num_spikes"]
+    assert found["rollback"].severity == "warning" and "gh.rebaseline" in found["rollback"].mitigations[0]
+
+
+def test_a_rebaseline_announced_with_gh_rebaseline_explains_no_later_spike():
+    """grad/num_rebaselines also grows when the loop calls gh.rebaseline at a planned
+    change: no run of spikes led to it, so a real spike later is still an error with the
+    usual causes."""
+    from optax_gradhealth.diagnosis import PATTERNS
+
+    n = 300
+    norm = 1.0 + 0.01 * (np.arange(n) % 3)
+    norm[250] = 9.0
+    spiked = np.arange(n) == 250
+    rows = {
+        "step": np.arange(n),
+        "grad/norm": norm,
+        "grad/spike_score": np.where(spiked, 9.0, 1.0),
+        "grad/zscore": np.where(spiked, 40.0, 0.0),
+        "grad/spiked": spiked.astype(float),
+        "grad/skipped": spiked.astype(float),
+        "grad/num_rebaselines": (np.arange(n) >= 200).astype(float),  # announced at step 200
+    }
+    (explosion,) = gh.diagnose(rows)
+    assert explosion.severity == "error" and explosion.steps == (250,)
+    assert explosion.causes == PATTERNS["explosion"].causes and "lasting_change_steps" not in explosion.evidence

@@ -500,3 +500,27 @@ def test_report_of_many_devices_keeps_its_legends_and_ticks_readable(tmp_path, m
     gh.plot_report(gh.History(np.arange(t), small), tmp_path / "s.png", findings=[])
     ax = next(a for a in captured["figure"].axes if a.get_title(loc="left").startswith("per-device"))
     assert [text.get_text() for text in ax.get_legend().get_texts()] == [str(i) for i in range(8)]
+
+
+def test_the_headline_counts_every_guard_of_a_multi_transform(tmp_path, monkeypatch):
+    """Review A, round 8: with one gh.guard per parameter group, the second guard's
+    12 skipped NaN steps (grad/num_skipped#2) were missing from the title, which said
+    "0 skipped ... diagnosis: no findings" above a heatmap with the NaN steps in it."""
+    import matplotlib.figure
+
+    from tests.test_diagnose import _two_group_log
+
+    log = tmp_path / "groups.jsonl"
+    final = _two_group_log(log)
+    seen = []
+    original = matplotlib.figure.Figure.suptitle
+    monkeypatch.setattr(
+        matplotlib.figure.Figure, "suptitle", lambda self, t, **kw: seen.append(t) or original(self, t, **kw)
+    )
+    gh.plot_report(log, tmp_path / "r.png")
+    headline, diagnosis = seen[0].split("\n")
+    first = f"{int(final['grad/num_skipped'])} skipped, {int(final['grad/num_clipped'])} clipped, 0 spikes"
+    second = f"{int(final['grad/num_skipped#2'])} skipped, {int(final['grad/num_clipped#2'])} clipped, 0 spikes"
+    assert final["grad/num_skipped#2"] == 12 and final["grad/num_skipped"] == 0
+    assert headline.endswith(f"; {first}; guard #2: {second}"), headline
+    assert "[error] nonfinite #2" in diagnosis and "[error] rollback #2" in diagnosis, diagnosis

@@ -26,11 +26,12 @@ list would hide.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 from optax_gradhealth.diagnosis import cross_device, single_node
-from optax_gradhealth.diagnosis._columns import replay_spike_scores
+from optax_gradhealth.diagnosis._columns import copy_view, metric_copies, replay_spike_scores
 from optax_gradhealth.diagnosis._core import SEVERITIES, Finding, Pattern, Thresholds, format_findings
 from optax_gradhealth.history import History, load_history
 
@@ -107,7 +108,12 @@ def diagnose(history: Any, thresholds: Thresholds | None = None) -> list[Finding
       (no column named as in :data:`gh.CATALOGUE <optax_gradhealth.CATALOGUE>`, such as
       ``grad/norm`` or ``xdev/agreement``) gets the warning ``no_metrics`` (nothing was
       judged), not an empty list; an empty history gets an empty list. The command line
-      makes both an error (exit status 2).
+      makes both an error (exit status 2). A log with further copies of the metrics
+      (``grad/norm#2``, ...: one ``gh.guard`` per parameter group of an
+      ``optax.multi_transform``) gets each copy judged by the single-run patterns
+      (:data:`PER_COPY_CHECKS`) on its ``#k`` columns under the plain names; those
+      findings' summaries start with ``guard #k: `` and their evidence holds ``copy``
+      (``'#2'``).
 
     Example:
       >>> import optax_gradhealth as gh
@@ -126,7 +132,33 @@ def diagnose(history: Any, thresholds: Thresholds | None = None) -> list[Finding
     h = load_history(history)
     if not len(h):
         return []
-    found = [finding for _, check in CHECKS for finding in check(h, th)]
-    present = {f.pattern for f in found}
-    found = [f for f in found if not present.intersection(SUPPRESSED_BY.get(f.pattern, ()))]
+    found = _suppressed([finding for _, check in CHECKS for finding in check(h, th)])
+    for copy in metric_copies(h):
+        view = copy_view(h, copy)
+        label = f"guard #{copy}" if view.has("grad/num_steps") else f"metrics #{copy}"
+        judged = _suppressed([finding for _, check in PER_COPY_CHECKS for finding in check(view, th)])
+        found += [_tagged(finding, copy, label) for finding in judged]
     return sorted(found, key=lambda f: (_RANK[f.severity], f.steps[0] if f.steps else 1 << 62))
+
+
+#: The checks run once more for each further copy of the metrics (``grad/norm#2``, ...:
+#: one ``gh.guard`` per parameter group): the single-run patterns of one guard's
+#: metrics, on the copy's columns under the plain names (the log's restarts and whether
+#: it has any gradhealth metric are judged once, on the whole log).
+PER_COPY_CHECKS = tuple(
+    (pattern, check) for pattern, check in single_node.CHECKS if pattern.name not in ("restart", "no_metrics")
+)
+
+
+def _suppressed(found: list[Finding]) -> list[Finding]:
+    """``found`` without the findings that :data:`SUPPRESSED_BY` hides."""
+    present = {f.pattern for f in found}
+    return [f for f in found if not present.intersection(SUPPRESSED_BY.get(f.pattern, ()))]
+
+
+def _tagged(finding: Finding, copy: int, label: str) -> Finding:
+    """``finding`` of the ``copy``-th metrics: its summary starts with ``label`` (``guard
+    #2: ...``) and its evidence with ``copy`` (``'#2'``)."""
+    return dataclasses.replace(
+        finding, summary=f"{label}: {finding.summary}", evidence={"copy": f"#{copy}", **finding.evidence}
+    )

@@ -87,12 +87,16 @@ def _stretches(rule: detect.SpikeRule) -> tuple[int, int]:
 
 @functools.partial(jax.jit, static_argnames=("rule",))
 def _judge_at(rule: detect.SpikeRule, norms, count, median, spread):
-    """``SpikeRule.judge`` and ``SpikeRule.dip``, given each row's window as its count and
-    ``(median, spread)``: ``(spike, ratio, dip, floor)``."""
-    window = detect.NormWindow(None, count, None)
-    verdict = rule.judge_against(window, norms, jnp.isfinite(norms), median, spread)
+    """``SpikeRule.judge``, ``SpikeRule.dip`` and whether the step ends a run of spikes
+    and dips (``SpikeRule.streak``), given each row's window as its count and ``(median,
+    spread)``, for a row that follows no spike or dip: ``(spike, ratio, dip, floor, ends)``."""
+    zero = jnp.zeros_like(count)
+    window = detect.NormWindow(None, count, zero)
+    finite = jnp.isfinite(norms)
+    verdict = rule.judge_against(window, norms, finite, median, spread)
     _, floor, dip = rule.dip(window, norms, verdict)
-    return verdict.spike, verdict.ratio, dip, floor
+    _, ends = rule.streak(window, norms, verdict, verdict.spike | dip, finite & ~verdict.spike)
+    return verdict.spike, verdict.ratio, dip, floor, ends
 
 
 def _replay_stretch(rule: detect.SpikeRule, kept: np.ndarray, count: int, norms: np.ndarray, logs: np.ndarray):
@@ -102,9 +106,10 @@ def _replay_stretch(rule: detect.SpikeRule, kept: np.ndarray, count: int, norms:
     dip: a finite norm above 0 then pushes its log-norm, any other row pushes nothing,
     so each row's window is the last ``W`` log-norms pushed before it.
 
-    Returns ``(spike, ratio, first, floor)``: ``first`` is the first row that is a spike
-    or a dip (L when none is), the verdicts are exact up to it (it included), and
-    ``floor`` its dip bound. The medians are numpy's (a selection of the same float32
+    Returns ``(spike, ratio, first, floor, ends)``: ``first`` is the first row that is a
+    spike or a dip (L when none is), the verdicts are exact up to it (it included),
+    ``floor`` its dip bound and ``ends`` whether a row ends a run of spikes and dips
+    (``SpikeRule.streak``). The medians are numpy's (a selection of the same float32
     numbers, the average of the two middle ones in float32); the rest is the rule's own
     code (:func:`_judge_at`)."""
     size, length = rule.window, norms.size
@@ -131,17 +136,26 @@ def _replay_stretch(rule: detect.SpikeRule, kept: np.ndarray, count: int, norms:
         pad(median, 0.0),
         pad(spread, 0.0),
     )
-    spike, ratio, dip, floor = (np.asarray(x)[:length] for x in out)
+    spike, ratio, dip, floor, ends = (np.asarray(x)[:length] for x in out)
     moved = np.isfinite(norms) & (spike | dip)
     first = int(np.argmax(moved)) if moved.any() else length
-    return spike, ratio, first, floor
+    return spike, ratio, first, floor, ends
 
 
-def _ring(rule: detect.SpikeRule, kept: np.ndarray, count: int, streak: int) -> detect.NormWindow:
-    """The rule's window (a ring) that holds ``kept`` (oldest first) after ``count`` pushes."""
+def _ring(
+    rule: detect.SpikeRule, kept: np.ndarray, count: int, streak: int, run: np.ndarray, run_count: int
+) -> detect.NormWindow:
+    """The rule's window (a ring) that holds ``kept`` (oldest first) after ``count`` pushes,
+    with the run's ring holding ``run`` (oldest first) after ``run_count`` writes."""
     ring = np.zeros(rule.window, np.float32)
     ring[np.arange(count - kept.size, count) % rule.window] = kept
-    return detect.NormWindow(jnp.asarray(ring), jnp.int32(count), jnp.int32(streak))
+    size = rule.run_size
+    run_ring = np.zeros(size, np.float32)
+    if size:
+        run_ring[np.arange(run_count - run.size, run_count) % size] = run
+    return detect.NormWindow(
+        jnp.asarray(ring), jnp.int32(count), jnp.int32(streak), jnp.asarray(run_ring), jnp.int32(run_count)
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("rule",))
@@ -161,13 +175,15 @@ def _replay_fast(rule: detect.SpikeRule, norms: np.ndarray) -> tuple[np.ndarray,
     """The guard's spike rule over ``norms`` (float32 ``[T]``), as ``_detectors.replay_spikes``
     runs it step by step, with the same verdicts: stretches of rows are judged at once
     (:func:`_replay_stretch`) up to the next spike or dip, whose effect on the window is
-    then applied (:meth:`SpikeRule.fold`'s rules: not pushed, or with
+    then applied (:meth:`SpikeRule.fold_and_restart`'s rules: not pushed, or with
     ``rebaseline_after=None`` a dip pushed at its floor; one more in the run of spikes and
-    dips, which empties the window at ``rebaseline_after``), and the next stretch
-    starts after it. Where such rows come every few steps (an oscillating norm), blocks
-    of rows are replayed step by step instead (:func:`_replay_steps`; NaN rows, which
-    change nothing, pad the last block)."""
+    dips, which an accepted row near the baseline ends (``SpikeRule.streak``), and which
+    at ``rebaseline_after`` restarts the window on the run's own last log-norms), and the
+    next stretch starts after it. Where such rows come every few steps (an oscillating
+    norm), blocks of rows are replayed step by step instead (:func:`_replay_steps`; NaN
+    rows, which change nothing, pad the last block)."""
     total, size = norms.size, rule.window
+    run_size = rule.run_size
     spike, ratio = np.zeros(total, bool), np.zeros(total, np.float64)
     # What a row pushes, computed as the rule's fold computes it.
     logs = np.asarray(jnp.log(jnp.maximum(jnp.asarray(norms), 1e-37)), np.float32)
@@ -175,22 +191,28 @@ def _replay_fast(rule: detect.SpikeRule, norms: np.ndarray) -> tuple[np.ndarray,
     # bursts: a long stretch would be cut short at once, its windows wasted).
     small, large = _stretches(rule)
     kept, count, streak = np.zeros(0, np.float32), 0, 0
+    run, run_count = np.zeros(0, np.float32), 0  # the run's log-norms (its last run_size), written since it began
     position, stretch, short, block = 0, small, 0, 1024
     while position < total:
         if short >= 4:  # four stretches in a row stopped within a few rows: step by step
             part = np.full(block, np.nan, np.float32)
             taken = min(block, total - position)
             part[:taken] = norms[position : position + taken]
-            s, r, window = _replay_steps(rule, _ring(rule, kept, count, streak), part)
+            window = _ring(rule, kept, count, streak, run, run_count)
+            s, r, window = _replay_steps(rule, window, part)
             spike[position : position + taken] = np.asarray(s)[:taken]
             ratio[position : position + taken] = np.asarray(r)[:taken]
             ring, count, streak = np.asarray(window.log_norms), int(window.count), int(window.streak)
             kept = ring[np.arange(count - min(count, size), count) % size]
+            run_count = int(window.run_count)
+            if run_size:
+                held = np.arange(run_count - min(run_count, run_size), run_count) % run_size
+                run = np.asarray(window.run_log_norms)[held]
             position, stretch, short = position + taken, small, 0
             continue
         end = min(total, position + stretch)
         segment = norms[position:end]
-        s, r, first, floor = _replay_stretch(rule, kept, count, segment, logs[position:end])
+        s, r, first, floor, ends = _replay_stretch(rule, kept, count, segment, logs[position:end])
         taken = min(first + 1, end - position)
         spike[position : position + taken] = s[:taken]
         ratio[position : position + taken] = r[:taken]
@@ -198,8 +220,16 @@ def _replay_fast(rule: detect.SpikeRule, norms: np.ndarray) -> tuple[np.ndarray,
         pushes = np.isfinite(before) & (before > 0)
         kept = np.concatenate([kept, logs[position : position + first][pushes]])[-size:]
         count += int(pushes.sum())
-        if np.isfinite(before).any():  # an accepted step that did not move ends the run
-            streak = 0
+        # The run: an accepted row near the baseline ends it (and is not part of it); the
+        # other finite rows above 0 join it.
+        ended = np.flatnonzero(ends[:first])
+        joins = pushes & ~ends[:first]
+        if ended.size:
+            streak, run_count = 0, 0
+            run = np.zeros(0, np.float32)
+            joins[: ended[-1] + 1] = False
+        run = np.concatenate([run, logs[position : position + first][joins]])[-run_size:] if run_size else run
+        run_count += int(joins.sum())
         if position + first == end:
             position, stretch = end, min(large, 2 * stretch)
             continue
@@ -210,8 +240,14 @@ def _replay_fast(rule: detect.SpikeRule, norms: np.ndarray) -> tuple[np.ndarray,
             if not s[first]:  # a dip, accepted and pushed at its floor
                 kept = np.concatenate([kept, floor[first : first + 1]])[-size:]
                 count += 1
-        elif streak >= rule.rebaseline_after:
-            kept, count, streak = np.zeros(0, np.float32), 0, 0
+        else:
+            if run_size:
+                run = np.concatenate([run, logs[position + first : position + first + 1]])[-run_size:]
+            run_count += 1
+            if streak >= rule.rebaseline_after:  # restarted on the run's last log-norms
+                seeded = min(run_count, run_size)
+                kept, count = run[run.size - seeded :].copy(), seeded
+                streak, run, run_count = 0, np.zeros(0, np.float32), 0
         position, stretch = position + first + 1, small
         short = short + 1 if first < 8 else 0
     return spike, ratio
@@ -312,6 +348,58 @@ def counter_growth(h: History, name: str) -> tuple[int, np.ndarray] | None:
     if total <= 0:
         return None
     return total, h.steps[logged & (grew > 0)]
+
+
+def _copy_of(name: str) -> tuple[str, int]:
+    """``(name without its copy suffix, copy number)`` of a metric's column: ``('grad/norm',
+    2)`` for ``grad/norm#2``, ``('xdev/device_norms/3', 2)`` for ``xdev/device_norms#2/3``;
+    ``(name, 1)`` for the first copy, and for a column that is no metric of the catalogue
+    (a ``#`` in a name of the user's own is not a copy)."""
+    from optax_gradhealth._catalogue import _split_copy, spec_of
+
+    stem, copy = _split_copy(name)
+    if not copy:
+        return name, 1
+    try:
+        spec_of(stem)
+    except KeyError:
+        return name, 1
+    return stem, int(copy[1:])
+
+
+def metric_copies(h: History) -> list[int]:
+    """The copy numbers above 1 in ``h``'s metric names (``[2]`` for a log with
+    ``grad/norm#2``, ...): the metrics of a second, third... state that reports the same
+    names, such as one ``gh.guard`` per parameter group in ``optax.multi_transform``
+    (``gh.metrics`` gives the first one found the plain names)."""
+    return sorted({copy for name in h.names if (copy := _copy_of(name)[1]) > 1})
+
+
+def copy_view(h: History, copy: int) -> History:
+    """``h`` as the ``copy``-th state's metrics: its ``#<copy>`` columns under the plain
+    names (``grad/norm#2`` as ``grad/norm``), beside the columns that are no metric of
+    the catalogue (``loss``, an eval metric); the other copies' metrics are left out, the
+    first copy's too. A per-leaf metric named only once (a leaf of the second group of a
+    ``multi_transform`` has a name of its own, without a suffix) stays with the first
+    copy, where it is judged. The rows and what was logged on each are ``h``'s."""
+    columns: dict[str, np.ndarray] = {}
+    logged: dict[str, np.ndarray] = {}
+    for name in h.names:
+        stem, number = _copy_of(name)
+        if number == copy or (number == 1 and not _is_metric(name)):
+            columns[stem] = h.col(name)
+            logged[stem] = h.logged(name)
+    return History(h.steps, columns, source=h.source, nan_logged=logged)
+
+
+def _is_metric(name: str) -> bool:
+    from optax_gradhealth._catalogue import spec_of
+
+    try:
+        spec_of(name)
+    except KeyError:
+        return False
+    return True
 
 
 def gradhealth_metric(h: History) -> str | None:

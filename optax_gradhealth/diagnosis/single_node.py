@@ -7,6 +7,7 @@ lacks the metrics it needs).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -291,11 +292,10 @@ EXPLOSION = Pattern(
 )
 
 
-def check_explosion(h: History, th: Thresholds) -> list[Finding]:
-    """Spikes by the guard's rule: on its logged scores, or replayed on the norms."""
-    if not h.has("grad/norm"):
-        return []
-    steps, norm = h.steps, h.col("grad/norm")
+def _spike_rows(h: History, th: Thresholds) -> tuple[np.ndarray, np.ndarray, str]:
+    """``(spikes, score, source)`` per row: the spikes by the guard's rule, on its logged
+    scores or replayed on the norms (``grad/norm`` must be there)."""
+    norm = h.col("grad/norm")
     finite, _, _ = row_masks(h)
     if h.has("grad/spike_score"):
         # The guard's rule on its logged scores (the same thresholds by default, so the
@@ -310,10 +310,120 @@ def check_explosion(h: History, th: Thresholds) -> list[Finding]:
         spikes, score = cols.replay_spike_scores(np.where(finite, norm, np.nan), th)
         spikes = spikes & finite
         source = "the guard's spike rule replayed on grad/norm"
+    return spikes, score, source
+
+
+@dataclasses.dataclass(frozen=True)
+class _LastingChange:
+    """A run of spikes that ended in a re-baseline of the guard's window
+    (``grad/num_rebaselines`` grew), after which the run trained on without a skip."""
+
+    start: int | None  # the step the run began (the change); None when no row tells
+    first_row: int  # the run's first row (its rows: first_row..row)
+    row: int  # the row where grad/num_rebaselines grew
+    exact: bool  # the counter was logged on the step before too: the restart was at `step`
+    step: int  # the step of `row`
+
+    @property
+    def rebaselined(self) -> str:
+        return ("at step " if self.exact else "by step ") + str(self.step)
+
+    def started(self) -> str:
+        return f"at step {self.start}" if self.start is not None else f"before step {self.step}"
+
+
+LASTING_CHANGE_MITIGATION = (
+    "if planned, call gh.rebaseline(opt_state) at the change (or use spike_action='clip', which adapts "
+    "within a few steps)"
+)
+
+
+def _lasting_change_cause(changes: list[_LastingChange]) -> str:
+    first, more = changes[0], changes[1:]
+    cause = (
+        f"a lasting change of the gradient's scale {first.started()} (planned: unfreezing layers, a new dataset, a "
+        f"loss-weight change, summed accumulation), which the guard took as the new level {first.rebaselined}"
+    )
+    if more:
+        cause += f"; {len(more)} more: " + ", ".join(f"{c.started()} (taken {c.rebaselined})" for c in more)
+    return cause
+
+
+def _lasting_changes(h: History, th: Thresholds) -> list[_LastingChange]:
+    """The runs of spikes that ended in a re-baseline of the guard's window and after
+    which the run trained on: ``grad/num_rebaselines`` grew on a row that is part of a
+    run of spike (or skipped) rows, or right after one, or whose ``grad/num_spikes``
+    grew too (the run fell between logged rows), and none of the next ``min_steps``
+    gradient rows (at least one) was skipped. An accepted row whose spike score is at
+    least ``sqrt(spike_score)`` stays in the run, as the guard's run goes on through a
+    step that is not near the baseline (a change just past the threshold). A re-baseline
+    after a run of dips, or announced by ``gh.rebaseline``, is no such run (no spike led
+    to it)."""
+    if not (h.has("grad/norm") and h.has("grad/num_rebaselines")):
+        return []
+    grew = np.nan_to_num(cols.counter_increments(h, "grad/num_rebaselines"), nan=0.0)
+    if not grew.any():
+        return []
+    spikes, score, _ = _spike_rows(h, th)
+    finite, skipped, _ = row_masks(h)
+    member = spikes | skipped | (finite & (score >= math.sqrt(th.spike_score)))
+    if h.has("grad/spiked"):
+        member |= h.col("grad/spiked") == 1
+    gradient = np.flatnonzero(cols.gradient_rows(h))
+    spike_growth = (
+        np.nan_to_num(cols.counter_increments(h, "grad/num_spikes"), nan=0.0)
+        if h.has("grad/num_spikes")
+        else np.zeros(len(h))
+    )
+    skip_growth = (
+        np.nan_to_num(cols.counter_increments(h, "grad/num_skipped"), nan=0.0)
+        if h.has("grad/num_skipped")
+        else np.zeros(len(h))
+    )
+    consecutive = h.col("grad/consecutive_spikes") if h.has("grad/consecutive_spikes") else None
+    counter_rows = np.flatnonzero(np.isfinite(h.col("grad/num_rebaselines")))
+    steps = h.steps
+    out = []
+    for row in np.flatnonzero(grew > 0):
+        at = int(np.searchsorted(gradient, row))
+        if at >= gradient.size or gradient[at] != row:
+            continue
+        first = at if member[row] else at - 1
+        if first < 0 or not member[gradient[first]]:
+            if not (member[row] or spike_growth[row] > 0):
+                continue  # a run of dips, or gh.rebaseline: no spike led to it
+            first = at
+        else:
+            while first > 0 and member[gradient[first - 1]]:
+                first -= 1
+        after = gradient[at + 1 : at + 1 + th.min_steps]
+        if not after.size or skipped[after].any() or (skip_growth[after] > 0).any():
+            continue  # it did not train on (yet)
+        run = gradient[first : at + 1]
+        starts = [int(steps[r]) for r in run if member[r]]
+        if consecutive is not None:
+            starts += [int(steps[r] - consecutive[r] + 1) for r in run if consecutive[r] > 0]
+        before = counter_rows[counter_rows < row]
+        exact = bool(before.size) and int(steps[before[-1]]) == int(steps[row]) - 1
+        out.append(_LastingChange(min(starts) if starts else None, int(run[0]), int(row), exact, int(steps[row])))
+    return out
+
+
+def check_explosion(h: History, th: Thresholds) -> list[Finding]:
+    """Spikes by the guard's rule: on its logged scores, or replayed on the norms. Spikes
+    of a run that ended in a re-baseline of the guard's window, after which the run
+    trained on (:func:`_lasting_changes`), are named as a lasting change of scale first;
+    when every spike is one of them, the finding is a warning."""
+    if not h.has("grad/norm"):
+        return []
+    steps, norm = h.steps, h.col("grad/norm")
+    finite, _, _ = row_masks(h)
+    spikes, score, source = _spike_rows(h, th)
     # Spikes the guard counted (grad/num_spikes) that no logged row shows: with
     # MetricLogger(log_every=N) they fell between logged rows.
     own = h.col("grad/spiked") == 1 if h.has("grad/spiked") else spikes
-    hidden, first_seen = _unlogged_growth(h, "grad/num_spikes", own)
+    extra = _unlogged_extra(h, "grad/num_spikes", own)
+    hidden, first_seen = (int(extra.sum()), int(steps[np.argmax(extra > 0)])) if extra.any() else (0, None)
     if not spikes.any():
         if not hidden:
             return []
@@ -323,7 +433,7 @@ def check_explosion(h: History, th: Thresholds) -> list[Finding]:
             "first_seen_step": first_seen,
         }
         summary = f"{hidden} spike(s) between logged steps (counter only, first seen at step {first_seen})"
-        return [EXPLOSION.finding(summary, (), evidence)]
+        return [_as_lasting_change(h, th, EXPLOSION.finding(summary, (), evidence), spikes, extra)]
     worst = int(np.argmax(np.where(spikes, score, -np.inf)))
     evidence = {
         "spike_steps": int(spikes.sum()),
@@ -335,7 +445,10 @@ def check_explosion(h: History, th: Thresholds) -> list[Finding]:
     }
     if h.has("grad/num_spikes"):
         evidence["num_spikes_counter"] = cols.counter_total(h, "grad/num_spikes")
-    if h.has("grad/momentum_reset"):
+    if h.has("grad/num_momentum_resets") and np.isfinite(h.col("grad/num_momentum_resets")).any():
+        # The guard's counter: resets between logged rows count, as spikes do.
+        evidence["momentum_resets"] = cols.counter_total(h, "grad/num_momentum_resets")
+    elif h.has("grad/momentum_reset"):
         evidence["momentum_resets"] = int((h.col("grad/momentum_reset") == 1).sum())
     layer = cols.largest_layer_jump(h, worst)
     if layer is not None:
@@ -348,25 +461,79 @@ def check_explosion(h: History, th: Thresholds) -> list[Finding]:
     if hidden:
         evidence["spikes_between_logged_steps"] = hidden
         summary += f"; {hidden} more between logged steps (the guard's counter: {evidence['num_spikes_counter']})"
-    return [EXPLOSION.finding(summary, steps[spikes], evidence)]
+    return [_as_lasting_change(h, th, EXPLOSION.finding(summary, steps[spikes], evidence), spikes, extra)]
 
 
-def _unlogged_growth(h: History, name: str, own: np.ndarray) -> tuple[int, int | None]:
-    """``(count, first step)`` of a counter's growth that the logged rows' own flags
-    (``own``) do not account for: the events between logged rows, first seen on the row
-    where the counter had grown by more than that row's own flag (``(0, None)`` when
-    none, or when the counter is not logged). Growth is judged between consecutive
-    logged values, the first against 0, a reset or a restore of the guard's state as
-    :func:`~optax_gradhealth.diagnosis._columns.counter_increments` judges it."""
+def _as_lasting_change(h: History, th: Thresholds, finding: Finding, spikes: np.ndarray, extra: np.ndarray) -> Finding:
+    """``finding`` (an explosion) with the lasting changes of scale among its spikes
+    (:func:`_lasting_changes`) named first in its causes and mitigations, and said in its
+    summary and evidence; a warning, with causes and mitigations of its own, when every
+    spike (logged or between logged rows) is one of them. Unchanged when none is."""
+    changes = _lasting_changes(h, th)
+    if not changes:
+        return finding
+    explained = np.zeros(len(h), bool)
+    for change in changes:
+        explained[change.first_row : change.row + 1] = True
+    every = not (spikes & ~explained).any() and not extra[~explained].any()
+    first = changes[0]
+    began = f"from step {first.start}" if first.start is not None else first.started()
+    said = (
+        f"the run of spikes {began} ended when the guard took the new level {first.rebaselined}, and it trained on "
+        "without a skip: a lasting change of scale"
+    )
+    if len(changes) > 1:
+        said += f" ({len(changes)} such runs)"
+    evidence = {
+        **finding.evidence,
+        "lasting_change_steps": [c.start for c in changes],
+        "rebaselined_steps": [c.step for c in changes],
+        "num_rebaselines_counter": cols.counter_total(h, "grad/num_rebaselines"),
+        "spikes_of_lasting_changes": int((spikes & explained).sum() + extra[explained].sum()),
+    }
+    cause = _lasting_change_cause(changes)
+    if every:
+        causes = (
+            cause,
+            "an unplanned change that lasted: a fault present on every batch since then (a data source in other "
+            "units, a loss or masking bug), which the guard now takes as normal",
+        )
+        mitigations = (
+            LASTING_CHANGE_MITIGATION,
+            "if not planned, find what changed at that step (the data, the loss, the model) before training on",
+            "a loop that restores a checkpoint on grad/rollback_recommended goes back before the change: "
+            "announce a planned one with gh.rebaseline instead",
+        )
+        return dataclasses.replace(
+            finding,
+            severity="warning",
+            summary=f"{finding.summary}; {said}",
+            evidence=evidence,
+            causes=causes,
+            mitigations=mitigations,
+        )
+    return dataclasses.replace(
+        finding,
+        summary=f"{finding.summary}; some of them {said}",
+        evidence=evidence,
+        causes=(cause, *finding.causes),
+        mitigations=(LASTING_CHANGE_MITIGATION, *finding.mitigations),
+    )
+
+
+def _unlogged_extra(h: History, name: str, own: np.ndarray) -> np.ndarray:
+    """Per row: how much the counter ``name`` grew beyond the row's own flag (``own``):
+    the events between logged rows, counted on the row that first logs them; 0 where
+    none, and on every row when the counter is not logged. Growth is judged between
+    consecutive logged values, the first against 0, a reset or a restore of the guard's
+    state as :func:`~optax_gradhealth.diagnosis._columns.counter_increments` judges it."""
+    extra = np.zeros(len(h))
     if not h.has(name):
-        return 0, None
+        return extra
     increments = cols.counter_increments(h, name)
     logged = np.flatnonzero(np.isfinite(increments))
-    growth = increments[logged]
-    extra = np.maximum(growth - own[logged], 0.0)
-    if not extra.any():
-        return 0, None
-    return int(extra.sum()), int(h.steps[logged[np.argmax(extra > 0)]])
+    extra[logged] = np.maximum(increments[logged] - own[logged], 0.0)
+    return extra
 
 
 VANISHING = Pattern(
@@ -990,18 +1157,76 @@ ROLLBACK = Pattern(
 
 
 def check_rollback(h: History, th: Thresholds) -> list[Finding]:
-    """The guard's rollback recommendation (``grad/rollback_recommended``) was raised."""
+    """The guard's rollback recommendation (``grad/rollback_recommended``) was raised. An
+    episode that a run of spikes raised and the guard withdrew when it took the run's
+    level as the new one, training on after it (:func:`_lasting_changes`), is named as a
+    lasting change of scale first; when every episode is one, the finding is a warning
+    that does not call the parameters damaged."""
     if not (h.has("grad/norm") and h.has("grad/rollback_recommended")):
         return []
     steps = h.steps
     flag = h.col("grad/rollback_recommended") == 1
     if not flag.any():
         return []
-    starts = steps[flag & ~np.concatenate([[False], flag[:-1]])]
+    first_rows = np.flatnonzero(flag & ~np.concatenate([[False], flag[:-1]]))
+    starts = steps[first_rows]
     summary = f"the guard recommended a rollback at step {int(starts[0])}" + (
         f" ({len(starts)} episodes)" if len(starts) > 1 else ""
     )
-    return [ROLLBACK.finding(summary, starts, {"episodes": len(starts), "flagged_steps": int(flag.sum())})]
+    finding = ROLLBACK.finding(summary, starts, {"episodes": len(starts), "flagged_steps": int(flag.sum())})
+    # Episodes raised within a lasting change's run and withdrawn by its re-baseline: the
+    # flag is down on the re-baseline's row or the next logged one.
+    logged = np.flatnonzero(np.isfinite(h.col("grad/rollback_recommended")))
+    withdrawn: dict[int, _LastingChange] = {}
+    for change in _lasting_changes(h, th):
+        if flag[logged[logged >= change.row][:2]].all():
+            continue  # still raised: not by this run alone (a non-finite run holds it), or an older guard's log
+        for start in first_rows[(first_rows >= change.first_row) & (first_rows <= change.row)]:
+            withdrawn[int(start)] = change
+    if not withdrawn:
+        return [finding]
+    changes = list(dict.fromkeys(withdrawn.values()))
+    said = ", ".join(f"at step {int(steps[r])} withdrawn {c.rebaselined}" for r, c in withdrawn.items())
+    evidence = {
+        **finding.evidence,
+        "withdrawn_episodes": len(withdrawn),
+        "lasting_change_steps": [c.start for c in changes],
+        "rebaselined_steps": [c.step for c in changes],
+    }
+    cause = _lasting_change_cause(changes)
+    if len(withdrawn) == len(first_rows):
+        summary = (
+            f"the guard recommended a rollback {said}, when it took the new level of a lasting change of scale "
+            "and trained on without a skip"
+        )
+        return [
+            dataclasses.replace(
+                finding,
+                severity="warning",
+                summary=summary,
+                evidence=evidence,
+                causes=(
+                    cause,
+                    "an unplanned change that lasted (a fault on every batch since then), which the guard now takes "
+                    "as normal",
+                ),
+                mitigations=(
+                    LASTING_CHANGE_MITIGATION,
+                    "a loop that restores a checkpoint while grad/rollback_recommended is set goes back before the "
+                    "change each time: announce a planned change with gh.rebaseline; if it was not planned, find "
+                    "what changed at that step before training on",
+                ),
+            )
+        ]
+    return [
+        dataclasses.replace(
+            finding,
+            summary=f"{summary}; {len(withdrawn)} of them {said}, by a lasting change of scale",
+            evidence=evidence,
+            causes=(cause, *finding.causes),
+            mitigations=(LASTING_CHANGE_MITIGATION, *finding.mitigations),
+        )
+    ]
 
 
 RESTART = Pattern(
