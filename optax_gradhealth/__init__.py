@@ -71,7 +71,7 @@ from optax_gradhealth._cross_device import (
 # The release's one version: pyproject.toml reads it from here ([tool.setuptools.dynamic],
 # statically, without importing the package), `python -m optax_gradhealth --version`
 # prints it. Keep it a plain string literal.
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 __all__ = [
     "CATALOGUE",

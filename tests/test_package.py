@@ -33,6 +33,20 @@ def test_version_is_defined_once():
     assert dynamic == {"attr": "optax_gradhealth.__version__"}
 
 
+def test_unreleased_changes_are_not_under_a_released_version():
+    # After 0.1.0 shipped, HEAD still said 0.1.0 while its guard state and metric names
+    # differed: a bug report or a checkpoint tagged with the version could not tell the
+    # builds apart.
+    import re
+
+    text = (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")
+    released = re.findall(r"^## \[(\d[^\]]*)\]", text, flags=re.MULTILINE)
+    unreleased = text.split("## [Unreleased]", 1)[1].split("\n## [", 1)[0]
+    if re.search(r"^- ", unreleased, flags=re.MULTILINE):
+        assert gh.__version__ not in released, (gh.__version__, released)
+        assert re.fullmatch(r"\d+\.\d+\.\d+\.dev\d+", gh.__version__), gh.__version__
+
+
 def test_command_line_prints_the_version():
     result = subprocess.run(
         [sys.executable, "-m", "optax_gradhealth", "--version"],
