@@ -91,6 +91,7 @@ def record_micro_batch_norms(every_k: int) -> optax.GradientTransformationExtraA
         return MicroBatchNormsState(jnp.zeros((every_k,), jnp.float32), jnp.zeros((), jnp.int32))
 
     def update_fn(updates, state, params=None, **extra_args):
+        check.state_type("gh.record_micro_batch_norms", state, MicroBatchNormsState)
         del params, extra_args
         slot = state.micro_batch_num_steps % every_k
         norm = _stats.global_norm(updates)
@@ -261,6 +262,7 @@ def accumulate(
         )
 
     def update_fn(updates, state, params=None, **extra_args):
+        check.state_type("gh.accumulate", state, AccumulationState)
         ms_state = state.accumulation_inner_state
         if isinstance(ms_state.acc_grads, optax.LookaheadParams) and not isinstance(updates, optax.LookaheadParams):
             raise ValueError(

@@ -223,6 +223,7 @@ def clip_by_value(max_abs: float | jax.Array) -> optax.GradientTransformation:
         return ClipByValueState(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32))
 
     def update_fn(updates, state, params=None):
+        check.state_type("gh.clip_by_value", state, ClipByValueState)
         del state, params
         for path, leaf in jax.tree_util.tree_flatten_with_path(updates)[0]:
             if jnp.iscomplexobj(leaf):
@@ -297,6 +298,7 @@ def clip_by_leaf_norm(max_norm: float | jax.Array) -> optax.GradientTransformati
         )
 
     def update_fn(updates, state, params=None):
+        check.state_type("gh.clip_by_leaf_norm", state, ClipByLeafNormState)
         del params
         _clipping.check_same_structure(updates, jax.tree.structure(state.leaf_clipped), "gh.clip_by_leaf_norm")
         # Leaf by leaf, in flattening order (nnx.Param wrappers, if any, are kept as
@@ -413,6 +415,7 @@ def adaptive_grad_clip(
         return AdaptiveClipState(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32))
 
     def update_fn(updates, state, params=None):
+        check.state_type("gh.adaptive_grad_clip", state, AdaptiveClipState)
         del state
         if params is None:
             raise ValueError("gh.adaptive_grad_clip needs `params`: call update(updates, state, params).")
@@ -549,6 +552,7 @@ def adagc_clip(
         )
 
     def update_fn(updates, state, params=None):
+        check.state_type("gh.adagc_clip", state, AdaGCState)
         del params
         leaves, treedef = jax.tree.flatten(updates)
         if len(leaves) != state.adagc_norm_ema.shape[0]:

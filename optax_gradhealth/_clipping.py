@@ -649,6 +649,7 @@ def clip_by_global_norm(max_norm: float | jax.Array | ClipPolicy | None) -> opta
         )
 
     def update_fn(updates, state, params=None):
+        check.state_type("gh.clip_by_global_norm", state, ClipByGlobalNormState)
         del params
         check_same_structure(updates, state.clip_leaf_norms.treedef, "gh.clip_by_global_norm")
         stats, scaled = _stats._grad_stats_and_scaled_norms(updates)

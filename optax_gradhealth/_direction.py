@@ -97,6 +97,7 @@ def record_step_cosine(sketch_dim: int = 1024, seed: int = 0) -> optax.GradientT
         )
 
     def update_fn(updates, state, params=None):
+        check.state_type("gh.record_step_cosine", state, StepCosineState)
         del params
         shape = jnp.shape(state.step_sketch)  # static: a checkpoint of another sketch_dim is refused
         if shape != (dim,):

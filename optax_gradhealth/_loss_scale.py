@@ -259,6 +259,7 @@ def dynamic_loss_scale(
         )
 
     def update_fn(updates, state, params=None, **extra_args):
+        check.state_type("gh.dynamic_loss_scale", state, LossScaleState)
         scale = state.loss_scale
         old_inner = state.loss_scale_inner_state
         sel = _skip.Selects()

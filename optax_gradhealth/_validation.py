@@ -1,4 +1,5 @@
-"""Argument checks run when a transformation is built, never inside jit."""
+"""Argument checks run when a transformation is built, never inside jit; and
+:func:`state_type`, the check of an update's state, which reads its Python type only."""
 
 from __future__ import annotations
 
@@ -191,6 +192,61 @@ def transformation(name: str, value: Any) -> optax.GradientTransformationExtraAr
     if not isinstance(value, optax.GradientTransformation):
         value = optax.GradientTransformation(value.init, value.update)
     return optax.with_extra_args_support(value)
+
+
+def state_type(what: str, state: Any, cls: type) -> None:
+    """Refuses a ``state`` that is not a ``cls``: the NamedTuple that the init of the
+    transformation ``what`` (e.g. ``"gh.clip_by_global_norm"``) returns, as every form
+    that its update accepts is (the state itself, and one restored into the structure of
+    ``tx.init(params)``). The error names ``what``, the type received and ``cls``, with a
+    hint at the usual mistakes. Called at the top of an ``update_fn``: a check of the
+    Python type only, at trace time, that leaves the compiled program as it is."""
+    if isinstance(state, cls):
+        return
+    if state is None:
+        hint = "Pass the state that tx.init(params) returned, then the one each tx.update returns."
+    elif isinstance(state, dict):
+        hint = (
+            "Is it a state dict (flax.serialization.to_state_dict, or a checkpoint restored without a target)? "
+            "Restore it into the structure of tx.init(params), e.g. "
+            "flax.serialization.from_state_dict(tx.init(params), state_dict)."
+        )
+    else:
+        if type(state).__module__.startswith("optax_gradhealth"):
+            hint = f"Is it the state of another gradhealth transformation ({type(state).__name__})?"
+        else:
+            hint = "Is it another optimizer's state (an optax state, e.g. optax.adamw(...).init(params))?"
+        inner = [f for f in getattr(cls, "_fields", ()) if f.endswith("inner_state")]
+        if inner:
+            hint += (
+                f" The state of the optimizer that {what} wraps? Pass {what}'s own state, which holds that one "
+                f"(state.{inner[0]})."
+            )
+        hint += (
+            f" From a checkpoint taken before {what} was added? Restore the params alone and call "
+            "tx.init(params) for a new optimizer state."
+        )
+    raise TypeError(
+        f"{what}: `state` must be the {cls.__name__} that this transformation's init returned, "
+        f"got {_state_description(state)}. {hint}"
+    )
+
+
+def _state_description(state: Any) -> str:
+    """The type of ``state`` in a few words: a plain tuple (an optax chain's state) with
+    the types it holds, a dict with its keys."""
+    if state is None:
+        return "None"
+    if isinstance(state, tuple) and not hasattr(state, "_fields"):
+        parts = [type(x).__name__ for x in state[:4]] + (["..."] if len(state) > 4 else [])
+        return f"a tuple of ({', '.join(parts)})" if state else "an empty tuple"
+    if isinstance(state, dict):
+        keys = [repr(k) for k in list(state)[:4]] + (["..."] if len(state) > 4 else [])
+        return f"a dict with keys {', '.join(keys)}" if state else "an empty dict"
+    kind = type(state)
+    if kind.__module__ == "builtins":
+        return kind.__name__
+    return f"{kind.__module__.split('.')[0]}.{kind.__qualname__}"
 
 
 def _takes_keywords(fn: Any) -> bool:
