@@ -21,6 +21,14 @@ spike: its gradient is normal) shows only in the steps after it. Before the firs
 healthy checkpoint a rollback restores the state the run started from
 (``--bad-from 0``).
 
+A recommendation that comes back before a new healthy checkpoint (none since the
+restore) means that restoring did not remove its cause: a lasting change of the
+gradient's scale (new data in other units, unfrozen layers, a loss weight) or bad data
+that goes on. Restoring again would loop for ever, so the loop does not restore: it calls
+``gh.rebaseline(opt_state)`` (the guard accepts the new level and clears the
+recommendation), says so and trains on. A change made on purpose is best announced
+with ``gh.rebaseline`` at its step, before any recommendation.
+
 What is checkpointed is the whole optimizer state, guard included: its running
 statistics, counters and the inner moments round-trip through orbax, so a run resumed
 from a checkpoint continues bit-identically (see ``tests/test_flax.py``).
@@ -140,12 +148,15 @@ def train(
     """Runs steps ``start`` .. ``steps - 1``; saves a checkpoint every ``save_every``
     steps after an interval without a skipped step, which makes the previous one healthy;
     when the guard recommends a rollback, restores the last healthy checkpoint (the state
-    the run started from when there is none yet) and deletes the newer one. ``ckpt_dir``
-    must be new or empty (:func:`refuse_non_empty`).
+    the run started from when there is none yet) and deletes the newer one. When the
+    recommendation comes back before a new healthy checkpoint, the cause outlasted the
+    restore: the loop re-baselines the guard (``gh.rebaseline``) instead of restoring
+    again. ``ckpt_dir`` must be new or empty (:func:`refuse_non_empty`).
 
     Returns the final ``params``, ``opt_state``, the ``rollbacks`` as
     ``(step, restored_step)`` pairs (``restored_step`` None: the starting state), the
-    ``saved`` steps and the per-step ``rollback`` flags the loop saw.
+    steps where it re-baselined instead (``rebaselines``), the ``saved`` steps and the
+    per-step ``rollback`` flags the loop saw.
     """
     refuse_non_empty(ckpt_dir)
     tx = make_optimizer()
@@ -154,10 +165,11 @@ def train(
         opt_state = tx.init(params)
     step_fn = make_step(tx)
     manager = checkpoint_manager(ckpt_dir)
-    rollbacks, saved, flags = [], [], []
+    rollbacks, rebaselines, saved, flags = [], [], [], []
     num_skipped = lambda state: int(gh.metrics(state, deprecated_names=False)["grad/num_skipped"])
     # Before the first healthy checkpoint, a rollback goes back to where the run started.
     start_state, healthy, candidate = (params, opt_state), None, None
+    restored_healthy = False  # a rollback went back to `healthy`, and no newer healthy checkpoint since
     skipped_at_save = num_skipped(opt_state)
     for step in range(start, steps):
         x, y = batch(step, seed)
@@ -166,7 +178,18 @@ def train(
         params, opt_state, loss, metrics = step_fn(params, opt_state, x, y)
         rollback = bool(metrics["grad/rollback_recommended"])  # one scalar fetch; check less often in big runs
         flags.append(rollback)
-        if rollback:
+        if rollback and restored_healthy:
+            # Back before a new healthy checkpoint: restoring did not remove the cause (a
+            # lasting change of scale, or bad data that goes on) and would loop for ever.
+            # Accept the new level instead: the guard judges the next steps afresh.
+            opt_state = gh.rebaseline(opt_state)
+            rebaselines.append(step)
+            if verbose:
+                print(
+                    f"step {step}: rollback recommended again before a new healthy checkpoint -> "
+                    "the cause persists; re-baselined the guard (gh.rebaseline) instead of restoring"
+                )
+        elif rollback:
             if healthy is None:
                 params, opt_state = start_state
             else:
@@ -174,14 +197,15 @@ def train(
             rollbacks.append((step, healthy))
             if candidate is not None:  # saved after the healthy state: not to be trusted
                 manager.delete(candidate)
-            candidate, skipped_at_save = None, num_skipped(opt_state)
+            candidate, skipped_at_save, restored_healthy = None, num_skipped(opt_state), True
             if verbose:
                 restored = f"checkpoint {healthy}" if healthy is not None else "the starting state"
                 print(f"step {step}: rollback recommended -> restored {restored}")
         elif step % save_every == 0:
             skipped = int(metrics["grad/num_skipped"])
             if skipped == skipped_at_save:  # no skip since the last save step
-                healthy = healthy if candidate is None else candidate  # a clean interval followed it
+                if candidate is not None:  # a clean interval followed it: a new healthy checkpoint
+                    healthy, restored_healthy = candidate, False
                 save(manager, step, params, opt_state)
                 saved.append(step)
                 candidate = step
@@ -189,7 +213,14 @@ def train(
         if verbose and step % 50 == 0:
             print(f"step {step:4d}  loss {float(loss):.4f}  norm {float(metrics['grad/norm']):.4f}")
     manager.close()
-    return {"params": params, "opt_state": opt_state, "rollbacks": rollbacks, "saved": saved, "flags": flags}
+    return {
+        "params": params,
+        "opt_state": opt_state,
+        "rollbacks": rollbacks,
+        "rebaselines": rebaselines,
+        "saved": saved,
+        "flags": flags,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -205,6 +236,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error(str(error))  # exits with status 2 before any training
     result = train(args.steps, args.ckpt, bad_from=args.bad_from, bad_steps=args.bad_steps, verbose=True)
     print(f"checkpoints saved at {result['saved']}; rollbacks (step, restored) {result['rollbacks']}")
+    if result["rebaselines"]:
+        print(f"re-baselined instead of restoring again at steps {result['rebaselines']}")
     return result
 
 

@@ -275,7 +275,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
     A snapshot is taken every ``snapshot_every`` steps after an interval without a
     skipped step. A rollback restores the newest snapshot but one (the newest has no
     interval without a skip after it yet): the update of a learning-rate spike is not
-    skipped, so a snapshot taken just after it would hold the damage."""
+    skipped, so a snapshot taken just after it would hold the damage. A recommendation
+    that comes back before a new healthy snapshot (none since the restore) has a cause
+    that restoring does not remove (a lasting change of the gradient's scale, or bad data
+    that goes on): instead of restoring again, and again, the loop re-baselines the guard
+    (``gh.rebaseline``) and trains on; those steps are in ``rebaselines``."""
     faults = parse_faults(config.faults)
     os.makedirs(config.out, exist_ok=True)
     log_path = os.path.join(config.out, config.log_name)
@@ -297,7 +301,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     # snapshot taken right after it holds the damage, which only the spikes of the steps
     # after it give away. `healthy` starts as the initial state.
     healthy = _Snapshot(nnx.clone((model, optimizer)), None, 0)
-    candidate, skipped_at_snapshot, rollbacks = None, 0, []
+    candidate, skipped_at_snapshot, rollbacks, rebaselines = None, 0, [], []
+    restored_healthy = False  # a rollback went back to `healthy`, and no newer healthy snapshot since
     progress = _progress(config)
     started = time.perf_counter()
     with gh.MetricLogger(gh.JsonlWriter(log_path, overwrite=True), log_every=config.log_every, all_steps=True) as log:
@@ -315,17 +320,34 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 )
                 if hasattr(progress, "set_postfix"):
                     progress.set_postfix(loss=f"{flags['loss']:.3f}", norm=f"{flags['grad/norm']:.3g}")
-                if flags["grad/rollback_recommended"]:
+                if flags["grad/rollback_recommended"] and restored_healthy:
+                    # Back before a new healthy snapshot: restoring did not remove the cause (a
+                    # lasting change of scale, or bad data that goes on), and restoring again
+                    # would loop for ever. Accept the new level: the guard judges afresh.
+                    # In place (nnx.update): step_fn, an nnx.cached_partial, holds this optimizer
+                    # object, so `optimizer.opt_state = ...` alone would not reach it.
+                    rebaselined = nnx.clone(optimizer)
+                    rebaselined.opt_state = gh.rebaseline(optimizer.opt_state)
+                    nnx.update(optimizer, nnx.state(rebaselined))
+                    rebaselines.append(step)
+                    _say(
+                        progress,
+                        f"step {step}: guard recommends rollback again before a new healthy snapshot -> "
+                        "the cause persists; re-baselined the guard (gh.rebaseline) instead of restoring",
+                    )
+                elif flags["grad/rollback_recommended"]:
                     # Restore the last healthy snapshot: parameters and the whole optimizer state
                     # (the guard's sticky flag, its statistics and the inner moments).
                     nnx.update((model, optimizer), nnx.state(nnx.clone(healthy.objects)))
                     rollbacks.append((step, healthy.step))
                     candidate, skipped_at_snapshot = None, healthy.num_skipped  # the restored counters
+                    restored_healthy = True
                     _say(progress, f"step {step}: guard recommends rollback -> restored {_snapshot_name(healthy.step)}")
                 elif step % config.snapshot_every == 0:
                     skipped = int(flags["grad/num_skipped"])
                     if skipped == skipped_at_snapshot:  # no skip since the last snapshot step
-                        healthy = healthy if candidate is None else candidate
+                        if candidate is not None:  # a clean interval followed it: a new healthy snapshot
+                            healthy, restored_healthy = candidate, False
                         candidate = _Snapshot(nnx.clone((model, optimizer)), step, skipped)
                     skipped_at_snapshot = skipped  # judge the next interval afresh
     seconds = time.perf_counter() - started
@@ -352,6 +374,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         "final_loss": float(jax.device_get(loss)),
         "events": events,
         "rollbacks": rollbacks,
+        "rebaselines": rebaselines,
         "findings": findings,
         "log": log_path,
         "report": report_path if report else None,
@@ -418,6 +441,8 @@ def print_summary(result: dict[str, Any]) -> None:
     print(f"\ntrained in {result['seconds']:.1f}s; final loss {result['final_loss']:.3f}; steps with {events}")
     for step, restored in result["rollbacks"]:
         print(f"rollback at step {step}: restored {_snapshot_name(restored)}")
+    for step in result.get("rebaselines", ()):
+        print(f"rollback recommended again at step {step} before a new healthy snapshot: re-baselined the guard")
     print()
     print(gh.format_findings(result["findings"]))
     written = [result["log"]]

@@ -232,3 +232,72 @@ def test_char_transformer_refuses_log_every_below_one_with_a_usage_error(capsys)
             example.main(["--log-every", bad, "--no-progress"])
         assert exit_info.value.code == 2
         assert f"argument --log-every: {message}" in capsys.readouterr().err
+
+
+def test_rollback_orbax_trains_on_after_a_lasting_change_instead_of_restoring_for_ever(tmp_path, monkeypatch):
+    """Review C (round 6), finding 1: from step 100 the targets are 10x larger (a new
+    dataset in other units; plain Adam trains on it). The loop restored checkpoint 60 at
+    step 109, 119, 129, ... to the end, and never trained on the new data. Now a
+    recommendation that comes back before a new healthy checkpoint re-baselines the guard
+    (gh.rebaseline) instead of restoring again. Reference: plain optax.adam, same batches."""
+    import optax
+
+    example = load_example("rollback_orbax")
+    change, steps = 100, 400
+    old_batch = example.batch
+
+    def new_data(step, seed=0, size=32):
+        x, y = old_batch(step, seed, size)
+        return (x, y) if step < change else (x, 10.0 * y)
+
+    monkeypatch.setattr(example, "batch", new_data)
+    run = example.train(steps, str(tmp_path / "ckpt"))
+    assert len(run["rollbacks"]) <= 1, run["rollbacks"]
+    assert len(run["rebaselines"]) <= 1, run["rebaselines"]
+    last = max([s for s, _ in run["rollbacks"]] + run["rebaselines"], default=change)
+    assert last < change + 50 and not any(run["flags"][last + 1 :])
+    assert int(gh.metrics(run["opt_state"])["grad/num_rebaselines"]) == len(run["rebaselines"])
+
+    tx = optax.adam(1e-2)
+    params = example.init_params(0)
+    state = tx.init(params)
+
+    @jax.jit
+    def adam_step(params, state, x, y):
+        grads = jax.grad(example.loss_fn)(params, x, y)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    for step in range(steps):
+        params, state = adam_step(params, state, *new_data(step))
+    held_out = [new_data(10_000 + i) for i in range(8)]  # new-task batches neither run trained on
+    final, reference = (np.mean([float(example.loss_fn(p, *b)) for b in held_out]) for p in (run["params"], params))
+    assert final < 1.5 * reference, (final, reference)
+
+
+def test_demo_rolls_back_once_then_rebaselines_on_a_lasting_change(tmp_path, monkeypatch):
+    """Review C (round 6), finding 1, the demo's loop: loss weights x10 from the 35th
+    batch on (a planned loss-weight change the loop was not told of). The loop restored
+    the same snapshot every time the recommendation came back, skipping every step of the
+    new level. Now the second recommendation, with no new healthy snapshot since the
+    restore, re-baselines the guard and the steps after it are applied."""
+    from optax_gradhealth import demo
+
+    change, sample_batch, calls = 35, demo.sample_batch, [0]
+
+    def heavier(corpus, rng, batch_size, seq_len):
+        batch = sample_batch(corpus, rng, batch_size, seq_len)
+        calls[0] += 1
+        return batch if calls[0] <= change else demo.Batch(batch.tokens, 10.0 * batch.weights)
+
+    monkeypatch.setattr(demo, "sample_batch", heavier)
+    config = demo.TrainConfig(steps=60, faults="", snapshot_every=10, out=str(tmp_path), progress=False, report=False)
+    result = demo.train(config)
+    rows = gh.read_jsonl(tmp_path / "run.jsonl")
+    assert len(result["rollbacks"]) == 1, result["rollbacks"]
+    ((restored_at, _),) = result["rollbacks"]
+    assert len(result["rebaselines"]) == 1 and result["rebaselines"][0] > restored_at, result
+    (rebaselined_at,) = result["rebaselines"]
+    after = rows[rebaselined_at + 1 :]
+    assert after and all(r["grad/skipped"] == 0 and r["grad/rollback_recommended"] == 0 for r in after)
+    assert all(r["grad/num_rebaselines"] == 1 for r in after)
