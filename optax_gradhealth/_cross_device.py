@@ -457,7 +457,10 @@ def cross_device(
 
     Never inside the guard (``gh.guard(optax.chain(gh.cross_device(...), ...))``): each
     device's guard would judge its local gradient and skip steps the others apply; the
-    guard's ``init`` refuses it.
+    guard's ``init`` refuses it. Nor after it (``optax.chain(gh.guard(...),
+    gh.cross_device(...))``), for the same reason: under ``jax.shard_map`` the guard's
+    ``update`` refuses gradients that vary over a mesh axis its state does not; under
+    ``pmap`` this cannot be seen, and the devices' optimizer states drift apart.
 
     Every step (K floats ride in the gradient all-reduce; one all-reduce in all):
     ``xdev/device_norms``,
@@ -701,6 +704,7 @@ def cross_device(
         return lax.psum(jnp.where(mine, row[None], jnp.zeros_like(row)[None]), data_name)
 
     def update_fn(updates, state, params=None, **extra_args):
+        check.state_type("gh.cross_device", state, CrossDeviceState)
         del extra_args
         k = _axis_size(data_axes, "axis_name")
         if shard_axes:

@@ -115,25 +115,28 @@ def cusum(evidence: jax.Array, score: jax.Array, drift: float, cap: float) -> ja
 class NormWindow(NamedTuple):
     """The last ``W`` accepted log-norms, the spike detector's state.
 
+    The field names carry a ``window_`` prefix so that ``optax.tree.get(state, name)``
+    finds an optimizer's own ``count`` without a clash when the guard wraps it.
+
     Attributes:
-      log_norms: float32 ``[W]`` ring of natural logs of accepted norms.
-      count: int32, accepted norms pushed so far (the ring holds the last
-        ``min(count, W)`` of them).
-      streak: int32, spikes and dips in a run (see ``SpikeRule.rebaseline_after`` and
-        :meth:`SpikeRule.streak`).
-      run_log_norms: float32 ``[W]`` ring of the raw log-norms of the run's steps (its
-        spikes and dips uncapped, and the accepted steps between them), laid out as
-        ``log_norms`` is, so that a restarted window is this ring (``[0]`` without
+      window_log_norms: float32 ``[W]`` ring of natural logs of accepted norms.
+      window_count: int32, accepted norms pushed so far (the ring holds the last
+        ``min(window_count, W)`` of them).
+      window_streak: int32, spikes and dips in a run (see ``SpikeRule.rebaseline_after``
+        and :meth:`SpikeRule.streak`).
+      window_run_log_norms: float32 ``[W]`` ring of the raw log-norms of the run's steps
+        (its spikes and dips uncapped, and the accepted steps between them), laid out as
+        ``window_log_norms`` is, so that a restarted window is this ring (``[0]`` without
         re-baselining). None in a window built only to be judged against.
-      run_count: int32, log-norms written to ``run_log_norms`` since the run began (the
-        ring holds the last ``min(run_count, W)`` of them).
+      window_run_count: int32, log-norms written to ``window_run_log_norms`` since the
+        run began (the ring holds the last ``min(window_run_count, W)`` of them).
     """
 
-    log_norms: jax.Array
-    count: jax.Array
-    streak: jax.Array
-    run_log_norms: jax.Array | None = None
-    run_count: jax.Array | None = None
+    window_log_norms: jax.Array
+    window_count: jax.Array
+    window_streak: jax.Array
+    window_run_log_norms: jax.Array | None = None
+    window_run_count: jax.Array | None = None
 
 
 def norm_window_init(size: int, run_size: int = 0) -> NormWindow:
@@ -145,10 +148,10 @@ def norm_window_init(size: int, run_size: int = 0) -> NormWindow:
 def norm_window_push(window: NormWindow, log_norm: jax.Array, accepted: jax.Array) -> NormWindow:
     """Writes ``log_norm`` into the ring where ``accepted`` (and finite)."""
     accepted = jnp.asarray(accepted) & jnp.isfinite(log_norm)
-    size = window.log_norms.shape[0]
-    hit = jnp.arange(size, dtype=jnp.int32) == window.count % size
-    written = jnp.where(hit & accepted, jnp.asarray(log_norm, jnp.float32), window.log_norms)
-    return window._replace(log_norms=written, count=window.count + accepted.astype(jnp.int32))
+    size = window.window_log_norms.shape[0]
+    hit = jnp.arange(size, dtype=jnp.int32) == window.window_count % size
+    written = jnp.where(hit & accepted, jnp.asarray(log_norm, jnp.float32), window.window_log_norms)
+    return window._replace(window_log_norms=written, window_count=window.window_count + accepted.astype(jnp.int32))
 
 
 def norm_window_stats(window: NormWindow, recent: int | None = None) -> tuple[jax.Array, jax.Array]:
@@ -163,15 +166,15 @@ def norm_window_stats(window: NormWindow, recent: int | None = None) -> tuple[ja
       fall. For independent noise it estimates the same standard deviation as the MAD of
       the levels.
     """
-    size = window.log_norms.shape[0]
-    valid = jnp.minimum(window.count, size)
-    age = (window.count - 1 - jnp.arange(size, dtype=jnp.int32)) % size  # 0 = latest
+    size = window.window_log_norms.shape[0]
+    valid = jnp.minimum(window.window_count, size)
+    age = (window.window_count - 1 - jnp.arange(size, dtype=jnp.int32)) % size  # 0 = latest
     filled = age < valid
     in_baseline = filled if recent is None else filled & (age < recent)
-    baseline = masked_median(window.log_norms, in_baseline)
+    baseline = masked_median(window.window_log_norms, in_baseline)
     # Slot j minus the slot written before it (a gather, not roll's two slices).
-    previous = jnp.take(window.log_norms, (jnp.arange(size, dtype=jnp.int32) - 1) % size)
-    differences = window.log_norms - previous
+    previous = jnp.take(window.window_log_norms, (jnp.arange(size, dtype=jnp.int32) - 1) % size)
+    differences = window.window_log_norms - previous
     _, spread = median_and_spread(differences, age + 1 < valid)
     return baseline, spread / math.sqrt(2.0)
 
@@ -287,7 +290,7 @@ class SpikeRule:
         ``warmup`` (0 is allowed in gh.Thresholds, and a traced one is unchecked): an
         empty window's median is log 1, and every step of a run at norm 10 would be a
         spike."""
-        return window.count >= jnp.maximum(self.warmup, 1)
+        return window.window_count >= jnp.maximum(self.warmup, 1)
 
     def judge(self, window: NormWindow, norm: jax.Array, finite: jax.Array) -> SpikeVerdict:
         median, spread = norm_window_stats(window, self.baseline)
@@ -341,7 +344,7 @@ class SpikeRule:
         of the scale just past the threshold, whose low tail falls below the bound now
         and then, still restarts the window after about ``rebaseline_after`` steps."""
         ends = accepted & ~moved & (self.near(norm, verdict) | ~self.warm(window))
-        streak = jnp.where(moved, window.streak + 1, jnp.where(ends, 0, window.streak))
+        streak = jnp.where(moved, window.window_streak + 1, jnp.where(ends, 0, window.window_streak))
         return streak.astype(jnp.int32), ends
 
     def fold(
@@ -367,10 +370,10 @@ class SpikeRule:
     ) -> tuple[NormWindow, jax.Array]:
         """:meth:`fold`, and whether this step restarted the window.
 
-        The restarted window holds the run's last ``min(run_count, window)`` raw
+        The restarted window holds the run's last ``min(window_run_count, window)`` raw
         log-norms, oldest first, with the run's count: warm at once when the run was at least
         ``warmup`` steps long, so the next step is judged against the new level. A
-        window without its run ring (``run_log_norms`` None) restarts empty."""
+        window without its run ring (``window_run_log_norms`` None) restarts empty."""
         # A dip, the mirror of a spike (below ``median**2 / bound``), is left out of the
         # window: a few nearly empty batches (a norm of 1e-6 among norms of 1) would pull
         # the median down, and the return to the usual scale would be a run of spikes. A
@@ -387,11 +390,11 @@ class SpikeRule:
             pushed = norm_window_push(window, log_norm, accepted & (norm > 0) & ~dip)
         moved = (verdict.spike if spike is None else spike) | dip
         streak, ends = self.streak(window, norm, verdict, moved, accepted)
-        pushed = pushed._replace(streak=streak)
+        pushed = pushed._replace(window_streak=streak)
         if self.rebaseline_after is None:
             return pushed, jnp.zeros((), jnp.bool_)
         restart = streak >= self.rebaseline_after
-        if window.run_log_norms is None:
+        if window.window_run_log_norms is None:
             fresh = jax.tree.map(jnp.zeros_like, pushed)
             return jax.tree.map(lambda a, b: jnp.where(restart, a, b), fresh, pushed), restart
         # The run's ring: the raw log-norm (a spike's uncapped: it is the new level) of
@@ -401,11 +404,12 @@ class SpikeRule:
         # min(run_count, W) log-norms, oldest first.
         raw = jnp.log(jnp.maximum(norm, 1e-37)).astype(jnp.float32)
         kept = (moved | accepted) & ~ends & jnp.isfinite(norm) & (norm > 0)
-        run = norm_window_push(window._replace(log_norms=window.run_log_norms, count=window.run_count), raw, kept)
-        run_count = jnp.where(ends, 0, run.count)
-        pushed = pushed._replace(run_log_norms=run.log_norms, run_count=run_count)
+        as_run = window._replace(window_log_norms=window.window_run_log_norms, window_count=window.window_run_count)
+        run = norm_window_push(as_run, raw, kept)
+        run_count = jnp.where(ends, 0, run.window_count)
+        pushed = pushed._replace(window_run_log_norms=run.window_log_norms, window_run_count=run_count)
         zero = jnp.zeros((), jnp.int32)
-        fresh = NormWindow(run.log_norms, run_count, zero, run.log_norms, zero)
+        fresh = NormWindow(run.window_log_norms, run_count, zero, run.window_log_norms, zero)
         return jax.tree.map(lambda a, b: jnp.where(restart, a, b), fresh, pushed), restart
 
 

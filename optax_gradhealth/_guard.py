@@ -286,21 +286,49 @@ keep_on_momentum_reset(GuardState)
 # (`reduce_on_plateau`'s learning-rate scale and its plateau counters are one of them.)
 _SCHEDULE_STATES = (optax.ScaleByScheduleState, optax.contrib.ReduceLROnPlateauState)
 _HYPERPARAM_STATES = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
+# Random-number states: a fresh init would replay the noise of the first steps (the same
+# Gaussian noise twice voids DP-SGD's privacy accounting) and restart the noise's
+# annealing schedule (`optax.add_noise`'s count). Any other leaf of a PRNG key dtype is
+# kept too; a raw uint32 key cannot be told from data, hence the list.
+_NOISE_STATES = (optax.AddNoiseState, optax.contrib.DifferentiallyPrivateAggregateState)
+# States that mix moments with a learned step size or a schedule counter: the moments
+# are reset, the named fields kept. Prodigy's and D-Adaptation's `estim_lr` (d) only
+# grows (a max over its estimates), so the fresh accumulators that feed it cannot lower
+# it; their `count` is also the bias correction of the reset moments and is reset with
+# them (kept, the first updates would be up to ~6x too large). Momo's `count` is its
+# schedule's step (its momentum is not bias-corrected) and `lb` its learned lower bound
+# of the loss; MomoAdam's count is Adam's bias correction.
+_KEPT_FIELDS: dict[type, tuple[str, ...]] = {
+    optax.contrib.ProdigyState: ("estim_lr",),
+    optax.contrib.DAdaptAdamWState: ("estim_lr",),
+    optax.contrib.MomoState: ("count", "lb"),
+    optax.contrib.MomoAdamState: ("lb",),
+}
 # gradhealth's own bookkeeping states (records, loss scale, audits, nested guards) are
 # kept too: modules declare theirs with `_interfaces.keep_on_momentum_reset`.
+
+
+def _is_prng_key(x: Any) -> bool:
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
 
 
 def _reset_mask(state: Any) -> Any:
     """A tree of Python bools shaped like ``state``: True for the leaves a momentum reset
     re-initialises (from a fresh ``inner.init``); False for those it keeps: schedule and
-    hyperparameter counters and gradhealth's own bookkeeping states (clip modes, nested
+    hyperparameter counters, random-number keys and noise states, learned step sizes
+    (``_KEPT_FIELDS``) and gradhealth's own bookkeeping states (clip modes, nested
     guards, loss scale)."""
 
     def kept(x):
-        return isinstance(x, _SCHEDULE_STATES) or interfaces.is_kept_on_momentum_reset(x)
+        return (
+            isinstance(x, _SCHEDULE_STATES + _NOISE_STATES)
+            or interfaces.is_kept_on_momentum_reset(x)
+            or _is_prng_key(x)
+        )
 
     def is_boundary(x):
-        return kept(x) or isinstance(x, _HYPERPARAM_STATES)
+        return kept(x) or isinstance(x, _HYPERPARAM_STATES) or type(x) in _KEPT_FIELDS
 
     def one(o):
         if kept(o):
@@ -309,6 +337,9 @@ def _reset_mask(state: Any) -> Any:
             return mask._replace(**{f: _reset_mask(getattr(o, f)) for f in fields}) if fields else mask
         if isinstance(o, _HYPERPARAM_STATES):
             return jax.tree.map(lambda _: False, o)._replace(inner_state=_reset_mask(o.inner_state))
+        if type(o) in _KEPT_FIELDS:
+            keep = {f: jax.tree.map(lambda _: False, getattr(o, f)) for f in _KEPT_FIELDS[type(o)]}
+            return jax.tree.map(lambda _: True, o)._replace(**keep)
         return True
 
     return jax.tree.map(one, state, is_leaf=is_boundary)
@@ -320,9 +351,31 @@ def _gradient_like(params: Any) -> Any:
     return params.fast if isinstance(params, optax.LookaheadParams) else params
 
 
+def _on_gradient_like(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+    """``tx`` (a clip mode chained in front of the inner optimizer) given the tree the
+    gradients have (:func:`_gradient_like`) as ``params``, in ``init`` and ``update``:
+    the fast half of ``optax.lookahead``'s ``LookaheadParams``, which the inner optimizer
+    keeps getting whole. Its state is ``tx``'s own."""
+    tx = optax.with_extra_args_support(tx)
+
+    def init_fn(params):
+        return tx.init(_gradient_like(params))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        return tx.update(updates, state, None if params is None else _gradient_like(params), **extra_args)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
 def _scalar_arg(name: str, x: Any) -> jax.Array | None:
     if x is None:
         return None
+    if isinstance(x, (tuple, list, dict)):
+        raise TypeError(
+            f"gh.guard: `{name}` must be a scalar, got a {type(x).__name__}. With jax.value_and_grad(..., "
+            f"has_aux=True), pass the loss alone: `(loss, aux), grads = jax.value_and_grad(f, has_aux=True)(...)`, "
+            f"then tx.update(grads, state, params, {name}=loss)."
+        )
     x = jnp.asarray(x, jnp.float32)
     if x.shape != ():
         raise ValueError(f"gh.guard: `{name}` must be a scalar, got shape {x.shape}.")
@@ -344,6 +397,27 @@ def _check_varies_like_grads(name: str, x: jax.Array | None, updates: Any) -> No
             f"gh.guard: `{name}` varies over the jax.shard_map mesh axes {extra} (one value per device) and "
             f"the gradients do not: each device would judge the step by its own {name} and the replicas "
             f"would drift apart. Pass the mean: `{name}=jax.lax.pmean({name}, {axes!r})`."
+        )
+
+
+def _check_grads_vary_like_state(updates: Any, state: GuardState) -> None:
+    """Raises when the gradients vary over a ``jax.shard_map`` mesh axis that the
+    guard's state does not: per-device gradients reached a guard whose state is shared
+    by the devices (``optax.chain(gh.guard(...), gh.cross_device(...))``, the wrong
+    order). Each device would judge its own gradient and skip steps the others apply."""
+    state_axes = _vma.varying_axes(state.guard_counters.guard_num_steps) or frozenset()
+    grad_axes: set[str] = set()
+    for leaf in jax.tree.leaves(updates):
+        grad_axes |= _vma.varying_axes(leaf) or frozenset()
+    extra = sorted(grad_axes - state_axes)
+    if extra:
+        axes = extra[0] if len(extra) == 1 else tuple(extra)
+        raise ValueError(
+            f"gh.guard: the gradients vary over the jax.shard_map mesh axes {extra} (one gradient per device) "
+            "but the guard's state does not: per-device gradients reached the guard, which would judge each "
+            "device's own gradient and skip steps the others apply. Put gh.cross_device(axis_name="
+            f"{axes!r}) (or a jax.lax.pmean over {axes!r}) in front of it: "
+            f"optax.chain(gh.cross_device(axis_name={axes!r}), gh.guard(...))."
         )
 
 
@@ -432,6 +506,12 @@ def _output_sums(updates: Any, new_state: Any, old_state: Any, params: Any | Non
     does not poison (:func:`_writable`). State leaves of a shape no update leaf has (step
     counters, factored moments) are checked by :func:`_all_finite`.
     """
+    alone: list[tuple[jax.Array, jax.Array | None]] = []
+    if isinstance(params, optax.LookaheadParams) and isinstance(updates, optax.LookaheadParams):
+        # optax.lookahead: the health of the fast half, whose leaves are the gradients';
+        # the slow half's update is still checked.
+        alone = [(x, None) for x in _stats._float_leaves(updates.slow)]
+        updates, params = updates.fast, params.fast
     update_leaves = jax.tree.leaves(_stats._without_nnx_variables(updates))
     param_leaves = None
     if params is not None:
@@ -443,7 +523,6 @@ def _output_sums(updates: Any, new_state: Any, old_state: Any, params: Any | Non
         if _stats._is_float(u):
             by_shape.setdefault(jnp.shape(u), []).append(k)
     partners: dict[int, list[tuple[jax.Array, jax.Array]]] = {}
-    alone: list[tuple[jax.Array, jax.Array]] = []
     seen: dict[tuple[int, ...], int] = {}
     for x, old in _state_pairs(new_state, old_state):
         owners = by_shape.get(x.shape)
@@ -621,7 +700,7 @@ class GuardConfig:
             return self
         return dataclasses.replace(
             self,
-            spike_window=int(state.guard_moments.guard_norm_window.log_norms.shape[0]),
+            spike_window=int(state.guard_moments.guard_norm_window.window_log_norms.shape[0]),
             ring_size=int(state.guard_spike_steps.shape[0]),
         )
 
@@ -948,7 +1027,7 @@ def _record(
     # standing while no run was going on), stands.
     held = moments.guard_rollback_held
     if config.rebaseline_after is not None:
-        held = held | (counters.guard_rollback & (window.streak == 0))
+        held = held | (counters.guard_rollback & (window.window_streak == 0))
         if config.rollback_after_nonfinite is not None:
             held = held | (consecutive_nonfinite >= config.rollback_after_nonfinite)
         rollback = rollback & (held | ~restart)
@@ -1037,8 +1116,8 @@ def _update_health(outcome: Outcome, grad_leaf_norms: _stats.LeafNorms) -> tuple
         param_norm = _stats._norm_of_norms(param_leaf_norms) if param_leaf_norms.size else param_norm
     ratios = _ratio(update_leaf_norms, param_leaf_norms)
     if ratios.shape != grad_leaf_norms.values.shape:
-        # An update not shaped like the gradients (optax.lookahead's holds the fast and
-        # the slow params'): no leaf of it is a gradient leaf's; 0, as unknown.
+        # An update not shaped like the gradients (`_output_sums` reads optax.lookahead's
+        # fast half): no leaf of it is a gradient leaf's; 0, as unknown.
         ratios = jnp.zeros_like(grad_leaf_norms.values)
     leaf_ratios = _stats.LeafNorms(ratios, grad_leaf_norms.treedef)
     return update_norm, param_norm, _ratio(update_norm, param_norm), leaf_ratios
@@ -1144,9 +1223,11 @@ def guard(
     * **momentum reset** when ``reset_after`` spikes fall within ``reset_window``
       steps: every per-parameter statistic of the inner state (Adam's ``mu``, ``nu``
       and their bias-correction ``count``) is re-initialised, while learning-rate
-      schedule counters (``ScaleByScheduleState``, ``inject_hyperparams``) keep going.
-      The reset comes before the step's update: with ``spike_action='skip'`` the reset
-      step is skipped, so the next accepted gradient is the fresh optimizer's first;
+      schedule counters (``ScaleByScheduleState``, ``inject_hyperparams``), random-number
+      keys and noise states, and learned step sizes (``optax.contrib.prodigy``'s d) keep
+      going (``docs/concepts.md``, "Momentum reset"). The reset comes before the step's
+      update: with ``spike_action='skip'`` the reset step is skipped, so the next
+      accepted gradient is the fresh optimizer's first;
       with ``'clip'`` or ``'record'`` the reset step's own (clipped) gradient is.
     * **rollback** recommendation (sticky) after ``rollback_after_nonfinite``
       non-finite steps or ``rollback_after_spikes`` spikes without a good step between
@@ -1225,7 +1306,8 @@ def guard(
       update_health: record what the optimizer did with the step: ``update/norm``
         (the update returned, 0 when skipped), ``param/norm`` (of the ``params`` passed
         to ``update``; 0 without them), ``update/param_ratio`` and, per leaf,
-        ``update/leaf_param_ratio/<path>`` (0 where the parameter is 0). Read in the
+        ``update/leaf_param_ratio/<path>`` (0 where the parameter is 0); of the fast
+        half for ``optax.lookahead``. Read in the
         reduction that checks the update (``check_updates``); an update whose sum of
         squares overflows float32 (elements of ~1e19) then counts as non-finite. Its
         cost is in ``docs/benchmarks.md``; False drops it.
@@ -1254,7 +1336,9 @@ def guard(
     if isinstance(clip, optax.GradientTransformation):
         # A clip mode (gh.clip_by_value, gh.clip_by_leaf_norm, gh.adaptive_grad_clip):
         # applied to accepted steps only, between the guard's decision and `inner`.
-        inner = optax.chain(clip, inner)
+        # It reads the gradients' tree as params (optax.lookahead's fast half), and so
+        # does its fresh init on a momentum reset.
+        inner = optax.chain(_on_gradient_like(clip), inner)
         clip = None
     config = GuardConfig.build(
         clip=clip,
@@ -1279,12 +1363,13 @@ def guard(
         return _init_state(config, inner, params)
 
     def update_fn(updates, state, params=None, **extra_args):
+        check.state_type("gh.guard", state, GuardState)
         cfg = config.sized_like(state)  # sizes of traced integer arguments, from the state
         # A state built for another configuration (flax.serialization restores one without
         # checking shapes) is refused on its static shapes: nothing enters the compiled step.
-        window = jnp.shape(state.guard_moments.guard_norm_window.log_norms)
+        window = jnp.shape(state.guard_moments.guard_norm_window.window_log_norms)
         if isinstance(config.spike_window, int) and window != (config.spike_window,):
-            field = "guard_moments.guard_norm_window.log_norms"
+            field = "guard_moments.guard_norm_window.window_log_norms"
             raise _clipping.other_config_error("gh.guard", field, "spike_window", window, config.spike_window)
         ring = jnp.shape(state.guard_spike_steps)
         if config.ring_size is not None and ring != (config.ring_size,):
@@ -1304,6 +1389,7 @@ def guard(
         stats, scaled = _stats._grad_stats_and_scaled_norms(updates, unscale)
         loss = _scalar_arg("loss", extra_args.get("loss"))
         value = _scalar_arg("value", extra_args.get("value"))
+        _check_grads_vary_like_state(updates, state)
         _check_varies_like_grads("loss", loss, updates)
         _check_varies_like_grads("value", value, updates)
 
@@ -1389,7 +1475,9 @@ def rebaseline(opt_state: Any) -> Any:
     it. Guards are found anywhere in the tree, as :func:`metrics` finds them: in
     ``optax.chain``, ``optax.MultiSteps``, ``optax.inject_hyperparams``, a guard inside
     a guard, a restored pure dict. For ``flax.nnx``: ``optimizer.opt_state =
-    gh.rebaseline(optimizer.opt_state)``.
+    gh.rebaseline(optimizer.opt_state)``; a step built with ``nnx.cached_partial`` holds
+    its own reference to the optimizer's state, so update the optimizer in place there
+    (``nnx.update(optimizer, ...)`` of a clone carrying the new state, as the demo does).
 
     Args:
       opt_state: an optimizer state holding at least one :func:`guard` state.

@@ -7,10 +7,12 @@
 from __future__ import annotations
 
 import re
+import sys
 import typing
 from typing import Any
 
 import jax
+import optax
 
 from optax_gradhealth import _catalogue, _stats
 from optax_gradhealth import _validation as check
@@ -25,10 +27,10 @@ _REGISTRY = _catalogue.STATE_FIELDS
 
 
 def _unwrap_variables(tree: Any) -> Any:
-    """Reads through ``flax.nnx`` variables (``nnx.Optimizer.opt_state``) and optimizers."""
-    try:
-        from flax import nnx
-    except ImportError:  # pragma: no cover - flax is a dependency, but stay lenient
+    """Reads through ``flax.nnx`` variables (``nnx.Optimizer.opt_state``) and optimizers
+    (none can exist unless ``flax.nnx`` was imported: it is not imported here)."""
+    nnx = sys.modules.get("flax.nnx")
+    if nnx is None:
         return tree
     if isinstance(tree, nnx.Optimizer):
         tree = tree.opt_state
@@ -39,6 +41,27 @@ def _unwrap_variables(tree: Any) -> Any:
         elif hasattr(tree, "to_pure_dict"):  # pragma: no cover - older flax
             tree = tree.to_pure_dict()
     return _stats._without_nnx_variables(tree)
+
+
+def _refuse_transformation(obj: Any) -> None:
+    """A ``TypeError`` for the transformation passed instead of its state (``{}`` would
+    fail a line later, unexplained)."""
+    if isinstance(obj, optax.GradientTransformation):
+        raise TypeError(
+            f"gh.metrics: got the transformation (a {type(obj).__name__}), not its state: pass the state "
+            "tx.init / tx.update returned, not tx."
+        )
+
+
+def _refuse_model(obj: Any) -> None:
+    """A ``TypeError`` for an ``nnx`` model passed instead of its optimizer (called when
+    no gradhealth state was found: a Module that holds the optimizer is fine)."""
+    nnx = sys.modules.get("flax.nnx")  # not imported here: without it there is no nnx Module
+    if nnx is not None and isinstance(obj, nnx.Module) and not isinstance(obj, nnx.Optimizer):
+        raise TypeError(
+            f"gh.metrics: got a {type(obj).__name__}, an nnx.Module that is not an nnx.Optimizer and holds no "
+            "gradhealth state: pass the nnx.Optimizer or its opt_state."
+        )
 
 
 def _may_be_none(state_type: type, field: str) -> bool:
@@ -157,7 +180,14 @@ def metrics(opt_state: Any, *, deprecated_names: bool = True) -> dict[str, jax.A
         (True or False).
 
     Returns:
-      ``dict[str, jax.Array]``; empty if no gradhealth state is inside.
+      ``dict[str, jax.Array]``; empty if no gradhealth state is inside (the params, or
+      the state of an optimizer without a gradhealth transformation).
+
+    Raises:
+      TypeError: for what cannot be an optimizer state: the transformation itself (an
+        ``optax.GradientTransformation``: pass the state ``tx.init`` / ``tx.update``
+        returned), or an ``nnx.Module`` that is not an ``nnx.Optimizer`` and holds
+        none (pass the optimizer or its ``opt_state``).
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -170,6 +200,7 @@ def metrics(opt_state: Any, *, deprecated_names: bool = True) -> dict[str, jax.A
       (True, False)
     """
     deprecated_names = check.boolean("deprecated_names", deprecated_names)
+    _refuse_transformation(opt_state)
     out: dict[str, jax.Array] = {}
     for state in _find_states(_unwrap_variables(opt_state)):
         entries: dict[str, jax.Array] = {}
@@ -196,6 +227,8 @@ def metrics(opt_state: Any, *, deprecated_names: bool = True) -> dict[str, jax.A
                 copy += 1
                 key = f"{name}#{copy}"
             out[key] = value
+    if not out:
+        _refuse_model(opt_state)
     if deprecated_names:
         for key, value in list(out.items()):
             name, hash_, copy = key.partition("#")

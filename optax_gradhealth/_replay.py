@@ -114,21 +114,36 @@ def _fingerprints(tree: Any) -> jax.Array:
     return jnp.stack([sketch.leaf_fingerprint(x, sketch.u32(0x5BD1E995 * (i + 1))) for i, x in enumerate(leaves)])
 
 
-def _guard_state(opt_state: Any) -> tuple[guard_module.GuardState | None, bool]:
-    """The first guard state inside ``opt_state`` (a chain, a wrapper, an
-    ``nnx.Optimizer`` or its ``opt_state``, whose leaves are nnx variables), or None;
-    and whether it is inside a gradient accumulation (``optax.MultiSteps``, which
-    :func:`accumulate` is too), where its window holds norms of accumulated means."""
+def _guard_window(opt_state: Any, grads: Any) -> detect.NormWindow | None:
+    """The spike window the replay judges ``grads`` against: that of the guard state
+    inside ``opt_state`` (a chain, a wrapper, an ``nnx.Optimizer`` or its ``opt_state``,
+    whose leaves are nnx variables). None (no spike rule: non-finite steps only) when
+    there is no guard, or when the guard's window holds norms of another gradient than
+    ``grads``:
+
+    * inside a gradient accumulation (``optax.MultiSteps``, which :func:`accumulate` is
+      too): norms of accumulated means;
+    * more than one guard (one per parameter group, in ``optax.multi_transform`` or
+      ``optax.masked``), or a guard whose per-leaf norms cover fewer leaves than
+      ``grads`` has (``optax.masked``): norms of one group's part of the gradient.
+    """
     is_guard = lambda x: isinstance(x, guard_module.GuardState)
     is_stop = lambda x: is_guard(x) or isinstance(x, optax.MultiStepsState)
+    guards, accumulated = [], False
     for leaf in jax.tree.leaves(_metrics._unwrap_variables(opt_state), is_leaf=is_stop):
         if is_guard(leaf):
-            return leaf, False
-        if isinstance(leaf, optax.MultiStepsState):
+            guards.append(leaf)
+        elif isinstance(leaf, optax.MultiStepsState):
             inner = [x for x in jax.tree.leaves(tuple(leaf), is_leaf=is_guard) if is_guard(x)]
-            if inner:
-                return inner[0], True
-    return None, False
+            guards.extend(inner)
+            accumulated = accumulated or bool(inner)
+    if accumulated or len(guards) != 1:
+        return None
+    (guard_state,) = guards
+    seen = len(guard_state.guard_report.guard_leaf_norms)
+    if seen < jax.tree.structure(_stats._without_nnx_variables(grads)).num_leaves:
+        return None
+    return guard_state.guard_moments.guard_norm_window
 
 
 def step_replay(
@@ -174,7 +189,12 @@ def step_replay(
     noise-dominated), and one that alone makes the window a spike about ``every_k``
     times, so no single scaling of the rule fits (with 32 noisy micro-batches, a third
     of the micro-steps were replayed in a healthy run). There the spike rule is not
-    applied: only non-finite micro-steps are replayed.
+    applied: only non-finite micro-steps are replayed. The same holds with a guard per
+    parameter group (several guards in ``optax.multi_transform``, or a guard inside
+    ``optax.masked`` that sees only some leaves): each window holds the norms of its
+    group's part of the gradient, not of the whole gradient the replay sees (in a
+    healthy run with a head's gradient 6 times the body's, over half of the steps were
+    replayed). Wrap the whole optimizer in one guard to replay spikes too.
 
     Args:
       value_and_grad_fn: ``(*args, **kwargs) -> (value, grads)``, e.g.
@@ -224,7 +244,7 @@ def step_replay(
         finite = stats.finite & jnp.isfinite(_loss_of(value))
         spike = jnp.zeros((), jnp.bool_)
         if window is not None:
-            size = int(window.log_norms.shape[0])
+            size = int(window.window_log_norms.shape[0])
             rule = detect.SpikeRule(
                 spike_threshold,
                 spike_zscore,
@@ -239,11 +259,9 @@ def step_replay(
 
     def call(state: ReplayState, opt_state: Any, *args: Any, **kwargs: Any):
         value, grads = value_and_grad_fn(*args, **kwargs)
-        guard_state, accumulated = _guard_state(opt_state) if spikes_on else (None, False)
-        # Under accumulation the window holds norms of means of `every_k` micro-batches,
-        # not comparable with one micro-batch's: non-finite steps only (see the docstring).
-        use_window = guard_state is not None and not accumulated
-        window = guard_state.guard_moments.guard_norm_window if use_window else None
+        # None where the guard's window holds norms of another gradient (accumulated
+        # means, one parameter group's part): non-finite steps only (see the docstring).
+        window = _guard_window(opt_state, grads) if spikes_on else None
         ok, _ = healthy(value, grads, window)
 
         def again(first):

@@ -406,3 +406,46 @@ def test_num_steps_under_dynamic_loss_scale_is_the_calls_minus_the_overflows_as_
     assert int(m["grad/num_overflows"]) == 1
     assert int(m["grad/num_steps"]) == len(grads) - 1
     assert "update calls minus grad/num_overflows" in _catalogue.SPECS["grad/num_steps"].healthy
+
+
+def test_metrics_refuses_what_cannot_be_an_optimizer_state():
+    """gh.metrics on the transformation, or on an nnx model instead of its optimizer, is
+    a TypeError that says what to pass (an empty dict failed a line later as a bare
+    KeyError); a state with no gradhealth part (the params, a bare optax state) is {}."""
+    from flax import nnx
+
+    params = {"w": jnp.ones((3, 2))}
+    for tx in (gh.guard(optax.adamw(1e-2)), optax.adam(1e-2), gh.clip_by_global_norm(1.0)):
+        with pytest.raises(TypeError, match=r"gh.metrics: got the transformation .*tx.init / tx.update returned"):
+            gh.metrics(tx)
+    model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match=r"got a Linear, an nnx.Module that is not an nnx.Optimizer.*opt_state"):
+        gh.metrics(model)
+    optimizer = nnx.Optimizer(model, gh.guard(optax.sgd(0.1)), wrt=nnx.Param)
+
+    class Trainer(nnx.Module):  # a Module that holds the optimizer: read through it
+        def __init__(self):
+            self.model, self.optimizer = model, optimizer
+
+    global_names = lambda m: {name for name in m if name.count("/") == 1}  # per-leaf names differ from nnx.state
+    expected = global_names(gh.metrics(optimizer.opt_state))
+    assert "grad/norm" in expected
+    assert global_names(gh.metrics(optimizer)) == expected == global_names(gh.metrics(Trainer()))
+    assert gh.metrics(params) == {} and gh.metrics(optax.adam(1e-2).init(params)) == {}
+
+
+def test_metrics_does_not_import_flax():
+    """Reading a state needs no flax where the user never imported it (nnx objects cannot
+    exist then)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, jax.numpy as jnp, optax, optax_gradhealth as gh\n"
+        "state = gh.guard(optax.sgd(0.1)).init({'w': jnp.zeros(2)})\n"
+        "assert 'grad/norm' in gh.metrics(state)\n"
+        "assert gh.metrics({'w': jnp.zeros(2)}) == {}\n"
+        "assert 'flax' not in sys.modules, sorted(m for m in sys.modules if m.startswith('flax'))[:3]\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]

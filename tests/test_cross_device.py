@@ -1632,3 +1632,39 @@ def test_the_smallest_sketch_flags_no_near_duplicate_pair_on_clean_gradients():
         assert not m["xdev/near_duplicate_pairs"].any()
     with pytest.raises(ValueError, match=r"`sketch_dim` must be an int >= 2, got 1\."):
         gh.cross_device("data", sketch_dim=1)
+
+
+def test_the_guard_refuses_per_device_gradients_from_the_wrong_chain_order_under_shard_map():
+    """optax.chain(gh.guard(...), gh.cross_device(...)): the guard sees each device's
+    local gradient (each device would skip on its own). Under shard_map the gradients
+    vary over 'data' and the guard's state does not: a clear error naming the order
+    (it used to be JAX's "Primitive pow requires varying manual axes to match"). The
+    documented order runs and judges the mean gradient (float64 reference)."""
+    mesh = jax.make_mesh((K,), ("data",), axis_types=(AxisType.Auto,))
+    rng = np.random.default_rng(11)
+    x = jnp.asarray(rng.normal(size=(K * 2, 4)), jnp.float32)
+    y = x[:, 0]
+    params = {"w": jnp.ones((4,), jnp.float32)}
+    loss_fn = lambda p, x, y: jnp.mean((x @ p["w"] - y) ** 2)
+
+    def make_step(tx):
+        def step(params, opt_state, x, y):
+            loss, grads = gh.local_value_and_grad(loss_fn, "data")(params, x, y)
+            updates, opt_state = tx.update(grads, opt_state, params, loss=jax.lax.pmean(loss, "data"))
+            return optax.apply_updates(params, updates), opt_state
+
+        in_specs = (P(), P(), P("data"), P("data"))
+        return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=in_specs, out_specs=(P(), P())))
+
+    wrong = optax.chain(gh.guard(optax.adam(0.1)), gh.cross_device(axis_name="data"))
+    with pytest.raises(
+        ValueError,
+        match=r"gh\.guard: the gradients vary over the jax\.shard_map mesh axes \['data'\].*"
+        r"optax\.chain\(gh\.cross_device\(axis_name='data'\), gh\.guard\(\.\.\.\)\)",
+    ):
+        make_step(wrong)(params, wrong.init(params), x, y)
+    right = optax.chain(gh.cross_device(axis_name="data"), gh.guard(optax.adam(0.1)))
+    _, state = make_step(right)(params, right.init(params), x, y)
+    xs, ys = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    mean_grad = 2 * xs.T @ (xs @ np.ones(4) - ys) / len(ys)  # equal shards: the mean of local means
+    np.testing.assert_allclose(float(gh.metrics(state)["grad/norm"]), np.linalg.norm(mean_grad), rtol=1e-5)

@@ -62,8 +62,8 @@ def test_norm_window_holds_the_last_accepted_log_norms():
     for norm, ok in zip(norms, accepted):
         window = detect.norm_window_push(window, jnp.log(norm), jnp.bool_(ok))
     kept = np.log(norms[accepted].astype(np.float64))[-8:]  # in the order they came
-    assert int(window.count) == accepted.sum()
-    np.testing.assert_allclose(np.sort(np.asarray(window.log_norms)), np.sort(kept), rtol=1e-6)
+    assert int(window.window_count) == accepted.sum()
+    np.testing.assert_allclose(np.sort(np.asarray(window.window_log_norms)), np.sort(kept), rtol=1e-6)
     # Baseline: the median of the latest `recent`; spread: of the consecutive differences.
     diffs = np.diff(kept)
     want_spread = 1.4826 * np.median(np.abs(diffs - np.median(diffs))) / np.sqrt(2)
@@ -90,7 +90,7 @@ def test_norm_window_ignores_non_finite_values():
     window = detect.norm_window_init(4)
     for value in [0.0, jnp.nan, jnp.inf, 1.0]:
         window = detect.norm_window_push(window, jnp.float32(value), jnp.bool_(True))
-    assert int(window.count) == 2
+    assert int(window.window_count) == 2
     assert float(detect.norm_window_stats(window)[0]) == 0.5
     assert float(detect.norm_window_stats(window)[1]) == 0.0  # one difference: no spread yet
 
@@ -236,7 +236,7 @@ def test_spike_rule_streak_breaks_only_on_an_accepted_step_near_the_baseline():
     xs = np.exp(np.random.default_rng(0).normal(0.0, 0.1, 10)).astype(np.float32)
     for x in xs:
         window = rule.fold(window, jnp.float32(x), rule.judge(window, jnp.float32(x), True), True)
-    window = window._replace(streak=jnp.int32(2))
+    window = window._replace(window_streak=jnp.int32(2))
     false, true = jnp.bool_(False), jnp.bool_(True)
     # The bound, by the math: the median of the 10 log-norms; the spread floor (0.05)
     # times 6 is below log 5, so the bound is 5 x the baseline and "near" is a ratio in
@@ -248,7 +248,7 @@ def test_spike_rule_streak_breaks_only_on_an_accepted_step_near_the_baseline():
     def after(ratio, accepted, spike=None):
         norm = jnp.float32(ratio * baseline)
         verdict = rule.judge(window, norm, jnp.isfinite(norm))
-        return int(rule.fold(window, norm, verdict, accepted, spike).streak)
+        return int(rule.fold(window, norm, verdict, accepted, spike).window_streak)
 
     assert after(1.0, true) == 0  # an accepted ordinary step ends the run
     assert after(2.1, true) == 0 and after(1 / 2.1, true) == 0  # near: within sqrt(5) either side
@@ -259,13 +259,14 @@ def test_spike_rule_streak_breaks_only_on_an_accepted_step_near_the_baseline():
     assert after(100.0, false) == 3  # a norm spike
     assert after(1.0, false, true) == 3  # a loss spike (the caller's flag)
     assert after(1e-4, true) == 3  # a dip
-    window = window._replace(streak=jnp.int32(3))  # the 4th in a row restarts the window
+    window = window._replace(window_streak=jnp.int32(3))  # the 4th in a row restarts the window
     norm = jnp.float32(1.0)
     verdict = rule.judge(window, norm, True)
     restarted = rule.fold(window, norm, verdict, false, true)
     # on the run's own norms: here only this step's (the run ring was empty)
-    assert int(restarted.count) == 1 and int(restarted.streak) == 0 and float(restarted.log_norms[0]) == 0.0
-    assert int(rule.fold(window, norm, verdict, true).count) == 11
+    assert int(restarted.window_count) == 1 and int(restarted.window_streak) == 0
+    assert float(restarted.window_log_norms[0]) == 0.0
+    assert int(rule.fold(window, norm, verdict, true).window_count) == 11
 
 
 # ----------------------------------------------------------------------------- CUSUM

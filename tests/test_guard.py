@@ -599,6 +599,35 @@ def test_mismatched_gradient_tree_and_bad_loss_get_clear_errors():
         tx.update({"w": jnp.zeros(2)}, state, params, loss=jnp.ones(3))
 
 
+@pytest.mark.parametrize("aux", [{"acc": jnp.float32(0.5)}, jnp.float32(0.5)], ids=["dict_aux", "scalar_aux"])
+def test_the_pair_of_value_and_grad_has_aux_as_loss_is_refused_naming_loss(aux):
+    """`(loss, aux), grads = jax.value_and_grad(f, has_aux=True)(...)` then loss=(loss, aux):
+    the error used to be numpy's float() message (dict aux) or a shape (2,) (scalar aux)."""
+    tx = gh.guard(optax.sgd(0.1))
+    params = {"w": jnp.zeros(2)}
+    state = tx.init(params)
+    for pair in [(jnp.float32(1.0), aux), [jnp.float32(1.0), aux]]:
+        with pytest.raises(
+            TypeError,
+            match=r"gh\.guard: `loss` must be a scalar, got a (tuple|list)\. With "
+            r"jax\.value_and_grad\(\.\.\., has_aux=True\), pass the loss alone",
+        ):
+            jax.jit(tx.update)({"w": jnp.zeros(2)}, state, params, loss=pair)
+    with pytest.raises(TypeError, match=r"gh\.guard: `value` must be a scalar, got a dict"):
+        tx.update({"w": jnp.zeros(2)}, state, params, value={"loss": jnp.float32(1.0)})
+
+
+def test_the_guard_refuses_another_optimizers_state_naming_itself():
+    """An optax state (or the guard's own inner state) passed as the guard's state used
+    to fail with "'tuple' object has no attribute 'guard_moments'"."""
+    tx = gh.guard(optax.adam(0.1))
+    params = {"w": jnp.zeros(2)}
+    grads = {"w": jnp.ones(2)}
+    for wrong in [optax.adam(0.1).init(params), tx.init(params).guard_inner_state]:
+        with pytest.raises(TypeError, match=r"gh\.guard: `state` must be the GuardState that this transformation"):
+            tx.update(grads, wrong, params)
+
+
 def test_metrics_found_in_train_state_and_nested_guards():
     from flax.training import train_state
 
@@ -686,7 +715,12 @@ def test_the_arguments_that_take_a_jax_scalar_say_so_in_their_hints():
 @pytest.mark.parametrize(
     "saved, target, field, sizes",
     [
-        ({"spike_window": 64}, {"spike_window": 32}, "guard_norm_window.log_norms", "spike_window=64.*spike_window=32"),
+        (
+            {"spike_window": 64},
+            {"spike_window": 32},
+            "guard_norm_window.window_log_norms",
+            "spike_window=64.*spike_window=32",
+        ),
         ({"reset_after": 5}, {"reset_after": 3}, "guard_spike_steps", "reset_after=5.*reset_after=3"),
         ({"reset_after": 3}, {"reset_after": None}, "guard_spike_steps", "reset_after=3.*reset_after=None"),
         ({}, {"update_health": False}, "guard_update_norm", "update_health=True.*update_health=False"),

@@ -71,7 +71,7 @@ def test_clean_and_trending_streams_never_restart():
         def step(window, norm):
             verdict = rule.judge(window, norm, jnp.isfinite(norm))
             window, restart = rule.fold_and_restart(window, norm, verdict, ~verdict.spike)
-            return window, (window.streak, restart)
+            return window, (window.window_streak, restart)
 
         _, (streak, restart) = jax.lax.scan(step, rule.init(), norms)
         return jnp.max(streak), jnp.sum(restart)
@@ -190,7 +190,7 @@ def test_rebaseline_restarts_every_guard_in_a_nested_state_under_jit(make):
         grads = {"w": jnp.asarray(scale * rng.normal(size=4), jnp.float32)}
         _, state = update(grads, state, params, loss=jnp.float32(1.0 + 0.01 * rng.normal()))
     before = _guard_states(state)
-    assert before and all(int(g.guard_moments.guard_norm_window.count) > 0 for g in before)
+    assert before and all(int(g.guard_moments.guard_norm_window.window_count) > 0 for g in before)
     assert bool(before[0].guard_counters.guard_rollback)
     new = jax.jit(gh.rebaseline)(state)
     assert jax.tree.structure(new) == jax.tree.structure(state)
@@ -199,7 +199,7 @@ def test_rebaseline_restarts_every_guard_in_a_nested_state_under_jit(make):
     assert len(after) == len(before)
     for old, g in zip(before, after, strict=True):
         window = g.guard_moments.guard_norm_window
-        assert int(window.count) == 0 and int(window.streak) == 0 and int(window.run_count) == 0
+        assert int(window.window_count) == 0 and int(window.window_streak) == 0 and int(window.window_run_count) == 0
         assert int(g.guard_moments.guard_num_losses) == 0 and float(g.guard_moments.guard_running_loss_mean) == 0.0
         c, o = g.guard_counters, old.guard_counters
         assert not bool(c.guard_rollback)

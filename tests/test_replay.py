@@ -260,3 +260,41 @@ def test_under_accumulation_only_nonfinite_micro_steps_are_replayed(wrapper):
     assert bool(gh.metrics(state)["grad/replayed"]) == (wrapper == "none")
     _, state = call(replay.init(), opt_state, w, jnp.array([1.0, jnp.nan, 1.0]))
     assert bool(gh.metrics(state)["grad/replayed"])
+
+
+@pytest.mark.parametrize("setup", ["guard(multi_transform)", "multi_transform(guards)", "masked(guard)"])
+def test_with_a_guard_per_parameter_group_only_nonfinite_steps_are_replayed(setup):
+    """A guard per parameter group (optax.multi_transform, optax.masked) holds the norms
+    of its group's part of the gradient, not of the whole gradient the replay sees: a
+    clean step whose head is 30x the body (as in training) is not replayed there, nor
+    is a spike (no spike rule); a non-finite step still is. One guard over the whole
+    optimizer keeps the spike rule."""
+    labels = {"body": "body", "head": "head"}
+    sgd = lambda: optax.sgd(0.1)
+    guard = lambda inner: gh.guard(inner, warmup_steps=2)
+    tx = {
+        "guard(multi_transform)": guard(optax.multi_transform({"body": sgd(), "head": sgd()}, labels)),
+        "multi_transform(guards)": optax.multi_transform({"body": guard(sgd()), "head": guard(sgd())}, labels),
+        "masked(guard)": optax.chain(
+            optax.masked(guard(sgd()), {"body": True, "head": False}),
+            optax.masked(sgd(), {"body": False, "head": True}),
+        ),
+    }[setup]
+    w = {"body": jnp.zeros(3), "head": jnp.zeros(3)}
+    opt_state = tx.init(w)
+    rng = np.random.default_rng(0)
+    unit = lambda: (lambda v: v / np.linalg.norm(v))(rng.normal(size=3)).astype(np.float32)
+    for _ in range(16):  # the body's gradient has norm 1, the head's 30
+        opt_state = tx.update({"body": jnp.asarray(unit()), "head": jnp.asarray(30 * unit())}, opt_state, w)[1]
+    loss = lambda w, x: jnp.sum(w["body"] * x["body"]) + jnp.sum(w["head"] * x["head"])  # gradient: x
+    replay = gh.step_replay(jax.value_and_grad(loss), warmup_steps=2)
+    call = jax.jit(replay)
+
+    def replayed(body, head):
+        _, state = call(replay.init(), opt_state, w, {"body": jnp.asarray(body), "head": jnp.asarray(head)})
+        return bool(gh.metrics(state)["grad/replayed"])
+
+    whole = setup == "guard(multi_transform)"
+    assert not replayed(unit(), 30 * unit())  # a clean step, as in training
+    assert replayed(100 * unit(), 3000 * unit()) == whole  # a 100x spike of both groups
+    assert replayed(np.array([1.0, np.nan, 1.0], np.float32), 30 * unit())  # non-finite

@@ -202,12 +202,13 @@ def _replay_fast(rule: detect.SpikeRule, norms: np.ndarray) -> tuple[np.ndarray,
             s, r, window = _replay_steps(rule, window, part)
             spike[position : position + taken] = np.asarray(s)[:taken]
             ratio[position : position + taken] = np.asarray(r)[:taken]
-            ring, count, streak = np.asarray(window.log_norms), int(window.count), int(window.streak)
+            ring, count = np.asarray(window.window_log_norms), int(window.window_count)
+            streak = int(window.window_streak)
             kept = ring[np.arange(count - min(count, size), count) % size]
-            run_count = int(window.run_count)
+            run_count = int(window.window_run_count)
             if run_size:
                 held = np.arange(run_count - min(run_count, run_size), run_count) % run_size
-                run = np.asarray(window.run_log_norms)[held]
+                run = np.asarray(window.window_run_log_norms)[held]
             position, stretch, short = position + taken, small, 0
             continue
         end = min(total, position + stretch)
