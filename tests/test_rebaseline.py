@@ -16,20 +16,7 @@ import pytest
 import optax_gradhealth as gh
 from optax_gradhealth import _detectors as detect
 from optax_gradhealth._guard import SPREAD_FLOOR
-
-
-def run_norms(tx, norms, loss=None):
-    """The guard over gradients of the given global norms; the metrics after each step."""
-    params = {"w": jnp.zeros(4)}
-    state = tx.init(params)
-    update = jax.jit(tx.update)
-    history = []
-    for i, norm in enumerate(norms):
-        grads = {"w": jnp.full((4,), norm / 2.0, jnp.float32)}  # global norm == norm
-        extra = {} if loss is None else {"loss": jnp.float32(loss[i])}
-        _, state = update(grads, state, params, **extra)
-        history.append(jax.device_get(gh.metrics(state, deprecated_names=False)))
-    return state, history
+from tests.test_guard import run_norm_sequence as run_norms  # the guard over gradients of given norms
 
 
 def flags(history, name):
