@@ -497,10 +497,14 @@ def _as_lasting_change(h: History, th: Thresholds, finding: Finding, spikes: np.
             cause,
             "an unplanned change that lasted: a fault present on every batch since then (a data source in other "
             "units, a loss or masking bug), which the guard now takes as normal",
+            "a learning-rate spike or another bad update just before the run, which threw the parameters where the "
+            "gradients are larger (the loss jumped at the start of the run)",
         )
         mitigations = (
             LASTING_CHANGE_MITIGATION,
             "if not planned, find what changed at that step (the data, the loss, the model) before training on",
+            "if the loss jumped at the start of the run, restore a checkpoint from before it: the update that "
+            "caused it was applied",
             "a loop that restores a checkpoint on grad/rollback_recommended goes back before the change: "
             "announce a planned one with gh.rebaseline instead",
         )
