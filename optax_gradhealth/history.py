@@ -398,7 +398,7 @@ def _side_rows(
     return side, restart
 
 
-def _current_rows(steps: np.ndarray, side: np.ndarray | None = None) -> np.ndarray:
+def _current_rows(steps: np.ndarray, side: np.ndarray) -> np.ndarray:
     """The rows (indices, in write order) that no later write supersedes: a row is kept
     when every row written after it, side rows (:func:`_side_rows`) aside, has a higher
     step. A run that goes back to step ``s`` (a resume, a rollback) starts its timeline
@@ -407,7 +407,7 @@ def _current_rows(steps: np.ndarray, side: np.ndarray | None = None) -> np.ndarr
     far. Without side rows the kept steps are strictly increasing."""
     if steps.size < 2:
         return np.arange(steps.size)
-    timeline = steps if side is None else np.where(side, _INT64_MAX, steps)
+    timeline = np.where(side, _INT64_MAX, steps)
     later_min = np.minimum.accumulate(timeline[::-1])[::-1][1:]  # the lowest step written after each row
     return np.flatnonzero(np.concatenate([steps[:-1] < later_min, [True]]))
 
@@ -448,13 +448,12 @@ def _dropped(steps: np.ndarray, keep: np.ndarray) -> tuple[int, int]:
     return int(np.count_nonzero(dropped)), int(np.count_nonzero(dropped & (steps > reached)))
 
 
-def _restarts(steps: np.ndarray, restart: np.ndarray | None = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def _restarts(steps: np.ndarray, restart: np.ndarray) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """``(restarts, restarted_from)`` of steps in write order: the step of each restart
-    row (default: each step not above the one logged before it; :func:`_side_rows` tells
-    them from side rows), and the step logged just before it. A step logged again right
-    after itself (a run resumed at the last step it logged) is a restart too: its later
-    row replaces the earlier one."""
-    back = np.flatnonzero(steps[1:] <= steps[:-1]) + 1 if restart is None else np.flatnonzero(restart)
+    row (``restart``, from :func:`_side_rows`), and the step logged just before it. A
+    step logged again right after itself (a run resumed at the last step it logged) is
+    a restart too: its later row replaces the earlier one."""
+    back = np.flatnonzero(restart)
     return tuple(int(s) for s in steps[back]), tuple(int(s) for s in steps[back - 1])
 
 
