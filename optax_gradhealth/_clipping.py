@@ -462,24 +462,36 @@ def clip_scale(
     the norm times ``2**-80`` (``_stats._grad_stats_and_scaled_norms``), a saturated norm
     is compared and divided in units of ``2**40``: ``threshold * 2**-40`` against
     ``scaled_norm * 2**40``, whose ratio is ``threshold`` over the true norm (to float32
-    rounding; split in two as above where it is subnormal). Where the norm is not
-    saturated the factors are exactly those without ``scaled_norm``.
+    rounding). Where that ratio is subnormal its square root is ``sqrt(threshold)`` over
+    ``sqrt(scaled_norm * 2**40) * 2**20``: the threshold is not scaled there, so that
+    one below ``2**-86`` (~1.3e-26), which ``2**-40`` would take below float32's normal
+    range, still clips to itself, not to zero. Where the norm is not saturated the
+    factors are exactly those without ``scaled_norm``.
 
     A non-finite norm gets ``(1, 1)``: clipping never turns NaN into zeros silently;
     skipping non-finite steps is the guard's job.
     """
+    root_threshold, root_unit = threshold, None
     if scaled_norm is not None:
         # A saturated norm is judged in units of 2**40: the threshold times 2**-40 against
         # the true norm times 2**-40 (`scaled_norm * 2**40`, finite for any norm below
         # 2**168), so that the factors below come from their true ratio. Selected before
         # the division: the cheap selects after it are repeated in every leaf's kernel.
+        # (A threshold below 2**-86 becomes 0 here: still below the norm, and the ratio,
+        # below 2**-214, is taken from the root, whose threshold is not scaled.)
         saturated = _saturated(norm)
         threshold = jnp.where(saturated, threshold * _HALF_RESCUE_SCALE, threshold)
         norm = jnp.where(saturated, scaled_norm / _HALF_RESCUE_SCALE, norm)
+        root_unit = jnp.where(saturated, 1.0 / math.sqrt(_HALF_RESCUE_SCALE), 1.0)  # 2**20
     clip = jnp.isfinite(norm) & (norm > threshold)
     safe_norm = jnp.where(clip, norm, 1.0)
     direct = threshold / safe_norm
-    root = jnp.sqrt(threshold) / jnp.sqrt(safe_norm)
+    if root_unit is None:
+        root = jnp.sqrt(threshold) / jnp.sqrt(safe_norm)
+    else:
+        # sqrt(threshold * 2**-40) = sqrt(threshold) * 2**-20, taken as a 2**20 in the
+        # denominator (the same value, bit for bit, and no more work in the leaf kernels).
+        root = jnp.sqrt(root_threshold) / (jnp.sqrt(safe_norm) * root_unit)
     normal = direct >= _F32_TINY
     factor = jnp.where(clip, jnp.where(normal, direct, root), 1.0).astype(jnp.float32)
     correction = jnp.where(clip & ~normal, root, 1.0).astype(jnp.float32)

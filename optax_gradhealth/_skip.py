@@ -20,7 +20,9 @@ updates read it: no copy, no temporary.
 
 The inner update is traced to a jaxpr (``jax.make_jaxpr``) and re-evaluated by a small
 interpreter that applies the substitution; calls (``jit``) that produce a state output
-are inlined so the substitution reaches inside them. Any other primitive is bound as is.
+are inlined so the substitution reaches inside them. Any other primitive is bound as is
+(in the evaluation that only checks the outputs, with its host callbacks left out of
+its sub-jaxprs: see ``_strip_callbacks``).
 """
 
 from __future__ import annotations
@@ -39,6 +41,24 @@ from optax_gradhealth import _lowering, _stats
 __all__ = ["Selects", "TracedUpdate", "update_with_selected_state"]
 
 _CALL_PRIMITIVES = ("jit", "pjit")
+# Higher-order primitives whose sub-jaxprs (in their parameters) the checking evaluation
+# rewrites without host callbacks. Their (forward) result is fully given by those
+# jaxprs, and their abstract evaluation derives the equation's effects from them.
+_NESTING_PRIMITIVES = frozenset(
+    {
+        *_CALL_PRIMITIVES,
+        "cond",
+        "while",
+        "scan",
+        "closed_call",
+        "core_call",
+        "remat2",
+        "checkpoint",
+        "custom_jvp_call",
+        "custom_vjp_call",
+        "shard_map",
+    }
+)
 
 
 class Selects:
@@ -103,6 +123,72 @@ def _is_input(jaxpr: Jaxpr, var: Any) -> bool:
     return isinstance(var, Literal) or var in jaxpr.invars or var in jaxpr.constvars
 
 
+def _is_callback(eqn: Any) -> bool:
+    """An equation with effects, no outputs and no reference operand: a host callback
+    (``jax.debug.callback``, ``jax.debug.print``, an ``io_callback`` without results), not
+    a write to a ``jax.Ref`` (whose later reads would change without it)."""
+    return (
+        bool(eqn.effects)
+        and not eqn.outvars
+        and not any(isinstance(getattr(v, "aval", None), jax.ref.AbstractRef) for v in eqn.invars)
+    )
+
+
+def _strip_callbacks(jaxpr: Jaxpr) -> Jaxpr:
+    """``jaxpr`` without its host callbacks (:func:`_is_callback`), at every depth of
+    the higher-order primitives in ``_NESTING_PRIMITIVES``; ``jaxpr`` itself if it has
+    none. An effect leaves the jaxpr's (and a rewritten equation's) effects only where
+    no equation left still has it."""
+    if not jaxpr.effects:
+        return jaxpr
+    eqns, removed = [], set()
+    for eqn in jaxpr.eqns:
+        if _is_callback(eqn):
+            removed |= set(eqn.effects)
+            continue
+        new = _strip_eqn(eqn)
+        removed |= set(eqn.effects) - set(new.effects)
+        eqns.append(new)
+    if not removed:
+        return jaxpr
+    kept = set().union(*(eqn.effects for eqn in eqns))
+    return jaxpr.replace(eqns=eqns, effects=set(jaxpr.effects) - (removed - kept))
+
+
+def _strip_param(value: Any) -> Any:
+    if isinstance(value, ClosedJaxpr):
+        inner = _strip_callbacks(value.jaxpr)
+        return value if inner is value.jaxpr else ClosedJaxpr(inner, value.consts)
+    if isinstance(value, Jaxpr):
+        return _strip_callbacks(value)
+    if isinstance(value, (tuple, list)) and not hasattr(value, "_fields"):
+        new = [_strip_param(v) for v in value]
+        return value if all(a is b for a, b in zip(new, value)) else type(value)(new)
+    return value
+
+
+def _sub_effects(params: dict[str, Any]) -> set[Any]:
+    found: set[Any] = set()
+    for value in params.values():
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(item, (ClosedJaxpr, Jaxpr)):
+                found |= set(item.effects)
+    return found
+
+
+def _strip_eqn(eqn: Any) -> Any:
+    """``eqn`` with the host callbacks left out of its sub-jaxprs (a primitive in
+    ``_NESTING_PRIMITIVES`` with effects), or ``eqn`` itself. Any other primitive is
+    kept as it is: a callback inside it runs in the checking evaluation too."""
+    if not eqn.effects or eqn.primitive.name not in _NESTING_PRIMITIVES:
+        return eqn
+    params = {name: _strip_param(value) for name, value in eqn.params.items()}
+    if all(params[name] is value for name, value in eqn.params.items()):
+        return eqn
+    gone = _sub_effects(eqn.params) - _sub_effects(params)
+    return eqn.replace(params=params, effects=set(eqn.effects) - gone)
+
+
 def _evaluate(
     jaxpr: Jaxpr,
     consts: Sequence[Any],
@@ -112,9 +198,12 @@ def _evaluate(
 ) -> list[Any]:
     """Evaluates ``jaxpr``; a variable ``v`` in ``subst`` takes ``subst[v](value)``.
 
-    With ``skip_side_effects``, an equation with effects and no outputs (a
-    ``jax.debug.callback`` or ``jax.debug.print``) is left out, inside calls too: the
-    evaluation that only checks the outputs must not log (or count) a second time."""
+    With ``skip_side_effects``, a host callback (a ``jax.debug.callback`` or
+    ``jax.debug.print``: :func:`_is_callback`) is left out, inside calls and the
+    sub-jaxprs of ``cond``, ``while``, ``scan`` and the other ``_NESTING_PRIMITIVES``
+    too (``optax.MultiSteps`` runs its inner update in a ``cond``): the evaluation that
+    only checks the outputs must not log (or count) a second time. A callback inside any
+    other higher-order primitive (e.g. a Pallas kernel) still runs in it."""
     env: dict[Any, Any] = {}
 
     def read(var):
@@ -126,7 +215,7 @@ def _evaluate(
         env[var] = value
 
     for eqn in jaxpr.eqns:
-        if skip_side_effects and eqn.effects and not eqn.outvars:
+        if skip_side_effects and _is_callback(eqn):
             continue
         hits = [v for v in eqn.outvars if v in subst]
         invals = [read(v) for v in eqn.invars]
@@ -155,6 +244,8 @@ def _evaluate(
                 done_inside = not isinstance(inner_var, Literal) and owner.get(inner_var) is var
                 env[var] = subst[var](value) if var in subst and not done_inside else value
             continue
+        if skip_side_effects:
+            eqn = _strip_eqn(eqn)
         ctx = getattr(eqn, "ctx", None)
         with ctx.manager if ctx is not None else contextlib.nullcontext():
             ans = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))

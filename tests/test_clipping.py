@@ -574,11 +574,13 @@ def _beyond_float32_cases():
 
 
 @pytest.mark.parametrize("dtype,values", _beyond_float32_cases())
-@pytest.mark.parametrize("threshold", [1.0, 1e-3])
+@pytest.mark.parametrize("threshold", [1.0, 1e-3, 1e-26, 1e-30])
 def test_a_norm_beyond_float32_is_clipped_to_the_threshold_and_recorded_truly(dtype, values, threshold):
     """The factor came from the saturated norm (3.4e38): four elements of 3e38 came out
-    at norm 1.763 for a threshold of 1, and grad/norm_clipped said 1.0. Reference: the
-    float64 norm of the returned update, and x * threshold / |x| in float64."""
+    at norm 1.763 for a threshold of 1, and grad/norm_clipped said 1.0. A threshold below
+    2**-86 (~1.3e-26) was scaled by 2**-40 below float32's normal range, to 0: an
+    all-zero clip. Reference: the float64 norm of the returned update, and
+    x * threshold / |x| in float64."""
     with jax.enable_x64(dtype == "float64"):
         grads = {"w": jnp.asarray(values, dtype), "b": jnp.array([3.0, 4.0], jnp.float32)}
         exact = {k: np.asarray(v, np.float64) for k, v in grads.items()}

@@ -8,8 +8,10 @@ import collections
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+import optax_gradhealth as gh
 from optax_gradhealth import _skip
 
 LR, DECAY = 0.1, 0.9
@@ -247,3 +249,116 @@ def test_traced_update_rebinds_every_equation_under_its_trace_time_context(selec
     assert len(muls) == 1 and muls[0].ctx.threefry_partitionable == flipped
     adds = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "add"]
     assert len(adds) == 1 and adds[0].ctx.threefry_partitionable == jax.config.jax_threefry_partitionable
+
+
+def _callback_everywhere(calls):
+    """An update whose every higher-order primitive logs: a callback in a `cond` branch
+    (with a jitted helper inside), a `while` condition and body, a `scan` body, a
+    `checkpoint`, a `custom_jvp` and a `custom_vjp` function, and an ordered print; plus
+    a write to a `jax.Ref` (no output, an effect: not a callback) the update reads."""
+
+    def log(tag):
+        jax.debug.callback(lambda: calls.append(tag))
+
+    @jax.custom_jvp
+    def twice(x):
+        log("custom_jvp")
+        return 2.0 * x
+
+    twice.defjvp(lambda p, t: (twice(p[0]), 2.0 * t[0]))
+
+    @jax.custom_vjp
+    def thrice(x):
+        log("custom_vjp")
+        return 3.0 * x
+
+    thrice.defvjp(lambda x: (thrice(x), None), lambda _, g: (3.0 * g,))
+
+    def update(grads, mu):
+        def branch(g):
+            log("cond")
+            return jax.jit(lambda g: (log("jit in cond"), g + 1.0)[1])(g)
+
+        g = jax.lax.cond(jnp.sum(grads) > 0, branch, lambda g: g - 1.0, grads)
+
+        def cond_fun(c):
+            log("while cond")
+            return c[0] < 2
+
+        def body_fun(c):
+            log("while body")
+            return c[0] + 1, c[1] * 0.5
+
+        _, g = jax.lax.while_loop(cond_fun, body_fun, (0, g))
+        g, _ = jax.lax.scan(lambda c, _: ((log("scan"), c + 1.0)[1], None), g, None, length=2)
+        g = jax.checkpoint(lambda g: (log("checkpoint"), g * 4.0)[1])(g)
+        g = thrice(twice(g))
+        jax.debug.print("ordered {}", jnp.sum(g), ordered=True)
+        ref = jax.new_ref(jnp.zeros_like(g))
+        jax.ref.addupdate(ref, ..., g)
+        new_mu = DECAY * mu + ref[...]
+        return -LR * new_mu, (new_mu,)
+
+    return update
+
+
+def _callback_reference(grads, mu):
+    g = np.asarray(grads, np.float64)
+    g = g + 1.0 if g.sum() > 0 else g - 1.0
+    g = ((g * 0.25 + 2.0) * 4.0) * 6.0
+    new_mu = DECAY * np.asarray(mu, np.float64) + g
+    return -LR * new_mu, new_mu
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0], ids=["branch-logs", "branch-silent"])
+def test_checking_evaluation_leaves_out_callbacks_at_every_depth(sign, capfd):
+    """The evaluation that only checks the outputs (`outputs`, under jit) runs no host
+    callback, at any depth of cond / while / scan / checkpoint / custom_jvp / custom_vjp
+    / jit; the selected evaluation runs each once, as the bare update does. A write to a
+    `jax.Ref` is not a callback: both evaluations keep it (their outputs read it)."""
+    grads, mu = sign * jnp.array([1.0, 2.0, 0.5]), jnp.array([0.5, -0.25, 1.0])
+    bare_calls, calls = [], []
+    bare = jax.jit(_callback_everywhere(bare_calls))(grads, mu)
+    update = _callback_everywhere(calls)
+
+    @jax.jit
+    def both(grads, mu):
+        traced = _skip.TracedUpdate(lambda: update(grads, mu), inputs=(grads, mu))
+        return traced.outputs(), traced.with_selected_state(lambda k, new: new)
+
+    checked, selected = both(grads, mu)
+    jax.effects_barrier()
+    assert sorted(calls) == sorted(bare_calls)
+    assert ("cond" in calls) == (sign > 0)
+    assert calls.count("while body") == 2 and calls.count("scan") == 2
+    assert capfd.readouterr().out.count("ordered ") == 2  # bare + selected, not checked
+    want_updates, want_mu = _callback_reference(grads, mu)
+    for updates, (new_mu,) in (bare, checked, selected):
+        np.testing.assert_allclose(np.asarray(updates), want_updates, rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(new_mu), want_mu, rtol=1e-6)
+
+
+def test_guarded_multisteps_runs_an_inner_callback_once_per_update():
+    """optax.MultiSteps runs its inner update inside a `cond`: a callback there runs as
+    often under the guard (update check on) as in bare MultiSteps."""
+
+    def logging(calls):
+        def update(u, s, p=None):
+            jax.debug.callback(lambda: calls.append(1))
+            return u, s
+
+        return optax.GradientTransformation(lambda p: optax.EmptyState(), update)
+
+    counts = {}
+    for name in ("bare", "guard"):
+        calls = []
+        tx = optax.MultiSteps(optax.chain(logging(calls), optax.adam(0.1)), 2).gradient_transformation()
+        tx = gh.guard(tx) if name == "guard" else tx
+        params = {"w": jnp.ones(3)}
+        state = tx.init(params)
+        step = jax.jit(tx.update)
+        for _ in range(4):
+            _, state = step({"w": jnp.ones(3)}, state, params)
+        jax.effects_barrier()
+        counts[name] = len(calls)
+    assert counts["bare"] > 0 and counts["guard"] == counts["bare"]
