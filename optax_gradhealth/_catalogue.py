@@ -520,6 +520,16 @@ _SPEC_LIST: tuple[MetricSpec, ...] = (
         "True on audit steps (every step at first, then every N steps).",
     ),
     MetricSpec(
+        "xdev/num_audits",
+        COUNT,
+        "audit steps performed",
+        (
+            "growing by one on each audit step (every step at first, then every N steps). A logged row whose "
+            "count is above the previous logged row's holds a new audit's values, even when xdev/audited is 0 "
+            "on it (the audit fell between logged rows)."
+        ),
+    ),
+    MetricSpec(
         "xdev/cosine_to_mean",
         VECTOR,
         "[K] exact cosine of each device's gradient to the mean gradient (latest audit)",
@@ -553,8 +563,8 @@ _SPEC_LIST: tuple[MetricSpec, ...] = (
         "xdev/outlier_devices",
         VECTOR,
         (
-            "[K] devices named as outliers: instant score > outlier_threshold or CUSUM evidence > "
-            "outlier_evidence (latest audit)"
+            "[K] devices named as outliers: instant score > outlier_threshold, or CUSUM evidence > "
+            "outlier_evidence with an instant score > outlier_drift (latest audit)"
         ),
         (
             "all False. A device True at one audit only: a transient fault (a bit flip, a bad batch); True "

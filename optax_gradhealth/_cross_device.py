@@ -63,7 +63,8 @@ class CrossDeviceState(NamedTuple):
 
     Attributes:
       xdev_num_steps: int32, updates seen.
-      xdev_num_audits: int32, audit steps performed.
+      xdev_num_audits: int32, audit steps performed (``xdev/num_audits``: a log whose rows
+        fall between audits tells from its growth which rows hold a new audit).
       xdev_device_norms: float32 [K], each device's local gradient norm (``xdev/device_norms``).
       xdev_norm_cv: coefficient of variation of the device norms (population std / mean).
       xdev_norm_max_over_min: largest over smallest device norm.
@@ -87,7 +88,8 @@ class CrossDeviceState(NamedTuple):
         outlier with the most evidence, -1 when no device is named.
       xdev_outlier_score: the largest instant device score (see :func:`cross_device`).
       xdev_outlier_devices: bool [K], every device named as an outlier (instant score
-        above ``outlier_threshold``, or CUSUM evidence above ``outlier_evidence``).
+        above ``outlier_threshold``, or CUSUM evidence above ``outlier_evidence`` with a
+        score above ``outlier_drift``).
       xdev_norm_score: float32 [K], each device's robust log-norm score.
       xdev_direction_score: float32 [K], each device's robust score of ``log(1 - c_k)``, ``c_k``
         its leave-one-out cosine.
@@ -145,6 +147,7 @@ _XDEV_FIELDS = {
     "xdev_norm_max_over_min": "xdev/norm_max_over_min",
     "xdev_agreement": "xdev/agreement",
     "xdev_audited": "xdev/audited",
+    "xdev_num_audits": "xdev/num_audits",
     "xdev_cosine_to_mean": "xdev/cosine_to_mean",
     "xdev_pairwise_cosine": "xdev/pairwise_cosine",
     "xdev_mean_pairwise_cosine": "xdev/mean_pairwise_cosine",
@@ -501,8 +504,11 @@ def cross_device(
     ``e_k <- clip(e_k + score_k - 2, 0, 2 * outlier_evidence)``
     (``xdev/outlier_evidence``). A device is named (``xdev/outlier_devices``) when its
     score exceeds ``outlier_threshold`` (a strong fault, at the audit it shows) or its
-    evidence exceeds ``outlier_evidence`` (a moderate one that persists: a score of 6 on
-    every audit is named at the fourth, evidence 4, 8, 12, 16); ``xdev/outlier_device`` is the named device
+    evidence exceeds ``outlier_evidence`` while its score exceeds ``outlier_drift``, so
+    that the audit adds to the evidence (a moderate fault that persists: a score of 6 on
+    every audit is named at the fourth, evidence 4, 8, 12, 16; once the fault is over, the
+    evidence drains slowly, and a device whose score is back below the drift is not named
+    on it); ``xdev/outlier_device`` is the named device
     with the most evidence, else -1. Near-duplicate data: each pair's closeness
     ``-log(1 - c)`` of its sketched cosine gets a robust z-score against the other
     pairs' and a CUSUM of drift 3 (one audit adds at most half the threshold); a pair
@@ -534,7 +540,8 @@ def cross_device(
         any size).
       noise_scale_decay: decay of the two noise-scale EMAs, in (0, 1).
       outlier_threshold: instant score above which a device is named at once.
-      outlier_evidence: CUSUM evidence above which a device is named.
+      outlier_evidence: CUSUM evidence above which a device is named (at the audits whose
+        score is above ``outlier_drift``).
       outlier_drift: the CUSUM's drift, the score a clean device stays below on
         average (> 0): lower finds moderate faults sooner and raises more false alarms.
       near_duplicate_evidence: CUSUM evidence above which a pair is flagged as

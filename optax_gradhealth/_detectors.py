@@ -101,9 +101,14 @@ def cusum(evidence: jax.Array, score: jax.Array, drift: float, cap: float) -> ja
     step and an alarm is raised when it passes a threshold ``h``. A fault whose score is
     ``s > drift`` is found after about ``h / (s - drift)`` steps, while for independent
     standard-normal scores the mean run length between false alarms grows like
-    ``exp(2 drift (h + 1.166)) / (2 drift^2)`` (Siegmund's approximation). The cap lets
-    the evidence fall back below ``h`` within ``(cap - h) / drift`` clean steps once a
-    fault is over. A NaN score adds nothing; ``+inf`` saturates at the cap.
+    ``exp(2 drift (h + 1.166)) / (2 drift^2)`` (Siegmund's approximation). The cap bounds
+    how long the evidence outlasts a fault: once it is over, each clean step takes
+    ``drift - score`` off, so the evidence falls back below ``h`` after
+    ``(cap - h) / (drift - s)`` clean steps of mean score ``s < drift``, never fewer
+    than ``(cap - h) / drift`` (clean scores of about 1 against a drift of 2 take twice
+    that). A rule that must not outlast the fault names on the evidence only while the
+    step adds to it (``score > drift``, as :func:`audit_update`). A NaN score adds
+    nothing; ``+inf`` saturates at the cap.
     """
     score = jnp.where(jnp.isnan(score), 0.0, score)
     return jnp.clip(evidence + score - drift, 0.0, cap).astype(jnp.float32)
@@ -372,8 +377,7 @@ class SpikeRule:
 
         The restarted window holds the run's last ``min(window_run_count, window)`` raw
         log-norms, oldest first, with the run's count: warm at once when the run was at least
-        ``warmup`` steps long, so the next step is judged against the new level. A
-        window without its run ring (``window_run_log_norms`` None) restarts empty."""
+        ``warmup`` steps long, so the next step is judged against the new level."""
         # A dip, the mirror of a spike (below ``median**2 / bound``), is left out of the
         # window: a few nearly empty batches (a norm of 1e-6 among norms of 1) would pull
         # the median down, and the return to the usual scale would be a run of spikes. A
@@ -382,7 +386,10 @@ class SpikeRule:
         # dip enters capped at that mirror bound instead, so the median still follows a
         # lasting fall, a bound at a time. A zero gradient (an empty or fully masked
         # batch) is not a scale either: log(0) would pull the baseline down by ~85.
+        # A step that was not accepted (a non-finite loss, value or update with a finite
+        # gradient) is no dip either: it leaves the run as it was (see :meth:`streak`).
         log_norm, floor, dip = self.dip(window, norm, verdict)
+        dip = dip & accepted
         if self.rebaseline_after is None:
             log_norm = jnp.where(dip, floor, log_norm)
             pushed = norm_window_push(window, log_norm, accepted & (norm > 0))
@@ -394,9 +401,6 @@ class SpikeRule:
         if self.rebaseline_after is None:
             return pushed, jnp.zeros((), jnp.bool_)
         restart = streak >= self.rebaseline_after
-        if window.window_run_log_norms is None:
-            fresh = jax.tree.map(jnp.zeros_like, pushed)
-            return jax.tree.map(lambda a, b: jnp.where(restart, a, b), fresh, pushed), restart
         # The run's ring: the raw log-norm (a spike's uncapped: it is the new level) of
         # every finite, non-zero step of the run (moved, or accepted without ending it),
         # written where the window would write its k-th push; emptied when the run ends.
@@ -593,7 +597,8 @@ class AuditVerdict(NamedTuple):
     Attributes:
       scores: the per-device :class:`DeviceScores`.
       outlier_devices: bool ``[K]``, devices named as outliers: instant score above
-        ``outlier_threshold`` or CUSUM evidence above ``evidence_threshold``.
+        ``outlier_threshold``, or CUSUM evidence above ``evidence_threshold`` with an
+        instant score above ``evidence_drift``.
       outlier_device: int32, the named device with the largest evidence (its instant
         score when that is larger), -1 when none is named.
       outlier_score: the largest instant score.
@@ -639,7 +644,12 @@ def audit_update(
     Outlier device: :func:`device_scores` against the running spreads, then a CUSUM per
     device with drift ``evidence_drift`` capped at ``2 * evidence_threshold``. A device
     is named when its instant score exceeds ``outlier_threshold`` (a strong fault: at
-    once) or its evidence exceeds ``evidence_threshold`` (a moderate one that persists).
+    once) or its evidence exceeds ``evidence_threshold`` while this audit adds to it
+    (score above ``evidence_drift``: a moderate fault that persists). The evidence can
+    only pass the threshold at an audit that adds to it, so the first naming is the
+    evidence rule's; but once the fault is over, the capped evidence takes many clean
+    audits to drain (clean scores of about 1 against a drift of 2), and a device whose
+    current gradient is normal is no longer named on its past.
 
     Near-duplicate pairs: :func:`pair_scores` of the sketched cosines, a CUSUM per pair
     with drift ``pair_drift`` capped at ``2 * pair_threshold``, flagged above
@@ -673,7 +683,7 @@ def audit_update(
     evidence = jnp.where(
         all_finite, cusum(state.outlier_evidence, scores.score, evidence_drift, cap), state.outlier_evidence
     ).astype(jnp.float32)
-    named = (scores.score > outlier_threshold) | (evidence > evidence_threshold)
+    named = (scores.score > outlier_threshold) | ((evidence > evidence_threshold) & (scores.score > evidence_drift))
     rank = jnp.where(named, jnp.maximum(evidence, jnp.where(jnp.isfinite(scores.score), scores.score, 1e30)), -1.0)
     outlier_device = jnp.where(jnp.any(named), jnp.argmax(rank), -1).astype(jnp.int32)
 

@@ -59,6 +59,13 @@ SPREAD_FLOOR = 0.05  # lower bound of the window's robust spread of log-norms
 # one ulp a loss spike. The detection benchmark's clean runs move their loss by 8-14% a
 # step, so the floor changes none of their z-scores (docs/detection.md, "Loss spikes").
 LOSS_SPREAD_FLOOR = 0.01
+# A run of spikes that re-baselines is lost (its rollback stands through the restart) when,
+# with `loss=` passed, its loss is more than LOST_LOSS_RISE times the level before it and
+# its loss per unit of gradient norm more than LOST_LOSS_PER_NORM_RISE times: a loss weight
+# x10 (the loss and the gradient x10) measured 0.9-1.1 on the latter; a learning rate x100
+# that made a regressor diverge, 2.1-3.9 (tests/test_rebaseline.py, docs/concepts.md).
+LOST_LOSS_RISE = 2.0
+LOST_LOSS_PER_NORM_RISE = 1.5
 
 
 class GuardReport(NamedTuple):
@@ -185,7 +192,15 @@ class GuardMoments(NamedTuple):
       guard_rollback_held: bool, the rollback recommendation stands through a restart
         of the window: it was raised by non-finite steps, or by a run of spikes that
         ended without re-baselining. (A rollback that the run of spikes which
-        re-baselines raised is cleared at the restart: the guard trained through it.)
+        re-baselines raised is cleared at the restart, the guard trained through it,
+        unless the run's loss says the run is lost: see ``guard_run_log_loss``.)
+      guard_run_log_loss: mean log-loss of the current run's spikes and dips (0 with no
+        run going on, or without ``loss=``).
+      guard_run_log_norm: mean log-norm of the same steps. At the restart, the rollback
+        the run raised stands when the run's loss (geometric mean) is more than
+        ``LOST_LOSS_RISE`` times ``guard_running_loss_mean`` (frozen during the run) and
+        its loss per unit of gradient norm more than ``LOST_LOSS_PER_NORM_RISE`` times
+        the level before the run (the window's baseline norm).
     """
 
     guard_norm_window: detect.NormWindow
@@ -196,6 +211,8 @@ class GuardMoments(NamedTuple):
     guard_running_loss_var: jax.Array
     guard_num_losses: jax.Array
     guard_rollback_held: jax.Array
+    guard_run_log_loss: jax.Array
+    guard_run_log_norm: jax.Array
 
 
 class GuardState(NamedTuple):
@@ -400,25 +417,55 @@ def _check_varies_like_grads(name: str, x: jax.Array | None, updates: Any) -> No
         )
 
 
-def _check_grads_vary_like_state(updates: Any, state: GuardState) -> None:
+def _check_grads_vary_like_state(updates: Any, state: GuardState, params: Any) -> None:
     """Raises when the gradients vary over a ``jax.shard_map`` mesh axis that the
     guard's state does not: per-device gradients reached a guard whose state is shared
     by the devices (``optax.chain(gh.guard(...), gh.cross_device(...))``, the wrong
-    order). Each device would judge its own gradient and skip steps the others apply."""
+    order: each device would judge its own gradient and skip steps the others apply),
+    or the leaves are split over the axis (``gh.cross_device``'s ``sharded_axes``; the
+    parameters vary over it too), whose parts the guard cannot judge inside
+    ``shard_map``: each device would see its own part's norm, and a mean over the axis
+    would mix the parameter's parts."""
     state_axes = _vma.varying_axes(state.guard_counters.guard_num_steps) or frozenset()
     grad_axes: set[str] = set()
-    for leaf in jax.tree.leaves(updates):
-        grad_axes |= _vma.varying_axes(leaf) or frozenset()
+    first = None  # the first leaf that varies over an axis the state does not
+    for path, leaf in jax.tree_util.tree_flatten_with_path(updates)[0]:
+        axes = _vma.varying_axes(leaf) or frozenset()
+        if first is None and axes - state_axes:
+            first = _stats.path_name(path)
+        grad_axes |= axes
     extra = sorted(grad_axes - state_axes)
-    if extra:
-        axes = extra[0] if len(extra) == 1 else tuple(extra)
+    if not extra:
+        return
+    param_axes: set[str] = set()
+    for leaf in jax.tree.leaves(params):
+        param_axes |= _vma.varying_axes(leaf) or frozenset()
+    split = sorted(param_axes.intersection(extra))
+    start = (
+        f"gh.guard: the gradients vary over the jax.shard_map mesh axes {extra} (leaf {first!r} does) but the "
+        "guard's state does not"
+    )
+    jitted = "run the guard under jax.jit on sharded arrays (docs/distributed.md, 'Parameters sharded within one "
+    jitted += "jitted program')"
+    if split:
         raise ValueError(
-            f"gh.guard: the gradients vary over the jax.shard_map mesh axes {extra} (one gradient per device) "
-            "but the guard's state does not: per-device gradients reached the guard, which would judge each "
-            "device's own gradient and skip steps the others apply. Put gh.cross_device(axis_name="
-            f"{axes!r}) (or a jax.lax.pmean over {axes!r}) in front of it: "
-            f"optax.chain(gh.cross_device(axis_name={axes!r}), gh.guard(...))."
+            f"{start}, and the parameters are split over {split} (FSDP or tensor parallelism, gh.cross_device's "
+            "`sharded_axes`): the guard cannot judge a gradient split across devices inside jax.shard_map (each "
+            "device would see its own part's norm), and a mean over the axis would mix the parameter's parts. "
+            f"Instead, {jitted}."
         )
+    axes = extra[0] if len(extra) == 1 else tuple(extra)
+    unknown = ""
+    if params is None:  # nothing tells a data axis from a sharded one
+        unknown = (
+            " If instead the leaves are split over the axis (gh.cross_device's `sharded_axes`), do not average "
+            f"them (a mean over the axis would mix the parameter's parts): {jitted}."
+        )
+    raise ValueError(
+        f"{start}: per-device gradients reached the guard, which would judge each device's own gradient and "
+        f"skip steps the others apply. Put gh.cross_device(axis_name={axes!r}) (or a jax.lax.pmean over "
+        f"{axes!r}) in front of it: optax.chain(gh.cross_device(axis_name={axes!r}), gh.guard(...)).{unknown}"
+    )
 
 
 #: At most this many leaves' finite flags are and-ed before one reduction (`_all_finite`).
@@ -959,9 +1006,9 @@ def _record(
     decision: Decision,
     outcome: Outcome,
     scaled_norm: jax.Array | None = None,
-) -> tuple[GuardMoments, GuardCounters, GuardReport]:
-    """The state's groups after the step: moments, counters and the step's report
-    (``scaled_norm`` as in :func:`_decide`)."""
+) -> tuple[GuardMoments, GuardCounters, GuardReport, jax.Array]:
+    """The state's groups after the step: moments, counters, the step's report and the
+    reset ring (emptied by a restart; ``scaled_norm`` as in :func:`_decide`)."""
     norm, spike, skipped = stats.norm, decision.spike, outcome.skipped
     accepted = ~skipped
     moments = state.guard_moments
@@ -998,7 +1045,32 @@ def _record(
     # on the new level.
     rule, window = config.spike_rule, moments.guard_norm_window
     new_window, restart = rule.fold_and_restart(window, norm, decision.verdict, accepted, spike)
+    run_log_loss, run_log_norm = moments.guard_run_log_loss, moments.guard_run_log_norm
+    lost = jnp.zeros((), jnp.bool_)
     if config.rebaseline_after is not None and loss is not None:
+        # The run's loss against the level before it (the loss statistics skip the run's
+        # spikes, so their mean is still that level at the restart; the window's baseline
+        # norm likewise): a run is lost, and the rollback it raised stands through the
+        # restart, when its loss is more than LOST_LOSS_RISE times that level and the
+        # rise is not a rescaling of the loss (a loss weight scales the loss and the
+        # gradient alike: the loss per unit of gradient norm moves less than
+        # LOST_LOSS_PER_NORM_RISE), as when the model diverged (a learning rate too high).
+        log_of = lambda x: jnp.log(jnp.maximum(x, 1e-30)).astype(jnp.float32)
+        moved = restart | (new_window.window_streak > window.window_streak)
+        steps = (window.window_streak + 1).astype(jnp.float32)
+        run_log_loss, run_log_norm = (
+            jnp.where(moved, mean + (log_of(x) - mean) / steps, jnp.where(new_window.window_streak == 0, 0.0, mean))
+            for mean, x in ((run_log_loss, loss), (run_log_norm, norm))
+        )
+        before = log_of(moments.guard_running_loss_mean)
+        lost = (
+            restart
+            & (moments.guard_num_losses > 0)
+            & (moments.guard_running_loss_mean > 0)
+            & (run_log_loss - before > math.log(LOST_LOSS_RISE))
+            & (run_log_loss - run_log_norm - before + decision.verdict.median > math.log(LOST_LOSS_PER_NORM_RISE))
+        )
+        run_log_loss, run_log_norm = (jnp.where(restart, 0.0, x) for x in (run_log_loss, run_log_norm))
         loss_mean, loss_var, num_losses = (
             jnp.where(restart, jnp.zeros_like(x), x) for x in (loss_mean, loss_var, num_losses)
         )
@@ -1012,9 +1084,19 @@ def _record(
     consecutive_nonfinite = jnp.where(
         bad_value, counters.guard_consecutive_nonfinite + 1, jnp.where(spike, counters.guard_consecutive_nonfinite, 0)
     )
-    consecutive_spikes = jnp.where(
-        spike, counters.guard_consecutive_spikes + 1, jnp.where(bad_value, counters.guard_consecutive_spikes, 0)
-    )
+    previous_spikes = counters.guard_consecutive_spikes
+    spike_steps = decision.spike_steps
+    if config.rebaseline_after is not None:
+        # A run of spikes that restarted the window was the new level: as after
+        # gh.rebaseline, the next spike counts as the first, for the rollback and the
+        # momentum reset alike. The restart step itself still reports the run's length
+        # (the diagnosis dates the run's start by it). A window with no run going on
+        # (streak 0) after a spike is that restart: any other spike adds to the streak,
+        # and a step that ends the run is a good step, which ends this count too.
+        previous_spikes = jnp.where(window.window_streak == 0, 0, previous_spikes)
+        if config.reset_after is not None:
+            spike_steps = jnp.where(restart, jnp.full_like(spike_steps, _NO_STEP), spike_steps)
+    consecutive_spikes = jnp.where(spike, previous_spikes + 1, jnp.where(bad_value, previous_spikes, 0))
     rollback = counters.guard_rollback
     if config.rollback_after_nonfinite is not None:
         rollback = rollback | (consecutive_nonfinite >= config.rollback_after_nonfinite)
@@ -1022,15 +1104,16 @@ def _record(
         rollback = rollback | (consecutive_spikes >= config.rollback_after_spikes)
     # A rollback that the run of spikes re-baselining the window raised is cleared with
     # the restart (the guard trained through a lasting change: a loop that restored the
-    # checkpoint would never get past it). One raised by non-finite steps, or by a run
-    # that ended without re-baselining (a burst of bad batches: the recommendation was
-    # standing while no run was going on), stands.
+    # checkpoint would never get past it), unless the run's loss says it is lost (above).
+    # One raised by non-finite steps, or by a run that ended without re-baselining (a
+    # burst of bad batches: the recommendation was standing while no run was going on),
+    # stands.
     held = moments.guard_rollback_held
     if config.rebaseline_after is not None:
         held = held | (counters.guard_rollback & (window.window_streak == 0))
         if config.rollback_after_nonfinite is not None:
             held = held | (consecutive_nonfinite >= config.rollback_after_nonfinite)
-        rollback = rollback & (held | ~restart)
+        rollback = rollback & (held | ~restart | lost)
     as_int = lambda flag: flag.astype(jnp.int32)
     new_counters = GuardCounters(
         guard_num_steps=counters.guard_num_steps + 1,
@@ -1060,6 +1143,8 @@ def _record(
         guard_running_loss_var=loss_var,
         guard_num_losses=num_losses,
         guard_rollback_held=held,
+        guard_run_log_loss=run_log_loss,
+        guard_run_log_norm=run_log_norm,
     )
 
     # The norm times each factor in turn: their product alone can be a float32
@@ -1088,7 +1173,7 @@ def _record(
         guard_leaf_norms=stats.leaf_norms,
         guard_leaf_param_ratios=health[3],
     )
-    return new_moments, new_counters, report
+    return new_moments, new_counters, report, spike_steps
 
 
 def _ratio(num: jax.Array, den: jax.Array) -> jax.Array:
@@ -1163,7 +1248,7 @@ def _init_state(config: GuardConfig, inner: optax.GradientTransformation, params
         guard_rollback=false(),
         guard_first_nonfinite_leaf=jnp.full((), -1, jnp.int32),
     )
-    moments = GuardMoments(config.spike_rule.init(), f32(), f32(), i32(), f32(), f32(), i32(), false())
+    moments = GuardMoments(config.spike_rule.init(), f32(), f32(), i32(), f32(), f32(), i32(), false(), f32(), f32())
     return GuardState(
         guard_report=report,
         guard_counters=counters,
@@ -1264,15 +1349,24 @@ def guard(
         (so the next step is judged against the new level) and the running loss
         statistics start again (>= 1), or None (never; a dip then enters the window
         capped). A non-finite step does not break the run (as for
-        ``grad/consecutive_spikes``), nor does an accepted step whose norm is between
-        the bound and the half-way point to the baseline (in log): only one near the
-        baseline does. A lasting change of the gradient's scale (parameters thrown
+        ``grad/consecutive_spikes``) nor join it, nor does an accepted step whose norm
+        is between the bound and the half-way point to the baseline (in log): only one
+        near the baseline does. A lasting change of the gradient's scale (parameters thrown
         elsewhere by a learning-rate spike) or of the loss level (a new data mixture) is
         then trained through instead of skipping every later step; shorter bursts of bad
         batches are skipped whole. ``rollback_after_spikes`` (10) raises the rollback
         recommendation long before, and the restart clears it again (the run was a
-        lasting change). Counted in ``grad/num_rebaselines``. For a change you make on
-        purpose (unfreezing, new data, a loss weight), call :func:`rebaseline` instead.
+        lasting change), with ``grad/consecutive_spikes`` and the momentum-reset window,
+        as :func:`rebaseline` does: the next spike counts as the first. With ``loss=``
+        passed, the recommendation stands through the restart when the run looks lost:
+        its loss (geometric mean over its spikes) is more than 2x the running loss
+        mean before it, and its loss per unit of gradient norm more than 1.5x the level
+        before it, as when the model diverged (a learning rate too high). A loss weight
+        scales the loss and the gradient alike, so its rise is cleared; a loss with no
+        positive level is never judged lost. Without ``loss=`` every such rollback is
+        cleared: the guard cannot tell a diverged model from a planned change. Counted in
+        ``grad/num_rebaselines``. For a change you make on purpose (unfreezing, new
+        data, a loss weight), call :func:`rebaseline` instead.
       loss_spike_zscore: loss z-score threshold (> 0), or None (default: off). The
         z-score is that of bias-corrected EMAs of the loss, its spread floored at 1% of
         its mean. On the detection benchmark's clean runs that draw fresh batches 6
@@ -1301,8 +1395,11 @@ def guard(
         sentinel from the optimizer's ``init``, such as ``reduce_on_plateau``'s best
         value, +inf until ``accumulation_size`` values are in). Under jit the check
         evaluates the inner update a second time; a ``jax.debug.callback`` or
-        ``jax.debug.print`` in it still runs once per update, but a
-        ``jax.experimental.io_callback`` whose result the update uses runs twice.
+        ``jax.debug.print`` in it still runs once per update, also inside ``jit``,
+        ``lax.cond``, ``lax.while_loop``, ``lax.scan``, ``jax.checkpoint``,
+        ``custom_jvp``/``custom_vjp`` or ``shard_map`` (as in ``optax.MultiSteps``), but
+        one inside another higher-order primitive (a Pallas kernel), or a
+        ``jax.experimental.io_callback`` whose result the update uses, runs twice.
       update_health: record what the optimizer did with the step: ``update/norm``
         (the update returned, 0 when skipped), ``param/norm`` (of the ``params`` passed
         to ``update``; 0 without them), ``update/param_ratio`` and, per leaf,
@@ -1389,18 +1486,18 @@ def guard(
         stats, scaled = _stats._grad_stats_and_scaled_norms(updates, unscale)
         loss = _scalar_arg("loss", extra_args.get("loss"))
         value = _scalar_arg("value", extra_args.get("value"))
-        _check_grads_vary_like_state(updates, state)
+        _check_grads_vary_like_state(updates, state, params)
         _check_varies_like_grads("loss", loss, updates)
         _check_varies_like_grads("value", value, updates)
 
         decision = _decide(cfg, state, stats, loss, value, scaled.norm)
         outcome = _apply_inner(cfg, inner, decision, updates, unscale, state, params, extra_args)
-        moments, counters, report = _record(cfg, state, stats, loss, decision, outcome, scaled.norm)
+        moments, counters, report, spike_steps = _record(cfg, state, stats, loss, decision, outcome, scaled.norm)
         new_state = GuardState(
             guard_report=report,
             guard_counters=counters,
             guard_moments=moments,
-            guard_spike_steps=decision.spike_steps,
+            guard_spike_steps=spike_steps,
             guard_clip_state=cfg.policy.update(state.guard_clip_state, _capped_norm(stats, decision), ~outcome.skipped),
             guard_inner_state=outcome.inner_state,
         )
@@ -1434,6 +1531,8 @@ def _rebaselined(state: Any) -> Any:
                 "guard_running_loss_var",
                 "guard_num_losses",
                 "guard_rollback_held",
+                "guard_run_log_loss",
+                "guard_run_log_norm",
             )
         },
     )

@@ -1428,6 +1428,8 @@ def test_metric_names_are_the_design_catalogue():
     # The detectors' evidence (docs/detection.md): per-device scores and CUSUM evidence,
     # the devices named, and the near-duplicate pairs.
     design += " outlier_devices norm_score direction_score outlier_evidence near_duplicate_pairs"
+    # The audit counter: a row logged off the audit steps holds a new audit when it grew.
+    design += " num_audits"
     assert names == {f"xdev/{n}" for n in design.split()}
     assert names <= set(gh.CATALOGUE)
 
@@ -1668,3 +1670,99 @@ def test_the_guard_refuses_per_device_gradients_from_the_wrong_chain_order_under
     xs, ys = np.asarray(x, np.float64), np.asarray(y, np.float64)
     mean_grad = 2 * xs.T @ (xs @ np.ones(4) - ys) / len(ys)  # equal shards: the mean of local means
     np.testing.assert_allclose(float(gh.metrics(state)["grad/norm"]), np.linalg.norm(mean_grad), rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- round 7 (review C)
+
+
+def test_metrics_export_the_audit_counter():
+    """Review C r7 #1: xdev/num_audits is logged (gh.metrics), the number of audits up to
+    each update: a row logged off the audit steps tells from it that an audit ran since
+    the previous logged row."""
+    tx = gh.cross_device("data", audit_first_steps=3, audit_every=4)
+    seq = jnp.asarray(np.random.default_rng(21).normal(size=(K, 10, 5)), jnp.float32)
+    states = state_per_step(tx, seq)
+    counts = [int(gh.metrics(jax.tree.map(lambda v, t=t: v[t], states))["xdev/num_audits"]) for t in range(10)]
+    assert counts == np.cumsum([t < 3 or t % 4 == 0 for t in range(10)]).tolist()
+
+
+def _cusum_reference(scores, drift, cap):
+    """Per-device one-sided CUSUM in float64: e <- clip(e + s - drift, 0, cap); a NaN
+    score adds nothing (every audit here is finite)."""
+    evidence = np.zeros_like(scores, dtype=np.float64)
+    e = np.zeros(scores.shape[1])
+    for t, s in enumerate(np.asarray(scores, np.float64)):
+        e = np.clip(e + np.nan_to_num(s) - drift, 0.0, cap)
+        evidence[t] = e
+    return evidence
+
+
+def _outlier_stream(seed, audits=160, k=K):
+    """Audits of K devices: log-normal norms (10 %) and cosines to the mean near 0.5;
+    device 2's norm x1.4 on audits 40-70 (a moderate fault, scores of a few units),
+    device 5's x1e4 at audit 100 only (a strong one-audit fault: its evidence jumps to the
+    cap), device 6 x2.5 from audit 130 on (persistent)."""
+    rng = np.random.default_rng(seed)
+    norms = np.exp(0.1 * rng.standard_normal((audits, k)))
+    norms[40:71, 2] *= 1.4
+    norms[100, 5] *= 1e4
+    norms[130:, 6] *= 2.5
+    cosines = 0.5 + 0.05 * rng.standard_normal((audits, k))
+    return norms.astype(np.float32), cosines.astype(np.float32)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_evidence_names_a_device_only_while_the_audit_adds_to_it(seed):
+    """Review C r7 #2: after a fault, the capped evidence (24) drains by only 2 - score per
+    clean audit, and the evidence rule kept naming the device for ~10 audits whose score
+    said it was normal. The rule is now, in numpy: named = score > outlier_threshold or
+    (evidence > outlier_evidence and score > outlier_drift), the evidence a float64 CUSUM
+    of the scores. The first naming of every fault, and every audit where the evidence
+    passes the threshold, are the same as under the old rule (score > threshold or
+    evidence > threshold): the evidence only passes it at an audit with score > drift."""
+    from optax_gradhealth import _cross_device as xd
+    from optax_gradhealth import _detectors as detect
+
+    rule = xd.default_audit_rule()
+    thr, h, drift = rule["outlier_threshold"], rule["evidence_threshold"], rule["evidence_drift"]
+    norms, cosines = _outlier_stream(seed)
+    verdicts = jax.device_get(detect.replay_audits(norms, cosines, **rule))
+    score = np.asarray(verdicts.scores.score, np.float64)
+    evidence = _cusum_reference(score, drift, 2 * h)
+    np.testing.assert_allclose(verdicts.outlier_evidence, evidence, rtol=1e-5, atol=1e-4)
+    named = (score > thr) | ((evidence > h) & (score > drift))
+    np.testing.assert_array_equal(verdicts.outlier_devices, named)
+    old = (score > thr) | (evidence > h)
+    previous = np.vstack([np.zeros((1, K)), evidence[:-1]])
+    crossing = (previous <= h) & (evidence > h)
+    assert crossing.any() and (named | ~crossing).all() and (score[crossing] > drift).all()
+    for device in range(K):  # the first naming of each device is unchanged
+        assert np.argmax(named[:, device]) == np.argmax(old[:, device]), device
+        assert named[:, device].any() == old[:, device].any(), device
+    # device 5's one-audit fault: the old rule named it on later clean audits, no longer
+    assert named[100, 5] and evidence[100, 5] == 2 * h
+    lingering = old[101:, 5] & ~named[101:, 5]
+    assert lingering.sum() >= 3 and (score[101:, 5][lingering] <= drift).all()
+    # device 6's persistent fault is named at every audit whose score is above the drift
+    assert named[130:, 6].sum() == ((evidence[130:, 6] > h) & (score[130:, 6] > drift) | (score[130:, 6] > thr)).sum()
+    assert named[150:, 6].mean() > 0.9
+
+
+def test_in_the_step_a_one_step_fault_is_not_named_once_its_gradient_is_normal():
+    """Review C r7 #2, in the jitted step: device 1's gradient x1e4 at update 30 of 60
+    (every update audited). The state's xdev/outlier_devices follows the numpy rule on its
+    own scores and evidence (float64 CUSUM), and device 1 is named at update 30, then only
+    at the audits whose score is above the drift (2)."""
+    rng = np.random.default_rng(22)
+    seq = rng.normal(size=(K, 60, 40))
+    seq[1, 30] *= 1e4
+    tx = gh.cross_device("data", audit_first_steps=60)
+    states = state_per_step(tx, jnp.asarray(seq, jnp.float32))
+    score = np.maximum(np.asarray(states.xdev_norm_score, np.float64), np.asarray(states.xdev_direction_score))
+    evidence = _cusum_reference(score, 2.0, 24.0)
+    np.testing.assert_allclose(states.xdev_outlier_evidence, evidence, rtol=1e-5, atol=1e-4)
+    named = (score > 10.0) | ((evidence > 12.0) & (score > 2.0))
+    np.testing.assert_array_equal(states.xdev_outlier_devices, named)
+    old = (score > 10.0) | (evidence > 12.0)  # the rule before: named on the evidence alone
+    assert named[30, 1] and (evidence[31:36, 1] > 12.0).all()
+    assert named[31:, 1].sum() == ((evidence[31:, 1] > 12.0) & (score[31:, 1] > 2.0)).sum() < old[31:, 1].sum() - 3

@@ -469,9 +469,22 @@ def test_direction_score_is_calm_when_the_devices_share_a_strong_signal(seed):
 def test_audit_detector_names_a_persistently_noisy_device_when_the_signal_is_strong(seed):
     # One device's noise 4x the others' from audit 100 (its cosine ~0.72 against ~0.95).
     norms, cos = _signal_dominated_stream(np.random.default_rng(seed), 200, odd=(100, 3))
-    named = np.asarray(detect.replay_audits(norms, cos, **AUDIT_RULE).outlier_device)
-    assert int(np.argmax(named[100:] == 3)) < 10
-    assert (named[100:] == 3).mean() > 0.9
+    verdicts = detect.replay_audits(norms, cos, **AUDIT_RULE)
+    named = np.asarray(verdicts.outlier_device)
+    first = int(np.argmax(named[100:] == 3))
+    assert first < 10
+    # From its first naming on, device 3 is named at every audit where its gradient looks
+    # abnormal now (score above the evidence's drift, the evidence having passed its
+    # threshold) and at no other: the evidence alone does not name it on an audit where
+    # its noise happened to look normal. A 4x noise does most of the time.
+    score = np.asarray(verdicts.scores.score)[100 + first :, 3]
+    evidence = np.asarray(verdicts.outlier_evidence)[100 + first :, 3]
+    expected = (score > AUDIT_RULE["outlier_threshold"]) | (
+        (evidence > AUDIT_RULE["evidence_threshold"]) & (score > AUDIT_RULE["evidence_drift"])
+    )
+    np.testing.assert_array_equal(named[100 + first :] == 3, expected)
+    assert (named[100:] == 3).mean() > 0.6
+    assert set(np.unique(named[100:])) <= {-1, 3}
 
 
 def test_audit_detector_forgets_a_fault_once_it_is_over():
@@ -503,3 +516,26 @@ def test_audit_detector_non_finite_device_is_named_and_does_not_move_the_others(
     assert int(verdicts.outlier_device[20]) == 5 and np.isinf(float(verdicts.outlier_score[20]))
     assert (np.asarray(verdicts.outlier_device)[21:] == -1).all()
     np.testing.assert_array_equal(verdicts.outlier_evidence[20], verdicts.outlier_evidence[19])
+
+
+def test_a_low_norm_on_a_step_that_was_not_accepted_is_no_dip():
+    """A finite gradient norm far below the baseline (a dip's) on a step the guard skipped
+    as non-finite (its loss, value or update): not accepted, so it neither adds to the
+    run of spikes and dips nor joins the run's ring, and one short of
+    ``rebaseline_after`` it does not restart the window (the documented rule: a step not
+    accepted leaves the run as it was). Accepted, the same norm is a dip."""
+    rule = detect.SpikeRule(5.0, 6.0, window=32, warmup=5, spread_floor=0.05, rebaseline_after=4)
+    window = rule.init()
+    xs = np.exp(np.random.default_rng(1).normal(0.0, 0.1, 10)).astype(np.float32)
+    for x in xs:
+        window = rule.fold(window, jnp.float32(x), rule.judge(window, jnp.float32(x), True), True)
+    window = window._replace(window_streak=jnp.int32(3))
+    low = jnp.float32(1e-3 * np.exp(np.median(np.log(xs.astype(np.float64)))))  # 1/1000 of the baseline
+    verdict = rule.judge(window, low, jnp.bool_(False))  # judged as the guard does: not finite
+    kept, restart = rule.fold_and_restart(window, low, verdict, jnp.bool_(False))
+    assert not bool(restart)
+    assert int(kept.window_streak) == 3 and int(kept.window_count) == 10
+    assert int(kept.window_run_count) == int(window.window_run_count)
+    verdict = rule.judge(window, low, jnp.bool_(True))
+    _, restart = rule.fold_and_restart(window, low, verdict, jnp.bool_(True))
+    assert bool(restart)  # accepted: the 4th dip in a row
