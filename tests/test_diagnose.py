@@ -664,7 +664,11 @@ def test_outlier_ignores_rows_that_were_not_audited():
     for t, row in enumerate(rows):
         row["xdev/audited"] = float(t % 10 == 0)
         if t % 10:
-            row["xdev/outlier_device"] = 2.0  # stale values between audits must not count
+            # Between audits a log holds the last audit's values (a row whose audit values
+            # changed holds a new audit, xdev/audited or not): stale values must not count.
+            for name in ("xdev/cosine_to_mean", "xdev/outlier_score"):
+                row[name] = rows[t - 1][name]
+            row["xdev/outlier_device"] = 2.0
     assert "outlier_device" not in patterns(rows)
 
 
@@ -1763,6 +1767,8 @@ def test_near_duplicate_verdicts_equal_the_pair_by_pair_rule(seed):
     cos[:, np.arange(k), np.arange(k)] = 1.0
     audits = rng.random(t) < 0.7
     audits[0] = True
+    for r in np.flatnonzero(~audits):  # a log holds the last audit's cosines between audits
+        cos[r] = cos[r - 1]
     flagged = rng.random((t, k, k)) < 0.02
     h = gh.History(
         np.arange(t),
@@ -2002,17 +2008,27 @@ def test_a_new_dataset_in_other_units_under_a_real_guard_is_named_a_lasting_chan
     path = tmp_path / "units.jsonl"
     units = lambda t, x, y: (x, y * 10.0) if t >= 150 else (x, y)
     final = _train_logged(path, fault=units, steps=400, log_every=log_every)
-    assert final["grad/num_rebaselines"] == 1 and final["grad/rollback_recommended"] == 0
+    # The guard re-baselines but keeps the rollback: the MSE of x10 targets is ~100x while
+    # the gradient is ~10x, a loss per unit of gradient norm ~10x, which reads as a model
+    # thrown off course (the documented limit: announce such a change with gh.rebaseline).
+    assert final["grad/num_rebaselines"] == 1 and final["grad/rollback_recommended"] == 1
     logged = [json.loads(line) for line in path.read_text().splitlines()]
     rebaselined = next(r["step"] for r in logged if r.get("grad/num_rebaselines", 0) >= 1)
     found = {f.pattern: f for f in gh.diagnose(path)}
     explosion = found["explosion"]
-    assert explosion.severity == "warning"
     assert explosion.evidence["lasting_change_steps"] == [150]
     assert explosion.evidence["rebaselined_steps"] == [rebaselined]
     assert explosion.evidence["momentum_resets"] == final["grad/num_momentum_resets"]
     assert explosion.evidence["spikes_of_lasting_changes"] == final["grad/num_spikes"]
-    assert found["rollback"].severity == "warning" and "gh.rebaseline" in found["rollback"].mitigations[0]
+    # The loss after the re-baseline is ~160x its level before (MSE of x10 targets), its
+    # loss per gradient norm ~16x, which the log cannot tell from a divergence (review B
+    # r7 #2): named first, the error kept,
+    # the lasting change and gh.rebaseline (for a planned one) still given.
+    for name in ("explosion", "rollback"):
+        assert found[name].severity == "error"
+        assert found[name].causes[0].startswith("learning rate too high / diverged")
+        assert any(c.startswith("a lasting change of the gradient's scale at step 150") for c in found[name].causes)
+        assert any("gh.rebaseline" in m for m in found[name].mitigations)
 
 
 def test_a_rebaseline_announced_with_gh_rebaseline_explains_no_later_spike():
@@ -2037,3 +2053,423 @@ def test_a_rebaseline_announced_with_gh_rebaseline_explains_no_later_spike():
     (explosion,) = gh.diagnose(rows)
     assert explosion.severity == "error" and explosion.steps == (250,)
     assert explosion.causes == PATTERNS["explosion"].causes and "lasting_change_steps" not in explosion.evidence
+
+
+# ----------------------------------------------------------------------------- round 9 (review A)
+
+
+def test_the_replay_keeps_the_runs_count_when_it_restarts_a_window_shorter_than_the_warmup():
+    """A window of 16 with a warm-up of 40 (gh.Thresholds allows it). Three x10 spikes,
+    each of the first two followed by 20 rows alternating x2.5 and x0.4 (neither spikes
+    nor dips, not near the baseline: the run goes on), so the run that restarts the
+    window at the third spike (rebaseline_after 3) is 43 rows long: the guard's window
+    restarts warm (its count is the run's). Seven rows at 1 follow, then a x100 row: a
+    spike, its score 100 over the median of the latest 16 accepted rows (numpy). The
+    replay used to restart with a count of 16 (cold): it missed that spike. The same
+    through gh's replay with the default rebaseline_after (50 spikes, 8 rows between)."""
+    from optax_gradhealth import _detectors as detect
+    from optax_gradhealth.diagnosis import _columns as cols
+
+    def stream(spikes):
+        rows = [np.ones(100)]
+        for k in range(spikes):
+            rows.append([10.0])
+            if k < spikes - 1:
+                rows.append(np.tile([2.5, 0.4], 4 if spikes > 3 else 10))
+        rows += [np.ones(7), [100.0], np.ones(20)]
+        return np.concatenate(rows).astype(np.float32)
+
+    x = stream(3)
+    rule = detect.SpikeRule(5.0, None, 16, 40, 0.05, 16, 3)
+    spike, ratio = cols._replay_fast(rule, x)
+    expected = [100, 121, 142, 150]
+    assert np.flatnonzero(spike).tolist() == expected
+    window = np.log(x[134:150].astype(np.float64))  # the accepted rows before row 150
+    np.testing.assert_allclose(ratio[150], 100.0 / np.exp(np.median(window)), rtol=1e-5)
+
+    x = stream(50)
+    th = gh.Thresholds(spike_window=16, warmup_rows=40, spike_zscore=1e-3)
+    cols._last_replay.clear()
+    spike, _ = cols.replay_spike_scores(x, th)
+    last = 100 + 49 * 9  # the 50th spike restarts the window; the x100 row comes 8 rows later
+    assert np.flatnonzero(spike).tolist() == [*range(100, last + 1, 9), last + 8]
+
+
+# ----------------------------------------------------------------------------- round 7 (review C)
+
+
+def _audited_run(steps=1100, desync_from=300, device=5, first=200, every=500, seed=0):
+    """Per-step rows of an audited run as gh.metrics gives them: audits while the update
+    index is below ``first``, then every ``every`` updates; the audit fields hold the
+    latest audit's values between audits (random cosines, so every audit differs), and
+    ``device``'s parameters differ from the majority from the audit at ``desync_from`` on."""
+    rng = np.random.default_rng(seed)
+    rows, held, count = [], {}, 0
+    for t in range(steps):
+        audited = t < first or t % every == 0
+        if audited:
+            count += 1
+            desync = np.zeros(K)
+            desync[device] = float(t >= desync_from)
+            held = {
+                "xdev/cosine_to_mean": 0.6 + 0.05 * rng.standard_normal(K),
+                "xdev/outlier_score": float(abs(rng.standard_normal())),
+                "xdev/outlier_device": -1.0,
+                "xdev/duplicate_pairs": 0.0,
+                "xdev/param_desync": desync,
+            }
+        norms = 1.0 + 0.05 * rng.standard_normal(K)
+        rows.append(
+            {
+                "grad/norm": 1.0,
+                "loss": 1.0,
+                "xdev/device_norms": norms,
+                "xdev/norm_cv": float(norms.std() / norms.mean()),
+                "xdev/agreement": 0.6,
+                "xdev/audited": float(audited),
+                "xdev/num_audits": float(count),
+                **held,
+            }
+        )
+    return rows
+
+
+def _log_every(rows, path, n, first_step=0, drop=()):
+    path.unlink(missing_ok=True)
+    with gh.MetricLogger(gh.JsonlWriter(path), log_every=n) as logger:
+        for t, row in enumerate(rows):
+            logger.log(t + first_step, {k: v for k, v in row.items() if k not in drop})
+    return gh.load_history(path)
+
+
+@pytest.mark.parametrize(("n", "first_step"), [(64, 0), (128, 0), (10, 1), (50, 0)])
+def test_a_logged_row_that_holds_a_later_audit_is_an_audit_row(tmp_path, n, first_step):
+    """Review C r7 #1: after the dense audits (every update below 200) the audits run at
+    updates 500, 1000. A row logged at step 512 (log_every=64), or at 501 (log_every=10 with
+    a 1-based step), holds the audit of update 500 with xdev/audited 0: audit_rows dropped
+    it, so a lasting desync from update 300 gave no param_desync finding. Reference: a row
+    holds a new audit when the number of audits up to its step (numpy) differs from that of
+    the previous logged row."""
+    from optax_gradhealth.diagnosis import _columns as cols
+
+    rows = _audited_run()
+    h = _log_every(rows, tmp_path / "run.jsonl", n, first_step)
+    updates = h.steps.astype(int) - first_step
+    audits_by = np.cumsum([t < 200 or t % 500 == 0 for t in range(len(rows))])[updates]
+    expected = np.diff(np.concatenate([[0], audits_by])) != 0
+    np.testing.assert_array_equal(cols.audit_rows(h), expected)
+    desync_rows = expected & np.array([t >= 300 for t in updates])
+    assert desync_rows.any()
+    (finding,) = [f for f in gh.diagnose(tmp_path / "run.jsonl") if f.pattern == "param_desync"]
+    assert finding.steps == tuple(int(s) for s in h.steps[desync_rows])
+    assert finding.evidence["devices"] == [5]
+
+
+@pytest.mark.parametrize("drop", [("xdev/num_audits",), ("xdev/num_audits", "xdev/audited")])
+def test_without_the_audit_counter_a_changed_audit_value_still_marks_an_audit(tmp_path, drop):
+    """Review C r7 #1, an older log (no xdev/num_audits): xdev/audited == 1 used to switch
+    the value-change rule off, so a logged row at 512 that holds the audit of update 500
+    (its values unlike the previous logged row's) was dropped. Now the two rules are
+    combined: such a row is an audit, with or without the xdev/audited column."""
+    from optax_gradhealth.diagnosis import _columns as cols
+
+    rows = _audited_run()
+    h = _log_every(rows, tmp_path / "run.jsonl", 64, drop=drop)
+    assert not h.has("xdev/num_audits")
+    updates = h.steps.astype(int)
+    audits_by = np.cumsum([t < 200 or t % 500 == 0 for t in range(len(rows))])[updates]
+    expected = np.diff(np.concatenate([[0], audits_by])) != 0
+    np.testing.assert_array_equal(cols.audit_rows(h), expected)
+    (finding,) = [f for f in gh.diagnose(tmp_path / "run.jsonl") if f.pattern == "param_desync"]
+    assert finding.steps == (512, 1024)
+
+
+def test_the_audit_counter_counts_audits_with_equal_values_and_restarts(tmp_path):
+    """Review C r7 #1: with xdev/num_audits, two audits with bit-equal values between
+    logged rows are two new audit rows (the value rule reads them as one), a row that
+    repeats the count is none, and after a restart the count may fall: a row whose count
+    differs from the previous logged row's holds a new audit, a count of 0 none; a row
+    whose own step was an audit (xdev/audited 1) is one whatever its count (a restart whose
+    audit brought the count back to the previous row's)."""
+    from optax_gradhealth.diagnosis import _columns as cols
+
+    counts = [0, 1, 2, 2, 3, 1, 1, 2, 0, 0, 1, 1, 1]
+    audited = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]
+    rows = [
+        {"step": t, "xdev/num_audits": float(c), "xdev/audited": float(a), "xdev/cosine_to_mean": np.full(K, 0.5)}
+        for t, (c, a) in enumerate(zip(counts, audited))
+    ]
+    h = gh.load_history(rows)
+    previous = np.concatenate([[0], counts[:-1]])
+    expected = ((np.asarray(counts) != previous) & (np.asarray(counts) > 0)) | (np.asarray(audited) == 1)
+    np.testing.assert_array_equal(cols.audit_rows(h), expected)
+
+
+def _noisy_device_rows(seed, sigma=0.6, faulty=None, agreement=0.01):
+    """clean_rows(xdev=True) whose device norms spread like a tiny per-device batch's
+    sampling noise (log-normal, ``sigma`` per device, drawn independently per row and
+    device), or with device ``faulty`` x3 on every row; xdev/norm_cv and
+    xdev/norm_max_over_min recomputed from the norms (numpy)."""
+    rows = clean_rows(seed, xdev=True)
+    rng = np.random.default_rng(seed + 100)
+    for row in rows:
+        norms = np.exp(sigma * rng.standard_normal(K))
+        if faulty is not None:
+            norms[faulty] *= 3.0
+        row["xdev/device_norms"] = norms
+        row["xdev/norm_cv"] = float(norms.std() / norms.mean())
+        row["xdev/norm_max_over_min"] = float(norms.max() / norms.min())
+        row["xdev/agreement"] = float(agreement + 0.01 * rng.standard_normal())
+    return rows
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_high_dispersion_of_noise_dominated_gradients_is_info_with_the_small_batch_first(seed):
+    """Review C r7 #3: a clean run with per-device batches of 2 or 4 has a norm CV of 0.5
+    to 0.7 (each device's norm is its batch's sampling noise; median agreement ~0.01) and
+    got a high_dispersion warning naming desynchronised seeds. Noise-dominated (median
+    agreement below agreement_low) and spread over the devices (no device the farthest
+    from the median log-norm on most high rows): info, the small batch listed first."""
+    from optax_gradhealth.diagnosis import PATTERNS
+
+    rows = _noisy_device_rows(seed)
+    cv = np.array([r["xdev/norm_cv"] for r in rows])
+    assert (cv > 0.5).mean() >= 0.2  # the warning's own rule fires on these rows
+    finding = by_pattern(rows, "high_dispersion")
+    assert finding.severity == "info"
+    assert finding.causes[0].startswith("per-device batch small against the gradient noise scale")
+    assert finding.causes[1:] == PATTERNS["high_dispersion"].causes
+    assert finding.steps == tuple(int(t) for t in np.flatnonzero(cv > 0.5))
+    median = np.median([r["xdev/agreement"] for r in rows])
+    assert finding.evidence["median_agreement"] == pytest.approx(median, abs=1e-6)
+    assert finding.evidence["farthest_device_share"] <= 0.5
+
+
+def test_a_high_dispersion_from_one_device_or_with_agreeing_devices_stays_a_warning():
+    """Review C r7 #3: noise-dominated gradients with one device x3 on every row (it is the
+    farthest from the median log-norm on every high row), or devices that agree (median
+    agreement 0.6): the warning and its causes are kept."""
+    from optax_gradhealth.diagnosis import PATTERNS
+
+    one = by_pattern(_noisy_device_rows(0, sigma=0.3, faulty=4), "high_dispersion")
+    assert one.severity == "warning" and one.causes == PATTERNS["high_dispersion"].causes
+    assert one.evidence["farthest_device"] == 4 and one.evidence["farthest_device_share"] > 0.5
+    agreeing = by_pattern(_noisy_device_rows(0, agreement=0.6), "high_dispersion")
+    assert agreeing.severity == "warning" and agreeing.causes == PATTERNS["high_dispersion"].causes
+
+
+# ---------------------------------------------------------------- review B, round 7 (diagnosis)
+
+
+def _accumulated_rows(wrap, nan_window=None, x10_windows=(), k=4, windows=160):
+    """A linear regression trained under ``wrap(gh.guard(adam), k)`` (gh.accumulate or
+    optax.MultiSteps), gh.metrics logged after every update call (every micro-step, as a
+    loop that logs each call writes). ``nan_window``: a NaN in that window's second
+    micro-batch; ``x10_windows``: windows whose micro-batch gradients are x10. Returns the
+    rows (step = micro-step) and the guard's final metrics."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    tx = wrap(gh.guard(optax.adam(1e-2)), k)
+    true_w = jax.random.normal(jax.random.key(7), (8, 1))
+    params = {"w": jnp.zeros((8, 1)), "b": jnp.zeros((1,))}
+    n = windows * k
+    window = np.arange(n) // k
+    nan = np.zeros(n, bool) if nan_window is None else (window == nan_window) & (np.arange(n) % k == 1)
+    gmul = np.where(np.isin(window, x10_windows), 10.0, 1.0)
+
+    def loss_fn(p, x, y):
+        return jnp.mean((x @ p["w"] + p["b"] - y) ** 2)
+
+    def step(carry, a):
+        p, s = carry
+        key = jax.random.fold_in(jax.random.key(0), a["t"])
+        x = jax.random.normal(key, (16, 8))
+        y = x @ true_w + 0.1 * jax.random.normal(jax.random.fold_in(key, 1), (16, 1))
+        x = x.at[0, 0].add(jnp.where(a["nan"], jnp.nan, 0.0))
+        g = jax.tree.map(lambda v: v * a["gmul"], jax.grad(loss_fn)(p, x, y))
+        u, s = tx.update(g, s, p)
+        p = optax.apply_updates(p, u)
+        m = {name: v for name, v in gh.metrics(s).items() if jnp.ndim(v) == 0}
+        return (p, s), m
+
+    xs = {"t": jnp.arange(n), "nan": jnp.asarray(nan), "gmul": jnp.asarray(gmul, jnp.float32)}
+    _, out = jax.jit(lambda c, xs: jax.lax.scan(step, c, xs))((params, tx.init(params)), xs)
+    out = {name: np.asarray(v, float) for name, v in out.items()}
+    rows = [{"step": t, **{name: v[t] for name, v in out.items()}} for t in range(n)]
+    return rows, {name: v[-1] for name, v in out.items()}
+
+
+@pytest.mark.parametrize("wrap", ["accumulate", "MultiSteps"])
+def test_micro_step_rows_repeating_the_guards_report_are_counted_once(wrap):
+    """Review B r7 #3: with a row per micro-step, the k-1 rows after a window's end repeat
+    the guard's report (grad/num_steps unchanged): one NaN window read as 4 non-finite
+    steps (longest run 4) and 5 spiking windows as 20 spikes. Counted as the guard counts
+    them: the rows where grad/num_steps moved (numpy), against the guard's counters."""
+    import optax
+
+    wrapper = gh.accumulate if wrap == "accumulate" else optax.MultiSteps
+    nan_window = 100 if wrap == "accumulate" else None  # MultiSteps alone keeps a NaN (documented)
+    rows, final = _accumulated_rows(wrapper, nan_window=nan_window, x10_windows=range(120, 125))
+    num_steps = np.array([r["grad/num_steps"] for r in rows])
+    own = np.concatenate([[True], num_steps[1:] != num_steps[:-1]])  # the guard ran on this row
+    spiked = np.array([r["grad/spiked"] for r in rows]) == 1
+    assert spiked.sum() > final["grad/num_spikes"]  # the flag is repeated on the micro-steps
+    found = {f.pattern: f for f in gh.diagnose(rows)}
+    explosion = found["explosion"]
+    assert final["grad/num_spikes"] == 5
+    assert explosion.evidence["spike_steps"] == (spiked & own).sum() == final["grad/num_spikes"]
+    assert explosion.steps == tuple(int(r["step"]) for r, s, o in zip(rows, spiked, own, strict=True) if s and o)
+    assert explosion.summary.startswith(f"{int(final['grad/num_spikes'])} spike(s)")
+    if nan_window is not None:
+        nonfinite = found["nonfinite"]
+        assert final["grad/num_nonfinite"] == 1
+        assert nonfinite.summary.startswith("1 non-finite step(s)")
+        assert nonfinite.evidence["nonfinite_logged_steps"] == 1 and nonfinite.evidence["longest_run"] == 1
+
+
+def _overflow_burst_rows(burst, n=600, log_every=1):
+    """clean_rows with a dynamic loss scale written out: 65536 throughout (a growth
+    interval of 2000 steps, longer than the log), halved on each overflowed step of
+    ``burst`` and staying there."""
+    rows, scale, overflows = clean_rows(n=n), 65536.0, 0
+    for t, row in enumerate(rows):
+        overflowed = t in burst
+        if overflowed:
+            scale, overflows = scale / 2, overflows + 1
+        row.update({"grad/loss_scale": scale, "grad/num_overflows": overflows, "grad/overflowed": float(overflowed)})
+        row["grad/num_steps"] = t + 1 - overflows  # the guard does not run on an overflowed step
+    return [row for t, row in enumerate(rows) if t % log_every == 0]
+
+
+@pytest.mark.parametrize("log_every", [1, 10])
+def test_a_burst_of_overflows_after_a_healthy_stretch_is_bad_batches_not_the_scale(log_every):
+    """Review B r7 #4: fp16, 5 corrupted batches in a row (steps 400-404) overflow and cut
+    a healthy scale 32x for the rest of the run; the overflow rate (5 of 600) is under 2%
+    and the scale stays above 1, so gh.diagnose said nothing."""
+    burst = range(400, 405)
+    rows = _overflow_burst_rows(burst, log_every=log_every)
+    found = by_pattern(rows, "loss_scale")
+    assert found.severity == "warning"
+    assert found.causes[0].startswith("bad batches, not the scale")
+    assert "growth_interval" in found.mitigations[1]
+    [[first, last]] = found.evidence["overflow_bursts"]
+    assert first <= 400 and last >= 404 and last - first < 3 * log_every + 5
+    assert set(burst) <= set(found.steps) or log_every > 1
+    assert f"the scale went from {65536.0:g} to {65536.0 / 2 ** len(burst):g}" in found.summary
+
+
+@pytest.mark.parametrize("burst", [range(400, 402), range(3, 8), [300, 340, 380, 420]])
+def test_two_overflows_in_a_row_the_first_calibration_or_scattered_ones_are_no_burst(burst):
+    """Two overflows in a row, five at the start (the scale's first calibration, within
+    warm-up) or four scattered ones: no loss_scale finding."""
+    assert "loss_scale" not in patterns(_overflow_burst_rows(burst))
+
+
+@pytest.mark.parametrize("factor", [40.0, 10.0, 1.5])
+def test_a_lasting_change_with_a_loss_far_above_its_level_is_named_a_divergence(factor):
+    """Review B r7 #2: the learning rate x100 from step 1000 on: the guard re-baselined,
+    withdrew the rollback, and gh.diagnose named "a lasting change (planned ...)" first,
+    as warnings, while the loss stayed 6-17x its level. The gradient norm goes x10 at step
+    600 here and the loss x``factor``: with the logged loss after the re-baseline more
+    than 2x its median before the run AND its loss per unit of gradient norm more than
+    1.5x (numpy medians over as many rows as the run has; a loss weight scales both, x10
+    here), 'learning rate too high / diverged' comes first and both findings are errors."""
+    rows, _ = _lasting_change_rows()
+    rng = np.random.default_rng(5)
+    steps = rows["step"]
+    rows["loss"] = np.exp(0.1 * rng.standard_normal(steps.size)) * np.where(steps >= 600, factor, 1.0)
+    before, after = np.median(rows["loss"][550:600]), np.median(rows["loss"][650:700])
+    per_norm = rows["loss"] / rows["grad/norm"]
+    diverged = after > 2 * before and np.median(per_norm[650:700]) > 1.5 * np.median(per_norm[550:600])
+    assert diverged == (factor == 40.0)  # the construction: x40 loss over x10 norm
+    found = {f.pattern: f for f in gh.diagnose(rows)}
+    for name in ("explosion", "rollback"):
+        if diverged:
+            assert found[name].severity == "error"
+            assert found[name].causes[0].startswith("learning rate too high / diverged")
+            assert f"(median {before:.4g} -> {after:.4g})" in found[name].causes[0]
+            assert any(c.startswith("a lasting change of the gradient's scale at step 600") for c in found[name].causes)
+        else:
+            assert found[name].severity == "warning"
+            assert found[name].causes[0].startswith("a lasting change of the gradient's scale at step 600")
+
+
+def _memorising_rows(n=2000, every=29, loss_floor=0.003, spike_loss=20.0, runs=(1,), spike_score=12.0, nan_at=None):
+    """A guard's log (written out) of a model that fits its small dataset: the loss falls
+    from ~2.3 to ``loss_floor``; from step 300, a spike every ``every`` steps (runs of the
+    lengths in ``runs``, in turn), skipped, whose loss is ``spike_loss`` times the floor
+    (an example not fit yet) and whose score is ``spike_score``."""
+    rng = np.random.default_rng(11)
+    t = np.arange(n)
+    loss = (2.3 * np.exp(-t / 40) + loss_floor) * np.exp(0.2 * rng.standard_normal(n))
+    norm = np.exp(0.1 * rng.standard_normal(n))
+    spiked = np.zeros(n, bool)
+    for i, start in enumerate(range(300, n - 5, every)):
+        spiked[start : start + runs[i % len(runs)]] = True
+    loss[spiked] *= spike_loss
+    norm[spiked] *= spike_score
+    finite = np.ones(n)
+    if nan_at is not None:
+        norm[nan_at], finite[nan_at] = np.nan, 0.0
+    return {
+        "step": t,
+        "loss": loss,
+        "grad/norm": norm,
+        "grad/finite": finite,
+        "grad/spike_score": np.where(spiked, spike_score, 1.0),
+        "grad/zscore": np.where(spiked, 20.0, 0.0),
+        "grad/spiked": spiked.astype(float),
+        "grad/skipped": (spiked | (finite == 0)).astype(float),
+        "grad/num_spikes": np.cumsum(spiked).astype(float),
+        "grad/num_nonfinite": np.cumsum(finite == 0).astype(float),
+        "grad/num_steps": t + 1.0,
+    }
+
+
+def test_recurring_isolated_spikes_while_a_small_dataset_is_memorised_name_the_unfit_examples():
+    """Review B r7 #1: memorising 1,024 examples with Adam at 3e-3, the guard skipped 29-57
+    isolated spikes (runs of 1-3) over 1,300 steps: the examples the model has not fit yet,
+    which skipping keeps unlearned. Named first with spike_action='clip', a warning when it
+    explains every spike (the evidence recomputed with numpy)."""
+    rows = _memorising_rows(runs=(1, 1, 2, 1, 3))
+    explosion = by_pattern(rows, "explosion")
+    assert explosion.severity == "warning"
+    assert explosion.causes[0].startswith("hard or mislabelled examples the model has not fit yet")
+    assert "dirty data: a corrupted or out-of-distribution batch" in explosion.causes
+    assert explosion.mitigations[0].startswith("gh.guard(spike_action='clip', reset_after=None)")
+    found = explosion.evidence["memorising"]
+    spiked = rows["grad/spiked"] == 1
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], spiked.astype(int), [0]])))
+    lengths = edges[1::2] - edges[::2]
+    assert found["longest_run"] == lengths.max() == 3
+    assert found["isolated_run_fraction"] == pytest.approx((lengths <= 2).mean(), abs=1e-6)
+    inside = ~spiked & (rows["step"] > rows["step"][spiked][0]) & (rows["step"] < rows["step"][spiked][-1])
+    assert found["accepted_loss_median"] == pytest.approx(np.median(rows["loss"][inside]), abs=1e-6)
+    assert found["initial_loss"] == pytest.approx(np.median(rows["loss"][:10]), abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["fresh_data_fault", "gradient_fault", "long_runs", "nonfinite", "few_spikes"],
+)
+def test_recurring_spikes_that_are_not_memorisation_keep_the_error(case):
+    """A corrupted batch every 10th step on fresh data (the loss stays at 35% of its
+    initial value: the model does not fit its data; measured 170 spikes, loss 0.8 of 2.3),
+    or a x6 gradient every 25th step on a fitted model whose loss at the spikes is not
+    higher (a gradient fault, not unfit examples): an error with dirty data first. A run of
+    5 spikes among them, or a non-finite step beside them: the memorisation cause is named
+    first but the error is kept. Fewer than min_steps spikes: not judged."""
+    kwargs = {
+        "fresh_data_fault": dict(loss_floor=0.8, every=10, spike_loss=70.0),
+        "gradient_fault": dict(every=25, spike_loss=1.0, spike_score=6.0),
+        "long_runs": dict(runs=(1, 1, 1, 1, 5)),
+        "nonfinite": dict(nan_at=1500),
+        "few_spikes": dict(every=200),
+    }[case]
+    explosion = by_pattern(_memorising_rows(**kwargs), "explosion")
+    assert explosion.severity == "error"
+    memorised = explosion.causes[0].startswith("hard or mislabelled examples")
+    assert memorised == (case in ("long_runs", "nonfinite"))
+    assert "dirty data: a corrupted or out-of-distribution batch" in explosion.causes

@@ -245,9 +245,8 @@ def _replay_fast(rule: detect.SpikeRule, norms: np.ndarray) -> tuple[np.ndarray,
             if run_size:
                 run = np.concatenate([run, logs[position + first : position + first + 1]])[-run_size:]
             run_count += 1
-            if streak >= rule.rebaseline_after:  # restarted on the run's last log-norms
-                seeded = min(run_count, run_size)
-                kept, count = run[run.size - seeded :].copy(), seeded
+            if streak >= rule.rebaseline_after:  # restarted on the run's last log-norms, with its count
+                kept, count = run[run.size - min(run_count, run_size) :].copy(), run_count
                 streak, run, run_count = 0, np.zeros(0, np.float32), 0
         position, stretch = position + first + 1, small
         short = short + 1 if first < 8 else 0
@@ -440,33 +439,56 @@ _AUDIT_VALUES = (
 
 
 def audit_rows(h: History) -> np.ndarray:
-    """Rows that were audit steps: ``xdev/audited`` is 1. When it is not logged, the rows
-    where an audit-only metric with continuous values (``xdev/cosine_to_mean``,
-    ``xdev/pairwise_cosine``, ``xdev/mean_pairwise_cosine``, the outlier scores) was
-    logged with a value unlike the one it had on the previous row that logged it: between
-    audits these metrics hold the last audit's values, and counting those rows as audits
-    would replay one audit many times beside the norms of later steps. (Two audits in a
-    row with every such value bit-equal read as one; log ``xdev/audited`` to count them
-    exactly.) Without any of these metrics, a row that logged some ``xdev/`` metric.
+    """Rows that hold a new audit's values: the audit-only metrics (cosines, outlier
+    scores, duplicate pairs, parameter desync) keep the latest audit's values between
+    audits, so a logged row holds a new audit when one ran since the previous logged row,
+    whether or not it ran on the row's own step (``log_every=64`` logs step 512, which
+    holds the audit of step 500 with ``xdev/audited`` 0).
+
+    * A row with ``xdev/audited`` 1 (its own step was an audit).
+    * Where ``xdev/num_audits`` (the audit counter) is logged: the rows where it is above
+      0 and differs from its value on the previous row that logged it (it grew; or it
+      fell to a count above 0, a restart from a checkpoint or from scratch that audited
+      again). Exact: two audits with bit-equal values are two.
+    * Elsewhere (a log without the counter, or its rows that lack it): a row where an
+      audit-only metric with continuous values (``xdev/cosine_to_mean``,
+      ``xdev/pairwise_cosine``, ``xdev/mean_pairwise_cosine``, the outlier scores) was
+      logged with a value unlike the one it had on the previous row that logged it:
+      counting the rows that repeat the last audit's values would
+      replay one audit many times beside the norms of later steps. (Without the counter,
+      two audits in a row with every such value bit-equal, neither on a logged audit
+      step, read as one.) Without any of these metrics, a row that logged some ``xdev/``
+      metric.
+
     An eval row or a row of a step union is never an audit: its missing per-device norms
     would read as NaN devices."""
-    if h.has("xdev/audited"):
-        return h.col("xdev/audited") == 1
+    audited = h.col("xdev/audited") == 1 if h.has("xdev/audited") else np.zeros(len(h), bool)
+    rows = audited.copy()
+    counted = np.zeros(len(h), bool)
+    if h.has("xdev/num_audits"):
+        count = h.col("xdev/num_audits")
+        counted = np.isfinite(count)
+        at = np.flatnonzero(counted)
+        if at.size:
+            values = count[at]
+            changed = np.concatenate([[True], values[1:] != values[:-1]])
+            rows[at[changed & (values > 0)]] = True
+        if counted.all():
+            return rows
+    fallback = audited.copy()
     names = [n for n in h.columns if any(n == p or n.startswith(p + "/") for p in _AUDIT_VALUES) and h.logged(n).any()]
-    rows = np.zeros(len(h), bool)
-    if not names:
+    if not names and not h.has("xdev/audited"):
         for name in h.columns:
             if name.startswith("xdev/"):
-                rows |= h.logged(name)
-        return rows
+                fallback |= h.logged(name)
     for name in names:
         at = np.flatnonzero(h.logged(name))
         if at.size == 0:  # a column no row logged (null or empty cells throughout)
             continue
         values = h.col(name)[at]
         same = (values[1:] == values[:-1]) | (np.isnan(values[1:]) & np.isnan(values[:-1]))
-        rows[at[np.concatenate([[True], ~same])]] = True
-    return rows
+        fallback[at[np.concatenate([[True], ~same])]] = True
+    return np.where(counted, rows, fallback)
 
 
 def agreement(h: History, rows: np.ndarray | None = None) -> tuple[str, np.ndarray, np.ndarray]:

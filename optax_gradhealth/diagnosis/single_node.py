@@ -8,10 +8,12 @@ lacks the metrics it needs).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 
 import numpy as np
 
+from optax_gradhealth._guard import LOST_LOSS_PER_NORM_RISE, LOST_LOSS_RISE
 from optax_gradhealth.diagnosis import _columns as cols
 from optax_gradhealth.diagnosis._core import Finding, Pattern, Thresholds
 from optax_gradhealth.history import History
@@ -39,10 +41,36 @@ def row_masks(h: History) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     <optax_gradhealth.diagnosis._columns.step_masks>` gives them, with the rows where a
     dynamic loss scale skipped the step (``grad/overflowed`` 1) skipped and not finite:
     such a step never reached the guard, whose metrics on that row still hold the
-    previous step's values (a stale norm that must not be judged again)."""
+    previous step's values (a stale norm that must not be judged again). A row that
+    repeats the guard's report (:func:`_repeated`) is none of the three: it is not
+    judged at all."""
     finite, skipped, accepted = cols.step_masks(h)
     over = _overflowed(h)
-    return finite & ~over, skipped | over, accepted & ~over
+    repeat = _repeated(h) & ~over
+    return finite & ~over & ~repeat, (skipped | over) & ~repeat, accepted & ~over & ~repeat
+
+
+def _repeated(h: History) -> np.ndarray:
+    """Rows whose ``grad/num_steps`` equals its value on the previous row that logged it:
+    the guard did not run since that row, so the row repeats its report (the micro-steps
+    of ``gh.accumulate`` or ``optax.MultiSteps`` logged after every update call, a dynamic
+    loss scale's overflow, the same state logged twice). Such a row is not a step of the
+    guard of its own: its flags (``grad/skipped``, ``grad/spiked``, ``grad/finite``) and
+    norm are the previous row's and are not counted again. All False without the column."""
+    out = np.zeros(len(h), bool)
+    if not h.has("grad/num_steps"):
+        return out
+    count = h.col("grad/num_steps")
+    logged = np.flatnonzero(np.isfinite(count))
+    out[logged[1:]] = count[logged[1:]] == count[logged[:-1]]
+    return out
+
+
+def _judged_rows(h: History) -> np.ndarray:
+    """Rows whose gradient was judged (:func:`_columns.gradient_rows
+    <optax_gradhealth.diagnosis._columns.gradient_rows>`) by a step of the guard of their
+    own: rows that repeat its report (:func:`_repeated`) left out."""
+    return cols.gradient_rows(h) & ~_repeated(h)
 
 
 def _overflowed(h: History) -> np.ndarray:
@@ -64,13 +92,14 @@ def _counter_max(h: History, name: str) -> int:
 def check_nonfinite(h: History, th: Thresholds) -> list[Finding]:
     """Steps with a non-finite gradient: rows that logged a non-finite ``grad/norm`` or
     ``grad/finite`` 0 (rows that did not log the gradient are not judged), or the
-    guard's counter (``grad/num_nonfinite``) above 0."""
+    guard's counter (``grad/num_nonfinite``) above 0. A row that repeats the guard's
+    report (:func:`_repeated`: an accumulation's micro-step) is not counted again."""
     if not h.has("grad/norm"):
         return []
     steps = h.steps
     _, skipped, _ = row_masks(h)
-    judged = cols.gradient_rows(h)
-    bad = cols.nonfinite_rows(h)
+    judged = _judged_rows(h)
+    bad = cols.nonfinite_rows(h) & judged
     counter = cols.counter_total(h, "grad/num_nonfinite")  # across resets and restores of the guard
     if not (bad.any() or counter > 0):
         return []
@@ -166,12 +195,81 @@ LOSS_SCALE = Pattern(
 )
 
 
+#: The fewest overflows in a row, after a healthy stretch, that read as a burst of bad
+#: batches: a healthy scale overflows once per growth (it doubles, overshoots, halves).
+OVERFLOW_BURST = 3
+
+LOSS_SCALE_BURST_CAUSES = (
+    "bad batches, not the scale: a burst of corrupted or out-of-distribution batches (inputs or targets far out "
+    "of range) that overflow at any scale; each overflow halved a healthy scale, which stays that low until it "
+    "grows back (one doubling per growth_interval clean steps)",
+    "an activation or the loss that overflows fp16 on some batches only (long sequences, rare tokens)",
+)
+LOSS_SCALE_BURST_MITIGATIONS = (
+    "look at the batches of the steps listed: the guard never saw them (the overflow skipped them first)",
+    "a shorter growth_interval brings the scale back sooner after such a burst (at the default 2000 each "
+    "halving costs 2000 clean steps); or train in bf16 (no loss scale, and the guard sees bad batches as spikes)",
+    "an overflowed step keeps the guard's previous metrics: read grad/overflowed before those rows",
+)
+
+
+def _overflow_bursts(h: History, th: Thresholds) -> list[tuple[int, int, int]]:
+    """``(first step, last step, first row)`` of each run of at least
+    :data:`OVERFLOW_BURST` consecutive overflowed steps that began after warm-up and
+    after ``min_steps`` logged rows without an overflow (a healthy stretch). A step is
+    known to have overflowed from its row's ``grad/overflowed`` 1 (a row of its own),
+    or from ``grad/num_overflows`` when it grew on a row by the number of steps since
+    the row before that logged it (every step between them overflowed), or by at least
+    :data:`OVERFLOW_BURST` while ``grad/loss_scale`` fell by at least that many halvings
+    (overflows beyond the growths between two logged rows: ``log_every=N``). A healthy
+    stretch may hold one overflow (a growth's)."""
+    steps = h.steps
+    spans = []  # (first step, last step, row) of steps known to have overflowed, all of them
+    for row in np.flatnonzero(_overflowed(h)):
+        spans.append((int(steps[row]), int(steps[row]), int(row)))
+    if h.has("grad/num_overflows"):
+        growth = cols.counter_increments(h, "grad/num_overflows")
+        scale = h.col("grad/loss_scale") if h.has("grad/loss_scale") else np.full(len(h), np.nan)
+        logged = np.flatnonzero(np.isfinite(growth))
+        for before, row in itertools.pairwise(logged):
+            gap = int(steps[row] - steps[before])
+            every = growth[row] > 0 and gap > 0 and int(growth[row]) == gap
+            with np.errstate(divide="ignore", invalid="ignore"):
+                fell = np.log2(scale[before] / scale[row])  # halvings beyond growths between the rows
+            if every or (growth[row] >= OVERFLOW_BURST and fell >= OVERFLOW_BURST):
+                spans.append((int(steps[before]) + 1, int(steps[row]), int(before) + 1))
+    if not spans:
+        return []
+    spans.sort()
+    runs = [list(spans[0])]
+    for first, last, row in spans[1:]:
+        if first <= runs[-1][1] + 1:
+            runs[-1][1] = max(runs[-1][1], last)
+        else:
+            runs.append([first, last, row])
+    over_rows = np.zeros(len(h), bool)
+    for first, last, _ in runs:
+        over_rows |= (steps >= first) & (steps <= last)
+    after = cols.after_warmup(h, th)
+    out = []
+    for first, last, row in runs:
+        if last - first + 1 < OVERFLOW_BURST or not after[row]:
+            continue
+        before = np.flatnonzero(steps < first)[-th.min_steps :]
+        if before.size < th.min_steps or over_rows[before].sum() > 1:
+            continue  # no healthy stretch (one overflow at most, a growth's) before it: a run that overflows
+        out.append((first, last, row))
+    return out
+
+
 def check_loss_scale(h: History, th: Thresholds) -> list[Finding]:
     """``gh.dynamic_loss_scale``: ``grad/num_overflows`` grew on more than
     ``overflow_fraction`` of the steps after warm-up, counting only the overflows beyond
     the scale's growths when ``grad/loss_scale`` is logged (without the counter:
     ``grad/overflowed`` on that fraction of the rows), or ``grad/loss_scale`` fell to 1
-    or below (its default ``min_scale``: the loss is no longer scaled up at all)."""
+    or below (its default ``min_scale``: the loss is no longer scaled up at all), or at
+    least :data:`OVERFLOW_BURST` steps in a row overflowed after a healthy stretch
+    (:func:`_overflow_bursts`: bad batches, named first when that is the only reason)."""
     after = cols.after_warmup(h, th)
     steps = h.steps
     evidence: dict = {}
@@ -232,10 +330,38 @@ def check_loss_scale(h: History, th: Thresholds) -> list[Finding]:
                     f"the loss scale fell from {high:g} to {low:g} at step {int(steps[first_low])} and was there on "
                     f"{at_low} of {logged.size} logged rows",
                 )
+    bursts = _overflow_bursts(h, th)
+    if bursts:
+        evidence["overflow_bursts"] = [[first, last] for first, last, _ in bursts]
+        said = ", ".join(f"steps {first}-{last}" for first, last, _ in bursts)
+        scale_said = ""
+        if h.has("grad/loss_scale"):
+            scale = h.col("grad/loss_scale")
+            first_row = bursts[0][2]
+            known = np.flatnonzero(np.isfinite(scale) & (scale > 0))
+            healthy, later = known[known < first_row], known[known > first_row]
+            if healthy.size and later.size:
+                scale_said = f"; the scale went from {scale[healthy[-1]]:g} to {scale[later[-1]]:g} at the last row"
+        reasons.append(
+            f"{len(bursts)} run(s) of {OVERFLOW_BURST} or more overflows in a row after a healthy stretch ({said})"
+            + scale_said
+        )
     if not reasons:
         return []
     if h.has("grad/overflowed"):
         evidence["overflowed_rows"] = int(_overflowed(h).sum())
+    if bursts:
+        shown = np.unique(np.concatenate([overflow_steps, [s for f, la, _ in bursts for s in range(f, la + 1)]]))
+        finding = LOSS_SCALE.finding("; ".join(reasons), shown.astype(int), evidence)
+        if len(reasons) == 1:  # the burst alone: bad batches, not the scale
+            return [
+                dataclasses.replace(
+                    finding,
+                    causes=(*LOSS_SCALE_BURST_CAUSES, *LOSS_SCALE.causes),
+                    mitigations=LOSS_SCALE_BURST_MITIGATIONS,
+                )
+            ]
+        return [dataclasses.replace(finding, causes=(*LOSS_SCALE.causes, LOSS_SCALE_BURST_CAUSES[0]))]
     return [LOSS_SCALE.finding("; ".join(reasons), overflow_steps, evidence)]
 
 
@@ -338,6 +464,76 @@ LASTING_CHANGE_MITIGATION = (
 )
 
 
+#: A lasting change whose logged loss after the re-baseline is more than this many times
+#: its median before the run of spikes reads as a divergence, not as a planned change
+#: (the guard's own rule: ``_guard.LOST_LOSS_RISE``) ...
+DIVERGED_LOSS_FACTOR = LOST_LOSS_RISE
+#: ... when its loss per unit of gradient norm (``loss / grad/norm``) rose by more than
+#: this too, where ``grad/norm`` is logged: a loss weight scales the loss and the
+#: gradient alike (ratio ~1), a learning rate that threw the model does not (2-4x
+#: measured; ``_guard.LOST_LOSS_PER_NORM_RISE``).
+DIVERGED_LOSS_PER_NORM_FACTOR = LOST_LOSS_PER_NORM_RISE
+
+
+def _loss_rise(h: History, th: Thresholds, change: _LastingChange) -> tuple[float, float, int] | None:
+    """``(loss before, loss after, step the trouble began)``: the medians of the logged ``loss`` over the rows
+    before the trouble and after the run's re-baseline, as many finite values each as
+    the run has rows (at least ``min_steps``), when the one after is more than
+    :data:`DIVERGED_LOSS_FACTOR` times the one before; None otherwise, or without a
+    ``loss`` column (or fewer than ``min_steps`` finite values on either side), or when
+    the loss per unit of ``grad/norm`` (where logged) rose less than
+    :data:`DIVERGED_LOSS_PER_NORM_FACTOR` times (a loss weight, not a divergence). The
+    trouble begins at the run's first row, or earlier while a spike or a skipped step
+    lies fewer rows before it than the run is long (an earlier run, not re-baselined,
+    that this one continues)."""
+    if not h.has("loss"):
+        return None
+    loss = h.col("loss")
+    finite = np.isfinite(loss)
+    width = max(th.min_steps, change.row - change.first_row + 1)
+    bad = _spike_rows(h, th)[0] | row_masks(h)[1]
+    start = change.first_row
+    while True:
+        earlier = np.flatnonzero(bad[max(start - width, 0) : start])
+        if not earlier.size:
+            break
+        start = max(start - width, 0) + int(earlier[0])
+    norm = h.col("grad/norm") if h.has("grad/norm") else np.ones_like(loss)
+    finite &= np.isfinite(norm) & (norm > 0)
+    rows_before = np.flatnonzero(finite[:start])[-width:]
+    rows_after = change.row + 1 + np.flatnonzero(finite[change.row + 1 :])[:width]
+    if rows_before.size < th.min_steps or rows_after.size < th.min_steps:
+        return None
+    level, now = float(np.median(loss[rows_before])), float(np.median(loss[rows_after]))
+    if not now > DIVERGED_LOSS_FACTOR * level:
+        return None
+    if h.has("grad/norm"):
+        per_norm = loss / norm
+        if not np.median(per_norm[rows_after]) > DIVERGED_LOSS_PER_NORM_FACTOR * np.median(per_norm[rows_before]):
+            return None
+    return level, now, int(h.steps[start])
+
+
+def _diverged_cause(h: History, th: Thresholds, changes: list[_LastingChange]) -> str | None:
+    """The cause 'learning rate too high / diverged', with the loss before and after,
+    for the first of ``changes`` whose loss rose (:func:`_loss_rise`); None if none did."""
+    for change in changes:
+        rise = _loss_rise(h, th, change)
+        if rise is not None:
+            return (
+                f"learning rate too high / diverged: the loss after the re-baseline {change.rebaselined} is "
+                f"{rise[1] / rise[0]:.3g}x its level before the spikes began at step {rise[2]} (median "
+                f"{rise[0]:.4g} -> {rise[1]:.4g}); the guard took the diverged level as the new normal"
+            )
+    return None
+
+
+DIVERGED_MITIGATION = (
+    "restore a checkpoint from before the run of spikes and lower the learning rate (check the schedule and any "
+    "learning-rate multiplier around that step)"
+)
+
+
 def _lasting_change_cause(changes: list[_LastingChange]) -> str:
     first, more = changes[0], changes[1:]
     cause = (
@@ -369,7 +565,7 @@ def _lasting_changes(h: History, th: Thresholds) -> list[_LastingChange]:
     member = spikes | skipped | (finite & (score >= math.sqrt(th.spike_score)))
     if h.has("grad/spiked"):
         member |= h.col("grad/spiked") == 1
-    gradient = np.flatnonzero(cols.gradient_rows(h))
+    gradient = np.flatnonzero(_judged_rows(h))
     spike_growth = (
         np.nan_to_num(cols.counter_increments(h, "grad/num_spikes"), nan=0.0)
         if h.has("grad/num_spikes")
@@ -409,11 +605,130 @@ def _lasting_changes(h: History, th: Thresholds) -> list[_LastingChange]:
     return out
 
 
+#: The memorisation pattern (:func:`_memorising`): spikes recurring over at least this
+#: many steps, ...
+MEMORISE_SPAN = 200
+#: ... at least this fraction of their runs one or two rows long, ...
+MEMORISE_ISOLATED = 0.75
+#: ... the accepted steps' loss at most this fraction of the initial loss (the model fits
+#: the rest of the data), ...
+MEMORISE_LOSS_FRACTION = 0.05
+#: ... and the spike steps' loss at least this many times the accepted steps' before them.
+MEMORISE_SPIKE_LOSS = 3.0
+
+MEMORISE_CAUSE = (
+    "hard or mislabelled examples the model has not fit yet (a small dataset seen many times): skipping them keeps "
+    "them unlearned, so they spike again each time they come back, and the momentum resets throw the parameters"
+)
+MEMORISE_MITIGATION = (
+    "gh.guard(spike_action='clip', reset_after=None): clip those steps to the spike bound instead of skipping them, "
+    "so the examples are learned and the momentum is kept (compare with a spike_action='record' twin if unsure)"
+)
+
+
+def _spike_runs(flags: np.ndarray) -> np.ndarray:
+    """The lengths of the runs of consecutive True values, in order."""
+    padded = np.concatenate([[False], np.asarray(flags, bool), [False]]).astype(np.int8)
+    edges = np.flatnonzero(np.diff(padded))
+    return edges[1::2] - edges[::2]
+
+
+def _memorising(h: History, th: Thresholds, spikes: np.ndarray) -> dict | None:
+    """The evidence of spikes from examples the model has not fit yet in a small dataset
+    it sees many times, or None: at least ``min_steps`` spike rows, from the first to the
+    last at least :data:`MEMORISE_SPAN` steps apart; at least :data:`MEMORISE_ISOLATED`
+    of their runs (consecutive judged rows) one or two rows long; the median logged
+    ``loss`` of the accepted rows between the first and the last spike at most
+    :data:`MEMORISE_LOSS_FRACTION` of the initial loss (the median of the first 10 finite
+    values): the model fits the rest; and the median, over the spike rows, of the spike's
+    loss over the median loss of the accepted rows among the 20 rows before it at least
+    :data:`MEMORISE_SPIKE_LOSS` (the spike steps hold examples with a high loss, not a
+    gradient fault on ordinary ones). Also tells (``explains_all``) whether every run is
+    at most 3 rows long, no gradient was non-finite and the accepted loss over the last
+    quarter of the judged rows from the first spike on (spike rows included: a skipped
+    example's loss is still the model's) is at most :data:`DIVERGED_LOSS_FACTOR` times
+    its median over the 100 judged rows before it (no loss jump)."""
+    if not h.has("loss") or spikes.sum() < th.min_steps:
+        return None
+    steps, loss = h.steps, h.col("loss")
+    rows = np.flatnonzero(spikes)
+    if steps[rows[-1]] - steps[rows[0]] < MEMORISE_SPAN:
+        return None
+    judged = _judged_rows(h)
+    runs = _spike_runs(spikes[judged])
+    isolated = float((runs <= 2).mean())
+    _, _, accepted = row_masks(h)
+    accepted &= np.isfinite(loss)
+    finite = loss[np.isfinite(loss)]
+    inside = accepted.copy()
+    inside[: rows[0]] = inside[rows[-1] :] = False
+    if isolated < MEMORISE_ISOLATED or finite.size < th.min_steps or inside.sum() < th.min_steps:
+        return None
+    initial, fitted = float(np.median(finite[:10])), float(np.median(loss[inside]))
+    ratios = []
+    for row in rows:
+        before = np.flatnonzero(accepted[max(row - 20, 0) : row])
+        if before.size and np.isfinite(loss[row]):
+            level = float(np.median(loss[max(row - 20, 0) + before]))
+            if level > 0:  # a loss of exactly 0 (fitted to the last bit) gives no ratio
+                ratios.append(loss[row] / level)
+    if not ratios or not initial > 0 or fitted > MEMORISE_LOSS_FRACTION * initial:
+        return None
+    spike_loss = float(np.median(ratios))
+    if not spike_loss >= MEMORISE_SPIKE_LOSS:
+        return None
+    logged = judged & np.isfinite(loss)  # the spike rows too: skipping them does not make their loss go away
+    earlier = np.flatnonzero(logged[: rows[0]])[-100:]
+    later = np.flatnonzero(logged[rows[0] :])
+    later = rows[0] + later[later.size - max(later.size // 4, 1) :] if later.size else later
+    jump = (
+        earlier.size >= th.min_steps
+        and later.size > 0
+        and float(np.median(loss[later])) > DIVERGED_LOSS_FACTOR * float(np.median(loss[earlier]))
+    )
+    nonfinite = bool((cols.nonfinite_rows(h) & judged).any()) or cols.counter_total(h, "grad/num_nonfinite") > 0
+    return {
+        "isolated_run_fraction": round(isolated, 6),
+        "longest_run": int(runs.max()),
+        "initial_loss": round(initial, 6),
+        "accepted_loss_median": round(fitted, 6),
+        "spike_loss_ratio": round(spike_loss, 6),
+        "loss_jump": bool(jump),
+        "explains_all": bool(runs.max() <= 3 and not nonfinite and not jump),
+    }
+
+
+def _as_memorising(h: History, th: Thresholds, finding: Finding, spikes: np.ndarray) -> Finding:
+    """``finding`` (an explosion) with the memorisation pattern (:func:`_memorising`)
+    named first in its causes and mitigations, and its evidence under ``memorising``; a
+    warning when that pattern explains every spike and no lasting change of scale is
+    among them. Unchanged when the pattern is absent."""
+    found = _memorising(h, th, spikes)
+    if found is None:
+        return finding
+    every = found["explains_all"] and "lasting_change_steps" not in finding.evidence
+    fitted, share = found["accepted_loss_median"], found["accepted_loss_median"] / found["initial_loss"]
+    said = (
+        f"isolated spikes recurring while the model fits the rest (accepted loss {fitted:.3g}, {share:.2%} of the "
+        f"initial; the spike steps' {found['spike_loss_ratio']:.3g}x it): examples it has not fit yet"
+    )
+    return dataclasses.replace(
+        finding,
+        severity="warning" if every else finding.severity,
+        summary=f"{finding.summary}; {said}",
+        evidence={**finding.evidence, "memorising": found},
+        causes=(MEMORISE_CAUSE, *finding.causes),
+        mitigations=(MEMORISE_MITIGATION, *finding.mitigations),
+    )
+
+
 def check_explosion(h: History, th: Thresholds) -> list[Finding]:
     """Spikes by the guard's rule: on its logged scores, or replayed on the norms. Spikes
     of a run that ended in a re-baseline of the guard's window, after which the run
     trained on (:func:`_lasting_changes`), are named as a lasting change of scale first;
-    when every spike is one of them, the finding is a warning."""
+    when every spike is one of them, the finding is a warning. Isolated spikes recurring
+    while the model fits the rest of a small dataset (:func:`_memorising`) are named
+    first as examples not fit yet, a warning when that explains every spike."""
     if not h.has("grad/norm"):
         return []
     steps, norm = h.steps, h.col("grad/norm")
@@ -461,14 +776,18 @@ def check_explosion(h: History, th: Thresholds) -> list[Finding]:
     if hidden:
         evidence["spikes_between_logged_steps"] = hidden
         summary += f"; {hidden} more between logged steps (the guard's counter: {evidence['num_spikes_counter']})"
-    return [_as_lasting_change(h, th, EXPLOSION.finding(summary, steps[spikes], evidence), spikes, extra)]
+    finding = _as_lasting_change(h, th, EXPLOSION.finding(summary, steps[spikes], evidence), spikes, extra)
+    return [_as_memorising(h, th, finding, spikes)]
 
 
 def _as_lasting_change(h: History, th: Thresholds, finding: Finding, spikes: np.ndarray, extra: np.ndarray) -> Finding:
     """``finding`` (an explosion) with the lasting changes of scale among its spikes
     (:func:`_lasting_changes`) named first in its causes and mitigations, and said in its
     summary and evidence; a warning, with causes and mitigations of its own, when every
-    spike (logged or between logged rows) is one of them. Unchanged when none is."""
+    spike (logged or between logged rows) is one of them. When the logged loss after a
+    re-baseline is far above its level before the run (:func:`_loss_rise`), 'learning
+    rate too high / diverged' is named first instead and the severity is kept.
+    Unchanged when none is."""
     changes = _lasting_changes(h, th)
     if not changes:
         return finding
@@ -492,6 +811,16 @@ def _as_lasting_change(h: History, th: Thresholds, finding: Finding, spikes: np.
         "spikes_of_lasting_changes": int((spikes & explained).sum() + extra[explained].sum()),
     }
     cause = _lasting_change_cause(changes)
+    diverged = _diverged_cause(h, th, changes)
+    if diverged is not None:  # the loss rose far above its level: not a planned change, and still an error
+        evidence["diverged"] = True
+        return dataclasses.replace(
+            finding,
+            summary=f"{finding.summary}; {said}, but the loss after it is far above its level before",
+            evidence=evidence,
+            causes=(diverged, *finding.causes, cause),
+            mitigations=(DIVERGED_MITIGATION, *finding.mitigations, LASTING_CHANGE_MITIGATION),
+        )
     if every:
         causes = (
             cause,
@@ -1161,11 +1490,37 @@ ROLLBACK = Pattern(
 
 
 def check_rollback(h: History, th: Thresholds) -> list[Finding]:
+    """The guard's rollback recommendation (:func:`_check_rollback`), with the
+    memorisation pattern's cause and mitigation (:func:`_memorising`) named first when
+    the spikes show it (its severity kept)."""
+    found = _check_rollback(h, th)
+    if not found:
+        return found
+    memorising = _memorising(h, th, _spike_rows(h, th)[0])
+    if memorising is None:
+        return found
+    return [
+        dataclasses.replace(
+            f,
+            evidence={**f.evidence, "memorising": memorising},
+            causes=(MEMORISE_CAUSE, *f.causes),
+            mitigations=(MEMORISE_MITIGATION, *f.mitigations),
+        )
+        for f in found
+    ]
+
+
+def _check_rollback(h: History, th: Thresholds) -> list[Finding]:
     """The guard's rollback recommendation (``grad/rollback_recommended``) was raised. An
     episode that a run of spikes raised and the guard withdrew when it took the run's
     level as the new one, training on after it (:func:`_lasting_changes`), is named as a
     lasting change of scale first; when every episode is one, the finding is a warning
-    that does not call the parameters damaged."""
+    that does not call the parameters damaged, unless the logged loss after the
+    re-baseline is more than :data:`DIVERGED_LOSS_FACTOR` times its level before the run
+    (:func:`_loss_rise`): then 'learning rate too high / diverged' is named first and the
+    finding stays an error. So it is, too, when the recommendation stood through the
+    re-baseline (a guard given ``loss=`` keeps it when the run looks lost) and the loss
+    rose so."""
     if not (h.has("grad/norm") and h.has("grad/rollback_recommended")):
         return []
     steps = h.steps
@@ -1182,13 +1537,30 @@ def check_rollback(h: History, th: Thresholds) -> list[Finding]:
     # flag is down on the re-baseline's row or the next logged one.
     logged = np.flatnonzero(np.isfinite(h.col("grad/rollback_recommended")))
     withdrawn: dict[int, _LastingChange] = {}
+    kept: list[_LastingChange] = []
     for change in _lasting_changes(h, th):
         if flag[logged[logged >= change.row][:2]].all():
-            continue  # still raised: not by this run alone (a non-finite run holds it), or an older guard's log
+            # still raised: not by this run alone (a non-finite run holds it), an older
+            # guard's log, or a guard given the loss that judged the run lost (a diverged model)
+            kept.append(change)
+            continue
         for start in first_rows[(first_rows >= change.first_row) & (first_rows <= change.row)]:
             withdrawn[int(start)] = change
     if not withdrawn:
-        return [finding]
+        diverged = _diverged_cause(h, th, kept) if kept else None
+        if diverged is None:
+            return [finding]
+        evidence = {**finding.evidence, "diverged": True, "rebaselined_steps": [c.step for c in kept]}
+        return [
+            dataclasses.replace(
+                finding,
+                summary=f"{summary}; it stood through the re-baseline {kept[0].rebaselined}: the loss after it is "
+                "far above its level before, the run diverged",
+                evidence=evidence,
+                causes=(diverged, *finding.causes, _lasting_change_cause(kept)),
+                mitigations=(DIVERGED_MITIGATION, *finding.mitigations, LASTING_CHANGE_MITIGATION),
+            )
+        ]
     changes = list(dict.fromkeys(withdrawn.values()))
     said = ", ".join(f"at step {int(steps[r])} withdrawn {c.rebaselined}" for r, c in withdrawn.items())
     evidence = {
@@ -1198,6 +1570,19 @@ def check_rollback(h: History, th: Thresholds) -> list[Finding]:
         "rebaselined_steps": [c.step for c in changes],
     }
     cause = _lasting_change_cause(changes)
+    diverged = _diverged_cause(h, th, changes)
+    if diverged is not None:  # the loss rose far above its level: the withdrawal does not make it healthy
+        evidence["diverged"] = True
+        return [
+            dataclasses.replace(
+                finding,
+                summary=f"{summary}; {len(withdrawn)} of them {said}, by a lasting change of scale, but the loss "
+                "after it is far above its level before: the run diverged",
+                evidence=evidence,
+                causes=(diverged, *finding.causes, cause),
+                mitigations=(DIVERGED_MITIGATION, *finding.mitigations, LASTING_CHANGE_MITIGATION),
+            )
+        ]
     if len(withdrawn) == len(first_rows):
         summary = (
             f"the guard recommended a rollback {said}, when it took the new level of a lasting change of scale "
