@@ -484,3 +484,17 @@ def test_the_spike_rule_with_rebaselining_matches_a_float64_reference(scale, win
         # float32 log-norms against float64 (a dip's mirror bound, folded back into the
         # window, carries its rounding on): 1e-3 in log, a factor of 1.001 in norm.
         np.testing.assert_allclose(np.asarray(got["median"])[warm], expected[warm], rtol=0, atol=1e-3)
+
+
+def test_zero_norms_are_no_dips_and_do_not_rebaseline_the_window():
+    """Empty or fully masked batches (a gradient norm of exactly 0) are no scale: not
+    pushed, no dip, so however many come in a row they neither make a run nor restart
+    the window, and a x100 spike after them is judged against the old baseline."""
+    rng = np.random.default_rng(0)
+    norms = np.concatenate([np.exp(0.05 * rng.standard_normal(40)), np.zeros(12), [100.0, 1.0]]).astype(np.float32)
+    rule = detect.SpikeRule(5.0, 5.0, 32, 10, SPREAD_FLOOR, 16, 5)
+    out = detect.replay_spikes(rule, jnp.asarray(norms))
+    spikes = np.flatnonzero(np.asarray(out["spike"]))
+    np.testing.assert_array_equal(spikes, [52])
+    baseline = np.median(np.log(norms[24:40].astype(np.float64)))  # the latest 16 accepted
+    np.testing.assert_allclose(np.asarray(out["median"])[40:54], baseline, atol=1e-6)

@@ -85,6 +85,9 @@ MODULES: dict[str, Target] = {
             "tests/test_clip_modes.py::test_adagc_clip_inside_the_guard_sees_accepted_steps_only_and_survives_a_reset",
         ),
     ),
+    # The detectors' rules (SpikeRule, NormWindow, the audit's scores), pure jitted functions:
+    # judged by their own tests and the guard's re-baselining tests.
+    "_detectors": Target(tests=("tests/test_detectors.py", "tests/test_rebaseline.py")),
     "_cross_device": Target(
         tests=(
             "tests/test_alarms.py",  # host side: Alarm, describe_outlier, cross_device_alarms
@@ -394,6 +397,19 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     "optax_gradhealth._skip.x__evaluate__mutmut_79": (
         "(ctx is not None) or True",
         "every jaxpr equation of jax 0.10 carries a context (JaxprEqn.ctx is never None)",
+    ),
+    # _detectors
+    "optax_gradhealth._detectors.x_cusum__mutmut_10": (
+        ".astype(None)",
+        "evidence and score are float32 (the audit's state and scores): the clip is float32 already",
+    ),
+    "optax_gradhealth._detectors.xǁSpikeRuleǁdip__mutmut_22": (
+        "(log_norm <= floor)",
+        "a log-norm exactly on the mirror bound, a float32 computed from the window: measure zero",
+    ),
+    "optax_gradhealth._detectors.xǁSpikeRuleǁnear__mutmut_14": (
+        "<= half",
+        "a log-norm exactly half-way to the bound: measure zero",
     ),
 }
 
