@@ -222,6 +222,18 @@ def test_spike_rule_leaves_a_dip_out_of_the_window_and_rebaselines_after_a_lasti
     assert float(np.asarray(out["median"])[699]) == pytest.approx(np.log(1e-3), abs=0.1)
 
 
+def _warm_streak_window(seed: int, streak: int):
+    """A rule (ratio 5, z 6, W 32, warm-up 5, re-baselining after 4), its window warm on
+    10 norms ~exp(N(0, 0.1)) of ``seed``, those norms, and the window's run set to
+    ``streak`` spikes."""
+    rule = detect.SpikeRule(5.0, 6.0, window=32, warmup=5, spread_floor=0.05, rebaseline_after=4)
+    window = rule.init()
+    xs = np.exp(np.random.default_rng(seed).normal(0.0, 0.1, 10)).astype(np.float32)
+    for x in xs:
+        window = rule.fold(window, jnp.float32(x), rule.judge(window, jnp.float32(x), True), True)
+    return rule, window._replace(window_streak=jnp.int32(streak)), xs
+
+
 def test_spike_rule_streak_breaks_only_on_an_accepted_step_near_the_baseline():
     """The table of ``SpikeRule.streak`` (the run of spikes and dips): a spike, the
     caller's spike flag (the guard's loss spike) or a dip adds one; an accepted step
@@ -231,12 +243,7 @@ def test_spike_rule_streak_breaks_only_on_an_accepted_step_near_the_baseline():
     with a finite gradient norm, or a NaN norm) leaves it. (Any accepted step used to
     end the run: under a lasting change just past the threshold the new level's low
     tail kept restarting the count.)"""
-    rule = detect.SpikeRule(5.0, 6.0, window=32, warmup=5, spread_floor=0.05, rebaseline_after=4)
-    window = rule.init()
-    xs = np.exp(np.random.default_rng(0).normal(0.0, 0.1, 10)).astype(np.float32)
-    for x in xs:
-        window = rule.fold(window, jnp.float32(x), rule.judge(window, jnp.float32(x), True), True)
-    window = window._replace(window_streak=jnp.int32(2))
+    rule, window, xs = _warm_streak_window(0, 2)
     false, true = jnp.bool_(False), jnp.bool_(True)
     # The bound, by the math: the median of the 10 log-norms; the spread floor (0.05)
     # times 6 is below log 5, so the bound is 5 x the baseline and "near" is a ratio in
@@ -524,12 +531,7 @@ def test_a_low_norm_on_a_step_that_was_not_accepted_is_no_dip():
     run of spikes and dips nor joins the run's ring, and one short of
     ``rebaseline_after`` it does not restart the window (the documented rule: a step not
     accepted leaves the run as it was). Accepted, the same norm is a dip."""
-    rule = detect.SpikeRule(5.0, 6.0, window=32, warmup=5, spread_floor=0.05, rebaseline_after=4)
-    window = rule.init()
-    xs = np.exp(np.random.default_rng(1).normal(0.0, 0.1, 10)).astype(np.float32)
-    for x in xs:
-        window = rule.fold(window, jnp.float32(x), rule.judge(window, jnp.float32(x), True), True)
-    window = window._replace(window_streak=jnp.int32(3))
+    rule, window, xs = _warm_streak_window(1, 3)
     low = jnp.float32(1e-3 * np.exp(np.median(np.log(xs.astype(np.float64)))))  # 1/1000 of the baseline
     verdict = rule.judge(window, low, jnp.bool_(False))  # judged as the guard does: not finite
     kept, restart = rule.fold_and_restart(window, low, verdict, jnp.bool_(False))
