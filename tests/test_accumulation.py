@@ -277,7 +277,8 @@ def test_multisteps_around_cross_device_and_guard_decides_once_on_the_global_mea
 
     step = jax.pmap(micro_step, axis_name="data")
     w_k = jax.tree.map(lambda a: jnp.stack([a] * devices), w)
-    state = jax.pmap(tx.init, axis_name="data")(w_k)
+    # The parameters placed as the step returns them (over the "data" axis): one compile.
+    w_k, state = jax.pmap(lambda w: (w, tx.init(w)), axis_name="data")(w_k)
     hlo = step.lower(w_k, state, jnp.asarray(xs[0])).compile().as_text()
     entry = _all_reduces(hlo)[0]
     total = len(re.findall(r"\ball-reduce(?:-start)?\(", hlo))
@@ -321,9 +322,10 @@ def test_accumulate_updates_are_multisteps_and_a_guard_inside_works():
     ours = gh.accumulate(gh.guard(optax.adam(0.1)), 3, micro_batch_size=2)
     theirs = optax.MultiSteps(gh.guard(optax.adam(0.1)), 3)
     s1, s2 = ours.init(params), theirs.init(params)
+    update1, update2 = jax.jit(ours.update), jax.jit(theirs.update)  # compiled once, not per step
     for g in grads:
-        u1, s1 = jax.jit(ours.update)(g, s1, params)
-        u2, s2 = jax.jit(theirs.update)(g, s2, params)
+        u1, s1 = update1(g, s1, params)
+        u2, s2 = update2(g, s2, params)
         np.testing.assert_array_equal(np.asarray(u1["w"]), np.asarray(u2["w"]))
     m = gh.metrics(s1)
     assert int(m["grad/num_steps"]) == 2 and int(state_windows(s1)) == 2
@@ -361,8 +363,9 @@ def test_a_nonfinite_micro_batch_spoils_its_own_window_only():
         (gh.accumulate(gh.guard(optax.sgd(1.0)), 2), False),
     ):
         state = tx.init(params)
+        update = jax.jit(tx.update)  # one compile (eagerly each call took seconds)
         for g in grads:
-            updates, state = tx.update({"w": jnp.array(g)}, state, params)
+            updates, state = update({"w": jnp.array(g)}, state, params)
         assert bool(gh.metrics(state)["grad/skipped"]) is later_skipped
         assert int(gh.metrics(state)["grad/num_skipped"]) == (2 if later_skipped else 1)
         if not later_skipped:

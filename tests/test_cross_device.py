@@ -103,19 +103,29 @@ def folded_noise_scale(grad_steps):
     return (ema_tr / corr) / (ema_sq / corr)
 
 
-def pmap_run(grads_per_step, params_k=None, **kwargs):
-    tx = gh.cross_device("data", per_device_batch=BATCH, noise_scale_decay=DECAY, **kwargs)
+@functools.cache
+def _pmapped_run(kwargs_items):
+    """The audited steps under pmap, built once per set of cross_device arguments (so
+    compiled once per argument shapes, not once per call)."""
+    tx = gh.cross_device("data", per_device_batch=BATCH, noise_scale_decay=DECAY, **dict(kwargs_items))
 
     def run(grads_seq, params):
-        state = tx.init(params)
-        outs = []
-        for g in grads_seq:
+        def body(state, g):
             updates, state = tx.update(g, state, params)
-            outs.append((updates, gh.metrics(state)))
-        return outs
+            return state, (updates, gh.metrics(state))
 
+        return jax.lax.scan(body, tx.init(params), grads_seq)[1]  # one step compiled, however many
+
+    return jax.pmap(run, axis_name="data")
+
+
+def pmap_run(grads_per_step, params_k=None, **kwargs):
+    """``(updates, metrics)`` after each of the steps (each leaf ``[K, ...]``), from one
+    state through all of them."""
     params_k = params_k if params_k is not None else jax.tree.map(lambda x: jnp.stack([x[0]] * K), grads_per_step[0])
-    return jax.pmap(run, axis_name="data")(grads_per_step, params_k)
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs, axis=1), *grads_per_step)  # [K, steps, ...]
+    outs = jax.device_get(_pmapped_run(tuple(sorted(kwargs.items())))(stacked, params_k))
+    return [jax.tree.map(lambda x, t=t: x[:, t], outs) for t in range(len(grads_per_step))]
 
 
 def test_every_step_and_audit_figures_match_float64_reference():
@@ -364,8 +374,8 @@ def test_accumulate_around_cross_device_and_guard_still_applies_the_global_mean(
     k, lr = 3, 0.5
     tx = gh.accumulate(optax.chain(gh.cross_device("data"), gh.guard(optax.sgd(lr), clip=None)), k)
     grads = np.random.default_rng(5).normal(size=(k, K, 6)).astype(np.float32)
-    params = {"w": jnp.zeros((K, 6), jnp.float32)}
-    state = jax.pmap(tx.init, axis_name="data")(params)
+    # The parameters placed as the step returns them (over the "data" axis): one compile.
+    params, state = jax.pmap(lambda p: (p, tx.init(p)), axis_name="data")({"w": jnp.zeros((K, 6), jnp.float32)})
 
     def micro_step(g, s, p):
         updates, s = tx.update(g, s, p)

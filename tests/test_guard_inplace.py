@@ -130,10 +130,12 @@ def test_guard_step_adds_no_per_leaf_calls_or_one_operand_per_leaf_kernels():
     traces one per use: a call per leaf, thousands on a large tree, each inlined by XLA)
     and no kernel reads one operand per leaf (the vector of per-leaf sums is built once,
     not fused into each of its consumers)."""
+    calls_12, widest_12 = _calls_and_widest_kernel(12)
     calls_24, widest_24 = _calls_and_widest_kernel(24)
-    calls_48, widest_48 = _calls_and_widest_kernel(48)
-    assert calls_48 == calls_24
-    assert widest_48 == widest_24 < 24
+    assert calls_24 == calls_12
+    # A kernel of one operand per leaf has at least 24 at 24 leaves (the widest, leaves
+    # aside, has 23 here on XLA:CPU), and grows with them.
+    assert widest_24 == widest_12 < 24
 
 
 def test_update_check_kernels_stay_narrow_when_many_leaves_share_a_shape():

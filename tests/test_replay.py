@@ -8,6 +8,8 @@ never values read from the state under test.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,12 +52,24 @@ def _batches(num_steps: int, nan_at: int | None = None):
     return out
 
 
-def _train(faults: Faults, batches, replay: bool, **guard_kwargs):
-    tx = gh.guard(optax.sgd(0.05), **guard_kwargs)
-    vg = jax.value_and_grad(_loss_fn(faults))
+class _ActiveFaults:
+    """The fault source of the `_train` run in progress: the train step is compiled once
+    (per `replay`) with this object's callback, which reads ``faults`` when it runs."""
+
+    faults = Faults()
+
+    def __call__(self, step):
+        return self.faults(step)
+
+
+_ACTIVE_FAULTS = _ActiveFaults()
+
+
+@functools.cache
+def _train_step(replay: bool):
+    tx = gh.guard(optax.sgd(0.05))
+    vg = jax.value_and_grad(_loss_fn(_ACTIVE_FAULTS))
     replayer = gh.step_replay(vg)
-    w = jnp.full((DIM,), 0.1)
-    opt_state, replay_state = tx.init(w), replayer.init()
 
     @jax.jit
     def step(w, opt_state, replay_state, x, t):
@@ -66,8 +80,27 @@ def _train(faults: Faults, batches, replay: bool, **guard_kwargs):
         updates, opt_state = tx.update(grads, opt_state, w, loss=loss)
         return optax.apply_updates(w, updates), opt_state, replay_state
 
-    for t, x in enumerate(batches):
-        w, opt_state, replay_state = step(w, opt_state, replay_state, x, jnp.int32(t))
+    return tx, replayer, step
+
+
+def _run_steps(faults: Faults, batches, replay: bool):
+    """Yields ``(w, opt_state, replay_state)`` after each step of the shared train step,
+    its loss corrupted by ``faults``."""
+    tx, replayer, step = _train_step(replay)
+    w = jnp.full((DIM,), 0.1, jnp.float32)  # not weak-typed: the step's outputs are not
+    opt_state, replay_state = tx.init(w), replayer.init()
+    _ACTIVE_FAULTS.faults = faults
+    try:
+        for t, x in enumerate(batches):
+            w, opt_state, replay_state = step(w, opt_state, replay_state, x, jnp.int32(t))
+            yield w, opt_state, replay_state
+        jax.block_until_ready((w, opt_state, replay_state))  # every callback has run
+    finally:
+        _ACTIVE_FAULTS.faults = Faults()
+
+
+def _train(faults: Faults, batches, replay: bool):
+    *_, (w, opt_state, replay_state) = _run_steps(faults, batches, replay)
     return np.asarray(w), gh.metrics(opt_state), gh.metrics(replay_state)
 
 
@@ -185,16 +218,8 @@ def test_bad_arguments_are_rejected_at_construction(kwargs, match):
 
 
 def test_diagnose_reports_the_fault_from_the_run_metrics():
-    faults = Faults({5: [np.nan]})
-    tx = gh.guard(optax.sgd(0.05))
-    replay = gh.step_replay(jax.value_and_grad(_loss_fn(faults)))
-    w = jnp.full((DIM,), 0.1)
-    opt_state, replay_state = tx.init(w), replay.init()
     rows = []
-    for t, x in enumerate(_batches(10)):
-        (loss, grads), replay_state = replay(replay_state, opt_state, w, x, jnp.int32(t))
-        updates, opt_state = tx.update(grads, opt_state, w, loss=loss)
-        w = optax.apply_updates(w, updates)
+    for t, (_, opt_state, replay_state) in enumerate(_run_steps(Faults({5: [np.nan]}), _batches(10), replay=True)):
         metrics = gh.metrics((opt_state, replay_state), deprecated_names=False)
         rows.append({"step": t, **{k: np.asarray(v).tolist() for k, v in metrics.items()}})
     found = {f.pattern: f for f in gh.diagnose(rows)}

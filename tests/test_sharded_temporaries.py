@@ -9,6 +9,7 @@ row-major hash and sketch), never the code under test.
 
 from __future__ import annotations
 
+import functools
 import re
 
 import jax
@@ -176,11 +177,11 @@ def test_step_replay_gathers_no_leaf_on_an_auto_mesh():
     assert _all_gathers(text) == []
 
 
-@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])
-def test_step_replay_and_step_cosine_on_a_sharded_mesh_equal_one_device(axis_type):
-    """Explicit: they ran into a reshape of a sharded leaf. Both: the replayed step's
-    fingerprints and the cosine as on one device, for a NaN batch and two healthy ones."""
-    mesh = _mesh(axis_type)
+def _replay_and_cosine_run(params, init):
+    """Four guarded steps (healthy, NaN, two healthy) under step_replay and
+    record_step_cosine: the parameters, the cosines and the replay's metrics. ``init``
+    maps ``(tx.init, replay.init)`` and the parameters to the state, placed where the
+    step's outputs lie, so the jitted step compiles once for the four steps."""
     tx = gh.guard(optax.chain(gh.record_step_cosine(sketch_dim=64), optax.sgd(0.1)))
     replay = gh.step_replay(jax.value_and_grad(_loss), spike_threshold=None, spike_zscore=None)
 
@@ -189,18 +190,30 @@ def test_step_replay_and_step_cosine_on_a_sharded_mesh_equal_one_device(axis_typ
         u, s = tx.update(g, s, p, loss=loss)
         return optax.apply_updates(p, u), s, r
 
-    def run(params):
-        s, r = tx.init(params), replay.init()
-        f = jax.jit(step)
-        cosines = []
-        for x in (1.0, float("nan"), 0.5, 0.7):
-            params, s, r = f(params, s, r, jnp.float32(x))
-            cosines.append(float(gh.metrics(s)["grad/step_cosine"]))
-        return jax.device_get(params), cosines, jax.device_get(gh.metrics(r))
+    s, r = init(lambda p: (tx.init(p), replay.init()), params)
+    f = jax.jit(step)
+    cosines = []
+    for x in (1.0, float("nan"), 0.5, 0.7):
+        params, s, r = f(params, s, r, jnp.float32(x))
+        cosines.append(float(gh.metrics(s)["grad/step_cosine"]))
+    return jax.device_get(params), cosines, jax.device_get(gh.metrics(r))
 
-    one = run(_on_one_device(_sharded_params(mesh)))
+
+@functools.cache
+def _replay_and_cosine_on_one_device():
+    """The one-device reference (the same parameters for either mesh type): computed once."""
+    params = _on_one_device(_sharded_params(_mesh(AxisType.Auto)))
+    return _replay_and_cosine_run(params, lambda init, p: jax.device_put(init(p), jax.devices()[0]))
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])
+def test_step_replay_and_step_cosine_on_a_sharded_mesh_equal_one_device(axis_type):
+    """Explicit: they ran into a reshape of a sharded leaf. Both: the replayed step's
+    fingerprints and the cosine as on one device, for a NaN batch and two healthy ones."""
+    mesh = _mesh(axis_type)
+    one = _replay_and_cosine_on_one_device()
     with jax.set_mesh(mesh):
-        sharded = run(_sharded_params(mesh))
+        sharded = _replay_and_cosine_run(_sharded_params(mesh), lambda init, p: jax.jit(init)(p))
     for k in SHAPES:
         np.testing.assert_allclose(sharded[0][k], one[0][k], rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(sharded[1], one[1], atol=1e-5)

@@ -182,7 +182,7 @@ def random_trees(draw):
     return {"outer": {"inner": leaves[:1], "rest": tuple(leaves[1:])}}
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(random_trees())
 # Found by hypothesis: a small leaf next to an overflowing one kept its digits only after
 # the rescaled pass stopped scaling every non-ordinary leaf down.
@@ -214,7 +214,7 @@ def test_property_norm_equals_float64_reference(tree):
     assert stats.leaf_norms.names == tuple(gh.leaf_names(tree))
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(random_trees(), st.data())
 def test_property_any_nan_or_inf_is_detected(tree, data):
     leaves, treedef = jax.tree.flatten(tree)
@@ -258,7 +258,7 @@ def test_leaf_norms_is_one_vector_with_static_names():
 def test_leaf_norms_split_their_vector_at_once_not_by_one_indexing_per_leaf(monkeypatch):
     """Outside jit, as_dict and as_tree (so gh.metrics) indexed ``values`` once per leaf:
     one dispatch, and one index sent to the device, each (~0.1 s a call on 1000 leaves)."""
-    n = 300
+    n = 100  # above _stats._UNSTACK_WINDOW (32), not a multiple of it: the last window overlaps
     tree = {f"l{i:03d}": jnp.full(4, float(i)) for i in range(n)}
     norms = gh.grad_stats(tree).leaf_norms
     expected = {f"l{i:03d}": 2.0 * i for i in range(n)}  # sqrt(4 i^2)
