@@ -58,6 +58,7 @@ __all__ = [
     "CHECK_FAULTS",
     "FAMILIES",
     "FAULT_KINDS",
+    "LOOP_FAMILIES",
     "OPTIMIZERS",
     "SCHEDULES",
     "CleanSpec",
@@ -71,6 +72,8 @@ __all__ = [
 ]
 
 FAMILIES = ("mlp_regression", "classifier", "char_transformer", "classifier_finite")
+# Families trained with the guard in the loop only (not in the clean replay tables).
+LOOP_FAMILIES = ("classifier_memorise", "classifier_memorise_1k")
 OPTIMIZERS = ("adam", "adamw", "sgd_momentum", "rmsprop")
 SCHEDULES = ("constant", "warmup_cosine", "warmup_linear")
 FAULT_KINDS = ("nan", "inf", "scale", "loss_spike", "lr_spike")
@@ -101,7 +104,8 @@ class CleanSpec:
     steps: int
 
     def __post_init__(self) -> None:
-        for field, allowed in (("family", FAMILIES), ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):
+        families = (*FAMILIES, *LOOP_FAMILIES)
+        for field, allowed in (("family", families), ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):
             if getattr(self, field) not in allowed:
                 raise ValueError(f"CleanSpec.{field} must be one of {allowed}, got {getattr(self, field)!r}.")
         if not self.learning_rate > 0:
@@ -443,6 +447,48 @@ def _fin_sample(
     return _Batch(x, y)
 
 
+# -- classifier_memorise (256 examples) and classifier_memorise_1k (1,024): a wider ReLU MLP
+# (32 -> 128 -> 128 -> 10, He initialisation) on a 10-class Gaussian mixture in 32 dimensions,
+# a fixed dataset drawn once (10% of the labels random), batch 32 drawn with replacement. With
+# Adam at 3e-3 the model fits the clean examples within a few hundred steps and the
+# label-noise ones last, so a batch holding one of those stands far above the others. Run
+# with the guard in the loop only (``bench_detection.guarded_clean``): a skip there changes
+# which examples get learned.
+_MEM_IN, _MEM_HIDDEN, _MEM_BATCH = 32, 128, 32
+
+
+def _mem_init(key: jax.Array) -> list[dict[str, jax.Array]]:
+    k0, k1, k2 = jax.random.split(key, 3)
+    he = math.sqrt(2.0)
+    return [
+        _dense(k0, _MEM_IN, _MEM_HIDDEN, he),
+        _dense(k1, _MEM_HIDDEN, _MEM_HIDDEN, he),
+        _dense(k2, _MEM_HIDDEN, _CLS_CLASSES),
+    ]
+
+
+def _mem_setup(size: int) -> Callable[[], tuple[jax.Array, jax.Array]]:
+    def setup() -> tuple[jax.Array, jax.Array]:
+        km, kc, kx, kn, kr = jax.random.split(jax.random.key(_TASK_KEY + 3), 5)
+        means = _CLS_SPREAD * jax.random.normal(km, (_CLS_CLASSES, _MEM_IN), jnp.float32)
+        classes = jax.random.randint(kc, (size,), 0, _CLS_CLASSES)
+        x = means[classes] + jax.random.normal(kx, (size, _MEM_IN), jnp.float32)
+        noisy = jax.random.bernoulli(kn, _CLS_LABEL_NOISE, (size,))
+        labels = jnp.where(noisy, jax.random.randint(kr, (size,), 0, _CLS_CLASSES), classes)
+        return x, labels
+
+    return setup
+
+
+def _mem_sample(
+    data_key: jax.Array, step: jax.Array, consts: Any, data: Any, corrupt: jax.Array | None, factor: jax.Array
+) -> _Batch:
+    del data, corrupt, factor  # clean runs only
+    inputs, labels = consts
+    index = jax.random.randint(jax.random.fold_in(data_key, step), (_MEM_BATCH,), 0, inputs.shape[0])
+    return _Batch(inputs[index], labels[index])
+
+
 _FAMILY_IMPLS: dict[str, _Family] = {
     "mlp_regression": _Family(
         lambda key: _mlp_init(key, (_REG_IN, _REG_HIDDEN, _REG_HIDDEN, _REG_OUT)),
@@ -463,6 +509,8 @@ _FAMILY_IMPLS: dict[str, _Family] = {
         _fin_sample,
         _cls_loss,
     ),
+    "classifier_memorise": _Family(_mem_init, _mem_setup(256), _mem_sample, _cls_loss),
+    "classifier_memorise_1k": _Family(_mem_init, _mem_setup(1024), _mem_sample, _cls_loss),
 }
 
 

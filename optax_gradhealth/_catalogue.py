@@ -89,7 +89,7 @@ _SPEC_LIST: tuple[MetricSpec, ...] = (
         FLAG,
         (
             "the global-norm clip (gh.clip_by_global_norm; the guard's clip= threshold or policy, or its spike "
-            "clip) scaled this step's gradient"
+            "clip: every spike under spike_action='clip', a recurring one under 'skip') scaled this step's gradient"
         ),
         (
             "True on a few percent of steps. True on (almost) every step: the threshold is too low (the "
@@ -111,7 +111,10 @@ _SPEC_LIST: tuple[MetricSpec, ...] = (
     MetricSpec(
         "grad/spiked",
         FLAG,
-        "this step was a spike (see guard's spike rule)",
+        (
+            "this step was a spike (see guard's spike rule): skipped, or clipped when it recurs or with "
+            "spike_action='clip'"
+        ),
         "rarely True (well under 1% of steps).",
     ),
     MetricSpec(

@@ -37,10 +37,12 @@ import jax.numpy as jnp
 
 __all__ = [
     "MAD_TO_STD",
+    "NO_STEP",
     "AuditDetectorState",
     "AuditVerdict",
     "DeviceScores",
     "NormWindow",
+    "SpikeAction",
     "SpikeRule",
     "SpikeVerdict",
     "audit_init",
@@ -56,6 +58,7 @@ __all__ = [
     "pair_scores",
     "replay_audits",
     "replay_spikes",
+    "spike_action",
     "spike_bound",
     "spike_scores",
 ]
@@ -417,22 +420,123 @@ class SpikeRule:
         return jax.tree.map(lambda a, b: jnp.where(restart, a, b), fresh, pushed), restart
 
 
-@functools.partial(jax.jit, static_argnames=("rule", "accept_spikes"))
-def replay_spikes(rule: SpikeRule, norms: jax.Array, accept_spikes: bool = False) -> dict[str, jax.Array]:
+NO_STEP = -(2**30)  # an empty slot of the spike ring: never within any window
+
+
+class SpikeAction(NamedTuple):
+    """What the guard does with a step's spike under ``spike_action='skip'`` (see
+    :func:`spike_action`).
+
+    Attributes:
+      recurring: the spike recurs among accepted steps: it is clipped to the spike
+        bound and accepted, not skipped.
+      reset: the spike resets the inner optimizer's moments.
+      ring: the spike ring after the step: the step indices of the latest skipped spikes
+        (:data:`NO_STEP` in empty slots).
+    """
+
+    recurring: jax.Array
+    reset: jax.Array
+    ring: jax.Array
+
+
+def spike_action(
+    ring: jax.Array,
+    step: jax.Array,
+    spike: jax.Array,
+    after_spike: jax.Array,
+    window: int | jax.Array,
+    reset_after: int | jax.Array | None,
+    recur: bool = True,
+) -> SpikeAction:
+    """Skip, clip or reset: the guard's action on a spike, from the ring of the step
+    indices of the latest skipped spikes (``[n]`` int32, :data:`NO_STEP` where empty).
+
+    * A spike that comes after an accepted step (``after_spike`` False: the step before
+      it was no spike) while another skipped spike lies within the last ``window``
+      steps **recurs**: it is clipped, not skipped (``recur``; the guard's
+      ``spike_action='skip'``). Spikes that keep coming back among accepted steps are
+      part of the data (examples the model has not fit yet, on a run that memorises a
+      small dataset): skipping every batch that holds them keeps them unlearned, so they
+      spike again each time they come back. The first spike of a while, and every spike
+      of a run of them (a burst of bad batches, a lasting change), is skipped.
+    * Every skipped spike is written into the ring, over its oldest slot. When
+      ``reset_after`` of them (``None``: never) lie within the last ``window`` steps, this
+      one included, the spike **resets** the moments (spikes that persist) and the ring
+      empties.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from optax_gradhealth import _detectors as detect
+      >>> ring = jnp.full((3,), detect.NO_STEP, jnp.int32)
+      >>> first = detect.spike_action(ring, jnp.int32(10), jnp.bool_(True), jnp.bool_(False), 100, 3)
+      >>> bool(first.recurring), bool(first.reset)
+      (False, False)
+      >>> again = detect.spike_action(first.ring, jnp.int32(40), jnp.bool_(True), jnp.bool_(False), 100, 3)
+      >>> bool(again.recurring), sorted(int(s) for s in again.ring if s != detect.NO_STEP)
+      (True, [10])
+    """
+    filled = ring != NO_STEP
+    recurring = jnp.zeros((), jnp.bool_)
+    if recur:
+        recurring = spike & ~after_spike & jnp.any(filled & (step - ring < window))
+    written = spike & ~recurring
+    # Over the oldest slot (an empty one first: NO_STEP is below every step).
+    oldest = jnp.argmin(ring)
+    ring = jnp.where(written & (jnp.arange(ring.shape[0]) == oldest), step, ring).astype(jnp.int32)
+    reset = jnp.zeros((), jnp.bool_)
+    if reset_after is not None:
+        within = jnp.sum((ring != NO_STEP) & (step - ring < window), dtype=jnp.int32)
+        reset = written & (within >= reset_after)
+        ring = jnp.where(reset, jnp.full_like(ring, NO_STEP), ring)
+    return SpikeAction(recurring, reset, ring)
+
+
+@functools.partial(jax.jit, static_argnames=("rule", "accept_spikes", "recur_window", "reset_after"))
+def replay_spikes(
+    rule: SpikeRule,
+    norms: jax.Array,
+    accept_spikes: bool = False,
+    recur_window: int | None = None,
+    reset_after: int | None = None,
+) -> dict[str, jax.Array]:
     """Runs the spike rule over a recorded norm stream, as the guard would.
 
     A non-finite norm is never accepted; a spike is accepted (clipped or recorded, its
-    norm capped) when ``accept_spikes``, else skipped. Returns per-step arrays
-    ``ratio``, ``zscore``, ``spike``, ``bound`` and the window's ``median`` and
-    ``spread`` before the step (float32 ``[T]``, ``spike`` bool).
+    norm capped) when ``accept_spikes``, else skipped. With ``recur_window`` (the guard's
+    ``reset_window``) and ``reset_after``, as the guard's ``spike_action='skip'``: a spike
+    that recurs (:func:`spike_action`) is accepted, capped, and the others are skipped.
+    Returns per-step arrays ``ratio``, ``zscore``, ``spike``, ``bound`` and the window's
+    ``median`` and ``spread`` before the step (float32 ``[T]``, ``spike`` bool), and with
+    ``recur_window`` the bool ``recurring`` and ``reset``.
     """
+    recur = recur_window is not None and not accept_spikes
 
-    def step(window, norm):
-        verdict = rule.judge(window, norm, jnp.isfinite(norm))
-        accepted = jnp.isfinite(norm) & (~verdict.spike if not accept_spikes else True)
-        return rule.fold(window, norm, verdict, accepted), verdict._asdict()
+    def step(carry, x):
+        window, ring, after_spike = carry
+        t, norm = x
+        finite = jnp.isfinite(norm)
+        verdict = rule.judge(window, norm, finite)
+        out = verdict._asdict()
+        if accept_spikes:
+            accepted = finite
+        elif not recur:
+            accepted = finite & ~verdict.spike
+        else:
+            action = spike_action(ring, t, verdict.spike, after_spike, recur_window, reset_after)
+            accepted = finite & (~verdict.spike | action.recurring)
+            ring = action.ring
+            out.update(recurring=action.recurring, reset=action.reset)
+        window, restart = rule.fold_and_restart(window, norm, verdict, accepted)
+        ring = jnp.where(restart, jnp.full_like(ring, NO_STEP), ring)
+        # As grad/consecutive_spikes > 0: a non-finite step leaves it as it was.
+        after_spike = verdict.spike | (after_spike & ~finite)
+        return (window, ring, after_spike), out
 
-    _, out = jax.lax.scan(step, rule.init(), jnp.asarray(norms, jnp.float32))
+    norms = jnp.asarray(norms, jnp.float32)
+    ring = jnp.full((max(reset_after or 1, 1),), NO_STEP, jnp.int32)
+    carry = (rule.init(), ring, jnp.zeros((), jnp.bool_))
+    _, out = jax.lax.scan(step, carry, (jnp.arange(norms.shape[0], dtype=jnp.int32), norms))
     return out
 
 

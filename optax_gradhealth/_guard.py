@@ -45,7 +45,7 @@ __all__ = [
 ]
 
 SPIKE_ACTIONS = ("skip", "clip", "record")
-_NO_STEP = -(2**30)  # sentinel in the spike ring: "no spike recorded here"
+_NO_STEP = detect.NO_STEP  # sentinel in the spike ring: "no spike recorded here"
 
 # The spike rule's defaults, chosen from the detection benchmark (docs/detection.md).
 SPIKE_THRESHOLD = 5.0  # norm / baseline
@@ -227,8 +227,10 @@ class GuardState(NamedTuple):
       guard_report: the last step's measurements and decisions (:class:`GuardReport`).
       guard_counters: counts and sticky outcomes (:class:`GuardCounters`).
       guard_moments: the running statistics (:class:`GuardMoments`).
-      guard_spike_steps: int32 ring of the step indices of the latest spikes (length
-        ``reset_after``), for the momentum-reset window.
+      guard_spike_steps: int32 ring of the step indices of the latest skipped spikes
+        (every spike with ``spike_action`` ``'clip'`` or ``'record'``; length
+        ``reset_after``, 1 when None), for the momentum reset and for telling a recurring
+        spike (:func:`optax_gradhealth._detectors.spike_action`).
       guard_clip_state: the clip policy's state.
       guard_inner_state: the wrapped optimizer's state.
     """
@@ -682,6 +684,9 @@ class GuardConfig:
     check_updates: bool
     update_health: bool
     ring_size: int | None  # the reset ring's length; None until sized from a state
+    # A clip mode (gh.clip_by_value, ...) is chained in front of the inner optimizer: it
+    # bounds a recurring spike under 'skip' (no global factor, see `can_clip`).
+    clip_mode: bool = False
 
     @classmethod
     def build(
@@ -703,6 +708,7 @@ class GuardConfig:
         vanishing_norm: Any,
         check_updates: bool,
         update_health: bool,
+        clip_mode: bool = False,
     ) -> GuardConfig:
         """Validates every argument (a clear error naming it) and builds the config."""
         spike_threshold = check.optional(check.positive_or_array, "spike_threshold", spike_threshold)
@@ -738,6 +744,7 @@ class GuardConfig:
             check_updates=check.boolean("check_updates", check_updates),
             update_health=check.boolean("update_health", update_health),
             ring_size=1 if reset_after is None else reset_after if isinstance(reset_after, int) else None,
+            clip_mode=clip_mode,
         )
 
     def sized_like(self, state: GuardState) -> GuardConfig:
@@ -781,7 +788,16 @@ class GuardConfig:
             and isinstance(policy.max_norm, float)
             and math.isinf(policy.max_norm)
         )
-        return not never_clips or (self.spike_action == "clip" and self.norm_spikes_on)
+        return not never_clips or (self.norm_spikes_on and self.spike_action in self._bound_actions)
+
+    @property
+    def _bound_actions(self) -> tuple[str, ...]:
+        """The spike actions that clip a spike to the spike bound by a global factor:
+        'clip' (every spike) and 'skip' (a recurring one), but not 'skip' with a clip mode,
+        which bounds a recurring spike itself: a global factor read by the mode's
+        reduction and by the inner update would be materialised, a gradient-sized
+        temporary."""
+        return ("clip",) if self.clip_mode else ("clip", "skip")
 
 
 class Decision(NamedTuple):
@@ -862,10 +878,26 @@ def _decide(
             warm = state.guard_moments.guard_num_losses >= config.warmup_steps
             spike = spike | (warm & finite & (loss_zscore > config.loss_spike_zscore))
 
-    # Clip and skip.
+    # Skip, clip or reset (`detect.spike_action`). With spike_action='skip' a spike that
+    # recurs among accepted steps (another skipped spike within `reset_window` steps, the
+    # step before it accepted) is clipped to the spike bound instead: skipping every
+    # batch that holds examples the model has not fit keeps them unfit, so they spike
+    # again each time they come back (a run memorising a small dataset). Skipped spikes
+    # fill the ring; `reset_after` of them within `reset_window` steps reset the moments.
+    counters = state.guard_counters
+    action = detect.spike_action(
+        state.guard_spike_steps,
+        counters.guard_num_steps,
+        spike,
+        counters.guard_consecutive_spikes > 0,
+        config.reset_window,
+        config.reset_after,
+        recur=config.spike_action == "skip",
+    )
     threshold = config.policy.threshold(state.guard_clip_state)
-    if config.spike_action == "clip" and config.norm_spikes_on:
-        threshold = jnp.where(spike, jnp.minimum(threshold, verdict.bound), threshold)
+    if config.norm_spikes_on and config.spike_action in config._bound_actions:
+        to_bound = spike if config.spike_action == "clip" else action.recurring
+        threshold = jnp.where(to_bound, jnp.minimum(threshold, verdict.bound), threshold)
     if config.can_clip:
         factors = _clipping.clip_scale(norm, threshold, scaled_norm)
     else:
@@ -875,20 +907,8 @@ def _decide(
         factors = (jnp.ones((), jnp.float32), jnp.ones((), jnp.float32))
     skipped = ~finite
     if config.spike_action == "skip":
-        skipped = skipped | spike
-
-    # Momentum reset: `reset_after` spikes within `reset_window` steps.
-    spike_steps = state.guard_spike_steps
-    momentum_reset = jnp.zeros((), jnp.bool_)
-    if config.reset_after is not None:
-        step = state.guard_counters.guard_num_steps
-        slot = state.guard_counters.guard_num_spikes % config.ring_size
-        spike_steps = jnp.where(spike, _clipping.ring_write(spike_steps, slot, step), spike_steps)
-        # (An empty slot holds _NO_STEP, never in the window, however wide the window.)
-        recorded = (spike_steps != _NO_STEP) & (step - spike_steps < config.reset_window)
-        in_window = jnp.sum(recorded, dtype=jnp.int32)
-        momentum_reset = spike & (in_window >= config.reset_after)
-        spike_steps = jnp.where(momentum_reset, jnp.full_like(spike_steps, _NO_STEP), spike_steps)
+        skipped = skipped | (spike & ~action.recurring)
+    momentum_reset, spike_steps = action.reset, action.ring
     return Decision(finite, verdict, spike, loss_zscore, threshold, factors, skipped, momentum_reset, spike_steps)
 
 
@@ -1094,8 +1114,7 @@ def _record(
         # (streak 0) after a spike is that restart: any other spike adds to the streak,
         # and a step that ends the run is a good step, which ends this count too.
         previous_spikes = jnp.where(window.window_streak == 0, 0, previous_spikes)
-        if config.reset_after is not None:
-            spike_steps = jnp.where(restart, jnp.full_like(spike_steps, _NO_STEP), spike_steps)
+        spike_steps = jnp.where(restart, jnp.full_like(spike_steps, _NO_STEP), spike_steps)
     consecutive_spikes = jnp.where(spike, previous_spikes + 1, jnp.where(bad_value, previous_spikes, 0))
     rollback = counters.guard_rollback
     if config.rollback_after_nonfinite is not None:
@@ -1301,12 +1320,22 @@ def guard(
       ``max(spike_threshold, exp(spike_zscore * s))`` times the baseline, or, when a ``loss``
       is passed and ``loss_spike_zscore`` is set, the loss z-score exceeds it. The
       ``spike_action`` is ``'skip'`` (as non-finite), ``'clip'`` (clip to the largest
-      norm that is not a spike) or ``'record'`` (count only). The defaults were chosen
-      from measured false-skip rates and detection rates (``docs/detection.md``).
+      norm that is not a spike) or ``'record'`` (count only). With ``'skip'``, a spike
+      that *recurs* is clipped that way instead of skipped (with a clip mode as
+      ``clip``, the mode alone bounds it): one that comes after an accepted step while
+      another skipped spike lies within the last ``reset_window`` steps. The first spike
+      of a while, and every spike of a run (a burst of bad batches), are skipped. Spikes
+      that keep coming back among accepted steps are part of the data (on a run
+      memorising a small dataset, the examples the model has not fit yet): skipping
+      every batch that holds them keeps them unfit, so they spike again each time, and
+      the skips cascade (``docs/detection.md``, "The guard in the loop on clean runs").
+      The defaults were chosen from measured false-skip rates and detection rates
+      (``docs/detection.md``).
     * **clip** by ``clip`` (None: no clipping; a number: fixed threshold; or a policy:
       :class:`FixedClip`, :class:`ZScoreClip`, :class:`PercentileClip`).
     * **momentum reset** when ``reset_after`` spikes fall within ``reset_window``
-      steps: every per-parameter statistic of the inner state (Adam's ``mu``, ``nu``
+      steps (with ``'skip'``, skipped spikes: a recurring spike, clipped, does not
+      count): every per-parameter statistic of the inner state (Adam's ``mu``, ``nu``
       and their bias-correction ``count``) is re-initialised, while learning-rate
       schedule counters (``ScaleByScheduleState``, ``inject_hyperparams``), random-number
       keys and noise states, and learned step sizes (``optax.contrib.prodigy``'s d) keep
@@ -1378,7 +1407,8 @@ def guard(
       stats_decay: EMA decay of the running statistics, in (0, 1).
       reset_after: spikes within ``reset_window`` that trigger a momentum reset
         (>= 1), or None to never reset.
-      reset_window: window length in steps (>= ``reset_after``).
+      reset_window: window length in steps (>= ``reset_after``), for the momentum reset
+        and, with ``spike_action='skip'``, for telling a recurring spike (clipped).
       rollback_after_nonfinite: non-finite steps without a good step between them
         (spikes do not count as good) that raise the rollback recommendation (>= 1), or
         None.
@@ -1436,9 +1466,12 @@ def guard(
         # It reads the gradients' tree as params (optax.lookahead's fast half), and so
         # does its fresh init on a momentum reset.
         inner = optax.chain(_on_gradient_like(clip), inner)
-        clip = None
+        clip, clip_mode = None, True
+    else:
+        clip_mode = False
     config = GuardConfig.build(
         clip=clip,
+        clip_mode=clip_mode,
         spike_action=spike_action,
         spike_threshold=spike_threshold,
         spike_zscore=spike_zscore,

@@ -54,6 +54,18 @@ def test_guard_in_the_loop_handles_every_injected_fault(summary):
         assert clean["false"] == 0 and clean["params_finite"], clean
 
 
+def test_guard_in_the_loop_does_not_cascade_skips_on_a_memorising_run(summary):
+    # The two runs of the loop table where skipping every spike cascaded before recurring
+    # spikes were clipped (715 and 108 skips, 238 and 35 momentum resets, where the
+    # recording twin saw one spike): now a few skips, no reset, the twin's loss.
+    runs = summary["guarded_clean"]
+    assert len(runs) == 2
+    for run in runs:
+        assert run["skipped"] <= 3 and run["resets"] == 0, run
+        assert run["spikes"] <= run["twin_spikes"] + 3, run
+        assert run["loss"] <= 1.5 * run["twin_loss"] + 1e-4, run
+
+
 def test_cross_device_no_false_alarm_and_faults_found_in_time(summary):
     xdev = summary["xdev"]
     for k in (8, 32):

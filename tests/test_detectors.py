@@ -302,6 +302,74 @@ def _siegmund_run_length(mean: float, drift: float, threshold: float) -> float:
     return (math.exp(-2.0 * delta * b) + 2.0 * delta * b - 1.0) / (2.0 * delta * delta)
 
 
+# ----------------------------------------------------------------------------- skip, clip or reset
+
+
+def _actions_written_out(spikes, after_spike, window, reset_after, size):
+    """``detect.spike_action`` step by step in plain Python: a list of the skipped
+    spikes' steps (at most ``size``, the oldest dropped), recurring = a spike after a
+    non-spike with a skipped spike less than ``window`` steps back."""
+    ring, out = [], []
+    for step, (spike, after) in enumerate(zip(spikes, after_spike)):
+        recurring = bool(spike and not after and any(step - s < window for s in ring))
+        reset = False
+        if spike and not recurring:
+            ring = [*ring, step][-size:]
+            if reset_after is not None and sum(step - s < window for s in ring) >= reset_after:
+                reset, ring = True, []
+        out.append((recurring, reset))
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.booleans(), min_size=1, max_size=120),
+    st.lists(st.booleans(), min_size=120, max_size=120),
+    st.integers(1, 40),
+    st.sampled_from([None, 1, 2, 3, 5]),
+)
+def test_spike_action_matches_the_rule_written_out(spikes, after_spike, window, reset_after):
+    after_spike = after_spike[: len(spikes)]
+    size = reset_after or 1
+    want = _actions_written_out(spikes, after_spike, window, reset_after, size)
+
+    def step(ring, x):
+        t, spike, after = x
+        action = detect.spike_action(ring, t, spike, after, window, reset_after)
+        return action.ring, (action.recurring, action.reset)
+
+    ring = jnp.full((size,), detect.NO_STEP, jnp.int32)
+    xs = (jnp.arange(len(spikes), dtype=jnp.int32), jnp.asarray(spikes), jnp.asarray(after_spike))
+    _, (recurring, reset) = jax.lax.scan(step, ring, xs)
+    assert list(zip(np.asarray(recurring).tolist(), np.asarray(reset).tolist())) == want
+
+
+def test_recurring_spikes_are_accepted_and_a_run_is_skipped_in_the_replay():
+    """The replay with the guard's action: x20 spikes every 7th step (recurring: the
+    first skipped, the others accepted capped, no reset), then a run of 6 (skipped, a
+    reset at the 3rd and the 6th), as the rule written out above says."""
+    rng = np.random.default_rng(0)
+    norms = np.exp(0.05 * rng.normal(size=400)).astype(np.float32)
+    spiky = list(range(100, 200, 7)) + list(range(300, 306))
+    norms[spiky] *= 20.0
+    rule = detect.SpikeRule(5.0, 5.0, 128, 20, 0.05, 16, 50)
+    out = detect.replay_spikes(rule, norms, recur_window=100, reset_after=3)
+    spike = np.asarray(out["spike"])
+    np.testing.assert_array_equal(np.flatnonzero(spike), spiky)
+    after = np.concatenate([[False], spike[:-1]])
+    want = _actions_written_out(spike.tolist(), after.tolist(), 100, 3, 3)
+    np.testing.assert_array_equal(np.asarray(out["recurring"]), [w[0] for w in want])
+    np.testing.assert_array_equal(np.asarray(out["reset"]), [w[1] for w in want])
+    assert np.flatnonzero(out["recurring"]).tolist() == spiky[1:15]
+    # The run of 6 comes 200 steps after the last skipped spike (100): skipped whole.
+    assert np.flatnonzero(out["reset"]).tolist() == [302, 305]
+    # Accepted capped, the recurring spikes raise the window's baseline by at most a
+    # little (no clean step became a spike, above).
+    assert float(np.exp(out["median"][299])) < 1.2
+    # Without the guard's action every spike is skipped: the old replay.
+    assert "recurring" not in detect.replay_spikes(rule, norms)
+
+
 def test_cusum_false_alarm_run_length_matches_siegmund():
     rng = np.random.default_rng(5)
     times = _first_passage(rng.normal(size=(4000, 2000)), drift=0.5, threshold=4.0)

@@ -12,6 +12,8 @@ import optax
 import pytest
 
 import optax_gradhealth as gh
+from optax_gradhealth import _detectors as detect
+from optax_gradhealth import _guard
 
 # ---------------------------------------------------------------------------------------
 # A small linear-regression problem whose gradients depend on the parameters, so that a
@@ -68,50 +70,74 @@ def guarded_run(tx, faults, data, params=None):
     return params, opt_state, trajectory, history
 
 
-def reference_run(make_inner, data, skip_steps, reset_steps):
+def reference_run(make_inner, data, skip_steps, reset_steps, clipped_steps=None):
     """Plain optax optimizer, step by step: skipped steps are simply left out, and at a
-    reset step the optimizer state is re-initialised (params kept)."""
+    reset step the optimizer state is re-initialised (params kept). ``clipped_steps``
+    maps a step to ``(factor, max_norm)``: its gradient times ``factor`` (the injected
+    spike), scaled down to ``max_norm`` in float64."""
     x, y = data
     inner = make_inner()
     params = init_params()
     state = inner.init(params)
+    clipped_steps = clipped_steps or {}
 
     @jax.jit
-    def step(params, state, xb, yb):
-        grads = jax.grad(loss_fn)(params, xb, yb)
+    def step(params, state, grads):
         updates, state = inner.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
     trajectory = []
     for t in range(x.shape[0]):
         if t not in skip_steps:
-            params, state = step(params, state, x[t], y[t])
+            grads = jax.grad(loss_fn)(params, x[t], y[t])
+            if t in clipped_steps:
+                factor, max_norm = clipped_steps[t]
+                big = [np.asarray(g, np.float64) * factor for g in jax.tree.leaves(grads)]
+                scale = min(1.0, max_norm / np.sqrt(sum(float(np.sum(g * g)) for g in big)))
+                grads = jax.tree.unflatten(jax.tree.structure(grads), [jnp.float32(g * scale) for g in big])
+            params, state = step(params, state, grads)
         if t in reset_steps:
             state = inner.init(params)
         trajectory.append(params)
     return trajectory
 
 
-def expected_resets(spike_steps, reset_after, window):
-    """The momentum-reset rule written out: a spike that makes `reset_after` spikes in
-    the last `window` steps (counted since the last reset) triggers a reset."""
-    resets, recent = [], []
+def expected_actions(spike_steps, reset_after, window):
+    """The skip / clip / reset rule of ``spike_action='skip'`` written out.
+
+    A spike is clipped (it recurs) when the step before it was no spike and a skipped
+    spike lies within the last ``window`` steps; otherwise it is skipped. A skipped
+    spike that makes ``reset_after`` skipped spikes within the last ``window`` steps
+    (counted since the last reset) triggers a reset. Returns ``(skipped, clipped,
+    resets)``."""
+    skipped, clipped, resets, recent = [], [], [], []
     for step in spike_steps:
-        recent = [s for s in recent if step - s < window] + [step]
+        recent = [s for s in recent if step - s < window]
+        if step - 1 not in spike_steps and recent:
+            clipped.append(step)
+            continue
+        skipped.append(step)
+        recent.append(step)
         if len(recent) >= reset_after:
             resets.append(step)
             recent = []
-    return resets
+    return skipped, clipped, resets
 
 
 def test_fault_injection_run_in_scan_with_donation():
     data = make_data()
-    nan_steps, inf_steps, spike_steps = [30, 46, 47], [45], [60, 90, 120, 200]
+    # A run of three spikes (skipped, the third resets the moments), a spike after the
+    # reset emptied the ring (skipped), one that recurs 30 steps later (clipped to the
+    # spike bound) and one more than `reset_window` steps after the last skipped spike
+    # (skipped).
+    nan_steps, inf_steps, spike_steps = [30, 46, 47], [45], [60, 61, 62, 90, 120, 200]
     faults = np.zeros(STEPS, np.int32)
     faults[nan_steps], faults[inf_steps], faults[spike_steps] = 1, 2, 3
     tx = gh.guard(optax.adamw(1e-2), clip=None, spike_action="skip", reset_after=3, reset_window=100)
     _params, opt_state, trajectory, history = guarded_run(tx, jnp.asarray(faults), data)
     history = jax.device_get(history)
+    skipped_spikes, clipped_spikes, resets = expected_actions(spike_steps, reset_after=3, window=100)
+    assert (skipped_spikes, clipped_spikes, resets) == ([60, 61, 62, 90, 200], [120], [62])
 
     # Parameters are finite at every step.
     for leaf in jax.tree.leaves(trajectory):
@@ -120,21 +146,30 @@ def test_fault_injection_run_in_scan_with_donation():
     bad = sorted(nan_steps + inf_steps)
     np.testing.assert_array_equal(np.flatnonzero(~history["grad/finite"]), bad)
     np.testing.assert_array_equal(np.flatnonzero(history["grad/spiked"]), spike_steps)
-    np.testing.assert_array_equal(np.flatnonzero(history["grad/skipped"]), sorted(bad + spike_steps))
+    np.testing.assert_array_equal(np.flatnonzero(history["grad/skipped"]), sorted(bad + skipped_spikes))
+    np.testing.assert_array_equal(np.flatnonzero(history["grad/clipped"]), clipped_spikes)
     m = gh.metrics(opt_state)
     assert int(m["grad/num_nonfinite"]) == len(bad)
     assert int(m["grad/num_spikes"]) == len(spike_steps)
-    assert int(m["grad/num_skipped"]) == len(bad) + len(spike_steps)
+    assert int(m["grad/num_skipped"]) == len(bad) + len(skipped_spikes)
+    assert int(m["grad/num_clipped"]) == len(clipped_spikes)
     assert int(m["grad/num_steps"]) == STEPS
-    # Momentum reset exactly when the rule says (third spike within 100 steps).
-    resets = expected_resets(spike_steps, reset_after=3, window=100)
-    assert resets == [120]
     np.testing.assert_array_equal(np.flatnonzero(history["grad/momentum_reset"]), resets)
-    assert int(m["grad/num_momentum_resets"]) == 1
+    assert int(m["grad/num_momentum_resets"]) == len(resets)
     assert int(m["grad/first_nonfinite_leaf"]) in (0, 1)
-    # On clean steps the trajectory equals plain adamw run without the faulty batches.
-    reference = reference_run(lambda: optax.adamw(1e-2), data, set(bad + spike_steps), set(resets))
-    for t in [0, 29, 30, 44, 48, 59, 61, 119, 121, 199, 249]:
+    # The recurring spike is clipped to a bound above the window's baseline, far below
+    # its x100 norm (clip=None: the bound is the only clip there is).
+    bound = float(history["grad/clip_threshold"][120])
+    assert np.isinf(history["grad/clip_threshold"][119])
+    lower_middle = np.sort(history["grad/norm"][104:120])[7]  # the baseline's 16 norms
+    assert 5.0 * lower_middle * 0.999 < bound < float(history["grad/norm"][120]) / 10
+    np.testing.assert_allclose(history["grad/norm_clipped"][120], bound, rtol=1e-5)
+    # On clean steps the trajectory equals plain adamw run without the skipped batches,
+    # the recurring spike's gradient clipped to the bound.
+    reference = reference_run(
+        lambda: optax.adamw(1e-2), data, set(bad + skipped_spikes), set(resets), {120: (100.0, bound)}
+    )
+    for t in [0, 29, 30, 44, 48, 59, 63, 89, 91, 119, 120, 121, 199, 249]:
         chex.assert_trees_all_close(
             jax.tree.map(lambda leaf, t=t: leaf[t], trajectory), reference[t], rtol=2e-5, atol=1e-6
         )
@@ -289,18 +324,18 @@ def test_momentum_reset_keeps_schedule_counter():
     state = tx.init(params)
     update = jax.jit(tx.update)
     norms = noisy_norms(20)
-    norms[12] = norms[15] = 30.0
+    norms[12] = norms[13] = 30.0  # a run of two spikes: the second resets
     for i, norm in enumerate(norms):
         _, state = update({"w": jnp.full((4,), norm / 2.0)}, state, params)
         adam, _, sched = state.guard_inner_state
-        if i == 15:
+        if i == 13:
             assert bool(state.guard_report.guard_momentum_reset)
             assert int(adam.count) == 0
             assert not np.asarray(adam.mu["w"]).any() and not np.asarray(adam.nu["w"]).any()
-            # The schedule counts every applied step (spikes are skipped, so 14 = 16 - 2).
-            assert int(sched.count) == 14
+            # The schedule counts every applied step (spikes are skipped, so 12 = 14 - 2).
+            assert int(sched.count) == 12
     assert int(state.guard_counters.guard_num_momentum_resets) == 1
-    assert int(adam.count) == 4  # steps 16..19 after the reset
+    assert int(adam.count) == 6  # steps 14..19 after the reset
 
 
 @pytest.mark.parametrize("action", ["clip", "record"])
@@ -751,3 +786,39 @@ def test_a_state_restored_for_another_configuration_is_refused(saved, target, fi
     same = serialization.from_bytes(old.init(params), blob)
     _, after = (jax.jit(old.update) if jit else old.update)(grads, same, params)
     assert int(gh.metrics(after)["grad/num_steps"]) == 2
+
+
+def test_the_guards_skips_clips_and_resets_equal_the_replay_of_its_rule():
+    """The jitted guard (defaults) on a stream of gradients of chosen norms, against
+    ``replay_spikes`` with the guard's action: recurring x20 spikes (clipped, the first
+    skipped), a NaN between two spikes of a run, a run of 7 (skipped, resets) and a
+    spike after the run's reset emptied the ring."""
+    rng = np.random.default_rng(1)
+    norms = np.exp(0.1 * rng.normal(size=500)).astype(np.float32)
+    spiky = [*range(60, 140, 9), *range(300, 307), 320, 321, 323]
+    norms[spiky] *= 20.0
+    norms[322] = np.nan
+    tx = gh.guard(optax.sgd(1e-3))
+
+    def step(state, norm):
+        _, state = tx.update({"w": jnp.full((4,), norm / 2.0)}, state, {"w": jnp.zeros(4)})
+        m = gh.metrics(state)
+        return state, {k: m[k] for k in ("grad/spiked", "grad/skipped", "grad/clipped", "grad/momentum_reset")}
+
+    _, got = jax.jit(lambda n: jax.lax.scan(step, tx.init({"w": jnp.zeros(4)}), n))(jnp.asarray(norms))
+    g = _guard
+    rule = detect.SpikeRule(
+        g.SPIKE_THRESHOLD, g.SPIKE_ZSCORE, g.SPIKE_WINDOW, 20, g.SPREAD_FLOOR, g.SPIKE_BASELINE, g.REBASELINE_AFTER
+    )
+    want = detect.replay_spikes(rule, norms, recur_window=100, reset_after=3)
+    spike, recurring = np.asarray(want["spike"]), np.asarray(want["recurring"])
+    np.testing.assert_array_equal(np.flatnonzero(got["grad/spiked"]), spiky)
+    np.testing.assert_array_equal(got["grad/spiked"], spike)
+    np.testing.assert_array_equal(got["grad/skipped"], (spike & ~recurring) | ~np.isfinite(norms))
+    np.testing.assert_array_equal(got["grad/clipped"], recurring)
+    np.testing.assert_array_equal(got["grad/momentum_reset"], want["reset"])
+    # 320 comes after accepted steps with 306 skipped 14 steps before: it recurs; 321
+    # and 323 (the NaN at 322 does not break their run) are skipped and, with 306, reset.
+    assert np.flatnonzero(recurring).tolist() == [*spiky[1:9], 320]
+    # The run: 300-302 skipped, the third resets; 303-305 again.
+    assert np.flatnonzero(want["reset"]).tolist() == [302, 305, 323]

@@ -828,19 +828,42 @@ def _default_guard_flags(spike_at, steps):
 
 def test_the_default_warm_up_is_20_accepted_steps_and_3_spikes_reset_the_momentum():
     """docs/concepts.md: spikes are judged once `warmup_steps` (20) steps have been
-    accepted; `reset_after` spikes (3) within `reset_window` steps (100) reset."""
-    flags = _default_guard_flags({19, 20, 22, 24}, 26)
-    assert [t for t, (spike, _) in enumerate(flags) if spike] == [20, 22, 24]  # 19: still warming up
-    assert [t for t, (_, reset) in enumerate(flags) if reset] == [24]
+    accepted; `reset_after` skipped spikes (3) within `reset_window` steps (100) reset."""
+    flags = _default_guard_flags({19, 20, 21, 22}, 26)
+    assert [t for t, (spike, _) in enumerate(flags) if spike] == [20, 21, 22]  # 19: still warming up
+    assert [t for t, (_, reset) in enumerate(flags) if reset] == [22]
+
+
+def _steps_flagged(history, name):
+    return [t for t, metrics in enumerate(history) if metrics[name]]
 
 
 def test_the_default_reset_window_is_100_steps():
-    # Two spikes, then a third with the first among its last 100 steps (inside) or not.
-    inside = _default_guard_flags({20, 22, 119}, 120)
-    outside = _default_guard_flags({20, 22, 120}, 121)
-    assert [t for t, (_, reset) in enumerate(inside) if reset] == [119]
-    assert [t for t, (spike, reset) in enumerate(outside) if spike or reset] == [20, 22, 120]
-    assert not any(reset for _, reset in outside)
+    """A run of two skipped spikes, then a pair about 100 steps later: its first spike
+    recurs (clipped, not counted), its second is skipped, the third skipped spike, with
+    the run's first among its last 100 steps (inside) or not (outside)."""
+    inside = _default_guard_history({20, 21, 118, 119}, 120)
+    outside = _default_guard_history({20, 21, 119, 120}, 121)
+    assert _steps_flagged(inside, "grad/spiked") == [20, 21, 118, 119]
+    assert _steps_flagged(inside, "grad/skipped") == [20, 21, 119]
+    assert _steps_flagged(inside, "grad/momentum_reset") == [119]
+    assert _steps_flagged(outside, "grad/spiked") == [20, 21, 119, 120]
+    assert _steps_flagged(outside, "grad/skipped") == [20, 21, 120]
+    assert _steps_flagged(outside, "grad/momentum_reset") == []
+
+
+def test_a_spike_that_recurs_among_accepted_steps_is_clipped_not_skipped():
+    """docs/concepts.md: with the default spike_action='skip', a spike after an accepted
+    step while a skipped spike lies within the last `reset_window` (100) steps is clipped
+    to the spike bound and applied; one 100 steps or more after it is skipped again."""
+    history = _default_guard_history({30, 60, 129, 131, 200, 250}, 252)
+    assert _steps_flagged(history, "grad/spiked") == [30, 60, 129, 131, 200, 250]
+    # 60 and 129 recur (30 is 30 and 99 steps back); at 131 the last skipped spike is
+    # still 30 (a recurring one is not counted), 101 steps back: skipped. 200 recurs
+    # (131 is 69 back); 250 does not (119 back).
+    assert _steps_flagged(history, "grad/skipped") == [30, 131, 250]
+    assert _steps_flagged(history, "grad/clipped") == [60, 129, 200]
+    assert _steps_flagged(history, "grad/momentum_reset") == []
 
 
 def test_the_default_rollback_recommendation_comes_after_10_bad_steps_in_a_row():

@@ -72,8 +72,8 @@ def test_inject_hyperparams_of_the_guard_needs_no_static_integers():
     rng = np.random.default_rng(0)
     grads = [rng.normal(size=3).astype(np.float32) for _ in range(16)]
     grads[6] = np.array([np.nan, 1.0, 1.0], np.float32)
-    grads[9] = grads[9] * 1e4  # spikes, two within reset_window: a momentum reset
-    grads[11] = grads[11] * 1e4
+    grads[9] = grads[9] * 1e4  # a run of two spikes: a momentum reset
+    grads[10] = grads[10] * 1e4
     states = [injected.init(params), plain.init(params)]
     updates_of = [jax.jit(injected.update), jax.jit(plain.update)]
     resets = 0
@@ -140,7 +140,7 @@ def test_one_size_static_and_the_other_injected_runs_like_the_plain_guard(static
     assert isinstance(states[0].hyperparams.get("spike_window", 6), int) == (static == "spike_window")
     rng = np.random.default_rng(1)
     grads = [rng.normal(size=3).astype(np.float32) for _ in range(10)]
-    grads[5], grads[7] = grads[5] * 1e4, grads[7] * 1e4  # two spikes within reset_window: a reset
+    grads[5], grads[6] = grads[5] * 1e4, grads[6] * 1e4  # a run of two spikes: a reset
     for g in grads:
         outs = [jax.jit(tx.update)({"w": jnp.asarray(g)}, s, params) for tx, s in zip((injected, plain), states)]
         np.testing.assert_array_equal(np.asarray(outs[0][0]["w"]), np.asarray(outs[1][0]["w"]))

@@ -617,8 +617,9 @@ MEMORISE_LOSS_FRACTION = 0.05
 MEMORISE_SPIKE_LOSS = 3.0
 
 MEMORISE_CAUSE = (
-    "hard or mislabelled examples the model has not fit yet (a small dataset seen many times): skipping them keeps "
-    "them unlearned, so they spike again each time they come back, and the momentum resets throw the parameters"
+    "hard or mislabelled examples the model has not fit yet (a small dataset seen many times): a skipped one stays "
+    "unlearned and spikes again each time it comes back (the guard clips a spike that recurs among accepted steps, "
+    "but skips the first of a while and every spike of a run, and such runs reset the momentum)"
 )
 MEMORISE_MITIGATION = (
     "gh.guard(spike_action='clip', reset_after=None): clip those steps to the spike bound instead of skipping them, "
