@@ -305,13 +305,14 @@ def _siegmund_run_length(mean: float, drift: float, threshold: float) -> float:
 # ----------------------------------------------------------------------------- skip, clip or reset
 
 
-def _actions_written_out(spikes, after_spike, window, reset_after, size):
+def _actions_written_out(spikes, after_spike, window, reset_after, size, recur=True):
     """``detect.spike_action`` step by step in plain Python: a list of the skipped
     spikes' steps (at most ``size``, the oldest dropped), recurring = a spike after a
-    non-spike with a skipped spike less than ``window`` steps back."""
+    non-spike with a skipped spike less than ``window`` steps back (never without
+    ``recur``: every spike is written)."""
     ring, out = [], []
     for step, (spike, after) in enumerate(zip(spikes, after_spike)):
-        recurring = bool(spike and not after and any(step - s < window for s in ring))
+        recurring = bool(recur and spike and not after and any(step - s < window for s in ring))
         reset = False
         if spike and not recurring:
             ring = [*ring, step][-size:]
@@ -327,20 +328,23 @@ def _actions_written_out(spikes, after_spike, window, reset_after, size):
     st.lists(st.booleans(), min_size=120, max_size=120),
     st.integers(1, 40),
     st.sampled_from([None, 1, 2, 3, 5]),
+    st.booleans(),
 )
-def test_spike_action_matches_the_rule_written_out(spikes, after_spike, window, reset_after):
+def test_spike_action_matches_the_rule_written_out(spikes, after_spike, window, reset_after, recur):
     after_spike = after_spike[: len(spikes)]
     size = reset_after or 1
-    want = _actions_written_out(spikes, after_spike, window, reset_after, size)
+    want = _actions_written_out(spikes, after_spike, window, reset_after, size, recur)
 
     def step(ring, x):
         t, spike, after = x
-        action = detect.spike_action(ring, t, spike, after, window, reset_after)
+        action = detect.spike_action(ring, t, spike, after, window, reset_after, recur=recur)
         return action.ring, (action.recurring, action.reset)
 
     ring = jnp.full((size,), detect.NO_STEP, jnp.int32)
     xs = (jnp.arange(len(spikes), dtype=jnp.int32), jnp.asarray(spikes), jnp.asarray(after_spike))
-    _, (recurring, reset) = jax.lax.scan(step, ring, xs)
+    ring, (recurring, reset) = jax.lax.scan(step, ring, xs)
+    # Flags the guard folds into its state as they are: bool, and an int32 ring.
+    assert (recurring.dtype, reset.dtype, ring.dtype) == (jnp.bool_, jnp.bool_, jnp.int32)
     assert list(zip(np.asarray(recurring).tolist(), np.asarray(reset).tolist())) == want
 
 

@@ -411,6 +411,14 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         "<= half",
         "a log-norm exactly half-way to the bound: measure zero",
     ),
+    "optax_gradhealth._detectors.x_spike_action__mutmut_42": (
+        "jnp.sum(..., dtype=None)",
+        "a sum of bools is int32 already (int64 under x64), compared with an integer only",
+    ),
+    "optax_gradhealth._detectors.x_spike_action__mutmut_44": (
+        "jnp.sum(...) without dtype",
+        "a sum of bools is int32 already (int64 under x64), compared with an integer only",
+    ),
 }
 
 # Imported once by the fork server before it forks a worker per mutant: importing runs
