@@ -35,6 +35,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from optax_gradhealth import _clipping
+
 __all__ = [
     "MAD_TO_STD",
     "NO_STEP",
@@ -482,8 +484,7 @@ def spike_action(
         recurring = spike & ~after_spike & jnp.any(filled & (step - ring < window))
     written = spike & ~recurring
     # Over the oldest slot (an empty one first: NO_STEP is below every step).
-    oldest = jnp.argmin(ring)
-    ring = jnp.where(written & (jnp.arange(ring.shape[0]) == oldest), step, ring).astype(jnp.int32)
+    ring = jnp.where(written, _clipping.ring_write(ring, jnp.argmin(ring), step), ring)
     reset = jnp.zeros((), jnp.bool_)
     if reset_after is not None:
         within = jnp.sum((ring != NO_STEP) & (step - ring < window), dtype=jnp.int32)

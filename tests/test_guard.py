@@ -14,6 +14,7 @@ import pytest
 import optax_gradhealth as gh
 from optax_gradhealth import _detectors as detect
 from optax_gradhealth import _guard
+from tests.test_detectors import _actions_written_out
 
 # ---------------------------------------------------------------------------------------
 # A small linear-regression problem whose gradients depend on the parameters, so that a
@@ -103,25 +104,16 @@ def reference_run(make_inner, data, skip_steps, reset_steps, clipped_steps=None)
 
 
 def expected_actions(spike_steps, reset_after, window):
-    """The skip / clip / reset rule of ``spike_action='skip'`` written out.
-
-    A spike is clipped (it recurs) when the step before it was no spike and a skipped
-    spike lies within the last ``window`` steps; otherwise it is skipped. A skipped
-    spike that makes ``reset_after`` skipped spikes within the last ``window`` steps
-    (counted since the last reset) triggers a reset. Returns ``(skipped, clipped,
-    resets)``."""
-    skipped, clipped, resets, recent = [], [], [], []
-    for step in spike_steps:
-        recent = [s for s in recent if step - s < window]
-        if step - 1 not in spike_steps and recent:
-            clipped.append(step)
-            continue
-        skipped.append(step)
-        recent.append(step)
-        if len(recent) >= reset_after:
-            resets.append(step)
-            recent = []
-    return skipped, clipped, resets
+    """The skip / clip / reset rule of ``spike_action='skip'`` written out
+    (``test_detectors._actions_written_out``) on the spikes at ``spike_steps``, each after
+    a spike when the step before it is one: ``(skipped, clipped, resets)``."""
+    steps = max(spike_steps) + 1
+    spikes = [t in spike_steps for t in range(steps)]
+    after = [t - 1 in spike_steps for t in range(steps)]
+    actions = _actions_written_out(spikes, after, window, reset_after, reset_after)
+    skipped = [t for t in spike_steps if not actions[t][0]]
+    clipped = [t for t in spike_steps if actions[t][0]]
+    return skipped, clipped, [t for t in spike_steps if actions[t][1]]
 
 
 def test_fault_injection_run_in_scan_with_donation():
