@@ -35,8 +35,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from optax_gradhealth import _clipping
-
 __all__ = [
     "MAD_TO_STD",
     "NO_STEP",
@@ -483,8 +481,10 @@ def spike_action(
     if recur:
         recurring = spike & ~after_spike & jnp.any(filled & (step - ring < window))
     written = spike & ~recurring
-    # Over the oldest slot (an empty one first: NO_STEP is below every step).
-    ring = jnp.where(written, _clipping.ring_write(ring, jnp.argmin(ring), step), ring)
+    # Over the oldest slot (an empty one first: NO_STEP is below every step), as a select
+    # against arange like _clipping.ring_write (not imported: this module is a leaf).
+    oldest = jnp.arange(ring.shape[0]) == jnp.argmin(ring)
+    ring = jnp.where(written & oldest, step, ring).astype(jnp.int32)
     reset = jnp.zeros((), jnp.bool_)
     if reset_after is not None:
         within = jnp.sum((ring != NO_STEP) & (step - ring < window), dtype=jnp.int32)
